@@ -1,0 +1,26 @@
+"""ispc: the Instance-wise Sparsity Compiler.
+
+Trace a CNN, calibrate on sample data, rank layers by how much their channel usage varies between
+inputs, and rewrite the graph so that each input's negligible channels are skipped in the next
+convolution (Liu et al., IJCAI 2019).
+
+    >>> import ispc
+    >>> fast = ispc.compile(model, calibration_loader, config=ispc.GatingConfig(keep_ratio=0.5))
+    >>> print(fast.report)
+"""
+from . import ops  # registers torch.ops.ispc.*
+from .api import BACKENDS, compile, inspect
+from .compiled import CompiledModel
+from .config import GatingConfig
+from .errors import (BackendUnavailableError, ConfigError, DataError, IspcError, TraceError,
+                     UnsupportedModelError)
+from .modules import GatedConv2d
+from .report import LayerReport, Report
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "compile", "inspect", "GatingConfig", "Report", "LayerReport", "CompiledModel", "GatedConv2d",
+    "IspcError", "ConfigError", "DataError", "TraceError", "UnsupportedModelError",
+    "BackendUnavailableError", "BACKENDS", "ops", "__version__",
+]

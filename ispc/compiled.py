@@ -1,0 +1,112 @@
+"""The compiled model users get back from :func:`ispc.compile`."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, fx, nn
+from tqdm.auto import tqdm
+
+from .config import GatingConfig
+from .modules import GatedConv2d
+from .report import Report
+
+__all__ = ["CompiledModel"]
+
+
+class CompiledModel(nn.Module):
+    """A gated model: same inputs and outputs as the original, dropped channels really skipped.
+
+    ``graph_module`` is the rewritten :class:`torch.fx.GraphModule`; ``report`` the analysis that
+    produced it; ``config`` the :class:`GatingConfig`; ``backend`` how ``forward`` runs it.
+    """
+
+    def __init__(self, graph_module: fx.GraphModule, report: Report, config: GatingConfig,
+                 backend: str = "eager") -> None:
+        super().__init__()
+        self.graph_module = graph_module
+        self.report = report
+        self.config = config
+        self.backend = backend
+        self.__dict__["_runner"] = None  # a backend's compiled callable; not a registered submodule
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        runner = self.__dict__["_runner"]
+        return (runner or self.graph_module)(*args, **kwargs)
+
+    def gated_modules(self) -> dict[str, GatedConv2d]:
+        """The gated layers by qualified name."""
+        return {n: m for n, m in self.graph_module.named_modules() if isinstance(m, GatedConv2d)}
+
+    @torch.no_grad()
+    def measure(self, data: Any, *, progress: bool | None = None) -> dict[str, Any]:
+        """Run ``data`` and measure what the gates actually do on it.
+
+        Returns per-layer kept-channel statistics and the MACs per input actually executed
+        (conv2d and linear layers, at the sizes seen) against the dense MACs.
+        """
+        from .data import iter_inputs
+
+        gm = self.graph_module
+        param = next(gm.parameters(), None)
+        kept: dict[str, list[Tensor]] = {n: [] for n in self.gated_modules()}
+        dense = torch.zeros((), dtype=torch.float64)
+        executed_parts: list[Tensor] = []
+        hooks = []
+
+        def macs_of(m: nn.Module, out: Tensor) -> int:
+            if isinstance(m, (nn.Conv2d, GatedConv2d)):
+                w = m.weight
+                cin_g = w.shape[1]
+                return int(out.shape[1] * out.shape[2] * out.shape[3] * cin_g * w.shape[2] * w.shape[3])
+            rows = 1
+            for d in out.shape[1:-1]:
+                rows *= int(d)
+            return int(rows * m.in_features * m.out_features)
+
+        def hook(m: nn.Module, args: tuple, out: Tensor, name: str) -> None:
+            nonlocal dense
+            per = macs_of(m, out)
+            n = out.shape[0]
+            dense += per * n
+            if isinstance(m, GatedConv2d):
+                counts = m.kept_mask(args[0]).sum(1).to(torch.float64).cpu()
+                kept[name].append(counts)
+                executed_parts.append((counts / m.in_channels * per).sum())
+            else:
+                executed_parts.append(torch.tensor(float(per * n), dtype=torch.float64))
+
+        for name, m in gm.named_modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear, GatedConv2d)):
+                hooks.append(m.register_forward_hook(
+                    lambda mod, a, o, name=name: hook(mod, a, o, name)))
+        samples = 0
+        try:
+            it = iter_inputs(data, device=param.device if param is not None else None,
+                             dtype=param.dtype if param is not None else None)
+            for x in tqdm(it, desc="ispc: measuring", unit="batch",
+                          disable=not (progress if progress is not None else True), leave=False):
+                gm(x)
+                samples += int(x.shape[0])
+        finally:
+            for h in hooks:
+                h.remove()
+        if samples == 0:
+            from .errors import DataError
+            raise DataError("measure() got no inputs; pass a non-empty iterable of batches")
+        executed = float(torch.stack(executed_parts).sum()) if executed_parts else 0.0
+        layers = {}
+        for name, parts in kept.items():
+            c = torch.cat(parts)
+            cin = self.gated_modules()[name].in_channels
+            layers[name] = {"kept_mean": float(c.mean()), "kept_fraction": float(c.mean()) / cin,
+                            "kept_p10": float(torch.quantile(c, 0.1)),
+                            "kept_p90": float(torch.quantile(c, 0.9))}
+        dense_per = float(dense) / samples
+        exec_per = executed / samples
+        return {"samples": samples, "dense_macs": dense_per, "executed_macs": exec_per,
+                "mac_reduction": 1.0 - exec_per / dense_per if dense_per else 0.0, "layers": layers}
+
+    def extra_repr(self) -> str:
+        s = self.report.summary
+        return f"backend={self.backend!r}, layers_gated={s.get('layers_gated')}, mode={s.get('mode')!r}"

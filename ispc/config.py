@@ -1,0 +1,124 @@
+"""The one settings object of a compilation: :class:`GatingConfig`.
+
+Frozen and keyword-only so that a config can be shared, hashed and logged, and every field is
+validated on construction: a wrong value fails where it was written, not deep inside a pass.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ConfigError
+
+__all__ = ["GatingConfig", "MODES", "SALIENCIES"]
+
+MODES = ("threshold", "topk")
+SALIENCIES = ("l2", "l1", "weighted_l2")
+
+
+def _check_number(name: str, value: Any, *, lo: float, hi: float, lo_open: bool, hi_open: bool = False,
+                  integer: bool = False) -> None:
+    kind = "an int" if integer else "a number"
+    ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if isinstance(value, bool) or not ok_type:
+        raise ConfigError(f"GatingConfig.{name} must be {kind}, got {type(value).__name__} {value!r}")
+    if isinstance(value, float) and math.isnan(value):
+        raise ConfigError(f"GatingConfig.{name} is NaN; give a number in the documented range")
+    below = value <= lo if lo_open else value < lo
+    above = value >= hi if hi_open else value > hi
+    if below or above:
+        lb = "(" if lo_open else "["
+        rb = ")" if hi_open else "]"
+        raise ConfigError(f"GatingConfig.{name}={value!r} is outside {lb}{lo}, {hi}{rb}")
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"GatingConfig.{name}={value!r} is not one of {', '.join(map(repr, choices))}")
+
+
+def _check_patterns(name: str, value: Any) -> None:
+    if value is None:
+        return
+    if isinstance(value, str) or not isinstance(value, tuple) or not all(isinstance(p, str) for p in value):
+        raise ConfigError(f"GatingConfig.{name} must be a tuple of layer-name patterns (fnmatch), "
+                          f"e.g. ('layer1.*',), got {value!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class GatingConfig:
+    """How ispc gates a model. Every option is keyword-only; ``replace(**changes)`` derives a new one.
+
+    Attributes:
+        keep_ratio: average fraction of a gated layer's input channels kept, measured on the
+            calibration data; 1.0 keeps every channel (the compiled model equals the original).
+        mode: ``"threshold"`` drops, per input, the channels whose saliency falls below a per-layer
+            threshold (the number kept varies per input: the paper's dynamic sparsity); ``"topk"``
+            keeps a fixed number k per layer, chosen per input (static shapes for compiled backends).
+        saliency: per-instance channel importance. ``"l2"`` is the paper's l2 norm (as a root mean
+            square over spatial positions, so thresholds carry across input sizes); ``"l1"`` the mean
+            absolute value; ``"weighted_l2"`` the l2 norm times the norm of the channel's weights in the
+            gated convolution (what the channel can contribute to the output).
+        min_cv: layers whose coefficient of variation of channel saliency across inputs is below
+            this stay dense (their channel usage hardly changes per input: static pruning would do).
+        gate_fraction: gate only this fraction of the eligible layers, the ones with the highest CV.
+        min_channels: convolutions with fewer input channels stay dense (e.g. the RGB stem).
+        channel_multiple: in topk mode, round k up to a multiple of this (SIMD-friendly widths).
+        include: if given, only layers whose name matches one of these fnmatch patterns are gated.
+        exclude: layers whose name matches one of these fnmatch patterns are never gated.
+        max_calibration_samples: per-instance saliency rows kept per layer for choosing thresholds
+            (the per-channel moments behind the CV are exact over all data regardless).
+        calibration_rounds: threshold mode: how many times thresholds are re-chosen with the gates
+            in place (upstream gating shifts what later layers see); 0 keeps the dense-model ones.
+        leaf_modules: module classes that torch.fx must not trace into (for untraceable blocks).
+    """
+
+    keep_ratio: float = 0.5
+    mode: str = "threshold"
+    saliency: str = "l2"
+    min_cv: float = 0.0
+    gate_fraction: float = 1.0
+    min_channels: int = 16
+    channel_multiple: int = 1
+    include: tuple[str, ...] | None = None
+    exclude: tuple[str, ...] = ()
+    max_calibration_samples: int = 4096
+    calibration_rounds: int = 2
+    leaf_modules: tuple[type, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        _check_number("keep_ratio", self.keep_ratio, lo=0.0, hi=1.0, lo_open=True)
+        _check_choice("mode", self.mode, MODES)
+        _check_choice("saliency", self.saliency, SALIENCIES)
+        _check_number("min_cv", self.min_cv, lo=0.0, hi=math.inf, lo_open=False, hi_open=True)
+        _check_number("gate_fraction", self.gate_fraction, lo=0.0, hi=1.0, lo_open=False)
+        _check_number("min_channels", self.min_channels, lo=1, hi=1 << 30, lo_open=False, integer=True)
+        _check_number("channel_multiple", self.channel_multiple, lo=1, hi=1 << 16, lo_open=False, integer=True)
+        _check_patterns("include", self.include)
+        _check_patterns("exclude", self.exclude)
+        _check_number("max_calibration_samples", self.max_calibration_samples, lo=1, hi=1 << 30,
+                      lo_open=False, integer=True)
+        _check_number("calibration_rounds", self.calibration_rounds, lo=0, hi=100, lo_open=False,
+                      integer=True)
+        if not isinstance(self.leaf_modules, tuple) or not all(
+                isinstance(t, type) for t in self.leaf_modules):
+            raise ConfigError("GatingConfig.leaf_modules must be a tuple of nn.Module classes, "
+                              f"got {self.leaf_modules!r}")
+
+    def replace(self, **changes: Any) -> "GatingConfig":
+        """A copy with ``changes`` applied (validated like a new config)."""
+        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise ConfigError(f"GatingConfig has no option(s) {sorted(unknown)}; "
+                              f"valid: {[f.name for f in dataclasses.fields(self)]}")
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly view (leaf module classes by qualified name)."""
+        d = dataclasses.asdict(self)
+        d["leaf_modules"] = [f"{t.__module__}.{t.__qualname__}" for t in self.leaf_modules]
+        d["include"] = list(self.include) if self.include is not None else None
+        d["exclude"] = list(self.exclude)
+        return d

@@ -1,0 +1,40 @@
+"""Errors raised for a user's mistake or an unsupported model.
+
+Every error ispc raises on purpose derives from :class:`IspcError`, so callers can catch one type.
+The subclasses also derive from the builtin a Python user would expect (``ValueError`` for a bad
+value, ``TypeError`` for a wrong type) so ``except ValueError`` keeps working.
+"""
+from __future__ import annotations
+
+__all__ = [
+    "IspcError",
+    "ConfigError",
+    "DataError",
+    "TraceError",
+    "UnsupportedModelError",
+    "BackendUnavailableError",
+]
+
+
+class IspcError(Exception):
+    """Base class of every error raised for a user's mistake or an unsupported model."""
+
+
+class ConfigError(IspcError, ValueError):
+    """An invalid configuration value (wrong range, NaN, unknown option)."""
+
+
+class DataError(IspcError, ValueError):
+    """Calibration or input data that ispc cannot use (empty, NaN/Inf, wrong shape or dtype)."""
+
+
+class TraceError(IspcError, TypeError):
+    """The model could not be captured as a torch.fx graph."""
+
+
+class UnsupportedModelError(IspcError, TypeError):
+    """The object given is not a model ispc can compile."""
+
+
+class BackendUnavailableError(IspcError, RuntimeError):
+    """A requested backend (or its optional dependency / hardware) is not available here."""

@@ -1,0 +1,67 @@
+"""nn.Module wrappers around the gated operator, as they appear in a compiled graph."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .ops import gated_conv as _gc
+
+__all__ = ["GatedConv2d", "MODE_CODES", "SALIENCY_CODES"]
+
+MODE_CODES = {"threshold": _gc.THRESHOLD, "topk": _gc.TOPK}
+#: weighted_l2 is l2 with the weight-column norms folded into the per-channel scale
+SALIENCY_CODES = {"l2": _gc.SALIENCY_L2, "l1": _gc.SALIENCY_L1, "weighted_l2": _gc.SALIENCY_L2}
+
+
+class GatedConv2d(nn.Module):
+    """A convolution that skips, per input, the input channels with negligible saliency.
+
+    Holds the (BatchNorm-folded) weights of the convolution it replaces; its forward is one call of
+    ``torch.ops.ispc.gated_conv2d``, so the graph stays a single opaque node per gated layer.
+    """
+
+    def __init__(self, weight: Tensor, bias: Tensor | None, *, stride: tuple[int, int],
+                 padding: tuple[int, int], dilation: tuple[int, int], mode: str, threshold: float,
+                 k: int, saliency: str = "l2", scale: Tensor | None = None) -> None:
+        super().__init__()
+        if weight.dim() != 4:
+            raise ValueError("GatedConv2d needs a 4-d conv weight")
+        out_c, in_c = weight.shape[:2]
+        self.weight = nn.Parameter(weight.detach().clone())
+        b = bias.detach().clone() if bias is not None else weight.new_zeros(out_c)
+        self.bias = nn.Parameter(b)
+        if scale is None:
+            scale = weight.new_ones(in_c)
+        self.register_buffer("scale", scale.detach().clone().to(torch.float32))
+        self.stride = tuple(int(v) for v in stride)
+        self.padding = tuple(int(v) for v in padding)
+        self.dilation = tuple(int(v) for v in dilation)
+        self.mode = mode
+        self.threshold = float(threshold)
+        self.k = int(k)
+        self.saliency = saliency
+        self.in_channels, self.out_channels = int(in_c), int(out_c)
+
+    @property
+    def _args(self) -> tuple:
+        return (self.stride[0], self.stride[1], self.padding[0], self.padding[1], self.dilation[0],
+                self.dilation[1], MODE_CODES[self.mode], self.threshold, self.k,
+                SALIENCY_CODES[self.saliency])
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.ops.ispc.gated_conv2d(x, self.weight, self.bias, self.scale, *self._args)
+
+    def kept_mask(self, x: Tensor) -> Tensor:
+        """Which input channels each instance of ``x`` keeps (bool, N x C)."""
+        a = self._args
+        return _gc.channel_mask(x, self.scale, a[6], a[7], a[8], a[9])
+
+    def reference(self, x: Tensor) -> Tensor:
+        """The masked-dense form this layer must equal."""
+        return _gc.gated_conv2d_reference(x, self.weight, self.bias, self.scale, *self._args)
+
+    def extra_repr(self) -> str:
+        gate = f"threshold={self.threshold:.4g}" if self.mode == "threshold" else f"k={self.k}"
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={tuple(self.weight.shape[2:])}, "
+                f"stride={self.stride}, padding={self.padding}, mode={self.mode}, {gate}, "
+                f"saliency={self.saliency}")

@@ -1,0 +1,26 @@
+"""ispc's graph passes, in pipeline order (imported as ``ispc.passes``).
+
+    capture -> fold_bn -> find_sites -> calibrate -> rank -> insert_gates -> refine
+
+Each pass is ``pass_fn(gm, state) -> GraphModule``; see :mod:`ispc.passes.base`.
+"""
+from .base import PASSES, Pass, PassState, ispc_meta, register_pass, run_passes
+from .capture import capture, trace
+from .fold_bn import fold_batchnorm
+from .find_sites import build_channel_graph, channel_kind, coupling_groups, find_sites
+from .calibrate import calibrate, saliency_scale
+from .rank import choose_k, choose_threshold, kept_counts, rank_layers
+from .insert_gates import insert_gates, resolve_padding
+from .refine import refine_thresholds
+
+#: the passes ``ispc.inspect`` runs
+ANALYSIS_PIPELINE = ["capture", "fold_bn", "find_sites", "calibrate", "rank"]
+#: the passes ``ispc.compile`` runs
+COMPILE_PIPELINE = ANALYSIS_PIPELINE + ["insert_gates", "refine"]
+
+__all__ = [
+    "PASSES", "Pass", "PassState", "ispc_meta", "register_pass", "run_passes", "capture", "trace",
+    "fold_batchnorm", "build_channel_graph", "channel_kind", "coupling_groups", "find_sites",
+    "calibrate", "saliency_scale", "choose_k", "choose_threshold", "kept_counts", "rank_layers",
+    "insert_gates", "resolve_padding", "refine_thresholds", "ANALYSIS_PIPELINE", "COMPILE_PIPELINE",
+]

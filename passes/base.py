@@ -1,0 +1,72 @@
+"""Pass infrastructure: the state that flows through the pipeline and the pass registry.
+
+Every pass has one signature, ``pass_fn(gm, state) -> GraphModule``. Analysis passes write their
+findings into ``node.meta["ispc"]`` (a dict per node); transform passes read them. The state carries
+what is not a property of a node: the config, the calibration stream, notes for the report.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from ispc.config import GatingConfig
+
+__all__ = ["PassState", "Pass", "PASSES", "register_pass", "run_passes", "ispc_meta"]
+
+
+@dataclass
+class PassState:
+    """Mutable state of one compilation (the config itself is frozen)."""
+
+    config: GatingConfig
+    #: one example input (the first calibration batch); None when compiling without data
+    example_inputs: tuple[torch.Tensor, ...] | None = None
+    #: the remaining calibration batches (tensors), consumed once by the calibrate pass
+    calibration: Iterator[torch.Tensor] | None = None
+    progress: bool = True
+    notes: list[str] = field(default_factory=list)
+    calibration_samples: int = 0
+    #: calibration inputs kept for passes that must see the data again (bounded, see calibrate)
+    calibration_cache: list[torch.Tensor] = field(default_factory=list)
+    #: networkx DiGraph of channel flow, written by find_sites
+    channel_graph: Any = None
+
+    @property
+    def calibrated(self) -> bool:
+        return self.calibration_samples > 0
+
+
+Pass = Callable[[nn.Module, PassState], fx.GraphModule]
+
+#: name -> pass, in registration order (the default pipeline order)
+PASSES: dict[str, Pass] = {}
+
+
+def register_pass(name: str) -> Callable[[Pass], Pass]:
+    """Register a pass under ``name`` (decorator)."""
+
+    def deco(fn: Pass) -> Pass:
+        if name in PASSES:
+            raise ValueError(f"pass {name!r} is already registered")
+        PASSES[name] = fn
+        fn.pass_name = name  # type: ignore[attr-defined]
+        return fn
+
+    return deco
+
+
+def run_passes(module: nn.Module, state: PassState, names: list[str]) -> fx.GraphModule:
+    """Run the named passes in order."""
+    gm = module
+    for name in names:
+        gm = PASSES[name](gm, state)
+    return gm  # type: ignore[return-value]
+
+
+def ispc_meta(node: fx.Node) -> dict[str, Any]:
+    """The ``node.meta["ispc"]`` dict of a node (created on first use)."""
+    return node.meta.setdefault("ispc", {})

@@ -1,0 +1,76 @@
+"""Calibrate: stream the calibration data and record channel saliency at every candidate site."""
+from __future__ import annotations
+
+import torch
+from torch import fx, nn
+from tqdm.auto import tqdm
+
+from ispc.modules import SALIENCY_CODES
+from ispc.observers import SaliencyStats
+from ispc.ops.gated_conv import channel_saliency
+
+from .base import PassState, ispc_meta, register_pass
+
+__all__ = ["calibrate", "saliency_scale", "CACHE_BYTES"]
+
+#: at most this many bytes of calibration inputs are kept for the refine pass
+CACHE_BYTES = 1 << 30
+
+
+def saliency_scale(conv: nn.Conv2d, saliency: str) -> torch.Tensor:
+    """Per-input-channel factor of the saliency: ones, or the weight-column norms for
+    ``weighted_l2`` (what each input channel can contribute to the conv's output)."""
+    if saliency == "weighted_l2":
+        return torch.linalg.vector_norm(conv.weight.detach().float(), dim=(0, 2, 3))
+    return torch.ones(conv.in_channels)
+
+
+@register_pass("calibrate")
+def calibrate(gm: fx.GraphModule, state: PassState) -> fx.GraphModule:
+    """Run the calibration batches through ``gm`` with observers on each candidate conv's input.
+
+    Writes ``meta["ispc"]["stats"]`` (a :class:`SaliencyStats`) on every candidate conv node.
+    Without calibration data this pass does nothing and later passes act without statistics.
+    """
+    if state.example_inputs is None:
+        return gm
+    cfg = state.config
+    code = SALIENCY_CODES[cfg.saliency]
+    hooks = []
+    for node in gm.graph.nodes:
+        layer = ispc_meta(node).get("layer")
+        if not layer or not layer.get("candidate"):
+            continue
+        conv = gm.get_submodule(node.target)
+        stats = SaliencyStats(conv.in_channels, cfg.max_calibration_samples)
+        ispc_meta(node)["stats"] = stats
+        scale = saliency_scale(conv, cfg.saliency).to(conv.weight.device)
+
+        def hook(_mod, args, stats=stats, scale=scale):
+            stats.update(channel_saliency(args[0], scale, code))
+
+        hooks.append(conv.register_forward_pre_hook(hook))
+
+    def batches():
+        yield state.example_inputs[0]
+        if state.calibration is not None:
+            yield from state.calibration
+
+    cached = cached_bytes = 0
+    try:
+        with torch.no_grad():
+            bar = tqdm(batches(), desc="ispc: calibrating", unit="batch", disable=not state.progress,
+                       leave=False)
+            for x in bar:
+                gm(x)
+                if cached + x.shape[0] <= cfg.max_calibration_samples and \
+                        cached_bytes + x.numel() * x.element_size() <= CACHE_BYTES:
+                    state.calibration_cache.append(x)
+                    cached += int(x.shape[0])
+                    cached_bytes += x.numel() * x.element_size()
+                state.calibration_samples += int(x.shape[0])
+                bar.set_postfix(inputs=state.calibration_samples)
+    finally:
+        for h in hooks:
+            h.remove()
+    return gm

@@ -1,0 +1,42 @@
+"""Insert the gates: every gated conv becomes one call of ``torch.ops.ispc.gated_conv2d``."""
+from __future__ import annotations
+
+from torch import fx, nn
+
+from ispc.modules import GatedConv2d
+
+from .base import PassState, ispc_meta, register_pass
+from .calibrate import saliency_scale
+
+__all__ = ["insert_gates", "resolve_padding"]
+
+
+def resolve_padding(conv: nn.Conv2d) -> tuple[int, int]:
+    """Integer padding of a conv (``'same'``/``'valid'`` resolved; symmetric only)."""
+    if isinstance(conv.padding, str):
+        if conv.padding == "valid":
+            return (0, 0)
+        return tuple(d * (k - 1) // 2 for k, d in zip(conv.kernel_size, conv.dilation))  # type: ignore
+    return tuple(int(p) for p in conv.padding)  # type: ignore[return-value]
+
+
+@register_pass("insert_gates")
+def insert_gates(gm: fx.GraphModule, state: PassState) -> fx.GraphModule:
+    """Swap each gated ``nn.Conv2d`` for a :class:`GatedConv2d` under the same qualified name."""
+    cfg = state.config
+    for node in gm.graph.nodes:
+        gate = ispc_meta(node).get("gate")
+        if not gate or not gate["gated"]:
+            continue
+        conv: nn.Conv2d = gm.get_submodule(node.target)
+        gated = GatedConv2d(
+            conv.weight, conv.bias, stride=conv.stride, padding=resolve_padding(conv),
+            dilation=conv.dilation, mode=cfg.mode,
+            threshold=gate["threshold"] if gate["threshold"] is not None else 0.0,
+            k=gate["k"] if gate["k"] is not None else 0, saliency=cfg.saliency,
+            scale=saliency_scale(conv, cfg.saliency))
+        gated.to(conv.weight.device)
+        parent, _, attr = node.target.rpartition(".")
+        setattr(gm.get_submodule(parent) if parent else gm, attr, gated)
+    gm.recompile()
+    return gm
