@@ -21,6 +21,7 @@ class IspcTracer(fx.Tracer):
         super().__init__()
         self.leaf_types = leaf_types
         self.module_stack_names: list[str] = []
+        self.failed_in: str | None = None
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if self.leaf_types and isinstance(m, self.leaf_types):
@@ -31,6 +32,10 @@ class IspcTracer(fx.Tracer):
         self.module_stack_names.append(self.path_of_module(m))
         try:
             return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None:  # the innermost module sees the error first
+                self.failed_in = self.module_stack_names[-1]
+            raise
         finally:
             self.module_stack_names.pop()
 
@@ -52,7 +57,7 @@ def trace(model: nn.Module, leaf_types: tuple[type, ...] = ()) -> fx.GraphModule
     try:
         graph = tracer.trace(model)
     except Exception as exc:  # FX raises many kinds; all mean "cannot trace"
-        where = tracer.module_stack_names[-1] if tracer.module_stack_names else ""
+        where = tracer.failed_in or ""
         where_txt = f"in submodule '{where}' ({type(model.get_submodule(where)).__name__})" if where \
             else f"in {type(model).__name__}.forward"
         fix = (f"wrap it as a leaf module: ispc.GatingConfig(leaf_modules=("

@@ -1,0 +1,1 @@
+"""Example models shipped with ispc (installed as ``ispc.examples``), for demos and benchmarks."""

@@ -1,0 +1,148 @@
+"""Wall-clock benchmarks: gated model against its BatchNorm-folded dense self, same backend.
+
+Timing rules (DESIGN.md): warm-up first, then many *interleaved* rounds (every candidate once per
+round, in a rotating order) so drift and background load hit all candidates alike; report medians
+and the spread, and the ratio against the baseline measured in the same run. Realized speed-up is
+shown next to the theoretical one (dense MACs / MACs actually executed).
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from tabulate import tabulate
+from torch import nn
+from tqdm.auto import tqdm
+
+from .compiled import CompiledModel
+from .config import GatingConfig
+
+__all__ = ["Timing", "BenchmarkResult", "time_interleaved", "dense_baseline", "benchmark"]
+
+
+@dataclass
+class Timing:
+    """Per-call wall-clock times of one candidate, in milliseconds."""
+
+    name: str
+    times_ms: list[float] = field(default_factory=list)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.times_ms)
+
+    @property
+    def p25(self) -> float:
+        return statistics.quantiles(self.times_ms, n=4)[0] if len(self.times_ms) > 1 else self.median
+
+    @property
+    def p75(self) -> float:
+        return statistics.quantiles(self.times_ms, n=4)[2] if len(self.times_ms) > 1 else self.median
+
+
+def time_interleaved(candidates: dict[str, Callable[[], Any]], *, warmup: int = 5, rounds: int = 30,
+                     progress: bool = True, desc: str = "ispc: timing") -> dict[str, Timing]:
+    """Time each zero-argument callable ``rounds`` times, interleaved, after ``warmup`` calls each."""
+    names = list(candidates)
+    for name in names:
+        for _ in range(warmup):
+            candidates[name]()
+    out = {name: Timing(name) for name in names}
+    for r in tqdm(range(rounds), desc=desc, disable=not progress, leave=False):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for name in order:
+            t0 = time.perf_counter()
+            candidates[name]()
+            out[name].times_ms.append((time.perf_counter() - t0) * 1e3)
+    return out
+
+
+def dense_baseline(model: nn.Module, example: torch.Tensor) -> nn.Module:
+    """The model as ispc sees it before gating: traced, eval mode, BatchNorm folded."""
+    from .api import _make_state, _private_copy, _unwrap
+    from .passes import run_passes
+
+    work = _private_copy(_unwrap(model))
+    state = _make_state(work, [example], GatingConfig(keep_ratio=1.0), progress=False)
+    return run_passes(work, state, ["capture", "fold_bn"])
+
+
+@dataclass
+class BenchmarkResult:
+    """One model at one batch size: dense vs gated medians and the speed-ups."""
+
+    model: str
+    batch_size: int
+    dense_ms: float
+    gated_ms: float
+    dense_iqr_ms: tuple[float, float]
+    gated_iqr_ms: tuple[float, float]
+    realized_speedup: float
+    theoretical_speedup: float
+    efficiency: float  #: realized / theoretical
+    mac_reduction: float
+    threads: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def benchmark(model: nn.Module, compiled: CompiledModel, input_shape: tuple[int, ...], *,
+              batch_sizes: tuple[int, ...] = (1,), warmup: int = 5, rounds: int = 30,
+              name: str | None = None, seed: int = 0, progress: bool = True) -> list[BenchmarkResult]:
+    """Measure ``compiled`` against the BN-folded dense ``model`` at each batch size.
+
+    ``input_shape`` is one input without the batch dimension (e.g. ``(3, 224, 224)``). Inputs are
+    random normal; the theoretical speed-up uses the MACs the gates actually execute on them.
+    """
+    g = torch.Generator().manual_seed(seed)
+    param = next(compiled.parameters())
+    results = []
+    for bs in batch_sizes:
+        x = torch.randn((bs, *input_shape), generator=g).to(param.device, param.dtype)
+        dense = dense_baseline(model, x[:1])
+        sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+
+        def run(m: nn.Module) -> Callable[[], None]:
+            def call() -> None:
+                with torch.no_grad():
+                    m(x)
+                sync()
+            return call
+
+        timings = time_interleaved({"dense": run(dense), "gated": run(compiled)}, warmup=warmup,
+                                   rounds=rounds, progress=progress,
+                                   desc=f"ispc: timing batch {bs}")
+        measured = compiled.measure([x], progress=False)
+        theo = measured["dense_macs"] / max(measured["executed_macs"], 1.0)
+        d, q = timings["dense"], timings["gated"]
+        realized = d.median / q.median
+        results.append(BenchmarkResult(
+            model=name or type(model).__name__, batch_size=bs, dense_ms=d.median, gated_ms=q.median,
+            dense_iqr_ms=(d.p25, d.p75), gated_iqr_ms=(q.p25, q.p75), realized_speedup=realized,
+            theoretical_speedup=theo, efficiency=realized / theo,
+            mac_reduction=measured["mac_reduction"], threads=torch.get_num_threads()))
+    return results
+
+
+def results_table(results: list[BenchmarkResult], tablefmt: str = "simple") -> str:
+    """A table for people."""
+    rows = [[r.model, r.batch_size, f"{r.dense_ms:.2f}", f"{r.gated_ms:.2f}",
+             f"{r.mac_reduction:.1%}", f"{r.theoretical_speedup:.2f}x", f"{r.realized_speedup:.2f}x",
+             f"{r.efficiency:.2f}"] for r in results]
+    return tabulate(rows, headers=["model", "batch", "dense ms", "gated ms", "MAC cut",
+                                   "theoretical", "realized", "realized/theor."],
+                    tablefmt=tablefmt, disable_numparse=True)
+
+
+def results_json(results: list[BenchmarkResult]) -> str:
+    """JSON for programs."""
+    return json.dumps([r.to_dict() for r in results], indent=2)
+
+
+__all__ += ["results_table", "results_json"]
