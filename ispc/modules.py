@@ -49,7 +49,15 @@ class GatedConv2d(nn.Module):
                 SALIENCY_CODES[self.saliency])
 
     def forward(self, x: Tensor) -> Tensor:
+        if self._direct(x):  # plain eager CPU inference: skip the dispatcher round trip
+            return _gc.gated_conv2d_fast(x, self.weight, self.bias, self.scale, *self._args)
         return torch.ops.ispc.gated_conv2d(x, self.weight, self.bias, self.scale, *self._args)
+
+    def _direct(self, x: Tensor) -> bool:
+        """True when calling the CPU kernel directly is indistinguishable from calling the op:
+        a plain CPU tensor (no fake/functional tensor, proxy or compiler tracing) and no autograd."""
+        return (type(x) is Tensor and x.device.type == "cpu" and not torch.compiler.is_compiling()
+                and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)))
 
     def kept_mask(self, x: Tensor) -> Tensor:
         """Which input channels each instance of ``x`` keeps (bool, N x C)."""

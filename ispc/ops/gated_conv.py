@@ -125,20 +125,21 @@ def gated_conv2d_loop(x: Tensor, weight: Tensor, bias: Tensor, scale: Tensor, st
     if _kept_all(mode, threshold, k, c):
         return _conv(x, weight, bias, stride, pad, dil)
     s = channel_saliency(x, scale, saliency)
-    kh, kw = weight.shape[-2:]
-    ho, wo = conv_out_size(h, kh, stride_h, pad_h, dil_h), conv_out_size(w, kw, stride_w, pad_w, dil_w)
-    out = x.new_empty((n, weight.shape[0], ho, wo))
+    outs = []
     for i in range(n):
         if mode == TOPK:
             idx = torch.topk(s[i], k, sorted=False).indices.sort().values if k > 0 else None
         else:
             idx = torch.nonzero(s[i] >= threshold).flatten()
         if idx is None or idx.numel() == 0:
-            out[i] = bias.view(-1, 1, 1)
+            kh, kw = weight.shape[-2:]
+            ho = conv_out_size(h, kh, stride_h, pad_h, dil_h)
+            wo = conv_out_size(w, kw, stride_w, pad_w, dil_w)
+            outs.append(bias.to(x.dtype).view(1, -1, 1, 1).expand(1, weight.shape[0], ho, wo))
             continue
-        out[i] = _conv(x[i:i + 1].index_select(1, idx), weight.index_select(1, idx), bias, stride, pad,
-                       dil)[0]
-    return out
+        outs.append(_conv(x[i:i + 1].index_select(1, idx), weight.index_select(1, idx), bias, stride,
+                          pad, dil))
+    return outs[0].contiguous() if n == 1 else torch.cat(outs)
 
 
 def gated_conv2d_grouped(x: Tensor, weight: Tensor, bias: Tensor, scale: Tensor, stride_h: int,
