@@ -5,6 +5,7 @@ import torch
 from torch import fx, nn
 from tqdm.auto import tqdm
 
+from ispc.distributed import merge_stats, world_size
 from ispc.modules import SALIENCY_CODES
 from ispc.observers import SaliencyStats
 from ispc.ops.gated_conv import channel_saliency
@@ -73,4 +74,14 @@ def calibrate(gm: fx.GraphModule, state: PassState) -> fx.GraphModule:
     finally:
         for h in hooks:
             h.remove()
+    sites = [n for n in gm.graph.nodes if "stats" in ispc_meta(n)]
+    if world_size() > 1:  # every rank ends with the same statistics
+        for node, merged in zip(sites, merge_stats([ispc_meta(n)["stats"] for n in sites])):
+            ispc_meta(node)["stats"] = merged
+        state.calibration_samples = merged_count(sites) or state.calibration_samples
     return gm
+
+
+def merged_count(sites: list[fx.Node]) -> int:
+    """Instances seen by all ranks together (from any site's merged moments)."""
+    return ispc_meta(sites[0])["stats"].count if sites else 0

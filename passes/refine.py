@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
+from ispc.distributed import gather_rows
 from ispc.modules import GatedConv2d
 from ispc.ops.gated_conv import channel_saliency
 
@@ -49,7 +50,7 @@ def refine_thresholds(gm: fx.GraphModule, state: PassState) -> fx.GraphModule:
             for h in hooks:
                 h.remove()
         for name, node in nodes.items():
-            sample = torch.cat(rows[name])
+            sample = gather_rows(torch.cat(rows[name]))
             mod = gm.get_submodule(name)
             mod.threshold = choose_threshold(sample, cfg.keep_ratio)
             gate = ispc_meta(node)["gate"]
