@@ -123,7 +123,8 @@ def build_report(gm: fx.GraphModule, state: PassState) -> Report:
         notes.append("MACs unknown: no example input to measure shapes (pass calibration data)")
     else:
         notes.append("MACs count conv2d and linear layers per input at the calibration input size")
-    return Report(layers=rows, summary=summary, config=cfg.to_dict(), notes=notes)
+    return Report(layers=rows, summary=summary, config=cfg.to_dict(), notes=notes,
+                  channel_graph=state.channel_graph)
 
 
 def inspect(model: nn.Module, calibration_data: Any = None, *, config: GatingConfig | None = None,

@@ -136,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_gating_args(p)
     p.add_argument("--format", choices=["table", "json", "markdown"], default="table")
     p.add_argument("--out", help="write the report here instead of stdout")
+    p.add_argument("--plots", metavar="DIR", help="save cv.png and kept.png here (needs matplotlib)")
+    p.add_argument("--dot", metavar="FILE", help="save the channel graph as Graphviz DOT")
 
     p = sub.add_parser("compile", help="compile a model and save it (load with ispc.load)")
     _add_model_args(p)
@@ -196,6 +198,14 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         print(f"report written to {args.out}", file=sys.stderr)
     else:
         print(text)
+    if args.plots:
+        from .plots import save_plots
+
+        for path in save_plots(report, args.plots):
+            print(f"plot written to {path}", file=sys.stderr)
+    if args.dot:
+        Path(args.dot).write_text(report.to_dot())
+        print(f"channel graph written to {args.dot} (render: dot -Tsvg {args.dot})", file=sys.stderr)
     return 0
 
 

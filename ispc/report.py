@@ -82,6 +82,8 @@ class Report:
     summary: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    #: the channel graph (networkx DiGraph) the analysis ran on; not serialized
+    channel_graph: Any = field(default=None, repr=False, compare=False)
 
     def layer(self, name: str) -> LayerReport:
         for row in self.layers:
@@ -157,3 +159,33 @@ class Report:
 
     def __str__(self) -> str:
         return self.to_table()
+
+    def to_dot(self) -> str:
+        """The channel graph as Graphviz DOT: gated convolutions green, dense ones grey with their
+        reason as tooltip, couplings (add, concat) as diamonds. Render: ``dot -Tsvg``."""
+        if self.channel_graph is None:
+            raise ValueError("this report carries no channel graph (reports loaded from JSON do not)")
+        rows = {r.name: r for r in self.layers}
+        lines = ["digraph ispc {", "  rankdir=TB;", '  node [shape=box, style="rounded,filled", '
+                 'fontname="Helvetica", fontsize=10, fillcolor="white"];']
+        for name, data in self.channel_graph.nodes(data=True):
+            kind = data.get("kind", "other")
+            target = data.get("target", name)
+            row = rows.get(target) or rows.get(name)
+            attrs = {"label": f"{target}\n{kind}"}
+            if row is not None and row.gated:
+                gate = f"k={row.k}" if row.k is not None else f"thr={row.threshold:.3g}"
+                attrs.update(fillcolor="#b7e1b0", label=f"{target}\n{gate}, kept {row.kept_fraction:.0%}"
+                             if row.kept_fraction is not None else f"{target}\n{gate}")
+            elif row is not None:
+                attrs.update(fillcolor="#e0e0e0", tooltip=row.reason or "")
+            if kind in ("couple", "concat"):
+                attrs["shape"] = "diamond"
+            elif kind in ("input", "output"):
+                attrs["shape"] = "ellipse"
+            text = ", ".join(f'{k}="{str(v).replace(chr(34), chr(39))}"' for k, v in attrs.items())
+            lines.append(f'  "{name}" [{text}];')
+        for a, b in self.channel_graph.edges:
+            lines.append(f'  "{a}" -> "{b}";')
+        lines.append("}")
+        return "\n".join(lines) + "\n"

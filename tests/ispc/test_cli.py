@@ -1,0 +1,88 @@
+"""The command line: happy paths, formats, and one-line errors with exit status 2."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from ispc.cli import load_model, main
+
+MODEL_FILE = '''
+import torch.nn as nn
+def make():
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1),
+                         nn.ReLU(), nn.Conv2d(32, 8, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+'''
+
+
+@pytest.fixture()
+def files(tmp_path):
+    (tmp_path / "net.py").write_text(MODEL_FILE)
+    torch.save(torch.randn(24, 3, 16, 16), tmp_path / "data.pt")
+    return tmp_path
+
+
+def test_inspect_formats(files, capsys):
+    model, data = f"{files}/net.py:make", str(files / "data.pt")
+    assert main(["inspect", model, "--data", data, "--format", "json", "--batch-size", "8"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["summary"]["calibration_samples"] == 24
+    assert {r["name"] for r in d["layers"]} == {"0", "2", "4"}
+    assert main(["inspect", model, "--data", data, "--format", "markdown"]) == 0
+    assert capsys.readouterr().out.startswith("# ispc report")
+    dot = files / "g.dot"
+    assert main(["inspect", model, "--data", data, "--dot", str(dot), "--keep-ratio", "0.25",
+                 "--mode", "topk"]) == 0
+    out = capsys.readouterr().out
+    assert "k=4" in out and dot.read_text().startswith("digraph ispc")
+
+
+def test_inspect_plots(files, capsys):
+    pytest.importorskip("matplotlib")
+    assert main(["inspect", f"{files}/net.py:make", "--data", str(files / "data.pt"),
+                 "--plots", str(files / "plots")]) == 0
+    assert (files / "plots" / "cv.png").stat().st_size > 1000
+    assert (files / "plots" / "kept.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["inspect", "nosuchmodel", "--data", "x.pt"], "unknown model"),
+    (["inspect", "{files}/net.py:nothere", "--data", "{files}/data.pt"], "no callable"),
+    (["inspect", "{files}/net.py:make", "--data", "{files}/missing"], "does not exist"),
+    (["inspect", "{files}/net.py:make", "--data", "{files}/data.pt", "--keep-ratio", "1.5"],
+     "keep_ratio"),
+])
+def test_user_mistakes_are_one_line_errors(files, capsys, argv, msg):
+    argv = [a.format(files=files) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert msg in err and "Traceback" not in err and len(err.splitlines()) == 1
+
+
+def test_debug_shows_traceback(files, capsys):
+    assert main(["--debug", "inspect", "nosuchmodel", "--data", "x.pt"]) == 2
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_help_on_every_command():
+    for cmd in ([], ["demo"], ["inspect"], ["compile"], ["bench"]):
+        r = subprocess.run([sys.executable, "-m", "ispc.cli", *cmd, "--help"], capture_output=True,
+                           text=True, timeout=60)
+        assert r.returncode == 0 and "usage: ispc" in r.stdout
+
+
+def test_bundled_model_names():
+    assert type(load_model("resnet20")).__name__ == "CifarResNet"
+
+
+def test_bench_small(files, capsys):
+    out_json = files / "bench.json"
+    assert main(["bench", f"{files}/net.py:make", "--input-size", "16", "--batch-sizes", "1", "2",
+                 "--rounds", "3", "--warmup", "1", "--json", str(out_json)]) == 0
+    rows = json.loads(out_json.read_text())
+    assert [r["batch_size"] for r in rows] == [1, 2]
+    assert all(r["dense_ms"] > 0 and r["theoretical_speedup"] >= 1 for r in rows)
+    assert "realized" in capsys.readouterr().out
