@@ -72,6 +72,14 @@ class GatingConfig:
             (the per-channel moments behind the CV are exact over all data regardless).
         calibration_rounds: threshold mode: how many times thresholds are re-chosen with the gates
             in place (upstream gating shifts what later layers see); 0 keeps the dense-model ones.
+        latency_aware: time each gated layer's kernels and its dense conv on this machine at
+            compile time; use the fastest kernel and leave a layer dense unless gating saves at
+            least ``min_gain`` of its time (never slower than dense; results depend on the machine).
+            Off: a deterministic shape-based cost model picks kernels and every selected layer is
+            gated.
+        min_gain: fraction of a layer's dense time gating must save to be kept (latency_aware).
+        latency_batch_size: batch size the latency-aware cost model measures at.
+        latency_rounds: interleaved timing rounds per kernel in the latency-aware cost model.
         leaf_modules: module classes that torch.fx must not trace into (for untraceable blocks).
     """
 
@@ -86,6 +94,10 @@ class GatingConfig:
     exclude: tuple[str, ...] = ()
     max_calibration_samples: int = 4096
     calibration_rounds: int = 2
+    latency_aware: bool = False
+    min_gain: float = 0.05
+    latency_batch_size: int = 1
+    latency_rounds: int = 15
     leaf_modules: tuple[type, ...] = field(default=())
 
     def __post_init__(self) -> None:
@@ -101,6 +113,13 @@ class GatingConfig:
         _check_number("max_calibration_samples", self.max_calibration_samples, lo=1, hi=1 << 30,
                       lo_open=False, integer=True)
         _check_number("calibration_rounds", self.calibration_rounds, lo=0, hi=100, lo_open=False,
+                      integer=True)
+        if not isinstance(self.latency_aware, bool):
+            raise ConfigError(f"GatingConfig.latency_aware must be True or False, got {self.latency_aware!r}")
+        _check_number("min_gain", self.min_gain, lo=0.0, hi=1.0, lo_open=False, hi_open=True)
+        _check_number("latency_batch_size", self.latency_batch_size, lo=1, hi=1 << 16, lo_open=False,
+                      integer=True)
+        _check_number("latency_rounds", self.latency_rounds, lo=1, hi=10_000, lo_open=False,
                       integer=True)
         if not isinstance(self.leaf_modules, tuple) or not all(
                 isinstance(t, type) for t in self.leaf_modules):

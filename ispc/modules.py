@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .ops import cpu_kernels as _cpu
 from .ops import gated_conv as _gc
 
 __all__ = ["GatedConv2d", "MODE_CODES", "SALIENCY_CODES"]
@@ -41,6 +42,20 @@ class GatedConv2d(nn.Module):
         self.k = int(k)
         self.saliency = saliency
         self.in_channels, self.out_channels = int(in_c), int(out_c)
+        self.register_buffer("weight_t", None, persistent=False)
+        self.strategy = "gather"
+
+    def set_strategy(self, strategy: str) -> None:
+        """Choose the eager CPU kernel (see :mod:`ispc.ops.cpu_kernels`); prepares its weights."""
+        if strategy not in _cpu.STRATEGIES:
+            raise ValueError(f"unknown strategy {strategy!r}; one of {_cpu.STRATEGIES}")
+        self.strategy = strategy
+        self.weight_t = _cpu.prepare_weight(self.weight) if strategy == "gemm" else None
+
+    def _load_from_state_dict(self, *args, **kwargs):  # keep W^T in sync with loaded weights
+        super()._load_from_state_dict(*args, **kwargs)
+        if self.strategy == "gemm":
+            self.weight_t = _cpu.prepare_weight(self.weight)
 
     @property
     def _args(self) -> tuple:
@@ -50,7 +65,10 @@ class GatedConv2d(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self._direct(x):  # plain eager CPU inference: skip the dispatcher round trip
-            return _gc.gated_conv2d_fast(x, self.weight, self.bias, self.scale, *self._args)
+            a = self._args
+            return _cpu.run_strategy(self.strategy, x, self.weight, self.weight_t, self.bias,
+                                     self.scale, self.stride, self.padding, self.dilation, a[6], a[7],
+                                     a[8], a[9])
         return torch.ops.ispc.gated_conv2d(x, self.weight, self.bias, self.scale, *self._args)
 
     def _direct(self, x: Tensor) -> bool:
@@ -72,4 +90,4 @@ class GatedConv2d(nn.Module):
         gate = f"threshold={self.threshold:.4g}" if self.mode == "threshold" else f"k={self.k}"
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={tuple(self.weight.shape[2:])}, "
                 f"stride={self.stride}, padding={self.padding}, mode={self.mode}, {gate}, "
-                f"saliency={self.saliency}")
+                f"saliency={self.saliency}, strategy={self.strategy}")

@@ -1,0 +1,87 @@
+"""Eager CPU kernels that use weights prepared at compile time.
+
+The operator's generic kernels (``gated_conv.py``) receive the weight in PyTorch's layout, so every
+call gathers ``Cout x K`` small slices of ``kh*kw`` floats. Here the weight is stored once, at
+compile time, as ``W^T`` with shape ``(Cin*kh*kw, Cout)``: the rows of one input channel are
+contiguous, so gathering the kept channels copies ``K*kh*kw`` rows of ``Cout`` floats, and the
+convolution becomes ``bias + W^T[kept]^T @ im2col(x[kept])`` -- one BLAS call that reads exactly
+the kept part of the weight. It pays most where weights outweigh activations (deep layers with
+small feature maps, and 1x1 convolutions, which need no im2col at all).
+
+Strategies (``GatedConv2d.strategy``): ``"gather"`` (index_select + oneDNN conv, the generic
+kernel), ``"gemm"`` (the above), ``"dense"`` (ungated conv: for layers where gating does not pay).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .gated_conv import (THRESHOLD, TOPK, _kept_all, channel_saliency, conv_out_size,
+                         gated_conv2d_fast)
+
+__all__ = ["STRATEGIES", "prepare_weight", "kept_indices", "gated_conv2d_gemm", "run_strategy"]
+
+STRATEGIES = ("gather", "gemm")
+
+
+def prepare_weight(weight: Tensor) -> Tensor:
+    """``W^T``: (Cin*kh*kw, Cout), contiguous, rows grouped by input channel."""
+    cout = weight.shape[0]
+    return weight.detach().reshape(cout, -1).t().contiguous()
+
+
+def kept_indices(s_row: Tensor, mode: int, threshold: float, k: int) -> Tensor:
+    """Sorted indices of the channels one instance keeps."""
+    if mode == TOPK:
+        return torch.topk(s_row, k, sorted=False).indices.sort().values
+    return torch.nonzero(s_row >= threshold).flatten()
+
+
+def gated_conv2d_gemm(x: Tensor, weight: Tensor, weight_t: Tensor, bias: Tensor, scale: Tensor,
+                      stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int],
+                      mode: int, threshold: float, k: int, saliency: int) -> Tensor:
+    """Per instance: gather kept rows of ``W^T`` and of the im2col matrix, one ``addmm``."""
+    n, c, h, w = x.shape
+    if _kept_all(mode, threshold, k, c):
+        return F.conv2d(x, weight, bias, stride, padding, dilation)
+    cout, _, kh, kw = weight.shape
+    ho = conv_out_size(h, kh, stride[0], padding[0], dilation[0])
+    wo = conv_out_size(w, kw, stride[1], padding[1], dilation[1])
+    taps = kh * kw
+    pointwise = taps == 1 and padding == (0, 0)
+    s = channel_saliency(x, scale, saliency)
+    out = x.new_empty((n, cout, ho * wo))
+    tap_offsets = torch.arange(taps, device=x.device)
+    b = bias[:, None]
+    for i in range(n):
+        idx = kept_indices(s[i], mode, threshold, k) if (mode == THRESHOLD or k > 0) else s.new_zeros(
+            0, dtype=torch.long)
+        if idx.numel() == 0:
+            out[i] = b
+            continue
+        xi = x[i].index_select(0, idx)
+        if pointwise:
+            if stride != (1, 1):
+                xi = xi[:, ::stride[0], ::stride[1]]
+            cols = xi.reshape(idx.numel(), ho * wo)
+            rows = idx
+        else:
+            cols = F.unfold(xi[None], (kh, kw), dilation, padding, stride)[0]
+            rows = (idx[:, None] * taps + tap_offsets).flatten()
+        torch.addmm(b, weight_t.index_select(0, rows).t(), cols, out=out[i])
+    return out.view(n, cout, ho, wo)
+
+
+def run_strategy(strategy: str, x: Tensor, weight: Tensor, weight_t: Tensor | None, bias: Tensor,
+                 scale: Tensor, stride: tuple[int, int], padding: tuple[int, int],
+                 dilation: tuple[int, int], mode: int, threshold: float, k: int,
+                 saliency: int) -> Tensor:
+    """Run one named strategy (all compute the operator's semantics)."""
+    if strategy == "gemm" and weight_t is not None:
+        return gated_conv2d_gemm(x, weight, weight_t, bias, scale, stride, padding, dilation, mode,
+                                 threshold, k, saliency)
+    if strategy == "dense":
+        return F.conv2d(x, weight, bias, stride, padding, dilation)
+    return gated_conv2d_fast(x, weight, bias, scale, stride[0], stride[1], padding[0], padding[1],
+                             dilation[0], dilation[1], mode, threshold, k, saliency)

@@ -1,0 +1,130 @@
+"""Select each gated layer's CPU kernel, and keep a layer dense where gating does not pay.
+
+Two cost models:
+
+- predicted (default; deterministic): ``gemm`` (prepared ``W^T`` + one BLAS call) for 1x1
+  convolutions and small feature maps, where weights dominate the data moved; ``gather`` (oneDNN on
+  the gathered channels) otherwise.
+- measured (``GatingConfig(latency_aware=True)``): every candidate kernel and the dense convolution
+  are timed on this machine, on the layer's real input from the calibration data at
+  ``latency_batch_size``, interleaved, medians; the fastest kernel wins, and a layer whose best gated
+  time does not beat dense by ``min_gain`` is left dense with the measured times as its reason.
+  This makes the compiled model never slower than dense layer by layer, at the price of results
+  that depend on the machine and its load.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from ispc.modules import GatedConv2d
+from ispc.ops.cpu_kernels import STRATEGIES, run_strategy
+
+from .base import PassState, ispc_meta, register_pass
+
+__all__ = ["select_kernels", "predicted_strategy", "SMALL_MAP"]
+
+#: feature maps with at most this many output positions use the gemm kernel by default
+SMALL_MAP = 14 * 14
+
+
+def predicted_strategy(mod: GatedConv2d, out_hw: int) -> str:
+    """The kernel the shape-based cost model expects to be fastest."""
+    kh, kw = mod.weight.shape[-2:]
+    if kh * kw == 1 or out_hw <= SMALL_MAP:
+        return "gemm"
+    return "gather"
+
+
+def _inputs_of(gm: fx.GraphModule, names: list[str], x: torch.Tensor) -> dict[str, torch.Tensor]:
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [gm.get_submodule(n).register_forward_pre_hook(
+        lambda m, a, n=n: seen.__setitem__(n, a[0].detach().clone())) for n in names]
+    try:
+        with torch.no_grad():
+            gm(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def _time(fns: dict[str, callable], rounds: int) -> dict[str, float]:
+    for fn in fns.values():
+        fn()
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    keys = list(fns)
+    for r in range(rounds):
+        for key in keys[r % len(keys):] + keys[:r % len(keys)]:
+            t0 = time.perf_counter()
+            fns[key]()
+            times[key].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
+
+
+def _ungate(gm: fx.GraphModule, name: str, mod: GatedConv2d) -> None:
+    conv = nn.Conv2d(mod.in_channels, mod.out_channels, tuple(mod.weight.shape[-2:]), mod.stride,
+                     mod.padding, mod.dilation, bias=True).to(mod.weight.device, mod.weight.dtype)
+    with torch.no_grad():
+        conv.weight.copy_(mod.weight)
+        conv.bias.copy_(mod.bias)
+    parent, _, attr = name.rpartition(".")
+    setattr(gm.get_submodule(parent) if parent else gm, attr, conv)
+
+
+@register_pass("select_kernels")
+def select_kernels(gm: fx.GraphModule, state: PassState) -> fx.GraphModule:
+    """Set ``GatedConv2d.strategy`` per layer; with ``latency_aware``, un-gate layers that don't pay."""
+    cfg = state.config
+    nodes = {n.target: n for n in gm.graph.nodes
+             if n.op == "call_module" and isinstance(gm.get_submodule(n.target), GatedConv2d)}
+    measured = cfg.latency_aware and state.calibration_cache and nodes
+    inputs: dict[str, torch.Tensor] = {}
+    if measured:
+        pool = torch.cat(state.calibration_cache)
+        reps = -(-cfg.latency_batch_size // pool.shape[0])
+        x = pool.repeat(reps, *([1] * (pool.dim() - 1)))[:cfg.latency_batch_size]
+        inputs = _inputs_of(gm, list(nodes), x)
+    changed = False
+    for name, node in nodes.items():
+        mod: GatedConv2d = gm.get_submodule(name)
+        tm = node.meta.get("tensor_meta")
+        out_hw = int(tm.shape[-1] * tm.shape[-2]) if tm is not None else 1 << 30
+        meta = ispc_meta(node)
+        if not measured or name not in inputs:
+            mod.set_strategy(predicted_strategy(mod, out_hw))
+            meta["kernel"] = {"strategy": mod.strategy, "cost_model": "predicted"}
+            continue
+        xin = inputs[name]
+        a = mod._args
+        fns = {"dense": lambda: F.conv2d(xin, mod.weight, mod.bias, mod.stride, mod.padding,
+                                         mod.dilation)}
+        for strat in STRATEGIES:
+            mod.set_strategy(strat)
+            wt = mod.weight_t
+            fns[strat] = (lambda s=strat, wt=wt: run_strategy(
+                s, xin, mod.weight, wt, mod.bias, mod.scale, mod.stride, mod.padding, mod.dilation,
+                a[6], a[7], a[8], a[9]))
+        with torch.no_grad():
+            times = _time(fns, cfg.latency_rounds)
+        best = min(STRATEGIES, key=lambda s: times[s])
+        meta["kernel"] = {"strategy": best, "cost_model": "measured",
+                          "times_ms": {k: round(v, 4) for k, v in times.items()},
+                          "batch_size": cfg.latency_batch_size}
+        if times[best] > times["dense"] * (1.0 - cfg.min_gain):
+            _ungate(gm, name, mod)
+            gate = meta["gate"]
+            gate.update(gated=False, threshold=None, k=None, kept_mean=None, kept_p10=None,
+                        kept_p90=None, reason=f"no measured gain at batch {cfg.latency_batch_size}: "
+                        f"gated {times[best]:.3f} ms vs dense {times['dense']:.3f} ms")
+            changed = True
+        else:
+            mod.set_strategy(best)
+    if changed:
+        gm.recompile()
+    return gm
