@@ -14,13 +14,14 @@ from .compiled import CompiledModel
 from .config import GatingConfig
 from .errors import (BackendUnavailableError, ConfigError, DataError, IspcError, TraceError,
                      UnsupportedModelError)
+from .feature_decay import FeatureDecay
 from .modules import GatedConv2d
 from .report import LayerReport, Report
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "compile", "inspect", "GatingConfig", "Report", "LayerReport", "CompiledModel", "GatedConv2d",
+    "compile", "inspect", "FeatureDecay", "GatingConfig", "Report", "LayerReport", "CompiledModel", "GatedConv2d",
     "IspcError", "ConfigError", "DataError", "TraceError", "UnsupportedModelError",
     "BackendUnavailableError", "BACKENDS", "ops", "__version__",
 ]

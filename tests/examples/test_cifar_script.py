@@ -1,0 +1,112 @@
+"""End-to-end test of examples/cifar.py on a tiny fake CIFAR folder with a tiny model."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("PIL")
+from PIL import Image  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = REPO / "examples" / "cifar.py"
+HERE = Path(__file__).resolve().parent
+CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+KEYS = {"epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "seconds"}
+
+
+@pytest.fixture(scope="module")
+def cifar():
+    """The script as a module (loaded from its file, as a checkout without install would run it)."""
+    spec = importlib.util.spec_from_file_location("ispc_cifar_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if str(HERE) not in sys.path:
+        sys.path.insert(0, str(HERE))
+    threads = torch.get_num_threads()
+    yield module
+    torch.set_num_threads(threads)  # main(--threads) changes the process-wide setting
+
+
+@pytest.fixture(scope="module")
+def fake(tmp_path_factory) -> Path:
+    """16 train and 4 test images per class; class k's images are brighter so it is learnable."""
+    root = tmp_path_factory.mktemp("fakecifar")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 16), ("test", 4)):
+        for k, cls in enumerate(CLASSES):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(n):
+                arr = rng.integers(0, 40, (32, 32, 3)) + 20 * k
+                Image.fromarray(arr.astype(np.uint8)).save(root / split / cls / f"{i:04d}.png")
+    return root
+
+
+def _log(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+def _args(fake: Path, out: Path, cache: Path, *extra: str) -> list[str]:
+    return ["train", "--model", "_cifar_tiny:tiny", "--data", str(fake), "--out", str(out),
+            "--cache-dir", str(cache), "--batch-size", "32", "--threads", "1", "--no-progress",
+            "--epochs", "2", *extra]
+
+
+def test_train_resume_finetune_evaluate(cifar, fake: Path, tmp_path: Path, capsys) -> None:
+    cache, a, b = tmp_path / "cache", tmp_path / "a", tmp_path / "b"
+
+    # 1. epoch 1 of 2 in a subprocess, exactly as a user runs the file
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, str(SCRIPT), *_args(fake, a, cache, "--stop-after", "1")],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    log = _log(a)
+    assert len(log) == 1 and KEYS <= set(log[0]) and log[0]["epoch"] == 1
+    assert log[0]["lr"] == pytest.approx(0.1)
+    last = torch.load(a / "last.pt", weights_only=True)
+    assert last["epoch"] == 1 and {"model", "optimizer", "scheduler", "rng", "args"} <= set(last)
+    assert last["args"]["model"] == "_cifar_tiny:tiny" and last["args"]["epochs"] == 2
+    assert (a / "best.pt").exists() and not (a / "final.pt").exists()
+
+    # 2. resume: only --out/--resume needed; the run's own settings come from last.pt
+    assert cifar.main(["train", "--out", str(a), "--resume", "--cache-dir", str(cache),
+                       "--no-progress", "--threads", "1"]) == 0
+    log = _log(a)
+    assert [r["epoch"] for r in log] == [1, 2]
+    assert 0 < log[1]["lr"] < log[0]["lr"]  # cosine schedule continued, not restarted
+    final = torch.load(a / "final.pt", weights_only=True)
+    assert final["model_name"] == "_cifar_tiny:tiny" and final["epoch"] == 2
+    assert final["top1"] == log[1]["test_acc"] and "command" in final
+
+    # 3. ... and is exactly the run that was never interrupted
+    assert cifar.main(_args(fake, b, cache)) == 0
+    assert [r["train_loss"] for r in _log(b)] == [r["train_loss"] for r in log]
+    ref = torch.load(b / "final.pt", weights_only=True)["model"]
+    assert all(torch.equal(ref[k], v) for k, v in final["model"].items())
+
+    # 4. mistakes are reported, not acted on
+    assert cifar.main(_args(fake, b, cache)) == 2  # the folder already holds a run
+    assert cifar.main([*_args(fake, b, cache, "--resume", "--lr", "0.5")]) == 2
+    assert "was started with other settings" in capsys.readouterr().err
+
+    # 5. fine-tune with feature decay logs the regularizer
+    ft = tmp_path / "ft"
+    assert cifar.main(["finetune", "--checkpoint", str(a / "final.pt"), "--feature-decay", "1e-3",
+                       "--data", str(fake), "--out", str(ft), "--cache-dir", str(cache), "--epochs", "1",
+                       "--batch-size", "32", "--no-progress", "--threads", "1"]) == 0
+    (rec,) = _log(ft)
+    assert rec["feature_decay"] > 0 and rec["lr"] == pytest.approx(0.01)
+    assert torch.load(ft / "final.pt", weights_only=True)["feature_decay"] == 1e-3
+
+    # 6. evaluate prints the checkpoint's top-1
+    capsys.readouterr()
+    assert cifar.main(["evaluate", "--checkpoint", str(a / "final.pt"), "--data", str(fake),
+                       "--cache-dir", str(cache), "--no-progress"]) == 0
+    assert f"{100 * final['top1']:.2f}%" in capsys.readouterr().out
