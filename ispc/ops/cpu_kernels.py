@@ -8,8 +8,9 @@ convolution becomes ``bias + W^T[kept]^T @ im2col(x[kept])`` -- one BLAS call th
 the kept part of the weight. It pays most where weights outweigh activations (deep layers with
 small feature maps, and 1x1 convolutions, which need no im2col at all).
 
-Strategies (``GatedConv2d.strategy``): ``"gather"`` (index_select + oneDNN conv, the generic
-kernel), ``"gemm"`` (the above), ``"dense"`` (ungated conv: for layers where gating does not pay).
+Strategies (``GatedConv2d.strategy``): ``"gather"`` (per instance: index_select + oneDNN conv),
+``"grouped"`` (whole batch: gather + one grouped conv with groups=N; per-instance for N=1) and
+``"gemm"`` (the above).
 """
 from __future__ import annotations
 
@@ -18,11 +19,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .gated_conv import (THRESHOLD, TOPK, _kept_all, channel_saliency, conv_out_size,
-                         gated_conv2d_fast)
+                         gated_conv2d_grouped, gated_conv2d_loop)
 
 __all__ = ["STRATEGIES", "prepare_weight", "kept_indices", "gated_conv2d_gemm", "run_strategy"]
 
-STRATEGIES = ("gather", "gemm")
+STRATEGIES = ("gather", "grouped", "gemm")
 
 
 def prepare_weight(weight: Tensor) -> Tensor:
@@ -81,7 +82,8 @@ def run_strategy(strategy: str, x: Tensor, weight: Tensor, weight_t: Tensor | No
     if strategy == "gemm" and weight_t is not None:
         return gated_conv2d_gemm(x, weight, weight_t, bias, scale, stride, padding, dilation, mode,
                                  threshold, k, saliency)
-    if strategy == "dense":
-        return F.conv2d(x, weight, bias, stride, padding, dilation)
-    return gated_conv2d_fast(x, weight, bias, scale, stride[0], stride[1], padding[0], padding[1],
+    if strategy == "grouped" and x.shape[0] > 1:
+        return gated_conv2d_grouped(x, weight, bias, scale, stride[0], stride[1], padding[0],
+                                    padding[1], dilation[0], dilation[1], mode, threshold, k, saliency)
+    return gated_conv2d_loop(x, weight, bias, scale, stride[0], stride[1], padding[0], padding[1],
                              dilation[0], dilation[1], mode, threshold, k, saliency)

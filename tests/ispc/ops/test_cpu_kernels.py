@@ -31,6 +31,6 @@ def test_run_strategy_all_agree():
     x, w, b = torch.randn(2, 16, 8, 8), torch.randn(8, 16, 3, 3), torch.randn(8)
     s = torch.ones(16)
     ref = gc.gated_conv2d_reference(x, w, b, s, 1, 1, 1, 1, 1, 1, gc.TOPK, 0.0, 8, 0)
-    for strat in ("gather", "gemm"):
+    for strat in ("gather", "grouped", "gemm"):
         out = run_strategy(strat, x, w, prepare_weight(w), b, s, (1, 1), (1, 1), (1, 1), gc.TOPK, 0.0, 8, 0)
         assert rel_err(out, ref) <= 1e-5
