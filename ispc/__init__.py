@@ -9,12 +9,15 @@ convolution (Liu et al., IJCAI 2019).
     >>> print(fast.report)
 """
 from . import ops  # registers torch.ops.ispc.*
+from . import backends, export, serialization
 from .api import BACKENDS, compile, inspect
 from .compiled import CompiledModel
 from .config import GatingConfig
 from .errors import (BackendUnavailableError, ConfigError, DataError, IspcError, TraceError,
                      UnsupportedModelError)
+from .export import export_program
 from .feature_decay import FeatureDecay
+from .serialization import ArchiveError, load, save
 from .modules import GatedConv2d
 from .report import LayerReport, Report
 
@@ -23,5 +26,6 @@ __version__ = "0.1.0"
 __all__ = [
     "compile", "inspect", "FeatureDecay", "GatingConfig", "Report", "LayerReport", "CompiledModel", "GatedConv2d",
     "IspcError", "ConfigError", "DataError", "TraceError", "UnsupportedModelError",
-    "BackendUnavailableError", "BACKENDS", "ops", "__version__",
+    "BackendUnavailableError", "ArchiveError", "BACKENDS", "ops", "backends", "export",
+    "serialization", "export_program", "save", "load", "__version__",
 ]

@@ -18,7 +18,7 @@ from .report import LayerReport, Report
 __all__ = ["compile", "inspect", "build_report", "BACKENDS"]
 
 #: backends ``ispc.compile`` accepts
-BACKENDS = ("eager", "inductor")
+BACKENDS = ("eager", "inductor", "tensorrt")
 
 
 def _check_config(config: Any) -> GatingConfig:
@@ -147,7 +147,9 @@ def compile(model: nn.Module, calibration_data: Any = None, *, config: GatingCon
             input, e.g. a DataLoader of (x, y)), or one N x C x H x W Tensor. Without it only topk
             gating at ``config.keep_ratio`` is possible and no layer ranking is done.
         config: a :class:`GatingConfig` (default: keep half the channels, threshold mode).
-        backend: ``"eager"`` (PyTorch kernels) or ``"inductor"`` (torch.compile of the gated graph).
+        backend: ``"eager"`` (PyTorch kernels), ``"inductor"`` (torch.compile of the gated graph) or
+            ``"tensorrt"`` (torch-tensorrt engine for the calibration batch shape; needs CUDA and
+            the ``[tensorrt]`` extra; unverified, see ``ispc.backends.tensorrt``).
         progress: show progress bars (default: when attached to a terminal).
 
     Returns:
@@ -155,6 +157,10 @@ def compile(model: nn.Module, calibration_data: Any = None, *, config: GatingCon
     """
     if backend not in BACKENDS:
         raise BackendUnavailableError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")
+    if backend == "tensorrt":  # fail fast, before calibrating, when TensorRT or CUDA is missing
+        from .backends.tensorrt import require_tensorrt
+
+        require_tensorrt()
     cfg = _check_config(config)
     work = _private_copy(_unwrap(model))
     state = _make_state(work, calibration_data, cfg, progress)
@@ -162,4 +168,14 @@ def compile(model: nn.Module, calibration_data: Any = None, *, config: GatingCon
     compiled = CompiledModel(gm, build_report(gm, state), cfg, backend=backend)
     if backend == "inductor":
         compiled.__dict__["_runner"] = torch.compile(gm, fullgraph=cfg.mode == "topk", dynamic=False)
+    elif backend == "tensorrt":
+        from .backends.tensorrt import compile_tensorrt
+
+        if state.example_inputs is None:
+            raise DataError("backend='tensorrt' needs calibration data: the engine is built for the "
+                            "shape of an example input")
+        # static batch: top-k layers gather only the kept channels (a dynamic batch would fall back
+        # to the masked-dense form and gain nothing)
+        compiled.__dict__["_runner"] = compile_tensorrt(compiled, state.example_inputs,
+                                                        dynamic_batch=False)
     return compiled

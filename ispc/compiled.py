@@ -32,7 +32,7 @@ class CompiledModel(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         runner = self.__dict__["_runner"]
-        return (runner or self.graph_module)(*args, **kwargs)
+        return (self.graph_module if runner is None else runner)(*args, **kwargs)
 
     def gated_modules(self) -> dict[str, GatedConv2d]:
         """The gated layers by qualified name."""

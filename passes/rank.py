@@ -30,6 +30,10 @@ def choose_threshold(sample: torch.Tensor, keep_ratio: float) -> float:
         return 0.0
     idx = min(int(math.floor((1.0 - keep_ratio) * v.numel())), v.numel() - 1)
     t = float(v[idx])
+    if idx > 0 and float(v[idx - 1]) < t:
+        # halfway to the next smaller value: the same calibration channels are kept, and an input
+        # that reproduces a calibration value exactly does not sit on the boundary
+        t = (float(v[idx - 1]) + t) / 2
     return t if t > 0 else float(torch.finfo(torch.float32).tiny)
 
 

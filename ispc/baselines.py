@@ -1,0 +1,224 @@
+"""Baselines ispc is measured against.
+
+:func:`static_prune` is the *static* channel-pruning baseline at equal MACs: every input uses the
+same input channels at a layer, namely those with the highest mean saliency on the calibration data
+(what a static pruner that looks at activations would keep). Comparing it with ispc at the same
+per-layer kept fractions shows what instance-wise (dynamic) gating buys over pruning once for all
+inputs.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, fx, nn
+
+from .compiled import CompiledModel
+from .config import GatingConfig
+from .errors import ConfigError, DataError
+from .observers import SaliencyStats
+from .report import Report
+
+__all__ = ["StaticConv2d", "StaticPrunedModel", "static_prune", "static_channels", "STATIC_NOTE"]
+
+#: the per-layer note of a statically pruned layer (in the report row's ``reason``)
+STATIC_NOTE = "static: same channels for every input"
+
+
+class StaticConv2d(nn.Module):
+    """A convolution that always reads the same subset ``index`` of its input channels.
+
+    Holds the (BatchNorm-folded) weight sliced to the kept input channels, ``(Cout, K, kh, kw)``;
+    ``forward(x) = conv2d(x.index_select(1, index), weight, bias)``, which equals the dense
+    convolution of ``x * m`` for the fixed 0/1 channel mask ``m`` (see :meth:`kept_mask`).
+    """
+
+    def __init__(self, weight: Tensor, bias: Tensor | None, index: Tensor, *,
+                 stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int]) -> None:
+        super().__init__()
+        if weight.dim() != 4:
+            raise ValueError("StaticConv2d needs a 4-d conv weight")
+        out_c, in_c = int(weight.shape[0]), int(weight.shape[1])
+        index = torch.as_tensor(index, dtype=torch.long).flatten().sort().values
+        if index.numel() == 0 or index.numel() > in_c or bool((index < 0).any()) or \
+                bool((index >= in_c).any()) or index.unique().numel() != index.numel():
+            raise ValueError(f"index must hold 1..{in_c} distinct channels in [0, {in_c})")
+        index = index.to(weight.device)
+        self.register_buffer("index", index)
+        self.weight = nn.Parameter(weight.detach().index_select(1, index).clone())
+        self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
+        self.stride = tuple(int(v) for v in stride)
+        self.padding = tuple(int(v) for v in padding)
+        self.dilation = tuple(int(v) for v in dilation)
+        self.in_channels, self.out_channels = in_c, out_c
+        self.full = index.numel() == in_c  # every channel kept: skip the gather
+
+    @property
+    def k(self) -> int:
+        """Input channels kept (the same for every input)."""
+        return int(self.index.numel())
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.full:
+            x = x.index_select(1, self.index)
+        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
+
+    def kept_mask(self, x: Tensor) -> Tensor:
+        """Which input channels each instance of ``x`` keeps (bool, N x C): the same row for all."""
+        m = torch.zeros(self.in_channels, dtype=torch.bool, device=x.device)
+        m[self.index.to(x.device)] = True
+        return m.expand(x.shape[0], -1)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={tuple(self.weight.shape[2:])}, "
+                f"stride={self.stride}, padding={self.padding}, kept={self.k} (static)")
+
+
+class StaticPrunedModel(CompiledModel):
+    """A :class:`CompiledModel` whose pruned layers are :class:`StaticConv2d` (see :func:`static_prune`).
+
+    :meth:`measure` counts the static layers too, so its ``mac_reduction`` and per-layer
+    ``kept_fraction`` are comparable with an ispc model's.
+    """
+
+    def static_modules(self) -> dict[str, StaticConv2d]:
+        """The statically pruned layers by qualified name."""
+        return {n: m for n, m in self.graph_module.named_modules() if isinstance(m, StaticConv2d)}
+
+    @torch.no_grad()
+    def measure(self, data: Any, *, progress: bool | None = None) -> dict[str, Any]:
+        statics = self.static_modules()
+        dense = torch.zeros((), dtype=torch.float64)
+        executed = torch.zeros((), dtype=torch.float64)
+
+        def hook(m: StaticConv2d, args: tuple, out: Tensor) -> None:
+            nonlocal dense, executed
+            kh, kw = m.weight.shape[2:]
+            per = int(out.shape[1] * out.shape[2] * out.shape[3] * m.in_channels * kh * kw)
+            dense += per * out.shape[0]
+            executed += per * out.shape[0] * (m.k / m.in_channels)
+
+        hooks = [m.register_forward_hook(hook) for m in statics.values()]
+        try:
+            res = super().measure(data, progress=progress)
+        finally:
+            for h in hooks:
+                h.remove()
+        n = res["samples"]
+        dense_per = res["dense_macs"] + float(dense) / n
+        exec_per = res["executed_macs"] + float(executed) / n
+        layers = dict(res["layers"])
+        for name, m in statics.items():
+            layers[name] = {"kept_mean": float(m.k), "kept_fraction": m.k / m.in_channels,
+                            "kept_p10": float(m.k), "kept_p90": float(m.k)}
+        return {**res, "dense_macs": dense_per, "executed_macs": exec_per,
+                "mac_reduction": 1.0 - exec_per / dense_per if dense_per else 0.0, "layers": layers}
+
+
+def static_channels(stats: SaliencyStats, k: int) -> Tensor:
+    """The ``k`` channels with the highest mean saliency (ties: lower index first), sorted."""
+    order = torch.argsort(-stats.mean.to(torch.float64), stable=True)
+    return order[:k].sort().values
+
+
+def _kept_count(fraction: float, channels: int) -> int:
+    return int(min(channels, max(1, math.floor(fraction * channels + 0.5))))
+
+
+def static_prune(model: nn.Module, calibration_data: Any, *,
+                 keep_fractions: dict[str, float] | None = None, config: GatingConfig | None = None,
+                 progress: bool | None = None) -> StaticPrunedModel:
+    """The static-pruning baseline: per layer, the same top-mean-saliency input channels for all inputs.
+
+    Runs ispc's analysis passes (trace, fold BatchNorm, find sites, calibrate, rank) on a copy of
+    ``model`` and replaces each pruned convolution by a :class:`StaticConv2d` that keeps the
+    ``round(fraction * C)`` input channels with the highest mean saliency on ``calibration_data``.
+
+    Args:
+        model: the trained model (never modified).
+        calibration_data: as for :func:`ispc.compile`; required (the channels are chosen from it).
+        keep_fractions: layer name -> fraction of input channels to keep, e.g. the per-layer
+            ``kept_fraction`` of an ispc model's ``measure()``, to compare at the same MACs. Only the
+            layers named are pruned. Default: ``config.keep_ratio`` on every layer ispc would gate.
+        config: a :class:`GatingConfig`; its layer selection (``min_channels``, ``include``,
+            ``exclude``, ``min_cv``, ``gate_fraction``) and ``saliency`` apply. Its ``mode`` does not.
+        progress: show progress bars.
+
+    Returns:
+        a :class:`StaticPrunedModel` (an :class:`ispc.CompiledModel`) whose report marks each pruned
+        layer ``gated`` with ``k`` kept channels and the note :data:`STATIC_NOTE`.
+    """
+    from .api import _check_config, _make_state, _private_copy, _unwrap, build_report
+    from .passes import ANALYSIS_PIPELINE, ispc_meta, resolve_padding, run_passes
+
+    cfg = _check_config(config)
+    if calibration_data is None:
+        raise DataError("static_prune needs calibration_data: the kept channels are those with the "
+                        "highest mean saliency on it")
+    if keep_fractions is not None:
+        bad = {k: v for k, v in keep_fractions.items()
+               if not isinstance(v, (int, float)) or not 0.0 < float(v) <= 1.0}
+        if bad:
+            raise ConfigError(f"keep_fractions must be in (0, 1], got {bad}")
+    work = _private_copy(_unwrap(model))
+    state = _make_state(work, calibration_data, cfg, progress)
+    gm: fx.GraphModule = run_passes(work, state, ANALYSIS_PIPELINE)
+
+    candidates = {}
+    for node in gm.graph.nodes:
+        layer = ispc_meta(node).get("layer")
+        if layer and layer.get("candidate") and node.op == "call_module":
+            candidates[layer["name"]] = node
+    if keep_fractions is None:
+        plan = {name: cfg.keep_ratio for name, node in candidates.items()
+                if ispc_meta(node).get("gate", {}).get("gated")}
+    else:
+        unknown = sorted(set(keep_fractions) - set(candidates))
+        if unknown:
+            raise ConfigError(f"keep_fractions names layers that cannot be pruned: {unknown[:5]}; "
+                              f"candidates are: {sorted(candidates)[:10]}")
+        plan = {name: float(f) for name, f in keep_fractions.items()}
+
+    kept: dict[str, int] = {}
+    for name, frac in plan.items():
+        node = candidates[name]
+        conv: nn.Conv2d = gm.get_submodule(node.target)
+        stats: SaliencyStats = ispc_meta(node)["stats"]
+        k = _kept_count(frac, conv.in_channels)
+        static = StaticConv2d(conv.weight, conv.bias, static_channels(stats, k), stride=conv.stride,
+                              padding=resolve_padding(conv), dilation=conv.dilation)
+        static.to(conv.weight.device)
+        parent, _, attr = node.target.rpartition(".")
+        setattr(gm.get_submodule(parent) if parent else gm, attr, static)
+        kept[name] = k
+    gm.recompile()
+
+    report = _static_report(build_report(gm, state), kept)
+    return StaticPrunedModel(gm, report, cfg, backend="eager")
+
+
+def _static_report(report: Report, kept: dict[str, int]) -> Report:
+    """Mark the statically pruned rows and recompute the summary's MACs."""
+    for row in report.layers:
+        if row.name in kept:
+            k = kept[row.name]
+            row.gated, row.k, row.threshold = True, k, None
+            row.kept_mean = row.kept_p10 = row.kept_p90 = float(k)
+            row.reason = STATIC_NOTE
+        elif row.gated:
+            row.gated = False
+            row.threshold = row.k = row.kept_mean = row.kept_p10 = row.kept_p90 = None
+            row.reason = "not in keep_fractions (static baseline)"
+        if row.macs is not None:
+            row.expected_macs = row.macs * (row.kept_fraction if row.gated else 1.0)
+    s = report.summary
+    s["method"] = s["mode"] = "static"
+    s["layers_gated"] = sum(r.gated for r in report.layers)
+    if s.get("dense_macs"):
+        s["expected_macs"] = sum(r.expected_macs for r in report.layers)
+        s["mac_reduction"] = 1.0 - s["expected_macs"] / s["dense_macs"]
+    report.notes.insert(0, "static pruning baseline: each pruned layer keeps the same input channels "
+                           "(highest mean saliency on the calibration data) for every input")
+    return report

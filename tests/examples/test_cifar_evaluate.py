@@ -1,0 +1,119 @@
+"""``examples/cifar.py evaluate``: ispc vs static pruning on a tiny fake CIFAR folder."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("PIL")
+pytest.importorskip("matplotlib")
+from PIL import Image  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = REPO / "examples" / "cifar.py"
+HERE = Path(__file__).resolve().parent
+CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+POINT_KEYS = {"method", "mode", "keep_ratio", "top1", "mac_reduction", "speedup_b1"}
+
+
+@pytest.fixture(scope="module")
+def cifar():
+    spec = importlib.util.spec_from_file_location("ispc_cifar_script_eval", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if str(HERE) not in sys.path:
+        sys.path.insert(0, str(HERE))
+    threads = torch.get_num_threads()
+    yield module
+    torch.set_num_threads(threads)  # main(--threads) changes the process-wide setting
+
+
+@pytest.fixture(scope="module")
+def fake(tmp_path_factory) -> Path:
+    """8 train and 4 test images per class."""
+    root = tmp_path_factory.mktemp("fakecifar_eval")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 8), ("test", 4)):
+        for k, cls in enumerate(CLASSES):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(n):
+                arr = rng.integers(0, 60, (32, 32, 3)) + 18 * k
+                Image.fromarray(arr.astype(np.uint8)).save(root / split / cls / f"{i:04d}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def checkpoint(cifar, tmp_path_factory) -> Path:
+    """A checkpoint in the format the script writes (untrained weights, non-trivial BN)."""
+    torch.manual_seed(0)
+    model = cifar.build_model("_cifar_tiny_eval:tiny")
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 1.5)
+    path = tmp_path_factory.mktemp("ckpt") / "final.pt"
+    torch.save({"model": model.state_dict(), "model_name": "_cifar_tiny_eval:tiny", "num_classes": 10,
+                "top1": 0.1, "epoch": 1}, path)
+    return path
+
+
+def test_evaluate_writes_matched_static_and_ispc_points(cifar, fake: Path, checkpoint: Path,
+                                                        tmp_path: Path, capsys) -> None:
+    out, png = tmp_path / "eval.json", tmp_path / "eval.png"
+    assert cifar.main(["evaluate", "--checkpoint", str(checkpoint), "--data", str(fake),
+                       "--cache-dir", str(tmp_path / "cache"), "--json", str(out), "--plot", str(png),
+                       "--keep-ratios", "0.5", "0.7", "--speed-rounds", "2", "--cv-images", "16",
+                       "--calibration-size", "48", "--limit", "32", "--batch-size", "16",
+                       "--no-progress", "--threads", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "dense test top-1" in printed and "static" in printed and "Spearman" in printed
+
+    res = json.loads(out.read_text())
+    assert {"model", "checkpoint", "dense_top1", "top1_unit", "points", "cv_check"} <= set(res)
+    assert res["model"] == "_cifar_tiny_eval:tiny" and res["checkpoint"] == str(checkpoint)
+    assert res["top1_unit"] == "fraction" and 0.0 <= res["dense_top1"] <= 1.0
+    assert res["test_images"] == 32 and res["calibration_images"] == 48
+    points = res["points"]
+    for p in points:
+        assert POINT_KEYS <= set(p)
+        assert 0.0 <= p["top1"] <= 1.0 and p["speedup_b1"] > 0 and p["mac_reduction"] < 1.0
+    grid = {(p["method"], p["mode"], p["keep_ratio"]) for p in points}
+    assert grid == {(m, "threshold", r) for m in ("ispc", "static") for r in (0.5, 0.7)} | \
+        {("ispc", "topk", r) for r in (0.5, 0.7)}
+    for r in (0.5, 0.7):
+        ours = next(p for p in points if p["method"] == "ispc" and p["mode"] == "threshold"
+                    and p["keep_ratio"] == r)
+        static = next(p for p in points if p["method"] == "static" and p["keep_ratio"] == r)
+        assert ours["mac_reduction"] > 0.05
+        assert static["mac_reduction"] == pytest.approx(ours["mac_reduction"], abs=0.02)
+
+    check = res["cv_check"]
+    assert check["mode"] == "threshold" and check["keep_ratio"] == 0.5 and check["images"] == 16
+    assert [r["layer"] for r in check["layers"]] == ["3", "6", "9"]
+    for r in check["layers"]:
+        assert r["cv"] > 0 and r["static_error"] >= 0 and r["dynamic_error_dense"] >= 0
+    assert check["spearman"] is None or -1.0 <= check["spearman"] <= 1.0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_evaluate_default_checkpoint_and_spearman(cifar, fake: Path, checkpoint: Path,
+                                                  tmp_path: Path, monkeypatch, capsys) -> None:
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "resnet20_dense.pt").write_bytes(checkpoint.read_bytes())
+    monkeypatch.chdir(tmp_path)
+    assert cifar._default_checkpoint().endswith("resnet20_dense.pt")
+    (tmp_path / "checkpoints" / "resnet20_fd.pt").write_bytes(checkpoint.read_bytes())
+    assert cifar._default_checkpoint().endswith("resnet20_fd.pt")
+    assert cifar.main(["evaluate", "--data", str(fake), "--cache-dir", str(tmp_path / "cache"),
+                       "--dense-only", "--no-progress", "--threads", "1"]) == 0
+    assert "resnet20_fd.pt: dense test top-1" in capsys.readouterr().out
+
+    assert cifar.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert cifar.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert cifar.spearman([1, 2, 2, 3], [1, 2, 2, 3]) == pytest.approx(1.0)
+    assert cifar.spearman([1, 2], [1, 2]) is None and cifar.spearman([1, 1, 1], [1, 2, 3]) is None

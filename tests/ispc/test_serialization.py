@@ -1,0 +1,183 @@
+"""ispc.serialization: a safe save/load round trip (no arbitrary unpickling), fresh process too."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import zipfile
+
+import pytest
+import torch
+from torch import fx, nn
+
+import ispc
+from conftest import rel_err
+from ispc.serialization import ArchiveError, load, save
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 24, 3, padding=1), nn.BatchNorm2d(24), nn.ReLU())
+        self.body = nn.Sequential(nn.Conv2d(24, 24, 3, padding=1), nn.BatchNorm2d(24), nn.ReLU())
+        self.down = nn.Conv2d(24, 32, 3, stride=2, padding=1)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x + self.body(x)
+        x = torch.relu(self.down(x))
+        return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+@pytest.fixture(scope="module", params=["topk", "threshold"])
+def saved(request, tmp_path_factory):
+    torch.manual_seed(0)
+    data = [torch.randn(8, 3, 16, 16) for _ in range(2)]
+    cfg = ispc.GatingConfig(keep_ratio=0.5, mode=request.param)
+    compiled = ispc.compile(Net().eval(), data, config=cfg, progress=False)
+    path = tmp_path_factory.mktemp("ser") / f"model_{request.param}.ispc"
+    save(compiled, path)
+    return compiled, path, data
+
+
+def test_round_trip_equal_any_batch(saved):
+    compiled, path, _ = saved
+    loaded = load(path)
+    assert isinstance(loaded, ispc.CompiledModel)
+    assert isinstance(loaded.graph_module, fx.GraphModule)
+    with torch.no_grad():
+        for n in (1, 5):
+            x = torch.randn(n, 3, 16, 16)
+            assert rel_err(loaded(x), compiled(x)) < 1e-6
+
+
+def test_report_config_and_modules_survive(saved):
+    compiled, path, data = saved
+    loaded = load(path)
+    assert loaded.report.to_dict() == compiled.report.to_dict()
+    assert loaded.config == compiled.config
+    assert loaded.backend == compiled.backend
+    gated, orig = loaded.gated_modules(), compiled.gated_modules()
+    assert sorted(gated) == sorted(orig)  # same qualified names as the report's layers
+    for name, m in gated.items():
+        assert isinstance(m, ispc.GatedConv2d)
+        assert (m.mode, m.k, m.stride, m.padding) == (orig[name].mode, orig[name].k,
+                                                        orig[name].stride, orig[name].padding)
+        assert m.threshold == orig[name].threshold
+        if hasattr(m, "strategy"):  # the eager CPU kernel chosen at compile time
+            assert m.strategy == orig[name].strategy
+        assert torch.equal(m.weight, orig[name].weight) and torch.equal(m.scale, orig[name].scale)
+    # plain convs / linears come back as modules too, so measure() counts the same MACs
+    kinds = {type(m) for m in loaded.graph_module.modules()}
+    assert nn.Conv2d in kinds and nn.Linear in kinds
+    got, want = loaded.measure(data, progress=False), compiled.measure(data, progress=False)
+    assert got["dense_macs"] == pytest.approx(want["dense_macs"])
+    assert got["executed_macs"] == pytest.approx(want["executed_macs"])
+
+
+def test_archive_holds_json_and_weights_only(saved):
+    _, path, _ = saved
+    with zipfile.ZipFile(path) as zf:
+        assert sorted(zf.namelist()) == ["manifest.json", "weights.pt"]
+        manifest = json.loads(zf.read("manifest.json"))
+        weights = torch.load(io.BytesIO(zf.read("weights.pt")), weights_only=True)
+    targets = {n["target"] for n in manifest["program"]["nodes"]}
+    assert "ispc::gated_conv2d.default" in targets
+    assert all(isinstance(v, torch.Tensor) for v in weights.values())
+
+
+def test_load_in_fresh_process(saved, tmp_path):
+    compiled, path, _ = saved
+    x = torch.randn(3, 3, 16, 16)
+    torch.save(x, tmp_path / "x.pt")
+    code = (
+        "import sys, torch, ispc.serialization as s\n"
+        "m = s.load(sys.argv[1])\n"
+        "x = torch.load(sys.argv[2], weights_only=True)\n"
+        "with torch.no_grad():\n"
+        "    torch.save(m(x), sys.argv[3])\n"
+        "print(len(m.gated_modules()), m.config.mode)\n")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-c", code, str(path), str(tmp_path / "x.pt"),
+                          str(tmp_path / "y.pt")], capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == [str(len(compiled.gated_modules())), compiled.config.mode]
+    y = torch.load(tmp_path / "y.pt", weights_only=True)
+    with torch.no_grad():
+        assert rel_err(y, compiled(x)) < 1e-6
+
+
+def test_leaf_modules_dropped_with_note(saved, tmp_path):
+    compiled, _, _ = saved
+    with_leaf = ispc.CompiledModel(compiled.graph_module, compiled.report,
+                                   compiled.config.replace(leaf_modules=(nn.ReLU,)))
+    path = save(with_leaf, tmp_path / "leaf.ispc")
+    loaded = load(path)
+    assert loaded.config.leaf_modules == ()
+    assert loaded.config == compiled.config.replace(leaf_modules=())
+    assert any("torch.nn.modules.activation.ReLU" in n for n in loaded.report.notes)
+
+
+def _rewrite(src, dst, *, manifest=None, weights=None):
+    with zipfile.ZipFile(src) as zf:
+        m = json.loads(zf.read("manifest.json"))
+        w = zf.read("weights.pt")
+    if manifest is not None:
+        manifest(m)
+    with zipfile.ZipFile(dst, "w") as zf:
+        zf.writestr("manifest.json", json.dumps(m))
+        zf.writestr("weights.pt", w if weights is None else weights)
+    return dst
+
+
+@pytest.mark.parametrize("target", ["py:os.system", "py:builtins.eval", "os::system.default",
+                                    "aten::__class__.default", "nosuchns::op.default"])
+def test_refuses_unknown_callables(saved, tmp_path, target):
+    _, path, _ = saved
+
+    def edit(m):
+        m["program"]["nodes"][0]["target"] = target
+
+    bad = _rewrite(path, tmp_path / "bad.ispc", manifest=edit)
+    with pytest.raises(ArchiveError):
+        load(bad)
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.mkdir, (os.environ["ISPC_EVIL_DIR"],))
+
+
+def test_refuses_pickled_objects_in_weights(saved, tmp_path, monkeypatch):
+    _, path, _ = saved
+    marker = tmp_path / "pwned"
+    monkeypatch.setenv("ISPC_EVIL_DIR", str(marker))
+    buf = io.BytesIO()
+    torch.save({"stem.0.weight": _Evil()}, buf)
+    bad = _rewrite(path, tmp_path / "evil.ispc", weights=buf.getvalue())
+    with pytest.raises(ArchiveError):
+        load(bad)
+    assert not marker.exists()
+
+
+def test_refuses_non_archives(tmp_path):
+    p = tmp_path / "junk.ispc"
+    p.write_bytes(b"not a zip")
+    with pytest.raises(ArchiveError):
+        load(p)
+    with zipfile.ZipFile(tmp_path / "other.ispc", "w") as zf:
+        zf.writestr("manifest.json", json.dumps({"format": "something-else"}))
+        zf.writestr("weights.pt", b"")
+    with pytest.raises(ArchiveError):
+        load(tmp_path / "other.ispc")
+
+
+def test_save_needs_example_without_recorded_shape():
+    m = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 8, 3)).eval()
+    compiled = ispc.compile(m, config=ispc.GatingConfig(mode="topk"), progress=False)
+    with pytest.raises(ValueError, match="example_inputs"):
+        save(compiled, "/nonexistent/never-written.ispc")
