@@ -9,7 +9,15 @@ because each epoch's data order depends only on (seed, epoch).
         --epochs 40 --out runs/resnet20_dense
     python examples/cifar.py finetune --checkpoint runs/resnet20_dense/best.pt \\
         --feature-decay 1e-4 --epochs 10 --data ... --out runs/resnet20_fd
-    python examples/cifar.py evaluate --checkpoint runs/resnet20_fd/final.pt --data ...
+    python examples/cifar.py evaluate --checkpoint runs/resnet20_fd/final.pt --data ... \
+        --json eval.json --plot eval.png [--keep-ratios 0.3 0.5 0.7] [--modes threshold topk]
+
+``evaluate`` measures the dense top-1, then ispc (calibrated on training images only) at each mode
+and keep ratio, and for each threshold-mode point the static-pruning baseline
+(:func:`ispc.baselines.static_prune`) at the same per-layer kept fractions: top-1, MAC reduction
+actually executed on the test images, and batch-1 speed-up against the dense model. It also checks
+per layer whether the CV ranks the layers where a static mask changes the output most
+(``cv_check`` in the JSON).
 
 Also runnable as ``python -m ispc.examples.cifar`` once ispc is installed. Accuracies are
 fractions in [0, 1] in files and return values.
@@ -47,7 +55,11 @@ __all__ = [
     "evaluate_top1",
     "load_checkpoint",
     "main",
+    "plot_sweep",
     "resolve_device",
+    "sparsity_sweep",
+    "spearman",
+    "static_error_check",
 ]
 
 # Options that shape the training trajectory: a resumed run must use the values it started with.
@@ -332,13 +344,270 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     return _fit(args, _FINETUNE_DEFAULTS)
 
 
+# --------------------------------------------------------------------------------------------------
+# Evaluation of ispc against dense and static pruning
+# --------------------------------------------------------------------------------------------------
+
+#: where ``evaluate`` looks for a checkpoint when none is given (fine-tuned first, then dense)
+DEFAULT_CHECKPOINTS = ("checkpoints/resnet20_fd.pt", "checkpoints/resnet20_dense.pt")
+#: the layer-level check of the CV rationale runs at the threshold point nearest this keep ratio
+CV_CHECK_KEEP = 0.5
+
+
+def _default_checkpoint() -> str:
+    """``checkpoints/resnet20_fd.pt`` if it exists, else ``checkpoints/resnet20_dense.pt``
+    (looked up in the working directory, then in the checkout holding this script)."""
+    roots = [Path.cwd(), Path(__file__).resolve().parents[1]]
+    for rel in DEFAULT_CHECKPOINTS:
+        for root in roots:
+            if (root / rel).is_file():
+                return str(root / rel)
+    return DEFAULT_CHECKPOINTS[-1]
+
+
+def _subset_loader(data: CIFAR10, split: str, n: int | None, *, batch_size: int,
+                   device: torch.device, seed: int = 0) -> Any:
+    """Batches of ``n`` images of ``split`` (all when ``n`` is None), without augmentation.
+
+    The stored splits are sorted by class, so a subset is the first ``n`` of a fixed
+    (``seed``-determined) shuffle: every class is represented, and runs are reproducible.
+    """
+    from ispc.datasets import CIFAR10Loader
+
+    x, y = data.arrays(split)
+    x, y = torch.from_numpy(x), torch.from_numpy(y)
+    if n is not None and n < x.shape[0]:
+        idx = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))[:n].sort().values
+        x, y = x[idx], y[idx]
+    return CIFAR10Loader(x, y, batch_size=batch_size, train=False, shuffle=False, seed=seed,
+                         device=device, drop_last=False, mean=data.mean, std=data.std)
+
+
+def spearman(a: list[float], b: list[float]) -> float | None:
+    """Spearman rank correlation (ties get average ranks); None for fewer than 3 pairs or a
+    constant input."""
+    if len(a) != len(b) or len(a) < 3:
+        return None
+
+    def ranks(v: list[float]) -> torch.Tensor:
+        t = torch.tensor(v, dtype=torch.float64)
+        order = torch.argsort(t, stable=True)
+        r = torch.empty_like(t)
+        r[order] = torch.arange(len(v), dtype=torch.float64)
+        for value in t.unique():  # average ranks of ties
+            tie = t == value
+            r[tie] = r[tie].mean()
+        return r
+
+    ra, rb = ranks(a), ranks(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    denom = float(ra.norm() * rb.norm())
+    return float((ra * rb).sum()) / denom if denom > 0 else None
+
+
+@torch.no_grad()
+def static_error_check(compiled: nn.Module, static: nn.Module, loader: Iterable[Any], *,
+                       images: int = 256, progress: bool = True) -> dict[str, Any]:
+    """Per gated layer: its CV and how much the static mask changes the layer's output.
+
+    For every gated layer of ``compiled`` that ``static`` prunes too, a hook compares on the same
+    input ``x`` the layer's output ``module(x)`` (dynamic, per-input mask) with the convolution of
+    ``x`` under the static model's fixed mask: ``static_error`` is the mean over images of
+    ``||y_static - y_dynamic|| / ||y_dynamic||``. Also recorded against the dense output of the same
+    ``x``: ``static_error_dense`` and ``dynamic_error_dense``. The Spearman correlation of CV with
+    ``static_error`` (``spearman``) tests the rationale "high CV => static pruning loses more".
+    """
+    from ispc.modules import GatedConv2d
+
+    gated = {n: m for n, m in compiled.graph_module.named_modules() if isinstance(m, GatedConv2d)}
+    statics = static.static_modules()
+    names = [n for n in gated if n in statics]
+    sums = {n: torch.zeros(3, dtype=torch.float64) for n in names}
+
+    def rel(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return ((a - b).flatten(1).norm(dim=1) / b.flatten(1).norm(dim=1).clamp_min(1e-12)).double()
+
+    def hook(m: GatedConv2d, args: tuple, out: torch.Tensor, name: str) -> None:
+        x = args[0]
+        mask = torch.zeros(m.in_channels, dtype=x.dtype, device=x.device)
+        mask[statics[name].index.to(x.device)] = 1
+        conv = lambda inp: F.conv2d(inp, m.weight, m.bias, m.stride, m.padding, m.dilation)  # noqa: E731
+        y_static, y_dense = conv(x * mask.view(1, -1, 1, 1)), conv(x)
+        sums[name] += torch.stack([rel(y_static, out).sum(), rel(y_static, y_dense).sum(),
+                                   rel(out, y_dense).sum()]).cpu()
+
+    hooks = [gated[n].register_forward_hook(lambda mod, a, o, n=n: hook(mod, a, o, n)) for n in names]
+    seen = 0
+    try:
+        for batch in _progress(loader, desc="cv check", total=None, enabled=progress):
+            x = batch[0] if isinstance(batch, (tuple, list)) else batch
+            x = x[:images - seen]
+            compiled(x)
+            seen += int(x.shape[0])
+            if seen >= images:
+                break
+    finally:
+        for h in hooks:
+            h.remove()
+    rows = []
+    for n in names:
+        s = (sums[n] / max(seen, 1)).tolist()
+        rows.append({"layer": n, "cv": compiled.report.layer(n).cv, "static_error": s[0],
+                     "static_error_dense": s[1], "dynamic_error_dense": s[2]})
+    cvs = [r["cv"] for r in rows]
+    return {
+        "images": seen,
+        "metric": "static_error = mean over images of ||conv(x * static_mask) - gated_conv(x)|| / "
+                  "||gated_conv(x)|| at each gated layer's actual input x (l2 over the output tensor)",
+        "layers": rows,
+        "spearman": spearman(cvs, [r["static_error"] for r in rows]),
+        "spearman_excess": spearman(cvs, [r["static_error_dense"] - r["dynamic_error_dense"]
+                                          for r in rows]),
+    }
+
+
+def _speedup_b1(model: nn.Module, candidate: nn.Module, rounds: int, progress: bool) -> float:
+    from ispc.benchmark import benchmark
+
+    return float(benchmark(model, candidate, (3, 32, 32), batch_sizes=(1,), rounds=rounds,
+                           progress=progress)[0].realized_speedup)
+
+
+def sparsity_sweep(model: nn.Module, calibration: Iterable[Any], test: Iterable[Any], *,
+                   keep_ratios: Iterable[float] = (0.3, 0.4, 0.5, 0.6, 0.7),
+                   modes: Iterable[str] = ("threshold", "topk"), speed_rounds: int = 20,
+                   cv_images: int = 256, progress: bool = True) -> dict[str, Any]:
+    """ispc at each (mode, keep ratio), and static pruning matched to each threshold-mode point.
+
+    Every point: top-1 (fraction) on ``test``, ``mac_reduction`` from MACs actually executed on
+    ``test`` against dense, and the realized batch-1 speed-up against the BN-folded dense model.
+    Static points keep, per layer, the same fraction of channels the ispc point kept on average
+    on ``test`` (from ``measure()``), so both run at (nearly) the same MACs.
+    """
+    import ispc
+    from ispc.baselines import static_prune
+
+    keep_ratios, modes = [float(r) for r in keep_ratios], list(modes)
+    grid = [(m, r) for m in modes for r in keep_ratios]
+    thr = [r for m, r in grid if m == "threshold"]
+    check_at = min(thr, key=lambda r: (abs(r - CV_CHECK_KEEP), r)) if thr else None
+    points: list[dict[str, Any]] = []
+    cv_check: dict[str, Any] | None = None
+    for mode, ratio in _progress(grid, desc="ispc vs static", total=len(grid), enabled=progress):
+        cfg = ispc.GatingConfig(keep_ratio=ratio, mode=mode)
+        fast = ispc.compile(model, calibration, config=cfg, progress=progress).eval()
+        measured = fast.measure(test, progress=progress)
+        points.append({"method": "ispc", "mode": mode, "keep_ratio": ratio,
+                       "top1": evaluate_top1(fast, test), "mac_reduction": measured["mac_reduction"],
+                       "speedup_b1": _speedup_b1(model, fast, speed_rounds, progress)})
+        if mode != "threshold":
+            continue
+        fractions = {n: v["kept_fraction"] for n, v in measured["layers"].items()}
+        static = static_prune(model, calibration, keep_fractions=fractions, config=cfg,
+                              progress=progress).eval()
+        points.append({"method": "static", "mode": mode, "keep_ratio": ratio,
+                       "top1": evaluate_top1(static, test),
+                       "mac_reduction": static.measure(test, progress=progress)["mac_reduction"],
+                       "speedup_b1": _speedup_b1(model, static, speed_rounds, progress)})
+        if ratio == check_at:
+            cv_check = {"mode": mode, "keep_ratio": ratio,
+                        **static_error_check(fast, static, test, images=cv_images, progress=progress)}
+    return {"points": points, "cv_check": cv_check}
+
+
+def plot_sweep(result: dict[str, Any], path: str | os.PathLike[str]) -> Path:
+    """Top-1 against MAC reduction: ispc and static curves per mode, dense as a horizontal line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scale = 100.0 if result.get("top1_unit", "fraction") == "fraction" else 1.0
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    colors = {"threshold": "#2b6cb0", "topk": "#c05621"}
+    for mode in dict.fromkeys(p["mode"] for p in result["points"]):
+        for method, style, marker in (("ispc", "-", "o"), ("static", "--", "s")):
+            pts = sorted((p for p in result["points"] if p["mode"] == mode and p["method"] == method),
+                         key=lambda p: p["mac_reduction"])
+            if pts:
+                ax.plot([100 * p["mac_reduction"] for p in pts], [scale * p["top1"] for p in pts],
+                        linestyle=style, marker=marker, color=colors.get(mode),
+                        label=f"{method} ({mode})" if method == "ispc" else f"static (matched to {mode})")
+    ax.axhline(scale * result["dense_top1"], color="black", linewidth=1, linestyle=":",
+               label=f"dense ({scale * result['dense_top1']:.2f}%)")
+    ax.set_xlabel("MAC reduction executed on the test images (%)")
+    ax.set_ylabel("test top-1 (%)")
+    ax.set_title(f"{result.get('model', '')}: instance-wise (ispc) vs static pruning")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _sweep_tables(result: dict[str, Any]) -> str:
+    from tabulate import tabulate
+
+    rows = [[p["method"], p["mode"], f"{p['keep_ratio']:g}", f"{100 * p['top1']:.2f}",
+             f"{100 * (p['top1'] - result['dense_top1']):+.2f}", f"{100 * p['mac_reduction']:.1f}%",
+             f"{p['speedup_b1']:.2f}x"] for p in result["points"]]
+    text = tabulate(rows, headers=["method", "mode", "keep", "top-1 %", "vs dense", "MAC cut",
+                                   "speed-up b1"], tablefmt="simple", disable_numparse=True)
+    check = result.get("cv_check")
+    if check:
+        rows = [[r["layer"], f"{r['cv']:.3f}" if r["cv"] is not None else "-",
+                 f"{r['static_error']:.4f}", f"{r['static_error_dense']:.4f}",
+                 f"{r['dynamic_error_dense']:.4f}"] for r in check["layers"]]
+        rho = check["spearman"]
+        text += (f"\n\nCV check at {check['mode']} keep {check['keep_ratio']:g} on {check['images']} "
+                 "images (rel. output error of each gated layer)\n"
+                 + tabulate(rows, headers=["layer", "CV", "static vs dynamic", "static vs dense",
+                                           "dynamic vs dense"], tablefmt="simple", disable_numparse=True)
+                 + f"\nSpearman(CV, static vs dynamic error) = "
+                 + (f"{rho:+.3f}" if rho is not None else "n/a (fewer than 3 layers)"))
+    return text
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
-    model, meta = load_checkpoint(args.checkpoint, device=device)
+    checkpoint = args.checkpoint or _default_checkpoint()
+    model, meta = load_checkpoint(checkpoint, device=device)
+    model.eval()
     data = CIFAR10(args.data, cache_dir=args.cache_dir, progress=args.progress)
-    loader = data.loader("test", batch_size=args.batch_size, device=device)
-    top1 = evaluate_top1(model, loader)
-    print(f"{meta['model_name']} {args.checkpoint}: dense test top-1 {100 * top1:.2f}%")
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError(f"--limit must be >= 1, got {args.limit}")
+    if args.calibration_size < 1:
+        raise ConfigError(f"--calibration-size must be >= 1, got {args.calibration_size}")
+    test = _subset_loader(data, "test", args.limit, batch_size=args.batch_size, device=device)
+    top1 = evaluate_top1(model, test)
+    print(f"{meta['model_name']} {checkpoint}: dense test top-1 {100 * top1:.2f}% "
+          f"({test.images.shape[0]} test images)", flush=True)
+    if args.dense_only:
+        return 0
+    bad = [r for r in args.keep_ratios if not 0.0 < r <= 1.0]
+    if bad:
+        raise ConfigError(f"--keep-ratios must be in (0, 1], got {bad}")
+    calibration = _subset_loader(data, "train", args.calibration_size, batch_size=args.batch_size,
+                                 device=device)
+    sweep = sparsity_sweep(model, calibration, test, keep_ratios=args.keep_ratios, modes=args.modes,
+                           speed_rounds=args.speed_rounds, cv_images=args.cv_images,
+                           progress=args.progress)
+    result = {"model": meta["model_name"], "checkpoint": str(checkpoint), "top1_unit": "fraction",
+              "dense_top1": top1, "test_images": int(test.images.shape[0]),
+              "calibration_images": int(calibration.images.shape[0]),
+              "calibration": "train split, first --calibration-size images of a fixed shuffle "
+                             "(seed 0), no augmentation",
+              "threads": torch.get_num_threads(), "device": str(device), **sweep}
+    print(_sweep_tables(result))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    if args.plot:
+        print(f"wrote {plot_sweep(result, args.plot)}")
     return 0
 
 
@@ -392,9 +661,25 @@ def build_parser() -> argparse.ArgumentParser:
     _fit_options(p, _FINETUNE_DEFAULTS)
     p.set_defaults(func=_cmd_finetune, model=None)
 
-    p = sub.add_parser("evaluate", help="dense test top-1 of a checkpoint")
-    p.add_argument("--checkpoint", required=True)
+    p = sub.add_parser("evaluate", help="dense test top-1, then ispc vs static pruning at several "
+                                        "keep ratios (top-1, MAC reduction, batch-1 speed-up)")
+    p.add_argument("--checkpoint", default=None,
+                   help=f"best.pt/final.pt of a run (default {DEFAULT_CHECKPOINTS[0]} if it exists, "
+                        f"else {DEFAULT_CHECKPOINTS[1]})")
     p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--json", default=None, metavar="OUT", help="write the results as JSON here")
+    p.add_argument("--plot", default=None, metavar="OUT.png",
+                   help="save accuracy vs MAC reduction here (needs matplotlib)")
+    p.add_argument("--keep-ratios", type=float, nargs="+", default=[0.3, 0.4, 0.5, 0.6, 0.7])
+    p.add_argument("--modes", nargs="+", choices=("threshold", "topk"), default=["threshold", "topk"])
+    p.add_argument("--calibration-size", type=int, default=2048,
+                   help="training images ispc calibrates on (default 2048)")
+    p.add_argument("--limit", type=int, default=None,
+                   help="evaluate on this many test images (a fixed subset; default all)")
+    p.add_argument("--speed-rounds", type=int, default=20, help="timing rounds at batch 1")
+    p.add_argument("--cv-images", type=int, default=256,
+                   help="test images for the per-layer CV vs static-error check")
+    p.add_argument("--dense-only", action="store_true", help="only the dense top-1")
     _common(p)
     p.set_defaults(func=_cmd_evaluate)
     return parser

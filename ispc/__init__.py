@@ -15,6 +15,7 @@ from .compiled import CompiledModel
 from .config import GatingConfig
 from .errors import (BackendUnavailableError, ConfigError, DataError, IspcError, TraceError,
                      UnsupportedModelError)
+from .baselines import static_prune
 from .export import export_program
 from .feature_decay import FeatureDecay
 from .serialization import ArchiveError, load, save
@@ -24,7 +25,7 @@ from .report import LayerReport, Report
 __version__ = "0.1.0"
 
 __all__ = [
-    "compile", "inspect", "FeatureDecay", "GatingConfig", "Report", "LayerReport", "CompiledModel", "GatedConv2d",
+    "compile", "inspect", "static_prune", "FeatureDecay", "GatingConfig", "Report", "LayerReport", "CompiledModel", "GatedConv2d",
     "IspcError", "ConfigError", "DataError", "TraceError", "UnsupportedModelError",
     "BackendUnavailableError", "ArchiveError", "BACKENDS", "ops", "backends", "export",
     "serialization", "export_program", "save", "load", "__version__",
