@@ -40,6 +40,9 @@ TOPK = 1  #: mode: keep the k most salient channels of each instance
 SALIENCY_L2 = 0  #: root mean square over spatial positions (the paper's l2 norm, size-normalized)
 SALIENCY_L1 = 1  #: mean absolute value over spatial positions
 
+#: threshold mode: gathered channel counts are rounded up to a multiple of this (zero-padded)
+THRESHOLD_BUCKET = 8
+
 #: batches at least this large use the batched (gather + grouped conv) kernel instead of a loop
 BATCHED_MIN_N = 2
 
@@ -127,18 +130,28 @@ def gated_conv2d_loop(x: Tensor, weight: Tensor, bias: Tensor, scale: Tensor, st
     s = channel_saliency(x, scale, saliency)
     outs = []
     for i in range(n):
+        kept = 0
         if mode == TOPK:
             idx = torch.topk(s[i], k, sorted=False).indices.sort().values if k > 0 else None
+            kept = k
         else:
-            idx = torch.nonzero(s[i] >= threshold).flatten()
-        if idx is None or idx.numel() == 0:
+            keep = s[i] >= threshold
+            kept = int(keep.sum())
+            # round the gathered width up to a multiple of THRESHOLD_BUCKET with dropped channels
+            # whose inputs are zeroed below: exact, and oneDNN sees few distinct shapes (its
+            # primitive cache would otherwise miss for almost every new kept count)
+            width = min(c, -(-kept // THRESHOLD_BUCKET) * THRESHOLD_BUCKET)
+            idx = torch.sort((~keep).to(torch.uint8), stable=True).indices[:width] if kept else None
+        if idx is None:
             kh, kw = weight.shape[-2:]
             ho = conv_out_size(h, kh, stride_h, pad_h, dil_h)
             wo = conv_out_size(w, kw, stride_w, pad_w, dil_w)
             outs.append(bias.to(x.dtype).view(1, -1, 1, 1).expand(1, weight.shape[0], ho, wo))
             continue
-        outs.append(_conv(x[i:i + 1].index_select(1, idx), weight.index_select(1, idx), bias, stride,
-                          pad, dil))
+        xs = x[i:i + 1].index_select(1, idx)
+        if idx.numel() > kept:
+            xs[:, kept:] = 0
+        outs.append(_conv(xs, weight.index_select(1, idx), bias, stride, pad, dil))
     return outs[0].contiguous() if n == 1 else torch.cat(outs)
 
 

@@ -81,9 +81,9 @@ def test_half_keep_reduces_macs_and_runs(name):
 def test_held_out_kept_fraction_near_target(name):
     factory, size = MODELS[name]
     model = _randomize_bn(factory())
-    compiled = ispc.compile(model, _data(size, batches=4, n=16), progress=False,
+    compiled = ispc.compile(model, _data(size, batches=3, n=8), progress=False,
                             config=ispc.GatingConfig(keep_ratio=0.5))
-    measured = compiled.measure(_data(size, batches=2, n=16, seed=1), progress=False)
+    measured = compiled.measure(_data(size, batches=2, n=8, seed=1), progress=False)
     fractions = [v["kept_fraction"] for v in measured["layers"].values()]
     mean = sum(fractions) / len(fractions)
     assert 0.4 <= mean <= 0.6, fractions
