@@ -29,7 +29,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep-ratio", type=float, default=0.5)
     p.add_argument("--mode", choices=["threshold", "topk"], default="topk")
     p.add_argument("--image-size", type=int, default=224)
-    p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--rounds", type=int, default=20, help="timing rounds at batch 1")
+    p.add_argument("--batched-rounds", type=int, default=5, help="timing rounds at batch > 1")
+    p.add_argument("--latency-rounds", type=int, default=15,
+                   help="per-layer timing rounds of the latency-aware cost model at batch 1 "
+                        "(a third of this, at least 3, at batch > 1)")
     p.add_argument("--latency-aware", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--overhead", action=argparse.BooleanOptionalAction, default=True,
                    help="also time keep_ratio=1.0 against dense")
@@ -46,11 +50,14 @@ def main(argv: list[str] | None = None) -> int:
         torch.manual_seed(0)
         model = create_model(name).eval()
         for bs in args.batch_sizes:
+            lat_rounds = args.latency_rounds if bs == 1 else max(3, args.latency_rounds // 3)
             cfg = ispc.GatingConfig(keep_ratio=args.keep_ratio, mode=args.mode,
-                                    latency_aware=args.latency_aware, latency_batch_size=bs)
+                                    latency_aware=args.latency_aware, latency_batch_size=bs,
+                                    latency_rounds=lat_rounds)
             compiled = ispc.compile(model, calib, config=cfg)
             results += benchmark(model, compiled, (3, size, size), batch_sizes=(bs,),
-                                 rounds=args.rounds, name=name)
+                                 rounds=args.rounds if bs == 1 else args.batched_rounds,
+                                 warmup=5 if bs == 1 else 1, name=name)
             print(results_table(results[-1:]), file=sys.stderr)
         if args.overhead:
             full = ispc.compile(model, calib, config=ispc.GatingConfig(keep_ratio=1.0, mode=args.mode))

@@ -47,12 +47,11 @@ def _unwrap(model: Any) -> nn.Module:
 
 def _private_copy(model: nn.Module) -> nn.Module:
     """An eval-mode deep copy, so nothing ispc does can touch the user's model."""
-    bad = [n for n, p in itertools.chain(model.named_parameters(), model.named_buffers())
-           if p.is_floating_point() is False and p.dtype not in (torch.long, torch.int, torch.bool)]
+    bad = {n: p.dtype for n, p in model.named_parameters() if not p.is_floating_point()}
     if bad:
-        raise UnsupportedModelError(f"tensors {bad[:3]} have dtype "
-                                    f"{dict(model.named_parameters()).get(bad[0], None)}; "
-                                    "ispc compiles float models (quantize after ispc)")
+        name, dtype = next(iter(bad.items()))
+        raise UnsupportedModelError(f"parameter {name!r} has dtype {dtype}; ispc compiles floating-point "
+                                    "models (float32, float16, bfloat16): quantize after ispc")
     try:
         work = copy.deepcopy(model)
     except Exception as exc:

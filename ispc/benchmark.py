@@ -146,3 +146,57 @@ def results_json(results: list[BenchmarkResult]) -> str:
 
 
 __all__ += ["results_table", "results_json"]
+
+
+def layer_times(model: nn.Module, x: torch.Tensor, *, rounds: int = 10,
+                warmup: int = 2) -> dict[str, float]:
+    """Median wall-clock milliseconds of each convolution / gated layer of ``model`` on ``x``.
+
+    Measured with forward pre/post hooks inside whole-model runs, so cache state is realistic.
+    """
+    from .modules import GatedConv2d
+
+    starts: dict[str, float] = {}
+    times: dict[str, list[float]] = {}
+    hooks = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, (nn.Conv2d, GatedConv2d)) or type(mod).__name__ == "StaticConv2d":
+            hooks.append(mod.register_forward_pre_hook(
+                lambda m, a, name=name: starts.__setitem__(name, time.perf_counter())))
+            hooks.append(mod.register_forward_hook(
+                lambda m, a, o, name=name: times.setdefault(name, []).append(
+                    (time.perf_counter() - starts[name]) * 1e3)))
+    try:
+        with torch.no_grad():
+            for _ in range(warmup):
+                model(x)
+            times.clear()
+            for _ in range(rounds):
+                model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def layer_table(dense: nn.Module, compiled: CompiledModel, x: torch.Tensor, *, rounds: int = 10,
+                tablefmt: str = "simple") -> str:
+    """Per-layer time, dense vs gated, with each gated layer's kernel."""
+    from .modules import GatedConv2d
+
+    td = layer_times(dense, x, rounds=rounds)
+    tg = layer_times(compiled.graph_module, x, rounds=rounds)
+    rows = []
+    for name, t in td.items():
+        mod = compiled.graph_module.get_submodule(name) if name in tg else None
+        kind = mod.strategy if isinstance(mod, GatedConv2d) else "dense"
+        g = tg.get(name)
+        rows.append([name, kind, f"{t:.3f}", "-" if g is None else f"{g:.3f}",
+                     "-" if not g else f"{t / g:.2f}x"])
+    rows.append(["total (conv layers)", "", f"{sum(td.values()):.3f}", f"{sum(tg.values()):.3f}",
+                 f"{sum(td.values()) / max(sum(tg.values()), 1e-9):.2f}x"])
+    return tabulate(rows, headers=["layer", "kernel", "dense ms", "gated ms", "speed-up"],
+                    tablefmt=tablefmt, disable_numparse=True)
+
+
+__all__ += ["layer_times", "layer_table"]

@@ -128,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration-size", type=int, default=64, help="random calibration inputs")
     p.add_argument("--rounds", type=int, default=20, help="timing rounds per candidate")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1])
+    p.add_argument("--latency-aware", action=argparse.BooleanOptionalAction, default=True,
+                   help="time kernels at compile time, keep layers dense where gating does not pay")
     _add_gating_args(p)
 
     p = sub.add_parser("inspect", help="analyse a model: per-layer CV, gating decisions, MACs")
@@ -155,6 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=30)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--json", help="also write results as JSON here")
+    p.add_argument("--per-layer", action="store_true", help="also print per-layer times (batch 1)")
+    p.add_argument("--latency-aware", action=argparse.BooleanOptionalAction, default=True,
+                   help="time kernels at compile time and leave layers dense where gating does "
+                        "not pay (default: on)")
     return parser
 
 
@@ -176,7 +182,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     data = [torch.randn(16, 3, size, size, generator=g) for _ in range(max(1, args.calibration_size // 16))]
     print(f"ispc demo: {args.model} with random weights on random {size}x{size} inputs "
           f"(shows the pipeline and real speed; accuracy needs a trained model and real data)\n")
-    cfg = GatingConfig(keep_ratio=args.keep_ratio, mode=args.mode, saliency=args.saliency)
+    cfg = GatingConfig(keep_ratio=args.keep_ratio, mode=args.mode, saliency=args.saliency,
+                       latency_aware=args.latency_aware, latency_batch_size=min(args.batch_sizes))
     compiled = ispc_compile(model, data, config=cfg)
     print(compiled.report)
     print()
@@ -237,10 +244,18 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         g = torch.Generator().manual_seed(0)
         shape = (3, args.input_size, args.input_size)
         batches = [torch.randn(16, *shape, generator=g) for _ in range(4)]
-    compiled = ispc_compile(model, batches, config=_config(args))
+    cfg = _config(args).replace(latency_aware=args.latency_aware,
+                                latency_batch_size=min(args.batch_sizes))
+    compiled = ispc_compile(model, batches, config=cfg)
     results = benchmark(model, compiled, shape, batch_sizes=tuple(args.batch_sizes),
                         rounds=args.rounds, warmup=args.warmup, name=args.model)
     print(results_table(results))
+    if args.per_layer:
+        from .benchmark import dense_baseline, layer_table
+
+        x = torch.randn(1, *shape)
+        print()
+        print(layer_table(dense_baseline(model, x), compiled, x, rounds=args.rounds))
     if args.json:
         Path(args.json).write_text(results_json(results) + "\n")
     return 0

@@ -15,7 +15,8 @@ from torch import fx, nn
 
 from ispc.config import GatingConfig
 
-__all__ = ["PassState", "Pass", "PASSES", "register_pass", "run_passes", "ispc_meta"]
+__all__ = ["PassState", "Pass", "PASSES", "register_pass", "run_passes", "ispc_meta",
+           "module_call_counts", "replace_submodule"]
 
 
 @dataclass
@@ -70,3 +71,18 @@ def run_passes(module: nn.Module, state: PassState, names: list[str]) -> fx.Grap
 def ispc_meta(node: fx.Node) -> dict[str, Any]:
     """The ``node.meta["ispc"]`` dict of a node (created on first use)."""
     return node.meta.setdefault("ispc", {})
+
+
+def module_call_counts(gm: fx.GraphModule) -> dict[str, int]:
+    """How many call_module nodes call each submodule (shared modules are called more than once)."""
+    calls: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    return calls
+
+
+def replace_submodule(gm: fx.GraphModule, name: str, module: nn.Module) -> None:
+    """Put ``module`` at the qualified ``name`` (nodes calling ``name`` now call it)."""
+    parent, _, attr = name.rpartition(".")
+    setattr(gm.get_submodule(parent) if parent else gm, attr, module)

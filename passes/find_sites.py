@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .base import PassState, ispc_meta, register_pass
+from .base import PassState, ispc_meta, module_call_counts, register_pass
 
 __all__ = ["find_sites", "channel_kind", "build_channel_graph", "coupling_groups"]
 
@@ -192,10 +192,7 @@ def _ineligible_reason(name: str, m: nn.Conv2d | None, calls: int, state: PassSt
 @register_pass("find_sites")
 def find_sites(gm: fx.GraphModule, state: PassState) -> fx.GraphModule:
     """Annotate channel kinds and candidate layers; build the channel graph."""
-    calls: dict[str, int] = {}
-    for node in gm.graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
+    calls = module_call_counts(gm)
     for node in gm.graph.nodes:
         ispc_meta(node)["channel_kind"] = channel_kind(gm, node)
     g = build_channel_graph(gm)

@@ -8,25 +8,17 @@ from __future__ import annotations
 from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from .base import PassState, ispc_meta, register_pass
+from .base import PassState, ispc_meta, module_call_counts, register_pass, replace_submodule
 
 __all__ = ["fold_batchnorm"]
 
 _BN = (nn.BatchNorm2d,)
 
 
-def _parent_and_attr(gm: fx.GraphModule, target: str) -> tuple[nn.Module, str]:
-    parent, _, attr = target.rpartition(".")
-    return (gm.get_submodule(parent) if parent else gm), attr
-
-
 @register_pass("fold_bn")
 def fold_batchnorm(gm: fx.GraphModule, state: PassState) -> fx.GraphModule:
     """Replace ``conv -> bn`` pairs (conv output used only by the BN) by one folded conv."""
-    calls: dict[str, int] = {}
-    for node in gm.graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
+    calls = module_call_counts(gm)
     folded = 0
     for node in list(gm.graph.nodes):
         if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), _BN):
@@ -41,8 +33,7 @@ def fold_batchnorm(gm: fx.GraphModule, state: PassState) -> fx.GraphModule:
         if not bn.track_running_stats or bn.running_mean is None:
             continue
         fused = fuse_conv_bn_eval(conv.eval(), bn.eval())
-        parent, attr = _parent_and_attr(gm, src.target)
-        setattr(parent, attr, fused)
+        replace_submodule(gm, src.target, fused)
         node.replace_all_uses_with(src)
         src.meta.update({k: v for k, v in node.meta.items() if k == "tensor_meta"})
         ispc_meta(src)["folded_bn"] = node.target

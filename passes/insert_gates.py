@@ -5,7 +5,7 @@ from torch import fx, nn
 
 from ispc.modules import GatedConv2d
 
-from .base import PassState, ispc_meta, register_pass
+from .base import PassState, ispc_meta, register_pass, replace_submodule
 from .calibrate import saliency_scale
 
 __all__ = ["insert_gates", "resolve_padding"]
@@ -35,8 +35,6 @@ def insert_gates(gm: fx.GraphModule, state: PassState) -> fx.GraphModule:
             threshold=gate["threshold"] if gate["threshold"] is not None else 0.0,
             k=gate["k"] if gate["k"] is not None else 0, saliency=cfg.saliency,
             scale=saliency_scale(conv, cfg.saliency))
-        gated.to(conv.weight.device)
-        parent, _, attr = node.target.rpartition(".")
-        setattr(gm.get_submodule(parent) if parent else gm, attr, gated)
+        replace_submodule(gm, node.target, gated.to(conv.weight.device))
     gm.recompile()
     return gm

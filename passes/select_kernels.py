@@ -24,7 +24,7 @@ from torch import fx, nn
 from ispc.modules import GatedConv2d
 from ispc.ops.cpu_kernels import STRATEGIES, run_strategy
 
-from .base import PassState, ispc_meta, register_pass
+from .base import PassState, ispc_meta, register_pass, replace_submodule
 
 __all__ = ["select_kernels", "predicted_strategy", "SMALL_MAP"]
 
@@ -67,14 +67,19 @@ def _time(fns: dict[str, callable], rounds: int) -> dict[str, float]:
     return {k: statistics.median(v) * 1e3 for k, v in times.items()}
 
 
-def _ungate(gm: fx.GraphModule, name: str, mod: GatedConv2d) -> None:
+def _dense_conv(mod: GatedConv2d) -> nn.Conv2d:
+    """The plain convolution a gated layer computes when every channel is kept."""
     conv = nn.Conv2d(mod.in_channels, mod.out_channels, tuple(mod.weight.shape[-2:]), mod.stride,
                      mod.padding, mod.dilation, bias=True).to(mod.weight.device, mod.weight.dtype)
     with torch.no_grad():
         conv.weight.copy_(mod.weight)
         conv.bias.copy_(mod.bias)
-    parent, _, attr = name.rpartition(".")
-    setattr(gm.get_submodule(parent) if parent else gm, attr, conv)
+    return conv
+
+
+def _ungate_meta(meta: dict, reason: str) -> None:
+    meta["gate"].update(gated=False, threshold=None, k=None, kept_mean=None, kept_p10=None,
+                        kept_p90=None, reason=reason)
 
 
 @register_pass("select_kernels")
@@ -117,14 +122,52 @@ def select_kernels(gm: fx.GraphModule, state: PassState) -> fx.GraphModule:
                           "times_ms": {k: round(v, 4) for k, v in times.items()},
                           "batch_size": cfg.latency_batch_size}
         if times[best] > times["dense"] * (1.0 - cfg.min_gain):
-            _ungate(gm, name, mod)
-            gate = meta["gate"]
-            gate.update(gated=False, threshold=None, k=None, kept_mean=None, kept_p10=None,
-                        kept_p90=None, reason=f"no measured gain at batch {cfg.latency_batch_size}: "
-                        f"gated {times[best]:.3f} ms vs dense {times['dense']:.3f} ms")
+            replace_submodule(gm, name, _dense_conv(mod))
+            _ungate_meta(meta, f"no measured gain at batch {cfg.latency_batch_size}: "
+                               f"gated {times[best]:.3f} ms vs dense {times['dense']:.3f} ms")
             changed = True
         else:
             mod.set_strategy(best)
     if changed:
         gm.recompile()
+    if measured and any(isinstance(m, GatedConv2d) for m in gm.modules()):
+        _whole_model_check(gm, state, x, {n: ispc_meta(node) for n, node in nodes.items()})
     return gm
+
+
+def _whole_model_check(gm: fx.GraphModule, state: PassState, x: torch.Tensor,
+                       metas: dict[str, dict]) -> None:
+    """Per-layer wins need not add up (caches, dispatch): time the whole gated graph against the
+    same graph with every gate removed; if gating is not faster, remove every gate."""
+    cfg = state.config
+    gated = {n: gm.get_submodule(n) for n, m in metas.items()
+             if isinstance(gm.get_submodule(n), GatedConv2d)}
+    dense = {name: _dense_conv(mod) for name, mod in gated.items()}
+
+    def swap(mods: dict[str, nn.Module]) -> None:
+        for name, m in mods.items():
+            replace_submodule(gm, name, m)
+
+    def run() -> None:
+        with torch.no_grad():
+            gm(x)
+
+    times = {}
+    for _ in range(2):  # alternate configurations so drift hits both
+        for label, mods in (("gated", gated), ("dense", dense)):
+            swap(mods)
+            t = _time({label: run}, max(3, cfg.latency_rounds // 3))[label]
+            times.setdefault(label, []).append(t)
+    t_gated, t_dense = statistics.median(times["gated"]), statistics.median(times["dense"])
+    if t_gated < t_dense:
+        swap(gated)
+        state.notes.append(f"whole-model check at batch {cfg.latency_batch_size}: gated "
+                           f"{t_gated:.2f} ms vs dense {t_dense:.2f} ms")
+        return
+    swap(dense)
+    for name in gated:
+        _ungate_meta(metas[name], f"whole model not faster gated at batch {cfg.latency_batch_size} "
+                                  f"({t_gated:.2f} ms vs dense {t_dense:.2f} ms)")
+    state.notes.append(f"whole-model check at batch {cfg.latency_batch_size}: gated {t_gated:.2f} ms "
+                       f"was not faster than dense {t_dense:.2f} ms, so every gate was removed")
+    gm.recompile()

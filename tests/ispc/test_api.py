@@ -228,3 +228,10 @@ def test_wrapped_models_are_unwrapped():
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert rel_err(compiled(x), model(x)) <= 1e-4
+
+
+def test_integer_parameters_are_refused():
+    model = M.resnet20(num_classes=10).eval()
+    model.fc.weight = nn.Parameter(model.fc.weight.data.to(torch.int32), requires_grad=False)
+    with pytest.raises(ispc.UnsupportedModelError, match="floating-point"):
+        ispc.compile(model, _data(32))

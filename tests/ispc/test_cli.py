@@ -86,3 +86,23 @@ def test_bench_small(files, capsys):
     assert [r["batch_size"] for r in rows] == [1, 2]
     assert all(r["dense_ms"] > 0 and r["theoretical_speedup"] >= 1 for r in rows)
     assert "realized" in capsys.readouterr().out
+
+
+def test_compile_writes_a_loadable_file(files, capsys):
+    import ispc
+
+    out = files / "net.ispc"
+    assert main(["compile", f"{files}/net.py:make", "--data", str(files / "data.pt"),
+                 "--keep-ratio", "0.5", "--out", str(out)]) == 0
+    loaded = ispc.load(out)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert loaded(x).shape == (2, 8)
+    assert loaded.report.summary["keep_ratio"] == 0.5
+
+
+def test_bench_per_layer(files, capsys):
+    assert main(["bench", f"{files}/net.py:make", "--input-size", "16", "--batch-sizes", "1",
+                 "--rounds", "3", "--warmup", "1", "--per-layer", "--no-latency-aware"]) == 0
+    out = capsys.readouterr().out
+    assert "total (conv layers)" in out and "kernel" in out
