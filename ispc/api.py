@@ -61,6 +61,13 @@ def _private_copy(model: nn.Module) -> nn.Module:
     return work.eval()
 
 
+def _default_progress() -> bool:
+    """Progress bars when a person is watching (stderr is a terminal)."""
+    import sys
+
+    return bool(getattr(sys.stderr, "isatty", lambda: False)())
+
+
 def _model_device_dtype(model: nn.Module) -> tuple[torch.device | None, torch.dtype | None]:
     for p in itertools.chain(model.parameters(), model.buffers()):
         if p.is_floating_point():
@@ -70,7 +77,7 @@ def _model_device_dtype(model: nn.Module) -> tuple[torch.device | None, torch.dt
 
 def _make_state(work: nn.Module, calibration_data: Any, cfg: GatingConfig,
                 progress: bool | None) -> PassState:
-    state = PassState(config=cfg, progress=True if progress is None else bool(progress))
+    state = PassState(config=cfg, progress=_default_progress() if progress is None else bool(progress))
     if calibration_data is None:
         return state
     device, dtype = _model_device_dtype(work)

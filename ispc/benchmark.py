@@ -94,12 +94,17 @@ class BenchmarkResult:
 
 def benchmark(model: nn.Module, compiled: CompiledModel, input_shape: tuple[int, ...], *,
               batch_sizes: tuple[int, ...] = (1,), warmup: int = 5, rounds: int = 30,
-              name: str | None = None, seed: int = 0, progress: bool = True) -> list[BenchmarkResult]:
+              name: str | None = None, seed: int = 0,
+              progress: bool | None = None) -> list[BenchmarkResult]:
     """Measure ``compiled`` against the BN-folded dense ``model`` at each batch size.
 
     ``input_shape`` is one input without the batch dimension (e.g. ``(3, 224, 224)``). Inputs are
     random normal; the theoretical speed-up uses the MACs the gates actually execute on them.
     """
+    if progress is None:
+        from .api import _default_progress
+
+        progress = _default_progress()
     g = torch.Generator().manual_seed(seed)
     param = next(compiled.parameters())
     results = []

@@ -45,6 +45,7 @@ class CompiledModel(nn.Module):
         Returns per-layer kept-channel statistics and the MACs per input actually executed
         (conv2d and linear layers, at the sizes seen) against the dense MACs.
         """
+        from .api import _default_progress
         from .data import iter_inputs
 
         gm = self.graph_module
@@ -85,7 +86,8 @@ class CompiledModel(nn.Module):
             it = iter_inputs(data, device=param.device if param is not None else None,
                              dtype=param.dtype if param is not None else None)
             for x in tqdm(it, desc="ispc: measuring", unit="batch",
-                          disable=not (progress if progress is not None else True), leave=False):
+                          disable=not (progress if progress is not None else _default_progress()),
+                          leave=False):
                 gm(x)
                 samples += int(x.shape[0])
         finally:

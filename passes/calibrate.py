@@ -12,10 +12,12 @@ from ispc.ops.gated_conv import channel_saliency
 
 from .base import PassState, ispc_meta, register_pass
 
-__all__ = ["calibrate", "saliency_scale", "CACHE_BYTES"]
+__all__ = ["calibrate", "saliency_scale", "CACHE_BYTES", "CACHE_INPUTS"]
 
-#: at most this many bytes of calibration inputs are kept for the refine pass
+#: at most this many bytes / inputs of calibration data are kept for the passes that must see
+#: the data again (select_kernels, refine): enough for stable thresholds, bounded in time and memory
 CACHE_BYTES = 1 << 30
+CACHE_INPUTS = 1024
 
 
 def saliency_scale(conv: nn.Conv2d, saliency: str) -> torch.Tensor:
@@ -64,7 +66,7 @@ def calibrate(gm: fx.GraphModule, state: PassState) -> fx.GraphModule:
                        leave=False)
             for x in bar:
                 gm(x)
-                if cached + x.shape[0] <= cfg.max_calibration_samples and \
+                if cached + x.shape[0] <= min(cfg.max_calibration_samples, CACHE_INPUTS) and \
                         cached_bytes + x.numel() * x.element_size() <= CACHE_BYTES:
                     state.calibration_cache.append(x)
                     cached += int(x.shape[0])
