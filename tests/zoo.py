@@ -28,6 +28,7 @@ except ImportError:  # uninstalled checkout: ``examples/`` is a top-level packag
 
 __all__ = [
     "INPUT_SHAPE",
+    "SmallResidualNet",
     "ZOO",
     "LayerNorm2d",
     "SqueezeExcitation",
@@ -730,3 +731,20 @@ ZOO: dict[str, Callable[[], nn.Module]] = {
     "mobilenet_v2_cifar": lambda: realistic(lambda: example_models.mobilenet_v2_cifar(num_classes=10)),
     "vgg16_cifar": lambda: realistic(lambda: example_models.vgg16_cifar(num_classes=10)),
 }
+
+
+class SmallResidualNet(nn.Module):
+    """BN to fold, a residual add, a strided gated conv, pooling + linear head (export tests)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 24, 3, padding=1), nn.BatchNorm2d(24), nn.ReLU())
+        self.body = nn.Sequential(nn.Conv2d(24, 24, 3, padding=1), nn.BatchNorm2d(24), nn.ReLU())
+        self.down = nn.Conv2d(24, 32, 3, stride=2, padding=1)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x + self.body(x)
+        x = torch.relu(self.down(x))
+        return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))

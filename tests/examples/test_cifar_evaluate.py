@@ -1,50 +1,31 @@
 """``examples/cifar.py evaluate``: ispc vs static pruning on a tiny fake CIFAR folder."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 pytest.importorskip("PIL")
 pytest.importorskip("matplotlib")
-from PIL import Image  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _cifar_common import load_script, make_fake_cifar  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[2]
-SCRIPT = REPO / "examples" / "cifar.py"
-HERE = Path(__file__).resolve().parent
-CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 POINT_KEYS = {"method", "mode", "keep_ratio", "top1", "mac_reduction", "speedup_b1"}
 
 
 @pytest.fixture(scope="module")
 def cifar():
-    spec = importlib.util.spec_from_file_location("ispc_cifar_script_eval", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if str(HERE) not in sys.path:
-        sys.path.insert(0, str(HERE))
-    threads = torch.get_num_threads()
-    yield module
-    torch.set_num_threads(threads)  # main(--threads) changes the process-wide setting
+    yield from load_script("ispc_cifar_script_eval")
 
 
 @pytest.fixture(scope="module")
 def fake(tmp_path_factory) -> Path:
     """8 train and 4 test images per class."""
-    root = tmp_path_factory.mktemp("fakecifar_eval")
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 8), ("test", 4)):
-        for k, cls in enumerate(CLASSES):
-            (root / split / cls).mkdir(parents=True)
-            for i in range(n):
-                arr = rng.integers(0, 60, (32, 32, 3)) + 18 * k
-                Image.fromarray(arr.astype(np.uint8)).save(root / split / cls / f"{i:04d}.png")
-    return root
+    return make_fake_cifar(tmp_path_factory.mktemp("ispc_cifar_script_eval"), train=8, test=4,
+                           spread=60, step=18)
 
 
 @pytest.fixture(scope="module")

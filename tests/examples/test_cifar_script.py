@@ -1,52 +1,32 @@
 """End-to-end test of examples/cifar.py on a tiny fake CIFAR folder with a tiny model."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 pytest.importorskip("PIL")
-from PIL import Image  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _cifar_common import HERE, REPO, SCRIPT, load_script, make_fake_cifar  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[2]
-SCRIPT = REPO / "examples" / "cifar.py"
-HERE = Path(__file__).resolve().parent
-CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 KEYS = {"epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "seconds"}
 
 
 @pytest.fixture(scope="module")
 def cifar():
-    """The script as a module (loaded from its file, as a checkout without install would run it)."""
-    spec = importlib.util.spec_from_file_location("ispc_cifar_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if str(HERE) not in sys.path:
-        sys.path.insert(0, str(HERE))
-    threads = torch.get_num_threads()
-    yield module
-    torch.set_num_threads(threads)  # main(--threads) changes the process-wide setting
+    yield from load_script("ispc_cifar_script")
 
 
 @pytest.fixture(scope="module")
 def fake(tmp_path_factory) -> Path:
-    """16 train and 4 test images per class; class k's images are brighter so it is learnable."""
-    root = tmp_path_factory.mktemp("fakecifar")
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 16), ("test", 4)):
-        for k, cls in enumerate(CLASSES):
-            (root / split / cls).mkdir(parents=True)
-            for i in range(n):
-                arr = rng.integers(0, 40, (32, 32, 3)) + 20 * k
-                Image.fromarray(arr.astype(np.uint8)).save(root / split / cls / f"{i:04d}.png")
-    return root
+    """16 train and 4 test images per class."""
+    return make_fake_cifar(tmp_path_factory.mktemp("ispc_cifar_script"), train=16, test=4,
+                           spread=40, step=20)
 
 
 def _log(run: Path) -> list[dict]:

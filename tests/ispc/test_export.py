@@ -7,30 +7,16 @@ from torch import nn
 
 import ispc
 from conftest import rel_err
+from zoo import SmallResidualNet
 from ispc.export import GATED_OP, eval_mode, export_program, gated_nodes
 
 
-class Net(nn.Module):
-    """BN to fold, a residual add, a strided gated conv, pooling + linear head."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 24, 3, padding=1), nn.BatchNorm2d(24), nn.ReLU())
-        self.body = nn.Sequential(nn.Conv2d(24, 24, 3, padding=1), nn.BatchNorm2d(24), nn.ReLU())
-        self.down = nn.Conv2d(24, 32, 3, stride=2, padding=1)
-        self.head = nn.Linear(32, 10)
-
-    def forward(self, x):
-        x = self.stem(x)
-        x = x + self.body(x)
-        x = torch.relu(self.down(x))
-        return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
 
 
 @pytest.fixture(scope="module", params=["topk", "threshold"])
 def compiled(request):
     torch.manual_seed(0)
-    model = Net().eval()
+    model = SmallResidualNet().eval()
     data = [torch.randn(8, 3, 16, 16) for _ in range(2)]
     cfg = ispc.GatingConfig(keep_ratio=0.5, mode=request.param)
     return ispc.compile(model, data, config=cfg, progress=False)

@@ -14,22 +14,10 @@ from torch import fx, nn
 
 import ispc
 from conftest import rel_err
+from zoo import SmallResidualNet
 from ispc.serialization import ArchiveError, load, save
 
 
-class Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 24, 3, padding=1), nn.BatchNorm2d(24), nn.ReLU())
-        self.body = nn.Sequential(nn.Conv2d(24, 24, 3, padding=1), nn.BatchNorm2d(24), nn.ReLU())
-        self.down = nn.Conv2d(24, 32, 3, stride=2, padding=1)
-        self.head = nn.Linear(32, 10)
-
-    def forward(self, x):
-        x = self.stem(x)
-        x = x + self.body(x)
-        x = torch.relu(self.down(x))
-        return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
 
 
 @pytest.fixture(scope="module", params=["topk", "threshold"])
@@ -37,7 +25,7 @@ def saved(request, tmp_path_factory):
     torch.manual_seed(0)
     data = [torch.randn(8, 3, 16, 16) for _ in range(2)]
     cfg = ispc.GatingConfig(keep_ratio=0.5, mode=request.param)
-    compiled = ispc.compile(Net().eval(), data, config=cfg, progress=False)
+    compiled = ispc.compile(SmallResidualNet().eval(), data, config=cfg, progress=False)
     path = tmp_path_factory.mktemp("ser") / f"model_{request.param}.ispc"
     save(compiled, path)
     return compiled, path, data
