@@ -355,11 +355,11 @@ CV_CHECK_KEEP = 0.5
 
 
 def _default_checkpoint() -> str:
-    """``checkpoints/resnet20_fd.pt`` if it exists, else ``checkpoints/resnet20_dense.pt``
-    (looked up in the working directory, then in the checkout holding this script)."""
+    """``checkpoints/resnet20_fd.pt`` if it exists, else ``checkpoints/resnet20_dense.pt``, in the
+    working directory first (a user's own checkpoints win), then in the checkout holding this script."""
     roots = [Path.cwd(), Path(__file__).resolve().parents[1]]
-    for rel in DEFAULT_CHECKPOINTS:
-        for root in roots:
+    for root in roots:
+        for rel in DEFAULT_CHECKPOINTS:
             if (root / rel).is_file():
                 return str(root / rel)
     return DEFAULT_CHECKPOINTS[-1]
