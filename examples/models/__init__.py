@@ -39,47 +39,11 @@ from .resnet import (
 )
 from .vgg import VGG, VGGCifar, cfgs, make_layers, vgg11_bn, vgg13_bn, vgg16, vgg16_bn, vgg16_cifar, vgg19_bn
 
-__all__ = [
-    "MODELS",
-    "create_model",
-    # resnet
-    "BasicBlock",
-    "Bottleneck",
-    "CifarResNet",
-    "ResNet",
-    "conv1x1",
-    "conv3x3",
-    "resnet18",
-    "resnet34",
-    "resnet50",
-    "resnet101",
-    "resnet152",
-    "resnext50_32x4d",
-    "wide_resnet50_2",
-    "resnet20",
-    "resnet32",
-    "resnet44",
-    "resnet56",
-    "resnet110",
-    # vgg
-    "VGG",
-    "VGGCifar",
-    "cfgs",
-    "make_layers",
-    "vgg11_bn",
-    "vgg13_bn",
-    "vgg16_bn",
-    "vgg19_bn",
-    "vgg16",
-    "vgg16_cifar",
-    # mobilenetv2
-    "ConvBNReLU6",
-    "InvertedResidual",
-    "MobileNetV2",
-    "make_divisible",
-    "mobilenet_v2",
-    "mobilenet_v2_cifar",
-]
+from . import mobilenetv2 as _mobilenetv2
+from . import resnet as _resnet
+from . import vgg as _vgg
+
+__all__ = ["MODELS", "create_model", *_resnet.__all__, *_vgg.__all__, *_mobilenetv2.__all__]
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     # ImageNet (224x224, 1000 classes), torchvision-compatible state_dicts
