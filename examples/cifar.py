@@ -475,9 +475,11 @@ def _speedup_b1(model: nn.Module, candidate: nn.Module, rounds: int, progress: b
 
 def sparsity_sweep(model: nn.Module, calibration: Iterable[Any], test: Iterable[Any], *,
                    keep_ratios: Iterable[float] = (0.3, 0.4, 0.5, 0.6, 0.7),
-                   modes: Iterable[str] = ("threshold", "topk"), speed_rounds: int = 20,
+                   modes: Iterable[str] = ("threshold", "topk"),
+                   allocations: Iterable[str] = ("layer",), speed_rounds: int = 20,
                    cv_images: int = 256, progress: bool = True) -> dict[str, Any]:
-    """ispc at each (mode, keep ratio), and static pruning matched to each threshold-mode point.
+    """ispc at each (mode, allocation, keep ratio), and static pruning matched to each
+    threshold-mode point.
 
     Every point: top-1 (fraction) on ``test``, ``mac_reduction`` from MACs actually executed on
     ``test`` against dense, and the realized batch-1 speed-up against the BN-folded dense model.
@@ -487,17 +489,18 @@ def sparsity_sweep(model: nn.Module, calibration: Iterable[Any], test: Iterable[
     import ispc
     from ispc.baselines import static_prune
 
-    keep_ratios, modes = [float(r) for r in keep_ratios], list(modes)
-    grid = [(m, r) for m in modes for r in keep_ratios]
-    thr = [r for m, r in grid if m == "threshold"]
-    check_at = min(thr, key=lambda r: (abs(r - CV_CHECK_KEEP), r)) if thr else None
+    keep_ratios, modes, allocations = [float(r) for r in keep_ratios], list(modes), list(allocations)
+    grid = [(m, a, r) for m in modes for a in allocations for r in keep_ratios]
+    thr = [(a, r) for m, a, r in grid if m == "threshold"]
+    check_at = min(thr, key=lambda ar: (abs(ar[1] - CV_CHECK_KEEP), ar[0] != "layer", ar[1])) \
+        if thr else None
     points: list[dict[str, Any]] = []
     cv_check: dict[str, Any] | None = None
-    for mode, ratio in _progress(grid, desc="ispc vs static", total=len(grid), enabled=progress):
-        cfg = ispc.GatingConfig(keep_ratio=ratio, mode=mode)
+    for mode, alloc, ratio in _progress(grid, desc="ispc vs static", total=len(grid), enabled=progress):
+        cfg = ispc.GatingConfig(keep_ratio=ratio, mode=mode, allocation=alloc)
         fast = ispc.compile(model, calibration, config=cfg, progress=progress).eval()
         measured = fast.measure(test, progress=progress)
-        points.append({"method": "ispc", "mode": mode, "keep_ratio": ratio,
+        points.append({"method": "ispc", "mode": mode, "allocation": alloc, "keep_ratio": ratio,
                        "top1": evaluate_top1(fast, test), "mac_reduction": measured["mac_reduction"],
                        "speedup_b1": _speedup_b1(model, fast, speed_rounds, progress)})
         if mode != "threshold":
@@ -505,12 +508,12 @@ def sparsity_sweep(model: nn.Module, calibration: Iterable[Any], test: Iterable[
         fractions = {n: v["kept_fraction"] for n, v in measured["layers"].items()}
         static = static_prune(model, calibration, keep_fractions=fractions, config=cfg,
                               progress=progress).eval()
-        points.append({"method": "static", "mode": mode, "keep_ratio": ratio,
+        points.append({"method": "static", "mode": mode, "allocation": alloc, "keep_ratio": ratio,
                        "top1": evaluate_top1(static, test),
                        "mac_reduction": static.measure(test, progress=progress)["mac_reduction"],
                        "speedup_b1": _speedup_b1(model, static, speed_rounds, progress)})
-        if ratio == check_at:
-            cv_check = {"mode": mode, "keep_ratio": ratio,
+        if (alloc, ratio) == check_at:
+            cv_check = {"mode": mode, "allocation": alloc, "keep_ratio": ratio,
                         **static_error_check(fast, static, test, images=cv_images, progress=progress)}
     return {"points": points, "cv_check": cv_check}
 
@@ -524,15 +527,17 @@ def plot_sweep(result: dict[str, Any], path: str | os.PathLike[str]) -> Path:
 
     scale = 100.0 if result.get("top1_unit", "fraction") == "fraction" else 1.0
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    colors = {"threshold": "#2b6cb0", "topk": "#c05621"}
-    for mode in dict.fromkeys(p["mode"] for p in result["points"]):
+    palette = ["#2b6cb0", "#c05621", "#2f855a", "#6b46c1", "#b7791f", "#c53030"]
+    curves = list(dict.fromkeys((p["mode"], p.get("allocation", "layer")) for p in result["points"]))
+    for color, (mode, alloc) in zip(palette * 2, curves):
+        name = mode if alloc == "layer" else f"{mode}, {alloc}"
         for method, style, marker in (("ispc", "-", "o"), ("static", "--", "s")):
-            pts = sorted((p for p in result["points"] if p["mode"] == mode and p["method"] == method),
-                         key=lambda p: p["mac_reduction"])
+            pts = sorted((p for p in result["points"] if p["mode"] == mode and p["method"] == method
+                          and p.get("allocation", "layer") == alloc), key=lambda p: p["mac_reduction"])
             if pts:
                 ax.plot([100 * p["mac_reduction"] for p in pts], [scale * p["top1"] for p in pts],
-                        linestyle=style, marker=marker, color=colors.get(mode),
-                        label=f"{method} ({mode})" if method == "ispc" else f"static (matched to {mode})")
+                        linestyle=style, marker=marker, color=color,
+                        label=f"ispc ({name})" if method == "ispc" else f"static (matched to {name})")
     ax.axhline(scale * result["dense_top1"], color="black", linewidth=1, linestyle=":",
                label=f"dense ({scale * result['dense_top1']:.2f}%)")
     ax.set_xlabel("MAC reduction executed on the test images (%)")
@@ -551,10 +556,10 @@ def plot_sweep(result: dict[str, Any], path: str | os.PathLike[str]) -> Path:
 def _sweep_tables(result: dict[str, Any]) -> str:
     from tabulate import tabulate
 
-    rows = [[p["method"], p["mode"], f"{p['keep_ratio']:g}", f"{100 * p['top1']:.2f}",
+    rows = [[p["method"], p["mode"], p.get("allocation", "layer"), f"{p['keep_ratio']:g}", f"{100 * p['top1']:.2f}",
              f"{100 * (p['top1'] - result['dense_top1']):+.2f}", f"{100 * p['mac_reduction']:.1f}%",
              f"{p['speedup_b1']:.2f}x"] for p in result["points"]]
-    text = tabulate(rows, headers=["method", "mode", "keep", "top-1 %", "vs dense", "MAC cut",
+    text = tabulate(rows, headers=["method", "mode", "allocation", "keep", "top-1 %", "vs dense", "MAC cut",
                                    "speed-up b1"], tablefmt="simple", disable_numparse=True)
     check = result.get("cv_check")
     if check:
@@ -593,6 +598,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     calibration = _subset_loader(data, "train", args.calibration_size, batch_size=args.batch_size,
                                  device=device)
     sweep = sparsity_sweep(model, calibration, test, keep_ratios=args.keep_ratios, modes=args.modes,
+                           allocations=args.allocations,
                            speed_rounds=args.speed_rounds, cv_images=args.cv_images,
                            progress=args.progress)
     result = {"model": meta["model_name"], "checkpoint": str(checkpoint), "top1_unit": "fraction",
@@ -672,6 +678,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="save accuracy vs MAC reduction here (needs matplotlib)")
     p.add_argument("--keep-ratios", type=float, nargs="+", default=[0.3, 0.4, 0.5, 0.6, 0.7])
     p.add_argument("--modes", nargs="+", choices=("threshold", "topk"), default=["threshold", "topk"])
+    p.add_argument("--allocations", nargs="+", choices=("layer", "global"), default=["layer", "global"],
+                   help="how keep ratios are spread over layers (GatingConfig.allocation)")
     p.add_argument("--calibration-size", type=int, default=2048,
                    help="training images ispc calibrates on (default 2048)")
     p.add_argument("--limit", type=int, default=None,

@@ -81,7 +81,8 @@ def _load_data(args: argparse.Namespace) -> torch.Tensor:
 def _config(args: argparse.Namespace):
     from .config import GatingConfig
 
-    kw: dict[str, Any] = {"keep_ratio": args.keep_ratio, "mode": args.mode, "saliency": args.saliency}
+    kw: dict[str, Any] = {"keep_ratio": args.keep_ratio, "mode": args.mode, "saliency": args.saliency,
+                          "allocation": args.allocation}
     if getattr(args, "min_cv", None) is not None:
         kw["min_cv"] = args.min_cv
     return GatingConfig(**kw)
@@ -110,6 +111,8 @@ def _add_gating_args(p: argparse.ArgumentParser, keep: float | None = 0.5) -> No
     p.add_argument("--keep-ratio", type=float, default=keep, help="average fraction of channels kept")
     p.add_argument("--mode", choices=["threshold", "topk"], default="threshold")
     p.add_argument("--saliency", choices=["l2", "l1", "weighted_l2"], default="l2")
+    p.add_argument("--allocation", choices=["layer", "global"], default="layer",
+                   help="keep ratio per layer, or one network-wide cut over the gated layers' MACs")
     p.add_argument("--min-cv", type=float, help="leave layers whose CV is below this dense")
 
 
@@ -183,7 +186,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     print(f"ispc demo: {args.model} with random weights on random {size}x{size} inputs "
           f"(shows the pipeline and real speed; accuracy needs a trained model and real data)\n")
     cfg = GatingConfig(keep_ratio=args.keep_ratio, mode=args.mode, saliency=args.saliency,
-                       latency_aware=args.latency_aware, latency_batch_size=min(args.batch_sizes))
+                       allocation=args.allocation, latency_aware=args.latency_aware, latency_batch_size=min(args.batch_sizes))
     compiled = ispc_compile(model, data, config=cfg)
     print(compiled.report)
     print()

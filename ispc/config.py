@@ -12,10 +12,11 @@ from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["GatingConfig", "MODES", "SALIENCIES"]
+__all__ = ["GatingConfig", "MODES", "SALIENCIES", "ALLOCATIONS"]
 
 MODES = ("threshold", "topk")
 SALIENCIES = ("l2", "l1", "weighted_l2")
+ALLOCATIONS = ("layer", "global")
 
 
 def _check_number(name: str, value: Any, *, lo: float, hi: float, lo_open: bool, hi_open: bool = False,
@@ -61,6 +62,12 @@ class GatingConfig:
             square over spatial positions, so thresholds carry across input sizes); ``"l1"`` the mean
             absolute value; ``"weighted_l2"`` the l2 norm times the norm of the channel's weights in the
             gated convolution (what the channel can contribute to the output).
+        allocation: how ``keep_ratio`` is spread over the gated layers. ``"layer"``: every gated
+            layer keeps ``keep_ratio`` of its input channels on average. ``"global"``: one cut across
+            the network on saliency divided by each layer's mean saliency, placed so that the gated
+            layers together keep ``keep_ratio`` of their MACs; layers whose channels are often
+            negligible give up more (feature decay concentrates sparsity unevenly, so a uniform
+            ratio over-prunes some layers and under-prunes others). Needs calibration data.
         min_cv: layers whose coefficient of variation of channel saliency across inputs is below
             this stay dense (their channel usage hardly changes per input: static pruning would do).
         gate_fraction: gate only this fraction of the eligible layers, the ones with the highest CV.
@@ -86,6 +93,7 @@ class GatingConfig:
     keep_ratio: float = 0.5
     mode: str = "threshold"
     saliency: str = "l2"
+    allocation: str = "layer"
     min_cv: float = 0.0
     gate_fraction: float = 1.0
     min_channels: int = 16
@@ -104,6 +112,7 @@ class GatingConfig:
         _check_number("keep_ratio", self.keep_ratio, lo=0.0, hi=1.0, lo_open=True)
         _check_choice("mode", self.mode, MODES)
         _check_choice("saliency", self.saliency, SALIENCIES)
+        _check_choice("allocation", self.allocation, ALLOCATIONS)
         _check_number("min_cv", self.min_cv, lo=0.0, hi=math.inf, lo_open=False, hi_open=True)
         _check_number("gate_fraction", self.gate_fraction, lo=0.0, hi=1.0, lo_open=False)
         _check_number("min_channels", self.min_channels, lo=1, hi=1 << 30, lo_open=False, integer=True)

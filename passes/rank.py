@@ -3,11 +3,13 @@
 High CV means the layer's channel usage changes from input to input: dynamic gating pays there.
 Layers below ``min_cv`` or outside the top ``gate_fraction`` stay dense. For each gated layer the
 threshold (threshold mode) or k (topk mode) is chosen from the calibration data so that the layer
-keeps ``keep_ratio`` of its input channels on average.
+keeps ``keep_ratio`` of its input channels on average, or (``allocation="global"``) from one
+network-wide cut so that the gated layers together keep ``keep_ratio`` of their MACs.
 """
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import fx
@@ -17,7 +19,8 @@ from ispc.observers import SaliencyStats
 
 from .base import PassState, ispc_meta, register_pass
 
-__all__ = ["rank_layers", "choose_threshold", "choose_k", "kept_counts"]
+__all__ = ["rank_layers", "choose_threshold", "choose_k", "kept_counts", "global_thresholds",
+           "layer_weight"]
 
 
 def choose_threshold(sample: torch.Tensor, keep_ratio: float) -> float:
@@ -44,6 +47,50 @@ def choose_k(channels: int, keep_ratio: float, multiple: int = 1) -> int:
     return min(k, channels)
 
 
+def global_thresholds(samples: dict[Any, torch.Tensor], weights: dict[Any, float],
+                      keep_ratio: float) -> dict[Any, float]:
+    """Per-layer thresholds from one cut across layers.
+
+    Each layer's saliency rows (instances x channels) are divided by the layer's mean saliency so
+    that layers are comparable; every (instance, channel) entry then costs ``weights[layer] /
+    (instances * channels)`` (a channel's share of the layer's MACs, averaged over instances). The
+    cut ``alpha`` keeps the largest normalized entries whose total cost stays within ``keep_ratio``
+    of the total, and layer ``l`` gets threshold ``alpha * mean_l`` (exactly-zero saliencies are
+    always dropped, as in :func:`choose_threshold`).
+    """
+    if keep_ratio >= 1.0 or not samples:
+        return {key: 0.0 for key in samples}
+    tiny = float(torch.finfo(torch.float32).tiny)
+    values, costs, scales = [], [], {}
+    for key, s in samples.items():
+        s = s.double().flatten(1)
+        scales[key] = float(s.mean()) if s.numel() else 0.0
+        if scales[key] <= 0:
+            continue
+        values.append((s / scales[key]).flatten())
+        costs.append(torch.full((s.numel(),), float(weights[key]) / s.numel(), dtype=torch.float64))
+    if not values:
+        return {key: tiny for key in samples}
+    v, c = torch.cat(values), torch.cat(costs)
+    order = torch.argsort(v, descending=True, stable=True)
+    v, c = v[order], c[order].cumsum(0)
+    kept = int((c <= keep_ratio * float(c[-1]) * (1 + 1e-12)).sum())
+    if kept == 0:
+        alpha = float(v[0]) * (1 + 1e-6) + tiny  # nothing fits: keep no channel
+    elif kept == v.numel():
+        alpha = 0.0
+    else:
+        hi, lo = float(v[kept - 1]), float(v[kept])
+        alpha = (hi + lo) / 2 if hi > lo else hi
+    return {key: max(alpha * scales[key], tiny) for key in samples}
+
+
+def layer_weight(node: fx.Node) -> float:
+    """What one gated layer's channels cost in the global allocation: its dense MACs."""
+    layer = ispc_meta(node).get("layer", {})
+    return float(layer.get("macs") or layer.get("in_channels") or 1)
+
+
 def kept_counts(sample: torch.Tensor, mode: str, threshold: float, k: int) -> torch.Tensor:
     """Number of channels each sampled instance keeps."""
     if mode == "topk":
@@ -59,6 +106,9 @@ def rank_layers(gm: fx.GraphModule, state: PassState) -> fx.GraphModule:
     cfg = state.config
     candidates = [n for n in gm.graph.nodes if ispc_meta(n).get("layer", {}).get("candidate")]
     if not state.calibrated:
+        if cfg.allocation == "global":
+            raise ConfigError("allocation='global' spreads keep_ratio over layers by their calibration "
+                              "saliency; pass calibration_data or use GatingConfig(allocation='layer')")
         if cfg.mode == "threshold":
             raise ConfigError("threshold mode needs calibration data to choose per-layer thresholds; "
                               "pass calibration_data, or use GatingConfig(mode='topk') to gate a fixed "
@@ -82,6 +132,10 @@ def rank_layers(gm: fx.GraphModule, state: PassState) -> fx.GraphModule:
     above = [n for n in order if cvs[n] >= cfg.min_cv]
     n_gate = math.ceil(cfg.gate_fraction * len(above) - 1e-9)
     selected = set(above[:n_gate])
+    shared: dict[fx.Node, float] = {}
+    if cfg.allocation == "global":
+        shared = global_thresholds({n: ispc_meta(n)["stats"].sample for n in selected},
+                                   {n: layer_weight(n) for n in selected}, cfg.keep_ratio)
     for rank, node in enumerate(order, start=1):
         stats: SaliencyStats = ispc_meta(node)["stats"]
         gate = {"cv": cvs[node], "rank": rank, "gated": node in selected, "reason": None,
@@ -93,9 +147,12 @@ def rank_layers(gm: fx.GraphModule, state: PassState) -> fx.GraphModule:
         else:
             sample = stats.sample
             if cfg.mode == "threshold":
-                gate["threshold"] = choose_threshold(sample, cfg.keep_ratio)
+                gate["threshold"] = shared[node] if shared else choose_threshold(sample, cfg.keep_ratio)
             else:
-                gate["k"] = choose_k(stats.channels, cfg.keep_ratio, cfg.channel_multiple)
+                keep = cfg.keep_ratio
+                if shared:  # the layer's share of the global cut, as a fixed k
+                    keep = float(kept_counts(sample, "threshold", shared[node], 0).mean()) / stats.channels
+                gate["k"] = choose_k(stats.channels, keep, cfg.channel_multiple)
             counts = kept_counts(sample, cfg.mode, gate["threshold"] or 0.0, gate["k"] or 0)
             gate["kept_mean"] = float(counts.mean())
             gate["kept_p10"] = float(torch.quantile(counts, 0.1))

@@ -3,8 +3,8 @@
 Thresholds chosen on the dense model drift once upstream layers are gated: a layer then sees
 inputs computed from fewer channels. This pass re-runs the cached calibration inputs through the
 gated graph and re-chooses each threshold on the saliency it now sees, ``calibration_rounds``
-times, so the kept fraction on real inputs matches ``keep_ratio``. Topk gates keep exactly k and
-need no refinement.
+times, so the kept fraction on real inputs matches ``keep_ratio`` (per layer, or over the gated
+layers' MACs with ``allocation="global"``). Topk gates keep exactly k and need no refinement.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from ispc.modules import GatedConv2d
 from ispc.ops.gated_conv import channel_saliency
 
 from .base import PassState, ispc_meta, register_pass
-from .rank import choose_threshold, kept_counts
+from .rank import choose_threshold, global_thresholds, kept_counts, layer_weight
 
 __all__ = ["refine_thresholds"]
 
@@ -49,10 +49,15 @@ def refine_thresholds(gm: fx.GraphModule, state: PassState) -> fx.GraphModule:
         finally:
             for h in hooks:
                 h.remove()
+        samples = {name: gather_rows(torch.cat(rows[name])) for name in nodes}
+        shared = {}
+        if cfg.allocation == "global":
+            shared = global_thresholds(samples, {name: layer_weight(node) for name, node in nodes.items()},
+                                       cfg.keep_ratio)
         for name, node in nodes.items():
-            sample = gather_rows(torch.cat(rows[name]))
+            sample = samples[name]
             mod = gm.get_submodule(name)
-            mod.threshold = choose_threshold(sample, cfg.keep_ratio)
+            mod.threshold = shared[name] if shared else choose_threshold(sample, cfg.keep_ratio)
             gate = ispc_meta(node)["gate"]
             counts = kept_counts(sample, "threshold", mod.threshold, 0)
             gate.update(threshold=mod.threshold, kept_mean=float(counts.mean()),

@@ -13,7 +13,7 @@ pytest.importorskip("matplotlib")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _cifar_common import load_script, make_fake_cifar  # noqa: E402
 
-POINT_KEYS = {"method", "mode", "keep_ratio", "top1", "mac_reduction", "speedup_b1"}
+POINT_KEYS = {"method", "mode", "allocation", "keep_ratio", "top1", "mac_reduction", "speedup_b1"}
 
 
 @pytest.fixture(scope="module")
@@ -63,18 +63,22 @@ def test_evaluate_writes_matched_static_and_ispc_points(cifar, fake: Path, check
     for p in points:
         assert POINT_KEYS <= set(p)
         assert 0.0 <= p["top1"] <= 1.0 and p["speedup_b1"] > 0 and p["mac_reduction"] < 1.0
-    grid = {(p["method"], p["mode"], p["keep_ratio"]) for p in points}
-    assert grid == {(m, "threshold", r) for m in ("ispc", "static") for r in (0.5, 0.7)} | \
-        {("ispc", "topk", r) for r in (0.5, 0.7)}
-    for r in (0.5, 0.7):
-        ours = next(p for p in points if p["method"] == "ispc" and p["mode"] == "threshold"
-                    and p["keep_ratio"] == r)
-        static = next(p for p in points if p["method"] == "static" and p["keep_ratio"] == r)
-        assert ours["mac_reduction"] > 0.05
-        assert static["mac_reduction"] == pytest.approx(ours["mac_reduction"], abs=0.02)
+    grid = {(p["method"], p["mode"], p["allocation"], p["keep_ratio"]) for p in points}
+    allocs = ("layer", "global")
+    assert grid == {(m, "threshold", a, r) for m in ("ispc", "static") for a in allocs
+                    for r in (0.5, 0.7)} | {("ispc", "topk", a, r) for a in allocs for r in (0.5, 0.7)}
+    for a in allocs:
+        for r in (0.5, 0.7):
+            ours = next(p for p in points if p["method"] == "ispc" and p["mode"] == "threshold"
+                        and p["allocation"] == a and p["keep_ratio"] == r)
+            static = next(p for p in points if p["method"] == "static" and p["allocation"] == a
+                          and p["keep_ratio"] == r)
+            assert ours["mac_reduction"] > 0.05
+            assert static["mac_reduction"] == pytest.approx(ours["mac_reduction"], abs=0.02)
 
     check = res["cv_check"]
-    assert check["mode"] == "threshold" and check["keep_ratio"] == 0.5 and check["images"] == 16
+    assert check["mode"] == "threshold" and check["allocation"] == "layer"
+    assert check["keep_ratio"] == 0.5 and check["images"] == 16
     assert [r["layer"] for r in check["layers"]] == ["3", "6", "9"]
     for r in check["layers"]:
         assert r["cv"] > 0 and r["static_error"] >= 0 and r["dynamic_error_dense"] >= 0

@@ -93,8 +93,9 @@ def test_compile_writes_a_loadable_file(files, capsys):
 
     out = files / "net.ispc"
     assert main(["compile", f"{files}/net.py:make", "--data", str(files / "data.pt"),
-                 "--keep-ratio", "0.5", "--out", str(out)]) == 0
+                 "--keep-ratio", "0.5", "--allocation", "global", "--out", str(out)]) == 0
     loaded = ispc.load(out)
+    assert loaded.config.allocation == "global"
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         assert loaded(x).shape == (2, 8)

@@ -22,6 +22,7 @@ def test_defaults_and_frozen():
 @pytest.mark.parametrize("bad", [
     dict(keep_ratio=0.0), dict(keep_ratio=1.5), dict(keep_ratio=-0.1), dict(keep_ratio=math.nan),
     dict(keep_ratio="0.5"), dict(keep_ratio=True), dict(mode="dynamic"), dict(saliency="l3"),
+    dict(allocation="per-layer"),
     dict(min_cv=-1.0), dict(gate_fraction=1.1), dict(min_channels=0), dict(min_channels=2.5),
     dict(channel_multiple=0), dict(include="layer1.*"), dict(exclude=["a"]),
     dict(max_calibration_samples=0), dict(calibration_rounds=-1), dict(leaf_modules=(1,)),
