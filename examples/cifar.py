@@ -466,6 +466,70 @@ def static_error_check(compiled: nn.Module, static: nn.Module, loader: Iterable[
     }
 
 
+@torch.no_grad()
+def single_layer_check(compiled: nn.Module, loader: Iterable[Any], *, images: int = 1000,
+                       progress: bool = True) -> dict[str, Any]:
+    """Per gated layer, alone: top-1 with only that layer gated per input vs statically pruned.
+
+    Every other gated layer runs dense. The static variant keeps, for every input, the layer's
+    ``round(kept * C)`` channels with the highest mean calibration saliency, where ``kept`` is the
+    fraction the dynamic gate kept on these images: same MACs, same layer. ``gain`` = dynamic
+    top-1 - static top-1. The paper's rationale predicts that gain grows with the layer's CV;
+    ``spearman`` (CV vs gain) checks it on accuracy, the quantity that matters.
+    """
+    from ispc.baselines import static_channels
+    from ispc.passes import ispc_meta
+
+    gm = compiled.graph_module
+    gated = compiled.gated_modules()
+    stats = {n.target: ispc_meta(n).get("stats") for n in gm.graph.nodes
+             if n.op == "call_module" and n.target in gated}
+    batches, seen = [], 0
+    for batch in loader:
+        x, y = batch[0][:images - seen], batch[1][:images - seen]
+        batches.append((x, y))
+        seen += int(x.shape[0])
+        if seen >= images:
+            break
+
+    def top1() -> float:
+        return sum(int((gm(x).argmax(1) == y).sum()) for x, y in batches) / max(seen, 1)
+
+    saved = {n: (m.mode, m.threshold) for n, m in gated.items()}
+    rows = []
+    try:
+        for m in gated.values():
+            m.mode, m.threshold = "threshold", 0.0  # keep every channel: dense
+        dense = top1()
+        for name in _progress(list(gated), desc="single-layer check", total=len(gated), enabled=progress):
+            m = gated[name]
+            m.mode, m.threshold = saved[name]
+            kept: list[torch.Tensor] = []
+            hook = m.register_forward_pre_hook(lambda mod, a: kept.append(mod.kept_mask(a[0]).float().mean(1)))
+            try:
+                dynamic = top1()
+            finally:
+                hook.remove()
+            m.mode, m.threshold = "threshold", 0.0
+            fraction = float(torch.cat(kept).mean())
+            k = int(min(m.in_channels, max(1, round(fraction * m.in_channels))))
+            mask = torch.zeros(m.in_channels)
+            mask[static_channels(stats[name], k)] = 1
+            hook = m.register_forward_pre_hook(
+                lambda mod, a, mask=mask: (a[0] * mask.to(a[0]).view(1, -1, 1, 1),))
+            try:
+                static = top1()
+            finally:
+                hook.remove()
+            rows.append({"layer": name, "cv": compiled.report.layer(name).cv, "kept_fraction": fraction,
+                         "dynamic_top1": dynamic, "static_top1": static, "gain": dynamic - static})
+    finally:
+        for n, m in gated.items():
+            m.mode, m.threshold = saved[n]
+    return {"images": seen, "dense_top1": dense, "layers": rows,
+            "spearman": spearman([r["cv"] for r in rows], [r["gain"] for r in rows])}
+
+
 def _speedup_b1(model: nn.Module, candidate: nn.Module, rounds: int, progress: bool) -> float:
     from ispc.benchmark import benchmark
 
@@ -476,8 +540,9 @@ def _speedup_b1(model: nn.Module, candidate: nn.Module, rounds: int, progress: b
 def sparsity_sweep(model: nn.Module, calibration: Iterable[Any], test: Iterable[Any], *,
                    keep_ratios: Iterable[float] = (0.3, 0.4, 0.5, 0.6, 0.7),
                    modes: Iterable[str] = ("threshold", "topk"),
-                   allocations: Iterable[str] = ("layer",), speed_rounds: int = 20,
-                   cv_images: int = 256, progress: bool = True) -> dict[str, Any]:
+                   allocations: Iterable[str] = ("layer",), saliency: str = "l2",
+                   speed_rounds: int = 20, cv_images: int = 256, layer_images: int = 1000,
+                   progress: bool = True) -> dict[str, Any]:
     """ispc at each (mode, allocation, keep ratio), and static pruning matched to each
     threshold-mode point.
 
@@ -497,7 +562,7 @@ def sparsity_sweep(model: nn.Module, calibration: Iterable[Any], test: Iterable[
     points: list[dict[str, Any]] = []
     cv_check: dict[str, Any] | None = None
     for mode, alloc, ratio in _progress(grid, desc="ispc vs static", total=len(grid), enabled=progress):
-        cfg = ispc.GatingConfig(keep_ratio=ratio, mode=mode, allocation=alloc)
+        cfg = ispc.GatingConfig(keep_ratio=ratio, mode=mode, allocation=alloc, saliency=saliency)
         fast = ispc.compile(model, calibration, config=cfg, progress=progress).eval()
         measured = fast.measure(test, progress=progress)
         points.append({"method": "ispc", "mode": mode, "allocation": alloc, "keep_ratio": ratio,
@@ -514,7 +579,9 @@ def sparsity_sweep(model: nn.Module, calibration: Iterable[Any], test: Iterable[
                        "speedup_b1": _speedup_b1(model, static, speed_rounds, progress)})
         if (alloc, ratio) == check_at:
             cv_check = {"mode": mode, "allocation": alloc, "keep_ratio": ratio,
-                        **static_error_check(fast, static, test, images=cv_images, progress=progress)}
+                        **static_error_check(fast, static, test, images=cv_images, progress=progress),
+                        "single_layer": single_layer_check(fast, test, images=layer_images,
+                                                           progress=progress)}
     return {"points": points, "cv_check": cv_check}
 
 
@@ -573,6 +640,18 @@ def _sweep_tables(result: dict[str, Any]) -> str:
                                            "dynamic vs dense"], tablefmt="simple", disable_numparse=True)
                  + f"\nSpearman(CV, static vs dynamic error) = "
                  + (f"{rho:+.3f}" if rho is not None else "n/a (fewer than 3 layers)"))
+        single = check.get("single_layer")
+        if single:
+            rows = [[r["layer"], f"{r['cv']:.3f}" if r["cv"] is not None else "-",
+                     f"{100 * r['kept_fraction']:.0f}%", f"{100 * r['dynamic_top1']:.2f}",
+                     f"{100 * r['static_top1']:.2f}", f"{100 * r['gain']:+.2f}"] for r in single["layers"]]
+            rho = single["spearman"]
+            text += (f"\n\nOne layer gated at a time ({single['images']} images, dense "
+                     f"{100 * single['dense_top1']:.2f}%): ispc vs static at the same kept count\n"
+                     + tabulate(rows, headers=["layer", "CV", "kept", "ispc top-1", "static top-1",
+                                               "ispc - static"], tablefmt="simple", disable_numparse=True)
+                     + "\nSpearman(CV, ispc - static top-1) = "
+                     + (f"{rho:+.3f}" if rho is not None else "n/a (fewer than 3 layers)"))
     return text
 
 
@@ -598,15 +677,16 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     calibration = _subset_loader(data, "train", args.calibration_size, batch_size=args.batch_size,
                                  device=device)
     sweep = sparsity_sweep(model, calibration, test, keep_ratios=args.keep_ratios, modes=args.modes,
-                           allocations=args.allocations,
+                           allocations=args.allocations, saliency=args.saliency,
                            speed_rounds=args.speed_rounds, cv_images=args.cv_images,
+                           layer_images=args.layer_images,
                            progress=args.progress)
     result = {"model": meta["model_name"], "checkpoint": str(checkpoint), "top1_unit": "fraction",
               "dense_top1": top1, "test_images": int(test.images.shape[0]),
               "calibration_images": int(calibration.images.shape[0]),
               "calibration": "train split, first --calibration-size images of a fixed shuffle "
                              "(seed 0), no augmentation",
-              "threads": torch.get_num_threads(), "device": str(device), **sweep}
+              "saliency": args.saliency, "threads": torch.get_num_threads(), "device": str(device), **sweep}
     print(_sweep_tables(result))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -680,6 +760,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modes", nargs="+", choices=("threshold", "topk"), default=["threshold", "topk"])
     p.add_argument("--allocations", nargs="+", choices=("layer", "global"), default=["layer", "global"],
                    help="how keep ratios are spread over layers (GatingConfig.allocation)")
+    p.add_argument("--saliency", choices=("l2", "l1", "weighted_l2"), default="l2",
+                   help="per-instance channel importance (GatingConfig.saliency)")
     p.add_argument("--calibration-size", type=int, default=2048,
                    help="training images ispc calibrates on (default 2048)")
     p.add_argument("--limit", type=int, default=None,
@@ -687,6 +769,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--speed-rounds", type=int, default=20, help="timing rounds at batch 1")
     p.add_argument("--cv-images", type=int, default=256,
                    help="test images for the per-layer CV vs static-error check")
+    p.add_argument("--layer-images", type=int, default=1000,
+                   help="test images for the single-layer dynamic-vs-static accuracy check")
     p.add_argument("--dense-only", action="store_true", help="only the dense top-1")
     _common(p)
     p.set_defaults(func=_cmd_evaluate)

@@ -48,7 +48,7 @@ def test_evaluate_writes_matched_static_and_ispc_points(cifar, fake: Path, check
     out, png = tmp_path / "eval.json", tmp_path / "eval.png"
     assert cifar.main(["evaluate", "--checkpoint", str(checkpoint), "--data", str(fake),
                        "--cache-dir", str(tmp_path / "cache"), "--json", str(out), "--plot", str(png),
-                       "--keep-ratios", "0.5", "0.7", "--speed-rounds", "2", "--cv-images", "16",
+                       "--keep-ratios", "0.5", "0.7", "--speed-rounds", "2", "--cv-images", "16", "--layer-images", "24",
                        "--calibration-size", "48", "--limit", "32", "--batch-size", "16",
                        "--no-progress", "--threads", "1"]) == 0
     printed = capsys.readouterr().out
@@ -83,6 +83,13 @@ def test_evaluate_writes_matched_static_and_ispc_points(cifar, fake: Path, check
     for r in check["layers"]:
         assert r["cv"] > 0 and r["static_error"] >= 0 and r["dynamic_error_dense"] >= 0
     assert check["spearman"] is None or -1.0 <= check["spearman"] <= 1.0
+    single = check["single_layer"]
+    assert single["images"] == 24 and 0.0 <= single["dense_top1"] <= 1.0
+    assert [r["layer"] for r in single["layers"]] == ["3", "6", "9"]
+    for r in single["layers"]:
+        assert 0.0 < r["kept_fraction"] < 1.0
+        assert r["gain"] == pytest.approx(r["dynamic_top1"] - r["static_top1"])
+    assert "One layer gated at a time" in printed
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -102,3 +109,25 @@ def test_evaluate_default_checkpoint_and_spearman(cifar, fake: Path, checkpoint:
     assert cifar.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
     assert cifar.spearman([1, 2, 2, 3], [1, 2, 2, 3]) == pytest.approx(1.0)
     assert cifar.spearman([1, 2], [1, 2]) is None and cifar.spearman([1, 1, 1], [1, 2, 3]) is None
+
+
+def test_single_layer_check_restores_gates_and_matches_by_hand(cifar) -> None:
+    import ispc
+    from ispc.examples import models as M
+
+    torch.manual_seed(0)
+    model = M.resnet20(num_classes=10).eval()
+    data = [torch.randn(16, 3, 32, 32) for _ in range(2)]
+    fast = ispc.compile(model, data, config=ispc.GatingConfig(keep_ratio=0.5), progress=False)
+    test = [(torch.randn(10, 3, 32, 32), torch.randint(0, 10, (10,))) for _ in range(2)]
+    with torch.no_grad():
+        before = fast(test[0][0])
+    res = cifar.single_layer_check(fast, test, images=15, progress=False)
+    with torch.no_grad():
+        assert torch.equal(fast(test[0][0]), before)  # every gate restored
+    assert res["images"] == 15
+    assert [r["layer"] for r in res["layers"]] == list(fast.gated_modules())
+    x = torch.cat([test[0][0], test[1][0][:5]])
+    y = torch.cat([test[0][1], test[1][1][:5]])
+    with torch.no_grad():
+        assert res["dense_top1"] == pytest.approx(float((model(x).argmax(1) == y).float().mean()))
