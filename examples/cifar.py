@@ -158,6 +158,43 @@ def evaluate(model: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor
     return loss_sum / count, correct / count
 
 
+@torch.no_grad()
+def negligible_channels(model: nn.Module, loader: Iterable[Any], *, images: int = 1000,
+                        rel: float = 0.01) -> dict[str, Any]:
+    """How sparse the model is per instance, before any gating: at every gating site, the fraction
+    of (image, input channel) pairs whose RMS is at most ``rel`` times the site's mean channel RMS.
+
+    Feature decay should raise it; it bounds the MAC cut gating can take almost for free.
+    """
+    from ispc.feature_decay import default_sites
+
+    modules = dict(model.named_modules())
+    rows: dict[str, list[torch.Tensor]] = {name: [] for name in default_sites(model)}
+    hooks = [modules[name].register_forward_pre_hook(
+        lambda m, a, name=name: rows[name].append(a[0].float().pow(2).mean((2, 3)).sqrt().cpu()))
+        for name in rows]
+    seen = 0
+    was_training = model.training
+    model.eval()
+    try:
+        for x, _ in loader:
+            x = x[:images - seen]
+            model(x)
+            seen += int(x.shape[0])
+            if seen >= images:
+                break
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    layers = {}
+    for name, r in rows.items():
+        r = torch.cat(r)
+        layers[name] = float((r <= rel * r.mean()).float().mean()) if r.numel() else 0.0
+    return {"images": seen, "rel": rel, "layers": layers,
+            "mean_fraction": sum(layers.values()) / len(layers) if layers else 0.0}
+
+
 def evaluate_top1(model: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> float:
     """Top-1 accuracy (fraction in [0, 1]) of ``model`` over ``(images, labels)`` batches."""
     return evaluate(model, loader)[1]
@@ -669,6 +706,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     top1 = evaluate_top1(model, test)
     print(f"{meta['model_name']} {checkpoint}: dense test top-1 {100 * top1:.2f}% "
           f"({test.images.shape[0]} test images)", flush=True)
+    sparse = negligible_channels(model, test, images=args.layer_images)
+    print(f"negligible channels before gating (RMS <= {sparse['rel']:g} x layer mean, "
+          f"{sparse['images']} images): {100 * sparse['mean_fraction']:.1f}% on average over "
+          f"{len(sparse['layers'])} gating sites", flush=True)
     if args.dense_only:
         return 0
     bad = [r for r in args.keep_ratios if not 0.0 < r <= 1.0]
@@ -683,6 +724,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
                            progress=args.progress)
     result = {"model": meta["model_name"], "checkpoint": str(checkpoint), "top1_unit": "fraction",
               "dense_top1": top1, "test_images": int(test.images.shape[0]),
+              "negligible_channels": sparse,
               "calibration_images": int(calibration.images.shape[0]),
               "calibration": "train split, first --calibration-size images of a fixed shuffle "
                              "(seed 0), no augmentation",

@@ -59,6 +59,9 @@ def test_evaluate_writes_matched_static_and_ispc_points(cifar, fake: Path, check
     assert res["model"] == "_cifar_tiny_eval:tiny" and res["checkpoint"] == str(checkpoint)
     assert res["top1_unit"] == "fraction" and 0.0 <= res["dense_top1"] <= 1.0
     assert res["test_images"] == 32 and res["calibration_images"] == 48
+    sparse = res["negligible_channels"]
+    assert sparse["images"] == 24 and set(sparse["layers"]) == {"3", "6", "9"}
+    assert all(0.0 <= v <= 1.0 for v in sparse["layers"].values())
     points = res["points"]
     for p in points:
         assert POINT_KEYS <= set(p)
@@ -131,3 +134,18 @@ def test_single_layer_check_restores_gates_and_matches_by_hand(cifar) -> None:
     y = torch.cat([test[0][1], test[1][1][:5]])
     with torch.no_grad():
         assert res["dense_top1"] == pytest.approx(float((model(x).argmax(1) == y).float().mean()))
+
+
+def test_negligible_channels_counts_dead_channels(cifar) -> None:
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 8, 3, padding=1)).eval()
+    with torch.no_grad():
+        model[0].weight[:4].zero_()  # 4 of 16 channels are zero for every input
+        model[0].bias[:4].zero_()
+        model[0].bias[4:].fill_(1.0)  # the others are clearly alive
+    loader = [(torch.randn(6, 3, 8, 8), torch.zeros(6, dtype=torch.long)) for _ in range(2)]
+    res = cifar.negligible_channels(model, loader, images=10)
+    assert res["images"] == 10 and list(res["layers"]) == ["2"]
+    assert res["layers"]["2"] == pytest.approx(4 / 16)
