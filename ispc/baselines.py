@@ -140,8 +140,9 @@ def static_prune(model: nn.Module, calibration_data: Any, *,
         model: the trained model (never modified).
         calibration_data: as for :func:`ispc.compile`; required (the channels are chosen from it).
         keep_fractions: layer name -> fraction of input channels to keep, e.g. the per-layer
-            ``kept_fraction`` of an ispc model's ``measure()``, to compare at the same MACs. Only the
-            layers named are pruned. Default: ``config.keep_ratio`` on every layer ispc would gate.
+            ``kept_fraction`` of an ispc model's ``measure()``, to compare at the same MACs; each
+            is rounded to a channel count, at least one (a layer ispc skips entirely, fraction 0,
+            keeps its top channel). Only the layers named are pruned. Default: ``config.keep_ratio`` on every layer ispc would gate.
         config: a :class:`GatingConfig`; its layer selection (``min_channels``, ``include``,
             ``exclude``, ``min_cv``, ``gate_fraction``) and ``saliency`` apply. Its ``mode`` does not.
         progress: show progress bars.
@@ -159,9 +160,9 @@ def static_prune(model: nn.Module, calibration_data: Any, *,
                         "highest mean saliency on it")
     if keep_fractions is not None:
         bad = {k: v for k, v in keep_fractions.items()
-               if not isinstance(v, (int, float)) or not 0.0 < float(v) <= 1.0}
+               if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= float(v) <= 1.0}
         if bad:
-            raise ConfigError(f"keep_fractions must be in (0, 1], got {bad}")
+            raise ConfigError(f"keep_fractions must be in [0, 1], got {bad}")
     work = _private_copy(_unwrap(model))
     state = _make_state(work, calibration_data, cfg, progress)
     gm: fx.GraphModule = run_passes(work, state, ANALYSIS_PIPELINE)

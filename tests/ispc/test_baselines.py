@@ -131,7 +131,9 @@ def test_matches_an_ispc_point_and_refuses_mistakes() -> None:
     assert res[0].realized_speedup > 0
     with pytest.raises(ispc.ConfigError, match="cannot be pruned"):
         static_prune(model, data, keep_fractions={"0": 0.5}, progress=False)
-    with pytest.raises(ispc.ConfigError):
-        static_prune(model, data, keep_fractions={"2": 0.0}, progress=False)
+    for bad in (-0.1, 1.5, True):
+        with pytest.raises(ispc.ConfigError, match=r"\[0, 1\]"):
+            static_prune(model, data, keep_fractions={"2": bad}, progress=False)
+    assert static_prune(model, data, keep_fractions={"2": 0.0}, progress=False).static_modules()["2"].k == 1
     with pytest.raises(ispc.DataError):
         static_prune(model, None)
