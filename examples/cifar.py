@@ -7,17 +7,19 @@ because each epoch's data order depends only on (seed, epoch).
 
     python examples/cifar.py train --model resnet20 --data ../shared/data/cifar10-jpeg.tar.gz \\
         --epochs 40 --out runs/resnet20_dense
-    python examples/cifar.py finetune --checkpoint runs/resnet20_dense/best.pt \\
-        --feature-decay 1e-4 --epochs 10 --data ... --out runs/resnet20_fd
+    python examples/cifar.py finetune --checkpoint runs/resnet20_dense/final.pt \\
+        --feature-decay 3e-4 --lr 0.05 --epochs 12 --data ... --out runs/resnet20_fd
     python examples/cifar.py evaluate --checkpoint runs/resnet20_fd/final.pt --data ... \
-        --json eval.json --plot eval.png [--keep-ratios 0.3 0.5 0.7] [--modes threshold topk]
+        --json eval.json --plot eval.png [--keep-ratios 0.5 0.6 0.7] [--modes threshold topk] \
+        [--allocations layer global]
 
-``evaluate`` measures the dense top-1, then ispc (calibrated on training images only) at each mode
-and keep ratio, and for each threshold-mode point the static-pruning baseline
-(:func:`ispc.baselines.static_prune`) at the same per-layer kept fractions: top-1, MAC reduction
-actually executed on the test images, and batch-1 speed-up against the dense model. It also checks
-per layer whether the CV ranks the layers where a static mask changes the output most
-(``cv_check`` in the JSON).
+``evaluate`` measures the dense top-1 and the fraction of negligible channels at the gating sites,
+then ispc (calibrated on training images only) at each mode, allocation and keep ratio, and for each
+threshold-mode point the static-pruning baseline (:func:`ispc.baselines.static_prune`) at the same
+per-layer kept fractions: top-1, MAC reduction actually executed on the test images, and batch-1
+speed-up against the dense model. It also checks the CV rationale per layer (``cv_check`` in the
+JSON): how much a static mask changes each layer's output, and the top-1 of gating one layer at a
+time, dynamically vs statically, against the layer's CV.
 
 Also runnable as ``python -m ispc.examples.cifar`` once ispc is installed. Accuracies are
 fractions in [0, 1] in files and return values.
@@ -403,18 +405,21 @@ def _default_checkpoint() -> str:
 
 
 def _subset_loader(data: CIFAR10, split: str, n: int | None, *, batch_size: int,
-                   device: torch.device, seed: int = 0) -> Any:
+                   device: torch.device, seed: int = 0, shuffled: bool = False) -> Any:
     """Batches of ``n`` images of ``split`` (all when ``n`` is None), without augmentation.
 
     The stored splits are sorted by class, so a subset is the first ``n`` of a fixed
-    (``seed``-determined) shuffle: every class is represented, and runs are reproducible.
+    (``seed``-determined) shuffle: every class is represented, and runs are reproducible. With
+    ``shuffled`` the images also stay in that shuffled order, so that any prefix of the loader (what
+    the per-layer checks read) is a class-balanced sample too.
     """
     from ispc.datasets import CIFAR10Loader
 
     x, y = data.arrays(split)
     x, y = torch.from_numpy(x), torch.from_numpy(y)
-    if n is not None and n < x.shape[0]:
-        idx = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))[:n].sort().values
+    if shuffled or (n is not None and n < x.shape[0]):
+        idx = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))[:n]
+        idx = idx if shuffled else idx.sort().values
         x, y = x[idx], y[idx]
     return CIFAR10Loader(x, y, batch_size=batch_size, train=False, shuffle=False, seed=seed,
                          device=device, drop_last=False, mean=data.mean, std=data.std)
@@ -579,7 +584,7 @@ def sparsity_sweep(model: nn.Module, calibration: Iterable[Any], test: Iterable[
                    modes: Iterable[str] = ("threshold", "topk"),
                    allocations: Iterable[str] = ("layer",), saliency: str = "l2",
                    speed_rounds: int = 20, cv_images: int = 256, layer_images: int = 1000,
-                   progress: bool = True) -> dict[str, Any]:
+                   check_data: Iterable[Any] | None = None, progress: bool = True) -> dict[str, Any]:
     """ispc at each (mode, allocation, keep ratio), and static pruning matched to each
     threshold-mode point.
 
@@ -591,6 +596,7 @@ def sparsity_sweep(model: nn.Module, calibration: Iterable[Any], test: Iterable[
     import ispc
     from ispc.baselines import static_prune
 
+    check_data = test if check_data is None else check_data
     keep_ratios, modes, allocations = [float(r) for r in keep_ratios], list(modes), list(allocations)
     grid = [(m, a, r) for m in modes for a in allocations for r in keep_ratios]
     thr = [(a, r) for m, a, r in grid if m == "threshold"]
@@ -616,8 +622,9 @@ def sparsity_sweep(model: nn.Module, calibration: Iterable[Any], test: Iterable[
                        "speedup_b1": _speedup_b1(model, static, speed_rounds, progress)})
         if (alloc, ratio) == check_at:
             cv_check = {"mode": mode, "allocation": alloc, "keep_ratio": ratio,
-                        **static_error_check(fast, static, test, images=cv_images, progress=progress),
-                        "single_layer": single_layer_check(fast, test, images=layer_images,
+                        **static_error_check(fast, static, check_data, images=cv_images,
+                                             progress=progress),
+                        "single_layer": single_layer_check(fast, check_data, images=layer_images,
                                                            progress=progress)}
     return {"points": points, "cv_check": cv_check}
 
@@ -706,7 +713,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     top1 = evaluate_top1(model, test)
     print(f"{meta['model_name']} {checkpoint}: dense test top-1 {100 * top1:.2f}% "
           f"({test.images.shape[0]} test images)", flush=True)
-    sparse = negligible_channels(model, test, images=args.layer_images)
+    # the checks read the first images of their loader: a fixed shuffle, so every class is in them
+    # (the stored test split is sorted by class)
+    checks = _subset_loader(data, "test", max(args.cv_images, args.layer_images),
+                            batch_size=args.batch_size, device=device, seed=1, shuffled=True)
+    sparse = negligible_channels(model, checks, images=args.layer_images)
     print(f"negligible channels before gating (RMS <= {sparse['rel']:g} x layer mean, "
           f"{sparse['images']} images): {100 * sparse['mean_fraction']:.1f}% on average over "
           f"{len(sparse['layers'])} gating sites", flush=True)
@@ -720,7 +731,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     sweep = sparsity_sweep(model, calibration, test, keep_ratios=args.keep_ratios, modes=args.modes,
                            allocations=args.allocations, saliency=args.saliency,
                            speed_rounds=args.speed_rounds, cv_images=args.cv_images,
-                           layer_images=args.layer_images,
+                           layer_images=args.layer_images, check_data=checks,
                            progress=args.progress)
     result = {"model": meta["model_name"], "checkpoint": str(checkpoint), "top1_unit": "fraction",
               "dense_top1": top1, "test_images": int(test.images.shape[0]),
