@@ -142,7 +142,8 @@ def static_prune(model: nn.Module, calibration_data: Any, *,
         keep_fractions: layer name -> fraction of input channels to keep, e.g. the per-layer
             ``kept_fraction`` of an ispc model's ``measure()``, to compare at the same MACs; each
             is rounded to a channel count, at least one (a layer ispc skips entirely, fraction 0,
-            keeps its top channel). Only the layers named are pruned. Default: ``config.keep_ratio`` on every layer ispc would gate.
+            keeps its top channel). Only the layers named are pruned. Default:
+            ``config.keep_ratio`` on every layer ispc would gate.
         config: a :class:`GatingConfig`; its layer selection (``min_channels``, ``include``,
             ``exclude``, ``min_cv``, ``gate_fraction``) and ``saliency`` apply. Its ``mode`` does not.
         progress: show progress bars.

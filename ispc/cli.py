@@ -186,7 +186,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     print(f"ispc demo: {args.model} with random weights on random {size}x{size} inputs "
           f"(shows the pipeline and real speed; accuracy needs a trained model and real data)\n")
     cfg = GatingConfig(keep_ratio=args.keep_ratio, mode=args.mode, saliency=args.saliency,
-                       allocation=args.allocation, latency_aware=args.latency_aware, latency_batch_size=min(args.batch_sizes))
+                       allocation=args.allocation, latency_aware=args.latency_aware,
+                       latency_batch_size=min(args.batch_sizes))
     compiled = ispc_compile(model, data, config=cfg)
     print(compiled.report)
     print()
