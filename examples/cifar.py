@@ -35,7 +35,7 @@ import random
 import shlex
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -160,6 +160,19 @@ def evaluate(model: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor
     return loss_sum / count, correct / count
 
 
+def first_images(loader: Iterable[Any], images: int) -> Iterator[tuple[torch.Tensor, Any]]:
+    """``(x, y)`` batches of ``loader`` cut to its first ``images`` images (``y`` is None for
+    batches that are bare tensors): what the per-layer checks read."""
+    seen = 0
+    for batch in loader:
+        x, y = (batch[0], batch[1]) if isinstance(batch, (tuple, list)) else (batch, None)
+        x = x[:images - seen]
+        yield x, (None if y is None else y[:images - seen])
+        seen += int(x.shape[0])
+        if seen >= images:
+            break
+
+
 @torch.no_grad()
 def negligible_channels(model: nn.Module, loader: Iterable[Any], *, images: int = 1000,
                         rel: float = 0.01) -> dict[str, Any]:
@@ -179,12 +192,9 @@ def negligible_channels(model: nn.Module, loader: Iterable[Any], *, images: int 
     was_training = model.training
     model.eval()
     try:
-        for x, _ in loader:
-            x = x[:images - seen]
+        for x, _ in first_images(loader, images):
             model(x)
             seen += int(x.shape[0])
-            if seen >= images:
-                break
     finally:
         model.train(was_training)
         for h in hooks:
@@ -481,13 +491,10 @@ def static_error_check(compiled: nn.Module, static: nn.Module, loader: Iterable[
     hooks = [gated[n].register_forward_hook(lambda mod, a, o, n=n: hook(mod, a, o, n)) for n in names]
     seen = 0
     try:
-        for batch in _progress(loader, desc="cv check", total=None, enabled=progress):
-            x = batch[0] if isinstance(batch, (tuple, list)) else batch
-            x = x[:images - seen]
+        for x, _ in _progress(first_images(loader, images), desc="cv check", total=None,
+                              enabled=progress):
             compiled(x)
             seen += int(x.shape[0])
-            if seen >= images:
-                break
     finally:
         for h in hooks:
             h.remove()
@@ -519,20 +526,15 @@ def single_layer_check(compiled: nn.Module, loader: Iterable[Any], *, images: in
     top-1 - static top-1. The paper's rationale predicts that gain grows with the layer's CV;
     ``spearman`` (CV vs gain) checks it on accuracy, the quantity that matters.
     """
-    from ispc.baselines import static_channels
+    from ispc.baselines import _kept_count, static_channels
     from ispc.passes import ispc_meta
 
     gm = compiled.graph_module
     gated = compiled.gated_modules()
     stats = {n.target: ispc_meta(n).get("stats") for n in gm.graph.nodes
              if n.op == "call_module" and n.target in gated}
-    batches, seen = [], 0
-    for batch in loader:
-        x, y = batch[0][:images - seen], batch[1][:images - seen]
-        batches.append((x, y))
-        seen += int(x.shape[0])
-        if seen >= images:
-            break
+    batches = list(first_images(loader, images))
+    seen = sum(int(x.shape[0]) for x, _ in batches)
 
     def top1() -> float:
         return sum(int((gm(x).argmax(1) == y).sum()) for x, y in batches) / max(seen, 1)
@@ -554,7 +556,7 @@ def single_layer_check(compiled: nn.Module, loader: Iterable[Any], *, images: in
                 hook.remove()
             m.mode, m.threshold = "threshold", 0.0
             fraction = float(torch.cat(kept).mean())
-            k = int(min(m.in_channels, max(1, round(fraction * m.in_channels))))
+            k = _kept_count(fraction, m.in_channels)  # rounded as static_prune rounds
             mask = torch.zeros(m.in_channels)
             mask[static_channels(stats[name], k)] = 1
             hook = m.register_forward_pre_hook(

@@ -11,8 +11,6 @@ from zoo import SmallResidualNet
 from ispc.export import GATED_OP, eval_mode, export_program, gated_nodes
 
 
-
-
 @pytest.fixture(scope="module", params=["topk", "threshold"])
 def compiled(request):
     torch.manual_seed(0)

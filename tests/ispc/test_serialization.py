@@ -18,8 +18,6 @@ from zoo import SmallResidualNet
 from ispc.serialization import ArchiveError, load, save
 
 
-
-
 @pytest.fixture(scope="module", params=["topk", "threshold"])
 def saved(request, tmp_path_factory):
     torch.manual_seed(0)
