@@ -195,6 +195,7 @@ def static_prune(model: nn.Module, calibration_data: Any, *,
         parent, _, attr = node.target.rpartition(".")
         setattr(gm.get_submodule(parent) if parent else gm, attr, static)
         kept[name] = k
+    gm = run_passes(gm, state, ["lower_pools"])  # the same layout lowering as dense and ispc
     gm.recompile()
 
     report = _static_report(build_report(gm, state), kept)

@@ -63,13 +63,14 @@ def time_interleaved(candidates: dict[str, Callable[[], Any]], *, warmup: int = 
 
 
 def dense_baseline(model: nn.Module, example: torch.Tensor) -> nn.Module:
-    """The model as ispc sees it before gating: traced, eval mode, BatchNorm folded."""
+    """The model as ispc sees it before gating: traced, eval mode, BatchNorm folded, pools lowered
+    (the same layout lowering the compiled model gets, so speed-ups measure gating alone)."""
     from .api import _make_state, _private_copy, _unwrap
     from .passes import run_passes
 
     work = _private_copy(_unwrap(model))
     state = _make_state(work, [example], GatingConfig(keep_ratio=1.0), progress=False)
-    return run_passes(work, state, ["capture", "fold_bn"])
+    return run_passes(work, state, ["capture", "fold_bn", "lower_pools"])
 
 
 @dataclass

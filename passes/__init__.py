@@ -1,6 +1,7 @@
 """ispc's graph passes, in pipeline order (imported as ``ispc.passes``).
 
-    capture -> fold_bn -> find_sites -> calibrate -> rank -> insert_gates -> select_kernels -> refine
+    capture -> fold_bn -> find_sites -> calibrate -> rank -> insert_gates -> lower_pools
+        -> select_kernels -> refine
 
 Each pass is ``pass_fn(gm, state) -> GraphModule``; see :mod:`ispc.passes.base`.
 """
@@ -11,17 +12,19 @@ from .find_sites import build_channel_graph, channel_kind, coupling_groups, find
 from .calibrate import calibrate, saliency_scale
 from .rank import choose_k, choose_threshold, kept_counts, rank_layers
 from .insert_gates import insert_gates, resolve_padding
+from .lower_pools import lower_pools
 from .refine import refine_thresholds
 from .select_kernels import predicted_strategy, select_kernels
 
 #: the passes ``ispc.inspect`` runs
 ANALYSIS_PIPELINE = ["capture", "fold_bn", "find_sites", "calibrate", "rank"]
 #: the passes ``ispc.compile`` runs
-COMPILE_PIPELINE = ANALYSIS_PIPELINE + ["insert_gates", "select_kernels", "refine"]
+COMPILE_PIPELINE = ANALYSIS_PIPELINE + ["insert_gates", "lower_pools", "select_kernels", "refine"]
 
 __all__ = [
     "PASSES", "Pass", "PassState", "ispc_meta", "register_pass", "run_passes", "capture", "trace",
     "fold_batchnorm", "build_channel_graph", "channel_kind", "coupling_groups", "find_sites",
     "calibrate", "saliency_scale", "choose_k", "choose_threshold", "kept_counts", "rank_layers",
-    "insert_gates", "resolve_padding", "refine_thresholds", "select_kernels", "predicted_strategy", "ANALYSIS_PIPELINE", "COMPILE_PIPELINE",
+    "insert_gates", "resolve_padding", "lower_pools", "refine_thresholds", "select_kernels",
+    "predicted_strategy", "ANALYSIS_PIPELINE", "COMPILE_PIPELINE",
 ]

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import rel_err
 from ispc.ops import gated_conv as gc
-from ispc.ops.cpu_kernels import gated_conv2d_gemm, prepare_weight, run_strategy
+from ispc.ops.cpu_kernels import gated_conv2d_gemm, im2col, prepare_weight, run_strategy
 
 
 @pytest.mark.parametrize("cin,cout,k,stride,pad,dil", [
@@ -34,3 +35,16 @@ def test_run_strategy_all_agree():
     for strat in ("gather", "grouped", "gemm"):
         out = run_strategy(strat, x, w, prepare_weight(w), b, s, (1, 1), (1, 1), (1, 1), gc.TOPK, 0.0, 8, 0)
         assert rel_err(out, ref) <= 1e-5
+
+
+@pytest.mark.parametrize("kernel,stride,padding,dilation", [
+    ((3, 3), (1, 1), (1, 1), (1, 1)), ((3, 3), (2, 2), (1, 1), (1, 1)), ((1, 1), (1, 1), (0, 0), (1, 1)),
+    ((3, 5), (2, 1), (0, 2), (1, 1)), ((3, 3), (1, 1), (2, 2), (2, 2)), ((7, 7), (2, 2), (3, 3), (1, 1)),
+    ((2, 2), (3, 2), (1, 0), (1, 2))])
+@pytest.mark.parametrize("c,h,w", [(1, 5, 5), (6, 9, 7), (32, 14, 14)])
+def test_im2col_equals_unfold(kernel, stride, padding, dilation, c, h, w):
+    x = torch.randn(c, h, w, generator=torch.Generator().manual_seed(c * h + w))
+    expect = F.unfold(x[None], kernel, dilation, padding, stride)[0]
+    got = im2col(x, kernel, stride, padding, dilation)
+    assert got.shape == expect.shape and got.is_contiguous()
+    assert torch.equal(got, expect)

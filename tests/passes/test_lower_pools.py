@@ -1,0 +1,74 @@
+import pytest
+import torch
+from torch import nn
+
+import ispc
+from ispc.benchmark import dense_baseline
+from ispc.examples.models import create_model
+from ispc.modules import ChannelsLastMaxPool2d
+
+
+@pytest.mark.parametrize("kernel,stride,padding,dilation,ceil", [
+    (3, 2, 1, 1, False), (2, 2, 0, 1, False), (3, 1, 1, 1, False), (3, 2, 0, 1, True),
+    (3, 2, 1, 2, False), ((3, 2), (2, 1), (1, 0), 1, True)])
+@pytest.mark.parametrize("shape", [(1, 64, 56, 56), (3, 5, 17, 13), (2, 16, 8, 9)])
+def test_channels_last_pool_equals_plain_pool(kernel, stride, padding, dilation, ceil, shape):
+    plain = nn.MaxPool2d(kernel, stride, padding, dilation, ceil_mode=ceil)
+    fast = ChannelsLastMaxPool2d(kernel, stride, padding, dilation, ceil_mode=ceil)
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(sum(shape)))
+    out = fast(x)
+    assert torch.equal(out, plain(x))
+    assert out.is_contiguous()  # NCHW back for the layers after it
+
+
+def test_channels_last_pool_plain_path_for_other_inputs():
+    fast = ChannelsLastMaxPool2d(2)
+    x = torch.randn(2, 4, 8, 8)
+    assert torch.equal(fast(x.transpose(2, 3)), nn.MaxPool2d(2)(x.transpose(2, 3)))  # strided
+    assert torch.equal(fast(x[0]), nn.MaxPool2d(2)(x[0]))  # 3-d
+    xg = x.clone().requires_grad_()
+    fast(xg).sum().backward()  # differentiable on either path
+    assert xg.grad.sum().item() == pytest.approx(2 * 4 * 4 * 4)
+
+
+def test_compile_lowers_pools_and_baseline_matches():
+    torch.manual_seed(0)
+    model = create_model("resnet18").eval()
+    x = torch.randn(2, 3, 64, 64)
+    compiled = ispc.compile(model, [x], config=ispc.GatingConfig(keep_ratio=1.0))
+    pools = [m for m in compiled.graph_module.modules() if isinstance(m, nn.MaxPool2d)]
+    assert pools and all(type(m) is ChannelsLastMaxPool2d for m in pools)
+    assert type(model.maxpool) is nn.MaxPool2d  # the user's model is untouched
+    base = dense_baseline(model, x)
+    assert any(type(m) is ChannelsLastMaxPool2d for m in base.modules())
+    with torch.no_grad():
+        ref = model(x)
+        torch.testing.assert_close(compiled(x), ref, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(base(x), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_return_indices_pool_is_left_alone():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+            self.pool = nn.MaxPool2d(2, return_indices=True)
+
+        def forward(self, x):
+            y, idx = self.pool(self.conv(x))
+            return y + idx.float() * 0
+
+    compiled = ispc.compile(Net().eval(), [torch.randn(2, 3, 8, 8)],
+                            config=ispc.GatingConfig(keep_ratio=1.0))
+    assert type(compiled.graph_module.pool) is nn.MaxPool2d
+
+
+def test_exported_graph_has_the_plain_pool():
+    torch.manual_seed(0)
+    model = create_model("resnet18").eval()
+    x = torch.randn(1, 3, 32, 32)
+    compiled = ispc.compile(model, [x], config=ispc.GatingConfig(keep_ratio=0.5))
+    ep = ispc.export_program(compiled, x)
+    targets = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
+    assert any("max_pool2d" in t for t in targets)
+    assert not any("clone" in t or "contiguous" in t for t in targets)
