@@ -29,7 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep-ratio", type=float, default=0.5)
     p.add_argument("--mode", choices=["threshold", "topk"], default="topk")
     p.add_argument("--image-size", type=int, default=224)
-    p.add_argument("--rounds", type=int, default=20, help="timing rounds at batch 1")
+    p.add_argument("--rounds", type=int, default=60,
+                   help="timing rounds at batch 1 (fewer let a shared VM's noise, ~5%% run to run, "
+                        "through)")
     p.add_argument("--batched-rounds", type=int, default=5, help="timing rounds at batch > 1")
     p.add_argument("--latency-rounds", type=int, default=15,
                    help="per-layer timing rounds of the latency-aware cost model at batch 1 "
