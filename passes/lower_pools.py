@@ -1,7 +1,8 @@
 """Lower max-pooling to the eager CPU layout that runs it fastest.
 
 A lowering, not a gating decision: it changes no result, and :func:`ispc.benchmark.dense_baseline`
-runs it too, so measured speed-ups stay gating's alone.
+runs it too, so measured speed-ups stay gating's alone. Functional ``F.max_pool2d`` calls in a
+model's ``forward`` are left as they are (only modules are swapped).
 """
 from __future__ import annotations
 
