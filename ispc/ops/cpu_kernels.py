@@ -43,9 +43,9 @@ def im2col(x: Tensor, kernel: tuple[int, int], stride: tuple[int, int], padding:
            dilation: tuple[int, int]) -> Tensor:
     """``F.unfold`` of one instance ``(C, H, W)`` -> ``(C*kh*kw, Ho*Wo)``, as one strided copy.
 
-    A zero-padded copy viewed through ``as_strided`` and made contiguous: 1.4-13x faster than
-    ``F.unfold`` on ResNet-sized layers (PyTorch 2.13, CPU), which would otherwise cost as much as
-    the skipped MACs save on large feature maps.
+    A zero-padded copy viewed through ``as_strided`` and made contiguous: 1.1-7x faster than
+    ``F.unfold`` on ResNet-sized layers (PyTorch 2.13, 2-core CPU, ``examples/kernel_speed.py``),
+    which would otherwise cost as much as the skipped MACs save on large feature maps.
     """
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel, stride, padding, dilation
     c, h, w = x.shape

@@ -1,0 +1,16 @@
+"""examples/kernel_speed.py runs and reports every op it times (timings themselves are not asserted)."""
+import importlib.util
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "kernel_speed.py"
+
+
+def test_kernel_speed_prints_a_row_per_op(capsys):
+    spec = importlib.util.spec_from_file_location("kernel_speed", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--rounds", "1"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| max-pool") or line.startswith("| im2col")]
+    assert len(rows) == len(mod.POOLS) + len(mod.IM2COL)
+    assert all(float(r.split("|")[5]) > 0 for r in rows)  # a positive speed-up ratio on every row
