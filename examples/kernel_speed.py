@@ -1,8 +1,10 @@
 """The op-level timings behind ``lower_pools`` and ``cpu_kernels.im2col`` (CPU, batch 1 unless set).
 
-Interleaved medians (``ispc.benchmark.time_interleaved``) of PyTorch's NCHW max-pool against
-:class:`ispc.modules.ChannelsLastMaxPool2d` (both layout copies included), and of ``F.unfold``
-against the strided im2col, on ResNet-sized shapes::
+Interleaved medians (``ispc.benchmark.time_interleaved``) of PyTorch's NCHW max-pool against the
+module ``lower_pools`` puts in its place (:class:`ispc.modules.StridedMaxPool2d` for VGG's
+non-overlapping 2x2 pools, :class:`ispc.modules.ChannelsLastMaxPool2d` with both layout copies for
+ResNet's 3x3/2 stem pool), and of ``F.unfold`` against the strided im2col, on ResNet- and VGG-sized
+shapes::
 
     python examples/kernel_speed.py --threads 2
 """
@@ -16,10 +18,11 @@ from tabulate import tabulate
 from torch import nn
 
 from ispc.benchmark import time_interleaved
-from ispc.modules import ChannelsLastMaxPool2d
+from ispc.modules import ChannelsLastMaxPool2d, StridedMaxPool2d
 from ispc.ops.cpu_kernels import im2col
 
-POOLS = [((64, 112), 3, 2, 1), ((64, 56), 3, 2, 1), ((512, 14), 2, 2, 0)]
+POOLS = [((64, 112), 3, 2, 1), ((64, 56), 3, 2, 1), ((64, 224), 2, 2, 0), ((256, 56), 2, 2, 0),
+         ((512, 14), 2, 2, 0)]
 IM2COL = [(32, 56), (64, 28), (128, 14), (256, 7), (32, 224), (64, 112)]
 
 
@@ -35,10 +38,12 @@ def main(argv: list[str] | None = None) -> int:
     with torch.no_grad():
         for (c, hw), k, s, pad in POOLS:
             x = torch.randn(args.batch_size, c, hw, hw)
-            plain, fast = nn.MaxPool2d(k, s, pad), ChannelsLastMaxPool2d(k, s, pad)
+            plain = nn.MaxPool2d(k, s, pad)
+            lowered = StridedMaxPool2d if StridedMaxPool2d.non_overlapping(plain) else ChannelsLastMaxPool2d
+            fast = lowered(k, s, pad)
             t = time_interleaved({"a": lambda: plain(x), "b": lambda: fast(x)}, rounds=args.rounds,
                                  progress=False)
-            rows.append([f"max-pool {k}x{k}/{s}", f"{args.batch_size}x{c}x{hw}x{hw}",
+            rows.append([f"max-pool {k}x{k}/{s} ({lowered.__name__})", f"{args.batch_size}x{c}x{hw}x{hw}",
                          t["a"].median, t["b"].median, t["a"].median / t["b"].median])
         for c, hw in IM2COL:
             x = torch.randn(c, hw, hw)

@@ -8,7 +8,10 @@ from torch import Tensor, nn
 from .ops import cpu_kernels as _cpu
 from .ops import gated_conv as _gc
 
-__all__ = ["GatedConv2d", "ChannelsLastMaxPool2d", "MODE_CODES", "SALIENCY_CODES", "plain_cpu_call"]
+__all__ = [
+    "GatedConv2d", "ChannelsLastMaxPool2d", "StridedMaxPool2d", "fast_max_pool", "MODE_CODES",
+    "SALIENCY_CODES", "plain_cpu_call",
+]
 
 MODE_CODES = {"threshold": _gc.THRESHOLD, "topk": _gc.TOPK}
 #: weighted_l2 is l2 with the weight-column norms folded into the per-channel scale
@@ -122,3 +125,56 @@ class ChannelsLastMaxPool2d(nn.MaxPool2d):
                              self.stride, self.padding, self.dilation, ceil_mode=self.ceil_mode)
             return y.contiguous()
         return super().forward(x)
+
+
+def _pair(v) -> tuple[int, int]:
+    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+class StridedMaxPool2d(nn.MaxPool2d):
+    """``nn.MaxPool2d`` for non-overlapping windows (stride = kernel, no padding, no dilation) on
+    CPU, computed as elementwise maxima of the ``kh*kw`` strided views of the input.
+
+    Every input element is read once by a vectorized elementwise kernel, where PyTorch 2.13's
+    pooling kernels walk windows: VGG's 2x2 pools run 3-5x faster than the NCHW kernel and than
+    :class:`ChannelsLastMaxPool2d` (``examples/kernel_speed.py``). The result is identical (NaN
+    propagates as in ``max_pool2d``) and keeps the input's memory format. Elsewhere (CUDA,
+    tracing, export, autograd, ``ceil_mode`` with a partial window) it is the plain module.
+    """
+
+    def __init__(self, kernel_size, stride=None, padding=0, dilation=1, return_indices=False,
+                 ceil_mode=False) -> None:
+        super().__init__(kernel_size, stride, padding, dilation, return_indices, ceil_mode)
+        if not self.non_overlapping(self):
+            raise ValueError("StridedMaxPool2d needs stride == kernel_size, padding 0, dilation 1 "
+                             "and no return_indices; use nn.MaxPool2d for other pools")
+
+    @staticmethod
+    def non_overlapping(pool: nn.MaxPool2d) -> bool:
+        """Whether ``pool``'s windows tile its input without overlap or padding."""
+        stride = pool.stride if pool.stride is not None else pool.kernel_size
+        return (_pair(stride) == _pair(pool.kernel_size) and _pair(pool.padding) == (0, 0)
+                and _pair(pool.dilation) == (1, 1) and not pool.return_indices)
+
+    def forward(self, x: Tensor) -> Tensor:
+        kh, kw = _pair(self.kernel_size)
+        if not (x.dim() == 4 and plain_cpu_call(x) and not (torch.is_grad_enabled() and x.requires_grad)):
+            return super().forward(x)
+        ho, wo = x.shape[-2] // kh, x.shape[-1] // kw
+        if ho == 0 or wo == 0 or (self.ceil_mode and (x.shape[-2] % kh or x.shape[-1] % kw)):
+            return super().forward(x)
+        views = [x[:, :, i:ho * kh:kh, j:wo * kw:kw] for i in range(kh) for j in range(kw)]
+        if len(views) == 1:
+            return views[0].clone()
+        out = torch.maximum(views[0], views[1])
+        for v in views[2:]:
+            torch.maximum(out, v, out=out)
+        return out
+
+
+def fast_max_pool(kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False) -> nn.MaxPool2d:
+    """The fastest eager-CPU equivalent of ``nn.MaxPool2d(...)`` (no ``return_indices``):
+    :class:`StridedMaxPool2d` for non-overlapping windows, else :class:`ChannelsLastMaxPool2d`."""
+    plain = nn.MaxPool2d(kernel_size, stride, padding, dilation, ceil_mode=ceil_mode)
+    cls = StridedMaxPool2d if StridedMaxPool2d.non_overlapping(plain) else ChannelsLastMaxPool2d
+    return cls(kernel_size, stride, padding, dilation, ceil_mode=ceil_mode)

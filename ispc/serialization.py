@@ -23,10 +23,11 @@ What the loaded model is: a :class:`~ispc.compiled.CompiledModel` whose ``graph_
 :class:`torch.fx.GraphModule` over ATen operators in which every gated layer is again a
 :class:`~ispc.modules.GatedConv2d` submodule (under its original qualified name when that can be
 recovered from the weight names, with its kernel strategy re-selected) and every plain
-``aten.conv2d``/``aten.linear`` with stored weights is an ``nn.Conv2d``/``nn.Linear`` submodule.
+``aten.conv2d``/``aten.linear`` with stored weights is an ``nn.Conv2d``/``nn.Linear`` submodule,
+and every ``aten.max_pool2d`` the fast pooling module a compiled model uses (``lower_pools``).
 So ``gated_modules()``, ``measure()`` (its MAC counts see the same layers as before saving),
 ``kept_mask``, ``reference`` and ``set_strategy`` work after loading, as do ``.report`` and
-``.config``. Other layers (ReLU, pooling, add, ...) are ATen calls, not modules, so graph passes
+``.config``. Other layers (ReLU, average pooling, add, ...) are ATen calls, not modules, so graph passes
 that match ``nn.Module`` types or the original Python functions will not recognize them, and
 the loaded graph cannot be re-compiled from scratch by ``ispc.compile`` (compile the original).
 Outputs keep the eager model's structure (tensor, tuple, dict).
@@ -57,7 +58,7 @@ from .compiled import CompiledModel
 from .config import GatingConfig
 from .errors import IspcError, UnsupportedModelError
 from .export import GATED_OP, as_example_inputs, eval_mode, export_program
-from .modules import MODE_CODES, SALIENCY_CODES, GatedConv2d
+from .modules import MODE_CODES, SALIENCY_CODES, GatedConv2d, fast_max_pool
 from .report import Report
 
 __all__ = ["save", "load", "ArchiveError", "FORMAT", "FORMAT_VERSION", "program_to_json",
@@ -418,14 +419,24 @@ def _install(gm: fx.GraphModule, node: fx.Node, attrs: list[fx.Node], module: nn
 
 def modularize(gm: fx.GraphModule, saliency_name: str | None = None) -> fx.GraphModule:
     """Turn ``ispc::gated_conv2d``, ``aten.conv2d`` and ``aten.linear`` calls whose weights are
-    attributes into :class:`GatedConv2d`, ``nn.Conv2d`` and ``nn.Linear`` submodules (in place)."""
+    attributes into :class:`GatedConv2d`, ``nn.Conv2d`` and ``nn.Linear`` submodules, and
+    ``aten.max_pool2d`` calls into the pooling modules ``lower_pools`` uses (in place)."""
     modes = {v: k for k, v in MODE_CODES.items()}
     taken: set[str] = set()
     conv2d, linear = torch.ops.aten.conv2d.default, torch.ops.aten.linear.default
+    max_pool = torch.ops.aten.max_pool2d.default
     for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target not in (GATED_OP, conv2d, linear):
+        if node.op != "call_function" or node.target not in (GATED_OP, conv2d, linear, max_pool):
             continue
         a = _bind(node)
+        if node.target is max_pool:  # the same fast eager pooling as a compiled model (lower_pools)
+            kernel, padding, dilation = (_pair(a[k]) for k in ("kernel_size", "padding", "dilation"))
+            stride = _pair(a["stride"]) if a["stride"] else kernel  # [] means "= kernel_size"
+            if (isinstance(a["self"], fx.Node) and None not in (kernel, stride, padding, dilation)
+                    and isinstance(a["ceil_mode"], bool)):
+                pool = fast_max_pool(kernel, stride, padding, dilation, a["ceil_mode"])
+                _install(gm, node, [], pool, a["self"], taken, "max_pool")
+            continue
         x = a["input"] if "input" in a else a.get("x")
         w_node, b_node = a["weight"], a["bias"]
         w = _attr(gm, w_node)

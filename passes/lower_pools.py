@@ -1,4 +1,7 @@
-"""Lower max-pooling to the eager CPU layout that runs it fastest.
+"""Lower max-pooling to the eager CPU kernel that runs it fastest.
+
+Non-overlapping pools (VGG's 2x2/2) become :class:`~ispc.modules.StridedMaxPool2d` (elementwise
+maxima of strided views); other pools (ResNet's 3x3/2 stem) :class:`~ispc.modules.ChannelsLastMaxPool2d`.
 
 A lowering, not a gating decision: it changes no result, and :func:`ispc.benchmark.dense_baseline`
 runs it too, so measured speed-ups stay gating's alone. Functional ``F.max_pool2d`` calls in a
@@ -8,7 +11,7 @@ from __future__ import annotations
 
 from torch import fx, nn
 
-from ispc.modules import ChannelsLastMaxPool2d
+from ispc.modules import StridedMaxPool2d, fast_max_pool
 
 from .base import PassState, ispc_meta, register_pass, replace_submodule
 
@@ -17,16 +20,16 @@ __all__ = ["lower_pools"]
 
 @register_pass("lower_pools")
 def lower_pools(gm: fx.GraphModule, state: PassState) -> fx.GraphModule:
-    """Swap each ``nn.MaxPool2d`` (exact type, no ``return_indices``) for
-    :class:`~ispc.modules.ChannelsLastMaxPool2d` under the same name."""
+    """Swap each ``nn.MaxPool2d`` (exact type, no ``return_indices``) for the faster equivalent
+    module under the same name."""
     for node in gm.graph.nodes:
         if node.op != "call_module":
             continue
         mod = gm.get_submodule(node.target)
         if type(mod) is not nn.MaxPool2d or mod.return_indices:
             continue
-        fast = ChannelsLastMaxPool2d(mod.kernel_size, mod.stride, mod.padding, mod.dilation,
-                                     ceil_mode=mod.ceil_mode)
+        fast = fast_max_pool(mod.kernel_size, mod.stride, mod.padding, mod.dilation, mod.ceil_mode)
         replace_submodule(gm, node.target, fast)
-        ispc_meta(node)["lowered"] = "channels_last_max_pool"
+        strided = type(fast) is StridedMaxPool2d
+        ispc_meta(node)["lowered"] = "strided_max_pool" if strided else "channels_last_max_pool"
     return gm

@@ -72,7 +72,7 @@ def gated_conv2d_gemm(x: Tensor, weight: Tensor, weight_t: Tensor, bias: Tensor,
     pointwise = taps == 1 and padding == (0, 0)
     s = channel_saliency(x, scale, saliency)
     out = x.new_empty((n, cout, ho * wo))
-    tap_offsets = torch.arange(taps, device=x.device)
+    w_rows = weight_t.view(c, taps * cout)  # one row per input channel: its taps' rows of W^T
     b = bias[:, None]
     for i in range(n):
         idx = kept_indices(s[i], mode, threshold, k) if (mode == THRESHOLD or k > 0) else s.new_zeros(
@@ -85,11 +85,10 @@ def gated_conv2d_gemm(x: Tensor, weight: Tensor, weight_t: Tensor, bias: Tensor,
             if stride != (1, 1):
                 xi = xi[:, ::stride[0], ::stride[1]]
             cols = xi.reshape(idx.numel(), ho * wo)
-            rows = idx
         else:
             cols = im2col(xi, (kh, kw), stride, padding, dilation)
-            rows = (idx[:, None] * taps + tap_offsets).flatten()
-        torch.addmm(b, weight_t.index_select(0, rows).t(), cols, out=out[i])
+        w_kept = w_rows.index_select(0, idx).view(-1, cout)
+        torch.addmm(b, w_kept.t(), cols, out=out[i])
     return out.view(n, cout, ho, wo)
 
 

@@ -167,3 +167,27 @@ def test_save_needs_example_without_recorded_shape():
     compiled = ispc.compile(m, config=ispc.GatingConfig(mode="topk"), progress=False)
     with pytest.raises(ValueError, match="example_inputs"):
         save(compiled, "/nonexistent/never-written.ispc")
+
+
+@pytest.mark.parametrize("name", ["resnet18", "vgg11_bn"])
+def test_loaded_model_pools_like_the_compiled_one(name, tmp_path):
+    from ispc.examples.models import create_model
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 32)
+    compiled = ispc.compile(create_model(name).eval(), [x], config=ispc.GatingConfig(keep_ratio=0.5))
+    save(compiled, tmp_path / "m.ispc")
+    loaded = load(tmp_path / "m.ispc")
+
+    def pools(gm):
+        return sorted(type(m).__name__ for m in gm.modules() if isinstance(m, nn.MaxPool2d))
+
+    assert pools(loaded.graph_module) == pools(compiled.graph_module)
+    assert pools(loaded.graph_module)  # ChannelsLastMaxPool2d (ResNet) / StridedMaxPool2d (VGG)
+    assert not any("max_pool" in str(n.target) for n in loaded.graph_module.graph.nodes
+                   if n.op == "call_function")
+    with torch.no_grad():
+        assert torch.equal(loaded(x), compiled(x))
+    save(loaded, tmp_path / "again.ispc")  # the pools export back to aten.max_pool2d
+    with torch.no_grad():
+        assert torch.equal(load(tmp_path / "again.ispc")(x), compiled(x))

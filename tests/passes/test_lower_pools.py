@@ -1,11 +1,12 @@
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import ispc
 from ispc.benchmark import dense_baseline
 from ispc.examples.models import create_model
-from ispc.modules import ChannelsLastMaxPool2d
+from ispc.modules import ChannelsLastMaxPool2d, StridedMaxPool2d
 
 
 @pytest.mark.parametrize("kernel,stride,padding,dilation,ceil", [
@@ -29,6 +30,72 @@ def test_channels_last_pool_plain_path_for_other_inputs():
     xg = x.clone().requires_grad_()
     fast(xg).sum().backward()  # differentiable on either path
     assert xg.grad.sum().item() == pytest.approx(2 * 4 * 4 * 4)
+
+
+@pytest.mark.parametrize("kernel,ceil", [(2, False), (3, False), ((2, 3), False), (1, False), (2, True),
+                                         (3, True)])
+@pytest.mark.parametrize("shape", [(1, 64, 56, 56), (3, 5, 17, 13), (2, 16, 8, 9), (1, 3, 2, 2)])
+def test_strided_pool_equals_plain_pool(kernel, ceil, shape):
+    plain = nn.MaxPool2d(kernel, ceil_mode=ceil)
+    fast = StridedMaxPool2d(kernel, ceil_mode=ceil)
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(sum(shape)))
+    x[..., 1::2] = x[..., 0:x.shape[-1] - 1:2]  # ties inside windows
+    try:
+        expected = plain(x)
+    except RuntimeError as e:  # input smaller than a window: the plain module's error, unchanged
+        with pytest.raises(RuntimeError, match="too small"):
+            fast(x)
+        assert "too small" in str(e)
+        return
+    out = fast(x)
+    assert torch.equal(out, expected)
+    assert out.is_contiguous()
+    cl = x.contiguous(memory_format=torch.channels_last)  # keeps the input's layout, like max_pool2d
+    assert torch.equal(fast(cl), plain(x))
+    assert fast(cl).is_contiguous(memory_format=torch.channels_last) == plain(cl).is_contiguous(
+        memory_format=torch.channels_last)
+
+
+def test_strided_pool_propagates_nan_and_handles_other_dtypes():
+    x = torch.randn(2, 3, 6, 6)
+    x[0, 1, 2, 3] = float("nan")
+    assert torch.equal(StridedMaxPool2d(2)(x).isnan(), nn.MaxPool2d(2)(x).isnan())
+    xi = torch.randint(-50, 50, (2, 3, 6, 6), dtype=torch.int64)
+    assert torch.equal(StridedMaxPool2d(3)(xi), F.max_pool2d(xi.double(), 3).long())
+    xh = torch.randn(2, 3, 6, 6).bfloat16()
+    assert torch.equal(StridedMaxPool2d(2)(xh), nn.MaxPool2d(2)(xh))
+
+
+def test_strided_pool_plain_path_for_autograd_and_3d():
+    fast = StridedMaxPool2d(2)
+    x = torch.randn(2, 4, 8, 8)
+    assert torch.equal(fast(x[0]), nn.MaxPool2d(2)(x[0]))  # 3-d: the plain module
+    xg = x.clone().requires_grad_()
+    fast(xg).sum().backward()  # autograd: max_pool2d's gradient (one element per window)
+    assert xg.grad.sum().item() == pytest.approx(2 * 4 * 4 * 4)
+
+
+@pytest.mark.parametrize("kwargs", [dict(kernel_size=3, stride=2), dict(kernel_size=2, padding=1),
+                                    dict(kernel_size=2, dilation=2),
+                                    dict(kernel_size=2, return_indices=True)])
+def test_strided_pool_refuses_overlapping_windows(kwargs):
+    with pytest.raises(ValueError, match="stride == kernel_size"):
+        StridedMaxPool2d(**kwargs)
+    assert not StridedMaxPool2d.non_overlapping(nn.MaxPool2d(**kwargs))
+
+
+def test_vgg_pools_are_lowered_to_strided_maxima():
+    torch.manual_seed(0)
+    model = create_model("vgg11_bn").eval()
+    x = torch.randn(2, 3, 64, 64)
+    compiled = ispc.compile(model, [x], config=ispc.GatingConfig(keep_ratio=1.0))
+    pools = [m for m in compiled.graph_module.modules() if isinstance(m, nn.MaxPool2d)]
+    assert pools and all(type(m) is StridedMaxPool2d for m in pools)
+    lowered = {n.meta["ispc"].get("lowered") for n in compiled.graph_module.graph.nodes
+               if "ispc" in n.meta and "lowered" in n.meta["ispc"]}
+    assert lowered == {"strided_max_pool"}
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-4)
 
 
 def test_compile_lowers_pools_and_baseline_matches():
