@@ -7,6 +7,11 @@ writes JSON::
 
     python examples/speed.py --models resnet18 resnet50 vgg16_bn mobilenet_v2 --batch-sizes 1 32 \
         --json speed.json
+
+``--profile N`` also runs N passes of each dense and gated model under ``torch.profiler`` and prints
+where the time goes, per ATen op and pass (the README's batch-1 breakdown)::
+
+    python examples/speed.py --models resnet18 --batch-sizes 1 --no-overhead --profile 20
 """
 from __future__ import annotations
 
@@ -18,8 +23,47 @@ import sys
 import torch
 
 import ispc
-from ispc.benchmark import benchmark, results_table
+from ispc.benchmark import benchmark, dense_baseline, results_table
 from ispc.examples.models import create_model
+
+PROFILE_ROWS = 12
+
+
+def profile_ops(models: dict[str, torch.nn.Module], x: torch.Tensor,
+                passes: int) -> dict[str, list[dict]]:
+    """Self CPU time per ATen op and pass for each model, largest first. Passes alternate between
+    the models (each under its own profiler) so that a drifting machine affects all alike."""
+    from torch.profiler import ProfilerActivity, profile
+
+    totals: dict[str, dict[str, list[float]]] = {label: {} for label in models}
+    with torch.no_grad():
+        for m in models.values():
+            m(x)
+        for _ in range(passes):
+            for label, m in models.items():
+                with profile(activities=[ProfilerActivity.CPU]) as prof:
+                    m(x)
+                for e in prof.key_averages():
+                    acc = totals[label].setdefault(e.key, [0.0, 0])
+                    acc[0] += e.self_cpu_time_total
+                    acc[1] += e.count
+    return {label: sorted(({"op": op, "self_ms": t / 1e3 / passes, "calls": c / passes}
+                           for op, (t, c) in ops.items() if t > 0),
+                          key=lambda o: o["self_ms"], reverse=True)
+            for label, ops in totals.items()}
+
+
+def profile_table(profiles: dict[str, list[dict]]) -> str:
+    """Side-by-side top ops (ms per pass) with each model's total."""
+    from tabulate import tabulate
+
+    rows = []
+    for label, ops in profiles.items():
+        total = sum(o["self_ms"] for o in ops)
+        rows += [[label, o["op"], o["self_ms"], o["calls"]] for o in ops[:PROFILE_ROWS]]
+        rows.append([label, "(all ops)", total, sum(o["calls"] for o in ops)])
+    return tabulate(rows, headers=["model", "op", "self ms / pass", "calls / pass"],
+                    floatfmt=".3f", tablefmt="github")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overhead", action=argparse.BooleanOptionalAction, default=True,
                    help="also time keep_ratio=1.0 against dense")
     p.add_argument("--threads", type=int)
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="also profile N passes of dense and gated per ATen op (default: off)")
     p.add_argument("--json")
     args = p.parse_args(argv)
     if args.threads:
@@ -47,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     size = args.image_size
     g = torch.Generator().manual_seed(0)
     calib = [torch.randn(8, 3, size, size, generator=g) for _ in range(4)]
-    results, overhead = [], []
+    results, overhead, profiles = [], [], []
     for name in args.models:
         torch.manual_seed(0)
         model = create_model(name).eval()
@@ -61,6 +107,11 @@ def main(argv: list[str] | None = None) -> int:
                                  rounds=args.rounds if bs == 1 else args.batched_rounds,
                                  warmup=5 if bs == 1 else 1, name=name)
             print(results_table(results[-1:]), file=sys.stderr)
+            if args.profile:
+                x = torch.randn(bs, 3, size, size, generator=g)
+                ops = profile_ops({"dense": dense_baseline(model, x[:1]), "gated": compiled}, x,
+                                  args.profile)
+                profiles.append({"model": name, "batch_size": bs, "passes": args.profile, "ops": ops})
         if args.overhead:
             full = ispc.compile(model, calib, config=ispc.GatingConfig(keep_ratio=1.0, mode=args.mode))
             overhead += benchmark(model, full, (3, size, size), batch_sizes=(1,), rounds=args.rounds,
@@ -72,12 +123,17 @@ def main(argv: list[str] | None = None) -> int:
     if overhead:
         print("\nkeep_ratio=1.0 (gating overhead; realized < 1.0 means slower than dense):\n")
         print(results_table(overhead, tablefmt="github"))
+    for prof in profiles:
+        print(f"\n{prof['model']}, batch {prof['batch_size']}: self CPU time per ATen op "
+              f"(torch.profiler, {prof['passes']} passes)\n")
+        print(profile_table(prof["ops"]))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"config": vars(args), "torch": torch.__version__,
                        "threads": torch.get_num_threads(),
                        "results": [r.to_dict() for r in results],
-                       "overhead": [r.to_dict() for r in overhead]}, f, indent=2)
+                       "overhead": [r.to_dict() for r in overhead],
+                       **({"profiles": profiles} if profiles else {})}, f, indent=2)
     return 0
 
 
