@@ -84,30 +84,23 @@ def test_strided_pool_refuses_overlapping_windows(kwargs):
     assert not StridedMaxPool2d.non_overlapping(nn.MaxPool2d(**kwargs))
 
 
-def test_vgg_pools_are_lowered_to_strided_maxima():
+@pytest.mark.parametrize("name,pool_type,tag", [
+    ("resnet18", ChannelsLastMaxPool2d, "channels_last_max_pool"),  # 3x3/2 stem pool
+    ("vgg11_bn", StridedMaxPool2d, "strided_max_pool"),  # 2x2/2 pools
+])
+def test_compile_lowers_pools_and_baseline_matches(name, pool_type, tag):
     torch.manual_seed(0)
-    model = create_model("vgg11_bn").eval()
+    model = create_model(name).eval()
     x = torch.randn(2, 3, 64, 64)
     compiled = ispc.compile(model, [x], config=ispc.GatingConfig(keep_ratio=1.0))
     pools = [m for m in compiled.graph_module.modules() if isinstance(m, nn.MaxPool2d)]
-    assert pools and all(type(m) is StridedMaxPool2d for m in pools)
-    lowered = {n.meta["ispc"].get("lowered") for n in compiled.graph_module.graph.nodes
-               if "ispc" in n.meta and "lowered" in n.meta["ispc"]}
-    assert lowered == {"strided_max_pool"}
-    with torch.no_grad():
-        torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-4)
-
-
-def test_compile_lowers_pools_and_baseline_matches():
-    torch.manual_seed(0)
-    model = create_model("resnet18").eval()
-    x = torch.randn(2, 3, 64, 64)
-    compiled = ispc.compile(model, [x], config=ispc.GatingConfig(keep_ratio=1.0))
-    pools = [m for m in compiled.graph_module.modules() if isinstance(m, nn.MaxPool2d)]
-    assert pools and all(type(m) is ChannelsLastMaxPool2d for m in pools)
-    assert type(model.maxpool) is nn.MaxPool2d  # the user's model is untouched
+    assert pools and all(type(m) is pool_type for m in pools)
+    assert all(type(m) is nn.MaxPool2d for m in model.modules() if isinstance(m, nn.MaxPool2d))
+    lowered = {n.meta["ispc"]["lowered"] for n in compiled.graph_module.graph.nodes
+               if "lowered" in n.meta.get("ispc", {})}
+    assert lowered == {tag}
     base = dense_baseline(model, x)
-    assert any(type(m) is ChannelsLastMaxPool2d for m in base.modules())
+    assert any(type(m) is pool_type for m in base.modules())
     with torch.no_grad():
         ref = model(x)
         torch.testing.assert_close(compiled(x), ref, rtol=1e-4, atol=1e-4)
