@@ -292,6 +292,9 @@ def _fit(args: argparse.Namespace, defaults: dict[str, Any]) -> int:
         model_name = args.model
         model = build_model(model_name, num_classes=num_classes)
     model.to(device)
+    channels_last = device.type == "cpu" if args.channels_last is None else args.channels_last
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model.to(memory_format=fmt)
     decay = FeatureDecay(model, args.feature_decay, layers=args.layers) if args.feature_decay else None
 
     steps = len(train_loader) if args.max_batches is None else min(args.max_batches, len(train_loader))
@@ -335,7 +338,7 @@ def _fit(args: argparse.Namespace, defaults: dict[str, Any]) -> int:
         for i, (x, y) in enumerate(bar):
             if i >= steps:
                 break
-            out_logits = model(x)
+            out_logits = model(x.contiguous(memory_format=fmt))
             ce = F.cross_entropy(out_logits, y)
             loss = ce
             if decay is not None:
@@ -369,7 +372,7 @@ def _fit(args: argparse.Namespace, defaults: dict[str, Any]) -> int:
             fh.write(json.dumps(record) + "\n")
         print(json.dumps(record), flush=True)
 
-        weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         if test_acc > best:
             best = test_acc
             _save({**meta, "model": weights, "top1": test_acc, "epoch": epoch + 1}, out / "best.pt")
@@ -780,6 +783,9 @@ def _fit_options(p: argparse.ArgumentParser, defaults: dict[str, Any]) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt")
     p.add_argument("--stop-after", type=int, default=None,
                    help="leave after this many epochs in this invocation (continue later with --resume)")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="train in channels-last memory format (default: on for the CPU, where oneDNN's "
+                        "training convolutions run about 1.5x faster in it)")
 
 
 def build_parser() -> argparse.ArgumentParser:
