@@ -7,6 +7,7 @@ from torch import Tensor, nn
 
 from .ops import cpu_kernels as _cpu
 from .ops import gated_conv as _gc
+from .ops import native as _native
 
 __all__ = [
     "GatedConv2d", "ChannelsLastMaxPool2d", "StridedMaxPool2d", "fast_max_pool", "MODE_CODES",
@@ -58,18 +59,32 @@ class GatedConv2d(nn.Module):
         self.in_channels, self.out_channels = int(in_c), int(out_c)
         self.register_buffer("weight_t", None, persistent=False)
         self.strategy = "gather"
+        self.orient = _native.ORIENT_PIX
 
-    def set_strategy(self, strategy: str) -> None:
-        """Choose the eager CPU kernel (see :mod:`ispc.ops.cpu_kernels`); prepares its weights."""
+    def set_strategy(self, strategy: str, orient: int | None = None) -> None:
+        """Choose the eager CPU kernel (see :mod:`ispc.ops.cpu_kernels`); prepares its weights.
+
+        ``orient`` picks the native kernel's orientation (:mod:`ispc.ops.native`; default: pixels).
+        """
         if strategy not in _cpu.STRATEGIES:
             raise ValueError(f"unknown strategy {strategy!r}; one of {_cpu.STRATEGIES}")
+        if strategy == "native" and not _native.available():
+            raise ValueError(f"strategy 'native' is not available here: {_native.unavailable_reason()}")
         self.strategy = strategy
-        self.weight_t = _cpu.prepare_weight(self.weight) if strategy == "gemm" else None
+        self.orient = _native.ORIENT_PIX if orient is None else int(orient)
+        self._prepare()
 
-    def _load_from_state_dict(self, *args, **kwargs):  # keep W^T in sync with loaded weights
-        super()._load_from_state_dict(*args, **kwargs)
+    def _prepare(self) -> None:
         if self.strategy == "gemm":
             self.weight_t = _cpu.prepare_weight(self.weight)
+        elif self.strategy == "native":
+            self.weight_t = _native.pack_weight(self.weight, self.orient)
+        else:
+            self.weight_t = None
+
+    def _load_from_state_dict(self, *args, **kwargs):  # keep prepared weights in sync
+        super()._load_from_state_dict(*args, **kwargs)
+        self._prepare()
 
     @property
     def _args(self) -> tuple:
@@ -82,7 +97,7 @@ class GatedConv2d(nn.Module):
             a = self._args
             return _cpu.run_strategy(self.strategy, x, self.weight, self.weight_t, self.bias,
                                      self.scale, self.stride, self.padding, self.dilation, a[6], a[7],
-                                     a[8], a[9])
+                                     a[8], a[9], self.orient)
         return torch.ops.ispc.gated_conv2d(x, self.weight, self.bias, self.scale, *self._args)
 
     def _direct(self, x: Tensor) -> bool:
@@ -104,7 +119,8 @@ class GatedConv2d(nn.Module):
         gate = f"threshold={self.threshold:.4g}" if self.mode == "threshold" else f"k={self.k}"
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={tuple(self.weight.shape[2:])}, "
                 f"stride={self.stride}, padding={self.padding}, mode={self.mode}, {gate}, "
-                f"saliency={self.saliency}, strategy={self.strategy}")
+                f"saliency={self.saliency}, strategy={self.strategy}"
+                + (f", orient={self.orient}" if self.strategy == "native" else ""))
 
 
 class ChannelsLastMaxPool2d(nn.MaxPool2d):

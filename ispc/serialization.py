@@ -59,6 +59,7 @@ from .config import GatingConfig
 from .errors import IspcError, UnsupportedModelError
 from .export import GATED_OP, as_example_inputs, eval_mode, export_program
 from .modules import MODE_CODES, SALIENCY_CODES, GatedConv2d, fast_max_pool
+from .ops import native
 from .report import Report
 
 __all__ = ["save", "load", "ArchiveError", "FORMAT", "FORMAT_VERSION", "program_to_json",
@@ -517,9 +518,14 @@ def _restore_strategies(gm: fx.GraphModule, modules: dict[str, Any]) -> None:
             m = gm.get_submodule(name)
         except AttributeError:
             continue  # the layer came back under another name (see modularize)
+        orient = info.get("orient")
+        if strategy == "native" and not native.available():
+            strategy, orient = "gemm", None  # saved where the native kernel was built; not here
+        if orient is not None and not isinstance(orient, int):
+            raise ArchiveError(f"bad kernel orientation {orient!r} for {name!r} in the archive")
         if isinstance(m, GatedConv2d) and hasattr(m, "set_strategy"):
             try:
-                m.set_strategy(strategy)
+                m.set_strategy(strategy, orient)
             except ValueError as exc:
                 raise ArchiveError(f"bad kernel strategy for {name!r}: {exc}") from None
 
@@ -551,7 +557,8 @@ def save(compiled: CompiledModel, path: str | Path, example_inputs: Any = None) 
     with eval_mode(gm), torch.no_grad():
         eager_spec = pytree.tree_structure(gm(*as_example_inputs(example)))
     program, tensors = program_to_json(ep, arg_names, eager_spec)
-    modules = {name: {"strategy": m.strategy} for name, m in compiled.gated_modules().items()
+    modules = {name: {"strategy": m.strategy, "orient": int(getattr(m, "orient", 0))}
+               for name, m in compiled.gated_modules().items()
                if isinstance(getattr(m, "strategy", None), str)}
     manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "torch_version": torch.__version__,

@@ -2,9 +2,10 @@
 
 Two cost models:
 
-- predicted (default; deterministic): ``gemm`` (prepared ``W^T`` + one BLAS call) for 1x1
-  convolutions and small feature maps, where weights dominate the data moved; ``gather`` (oneDNN on
-  the gathered channels) otherwise.
+- predicted (default; deterministic): ``native`` (the indirect GEMM of :mod:`ispc.ops.native`)
+  where it could be built; otherwise ``gemm`` (prepared ``W^T`` + one BLAS call) for 1x1
+  convolutions and small feature maps, where weights dominate the data moved, and ``gather``
+  (oneDNN on the gathered channels) elsewhere.
 - measured (``GatingConfig(latency_aware=True)``): every candidate kernel and the dense convolution
   are timed on this machine, on the layer's real input from the calibration data at
   ``latency_batch_size``, interleaved, medians; the fastest kernel wins, and a layer whose best gated
@@ -22,22 +23,41 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ispc.modules import GatedConv2d
+from ispc.ops import native
 from ispc.ops.cpu_kernels import STRATEGIES, run_strategy
 
 from .base import PassState, ispc_meta, register_pass, replace_submodule
 
-__all__ = ["select_kernels", "predicted_strategy", "SMALL_MAP"]
+__all__ = ["select_kernels", "predicted_strategy", "candidates", "SMALL_MAP", "ORIENT_NAMES"]
 
-#: feature maps with at most this many output positions use the gemm kernel by default
+#: without the native kernel, maps with at most this many output positions use the gemm kernel
 SMALL_MAP = 14 * 14
 
+ORIENT_NAMES = {native.ORIENT_PIX: "pix", native.ORIENT_CO: "co"}
 
-def predicted_strategy(mod: GatedConv2d, out_hw: int) -> str:
-    """The kernel the shape-based cost model expects to be fastest."""
+
+def predicted_strategy(mod: GatedConv2d, out_hw: int) -> tuple[str, int | None]:
+    """The kernel (strategy, native orientation) the shape-based cost model expects to be fastest.
+
+    The native indirect GEMM where it is available: it beat the PyTorch kernels on every ResNet,
+    VGG and MobileNetV2 layer shape measured (``examples/kernel_speed.py --native``), with vector
+    lanes over output channels on small maps, where lanes over pixels would compute padding.
+    """
+    if native.available() and mod.weight.dtype == torch.float32:
+        return "native", native.orientation_for(out_hw)
     kh, kw = mod.weight.shape[-2:]
     if kh * kw == 1 or out_hw <= SMALL_MAP:
-        return "gemm"
-    return "gather"
+        return "gemm", None
+    return "gather", None
+
+
+def candidates() -> dict[str, tuple[str, int | None]]:
+    """Every kernel latency-aware selection times: label -> (strategy, native orientation)."""
+    out: dict[str, tuple[str, int | None]] = {s: (s, None) for s in STRATEGIES if s != "native"}
+    if native.available():
+        out["native:pix"] = ("native", native.ORIENT_PIX)
+        out["native:co"] = ("native", native.ORIENT_CO)
+    return out
 
 
 def _inputs_of(gm: fx.GraphModule, names: list[str], x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -102,32 +122,37 @@ def select_kernels(gm: fx.GraphModule, state: PassState) -> fx.GraphModule:
         out_hw = int(tm.shape[-1] * tm.shape[-2]) if tm is not None else 1 << 30
         meta = ispc_meta(node)
         if not measured or name not in inputs:
-            mod.set_strategy(predicted_strategy(mod, out_hw))
+            mod.set_strategy(*predicted_strategy(mod, out_hw))
             meta["kernel"] = {"strategy": mod.strategy, "cost_model": "predicted"}
+            if mod.strategy == "native":
+                meta["kernel"]["orient"] = ORIENT_NAMES[mod.orient]
             continue
         xin = inputs[name]
         a = mod._args
         fns = {"dense": lambda: F.conv2d(xin, mod.weight, mod.bias, mod.stride, mod.padding,
                                          mod.dilation)}
-        for strat in STRATEGIES:
-            mod.set_strategy(strat)
+        kernels = candidates()
+        for label, (strat, orient) in kernels.items():
+            mod.set_strategy(strat, orient)
             wt = mod.weight_t
-            fns[strat] = (lambda s=strat, wt=wt: run_strategy(
+            fns[label] = (lambda s=strat, wt=wt, o=mod.orient: run_strategy(
                 s, xin, mod.weight, wt, mod.bias, mod.scale, mod.stride, mod.padding, mod.dilation,
-                a[6], a[7], a[8], a[9]))
+                a[6], a[7], a[8], a[9], o))
         with torch.no_grad():
             times = _time(fns, cfg.latency_rounds)
-        best = min(STRATEGIES, key=lambda s: times[s])
-        meta["kernel"] = {"strategy": best, "cost_model": "measured",
+        best = min(kernels, key=lambda s: times[s])
+        meta["kernel"] = {"strategy": kernels[best][0], "cost_model": "measured",
                           "times_ms": {k: round(v, 4) for k, v in times.items()},
                           "batch_size": cfg.latency_batch_size}
+        if kernels[best][1] is not None:
+            meta["kernel"]["orient"] = ORIENT_NAMES[kernels[best][1]]
         if times[best] > times["dense"] * (1.0 - cfg.min_gain):
             replace_submodule(gm, name, _dense_conv(mod))
             _ungate_meta(meta, f"no measured gain at batch {cfg.latency_batch_size}: "
                                f"gated {times[best]:.3f} ms vs dense {times['dense']:.3f} ms")
             changed = True
         else:
-            mod.set_strategy(best)
+            mod.set_strategy(*kernels[best])
     if changed:
         gm.recompile()
     if measured and any(isinstance(m, GatedConv2d) for m in gm.modules()):

@@ -9,8 +9,10 @@ the kept part of the weight. It pays most where weights outweigh activations (de
 small feature maps, and 1x1 convolutions, which need no im2col at all).
 
 Strategies (``GatedConv2d.strategy``): ``"gather"`` (per instance: index_select + oneDNN conv),
-``"grouped"`` (whole batch: gather + one grouped conv with groups=N; per-instance for N=1) and
-``"gemm"`` (the above).
+``"grouped"`` (whole batch: gather + one grouped conv with groups=N; per-instance for N=1),
+``"gemm"`` (the above) and ``"native"`` (:mod:`ispc.ops.native`: an indirect GEMM in C that reads
+the kept channels and their packed weights by index, the whole batch in one call; float32 only,
+present where a C compiler is).
 """
 from __future__ import annotations
 
@@ -18,12 +20,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import native
 from .gated_conv import (THRESHOLD, TOPK, _kept_all, channel_saliency, conv_out_size,
                          gated_conv2d_grouped, gated_conv2d_loop)
 
-__all__ = ["STRATEGIES", "prepare_weight", "kept_indices", "im2col", "gated_conv2d_gemm", "run_strategy"]
+__all__ = ["STRATEGIES", "available_strategies", "prepare_weight", "kept_indices", "im2col",
+           "gated_conv2d_gemm", "gated_conv2d_native", "run_strategy"]
 
-STRATEGIES = ("gather", "grouped", "gemm")
+STRATEGIES = ("gather", "grouped", "gemm", "native")
+
+
+def available_strategies() -> tuple[str, ...]:
+    """The strategies this machine can run (``native`` needs the compiled kernel)."""
+    return STRATEGIES if native.available() else tuple(s for s in STRATEGIES if s != "native")
 
 
 def prepare_weight(weight: Tensor) -> Tensor:
@@ -92,11 +101,52 @@ def gated_conv2d_gemm(x: Tensor, weight: Tensor, weight_t: Tensor, bias: Tensor,
     return out.view(n, cout, ho, wo)
 
 
+def kept_index_rows(s: Tensor, mode: int, threshold: float, k: int) -> tuple[Tensor, Tensor]:
+    """Each instance's kept channels, ascending, as rows of one index matrix, and their counts.
+
+    Threshold rows are padded after each instance's count (the kernel reads only ``counts[n]``).
+    """
+    n, c = s.shape
+    if mode == TOPK:
+        if k <= 0:
+            return s.new_zeros((n, 0), dtype=torch.long), s.new_zeros(n, dtype=torch.long)
+        idx = torch.topk(s, k, dim=1, sorted=False).indices.sort(dim=1).values
+        return idx, torch.full((n,), k, dtype=torch.long)
+    kept = s >= threshold
+    if n == 1:
+        return torch.nonzero(kept[0]).view(1, -1), kept.sum(dim=1)
+    # kept channels first, in index order: one stable sort of the negated mask
+    return torch.sort((~kept).to(torch.int8), dim=1, stable=True).indices, kept.sum(dim=1)
+
+
+def gated_conv2d_native(x: Tensor, weight: Tensor, packed: Tensor, orient: int, bias: Tensor,
+                        scale: Tensor, stride: tuple[int, int], padding: tuple[int, int],
+                        dilation: tuple[int, int], mode: int, threshold: float, k: int,
+                        saliency: int) -> Tensor:
+    """The whole batch in one call of the native indirect GEMM (weights packed by
+    :func:`ispc.ops.native.pack_weight` with the same ``orient``)."""
+    c = x.shape[1]
+    if _kept_all(mode, threshold, k, c):
+        return F.conv2d(x, weight, bias, stride, padding, dilation)
+    x = x.contiguous()
+    s = channel_saliency(x, scale, saliency)
+    idx, counts = kept_index_rows(s, mode, threshold, k)
+    return native.gated_conv2d(x, idx.contiguous(), counts, packed, orient, bias.detach(),
+                               weight.shape[0], tuple(weight.shape[-2:]), stride, padding, dilation)
+
+
 def run_strategy(strategy: str, x: Tensor, weight: Tensor, weight_t: Tensor | None, bias: Tensor,
                  scale: Tensor, stride: tuple[int, int], padding: tuple[int, int],
                  dilation: tuple[int, int], mode: int, threshold: float, k: int,
-                 saliency: int) -> Tensor:
-    """Run one named strategy (all compute the operator's semantics)."""
+                 saliency: int, orient: int = native.ORIENT_PIX) -> Tensor:
+    """Run one named strategy (all compute the operator's semantics).
+
+    ``weight_t`` is the strategy's prepared weight: ``W^T`` for ``gemm``, the packed panels (of
+    orientation ``orient``) for ``native``; None falls back to the per-instance gather kernel.
+    """
+    if strategy == "native" and weight_t is not None and x.dtype == torch.float32:
+        return gated_conv2d_native(x, weight, weight_t, orient, bias, scale, stride, padding,
+                                   dilation, mode, threshold, k, saliency)
     if strategy == "gemm" and weight_t is not None:
         return gated_conv2d_gemm(x, weight, weight_t, bias, scale, stride, padding, dilation, mode,
                                  threshold, k, saliency)

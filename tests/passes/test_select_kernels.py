@@ -1,12 +1,15 @@
 """select_kernels: predicted kernels by shape; measured mode un-gates layers that do not pay."""
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
 import ispc
 from conftest import rel_err
 from ispc.examples.models import resnet20
+from ispc.ops import native
+from ispc.passes.select_kernels import ORIENT_NAMES
 
 
 def _data():
@@ -14,16 +17,30 @@ def _data():
     return [torch.randn(8, 3, 32, 32, generator=g) for _ in range(2)]
 
 
-def test_predicted_strategies_follow_shape():
+@pytest.mark.parametrize("with_native", [True, False])
+def test_predicted_strategies_follow_shape(with_native, monkeypatch):
+    if with_native and not native.available():
+        pytest.skip(f"native kernel not built here: {native.unavailable_reason()}")
+    if not with_native:
+        monkeypatch.setattr(native, "available", lambda: False)
     c = ispc.compile(resnet20().eval(), _data(), progress=False)
+    seen = set()
     for n in c.graph_module.graph.nodes:
         kernel = n.meta.get("ispc", {}).get("kernel")
         if kernel:
             mod = c.graph_module.get_submodule(n.target)
             hw = n.meta["tensor_meta"].shape[-1] * n.meta["tensor_meta"].shape[-2]
             assert kernel["cost_model"] == "predicted"
-            expect = "gemm" if hw <= 196 or mod.weight.shape[-1] == 1 else "gather"
+            if with_native:
+                expect = "native"
+                orient = native.ORIENT_CO if hw <= native.SMALL_MAP else native.ORIENT_PIX
+                assert mod.orient == orient and kernel["orient"] == ORIENT_NAMES[orient]
+                seen.add(orient)
+            else:
+                expect = "gemm" if hw <= 196 or mod.weight.shape[-1] == 1 else "gather"
             assert mod.strategy == kernel["strategy"] == expect
+    if with_native:  # ResNet-20 at 32x32 has both large (32x32) and small (8x8) maps
+        assert seen == {native.ORIENT_PIX, native.ORIENT_CO}
 
 
 def test_latency_aware_ungates_with_reason_and_stays_exact():
@@ -48,7 +65,7 @@ def test_latency_aware_keeps_gated_layers_exact():
     cfg = ispc.GatingConfig(latency_aware=True, min_gain=0.0, latency_rounds=3)
     c = ispc.compile(model, _data(), progress=False, config=cfg)
     for name, mod in c.gated_modules().items():
-        assert mod.strategy in ("gather", "grouped", "gemm")
+        assert mod.strategy in ("gather", "grouped", "gemm", "native")
     x = torch.randn(2, 3, 32, 32)
     errs = []
     hooks = [m.register_forward_hook(lambda mod, a, o: errs.append(rel_err(o, mod.reference(a[0]))))

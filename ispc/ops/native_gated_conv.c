@@ -1,0 +1,339 @@
+/* Indirect-GEMM gated convolution for the CPU (see native.py, which builds and calls this file).
+ *
+ * For each instance n the kernel computes conv2d(x[n] restricted to its kept channels idx[n]) with
+ * the matching slices of the weight, reading the kept channels and their weights by index inside
+ * the GEMM: no gathered weight copy, no full im2col matrix, no per-layer Python.
+ *
+ * Weights are packed once (ispc_pack_weight) into panels [co_block][Cin][taps][BLOCK] so that the
+ * slice of one input channel is one contiguous run; the GEMM walks only the kept channels' runs.
+ *
+ * Two orientations of the same register-blocked microkernel (MR broadcast rows x NR vector lanes):
+ *   ORIENT_PIX (large feature maps): vector lanes run over output pixels. The kept channels are
+ *     first copied into zero-padded, stride-phase-split planes, so that for every tap the NR pixels
+ *     of a micro-block are NR consecutive floats, loaded straight from the planes (an L1-sized
+ *     chunk of channels at a time, reused by every block of MR output channels).
+ *   ORIENT_CO (small feature maps, many channels): vector lanes run over output channels; pixels
+ *     are packed exactly (no padded columns are computed), MR at a time.
+ * Parallelism uses OpenMP, which is the runtime PyTorch itself uses (the same libgomp is loaded).
+ */
+#include <stdint.h>
+#include <string.h>
+#include <stdlib.h>
+#include <omp.h>
+
+/* Register blocks, per orientation: MR broadcast rows x NV vectors of VW lanes (NR = NV * VW).
+ * With AVX-512 (32 registers of 16 floats) 16-20 accumulators; with AVX2 (16 of 8) the classic 6x16.
+ * Chosen by timing ResNet/VGG layer shapes (examples/kernel_speed.py --native); the rows of the
+ * channel-lane kernel are output positions, and 10 of them tile 7x7 and 14x14 maps almost exactly. */
+#if defined(__AVX512F__)
+#define VW 16
+#define PIX_MR 8
+#define PIX_NV 2
+#define CO_MR 10
+#define CO_NV 2
+#else
+#define VW 8
+#define PIX_MR 6
+#define PIX_NV 2
+#define CO_MR 6
+#define CO_NV 2
+#endif
+#define PIX_NR (PIX_NV * VW)
+#define CO_NR (CO_NV * VW)
+
+#define ORIENT_PIX 0
+#define ORIENT_CO 1
+
+typedef float vf __attribute__((vector_size(VW * 4)));
+static inline vf ld(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
+static inline void st(float *p, vf v) { memcpy(p, &v, sizeof v); }
+
+/* The microkernel's shape: rows (broadcast operand) and lanes (vector operand) of an orientation. */
+int ispc_block_rows(int orient) { return orient == ORIENT_PIX ? PIX_MR : CO_MR; }
+int ispc_block_lanes(int orient) { return orient == ORIENT_PIX ? PIX_NR : CO_NR; }
+/* The weight panels' block of output channels. */
+static int64_t co_block(int orient) { return orient == ORIENT_PIX ? PIX_MR : CO_NR; }
+
+typedef struct {
+    int64_t C, H, W, Cout, kh, kw, sh, sw, ph, pw, dh, dw;
+    int64_t Ho, Wo, T, Hq, Wq, NP, PB, pitch;
+} geom_t;
+
+static void geometry(geom_t *g, int64_t C, int64_t H, int64_t W, int64_t Cout, int64_t kh, int64_t kw,
+                     int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw, int orient) {
+    g->C = C; g->H = H; g->W = W; g->Cout = Cout; g->kh = kh; g->kw = kw;
+    g->sh = sh; g->sw = sw; g->ph = ph; g->pw = pw; g->dh = dh; g->dw = dw;
+    int64_t Hp = H + 2 * ph, Wp = W + 2 * pw;
+    g->Ho = (Hp - dh * (kh - 1) - 1) / sh + 1;
+    g->Wo = (Wp - dw * (kw - 1) - 1) / sw + 1;
+    g->T = kh * kw;
+    g->Hq = (Hp + sh - 1) / sh;
+    g->Wq = (Wp + sw - 1) / sw;
+    if (orient == ORIENT_PIX) {
+        /* flattened output positions p = oh * Wq + ow, including Wq - Wo columns of waste */
+        g->NP = g->Ho * g->Wq;
+        g->PB = (g->NP + PIX_NR - 1) / PIX_NR;
+        int64_t maxoff = 0;
+        for (int64_t r = 0; r < kh; r++)
+            for (int64_t q = 0; q < kw; q++) {
+                int64_t o = (((r * dh) % sh) * sw + (q * dw) % sw) * g->Hq * g->Wq
+                            + ((r * dh) / sh) * g->Wq + (q * dw) / sw;
+                if (o > maxoff) maxoff = o;
+            }
+        int64_t planes = sh * sw * g->Hq * g->Wq, need = maxoff + g->PB * PIX_NR;
+        g->pitch = need > planes ? need : planes;
+    } else {
+        g->NP = g->Ho * g->Wo;
+        g->PB = (g->NP + CO_MR - 1) / CO_MR;
+        g->pitch = 0;
+    }
+}
+
+/* ORIENT_PIX: kept channels per chunk of the reduction, sized so that the plane rows one block of
+ * positions reads stay in L1 (measured: 4096-65536 floats all within a few percent) */
+static int64_t kchunk(int64_t T) {
+    int64_t kc = 16384 / (T * PIX_NR);
+    return kc > 0 ? kc : 1;
+}
+
+/* Workspace (floats) one call needs, for instances keeping at most kmax channels. */
+int64_t ispc_workspace(int64_t C, int64_t H, int64_t W, int64_t Cout, int64_t kh, int64_t kw, int64_t sh,
+                       int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw, int orient,
+                       int64_t kmax, int64_t threads) {
+    geom_t g;
+    geometry(&g, C, H, W, Cout, kh, kw, sh, sw, ph, pw, dh, dw, orient);
+    if (orient == ORIENT_PIX)  /* planes + partial sums per thread + the output-position map */
+        return kmax * g.pitch + threads * ((Cout + PIX_MR - 1) / PIX_MR * PIX_MR * PIX_NR)
+               + g.PB * PIX_NR + 64;
+    /* packed position panels + the source-offset and run tables (int32, stored in float slots) */
+    return (kmax + 1) * g.T * g.PB * CO_MR + g.T * g.PB + 64;
+}
+
+/* Pack weight (Cout, C, kh, kw) into [ceil(Cout/B)][C][T][B] (B = co_block(orient)), zero rows past
+ * Cout: the slice of one input channel for one block of output channels is one contiguous run. */
+int64_t ispc_packed_size(int64_t Cout, int64_t C, int64_t T, int orient) {
+    int64_t B = co_block(orient);
+    return (Cout + B - 1) / B * C * T * B;
+}
+
+void ispc_pack_weight(const float *w, int64_t Cout, int64_t C, int64_t T, int orient, float *dst) {
+    int64_t B = co_block(orient), CoB = (Cout + B - 1) / B;
+    memset(dst, 0, sizeof(float) * CoB * C * T * B);
+    for (int64_t co = 0; co < Cout; co++)
+        for (int64_t c = 0; c < C; c++)
+            for (int64_t t = 0; t < T; t++)
+                dst[(((co / B) * C + c) * T + t) * B + co % B] = w[(co * C + c) * T + t];
+}
+
+/* acc[MR_][NV_] = INIT + sum over kept channels k in [K0, K1) and taps t of
+ * bc[k][t][i] * vec[k][t][j]: broadcast operand BC_K (MR_ floats per tap), vector operand VEC_K at
+ * VEC_T for tap t. One operand is addressed by kept channel id (the weights), the other by position. */
+#define MICROKERNEL(MR_, NV_, K0, K1, INIT, BC_K, VEC_K, VEC_T)                              \
+    vf acc[MR_][NV_];                                                                        \
+    for (int i = 0; i < MR_; i++)                                                            \
+        for (int j = 0; j < NV_; j++) acc[i][j] = (INIT) ? ld((INIT) + (i * NV_ + j) * VW) : (vf){0}; \
+    for (int64_t k = (K0); k < (K1); k++) {                                                  \
+        const float *bk = (BC_K), *vk = (VEC_K);                                             \
+        for (int64_t t = 0; t < T; t++) {                                                    \
+            vf v[NV_];                                                                       \
+            for (int j = 0; j < NV_; j++) v[j] = ld(vk + (VEC_T) + j * VW);                  \
+            const float *b = bk + t * MR_;                                                   \
+            for (int i = 0; i < MR_; i++)                                                    \
+                for (int j = 0; j < NV_; j++) acc[i][j] += b[i] * v[j];                      \
+        }                                                                                    \
+    }
+
+/* Copy the kept channels of one instance into zero-padded, stride-phase-split planes: tap (r, q) of
+ * output position p = oh * Wq + ow then reads plane[p + off(r, q)]. Threads split the work by plane
+ * row, as the compute loop splits output rows, so that each core mostly reads rows it wrote. */
+static void pack_planes(const geom_t *g, const float *x, const int64_t *idx, int64_t K, float *planes) {
+    const int64_t HW = g->H * g->W, plane = g->Hq * g->Wq, phases = g->sh * g->sw;
+    #pragma omp for schedule(static) nowait
+    for (int64_t i = 0; i < g->Hq; i++)
+        for (int64_t k = 0; k < K; k++) {
+            const float *xc = x + idx[k] * HW;
+            for (int64_t a = 0; a < g->sh; a++) {
+                const int64_t r = i * g->sh + a - g->ph;
+                for (int64_t b = 0; b < g->sw; b++) {
+                    float *d = planes + k * g->pitch + (a * g->sw + b) * plane + i * g->Wq;
+                    if (r < 0 || r >= g->H) { memset(d, 0, sizeof(float) * g->Wq); continue; }
+                    const float *src = xc + r * g->W;
+                    if (g->sw == 1) {
+                        memset(d, 0, sizeof(float) * g->pw);
+                        memcpy(d + g->pw, src, sizeof(float) * g->W);
+                        memset(d + g->pw + g->W, 0, sizeof(float) * (g->Wq - g->pw - g->W));
+                    } else {
+                        for (int64_t j = 0; j < g->Wq; j++) {
+                            int64_t c = j * g->sw + b - g->pw;
+                            d[j] = (c >= 0 && c < g->W) ? src[c] : 0.0f;
+                        }
+                    }
+                }
+            }
+        }
+    /* the slack after the planes is only read for discarded positions; keep it finite */
+    #pragma omp for schedule(static)
+    for (int64_t k = 0; k < K; k++)
+        memset(planes + k * g->pitch + phases * plane, 0, sizeof(float) * (g->pitch - phases * plane));
+}
+
+/* Vector lanes over output positions: blocks of PIX_NR consecutive flattened positions, loaded for
+ * every tap straight from the planes; blocks of PIX_MR output channels broadcast from the weights. */
+static void conv_pix(const geom_t *g, const float *x, const int64_t *idx, int64_t K, const float *wpack,
+                     const float *bias, float *out, float *ws, int64_t kmax, const int64_t *offs,
+                     const int32_t *omap) {
+    const int64_t T = g->T, CoB = (g->Cout + PIX_MR - 1) / PIX_MR, HoWo = g->Ho * g->Wo;
+    const int64_t KC = kchunk(g->T);
+    float *planes = ws;
+    float *cbuf = planes + kmax * g->pitch + (int64_t)omp_get_thread_num() * CoB * PIX_MR * PIX_NR;
+    pack_planes(g, x, idx, K, planes);  /* ends with a barrier */
+    #pragma omp for schedule(static)
+    for (int64_t pb = 0; pb < g->PB; pb++) {
+        const int64_t p0 = pb * PIX_NR;
+        const int32_t m0 = omap[p0];
+        const int contiguous = m0 >= 0 && omap[p0 + PIX_NR - 1] == m0 + PIX_NR - 1;
+        /* chunks of KC channels keep the planes' rows this block reads in L1 across the
+         * output-channel blocks; partial sums of all but the last chunk wait in cbuf */
+        for (int64_t k0 = 0; k0 < K; k0 += KC) {
+            const int64_t k1 = k0 + KC < K ? k0 + KC : K;
+            for (int64_t cob = 0; cob < CoB; cob++) {
+                const float *wb = wpack + cob * g->C * T * PIX_MR;
+                float *cb = cbuf + cob * PIX_MR * PIX_NR;
+                MICROKERNEL(PIX_MR, PIX_NV, k0, k1, k0 ? cb : (const float *)0, wb + idx[k] * T * PIX_MR,
+                            planes + k * g->pitch + p0, offs[t])
+                if (k1 < K) {
+                    for (int i = 0; i < PIX_MR; i++)
+                        for (int j = 0; j < PIX_NV; j++) st(cb + (i * PIX_NV + j) * VW, acc[i][j]);
+                    continue;
+                }
+                int rows = g->Cout - cob * PIX_MR < PIX_MR ? (int)(g->Cout - cob * PIX_MR) : PIX_MR;
+                for (int i = 0; i < rows; i++) {
+                    int64_t co = cob * PIX_MR + i;
+                    float *orow = out + co * HoWo;
+                    for (int j = 0; j < PIX_NV; j++) acc[i][j] += bias[co];
+                    if (contiguous) {  /* the whole block lies inside one output row */
+                        for (int j = 0; j < PIX_NV; j++) st(orow + m0 + j * VW, acc[i][j]);
+                        continue;
+                    }
+                    float tile[PIX_NR];
+                    for (int j = 0; j < PIX_NV; j++) st(tile + j * VW, acc[i][j]);
+                    for (int j = 0; j < PIX_NR;) {  /* copy the runs of valid positions */
+                        int32_t m = omap[p0 + j];
+                        if (m < 0) { j++; continue; }
+                        int run = 1;
+                        while (j + run < PIX_NR && omap[p0 + j + run] == m + run) run++;
+                        memcpy(orow + m, tile + j, sizeof(float) * run);
+                        j += run;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/* Vector lanes over output channels: blocks of CO_NR output channels from the weight panels; CO_MR
+ * output positions at a time broadcast from panels packed exactly (no padded positions computed). */
+static void conv_co(const geom_t *g, const float *x, const int64_t *idx, int64_t K, const float *wpack,
+                    const float *bias, float *out, float *ws, const int32_t *src) {
+    const int64_t T = g->T, CoB = (g->Cout + CO_NR - 1) / CO_NR, HoWo = g->Ho * g->Wo, HW = g->H * g->W;
+    float *panels = ws;  /* [PB][K][T][CO_MR] */
+    const int32_t *runs = src + g->PB * T * CO_MR;
+    #pragma omp for schedule(static)
+    for (int64_t pb = 0; pb < g->PB; pb++) {
+        float *dst = panels + pb * K * T * CO_MR;
+        const int32_t *sp = src + pb * T * CO_MR, *rp = runs + pb * T;
+        for (int64_t k = 0; k < K; k++) {
+            const float *xc = x + idx[k] * HW;
+            for (int64_t t = 0; t < T; t++, dst += CO_MR) {
+                const int32_t *o = sp + t * CO_MR;
+                if (rp[t]) { memcpy(dst, xc + o[0], sizeof(float) * CO_MR); continue; }
+                for (int i = 0; i < CO_MR; i++) dst[i] = o[i] >= 0 ? xc[o[i]] : 0.0f;
+            }
+        }
+    }
+    #pragma omp for collapse(2) schedule(static)
+    for (int64_t cob = 0; cob < CoB; cob++)
+        for (int64_t pb = 0; pb < g->PB; pb++) {
+            const float *wb = wpack + cob * g->C * T * CO_NR;
+            const float *pp = panels + pb * K * T * CO_MR;
+            MICROKERNEL(CO_MR, CO_NV, 0, K, (const float *)0, pp + k * T * CO_MR, wb + idx[k] * T * CO_NR,
+                        t * CO_NR)
+            float tile[CO_MR][CO_NR];
+            for (int i = 0; i < CO_MR; i++)
+                for (int j = 0; j < CO_NV; j++) st(&tile[i][j * VW], acc[i][j]);
+            for (int j = 0; j < CO_NR; j++) {
+                int64_t co = cob * CO_NR + j;
+                if (co >= g->Cout) break;
+                float bj = bias[co];
+                for (int i = 0; i < CO_MR; i++) {
+                    int64_t m = pb * CO_MR + i;
+                    if (m < HoWo) out[co * HoWo + m] = tile[i][j] + bj;
+                }
+            }
+        }
+}
+
+/* out[n] = bias + sum over the kept channels idx[n, :counts[n]] of conv(x[n, c], w[:, c]).
+ * x: (N, C, H, W) contiguous; idx: (N, kstride) int64, sorted ascending per row; out: (N, Cout, Ho, Wo);
+ * ws: at least ispc_workspace(..., kmax = max(counts), threads) floats. */
+void ispc_gated_conv(const float *x, int64_t N, int64_t C, int64_t H, int64_t W, const int64_t *idx,
+                     const int64_t *counts, int64_t kstride, const float *wpack, int orient,
+                     const float *bias, int64_t Cout, int64_t kh, int64_t kw, int64_t sh, int64_t sw,
+                     int64_t ph, int64_t pw, int64_t dh, int64_t dw, float *out, float *ws,
+                     int64_t threads) {
+    geom_t g;
+    geometry(&g, C, H, W, Cout, kh, kw, sh, sw, ph, pw, dh, dw, orient);
+    int64_t kmax = 0, HoWo = g.Ho * g.Wo, T = g.T;
+    for (int64_t n = 0; n < N; n++) if (counts[n] > kmax) kmax = counts[n];
+    int64_t offs[T];
+    for (int64_t r = 0; r < kh; r++)
+        for (int64_t q = 0; q < kw; q++)
+            offs[r * kw + q] = (((r * dh) % sh) * sw + (q * dw) % sw) * g.Hq * g.Wq
+                               + ((r * dh) / sh) * g.Wq + (q * dw) / sw;
+    /* geometry tables shared by every instance, at the end of the workspace */
+    int32_t *table = orient == ORIENT_PIX
+        ? (int32_t *)(ws + kmax * g.pitch + threads * ((Cout + PIX_MR - 1) / PIX_MR * PIX_MR * PIX_NR))
+        : (int32_t *)(ws + kmax * T * g.PB * CO_MR);
+    #pragma omp parallel num_threads(threads)
+    {
+        if (orient == ORIENT_PIX) {  /* flattened position -> output offset, or -1 (waste) */
+            #pragma omp for schedule(static)
+            for (int64_t p = 0; p < g.PB * PIX_NR; p++) {
+                int64_t oh = p / g.Wq, ow = p % g.Wq;
+                table[p] = (p < g.NP && ow < g.Wo) ? (int32_t)(oh * g.Wo + ow) : -1;
+            }
+        } else {  /* per block and tap: the input offset of each position within a channel, or -1
+                   * (padding), then whether those offsets are one run of consecutive floats */
+            int32_t *runs = table + g.PB * T * CO_MR;
+            #pragma omp for schedule(static)
+            for (int64_t pb = 0; pb < g.PB; pb++)
+                for (int64_t t = 0; t < T; t++) {
+                    int32_t *o = table + (pb * T + t) * CO_MR;
+                    int run = 1;
+                    for (int i = 0; i < CO_MR; i++) {
+                        int64_t m = pb * CO_MR + i, oh = m / g.Wo, ow = m % g.Wo;
+                        int64_t ih = oh * sh + (t / kw) * dh - ph, iw = ow * sw + (t % kw) * dw - pw;
+                        int ok = m < HoWo && ih >= 0 && ih < H && iw >= 0 && iw < W;
+                        o[i] = ok ? (int32_t)(ih * W + iw) : -1;
+                        run = run && ok && (i == 0 || o[i] == o[i - 1] + 1);
+                    }
+                    runs[pb * T + t] = run;
+                }
+        }
+        for (int64_t n = 0; n < N; n++) {
+            const float *xn = x + n * C * H * W;
+            float *on = out + n * Cout * HoWo;
+            const int64_t K = counts[n], *in = idx + n * kstride;
+            if (K == 0) {
+                #pragma omp for schedule(static)
+                for (int64_t co = 0; co < Cout; co++)
+                    for (int64_t m = 0; m < HoWo; m++) on[co * HoWo + m] = bias[co];
+            } else if (orient == ORIENT_PIX) {
+                conv_pix(&g, xn, in, K, wpack, bias, on, ws, kmax, offs, table);
+            } else {
+                conv_co(&g, xn, in, K, wpack, bias, on, ws, table);
+            }
+            /* the implicit barrier of each worksharing loop keeps the workspace safe to reuse */
+        }
+    }
+}

@@ -1,0 +1,172 @@
+"""The native indirect-GEMM kernel equals the masked-dense reference, in both orientations."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import rel_err
+from ispc.ops import gated_conv as gc
+from ispc.ops import native
+from ispc.ops.cpu_kernels import gated_conv2d_native, kept_index_rows, run_strategy
+
+pytestmark = pytest.mark.skipif(not native.available(),
+                                reason=f"native kernel not built here: {native.unavailable_reason()}")
+
+ORIENTS = [native.ORIENT_PIX, native.ORIENT_CO]
+
+# (cin, cout, kernel, stride, padding, dilation, H, W): odd sizes so that neither the output
+# channels nor the positions fill whole register blocks, and cin > 2 * 75 for a 3x3 layer so that
+# the pixel orientation's reduction runs in several chunks
+SHAPES = [
+    (16, 8, 3, 1, 1, 1, 8, 8),
+    (13, 29, 3, 2, 1, 1, 9, 11),
+    (24, 16, 1, 1, 0, 1, 7, 7),
+    (24, 33, 1, 2, 0, 1, 9, 9),
+    (17, 5, 5, 2, 2, 1, 12, 10),
+    (32, 12, 3, 1, 2, 2, 10, 10),
+    (8, 8, (3, 1), (2, 1), (1, 0), 1, 6, 9),
+    (20, 8, 1, 1, 1, 1, 5, 5),
+    (170, 19, 3, 1, 1, 1, 6, 7),
+    (9, 70, 3, 3, 0, 1, 13, 13),
+]
+
+
+def _pair(v):
+    return v if isinstance(v, tuple) else (v, v)
+
+
+def _run(x, w, b, scale, stride, pad, dil, mode, thr, k, sal, orient):
+    packed = native.pack_weight(w, orient)
+    return gated_conv2d_native(x, w, packed, orient, b, scale, _pair(stride), _pair(pad), _pair(dil),
+                               mode, thr, k, sal)
+
+
+def _ref(x, w, b, scale, stride, pad, dil, mode, thr, k, sal):
+    (sh, sw), (ph, pw), (dh, dw) = _pair(stride), _pair(pad), _pair(dil)
+    return gc.gated_conv2d_reference(x, w, b, scale, sh, sw, ph, pw, dh, dw, mode, thr, k, sal)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("n", [1, 3])
+@pytest.mark.parametrize("orient", ORIENTS)
+def test_matches_reference(shape, n, orient):
+    cin, cout, ks, stride, pad, dil, h, w = shape
+    kh, kw = _pair(ks)
+    g = torch.Generator().manual_seed(cin * 31 + cout)
+    x = torch.randn(n, cin, h, w, generator=g)
+    wt, b = torch.randn(cout, cin, kh, kw, generator=g), torch.randn(cout, generator=g)
+    scale = torch.rand(cin, generator=g) + 0.5
+    for mode, thr, k in [(gc.TOPK, 0.0, max(1, cin // 2)), (gc.TOPK, 0.0, 1), (gc.TOPK, 0.0, 0),
+                         (gc.THRESHOLD, 0.9, 0), (gc.THRESHOLD, 1.05, 0), (gc.THRESHOLD, 1e9, 0)]:
+        for sal in (gc.SALIENCY_L2, gc.SALIENCY_L1):
+            a = (x, wt, b, scale, stride, pad, dil, mode, thr, k, sal)
+            ref = _ref(*a)
+            out = _run(*a, orient)
+            assert out.shape == ref.shape
+            assert rel_err(out, ref) <= 1e-5, (mode, thr, k, sal)
+
+
+def test_threshold_batch_with_different_counts_per_instance():
+    # instance 0 keeps nothing, 1 keeps everything, 2 keeps some: one call serves all three
+    x = torch.randn(3, 40, 12, 12)
+    x[0] *= 1e-3
+    x[1] += 10.0
+    w, b, scale = torch.randn(24, 40, 3, 3), torch.randn(24), torch.ones(40)
+    a = (x, w, b, scale, 1, 1, 1, gc.THRESHOLD, 1.0, 0, gc.SALIENCY_L2)
+    counts = kept_index_rows(gc.channel_saliency(x, scale), gc.THRESHOLD, 1.0, 0)[1]
+    assert counts[0] == 0 and counts[1] == 40 and 0 < counts[2] < 40
+    for orient in ORIENTS:
+        out = _run(*a, orient)
+        assert torch.allclose(out[0], b.view(-1, 1, 1).expand(24, 12, 12))
+        assert rel_err(out, _ref(*a)) <= 1e-5
+
+
+def test_all_kept_is_the_dense_conv_and_channels_last_input_is_accepted():
+    x = torch.randn(2, 20, 9, 9)
+    w, b, s = torch.randn(10, 20, 3, 3), torch.randn(10), torch.ones(20)
+    dense = torch.nn.functional.conv2d(x, w, b, 1, 1)
+    assert torch.equal(_run(x, w, b, s, 1, 1, 1, gc.TOPK, 0.0, 20, 0, native.ORIENT_PIX), dense)
+    xc = x.contiguous(memory_format=torch.channels_last)
+    ref = _ref(x, w, b, s, 1, 1, 1, gc.TOPK, 0.0, 7, 0)
+    for orient in ORIENTS:
+        assert rel_err(_run(xc, w, b, s, 1, 1, 1, gc.TOPK, 0.0, 7, 0, orient), ref) <= 1e-5
+
+
+def test_results_do_not_depend_on_threads_or_workspace_history():
+    big, small = torch.randn(1, 64, 30, 30), torch.randn(2, 8, 5, 5)
+    wb, ws = torch.randn(32, 64, 3, 3), torch.randn(4, 8, 3, 3)
+    bb, bs = torch.randn(32), torch.randn(4)
+    args_big = (big, wb, bb, torch.ones(64), 1, 1, 1, gc.TOPK, 0.0, 20, 0, native.ORIENT_PIX)
+    args_small = (small, ws, bs, torch.ones(8), 1, 1, 1, gc.TOPK, 0.0, 3, 0, native.ORIENT_CO)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        first = _run(*args_big)
+        torch.set_num_threads(2)
+        _run(*args_small)  # a smaller call in between reuses the same workspace
+        second = _run(*args_big)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(first, second)
+    assert rel_err(first, _ref(*args_big[:-1])) <= 1e-5
+
+
+def test_run_strategy_falls_back_for_other_dtypes():
+    x, w, b = (t.to(torch.bfloat16) for t in (torch.randn(2, 16, 8, 8), torch.randn(8, 16, 3, 3),
+                                               torch.randn(8)))
+    s = torch.ones(16)
+    packed = native.pack_weight(w, native.ORIENT_PIX)
+    ref = _ref(x, w, b, s, 1, 1, 1, gc.TOPK, 0.0, 8, 0)
+    out = run_strategy("native", x, w, packed, b, s, (1, 1), (1, 1), (1, 1), gc.TOPK, 0.0, 8, 0)
+    assert out.dtype == torch.bfloat16 and rel_err(out.float(), ref.float()) <= 3e-2
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 3), cin=st.integers(1, 40), cout=st.integers(1, 30), kh=st.integers(1, 4),
+       kw=st.integers(1, 4), sh=st.integers(1, 3), sw=st.integers(1, 3), ph=st.integers(0, 2),
+       pw=st.integers(0, 2), dh=st.integers(1, 2), dw=st.integers(1, 2), h=st.integers(4, 17),
+       w=st.integers(4, 17), keep=st.floats(0.0, 1.0), topk=st.booleans(),
+       orient=st.sampled_from(ORIENTS), seed=st.integers(0, 2**16))
+def test_random_geometry_matches_reference(n, cin, cout, kh, kw, sh, sw, ph, pw, dh, dw, h, w, keep,
+                                           topk, orient, seed):
+    if h + 2 * ph < dh * (kh - 1) + 1 or w + 2 * pw < dw * (kw - 1) + 1:
+        return  # no output position
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, cin, h, w, generator=g)
+    wt, b = torch.randn(cout, cin, kh, kw, generator=g), torch.randn(cout, generator=g)
+    s = torch.ones(cin)
+    if topk:
+        mode, thr, k = gc.TOPK, 0.0, int(round(keep * cin))
+    else:
+        mode, thr, k = gc.THRESHOLD, float(torch.quantile(gc.channel_saliency(x, s), keep)) + 1e-7, 0
+    a = (x, wt, b, s, (sh, sw), (ph, pw), (dh, dw), mode, thr, k, gc.SALIENCY_L2)
+    assert rel_err(_run(*a, orient), _ref(*a)) <= 1e-5
+
+
+def test_disabled_by_environment_falls_back_to_pytorch_kernels(tmp_path):
+    code = ("import torch, ispc\n"
+            "from ispc.ops import native\n"
+            "assert not native.available() and 'ISPC_NATIVE=0' in native.unavailable_reason()\n"
+            "from ispc.examples.models import resnet20\n"
+            "c = ispc.compile(resnet20().eval(), [torch.randn(4, 3, 32, 32)], progress=False)\n"
+            "assert {m.strategy for m in c.gated_modules().values()} <= {'gather', 'gemm'}\n")
+    env = {**os.environ, "ISPC_NATIVE": "0", "ISPC_CACHE_DIR": str(tmp_path)}
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+
+
+def test_build_is_cached_per_source_and_machine(tmp_path, monkeypatch):
+    monkeypatch.setenv("ISPC_CACHE_DIR", str(tmp_path))
+    first = native._build()
+    files = list((tmp_path / "native").glob("ispc_native_*.so"))
+    assert len(files) == 1
+    native._build()
+    assert list((tmp_path / "native").glob("ispc_native_*.so")) == files
+    assert first.ispc_block_rows(native.ORIENT_CO) * first.ispc_block_lanes(native.ORIENT_PIX) > 0
