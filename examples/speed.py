@@ -23,7 +23,7 @@ import sys
 import torch
 
 import ispc
-from ispc.benchmark import benchmark, dense_baseline, results_table
+from ispc.benchmark import benchmark, dense_baseline, results_table, retain_freed_memory
 from ispc.examples.models import create_model
 
 PROFILE_ROWS = 12
@@ -84,12 +84,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overhead", action=argparse.BooleanOptionalAction, default=True,
                    help="also time keep_ratio=1.0 against dense")
     p.add_argument("--threads", type=int)
+    p.add_argument("--retain-memory", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep freed memory in glibc's malloc (ispc.benchmark.retain_freed_memory), "
+                        "for dense and gated alike; off: the allocator's defaults")
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="also profile N passes of dense and gated per ATen op (default: off)")
     p.add_argument("--json")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    allocator = retain_freed_memory() if args.retain_memory else "glibc defaults"
     size = args.image_size
     g = torch.Generator().manual_seed(0)
     calib = [torch.randn(8, 3, size, size, generator=g) for _ in range(4)]
@@ -105,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
             compiled = ispc.compile(model, calib, config=cfg)
             results += benchmark(model, compiled, (3, size, size), batch_sizes=(bs,),
                                  rounds=args.rounds if bs == 1 else args.batched_rounds,
-                                 warmup=5 if bs == 1 else 1, name=name)
+                                 warmup=5 if bs == 1 else 1, name=name,
+                                 retain_memory=args.retain_memory)
             print(results_table(results[-1:]), file=sys.stderr)
             if args.profile:
                 x = torch.randn(bs, 3, size, size, generator=g)
@@ -115,10 +120,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.overhead:
             full = ispc.compile(model, calib, config=ispc.GatingConfig(keep_ratio=1.0, mode=args.mode))
             overhead += benchmark(model, full, (3, size, size), batch_sizes=(1,), rounds=args.rounds,
-                                  name=f"{name} keep=1.0")
+                                  name=f"{name} keep=1.0", retain_memory=args.retain_memory)
     print(f"\nispc {ispc.__version__}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{platform.processor() or platform.machine()}, mode={args.mode}, keep_ratio={args.keep_ratio}, "
-          f"latency_aware={args.latency_aware}, {size}x{size}\n")
+          f"latency_aware={args.latency_aware}, {size}x{size}, allocator: {allocator}\n")
     print(results_table(results, tablefmt="github"))
     if overhead:
         print("\nkeep_ratio=1.0 (gating overhead; realized < 1.0 means slower than dense):\n")
@@ -129,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         print(profile_table(prof["ops"]))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"config": vars(args), "torch": torch.__version__,
+            json.dump({"config": vars(args), "torch": torch.__version__, "allocator": allocator,
                        "threads": torch.get_num_threads(),
                        "results": [r.to_dict() for r in results],
                        "overhead": [r.to_dict() for r in overhead],

@@ -133,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1])
     p.add_argument("--latency-aware", action=argparse.BooleanOptionalAction, default=True,
                    help="time kernels at compile time, keep layers dense where gating does not pay")
+    p.add_argument("--retain-memory", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep freed memory in glibc's malloc for reuse, for dense and gated alike "
+                        "(see ispc.benchmark.retain_freed_memory; default: on)")
     _add_gating_args(p)
 
     p = sub.add_parser("inspect", help="analyse a model: per-layer CV, gating decisions, MACs")
@@ -164,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latency-aware", action=argparse.BooleanOptionalAction, default=True,
                    help="time kernels at compile time and leave layers dense where gating does "
                         "not pay (default: on)")
+    p.add_argument("--retain-memory", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep freed memory in glibc's malloc for reuse, for dense and gated alike "
+                        "(see ispc.benchmark.retain_freed_memory; default: on)")
     return parser
 
 
@@ -176,9 +182,11 @@ def _calibration(args: argparse.Namespace):
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .api import compile as ispc_compile
-    from .benchmark import benchmark, results_table
+    from .benchmark import benchmark, results_table, retain_freed_memory
     from .config import GatingConfig
 
+    if args.retain_memory:  # before compiling: latency-aware selection times kernels too
+        retain_freed_memory()
     model = load_model(args.model)
     size = args.image_size
     g = torch.Generator().manual_seed(0)
@@ -192,7 +200,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     print(compiled.report)
     print()
     results = benchmark(model, compiled, (3, size, size), batch_sizes=tuple(args.batch_sizes),
-                        rounds=args.rounds, name=args.model)
+                        rounds=args.rounds, name=args.model, retain_memory=args.retain_memory)
     print(results_table(results))
     return 0
 
@@ -238,8 +246,10 @@ def _cmd_compile(args: argparse.Namespace) -> int:
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     from .api import compile as ispc_compile
-    from .benchmark import benchmark, results_json, results_table
+    from .benchmark import benchmark, results_json, results_table, retain_freed_memory
 
+    if args.retain_memory:  # before compiling: latency-aware selection times kernels too
+        retain_freed_memory()
     model = load_model(args.model, checkpoint=args.checkpoint, num_classes=args.num_classes)
     if args.data:
         x, batches = _calibration(args)
@@ -252,7 +262,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                                 latency_batch_size=min(args.batch_sizes))
     compiled = ispc_compile(model, batches, config=cfg)
     results = benchmark(model, compiled, shape, batch_sizes=tuple(args.batch_sizes),
-                        rounds=args.rounds, warmup=args.warmup, name=args.model)
+                        rounds=args.rounds, warmup=args.warmup, name=args.model,
+                        retain_memory=args.retain_memory)
     print(results_table(results))
     if args.per_layer:
         from .benchmark import dense_baseline, layer_table

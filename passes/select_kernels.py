@@ -3,7 +3,7 @@
 Two cost models:
 
 - predicted (default; deterministic): ``native`` (the indirect GEMM of :mod:`ispc.ops.native`)
-  where it could be built; otherwise ``gemm`` (prepared ``W^T`` + one BLAS call) for 1x1
+  where it could be built, but for the largest layers (``gather``); otherwise ``gemm`` (prepared ``W^T`` + one BLAS call) for 1x1
   convolutions and small feature maps, where weights dominate the data moved, and ``gather``
   (oneDNN on the gathered channels) elsewhere.
 - measured (``GatingConfig(latency_aware=True)``): every candidate kernel and the dense convolution
@@ -33,19 +33,25 @@ __all__ = ["select_kernels", "predicted_strategy", "candidates", "SMALL_MAP", "O
 #: without the native kernel, maps with at most this many output positions use the gemm kernel
 SMALL_MAP = 14 * 14
 
+#: dense MACs per instance from which oneDNN on the gathered channels beats the native kernel
+LARGE_LAYER_MACS = 400_000_000
+
 ORIENT_NAMES = {native.ORIENT_PIX: "pix", native.ORIENT_CO: "co"}
 
 
 def predicted_strategy(mod: GatedConv2d, out_hw: int) -> tuple[str, int | None]:
     """The kernel (strategy, native orientation) the shape-based cost model expects to be fastest.
 
-    The native indirect GEMM where it is available: it beat the PyTorch kernels on every ResNet,
-    VGG and MobileNetV2 layer shape measured (``examples/kernel_speed.py --native``), with vector
-    lanes over output channels on small maps, where lanes over pixels would compute padding.
+    Measured on ResNet/VGG layer shapes at batch 1 (``examples/kernel_speed.py --native``): the
+    native indirect GEMM wins on small and mid-sized layers (lanes over output channels on maps of
+    at most ``native.SMALL_MAP`` positions, over positions otherwise); oneDNN on the gathered
+    channels wins on the largest (VGG's 224x224 and 112x112 layers, ~1.8 GMAC), where its gathers
+    cost least relative to the convolution.
     """
-    if native.available() and mod.weight.dtype == torch.float32:
-        return "native", native.orientation_for(out_hw)
     kh, kw = mod.weight.shape[-2:]
+    macs = mod.out_channels * mod.in_channels * kh * kw * out_hw
+    if native.available() and mod.weight.dtype == torch.float32 and macs < LARGE_LAYER_MACS:
+        return "native", native.orientation_for(out_hw)
     if kh * kw == 1 or out_hw <= SMALL_MAP:
         return "gemm", None
     return "gather", None

@@ -85,6 +85,7 @@ def test_bench_small(files, capsys):
     rows = json.loads(out_json.read_text())
     assert [r["batch_size"] for r in rows] == [1, 2]
     assert all(r["dense_ms"] > 0 and r["theoretical_speedup"] >= 1 for r in rows)
+    assert all(r["allocator"] for r in rows)  # recorded: the benchmark tunes malloc by default
     assert "realized" in capsys.readouterr().out
 
 

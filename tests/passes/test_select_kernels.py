@@ -75,3 +75,17 @@ def test_latency_aware_keeps_gated_layers_exact():
     for h in hooks:
         h.remove()
     assert all(e <= 1e-5 for e in errs)
+
+
+def test_largest_layers_are_predicted_to_oneDNN_on_gathered_channels():
+    from ispc.modules import GatedConv2d
+    from ispc.passes.select_kernels import LARGE_LAYER_MACS, predicted_strategy
+
+    mod = GatedConv2d(torch.randn(128, 128, 3, 3), None, stride=(1, 1), padding=(1, 1),
+                      dilation=(1, 1), mode="topk", threshold=0.0, k=64)
+    big, small = 112 * 112, 28 * 28
+    assert 128 * 128 * 9 * big >= LARGE_LAYER_MACS > 128 * 128 * 9 * small
+    assert predicted_strategy(mod, big) == ("gather", None)
+    if native.available():
+        assert predicted_strategy(mod, small) == ("native", native.ORIENT_PIX)
+        assert predicted_strategy(mod, 7 * 7) == ("native", native.ORIENT_CO)
