@@ -60,6 +60,7 @@ class GatedConv2d(nn.Module):
         self.register_buffer("weight_t", None, persistent=False)
         self.strategy = "gather"
         self.orient = _native.ORIENT_PIX
+        self._native = None
 
     def set_strategy(self, strategy: str, orient: int | None = None) -> None:
         """Choose the eager CPU kernel (see :mod:`ispc.ops.cpu_kernels`); prepares its weights.
@@ -75,12 +76,15 @@ class GatedConv2d(nn.Module):
         self._prepare()
 
     def _prepare(self) -> None:
-        if self.strategy == "gemm":
-            self.weight_t = _cpu.prepare_weight(self.weight)
-        elif self.strategy == "native":
-            self.weight_t = _native.pack_weight(self.weight, self.orient)
-        else:
-            self.weight_t = None
+        self.weight_t = _cpu.prepare_weight(self.weight) if self.strategy == "gemm" else None
+        self._native = (_native.NativeLayer(self.weight, self.bias, self.stride, self.padding,
+                                            self.dilation, self.orient)
+                        if self.strategy == "native" else None)
+
+    @property
+    def prepared(self):
+        """The current strategy's prepared weights (``W^T``, a ``NativeLayer``, or None)."""
+        return self._native if self.strategy == "native" else self.weight_t
 
     def _load_from_state_dict(self, *args, **kwargs):  # keep prepared weights in sync
         super()._load_from_state_dict(*args, **kwargs)
@@ -95,9 +99,9 @@ class GatedConv2d(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self._direct(x):  # plain eager CPU inference: skip the dispatcher round trip
             a = self._args
-            return _cpu.run_strategy(self.strategy, x, self.weight, self.weight_t, self.bias,
+            return _cpu.run_strategy(self.strategy, x, self.weight, self.prepared, self.bias,
                                      self.scale, self.stride, self.padding, self.dilation, a[6], a[7],
-                                     a[8], a[9], self.orient)
+                                     a[8], a[9])
         return torch.ops.ispc.gated_conv2d(x, self.weight, self.bias, self.scale, *self._args)
 
     def _direct(self, x: Tensor) -> bool:

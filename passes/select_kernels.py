@@ -140,10 +140,9 @@ def select_kernels(gm: fx.GraphModule, state: PassState) -> fx.GraphModule:
         kernels = candidates()
         for label, (strat, orient) in kernels.items():
             mod.set_strategy(strat, orient)
-            wt = mod.weight_t
-            fns[label] = (lambda s=strat, wt=wt, o=mod.orient: run_strategy(
+            fns[label] = (lambda s=strat, wt=mod.prepared: run_strategy(
                 s, xin, mod.weight, wt, mod.bias, mod.scale, mod.stride, mod.padding, mod.dilation,
-                a[6], a[7], a[8], a[9], o))
+                a[6], a[7], a[8], a[9]))
         with torch.no_grad():
             times = _time(fns, cfg.latency_rounds)
         best = min(kernels, key=lambda s: times[s])

@@ -119,34 +119,38 @@ def kept_index_rows(s: Tensor, mode: int, threshold: float, k: int) -> tuple[Ten
     return torch.sort((~kept).to(torch.int8), dim=1, stable=True).indices, kept.sum(dim=1)
 
 
-def gated_conv2d_native(x: Tensor, weight: Tensor, packed: Tensor, orient: int, bias: Tensor,
+def gated_conv2d_native(x: Tensor, weight: Tensor, layer: native.NativeLayer, bias: Tensor,
                         scale: Tensor, stride: tuple[int, int], padding: tuple[int, int],
                         dilation: tuple[int, int], mode: int, threshold: float, k: int,
                         saliency: int) -> Tensor:
-    """The whole batch in one call of the native indirect GEMM (weights packed by
-    :func:`ispc.ops.native.pack_weight` with the same ``orient``)."""
+    """The whole batch in one call of the native indirect GEMM (``layer`` holds the packed weights
+    and bias; ``weight``/``bias`` serve the all-kept case, which is the dense convolution)."""
     c = x.shape[1]
     if _kept_all(mode, threshold, k, c):
         return F.conv2d(x, weight, bias, stride, padding, dilation)
     x = x.contiguous()
     s = channel_saliency(x, scale, saliency)
+    if mode == TOPK:
+        idx = (torch.topk(s, k, dim=1, sorted=False).indices.sort(dim=1).values if k > 0
+               else s.new_zeros((x.shape[0], 0), dtype=torch.long))
+        return layer(x, idx, None)
     idx, counts = kept_index_rows(s, mode, threshold, k)
-    return native.gated_conv2d(x, idx.contiguous(), counts, packed, orient, bias.detach(),
-                               weight.shape[0], tuple(weight.shape[-2:]), stride, padding, dilation)
+    return layer(x, idx.contiguous(), counts)
 
 
-def run_strategy(strategy: str, x: Tensor, weight: Tensor, weight_t: Tensor | None, bias: Tensor,
+def run_strategy(strategy: str, x: Tensor, weight: Tensor, weight_t, bias: Tensor,
                  scale: Tensor, stride: tuple[int, int], padding: tuple[int, int],
                  dilation: tuple[int, int], mode: int, threshold: float, k: int,
-                 saliency: int, orient: int = native.ORIENT_PIX) -> Tensor:
+                 saliency: int) -> Tensor:
     """Run one named strategy (all compute the operator's semantics).
 
-    ``weight_t`` is the strategy's prepared weight: ``W^T`` for ``gemm``, the packed panels (of
-    orientation ``orient``) for ``native``; None falls back to the per-instance gather kernel.
+    ``weight_t`` is the strategy's prepared weight: ``W^T`` for ``gemm``, a
+    :class:`~ispc.ops.native.NativeLayer` for ``native``; None falls back to the per-instance
+    gather kernel (so does ``native`` for dtypes other than float32).
     """
     if strategy == "native" and weight_t is not None and x.dtype == torch.float32:
-        return gated_conv2d_native(x, weight, weight_t, orient, bias, scale, stride, padding,
-                                   dilation, mode, threshold, k, saliency)
+        return gated_conv2d_native(x, weight, weight_t, bias, scale, stride, padding, dilation,
+                                   mode, threshold, k, saliency)
     if strategy == "gemm" and weight_t is not None:
         return gated_conv2d_gemm(x, weight, weight_t, bias, scale, stride, padding, dilation, mode,
                                  threshold, k, saliency)

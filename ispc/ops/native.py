@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["ORIENT_PIX", "ORIENT_CO", "available", "unavailable_reason", "block_sizes", "pack_weight",
-           "gated_conv2d", "orientation_for"]
+           "NativeLayer", "orientation_for"]
 
 ORIENT_PIX = 0  #: vector lanes over output pixels (large feature maps)
 ORIENT_CO = 1   #: vector lanes over output channels (small feature maps)
@@ -42,6 +42,13 @@ _lib: ctypes.CDLL | None = None
 _error: str | None = None
 
 _i64, _ptr = ctypes.c_int64, ctypes.c_void_p
+
+
+class _Layer(ctypes.Structure):
+    """``ispc_layer_t``: a gated layer's fixed arguments, passed by pointer."""
+
+    _fields_ = [("wpack", _ptr), ("bias", _ptr)] + [(f, _i64) for f in (
+        "cout", "kh", "kw", "sh", "sw", "ph", "pw", "dh", "dw", "orient")]
 
 
 def _cache_dir() -> Path:
@@ -90,9 +97,9 @@ def _build() -> ctypes.CDLL:
     lib.ispc_packed_size.argtypes = [_i64, _i64, _i64, ctypes.c_int]
     lib.ispc_pack_weight.restype = None
     lib.ispc_pack_weight.argtypes = [_ptr, _i64, _i64, _i64, ctypes.c_int, _ptr]
-    lib.ispc_gated_conv.restype = None
-    lib.ispc_gated_conv.argtypes = ([_ptr, _i64, _i64, _i64, _i64, _ptr, _ptr, _i64, _ptr, ctypes.c_int,
-                                     _ptr] + [_i64] * 9 + [_ptr, _ptr, _i64])
+    lib.ispc_gated_conv.restype = _i64
+    lib.ispc_gated_conv.argtypes = [ctypes.POINTER(_Layer), _ptr, _i64, _i64, _i64, _i64, _ptr, _i64,
+                                    _ptr, _ptr, _ptr, _i64, _i64]
     return lib
 
 
@@ -166,25 +173,65 @@ def _workspace(floats: int) -> Tensor:
     return ws
 
 
-def gated_conv2d(x: Tensor, idx: Tensor, counts: Tensor, packed: Tensor, orient: int, bias: Tensor,
-                 cout: int, kernel: tuple[int, int], stride: tuple[int, int],
-                 padding: tuple[int, int], dilation: tuple[int, int]) -> Tensor:
-    """Convolution of each instance's kept channels ``idx[n, :counts[n]]`` (sorted) with their weights.
+class NativeLayer:
+    """One gated convolution prepared for the native kernel: packed weights, a bias copy and the
+    fixed arguments in one C struct, so that a call converts only what changes per input.
 
-    ``x`` is a contiguous float32 CPU tensor (N, C, H, W); ``idx`` int64 (N, >=max(counts)),
-    ``counts`` int64 (N,); ``packed`` from :func:`pack_weight` with the same ``orient``.
+    It holds copies: after changing the layer's weights in place, prepare it again
+    (``GatedConv2d.set_strategy``; loading a state dict does this).
     """
-    lib = _lib
-    n, c, h, w = x.shape
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel, stride, padding, dilation
-    ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-    wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-    kmax = int(counts.max()) if n else 0
-    threads = torch.get_num_threads()
-    size = lib.ispc_workspace(c, h, w, cout, kh, kw, sh, sw, ph, pw, dh, dw, orient, kmax, threads)
-    ws = _workspace(size)
-    out = torch.empty((n, cout, ho, wo), dtype=torch.float32)
-    lib.ispc_gated_conv(x.data_ptr(), n, c, h, w, idx.data_ptr(), counts.data_ptr(), idx.shape[1],
-                        packed.data_ptr(), orient, bias.data_ptr(), cout, kh, kw, sh, sw, ph, pw, dh,
-                        dw, out.data_ptr(), ws.data_ptr(), threads)
-    return out
+
+    def __init__(self, weight: Tensor, bias: Tensor | None, stride: tuple[int, int],
+                 padding: tuple[int, int], dilation: tuple[int, int], orient: int) -> None:
+        if _load() is None:
+            raise RuntimeError(_error)
+        self.cout, _, kh, kw = (int(v) for v in weight.shape)
+        self.orient = int(orient)
+        self.packed = pack_weight(weight, self.orient)
+        self.bias = (torch.zeros(self.cout) if bias is None
+                     else bias.detach().to(torch.float32).contiguous().clone())
+        self.kernel = (int(kh), int(kw))
+        self.stride, self.padding, self.dilation = tuple(stride), tuple(padding), tuple(dilation)
+        self._bind()
+
+    def _bind(self) -> None:
+        """(Re)build the C struct: it points into this object's own tensors."""
+        self._struct = _Layer(self.packed.data_ptr(), self.bias.data_ptr(), self.cout, *self.kernel,
+                              *self.stride, *self.padding, *self.dilation, self.orient)
+        self._sizes: dict[tuple[int, int], tuple[int, int]] = {}
+
+    def __getstate__(self) -> dict:  # copies and pickles carry tensors, never raw pointers
+        return {k: v for k, v in self.__dict__.items() if k not in ("_struct", "_sizes")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        if _load() is None:
+            raise RuntimeError(_error)
+        self._bind()
+
+    def out_size(self, h: int, w: int) -> tuple[int, int]:
+        hw = self._sizes.get((h, w))
+        if hw is None:
+            (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel, self.stride, self.padding, self.dilation
+            hw = self._sizes[(h, w)] = ((h + 2 * ph - dh * (kh - 1) - 1) // sh + 1,
+                                        (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1)
+        return hw
+
+    def __call__(self, x: Tensor, idx: Tensor, counts: Tensor | None) -> Tensor:
+        """``x`` contiguous float32 (N, C, H, W); ``idx`` contiguous int64 (N, K), each row's kept
+        channels ascending; ``counts`` int64 (N,), how many of each row are kept (None: all K)."""
+        n, c, h, w = x.shape
+        ho, wo = self.out_size(h, w)
+        out = torch.empty((n, self.cout, ho, wo), dtype=torch.float32)
+        threads = torch.get_num_threads()
+        ws = getattr(_local, "ws", None)
+        if ws is None:
+            ws = _workspace(0)
+        cptr = 0 if counts is None else counts.data_ptr()
+        args = (ctypes.byref(self._struct), x.data_ptr(), n, c, h, w, idx.data_ptr(), idx.shape[1],
+                cptr, out.data_ptr())
+        need = _lib.ispc_gated_conv(*args, ws.data_ptr(), ws.numel(), threads)
+        if need:  # first call at this size: grow the workspace and run
+            ws = _workspace(need)
+            _lib.ispc_gated_conv(*args, ws.data_ptr(), ws.numel(), threads)
+        return out

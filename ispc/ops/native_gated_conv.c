@@ -297,18 +297,31 @@ static void conv_co(const geom_t *g, const float *x, const int64_t *idx, int64_t
         }
 }
 
+/* A gated layer's fixed arguments (mirrored by native.py's _Layer). */
+typedef struct {
+    const float *wpack, *bias;
+    int64_t cout, kh, kw, sh, sw, ph, pw, dh, dw, orient;
+} ispc_layer_t;
+
 /* out[n] = bias + sum over the kept channels idx[n, :counts[n]] of conv(x[n, c], w[:, c]).
- * x: (N, C, H, W) contiguous; idx: (N, kstride) int64, sorted ascending per row; out: (N, Cout, Ho, Wo);
- * ws: at least ispc_workspace(..., kmax = max(counts), threads) floats. */
-void ispc_gated_conv(const float *x, int64_t N, int64_t C, int64_t H, int64_t W, const int64_t *idx,
-                     const int64_t *counts, int64_t kstride, const float *wpack, int orient,
-                     const float *bias, int64_t Cout, int64_t kh, int64_t kw, int64_t sh, int64_t sw,
-                     int64_t ph, int64_t pw, int64_t dh, int64_t dw, float *out, float *ws,
-                     int64_t threads) {
+ * x: (N, C, H, W) contiguous; idx: (N, kstride) int64, sorted ascending per row; counts: (N,) int64,
+ * or NULL when every instance keeps kstride channels; out: (N, Cout, Ho, Wo).
+ * Returns 0 when done, or (without computing anything) the workspace size in floats it needs when
+ * ws_floats is smaller. */
+int64_t ispc_gated_conv(const ispc_layer_t *L, const float *x, int64_t N, int64_t C, int64_t H, int64_t W,
+                        const int64_t *idx, int64_t kstride, const int64_t *counts, float *out,
+                        float *ws, int64_t ws_floats, int64_t threads) {
+    const int orient = (int)L->orient;
+    const int64_t Cout = L->cout, kh = L->kh, kw = L->kw, sh = L->sh, sw = L->sw, ph = L->ph,
+                  pw = L->pw, dh = L->dh, dw = L->dw;
+    const float *wpack = L->wpack, *bias = L->bias;
     geom_t g;
     geometry(&g, C, H, W, Cout, kh, kw, sh, sw, ph, pw, dh, dw, orient);
-    int64_t kmax = 0, HoWo = g.Ho * g.Wo, T = g.T;
-    for (int64_t n = 0; n < N; n++) if (counts[n] > kmax) kmax = counts[n];
+    int64_t kmax = counts ? 0 : kstride, HoWo = g.Ho * g.Wo, T = g.T;
+    if (counts)
+        for (int64_t n = 0; n < N; n++) if (counts[n] > kmax) kmax = counts[n];
+    int64_t need = ispc_workspace(C, H, W, Cout, kh, kw, sh, sw, ph, pw, dh, dw, orient, kmax, threads);
+    if (need > ws_floats) return need;
     int64_t offs[T];
     for (int64_t r = 0; r < kh; r++)
         for (int64_t q = 0; q < kw; q++)
@@ -346,7 +359,7 @@ void ispc_gated_conv(const float *x, int64_t N, int64_t C, int64_t H, int64_t W,
         for (int64_t n = 0; n < N; n++) {
             const float *xn = x + n * C * H * W;
             float *on = out + n * Cout * HoWo;
-            const int64_t K = counts[n], *in = idx + n * kstride;
+            const int64_t K = counts ? counts[n] : kstride, *in = idx + n * kstride;
             if (K == 0) {
                 #pragma omp for schedule(static)
                 for (int64_t co = 0; co < Cout; co++)
@@ -359,4 +372,5 @@ void ispc_gated_conv(const float *x, int64_t N, int64_t C, int64_t H, int64_t W,
             /* the implicit barrier of each worksharing loop keeps the workspace safe to reuse */
         }
     }
+    return 0;
 }

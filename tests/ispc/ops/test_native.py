@@ -42,9 +42,9 @@ def _pair(v):
 
 
 def _run(x, w, b, scale, stride, pad, dil, mode, thr, k, sal, orient):
-    packed = native.pack_weight(w, orient)
-    return gated_conv2d_native(x, w, packed, orient, b, scale, _pair(stride), _pair(pad), _pair(dil),
-                               mode, thr, k, sal)
+    layer = native.NativeLayer(w, b, _pair(stride), _pair(pad), _pair(dil), orient)
+    return gated_conv2d_native(x, w, layer, b, scale, _pair(stride), _pair(pad), _pair(dil), mode,
+                               thr, k, sal)
 
 
 def _ref(x, w, b, scale, stride, pad, dil, mode, thr, k, sal):
@@ -121,9 +121,9 @@ def test_run_strategy_falls_back_for_other_dtypes():
     x, w, b = (t.to(torch.bfloat16) for t in (torch.randn(2, 16, 8, 8), torch.randn(8, 16, 3, 3),
                                                torch.randn(8)))
     s = torch.ones(16)
-    packed = native.pack_weight(w, native.ORIENT_PIX)
+    layer = native.NativeLayer(w.float(), b.float(), (1, 1), (1, 1), (1, 1), native.ORIENT_PIX)
     ref = _ref(x, w, b, s, 1, 1, 1, gc.TOPK, 0.0, 8, 0)
-    out = run_strategy("native", x, w, packed, b, s, (1, 1), (1, 1), (1, 1), gc.TOPK, 0.0, 8, 0)
+    out = run_strategy("native", x, w, layer, b, s, (1, 1), (1, 1), (1, 1), gc.TOPK, 0.0, 8, 0)
     assert out.dtype == torch.bfloat16 and rel_err(out.float(), ref.float()) <= 3e-2
 
 
@@ -160,6 +160,21 @@ def test_disabled_by_environment_falls_back_to_pytorch_kernels(tmp_path):
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
+
+
+def test_layer_survives_copy_and_pickle():
+    import copy
+    import pickle
+
+    w, b = torch.randn(12, 20, 3, 3), torch.randn(12)
+    x = torch.randn(2, 20, 9, 9)
+    layer = native.NativeLayer(w, b, (1, 1), (1, 1), (1, 1), native.ORIENT_CO)
+    idx = torch.arange(0, 20, 2).repeat(2, 1).contiguous()
+    expect = layer(x, idx, None)
+    for other in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+        del layer  # the copies must not point into the original's tensors
+        assert torch.equal(other(x, idx, None), expect)
+        layer = other
 
 
 def test_build_is_cached_per_source_and_machine(tmp_path, monkeypatch):
