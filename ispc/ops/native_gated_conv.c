@@ -20,6 +20,9 @@
 #include <string.h>
 #include <stdlib.h>
 #include <omp.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 /* Register blocks, per orientation: MR broadcast rows x NV vectors of VW lanes (NR = NV * VW).
  * With AVX-512 (32 registers of 16 floats) 16-20 accumulators; with AVX2 (16 of 8) the classic 6x16.
@@ -39,6 +42,9 @@
 #define CO_NV 2
 #endif
 #define PIX_NR (PIX_NV * VW)
+#if PIX_NV != 2
+#error "store_run assumes two vectors per row of the pixel-lane kernel"
+#endif
 #define CO_NR (CO_NV * VW)
 
 #define ORIENT_PIX 0
@@ -47,6 +53,27 @@
 typedef float vf __attribute__((vector_size(VW * 4)));
 static inline vf ld(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
 static inline void st(float *p, vf v) { memcpy(p, &v, sizeof v); }
+
+/* dst[a..b) = lanes a..b of the two vectors (v0, v1) (dst indexed by lane). By value: taking the
+ * accumulators' address would keep them out of registers in the microkernel. */
+static inline void store_run(float *dst, vf v0, vf v1, int a, int b) {
+#if defined(__AVX512F__)
+    if (a < VW) {  /* masked stores: no fault on masked-off lanes */
+        int hi = b < VW ? b : VW;
+        _mm512_mask_storeu_ps(dst, (__mmask16)(((1u << hi) - 1u) & ~((1u << a) - 1u)), (__m512)v0);
+    }
+    if (b > VW) {
+        int lo = a > VW ? a - VW : 0;
+        _mm512_mask_storeu_ps(dst + VW, (__mmask16)(((1u << (b - VW)) - 1u) & ~((1u << lo) - 1u)),
+                              (__m512)v1);
+    }
+#else
+    float tile[2 * VW];
+    st(tile, v0);
+    st(tile + VW, v1);
+    memcpy(dst + a, tile + a, sizeof(float) * (b - a));
+#endif
+}
 
 /* The microkernel's shape: rows (broadcast operand) and lanes (vector operand) of an orientation. */
 int ispc_block_rows(int orient) { return orient == ORIENT_PIX ? PIX_MR : CO_MR; }
@@ -212,8 +239,18 @@ static void conv_pix(const geom_t *g, const float *x, const int64_t *idx, int64_
     #pragma omp for schedule(static) nowait
     for (int64_t pb = 0; pb < g->PB; pb++) {
         const int64_t p0 = pb * PIX_NR;
-        const int32_t m0 = omap[p0];
-        const int contiguous = m0 >= 0 && omap[p0 + PIX_NR - 1] == m0 + PIX_NR - 1;
+        /* the block's valid positions as runs [lane a, lane b) -> output offset m (at most
+         * ceil(NR / Wo) + 1 runs: the block crosses output rows and skips padded columns) */
+        int nruns = 0, ra[PIX_NR], rb[PIX_NR];
+        int32_t rm[PIX_NR];
+        for (int j = 0; j < PIX_NR;) {
+            int32_t m = omap[p0 + j];
+            if (m < 0) { j++; continue; }
+            int run = 1;
+            while (j + run < PIX_NR && omap[p0 + j + run] == m + run) run++;
+            ra[nruns] = j; rb[nruns] = j + run; rm[nruns++] = m;
+            j += run;
+        }
         /* chunks of KC channels keep the planes' rows this block reads in L1 across the
          * output-channel blocks; partial sums of all but the last chunk wait in cbuf */
         for (int64_t k0 = 0; k0 < K; k0 += KC) {
@@ -233,20 +270,8 @@ static void conv_pix(const geom_t *g, const float *x, const int64_t *idx, int64_
                     int64_t co = cob * PIX_MR + i;
                     float *orow = out + co * HoWo;
                     for (int j = 0; j < PIX_NV; j++) acc[i][j] += bias[co];
-                    if (contiguous) {  /* the whole block lies inside one output row */
-                        for (int j = 0; j < PIX_NV; j++) st(orow + m0 + j * VW, acc[i][j]);
-                        continue;
-                    }
-                    float tile[PIX_NR];
-                    for (int j = 0; j < PIX_NV; j++) st(tile + j * VW, acc[i][j]);
-                    for (int j = 0; j < PIX_NR;) {  /* copy the runs of valid positions */
-                        int32_t m = omap[p0 + j];
-                        if (m < 0) { j++; continue; }
-                        int run = 1;
-                        while (j + run < PIX_NR && omap[p0 + j + run] == m + run) run++;
-                        memcpy(orow + m, tile + j, sizeof(float) * run);
-                        j += run;
-                    }
+                    for (int r = 0; r < nruns; r++)
+                        store_run(orow + rm[r] - ra[r], acc[i][0], acc[i][1], ra[r], rb[r]);
                 }
             }
         }
