@@ -92,7 +92,7 @@ def _build() -> ctypes.CDLL:
     lib.ispc_block_rows.restype = lib.ispc_block_lanes.restype = ctypes.c_int
     lib.ispc_block_rows.argtypes = lib.ispc_block_lanes.argtypes = [ctypes.c_int]
     lib.ispc_workspace.restype = _i64
-    lib.ispc_workspace.argtypes = [_i64] * 12 + [ctypes.c_int, _i64, _i64]
+    lib.ispc_workspace.argtypes = [_i64] * 12 + [ctypes.c_int, _i64, _i64, _i64]
     lib.ispc_packed_size.restype = _i64
     lib.ispc_packed_size.argtypes = [_i64, _i64, _i64, ctypes.c_int]
     lib.ispc_pack_weight.restype = None

@@ -130,16 +130,20 @@ static int64_t pix_table_offset(const geom_t *g, int64_t kmax, int64_t threads) 
     return kmax * g->pitch + threads * rows * PIX_NR + rows * kmax * g->T;
 }
 
+static int64_t co_table_floats(const geom_t *g) { return g->T * g->PB * CO_MR + g->T * g->PB; }
+static int64_t co_chunk(const geom_t *g, int64_t kmax, int64_t N);
+
 /* Workspace (floats) one call needs, for instances keeping at most kmax channels. */
 int64_t ispc_workspace(int64_t C, int64_t H, int64_t W, int64_t Cout, int64_t kh, int64_t kw, int64_t sh,
                        int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw, int orient,
-                       int64_t kmax, int64_t threads) {
+                       int64_t kmax, int64_t threads, int64_t N) {
     geom_t g;
     geometry(&g, C, H, W, Cout, kh, kw, sh, sw, ph, pw, dh, dw, orient);
     if (orient == ORIENT_PIX)  /* planes, partial sums per thread, kept weights, position map */
         return pix_table_offset(&g, kmax, threads) + g.PB * PIX_NR + 64;
-    /* packed position panels + the source-offset and run tables (int32, stored in float slots) */
-    return (kmax + 1) * g.T * g.PB * CO_MR + g.T * g.PB + 64;
+    /* the source-offset and run tables (int32, stored in float slots), then the packed position
+     * panels of one chunk of instances */
+    return co_table_floats(&g) + co_chunk(&g, kmax, N) * kmax * g.T * g.PB * CO_MR + 64;
 }
 
 /* Pack weight (Cout, C, kh, kw) into [ceil(Cout/B)][C][T][B] (B = co_block(orient)), zero rows past
@@ -280,46 +284,63 @@ static void conv_pix(const geom_t *g, const float *x, const int64_t *idx, int64_
     #pragma omp barrier
 }
 
+/* ORIENT_CO: instances packed and computed together, so that each block of output channels'
+ * weights is read from memory once per chunk of instances rather than once per instance (at batch
+ * 32 the 7x7 layers' weights would otherwise stream from memory 32 times); chunks bound the
+ * packed panels to ~8 MB. */
+static int64_t co_chunk(const geom_t *g, int64_t kmax, int64_t N) {
+    int64_t per = kmax * g->T * g->PB * CO_MR, nb = per > 0 ? (2 << 20) / per : N;
+    return nb < 1 ? 1 : nb > N ? N : nb;
+}
+
 /* Vector lanes over output channels: blocks of CO_NR output channels from the weight panels; CO_MR
- * output positions at a time broadcast from panels packed exactly (no padded positions computed). */
-static void conv_co(const geom_t *g, const float *x, const int64_t *idx, int64_t K, const float *wpack,
-                    const float *bias, float *out, float *ws, const int32_t *src) {
+ * output positions at a time broadcast from panels packed exactly (no padded positions computed).
+ * Instances n0..n1 at once; table: the (position, tap) -> input offset table and its run flags. */
+static void conv_co(const geom_t *g, const float *x, int64_t n0, int64_t n1, const int64_t *idx,
+                    int64_t kstride, const int64_t *counts, const float *wpack, const float *bias,
+                    float *out, float *panels, int64_t kmax, const int32_t *src) {
     const int64_t T = g->T, CoB = (g->Cout + CO_NR - 1) / CO_NR, HoWo = g->Ho * g->Wo, HW = g->H * g->W;
-    float *panels = ws;  /* [PB][K][T][CO_MR] */
+    const int64_t per = kmax * T * g->PB * CO_MR;  /* one instance's panels: [PB][K][T][CO_MR] */
     const int32_t *runs = src + g->PB * T * CO_MR;
-    #pragma omp for schedule(static)
-    for (int64_t pb = 0; pb < g->PB; pb++) {
-        float *dst = panels + pb * K * T * CO_MR;
-        const int32_t *sp = src + pb * T * CO_MR, *rp = runs + pb * T;
-        for (int64_t k = 0; k < K; k++) {
-            const float *xc = x + idx[k] * HW;
-            for (int64_t t = 0; t < T; t++, dst += CO_MR) {
-                const int32_t *o = sp + t * CO_MR;
-                if (rp[t]) { memcpy(dst, xc + o[0], sizeof(float) * CO_MR); continue; }
-                for (int i = 0; i < CO_MR; i++) dst[i] = o[i] >= 0 ? xc[o[i]] : 0.0f;
-            }
-        }
-    }
     #pragma omp for collapse(2) schedule(static)
-    for (int64_t cob = 0; cob < CoB; cob++)
+    for (int64_t n = n0; n < n1; n++)
         for (int64_t pb = 0; pb < g->PB; pb++) {
-            const float *wb = wpack + cob * g->C * T * CO_NR;
-            const float *pp = panels + pb * K * T * CO_MR;
-            MICROKERNEL(CO_MR, CO_NV, 0, K, (const float *)0, pp + k * T * CO_MR, wb + idx[k] * T * CO_NR,
-                        t * CO_NR)
-            float tile[CO_MR][CO_NR];
-            for (int i = 0; i < CO_MR; i++)
-                for (int j = 0; j < CO_NV; j++) st(&tile[i][j * VW], acc[i][j]);
-            for (int j = 0; j < CO_NR; j++) {
-                int64_t co = cob * CO_NR + j;
-                if (co >= g->Cout) break;
-                float bj = bias[co];
-                for (int i = 0; i < CO_MR; i++) {
-                    int64_t m = pb * CO_MR + i;
-                    if (m < HoWo) out[co * HoWo + m] = tile[i][j] + bj;
+            const int64_t K = counts ? counts[n] : kstride, *in = idx + n * kstride;
+            const float *xn = x + n * g->C * HW;
+            float *dst = panels + (n - n0) * per + pb * K * T * CO_MR;
+            const int32_t *sp = src + pb * T * CO_MR, *rp = runs + pb * T;
+            for (int64_t k = 0; k < K; k++) {
+                const float *xc = xn + in[k] * HW;
+                for (int64_t t = 0; t < T; t++, dst += CO_MR) {
+                    const int32_t *o = sp + t * CO_MR;
+                    if (rp[t]) { memcpy(dst, xc + o[0], sizeof(float) * CO_MR); continue; }
+                    for (int i = 0; i < CO_MR; i++) dst[i] = o[i] >= 0 ? xc[o[i]] : 0.0f;
                 }
             }
         }
+    #pragma omp for collapse(3) schedule(static)
+    for (int64_t cob = 0; cob < CoB; cob++)
+        for (int64_t n = n0; n < n1; n++)
+            for (int64_t pb = 0; pb < g->PB; pb++) {
+                const int64_t K = counts ? counts[n] : kstride, *in = idx + n * kstride;
+                const float *wb = wpack + cob * g->C * T * CO_NR;
+                const float *pp = panels + (n - n0) * per + pb * K * T * CO_MR;
+                MICROKERNEL(CO_MR, CO_NV, 0, K, (const float *)0, pp + k * T * CO_MR,
+                            wb + in[k] * T * CO_NR, t * CO_NR)
+                float tile[CO_MR][CO_NR];
+                for (int i = 0; i < CO_MR; i++)
+                    for (int j = 0; j < CO_NV; j++) st(&tile[i][j * VW], acc[i][j]);
+                float *on = out + n * g->Cout * HoWo;
+                for (int j = 0; j < CO_NR; j++) {
+                    int64_t co = cob * CO_NR + j;
+                    if (co >= g->Cout) break;
+                    float bj = bias[co];
+                    for (int i = 0; i < CO_MR; i++) {
+                        int64_t m = pb * CO_MR + i;
+                        if (m < HoWo) on[co * HoWo + m] = tile[i][j] + bj;
+                    }
+                }
+            }
 }
 
 /* A gated layer's fixed arguments (mirrored by native.py's _Layer). */
@@ -345,7 +366,7 @@ int64_t ispc_gated_conv(const ispc_layer_t *L, const float *x, int64_t N, int64_
     int64_t kmax = counts ? 0 : kstride, HoWo = g.Ho * g.Wo, T = g.T;
     if (counts)
         for (int64_t n = 0; n < N; n++) if (counts[n] > kmax) kmax = counts[n];
-    int64_t need = ispc_workspace(C, H, W, Cout, kh, kw, sh, sw, ph, pw, dh, dw, orient, kmax, threads);
+    int64_t need = ispc_workspace(C, H, W, Cout, kh, kw, sh, sw, ph, pw, dh, dw, orient, kmax, threads, N);
     if (need > ws_floats) return need;
     int64_t offs[T];
     for (int64_t r = 0; r < kh; r++)
@@ -354,7 +375,8 @@ int64_t ispc_gated_conv(const ispc_layer_t *L, const float *x, int64_t N, int64_
                                + ((r * dh) / sh) * g.Wq + (q * dw) / sw;
     /* geometry tables shared by every instance, at the end of the workspace */
     int32_t *table = orient == ORIENT_PIX ? (int32_t *)(ws + pix_table_offset(&g, kmax, threads))
-                                          : (int32_t *)(ws + kmax * T * g.PB * CO_MR);
+                                          : (int32_t *)ws;
+    const int64_t nb = orient == ORIENT_CO ? co_chunk(&g, kmax, N) : 1;
     #pragma omp parallel num_threads(threads)
     {
         if (orient == ORIENT_PIX) {  /* flattened position -> output offset, or -1 (waste) */
@@ -381,20 +403,22 @@ int64_t ispc_gated_conv(const ispc_layer_t *L, const float *x, int64_t N, int64_
                     runs[pb * T + t] = run;
                 }
         }
-        for (int64_t n = 0; n < N; n++) {
-            const float *xn = x + n * C * H * W;
+        for (int64_t n = 0; n < N; n += nb) {
+            /* the implicit barrier of each worksharing loop keeps the workspace safe to reuse */
+            if (orient == ORIENT_CO) {
+                conv_co(&g, x, n, n + nb < N ? n + nb : N, idx, kstride, counts, wpack, bias, out,
+                        ws + co_table_floats(&g), kmax, table);
+                continue;
+            }
             float *on = out + n * Cout * HoWo;
             const int64_t K = counts ? counts[n] : kstride, *in = idx + n * kstride;
             if (K == 0) {
                 #pragma omp for schedule(static)
                 for (int64_t co = 0; co < Cout; co++)
                     for (int64_t m = 0; m < HoWo; m++) on[co * HoWo + m] = bias[co];
-            } else if (orient == ORIENT_PIX) {
-                conv_pix(&g, xn, in, K, wpack, bias, on, ws, kmax, threads, offs, table);
             } else {
-                conv_co(&g, xn, in, K, wpack, bias, on, ws, table);
+                conv_pix(&g, x + n * C * H * W, in, K, wpack, bias, on, ws, kmax, threads, offs, table);
             }
-            /* the implicit barrier of each worksharing loop keeps the workspace safe to reuse */
         }
     }
     return 0;

@@ -87,6 +87,17 @@ def test_threshold_batch_with_different_counts_per_instance():
         assert rel_err(out, _ref(*a)) <= 1e-5
 
 
+def test_large_batch_runs_in_chunks_of_instances():
+    # 128 of 256 channels, 3x3, 14x14: ~230k floats of packed panels per instance, so the channel-
+    # lane kernel packs and computes these 12 instances in two chunks
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(12, 256, 14, 14, generator=g)
+    w, b, s = torch.randn(40, 256, 3, 3, generator=g), torch.randn(40, generator=g), torch.ones(256)
+    for mode, thr, k in [(gc.TOPK, 0.0, 128), (gc.THRESHOLD, 1.0, 0)]:
+        a = (x, w, b, s, 1, 1, 1, mode, thr, k, gc.SALIENCY_L2)
+        assert rel_err(_run(*a, native.ORIENT_CO), _ref(*a)) <= 1e-5
+
+
 def test_all_kept_is_the_dense_conv_and_channels_last_input_is_accepted():
     x = torch.randn(2, 20, 9, 9)
     w, b, s = torch.randn(10, 20, 3, 3), torch.randn(10), torch.ones(20)
