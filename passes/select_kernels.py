@@ -50,17 +50,21 @@ def predicted_strategy(mod: GatedConv2d, out_hw: int) -> tuple[str, int | None]:
     """
     kh, kw = mod.weight.shape[-2:]
     macs = mod.out_channels * mod.in_channels * kh * kw * out_hw
-    if native.available() and mod.weight.dtype == torch.float32 and macs < LARGE_LAYER_MACS:
+    if _native_fits(mod) and mod.weight.dtype == torch.float32 and macs < LARGE_LAYER_MACS:
         return "native", native.orientation_for(out_hw)
     if kh * kw == 1 or out_hw <= SMALL_MAP:
         return "gemm", None
     return "gather", None
 
 
-def candidates() -> dict[str, tuple[str, int | None]]:
-    """Every kernel latency-aware selection times: label -> (strategy, native orientation)."""
+def _native_fits(mod: GatedConv2d) -> bool:
+    return native.available() and native.supports(mod.stride)
+
+
+def candidates(mod: GatedConv2d) -> dict[str, tuple[str, int | None]]:
+    """Every kernel latency-aware selection times for ``mod``: label -> (strategy, orientation)."""
     out: dict[str, tuple[str, int | None]] = {s: (s, None) for s in STRATEGIES if s != "native"}
-    if native.available():
+    if _native_fits(mod):
         out["native:pix"] = ("native", native.ORIENT_PIX)
         out["native:co"] = ("native", native.ORIENT_CO)
     return out
@@ -137,7 +141,7 @@ def select_kernels(gm: fx.GraphModule, state: PassState) -> fx.GraphModule:
         a = mod._args
         fns = {"dense": lambda: F.conv2d(xin, mod.weight, mod.bias, mod.stride, mod.padding,
                                          mod.dilation)}
-        kernels = candidates()
+        kernels = candidates(mod)
         for label, (strat, orient) in kernels.items():
             mod.set_strategy(strat, orient)
             fns[label] = (lambda s=strat, wt=mod.prepared: run_strategy(

@@ -26,13 +26,16 @@ import torch
 from torch import Tensor
 
 __all__ = ["ORIENT_PIX", "ORIENT_CO", "available", "unavailable_reason", "block_sizes", "pack_weight",
-           "NativeLayer", "orientation_for"]
+           "NativeLayer", "orientation_for", "supports"]
 
 ORIENT_PIX = 0  #: vector lanes over output pixels (large feature maps)
 ORIENT_CO = 1   #: vector lanes over output channels (small feature maps)
 
 #: output maps with at most this many positions use ORIENT_CO by default
 SMALL_MAP = 16 * 16
+
+#: the kernel splits strided inputs into stride_h * stride_w phases, at most this many
+MAX_PHASES = 64
 
 _SOURCE = Path(__file__).with_name("native_gated_conv.c")
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
@@ -138,6 +141,11 @@ def block_sizes(orient: int) -> tuple[int, int]:
     return lib.ispc_block_rows(orient), lib.ispc_block_lanes(orient)
 
 
+def supports(stride: tuple[int, int]) -> bool:
+    """Whether the kernel takes a layer with this stride (the only geometric limit it has)."""
+    return stride[0] * stride[1] <= MAX_PHASES
+
+
 def orientation_for(out_hw: int) -> int:
     """The orientation expected to be faster for an output map of ``out_hw`` positions."""
     return ORIENT_CO if out_hw <= SMALL_MAP else ORIENT_PIX
@@ -185,6 +193,9 @@ class NativeLayer:
                  padding: tuple[int, int], dilation: tuple[int, int], orient: int) -> None:
         if _load() is None:
             raise RuntimeError(_error)
+        if not supports(stride):
+            raise ValueError(f"the native kernel takes strides with at most {MAX_PHASES} phases, "
+                             f"not {tuple(stride)}")
         self.cout, _, kh, kw = (int(v) for v in weight.shape)
         self.orient = int(orient)
         self.packed = pack_weight(weight, self.orient)

@@ -81,10 +81,21 @@ int ispc_block_lanes(int orient) { return orient == ORIENT_PIX ? PIX_NR : CO_NR;
 /* The weight panels' block of output channels. */
 static int64_t co_block(int orient) { return orient == ORIENT_PIX ? PIX_MR : CO_NR; }
 
+#define MAX_PHASES 64  /* strides up to 8x8 (native.py routes larger ones to the PyTorch kernels) */
+
 typedef struct {
     int64_t C, H, W, Cout, kh, kw, sh, sw, ph, pw, dh, dw;
     int64_t Ho, Wo, T, Hq, Wq, NP, PB, pitch;
+    /* ORIENT_PIX: the stride phases some tap reads get a plane each (slot), the others none; a 1x1,
+     * stride-1, unpadded layer reads the input itself (direct: no planes at all) */
+    int64_t nslots, direct, slot[MAX_PHASES];
 } geom_t;
+
+/* ORIENT_PIX: where tap (r, q) of flattened output position p reads: plane[p + tap_offset] */
+static int64_t tap_offset(const geom_t *g, int64_t r, int64_t q) {
+    int64_t a = (r * g->dh) % g->sh, b = (q * g->dw) % g->sw;
+    return g->slot[a * g->sw + b] * g->Hq * g->Wq + ((r * g->dh) / g->sh) * g->Wq + (q * g->dw) / g->sw;
+}
 
 static void geometry(geom_t *g, int64_t C, int64_t H, int64_t W, int64_t Cout, int64_t kh, int64_t kw,
                      int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw, int orient) {
@@ -97,18 +108,25 @@ static void geometry(geom_t *g, int64_t C, int64_t H, int64_t W, int64_t Cout, i
     g->Hq = (Hp + sh - 1) / sh;
     g->Wq = (Wp + sw - 1) / sw;
     if (orient == ORIENT_PIX) {
+        g->direct = kh == 1 && kw == 1 && sh == 1 && sw == 1 && ph == 0 && pw == 0;
+        for (int64_t i = 0; i < sh * sw && i < MAX_PHASES; i++) g->slot[i] = -1;
+        g->nslots = 0;
+        for (int64_t r = 0; r < kh; r++)
+            for (int64_t q = 0; q < kw; q++) {
+                int64_t ph_ = ((r * dh) % sh) * sw + (q * dw) % sw;
+                if (g->slot[ph_] < 0) g->slot[ph_] = g->nslots++;
+            }
         /* flattened output positions p = oh * Wq + ow, including Wq - Wo columns of waste */
         g->NP = g->Ho * g->Wq;
         g->PB = (g->NP + PIX_NR - 1) / PIX_NR;
         int64_t maxoff = 0;
         for (int64_t r = 0; r < kh; r++)
             for (int64_t q = 0; q < kw; q++) {
-                int64_t o = (((r * dh) % sh) * sw + (q * dw) % sw) * g->Hq * g->Wq
-                            + ((r * dh) / sh) * g->Wq + (q * dw) / sw;
+                int64_t o = tap_offset(g, r, q);
                 if (o > maxoff) maxoff = o;
             }
-        int64_t planes = sh * sw * g->Hq * g->Wq, need = maxoff + g->PB * PIX_NR;
-        g->pitch = need > planes ? need : planes;
+        int64_t planes = g->nslots * g->Hq * g->Wq, need = maxoff + g->PB * PIX_NR;
+        g->pitch = g->direct ? 0 : need > planes ? need : planes;
     } else {
         g->NP = g->Ho * g->Wo;
         g->PB = (g->NP + CO_MR - 1) / CO_MR;
@@ -123,11 +141,17 @@ static int64_t kchunk(int64_t T) {
     return kc > 0 ? kc : 1;
 }
 
+/* ORIENT_PIX, direct: the last, partial block of positions of each kept channel, zero-padded to NR
+ * (reading it from the input itself would run past the tensor's end) */
+static int64_t pix_tail_floats(const geom_t *g, int64_t kmax, int64_t threads) {
+    return g->direct ? threads * kmax * PIX_NR : 0;
+}
+
 /* ORIENT_PIX workspace: [planes: kmax * pitch][partial sums: threads * CoB * MR * NR]
- * [kept weights: CoB * kmax * T * MR][position map: PB * NR int32] */
+ * [kept weights: CoB * kmax * T * MR][direct tails][position map: PB * NR int32] */
 static int64_t pix_table_offset(const geom_t *g, int64_t kmax, int64_t threads) {
     int64_t rows = (g->Cout + PIX_MR - 1) / PIX_MR * PIX_MR;
-    return kmax * g->pitch + threads * rows * PIX_NR + rows * kmax * g->T;
+    return kmax * g->pitch + threads * rows * PIX_NR + rows * kmax * g->T + pix_tail_floats(g, kmax, threads);
 }
 
 static int64_t co_table_floats(const geom_t *g) { return g->T * g->PB * CO_MR + g->T * g->PB; }
@@ -184,7 +208,7 @@ void ispc_pack_weight(const float *w, int64_t Cout, int64_t C, int64_t T, int or
  * output position p = oh * Wq + ow then reads plane[p + off(r, q)]. Threads split the work by plane
  * row, as the compute loop splits output rows, so that each core mostly reads rows it wrote. */
 static void pack_planes(const geom_t *g, const float *x, const int64_t *idx, int64_t K, float *planes) {
-    const int64_t HW = g->H * g->W, plane = g->Hq * g->Wq, phases = g->sh * g->sw;
+    const int64_t HW = g->H * g->W, plane = g->Hq * g->Wq, phases = g->nslots;
     #pragma omp for schedule(static) nowait
     for (int64_t i = 0; i < g->Hq; i++)
         for (int64_t k = 0; k < K; k++) {
@@ -192,7 +216,8 @@ static void pack_planes(const geom_t *g, const float *x, const int64_t *idx, int
             for (int64_t a = 0; a < g->sh; a++) {
                 const int64_t r = i * g->sh + a - g->ph;
                 for (int64_t b = 0; b < g->sw; b++) {
-                    float *d = planes + k * g->pitch + (a * g->sw + b) * plane + i * g->Wq;
+                    if (g->slot[a * g->sw + b] < 0) continue;  /* no tap reads this phase */
+                    float *d = planes + k * g->pitch + g->slot[a * g->sw + b] * plane + i * g->Wq;
                     if (r < 0 || r >= g->H) { memset(d, 0, sizeof(float) * g->Wq); continue; }
                     const float *src = xc + r * g->W;
                     if (g->sw == 1) {
@@ -228,7 +253,9 @@ static void conv_pix(const geom_t *g, const float *x, const int64_t *idx, int64_
      * swept once per group, so the weights are read from memory once, not once per position block */
     int64_t G = (128 * 1024) / (K * T * PIX_MR);
     if (G < 1) G = 1;
-    pack_planes(g, x, idx, K, planes);  /* ends with a barrier */
+    const int64_t HW = g->H * g->W;
+    float *tail = cbufs_end + CoB * PIX_MR * kmax * T + (int64_t)omp_get_thread_num() * kmax * PIX_NR;
+    if (!g->direct) pack_planes(g, x, idx, K, planes);  /* ends with a barrier */
     /* the kept channels' weight runs, copied next to each other: the microkernel then streams one
      * contiguous panel per output-channel block (~12% faster on ResNet/VGG layers than jumping
      * between the runs in the full packed weight) */
@@ -243,6 +270,19 @@ static void conv_pix(const geom_t *g, const float *x, const int64_t *idx, int64_
     #pragma omp for schedule(static) nowait
     for (int64_t pb = 0; pb < g->PB; pb++) {
         const int64_t p0 = pb * PIX_NR;
+        /* where each kept channel's lanes for this block start */
+        const float *vp[K];
+        if (!g->direct) {
+            for (int64_t k = 0; k < K; k++) vp[k] = planes + k * g->pitch + p0;
+        } else if (p0 + PIX_NR <= g->NP) {
+            for (int64_t k = 0; k < K; k++) vp[k] = x + idx[k] * HW + p0;
+        } else {
+            for (int64_t k = 0; k < K; k++) {
+                memset(tail + k * PIX_NR, 0, sizeof(float) * PIX_NR);
+                memcpy(tail + k * PIX_NR, x + idx[k] * HW + p0, sizeof(float) * (g->NP - p0));
+                vp[k] = tail + k * PIX_NR;
+            }
+        }
         /* the block's valid positions as runs [lane a, lane b) -> output offset m (at most
          * ceil(NR / Wo) + 1 runs: the block crosses output rows and skips padded columns) */
         int nruns = 0, ra[PIX_NR], rb[PIX_NR];
@@ -263,7 +303,7 @@ static void conv_pix(const geom_t *g, const float *x, const int64_t *idx, int64_
                 const float *wb = wk + cob * K * T * PIX_MR;
                 float *cb = cbuf + cob * PIX_MR * PIX_NR;
                 MICROKERNEL(PIX_MR, PIX_NV, k0, k1, k0 ? cb : (const float *)0, wb + k * T * PIX_MR,
-                            planes + k * g->pitch + p0, offs[t])
+                            vp[k], offs[t])
                 if (k1 < K) {
                     for (int i = 0; i < PIX_MR; i++)
                         for (int j = 0; j < PIX_NV; j++) st(cb + (i * PIX_NV + j) * VW, acc[i][j]);
@@ -370,9 +410,7 @@ int64_t ispc_gated_conv(const ispc_layer_t *L, const float *x, int64_t N, int64_
     if (need > ws_floats) return need;
     int64_t offs[T];
     for (int64_t r = 0; r < kh; r++)
-        for (int64_t q = 0; q < kw; q++)
-            offs[r * kw + q] = (((r * dh) % sh) * sw + (q * dw) % sw) * g.Hq * g.Wq
-                               + ((r * dh) / sh) * g.Wq + (q * dw) / sw;
+        for (int64_t q = 0; q < kw; q++) offs[r * kw + q] = orient == ORIENT_PIX ? tap_offset(&g, r, q) : 0;
     /* geometry tables shared by every instance, at the end of the workspace */
     int32_t *table = orient == ORIENT_PIX ? (int32_t *)(ws + pix_table_offset(&g, kmax, threads))
                                           : (int32_t *)ws;

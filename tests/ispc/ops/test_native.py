@@ -34,6 +34,9 @@ SHAPES = [
     (20, 8, 1, 1, 1, 1, 5, 5),
     (170, 19, 3, 1, 1, 1, 6, 7),
     (9, 70, 3, 3, 0, 1, 13, 13),
+    (48, 20, 1, 1, 0, 1, 5, 7),     # 1x1, stride 1, unpadded: read from the input directly
+    (40, 24, 1, 1, 0, 1, 16, 16),   # ... with a whole last block (no tail)
+    (30, 16, 1, (2, 3), 0, 1, 11, 13),  # 1x1 strided: only one stride phase is materialized
 ]
 
 
@@ -171,6 +174,12 @@ def test_disabled_by_environment_falls_back_to_pytorch_kernels(tmp_path):
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
+
+
+def test_strides_beyond_the_phase_limit_are_refused():
+    assert native.supports((8, 8)) and not native.supports((9, 8))
+    with pytest.raises(ValueError, match="phases"):
+        native.NativeLayer(torch.randn(4, 4, 1, 1), None, (9, 8), (0, 0), (1, 1), native.ORIENT_PIX)
 
 
 def test_layer_survives_copy_and_pickle():
