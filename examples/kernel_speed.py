@@ -1,4 +1,5 @@
-"""The op-level timings behind ``lower_pools`` and ``cpu_kernels.im2col`` (CPU, batch 1 unless set).
+"""The op-level timings behind ``lower_pools``, ``cpu_kernels.im2col`` and the native kernel's
+selection rules (CPU, batch 1 unless set).
 
 Interleaved medians (``ispc.benchmark.time_interleaved``) of PyTorch's NCHW max-pool against the
 module ``lower_pools`` puts in its place (:class:`ispc.modules.StridedMaxPool2d` for VGG's
@@ -7,6 +8,13 @@ ResNet's 3x3/2 stem pool), and of ``F.unfold`` against the strided im2col, on Re
 shapes::
 
     python examples/kernel_speed.py --threads 2
+
+``--native`` instead times gated convolutions at half the input channels (the top half by l2 norm
+of random ReLU inputs) on ResNet-18/50 and VGG-16 layer shapes: oneDNN dense on all channels
+against the native indirect GEMM in both orientations and oneDNN on the gathered channels (the
+``gather`` strategy), which is what ``select_kernels``' predicted cost model is based on::
+
+    python examples/kernel_speed.py --native --threads 2 [--batch-size 32]
 """
 from __future__ import annotations
 
@@ -17,9 +25,17 @@ import torch.nn.functional as F
 from tabulate import tabulate
 from torch import nn
 
-from ispc.benchmark import time_interleaved
+from ispc.benchmark import retain_freed_memory, time_interleaved
+from ispc.ops import gated_conv as gc
+from ispc.ops import native
+from ispc.ops.cpu_kernels import gated_conv2d_native
 from ispc.modules import ChannelsLastMaxPool2d, StridedMaxPool2d
 from ispc.ops.cpu_kernels import im2col
+
+# (cin, cout, kernel, stride, input size) of ResNet-18/50 and VGG-16 layers
+CONVS = [(64, 64, 3, 1, 56), (128, 128, 3, 1, 28), (256, 256, 3, 1, 14), (512, 512, 3, 1, 7),
+         (64, 128, 3, 2, 56), (256, 64, 1, 1, 56), (64, 256, 1, 1, 56), (512, 1024, 1, 2, 28),
+         (1024, 256, 1, 1, 14), (64, 64, 3, 1, 224), (128, 128, 3, 1, 112), (512, 512, 3, 1, 28)]
 
 POOLS = [((64, 112), 3, 2, 1), ((64, 56), 3, 2, 1), ((64, 224), 2, 2, 0), ((256, 56), 2, 2, 0),
          ((512, 14), 2, 2, 0)]
@@ -31,9 +47,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int)
     p.add_argument("--batch-size", type=int, default=1, help="batch of the pooling inputs")
     p.add_argument("--rounds", type=int, default=50)
+    p.add_argument("--native", action="store_true",
+                   help="time the native gated-convolution kernel instead (see above)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    retain_freed_memory()
+    if args.native:
+        return native_table(args)
     rows = []
     with torch.no_grad():
         for (c, hw), k, s, pad in POOLS:
@@ -56,6 +77,42 @@ def main(argv: list[str] | None = None) -> int:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(tabulate(rows, headers=["op", "input", "PyTorch ms", "ispc ms", "speed-up"],
                    floatfmt=".3f", tablefmt="github"))
+    return 0
+
+
+def native_table(args: argparse.Namespace) -> int:
+    """Dense oneDNN vs the native kernel (both orientations) vs oneDNN on the gathered channels."""
+    if not native.available():
+        print(f"native kernel unavailable: {native.unavailable_reason()}")
+        return 1
+    rows = []
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for cin, cout, k, s, hw in CONVS:
+            x = torch.randn(args.batch_size, cin, hw, hw, generator=g).relu()
+            w, b = torch.randn(cout, cin, k, k, generator=g), torch.randn(cout, generator=g)
+            keep, pad, ones = cin // 2, k // 2, torch.ones(cin)
+            layers = {o: native.NativeLayer(w, b, (s, s), (pad, pad), (1, 1), o)
+                      for o in (native.ORIENT_PIX, native.ORIENT_CO)}
+            idx = [torch.topk(x[i].norm(dim=(1, 2)), keep).indices.sort().values
+                   for i in range(x.shape[0])]
+            cands = {
+                "dense": lambda: F.conv2d(x, w, b, s, pad),
+                "pix": lambda: gated_conv2d_native(x, w, layers[native.ORIENT_PIX], b, ones, (s, s),
+                                                   (pad, pad), (1, 1), gc.TOPK, 0.0, keep, 0),
+                "co": lambda: gated_conv2d_native(x, w, layers[native.ORIENT_CO], b, ones, (s, s),
+                                                  (pad, pad), (1, 1), gc.TOPK, 0.0, keep, 0),
+                "gather": lambda: [F.conv2d(x[i:i + 1, j], w[:, j], b, s, pad)
+                                   for i, j in enumerate(idx)],
+            }
+            t = time_interleaved(cands, rounds=args.rounds, progress=False)
+            d = t["dense"].median
+            rows.append([f"{cin}->{cout} {k}x{k}/{s}", f"{hw}x{hw}", d,
+                         *(f"{t[c].median:.3f} ({d / t[c].median:.2f}x)" for c in ("pix", "co", "gather"))])
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size}, "
+          f"half the input channels kept (ideal: 2.00x)")
+    print(tabulate(rows, headers=["layer", "input", "dense ms", "native pix", "native co",
+                                  "gather (oneDNN)"], floatfmt=".3f", tablefmt="github"))
     return 0
 
 

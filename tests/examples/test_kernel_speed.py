@@ -14,3 +14,20 @@ def test_kernel_speed_prints_a_row_per_op(capsys):
     rows = [line for line in out.splitlines() if line.startswith("| max-pool") or line.startswith("| im2col")]
     assert len(rows) == len(mod.POOLS) + len(mod.IM2COL)
     assert all(float(r.split("|")[5]) > 0 for r in rows)  # a positive speed-up ratio on every row
+
+
+def test_native_table_has_every_strategy_per_layer(capsys, monkeypatch):
+    import pytest
+
+    from ispc.ops import native
+
+    if not native.available():
+        pytest.skip(f"native kernel not built here: {native.unavailable_reason()}")
+    spec = importlib.util.spec_from_file_location("kernel_speed", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    monkeypatch.setattr(mod, "CONVS", [(16, 8, 3, 1, 10), (32, 16, 1, 2, 9)])  # small, fast
+    assert mod.main(["--native", "--rounds", "1", "--batch-size", "2"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if "->" in line]
+    assert len(rows) == 2
+    assert all(cell.count("x)") == 1 for r in rows for cell in r.split("|")[4:7])
