@@ -66,9 +66,12 @@ __all__ = [
 
 # Options that shape the training trajectory: a resumed run must use the values it started with.
 _TRAJECTORY = ("model", "lr", "batch_size", "weight_decay", "momentum", "seed", "epochs",
-               "max_batches", "feature_decay", "layers", "checkpoint")
+               "max_batches", "feature_decay", "layers", "checkpoint", "gate_keep_ratio", "gate_mode",
+               "gate_allocation")
 _TRAIN_DEFAULTS: dict[str, Any] = {"lr": 0.1, "batch_size": 128, "weight_decay": 5e-4, "momentum": 0.9,
-                                   "seed": 0, "max_batches": None, "layers": None}
+                                   "seed": 0, "max_batches": None, "layers": None,
+                                   "gate_keep_ratio": None, "gate_mode": "threshold",
+                                   "gate_allocation": "global"}
 _FINETUNE_DEFAULTS: dict[str, Any] = {**_TRAIN_DEFAULTS, "lr": 0.01}
 
 
@@ -325,9 +328,12 @@ def _fit(args: argparse.Namespace, defaults: dict[str, Any]) -> int:
             "feature_decay": args.feature_decay or None,
             "parent": str(args.checkpoint) if args.command == "finetune" else None}
 
+    gate_data = (_subset_loader(data, "train", args.gate_calibration_size, batch_size=256,
+                                device=device) if args.gate_keep_ratio else None)
     stop_at = args.epochs if args.stop_after is None else min(args.epochs, start_epoch + args.stop_after)
     for epoch in range(start_epoch, stop_at):
         t0 = time.perf_counter()
+        masks = _epoch_gates(model, gate_data, args) if gate_data is not None else None
         model.train()
         train_loader.set_epoch(epoch)
         lr = opt.param_groups[0]["lr"]
@@ -361,10 +367,16 @@ def _fit(args: argparse.Namespace, defaults: dict[str, Any]) -> int:
             bar.close()
         if decay is not None:
             decay.reset()  # do not keep the last batch's graph alive through evaluation
+        gated_acc = None
+        if masks is not None:  # the epoch's gates on the test set, then without them
+            gated_acc = evaluate(model, test_loader)[1]
+            masks.remove()
         test_loss, test_acc = evaluate(model, test_loader)
         record: dict[str, Any] = {"epoch": epoch + 1, "lr": lr, "train_loss": loss_sum / count,
                                   "train_acc": correct / count, "test_loss": test_loss,
                                   "test_acc": test_acc}
+        if gated_acc is not None:
+            record["test_acc_gated"] = gated_acc
         if decay is not None:
             record["feature_decay"] = decay_sum / count
         record["seconds"] = time.perf_counter() - t0
@@ -384,6 +396,19 @@ def _fit(args: argparse.Namespace, defaults: dict[str, Any]) -> int:
     if decay is not None:
         decay.remove()
     return 0
+
+
+def _epoch_gates(model: nn.Module, calibration: Any, args: argparse.Namespace) -> Any:
+    """Gate-aware fine-tuning: calibrate ispc on the current weights (eval-mode copy; thresholds
+    for --gate-keep-ratio) and put those gates into the model's forward for this epoch."""
+    import ispc
+
+    cfg = ispc.GatingConfig(keep_ratio=args.gate_keep_ratio, mode=args.gate_mode,
+                            allocation=args.gate_allocation)
+    was_training = model.training
+    compiled = ispc.compile(model.eval(), calibration, config=cfg, progress=False)
+    model.train(was_training)
+    return ispc.GateMasks(model, compiled)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -798,11 +823,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="resnet20, resnet56, vgg16_cifar, mobilenet_v2_cifar, ... "
                                    "or package.module:factory")
     _fit_options(p, _TRAIN_DEFAULTS)
-    p.set_defaults(func=_cmd_train, feature_decay=None, layers=None, checkpoint=None)
+    p.set_defaults(func=_cmd_train, feature_decay=None, layers=None, checkpoint=None,
+                   gate_keep_ratio=None, gate_mode=None, gate_allocation=None, gate_calibration_size=None)
 
     p = sub.add_parser("finetune", help="fine-tune a trained checkpoint with feature decay")
     p.add_argument("--checkpoint", help="best.pt/final.pt of a trained run")
     p.add_argument("--feature-decay", type=float, metavar="LAMBDA", help="weight of the regularizer")
+    p.add_argument("--gate-keep-ratio", type=float, default=None, metavar="R",
+                   help="gate-aware fine-tuning: each epoch, calibrate ispc at this keep ratio and "
+                        "train with its gates in the forward pass (ispc.GateMasks); default: off")
+    p.add_argument("--gate-mode", choices=("threshold", "topk"), default=None,
+                   help="gating mode of --gate-keep-ratio (default threshold)")
+    p.add_argument("--gate-allocation", choices=("layer", "global"), default=None,
+                   help="allocation of --gate-keep-ratio (default global)")
+    p.add_argument("--gate-calibration-size", type=int, default=2048,
+                   help="training images (no augmentation) the gates are calibrated on each epoch")
     p.add_argument("--layers", nargs="+", default=None,
                    help="module names whose inputs are regularized (default: dense convs with >= 16 inputs)")
     _fit_options(p, _FINETUNE_DEFAULTS)

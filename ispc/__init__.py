@@ -18,6 +18,7 @@ from .errors import (BackendUnavailableError, ConfigError, DataError, IspcError,
 from .baselines import static_prune
 from .export import export_program
 from .feature_decay import FeatureDecay
+from .gate_masks import GateMasks
 from .serialization import ArchiveError, load, save
 from .modules import GatedConv2d
 from .report import LayerReport, Report
@@ -25,7 +26,7 @@ from .report import LayerReport, Report
 __version__ = "0.1.0"
 
 __all__ = [
-    "compile", "inspect", "static_prune", "FeatureDecay", "GatingConfig", "Report", "LayerReport", "CompiledModel", "GatedConv2d",
+    "compile", "inspect", "static_prune", "FeatureDecay", "GateMasks", "GatingConfig", "Report", "LayerReport", "CompiledModel", "GatedConv2d",
     "IspcError", "ConfigError", "DataError", "TraceError", "UnsupportedModelError",
     "BackendUnavailableError", "ArchiveError", "BACKENDS", "ops", "backends", "export",
     "serialization", "export_program", "save", "load", "__version__",

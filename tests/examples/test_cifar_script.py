@@ -85,7 +85,18 @@ def test_train_resume_finetune_evaluate(cifar, fake: Path, tmp_path: Path, capsy
     assert rec["feature_decay"] > 0 and rec["lr"] == pytest.approx(0.01)
     assert torch.load(ft / "final.pt", weights_only=True)["feature_decay"] == 1e-3
 
-    # 6. evaluate prints the checkpoint's top-1
+    # 6. gate-aware fine-tuning: the epoch's gates are in the forward pass, and their accuracy logged
+    gt = tmp_path / "gt"
+    assert cifar.main(["finetune", "--checkpoint", str(a / "final.pt"), "--feature-decay", "0",
+                       "--gate-keep-ratio", "0.5", "--gate-calibration-size", "64", "--data", str(fake),
+                       "--out", str(gt), "--cache-dir", str(cache), "--epochs", "1", "--batch-size", "32",
+                       "--no-progress", "--threads", "1"]) == 0
+    (rec,) = _log(gt)
+    assert 0.0 <= rec["test_acc_gated"] <= 1.0 and "test_acc" in rec
+    saved = torch.load(gt / "last.pt", weights_only=True)["args"]
+    assert (saved["gate_keep_ratio"], saved["gate_mode"], saved["gate_allocation"]) == (0.5, "threshold", "global")
+
+    # 7. evaluate prints the checkpoint's top-1
     capsys.readouterr()
     assert cifar.main(["evaluate", "--checkpoint", str(a / "final.pt"), "--data", str(fake),
                        "--cache-dir", str(cache), "--no-progress"]) == 0
