@@ -70,12 +70,17 @@ def _cpu_features() -> str:
     return platform.processor()
 
 
-def _build() -> ctypes.CDLL:
+def _build(extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL:
+    """Compile (once per source, compiler, flags and CPU) and load the kernel library.
+
+    ``extra_flags`` let tests build other variants, e.g. the AVX2 code path on an AVX-512 CPU.
+    """
+    flags = [*_FLAGS, *extra_flags]
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         raise RuntimeError("no C compiler found (set CC, or install gcc)")
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
-    key = hashlib.sha256("\0".join([_SOURCE.read_text(), cc, version, " ".join(_FLAGS),
+    key = hashlib.sha256("\0".join([_SOURCE.read_text(), cc, version, " ".join(flags),
                                     platform.machine(), _cpu_features()]).encode()).hexdigest()[:16]
     out = _cache_dir() / f"ispc_native_{key}.so"
     if not out.exists():
@@ -83,7 +88,7 @@ def _build() -> ctypes.CDLL:
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
         os.close(fd)
         try:
-            res = subprocess.run([cc, *_FLAGS, str(_SOURCE), "-o", tmp], capture_output=True,
+            res = subprocess.run([cc, *flags, str(_SOURCE), "-o", tmp], capture_output=True,
                                  text=True, timeout=300)
             if res.returncode != 0:
                 raise RuntimeError(f"{cc} failed: {res.stderr.strip()[-2000:]}")

@@ -2,18 +2,19 @@
  *
  * For each instance n the kernel computes conv2d(x[n] restricted to its kept channels idx[n]) with
  * the matching slices of the weight, reading the kept channels and their weights by index inside
- * the GEMM: no gathered weight copy, no full im2col matrix, no per-layer Python.
+ * the GEMM: no full im2col matrix, no per-instance Python, one call per layer for the whole batch.
  *
  * Weights are packed once (ispc_pack_weight) into panels [co_block][Cin][taps][BLOCK] so that the
- * slice of one input channel is one contiguous run; the GEMM walks only the kept channels' runs.
+ * slice of one input channel for one block of output channels is one contiguous run.
  *
  * Two orientations of the same register-blocked microkernel (MR broadcast rows x NR vector lanes):
- *   ORIENT_PIX (large feature maps): vector lanes run over output pixels. The kept channels are
- *     first copied into zero-padded, stride-phase-split planes, so that for every tap the NR pixels
- *     of a micro-block are NR consecutive floats, loaded straight from the planes (an L1-sized
- *     chunk of channels at a time, reused by every block of MR output channels).
- *   ORIENT_CO (small feature maps, many channels): vector lanes run over output channels; pixels
- *     are packed exactly (no padded columns are computed), MR at a time.
+ *   ORIENT_PIX (large feature maps): vector lanes run over output positions. The kept channels are
+ *     first copied into zero-padded planes, one per stride phase some tap reads (1x1 unpadded
+ *     layers read the input itself), so that for every tap the NR positions of a block are NR
+ *     consecutive floats, loaded straight from the planes; the kept channels' weight runs are
+ *     copied next to each other (weights are small where this orientation is used).
+ *   ORIENT_CO (small feature maps, many channels): vector lanes run over output channels; positions
+ *     are packed exactly (no padded columns are computed), MR at a time, for a chunk of instances.
  * Parallelism uses OpenMP, which is the runtime PyTorch itself uses (the same libgomp is loaded).
  */
 #include <stdint.h>

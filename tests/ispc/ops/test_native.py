@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import platform
 import subprocess
 import sys
 
@@ -195,6 +196,25 @@ def test_layer_survives_copy_and_pickle():
         del layer  # the copies must not point into the original's tensors
         assert torch.equal(other(x, idx, None), expect)
         layer = other
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 ISA variants")
+def test_avx2_code_path_matches_reference(monkeypatch):
+    # this CPU may take the AVX-512 path; the AVX2 one (other register blocks) must be right too
+    try:
+        lib = native._build(("-mno-avx512f",))
+    except RuntimeError as exc:
+        pytest.skip(f"cannot build the AVX2 variant: {exc}")
+    monkeypatch.setattr(native, "_lib", lib)
+    assert lib.ispc_block_lanes(native.ORIENT_PIX) == 16
+    for shape in SHAPES[:3] + SHAPES[-4:]:
+        cin, cout, ks, stride, pad, dil, h, w = shape
+        kh, kw = _pair(ks)
+        x, wt, b = torch.randn(2, cin, h, w), torch.randn(cout, cin, kh, kw), torch.randn(cout)
+        for orient in ORIENTS:
+            for mode, thr, k in [(gc.TOPK, 0.0, max(1, cin // 2)), (gc.THRESHOLD, 0.9, 0)]:
+                a = (x, wt, b, torch.ones(cin), stride, pad, dil, mode, thr, k, gc.SALIENCY_L2)
+                assert rel_err(_run(*a, orient), _ref(*a)) <= 1e-5, (shape, orient, mode)
 
 
 def test_build_is_cached_per_source_and_machine(tmp_path, monkeypatch):
