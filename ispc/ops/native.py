@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["ORIENT_PIX", "ORIENT_CO", "available", "unavailable_reason", "block_sizes", "pack_weight",
+__all__ = ["ORIENT_PIX", "ORIENT_CO", "available", "unavailable_reason", "pack_weight",
            "NativeLayer", "orientation_for", "supports"]
 
 ORIENT_PIX = 0  #: vector lanes over output pixels (large feature maps)
@@ -136,14 +136,6 @@ def unavailable_reason() -> str | None:
     """Why :func:`available` is False (None when it is True)."""
     _load()
     return _error
-
-
-def block_sizes(orient: int) -> tuple[int, int]:
-    """An orientation's register block: (broadcast rows, vector lanes); depends on the CPU's ISA."""
-    lib = _load()
-    if lib is None:
-        raise RuntimeError(_error)
-    return lib.ispc_block_rows(orient), lib.ispc_block_lanes(orient)
 
 
 def supports(stride: tuple[int, int]) -> bool:
