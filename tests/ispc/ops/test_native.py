@@ -77,18 +77,20 @@ def test_matches_reference(shape, n, orient):
 
 
 def test_threshold_batch_with_different_counts_per_instance():
-    # instance 0 keeps nothing, 1 keeps everything, 2 keeps some: one call serves all three
-    x = torch.randn(3, 40, 12, 12)
-    x[0] *= 1e-3
-    x[1] += 10.0
-    w, b, scale = torch.randn(24, 40, 3, 3), torch.randn(24), torch.ones(40)
-    a = (x, w, b, scale, 1, 1, 1, gc.THRESHOLD, 1.0, 0, gc.SALIENCY_L2)
-    counts = kept_index_rows(gc.channel_saliency(x, scale), gc.THRESHOLD, 1.0, 0)[1]
-    assert counts[0] == 0 and counts[1] == 40 and 0 < counts[2] < 40
-    for orient in ORIENTS:
-        out = _run(*a, orient)
-        assert torch.allclose(out[0], b.view(-1, 1, 1).expand(24, 12, 12))
-        assert rel_err(out, _ref(*a)) <= 1e-5
+    # instance 0 keeps nothing, 1 keeps everything, the others some: one call serves all; with 3
+    # instances the channel-lane kernel splits its work by tile, with 8 by (block, instance) pair
+    for n, cout in ((3, 24), (8, 70)):
+        x = torch.randn(n, 120, 12, 12)
+        x[0] *= 1e-3
+        x[1] += 10.0
+        w, b, scale = torch.randn(cout, 120, 3, 3), torch.randn(cout), torch.ones(120)
+        a = (x, w, b, scale, 1, 1, 1, gc.THRESHOLD, 1.0, 0, gc.SALIENCY_L2)
+        counts = kept_index_rows(gc.channel_saliency(x, scale), gc.THRESHOLD, 1.0, 0)[1]
+        assert counts[0] == 0 and counts[1] == 120 and 0 < counts[2] < 120
+        for orient in ORIENTS:
+            out = _run(*a, orient)
+            assert torch.allclose(out[0], b.view(-1, 1, 1).expand(cout, 12, 12))
+            assert rel_err(out, _ref(*a)) <= 1e-5
 
 
 def test_large_batch_runs_in_chunks_of_instances():
