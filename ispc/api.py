@@ -91,6 +91,13 @@ def _make_state(work: nn.Module, calibration_data: Any, cfg: GatingConfig,
     return state
 
 
+def _kernel_label(meta: dict) -> str | None:
+    kernel = meta.get("kernel")
+    if not kernel:
+        return None
+    return kernel["strategy"] + (f":{kernel['orient']}" if kernel.get("orient") else "")
+
+
 def build_report(gm: fx.GraphModule, state: PassState) -> Report:
     """Collect ``node.meta["ispc"]`` into a :class:`Report`."""
     rows: list[LayerReport] = []
@@ -107,7 +114,7 @@ def build_report(gm: fx.GraphModule, state: PassState) -> Report:
             cv=gate.get("cv"), rank=gate.get("rank"), gated=bool(gate.get("gated", False)),
             reason=gate.get("reason") or layer.get("reason"), threshold=gate.get("threshold"),
             k=gate.get("k"), kept_mean=gate.get("kept_mean"), kept_p10=gate.get("kept_p10"),
-            kept_p90=gate.get("kept_p90"), site=layer.get("site"))
+            kept_p90=gate.get("kept_p90"), site=layer.get("site"), cpu_kernel=_kernel_label(meta))
         if row.macs is not None:
             row.expected_macs = row.macs * (row.kept_fraction if row.gated and row.kept_fraction
                                             is not None else 1.0)

@@ -39,6 +39,8 @@ class LayerReport:
     kept_p10: float | None = None
     kept_p90: float | None = None
     site: str | None = None
+    #: the eager CPU kernel a gated layer runs (``native:pix``, ``native:co``, ``gather``, ...)
+    cpu_kernel: str | None = None
 
     @property
     def kept_fraction(self) -> float | None:
@@ -123,7 +125,7 @@ class Report:
 
     # --- human views ---------------------------------------------------------------------------
     _HEADERS = ["layer", "op", "in", "out", "MACs", "CV", "rank", "gated", "thr / k", "kept mean",
-                "kept p10-p90", "why not"]
+                "kept p10-p90", "CPU kernel", "why not"]
 
     def _rows(self) -> list[list[str]]:
         rows = []
@@ -134,7 +136,8 @@ class Report:
             spread = "-" if r.kept_p10 is None else f"{r.kept_p10:.0f}-{r.kept_p90:.0f}"
             kept = "-" if r.kept_mean is None else f"{r.kept_mean:.1f} ({r.kept_fraction:.0%})"
             rows.append([r.name, r.op, r.in_channels, r.out_channels, _macs(r.macs), _fmt(r.cv),
-                         _fmt(r.rank), _fmt(r.gated), gate, kept, spread, r.reason or ""])
+                         _fmt(r.rank), _fmt(r.gated), gate, kept, spread,
+                         (r.cpu_kernel or "-") if r.gated else "-", r.reason or ""])
         return rows
 
     def _summary_lines(self) -> list[str]:

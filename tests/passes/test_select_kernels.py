@@ -39,6 +39,8 @@ def test_predicted_strategies_follow_shape(with_native, monkeypatch):
             else:
                 expect = "gemm" if hw <= 196 or mod.weight.shape[-1] == 1 else "gather"
             assert mod.strategy == kernel["strategy"] == expect
+            row = c.report.layer(n.target)
+            assert row.cpu_kernel == expect + (f":{ORIENT_NAMES[mod.orient]}" if with_native else "")
     if with_native:  # ResNet-20 at 32x32 has both large (32x32) and small (8x8) maps
         assert seen == {native.ORIENT_PIX, native.ORIENT_CO}
 
