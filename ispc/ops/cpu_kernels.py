@@ -130,8 +130,8 @@ def gated_conv2d_native(x: Tensor, weight: Tensor, layer: native.NativeLayer, bi
         return F.conv2d(x, weight, bias, stride, padding, dilation)
     x = x.contiguous()
     s = channel_saliency(x, scale, saliency)
-    if mode == TOPK:
-        idx = (torch.topk(s, k, dim=1, sorted=False).indices.sort(dim=1).values if k > 0
+    if mode == TOPK:  # the kernel sorts each row of indices itself
+        idx = (torch.topk(s, k, dim=1, sorted=False).indices.contiguous() if k > 0
                else s.new_zeros((x.shape[0], 0), dtype=torch.long))
         return layer(x, idx, None)
     idx, counts = kept_index_rows(s, mode, threshold, k)

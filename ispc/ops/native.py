@@ -227,7 +227,8 @@ class NativeLayer:
 
     def __call__(self, x: Tensor, idx: Tensor, counts: Tensor | None) -> Tensor:
         """``x`` contiguous float32 (N, C, H, W); ``idx`` contiguous int64 (N, K), each row's kept
-        channels ascending; ``counts`` int64 (N,), how many of each row are kept (None: all K)."""
+        channels first (sorted in place by the kernel); ``counts`` int64 (N,), how many of each
+        row are kept (None: all K)."""
         n, c, h, w = x.shape
         ho, wo = self.out_size(h, w)
         out = torch.empty((n, self.cout, ho, wo), dtype=torch.float32)

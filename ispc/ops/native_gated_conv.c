@@ -434,12 +434,18 @@ typedef struct {
 } ispc_layer_t;
 
 /* out[n] = bias + sum over the kept channels idx[n, :counts[n]] of conv(x[n, c], w[:, c]).
- * x: (N, C, H, W) contiguous; idx: (N, kstride) int64, sorted ascending per row; counts: (N,) int64,
+ * x: (N, C, H, W) contiguous; idx: (N, kstride) int64, each row's kept channels in any order (sorted
+ * here, in place); counts: (N,) int64,
  * or NULL when every instance keeps kstride channels; out: (N, Cout, Ho, Wo).
  * Returns 0 when done, or (without computing anything) the workspace size in floats it needs when
  * ws_floats is smaller. */
+static int cmp_i64(const void *a, const void *b) {
+    int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
+    return (x > y) - (x < y);
+}
+
 int64_t ispc_gated_conv(const ispc_layer_t *L, const float *x, int64_t N, int64_t C, int64_t H, int64_t W,
-                        const int64_t *idx, int64_t kstride, const int64_t *counts, float *out,
+                        int64_t *idx, int64_t kstride, const int64_t *counts, float *out,
                         float *ws, int64_t ws_floats, int64_t threads) {
     const int orient = (int)L->orient;
     const int64_t Cout = L->cout, kh = L->kh, kw = L->kw, sh = L->sh, sw = L->sw, ph = L->ph,
@@ -452,6 +458,10 @@ int64_t ispc_gated_conv(const ispc_layer_t *L, const float *x, int64_t N, int64_
         for (int64_t n = 0; n < N; n++) if (counts[n] > kmax) kmax = counts[n];
     int64_t need = ispc_workspace(C, H, W, Cout, kh, kw, sh, sw, ph, pw, dh, dw, orient, kmax, threads, N);
     if (need > ws_floats) return need;
+    /* ascending kept channels walk the input and the weight panels forward (the caller need not
+     * sort: top-k comes out in any order) */
+    for (int64_t n = 0; n < N; n++)
+        qsort(idx + n * kstride, (size_t)(counts ? counts[n] : kstride), sizeof(int64_t), cmp_i64);
     int64_t offs[T];
     for (int64_t r = 0; r < kh; r++)
         for (int64_t q = 0; q < kw; q++) offs[r * kw + q] = orient == ORIENT_PIX ? tap_offset(&g, r, q) : 0;
