@@ -26,5 +26,9 @@ def test_speed_script_writes_results_and_profile(tmp_path, capsys):
     assert any(o["op"] == "aten::topk" for o in gated)
     assert not any(o["op"] == "aten::topk" for o in dense)
     assert all(o["self_ms"] >= 0 and o["calls"] > 0 for o in gated)
+    from ispc.ops import native
+
+    if native.available():  # the C kernel is named in the profile, once per gated layer and pass
+        assert any(o["op"] == "ispc::native_gated_conv" and o["calls"] >= 1 for o in gated)
     printed = capsys.readouterr().out
     assert "self CPU time per ATen op" in printed and "(all ops)" in printed
