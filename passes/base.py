@@ -35,6 +35,8 @@ class PassState:
     calibration_cache: list[torch.Tensor] = field(default_factory=list)
     #: networkx DiGraph of channel flow, written by find_sites
     channel_graph: Any = None
+    #: the gated layers the refine pass last chose thresholds for (it skips an unchanged set)
+    refined_gates: frozenset[str] | None = None
 
     @property
     def calibrated(self) -> bool:

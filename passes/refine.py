@@ -29,8 +29,9 @@ def refine_thresholds(gm: fx.GraphModule, state: PassState) -> fx.GraphModule:
         return gm
     nodes = {n.target: n for n in gm.graph.nodes
              if n.op == "call_module" and isinstance(gm.get_submodule(n.target), GatedConv2d)}
-    if not nodes:
+    if not nodes or frozenset(nodes) == state.refined_gates:
         return gm
+    state.refined_gates = frozenset(nodes)
     for _ in range(cfg.calibration_rounds):
         rows: dict[str, list[torch.Tensor]] = {name: [] for name in nodes}
         hooks = []
@@ -63,7 +64,8 @@ def refine_thresholds(gm: fx.GraphModule, state: PassState) -> fx.GraphModule:
             gate.update(threshold=mod.threshold, kept_mean=float(counts.mean()),
                         kept_p10=float(torch.quantile(counts, 0.1)),
                         kept_p90=float(torch.quantile(counts, 0.9)))
-    state.notes.append(f"thresholds refined over {cfg.calibration_rounds} round(s) with the gates in "
-                       f"place, on {sum(int(x.shape[0]) for x in state.calibration_cache)} cached "
-                       "calibration inputs")
+    note = (f"thresholds refined over {cfg.calibration_rounds} round(s) with the gates in place, on "
+            f"{sum(int(x.shape[0]) for x in state.calibration_cache)} cached calibration inputs")
+    if note not in state.notes:  # the pipeline refines again if kernel selection un-gated layers
+        state.notes.append(note)
     return gm

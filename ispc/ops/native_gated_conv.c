@@ -335,6 +335,22 @@ static int64_t co_chunk(const geom_t *g, int64_t kmax, int64_t N) {
     return nb < 1 ? 1 : nb > N ? N : nb;
 }
 
+/* Channel lanes: one finished CO_MR x CO_NR tile (positions x output channels) plus bias into
+ * the instance's NCHW output, clipped at the last channel and position. */
+static void co_tile_out(const geom_t *g, const float tile[CO_MR][CO_NR], const float *bias, int64_t cob,
+                        int64_t pb, float *on) {
+    const int64_t HoWo = g->Ho * g->Wo;
+    for (int j = 0; j < CO_NR; j++) {
+        int64_t co = cob * CO_NR + j;
+        if (co >= g->Cout) break;
+        float bj = bias[co];
+        for (int i = 0; i < CO_MR; i++) {
+            int64_t m = pb * CO_MR + i;
+            if (m < HoWo) on[co * HoWo + m] = tile[i][j] + bj;
+        }
+    }
+}
+
 /* Vector lanes over output channels: blocks of CO_NR output channels from the weight panels; CO_MR
  * output positions at a time broadcast from panels packed exactly (no padded positions computed).
  * Instances n0..n1 at once; table: the (position, tap) -> input offset table and its run flags. */
@@ -388,15 +404,7 @@ static void conv_co(const geom_t *g, const float *x, int64_t n0, int64_t n1, con
                     float tile[CO_MR][CO_NR];
                     for (int i = 0; i < CO_MR; i++)
                         for (int j = 0; j < CO_NV; j++) st(&tile[i][j * VW], acc[i][j]);
-                    for (int j = 0; j < CO_NR; j++) {
-                        int64_t co = cob * CO_NR + j;
-                        if (co >= g->Cout) break;
-                        float bj = bias[co];
-                        for (int i = 0; i < CO_MR; i++) {
-                            int64_t m = pb * CO_MR + i;
-                            if (m < HoWo) on[co * HoWo + m] = tile[i][j] + bj;
-                        }
-                    }
+                    co_tile_out(g, tile, bias, cob, pb, on);
                 }
             }
         }
@@ -414,16 +422,7 @@ static void conv_co(const geom_t *g, const float *x, int64_t n0, int64_t n1, con
                 float tile[CO_MR][CO_NR];
                 for (int i = 0; i < CO_MR; i++)
                     for (int j = 0; j < CO_NV; j++) st(&tile[i][j * VW], acc[i][j]);
-                float *on = out + n * g->Cout * HoWo;
-                for (int j = 0; j < CO_NR; j++) {
-                    int64_t co = cob * CO_NR + j;
-                    if (co >= g->Cout) break;
-                    float bj = bias[co];
-                    for (int i = 0; i < CO_MR; i++) {
-                        int64_t m = pb * CO_MR + i;
-                        if (m < HoWo) on[co * HoWo + m] = tile[i][j] + bj;
-                    }
-                }
+                co_tile_out(g, tile, bias, cob, pb, out + n * g->Cout * HoWo);
             }
 }
 

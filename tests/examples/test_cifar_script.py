@@ -85,19 +85,32 @@ def test_train_resume_finetune_evaluate(cifar, fake: Path, tmp_path: Path, capsy
     assert rec["feature_decay"] > 0 and rec["lr"] == pytest.approx(0.01)
     assert torch.load(ft / "final.pt", weights_only=True)["feature_decay"] == 1e-3
 
-    # 6. gate-aware fine-tuning: the epoch's gates are in the forward pass, and their accuracy logged
+    # 6. gate-aware fine-tuning: the epoch's gates are in the forward pass, and their accuracy logged;
+    #    annealed over 2 epochs the keep ratio goes 0.75, then 0.5
     gt = tmp_path / "gt"
     assert cifar.main(["finetune", "--checkpoint", str(a / "final.pt"), "--feature-decay", "0",
-                       "--gate-keep-ratio", "0.5", "--gate-calibration-size", "64", "--data", str(fake),
-                       "--out", str(gt), "--cache-dir", str(cache), "--epochs", "1", "--batch-size", "32",
-                       "--no-progress", "--threads", "1"]) == 0
-    (rec,) = _log(gt)
-    assert 0.0 <= rec["test_acc_gated"] <= 1.0 and "test_acc" in rec
+                       "--gate-keep-ratio", "0.5", "--gate-anneal-epochs", "2", "--gate-calibration-size",
+                       "64", "--data", str(fake), "--out", str(gt), "--cache-dir", str(cache), "--epochs",
+                       "2", "--batch-size", "32", "--no-progress", "--threads", "1"]) == 0
+    recs = _log(gt)
+    assert all(0.0 <= r["test_acc_gated"] <= 1.0 and "test_acc" in r for r in recs)
+    assert [r["gate_keep_ratio"] for r in recs] == pytest.approx([0.75, 0.5])
     saved = torch.load(gt / "last.pt", weights_only=True)["args"]
-    assert (saved["gate_keep_ratio"], saved["gate_mode"], saved["gate_allocation"]) == (0.5, "threshold", "global")
+    assert (saved["gate_keep_ratio"], saved["gate_mode"], saved["gate_allocation"],
+            saved["gate_anneal_epochs"]) == (0.5, "threshold", "global", 2)
 
     # 7. evaluate prints the checkpoint's top-1
     capsys.readouterr()
     assert cifar.main(["evaluate", "--checkpoint", str(a / "final.pt"), "--data", str(fake),
                        "--cache-dir", str(cache), "--no-progress"]) == 0
     assert f"{100 * final['top1']:.2f}%" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("target, anneal, expected", [
+    (0.5, 0, [0.5, 0.5, 0.5]),
+    (0.5, 4, [0.875, 0.75, 0.625, 0.5, 0.5]),
+    (0.6, 1, [0.6, 0.6]),
+])
+def test_gate_keep_ratio_schedule(cifar, target: float, anneal: int, expected: list[float]) -> None:
+    args = cifar.argparse.Namespace(gate_keep_ratio=target, gate_anneal_epochs=anneal)
+    assert [cifar._gate_keep_ratio(args, e) for e in range(len(expected))] == pytest.approx(expected)

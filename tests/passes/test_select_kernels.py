@@ -91,3 +91,33 @@ def test_largest_layers_are_predicted_to_oneDNN_on_gathered_channels():
     if native.available():
         assert predicted_strategy(mod, small) == ("native", native.ORIENT_PIX)
         assert predicted_strategy(mod, 7 * 7) == ("native", native.ORIENT_CO)
+
+
+def test_latency_aware_times_kernels_at_the_refined_thresholds(monkeypatch):
+    """Thresholds chosen on the dense model cut far more once upstream layers are gated; kernels
+    timed at those counts were wrong for the refined model (MobileNetV2 ran 0.84x of dense). So
+    selection must see the thresholds the compiled model keeps."""
+    import importlib
+
+    from ispc.passes import COMPILE_PIPELINE
+
+    sk = importlib.import_module("ispc.passes.select_kernels")  # the module, not the pass function
+
+    assert COMPILE_PIPELINE.index("refine") < COMPILE_PIPELINE.index("select_kernels")
+    seen: dict[str, float] = {}
+    real = sk.candidates
+
+    def spy(mod):
+        seen[id(mod)] = float(mod.threshold)
+        return real(mod)
+
+    monkeypatch.setattr(sk, "candidates", spy)
+    # every kernel "beats" dense, so every layer stays gated and the graph is not refined again
+    monkeypatch.setattr(sk, "_time", lambda fns, rounds: {k: 2.0 if k == "dense" else 1.0 for k in fns})
+    cfg = ispc.GatingConfig(mode="threshold", latency_aware=True, latency_rounds=1)
+    c = ispc.compile(resnet20().eval(), _data(), progress=False, config=cfg)
+    gated = c.gated_modules()
+    assert gated and seen
+    # no second refinement: selection saw the final values
+    assert all(seen[id(m)] == pytest.approx(float(m.threshold), rel=0, abs=0) for m in gated.values())
+    assert sum("thresholds refined" in n for n in c.report.notes) == 1
