@@ -101,7 +101,7 @@ class GatedConv2d(nn.Module):
             if ((self.mode == "topk" and self.k >= x.shape[1])
                     or (self.mode == "threshold" and self.threshold <= 0.0)):
                 # every channel kept: the dense convolution, without the kernels' argument
-                # plumbing (~5 us of Python per layer, the whole keep_ratio=1.0 overhead)
+                # plumbing (~5 us of Python per layer)
                 return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
             a = self._args
             return _cpu.run_strategy(self.strategy, x, self.weight, self.prepared, self.bias,
