@@ -333,8 +333,10 @@ def _fit(args: argparse.Namespace, defaults: dict[str, Any]) -> int:
     stop_at = args.epochs if args.stop_after is None else min(args.epochs, start_epoch + args.stop_after)
     for epoch in range(start_epoch, stop_at):
         t0 = time.perf_counter()
-        keep = _gate_keep_ratio(args, epoch) if gate_data is not None else None
-        masks = _epoch_gates(model, gate_data, args, keep) if gate_data is not None else None
+        keep = masks = None
+        if gate_data is not None:
+            keep = _gate_keep_ratio(args, epoch)
+            masks = _epoch_gates(model, gate_data, args, keep)
         model.train()
         train_loader.set_epoch(epoch)
         lr = opt.param_groups[0]["lr"]

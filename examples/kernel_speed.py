@@ -28,9 +28,8 @@ from torch import nn
 from ispc.benchmark import retain_freed_memory, time_interleaved
 from ispc.ops import gated_conv as gc
 from ispc.ops import native
-from ispc.ops.cpu_kernels import gated_conv2d_native
 from ispc.modules import ChannelsLastMaxPool2d, StridedMaxPool2d
-from ispc.ops.cpu_kernels import im2col
+from ispc.ops.cpu_kernels import gated_conv2d_native, im2col
 
 # (cin, cout, kernel, stride, input size) of ResNet-18/50 and VGG-16 layers
 CONVS = [(64, 64, 3, 1, 56), (128, 128, 3, 1, 28), (256, 256, 3, 1, 14), (512, 512, 3, 1, 7),
@@ -98,10 +97,9 @@ def native_table(args: argparse.Namespace) -> int:
                    for i in range(x.shape[0])]
             cands = {
                 "dense": lambda: F.conv2d(x, w, b, s, pad),
-                "pix": lambda: gated_conv2d_native(x, w, layers[native.ORIENT_PIX], b, ones, (s, s),
-                                                   (pad, pad), (1, 1), gc.TOPK, 0.0, keep, 0),
-                "co": lambda: gated_conv2d_native(x, w, layers[native.ORIENT_CO], b, ones, (s, s),
-                                                  (pad, pad), (1, 1), gc.TOPK, 0.0, keep, 0),
+                **{name: (lambda o=o: gated_conv2d_native(x, w, layers[o], b, ones, (s, s), (pad, pad),
+                                                          (1, 1), gc.TOPK, 0.0, keep, 0))
+                   for name, o in (("pix", native.ORIENT_PIX), ("co", native.ORIENT_CO))},
                 "gather": lambda: [F.conv2d(x[i:i + 1, j], w[:, j], b, s, pad)
                                    for i, j in enumerate(idx)],
             }
