@@ -53,6 +53,7 @@ from ispc.feature_decay import FeatureDecay
 __all__ = [
     "build_model",
     "build_parser",
+    "distillation_loss",
     "evaluate",
     "evaluate_top1",
     "load_checkpoint",
@@ -67,11 +68,13 @@ __all__ = [
 # Options that shape the training trajectory: a resumed run must use the values it started with.
 _TRAJECTORY = ("model", "lr", "batch_size", "weight_decay", "momentum", "seed", "epochs",
                "max_batches", "feature_decay", "layers", "checkpoint", "gate_keep_ratio", "gate_mode",
-               "gate_allocation", "gate_anneal_epochs")
+               "gate_allocation", "gate_anneal_epochs", "distill_from", "distill_weight",
+               "distill_temperature")
 _TRAIN_DEFAULTS: dict[str, Any] = {"lr": 0.1, "batch_size": 128, "weight_decay": 5e-4, "momentum": 0.9,
                                    "seed": 0, "max_batches": None, "layers": None,
                                    "gate_keep_ratio": None, "gate_mode": "threshold",
-                                   "gate_allocation": "global", "gate_anneal_epochs": 0}
+                                   "gate_allocation": "global", "gate_anneal_epochs": 0,
+                                   "distill_from": None, "distill_weight": 0.9, "distill_temperature": 4.0}
 _FINETUNE_DEFAULTS: dict[str, Any] = {**_TRAIN_DEFAULTS, "lr": 0.01}
 
 
@@ -270,6 +273,10 @@ def _resolve_args(args: argparse.Namespace, defaults: dict[str, Any], out: Path)
         raise ConfigError(f"{args.command} needs {', '.join(missing)}")
     if args.epochs < 1:
         raise ConfigError(f"--epochs must be >= 1, got {args.epochs}")
+    if not 0.0 <= args.distill_weight <= 1.0:
+        raise ConfigError(f"--distill-weight must be in [0, 1], got {args.distill_weight}")
+    if not args.distill_temperature > 0.0:
+        raise ConfigError(f"--distill-temperature must be > 0, got {args.distill_temperature}")
     return ckpt, args
 
 
@@ -299,6 +306,13 @@ def _fit(args: argparse.Namespace, defaults: dict[str, Any]) -> int:
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model.to(memory_format=fmt)
     decay = FeatureDecay(model, args.feature_decay, layers=args.layers) if args.feature_decay else None
+    teacher = None
+    if args.distill_from:
+        teacher, tmeta = load_checkpoint(args.distill_from, device=device)
+        if tmeta.get("num_classes", num_classes) != num_classes:
+            raise ConfigError(f"--distill-from {args.distill_from!r} predicts {tmeta['num_classes']} "
+                              f"classes, the data has {num_classes}; pass a teacher trained on this data")
+        teacher.eval().requires_grad_(False).to(memory_format=fmt)
 
     steps = len(train_loader) if args.max_batches is None else min(args.max_batches, len(train_loader))
     if steps == 0:
@@ -340,7 +354,7 @@ def _fit(args: argparse.Namespace, defaults: dict[str, Any]) -> int:
         model.train()
         train_loader.set_epoch(epoch)
         lr = opt.param_groups[0]["lr"]
-        loss_sum = decay_sum = 0.0
+        loss_sum = decay_sum = distill_sum = 0.0
         correct = count = 0
         bar = _progress(train_loader, desc=f"epoch {epoch + 1}/{args.epochs}", total=steps,
                         enabled=args.progress)
@@ -350,6 +364,12 @@ def _fit(args: argparse.Namespace, defaults: dict[str, Any]) -> int:
             out_logits = model(x.contiguous(memory_format=fmt))
             ce = F.cross_entropy(out_logits, y)
             loss = ce
+            if teacher is not None:
+                with torch.no_grad():
+                    target = teacher(x.contiguous(memory_format=fmt))
+                kd = distillation_loss(out_logits, target, args.distill_temperature)
+                loss = (1.0 - args.distill_weight) * ce + args.distill_weight * kd
+                distill_sum += kd.item() * y.numel()
             if decay is not None:
                 reg = decay.value()
                 loss = ce + reg
@@ -383,6 +403,8 @@ def _fit(args: argparse.Namespace, defaults: dict[str, Any]) -> int:
             record["gate_keep_ratio"] = keep
         if decay is not None:
             record["feature_decay"] = decay_sum / count
+        if teacher is not None:
+            record["distill_loss"] = distill_sum / count
         record["seconds"] = time.perf_counter() - t0
         with open(log_path, "a") as fh:
             fh.write(json.dumps(record) + "\n")
@@ -400,6 +422,15 @@ def _fit(args: argparse.Namespace, defaults: dict[str, Any]) -> int:
     if decay is not None:
         decay.remove()
     return 0
+
+
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Hinton et al.'s soft-target loss, T^2 * KL(teacher/T || student/T), batch mean. Feature
+    decay alone costs the 88% ResNet-20 about three points of top-1; the dense parent as a teacher
+    is how a fine-tune keeps what the regularizer would otherwise trade away."""
+    t = float(temperature)
+    return F.kl_div(F.log_softmax(student / t, dim=1), F.log_softmax(teacher / t, dim=1),
+                    reduction="batchmean", log_target=True) * (t * t)
 
 
 def _gate_keep_ratio(args: argparse.Namespace, epoch: int) -> float:
@@ -839,7 +870,8 @@ def build_parser() -> argparse.ArgumentParser:
     _fit_options(p, _TRAIN_DEFAULTS)
     p.set_defaults(func=_cmd_train, feature_decay=None, layers=None, checkpoint=None,
                    gate_keep_ratio=None, gate_mode=None, gate_allocation=None, gate_calibration_size=None,
-                   gate_anneal_epochs=None)
+                   gate_anneal_epochs=None, distill_from=None, distill_weight=None,
+                   distill_temperature=None)
 
     p = sub.add_parser("finetune", help="fine-tune a trained checkpoint with feature decay")
     p.add_argument("--checkpoint", help="best.pt/final.pt of a trained run")
@@ -858,6 +890,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training images (no augmentation) the gates are calibrated on each epoch")
     p.add_argument("--layers", nargs="+", default=None,
                    help="module names whose inputs are regularized (default: dense convs with >= 16 inputs)")
+    p.add_argument("--distill-from", default=None, metavar="CKPT",
+                   help="knowledge distillation: a trained checkpoint (e.g. the dense parent) whose "
+                        "softened logits the fine-tuned model also learns; default: off")
+    p.add_argument("--distill-weight", type=float, default=None, metavar="A",
+                   help="loss = (1-A) * cross-entropy + A * distillation (default 0.9)")
+    p.add_argument("--distill-temperature", type=float, default=None, metavar="T",
+                   help="softmax temperature of the distillation term (default 4)")
     _fit_options(p, _FINETUNE_DEFAULTS)
     p.set_defaults(func=_cmd_finetune, model=None)
 

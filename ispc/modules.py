@@ -25,7 +25,7 @@ def plain_cpu_call(x: Tensor) -> bool:
     Eager-only fast paths take this test, so exported, compiled and ONNX graphs see only the
     plain operator.
     """
-    return (type(x) is Tensor and x.device.type == "cpu" and not torch.compiler.is_compiling()
+    return (type(x) is Tensor and x.is_cpu and not torch.compiler.is_compiling()
             and not torch.jit.is_tracing())
 
 
@@ -97,11 +97,12 @@ class GatedConv2d(nn.Module):
                 SALIENCY_CODES[self.saliency])
 
     def forward(self, x: Tensor) -> Tensor:
+        if _gc._kept_all(MODE_CODES[self.mode], self.threshold, self.k, self.in_channels):
+            # every channel kept: the operator is the dense convolution, in every context (eager,
+            # autograd, export, compile, ONNX). Tested first, before any other check: on
+            # MobileNetV2 at keep_ratio=1.0 the eager-path checks alone cost ~2% of the model's time
+            return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
         if self._direct(x):  # plain eager CPU inference: skip the dispatcher round trip
-            if _gc._kept_all(MODE_CODES[self.mode], self.threshold, self.k, x.shape[1]):
-                # every channel kept: the dense convolution, without the kernels' argument
-                # plumbing (~5 us of Python per layer)
-                return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
             a = self._args
             return _cpu.run_strategy(self.strategy, x, self.weight, self.prepared, self.bias,
                                      self.scale, self.stride, self.padding, self.dilation, a[6], a[7],

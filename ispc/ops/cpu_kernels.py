@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import native
-from .gated_conv import (THRESHOLD, TOPK, _kept_all, channel_saliency, conv_out_size,
+from .gated_conv import (SALIENCY_L1, SALIENCY_L2, THRESHOLD, TOPK, _kept_all, channel_saliency,
+                         conv_out_size,
                          gated_conv2d_grouped, gated_conv2d_loop)
 
 __all__ = ["STRATEGIES", "available_strategies", "prepare_weight", "kept_indices", "im2col",
@@ -101,41 +102,19 @@ def gated_conv2d_gemm(x: Tensor, weight: Tensor, weight_t: Tensor, bias: Tensor,
     return out.view(n, cout, ho, wo)
 
 
-def kept_index_rows(s: Tensor, mode: int, threshold: float, k: int) -> tuple[Tensor, Tensor]:
-    """Each instance's kept channels, ascending, as rows of one index matrix, and their counts.
-
-    Threshold rows are padded after each instance's count (the kernel reads only ``counts[n]``).
-    """
-    n, c = s.shape
-    if mode == TOPK:
-        if k <= 0:
-            return s.new_zeros((n, 0), dtype=torch.long), s.new_zeros(n, dtype=torch.long)
-        idx = torch.topk(s, k, dim=1, sorted=False).indices.sort(dim=1).values
-        return idx, torch.full((n,), k, dtype=torch.long)
-    kept = s >= threshold
-    if n == 1:
-        return torch.nonzero(kept[0]).view(1, -1), kept.sum(dim=1)
-    # kept channels first, in index order: one stable sort of the negated mask
-    return torch.sort((~kept).to(torch.int8), dim=1, stable=True).indices, kept.sum(dim=1)
-
-
 def gated_conv2d_native(x: Tensor, weight: Tensor, layer: native.NativeLayer, bias: Tensor,
                         scale: Tensor, stride: tuple[int, int], padding: tuple[int, int],
                         dilation: tuple[int, int], mode: int, threshold: float, k: int,
                         saliency: int) -> Tensor:
-    """The whole batch in one call of the native indirect GEMM (``layer`` holds the packed weights
-    and bias; ``weight``/``bias`` serve the all-kept case, which is the dense convolution)."""
+    """The whole batch in one call of the native kernel, selection included (``layer`` holds the
+    packed weights and bias; ``weight``/``bias`` serve the all-kept case, the dense convolution)."""
     c = x.shape[1]
     if _kept_all(mode, threshold, k, c):
         return F.conv2d(x, weight, bias, stride, padding, dilation)
-    x = x.contiguous()
-    s = channel_saliency(x, scale, saliency)
-    if mode == TOPK:  # the kernel sorts each row of indices itself
-        idx = (torch.topk(s, k, dim=1, sorted=False).indices.contiguous() if k > 0
-               else s.new_zeros((x.shape[0], 0), dtype=torch.long))
-        return layer(x, idx, None)
-    idx, counts = kept_index_rows(s, mode, threshold, k)
-    return layer(x, idx.contiguous(), counts)
+    if saliency not in (SALIENCY_L1, SALIENCY_L2):
+        raise ValueError(f"unknown saliency code {saliency}")
+    # saliency and selection run inside the kernel too: one C call per layer
+    return layer.gated(x.contiguous(), scale.to(torch.float32).contiguous(), mode, threshold, k, saliency)
 
 
 def run_strategy(strategy: str, x: Tensor, weight: Tensor, weight_t, bias: Tensor,

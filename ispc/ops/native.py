@@ -38,7 +38,7 @@ SMALL_MAP = 16 * 16
 MAX_PHASES = 64
 
 _SOURCE = Path(__file__).with_name("native_gated_conv.c")
-_FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+_FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 _lock = threading.Lock()
 _local = threading.local()  # one reusable workspace per thread: fresh buffers cost page faults
 _lib: ctypes.CDLL | None = None
@@ -108,6 +108,9 @@ def _build(extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL:
     lib.ispc_gated_conv.restype = _i64
     lib.ispc_gated_conv.argtypes = [ctypes.POINTER(_Layer), _ptr, _i64, _i64, _i64, _i64, _ptr, _i64,
                                     _ptr, _ptr, _ptr, _i64, _i64]
+    lib.ispc_gated_conv_select.restype = _i64
+    lib.ispc_gated_conv_select.argtypes = [ctypes.POINTER(_Layer), _ptr, _i64, _i64, _i64, _i64, _ptr, _i64,
+                                           _i64, ctypes.c_float, _i64, _ptr, _ptr, _ptr, _i64, _i64]
     return lib
 
 
@@ -245,10 +248,32 @@ class NativeLayer:
             self._run(args, threads)
         return out
 
+    def gated(self, x: Tensor, scale: Tensor, mode: int, threshold: float, k: int,
+              saliency: int) -> Tensor:
+        """The whole gated layer in one C call: saliency, selection (the operator's semantics, see
+        :func:`ispc.ops.gated_conv.channel_mask`) and the convolution. ``x`` contiguous float32
+        (N, C, H, W); ``scale`` contiguous float32 (C,). Per layer this saves the five PyTorch ops
+        of selecting in Python (norm, scale, top-k or compare, index rows), ~20-30 us at batch 1."""
+        n, c, h, w = x.shape
+        ho, wo = self.out_size(h, w)
+        out = torch.empty((n, self.cout, ho, wo), dtype=torch.float32)
+        counts = torch.empty(n, dtype=torch.int64)
+        if getattr(_local, "ws", None) is None:
+            _workspace(0)
+        args = (ctypes.byref(self._struct), x.data_ptr(), n, c, h, w, scale.data_ptr(), saliency, mode,
+                threshold, k, counts.data_ptr(), out.data_ptr())
+        if torch.autograd._profiler_enabled():
+            with torch.profiler.record_function("ispc::native_gated_conv"):
+                self._run(args, torch.get_num_threads(), _lib.ispc_gated_conv_select)
+        else:
+            self._run(args, torch.get_num_threads(), _lib.ispc_gated_conv_select)
+        return out
+
     @staticmethod
-    def _run(args: tuple, threads: int) -> None:
+    def _run(args: tuple, threads: int, fn=None) -> None:
+        fn = _lib.ispc_gated_conv if fn is None else fn
         ws = _local.ws
-        need = _lib.ispc_gated_conv(*args, ws.data_ptr(), ws.numel(), threads)
+        need = fn(*args, ws.data_ptr(), ws.numel(), threads)
         if need:  # first call at this size: grow the workspace and run
             ws = _workspace(need)
-            _lib.ispc_gated_conv(*args, ws.data_ptr(), ws.numel(), threads)
+            fn(*args, ws.data_ptr(), ws.numel(), threads)

@@ -443,9 +443,24 @@ static int cmp_i64(const void *a, const void *b) {
     return (x > y) - (x < y);
 }
 
+static int64_t gated_conv_sorted(const ispc_layer_t *L, const float *x, int64_t N, int64_t C, int64_t H,
+                                 int64_t W, const int64_t *idx, int64_t kstride, const int64_t *counts,
+                                 float *out, float *ws, int64_t ws_floats, int64_t threads);
+
 int64_t ispc_gated_conv(const ispc_layer_t *L, const float *x, int64_t N, int64_t C, int64_t H, int64_t W,
                         int64_t *idx, int64_t kstride, const int64_t *counts, float *out,
                         float *ws, int64_t ws_floats, int64_t threads) {
+    /* ascending kept channels walk the input and the weight panels forward (the caller need not
+     * sort: top-k comes out in any order) */
+    for (int64_t n = 0; n < N; n++)
+        qsort(idx + n * kstride, (size_t)(counts ? counts[n] : kstride), sizeof(int64_t), cmp_i64);
+    return gated_conv_sorted(L, x, N, C, H, W, idx, kstride, counts, out, ws, ws_floats, threads);
+}
+
+/* ispc_gated_conv for rows of idx that are already ascending */
+static int64_t gated_conv_sorted(const ispc_layer_t *L, const float *x, int64_t N, int64_t C, int64_t H,
+                                 int64_t W, const int64_t *idx, int64_t kstride, const int64_t *counts,
+                                 float *out, float *ws, int64_t ws_floats, int64_t threads) {
     const int orient = (int)L->orient;
     const int64_t Cout = L->cout, kh = L->kh, kw = L->kw, sh = L->sh, sw = L->sw, ph = L->ph,
                   pw = L->pw, dh = L->dh, dw = L->dw;
@@ -457,10 +472,6 @@ int64_t ispc_gated_conv(const ispc_layer_t *L, const float *x, int64_t N, int64_
         for (int64_t n = 0; n < N; n++) if (counts[n] > kmax) kmax = counts[n];
     int64_t need = ispc_workspace(C, H, W, Cout, kh, kw, sh, sw, ph, pw, dh, dw, orient, kmax, threads, N);
     if (need > ws_floats) return need;
-    /* ascending kept channels walk the input and the weight panels forward (the caller need not
-     * sort: top-k comes out in any order) */
-    for (int64_t n = 0; n < N; n++)
-        qsort(idx + n * kstride, (size_t)(counts ? counts[n] : kstride), sizeof(int64_t), cmp_i64);
     int64_t offs[T];
     for (int64_t r = 0; r < kh; r++)
         for (int64_t q = 0; q < kw; q++) offs[r * kw + q] = orient == ORIENT_PIX ? tap_offset(&g, r, q) : 0;
@@ -513,4 +524,113 @@ int64_t ispc_gated_conv(const ispc_layer_t *L, const float *x, int64_t N, int64_
         }
     }
     return 0;
+}
+
+/* ---- Selection inside the kernel: saliency and kept channels without a PyTorch op per step ----
+ * Mirrors ops/gated_conv.py: s[n, c] = scale[c] * (l2: root mean square over H*W; l1: mean |x|);
+ * threshold mode keeps s >= threshold, top-k mode the k largest (NaN counts as the largest, as in
+ * torch.topk; ties at the k-th value go to the lower channel index). Kept channels come out ascending. */
+#define SAL_L2 0
+#define SAL_L1 1
+#define MODE_THRESHOLD 0
+#define MODE_TOPK 1
+
+typedef int32_t vi __attribute__((vector_size(VW * 4)));
+
+static float plane_saliency(const float *p, int64_t HW, int code) {
+    vf a0 = {0}, a1 = {0};
+    int64_t i = 0;
+    if (code == SAL_L2) {
+        for (; i + 2 * VW <= HW; i += 2 * VW) {
+            vf u = ld(p + i), v = ld(p + i + VW);
+            a0 += u * u;
+            a1 += v * v;
+        }
+    } else {  /* |v|: clear the sign bits */
+        for (; i + 2 * VW <= HW; i += 2 * VW) {
+            a0 += (vf)((vi)ld(p + i) & 0x7fffffff);
+            a1 += (vf)((vi)ld(p + i + VW) & 0x7fffffff);
+        }
+    }
+    double acc = 0.0;
+    for (int j = 0; j < VW; j++) acc += (double)a0[j] + (double)a1[j];
+    for (; i < HW; i++) acc += code == SAL_L2 ? (double)p[i] * p[i] : (double)(p[i] < 0 ? -p[i] : p[i]);
+    const double hw = HW > 0 ? (double)HW : 1.0;
+    return (float)(code == SAL_L2 ? __builtin_sqrt(acc / hw) : acc / hw);
+}
+
+static inline float nan_high(float v) { return v != v ? __builtin_inff() : v; }
+
+/* The k-th largest of v[0..n), 1 <= k <= n (reorders v): quickselect, Hoare partition. */
+static float kth_largest(float *v, int64_t n, int64_t k) {
+    int64_t lo = 0, hi = n - 1;
+    const int64_t want = k - 1;
+    while (lo < hi) {
+        const float pivot = v[lo + (hi - lo) / 2];
+        int64_t i = lo, j = hi;
+        while (i <= j) {
+            while (v[i] > pivot) i++;
+            while (v[j] < pivot) j--;
+            if (i <= j) {
+                float t = v[i]; v[i] = v[j]; v[j] = t;
+                i++;
+                j--;
+            }
+        }
+        if (want <= j) hi = j;
+        else if (want >= i) lo = i;
+        else return pivot;  /* between the two parts: every element there equals the pivot */
+    }
+    return v[want];
+}
+
+/* One instance's kept channels (ascending) into idx; returns how many. */
+static int64_t select_row(const float *s, int64_t C, int mode, float threshold, int64_t k, int64_t *idx,
+                          float *tmp) {
+    int64_t cnt = 0;
+    if (mode == MODE_THRESHOLD) {
+        for (int64_t c = 0; c < C; c++)
+            if (s[c] >= threshold) idx[cnt++] = c;
+        return cnt;
+    }
+    if (k <= 0) return 0;
+    if (k >= C) {
+        for (int64_t c = 0; c < C; c++) idx[c] = c;
+        return C;
+    }
+    for (int64_t c = 0; c < C; c++) tmp[c] = nan_high(s[c]);
+    const float v = kth_largest(tmp, C, k);
+    int64_t above = 0;
+    for (int64_t c = 0; c < C; c++) above += nan_high(s[c]) > v;
+    int64_t ties = k - above;
+    for (int64_t c = 0; c < C; c++) {
+        const float u = nan_high(s[c]);
+        if (u > v || (u == v && ties-- > 0)) idx[cnt++] = c;
+    }
+    return cnt;
+}
+
+/* Workspace the selection takes in front of the convolution's: idx (N x C int64), saliency and a
+ * scratch row per instance (N x C floats each), 64-byte aligned. */
+static int64_t select_floats(int64_t N, int64_t C) { return (4 * N * C + 15) / 16 * 16; }
+
+/* The whole gated layer in one call: saliency, selection, then the convolution of ispc_gated_conv.
+ * counts (N,) receives each instance's kept count. Returns 0, or the workspace (floats) it needs. */
+int64_t ispc_gated_conv_select(const ispc_layer_t *L, const float *x, int64_t N, int64_t C, int64_t H,
+                               int64_t W, const float *scale, int64_t saliency, int64_t mode,
+                               float threshold, int64_t k, int64_t *counts, float *out, float *ws,
+                               int64_t ws_floats, int64_t threads) {
+    const int64_t sel = select_floats(N, C), HW = H * W;
+    const int64_t kmax = mode == MODE_TOPK ? (k < C ? (k > 0 ? k : 0) : C) : C;
+    const int64_t need = sel + ispc_workspace(C, H, W, L->cout, L->kh, L->kw, L->sh, L->sw, L->ph, L->pw,
+                                              L->dh, L->dw, (int)L->orient, kmax, threads, N);
+    if (need > ws_floats) return need;
+    int64_t *idx = (int64_t *)ws;
+    float *s = ws + 2 * N * C, *tmp = ws + 3 * N * C;
+    #pragma omp parallel for num_threads(threads) schedule(static) if (N * C * HW >= (1 << 16))
+    for (int64_t nc = 0; nc < N * C; nc++)
+        s[nc] = plane_saliency(x + nc * HW, HW, (int)saliency) * scale[nc % C];
+    for (int64_t n = 0; n < N; n++)
+        counts[n] = select_row(s + n * C, C, (int)mode, threshold, k, idx + n * C, tmp + n * C);
+    return gated_conv_sorted(L, x, N, C, H, W, idx, C, counts, out, ws + sel, ws_floats - sel, threads);
 }

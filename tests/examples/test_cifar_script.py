@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -85,6 +86,21 @@ def test_train_resume_finetune_evaluate(cifar, fake: Path, tmp_path: Path, capsy
     assert rec["feature_decay"] > 0 and rec["lr"] == pytest.approx(0.01)
     assert torch.load(ft / "final.pt", weights_only=True)["feature_decay"] == 1e-3
 
+    # 5b. ... and with the dense parent as a distillation teacher, logging its term
+    kd = tmp_path / "kd"
+    kd_args = ["finetune", "--checkpoint", str(a / "final.pt"), "--feature-decay", "1e-3", "--distill-from",
+               str(a / "final.pt"), "--data", str(fake), "--cache-dir", str(cache), "--epochs", "1",
+               "--batch-size", "32", "--no-progress", "--threads", "1"]
+    assert cifar.main([*kd_args, "--out", str(kd)]) == 0
+    (rec,) = _log(kd)
+    assert rec["distill_loss"] > 0 and math.isfinite(rec["distill_loss"]) and rec["feature_decay"] > 0
+    saved = torch.load(kd / "last.pt", weights_only=True)["args"]
+    assert (saved["distill_from"], saved["distill_weight"], saved["distill_temperature"]) == (
+        str(a / "final.pt"), 0.9, 4.0)
+    capsys.readouterr()
+    assert cifar.main([*kd_args, "--out", str(tmp_path / "kd2"), "--distill-weight", "1.5"]) == 2
+    assert "--distill-weight must be in [0, 1]" in capsys.readouterr().err
+
     # 6. gate-aware fine-tuning: the epoch's gates are in the forward pass, and their accuracy logged;
     #    annealed over 2 epochs the keep ratio goes 0.75, then 0.5
     gt = tmp_path / "gt"
@@ -114,3 +130,14 @@ def test_train_resume_finetune_evaluate(cifar, fake: Path, tmp_path: Path, capsy
 def test_gate_keep_ratio_schedule(cifar, target: float, anneal: int, expected: list[float]) -> None:
     args = cifar.argparse.Namespace(gate_keep_ratio=target, gate_anneal_epochs=anneal)
     assert [cifar._gate_keep_ratio(args, e) for e in range(len(expected))] == pytest.approx(expected)
+
+
+def test_distillation_loss_is_the_temperature_scaled_kl(cifar) -> None:
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(8, 10, generator=g), torch.randn(8, 10, generator=g)
+    temp = 3.0
+    pt = torch.softmax(t / temp, 1)
+    direct = (pt * (pt.log() - torch.log_softmax(s / temp, 1))).sum(1).mean() * temp ** 2
+    assert cifar.distillation_loss(s, t, temp).item() == pytest.approx(direct.item(), rel=1e-5)
+    assert cifar.distillation_loss(t, t, temp).item() == pytest.approx(0.0, abs=1e-6)
+    assert cifar.distillation_loss(s, t, temp).item() > 0.0

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from conftest import rel_err
 from ispc.ops import gated_conv as gc
 from ispc.ops import native
-from ispc.ops.cpu_kernels import gated_conv2d_native, kept_index_rows, run_strategy
+from ispc.ops.cpu_kernels import gated_conv2d_native, run_strategy
 
 pytestmark = pytest.mark.skipif(not native.available(),
                                 reason=f"native kernel not built here: {native.unavailable_reason()}")
@@ -85,12 +85,25 @@ def test_threshold_batch_with_different_counts_per_instance():
         x[1] += 10.0
         w, b, scale = torch.randn(cout, 120, 3, 3), torch.randn(cout), torch.ones(120)
         a = (x, w, b, scale, 1, 1, 1, gc.THRESHOLD, 1.0, 0, gc.SALIENCY_L2)
-        counts = kept_index_rows(gc.channel_saliency(x, scale), gc.THRESHOLD, 1.0, 0)[1]
+        counts = (gc.channel_saliency(x, scale) >= 1.0).sum(1)
         assert counts[0] == 0 and counts[1] == 120 and 0 < counts[2] < 120
         for orient in ORIENTS:
             out = _run(*a, orient)
             assert torch.allclose(out[0], b.view(-1, 1, 1).expand(cout, 12, 12))
             assert rel_err(out, _ref(*a)) <= 1e-5
+
+
+def test_topk_selection_in_the_kernel_with_ties_among_silent_channels():
+    # half the channels are all zero (saliency ties at 0): k below, at and above the live count
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 24, 7, 7, generator=g).relu()
+    x[:, ::2] = 0.0
+    w, b, s = torch.randn(9, 24, 3, 3, generator=g), torch.randn(9, generator=g), torch.rand(24, generator=g)
+    for k in (1, 6, 12, 18, 23):
+        for sal in (gc.SALIENCY_L2, gc.SALIENCY_L1):
+            a = (x, w, b, s, 1, 1, 1, gc.TOPK, 0.0, k, sal)
+            for orient in ORIENTS:
+                assert rel_err(_run(*a, orient), _ref(*a)) <= 1e-5, (k, sal, orient)
 
 
 def test_large_batch_runs_in_chunks_of_instances():
