@@ -227,9 +227,11 @@ def test_avx2_code_path_matches_reference(monkeypatch):
         kh, kw = _pair(ks)
         x, wt, b = torch.randn(2, cin, h, w), torch.randn(cout, cin, kh, kw), torch.randn(cout)
         for orient in ORIENTS:
-            for mode, thr, k in [(gc.TOPK, 0.0, max(1, cin // 2)), (gc.THRESHOLD, 0.9, 0)]:
-                a = (x, wt, b, torch.ones(cin), stride, pad, dil, mode, thr, k, gc.SALIENCY_L2)
-                assert rel_err(_run(*a, orient), _ref(*a)) <= 1e-5, (shape, orient, mode)
+            for mode, thr, k, sal in [(gc.TOPK, 0.0, max(1, cin // 2), gc.SALIENCY_L2),
+                                      (gc.THRESHOLD, 0.9, 0, gc.SALIENCY_L2),
+                                      (gc.THRESHOLD, 0.7, 0, gc.SALIENCY_L1)]:  # selection in C too
+                a = (x, wt, b, torch.ones(cin), stride, pad, dil, mode, thr, k, sal)
+                assert rel_err(_run(*a, orient), _ref(*a)) <= 1e-5, (shape, orient, mode, sal)
 
 
 def test_build_is_cached_per_source_and_machine(tmp_path, monkeypatch):
