@@ -22,8 +22,7 @@ from torch import Tensor
 
 from . import native
 from .gated_conv import (SALIENCY_L1, SALIENCY_L2, THRESHOLD, TOPK, _kept_all, channel_saliency,
-                         conv_out_size,
-                         gated_conv2d_grouped, gated_conv2d_loop)
+                         conv_out_size, gated_conv2d_grouped, gated_conv2d_loop)
 
 __all__ = ["STRATEGIES", "available_strategies", "prepare_weight", "kept_indices", "im2col",
            "gated_conv2d_gemm", "gated_conv2d_native", "run_strategy"]
@@ -114,7 +113,8 @@ def gated_conv2d_native(x: Tensor, weight: Tensor, layer: native.NativeLayer, bi
     if saliency not in (SALIENCY_L1, SALIENCY_L2):
         raise ValueError(f"unknown saliency code {saliency}")
     # saliency and selection run inside the kernel too: one C call per layer
-    return layer.gated(x.contiguous(), scale.to(torch.float32).contiguous(), mode, threshold, k, saliency)
+    return layer.gated(x.contiguous(), scale.to(torch.float32).contiguous(), mode, threshold, k,
+                       saliency)
 
 
 def run_strategy(strategy: str, x: Tensor, weight: Tensor, weight_t, bias: Tensor,

@@ -38,7 +38,8 @@ SMALL_MAP = 16 * 16
 MAX_PHASES = 64
 
 _SOURCE = Path(__file__).with_name("native_gated_conv.c")
-_FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+_FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fno-math-errno", "-fopenmp", "-shared",
+          "-fPIC", "-std=c11"]
 _lock = threading.Lock()
 _local = threading.local()  # one reusable workspace per thread: fresh buffers cost page faults
 _lib: ctypes.CDLL | None = None
@@ -109,8 +110,8 @@ def _build(extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL:
     lib.ispc_gated_conv.argtypes = [ctypes.POINTER(_Layer), _ptr, _i64, _i64, _i64, _i64, _ptr, _i64,
                                     _ptr, _ptr, _ptr, _i64, _i64]
     lib.ispc_gated_conv_select.restype = _i64
-    lib.ispc_gated_conv_select.argtypes = [ctypes.POINTER(_Layer), _ptr, _i64, _i64, _i64, _i64, _ptr, _i64,
-                                           _i64, ctypes.c_float, _i64, _ptr, _ptr, _ptr, _i64, _i64]
+    lib.ispc_gated_conv_select.argtypes = [ctypes.POINTER(_Layer), _ptr, _i64, _i64, _i64, _i64, _ptr,
+                                           _i64, _i64, ctypes.c_float, _i64, _ptr, _ptr, _ptr, _i64, _i64]
     return lib
 
 
@@ -252,8 +253,8 @@ class NativeLayer:
               saliency: int) -> Tensor:
         """The whole gated layer in one C call: saliency, selection (the operator's semantics, see
         :func:`ispc.ops.gated_conv.channel_mask`) and the convolution. ``x`` contiguous float32
-        (N, C, H, W); ``scale`` contiguous float32 (C,). Per layer this saves the five PyTorch ops
-        of selecting in Python (norm, scale, top-k or compare, index rows), ~20-30 us at batch 1."""
+        (N, C, H, W); ``scale`` contiguous float32 (C,). It replaces the PyTorch ops that selected
+        in Python per layer and call (norm, scale, top-k or compare, index rows)."""
         n, c, h, w = x.shape
         ho, wo = self.out_size(h, w)
         out = torch.empty((n, self.cout, ho, wo), dtype=torch.float32)

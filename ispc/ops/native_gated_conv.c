@@ -16,6 +16,9 @@
  *   ORIENT_CO (small feature maps, many channels): vector lanes run over output channels; positions
  *     are packed exactly (no padded columns are computed), MR at a time, for a chunk of instances.
  * Parallelism uses OpenMP, which is the runtime PyTorch itself uses (the same libgomp is loaded).
+ *
+ * ispc_gated_conv takes the kept channels as indices; ispc_gated_conv_select (the end of this file)
+ * computes the saliencies and selects the channels itself first, so a gated layer is one call.
  */
 #include <stdint.h>
 #include <string.h>
