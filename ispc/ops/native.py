@@ -234,19 +234,10 @@ class NativeLayer:
         channels first (sorted in place by the kernel); ``counts`` int64 (N,), how many of each
         row are kept (None: all K)."""
         n, c, h, w = x.shape
-        ho, wo = self.out_size(h, w)
-        out = torch.empty((n, self.cout, ho, wo), dtype=torch.float32)
-        threads = torch.get_num_threads()
-        if getattr(_local, "ws", None) is None:
-            _workspace(0)
+        out = self._output(n, h, w)
         cptr = 0 if counts is None else counts.data_ptr()
-        args = (ctypes.byref(self._struct), x.data_ptr(), n, c, h, w, idx.data_ptr(), idx.shape[1],
-                cptr, out.data_ptr())
-        if torch.autograd._profiler_enabled():  # named in torch.profiler tables (examples/speed.py)
-            with torch.profiler.record_function("ispc::native_gated_conv"):
-                self._run(args, threads)
-        else:
-            self._run(args, threads)
+        self._run(_lib.ispc_gated_conv, (ctypes.byref(self._struct), x.data_ptr(), n, c, h, w,
+                                         idx.data_ptr(), idx.shape[1], cptr, out.data_ptr()))
         return out
 
     def gated(self, x: Tensor, scale: Tensor, mode: int, threshold: float, k: int,
@@ -256,24 +247,33 @@ class NativeLayer:
         (N, C, H, W); ``scale`` contiguous float32 (C,). It replaces the PyTorch ops that selected
         in Python per layer and call (norm, scale, top-k or compare, index rows)."""
         n, c, h, w = x.shape
-        ho, wo = self.out_size(h, w)
-        out = torch.empty((n, self.cout, ho, wo), dtype=torch.float32)
+        out = self._output(n, h, w)
         counts = torch.empty(n, dtype=torch.int64)
-        if getattr(_local, "ws", None) is None:
-            _workspace(0)
-        args = (ctypes.byref(self._struct), x.data_ptr(), n, c, h, w, scale.data_ptr(), saliency, mode,
-                threshold, k, counts.data_ptr(), out.data_ptr())
-        if torch.autograd._profiler_enabled():
-            with torch.profiler.record_function("ispc::native_gated_conv"):
-                self._run(args, torch.get_num_threads(), _lib.ispc_gated_conv_select)
-        else:
-            self._run(args, torch.get_num_threads(), _lib.ispc_gated_conv_select)
+        self._run(_lib.ispc_gated_conv_select, (ctypes.byref(self._struct), x.data_ptr(), n, c, h, w,
+                                                scale.data_ptr(), saliency, mode, threshold, k,
+                                                counts.data_ptr(), out.data_ptr()))
         return out
 
+    def _output(self, n: int, h: int, w: int) -> Tensor:
+        ho, wo = self.out_size(h, w)
+        return torch.empty((n, self.cout, ho, wo), dtype=torch.float32)
+
     @staticmethod
-    def _run(args: tuple, threads: int, fn=None) -> None:
-        fn = _lib.ispc_gated_conv if fn is None else fn
-        ws = _local.ws
+    def _run(fn, args: tuple) -> None:
+        """Call a kernel entry with this thread's workspace (grown and called again if the kernel
+        asks for more); named in torch.profiler tables while profiling (examples/speed.py)."""
+        if torch.autograd._profiler_enabled():
+            with torch.profiler.record_function("ispc::native_gated_conv"):
+                NativeLayer._call(fn, args)
+        else:
+            NativeLayer._call(fn, args)
+
+    @staticmethod
+    def _call(fn, args: tuple) -> None:
+        threads = torch.get_num_threads()
+        ws = getattr(_local, "ws", None)
+        if ws is None:
+            ws = _workspace(0)
         need = fn(*args, ws.data_ptr(), ws.numel(), threads)
         if need:  # first call at this size: grow the workspace and run
             ws = _workspace(need)
