@@ -97,6 +97,11 @@ def test_train_resume_finetune_evaluate(cifar, fake: Path, tmp_path: Path, capsy
     saved = torch.load(kd / "last.pt", weights_only=True)["args"]
     assert (saved["distill_from"], saved["distill_weight"], saved["distill_temperature"]) == (
         str(a / "final.pt"), 0.9, 4.0)
+    # the distillation term is in the loss beside feature decay: the same run without a teacher differs
+    assert cifar.main([*kd_args[:5], *kd_args[7:], "--out", str(tmp_path / "fd_only")]) == 0
+    w_kd = torch.load(kd / "final.pt", weights_only=True)["model"]
+    w_fd = torch.load(tmp_path / "fd_only" / "final.pt", weights_only=True)["model"]
+    assert any(not torch.equal(w_kd[k], w_fd[k]) for k in w_kd)
     capsys.readouterr()
     assert cifar.main([*kd_args, "--out", str(tmp_path / "kd2"), "--distill-weight", "1.5"]) == 2
     assert "--distill-weight must be in [0, 1]" in capsys.readouterr().err
