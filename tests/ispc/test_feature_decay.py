@@ -130,31 +130,57 @@ def test_config_errors() -> None:
         FeatureDecay(nn.Sequential(nn.Conv2d(3, 4, 1)), 1.0)
 
 
+_DDP_CHILD = """
+import sys, torch, torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+sys.path.insert(0, sys.argv[2])
+from test_feature_decay import Tiny
+from ispc.feature_decay import FeatureDecay
+
+torch.manual_seed(0)
+model, x = Tiny(), torch.randn(3, 3, 6, 6)
+plain = FeatureDecay(model, 0.5)
+model(x)
+expected = plain.value().detach()
+plain.remove()
+dist.init_process_group("gloo", store=dist.FileStore(sys.argv[1], 1), rank=0, world_size=1)
+print("INIT_OK", flush=True)
+try:
+    ddp = DistributedDataParallel(model)
+    decay = FeatureDecay(ddp, 0.5, layers=["body.1", "head"])
+    out = ddp(x)
+    torch.testing.assert_close(decay.value(), expected)
+    (out.mean() + decay.value()).backward()  # gradients flow through DDP's reducer
+    assert model.head.weight.grad is not None
+    decay.remove()
+finally:
+    dist.destroy_process_group()
+print("DONE", flush=True)
+"""
+
+
 def test_distributed_data_parallel_same_value(tmp_path) -> None:
+    """Runs in a child process with a hard timeout: gloo's set-up depends on the machine's network
+    (hostname resolution, interfaces), and a hang there must not hang the suite."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
     dist = pytest.importorskip("torch.distributed")
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
-    from torch.nn.parallel import DistributedDataParallel
-
-    torch.manual_seed(0)
-    model, x = Tiny(), torch.randn(3, 3, 6, 6)
-    plain = FeatureDecay(model, 0.5)
-    model(x)
-    expected = plain.value().detach()
-    plain.remove()
-
-    store = dist.FileStore(str(tmp_path / "store"), 1)
-    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-c", _DDP_CHILD, str(tmp_path / "store"), str(Path(__file__).parent)]
     try:
-        ddp = DistributedDataParallel(model)
-        decay = FeatureDecay(ddp, 0.5, layers=["body.1", "head"])
-        out = ddp(x)
-        torch.testing.assert_close(decay.value(), expected)
-        (out.mean() + decay.value()).backward()  # gradients flow through DDP's reducer
-        assert model.head.weight.grad is not None
-        decay.remove()
-    finally:
-        dist.destroy_process_group()
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired as exc:
+        out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+        if "INIT_OK" not in out:
+            pytest.skip("gloo's init_process_group did not finish within 120 s on this machine "
+                        "(its network set-up); FeatureDecay under DDP is unverified here")
+        raise AssertionError(f"FeatureDecay under DDP hung after the process group started:\n{out}")
+    assert proc.returncode == 0 and "DONE" in proc.stdout, proc.stdout + proc.stderr
 
 
 def test_default_sites_are_the_compile_candidates():
