@@ -210,10 +210,13 @@ class NativeLayer:
         """(Re)build the C struct: it points into this object's own tensors."""
         self._struct = _Layer(self.packed.data_ptr(), self.bias.data_ptr(), self.cout, *self.kernel,
                               *self.stride, *self.padding, *self.dilation, self.orient)
+        self._ref = ctypes.byref(self._struct)
         self._sizes: dict[tuple[int, int], tuple[int, int]] = {}
+        self._shapes: dict[tuple[int, int, int], tuple[int, int, int, int]] = {}
 
     def __getstate__(self) -> dict:  # copies and pickles carry tensors, never raw pointers
-        return {k: v for k, v in self.__dict__.items() if k not in ("_struct", "_sizes")}
+        skip = ("_struct", "_ref", "_sizes", "_shapes")
+        return {k: v for k, v in self.__dict__.items() if k not in skip}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
@@ -236,7 +239,7 @@ class NativeLayer:
         n, c, h, w = x.shape
         out = self._output(n, h, w)
         cptr = 0 if counts is None else counts.data_ptr()
-        self._run(_lib.ispc_gated_conv, (ctypes.byref(self._struct), x.data_ptr(), n, c, h, w,
+        self._run(_lib.ispc_gated_conv, (self._ref, x.data_ptr(), n, c, h, w,
                                          idx.data_ptr(), idx.shape[1], cptr, out.data_ptr()))
         return out
 
@@ -248,15 +251,15 @@ class NativeLayer:
         in Python per layer and call (norm, scale, top-k or compare, index rows)."""
         n, c, h, w = x.shape
         out = self._output(n, h, w)
-        counts = torch.empty(n, dtype=torch.int64)
-        self._run(_lib.ispc_gated_conv_select, (ctypes.byref(self._struct), x.data_ptr(), n, c, h, w,
-                                                scale.data_ptr(), saliency, mode, threshold, k,
-                                                counts.data_ptr(), out.data_ptr()))
+        self._run(_lib.ispc_gated_conv_select, (self._ref, x.data_ptr(), n, c, h, w, scale.data_ptr(),
+                                                saliency, mode, threshold, k, None, out.data_ptr()))
         return out
 
     def _output(self, n: int, h: int, w: int) -> Tensor:
-        ho, wo = self.out_size(h, w)
-        return torch.empty((n, self.cout, ho, wo), dtype=torch.float32)
+        shape = self._shapes.get((n, h, w))
+        if shape is None:  # per call this lookup is ~1 us cheaper than building the shape
+            shape = self._shapes[(n, h, w)] = (n, self.cout, *self.out_size(h, w))
+        return torch.empty(shape, dtype=torch.float32)
 
     @staticmethod
     def _run(fn, args: tuple) -> None:

@@ -614,11 +614,12 @@ static int64_t select_row(const float *s, int64_t C, int mode, float threshold, 
 }
 
 /* Workspace the selection takes in front of the convolution's: idx (N x C int64), saliency and a
- * scratch row per instance (N x C floats each), 64-byte aligned. */
-static int64_t select_floats(int64_t N, int64_t C) { return (4 * N * C + 15) / 16 * 16; }
+ * scratch row per instance (N x C floats each), the kept counts (N int64), 64-byte aligned. */
+static int64_t select_floats(int64_t N, int64_t C) { return (4 * N * C + 2 * N + 15) / 16 * 16; }
 
 /* The whole gated layer in one call: saliency, selection, then the convolution of ispc_gated_conv.
- * counts (N,) receives each instance's kept count. Returns 0, or the workspace (floats) it needs. */
+ * counts (N,) receives each instance's kept count (NULL: kept in the workspace only). Returns 0, or
+ * the workspace (floats) it needs. */
 int64_t ispc_gated_conv_select(const ispc_layer_t *L, const float *x, int64_t N, int64_t C, int64_t H,
                                int64_t W, const float *scale, int64_t saliency, int64_t mode,
                                float threshold, int64_t k, int64_t *counts, float *out, float *ws,
@@ -630,6 +631,7 @@ int64_t ispc_gated_conv_select(const ispc_layer_t *L, const float *x, int64_t N,
     if (need > ws_floats) return need;
     int64_t *idx = (int64_t *)ws;
     float *s = ws + 2 * N * C, *tmp = ws + 3 * N * C;
+    if (!counts) counts = (int64_t *)(ws + 4 * N * C);
     #pragma omp parallel for num_threads(threads) schedule(static) if (N * C * HW >= (1 << 16))
     for (int64_t nc = 0; nc < N * C; nc++)
         s[nc] = plane_saliency(x + nc * HW, HW, (int)saliency) * scale[nc % C];
