@@ -81,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="per-layer timing rounds of the latency-aware cost model at batch 1 "
                         "(a third of this, at least 3, at batch > 1)")
     p.add_argument("--latency-aware", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--fuse-epilogues", action=argparse.BooleanOptionalAction, default=True,
+                   help="fold residual adds and ReLUs into gated layers (GatingConfig.fuse_epilogues)")
     p.add_argument("--overhead", action=argparse.BooleanOptionalAction, default=True,
                    help="also time keep_ratio=1.0 against dense")
     p.add_argument("--threads", type=int)
@@ -105,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             lat_rounds = args.latency_rounds if bs == 1 else max(3, args.latency_rounds // 3)
             cfg = ispc.GatingConfig(keep_ratio=args.keep_ratio, mode=args.mode,
                                     latency_aware=args.latency_aware, latency_batch_size=bs,
-                                    latency_rounds=lat_rounds)
+                                    latency_rounds=lat_rounds, fuse_epilogues=args.fuse_epilogues)
             compiled = ispc.compile(model, calib, config=cfg)
             results += benchmark(model, compiled, (3, size, size), batch_sizes=(bs,),
                                  rounds=args.rounds if bs == 1 else args.batched_rounds,
@@ -123,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
                                   name=f"{name} keep=1.0", retain_memory=args.retain_memory)
     print(f"\nispc {ispc.__version__}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{platform.processor() or platform.machine()}, mode={args.mode}, keep_ratio={args.keep_ratio}, "
-          f"latency_aware={args.latency_aware}, {size}x{size}, allocator: {allocator}\n")
+          f"latency_aware={args.latency_aware}, fuse_epilogues={args.fuse_epilogues}, "
+          f"{size}x{size}, allocator: {allocator}\n")
     print(results_table(results, tablefmt="github"))
     if overhead:
         print("\nkeep_ratio=1.0 (gating overhead; realized < 1.0 means slower than dense):\n")

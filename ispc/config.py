@@ -87,6 +87,9 @@ class GatingConfig:
         min_gain: fraction of a layer's dense time gating must save to be kept (latency_aware).
         latency_batch_size: batch size the latency-aware cost model measures at.
         latency_rounds: interleaved timing rounds per kernel in the latency-aware cost model.
+        fuse_epilogues: fold the ReLU/ReLU6 and the residual add that follow a gated layer into
+            its native CPU kernel's output stores (no pass over memory of their own). Exact: the
+            same additions and clamps, in the same order. Off: every op stays a graph node.
         leaf_modules: module classes that torch.fx must not trace into (for untraceable blocks).
     """
 
@@ -106,6 +109,7 @@ class GatingConfig:
     min_gain: float = 0.05
     latency_batch_size: int = 1
     latency_rounds: int = 15
+    fuse_epilogues: bool = True
     leaf_modules: tuple[type, ...] = field(default=())
 
     def __post_init__(self) -> None:
@@ -130,6 +134,9 @@ class GatingConfig:
                       integer=True)
         _check_number("latency_rounds", self.latency_rounds, lo=1, hi=10_000, lo_open=False,
                       integer=True)
+        if not isinstance(self.fuse_epilogues, bool):
+            raise ConfigError("GatingConfig.fuse_epilogues must be True or False, "
+                              f"got {self.fuse_epilogues!r}")
         if not isinstance(self.leaf_modules, tuple) or not all(
                 isinstance(t, type) for t in self.leaf_modules):
             raise ConfigError("GatingConfig.leaf_modules must be a tuple of nn.Module classes, "

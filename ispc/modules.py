@@ -11,10 +11,13 @@ from .ops import native as _native
 
 __all__ = [
     "GatedConv2d", "ChannelsLastMaxPool2d", "StridedMaxPool2d", "fast_max_pool", "MODE_CODES",
+    "ACTIVATIONS",
     "SALIENCY_CODES", "plain_cpu_call",
 ]
 
 MODE_CODES = {"threshold": _gc.THRESHOLD, "topk": _gc.TOPK}
+#: activations a gated layer's epilogue can apply -> the native kernel's clamp range
+ACTIVATIONS = {None: _native.NO_CLAMP, "relu": _native.RELU, "relu6": _native.RELU6}
 #: weighted_l2 is l2 with the weight-column norms folded into the per-channel scale
 SALIENCY_CODES = {"l2": _gc.SALIENCY_L2, "l1": _gc.SALIENCY_L1, "weighted_l2": _gc.SALIENCY_L2}
 
@@ -58,6 +61,10 @@ class GatedConv2d(nn.Module):
         self.saliency = saliency
         self.in_channels, self.out_channels = int(in_c), int(out_c)
         self.register_buffer("weight_t", None, persistent=False)
+        #: fused epilogue (passes/fuse_epilogues.py): forward takes a residual to add, and/or
+        #: applies an activation (a key of ACTIVATIONS) to the result
+        self.residual_add = False
+        self.act: str | None = None
         self.strategy = "gather"
         self.orient = _native.ORIENT_PIX
         self._native = None
@@ -96,26 +103,48 @@ class GatedConv2d(nn.Module):
                 self.dilation[1], MODE_CODES[self.mode], self.threshold, self.k,
                 SALIENCY_CODES[self.saliency])
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        """The gated convolution of ``x``; with a fused epilogue, ``act(conv + residual)``."""
         mode = MODE_CODES[self.mode]
         if _gc._kept_all(mode, self.threshold, self.k, self.in_channels):
             # every channel kept: the operator is the dense convolution, in every context (eager,
             # autograd, export, compile, ONNX). Tested first, before any other check: on
             # MobileNetV2 at keep_ratio=1.0 the eager-path checks alone cost ~2% of the model's time
-            return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
+            out = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
+            return self._epilogue(out, residual) if self.act or residual is not None else out
         layer, scale = self._native, self.scale
         if (layer is not None and x.dtype == torch.float32 and scale.dtype == torch.float32
                 and self._direct(x)):
             # the native kernel straight from here: half of the Python a call took through
-            # run_strategy (~28 -> ~14 us per layer; ResNet-50 has 50 gated layers)
-            return layer.gated(x if x.is_contiguous() else x.contiguous(), scale, mode,
-                               self.threshold, self.k, SALIENCY_CODES[self.saliency])
-        if self._direct(x):  # plain eager CPU inference: skip the dispatcher round trip
+            # run_strategy (~28 -> ~23 us per layer; ResNet-50 has 50 gated layers)
+            xc = x if x.is_contiguous() else x.contiguous()
+            clamp = ACTIVATIONS[self.act]
+            if residual is None:
+                return layer.gated(xc, scale, mode, self.threshold, self.k,
+                                   SALIENCY_CODES[self.saliency], None, clamp)
+            if (type(residual) is Tensor and residual.dtype == torch.float32
+                    and residual.is_contiguous() and residual.shape == layer.out_shape(*x.shape)):
+                return layer.gated(xc, scale, mode, self.threshold, self.k,
+                                   SALIENCY_CODES[self.saliency], residual, clamp)
+            out = layer.gated(xc, scale, mode, self.threshold, self.k, SALIENCY_CODES[self.saliency])
+        elif self._direct(x):  # plain eager CPU inference: skip the dispatcher round trip
             a = self._args
-            return _cpu.run_strategy(self.strategy, x, self.weight, self.prepared, self.bias,
-                                     self.scale, self.stride, self.padding, self.dilation, a[6], a[7],
-                                     a[8], a[9])
-        return torch.ops.ispc.gated_conv2d(x, self.weight, self.bias, self.scale, *self._args)
+            out = _cpu.run_strategy(self.strategy, x, self.weight, self.prepared, self.bias,
+                                    self.scale, self.stride, self.padding, self.dilation, a[6], a[7],
+                                    a[8], a[9])
+        else:
+            out = torch.ops.ispc.gated_conv2d(x, self.weight, self.bias, self.scale, *self._args)
+        return self._epilogue(out, residual) if self.act or residual is not None else out
+
+    def _epilogue(self, out: Tensor, residual: Tensor | None) -> Tensor:
+        """The fused epilogue as PyTorch ops (every path but the native kernel's)."""
+        if residual is not None:
+            out = out + residual
+        if self.act == "relu":
+            return torch.relu(out)
+        if self.act == "relu6":
+            return F.relu6(out)
+        return out
 
     def _direct(self, x: Tensor) -> bool:
         """True when calling the CPU kernel directly is indistinguishable from calling the op:
@@ -123,20 +152,28 @@ class GatedConv2d(nn.Module):
         return plain_cpu_call(x) and not (torch.is_grad_enabled()
                                           and (x.requires_grad or self.weight.requires_grad))
 
+    @property
+    def keeps_all(self) -> bool:
+        """Whether this layer keeps every channel of every input (it is the dense convolution)."""
+        return _gc._kept_all(MODE_CODES[self.mode], self.threshold, self.k, self.in_channels)
+
     def kept_mask(self, x: Tensor) -> Tensor:
         """Which input channels each instance of ``x`` keeps (bool, N x C)."""
         a = self._args
         return _gc.channel_mask(x, self.scale, a[6], a[7], a[8], a[9])
 
-    def reference(self, x: Tensor) -> Tensor:
-        """The masked-dense form this layer must equal."""
-        return _gc.gated_conv2d_reference(x, self.weight, self.bias, self.scale, *self._args)
+    def reference(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        """The masked-dense form this layer must equal (its epilogue included)."""
+        out = _gc.gated_conv2d_reference(x, self.weight, self.bias, self.scale, *self._args)
+        return self._epilogue(out, residual)
 
     def extra_repr(self) -> str:
         gate = f"threshold={self.threshold:.4g}" if self.mode == "threshold" else f"k={self.k}"
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={tuple(self.weight.shape[2:])}, "
                 f"stride={self.stride}, padding={self.padding}, mode={self.mode}, {gate}, "
                 f"saliency={self.saliency}, strategy={self.strategy}"
+                + (", + residual" if self.residual_add else "")
+                + (f", act={self.act}" if self.act else "")
                 + (f", orient={self.orient}" if self.strategy == "native" else ""))
 
 

@@ -606,6 +606,10 @@ def load(path: str | Path, *, device: str | torch.device | None = None) -> Compi
     gm = program_from_json(manifest["program"], tensors)
     modularize(gm, config.saliency)
     _restore_strategies(gm, manifest.get("modules") or {})
+    # the archive holds the epilogues as ATen add/relu nodes: fuse them into the layers again
+    from .passes import PassState, fuse_epilogues
+
+    fuse_epilogues(gm, PassState(config=config))
     if device is not None:
         gm.to(device)
     gm.eval()

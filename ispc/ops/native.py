@@ -12,6 +12,7 @@ reason in :func:`unavailable_reason`) and ispc uses its PyTorch kernels instead.
 from __future__ import annotations
 
 import ctypes
+import math
 import hashlib
 import mmap
 import os
@@ -26,7 +27,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["ORIENT_PIX", "ORIENT_CO", "available", "unavailable_reason", "pack_weight",
-           "NativeLayer", "orientation_for", "supports"]
+           "NativeLayer", "orientation_for", "supports", "NO_CLAMP", "RELU", "RELU6"]
 
 ORIENT_PIX = 0  #: vector lanes over output pixels (large feature maps)
 ORIENT_CO = 1   #: vector lanes over output channels (small feature maps)
@@ -46,6 +47,12 @@ _lib: ctypes.CDLL | None = None
 _error: str | None = None
 
 _i64, _ptr = ctypes.c_int64, ctypes.c_void_p
+
+
+#: epilogue clamps of NativeLayer.gated: none, ReLU, ReLU6
+NO_CLAMP = (-math.inf, math.inf)
+RELU = (0.0, math.inf)
+RELU6 = (0.0, 6.0)
 
 
 class _Layer(ctypes.Structure):
@@ -111,7 +118,8 @@ def _build(extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL:
                                     _ptr, _ptr, _ptr, _i64, _i64]
     lib.ispc_gated_conv_select.restype = _i64
     lib.ispc_gated_conv_select.argtypes = [ctypes.POINTER(_Layer), _ptr, _i64, _i64, _i64, _i64, _ptr,
-                                           _i64, _i64, ctypes.c_float, _i64, _ptr, _ptr, _ptr, _i64, _i64]
+                                           _i64, _i64, ctypes.c_float, _i64, _ptr, _ptr, _ptr,
+                                           ctypes.c_float, ctypes.c_float, _ptr, _i64, _i64]
     return lib
 
 
@@ -243,23 +251,37 @@ class NativeLayer:
                                          idx.data_ptr(), idx.shape[1], cptr, out.data_ptr()))
         return out
 
-    def gated(self, x: Tensor, scale: Tensor, mode: int, threshold: float, k: int,
-              saliency: int) -> Tensor:
+    def gated(self, x: Tensor, scale: Tensor, mode: int, threshold: float, k: int, saliency: int,
+              residual: Tensor | None = None, clamp: tuple[float, float] = NO_CLAMP) -> Tensor:
         """The whole gated layer in one C call: saliency, selection (the operator's semantics, see
         :func:`ispc.ops.gated_conv.channel_mask`) and the convolution. ``x`` contiguous float32
         (N, C, H, W); ``scale`` contiguous float32 (C,). It replaces the PyTorch ops that selected
-        in Python per layer and call (norm, scale, top-k or compare, index rows)."""
+        in Python per layer and call (norm, scale, top-k or compare, index rows).
+
+        The epilogue is fused: ``clamp(conv + residual, *clamp)`` where ``residual`` (contiguous
+        float32, the output's shape) is added if given and ``clamp`` is an activation's range
+        (:data:`RELU`, :data:`RELU6`; default none), so a following add and ReLU cost no pass over
+        memory of their own."""
         n, c, h, w = x.shape
         out = self._output(n, h, w)
+        if residual is not None and residual.shape != out.shape:
+            raise ValueError(f"residual of shape {tuple(residual.shape)} for an output of shape "
+                             f"{tuple(out.shape)}")
+        rptr = None if residual is None else residual.data_ptr()
         self._run(_lib.ispc_gated_conv_select, (self._ref, x.data_ptr(), n, c, h, w, scale.data_ptr(),
-                                                saliency, mode, threshold, k, None, out.data_ptr()))
+                                                saliency, mode, threshold, k, None, out.data_ptr(),
+                                                rptr, clamp[0], clamp[1]))
         return out
 
-    def _output(self, n: int, h: int, w: int) -> Tensor:
+    def out_shape(self, n: int, c: int, h: int, w: int) -> tuple[int, int, int, int]:
+        """The output shape for an input of shape (n, c, h, w)."""
         shape = self._shapes.get((n, h, w))
         if shape is None:  # per call this lookup is ~1 us cheaper than building the shape
             shape = self._shapes[(n, h, w)] = (n, self.cout, *self.out_size(h, w))
-        return torch.empty(shape, dtype=torch.float32)
+        return shape
+
+    def _output(self, n: int, h: int, w: int) -> Tensor:
+        return torch.empty(self.out_shape(n, 0, h, w), dtype=torch.float32)
 
     @staticmethod
     def _run(fn, args: tuple) -> None:

@@ -79,6 +79,57 @@ static inline void store_run(float *dst, vf v0, vf v1, int a, int b) {
 #endif
 }
 
+typedef int32_t vi __attribute__((vector_size(VW * 4)));
+
+/* The fused epilogue of a gated layer: out = clamp(conv + bias + res, lo, hi), where res (NULL:
+ * none) has the output's shape and the clamp is an activation (ReLU: [0, inf), ReLU6: [0, 6]).
+ * NaN passes through, as in torch.relu and torch.clamp. on == 0: plain conv + bias. */
+typedef struct {
+    const float *res;
+    float lo, hi;
+    int on;
+} epi_t;
+
+static inline float epi1(const epi_t *e, float v, int64_t m) {
+    if (e->res) v += e->res[m];
+    return v < e->lo ? e->lo : v > e->hi ? e->hi : v;
+}
+
+static inline vf clampv(vf v, float lo, float hi) {
+    vf l = (vf){0} + lo, h = (vf){0} + hi;
+    vi m = v < l;
+    v = (vf)(((vi)v & ~m) | ((vi)l & m));
+    m = v > h;
+    return (vf)(((vi)v & ~m) | ((vi)h & m));
+}
+
+/* store_run with the epilogue: res is indexed like dst (lanes a..b of it are read) */
+static inline void store_run_epi(float *dst, const float *res, vf v0, vf v1, int a, int b, float lo,
+                                 float hi) {
+#if defined(__AVX512F__)
+    if (res) {
+        if (a < VW) {
+            int h_ = b < VW ? b : VW;
+            v0 += (vf)_mm512_maskz_loadu_ps((__mmask16)(((1u << h_) - 1u) & ~((1u << a) - 1u)), res);
+        }
+        if (b > VW) {
+            int lo_ = a > VW ? a - VW : 0;
+            v1 += (vf)_mm512_maskz_loadu_ps((__mmask16)(((1u << (b - VW)) - 1u) & ~((1u << lo_) - 1u)),
+                                            res + VW);
+        }
+    }
+    store_run(dst, clampv(v0, lo, hi), clampv(v1, lo, hi), a, b);
+#else
+    float tile[2 * VW];
+    st(tile, v0);
+    st(tile + VW, v1);
+    for (int l = a; l < b; l++) {
+        float v = tile[l] + (res ? res[l] : 0.0f);
+        dst[l] = v < lo ? lo : v > hi ? hi : v;
+    }
+#endif
+}
+
 /* The microkernel's shape: rows (broadcast operand) and lanes (vector operand) of an orientation. */
 int ispc_block_rows(int orient) { return orient == ORIENT_PIX ? PIX_MR : CO_MR; }
 int ispc_block_lanes(int orient) { return orient == ORIENT_PIX ? PIX_NR : CO_NR; }
@@ -248,7 +299,7 @@ static void pack_planes(const geom_t *g, const float *x, const int64_t *idx, int
  * every tap straight from the planes; blocks of PIX_MR output channels broadcast from the weights. */
 static void conv_pix(const geom_t *g, const float *x, const int64_t *idx, int64_t K, const float *wpack,
                      const float *bias, float *out, float *ws, int64_t kmax, int64_t threads,
-                     const int64_t *offs, const int32_t *omap) {
+                     const int64_t *offs, const int32_t *omap, const epi_t *e) {
     const int64_t T = g->T, CoB = (g->Cout + PIX_MR - 1) / PIX_MR, HoWo = g->Ho * g->Wo;
     const int64_t KC = kchunk(g->T);
     float *planes = ws;
@@ -319,6 +370,13 @@ static void conv_pix(const geom_t *g, const float *x, const int64_t *idx, int64_
                     int64_t co = cob * PIX_MR + i;
                     float *orow = out + co * HoWo;
                     for (int j = 0; j < PIX_NV; j++) acc[i][j] += bias[co];
+                    if (e->on) {
+                        const float *rrow = e->res ? e->res + co * HoWo : 0;
+                        for (int r = 0; r < nruns; r++)
+                            store_run_epi(orow + rm[r] - ra[r], rrow ? rrow + rm[r] - ra[r] : 0,
+                                          acc[i][0], acc[i][1], ra[r], rb[r], e->lo, e->hi);
+                        continue;
+                    }
                     for (int r = 0; r < nruns; r++)
                         store_run(orow + rm[r] - ra[r], acc[i][0], acc[i][1], ra[r], rb[r]);
                 }
@@ -341,7 +399,7 @@ static int64_t co_chunk(const geom_t *g, int64_t kmax, int64_t N) {
 /* Channel lanes: one finished CO_MR x CO_NR tile (positions x output channels) plus bias into
  * the instance's NCHW output, clipped at the last channel and position. */
 static void co_tile_out(const geom_t *g, const float tile[CO_MR][CO_NR], const float *bias, int64_t cob,
-                        int64_t pb, float *on) {
+                        int64_t pb, float *on, const epi_t *e) {
     const int64_t HoWo = g->Ho * g->Wo;
     for (int j = 0; j < CO_NR; j++) {
         int64_t co = cob * CO_NR + j;
@@ -349,7 +407,8 @@ static void co_tile_out(const geom_t *g, const float tile[CO_MR][CO_NR], const f
         float bj = bias[co];
         for (int i = 0; i < CO_MR; i++) {
             int64_t m = pb * CO_MR + i;
-            if (m < HoWo) on[co * HoWo + m] = tile[i][j] + bj;
+            if (m < HoWo)
+                on[co * HoWo + m] = e->on ? epi1(e, tile[i][j] + bj, co * HoWo + m) : tile[i][j] + bj;
         }
     }
 }
@@ -359,7 +418,7 @@ static void co_tile_out(const geom_t *g, const float tile[CO_MR][CO_NR], const f
  * Instances n0..n1 at once; table: the (position, tap) -> input offset table and its run flags. */
 static void conv_co(const geom_t *g, const float *x, int64_t n0, int64_t n1, const int64_t *idx,
                     int64_t kstride, const int64_t *counts, const float *wpack, const float *bias,
-                    float *out, float *panels, int64_t kmax, const int32_t *src) {
+                    float *out, float *panels, int64_t kmax, const int32_t *src, const epi_t *e0) {
     const int64_t T = g->T, CoB = (g->Cout + CO_NR - 1) / CO_NR, HoWo = g->Ho * g->Wo, HW = g->H * g->W;
     const int64_t per = kmax * T * g->PB * CO_MR;  /* one instance's panels: [PB][K][T][CO_MR] */
     const int32_t *runs = src + g->PB * T * CO_MR;
@@ -407,7 +466,9 @@ static void conv_co(const geom_t *g, const float *x, int64_t n0, int64_t n1, con
                     float tile[CO_MR][CO_NR];
                     for (int i = 0; i < CO_MR; i++)
                         for (int j = 0; j < CO_NV; j++) st(&tile[i][j * VW], acc[i][j]);
-                    co_tile_out(g, tile, bias, cob, pb, on);
+                    epi_t e = *e0;
+                    if (e.res) e.res += n * g->Cout * HoWo;
+                    co_tile_out(g, tile, bias, cob, pb, on, &e);
                 }
             }
         }
@@ -425,7 +486,9 @@ static void conv_co(const geom_t *g, const float *x, int64_t n0, int64_t n1, con
                 float tile[CO_MR][CO_NR];
                 for (int i = 0; i < CO_MR; i++)
                     for (int j = 0; j < CO_NV; j++) st(&tile[i][j * VW], acc[i][j]);
-                co_tile_out(g, tile, bias, cob, pb, out + n * g->Cout * HoWo);
+                epi_t e = *e0;
+                if (e.res) e.res += n * g->Cout * HoWo;
+                co_tile_out(g, tile, bias, cob, pb, out + n * g->Cout * HoWo, &e);
             }
 }
 
@@ -448,7 +511,8 @@ static int cmp_i64(const void *a, const void *b) {
 
 static int64_t gated_conv_sorted(const ispc_layer_t *L, const float *x, int64_t N, int64_t C, int64_t H,
                                  int64_t W, const int64_t *idx, int64_t kstride, const int64_t *counts,
-                                 float *out, float *ws, int64_t ws_floats, int64_t threads);
+                                 float *out, float *ws, int64_t ws_floats, int64_t threads,
+                                 const epi_t *e);
 
 int64_t ispc_gated_conv(const ispc_layer_t *L, const float *x, int64_t N, int64_t C, int64_t H, int64_t W,
                         int64_t *idx, int64_t kstride, const int64_t *counts, float *out,
@@ -457,13 +521,15 @@ int64_t ispc_gated_conv(const ispc_layer_t *L, const float *x, int64_t N, int64_
      * sort: top-k comes out in any order) */
     for (int64_t n = 0; n < N; n++)
         qsort(idx + n * kstride, (size_t)(counts ? counts[n] : kstride), sizeof(int64_t), cmp_i64);
-    return gated_conv_sorted(L, x, N, C, H, W, idx, kstride, counts, out, ws, ws_floats, threads);
+    const epi_t none = {0, 0.0f, 0.0f, 0};
+    return gated_conv_sorted(L, x, N, C, H, W, idx, kstride, counts, out, ws, ws_floats, threads, &none);
 }
 
 /* ispc_gated_conv for rows of idx that are already ascending */
 static int64_t gated_conv_sorted(const ispc_layer_t *L, const float *x, int64_t N, int64_t C, int64_t H,
                                  int64_t W, const int64_t *idx, int64_t kstride, const int64_t *counts,
-                                 float *out, float *ws, int64_t ws_floats, int64_t threads) {
+                                 float *out, float *ws, int64_t ws_floats, int64_t threads,
+                                 const epi_t *e) {
     const int orient = (int)L->orient;
     const int64_t Cout = L->cout, kh = L->kh, kw = L->kw, sh = L->sh, sw = L->sw, ph = L->ph,
                   pw = L->pw, dh = L->dh, dw = L->dw;
@@ -512,17 +578,21 @@ static int64_t gated_conv_sorted(const ispc_layer_t *L, const float *x, int64_t 
             /* the implicit barrier of each worksharing loop keeps the workspace safe to reuse */
             if (orient == ORIENT_CO) {
                 conv_co(&g, x, n, n + nb < N ? n + nb : N, idx, kstride, counts, wpack, bias, out,
-                        ws + co_table_floats(&g), kmax, table);
+                        ws + co_table_floats(&g), kmax, table, e);
                 continue;
             }
             float *on = out + n * Cout * HoWo;
             const int64_t K = counts ? counts[n] : kstride, *in = idx + n * kstride;
+            epi_t en = *e;  /* this instance's residual */
+            if (en.res) en.res += n * Cout * HoWo;
             if (K == 0) {
                 #pragma omp for schedule(static)
                 for (int64_t co = 0; co < Cout; co++)
-                    for (int64_t m = 0; m < HoWo; m++) on[co * HoWo + m] = bias[co];
+                    for (int64_t m = 0; m < HoWo; m++)
+                        on[co * HoWo + m] = en.on ? epi1(&en, bias[co], co * HoWo + m) : bias[co];
             } else {
-                conv_pix(&g, x + n * C * H * W, in, K, wpack, bias, on, ws, kmax, threads, offs, table);
+                conv_pix(&g, x + n * C * H * W, in, K, wpack, bias, on, ws, kmax, threads, offs, table,
+                         &en);
             }
         }
     }
@@ -537,8 +607,6 @@ static int64_t gated_conv_sorted(const ispc_layer_t *L, const float *x, int64_t 
 #define SAL_L1 1
 #define MODE_THRESHOLD 0
 #define MODE_TOPK 1
-
-typedef int32_t vi __attribute__((vector_size(VW * 4)));
 
 static float plane_saliency(const float *p, int64_t HW, int code) {
     vf a0 = {0}, a1 = {0};
@@ -618,12 +686,13 @@ static int64_t select_row(const float *s, int64_t C, int mode, float threshold, 
 static int64_t select_floats(int64_t N, int64_t C) { return (4 * N * C + 2 * N + 15) / 16 * 16; }
 
 /* The whole gated layer in one call: saliency, selection, then the convolution of ispc_gated_conv.
- * counts (N,) receives each instance's kept count (NULL: kept in the workspace only). Returns 0, or
- * the workspace (floats) it needs. */
+ * counts (N,) receives each instance's kept count (NULL: kept in the workspace only); res, lo, hi
+ * the fused epilogue (epi_t; NULL, -inf, inf: none). Returns 0, or the workspace (floats) it needs. */
 int64_t ispc_gated_conv_select(const ispc_layer_t *L, const float *x, int64_t N, int64_t C, int64_t H,
                                int64_t W, const float *scale, int64_t saliency, int64_t mode,
-                               float threshold, int64_t k, int64_t *counts, float *out, float *ws,
-                               int64_t ws_floats, int64_t threads) {
+                               float threshold, int64_t k, int64_t *counts, float *out,
+                               const float *res, float lo, float hi, float *ws, int64_t ws_floats,
+                               int64_t threads) {
     const int64_t sel = select_floats(N, C), HW = H * W;
     const int64_t kmax = mode == MODE_TOPK ? (k < C ? (k > 0 ? k : 0) : C) : C;
     const int64_t need = sel + ispc_workspace(C, H, W, L->cout, L->kh, L->kw, L->sh, L->sw, L->ph, L->pw,
@@ -637,5 +706,7 @@ int64_t ispc_gated_conv_select(const ispc_layer_t *L, const float *x, int64_t N,
         s[nc] = plane_saliency(x + nc * HW, HW, (int)saliency) * scale[nc % C];
     for (int64_t n = 0; n < N; n++)
         counts[n] = select_row(s + n * C, C, (int)mode, threshold, k, idx + n * C, tmp + n * C);
-    return gated_conv_sorted(L, x, N, C, H, W, idx, C, counts, out, ws + sel, ws_floats - sel, threads);
+    const epi_t e = {res, lo, hi, res != 0 || lo > -__builtin_inff() || hi < __builtin_inff()};
+    return gated_conv_sorted(L, x, N, C, H, W, idx, C, counts, out, ws + sel, ws_floats - sel, threads,
+                             &e);
 }

@@ -131,7 +131,7 @@ def test_gated_graph_matches_masked_dense_reference():
     gated = compiled.gated_modules()
     assert len(gated) > 10
     seen = []
-    hooks = [m.register_forward_hook(lambda mod, a, o: seen.append(rel_err(o, mod.reference(a[0]))))
+    hooks = [m.register_forward_hook(lambda mod, a, o: seen.append(rel_err(o, mod.reference(*a))))
              for m in gated.values()]
     with torch.no_grad():
         compiled(torch.randn(4, 3, 32, 32))

@@ -44,7 +44,7 @@ def test_reduced_precision_models(dtype, tol):
     half = ispc.compile(model, _data(), progress=False, config=ispc.GatingConfig(keep_ratio=0.5))
     errs = []
     hooks = [m.register_forward_hook(lambda mod, a, o: errs.append(rel_err(o.float(),
-                                                                            mod.reference(a[0]).float())))
+                                                                            mod.reference(*a).float())))
              for m in half.gated_modules().values()]
     with torch.no_grad():
         half(x)

@@ -70,7 +70,7 @@ def test_latency_aware_keeps_gated_layers_exact():
         assert mod.strategy in ("gather", "grouped", "gemm", "native")
     x = torch.randn(2, 3, 32, 32)
     errs = []
-    hooks = [m.register_forward_hook(lambda mod, a, o: errs.append(rel_err(o, mod.reference(a[0]))))
+    hooks = [m.register_forward_hook(lambda mod, a, o: errs.append(rel_err(o, mod.reference(*a))))
              for m in c.gated_modules().values()]
     with torch.no_grad():
         c(x)

@@ -232,6 +232,49 @@ def test_avx2_code_path_matches_reference(monkeypatch):
                                       (gc.THRESHOLD, 0.7, 0, gc.SALIENCY_L1)]:  # selection in C too
                 a = (x, wt, b, torch.ones(cin), stride, pad, dil, mode, thr, k, sal)
                 assert rel_err(_run(*a, orient), _ref(*a)) <= 1e-5, (shape, orient, mode, sal)
+    _check_epilogues(SHAPES[:3] + SHAPES[-4:])  # the epilogue's AVX2 stores and loads
+
+
+def _check_epilogues(shapes) -> None:
+    """NativeLayer.gated's fused epilogue equals act(reference + residual), NaN included."""
+    for shape in shapes:
+        cin, cout, ks, stride, pad, dil, h, w = shape
+        kh, kw = _pair(ks)
+        x, wt, b = torch.randn(3, cin, h, w), torch.randn(cout, cin, kh, kw), torch.randn(cout)
+        s = torch.ones(cin)
+        for orient in ORIENTS:
+            layer = native.NativeLayer(wt, b, _pair(stride), _pair(pad), _pair(dil), orient)
+            for k, res, clamp in [(max(1, cin // 2), True, native.RELU), (0, True, native.RELU6),
+                                  (1, False, native.RELU6), (max(1, cin // 3), True, native.NO_CLAMP),
+                                  (max(1, cin // 2), False, native.RELU)]:
+                ref = _ref(x, wt, b, s, stride, pad, dil, gc.TOPK, 0.0, k, gc.SALIENCY_L2)
+                r = torch.randn_like(ref) * 3 if res else None
+                if r is not None:
+                    r.view(-1)[::7] = float("nan")  # NaN passes through the add and the clamp
+                    ref = ref + r
+                ref = ref.clamp(*clamp)
+                out = layer.gated(x, s, gc.TOPK, 0.0, k, gc.SALIENCY_L2, r, clamp)
+                assert torch.equal(out.isnan(), ref.isnan()), (shape, orient, k, clamp)
+                ok = ~ref.isnan()
+                assert rel_err(out[ok], ref[ok]) <= 1e-5, (shape, orient, k, res, clamp)
+
+
+def test_fused_epilogue_matches_reference():
+    _check_epilogues(SHAPES)
+
+
+def test_fused_epilogue_is_the_unfused_kernel_plus_pytorch_ops():
+    """Bit for bit: the epilogue adds and clamps in the order the unfused graph does."""
+    x, wt, b = torch.randn(2, 32, 14, 14), torch.randn(24, 32, 3, 3), torch.randn(24)
+    s = torch.ones(32)
+    for orient in ORIENTS:
+        layer = native.NativeLayer(wt, b, (1, 1), (1, 1), (1, 1), orient)
+        plain = layer.gated(x, s, gc.TOPK, 0.0, 16, gc.SALIENCY_L2)
+        r = torch.randn_like(plain)
+        assert torch.equal(layer.gated(x, s, gc.TOPK, 0.0, 16, gc.SALIENCY_L2, r, native.RELU),
+                           torch.relu(plain + r))
+        with pytest.raises(ValueError, match="residual of shape"):
+            layer.gated(x, s, gc.TOPK, 0.0, 16, gc.SALIENCY_L2, r[:1], native.RELU)
 
 
 def test_build_is_cached_per_source_and_machine(tmp_path, monkeypatch):

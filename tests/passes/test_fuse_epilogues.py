@@ -1,0 +1,148 @@
+"""fuse_epilogues: residual adds and activations after gated layers move into the layers, exactly."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import ispc
+from conftest import rel_err
+from ispc.examples.models import mobilenet_v2, resnet20
+from ispc.ops import native
+
+
+class Blocks(nn.Module):
+    """Every pattern the pass must fuse, and the ones it must leave alone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 24, 3, padding=1)
+        self.c = nn.ModuleList(nn.Conv2d(24, 24, 3, padding=1) for _ in range(7))
+        self.act = nn.ReLU(inplace=True)
+        self.act6 = nn.ReLU6()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.stem(x))
+        c = self.c
+        y = self.act(c[0](x))               # conv -> ReLU module (in place)
+        y = c[1](y)
+        y += x                               # conv += residual (in place into the conv output)
+        y = F.relu(y)                        # ... -> relu: one fused layer
+        z = self.act6(torch.add(x, c[2](y)))  # residual + conv -> ReLU6
+        w = c[3](z) + z                      # conv + residual, no activation
+        keep = c[4](w)                       # two readers of the conv output: not fused
+        v = torch.relu(keep) + keep
+        u = torch.add(c[5](v), v, alpha=2.0)  # add with alpha: not fused
+        t = v.clone()
+        t += c[6](u)  # traced by torch.fx as t = t + conv (no mutation left): fused
+        return t.relu() + t
+
+
+def _data(n=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(4, 3, 12, 12, generator=g) for _ in range(n)]
+
+
+def _compile(model, fuse, **kw):
+    cfg = ispc.GatingConfig(keep_ratio=kw.pop("keep_ratio", 0.5), mode="topk", fuse_epilogues=fuse,
+                            min_channels=8, **kw)
+    return ispc.compile(model, _data(), config=cfg, progress=False)
+
+
+def test_fuses_exactly_the_safe_patterns():
+    import copy
+
+    model = Blocks().eval()
+    before = copy.deepcopy(model)
+    fused = _compile(model, True)
+    mods = fused.gated_modules()
+    epi = {name: (m.residual_add, m.act) for name, m in mods.items()}
+    assert epi["c.0"] == (False, "relu")
+    assert epi["c.1"] == (True, "relu")
+    assert epi["c.2"] == (True, "relu6")
+    assert epi["c.3"] == (True, None)
+    assert epi["c.6"] == (True, None)
+    for name in ("c.4", "c.5"):
+        assert epi[name] == (False, None), name
+    assert any("fuse_epilogues" in n for n in fused.report.notes)
+    plain = _compile(model, False)
+    assert all(not m.residual_add and m.act is None for m in plain.gated_modules().values())
+    x = torch.randn(3, 3, 12, 12)
+    with torch.no_grad():
+        a, b = fused(x), plain(x)
+    assert torch.equal(a, b)  # same ops, same order: bit for bit
+    with torch.no_grad():
+        assert torch.equal(model(x), before(x))  # the user's model is untouched
+
+
+def test_in_place_add_into_the_residual_is_not_fused():
+    import operator
+
+    from torch import fx
+
+    from ispc.passes.fuse_epilogues import residual_of
+
+    g = fx.Graph()
+    conv, other = g.placeholder("conv"), g.placeholder("other")
+    into_conv = g.call_function(operator.iadd, (conv, other))
+    into_other = g.call_function(operator.iadd, (other, conv))
+    assert residual_of(into_conv, conv) is other
+    assert residual_of(into_other, conv) is None  # other's readers would lose the update
+
+
+@pytest.mark.parametrize("ctor", [resnet20, mobilenet_v2])
+@pytest.mark.parametrize("mode", ["topk", "threshold"])
+def test_fused_models_equal_unfused_and_reference(ctor, mode):
+    torch.manual_seed(0)
+    model = ctor().eval()
+    data = [torch.randn(4, 3, 32, 32)]
+    fused, plain = (ispc.compile(model, data, progress=False,
+                                 config=ispc.GatingConfig(keep_ratio=0.5, mode=mode, fuse_epilogues=f))
+                    for f in (True, False))
+    n_fused = sum(m.residual_add or m.act is not None for m in fused.gated_modules().values())
+    assert n_fused >= len(fused.gated_modules()) // 2
+    x = torch.randn(3, 3, 32, 32)
+    errs = []
+    hooks = [m.register_forward_hook(lambda mod, a, o: errs.append(rel_err(o, mod.reference(*a))))
+             for m in fused.gated_modules().values()]
+    with torch.no_grad():
+        a = fused(x)
+    for h in hooks:
+        h.remove()
+    with torch.no_grad():
+        assert torch.equal(a, plain(x))
+    assert max(errs) <= 1e-5
+    # autograd and the dispatcher path run the epilogue as PyTorch ops
+    xg = x.clone().requires_grad_(True)
+    out = fused(xg)
+    out.sum().backward()
+    assert rel_err(out.detach(), a) <= 1e-5 and xg.grad is not None
+
+
+def test_keep_all_fused_model_equals_the_original():
+    torch.manual_seed(0)
+    model = resnet20().eval()
+    fused = ispc.compile(model, [torch.randn(4, 3, 32, 32)], progress=False,
+                         config=ispc.GatingConfig(keep_ratio=1.0, mode="topk"))
+    # layers that keep every channel are the dense conv: their add and ReLU stay graph nodes
+    assert not any(m.residual_add or m.act for m in fused.gated_modules().values())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert rel_err(fused(x), model(x)) <= 1e-5
+
+
+@pytest.mark.skipif(not native.available(), reason="the native kernel is not built here")
+def test_fused_native_layers_read_a_mismatched_residual_through_pytorch():
+    """A broadcasting residual (not the output's shape) is added by PyTorch, not the kernel."""
+    from ispc.modules import GatedConv2d
+
+    w, b = torch.randn(16, 16, 3, 3), torch.randn(16)
+    m = GatedConv2d(w, b, stride=(1, 1), padding=(1, 1), dilation=(1, 1), mode="topk",
+                    threshold=0.0, k=8)
+    m.set_strategy("native")
+    m.residual_add, m.act = True, "relu"
+    x, r = torch.randn(2, 16, 6, 6), torch.randn(1, 16, 1, 1)
+    with torch.no_grad():
+        assert rel_err(m(x, r), m.reference(x, r)) <= 1e-5
+        assert rel_err(m(x, r.expand(2, 16, 6, 6)), m.reference(x, r)) <= 1e-5  # non-contiguous
