@@ -123,7 +123,8 @@ class GatedConv2d(nn.Module):
                 return layer.gated(xc, scale, mode, self.threshold, self.k,
                                    SALIENCY_CODES[self.saliency], None, clamp)
             if (type(residual) is Tensor and residual.dtype == torch.float32
-                    and residual.is_contiguous() and residual.shape == layer.out_shape(*x.shape)):
+                    and residual.is_contiguous() and residual.shape == layer.out_shape(*x.shape)
+                    and not (residual.requires_grad and torch.is_grad_enabled())):
                 return layer.gated(xc, scale, mode, self.threshold, self.k,
                                    SALIENCY_CODES[self.saliency], residual, clamp)
             out = layer.gated(xc, scale, mode, self.threshold, self.k, SALIENCY_CODES[self.saliency])

@@ -146,3 +146,21 @@ def test_fused_native_layers_read_a_mismatched_residual_through_pytorch():
     with torch.no_grad():
         assert rel_err(m(x, r), m.reference(x, r)) <= 1e-5
         assert rel_err(m(x, r.expand(2, 16, 6, 6)), m.reference(x, r)) <= 1e-5  # non-contiguous
+
+
+@pytest.mark.skipif(not native.available(), reason="the native kernel is not built here")
+def test_a_residual_that_needs_gradients_keeps_them():
+    """The kernel cannot backpropagate into the residual: such a residual is added by PyTorch."""
+    from ispc.modules import GatedConv2d
+
+    m = GatedConv2d(torch.randn(16, 16, 3, 3), torch.randn(16), stride=(1, 1), padding=(1, 1),
+                    dilation=(1, 1), mode="topk", threshold=0.0, k=8)
+    m.requires_grad_(False)
+    m.set_strategy("native")
+    m.residual_add, m.act = True, "relu"
+    x = torch.randn(2, 16, 6, 6)
+    r = torch.randn(2, 16, 6, 6, requires_grad=True)
+    out = m(x, r)
+    out.sum().backward()
+    assert r.grad is not None and torch.equal(r.grad, (out > 0).float())
+
