@@ -1,0 +1,81 @@
+"""What ``fuse_epilogues`` alone is worth: dense, fused and unfused gated models, interleaved.
+
+Each model is compiled twice (``fuse_epilogues`` on and off) with the deterministic shape cost
+model, so both gate the same layers with the same kernels; the three candidates then run in a
+rotating order for ``--rounds`` rounds at batch 1, and medians are compared (the README's A/B
+table)::
+
+    python examples/fusion_ab.py --models resnet18 resnet50 vgg16_bn mobilenet_v2 --rounds 40
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+import ispc
+from ispc.benchmark import dense_baseline, retain_freed_memory
+from ispc.examples.models import create_model
+
+
+def ab(name: str, *, size: int, rounds: int, keep_ratio: float) -> dict[str, float]:
+    """Median ms of dense / fused / unfused for one model at batch 1."""
+    g = torch.Generator().manual_seed(0)
+    calib = [torch.randn(8, 3, size, size, generator=g) for _ in range(4)]
+    x = torch.randn(1, 3, size, size, generator=g)
+    torch.manual_seed(0)
+    model = create_model(name).eval()
+    cands = {"dense": dense_baseline(model, x)}
+    for fuse in (True, False):
+        cfg = ispc.GatingConfig(keep_ratio=keep_ratio, mode="topk", fuse_epilogues=fuse)
+        cands["fused" if fuse else "unfused"] = ispc.compile(model, calib, config=cfg, progress=False)
+    keys, times = list(cands), {k: [] for k in cands}
+    with torch.no_grad():
+        for _ in range(5):  # warm-up
+            for m in cands.values():
+                m(x)
+        for r in range(rounds):  # rotate the order so no candidate always runs after the same one
+            for k in keys[r % 3:] + keys[:r % 3]:
+                t0 = time.perf_counter()
+                cands[k](x)
+                times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="+", default=["resnet18", "resnet50", "vgg16_bn", "mobilenet_v2"])
+    p.add_argument("--rounds", type=int, default=40)
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--keep-ratio", type=float, default=0.5)
+    p.add_argument("--threads", type=int)
+    p.add_argument("--json")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    retain_freed_memory()
+    rows = []
+    for name in args.models:
+        ms = ab(name, size=args.image_size, rounds=args.rounds, keep_ratio=args.keep_ratio)
+        rows.append({"model": name, **{f"{k}_ms": v for k, v in ms.items()},
+                     "fused_speedup": ms["dense"] / ms["fused"],
+                     "unfused_speedup": ms["dense"] / ms["unfused"],
+                     "fusion_gain": ms["unfused"] / ms["fused"]})
+        r = rows[-1]
+        print(f"{name}: dense {r['dense_ms']:.2f} ms, fused {r['fused_ms']:.2f} ms "
+              f"({r['fused_speedup']:.2f}x), unfused {r['unfused_ms']:.2f} ms "
+              f"({r['unfused_speedup']:.2f}x); fused / unfused speed {r['fusion_gain']:.3f}",
+              flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"config": vars(args), "torch": torch.__version__,
+                       "threads": torch.get_num_threads(), "results": rows}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
