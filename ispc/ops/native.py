@@ -12,8 +12,8 @@ reason in :func:`unavailable_reason`) and ispc uses its PyTorch kernels instead.
 from __future__ import annotations
 
 import ctypes
-import math
 import hashlib
+import math
 import mmap
 import os
 import platform
@@ -264,9 +264,11 @@ class NativeLayer:
         memory of their own."""
         n, c, h, w = x.shape
         out = self._output(n, h, w)
-        if residual is not None and residual.shape != out.shape:
-            raise ValueError(f"residual of shape {tuple(residual.shape)} for an output of shape "
-                             f"{tuple(out.shape)}")
+        if residual is not None and (residual.shape != out.shape or residual.dtype != torch.float32
+                                     or not residual.is_contiguous()):
+            raise ValueError(f"the residual must be a contiguous float32 tensor of the output's shape "
+                             f"{tuple(out.shape)}, got {residual.dtype} {tuple(residual.shape)}"
+                             + ("" if residual.is_contiguous() else " (not contiguous)"))
         rptr = None if residual is None else residual.data_ptr()
         self._run(_lib.ispc_gated_conv_select, (self._ref, x.data_ptr(), n, c, h, w, scale.data_ptr(),
                                                 saliency, mode, threshold, k, None, out.data_ptr(),

@@ -273,8 +273,9 @@ def test_fused_epilogue_is_the_unfused_kernel_plus_pytorch_ops():
         r = torch.randn_like(plain)
         assert torch.equal(layer.gated(x, s, gc.TOPK, 0.0, 16, gc.SALIENCY_L2, r, native.RELU),
                            torch.relu(plain + r))
-        with pytest.raises(ValueError, match="residual of shape"):
-            layer.gated(x, s, gc.TOPK, 0.0, 16, gc.SALIENCY_L2, r[:1], native.RELU)
+        for bad in (r[:1], r.double(), r.transpose(2, 3)):  # shape, dtype, layout
+            with pytest.raises(ValueError, match="contiguous float32 tensor of the output's shape"):
+                layer.gated(x, s, gc.TOPK, 0.0, 16, gc.SALIENCY_L2, bad, native.RELU)
 
 
 def test_build_is_cached_per_source_and_machine(tmp_path, monkeypatch):
