@@ -1,9 +1,9 @@
 """What ``fuse_epilogues`` alone is worth: dense, fused and unfused gated models, interleaved.
 
 Each model is compiled twice (``fuse_epilogues`` on and off) with the deterministic shape cost
-model, so both gate the same layers with the same kernels; the three candidates then run in a
-rotating order for ``--rounds`` rounds at batch 1, and medians are compared (the README's A/B
-table)::
+model, so both gate the same layers with the same kernels; the three candidates then run
+interleaved (``ispc.benchmark.time_interleaved``: a rotating order, after warm-up) for ``--rounds``
+rounds at batch 1, and medians are compared (the README's A/B table)::
 
     python examples/fusion_ab.py --models resnet18 resnet50 vgg16_bn mobilenet_v2 --rounds 40
 """
@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 
 import torch
 
 import ispc
-from ispc.benchmark import dense_baseline, retain_freed_memory
+from ispc.benchmark import dense_baseline, retain_freed_memory, time_interleaved
 from ispc.examples.models import create_model
 
 
@@ -33,17 +31,10 @@ def ab(name: str, *, size: int, rounds: int, keep_ratio: float) -> dict[str, flo
     for fuse in (True, False):
         cfg = ispc.GatingConfig(keep_ratio=keep_ratio, mode="topk", fuse_epilogues=fuse)
         cands["fused" if fuse else "unfused"] = ispc.compile(model, calib, config=cfg, progress=False)
-    keys, times = list(cands), {k: [] for k in cands}
     with torch.no_grad():
-        for _ in range(5):  # warm-up
-            for m in cands.values():
-                m(x)
-        for r in range(rounds):  # rotate the order so no candidate always runs after the same one
-            for k in keys[r % 3:] + keys[:r % 3]:
-                t0 = time.perf_counter()
-                cands[k](x)
-                times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
+        timings = time_interleaved({k: (lambda m=m: m(x)) for k, m in cands.items()}, warmup=5,
+                                   rounds=rounds, progress=False)
+    return {k: t.median for k, t in timings.items()}
 
 
 def main(argv: list[str] | None = None) -> int:

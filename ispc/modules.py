@@ -118,16 +118,11 @@ class GatedConv2d(nn.Module):
             # the native kernel straight from here: half of the Python a call took through
             # run_strategy (~28 -> ~23 us per call, paid by every gated layer at batch 1)
             xc = x if x.is_contiguous() else x.contiguous()
-            clamp = ACTIVATIONS[self.act]
-            if residual is None:
-                return layer.gated(xc, scale, mode, self.threshold, self.k,
-                                   SALIENCY_CODES[self.saliency], None, clamp)
-            if (type(residual) is Tensor and residual.dtype == torch.float32
-                    and residual.is_contiguous() and residual.shape == layer.out_shape(*x.shape)
-                    and not (residual.requires_grad and torch.is_grad_enabled())):
-                return layer.gated(xc, scale, mode, self.threshold, self.k,
-                                   SALIENCY_CODES[self.saliency], residual, clamp)
-            out = layer.gated(xc, scale, mode, self.threshold, self.k, SALIENCY_CODES[self.saliency])
+            sal = SALIENCY_CODES[self.saliency]
+            if residual is None or self._kernel_takes(residual, layer, x):
+                return layer.gated(xc, scale, mode, self.threshold, self.k, sal, residual,
+                                   ACTIVATIONS[self.act])
+            out = layer.gated(xc, scale, mode, self.threshold, self.k, sal)
         elif self._direct(x):  # plain eager CPU inference: skip the dispatcher round trip
             a = self._args
             out = _cpu.run_strategy(self.strategy, x, self.weight, self.prepared, self.bias,
@@ -136,6 +131,15 @@ class GatedConv2d(nn.Module):
         else:
             out = torch.ops.ispc.gated_conv2d(x, self.weight, self.bias, self.scale, *self._args)
         return self._epilogue(out, residual) if self.act or residual is not None else out
+
+    @staticmethod
+    def _kernel_takes(residual: Tensor, layer: _native.NativeLayer, x: Tensor) -> bool:
+        """Whether the native kernel can add ``residual`` itself: a plain contiguous float32
+        tensor of the output's shape that needs no gradient (the kernel cannot backpropagate)."""
+        return (type(residual) is Tensor and residual.dtype == torch.float32
+                and residual.is_contiguous()
+                and residual.shape == layer.out_shape(x.shape[0], x.shape[-2], x.shape[-1])
+                and not (residual.requires_grad and torch.is_grad_enabled()))
 
     def _epilogue(self, out: Tensor, residual: Tensor | None) -> Tensor:
         """The fused epilogue as PyTorch ops (every path but the native kernel's)."""

@@ -3,8 +3,8 @@
 After ``conv -> add(residual) -> relu`` (a ResNet block's end) or ``conv -> relu`` (its middle), the
 add and the ReLU each make one more pass over the output in memory. On the native CPU kernel a
 gated layer can apply both as it stores its results (:meth:`~ispc.ops.native.NativeLayer.gated`),
-so the gated model saves what no gate does: at batch 1 on a 2-core CPU a 1x64x56x56 add + ReLU
-costs ~70 us, about the time the gate saves on a quarter of such a layer. The rewrite is exact:
+so the gated model saves what no gate does (batch 1, 2-core AMD EPYC, ``examples/fusion_ab.py``:
+MobileNetV2 1.065x, ResNet-18 1.025x faster than unfused; ResNet-50, VGG-16 ~1.00x). Exact:
 the layer computes ``act(conv + bias + residual)`` in that order, as the unfused graph did, and
 every other path (autograd, export, ONNX, CUDA) runs the same ops in PyTorch
 (:meth:`~ispc.modules.GatedConv2d._epilogue`).
@@ -44,9 +44,8 @@ def activation_of(gm: fx.GraphModule, node: fx.Node) -> str | None:
     if node.op == "call_module":
         return _ACT_MODULES.get(type(gm.get_submodule(node.target)))
     if node.op == "call_function" and node.target in _HARDTANH:  # hardtanh(x, 0, 6) is ReLU6
-        args = list(node.args) + [None] * (3 - len(node.args))
-        lo = node.kwargs.get("min_val", args[1] if args[1] is not None else -1.0)
-        hi = node.kwargs.get("max_val", args[2] if args[2] is not None else 1.0)
+        lo = node.kwargs.get("min_val", node.args[1] if len(node.args) > 1 else -1.0)
+        hi = node.kwargs.get("max_val", node.args[2] if len(node.args) > 2 else 1.0)
         return "relu6" if (lo, hi) == (0.0, 6.0) and set(node.kwargs) <= {"min_val", "max_val",
                                                                           "inplace"} else None
     if node.op == "call_function" and node.target in _ACT_FUNCTIONS:

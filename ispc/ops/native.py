@@ -275,15 +275,15 @@ class NativeLayer:
                                                 rptr, clamp[0], clamp[1]))
         return out
 
-    def out_shape(self, n: int, c: int, h: int, w: int) -> tuple[int, int, int, int]:
-        """The output shape for an input of shape (n, c, h, w)."""
+    def out_shape(self, n: int, h: int, w: int) -> tuple[int, int, int, int]:
+        """The output shape for ``n`` inputs of ``h x w``."""
         shape = self._shapes.get((n, h, w))
         if shape is None:  # per call this lookup is ~1 us cheaper than building the shape
             shape = self._shapes[(n, h, w)] = (n, self.cout, *self.out_size(h, w))
         return shape
 
     def _output(self, n: int, h: int, w: int) -> Tensor:
-        return torch.empty(self.out_shape(n, 0, h, w), dtype=torch.float32)
+        return torch.empty(self.out_shape(n, h, w), dtype=torch.float32)
 
     @staticmethod
     def _run(fn, args: tuple) -> None:

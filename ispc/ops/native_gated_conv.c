@@ -60,17 +60,19 @@ static inline void st(float *p, vf v) { memcpy(p, &v, sizeof v); }
 
 /* dst[a..b) = lanes a..b of the two vectors (v0, v1) (dst indexed by lane). By value: taking the
  * accumulators' address would keep them out of registers in the microkernel. */
-static inline void store_run(float *dst, vf v0, vf v1, int a, int b) {
 #if defined(__AVX512F__)
-    if (a < VW) {  /* masked stores: no fault on masked-off lanes */
-        int hi = b < VW ? b : VW;
-        _mm512_mask_storeu_ps(dst, (__mmask16)(((1u << hi) - 1u) & ~((1u << a) - 1u)), (__m512)v0);
-    }
-    if (b > VW) {
-        int lo = a > VW ? a - VW : 0;
-        _mm512_mask_storeu_ps(dst + VW, (__mmask16)(((1u << (b - VW)) - 1u) & ~((1u << lo) - 1u)),
-                              (__m512)v1);
-    }
+/* lanes [a, b) of one vector, clipped to its VW lanes (the second vector of a run: a - VW, b - VW) */
+static inline __mmask16 lane_mask(int a, int b) {
+    a = a < 0 ? 0 : a;
+    b = b > VW ? VW : b;
+    return a < b ? (__mmask16)(((1u << b) - 1u) & ~((1u << a) - 1u)) : 0;
+}
+#endif
+
+static inline void store_run(float *dst, vf v0, vf v1, int a, int b) {
+#if defined(__AVX512F__)  /* masked stores: no fault on masked-off lanes */
+    _mm512_mask_storeu_ps(dst, lane_mask(a, b), (__m512)v0);
+    _mm512_mask_storeu_ps(dst + VW, lane_mask(a - VW, b - VW), (__m512)v1);
 #else
     float tile[2 * VW];
     st(tile, v0);
@@ -107,16 +109,9 @@ static inline vf clampv(vf v, float lo, float hi) {
 static inline void store_run_epi(float *dst, const float *res, vf v0, vf v1, int a, int b, float lo,
                                  float hi) {
 #if defined(__AVX512F__)
-    if (res) {
-        if (a < VW) {
-            int h_ = b < VW ? b : VW;
-            v0 += (vf)_mm512_maskz_loadu_ps((__mmask16)(((1u << h_) - 1u) & ~((1u << a) - 1u)), res);
-        }
-        if (b > VW) {
-            int lo_ = a > VW ? a - VW : 0;
-            v1 += (vf)_mm512_maskz_loadu_ps((__mmask16)(((1u << (b - VW)) - 1u) & ~((1u << lo_) - 1u)),
-                                            res + VW);
-        }
+    if (res) {  /* masked loads: no fault on masked-off lanes */
+        v0 += (vf)_mm512_maskz_loadu_ps(lane_mask(a, b), res);
+        v1 += (vf)_mm512_maskz_loadu_ps(lane_mask(a - VW, b - VW), res + VW);
     }
     store_run(dst, clampv(v0, lo, hi), clampv(v1, lo, hi), a, b);
 #else
