@@ -3,8 +3,9 @@
 After ``conv -> add(residual) -> relu`` (a ResNet block's end) or ``conv -> relu`` (its middle), the
 add and the ReLU each make one more pass over the output in memory. On the native CPU kernel a
 gated layer can apply both as it stores its results (:meth:`~ispc.ops.native.NativeLayer.gated`),
-so the gated model saves what no gate does (batch 1, 2-core AMD EPYC, ``examples/fusion_ab.py``:
-MobileNetV2 1.065x, ResNet-18 1.025x faster than unfused; ResNet-50, VGG-16 ~1.00x). Exact:
+which should save what no gate does; measured, it does not yet (batch 1, 2-core AMD EPYC,
+``examples/fusion_ab.py --rounds 300``: ResNet-18 0.99-1.00x, MobileNetV2 0.96-0.98x of unfused),
+so it is off by default (``GatingConfig.fuse_epilogues``). Exact:
 the layer computes ``act(conv + bias + residual)`` in that order, as the unfused graph did, and
 every other path (autograd, export, ONNX, CUDA) runs the same ops in PyTorch
 (:meth:`~ispc.modules.GatedConv2d._epilogue`).
@@ -12,8 +13,7 @@ every other path (autograd, export, ONNX, CUDA) runs the same ops in PyTorch
 A node is fused only when it is the single user of what it consumes (nothing else reads the
 conv's output before the add or activation), and an in-place add only when it writes into the
 conv's output, not into the residual (whose other readers would otherwise lose the update).
-Runs last, after kernels are chosen and thresholds refined; ``GatingConfig.fuse_epilogues=False``
-turns it off.
+Runs last, after kernels are chosen and thresholds refined, when ``GatingConfig.fuse_epilogues``.
 """
 from __future__ import annotations
 
