@@ -678,6 +678,17 @@ static int64_t select_row(const float *s, int64_t C, int mode, float threshold, 
 
 /* Workspace the selection takes in front of the convolution's: idx (N x C int64), saliency and a
  * scratch row per instance (N x C floats each), the kept counts (N int64), 64-byte aligned. */
+#ifndef SELECT_CHUNK_BYTES  /* -D...: tests and A/B timings build other budgets */
+#define SELECT_CHUNK_BYTES (512 << 10)
+#endif
+
+/* output positions per channel (Ho * Wo) of layer L on an H x W input */
+static int64_t ispc_out_hw(const ispc_layer_t *L, int64_t H, int64_t W) {
+    const int64_t Ho = (H + 2 * L->ph - L->dh * (L->kh - 1) - 1) / L->sh + 1;
+    const int64_t Wo = (W + 2 * L->pw - L->dw * (L->kw - 1) - 1) / L->sw + 1;
+    return Ho * Wo;
+}
+
 static int64_t select_floats(int64_t N, int64_t C) { return (4 * N * C + 2 * N + 15) / 16 * 16; }
 
 /* The whole gated layer in one call: saliency, selection, then the convolution of ispc_gated_conv.
@@ -696,12 +707,26 @@ int64_t ispc_gated_conv_select(const ispc_layer_t *L, const float *x, int64_t N,
     int64_t *idx = (int64_t *)ws;
     float *s = ws + 2 * N * C, *tmp = ws + 3 * N * C;
     if (!counts) counts = (int64_t *)(ws + 4 * N * C);
-    #pragma omp parallel for num_threads(threads) schedule(static) if (N * C * HW >= (1 << 16))
-    for (int64_t nc = 0; nc < N * C; nc++)
-        s[nc] = plane_saliency(x + nc * HW, HW, (int)saliency) * scale[nc % C];
-    for (int64_t n = 0; n < N; n++)
-        counts[n] = select_row(s + n * C, C, (int)mode, threshold, k, idx + n * C, tmp + n * C);
     const epi_t e = {res, lo, hi, res != 0 || lo > -__builtin_inff() || hi < __builtin_inff()};
-    return gated_conv_sorted(L, x, N, C, H, W, idx, C, counts, out, ws + sel, ws_floats - sel, threads,
-                             &e);
+    /* chunks of instances whose inputs fit in cache: the convolution then reads the kept planes
+     * the saliency pass just read from cache, not again from memory (at batch 32 a 56x56x256 input
+     * is 100 MB; measured in examples/kernel_speed.py --native --batch-size 32) */
+    const int64_t per = C * HW * (int64_t)sizeof(float);
+    int64_t nb = per > 0 ? SELECT_CHUNK_BYTES / per : N;
+    nb = nb < 1 ? 1 : nb > N ? N : nb;
+    for (int64_t n0 = 0; n0 < N; n0 += nb) {
+        const int64_t n1 = n0 + nb < N ? n0 + nb : N, m = n1 - n0;
+        #pragma omp parallel for num_threads(threads) schedule(static) if (m * C * HW >= (1 << 16))
+        for (int64_t nc = n0 * C; nc < n1 * C; nc++)
+            s[nc] = plane_saliency(x + nc * HW, HW, (int)saliency) * scale[nc % C];
+        for (int64_t n = n0; n < n1; n++)
+            counts[n] = select_row(s + n * C, C, (int)mode, threshold, k, idx + n * C, tmp + n * C);
+        epi_t en = e;
+        if (en.res) en.res += n0 * L->cout * ispc_out_hw(L, H, W);
+        int64_t r = gated_conv_sorted(L, x + n0 * C * HW, m, C, H, W, idx + n0 * C, C, counts + n0,
+                                      out + n0 * L->cout * ispc_out_hw(L, H, W), ws + sel,
+                                      ws_floats - sel, threads, &en);
+        if (r) return r;
+    }
+    return 0;
 }

@@ -117,6 +117,22 @@ def test_large_batch_runs_in_chunks_of_instances():
         assert rel_err(_run(*a, native.ORIENT_CO), _ref(*a)) <= 1e-5
 
 
+def test_inputs_beyond_the_cache_budget_select_and_convolve_in_chunks_of_instances():
+    # 4 MB per instance (256 channels of 64x64): saliency, selection and convolution run one
+    # instance at a time, each with its own kept count and its own slice of the residual
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(3, 256, 64, 64, generator=g).relu() * torch.rand(3, 256, 1, 1, generator=g)
+    w, b, s = torch.randn(6, 256, 3, 3, generator=g), torch.randn(6, generator=g), torch.ones(256)
+    thr = threshold_between(gc.channel_saliency(x, s, gc.SALIENCY_L2), 0.5)
+    for orient in ORIENTS:
+        layer = native.NativeLayer(w, b, (1, 1), (1, 1), (1, 1), orient)
+        for mode, t, k in [(gc.TOPK, 0.0, 100), (gc.THRESHOLD, thr, 0)]:
+            ref = _ref(x, w, b, s, 1, 1, 1, mode, t, k, gc.SALIENCY_L2)
+            r = torch.randn(ref.shape, generator=g)
+            out = layer.gated(x, s, mode, t, k, gc.SALIENCY_L2, r, native.RELU)
+            assert rel_err(out, (ref + r).relu()) <= 1e-5, (orient, mode)
+
+
 def test_all_kept_is_the_dense_conv_and_channels_last_input_is_accepted():
     x = torch.randn(2, 20, 9, 9)
     w, b, s = torch.randn(10, 20, 3, 3), torch.randn(10), torch.ones(20)
