@@ -90,6 +90,7 @@ typedef struct {
     const float *res;
     float lo, hi;
     int on;
+    int stream;  /* the layer's output exceeds the caches: whole aligned vectors bypass them */
 } epi_t;
 
 static inline float epi1(const epi_t *e, float v, int64_t m) {
@@ -130,6 +131,10 @@ int ispc_block_rows(int orient) { return orient == ORIENT_PIX ? PIX_MR : CO_MR; 
 int ispc_block_lanes(int orient) { return orient == ORIENT_PIX ? PIX_NR : CO_NR; }
 /* The weight panels' block of output channels. */
 static int64_t co_block(int orient) { return orient == ORIENT_PIX ? PIX_MR : CO_NR; }
+
+#ifndef STREAM_BYTES  /* output size (bytes) of one call from which stores bypass the caches; 0: never */
+#define STREAM_BYTES (16 << 20)
+#endif
 
 #define MAX_PHASES 64  /* strides up to 8x8 (native.py routes larger ones to the PyTorch kernels) */
 
@@ -372,6 +377,14 @@ static void conv_pix(const geom_t *g, const float *x, const int64_t *idx, int64_
                                           acc[i][0], acc[i][1], ra[r], rb[r], e->lo, e->hi);
                         continue;
                     }
+#if defined(__AVX512F__)
+                    if (e->stream && nruns == 1 && ra[0] == 0 && rb[0] == PIX_NR
+                        && ((uintptr_t)(orow + rm[0]) & 63) == 0) {
+                        _mm512_stream_ps(orow + rm[0], (__m512)acc[i][0]);
+                        _mm512_stream_ps(orow + rm[0] + VW, (__m512)acc[i][1]);
+                        continue;
+                    }
+#endif
                     for (int r = 0; r < nruns; r++)
                         store_run(orow + rm[r] - ra[r], acc[i][0], acc[i][1], ra[r], rb[r]);
                 }
@@ -379,6 +392,9 @@ static void conv_pix(const geom_t *g, const float *x, const int64_t *idx, int64_
         }
     }
     }  /* groups write disjoint output channels: no barrier between them */
+#if defined(__AVX512F__)
+    if (e->stream) _mm_sfence();  /* streamed stores visible before the barrier */
+#endif
     #pragma omp barrier
 }
 
@@ -707,7 +723,8 @@ int64_t ispc_gated_conv_select(const ispc_layer_t *L, const float *x, int64_t N,
     int64_t *idx = (int64_t *)ws;
     float *s = ws + 2 * N * C, *tmp = ws + 3 * N * C;
     if (!counts) counts = (int64_t *)(ws + 4 * N * C);
-    const epi_t e = {res, lo, hi, res != 0 || lo > -__builtin_inff() || hi < __builtin_inff()};
+    const epi_t e = {res, lo, hi, res != 0 || lo > -__builtin_inff() || hi < __builtin_inff(),
+                     STREAM_BYTES > 0 && N * L->cout * ispc_out_hw(L, H, W) * (int64_t)sizeof(float) >= STREAM_BYTES};
     /* chunks of instances whose inputs fit in cache: the convolution then reads the kept planes
      * the saliency pass just read from cache, not again from memory (at batch 32 a 56x56x256 input
      * is 100 MB; measured in examples/kernel_speed.py --native --batch-size 32) */

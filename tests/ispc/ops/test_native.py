@@ -251,6 +251,20 @@ def test_avx2_code_path_matches_reference(monkeypatch):
     _check_epilogues(SHAPES[:3] + SHAPES[-4:])  # the epilogue's AVX2 stores and loads
 
 
+def test_streaming_stores_match_reference(monkeypatch):
+    # outputs beyond STREAM_BYTES bypass the caches (whole aligned vectors: 1x1 layers whose
+    # positions fill blocks); built with a 1-byte limit, every call here streams what it can
+    lib = native._build(("-DSTREAM_BYTES=1",))
+    monkeypatch.setattr(native, "_lib", lib)
+    for shape in SHAPES + [(64, 40, 1, 1, 0, 1, 32, 32)]:
+        cin, cout, ks, stride, pad, dil, h, w = shape
+        kh, kw = _pair(ks)
+        x, wt, b = torch.randn(3, cin, h, w).relu(), torch.randn(cout, cin, kh, kw), torch.randn(cout)
+        for orient in ORIENTS:
+            a = (x, wt, b, torch.ones(cin), stride, pad, dil, gc.TOPK, 0.0, max(1, cin // 2), gc.SALIENCY_L2)
+            assert rel_err(_run(*a, orient), _ref(*a)) <= 1e-5, (shape, orient)
+
+
 def _check_epilogues(shapes) -> None:
     """NativeLayer.gated's fused epilogue equals act(reference + residual), NaN included."""
     for shape in shapes:
