@@ -132,7 +132,8 @@ int ispc_block_lanes(int orient) { return orient == ORIENT_PIX ? PIX_NR : CO_NR;
 /* The weight panels' block of output channels. */
 static int64_t co_block(int orient) { return orient == ORIENT_PIX ? PIX_MR : CO_NR; }
 
-#ifndef STREAM_BYTES  /* output size (bytes) of one call from which stores bypass the caches; 0: never */
+/* a layer's output size (bytes, whole batch) from which its stores bypass the caches; 0: never */
+#ifndef STREAM_BYTES
 #define STREAM_BYTES (16 << 20)
 #endif
 
@@ -692,9 +693,8 @@ static int64_t select_row(const float *s, int64_t C, int mode, float threshold, 
     return cnt;
 }
 
-/* Workspace the selection takes in front of the convolution's: idx (N x C int64), saliency and a
- * scratch row per instance (N x C floats each), the kept counts (N int64), 64-byte aligned. */
-#ifndef SELECT_CHUNK_BYTES  /* -D...: tests and A/B timings build other budgets */
+/* instances' input bytes per selection chunk (-D: other budgets, for A/B timings) */
+#ifndef SELECT_CHUNK_BYTES
 #define SELECT_CHUNK_BYTES (512 << 10)
 #endif
 
@@ -705,6 +705,8 @@ static int64_t ispc_out_hw(const ispc_layer_t *L, int64_t H, int64_t W) {
     return Ho * Wo;
 }
 
+/* Workspace the selection takes in front of the convolution's: idx (N x C int64), saliency and a
+ * scratch row per instance (N x C floats each), the kept counts (N int64), 64-byte aligned. */
 static int64_t select_floats(int64_t N, int64_t C) { return (4 * N * C + 2 * N + 15) / 16 * 16; }
 
 /* The whole gated layer in one call: saliency, selection, then the convolution of ispc_gated_conv.
@@ -723,11 +725,12 @@ int64_t ispc_gated_conv_select(const ispc_layer_t *L, const float *x, int64_t N,
     int64_t *idx = (int64_t *)ws;
     float *s = ws + 2 * N * C, *tmp = ws + 3 * N * C;
     if (!counts) counts = (int64_t *)(ws + 4 * N * C);
+    const int64_t out_n = L->cout * ispc_out_hw(L, H, W);  /* one instance's output floats */
     const epi_t e = {res, lo, hi, res != 0 || lo > -__builtin_inff() || hi < __builtin_inff(),
-                     STREAM_BYTES > 0 && N * L->cout * ispc_out_hw(L, H, W) * (int64_t)sizeof(float) >= STREAM_BYTES};
+                     STREAM_BYTES > 0 && N * out_n * (int64_t)sizeof(float) >= STREAM_BYTES};
     /* chunks of instances whose inputs fit in cache: the convolution then reads the kept planes
      * the saliency pass just read from cache, not again from memory (at batch 32 a 56x56x256 input
-     * is 100 MB; measured in examples/kernel_speed.py --native --batch-size 32) */
+     * is 100 MB; A/B: examples/kernel_ab.py) */
     const int64_t per = C * HW * (int64_t)sizeof(float);
     int64_t nb = per > 0 ? SELECT_CHUNK_BYTES / per : N;
     nb = nb < 1 ? 1 : nb > N ? N : nb;
@@ -739,11 +742,10 @@ int64_t ispc_gated_conv_select(const ispc_layer_t *L, const float *x, int64_t N,
         for (int64_t n = n0; n < n1; n++)
             counts[n] = select_row(s + n * C, C, (int)mode, threshold, k, idx + n * C, tmp + n * C);
         epi_t en = e;
-        if (en.res) en.res += n0 * L->cout * ispc_out_hw(L, H, W);
+        if (en.res) en.res += n0 * out_n;
         int64_t r = gated_conv_sorted(L, x + n0 * C * HW, m, C, H, W, idx + n0 * C, C, counts + n0,
-                                      out + n0 * L->cout * ispc_out_hw(L, H, W), ws + sel,
-                                      ws_floats - sel, threads, &en);
-        if (r) return r;
+                                      out + n0 * out_n, ws + sel, ws_floats - sel, threads, &en);
+        if (r) return r;  /* not reached: the whole batch's workspace was checked above */
     }
     return 0;
 }

@@ -1,0 +1,165 @@
+"""A/B timing of native-kernel build variants in one process.
+
+The default build against the same source compiled with other ``-D`` settings (``SELECT_CHUNK_BYTES``, ``STREAM_BYTES``, ...).
+
+Every variant is loaded at once and swapped in per call, and the candidates run interleaved
+(``ispc.benchmark.time_interleaved``), so a noisy machine shifts them all alike. Per layer (ResNet
+and VGG shapes, half the input channels kept by top-k, both orientations) or per whole model
+(compiled once, latency-aware at the batch size, with the default build; dense beside it)::
+
+    python examples/kernel_ab.py --variant=-DSTREAM_BYTES=0 --batch-size 32 --threads 2
+    python examples/kernel_ab.py --variant=-DSELECT_CHUNK_BYTES=1099511627776LL \\
+        --models resnet18 resnet50 --batch-size 32 --threads 2
+
+A variant may change tuning constants only: the register blocks (ISA flags such as
+``-mno-avx512f``) decide the packed weight layout, so such variants are refused.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+import torch.nn.functional as F
+from tabulate import tabulate
+
+import ispc
+from ispc.benchmark import dense_baseline, retain_freed_memory, time_interleaved
+from ispc.examples.models import create_model
+from ispc.ops import gated_conv as gc
+from ispc.ops import native
+
+# (cin, cout, kernel, stride, input size): ResNet-18/50 and VGG-16 layers
+CONVS = [(64, 64, 3, 1, 56), (128, 128, 3, 1, 28), (256, 256, 3, 1, 14), (512, 512, 3, 1, 7),
+         (64, 128, 3, 2, 56), (256, 64, 1, 1, 56), (64, 256, 1, 1, 56), (512, 1024, 1, 2, 28),
+         (1024, 256, 1, 1, 14), (512, 128, 1, 1, 28), (128, 512, 1, 1, 28), (256, 1024, 1, 1, 14)]
+
+
+def load_variants(variants: list[str]) -> dict[str, object]:
+    """{"default": the normal build, flags: that build with these extra flags}."""
+    base = native._load()
+    if base is None:
+        raise SystemExit(native.unavailable_reason())
+    libs = {"default": base}
+    for v in variants:
+        lib = native._build(tuple(v.split()))
+        for orient in (native.ORIENT_PIX, native.ORIENT_CO):
+            if (lib.ispc_block_lanes(orient), lib.ispc_block_rows(orient)) != (
+                    base.ispc_block_lanes(orient), base.ispc_block_rows(orient)):
+                raise SystemExit(f"variant {v!r} changes the register blocks (packed weights differ)")
+        libs[v] = lib
+    return libs
+
+
+def _with(lib, fn):
+    """fn() with ``lib`` as the native library (restored afterwards)."""
+    saved, native._lib = native._lib, lib
+    try:
+        return fn()
+    finally:
+        native._lib = saved
+
+
+def _candidates(libs, fn):
+    return {name: (lambda lib=lib: _with(lib, fn)) for name, lib in libs.items()}
+
+
+def layer_rows(libs, *, batch_size: int, rounds: int, convs=CONVS) -> list[dict]:
+    """Per layer and orientation: median ms of dense and of each build, outputs compared."""
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    with torch.no_grad():
+        for cin, cout, k, s, hw in convs:
+            x = torch.randn(batch_size, cin, hw, hw, generator=g).relu()
+            w, b = torch.randn(cout, cin, k, k, generator=g), torch.randn(cout, generator=g)
+            ones = torch.ones(cin)
+            for orient, oname in ((native.ORIENT_PIX, "pix"), (native.ORIENT_CO, "co")):
+                layer = native.NativeLayer(w, b, (s, s), (k // 2, k // 2), (1, 1), orient)
+
+                def run():
+                    return layer.gated(x, ones, gc.TOPK, 0.0, cin // 2, gc.SALIENCY_L2)
+
+                outs = [_with(lib, run) for lib in libs.values()]
+                cands = _candidates(libs, run)
+                cands["dense"] = lambda: F.conv2d(x, w, b, s, k // 2)
+                t = time_interleaved(cands, rounds=rounds, warmup=2, progress=False)
+                rows.append({"layer": f"{cin}->{cout} {k}x{k}/{s} {hw}x{hw}", "orient": oname,
+                             **{f"{n}_ms": r.median for n, r in t.items()},
+                             "identical": all(torch.equal(outs[0], o) for o in outs[1:])})
+                print(_row_text(rows[-1], libs), flush=True)
+    return rows
+
+
+def model_rows(libs, models: list[str], *, batch_size: int, rounds: int, size: int) -> list[dict]:
+    """Per model: dense and the gated model under each build (compiled once, default build)."""
+    g = torch.Generator().manual_seed(0)
+    calib = [torch.randn(8, 3, size, size, generator=g) for _ in range(4)]
+    rows = []
+    for name in models:
+        torch.manual_seed(0)
+        model = create_model(name).eval()
+        cfg = ispc.GatingConfig(keep_ratio=0.5, mode="topk", latency_aware=True,
+                                latency_batch_size=batch_size, latency_rounds=5)
+        compiled = ispc.compile(model, calib, config=cfg, progress=False)
+        x = torch.randn(batch_size, 3, size, size, generator=g)
+        dense = dense_baseline(model, x[:1])
+        with torch.no_grad():
+            outs = [_with(lib, lambda: compiled(x)) for lib in libs.values()]
+            cands = _candidates(libs, lambda: compiled(x))
+            cands["dense"] = lambda: dense(x)
+            t = time_interleaved(cands, rounds=rounds, warmup=1, progress=False)
+        rows.append({"model": name, **{f"{n}_ms": r.median for n, r in t.items()},
+                     "identical": all(torch.equal(outs[0], o) for o in outs[1:])})
+        print(_row_text(rows[-1], libs), flush=True)
+    return rows
+
+
+def _row_text(row: dict, libs) -> str:
+    base = row["default_ms"]
+    parts = [f"dense {row['dense_ms']:.3f} ms", f"default {base:.3f} ms "
+             f"({row['dense_ms'] / base:.2f}x of dense)"]
+    parts += [f"{v} {row[f'{v}_ms']:.3f} ms (default is {row[f'{v}_ms'] / base:.3f}x as fast)"
+              for v in libs if v != "default"]
+    head = row.get("model") or f"{row['layer']} {row['orient']}"
+    return f"{head}: " + ", ".join(parts) + ("" if row["identical"] else "  [outputs differ]")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--variant", action="append", default=[], metavar="FLAGS",
+                   help="extra compiler flags of one variant (repeatable; write --variant=-D...)")
+    p.add_argument("--models", nargs="+", default=None,
+                   help="time whole models instead of single layers")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--image-size", type=int, default=224, help="model inputs (with --models)")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--json")
+    args = p.parse_args(argv)
+    if not args.variant:
+        p.error("give at least one --variant")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    retain_freed_memory()
+    libs = load_variants(args.variant)
+    if args.models:
+        rows = model_rows(libs, args.models, batch_size=args.batch_size, rounds=args.rounds,
+                          size=args.image_size)
+    else:
+        rows = layer_rows(libs, batch_size=args.batch_size, rounds=args.rounds)
+    variants = [v for v in libs if v != "default"]
+    table = [[r.get("model") or f"{r['layer']} {r['orient']}", r["dense_ms"], r["default_ms"],
+              *(r[f"{v}_ms"] / r["default_ms"] for v in variants)] for r in rows]
+    print(tabulate(table, headers=["", "dense ms", "default ms",
+                                   *(f"{v}: time / default" for v in variants)],
+                   floatfmt=".3f", tablefmt="github"))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"config": vars(args), "torch": torch.__version__,
+                       "threads": torch.get_num_threads(), "results": rows}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

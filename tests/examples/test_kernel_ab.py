@@ -1,0 +1,37 @@
+"""examples/kernel_ab.py: both modes run end to end on small inputs (timings are not asserted)."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from ispc.ops import native
+
+SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "kernel_ab.py"
+pytestmark = pytest.mark.skipif(not native.available(), reason="native kernel not built here")
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("kernel_ab", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_layers_and_models_with_a_tuning_variant(tmp_path):
+    mod = _module()
+    libs = mod.load_variants(["-DSTREAM_BYTES=1"])  # every call streams: same values
+    rows = mod.layer_rows(libs, batch_size=2, rounds=1, convs=[(16, 32, 1, 1, 16), (8, 8, 3, 1, 9)])
+    assert len(rows) == 4 and all(r["identical"] and r["default_ms"] > 0 for r in rows)
+    out = tmp_path / "ab.json"
+    assert mod.main(["--variant=-DSTREAM_BYTES=1", "--models", "resnet18", "--image-size", "32",
+                     "--batch-size", "2", "--rounds", "1", "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["results"]
+    assert row["model"] == "resnet18" and row["identical"] and row["-DSTREAM_BYTES=1_ms"] > 0
+
+
+def test_variants_that_change_register_blocks_are_refused():
+    if native._load().ispc_block_lanes(native.ORIENT_PIX) != 32:
+        pytest.skip("this CPU already builds the AVX2 blocks: -mno-avx512f changes nothing")
+    with pytest.raises(SystemExit, match="register blocks"):
+        _module().load_variants(["-mno-avx512f"])
