@@ -153,13 +153,18 @@ static int64_t tap_offset(const geom_t *g, int64_t r, int64_t q) {
     return g->slot[a * g->sw + b] * g->Hq * g->Wq + ((r * g->dh) / g->sh) * g->Wq + (q * g->dw) / g->sw;
 }
 
+/* output length of a convolution along one axis of n inputs */
+static inline int64_t conv_out(int64_t n, int64_t k, int64_t stride, int64_t pad, int64_t dil) {
+    return (n + 2 * pad - dil * (k - 1) - 1) / stride + 1;
+}
+
 static void geometry(geom_t *g, int64_t C, int64_t H, int64_t W, int64_t Cout, int64_t kh, int64_t kw,
                      int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw, int orient) {
     g->C = C; g->H = H; g->W = W; g->Cout = Cout; g->kh = kh; g->kw = kw;
     g->sh = sh; g->sw = sw; g->ph = ph; g->pw = pw; g->dh = dh; g->dw = dw;
     int64_t Hp = H + 2 * ph, Wp = W + 2 * pw;
-    g->Ho = (Hp - dh * (kh - 1) - 1) / sh + 1;
-    g->Wo = (Wp - dw * (kw - 1) - 1) / sw + 1;
+    g->Ho = conv_out(H, kh, sh, ph, dh);
+    g->Wo = conv_out(W, kw, sw, pw, dw);
     g->T = kh * kw;
     g->Hq = (Hp + sh - 1) / sh;
     g->Wq = (Wp + sw - 1) / sw;
@@ -700,9 +705,7 @@ static int64_t select_row(const float *s, int64_t C, int mode, float threshold, 
 
 /* output positions per channel (Ho * Wo) of layer L on an H x W input */
 static int64_t ispc_out_hw(const ispc_layer_t *L, int64_t H, int64_t W) {
-    const int64_t Ho = (H + 2 * L->ph - L->dh * (L->kh - 1) - 1) / L->sh + 1;
-    const int64_t Wo = (W + 2 * L->pw - L->dw * (L->kw - 1) - 1) / L->sw + 1;
-    return Ho * Wo;
+    return conv_out(H, L->kh, L->sh, L->ph, L->dh) * conv_out(W, L->kw, L->sw, L->pw, L->dw);
 }
 
 /* Workspace the selection takes in front of the convolution's: idx (N x C int64), saliency and a

@@ -261,7 +261,8 @@ def test_streaming_stores_match_reference(monkeypatch):
         kh, kw = _pair(ks)
         x, wt, b = torch.randn(3, cin, h, w).relu(), torch.randn(cout, cin, kh, kw), torch.randn(cout)
         for orient in ORIENTS:
-            a = (x, wt, b, torch.ones(cin), stride, pad, dil, gc.TOPK, 0.0, max(1, cin // 2), gc.SALIENCY_L2)
+            a = (x, wt, b, torch.ones(cin), stride, pad, dil, gc.TOPK, 0.0, max(1, cin // 2),
+                 gc.SALIENCY_L2)
             assert rel_err(_run(*a, orient), _ref(*a)) <= 1e-5, (shape, orient)
 
 
