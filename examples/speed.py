@@ -83,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--latency-aware", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--fuse-epilogues", action=argparse.BooleanOptionalAction, default=False,
                    help="fold residual adds and ReLUs into gated layers (GatingConfig.fuse_epilogues)")
+    p.add_argument("--gate-linear", action=argparse.BooleanOptionalAction, default=False,
+                   help="also gate the classifier's linear layers (GatingConfig.gate_linear)")
     p.add_argument("--overhead", action=argparse.BooleanOptionalAction, default=True,
                    help="also time keep_ratio=1.0 against dense")
     p.add_argument("--threads", type=int)
@@ -107,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
             lat_rounds = args.latency_rounds if bs == 1 else max(3, args.latency_rounds // 3)
             cfg = ispc.GatingConfig(keep_ratio=args.keep_ratio, mode=args.mode,
                                     latency_aware=args.latency_aware, latency_batch_size=bs,
-                                    latency_rounds=lat_rounds, fuse_epilogues=args.fuse_epilogues)
+                                    latency_rounds=lat_rounds, fuse_epilogues=args.fuse_epilogues,
+                                    gate_linear=args.gate_linear)
             compiled = ispc.compile(model, calib, config=cfg)
             results += benchmark(model, compiled, (3, size, size), batch_sizes=(bs,),
                                  rounds=args.rounds if bs == 1 else args.batched_rounds,
@@ -120,12 +123,14 @@ def main(argv: list[str] | None = None) -> int:
                                   args.profile)
                 profiles.append({"model": name, "batch_size": bs, "passes": args.profile, "ops": ops})
         if args.overhead:
-            full = ispc.compile(model, calib, config=ispc.GatingConfig(keep_ratio=1.0, mode=args.mode))
+            full = ispc.compile(model, calib, config=ispc.GatingConfig(
+                keep_ratio=1.0, mode=args.mode, gate_linear=args.gate_linear))
             overhead += benchmark(model, full, (3, size, size), batch_sizes=(1,), rounds=args.rounds,
                                   name=f"{name} keep=1.0", retain_memory=args.retain_memory)
     print(f"\nispc {ispc.__version__}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{platform.processor() or platform.machine()}, mode={args.mode}, keep_ratio={args.keep_ratio}, "
           f"latency_aware={args.latency_aware}, fuse_epilogues={args.fuse_epilogues}, "
+          f"gate_linear={args.gate_linear}, "
           f"{size}x{size}, allocator: {allocator}\n")
     print(results_table(results, tablefmt="github"))
     if overhead:

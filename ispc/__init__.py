@@ -20,13 +20,13 @@ from .export import export_program
 from .feature_decay import FeatureDecay
 from .gate_masks import GateMasks
 from .serialization import ArchiveError, load, save
-from .modules import GatedConv2d
+from .modules import GatedConv2d, LinearConv2d
 from .report import LayerReport, Report
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "compile", "inspect", "static_prune", "FeatureDecay", "GateMasks", "GatingConfig", "Report", "LayerReport", "CompiledModel", "GatedConv2d",
+    "compile", "inspect", "static_prune", "FeatureDecay", "GateMasks", "GatingConfig", "Report", "LayerReport", "CompiledModel", "GatedConv2d", "LinearConv2d",
     "IspcError", "ConfigError", "DataError", "TraceError", "UnsupportedModelError",
     "BackendUnavailableError", "ArchiveError", "BACKENDS", "ops", "backends", "export",
     "serialization", "export_program", "save", "load", "__version__",

@@ -82,7 +82,7 @@ def _config(args: argparse.Namespace):
     from .config import GatingConfig
 
     kw: dict[str, Any] = {"keep_ratio": args.keep_ratio, "mode": args.mode, "saliency": args.saliency,
-                          "allocation": args.allocation}
+                          "allocation": args.allocation, "gate_linear": args.gate_linear}
     if getattr(args, "min_cv", None) is not None:
         kw["min_cv"] = args.min_cv
     return GatingConfig(**kw)
@@ -114,6 +114,9 @@ def _add_gating_args(p: argparse.ArgumentParser, keep: float | None = 0.5) -> No
     p.add_argument("--allocation", choices=["layer", "global"], default="layer",
                    help="keep ratio per layer, or one network-wide cut over the gated layers' MACs")
     p.add_argument("--min-cv", type=float, help="leave layers whose CV is below this dense")
+    p.add_argument("--gate-linear", action=argparse.BooleanOptionalAction, default=False,
+                   help="also gate linear layers on a flattened feature map or a vector (the "
+                        "classifier; GatingConfig.gate_linear)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -195,7 +198,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
           f"(shows the pipeline and real speed; accuracy needs a trained model and real data)\n")
     cfg = GatingConfig(keep_ratio=args.keep_ratio, mode=args.mode, saliency=args.saliency,
                        allocation=args.allocation, latency_aware=args.latency_aware,
-                       latency_batch_size=min(args.batch_sizes))
+                       latency_batch_size=min(args.batch_sizes), gate_linear=args.gate_linear)
     compiled = ispc_compile(model, data, config=cfg)
     print(compiled.report)
     print()

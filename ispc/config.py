@@ -91,6 +91,12 @@ class GatingConfig:
             its native CPU kernel's output stores (no pass over memory of their own). Exact: the
             same additions and clamps, in the same order. Off by default: at batch 1 it measured no gain
             (ResNet-18 0.99-1.00x of unfused, MobileNetV2 0.96-0.98x; 300-round A/B runs).
+        gate_linear: also gate the input features of ``nn.Linear`` layers that read a flattened
+            feature map (VGG's classifier) or a plain feature vector, as the equivalent convolution
+            whose kernel covers the map (``passes/linear_as_conv.py``). At batch 1 a large classifier
+            is memory-bound, and the skipped channels are weights never read: VGG-16's 25088->4096
+            layer reads ~400 MB per image. Off by default: it gates the layer closest to the logits
+            (and needs calibration data for the input shapes).
         leaf_modules: module classes that torch.fx must not trace into (for untraceable blocks).
     """
 
@@ -111,6 +117,7 @@ class GatingConfig:
     latency_batch_size: int = 1
     latency_rounds: int = 15
     fuse_epilogues: bool = False
+    gate_linear: bool = False
     leaf_modules: tuple[type, ...] = field(default=())
 
     def __post_init__(self) -> None:
@@ -138,6 +145,8 @@ class GatingConfig:
         if not isinstance(self.fuse_epilogues, bool):
             raise ConfigError("GatingConfig.fuse_epilogues must be True or False, "
                               f"got {self.fuse_epilogues!r}")
+        if not isinstance(self.gate_linear, bool):
+            raise ConfigError(f"GatingConfig.gate_linear must be True or False, got {self.gate_linear!r}")
         if not isinstance(self.leaf_modules, tuple) or not all(
                 isinstance(t, type) for t in self.leaf_modules):
             raise ConfigError("GatingConfig.leaf_modules must be a tuple of nn.Module classes, "

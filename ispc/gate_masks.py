@@ -77,9 +77,17 @@ class GateMasks:
             return _gc.channel_mask(x.detach(), self._scales[key], mode, threshold, k, saliency)
 
     def _mask(self, name: str, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
-        if not self.enabled or not args or not isinstance(args[0], Tensor) or args[0].dim() != 4:
+        if not self.enabled or not args or not isinstance(args[0], Tensor):
             return None
         x = args[0]
+        if x.dim() == 2:  # a gated linear layer (gate_linear): C channels of H*W features each
+            c = self.gates[name][0].numel()
+            if x.shape[1] % c:
+                return None
+            m = self.mask(name, x.reshape(x.shape[0], c, -1, 1))
+            return (x * m.repeat_interleave(x.shape[1] // c, dim=1).to(x.dtype), *args[1:])
+        if x.dim() != 4:
+            return None
         m = self.mask(name, x)
         return (x * m[:, :, None, None].to(x.dtype), *args[1:])
 

@@ -10,7 +10,8 @@ from .ops import gated_conv as _gc
 from .ops import native as _native
 
 __all__ = [
-    "GatedConv2d", "ChannelsLastMaxPool2d", "StridedMaxPool2d", "fast_max_pool", "MODE_CODES",
+    "GatedConv2d", "LinearConv2d", "dense_conv",
+    "ChannelsLastMaxPool2d", "StridedMaxPool2d", "fast_max_pool", "MODE_CODES",
     "ACTIVATIONS",
     "SALIENCY_CODES", "plain_cpu_call",
 ]
@@ -60,6 +61,8 @@ class GatedConv2d(nn.Module):
         self.k = int(k)
         self.saliency = saliency
         self.in_channels, self.out_channels = int(in_c), int(out_c)
+        #: unpadded and undilated: on an input the kernel covers, the layer is a matrix product
+        self._linear_ok = self.padding == (0, 0) and self.dilation == (1, 1)
         self.register_buffer("weight_t", None, persistent=False)
         #: fused epilogue (passes/fuse_epilogues.py): forward takes a residual to add, and/or
         #: applies an activation (a key of ACTIVATIONS) to the result
@@ -110,11 +113,15 @@ class GatedConv2d(nn.Module):
             # every channel kept: the operator is the dense convolution, in every context (eager,
             # autograd, export, compile, ONNX). Tested first, before any other check: on
             # MobileNetV2 at keep_ratio=1.0 the eager-path checks alone cost ~2% of the model's time
-            out = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
+            if self._linear_ok and x.shape[-2:] == self.weight.shape[-2:]:
+                out = _as_linear(x, self.weight, self.bias)  # oneDNN's conv is ~10x slower here
+            else:
+                out = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
             return self._epilogue(out, residual) if self.act or residual is not None else out
         layer, scale = self._native, self.scale
         if (layer is not None and x.dtype == torch.float32 and scale.dtype == torch.float32
-                and self._direct(x)):
+                and self._direct(x) and (layer.orient != _native.ORIENT_FULL
+                                         or x.shape[-2:] == self.weight.shape[-2:])):
             # the native kernel straight from here: half of the Python a call took through
             # run_strategy (~28 -> ~23 us per call, paid by every gated layer at batch 1)
             xc = x if x.is_contiguous() else x.contiguous()
@@ -125,7 +132,8 @@ class GatedConv2d(nn.Module):
             out = layer.gated(xc, scale, mode, self.threshold, self.k, sal)
         elif self._direct(x):  # plain eager CPU inference: skip the dispatcher round trip
             a = self._args
-            out = _cpu.run_strategy(self.strategy, x, self.weight, self.prepared, self.bias,
+            strategy = self.strategy if self.strategy != "native" else "gather"  # input size changed
+            out = _cpu.run_strategy(strategy, x, self.weight, self.prepared, self.bias,
                                     self.scale, self.stride, self.padding, self.dilation, a[6], a[7],
                                     a[8], a[9])
         else:
@@ -180,6 +188,54 @@ class GatedConv2d(nn.Module):
                 + (", + residual" if self.residual_add else "")
                 + (f", act={self.act}" if self.act else "")
                 + (f", orient={self.orient}" if self.strategy == "native" else ""))
+
+
+def _as_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """A convolution whose unpadded kernel covers its input, as the matrix product it is."""
+    y = F.linear(x.flatten(1), weight.flatten(1), bias)
+    return y[:, :, None, None]
+
+
+class LinearConv2d(nn.Conv2d):
+    """An ``nn.Linear`` that reads a flattened ``C x H x W`` feature map (or a vector: ``H = W = 1``),
+    held as the equivalent ``H x W`` convolution so that ispc gates its ``C`` input channels like
+    any convolution's (``GatingConfig(gate_linear=True)``, ``passes/linear_as_conv.py``). It runs
+    as the linear layer it was (a conv with this kernel is ~10x slower in oneDNN) and returns
+    ``N x out x 1 x 1``; the pass flattens that again for the layers after it.
+    """
+
+    def __init__(self, linear: nn.Linear, channels: int, kernel: tuple[int, int]) -> None:
+        kh, kw = int(kernel[0]), int(kernel[1])
+        if channels * kh * kw != linear.in_features:
+            raise ValueError(f"{channels} x {kh} x {kw} inputs do not make the linear layer's "
+                             f"{linear.in_features} features")
+        super().__init__(channels, linear.out_features, (kh, kw), bias=linear.bias is not None,
+                         device="meta")
+        # views of the linear layer's tensors: no copy of what can be hundreds of MB
+        self.weight = nn.Parameter(linear.weight.detach().view(linear.out_features, channels, kh, kw),
+                                   requires_grad=linear.weight.requires_grad)
+        if linear.bias is not None:
+            self.bias = nn.Parameter(linear.bias.detach(), requires_grad=linear.bias.requires_grad)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _as_linear(x, self.weight, self.bias)
+
+
+def dense_conv(mod: GatedConv2d, input_hw: tuple[int, int] | None = None) -> nn.Conv2d:
+    """The plain layer a gated layer computes when every channel is kept: a :class:`LinearConv2d`
+    when its kernel covers an ``input_hw`` input, else an ``nn.Conv2d``."""
+    kh, kw = (int(v) for v in mod.weight.shape[-2:])
+    if mod._linear_ok and input_hw is not None and tuple(input_hw) == (kh, kw):
+        lin = nn.Linear(mod.in_channels * kh * kw, mod.out_channels, device="meta")
+        lin.weight = nn.Parameter(mod.weight.detach().flatten(1))
+        lin.bias = nn.Parameter(mod.bias.detach())
+        return LinearConv2d(lin, mod.in_channels, (kh, kw))
+    conv = nn.Conv2d(mod.in_channels, mod.out_channels, (kh, kw), mod.stride, mod.padding,
+                     mod.dilation, bias=True).to(mod.weight.device, mod.weight.dtype)
+    with torch.no_grad():
+        conv.weight.copy_(mod.weight)
+        conv.bias.copy_(mod.bias)
+    return conv
 
 
 class ChannelsLastMaxPool2d(nn.MaxPool2d):

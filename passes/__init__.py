@@ -1,6 +1,6 @@
 """ispc's graph passes, in pipeline order (imported as ``ispc.passes``).
 
-    capture -> fold_bn -> find_sites -> calibrate -> rank -> insert_gates -> lower_pools
+    capture -> fold_bn -> linear_as_conv -> find_sites -> calibrate -> rank -> insert_gates -> lower_pools
         -> refine -> select_kernels -> refine -> fuse_epilogues
 
 ``refine`` runs before ``select_kernels`` so that kernels are chosen (and timed, with
@@ -16,6 +16,7 @@ Each pass is ``pass_fn(gm, state) -> GraphModule``; see :mod:`ispc.passes.base`.
 from .base import PASSES, Pass, PassState, ispc_meta, register_pass, run_passes
 from .capture import capture, trace
 from .fold_bn import fold_batchnorm
+from .linear_as_conv import flattened_map, linear_as_conv
 from .find_sites import build_channel_graph, channel_kind, coupling_groups, find_sites
 from .calibrate import calibrate, saliency_scale
 from .rank import choose_k, choose_threshold, kept_counts, rank_layers
@@ -26,14 +27,14 @@ from .select_kernels import predicted_strategy, select_kernels
 from .fuse_epilogues import fuse_epilogues
 
 #: the passes ``ispc.inspect`` runs
-ANALYSIS_PIPELINE = ["capture", "fold_bn", "find_sites", "calibrate", "rank"]
+ANALYSIS_PIPELINE = ["capture", "fold_bn", "linear_as_conv", "find_sites", "calibrate", "rank"]
 #: the passes ``ispc.compile`` runs
 COMPILE_PIPELINE = ANALYSIS_PIPELINE + ["insert_gates", "lower_pools", "refine", "select_kernels",
                                         "refine", "fuse_epilogues"]
 
 __all__ = [
     "PASSES", "Pass", "PassState", "ispc_meta", "register_pass", "run_passes", "capture", "trace",
-    "fold_batchnorm", "build_channel_graph", "channel_kind", "coupling_groups", "find_sites",
+    "fold_batchnorm", "linear_as_conv", "flattened_map", "build_channel_graph", "channel_kind", "coupling_groups", "find_sites",
     "calibrate", "saliency_scale", "choose_k", "choose_threshold", "kept_counts", "rank_layers",
     "insert_gates", "resolve_padding", "lower_pools", "refine_thresholds", "select_kernels",
     "predicted_strategy", "fuse_epilogues", "ANALYSIS_PIPELINE", "COMPILE_PIPELINE",

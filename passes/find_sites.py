@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from ispc.modules import LinearConv2d
+
 from .base import PassState, ispc_meta, module_call_counts, register_pass
 
 __all__ = ["find_sites", "channel_kind", "build_channel_graph", "coupling_groups"]
@@ -166,7 +168,7 @@ def _ineligible_reason(name: str, m: nn.Conv2d | None, calls: int, state: PassSt
     cfg = state.config
     if m is None:
         return "functional conv2d (weights not held by an nn.Conv2d)"
-    if type(m) is not nn.Conv2d:
+    if type(m) not in (nn.Conv2d, LinearConv2d):
         return f"custom conv module {type(m).__name__}"
     if m.groups > 1:
         if m.groups == m.in_channels:
@@ -208,6 +210,8 @@ def find_sites(gm: fx.GraphModule, state: PassState) -> fx.GraphModule:
             m = gm.get_submodule(node.target) if is_conv_module else None
             name = node.target if is_conv_module else node.name
             layer = _conv_layer(gm, node, m)
+            if isinstance(m, LinearConv2d):  # passes/linear_as_conv.py
+                layer["op"] = "linear"
             layer["name"] = name
             layer["reason"] = _ineligible_reason(name, m, calls.get(node.target, 1), state)
             src = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
@@ -231,8 +235,10 @@ def find_sites(gm: fx.GraphModule, state: PassState) -> fx.GraphModule:
         elif node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.Linear):
             m = gm.get_submodule(node.target)
             layer = _linear_layer(node, m)
-            layer.update(name=node.target, reason="linear layer (only convolutions are gated)",
-                         candidate=False, site=None)
+            reason = ("linear layer (GatingConfig(gate_linear=True) gates linear layers on a "
+                      "flattened map or a vector)" if not state.config.gate_linear else
+                      "linear layer not on a 2-d input of known shape, or called more than once")
+            layer.update(name=node.target, reason=reason, candidate=False, site=None)
             meta["layer"] = layer
         del kind
     return gm

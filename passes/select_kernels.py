@@ -19,10 +19,9 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
-from ispc.modules import GatedConv2d
+from ispc.modules import GatedConv2d, dense_conv
 from ispc.ops import native
 from ispc.ops.cpu_kernels import STRATEGIES, run_strategy
 
@@ -36,19 +35,25 @@ SMALL_MAP = 14 * 14
 #: dense MACs per instance from which oneDNN on the gathered channels beats the native kernel
 LARGE_LAYER_MACS = 400_000_000
 
-ORIENT_NAMES = {native.ORIENT_PIX: "pix", native.ORIENT_CO: "co"}
+ORIENT_NAMES = {native.ORIENT_PIX: "pix", native.ORIENT_CO: "co", native.ORIENT_FULL: "full"}
 
 
-def predicted_strategy(mod: GatedConv2d, out_hw: int) -> tuple[str, int | None]:
+def predicted_strategy(mod: GatedConv2d, out_hw: int,
+                       input_hw: tuple[int, int] | None = None) -> tuple[str, int | None]:
     """The kernel (strategy, native orientation) the shape-based cost model expects to be fastest.
 
     Measured on ResNet/VGG layer shapes at batch 1 (``examples/kernel_speed.py --native``): the
     native indirect GEMM wins on small and mid-sized layers (lanes over output channels on maps of
     at most ``native.SMALL_MAP`` positions, over positions otherwise); oneDNN on the gathered
     channels wins on the largest (VGG's 224x224 and 112x112 layers, ~1.8 GMAC), where its gathers
-    cost least relative to the convolution.
+    cost least relative to the convolution. A layer whose kernel covers its ``input_hw`` input (a
+    gated linear layer) takes the native kernel's one-position orientation whatever its size:
+    2-3x faster than the dense matrix-vector product at half the channels (batch 1).
     """
     kh, kw = mod.weight.shape[-2:]
+    if (input_hw is not None and _full(mod, input_hw) and _native_fits(mod)
+            and mod.weight.dtype == torch.float32):
+        return "native", native.ORIENT_FULL
     macs = mod.out_channels * mod.in_channels * kh * kw * out_hw
     if _native_fits(mod) and mod.weight.dtype == torch.float32 and macs < LARGE_LAYER_MACS:
         return "native", native.orientation_for(out_hw)
@@ -61,13 +66,28 @@ def _native_fits(mod: GatedConv2d) -> bool:
     return native.available() and native.supports(mod.stride)
 
 
-def candidates(mod: GatedConv2d) -> dict[str, tuple[str, int | None]]:
-    """Every kernel latency-aware selection times for ``mod``: label -> (strategy, orientation)."""
+def _full(mod: GatedConv2d, input_hw: tuple[int, int]) -> bool:
+    return native.full_window(tuple(mod.weight.shape[-2:]), mod.padding, mod.dilation, input_hw)
+
+
+def candidates(mod: GatedConv2d,
+               input_hw: tuple[int, int] | None = None) -> dict[str, tuple[str, int | None]]:
+    """Every kernel latency-aware selection times for ``mod`` on ``input_hw`` inputs:
+    label -> (strategy, orientation)."""
     out: dict[str, tuple[str, int | None]] = {s: (s, None) for s in STRATEGIES if s != "native"}
     if _native_fits(mod):
         out["native:pix"] = ("native", native.ORIENT_PIX)
         out["native:co"] = ("native", native.ORIENT_CO)
+        if input_hw is not None and _full(mod, input_hw):
+            out["native:full"] = ("native", native.ORIENT_FULL)
     return out
+
+
+def _input_hw(node: fx.Node) -> tuple[int, int] | None:
+    src = node.args[0] if node.args else None
+    tm = src.meta.get("tensor_meta") if isinstance(src, fx.Node) else None
+    shape = getattr(tm, "shape", None)
+    return (int(shape[-2]), int(shape[-1])) if shape is not None and len(shape) == 4 else None
 
 
 def _inputs_of(gm: fx.GraphModule, names: list[str], x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -97,16 +117,6 @@ def _time(fns: dict[str, callable], rounds: int) -> dict[str, float]:
     return {k: statistics.median(v) * 1e3 for k, v in times.items()}
 
 
-def _dense_conv(mod: GatedConv2d) -> nn.Conv2d:
-    """The plain convolution a gated layer computes when every channel is kept."""
-    conv = nn.Conv2d(mod.in_channels, mod.out_channels, tuple(mod.weight.shape[-2:]), mod.stride,
-                     mod.padding, mod.dilation, bias=True).to(mod.weight.device, mod.weight.dtype)
-    with torch.no_grad():
-        conv.weight.copy_(mod.weight)
-        conv.bias.copy_(mod.bias)
-    return conv
-
-
 def _ungate_meta(meta: dict, reason: str) -> None:
     meta["gate"].update(gated=False, threshold=None, k=None, kept_mean=None, kept_p10=None,
                         kept_p90=None, reason=reason)
@@ -131,17 +141,18 @@ def select_kernels(gm: fx.GraphModule, state: PassState) -> fx.GraphModule:
         tm = node.meta.get("tensor_meta")
         out_hw = int(tm.shape[-1] * tm.shape[-2]) if tm is not None else 1 << 30
         meta = ispc_meta(node)
+        in_hw = _input_hw(node)
         if not measured or name not in inputs:
-            mod.set_strategy(*predicted_strategy(mod, out_hw))
+            mod.set_strategy(*predicted_strategy(mod, out_hw, in_hw))
             meta["kernel"] = {"strategy": mod.strategy, "cost_model": "predicted"}
             if mod.strategy == "native":
                 meta["kernel"]["orient"] = ORIENT_NAMES[mod.orient]
             continue
         xin = inputs[name]
         a = mod._args
-        fns = {"dense": lambda: F.conv2d(xin, mod.weight, mod.bias, mod.stride, mod.padding,
-                                         mod.dilation)}
-        kernels = candidates(mod)
+        plain = dense_conv(mod, tuple(xin.shape[-2:]))  # what the layer would be, left dense
+        fns = {"dense": lambda: plain(xin)}
+        kernels = candidates(mod, tuple(xin.shape[-2:]))
         for label, (strat, orient) in kernels.items():
             mod.set_strategy(strat, orient)
             fns[label] = (lambda s=strat, wt=mod.prepared: run_strategy(
@@ -156,7 +167,7 @@ def select_kernels(gm: fx.GraphModule, state: PassState) -> fx.GraphModule:
         if kernels[best][1] is not None:
             meta["kernel"]["orient"] = ORIENT_NAMES[kernels[best][1]]
         if times[best] > times["dense"] * (1.0 - cfg.min_gain):
-            replace_submodule(gm, name, _dense_conv(mod))
+            replace_submodule(gm, name, plain)
             _ungate_meta(meta, f"no measured gain at batch {cfg.latency_batch_size}: "
                                f"gated {times[best]:.3f} ms vs dense {times['dense']:.3f} ms")
             changed = True
@@ -165,18 +176,19 @@ def select_kernels(gm: fx.GraphModule, state: PassState) -> fx.GraphModule:
     if changed:
         gm.recompile()
     if measured and any(isinstance(m, GatedConv2d) for m in gm.modules()):
-        _whole_model_check(gm, state, x, {n: ispc_meta(node) for n, node in nodes.items()})
+        _whole_model_check(gm, state, x, {n: ispc_meta(node) for n, node in nodes.items()},
+                           {n: _input_hw(node) for n, node in nodes.items()})
     return gm
 
 
 def _whole_model_check(gm: fx.GraphModule, state: PassState, x: torch.Tensor,
-                       metas: dict[str, dict]) -> None:
+                       metas: dict[str, dict], hws: dict[str, tuple[int, int] | None]) -> None:
     """Per-layer wins need not add up (caches, dispatch): time the whole gated graph against the
     same graph with every gate removed; if gating is not faster, remove every gate."""
     cfg = state.config
     gated = {n: gm.get_submodule(n) for n, m in metas.items()
              if isinstance(gm.get_submodule(n), GatedConv2d)}
-    dense = {name: _dense_conv(mod) for name, mod in gated.items()}
+    dense = {name: dense_conv(mod, hws.get(name)) for name, mod in gated.items()}
 
     def swap(mods: dict[str, nn.Module]) -> None:
         for name, m in mods.items():

@@ -26,11 +26,15 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["ORIENT_PIX", "ORIENT_CO", "available", "unavailable_reason", "pack_weight",
+__all__ = ["ORIENT_PIX", "ORIENT_CO", "ORIENT_FULL", "available", "full_window", "unavailable_reason",
+           "pack_weight",
            "NativeLayer", "orientation_for", "supports", "NO_CLAMP", "RELU", "RELU6"]
 
 ORIENT_PIX = 0  #: vector lanes over output pixels (large feature maps)
 ORIENT_CO = 1   #: vector lanes over output channels (small feature maps)
+#: one output position: the kernel covers the whole unpadded input (a Linear seen as a convolution);
+#: lanes over output channels, each kept channel's weights read once per call (see the C file)
+ORIENT_FULL = 2
 
 #: output maps with at most this many positions use ORIENT_CO by default
 SMALL_MAP = 16 * 16
@@ -155,6 +159,14 @@ def supports(stride: tuple[int, int]) -> bool:
     return stride[0] * stride[1] <= MAX_PHASES
 
 
+def full_window(kernel: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int],
+                input_hw: tuple[int, int]) -> bool:
+    """Whether a convolution's kernel covers its whole ``input_hw`` input with no padding or
+    dilation, so that it has one output position: the geometry :data:`ORIENT_FULL` computes."""
+    return (tuple(padding) == (0, 0) and tuple(dilation) == (1, 1)
+            and tuple(int(v) for v in input_hw) == tuple(int(v) for v in kernel))
+
+
 def orientation_for(out_hw: int) -> int:
     """The orientation expected to be faster for an output map of ``out_hw`` positions."""
     return ORIENT_CO if out_hw <= SMALL_MAP else ORIENT_PIX
@@ -207,6 +219,11 @@ class NativeLayer:
                              f"not {tuple(stride)}")
         self.cout, _, kh, kw = (int(v) for v in weight.shape)
         self.orient = int(orient)
+        if self.orient not in (ORIENT_PIX, ORIENT_CO, ORIENT_FULL):
+            raise ValueError(f"unknown orientation {orient!r}")
+        if self.orient == ORIENT_FULL and (tuple(padding) != (0, 0) or tuple(dilation) != (1, 1)):
+            raise ValueError("ORIENT_FULL takes only unpadded, undilated layers whose kernel covers "
+                             f"the input, not padding {tuple(padding)}, dilation {tuple(dilation)}")
         self.packed = pack_weight(weight, self.orient)
         self.bias = (torch.zeros(self.cout) if bias is None
                      else bias.detach().to(torch.float32).contiguous().clone())
@@ -283,6 +300,10 @@ class NativeLayer:
         return shape
 
     def _output(self, n: int, h: int, w: int) -> Tensor:
+        if self.orient == ORIENT_FULL and (h, w) != self.kernel:
+            raise ValueError(f"this layer was prepared for {self.kernel[0]}x{self.kernel[1]} inputs "
+                             f"(ORIENT_FULL: the kernel covers the input), got {h}x{w}; prepare it "
+                             "with another orientation for other sizes")
         return torch.empty(self.out_shape(n, h, w), dtype=torch.float32)
 
     @staticmethod

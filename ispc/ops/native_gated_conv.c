@@ -15,6 +15,10 @@
  *     copied next to each other (weights are small where this orientation is used).
  *   ORIENT_CO (small feature maps, many channels): vector lanes run over output channels; positions
  *     are packed exactly (no padded columns are computed), MR at a time, for a chunk of instances.
+ *   ORIENT_FULL (the kernel covers the whole unpadded input: one output position, e.g. a classifier's
+ *     Linear seen as a convolution): vector lanes run over output channels, and each kept channel's
+ *     weights are read once per call for the whole batch, every instance that keeps the channel
+ *     updated while they are in cache. Memory-bound at batch 1, so skipped channels are bytes not read.
  * Parallelism uses OpenMP, which is the runtime PyTorch itself uses (the same libgomp is loaded).
  *
  * ispc_gated_conv takes the kept channels as indices; ispc_gated_conv_select (the end of this file)
@@ -38,12 +42,14 @@
 #define PIX_NV 2
 #define CO_MR 10
 #define CO_NV 2
+#define FULL_NV 16
 #else
 #define VW 8
 #define PIX_MR 6
 #define PIX_NV 2
 #define CO_MR 6
 #define CO_NV 2
+#define FULL_NV 8
 #endif
 #define PIX_NR (PIX_NV * VW)
 #if PIX_NV != 2
@@ -53,6 +59,9 @@
 
 #define ORIENT_PIX 0
 #define ORIENT_CO 1
+#define ORIENT_FULL 2
+/* ORIENT_FULL: output channels per weight tile, whose accumulators stay in registers */
+#define FULL_CT (FULL_NV * VW)
 
 typedef float vf __attribute__((vector_size(VW * 4)));
 static inline vf ld(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
@@ -127,10 +136,16 @@ static inline void store_run_epi(float *dst, const float *res, vf v0, vf v1, int
 }
 
 /* The microkernel's shape: rows (broadcast operand) and lanes (vector operand) of an orientation. */
-int ispc_block_rows(int orient) { return orient == ORIENT_PIX ? PIX_MR : CO_MR; }
-int ispc_block_lanes(int orient) { return orient == ORIENT_PIX ? PIX_NR : CO_NR; }
+int ispc_block_rows(int orient) {
+    return orient == ORIENT_PIX ? PIX_MR : orient == ORIENT_CO ? CO_MR : 1;
+}
+int ispc_block_lanes(int orient) {
+    return orient == ORIENT_PIX ? PIX_NR : orient == ORIENT_CO ? CO_NR : FULL_CT;
+}
 /* The weight panels' block of output channels. */
-static int64_t co_block(int orient) { return orient == ORIENT_PIX ? PIX_MR : CO_NR; }
+static int64_t co_block(int orient) {
+    return orient == ORIENT_PIX ? PIX_MR : orient == ORIENT_CO ? CO_NR : FULL_CT;
+}
 
 /* a layer's output size (bytes, whole batch) from which its stores bypass the caches; 0: never */
 #ifndef STREAM_BYTES
@@ -216,6 +231,11 @@ static int64_t pix_table_offset(const geom_t *g, int64_t kmax, int64_t threads) 
 }
 
 static int64_t co_table_floats(const geom_t *g) { return g->T * g->PB * CO_MR + g->T * g->PB; }
+
+/* ORIENT_FULL: floats of weights per channel block, which every instance passes over from L2 */
+#ifndef FULL_BLOCK_FLOATS
+#define FULL_BLOCK_FLOATS (8 << 10)
+#endif
 static int64_t co_chunk(const geom_t *g, int64_t kmax, int64_t N);
 
 /* Workspace (floats) one call needs, for instances keeping at most kmax channels. */
@@ -226,6 +246,8 @@ int64_t ispc_workspace(int64_t C, int64_t H, int64_t W, int64_t Cout, int64_t kh
     geometry(&g, C, H, W, Cout, kh, kw, sh, sw, ph, pw, dh, dw, orient);
     if (orient == ORIENT_PIX)  /* planes, partial sums per thread, kept weights, position map */
         return pix_table_offset(&g, kmax, threads) + g.PB * PIX_NR + 64;
+    if (orient == ORIENT_FULL)  /* each thread's accumulators, then its row cursors (int64) */
+        return threads * N * (FULL_CT + 2) + 64;
     /* the source-offset and run tables (int32, stored in float slots), then the packed position
      * panels of one chunk of instances */
     return co_table_floats(&g) + co_chunk(&g, kmax, N) * kmax * g.T * g.PB * CO_MR
@@ -509,6 +531,56 @@ static void conv_co(const geom_t *g, const float *x, int64_t n0, int64_t n1, con
             }
 }
 
+/* ORIENT_FULL: out[n][co] = bias[co] + sum over n's kept channels c and taps t of x[n][c][t] *
+ * w[co][c][t], for a layer whose kernel covers its whole unpadded input (one output position).
+ * Weights packed [tile][C][T][FULL_CT]. Threads split the tiles of output channels. Within a tile the
+ * channels go by in blocks whose weights fit in L2, and every instance adds its kept channels of the
+ * block, its FULL_CT accumulators in registers: each kept weight comes from memory once per call,
+ * not once per instance, and a channel no instance keeps is never read. idx rows ascending. */
+static void conv_full(const geom_t *g, const float *x, int64_t N, const int64_t *idx, int64_t kstride,
+                      const int64_t *counts, const float *wpack, const float *bias, float *out,
+                      float *ws, int64_t threads, const epi_t *e) {
+    const int64_t C = g->C, T = g->T, Cout = g->Cout, tiles = (Cout + FULL_CT - 1) / FULL_CT;
+    int64_t cb = FULL_BLOCK_FLOATS / (T * FULL_CT);
+    cb = cb < 1 ? 1 : cb;
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t tile = 0; tile < tiles; tile++) {
+        const int64_t tid = omp_get_thread_num();
+        float *acc = ws + tid * N * FULL_CT;
+        int64_t *pos = (int64_t *)(ws + threads * N * FULL_CT) + tid * N;  /* next kept entry per row */
+        const int64_t co0 = tile * FULL_CT, width = Cout - co0 < FULL_CT ? Cout - co0 : FULL_CT;
+        for (int64_t n = 0; n < N; n++) {
+            pos[n] = 0;
+            for (int64_t j = 0; j < FULL_CT; j++) acc[n * FULL_CT + j] = j < width ? bias[co0 + j] : 0.0f;
+        }
+        const float *wt = wpack + tile * C * T * FULL_CT;
+        for (int64_t c1 = cb; c1 - cb < C; c1 += cb) {  /* channels [c1 - cb, c1) */
+            for (int64_t n = 0; n < N; n++) {
+                const int64_t K = counts ? counts[n] : kstride, *in = idx + n * kstride;
+                int64_t p = pos[n];
+                if (p >= K || in[p] >= c1) continue;
+                float *an = acc + n * FULL_CT;
+                vf a[FULL_NV];
+                for (int j = 0; j < FULL_NV; j++) a[j] = ld(an + j * VW);
+                for (; p < K && in[p] < c1; p++) {
+                    const float *xv = x + (n * C + in[p]) * T, *wc = wt + in[p] * T * FULL_CT;
+                    for (int64_t t = 0; t < T; t++) {
+                        const float b = xv[t];
+                        for (int j = 0; j < FULL_NV; j++) a[j] += b * ld(wc + t * FULL_CT + j * VW);
+                    }
+                }
+                for (int j = 0; j < FULL_NV; j++) st(an + j * VW, a[j]);
+                pos[n] = p;
+            }
+        }
+        for (int64_t n = 0; n < N; n++)
+            for (int64_t j = 0; j < width; j++) {
+                const float v = acc[n * FULL_CT + j];
+                out[n * Cout + co0 + j] = e->on ? epi1(e, v, n * Cout + co0 + j) : v;
+            }
+    }
+}
+
 /* A gated layer's fixed arguments (mirrored by native.py's _Layer). */
 typedef struct {
     const float *wpack, *bias;
@@ -558,6 +630,10 @@ static int64_t gated_conv_sorted(const ispc_layer_t *L, const float *x, int64_t 
         for (int64_t n = 0; n < N; n++) if (counts[n] > kmax) kmax = counts[n];
     int64_t need = ispc_workspace(C, H, W, Cout, kh, kw, sh, sw, ph, pw, dh, dw, orient, kmax, threads, N);
     if (need > ws_floats) return need;
+    if (orient == ORIENT_FULL) {  /* native.py checks the geometry: H == kh, W == kw, no padding */
+        conv_full(&g, x, N, idx, kstride, counts, wpack, bias, out, ws, threads, e);
+        return 0;
+    }
     int64_t offs[T];
     for (int64_t r = 0; r < kh; r++)
         for (int64_t q = 0; q < kw; q++) offs[r * kw + q] = orient == ORIENT_PIX ? tap_offset(&g, r, q) : 0;
@@ -735,7 +811,8 @@ int64_t ispc_gated_conv_select(const ispc_layer_t *L, const float *x, int64_t N,
      * the saliency pass just read from cache, not again from memory (at batch 32 a 56x56x256 input
      * is 100 MB; A/B: examples/kernel_ab.py) */
     const int64_t per = C * HW * (int64_t)sizeof(float);
-    int64_t nb = per > 0 ? SELECT_CHUNK_BYTES / per : N;
+    /* ORIENT_FULL reads each kept channel's weights once per call: the whole batch in one chunk */
+    int64_t nb = per > 0 && L->orient != ORIENT_FULL ? SELECT_CHUNK_BYTES / per : N;
     nb = nb < 1 ? 1 : nb > N ? N : nb;
     for (int64_t n0 = 0; n0 < N; n0 += nb) {
         const int64_t n1 = n0 + nb < N ? n0 + nb : N, m = n1 - n0;

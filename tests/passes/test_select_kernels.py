@@ -93,6 +93,20 @@ def test_largest_layers_are_predicted_to_oneDNN_on_gathered_channels():
         assert predicted_strategy(mod, 7 * 7) == ("native", native.ORIENT_CO)
 
 
+def test_layers_whose_kernel_covers_the_input_take_the_one_position_kernel():
+    from ispc.modules import GatedConv2d
+    from ispc.passes.select_kernels import candidates, predicted_strategy
+
+    # VGG-16's first classifier layer as a convolution: 25088 -> 4096 is ~100 M MACs per image
+    mod = GatedConv2d(torch.randn(4096, 512, 7, 7), None, stride=(1, 1), padding=(0, 0),
+                      dilation=(1, 1), mode="topk", threshold=0.0, k=256)
+    if native.available():
+        assert predicted_strategy(mod, 1, (7, 7)) == ("native", native.ORIENT_FULL)
+        assert candidates(mod, (7, 7))["native:full"] == ("native", native.ORIENT_FULL)
+    assert "native:full" not in candidates(mod, (9, 9))
+    assert predicted_strategy(mod, 9, (9, 9)) != ("native", native.ORIENT_FULL)
+
+
 def test_latency_aware_times_kernels_at_the_refined_thresholds(monkeypatch):
     """Thresholds chosen on the dense model cut far more once upstream layers are gated; kernels
     timed at those counts were wrong for the refined model (MobileNetV2 ran 0.84x of dense). So
@@ -107,9 +121,9 @@ def test_latency_aware_times_kernels_at_the_refined_thresholds(monkeypatch):
     seen: dict[str, float] = {}
     real = sk.candidates
 
-    def spy(mod):
+    def spy(mod, input_hw=None):
         seen[id(mod)] = float(mod.threshold)
-        return real(mod)
+        return real(mod, input_hw)
 
     monkeypatch.setattr(sk, "candidates", spy)
     # every kernel "beats" dense, so every layer stays gated and the graph is not refined again

@@ -317,3 +317,74 @@ def test_build_is_cached_per_source_and_machine(tmp_path, monkeypatch):
     native._build()
     assert list((tmp_path / "native").glob("ispc_native_*.so")) == files
     assert first.ispc_block_rows(native.ORIENT_CO) * first.ispc_block_lanes(native.ORIENT_PIX) > 0
+
+
+# (N, C, kh, kw, Cout): the one-position orientation (a linear layer seen as a convolution whose
+# kernel covers its input): output-channel counts on both sides of whole tiles, 1x1 and wider kernels
+FULL_SHAPES = [(1, 64, 7, 7, 300), (3, 37, 3, 3, 257), (5, 64, 1, 1, 1000), (32, 40, 2, 2, 17),
+               (2, 16, 5, 3, 512), (4, 700, 1, 1, 33)]
+
+
+def _full_ref(x, w, b, s, mode, thr, k, sal=gc.SALIENCY_L2):
+    return gc.gated_conv2d_reference(x, w, b, s, 1, 1, 0, 0, 1, 1, mode, thr, k, sal)
+
+
+@pytest.mark.parametrize("shape", FULL_SHAPES)
+def test_full_window_orientation_matches_reference(shape):
+    n, c, kh, kw, cout = shape
+    g = torch.Generator().manual_seed(n * 7 + c)
+    x = torch.randn(n, c, kh, kw, generator=g).relu()
+    w, b = torch.randn(cout, c, kh, kw, generator=g), torch.randn(cout, generator=g)
+    s = torch.rand(c, generator=g) + 0.5
+    layer = native.NativeLayer(w, b, (1, 1), (0, 0), (1, 1), native.ORIENT_FULL)
+    sal = gc.channel_saliency(x, s)
+    for mode, thr, k in [(gc.TOPK, 0.0, max(1, c // 2)), (gc.TOPK, 0.0, 1), (gc.TOPK, 0.0, 0),
+                         (gc.TOPK, 0.0, c), (gc.THRESHOLD, threshold_between(sal, 0.4), 0),
+                         (gc.THRESHOLD, 1e9, 0)]:
+        for saliency in (gc.SALIENCY_L2, gc.SALIENCY_L1):
+            ref = _full_ref(x, w, b, s, mode, thr, k, saliency)
+            out = layer.gated(x, s, mode, thr, k, saliency)
+            assert out.shape == ref.shape == (n, cout, 1, 1)
+            assert rel_err(out, ref) <= 1e-5, (mode, thr, k, saliency)
+            r = torch.randn(ref.shape, generator=g)
+            fused = layer.gated(x, s, mode, thr, k, saliency, r, native.RELU)
+            assert rel_err(fused, (ref + r).relu()) <= 1e-5
+
+
+def test_full_window_batch_with_different_channels_per_instance():
+    # instance 0 keeps nothing, 1 everything, the rest some: channel blocks pass over every row
+    x = torch.randn(6, 300, 1, 1).relu()
+    x[0] *= 1e-4
+    x[1] += 10.0
+    w, b, s = torch.randn(70, 300, 1, 1), torch.randn(70), torch.ones(300)
+    layer = native.NativeLayer(w, b, (1, 1), (0, 0), (1, 1), native.ORIENT_FULL)
+    out = layer.gated(x, s, gc.THRESHOLD, 0.5, 0, gc.SALIENCY_L2)
+    counts = (gc.channel_saliency(x, s) >= 0.5).sum(1)
+    assert counts[0] == 0 and counts[1] == 300 and 0 < counts[2] < 300
+    assert torch.equal(out[0].flatten(), b)
+    assert rel_err(out, _full_ref(x, w, b, s, gc.THRESHOLD, 0.5, 0)) <= 1e-5
+
+
+def test_full_window_refuses_other_geometry():
+    w = torch.randn(8, 4, 3, 3)
+    with pytest.raises(ValueError, match="ORIENT_FULL"):
+        native.NativeLayer(w, None, (1, 1), (1, 1), (1, 1), native.ORIENT_FULL)
+    layer = native.NativeLayer(w, None, (1, 1), (0, 0), (1, 1), native.ORIENT_FULL)
+    with pytest.raises(ValueError, match="prepared for 3x3 inputs"):
+        layer.gated(torch.randn(1, 4, 5, 5), torch.ones(4), gc.TOPK, 0.0, 2, gc.SALIENCY_L2)
+    assert native.full_window((3, 3), (0, 0), (1, 1), (3, 3))
+    assert not native.full_window((3, 3), (0, 0), (1, 1), (5, 5))
+    assert not native.full_window((3, 3), (1, 1), (1, 1), (3, 3))
+
+
+def test_full_window_avx2_variant(monkeypatch):
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("x86 ISA variants")
+    try:
+        lib = native._build(("-mno-avx512f",))
+    except RuntimeError as exc:
+        pytest.skip(f"cannot build the AVX2 variant: {exc}")
+    monkeypatch.setattr(native, "_lib", lib)
+    assert lib.ispc_block_lanes(native.ORIENT_FULL) == 64
+    test_full_window_orientation_matches_reference(FULL_SHAPES[1])
+    test_full_window_orientation_matches_reference(FULL_SHAPES[4])
