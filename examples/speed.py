@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="per-layer timing rounds of the latency-aware cost model at batch 1 "
                         "(a third of this, at least 3, at batch > 1)")
     p.add_argument("--latency-aware", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--fuse-epilogues", action=argparse.BooleanOptionalAction, default=False,
+    p.add_argument("--fuse-epilogues", action=argparse.BooleanOptionalAction, default=True,
                    help="fold residual adds and ReLUs into gated layers (GatingConfig.fuse_epilogues)")
     p.add_argument("--gate-linear", action=argparse.BooleanOptionalAction, default=False,
                    help="also gate the classifier's linear layers (GatingConfig.gate_linear)")

@@ -56,6 +56,9 @@
 #error "store_run assumes two vectors per row of the pixel-lane kernel"
 #endif
 #define CO_NR (CO_NV * VW)
+#if CO_MR > 16
+#error "co_tile_out writes a tile column of positions with one 16-lane masked store"
+#endif
 
 #define ORIENT_PIX 0
 #define ORIENT_CO 1
@@ -436,20 +439,40 @@ static int64_t co_chunk(const geom_t *g, int64_t kmax, int64_t N) {
 }
 
 /* Channel lanes: one finished CO_MR x CO_NR tile (positions x output channels) plus bias into
- * the instance's NCHW output, clipped at the last channel and position. */
+ * the instance's NCHW output, clipped at the last channel and position. Each output channel's run
+ * of positions is contiguous in the output: with AVX-512 it is gathered from the tile's column and
+ * written with one masked store (scalar stores made this most of a 1x1 layer's time when its
+ * reduction is short: 256->1024 at 14x14, half kept, 0.37 -> 0.16 ms without them). */
 static void co_tile_out(const geom_t *g, const float tile[CO_MR][CO_NR], const float *bias, int64_t cob,
                         int64_t pb, float *on, const epi_t *e) {
-    const int64_t HoWo = g->Ho * g->Wo;
+    const int64_t HoWo = g->Ho * g->Wo, m0 = pb * CO_MR;
+#if defined(__AVX512F__) && !defined(SCALAR_TILE_OUT)  /* -DSCALAR_TILE_OUT: the A/B baseline */
+    const int64_t nv = HoWo - m0 < CO_MR ? HoWo - m0 : CO_MR;
+    const __mmask16 mk = (__mmask16)((1u << nv) - 1u);
+    const __m512i rows = _mm512_mullo_epi32(
+        _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi32(CO_NR));
+    for (int j = 0; j < CO_NR; j++) {
+        const int64_t co = cob * CO_NR + j;
+        if (co >= g->Cout) break;
+        vf v = (vf)_mm512_mask_i32gather_ps(_mm512_setzero_ps(), mk, rows, &tile[0][j], 4) + bias[co];
+        if (e->on) {
+            if (e->res) v += (vf)_mm512_maskz_loadu_ps(mk, e->res + co * HoWo + m0);
+            v = clampv(v, e->lo, e->hi);
+        }
+        _mm512_mask_storeu_ps(on + co * HoWo + m0, mk, (__m512)v);
+    }
+#else
     for (int j = 0; j < CO_NR; j++) {
         int64_t co = cob * CO_NR + j;
         if (co >= g->Cout) break;
         float bj = bias[co];
         for (int i = 0; i < CO_MR; i++) {
-            int64_t m = pb * CO_MR + i;
+            int64_t m = m0 + i;
             if (m < HoWo)
                 on[co * HoWo + m] = e->on ? epi1(e, tile[i][j] + bj, co * HoWo + m) : tile[i][j] + bj;
         }
     }
+#endif
 }
 
 /* Vector lanes over output channels: blocks of CO_NR output channels from the weight panels; CO_MR
