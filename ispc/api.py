@@ -114,10 +114,14 @@ def build_report(gm: fx.GraphModule, state: PassState) -> Report:
             cv=gate.get("cv"), rank=gate.get("rank"), gated=bool(gate.get("gated", False)),
             reason=gate.get("reason") or layer.get("reason"), threshold=gate.get("threshold"),
             k=gate.get("k"), kept_mean=gate.get("kept_mean"), kept_p10=gate.get("kept_p10"),
-            kept_p90=gate.get("kept_p90"), site=layer.get("site"), cpu_kernel=_kernel_label(meta))
+            kept_p90=gate.get("kept_p90"), site=layer.get("site"), cpu_kernel=_kernel_label(meta),
+            out_pruned=int(meta.get("pruned_out", 0)), in_pruned=int(meta.get("pruned_in", 0)))
         if row.macs is not None:
-            row.expected_macs = row.macs * (row.kept_fraction if row.gated and row.kept_fraction
-                                            is not None else 1.0)
+            if row.gated and row.kept_fraction is not None:
+                kept = row.kept_fraction
+            else:  # an ungated layer reads every channel prune_dead left it
+                kept = 1.0 - row.in_pruned / row.in_channels if row.in_channels else 1.0
+            row.expected_macs = row.macs * kept * (1.0 - row.out_pruned / max(row.out_channels, 1))
         rows.append(row)
     known = all(r.macs is not None for r in rows)
     dense = sum(r.macs for r in rows) if known and rows else None

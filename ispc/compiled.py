@@ -8,7 +8,7 @@ from torch import Tensor, fx, nn
 from tqdm.auto import tqdm
 
 from .config import GatingConfig
-from .modules import GatedConv2d
+from .modules import GatedConv2d, full_channels
 from .report import Report
 
 __all__ = ["CompiledModel"]
@@ -69,7 +69,11 @@ class CompiledModel(nn.Module):
             nonlocal dense
             per = macs_of(m, out)
             n = out.shape[0]
-            dense += per * n
+            if isinstance(m, (nn.Conv2d, GatedConv2d)):  # channels prune_dead removed count as dense
+                fo, fi = full_channels(m)
+                dense += per * n * (fo / m.out_channels) * (fi / m.in_channels)
+            else:
+                dense += per * n
             if isinstance(m, GatedConv2d):
                 counts = m.kept_mask(args[0]).sum(1).to(torch.float64).cpu()
                 kept[name].append(counts)

@@ -98,6 +98,10 @@ class GatingConfig:
             is memory-bound, and the skipped channels are weights never read: VGG-16's 25088->4096
             layer reads ~400 MB per image. Off by default: it gates the layer closest to the logits
             (and needs calibration data for the input shapes).
+        prune_dead: remove the input channels a gated layer keeps for no calibration input, and the
+            same output channels of the convolution that computes them where nothing else reads
+            them (``passes/prune_dead.py``): static pruning of what never varies, so the producer
+            skips them too. Needs at least 100 calibration inputs; never at ``keep_ratio=1.0``.
         leaf_modules: module classes that torch.fx must not trace into (for untraceable blocks).
     """
 
@@ -119,6 +123,7 @@ class GatingConfig:
     latency_rounds: int = 15
     fuse_epilogues: bool = True
     gate_linear: bool = False
+    prune_dead: bool = True
     leaf_modules: tuple[type, ...] = field(default=())
 
     def __post_init__(self) -> None:
@@ -146,6 +151,8 @@ class GatingConfig:
         if not isinstance(self.fuse_epilogues, bool):
             raise ConfigError("GatingConfig.fuse_epilogues must be True or False, "
                               f"got {self.fuse_epilogues!r}")
+        if not isinstance(self.prune_dead, bool):
+            raise ConfigError(f"GatingConfig.prune_dead must be True or False, got {self.prune_dead!r}")
         if not isinstance(self.gate_linear, bool):
             raise ConfigError(f"GatingConfig.gate_linear must be True or False, got {self.gate_linear!r}")
         if not isinstance(self.leaf_modules, tuple) or not all(

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from .compiled import CompiledModel
 from .errors import ConfigError
 from .feature_decay import _unwrap
-from .modules import MODE_CODES, SALIENCY_CODES
+from .modules import MODE_CODES, SALIENCY_CODES, full_channels
 from .ops import gated_conv as _gc
 
 __all__ = ["GateMasks"]
@@ -58,6 +58,12 @@ class GateMasks:
         #: per layer: (scale on CPU, mode, threshold, k, saliency) -- the gate's decision rule only
         self.gates = {name: (g.scale.detach().clone(), MODE_CODES[g.mode], float(g.threshold),
                              int(g.k), SALIENCY_CODES[g.saliency]) for name, g in gates.items()}
+        #: per layer: which original input channels the compiled layer still reads (None: all;
+        #: passes/prune_dead.py removes those no input keeps: they are always masked here), and
+        #: how many it had
+        self.index = {name: None if g.in_index is None else g.in_index.detach().cpu().clone()
+                      for name, g in gates.items()}
+        self.full_in = {name: full_channels(g)[1] for name, g in gates.items()}
         self._scales: dict[tuple[str, torch.device], Tensor] = {}
         self._hooks = [modules[name].register_forward_pre_hook(
             lambda mod, args, name=name: self._mask(name, args)) for name in self.gates]
@@ -73,15 +79,22 @@ class GateMasks:
         key = (name, x.device)
         if key not in self._scales:
             self._scales[key] = scale.to(x.device)
+        index = self.index[name]
         with torch.no_grad():
-            return _gc.channel_mask(x.detach(), self._scales[key], mode, threshold, k, saliency)
+            if index is None:
+                return _gc.channel_mask(x.detach(), self._scales[key], mode, threshold, k, saliency)
+            index = index.to(x.device)
+            full = torch.zeros(x.shape[0], x.shape[1], dtype=torch.bool, device=x.device)
+            full[:, index] = _gc.channel_mask(x.detach()[:, index], self._scales[key], mode,
+                                              threshold, k, saliency)
+            return full
 
     def _mask(self, name: str, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
         if not self.enabled or not args or not isinstance(args[0], Tensor):
             return None
         x = args[0]
         if x.dim() == 2:  # a gated linear layer (gate_linear): C channels of H*W features each
-            c = self.gates[name][0].numel()
+            c = self.full_in[name]
             if x.shape[1] % c:
                 return None
             m = self.mask(name, x.reshape(x.shape[0], c, -1, 1))

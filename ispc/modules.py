@@ -10,7 +10,7 @@ from .ops import gated_conv as _gc
 from .ops import native as _native
 
 __all__ = [
-    "GatedConv2d", "LinearConv2d", "dense_conv",
+    "GatedConv2d", "LinearConv2d", "dense_conv", "full_channels",
     "ChannelsLastMaxPool2d", "StridedMaxPool2d", "fast_max_pool", "MODE_CODES",
     "ACTIVATIONS",
     "SALIENCY_CODES", "plain_cpu_call",
@@ -64,6 +64,9 @@ class GatedConv2d(nn.Module):
         #: unpadded and undilated: on an input the kernel covers, the layer is a matrix product
         self._linear_ok = self.padding == (0, 0) and self.dilation == (1, 1)
         self.register_buffer("weight_t", None, persistent=False)
+        #: which of the layer's original input channels it reads (passes/prune_dead.py removes
+        #: the ones no input keeps); None: all of them, in order
+        self.register_buffer("in_index", None, persistent=False)
         #: fused epilogue (passes/fuse_epilogues.py): forward takes a residual to add, and/or
         #: applies an activation (a key of ACTIVATIONS) to the result
         self.residual_add = False
@@ -90,6 +93,24 @@ class GatedConv2d(nn.Module):
         self._native = (_native.NativeLayer(self.weight, self.bias, self.stride, self.padding,
                                             self.dilation, self.orient)
                         if self.strategy == "native" else None)
+
+    def sliced(self, *, out_keep: Tensor | None = None, in_keep: Tensor | None = None) -> "GatedConv2d":
+        """A copy with only the ``out_keep`` output and ``in_keep`` input channels (indices into
+        this layer's), the same gate (k at most the channels left) and kernel choice."""
+        w, b, scale = self.weight.detach(), self.bias.detach(), self.scale
+        index = self.in_index if self.in_index is not None else torch.arange(self.in_channels)
+        if out_keep is not None:
+            w, b = w[out_keep], b[out_keep]
+        if in_keep is not None:
+            w, scale, index = w[:, in_keep], scale[in_keep], index[in_keep.to(index.device)]
+        new = GatedConv2d(w, b, stride=self.stride, padding=self.padding, dilation=self.dilation,
+                          mode=self.mode, threshold=self.threshold, k=min(self.k, int(w.shape[1])),
+                          saliency=self.saliency, scale=scale)
+        new.in_index = index
+        new.residual_add, new.act = self.residual_add, self.act
+        new.ispc_full_channels = full_channels(self)
+        new.set_strategy(self.strategy, self.orient)
+        return new
 
     @property
     def prepared(self):
@@ -190,6 +211,12 @@ class GatedConv2d(nn.Module):
                 + (f", orient={self.orient}" if self.strategy == "native" else ""))
 
 
+def full_channels(m: nn.Module) -> tuple[int, int]:
+    """(output, input) channels of a convolution before ``passes/prune_dead.py`` removed dead
+    ones from it: what its dense MACs count."""
+    return getattr(m, "ispc_full_channels", (int(m.out_channels), int(m.in_channels)))
+
+
 def _as_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """A convolution whose unpadded kernel covers its input, as the matrix product it is."""
     y = F.linear(x.flatten(1), weight.flatten(1), bias)
@@ -229,12 +256,17 @@ def dense_conv(mod: GatedConv2d, input_hw: tuple[int, int] | None = None) -> nn.
         lin = nn.Linear(mod.in_channels * kh * kw, mod.out_channels, device="meta")
         lin.weight = nn.Parameter(mod.weight.detach().flatten(1))
         lin.bias = nn.Parameter(mod.bias.detach())
-        return LinearConv2d(lin, mod.in_channels, (kh, kw))
+        out = LinearConv2d(lin, mod.in_channels, (kh, kw))
+        if hasattr(mod, "ispc_full_channels"):
+            out.ispc_full_channels = mod.ispc_full_channels
+        return out
     conv = nn.Conv2d(mod.in_channels, mod.out_channels, (kh, kw), mod.stride, mod.padding,
                      mod.dilation, bias=True).to(mod.weight.device, mod.weight.dtype)
     with torch.no_grad():
         conv.weight.copy_(mod.weight)
         conv.bias.copy_(mod.bias)
+    if hasattr(mod, "ispc_full_channels"):
+        conv.ispc_full_channels = mod.ispc_full_channels
     return conv
 
 

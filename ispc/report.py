@@ -41,6 +41,10 @@ class LayerReport:
     site: str | None = None
     #: the eager CPU kernel a gated layer runs (``native:pix``, ``native:co``, ``gather``, ...)
     cpu_kernel: str | None = None
+    #: output channels removed because the gated layer after it keeps them for no input
+    #: (``prune_dead``); ``in_pruned``: input channels this gated layer no longer reads
+    out_pruned: int = 0
+    in_pruned: int = 0
 
     @property
     def kept_fraction(self) -> float | None:
@@ -135,7 +139,9 @@ class Report:
                 gate = f"k={r.k}" if r.k is not None else f"{r.threshold:.3g}"
             spread = "-" if r.kept_p10 is None else f"{r.kept_p10:.0f}-{r.kept_p90:.0f}"
             kept = "-" if r.kept_mean is None else f"{r.kept_mean:.1f} ({r.kept_fraction:.0%})"
-            rows.append([r.name, r.op, r.in_channels, r.out_channels, _macs(r.macs), _fmt(r.cv),
+            cin = f"{r.in_channels} (-{r.in_pruned})" if r.in_pruned else r.in_channels
+            cout = f"{r.out_channels} (-{r.out_pruned})" if r.out_pruned else r.out_channels
+            rows.append([r.name, r.op, cin, cout, _macs(r.macs), _fmt(r.cv),
                          _fmt(r.rank), _fmt(r.gated), gate, kept, spread,
                          (r.cpu_kernel or "-") if r.gated else "-", r.reason or ""])
         return rows

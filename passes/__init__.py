@@ -1,7 +1,7 @@
 """ispc's graph passes, in pipeline order (imported as ``ispc.passes``).
 
     capture -> fold_bn -> linear_as_conv -> find_sites -> calibrate -> rank -> insert_gates -> lower_pools
-        -> refine -> select_kernels -> refine -> fuse_epilogues
+        -> refine -> prune_dead -> select_kernels -> refine -> fuse_epilogues
 
 ``refine`` runs before ``select_kernels`` so that kernels are chosen (and timed, with
 ``latency_aware``) at the kept counts the compiled model will run with: thresholds chosen on the
@@ -23,19 +23,20 @@ from .rank import choose_k, choose_threshold, kept_counts, rank_layers
 from .insert_gates import insert_gates, resolve_padding
 from .lower_pools import lower_pools
 from .refine import refine_thresholds
+from .prune_dead import prune_dead
 from .select_kernels import predicted_strategy, select_kernels
 from .fuse_epilogues import fuse_epilogues
 
 #: the passes ``ispc.inspect`` runs
 ANALYSIS_PIPELINE = ["capture", "fold_bn", "linear_as_conv", "find_sites", "calibrate", "rank"]
 #: the passes ``ispc.compile`` runs
-COMPILE_PIPELINE = ANALYSIS_PIPELINE + ["insert_gates", "lower_pools", "refine", "select_kernels",
-                                        "refine", "fuse_epilogues"]
+COMPILE_PIPELINE = ANALYSIS_PIPELINE + ["insert_gates", "lower_pools", "refine", "prune_dead",
+                                        "select_kernels", "refine", "fuse_epilogues"]
 
 __all__ = [
     "PASSES", "Pass", "PassState", "ispc_meta", "register_pass", "run_passes", "capture", "trace",
     "fold_batchnorm", "linear_as_conv", "flattened_map", "build_channel_graph", "channel_kind", "coupling_groups", "find_sites",
     "calibrate", "saliency_scale", "choose_k", "choose_threshold", "kept_counts", "rank_layers",
-    "insert_gates", "resolve_padding", "lower_pools", "refine_thresholds", "select_kernels",
+    "insert_gates", "resolve_padding", "lower_pools", "refine_thresholds", "prune_dead", "select_kernels",
     "predicted_strategy", "fuse_epilogues", "ANALYSIS_PIPELINE", "COMPILE_PIPELINE",
 ]
