@@ -690,16 +690,20 @@ def sparsity_sweep(model: nn.Module, calibration: Iterable[Any], test: Iterable[
             continue
         fractions = {n: v["kept_fraction"] for n, v in measured["layers"].items()}
         static = static_prune(model, calibration, keep_fractions=fractions, config=cfg,
-                              progress=progress).eval()
+                              match_mac_reduction=measured["mac_reduction"], progress=progress).eval()
         points.append({"method": "static", "mode": mode, "allocation": alloc, "keep_ratio": ratio,
                        "top1": evaluate_top1(static, test),
                        "mac_reduction": static.measure(test, progress=progress)["mac_reduction"],
                        "speedup_b1": _speedup_b1(model, static, speed_rounds, progress)})
         if (alloc, ratio) == check_at:
+            # the per-layer checks compare one layer's output and turn gates on and off: they need
+            # every layer whole (no channel pruned from producers) and without fused epilogues
+            whole = ispc.compile(model, calibration, progress=progress,
+                                 config=cfg.replace(prune_dead=False, fuse_epilogues=False)).eval()
             cv_check = {"mode": mode, "allocation": alloc, "keep_ratio": ratio,
-                        **static_error_check(fast, static, check_data, images=cv_images,
+                        **static_error_check(whole, static, check_data, images=cv_images,
                                              progress=progress),
-                        "single_layer": single_layer_check(fast, check_data, images=layer_images,
+                        "single_layer": single_layer_check(whole, check_data, images=layer_images,
                                                            progress=progress)}
     return {"points": points, "cv_check": cv_check}
 

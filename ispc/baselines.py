@@ -54,6 +54,9 @@ class StaticConv2d(nn.Module):
         self.dilation = tuple(int(v) for v in dilation)
         self.in_channels, self.out_channels = in_c, out_c
         self.full = index.numel() == in_c  # every channel kept: skip the gather
+        #: the input already holds only the kept channels, in ``index`` order (the layer that
+        #: computes them was pruned to them: see static_prune)
+        self.prefiltered = False
 
     @property
     def k(self) -> int:
@@ -61,9 +64,24 @@ class StaticConv2d(nn.Module):
         return int(self.index.numel())
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self.full:
+        if not (self.full or self.prefiltered):
             x = x.index_select(1, self.index)
         return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
+
+    groups = 1
+
+    def sliced(self, *, out_keep: Tensor) -> StaticConv2d:
+        """A copy that computes only the ``out_keep`` output channels (the same input channels)."""
+        w = torch.zeros(self.out_channels, self.in_channels, *self.weight.shape[2:],
+                        dtype=self.weight.dtype, device=self.weight.device)
+        w[:, self.index] = self.weight.detach()
+        b = self.bias.detach()[out_keep] if self.bias is not None else None
+        new = StaticConv2d(w[out_keep], b, self.index, stride=self.stride, padding=self.padding,
+                           dilation=self.dilation)
+        new.prefiltered = self.prefiltered
+        new.ispc_full_channels = getattr(self, "ispc_full_channels",
+                                         (self.out_channels, self.in_channels))
+        return new
 
     def kept_mask(self, x: Tensor) -> Tensor:
         """Which input channels each instance of ``x`` keeps (bool, N x C): the same row for all."""
@@ -97,7 +115,8 @@ class StaticPrunedModel(CompiledModel):
             nonlocal dense, executed
             kh, kw = m.weight.shape[2:]
             per = int(out.shape[1] * out.shape[2] * out.shape[3] * m.in_channels * kh * kw)
-            dense += per * out.shape[0]
+            full_out = getattr(m, "ispc_full_channels", (m.out_channels,))[0]
+            dense += per * out.shape[0] * (full_out / m.out_channels)
             executed += per * out.shape[0] * (m.k / m.in_channels)
 
         hooks = [m.register_forward_hook(hook) for m in statics.values()]
@@ -129,6 +148,7 @@ def _kept_count(fraction: float, channels: int) -> int:
 
 def static_prune(model: nn.Module, calibration_data: Any, *,
                  keep_fractions: dict[str, float] | None = None, config: GatingConfig | None = None,
+                 match_mac_reduction: float | None = None,
                  progress: bool | None = None) -> StaticPrunedModel:
     """The static-pruning baseline: per layer, the same top-mean-saliency input channels for all inputs.
 
@@ -146,6 +166,11 @@ def static_prune(model: nn.Module, calibration_data: Any, *,
             ``config.keep_ratio`` on every layer ispc would gate.
         config: a :class:`GatingConfig`; its layer selection (``min_channels``, ``include``,
             ``exclude``, ``min_cv``, ``gate_fraction``) and ``saliency`` apply. Its ``mode`` does not.
+        match_mac_reduction: scale every fraction by one factor (bisection, each capped at 1) so
+            that the pruned model's MAC reduction is this one: a static pruner also removes the
+            outputs of the layers computing the channels it drops, so at an ispc point's
+            per-layer fractions it runs on fewer MACs than ispc; matched, the two compare at
+            equal MACs. Needs ``keep_fractions``.
         progress: show progress bars.
 
     Returns:
@@ -156,6 +181,11 @@ def static_prune(model: nn.Module, calibration_data: Any, *,
     from .passes import ANALYSIS_PIPELINE, ispc_meta, resolve_padding, run_passes
 
     cfg = _check_config(config)
+    if match_mac_reduction is not None:
+        if keep_fractions is None:
+            raise ConfigError("match_mac_reduction scales keep_fractions: give them too")
+        return _matched(model, calibration_data, keep_fractions, cfg, float(match_mac_reduction),
+                        progress)
     if calibration_data is None:
         raise DataError("static_prune needs calibration_data: the kept channels are those with the "
                         "highest mean saliency on it")
@@ -195,11 +225,68 @@ def static_prune(model: nn.Module, calibration_data: Any, *,
         parent, _, attr = node.target.rpartition(".")
         setattr(gm.get_submodule(parent) if parent else gm, attr, static)
         kept[name] = k
+    pruned = _prune_producers(gm, candidates, kept)
     gm = run_passes(gm, state, ["lower_pools"])  # the same layout lowering as dense and ispc
     gm.recompile()
 
     report = _static_report(build_report(gm, state), kept)
+    if pruned:
+        report.notes.append(f"{pruned} output channels that no pruned layer reads were removed from "
+                            "the layers computing them (as ispc's prune_dead does for channels no "
+                            "input keeps)")
     return StaticPrunedModel(gm, report, cfg, backend="eager")
+
+
+def _matched(model: nn.Module, data: Any, fractions: dict[str, float], cfg: GatingConfig,
+             target: float, progress: bool | None) -> StaticPrunedModel:
+    """static_prune at ``fractions`` scaled by the factor that gives MAC reduction ``target``."""
+    data = list(data) if not isinstance(data, torch.Tensor) else data  # read several times
+
+    def at(scale: float) -> StaticPrunedModel:
+        return static_prune(model, data, config=cfg, progress=progress,
+                            keep_fractions={n: min(1.0, f * scale) for n, f in fractions.items()})
+
+    lo, hi = 0.0, 1.0 / max(min((f for f in fractions.values() if f > 0), default=1.0), 1e-6)
+    best = at(1.0)
+    if abs(best.report.summary["mac_reduction"] - target) <= 0.002:
+        return best
+    for _ in range(12):  # MAC reduction falls as the scale grows
+        mid = (lo + hi) / 2
+        cand = at(mid)
+        red = cand.report.summary["mac_reduction"]
+        if abs(red - target) < abs(best.report.summary["mac_reduction"] - target):
+            best = cand
+        if abs(red - target) <= 0.002:
+            break
+        lo, hi = (mid, hi) if red > target else (lo, mid)
+    best.report.notes.append(f"per-layer fractions scaled to match a {target:.1%} MAC reduction "
+                             f"({best.report.summary['mac_reduction']:.1%} reached)")
+    return best
+
+
+def _prune_producers(gm: fx.GraphModule, candidates: dict[str, fx.Node], kept: dict[str, int]) -> int:
+    """A static pruner removes what it drops from the layer computing it too: where a pruned
+    layer's input channels come one for one from a convolution nothing else reads
+    (:func:`ispc.passes.prune_dead.producer_of`), that convolution keeps only the channels read."""
+    from .passes.base import ispc_meta, replace_submodule
+    from .passes.prune_dead import producer_of, slice_conv
+
+    removed = 0
+    for name in kept:
+        node = candidates[name]
+        static: StaticConv2d = gm.get_submodule(node.target)
+        prod = producer_of(gm, node)
+        if prod is None or static.full:
+            continue
+        producer = gm.get_submodule(prod.target)
+        keep = static.index.cpu()
+        new = producer.sliced(out_keep=keep) if isinstance(producer, StaticConv2d) \
+            else slice_conv(producer, keep)
+        replace_submodule(gm, prod.target, new.to(static.weight.device))
+        static.prefiltered = True
+        ispc_meta(prod)["pruned_out"] = int(producer.out_channels) - int(keep.numel())
+        removed += int(producer.out_channels) - int(keep.numel())
+    return removed
 
 
 def _static_report(report: Report, kept: dict[str, int]) -> Report:
@@ -215,7 +302,8 @@ def _static_report(report: Report, kept: dict[str, int]) -> Report:
             row.threshold = row.k = row.kept_mean = row.kept_p10 = row.kept_p90 = None
             row.reason = "not in keep_fractions (static baseline)"
         if row.macs is not None:
-            row.expected_macs = row.macs * (row.kept_fraction if row.gated else 1.0)
+            row.expected_macs = row.macs * (row.kept_fraction if row.gated else 1.0) * (
+                1.0 - row.out_pruned / max(row.out_channels, 1))
     s = report.summary
     s["method"] = s["mode"] = "static"
     s["layers_gated"] = sum(r.gated for r in report.layers)

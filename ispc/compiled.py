@@ -104,7 +104,7 @@ class CompiledModel(nn.Module):
         layers = {}
         for name, parts in kept.items():
             c = torch.cat(parts)
-            cin = self.gated_modules()[name].in_channels
+            cin = full_channels(self.gated_modules()[name])[1]  # of all its input channels
             layers[name] = {"kept_mean": float(c.mean()), "kept_fraction": float(c.mean()) / cin,
                             "kept_p10": float(torch.quantile(c, 0.1)),
                             "kept_p90": float(torch.quantile(c, 0.9))}

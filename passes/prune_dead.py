@@ -28,7 +28,7 @@ from ispc.modules import GatedConv2d, full_channels
 
 from .base import PassState, ispc_meta, module_call_counts, register_pass, replace_submodule
 
-__all__ = ["prune_dead", "producer_of", "MIN_SAMPLES"]
+__all__ = ["prune_dead", "producer_of", "slice_conv", "MIN_SAMPLES"]
 
 #: calibration inputs below which no channel is called dead
 MIN_SAMPLES = 100
@@ -63,16 +63,18 @@ def producer_of(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
     while isinstance(cur, fx.Node) and len(cur.users) == 1:
         if cur.op == "call_module":
             m = gm.get_submodule(cur.target)
-            if type(m) in (nn.Conv2d, GatedConv2d) and calls.get(cur.target, 0) == 1:
-                groups = getattr(m, "groups", 1)
-                return cur if groups == 1 else None
+            # a plain or gated convolution, or anything else that can drop output channels
+            if (type(m) is nn.Conv2d or hasattr(m, "sliced")) and calls.get(cur.target, 0) == 1:
+                return cur if getattr(m, "groups", 1) == 1 else None
         if not _free(gm, cur):
             return None
         cur = cur.args[0]
     return None
 
 
-def _slice_conv(conv: nn.Conv2d, keep: torch.Tensor) -> nn.Conv2d:
+def slice_conv(conv: nn.Conv2d, keep: torch.Tensor) -> nn.Conv2d:
+    """A copy of ``conv`` computing only its ``keep`` output channels (it remembers how many it
+    had: :func:`ispc.modules.full_channels`)."""
     new = nn.Conv2d(conv.in_channels, int(keep.numel()), conv.kernel_size, conv.stride, conv.padding,
                     conv.dilation, bias=conv.bias is not None, padding_mode=conv.padding_mode,
                     device="meta")
@@ -129,7 +131,7 @@ def prune_dead(gm: fx.GraphModule, state: PassState) -> fx.GraphModule:
         producer = gm.get_submodule(prod.target)
         gated = gm.get_submodule(name)
         replace_submodule(gm, prod.target, producer.sliced(out_keep=keep)
-                          if isinstance(producer, GatedConv2d) else _slice_conv(producer, keep))
+                          if isinstance(producer, GatedConv2d) else slice_conv(producer, keep))
         replace_submodule(gm, name, gated.sliced(in_keep=keep))
         ispc_meta(prod)["pruned_out"] = int(dead.numel() - keep.numel())
         ispc_meta(node)["pruned_in"] = int(dead.numel() - keep.numel())
