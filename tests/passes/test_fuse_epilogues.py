@@ -164,3 +164,30 @@ def test_a_residual_that_needs_gradients_keeps_them():
     out.sum().backward()
     assert r.grad is not None and torch.equal(r.grad, (out > 0).float())
 
+
+
+def test_large_outputs_run_the_epilogue_in_pytorch(monkeypatch):
+    """Above EPILOGUE_MAX_BYTES (batch 32) the fused layers add and clamp after the kernel: the
+    same values, bit for bit, as in the kernel and as unfused."""
+    import ispc.modules as modules
+
+    model = Blocks().eval()
+    fused, plain = _compile(model, True), _compile(model, False)
+    x = torch.randn(5, 3, 12, 12)
+    calls = []
+    if native.available():
+        real = native.NativeLayer.gated
+
+        def spy(self, *a, **k):  # records whether the kernel got a residual (args: x, ..., residual)
+            calls.append(len(a) > 6 and a[6] is not None)
+            return real(self, *a, **k)
+
+        monkeypatch.setattr(native.NativeLayer, "gated", spy)
+    with torch.no_grad():
+        small = fused(x)
+        monkeypatch.setattr(modules, "EPILOGUE_MAX_BYTES", 0)
+        n_small = len(calls)
+        large = fused(x)
+        assert torch.equal(small, large) and torch.equal(large, plain(x))
+    if native.available():
+        assert any(calls[:n_small]) and not any(calls[n_small:])  # residuals went to the kernel first
