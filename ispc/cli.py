@@ -82,7 +82,8 @@ def _config(args: argparse.Namespace):
     from .config import GatingConfig
 
     kw: dict[str, Any] = {"keep_ratio": args.keep_ratio, "mode": args.mode, "saliency": args.saliency,
-                          "allocation": args.allocation, "gate_linear": args.gate_linear}
+                          "allocation": args.allocation, "gate_linear": args.gate_linear,
+                          "prune_dead": args.prune_dead}
     if getattr(args, "min_cv", None) is not None:
         kw["min_cv"] = args.min_cv
     return GatingConfig(**kw)
@@ -117,6 +118,9 @@ def _add_gating_args(p: argparse.ArgumentParser, keep: float | None = 0.5) -> No
     p.add_argument("--gate-linear", action=argparse.BooleanOptionalAction, default=False,
                    help="also gate linear layers on a flattened feature map or a vector (the "
                         "classifier; GatingConfig.gate_linear)")
+    p.add_argument("--prune-dead", action=argparse.BooleanOptionalAction, default=True,
+                   help="remove channels no calibration input keeps, from the producing layer too "
+                        "(GatingConfig.prune_dead; default: on)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -198,7 +202,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
           f"(shows the pipeline and real speed; accuracy needs a trained model and real data)\n")
     cfg = GatingConfig(keep_ratio=args.keep_ratio, mode=args.mode, saliency=args.saliency,
                        allocation=args.allocation, latency_aware=args.latency_aware,
-                       latency_batch_size=min(args.batch_sizes), gate_linear=args.gate_linear)
+                       latency_batch_size=min(args.batch_sizes), gate_linear=args.gate_linear,
+                       prune_dead=args.prune_dead)
     compiled = ispc_compile(model, data, config=cfg)
     print(compiled.report)
     print()

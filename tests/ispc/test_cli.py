@@ -108,3 +108,20 @@ def test_bench_per_layer(files, capsys):
                  "--rounds", "3", "--warmup", "1", "--per-layer", "--no-latency-aware"]) == 0
     out = capsys.readouterr().out
     assert "total (conv layers)" in out and "kernel" in out
+
+
+def test_gate_linear_flag_gates_the_classifier(tmp_path, capsys):
+    (tmp_path / "clf.py").write_text(
+        "import torch.nn as nn\n"
+        "def make():\n"
+        "    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),\n"
+        "                         nn.Flatten(), nn.Linear(16 * 8 * 8, 10))\n")
+    torch.save(torch.randn(24, 3, 16, 16), tmp_path / "data.pt")
+    args = ["inspect", f"{tmp_path}/clf.py:make", "--data", str(tmp_path / "data.pt"),
+            "--format", "json", "--mode", "topk"]
+    rows = []
+    for extra in ([], ["--gate-linear"]):
+        assert main(args + extra) == 0
+        rows.append({r["name"]: r for r in json.loads(capsys.readouterr().out)["layers"]})
+    assert not rows[0]["4"]["gated"] and "gate_linear" in rows[0]["4"]["reason"]
+    assert rows[1]["4"]["gated"] and rows[1]["4"]["op"] == "linear" and rows[1]["4"]["k"] == 8
