@@ -471,14 +471,16 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------------
 
 #: where ``evaluate`` looks for a checkpoint when none is given (fine-tuned first, then dense)
-DEFAULT_CHECKPOINTS = ("checkpoints/resnet20_fd.pt", "checkpoints/resnet20_dense.pt")
+DEFAULT_CHECKPOINTS = ("checkpoints/resnet20_fd_kd2.pt", "checkpoints/resnet20_fd.pt",
+                       "checkpoints/resnet20_dense.pt")
 #: the layer-level check of the CV rationale runs at the threshold point nearest this keep ratio
 CV_CHECK_KEEP = 0.5
 
 
 def _default_checkpoint() -> str:
-    """``checkpoints/resnet20_fd.pt`` if it exists, else ``checkpoints/resnet20_dense.pt``, in the
-    working directory first (a user's own checkpoints win), then in the checkout holding this script."""
+    """The first of :data:`DEFAULT_CHECKPOINTS` that exists (the best feature-decay model first),
+    in the working directory first (a user's own checkpoints win), then in the checkout holding
+    this script."""
     roots = [Path.cwd(), Path(__file__).resolve().parents[1]]
     for root in roots:
         for rel in DEFAULT_CHECKPOINTS:
