@@ -246,10 +246,14 @@ def _matched(model: nn.Module, data: Any, fractions: dict[str, float], cfg: Gati
         return static_prune(model, data, config=cfg, progress=progress,
                             keep_fractions={n: min(1.0, f * scale) for n, f in fractions.items()})
 
-    lo, hi = 0.0, 1.0 / max(min((f for f in fractions.values() if f > 0), default=1.0), 1e-6)
     best = at(1.0)
-    if abs(best.report.summary["mac_reduction"] - target) <= 0.002:
+    first = best.report.summary["mac_reduction"]
+    if abs(first - target) <= 0.002:
         return best
+    # more reduction than the target at the unscaled fractions: the factor is above 1 (up to where
+    # every fraction is capped at 1), else below
+    top = 1.0 / max(min((f for f in fractions.values() if f > 0), default=1.0), 1e-6)
+    lo, hi = (1.0, max(top, 1.0)) if first > target else (0.0, 1.0)
     for _ in range(12):  # MAC reduction falls as the scale grows
         mid = (lo + hi) / 2
         cand = at(mid)
