@@ -26,7 +26,8 @@ from .report import LayerReport, Report
 __version__ = "0.1.0"
 
 __all__ = [
-    "compile", "inspect", "static_prune", "FeatureDecay", "GateMasks", "GatingConfig", "Report", "LayerReport", "CompiledModel", "GatedConv2d", "LinearConv2d",
+    "compile", "inspect", "static_prune", "FeatureDecay", "GateMasks", "GatingConfig", "Report",
+    "LayerReport", "CompiledModel", "GatedConv2d", "LinearConv2d",
     "IspcError", "ConfigError", "DataError", "TraceError", "UnsupportedModelError",
     "BackendUnavailableError", "ArchiveError", "BACKENDS", "ops", "backends", "export",
     "serialization", "export_program", "save", "load", "__version__",

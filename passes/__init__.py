@@ -35,7 +35,8 @@ COMPILE_PIPELINE = ANALYSIS_PIPELINE + ["insert_gates", "lower_pools", "refine",
 
 __all__ = [
     "PASSES", "Pass", "PassState", "ispc_meta", "register_pass", "run_passes", "capture", "trace",
-    "fold_batchnorm", "linear_as_conv", "flattened_map", "build_channel_graph", "channel_kind", "coupling_groups", "find_sites",
+    "fold_batchnorm", "linear_as_conv", "flattened_map", "build_channel_graph", "channel_kind",
+    "coupling_groups", "find_sites",
     "calibrate", "saliency_scale", "choose_k", "choose_threshold", "kept_counts", "rank_layers",
     "insert_gates", "resolve_padding", "lower_pools", "refine_thresholds", "prune_dead", "select_kernels",
     "predicted_strategy", "fuse_epilogues", "ANALYSIS_PIPELINE", "COMPILE_PIPELINE",
