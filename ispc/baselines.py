@@ -284,9 +284,7 @@ def _prune_producers(gm: fx.GraphModule, candidates: dict[str, fx.Node], kept: d
             continue
         producer = gm.get_submodule(prod.target)
         keep = static.index.cpu()
-        new = producer.sliced(out_keep=keep) if isinstance(producer, StaticConv2d) \
-            else slice_conv(producer, keep)
-        replace_submodule(gm, prod.target, new.to(static.weight.device))
+        replace_submodule(gm, prod.target, slice_conv(producer, keep).to(static.weight.device))
         static.prefiltered = True
         ispc_meta(prod)["pruned_out"] = int(producer.out_channels) - int(keep.numel())
         removed += int(producer.out_channels) - int(keep.numel())

@@ -16,7 +16,7 @@ from torch import fx, nn
 from ispc.config import GatingConfig
 
 __all__ = ["PassState", "Pass", "PASSES", "register_pass", "run_passes", "ispc_meta",
-           "module_call_counts", "replace_submodule"]
+           "module_call_counts", "replace_submodule", "node_shape", "run_with_pre_hooks"]
 
 
 @dataclass
@@ -88,3 +88,28 @@ def replace_submodule(gm: fx.GraphModule, name: str, module: nn.Module) -> None:
     """Put ``module`` at the qualified ``name`` (nodes calling ``name`` now call it)."""
     parent, _, attr = name.rpartition(".")
     setattr(gm.get_submodule(parent) if parent else gm, attr, module)
+
+
+def node_shape(node: object) -> tuple[int, ...] | None:
+    """The shape ShapeProp recorded for ``node`` (``meta["tensor_meta"]``), or None."""
+    tm = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
+    shape = getattr(tm, "shape", None)
+    return tuple(int(d) for d in shape) if shape is not None else None
+
+
+def run_with_pre_hooks(gm: nn.Module, names: list[str], hook: Callable[[str, nn.Module, tuple], None],
+                       inputs: list[torch.Tensor]) -> None:
+    """Run ``inputs`` through ``gm`` without gradients, calling ``hook(name, module, args)`` before
+    each named submodule runs (what passes that re-read the calibration cache observe)."""
+    def pre(module: nn.Module, args: tuple, name: str) -> None:
+        hook(name, module, args)
+
+    handles = [gm.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: pre(m, a, n))
+               for n in names]
+    try:
+        with torch.no_grad():
+            for x in inputs:
+                gm(x)
+    finally:
+        for h in handles:
+            h.remove()

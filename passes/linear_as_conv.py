@@ -24,18 +24,13 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from ispc.modules import LinearConv2d
 
-from .base import PassState, ispc_meta, module_call_counts, register_pass, replace_submodule
+from .base import (PassState, ispc_meta, module_call_counts, node_shape, register_pass,
+                   replace_submodule)
 
 __all__ = ["linear_as_conv", "flattened_map"]
 
 _FLATTEN_METHODS = {"flatten", "view", "reshape"}
 _FLATTEN_FUNCS = {torch.flatten, torch.reshape}
-
-
-def _shape(node: object) -> tuple[int, ...] | None:
-    tm = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
-    shape = getattr(tm, "shape", None)
-    return tuple(int(d) for d in shape) if shape is not None else None
 
 
 def flattened_map(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
@@ -50,7 +45,7 @@ def flattened_map(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
         or (node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.Flatten)))
     if not is_flat or not node.args or not isinstance(node.args[0], fx.Node):
         return None
-    src, out = _shape(node.args[0]), _shape(node)
+    src, out = node_shape(node.args[0]), node_shape(node)
     if src is None or out is None or len(src) != 4 or len(out) != 2:
         return None
     n, c, h, w = src
@@ -70,13 +65,13 @@ def linear_as_conv(gm: fx.GraphModule, state: PassState) -> fx.GraphModule:
             continue
         lin = gm.get_submodule(node.target)
         x = node.args[0]
-        shape = _shape(x)
+        shape = node_shape(x)
         if type(lin) is not nn.Linear or not isinstance(x, fx.Node) or shape is None or len(shape) != 2:
             continue
         fmap = flattened_map(gm, x)
         with graph.inserting_before(node):
             if fmap is not None:
-                _, c, h, w = _shape(fmap)
+                _, c, h, w = node_shape(fmap)
                 src = fmap
             else:
                 c, h, w = shape[1], 1, 1

@@ -26,7 +26,8 @@ from torch import fx, nn
 
 from ispc.modules import GatedConv2d, full_channels
 
-from .base import PassState, ispc_meta, module_call_counts, register_pass, replace_submodule
+from .base import (PassState, ispc_meta, module_call_counts, register_pass, replace_submodule,
+                   run_with_pre_hooks)
 
 __all__ = ["prune_dead", "producer_of", "slice_conv", "MIN_SAMPLES"]
 
@@ -72,9 +73,12 @@ def producer_of(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
     return None
 
 
-def slice_conv(conv: nn.Conv2d, keep: torch.Tensor) -> nn.Conv2d:
-    """A copy of ``conv`` computing only its ``keep`` output channels (it remembers how many it
-    had: :func:`ispc.modules.full_channels`)."""
+def slice_conv(conv: nn.Module, keep: torch.Tensor) -> nn.Module:
+    """A copy of ``conv`` (what :func:`producer_of` returns) computing only its ``keep`` output
+    channels; it remembers how many it had (:func:`ispc.modules.full_channels`). Layers with
+    their own ``sliced`` (gated, static) keep their gate or index."""
+    if hasattr(conv, "sliced"):
+        return conv.sliced(out_keep=keep)
     new = nn.Conv2d(conv.in_channels, int(keep.numel()), conv.kernel_size, conv.stride, conv.padding,
                     conv.dilation, bias=conv.bias is not None, padding_mode=conv.padding_mode,
                     device="meta")
@@ -88,18 +92,10 @@ def slice_conv(conv: nn.Conv2d, keep: torch.Tensor) -> nn.Conv2d:
 def _kept_counts(gm: fx.GraphModule, names: list[str], cache: list[torch.Tensor]) -> dict[str, torch.Tensor]:
     counts = {n: torch.zeros(gm.get_submodule(n).in_channels, dtype=torch.long) for n in names}
 
-    def hook(m: GatedConv2d, args: tuple, name: str) -> None:
+    def hook(name: str, m: GatedConv2d, args: tuple) -> None:
         counts[name] += m.kept_mask(args[0]).sum(0).cpu()
 
-    hooks = [gm.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: hook(m, a, n))
-             for n in names]
-    try:
-        with torch.no_grad():
-            for x in cache:
-                gm(x)
-    finally:
-        for h in hooks:
-            h.remove()
+    run_with_pre_hooks(gm, names, hook, cache)
     return counts
 
 
@@ -128,14 +124,11 @@ def prune_dead(gm: fx.GraphModule, state: PassState) -> fx.GraphModule:
         keep = (~dead).nonzero().flatten()
         if keep.numel() == 0:  # nothing is ever kept: leave one channel so every shape stays valid
             keep = torch.zeros(1, dtype=torch.long)
-        producer = gm.get_submodule(prod.target)
-        gated = gm.get_submodule(name)
-        replace_submodule(gm, prod.target, producer.sliced(out_keep=keep)
-                          if isinstance(producer, GatedConv2d) else slice_conv(producer, keep))
-        replace_submodule(gm, name, gated.sliced(in_keep=keep))
-        ispc_meta(prod)["pruned_out"] = int(dead.numel() - keep.numel())
-        ispc_meta(node)["pruned_in"] = int(dead.numel() - keep.numel())
-        removed += int(dead.numel() - keep.numel())
+        replace_submodule(gm, prod.target, slice_conv(gm.get_submodule(prod.target), keep))
+        replace_submodule(gm, name, gm.get_submodule(name).sliced(in_keep=keep))
+        gone = int(dead.numel() - keep.numel())
+        ispc_meta(prod)["pruned_out"] = ispc_meta(node)["pruned_in"] = gone
+        removed += gone
         layers += 1
     if removed:
         gm.recompile()

@@ -15,7 +15,7 @@ from ispc.distributed import gather_rows
 from ispc.modules import GatedConv2d
 from ispc.ops.gated_conv import channel_saliency
 
-from .base import PassState, ispc_meta, register_pass
+from .base import PassState, ispc_meta, register_pass, run_with_pre_hooks
 from .rank import choose_threshold, global_thresholds, kept_counts, layer_weight
 
 __all__ = ["refine_thresholds"]
@@ -34,22 +34,12 @@ def refine_thresholds(gm: fx.GraphModule, state: PassState) -> fx.GraphModule:
     state.refined_gates = frozenset(nodes)
     for _ in range(cfg.calibration_rounds):
         rows: dict[str, list[torch.Tensor]] = {name: [] for name in nodes}
-        hooks = []
-        for name in nodes:
-            mod = gm.get_submodule(name)
 
-            def hook(m, args, name=name):
-                rows[name].append(channel_saliency(args[0], m.scale, 0 if m.saliency != "l1" else 1)
-                                  .float().cpu())
+        def hook(name: str, m: GatedConv2d, args: tuple) -> None:
+            rows[name].append(channel_saliency(args[0], m.scale, 0 if m.saliency != "l1" else 1)
+                              .float().cpu())
 
-            hooks.append(mod.register_forward_pre_hook(hook))
-        try:
-            with torch.no_grad():
-                for x in state.calibration_cache:
-                    gm(x)
-        finally:
-            for h in hooks:
-                h.remove()
+        run_with_pre_hooks(gm, list(nodes), hook, state.calibration_cache)
         samples = {name: gather_rows(torch.cat(rows[name])) for name in nodes}
         shared = {}
         if cfg.allocation == "global":

@@ -25,7 +25,7 @@ from ispc.modules import GatedConv2d, dense_conv
 from ispc.ops import native
 from ispc.ops.cpu_kernels import STRATEGIES, run_strategy
 
-from .base import PassState, ispc_meta, register_pass, replace_submodule
+from .base import PassState, ispc_meta, node_shape, register_pass, replace_submodule
 
 __all__ = ["select_kernels", "predicted_strategy", "candidates", "SMALL_MAP", "ORIENT_NAMES"]
 
@@ -84,10 +84,8 @@ def candidates(mod: GatedConv2d,
 
 
 def _input_hw(node: fx.Node) -> tuple[int, int] | None:
-    src = node.args[0] if node.args else None
-    tm = src.meta.get("tensor_meta") if isinstance(src, fx.Node) else None
-    shape = getattr(tm, "shape", None)
-    return (int(shape[-2]), int(shape[-1])) if shape is not None and len(shape) == 4 else None
+    shape = node_shape(node.args[0]) if node.args else None
+    return shape[-2:] if shape is not None and len(shape) == 4 else None
 
 
 def _inputs_of(gm: fx.GraphModule, names: list[str], x: torch.Tensor) -> dict[str, torch.Tensor]:
