@@ -11,8 +11,9 @@ and VGG shapes, half the input channels kept by top-k, both orientations) or per
     python examples/kernel_ab.py --variant=-DSELECT_CHUNK_BYTES=1099511627776LL \\
         --models resnet18 resnet50 --batch-size 32 --threads 2
 
-A variant may change tuning constants only: the register blocks (ISA flags such as
-``-mno-avx512f``) decide the packed weight layout, so such variants are refused.
+A variant may change tuning constants only, and the channel-lane kernel's rows (``-DCO_MR=14``):
+the other register blocks (ISA flags such as ``-mno-avx512f``) decide the packed weight layout, so
+such variants are refused.
 """
 from __future__ import annotations
 
@@ -44,10 +45,13 @@ def load_variants(variants: list[str]) -> dict[str, object]:
     libs = {"default": base}
     for v in variants:
         lib = native._build(tuple(v.split()))
-        for orient in (native.ORIENT_PIX, native.ORIENT_CO):
-            if (lib.ispc_block_lanes(orient), lib.ispc_block_rows(orient)) != (
-                    base.ispc_block_lanes(orient), base.ispc_block_rows(orient)):
-                raise SystemExit(f"variant {v!r} changes the register blocks (packed weights differ)")
+        # the packed weights' blocks: output channels are the rows of the pixel-lane kernel and
+        # the lanes of the others (the channel-lane kernel's rows, positions, may differ: -DCO_MR)
+        def packing(m):
+            return (m.ispc_block_rows(native.ORIENT_PIX), m.ispc_block_lanes(native.ORIENT_CO),
+                    m.ispc_block_lanes(native.ORIENT_FULL))
+        if packing(lib) != packing(base):
+            raise SystemExit(f"variant {v!r} changes the register blocks (packed weights differ)")
         libs[v] = lib
     return libs
 

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["ORIENT_PIX", "ORIENT_CO", "ORIENT_FULL", "available", "full_window", "unavailable_reason",
-           "pack_weight",
+           "pack_weight", "select", "gather",
            "NativeLayer", "orientation_for", "supports", "NO_CLAMP", "RELU", "RELU6"]
 
 ORIENT_PIX = 0  #: vector lanes over output pixels (large feature maps)
@@ -124,6 +124,10 @@ def _build(extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL:
     lib.ispc_gated_conv_select.argtypes = [ctypes.POINTER(_Layer), _ptr, _i64, _i64, _i64, _i64, _ptr,
                                            _i64, _i64, ctypes.c_float, _i64, _ptr, _ptr, _ptr,
                                            ctypes.c_float, ctypes.c_float, _ptr, _i64, _i64]
+    lib.ispc_select.restype = lib.ispc_gather.restype = None
+    lib.ispc_select.argtypes = [_ptr, _i64, _i64, _i64, _ptr, _i64, _i64, ctypes.c_float, _i64, _ptr,
+                                _ptr, _ptr, _i64]
+    lib.ispc_gather.argtypes = [_ptr, _i64, _i64, _i64, _ptr, _i64, _ptr, _i64, _ptr, _i64]
     return lib
 
 
@@ -182,6 +186,43 @@ def pack_weight(weight: Tensor, orient: int) -> Tensor:
     dst = torch.empty(lib.ispc_packed_size(cout, c, kh * kw, orient), dtype=torch.float32)
     lib.ispc_pack_weight(w.data_ptr(), cout, c, kh * kw, orient, dst.data_ptr())
     return dst
+
+
+def select(x: Tensor, scale: Tensor, mode: int, threshold: float, k: int,
+           saliency: int) -> tuple[Tensor, Tensor]:
+    """Saliency and selection of a gated layer (the operator's semantics, as in
+    :meth:`NativeLayer.gated`) without its convolution: ``(idx, counts)``, ``idx`` int64 (N, C) with
+    each instance's kept channels first, ascending, then zeros; ``counts`` int64 (N,). ``x``
+    contiguous float32 (N, C, H, W), ``scale`` contiguous float32 (C,)."""
+    lib = _load()
+    if lib is None:
+        raise RuntimeError(_error)
+    n, c = x.shape[0], x.shape[1]
+    idx = torch.empty(n, c, dtype=torch.int64)
+    counts = torch.empty(n, dtype=torch.int64)
+    scratch = torch.empty(2 * n * c, dtype=torch.float32)
+    lib.ispc_select(x.data_ptr(), n, c, x[0, 0].numel() if n and c else 0, scale.data_ptr(), saliency,
+                    mode, threshold, k, idx.data_ptr(), counts.data_ptr(), scratch.data_ptr(),
+                    torch.get_num_threads())
+    return idx, counts
+
+
+def gather(src: Tensor, idx: Tensor, width: int, counts: Tensor | None = None) -> Tensor:
+    """``src[o, idx[o, :width]]`` for a contiguous float32 ``src`` (O, C, ...) and an int64 ``idx``
+    of O rows, or of one row shared by all O (weights); rows from ``counts[o]`` on are zeros.
+    The threads split the rows (``index_select`` over dimension 1 took 1.2 ms on VGG-16's
+    64x224x224 input at batch 1, 2-core Xeon)."""
+    lib = _load()
+    if lib is None:
+        raise RuntimeError(_error)
+    o, c = src.shape[0], src.shape[1]
+    inner = src[0, 0].numel() if o and c else 0
+    out = torch.empty((o, width, *src.shape[2:]), dtype=torch.float32)
+    shared = idx.dim() == 1 or idx.shape[0] == 1
+    lib.ispc_gather(src.data_ptr(), o, c, inner, idx.data_ptr(), 0 if shared else idx.shape[-1],
+                    0 if counts is None else counts.data_ptr(), width, out.data_ptr(),
+                    torch.get_num_threads())
+    return out
 
 
 def _workspace(floats: int) -> Tensor:

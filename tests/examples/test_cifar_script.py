@@ -96,12 +96,25 @@ def test_train_resume_finetune_evaluate(cifar, fake: Path, tmp_path: Path, capsy
     assert rec["distill_loss"] > 0 and math.isfinite(rec["distill_loss"]) and rec["feature_decay"] > 0
     saved = torch.load(kd / "last.pt", weights_only=True)["args"]
     assert (saved["distill_from"], saved["distill_weight"], saved["distill_temperature"]) == (
-        str(a / "final.pt"), 0.9, 4.0)
+        [str(a / "final.pt")], 0.9, 4.0)
     # the distillation term is in the loss beside feature decay: the same run without a teacher differs
     assert cifar.main([*kd_args[:5], *kd_args[7:], "--out", str(tmp_path / "fd_only")]) == 0
     w_kd = torch.load(kd / "final.pt", weights_only=True)["model"]
     w_fd = torch.load(tmp_path / "fd_only" / "final.pt", weights_only=True)["model"]
     assert any(not torch.equal(w_kd[k], w_fd[k]) for k in w_kd)
+    # a run saved when --distill-from took one path (a string) still resumes, with that teacher
+    last = torch.load(kd / "last.pt", weights_only=True)
+    last["args"]["distill_from"] = str(a / "final.pt")
+    torch.save(last, kd / "last.pt")
+    assert cifar.main(["finetune", "--out", str(kd), "--resume", "--cache-dir", str(cache),
+                       "--no-progress", "--threads", "1"]) == 0
+    # two teachers: an ensemble, which differs from one of them alone
+    ens_args = [*kd_args[:7], str(b / "final.pt"), *kd_args[7:]]
+    assert cifar.main([*ens_args, "--out", str(tmp_path / "ens")]) == 0
+    assert torch.load(tmp_path / "ens" / "last.pt", weights_only=True)["args"]["distill_from"] == [
+        str(a / "final.pt"), str(b / "final.pt")]
+    w_ens = torch.load(tmp_path / "ens" / "final.pt", weights_only=True)["model"]
+    assert any(not torch.equal(w_kd[k], w_ens[k]) for k in w_kd)
     capsys.readouterr()
     assert cifar.main([*kd_args, "--out", str(tmp_path / "kd2"), "--distill-weight", "1.5"]) == 2
     assert "--distill-weight must be in [0, 1]" in capsys.readouterr().err
@@ -146,3 +159,19 @@ def test_distillation_loss_is_the_temperature_scaled_kl(cifar) -> None:
     assert cifar.distillation_loss(s, t, temp).item() == pytest.approx(direct.item(), rel=1e-5)
     assert cifar.distillation_loss(t, t, temp).item() == pytest.approx(0.0, abs=1e-6)
     assert cifar.distillation_loss(s, t, temp).item() > 0.0
+
+
+def test_teacher_ensemble_distils_the_mean_of_its_softened_predictions(cifar) -> None:
+    torch.manual_seed(0)
+    teachers = [torch.nn.Linear(6, 4) for _ in range(3)]
+    x, temp = torch.randn(5, 6), 3.0
+    ens = cifar.TeacherEnsemble(teachers, temperature=temp)
+    mean = torch.stack([torch.softmax(m(x) / temp, dim=1) for m in teachers]).mean(0)
+    torch.testing.assert_close(torch.softmax(ens(x) / temp, dim=1), mean)
+    student = torch.randn(5, 4)
+    direct = torch.nn.functional.kl_div(torch.log_softmax(student / temp, 1), mean,
+                                        reduction="batchmean") * temp * temp
+    assert cifar.distillation_loss(student, ens(x), temp).item() == pytest.approx(direct.item(), rel=1e-5)
+    # one teacher: the ensemble is that teacher (same soft targets)
+    one = cifar.TeacherEnsemble(teachers[:1], temperature=temp)
+    torch.testing.assert_close(torch.softmax(one(x) / temp, 1), torch.softmax(teachers[0](x) / temp, 1))

@@ -35,3 +35,13 @@ def test_variants_that_change_register_blocks_are_refused():
         pytest.skip("this CPU already builds the AVX2 blocks: -mno-avx512f changes nothing")
     with pytest.raises(SystemExit, match="register blocks"):
         _module().load_variants(["-mno-avx512f"])
+
+
+def test_channel_lane_rows_may_differ():
+    """-DCO_MR changes only the channel-lane kernel's position rows, not the packed weights: the
+    variant loads, and its layers equal the default build's (each sum runs in the same order)."""
+    mod = _module()
+    libs = mod.load_variants(["-DCO_MR=14"])
+    assert libs["-DCO_MR=14"].ispc_block_rows(native.ORIENT_CO) == 14
+    rows = mod.layer_rows(libs, batch_size=2, rounds=1, convs=[(24, 40, 1, 1, 7), (16, 16, 3, 1, 9)])
+    assert len(rows) == 4 and all(r["identical"] and r["-DCO_MR=14_ms"] > 0 for r in rows)

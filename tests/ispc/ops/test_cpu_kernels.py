@@ -7,7 +7,12 @@ import torch.nn.functional as F
 
 from conftest import rel_err
 from ispc.ops import gated_conv as gc
-from ispc.ops.cpu_kernels import gated_conv2d_gemm, im2col, prepare_weight, run_strategy
+from ispc.ops import native
+from ispc.ops.cpu_kernels import (gated_conv2d_gather_native, gated_conv2d_gemm, im2col, prepare_weight,
+                                  run_strategy)
+
+needs_native = pytest.mark.skipif(not native.available(), reason=f"native kernel unavailable: "
+                                  f"{native.unavailable_reason()}")
 
 
 @pytest.mark.parametrize("cin,cout,k,stride,pad,dil", [
@@ -35,6 +40,53 @@ def test_run_strategy_all_agree():
     for strat in ("gather", "grouped", "gemm"):
         out = run_strategy(strat, x, w, prepare_weight(w), b, s, (1, 1), (1, 1), (1, 1), gc.TOPK, 0.0, 8, 0)
         assert rel_err(out, ref) <= 1e-5
+
+
+@needs_native
+@pytest.mark.parametrize("cin,cout,k,stride,pad,dil", [
+    (16, 8, 3, 1, 1, 1), (13, 29, 3, 2, 1, 1), (24, 16, 1, 1, 0, 1), (17, 5, 5, 2, 2, 1),
+    (32, 12, 3, 1, 2, 2), (20, 8, 1, 1, 1, 1),
+])
+@pytest.mark.parametrize("n", [1, 3])
+def test_gather_native_matches_reference(cin, cout, k, stride, pad, dil, n):
+    """Selection and gathers in C, oneDNN on the kept channels: the masked-dense reference for both
+    modes and saliencies, including nothing kept, everything kept and NaN saliencies."""
+    g = torch.Generator().manual_seed(cin * 100 + n)
+    x = torch.randn(n, cin, 11, 9, generator=g).relu()
+    x[0, 1] = 0.0  # a channel with zero saliency: threshold ties
+    w, b = torch.randn(cout, cin, k, k, generator=g), torch.randn(cout, generator=g)
+    scale = torch.rand(cin, generator=g) + 0.5
+    for sal in (gc.SALIENCY_L2, gc.SALIENCY_L1):
+        for mode, thr, kk in [(gc.TOPK, 0.0, max(1, cin // 2)), (gc.TOPK, 0.0, 1), (gc.THRESHOLD, 0.5, 0),
+                              (gc.THRESHOLD, 1e9, 0), (gc.TOPK, 0.0, 0), (gc.TOPK, 0.0, cin)]:
+            ref = gc.gated_conv2d_reference(x, w, b, scale, stride, stride, pad, pad, dil, dil, mode,
+                                            thr, kk, sal)
+            out = gated_conv2d_gather_native(x, w, b, scale, (stride, stride), (pad, pad), (dil, dil),
+                                             mode, thr, kk, sal)
+            assert out.shape == ref.shape and out.is_contiguous()
+            assert rel_err(out, ref) <= 1e-5, (sal, mode, thr, kk)
+            # run_strategy routes gather, and grouped at batch 1, here (grouped at batch 3 is the
+            # PyTorch kernel: the same result)
+            for strat in ("gather", "grouped"):
+                got = run_strategy(strat, x, w, None, b, scale, (stride, stride), (pad, pad),
+                                   (dil, dil), mode, thr, kk, sal)
+                assert rel_err(got, ref) <= 1e-5
+
+
+@needs_native
+def test_native_select_and_gather():
+    x = torch.tensor([[1.0, 5.0, 3.0, float("nan"), 2.0]]).view(1, 5, 1, 1).repeat(2, 1, 2, 2)
+    x[1] = torch.arange(5.0).view(5, 1, 1)
+    idx, counts = native.select(x, torch.ones(5), gc.TOPK, 0.0, 2, gc.SALIENCY_L2)
+    # NaN counts as the largest (torch.topk); kept channels ascending, then zeros
+    assert counts.tolist() == [2, 2] and idx.tolist() == [[1, 3, 0, 0, 0], [3, 4, 0, 0, 0]]
+    idx, counts = native.select(x, torch.ones(5), gc.THRESHOLD, 2.5, 0, gc.SALIENCY_L1)
+    assert counts.tolist() == [2, 2] and idx[:, :2].tolist() == [[1, 2], [3, 4]]
+    # gather: per-row indices with zero rows past the counts, or one row shared by all
+    src = torch.arange(2 * 5 * 3, dtype=torch.float32).view(2, 5, 3)
+    got = native.gather(src, torch.tensor([[4, 0, 2], [1, 1, 3]]), 3, torch.tensor([3, 1]))
+    assert torch.equal(got, torch.stack([src[0, [4, 0, 2]], torch.cat([src[1, [1]], torch.zeros(2, 3)])]))
+    assert torch.equal(native.gather(src, torch.tensor([3, 0]), 2), src[:, [3, 0]])
 
 
 @pytest.mark.parametrize("kernel,stride,padding,dilation", [

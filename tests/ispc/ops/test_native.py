@@ -37,6 +37,8 @@ SHAPES = [
     (9, 70, 3, 3, 0, 1, 13, 13),
     (48, 20, 1, 1, 0, 1, 5, 7),     # 1x1, stride 1, unpadded: read from the input directly
     (40, 24, 1, 1, 0, 1, 16, 16),   # ... with a whole last block (no tail)
+    (48, 20, 1, 1, 0, 1, 5, 4),     # ... whole blocks of the channel-lane orientation (10 positions)
+    (1100, 70, 1, 1, 0, 1, 3, 5),   # ... its reduction in chunks (over 512 kept channels)
     (30, 16, 1, (2, 3), 0, 1, 11, 13),  # 1x1 strided: only one stride phase is materialized
 ]
 
