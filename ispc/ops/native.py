@@ -197,7 +197,11 @@ def select(x: Tensor, scale: Tensor, mode: int, threshold: float, k: int,
     lib = _load()
     if lib is None:
         raise RuntimeError(_error)
+    _check_f32(x, "x", ndim=4)
     n, c = x.shape[0], x.shape[1]
+    _check_f32(scale, "scale", ndim=1)
+    if scale.numel() != c:
+        raise ValueError(f"scale has {scale.numel()} entries, x has {c} channels")
     idx = torch.empty(n, c, dtype=torch.int64)
     counts = torch.empty(n, dtype=torch.int64)
     scratch = torch.empty(2 * n * c, dtype=torch.float32)
@@ -215,14 +219,36 @@ def gather(src: Tensor, idx: Tensor, width: int, counts: Tensor | None = None) -
     lib = _load()
     if lib is None:
         raise RuntimeError(_error)
+    _check_f32(src, "src")
     o, c = src.shape[0], src.shape[1]
+    rows = idx.view(1, -1) if idx.dim() == 1 else idx
+    if (idx.dtype != torch.int64 or not idx.is_contiguous() or rows.dim() != 2
+            or rows.shape[0] not in (1, o) or not 0 <= width <= rows.shape[1]):
+        raise ValueError(f"idx must be a contiguous int64 row, or {o} rows, of at least width={width} "
+                         f"entries; got {idx.dtype} {tuple(idx.shape)}")
+    if counts is not None and (counts.dtype != torch.int64 or not counts.is_contiguous()
+                               or counts.numel() != o):
+        raise ValueError(f"counts must be a contiguous int64 tensor of {o} entries")
+    used = rows[:, :width]
+    if used.numel() and (int(used.min()) < 0 or int(used.max()) >= c):
+        raise ValueError(f"idx holds channels outside [0, {c})")
     inner = src[0, 0].numel() if o and c else 0
     out = torch.empty((o, width, *src.shape[2:]), dtype=torch.float32)
-    shared = idx.dim() == 1 or idx.shape[0] == 1
+    shared = rows.shape[0] == 1
     lib.ispc_gather(src.data_ptr(), o, c, inner, idx.data_ptr(), 0 if shared else idx.shape[-1],
                     0 if counts is None else counts.data_ptr(), width, out.data_ptr(),
                     torch.get_num_threads())
     return out
+
+
+def _check_f32(t: Tensor, name: str, ndim: int | None = None) -> None:
+    """The C entries read raw float32 memory: refuse anything else rather than read past it."""
+    if t.dtype != torch.float32 or not t.is_contiguous() or t.device.type != "cpu" or (
+            ndim is not None and t.dim() != ndim) or t.dim() < 1:
+        raise ValueError(f"{name} must be a contiguous float32 CPU tensor"
+                         + (f" with {ndim} dimensions" if ndim else "")
+                         + f", got {t.dtype} {tuple(t.shape)} on {t.device}"
+                         + ("" if t.is_contiguous() else " (not contiguous)"))
 
 
 def _workspace(floats: int) -> Tensor:

@@ -87,6 +87,16 @@ def test_native_select_and_gather():
     got = native.gather(src, torch.tensor([[4, 0, 2], [1, 1, 3]]), 3, torch.tensor([3, 1]))
     assert torch.equal(got, torch.stack([src[0, [4, 0, 2]], torch.cat([src[1, [1]], torch.zeros(2, 3)])]))
     assert torch.equal(native.gather(src, torch.tensor([3, 0]), 2), src[:, [3, 0]])
+    # the C entries read raw memory: anything that would make them read past it is refused
+    for bad, msg in [(lambda: native.gather(src, torch.tensor([0, 5]), 2), "outside"),
+                     (lambda: native.gather(src, torch.tensor([0, 1]), 3), "width=3"),
+                     (lambda: native.gather(src.double(), torch.tensor([0, 1]), 2), "float32"),
+                     (lambda: native.gather(src, torch.tensor([0, 1], dtype=torch.int32), 2), "int64"),
+                     (lambda: native.gather(src, torch.zeros(3, 2, dtype=torch.int64), 2), "2 rows"),
+                     (lambda: native.select(x, torch.ones(4), gc.TOPK, 0.0, 2, 0), "4 entries"),
+                     (lambda: native.select(x[:, ::2], torch.ones(3), gc.TOPK, 0.0, 1, 0), "contiguous")]:
+        with pytest.raises(ValueError, match=msg):
+            bad()
 
 
 @pytest.mark.parametrize("kernel,stride,padding,dilation", [
