@@ -49,7 +49,9 @@
 #define VW 8
 #define PIX_MR 6
 #define PIX_NV 2
+#ifndef CO_MR
 #define CO_MR 6
+#endif
 #define CO_NV 2
 #define FULL_NV 8
 #endif
