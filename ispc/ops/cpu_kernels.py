@@ -127,9 +127,9 @@ def gated_conv2d_gather_native(x: Tensor, weight: Tensor, bias: Tensor, scale: T
     :func:`native.gather`): one multithreaded pass each, where PyTorch's norm, top-k, sort and
     ``index_select`` cost VGG-16's 56x56-224x224 layers 1.4-2.8 ms at batch 1 (2-core Xeon; this
     path: 2-11% faster per layer). ``x`` contiguous float32. Threshold mode pads each instance's
-    width to :data:`THRESHOLD_BUCKET` with zero inputs, as :func:`gated_conv2d_loop` does. (The
-    same for the batched ``grouped`` strategy measured within noise at batch 8, so it is not used
-    there.)"""
+    width to :data:`THRESHOLD_BUCKET` with zero inputs, as :func:`gated_conv2d_loop` does. The
+    batched ``grouped`` kernel keeps its PyTorch gathers: the same change measured within noise at
+    batch 8."""
     n, c, h, wd = x.shape
     if _kept_all(mode, threshold, k, c):
         return F.conv2d(x, weight, bias, stride, padding, dilation)

@@ -50,7 +50,8 @@ def test_run_strategy_all_agree():
 @pytest.mark.parametrize("n", [1, 3])
 def test_gather_native_matches_reference(cin, cout, k, stride, pad, dil, n):
     """Selection and gathers in C, oneDNN on the kept channels: the masked-dense reference for both
-    modes and saliencies, including nothing kept, everything kept and NaN saliencies."""
+    modes and saliencies, including nothing kept, everything kept and ties at zero saliency (NaN
+    saliencies: test_native_select_and_gather)."""
     g = torch.Generator().manual_seed(cin * 100 + n)
     x = torch.randn(n, cin, 11, 9, generator=g).relu()
     x[0, 1] = 0.0  # a channel with zero saliency: threshold ties
