@@ -22,8 +22,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import native
-from .gated_conv import (SALIENCY_L1, SALIENCY_L2, THRESHOLD, THRESHOLD_BUCKET, TOPK, _kept_all,
-                         channel_saliency, conv_out_size, gated_conv2d_grouped, gated_conv2d_loop)
+from .gated_conv import (SALIENCY_L1, SALIENCY_L2, THRESHOLD, TOPK, _kept_all, bias_only,
+                         bucket_width, channel_saliency, conv_out_size, gated_conv2d_grouped,
+                         gated_conv2d_loop)
 
 __all__ = ["STRATEGIES", "available_strategies", "prepare_weight", "kept_indices", "im2col",
            "gated_conv2d_gemm", "gated_conv2d_native", "gated_conv2d_gather_native", "run_strategy"]
@@ -127,26 +128,22 @@ def gated_conv2d_gather_native(x: Tensor, weight: Tensor, bias: Tensor, scale: T
     :func:`native.gather`): one multithreaded pass each, where PyTorch's norm, top-k, sort and
     ``index_select`` cost VGG-16's 56x56-224x224 layers 1.4-2.8 ms at batch 1 (2-core Xeon; this
     path: 2-11% faster per layer). ``x`` contiguous float32. Threshold mode pads each instance's
-    width to :data:`THRESHOLD_BUCKET` with zero inputs, as :func:`gated_conv2d_loop` does. The
-    batched ``grouped`` kernel keeps its PyTorch gathers: the same change measured within noise at
-    batch 8."""
-    n, c, h, wd = x.shape
+    width with zero inputs (``bucket_width``), as :func:`gated_conv2d_loop` does. The batched
+    ``grouped`` kernel keeps its PyTorch gathers: the same change measured within noise at batch 8."""
+    n, c = x.shape[:2]
     if _kept_all(mode, threshold, k, c):
         return F.conv2d(x, weight, bias, stride, padding, dilation)
     if saliency not in (SALIENCY_L1, SALIENCY_L2):
         raise ValueError(f"unknown saliency code {saliency}")
     idx, counts = native.select(x, scale.to(torch.float32).contiguous(), mode, threshold, k, saliency)
-    cout, _, kh, kw = weight.shape
     w = weight.contiguous()
     outs = []
     for i in range(n):
         kept = int(counts[i])
         if kept == 0:
-            ho = conv_out_size(h, kh, stride[0], padding[0], dilation[0])
-            wo = conv_out_size(wd, kw, stride[1], padding[1], dilation[1])
-            outs.append(bias.view(1, -1, 1, 1).expand(1, cout, ho, wo))
+            outs.append(bias_only(x, weight, bias, stride, padding, dilation, 1))
             continue
-        width = kept if mode == TOPK else min(c, -(-kept // THRESHOLD_BUCKET) * THRESHOLD_BUCKET)
+        width = kept if mode == TOPK else bucket_width(kept, c)
         xs = native.gather(x[i:i + 1], idx[i:i + 1], width, counts[i:i + 1])
         outs.append(F.conv2d(xs, native.gather(w, idx[i], width), bias, stride, padding, dilation))
     return outs[0].contiguous() if n == 1 else torch.cat(outs)

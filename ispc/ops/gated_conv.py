@@ -119,12 +119,29 @@ def _indices(s: Tensor, mode: int, threshold: float, k: int) -> tuple[Tensor, Te
     return order, (None if bool(valid.all()) else valid)
 
 
+def bucket_width(kept: int, channels: int) -> int:
+    """Threshold mode's gathered width for ``kept`` channels: rounded up to a multiple of
+    :data:`THRESHOLD_BUCKET` (at most ``channels``), the extra channels' inputs zeroed. Exact, and
+    oneDNN sees few distinct shapes (its primitive cache would otherwise miss for almost every new
+    kept count)."""
+    return min(channels, -(-kept // THRESHOLD_BUCKET) * THRESHOLD_BUCKET)
+
+
+def bias_only(x: Tensor, weight: Tensor, bias: Tensor, stride: tuple[int, int],
+              pad: tuple[int, int], dil: tuple[int, int], n: int) -> Tensor:
+    """The output of ``n`` instances that keep no channel: the bias at every position (a view)."""
+    kh, kw = weight.shape[-2:]
+    ho = conv_out_size(x.shape[-2], kh, stride[0], pad[0], dil[0])
+    wo = conv_out_size(x.shape[-1], kw, stride[1], pad[1], dil[1])
+    return bias.to(x.dtype).view(1, -1, 1, 1).expand(n, weight.shape[0], ho, wo)
+
+
 def gated_conv2d_loop(x: Tensor, weight: Tensor, bias: Tensor, scale: Tensor, stride_h: int,
                       stride_w: int, pad_h: int, pad_w: int, dil_h: int, dil_w: int, mode: int,
                       threshold: float, k: int, saliency: int = SALIENCY_L2) -> Tensor:
     """Per-instance kernel: gather the kept input channels and weight slices, run a smaller conv."""
     stride, pad, dil = (stride_h, stride_w), (pad_h, pad_w), (dil_h, dil_w)
-    n, c, h, w = x.shape
+    n, c = x.shape[:2]
     if _kept_all(mode, threshold, k, c):
         return _conv(x, weight, bias, stride, pad, dil)
     s = channel_saliency(x, scale, saliency)
@@ -137,16 +154,11 @@ def gated_conv2d_loop(x: Tensor, weight: Tensor, bias: Tensor, scale: Tensor, st
         else:
             keep = s[i] >= threshold
             kept = int(keep.sum())
-            # round the gathered width up to a multiple of THRESHOLD_BUCKET with dropped channels
-            # whose inputs are zeroed below: exact, and oneDNN sees few distinct shapes (its
-            # primitive cache would otherwise miss for almost every new kept count)
-            width = min(c, -(-kept // THRESHOLD_BUCKET) * THRESHOLD_BUCKET)
-            idx = torch.sort((~keep).to(torch.uint8), stable=True).indices[:width] if kept else None
+            # dropped channels fill the bucket; their inputs are zeroed below
+            idx = (torch.sort((~keep).to(torch.uint8), stable=True).indices[:bucket_width(kept, c)]
+                   if kept else None)
         if idx is None:
-            kh, kw = weight.shape[-2:]
-            ho = conv_out_size(h, kh, stride_h, pad_h, dil_h)
-            wo = conv_out_size(w, kw, stride_w, pad_w, dil_w)
-            outs.append(bias.to(x.dtype).view(1, -1, 1, 1).expand(1, weight.shape[0], ho, wo))
+            outs.append(bias_only(x, weight, bias, stride, pad, dil, 1))
             continue
         xs = x[i:i + 1].index_select(1, idx)
         if idx.numel() > kept:
@@ -168,21 +180,20 @@ def gated_conv2d_grouped(x: Tensor, weight: Tensor, bias: Tensor, scale: Tensor,
     if _kept_all(mode, threshold, k, c):
         return _conv(x, weight, bias, stride, pad, dil)
     cout, _, kh, kw = weight.shape
-    ho, wo = conv_out_size(h, kh, stride_h, pad_h, dil_h), conv_out_size(w, kw, stride_w, pad_w, dil_w)
     s = channel_saliency(x, scale, saliency)
     if mode == TOPK and k <= 0:
-        return bias.view(1, -1, 1, 1).expand(n, cout, ho, wo).contiguous()
+        return bias_only(x, weight, bias, stride, pad, dil, n).contiguous()
     idx, valid = _indices(s, mode, threshold, k)
     width = idx.shape[1]
     if width == 0:
-        return bias.view(1, -1, 1, 1).expand(n, cout, ho, wo).to(x.dtype).contiguous()
+        return bias_only(x, weight, bias, stride, pad, dil, n).contiguous()
     xg = torch.gather(x, 1, idx[:, :, None, None].expand(n, width, h, w))
     if valid is not None:
         xg = xg * valid[:, :, None, None].to(x.dtype)
     wg = weight[:, idx]  # (cout, n, width, kh, kw)
     wg = wg.transpose(0, 1).reshape(n * cout, width, kh, kw)
     y = _conv(xg.reshape(1, n * width, h, w), wg, bias.repeat(n), stride, pad, dil, groups=n)
-    return y.view(n, cout, ho, wo)
+    return y.view(n, cout, *y.shape[-2:])
 
 
 def gated_conv2d_fast(x: Tensor, weight: Tensor, bias: Tensor, scale: Tensor, stride_h: int,

@@ -124,7 +124,8 @@ def _build(extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL:
     lib.ispc_gated_conv_select.argtypes = [ctypes.POINTER(_Layer), _ptr, _i64, _i64, _i64, _i64, _ptr,
                                            _i64, _i64, ctypes.c_float, _i64, _ptr, _ptr, _ptr,
                                            ctypes.c_float, ctypes.c_float, _ptr, _i64, _i64]
-    lib.ispc_select.restype = lib.ispc_gather.restype = None
+    lib.ispc_select.restype = None
+    lib.ispc_gather.restype = _i64
     lib.ispc_select.argtypes = [_ptr, _i64, _i64, _i64, _ptr, _i64, _i64, ctypes.c_float, _i64, _ptr,
                                 _ptr, _ptr, _i64]
     lib.ispc_gather.argtypes = [_ptr, _i64, _i64, _i64, _ptr, _i64, _ptr, _i64, _ptr, _i64]
@@ -229,15 +230,13 @@ def gather(src: Tensor, idx: Tensor, width: int, counts: Tensor | None = None) -
     if counts is not None and (counts.dtype != torch.int64 or not counts.is_contiguous()
                                or counts.numel() != o):
         raise ValueError(f"counts must be a contiguous int64 tensor of {o} entries")
-    used = rows[:, :width]
-    if used.numel() and (int(used.min()) < 0 or int(used.max()) >= c):
-        raise ValueError(f"idx holds channels outside [0, {c})")
     inner = src[0, 0].numel() if o and c else 0
     out = torch.empty((o, width, *src.shape[2:]), dtype=torch.float32)
     shared = rows.shape[0] == 1
-    lib.ispc_gather(src.data_ptr(), o, c, inner, idx.data_ptr(), 0 if shared else idx.shape[-1],
-                    0 if counts is None else counts.data_ptr(), width, out.data_ptr(),
-                    torch.get_num_threads())
+    if lib.ispc_gather(src.data_ptr(), o, c, inner, idx.data_ptr(), 0 if shared else idx.shape[-1],
+                       0 if counts is None else counts.data_ptr(), width, out.data_ptr(),
+                       torch.get_num_threads()):
+        raise ValueError(f"idx holds channels outside [0, {c})")
     return out
 
 

@@ -877,16 +877,21 @@ void ispc_select(const float *x, int64_t N, int64_t C, int64_t HW, const float *
 /* dst[o][j] = src[o][idx[o * idx_stride + j]] (inner floats each) for j < width, zero from j =
  * counts[o] on (counts NULL: none zeroed). Gathers kept input planes (idx_stride C, one row per
  * instance) and kept weight slices (idx_stride 0: one row for every output channel), threads
- * splitting the rows. */
-void ispc_gather(const float *src, int64_t outer, int64_t C, int64_t inner, const int64_t *idx,
-                 int64_t idx_stride, const int64_t *counts, int64_t width, float *dst, int64_t threads) {
-    #pragma omp parallel for num_threads(threads) schedule(static) collapse(2) \
+ * splitting the rows. Returns how many indices fell outside [0, C) (those rows are left unwritten):
+ * checked here, in the copy loop, rather than by a pass over idx before the call. */
+int64_t ispc_gather(const float *src, int64_t outer, int64_t C, int64_t inner, const int64_t *idx,
+                    int64_t idx_stride, const int64_t *counts, int64_t width, float *dst, int64_t threads) {
+    int64_t bad = 0;
+    #pragma omp parallel for num_threads(threads) schedule(static) collapse(2) reduction(+ : bad) \
         if (outer * width * inner >= (1 << 15))
     for (int64_t o = 0; o < outer; o++)
         for (int64_t j = 0; j < width; j++) {
             float *d = dst + (o * width + j) * inner;
+            const int64_t c = idx[o * idx_stride + j];
             if (counts && j >= counts[o]) memset(d, 0, sizeof(float) * inner);
-            else if (inner == 1) *d = src[o * C + idx[o * idx_stride + j]];  /* 1x1 weights */
-            else memcpy(d, src + (o * C + idx[o * idx_stride + j]) * inner, sizeof(float) * inner);
+            else if (c < 0 || c >= C) bad++;
+            else if (inner == 1) *d = src[o * C + c];  /* 1x1 weights */
+            else memcpy(d, src + (o * C + c) * inner, sizeof(float) * inner);
         }
+    return bad;
 }
