@@ -15,6 +15,13 @@ against the native indirect GEMM in both orientations and oneDNN on the gathered
 ``gather`` strategy), which is what ``select_kernels``' predicted cost model is based on::
 
     python examples/kernel_speed.py --native --threads 2 [--batch-size 32]
+
+``--gather`` times the ``gather`` strategy's two paths on VGG-16 layer shapes at half the channels
+(batch 1): PyTorch's norm, top-k, sort and ``index_select`` (``gated_conv2d_loop``) against the
+saliency, selection and gathers in C (``gated_conv2d_gather_native``), each with oneDNN's
+convolution, and dense beside them (the CHANGELOG's per-layer figures)::
+
+    python examples/kernel_speed.py --gather --threads 2 --rounds 15
 """
 from __future__ import annotations
 
@@ -29,7 +36,7 @@ from ispc.benchmark import retain_freed_memory, time_interleaved
 from ispc.ops import gated_conv as gc
 from ispc.ops import native
 from ispc.modules import ChannelsLastMaxPool2d, StridedMaxPool2d
-from ispc.ops.cpu_kernels import gated_conv2d_native, im2col
+from ispc.ops.cpu_kernels import gated_conv2d_gather_native, gated_conv2d_native, im2col
 
 # (cin, cout, kernel, stride, input size) of ResNet-18/50 and VGG-16 layers
 CONVS = [(64, 64, 3, 1, 56), (128, 128, 3, 1, 28), (256, 256, 3, 1, 14), (512, 512, 3, 1, 7),
@@ -40,6 +47,10 @@ POOLS = [((64, 112), 3, 2, 1), ((64, 56), 3, 2, 1), ((64, 224), 2, 2, 0), ((256,
          ((512, 14), 2, 2, 0)]
 IM2COL = [(32, 56), (64, 28), (128, 14), (256, 7), (32, 224), (64, 112)]
 
+# (cin, cout, kernel, input size): VGG-16's 3x3 layers and ResNet's 56x56 ones, for --gather
+GATHER_CONVS = [(64, 64, 3, 224), (128, 128, 3, 112), (256, 256, 3, 56), (64, 128, 3, 112),
+                (128, 256, 3, 56), (512, 512, 3, 28), (64, 64, 3, 56), (256, 64, 1, 56)]
+
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -48,12 +59,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=50)
     p.add_argument("--native", action="store_true",
                    help="time the native gated-convolution kernel instead (see above)")
+    p.add_argument("--gather", action="store_true",
+                   help="time the gather strategy's PyTorch and C selection paths instead (see above)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     retain_freed_memory()
     if args.native:
         return native_table(args)
+    if args.gather:
+        return gather_table(args)
     rows = []
     with torch.no_grad():
         for (c, hw), k, s, pad in POOLS:
@@ -111,6 +126,36 @@ def native_table(args: argparse.Namespace) -> int:
           f"half the input channels kept (ideal: 2.00x)")
     print(tabulate(rows, headers=["layer", "input", "dense ms", "native pix", "native co",
                                   "gather (oneDNN)"], floatfmt=".3f", tablefmt="github"))
+    return 0
+
+
+def gather_table(args: argparse.Namespace) -> int:
+    """Dense oneDNN vs the gather strategy with PyTorch's selection vs with the C selection."""
+    if not native.available():
+        print(f"native kernel unavailable: {native.unavailable_reason()}")
+        return 1
+    rows = []
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for cin, cout, k, hw in GATHER_CONVS:
+            x = torch.randn(1, cin, hw, hw, generator=g).relu()
+            w, b = torch.randn(cout, cin, k, k, generator=g) * 0.05, torch.randn(cout, generator=g)
+            keep, p, ones = cin // 2, k // 2, torch.ones(cin)
+            cands = {
+                "dense": lambda: F.conv2d(x, w, b, 1, p),
+                "pytorch": lambda: gc.gated_conv2d_loop(x, w, b, ones, 1, 1, p, p, 1, 1, gc.TOPK, 0.0,
+                                                        keep, gc.SALIENCY_L2),
+                "c": lambda: gated_conv2d_gather_native(x, w, b, ones, (1, 1), (p, p), (1, 1), gc.TOPK,
+                                                        0.0, keep, gc.SALIENCY_L2),
+            }
+            t = time_interleaved(cands, warmup=3, rounds=args.rounds, progress=False)
+            d = t["dense"].median
+            rows.append([f"{cin}->{cout} {k}x{k}", f"{hw}x{hw}", d,
+                         *(f"{t[c].median:.3f} ({d / t[c].median:.2f}x)" for c in ("pytorch", "c"))])
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch 1, "
+          f"half the input channels kept (ideal: 2.00x)")
+    print(tabulate(rows, headers=["layer", "input", "dense ms", "gather, PyTorch selection",
+                                  "gather, C selection"], floatfmt=".3f", tablefmt="github"))
     return 0
 
 

@@ -101,10 +101,7 @@ def run_with_pre_hooks(gm: nn.Module, names: list[str], hook: Callable[[str, nn.
                        inputs: list[torch.Tensor]) -> None:
     """Run ``inputs`` through ``gm`` without gradients, calling ``hook(name, module, args)`` before
     each named submodule runs (what passes that re-read the calibration cache observe)."""
-    def pre(module: nn.Module, args: tuple, name: str) -> None:
-        hook(name, module, args)
-
-    handles = [gm.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: pre(m, a, n))
+    handles = [gm.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: hook(n, m, a))
                for n in names]
     try:
         with torch.no_grad():

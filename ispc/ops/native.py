@@ -221,8 +221,10 @@ def gather(src: Tensor, idx: Tensor, width: int, counts: Tensor | None = None) -
     if lib is None:
         raise RuntimeError(_error)
     _check_f32(src, "src")
+    if src.dim() < 2:
+        raise ValueError(f"src must have rows and channels (O, C, ...), got shape {tuple(src.shape)}")
     o, c = src.shape[0], src.shape[1]
-    rows = idx.view(1, -1) if idx.dim() == 1 else idx
+    rows = idx.unsqueeze(0) if idx.dim() == 1 else idx
     if (idx.dtype != torch.int64 or not idx.is_contiguous() or rows.dim() != 2
             or rows.shape[0] not in (1, o) or not 0 <= width <= rows.shape[1]):
         raise ValueError(f"idx must be a contiguous int64 row, or {o} rows, of at least width={width} "

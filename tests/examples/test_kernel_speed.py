@@ -31,3 +31,20 @@ def test_native_table_has_every_strategy_per_layer(capsys, monkeypatch):
     rows = [line for line in capsys.readouterr().out.splitlines() if "->" in line]
     assert len(rows) == 2
     assert all(cell.count("x)") == 1 for r in rows for cell in r.split("|")[4:7])
+
+
+def test_gather_table_has_both_selection_paths_per_layer(capsys, monkeypatch):
+    import pytest
+
+    from ispc.ops import native
+
+    if not native.available():
+        pytest.skip(f"native kernel not built here: {native.unavailable_reason()}")
+    spec = importlib.util.spec_from_file_location("kernel_speed", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    monkeypatch.setattr(mod, "GATHER_CONVS", [(16, 8, 3, 10), (32, 16, 1, 9)])  # small, fast
+    assert mod.main(["--gather", "--rounds", "1"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if "->" in line]
+    assert len(rows) == 2
+    assert all(cell.count("x)") == 1 for r in rows for cell in r.split("|")[4:6])

@@ -94,6 +94,7 @@ def test_native_select_and_gather():
                      (lambda: native.gather(src.double(), torch.tensor([0, 1]), 2), "float32"),
                      (lambda: native.gather(src, torch.tensor([0, 1], dtype=torch.int32), 2), "int64"),
                      (lambda: native.gather(src, torch.zeros(3, 2, dtype=torch.int64), 2), "2 rows"),
+                     (lambda: native.gather(src.view(-1), torch.tensor([0]), 1), "rows and channels"),
                      (lambda: native.select(x, torch.ones(4), gc.TOPK, 0.0, 2, 0), "4 entries"),
                      (lambda: native.select(x[:, ::2], torch.ones(3), gc.TOPK, 0.0, 1, 0), "contiguous")]:
         with pytest.raises(ValueError, match=msg):
