@@ -13,6 +13,11 @@ because each epoch's data order depends only on (seed, epoch).
         --json eval.json --plot eval.png [--keep-ratios 0.5 0.6 0.7] [--modes threshold topk] \
         [--allocations layer global]
 
+``average`` averages the weights of checkpoints fine-tuned from one parent (a model soup; or one
+run's last epochs, as SWA does), re-estimates BatchNorm on training images and saves a checkpoint:
+
+    python examples/cifar.py average runs/a/final.pt runs/b/final.pt --data ... --out soup.pt
+
 ``evaluate`` measures the dense top-1 and the fraction of negligible channels at the gating sites,
 then ispc (calibrated on training images only) at each mode, allocation and keep ratio, and for each
 threshold-mode point the static-pruning baseline (:func:`ispc.baselines.static_prune`) at the same
@@ -51,6 +56,7 @@ from ispc.errors import ConfigError, IspcError
 from ispc.feature_decay import FeatureDecay
 
 __all__ = [
+    "average_state_dicts",
     "build_model",
     "build_parser",
     "distillation_loss",
@@ -494,6 +500,84 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------------------
+# Weight averaging
+# --------------------------------------------------------------------------------------------------
+
+def average_state_dicts(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The uniform mean of the floating-point entries of ``states`` (weights and BatchNorm
+    statistics); other entries (``num_batches_tracked``) come from the first. Models fine-tuned from
+    one parent sit in one basin, where the mean of their weights is often better than each
+    (Wortsman et al. 2022, "model soups"; SWA averages one run's epochs the same way)."""
+    if not states:
+        raise ConfigError("average needs at least one checkpoint")
+    keys = list(states[0])
+    out: dict[str, torch.Tensor] = {}
+    for i, st in enumerate(states[1:], start=1):
+        if list(st) != keys:
+            raise ConfigError(f"checkpoint {i + 1} holds other parameters than checkpoint 1 "
+                              f"({sorted(set(st) ^ set(keys))[:3]} ...): average only checkpoints of one model")
+    for k in keys:
+        ref = states[0][k]
+        for i, st in enumerate(states[1:], start=1):
+            if st[k].shape != ref.shape:
+                raise ConfigError(f"{k!r} has shape {tuple(st[k].shape)} in checkpoint {i + 1} and "
+                                  f"{tuple(ref.shape)} in checkpoint 1: average only checkpoints of one model")
+        if ref.is_floating_point():
+            out[k] = torch.stack([st[k].to(torch.float64) for st in states]).mean(0).to(ref.dtype)
+        else:
+            out[k] = ref.clone()
+    return out
+
+
+def _cmd_average(args: argparse.Namespace) -> int:
+    """Average checkpoints' weights, re-estimate BatchNorm statistics on training images, report
+    the test top-1 and save a checkpoint ``evaluate`` and ``finetune`` read like any other."""
+    if args.bn_images < 0:
+        raise ConfigError(f"--bn-images must be >= 0, got {args.bn_images}")
+    ckpts = [_torch_load(Path(p)) for p in args.checkpoints]
+    names = {(c.get("model_name"), int(c.get("num_classes", 10))) for c in ckpts}
+    if len(names) != 1:
+        raise ConfigError(f"the checkpoints hold different models {sorted(map(str, names))}: "
+                          "average only checkpoints of one model")
+    (name, num_classes), = names
+    if not name:
+        raise ConfigError(f"{args.checkpoints[0]!r} does not say which model it holds (no 'model_name')")
+    device = resolve_device(args.device)
+    model = build_model(name, num_classes=num_classes)
+    model.load_state_dict(average_state_dicts([c["model"] for c in ckpts]))
+    model.to(device)
+    data = CIFAR10(args.data, cache_dir=args.cache_dir, progress=args.progress)
+    re_estimate = bool(args.bn_images) and any(isinstance(m, nn.modules.batchnorm._BatchNorm)
+                                               for m in model.modules())
+    if re_estimate:
+        # the mean of the weights needs its own statistics: the parents' means and variances do not
+        # describe its activations. Augmented training images, as the model saw in training.
+        train = data.loader("train", batch_size=args.batch_size, train=True, shuffle=True,
+                            seed=args.seed, device=device)
+        torch.manual_seed(args.seed)
+        torch.optim.swa_utils.update_bn(first_images(train, args.bn_images), model)
+    model.eval()
+    test = _subset_loader(data, "test", None, batch_size=args.batch_size, device=device)
+    top1 = evaluate_top1(model, test)
+    for path, c in zip(args.checkpoints, ckpts):
+        stored = c.get("top1")
+        print(f"  {path}: " + ("no stored top-1" if stored is None else f"{100 * stored:.2f}% (stored)"))
+    bn = (f"BatchNorm re-estimated on {args.bn_images} training images" if re_estimate
+          else "BatchNorm statistics averaged")
+    print(f"average of {len(ckpts)} checkpoints, {bn}: dense test top-1 {100 * top1:.2f}%", flush=True)
+    decays = {c.get("feature_decay") for c in ckpts}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _save({"model_name": name, "num_classes": num_classes, "classes": ckpts[0].get("classes"),
+           "command": shlex.join([sys.argv[0], *args.argv]), "parents": list(args.checkpoints),
+           "parent": args.checkpoints[0], "feature_decay": decays.pop() if len(decays) == 1 else None,
+           "bn_images": args.bn_images if re_estimate else 0, "top1": top1,
+           "model": {k: v.detach().cpu() for k, v in model.state_dict().items()}}, out)
+    print(f"wrote {out}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
 # Evaluation of ispc against dense and static pruning
 # --------------------------------------------------------------------------------------------------
 
@@ -892,7 +976,7 @@ def _fit_options(p: argparse.ArgumentParser, defaults: dict[str, Any]) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``train`` / ``finetune`` / ``evaluate`` command line."""
+    """The ``train`` / ``finetune`` / ``average`` / ``evaluate`` command line."""
     parser = argparse.ArgumentParser(prog="cifar.py", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -933,6 +1017,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="softmax temperature of the distillation term (default 4)")
     _fit_options(p, _FINETUNE_DEFAULTS)
     p.set_defaults(func=_cmd_finetune, model=None)
+
+    p = sub.add_parser("average", help="average the weights of checkpoints of one model (a model "
+                                       "soup, or SWA over a run's epochs), re-estimate BatchNorm, "
+                                       "report the test top-1")
+    p.add_argument("checkpoints", nargs="+", metavar="CKPT",
+                   help="checkpoints of one model, best fine-tuned from one parent")
+    p.add_argument("--out", required=True, help="the averaged checkpoint (.pt)")
+    p.add_argument("--bn-images", type=int, default=50000,
+                   help="augmented training images BatchNorm statistics are re-estimated on "
+                        "(default 50000: the training set; 0 keeps the averaged statistics)")
+    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--seed", type=int, default=0, help="augmentation and order of those images")
+    _common(p)
+    p.set_defaults(func=_cmd_average)
 
     p = sub.add_parser("evaluate", help="dense test top-1, then ispc vs static pruning at several "
                                         "keep ratios (top-1, MAC reduction, batch-1 speed-up)")
@@ -975,8 +1073,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         torch.set_num_threads(args.threads)
     try:
-        if args.command == "evaluate" and not args.data:
-            raise ConfigError("evaluate needs --data")
+        if args.command in ("evaluate", "average") and not args.data:
+            raise ConfigError(f"{args.command} needs --data")
         return int(args.func(args))
     except IspcError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -175,3 +175,60 @@ def test_teacher_ensemble_distils_the_mean_of_its_softened_predictions(cifar) ->
     # one teacher: the ensemble is that teacher (same soft targets)
     one = cifar.TeacherEnsemble(teachers[:1], temperature=temp)
     torch.testing.assert_close(torch.softmax(one(x) / temp, 1), torch.softmax(teachers[0](x) / temp, 1))
+
+
+def test_average_is_the_mean_of_the_weights_with_batchnorm_re_estimated(cifar, fake: Path,
+                                                                         tmp_path: Path, capsys) -> None:
+    cache = tmp_path / "cache"
+    runs = []
+    for seed in (0, 1):
+        out = tmp_path / f"s{seed}"
+        assert cifar.main([*_args(fake, out, cache, "--seed", str(seed))]) == 0
+        runs.append(out / "final.pt")
+    states = [torch.load(p, weights_only=True)["model"] for p in runs]
+    common = ["--data", str(fake), "--cache-dir", str(cache), "--no-progress", "--threads", "1",
+              "--batch-size", "32"]
+
+    # without BatchNorm re-estimation: exactly the mean of every float entry
+    plain = tmp_path / "plain.pt"
+    assert cifar.main(["average", *map(str, runs), "--out", str(plain), "--bn-images", "0", *common]) == 0
+    avg = torch.load(plain, weights_only=True)
+    for k, v in avg["model"].items():
+        if v.is_floating_point():
+            torch.testing.assert_close(v, (states[0][k] + states[1][k]) / 2)
+        else:
+            assert torch.equal(v, states[0][k])
+    assert avg["parents"] == list(map(str, runs)) and "average" in avg["command"]
+    assert avg["bn_images"] == 0 and "BatchNorm statistics averaged" in capsys.readouterr().out
+
+    # with it: each BatchNorm's mean is the mean of its input over those (augmented) training
+    # images, one equal weight per batch, computed here directly
+    bn = tmp_path / "bn.pt"
+    assert cifar.main(["average", *map(str, runs), "--out", str(bn), "--bn-images", "64", *common]) == 0
+    soup = torch.load(bn, weights_only=True)
+    assert soup["bn_images"] == 64
+    model, _ = cifar.load_checkpoint(plain)
+    from ispc.datasets import CIFAR10
+    data = CIFAR10(str(fake), cache_dir=str(cache), progress=False)
+    loader = data.loader("train", batch_size=32, train=True, shuffle=True, seed=0)
+    torch.manual_seed(0)
+    means = [model[0](x).mean(dim=(0, 2, 3)) for x, _ in cifar.first_images(loader, 64)]
+    assert len(means) == 2
+    torch.testing.assert_close(soup["model"]["1.running_mean"], torch.stack(means).mean(0))
+    assert not torch.allclose(soup["model"]["1.running_mean"], avg["model"]["1.running_mean"])
+    for k in ("0.weight", "4.weight", "8.bias"):  # the weights themselves are the plain mean
+        torch.testing.assert_close(soup["model"][k], avg["model"][k])
+    # the reported top-1 is the saved model's
+    model, _ = cifar.load_checkpoint(bn)
+    test = data.loader("test", batch_size=32)
+    assert soup["top1"] == pytest.approx(cifar.evaluate_top1(model.eval(), test))
+    assert f"{100 * soup['top1']:.2f}%" in capsys.readouterr().out
+
+    # checkpoints of different models are refused with the reason
+    other = {**torch.load(runs[1], weights_only=True)}
+    other["model"] = {k: (v[:8] if k == "0.weight" else v) for k, v in other["model"].items()}
+    torch.save(other, tmp_path / "other.pt")
+    assert cifar.main(["average", str(runs[0]), str(tmp_path / "other.pt"), "--out",
+                       str(tmp_path / "x.pt"), *common]) == 2
+    assert "average only checkpoints of one model" in capsys.readouterr().err
+    assert not (tmp_path / "x.pt").exists()
