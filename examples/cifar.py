@@ -127,12 +127,18 @@ def _torch_load(path: Path) -> dict[str, Any]:
     return obj
 
 
-def load_checkpoint(path: str | os.PathLike[str], *, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """The model of a ``best.pt``/``final.pt``/``last.pt`` and the checkpoint's metadata."""
-    ckpt = _torch_load(Path(path))
+def _model_name(ckpt: dict[str, Any], path: str | os.PathLike[str]) -> str:
+    """The model a checkpoint holds (runs written before ``model_name`` say it in their args)."""
     name = ckpt.get("model_name") or ckpt.get("args", {}).get("model")
     if not name:
         raise ConfigError(f"{str(path)!r} does not say which model it holds (no 'model_name')")
+    return name
+
+
+def load_checkpoint(path: str | os.PathLike[str], *, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """The model of a ``best.pt``/``final.pt``/``last.pt`` and the checkpoint's metadata."""
+    ckpt = _torch_load(Path(path))
+    name = _model_name(ckpt, path)
     model = build_model(name, num_classes=int(ckpt.get("num_classes", 10)))
     model.load_state_dict(ckpt["model"])
     meta = {k: v for k, v in ckpt.items() if k not in ("model", "optimizer", "scheduler", "rng")}
@@ -535,13 +541,11 @@ def _cmd_average(args: argparse.Namespace) -> int:
     if args.bn_images < 0:
         raise ConfigError(f"--bn-images must be >= 0, got {args.bn_images}")
     ckpts = [_torch_load(Path(p)) for p in args.checkpoints]
-    names = {(c.get("model_name"), int(c.get("num_classes", 10))) for c in ckpts}
+    names = {(_model_name(c, p), int(c.get("num_classes", 10))) for p, c in zip(args.checkpoints, ckpts)}
     if len(names) != 1:
         raise ConfigError(f"the checkpoints hold different models {sorted(map(str, names))}: "
                           "average only checkpoints of one model")
     (name, num_classes), = names
-    if not name:
-        raise ConfigError(f"{args.checkpoints[0]!r} does not say which model it holds (no 'model_name')")
     device = resolve_device(args.device)
     model = build_model(name, num_classes=num_classes)
     model.load_state_dict(average_state_dicts([c["model"] for c in ckpts]))

@@ -94,10 +94,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def native_table(args: argparse.Namespace) -> int:
-    """Dense oneDNN vs the native kernel (both orientations) vs oneDNN on the gathered channels."""
+def _native_built() -> bool:
+    """Whether the native library is there; says why not when it is not (both native tables need it)."""
     if not native.available():
         print(f"native kernel unavailable: {native.unavailable_reason()}")
+    return native.available()
+
+
+def native_table(args: argparse.Namespace) -> int:
+    """Dense oneDNN vs the native kernel (both orientations) vs oneDNN on the gathered channels."""
+    if not _native_built():
         return 1
     rows = []
     g = torch.Generator().manual_seed(0)
@@ -131,8 +137,7 @@ def native_table(args: argparse.Namespace) -> int:
 
 def gather_table(args: argparse.Namespace) -> int:
     """Dense oneDNN vs the gather strategy with PyTorch's selection vs with the C selection."""
-    if not native.available():
-        print(f"native kernel unavailable: {native.unavailable_reason()}")
+    if not _native_built():
         return 1
     rows = []
     g = torch.Generator().manual_seed(0)
