@@ -185,16 +185,18 @@ def results_json(results: list[BenchmarkResult]) -> str:
 __all__ += ["results_table", "results_json"]
 
 
-def layer_times(model: nn.Module, x: torch.Tensor, *, rounds: int = 10,
-                warmup: int = 2) -> dict[str, float]:
-    """Median wall-clock milliseconds of each convolution / gated layer of ``model`` on ``x``.
+def _timed_forwards(model: nn.Module, x: torch.Tensor, rounds: int,
+                    warmup: int) -> tuple[dict[str, float], float]:
+    """Median ms of each convolution / gated layer of ``model`` on ``x``, and of the whole forward.
 
-    Measured with forward pre/post hooks inside whole-model runs, so cache state is realistic.
+    Layers are timed with forward pre/post hooks inside whole-model runs, so cache state is
+    realistic; the whole forward is timed in the same runs, so the two medians are comparable.
     """
     from .modules import GatedConv2d
 
     starts: dict[str, float] = {}
     times: dict[str, list[float]] = {}
+    whole: list[float] = []
     hooks = []
     for name, mod in model.named_modules():
         if isinstance(mod, (nn.Conv2d, GatedConv2d)) or type(mod).__name__ == "StaticConv2d":
@@ -209,31 +211,67 @@ def layer_times(model: nn.Module, x: torch.Tensor, *, rounds: int = 10,
                 model(x)
             times.clear()
             for _ in range(rounds):
+                t0 = time.perf_counter()
                 model(x)
+                whole.append((time.perf_counter() - t0) * 1e3)
     finally:
         for h in hooks:
             h.remove()
-    return {k: statistics.median(v) for k, v in times.items()}
+    return {k: statistics.median(v) for k, v in times.items()}, statistics.median(whole)
+
+
+def layer_times(model: nn.Module, x: torch.Tensor, *, rounds: int = 10,
+                warmup: int = 2) -> dict[str, float]:
+    """Median wall-clock milliseconds of each convolution / gated layer of ``model`` on ``x``.
+
+    Measured with forward pre/post hooks inside whole-model runs, so cache state is realistic.
+    """
+    return _timed_forwards(model, x, rounds, warmup)[0]
+
+
+def layer_breakdown(dense: nn.Module, compiled: CompiledModel, x: torch.Tensor, *,
+                    rounds: int = 10) -> dict[str, Any]:
+    """Per-layer medians (ms), dense vs gated, with each gated layer's kernel, at ``x``'s batch.
+
+    Also the convolutions' sum and the whole forward pass, timed in the same runs: what the gated
+    model spends outside its convolutions (pooling, activations, adds) is where a realized
+    speed-up below the layers' own is lost. JSON-ready.
+    """
+    from .modules import GatedConv2d
+
+    td, wd = _timed_forwards(dense, x, rounds, 2)
+    tg, wg = _timed_forwards(compiled.graph_module, x, rounds, 2)
+    layers = []
+    for name, t in td.items():
+        mod = compiled.graph_module.get_submodule(name) if name in tg else None
+        layers.append({"layer": name,
+                       "kernel": mod.strategy if isinstance(mod, GatedConv2d) else "dense",
+                       "dense_ms": t, "gated_ms": tg.get(name)})
+    return {"batch_size": int(x.shape[0]), "layers": layers,
+            "conv_dense_ms": sum(td.values()), "conv_gated_ms": sum(tg.values()),
+            "whole_dense_ms": wd, "whole_gated_ms": wg}
 
 
 def layer_table(dense: nn.Module, compiled: CompiledModel, x: torch.Tensor, *, rounds: int = 10,
-                tablefmt: str = "simple") -> str:
-    """Per-layer time, dense vs gated, with each gated layer's kernel."""
-    from .modules import GatedConv2d
+                tablefmt: str = "simple", breakdown: dict[str, Any] | None = None) -> str:
+    """:func:`layer_breakdown` as a table for people (pass ``breakdown`` to format one already
+    measured)."""
+    r = breakdown or layer_breakdown(dense, compiled, x, rounds=rounds)
 
-    td = layer_times(dense, x, rounds=rounds)
-    tg = layer_times(compiled.graph_module, x, rounds=rounds)
-    rows = []
-    for name, t in td.items():
-        mod = compiled.graph_module.get_submodule(name) if name in tg else None
-        kind = mod.strategy if isinstance(mod, GatedConv2d) else "dense"
-        g = tg.get(name)
-        rows.append([name, kind, f"{t:.3f}", "-" if g is None else f"{g:.3f}",
-                     "-" if not g else f"{t / g:.2f}x"])
-    rows.append(["total (conv layers)", "", f"{sum(td.values()):.3f}", f"{sum(tg.values()):.3f}",
-                 f"{sum(td.values()) / max(sum(tg.values()), 1e-9):.2f}x"])
+    def ms(v: float | None) -> str:
+        return "-" if v is None else f"{v:.3f}"
+
+    def ratio(a: float, b: float | None) -> str:
+        return "-" if b is None or b <= 0 else f"{a / b:.2f}x"
+
+    rows = [[e["layer"], e["kernel"], ms(e["dense_ms"]), ms(e["gated_ms"]),
+             ratio(e["dense_ms"], e["gated_ms"])] for e in r["layers"]]
+    cd, cg, wd, wg = r["conv_dense_ms"], r["conv_gated_ms"], r["whole_dense_ms"], r["whole_gated_ms"]
+    rows.append(["total (conv layers)", "", ms(cd), ms(cg), ratio(cd, cg)])
+    rows.append(["outside conv layers", "", ms(wd - cd), ms(wg - cg), ratio(wd - cd, wg - cg)])
+    rows.append(["whole model (hooked)", "", ms(wd), ms(wg), ratio(wd, wg)])
     return tabulate(rows, headers=["layer", "kernel", "dense ms", "gated ms", "speed-up"],
                     tablefmt=tablefmt, disable_numparse=True)
 
 
-__all__ += ["layer_times", "layer_table"]
+__all__ += ["layer_times", "layer_breakdown", "layer_table"]

@@ -170,7 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=30)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--json", help="also write results as JSON here")
-    p.add_argument("--per-layer", action="store_true", help="also print per-layer times (batch 1)")
+    p.add_argument("--per-layer", action="store_true",
+                   help="also time each layer at each batch size, beside the whole model (table, "
+                        "and 'per_layer' in --json)")
     p.add_argument("--latency-aware", action=argparse.BooleanOptionalAction, default=True,
                    help="time kernels at compile time and leave layers dense where gating does "
                         "not pay (default: on)")
@@ -254,7 +256,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     from .api import compile as ispc_compile
-    from .benchmark import benchmark, results_json, results_table, retain_freed_memory
+    from .benchmark import benchmark, results_table, retain_freed_memory
 
     if args.retain_memory:  # before compiling: latency-aware selection times kernels too
         retain_freed_memory()
@@ -273,14 +275,18 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                         rounds=args.rounds, warmup=args.warmup, name=args.model,
                         retain_memory=args.retain_memory)
     print(results_table(results))
+    payload = [r.to_dict() for r in results]
     if args.per_layer:
-        from .benchmark import dense_baseline, layer_table
+        from .benchmark import dense_baseline, layer_breakdown, layer_table
 
-        x = torch.randn(1, *shape)
-        print()
-        print(layer_table(dense_baseline(model, x), compiled, x, rounds=args.rounds))
+        dense = dense_baseline(model, torch.randn(1, *shape))
+        for b, entry in zip(args.batch_sizes, payload):
+            breakdown = layer_breakdown(dense, compiled, torch.randn(b, *shape), rounds=args.rounds)
+            entry["per_layer"] = breakdown
+            print(f"\nper layer, batch {b}:")
+            print(layer_table(dense, compiled, None, breakdown=breakdown))
     if args.json:
-        Path(args.json).write_text(results_json(results) + "\n")
+        Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")
     return 0
 
 

@@ -103,11 +103,27 @@ def test_compile_writes_a_loadable_file(files, capsys):
     assert loaded.report.summary["keep_ratio"] == 0.5
 
 
-def test_bench_per_layer(files, capsys):
-    assert main(["bench", f"{files}/net.py:make", "--input-size", "16", "--batch-sizes", "1",
-                 "--rounds", "3", "--warmup", "1", "--per-layer", "--no-latency-aware"]) == 0
+def test_bench_per_layer_at_each_batch_size(files, capsys, tmp_path):
+    assert main(["bench", f"{files}/net.py:make", "--input-size", "16", "--batch-sizes", "1", "3",
+                 "--rounds", "3", "--warmup", "1", "--per-layer", "--no-latency-aware",
+                 "--json", str(tmp_path / "bench.json")]) == 0
     out = capsys.readouterr().out
-    assert "total (conv layers)" in out and "kernel" in out
+    results = json.loads((tmp_path / "bench.json").read_text())
+    assert [r["batch_size"] for r in results] == [r["per_layer"]["batch_size"] for r in results] == [1, 3]
+    for r in results:
+        p = r["per_layer"]
+        assert p["conv_dense_ms"] == pytest.approx(sum(e["dense_ms"] for e in p["layers"]))
+        assert p["whole_gated_ms"] >= p["conv_gated_ms"] > 0
+        assert {e["kernel"] for e in p["layers"]} - {"dense"}, "some layer is gated"
+    assert "per layer, batch 1:" in out and "per layer, batch 3:" in out
+    assert out.count("total (conv layers)") == 2 and "kernel" in out
+    for table in out.split("per layer, batch ")[1:]:
+        rows = {line.split("  ")[0].strip(): line.split() for line in table.splitlines()}
+        whole, convs, rest = (rows["whole model (hooked)"], rows["total (conv layers)"],
+                              rows["outside conv layers"])
+        # dense and gated columns: whole = convs + the rest, each timed in the same runs
+        for col in (-3, -2):
+            assert float(whole[col]) == pytest.approx(float(convs[col]) + float(rest[col]), abs=2e-3)
 
 
 def test_gate_linear_flag_gates_the_classifier(tmp_path, capsys):
