@@ -3,9 +3,10 @@
 Each model is compiled twice (``fuse_epilogues`` on and off) with the deterministic shape cost
 model, so both gate the same layers with the same kernels; the three candidates then run
 interleaved (``ispc.benchmark.time_interleaved``: a rotating order, after warm-up) for ``--rounds``
-rounds at batch 1, and medians are compared (the README's A/B table)::
+rounds at batch 1 (or ``--batch-size``), and medians are compared (the README's A/B table)::
 
     python examples/fusion_ab.py --models resnet18 resnet50 vgg16_bn mobilenet_v2 --rounds 40
+    python examples/fusion_ab.py --models resnet50 mobilenet_v2 --batch-size 32 --rounds 6
 """
 from __future__ import annotations
 
@@ -20,19 +21,21 @@ from ispc.benchmark import dense_baseline, retain_freed_memory, time_interleaved
 from ispc.examples.models import create_model
 
 
-def ab(name: str, *, size: int, rounds: int, keep_ratio: float) -> dict[str, float]:
-    """Median ms of dense / fused / unfused for one model at batch 1."""
+def ab(name: str, *, size: int, rounds: int, keep_ratio: float,
+       batch_size: int = 1) -> dict[str, float]:
+    """Median ms of dense / fused / unfused for one model at ``batch_size``."""
     g = torch.Generator().manual_seed(0)
     calib = [torch.randn(8, 3, size, size, generator=g) for _ in range(4)]
-    x = torch.randn(1, 3, size, size, generator=g)
+    x = torch.randn(batch_size, 3, size, size, generator=g)
     torch.manual_seed(0)
     model = create_model(name).eval()
-    cands = {"dense": dense_baseline(model, x)}
+    cands = {"dense": dense_baseline(model, x[:1])}
     for fuse in (True, False):
         cfg = ispc.GatingConfig(keep_ratio=keep_ratio, mode="topk", fuse_epilogues=fuse)
         cands["fused" if fuse else "unfused"] = ispc.compile(model, calib, config=cfg, progress=False)
     with torch.no_grad():
-        timings = time_interleaved({k: (lambda m=m: m(x)) for k, m in cands.items()}, warmup=5,
+        timings = time_interleaved({k: (lambda m=m: m(x)) for k, m in cands.items()},
+                                   warmup=5 if batch_size == 1 else 1,
                                    rounds=rounds, progress=False)
     return {k: t.median for k, t in timings.items()}
 
@@ -42,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", nargs="+", default=["resnet18", "resnet50", "vgg16_bn", "mobilenet_v2"])
     p.add_argument("--rounds", type=int, default=40)
     p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--keep-ratio", type=float, default=0.5)
     p.add_argument("--threads", type=int)
     p.add_argument("--json")
@@ -51,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     retain_freed_memory()
     rows = []
     for name in args.models:
-        ms = ab(name, size=args.image_size, rounds=args.rounds, keep_ratio=args.keep_ratio)
+        ms = ab(name, size=args.image_size, rounds=args.rounds, keep_ratio=args.keep_ratio,
+                batch_size=args.batch_size)
         rows.append({"model": name, **{f"{k}_ms": v for k, v in ms.items()},
                      "fused_speedup": ms["dense"] / ms["fused"],
                      "unfused_speedup": ms["dense"] / ms["unfused"],

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["ORIENT_PIX", "ORIENT_CO", "ORIENT_FULL", "available", "full_window", "unavailable_reason",
-           "pack_weight", "select", "gather",
+           "pack_weight", "select", "gather", "epilogue",
            "NativeLayer", "orientation_for", "supports", "NO_CLAMP", "RELU", "RELU6"]
 
 ORIENT_PIX = 0  #: vector lanes over output pixels (large feature maps)
@@ -129,6 +129,8 @@ def _build(extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL:
     lib.ispc_select.argtypes = [_ptr, _i64, _i64, _i64, _ptr, _i64, _i64, ctypes.c_float, _i64, _ptr,
                                 _ptr, _ptr, _i64]
     lib.ispc_gather.argtypes = [_ptr, _i64, _i64, _i64, _ptr, _i64, _ptr, _i64, _ptr, _i64]
+    lib.ispc_epilogue.restype = None
+    lib.ispc_epilogue.argtypes = [_ptr, _ptr, _i64, ctypes.c_float, ctypes.c_float, _i64]
     return lib
 
 
@@ -210,6 +212,24 @@ def select(x: Tensor, scale: Tensor, mode: int, threshold: float, k: int,
                     mode, threshold, k, idx.data_ptr(), counts.data_ptr(), scratch.data_ptr(),
                     torch.get_num_threads())
     return idx, counts
+
+
+def epilogue(out: Tensor, residual: Tensor | None = None, clamp: tuple[float, float] = NO_CLAMP) -> Tensor:
+    """``out = clamp(out + residual, *clamp)`` in place, in one multithreaded pass (PyTorch's
+    ``add_`` then ``relu_`` make two): the fused epilogue of a layer whose output the kernel returned
+    without it. ``out`` contiguous float32; ``residual`` (None: none) contiguous float32 of its shape."""
+    lib = _load()
+    if lib is None:
+        raise RuntimeError(_error)
+    _check_f32(out, "out")
+    if residual is not None:
+        _check_f32(residual, "residual")
+        if residual.shape != out.shape:
+            raise ValueError(f"the residual must have the output's shape {tuple(out.shape)}, "
+                             f"got {tuple(residual.shape)}")
+    lib.ispc_epilogue(out.data_ptr(), None if residual is None else residual.data_ptr(), out.numel(),
+                      clamp[0], clamp[1], torch.get_num_threads())
+    return out
 
 
 def gather(src: Tensor, idx: Tensor, width: int, counts: Tensor | None = None) -> Tensor:

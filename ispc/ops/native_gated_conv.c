@@ -895,3 +895,18 @@ int64_t ispc_gather(const float *src, int64_t outer, int64_t C, int64_t inner, c
         }
     return bad;
 }
+
+/* out = clamp(out + res, lo, hi) in place (res NULL: clamp only; NaN passes through, as in epi1),
+ * threads splitting the floats: the epilogue of a gated layer whose output is too large to apply it
+ * inside the kernel (batch 32), in one pass over memory where PyTorch's add_ and relu_ take two. */
+void ispc_epilogue(float *out, const float *res, int64_t n, float lo, float hi, int64_t threads) {
+    const int64_t nv = n / VW;
+    const epi_t e = {res, lo, hi, 1, 0};
+    #pragma omp parallel for num_threads(threads) schedule(static) if (n >= (1 << 16))
+    for (int64_t i = 0; i < nv; i++) {
+        vf v = ld(out + i * VW);
+        if (res) v += ld(res + i * VW);
+        st(out + i * VW, clampv(v, lo, hi));
+    }
+    for (int64_t m = nv * VW; m < n; m++) out[m] = epi1(&e, out[m], m);
+}

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from ispc.modules import GatedConv2d
+from ispc.ops import native
 
 
 def _layer(mode: str, threshold: float, k: int) -> GatedConv2d:
@@ -40,3 +41,32 @@ def test_a_layer_that_drops_channels_stays_one_opaque_op():
     assert torch.allclose(layer(x), layer.reference(x), atol=1e-5)
     layer.k = 8  # passes may change k or the threshold after construction: the check follows them
     assert torch.equal(layer(x), F.conv2d(x, layer.weight, layer.bias, 1, 1))
+
+
+@pytest.mark.skipif(not native.available(), reason="the native kernel is not built here")
+@pytest.mark.parametrize("act", ["relu", "relu6", None])
+@pytest.mark.parametrize("residual_shape, dtype", [(None, None), ((3, 16, 6, 6), torch.float32),
+                                                   ((1, 16, 1, 1), torch.float32),
+                                                   ((3, 16, 6, 6), torch.float64),
+                                                   ((2, 3, 16, 6, 6), torch.float32)])
+def test_epilogue_after_the_native_kernel_equals_the_reference(monkeypatch, act, residual_shape, dtype):
+    """Outputs too large for the kernel's own epilogue get it in place on the kernel's output:
+    the reference's values, dtype and shape (broadcasting and type promotion included), and the
+    caller's input and residual untouched."""
+    import ispc.modules as modules
+
+    monkeypatch.setattr(modules, "EPILOGUE_MAX_BYTES", 0)
+    torch.manual_seed(0)
+    m = GatedConv2d(torch.randn(16, 16, 3, 3), torch.randn(16), stride=(1, 1), padding=(1, 1),
+                    dilation=(1, 1), mode="topk", threshold=0.0, k=8)
+    m.requires_grad_(False)
+    m.set_strategy("native")
+    m.residual_add, m.act = True, act
+    x = torch.randn(3, 16, 6, 6)
+    r = None if residual_shape is None else torch.randn(residual_shape, dtype=dtype) * 3
+    x0, r0 = x.clone(), None if r is None else r.clone()
+    with torch.no_grad():
+        out, ref = m(x, r), m.reference(x, r)
+    assert out.dtype == ref.dtype and out.shape == ref.shape
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-4)
+    assert torch.equal(x, x0) and (r is None or torch.equal(r, r0))

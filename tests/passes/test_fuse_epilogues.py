@@ -166,9 +166,9 @@ def test_a_residual_that_needs_gradients_keeps_them():
 
 
 
-def test_large_outputs_run_the_epilogue_in_pytorch(monkeypatch):
-    """Above EPILOGUE_MAX_BYTES (batch 32) the fused layers add and clamp after the kernel: the
-    same values, bit for bit, as in the kernel and as unfused."""
+def test_large_outputs_run_the_epilogue_after_the_kernel(monkeypatch):
+    """Above EPILOGUE_MAX_BYTES (batch 32) the fused layers add and clamp in a pass after the
+    kernel: the same values, bit for bit, as in the kernel and as unfused."""
     import ispc.modules as modules
 
     model = Blocks().eval()

@@ -311,6 +311,33 @@ def test_fused_epilogue_is_the_unfused_kernel_plus_pytorch_ops():
                 layer.gated(x, s, gc.TOPK, 0.0, 16, gc.SALIENCY_L2, bad, native.RELU)
 
 
+@pytest.mark.parametrize("n", [1, 15, 16, 1000, (1 << 16) + 7])  # tails, one thread, threaded
+@pytest.mark.parametrize("clamp", [native.NO_CLAMP, native.RELU, native.RELU6])
+@pytest.mark.parametrize("with_residual", [True, False])
+def test_standalone_epilogue_is_the_pytorch_ops_bit_for_bit(n, clamp, with_residual):
+    """``native.epilogue`` (the pass after the kernel for large outputs) adds, then clamps, in
+    place, as PyTorch does: NaN passes through, the residual is only read."""
+    out = torch.randn(n) * 8
+    out[::97] = float("nan")
+    res = torch.randn(n) * 8 if with_residual else None
+    res0 = None if res is None else res.clone()
+    want = out + res if with_residual else out.clone()
+    want = torch.clamp(want, *clamp) if clamp != native.NO_CLAMP else want
+    got = native.epilogue(out, res, clamp)
+    assert got is out and torch.equal(got.isnan(), want.isnan())
+    assert torch.equal(got.nan_to_num(), want.nan_to_num())
+    assert res is None or torch.equal(res, res0)
+
+
+def test_standalone_epilogue_refuses_what_it_cannot_read():
+    out = torch.randn(4, 8)
+    for bad in (torch.randn(4, 7), torch.randn(8, 4).t(), torch.randn(4, 8).double()):
+        with pytest.raises(ValueError, match="residual"):
+            native.epilogue(out, bad, native.RELU)
+    with pytest.raises(ValueError, match="out must be a contiguous float32"):
+        native.epilogue(out.t(), None, native.RELU)
+
+
 def test_build_is_cached_per_source_and_machine(tmp_path, monkeypatch):
     monkeypatch.setenv("ISPC_CACHE_DIR", str(tmp_path))
     first = native._build()
