@@ -164,6 +164,9 @@ class GatedConv2d(nn.Module):
             out = _cpu.run_strategy(strategy, x, self.weight, self.prepared, self.bias,
                                     self.scale, self.stride, self.padding, self.dilation, a[6], a[7],
                                     a[8], a[9])
+            if (self.act or residual is not None) and out._base is None and out.is_contiguous():
+                # a tensor of the kernel's own (a view could be the bias: all channels dropped)
+                return self._epilogue_in_place(out, residual)
         else:
             out = torch.ops.ispc.gated_conv2d(x, self.weight, self.bias, self.scale, *self._args)
         return self._epilogue(out, residual) if self.act or residual is not None else out
@@ -197,21 +200,24 @@ class GatedConv2d(nn.Module):
         return out
 
     def _epilogue_in_place(self, out: Tensor, residual: Tensor | None) -> Tensor:
-        """:meth:`_epilogue` written into ``out``, the native kernel's own fresh float32 output,
-        for outputs too large for the kernel to apply it (batch 32): one pass over memory in C
+        """:meth:`_epilogue` written into ``out``, a fresh contiguous output of a CPU kernel that
+        nothing else holds (the native kernel's, where its output is too large for it to apply the
+        epilogue itself, at batch 32; the other kernels'): one pass over memory in C
         (:func:`ispc.ops.native.epilogue`) instead of PyTorch's new tensors for ``out + residual``
-        and its ReLU (on a 98 MB ResNet-50 output 19.9 ms out of place, 12.3 ms as ``add_`` and
-        ``relu_``). Residuals the C pass cannot read go through PyTorch, in place where the
-        result keeps ``out``'s shape and dtype."""
+        and the activation (on a 98 MB ResNet-50 output 19.9 ms out of place, 12.3 ms as ``add_``
+        and ``relu_``). What the C pass cannot read goes through PyTorch, in place where the result
+        keeps ``out``'s shape and dtype."""
         if residual is not None and residual.requires_grad and torch.is_grad_enabled():
             return self._epilogue(out, residual)  # autograd flows into the residual
-        if residual is None or (type(residual) is Tensor and residual.dtype == torch.float32
-                                and residual.is_contiguous() and residual.shape == out.shape):
+        if out.dtype == torch.float32 and _native.available() and (
+                residual is None or (type(residual) is Tensor and residual.dtype == torch.float32
+                                     and residual.is_contiguous() and residual.shape == out.shape)):
             return _native.epilogue(out, residual, ACTIVATIONS[self.act])
-        if (residual.dtype != out.dtype
-                or torch.broadcast_shapes(out.shape, residual.shape) != out.shape):
-            return self._epilogue(out, residual)  # type promotion or a larger result
-        out.add_(residual)
+        if residual is not None:
+            if (residual.dtype != out.dtype
+                    or torch.broadcast_shapes(out.shape, residual.shape) != out.shape):
+                return self._epilogue(out, residual)  # type promotion or a larger result
+            out.add_(residual)
         if self.act == "relu":
             out.relu_()
         elif self.act == "relu6":

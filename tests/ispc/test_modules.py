@@ -44,15 +44,17 @@ def test_a_layer_that_drops_channels_stays_one_opaque_op():
 
 
 @pytest.mark.skipif(not native.available(), reason="the native kernel is not built here")
+@pytest.mark.parametrize("strategy", ["native", "gather", "grouped", "gemm"])
 @pytest.mark.parametrize("act", ["relu", "relu6", None])
 @pytest.mark.parametrize("residual_shape, dtype", [(None, None), ((3, 16, 6, 6), torch.float32),
                                                    ((1, 16, 1, 1), torch.float32),
                                                    ((3, 16, 6, 6), torch.float64),
                                                    ((2, 3, 16, 6, 6), torch.float32)])
-def test_epilogue_after_the_native_kernel_equals_the_reference(monkeypatch, act, residual_shape, dtype):
-    """Outputs too large for the kernel's own epilogue get it in place on the kernel's output:
-    the reference's values, dtype and shape (broadcasting and type promotion included), and the
-    caller's input and residual untouched."""
+def test_epilogue_after_the_kernel_equals_the_reference(monkeypatch, strategy, act, residual_shape,
+                                                        dtype):
+    """The epilogue applied in place on a kernel's output (the native kernel's when too large for
+    its own epilogue, every other kernel's): the reference's values, dtype and shape
+    (broadcasting and type promotion included), and the caller's input and residual untouched."""
     import ispc.modules as modules
 
     monkeypatch.setattr(modules, "EPILOGUE_MAX_BYTES", 0)
@@ -60,7 +62,7 @@ def test_epilogue_after_the_native_kernel_equals_the_reference(monkeypatch, act,
     m = GatedConv2d(torch.randn(16, 16, 3, 3), torch.randn(16), stride=(1, 1), padding=(1, 1),
                     dilation=(1, 1), mode="topk", threshold=0.0, k=8)
     m.requires_grad_(False)
-    m.set_strategy("native")
+    m.set_strategy(strategy)
     m.residual_add, m.act = True, act
     x = torch.randn(3, 16, 6, 6)
     r = None if residual_shape is None else torch.randn(residual_shape, dtype=dtype) * 3
@@ -70,3 +72,22 @@ def test_epilogue_after_the_native_kernel_equals_the_reference(monkeypatch, act,
     assert out.dtype == ref.dtype and out.shape == ref.shape
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-4)
     assert torch.equal(x, x0) and (r is None or torch.equal(r, r0))
+
+
+@pytest.mark.parametrize("native_pass", [True, False])
+def test_epilogue_never_writes_into_the_bias(monkeypatch, native_pass):
+    """An instance that keeps no channel gets the bias as a view: the in-place epilogue must not
+    clamp the layer's own bias (a 1x1 output makes that view contiguous)."""
+    if not native_pass:
+        monkeypatch.setattr(native, "available", lambda: False)
+    bias = torch.tensor([-1.0, 2.0, -3.0, 4.0])
+    m = GatedConv2d(torch.randn(4, 8, 3, 3), bias.clone(), stride=(1, 1), padding=(0, 0),
+                    dilation=(1, 1), mode="threshold", threshold=1e9, k=0)
+    m.requires_grad_(False)
+    m.set_strategy("gather")
+    m.act = "relu"
+    with torch.no_grad():
+        for _ in range(2):
+            out = m(torch.randn(1, 8, 3, 3))
+            assert torch.equal(out.flatten(), torch.relu(bias))
+    assert torch.equal(m.bias, bias)
