@@ -214,10 +214,12 @@ def select(x: Tensor, scale: Tensor, mode: int, threshold: float, k: int,
     return idx, counts
 
 
-def epilogue(out: Tensor, residual: Tensor | None = None, clamp: tuple[float, float] = NO_CLAMP) -> Tensor:
+def epilogue(out: Tensor, residual: Tensor | None = None,
+             clamp: tuple[float, float] = NO_CLAMP) -> Tensor:
     """``out = clamp(out + residual, *clamp)`` in place, in one multithreaded pass (PyTorch's
-    ``add_`` then ``relu_`` make two): the fused epilogue of a layer whose output the kernel returned
-    without it. ``out`` contiguous float32; ``residual`` (None: none) contiguous float32 of its shape."""
+    ``add_`` then ``relu_`` make two): the fused epilogue of a gated layer whose kernel returned
+    its output without it. ``out`` contiguous float32; ``residual`` (None: none) contiguous
+    float32 of its shape."""
     lib = _load()
     if lib is None:
         raise RuntimeError(_error)

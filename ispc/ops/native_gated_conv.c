@@ -897,8 +897,9 @@ int64_t ispc_gather(const float *src, int64_t outer, int64_t C, int64_t inner, c
 }
 
 /* out = clamp(out + res, lo, hi) in place (res NULL: clamp only; NaN passes through, as in epi1),
- * threads splitting the floats: the epilogue of a gated layer whose output is too large to apply it
- * inside the kernel (batch 32), in one pass over memory where PyTorch's add_ and relu_ take two. */
+ * threads splitting the floats: the epilogue of a gated layer whose kernel returned its output
+ * without it (this kernel's outputs too large to apply it inside, at batch 32; the oneDNN and BLAS
+ * kernels'), in one pass over memory where PyTorch's add_ and relu_ take two. */
 void ispc_epilogue(float *out, const float *res, int64_t n, float lo, float hi, int64_t threads) {
     const int64_t nv = n / VW;
     const epi_t e = {res, lo, hi, 1, 0};
