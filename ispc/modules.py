@@ -151,9 +151,10 @@ class GatedConv2d(nn.Module):
             # run_strategy (~28 -> ~23 us per call, paid by every gated layer at batch 1)
             xc = x if x.is_contiguous() else x.contiguous()
             sal = SALIENCY_CODES[self.saliency]
-            if (not (self.act or residual is not None) or (
-                    self._epilogue_fits(layer, x) and (residual is None
-                                                       or self._kernel_takes(residual, layer, x)))):
+            if not (self.act or residual is not None):
+                return layer.gated(xc, scale, mode, self.threshold, self.k, sal)
+            shape = layer.out_shape(x.shape[0], x.shape[-2], x.shape[-1])
+            if self._epilogue_fits(shape) and (residual is None or self._c_reads(residual, shape)):
                 return layer.gated(xc, scale, mode, self.threshold, self.k, sal, residual,
                                    ACTIVATIONS[self.act])
             out = layer.gated(xc, scale, mode, self.threshold, self.k, sal)
@@ -172,25 +173,26 @@ class GatedConv2d(nn.Module):
         return self._epilogue(out, residual) if self.act or residual is not None else out
 
     @staticmethod
-    def _epilogue_fits(layer: _native.NativeLayer, x: Tensor) -> bool:
-        """Whether the fused epilogue pays for this call: outputs up to
+    def _epilogue_fits(shape: tuple[int, ...]) -> bool:
+        """Whether the fused epilogue pays for an output of ``shape``: outputs up to
         :data:`EPILOGUE_MAX_BYTES` (at batch 1 it gains 3%; at batch 32 ResNet-50 with every
         epilogue in the kernel took 898 ms, with larger outputs' in the pass after it 813 ms, with
         none in the kernel 826 ms: 2-core Xeon, one process)."""
-        n, c, h, w = layer.out_shape(x.shape[0], x.shape[-2], x.shape[-1])
+        n, c, h, w = shape
         return n * c * h * w * 4 <= EPILOGUE_MAX_BYTES
 
     @staticmethod
-    def _kernel_takes(residual: Tensor, layer: _native.NativeLayer, x: Tensor) -> bool:
-        """Whether the native kernel can add ``residual`` itself: a plain contiguous float32
-        tensor of the output's shape that needs no gradient (the kernel cannot backpropagate)."""
+    def _c_reads(residual: Tensor, shape: tuple[int, ...]) -> bool:
+        """Whether the native library (the kernel, or :func:`ispc.ops.native.epilogue`) can add
+        ``residual`` itself: a plain contiguous float32 tensor of the output's ``shape`` that needs
+        no gradient (C cannot backpropagate)."""
         return (type(residual) is Tensor and residual.dtype == torch.float32
-                and residual.is_contiguous()
-                and residual.shape == layer.out_shape(x.shape[0], x.shape[-2], x.shape[-1])
+                and residual.is_contiguous() and residual.shape == shape
                 and not (residual.requires_grad and torch.is_grad_enabled()))
 
     def _epilogue(self, out: Tensor, residual: Tensor | None) -> Tensor:
-        """The fused epilogue as PyTorch ops (every path but the native kernel's)."""
+        """The fused epilogue as PyTorch ops, new tensors (the paths the native library does not
+        serve: autograd, export, other dtypes, no compiler)."""
         if residual is not None:
             out = out + residual
         if self.act == "relu":
@@ -205,24 +207,12 @@ class GatedConv2d(nn.Module):
         epilogue itself, at batch 32; the other kernels'): one pass over memory in C
         (:func:`ispc.ops.native.epilogue`) instead of PyTorch's new tensors for ``out + residual``
         and the activation (on a 98 MB ResNet-50 output 19.9 ms out of place, 12.3 ms as ``add_``
-        and ``relu_``). What the C pass cannot read goes through PyTorch, in place where the result
-        keeps ``out``'s shape and dtype."""
-        if residual is not None and residual.requires_grad and torch.is_grad_enabled():
-            return self._epilogue(out, residual)  # autograd flows into the residual
+        and ``relu_``). What the C pass cannot take (no native library, another dtype, a residual
+        that broadcasts or needs gradients) goes through :meth:`_epilogue`."""
         if out.dtype == torch.float32 and _native.available() and (
-                residual is None or (type(residual) is Tensor and residual.dtype == torch.float32
-                                     and residual.is_contiguous() and residual.shape == out.shape)):
+                residual is None or self._c_reads(residual, out.shape)):
             return _native.epilogue(out, residual, ACTIVATIONS[self.act])
-        if residual is not None:
-            if (residual.dtype != out.dtype
-                    or torch.broadcast_shapes(out.shape, residual.shape) != out.shape):
-                return self._epilogue(out, residual)  # type promotion or a larger result
-            out.add_(residual)
-        if self.act == "relu":
-            out.relu_()
-        elif self.act == "relu6":
-            out.clamp_(0.0, 6.0)
-        return out
+        return self._epilogue(out, residual)
 
     def _direct(self, x: Tensor) -> bool:
         """True when calling the CPU kernel directly is indistinguishable from calling the op:

@@ -315,7 +315,8 @@ def test_fused_epilogue_is_the_unfused_kernel_plus_pytorch_ops():
 @pytest.mark.parametrize("clamp", [native.NO_CLAMP, native.RELU, native.RELU6])
 @pytest.mark.parametrize("with_residual", [True, False])
 def test_standalone_epilogue_is_the_pytorch_ops_bit_for_bit(n, clamp, with_residual):
-    """``native.epilogue`` (the pass after the kernel for large outputs) adds, then clamps, in
+    """``native.epilogue`` (the pass after a kernel that returned its output without the
+    epilogue) adds, then clamps, in
     place, as PyTorch does: NaN passes through, the residual is only read."""
     out = torch.randn(n) * 8
     out[::97] = float("nan")
