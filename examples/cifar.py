@@ -764,18 +764,36 @@ def single_layer_check(compiled: nn.Module, loader: Iterable[Any], *, images: in
             "spearman": spearman([r["cv"] for r in rows], [r["gain"] for r in rows])}
 
 
-def _speedup_b1(model: nn.Module, candidate: nn.Module, rounds: int, progress: bool) -> float:
+#: test images the batch-1 speed-ups cycle through (the gates' sparsity, and so the speed, is
+#: that of real images, not of random inputs)
+SPEED_IMAGES = 64
+
+
+def _speed_inputs(test: Iterable[Any], count: int = SPEED_IMAGES) -> torch.Tensor:
+    """The first ``count`` images of ``test`` (batches of ``(images, labels)`` or of images)."""
+    got, seen = [], 0
+    for batch in test:
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        got.append(x[:count - seen])
+        seen += got[-1].shape[0]
+        if seen >= count:
+            break
+    return torch.cat(got)
+
+
+def _speedup_b1(model: nn.Module, candidate: nn.Module, rounds: int, progress: bool,
+                inputs: torch.Tensor) -> float:
     from ispc.benchmark import benchmark
 
-    return float(benchmark(model, candidate, (3, 32, 32), batch_sizes=(1,), rounds=rounds,
-                           progress=progress)[0].realized_speedup)
+    return float(benchmark(model, candidate, batch_sizes=(1,), rounds=rounds, progress=progress,
+                           inputs=inputs)[0].realized_speedup)
 
 
 def sparsity_sweep(model: nn.Module, calibration: Iterable[Any], test: Iterable[Any], *,
                    keep_ratios: Iterable[float] = (0.3, 0.4, 0.5, 0.6, 0.7),
                    modes: Iterable[str] = ("threshold", "topk"),
                    allocations: Iterable[str] = ("layer",), saliency: str = "l2",
-                   speed_rounds: int = 20, cv_images: int = 256, layer_images: int = 1000,
+                   speed_rounds: int = 64, cv_images: int = 256, layer_images: int = 1000,
                    check_data: Iterable[Any] | None = None, progress: bool = True) -> dict[str, Any]:
     """ispc at each (mode, allocation, keep ratio), and static pruning matched to each
     threshold-mode point.
@@ -796,13 +814,15 @@ def sparsity_sweep(model: nn.Module, calibration: Iterable[Any], test: Iterable[
         if thr else None
     points: list[dict[str, Any]] = []
     cv_check: dict[str, Any] | None = None
+    speed_inputs = _speed_inputs(test)
     for mode, alloc, ratio in _progress(grid, desc="ispc vs static", total=len(grid), enabled=progress):
         cfg = ispc.GatingConfig(keep_ratio=ratio, mode=mode, allocation=alloc, saliency=saliency)
         fast = ispc.compile(model, calibration, config=cfg, progress=progress).eval()
         measured = fast.measure(test, progress=progress)
         points.append({"method": "ispc", "mode": mode, "allocation": alloc, "keep_ratio": ratio,
                        "top1": evaluate_top1(fast, test), "mac_reduction": measured["mac_reduction"],
-                       "speedup_b1": _speedup_b1(model, fast, speed_rounds, progress)})
+                       "speedup_b1": _speedup_b1(model, fast, speed_rounds, progress,
+                                                 speed_inputs)})
         if mode != "threshold":
             continue
         fractions = {n: v["kept_fraction"] for n, v in measured["layers"].items()}
@@ -811,7 +831,8 @@ def sparsity_sweep(model: nn.Module, calibration: Iterable[Any], test: Iterable[
         points.append({"method": "static", "mode": mode, "allocation": alloc, "keep_ratio": ratio,
                        "top1": evaluate_top1(static, test),
                        "mac_reduction": static.measure(test, progress=progress)["mac_reduction"],
-                       "speedup_b1": _speedup_b1(model, static, speed_rounds, progress)})
+                       "speedup_b1": _speedup_b1(model, static, speed_rounds, progress,
+                                                     speed_inputs)})
         if (alloc, ratio) == check_at:
             # the per-layer checks compare one layer's output and turn gates on and off: they need
             # every layer whole (no channel pruned from producers) and without fused epilogues
@@ -1055,7 +1076,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training images ispc calibrates on (default 2048)")
     p.add_argument("--limit", type=int, default=None,
                    help="evaluate on this many test images (a fixed subset; default all)")
-    p.add_argument("--speed-rounds", type=int, default=20, help="timing rounds at batch 1")
+    p.add_argument("--speed-rounds", type=int, default=64,
+                   help="timing rounds at batch 1 (each on the next of the first 64 test images)")
     p.add_argument("--cv-images", type=int, default=256,
                    help="test images for the per-layer CV vs static-error check")
     p.add_argument("--layer-images", type=int, default=1000,

@@ -1,6 +1,7 @@
 """Realized vs theoretical speed-up on the CPU: the issue-4 benchmark.
 
-For each model (random weights, 224x224 random inputs, BatchNorm folded in the dense baseline too)
+For each model (random weights, 224x224 random inputs: a few distinct batches cycled per batch size,
+as ``ispc.benchmark.benchmark`` does; BatchNorm folded in the dense baseline too)
 ispc compiles at ``--keep-ratio`` and times gated against dense, interleaved, at each batch size;
 it also times keep_ratio=1.0 (all channels kept) to measure the gating overhead. Prints a table and
 writes JSON::

@@ -7,6 +7,7 @@ shown next to the theoretical one (dense MACs / MACs actually executed).
 """
 from __future__ import annotations
 
+import itertools
 import json
 import statistics
 import time
@@ -21,9 +22,10 @@ from tqdm.auto import tqdm
 
 from .compiled import CompiledModel
 from .config import GatingConfig
+from .errors import DataError
 
-__all__ = ["Timing", "BenchmarkResult", "time_interleaved", "dense_baseline", "benchmark",
-           "retain_freed_memory"]
+__all__ = ["Timing", "BenchmarkResult", "time_interleaved", "dense_baseline", "input_batches",
+           "benchmark", "retain_freed_memory", "MAX_INPUT_BATCHES"]
 
 
 def retain_freed_memory() -> str:
@@ -116,19 +118,60 @@ class BenchmarkResult:
     mac_reduction: float
     threads: int
     allocator: str = ""
+    inputs: str = ""  #: what was timed: the distinct batches cycled through, and their source
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def benchmark(model: nn.Module, compiled: CompiledModel, input_shape: tuple[int, ...], *,
-              batch_sizes: tuple[int, ...] = (1,), warmup: int = 5, rounds: int = 30,
+#: most distinct batches one batch size cycles through (``benchmark(inputs=...)``)
+MAX_INPUT_BATCHES = 64
+
+
+def input_batches(batch_size: int, *, inputs: torch.Tensor | None = None,
+                  input_shape: tuple[int, ...] | None = None, pool: int = 4,
+                  seed: int = 0) -> list[torch.Tensor]:
+    """The distinct batches a benchmark at ``batch_size`` cycles through.
+
+    From ``inputs`` (examples, ``(M, *shape)``): consecutive examples, wrapping around, as many
+    batches as it takes to use each example once (at most :data:`MAX_INPUT_BATCHES`). Without
+    them: ``pool`` batches of random normal inputs of ``input_shape``.
+    """
+    if batch_size < 1:
+        raise DataError(f"batch sizes must be at least 1, got {batch_size}")
+    if inputs is None:
+        if input_shape is None:
+            raise DataError("give the input shape (without the batch dimension) or example inputs")
+        if pool < 1:
+            raise DataError(f"input_pool must be at least 1, got {pool}")
+        g = torch.Generator().manual_seed(seed)
+        return [torch.randn((batch_size, *input_shape), generator=g) for _ in range(pool)]
+    if not isinstance(inputs, torch.Tensor) or inputs.dim() < 2 or inputs.shape[0] == 0:
+        raise DataError("inputs must be a tensor of examples, (M, *input_shape) with M >= 1, got "
+                        + (f"shape {tuple(inputs.shape)}" if isinstance(inputs, torch.Tensor)
+                           else type(inputs).__name__))
+    if input_shape is not None and tuple(inputs.shape[1:]) != tuple(input_shape):
+        raise DataError(f"inputs have examples of shape {tuple(inputs.shape[1:])}, not the "
+                        f"input_shape {tuple(input_shape)} given; pass one or the other")
+    m = inputs.shape[0]
+    count = min(MAX_INPUT_BATCHES, -(-m // batch_size))
+    return [inputs[torch.arange(i * batch_size, (i + 1) * batch_size) % m] for i in range(count)]
+
+
+def benchmark(model: nn.Module, compiled: CompiledModel, input_shape: tuple[int, ...] | None = None,
+              *, batch_sizes: tuple[int, ...] = (1,), warmup: int = 5, rounds: int = 30,
               name: str | None = None, seed: int = 0, progress: bool | None = None,
-              retain_memory: bool = True) -> list[BenchmarkResult]:
+              retain_memory: bool = True, inputs: torch.Tensor | None = None,
+              input_pool: int = 4) -> list[BenchmarkResult]:
     """Measure ``compiled`` against the BN-folded dense ``model`` at each batch size.
 
-    ``input_shape`` is one input without the batch dimension (e.g. ``(3, 224, 224)``). Inputs are
-    random normal; the theoretical speed-up uses the MACs the gates actually execute on them.
+    ``input_shape`` is one input without the batch dimension (e.g. ``(3, 224, 224)``). Every call
+    takes the next of several distinct batches (:func:`input_batches`), the same sequence for both
+    models: which channels a gated model keeps, and so which weights it reads, depends on the
+    input, and one input repeated would let the part of the weights it reads stay in cache from
+    call to call, where real traffic changes it. ``inputs`` are examples to cut the batches from
+    (real data: its sparsity is what the gates see in use); without them, ``input_pool`` batches of
+    random normal inputs. The theoretical speed-up uses the MACs the gates execute on those batches.
     ``retain_memory`` calls :func:`retain_freed_memory` first (process-wide; both models alike).
     """
     allocator = retain_freed_memory() if retain_memory else "as configured by the process"
@@ -136,34 +179,39 @@ def benchmark(model: nn.Module, compiled: CompiledModel, input_shape: tuple[int,
         from .api import _default_progress
 
         progress = _default_progress()
-    g = torch.Generator().manual_seed(seed)
     param = next(compiled.parameters())
     results = []
     for bs in batch_sizes:
-        x = torch.randn((bs, *input_shape), generator=g).to(param.device, param.dtype)
-        dense = dense_baseline(model, x[:1])
-        sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+        pool = [x.to(param.device, param.dtype)
+                for x in input_batches(bs, inputs=inputs, input_shape=input_shape, pool=input_pool,
+                                       seed=seed)]
+        dense = dense_baseline(model, pool[0][:1])
+        sync = torch.cuda.synchronize if pool[0].is_cuda else (lambda: None)
 
         def run(m: nn.Module) -> Callable[[], None]:
+            batches = itertools.cycle(pool)  # each candidate its own cursor: the same sequence
+
             def call() -> None:
                 with torch.no_grad():
-                    m(x)
+                    m(next(batches))
                 sync()
             return call
 
         timings = time_interleaved({"dense": run(dense), "gated": run(compiled)}, warmup=warmup,
                                    rounds=rounds, progress=progress,
                                    desc=f"ispc: timing batch {bs}")
-        measured = compiled.measure([x], progress=False)
+        measured = compiled.measure(pool, progress=False)
         theo = measured["dense_macs"] / max(measured["executed_macs"], 1.0)
         d, q = timings["dense"], timings["gated"]
         realized = d.median / q.median
+        source = (f"{inputs.shape[0]} given examples" if inputs is not None
+                  else f"random normal (seed {seed})")
         results.append(BenchmarkResult(
             model=name or type(model).__name__, batch_size=bs, dense_ms=d.median, gated_ms=q.median,
             dense_iqr_ms=(d.p25, d.p75), gated_iqr_ms=(q.p25, q.p75), realized_speedup=realized,
             theoretical_speedup=theo, efficiency=realized / theo,
             mac_reduction=measured["mac_reduction"], threads=torch.get_num_threads(),
-            allocator=allocator))
+            allocator=allocator, inputs=f"{len(pool)} distinct batches, cycled: {source}"))
     return results
 
 

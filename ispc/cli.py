@@ -166,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(p, required=False)
     _add_gating_args(p)
     p.add_argument("--input-size", type=int, default=224, help="random input size if no --data")
+    p.add_argument("--input-pool", type=int, default=4, metavar="N",
+                   help="without --data: distinct random batches each model cycles through per "
+                        "batch size (with --data: the images themselves; default 4)")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
     p.add_argument("--rounds", type=int, default=30)
     p.add_argument("--warmup", type=int, default=5)
@@ -261,7 +264,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if args.retain_memory:  # before compiling: latency-aware selection times kernels too
         retain_freed_memory()
     model = load_model(args.model, checkpoint=args.checkpoint, num_classes=args.num_classes)
-    if args.data:
+    x = None
+    if args.data:  # calibrated and timed on the user's images: their sparsity is what counts
         x, batches = _calibration(args)
         shape = tuple(x.shape[1:])
     else:
@@ -271,17 +275,19 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     cfg = _config(args).replace(latency_aware=args.latency_aware,
                                 latency_batch_size=min(args.batch_sizes))
     compiled = ispc_compile(model, batches, config=cfg)
-    results = benchmark(model, compiled, shape, batch_sizes=tuple(args.batch_sizes),
-                        rounds=args.rounds, warmup=args.warmup, name=args.model,
-                        retain_memory=args.retain_memory)
+    results = benchmark(model, compiled, None if x is not None else shape,
+                        batch_sizes=tuple(args.batch_sizes), rounds=args.rounds,
+                        warmup=args.warmup, name=args.model, retain_memory=args.retain_memory,
+                        inputs=x, input_pool=args.input_pool)
     print(results_table(results))
     payload = [r.to_dict() for r in results]
     if args.per_layer:
-        from .benchmark import dense_baseline, layer_breakdown, layer_table
+        from .benchmark import dense_baseline, input_batches, layer_breakdown, layer_table
 
-        dense = dense_baseline(model, torch.randn(1, *shape))
+        dense = dense_baseline(model, batches[0][:1])
         for b, entry in zip(args.batch_sizes, payload):
-            breakdown = layer_breakdown(dense, compiled, torch.randn(b, *shape), rounds=args.rounds)
+            xb = input_batches(b, inputs=x, input_shape=None if x is not None else shape)[0]
+            breakdown = layer_breakdown(dense, compiled, xb, rounds=args.rounds)
             entry["per_layer"] = breakdown
             print(f"\nper layer, batch {b}:")
             print(layer_table(dense, compiled, None, breakdown=breakdown))

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 import ispc
-from ispc.benchmark import benchmark, retain_freed_memory, time_interleaved
+from ispc.benchmark import (MAX_INPUT_BATCHES, benchmark, input_batches, retain_freed_memory,
+                            time_interleaved)
 
 
 def test_time_interleaved_runs_every_candidate_each_round():
@@ -39,3 +40,59 @@ def test_benchmark_records_the_allocator_setting():
     assert kept[0].allocator == "as configured by the process"
     assert kept[0].to_dict()["allocator"] == kept[0].allocator
     assert kept[0].theoretical_speedup > 1.0
+
+
+def test_input_batches_cut_every_example_once_wrapping_around():
+    x = torch.arange(10.0).view(10, 1, 1, 1).expand(10, 1, 2, 2).contiguous()
+    batches = input_batches(4, inputs=x)
+    assert len(batches) == 3 and all(b.shape == (4, 1, 2, 2) for b in batches)
+    firsts = torch.cat([b[:, 0, 0, 0] for b in batches]).tolist()
+    assert firsts == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]
+    assert len(input_batches(1, inputs=x.repeat(10, 1, 1, 1))) == MAX_INPUT_BATCHES
+
+
+def test_input_batches_without_examples_are_distinct_random_batches():
+    pool = input_batches(2, input_shape=(3, 4, 4), pool=3)
+    assert len(pool) == 3 and all(p.shape == (2, 3, 4, 4) for p in pool)
+    assert not torch.equal(pool[0], pool[1]) and not torch.equal(pool[1], pool[2])
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    ({"input_shape": None}, "input shape"),
+    ({"inputs": torch.randn(4, 3, 8, 8), "input_shape": (3, 9, 9)}, "(3, 9, 9)"),
+    ({"inputs": torch.randn(0, 3, 8, 8)}, "M >= 1"),
+    ({"input_shape": (3, 8, 8), "pool": 0}, "input_pool"),
+])
+def test_input_batches_refuse_what_they_cannot_time(kwargs, words):
+    with pytest.raises(ispc.DataError, match=words.replace("(", r"\(").replace(")", r"\)")):
+        input_batches(1, **kwargs)
+
+
+def test_benchmark_times_and_counts_macs_on_the_given_examples():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 8, 3, padding=1))
+    compiled = ispc.compile(model, [torch.randn(8, 3, 10, 10)],
+                            config=ispc.GatingConfig(keep_ratio=0.5, mode="threshold"),
+                            progress=False)
+    # examples whose sparsity differs from random inputs': half of them all zeros (every
+    # channel below threshold), the rest random
+    x = torch.randn(6, 3, 10, 10)
+    x[::2] = 0
+    seen = []
+    gated = next(m for m in compiled.modules() if isinstance(m, ispc.modules.GatedConv2d))
+    hook = gated.register_forward_pre_hook(lambda m, a: seen.append(a[0].clone()))
+    try:
+        res = benchmark(model, compiled, batch_sizes=(1, 4), inputs=x, rounds=3, warmup=1,
+                        progress=False, retain_memory=False)
+    finally:
+        hook.remove()
+    assert "6 given examples" in res[0].inputs and res[0].inputs.startswith("6 distinct")
+    assert res[1].inputs.startswith("2 distinct")
+    # the gated layer saw several different inputs, each one of the examples' activations
+    assert len({t.sum().item() for t in seen}) > 2
+    for b, r in zip((1, 4), res):
+        want = compiled.measure(input_batches(b, inputs=x), progress=False)
+        assert r.mac_reduction == pytest.approx(want["mac_reduction"])
+    random_input = benchmark(model, compiled, (3, 10, 10), rounds=2, warmup=1, progress=False,
+                             retain_memory=False)[0]
+    assert random_input.mac_reduction != pytest.approx(res[0].mac_reduction)

@@ -89,6 +89,19 @@ def test_bench_small(files, capsys):
     assert "realized" in capsys.readouterr().out
 
 
+def test_bench_with_data_times_the_given_images(files, capsys):
+    out_json = files / "bench.json"
+    assert main(["bench", f"{files}/net.py:make", "--data", str(files / "data.pt"), "--batch-sizes",
+                 "1", "8", "--rounds", "3", "--warmup", "1", "--json", str(out_json)]) == 0
+    rows = json.loads(out_json.read_text())
+    # all 24 images, not random inputs: one batch each at batch 1 (24), three at batch 8
+    assert [r["inputs"] for r in rows] == ["24 distinct batches, cycled: 24 given examples",
+                                           "3 distinct batches, cycled: 24 given examples"]
+    assert main(["bench", f"{files}/net.py:make", "--input-size", "16", "--batch-sizes", "2",
+                 "--input-pool", "5", "--rounds", "2", "--warmup", "1", "--json", str(out_json)]) == 0
+    assert json.loads(out_json.read_text())[0]["inputs"].startswith("5 distinct batches, cycled: random")
+
+
 def test_compile_writes_a_loadable_file(files, capsys):
     import ispc
 
