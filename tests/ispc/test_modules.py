@@ -74,6 +74,41 @@ def test_epilogue_after_the_kernel_equals_the_reference(monkeypatch, strategy, a
     assert torch.equal(x, x0) and (r is None or torch.equal(r, r0))
 
 
+@pytest.mark.parametrize("act", ["relu", "relu6", None])
+@pytest.mark.parametrize("residual_shape, dtype", [(None, None), ((2, 6, 5, 5), torch.float32),
+                                                   ((1, 6, 1, 1), torch.float32),
+                                                   ((2, 6, 5, 5), torch.float64)])
+@pytest.mark.parametrize("hw", [5, 3])  # 3: the kernel covers the input, a linear layer's view
+def test_keep_all_epilogue_is_the_dense_conv_then_add_and_act(act, residual_shape, dtype, hw):
+    """Keeping every channel, the fused epilogue runs on oneDNN's output (in place where it is a
+    fresh tensor): exactly the dense convolution, + residual, then the activation; the caller's
+    input and residual untouched; with autograd, the same values and gradients."""
+    layer = _layer("topk", 0.0, 8)
+    layer.residual_add, layer.act = residual_shape is not None, act
+    pad = 1 if hw == 5 else 0
+    layer.padding, layer._linear_ok = (pad, pad), pad == 0
+    x = torch.randn(2, 8, hw, hw)
+    out_hw = hw + 2 * pad - 2
+    r = (None if residual_shape is None
+         else torch.randn(residual_shape[:2] + ((out_hw, out_hw) if residual_shape[-1] > 1 else (1, 1)),
+                          dtype=dtype))
+    x0, r0 = x.clone(), None if r is None else r.clone()
+    def dense(inp):
+        y = (F.conv2d(inp, layer.weight, layer.bias, 1, pad) if pad
+             else F.linear(inp.flatten(1), layer.weight.flatten(1), layer.bias)[:, :, None, None])
+        y = y + r if r is not None else y
+        return {"relu": torch.relu, "relu6": F.relu6, None: lambda t: t}[act](y)
+
+    with torch.no_grad():
+        got, want = layer(x, r), dense(x)
+    assert got.dtype == want.dtype and torch.equal(got, want)
+    assert torch.equal(x, x0) and (r is None or torch.equal(r, r0))
+    xg, xd = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    out, ref = layer(xg, r), dense(xd)
+    (g,), (gd,) = torch.autograd.grad(out.sum(), xg), torch.autograd.grad(ref.sum(), xd)
+    assert torch.equal(out.detach(), want) and torch.equal(g, gd)
+
+
 @pytest.mark.parametrize("native_pass", [True, False])
 def test_epilogue_never_writes_into_the_bias(monkeypatch, native_pass):
     """An instance that keeps no channel gets the bias as a view: the in-place epilogue must not
