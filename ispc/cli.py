@@ -275,10 +275,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     cfg = _config(args).replace(latency_aware=args.latency_aware,
                                 latency_batch_size=min(args.batch_sizes))
     compiled = ispc_compile(model, batches, config=cfg)
-    results = benchmark(model, compiled, None if x is not None else shape,
-                        batch_sizes=tuple(args.batch_sizes), rounds=args.rounds,
-                        warmup=args.warmup, name=args.model, retain_memory=args.retain_memory,
-                        inputs=x, input_pool=args.input_pool)
+    results = benchmark(model, compiled, shape, batch_sizes=tuple(args.batch_sizes),
+                        rounds=args.rounds, warmup=args.warmup, name=args.model,
+                        retain_memory=args.retain_memory, inputs=x, input_pool=args.input_pool)
     print(results_table(results))
     payload = [r.to_dict() for r in results]
     if args.per_layer:
@@ -286,7 +285,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
         dense = dense_baseline(model, batches[0][:1])
         for b, entry in zip(args.batch_sizes, payload):
-            xb = input_batches(b, inputs=x, input_shape=None if x is not None else shape)[0]
+            xb = input_batches(b, inputs=x, input_shape=shape)[0]
             breakdown = layer_breakdown(dense, compiled, xb, rounds=args.rounds)
             entry["per_layer"] = breakdown
             print(f"\nper layer, batch {b}:")
