@@ -2,8 +2,8 @@
 
 The models ispc is demonstrated on come from here: a dense run (``train``), then a fine-tune with
 the feature-decay regularizer that teaches the network instance-wise channel sparsity
-(``finetune``), then ``evaluate``. Runs are resumable and exactly reproducible from ``last.pt``
-because each epoch's data order depends only on (seed, epoch).
+(``finetune``), then ``evaluate``. Runs are resumable, and on the CPU exactly reproducible, from
+``last.pt`` because each epoch's data order depends only on (seed, epoch).
 
     python examples/cifar.py train --model resnet20 --data ../shared/data/cifar10-jpeg.tar.gz \\
         --epochs 40 --out runs/resnet20_dense
@@ -74,15 +74,17 @@ __all__ = [
 
 # Options that shape the training trajectory: a resumed run must use the values it started with.
 _TRAJECTORY = ("model", "lr", "batch_size", "weight_decay", "momentum", "seed", "epochs",
-               "max_batches", "feature_decay", "layers", "checkpoint", "gate_keep_ratio", "gate_mode",
-               "gate_allocation", "gate_anneal_epochs", "distill_from", "distill_weight",
+               "max_batches", "feature_decay", "feature_decay_start", "feature_decay_ramp", "layers",
+               "checkpoint", "gate_keep_ratio", "gate_mode", "gate_allocation", "gate_anneal_epochs", "distill_from", "distill_weight",
                "distill_temperature")
 _TRAIN_DEFAULTS: dict[str, Any] = {"lr": 0.1, "batch_size": 128, "weight_decay": 5e-4, "momentum": 0.9,
                                    "seed": 0, "max_batches": None, "layers": None,
+                                   "feature_decay_start": 0.0, "feature_decay_ramp": 0,
                                    "gate_keep_ratio": None, "gate_mode": "threshold",
                                    "gate_allocation": "global", "gate_anneal_epochs": 0,
                                    "distill_from": None, "distill_weight": 0.9, "distill_temperature": 4.0}
 _FINETUNE_DEFAULTS: dict[str, Any] = {**_TRAIN_DEFAULTS, "lr": 0.01}
+SYNC_EVERY = 50  # training steps between reads of the running loss (and the divergence check)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -292,6 +294,9 @@ def _resolve_args(args: argparse.Namespace, defaults: dict[str, Any], out: Path)
         raise ConfigError(f"--distill-weight must be in [0, 1], got {args.distill_weight}")
     if not args.distill_temperature > 0.0:
         raise ConfigError(f"--distill-temperature must be > 0, got {args.distill_temperature}")
+    if args.feature_decay_ramp < 0 or not args.feature_decay_start >= 0.0:
+        raise ConfigError("--feature-decay-ramp and --feature-decay-start must be >= 0, got "
+                          f"{args.feature_decay_ramp} and {args.feature_decay_start}")
     return ckpt, args
 
 
@@ -300,6 +305,8 @@ def _fit(args: argparse.Namespace, defaults: dict[str, Any]) -> int:
     ckpt, args = _resolve_args(args, defaults, out)
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(args.device)
+    if device.type == "cuda":  # fixed shapes: let cuDNN pick its fastest algorithms once
+        torch.backends.cudnn.benchmark = True
     random.seed(args.seed)
     torch.manual_seed(args.seed)
 
@@ -374,8 +381,11 @@ def _fit(args: argparse.Namespace, defaults: dict[str, Any]) -> int:
         model.train()
         train_loader.set_epoch(epoch)
         lr = opt.param_groups[0]["lr"]
-        loss_sum = decay_sum = distill_sum = 0.0
-        correct = count = 0
+        # running sums stay on the device (cross-entropy, distillation, decay, correct) and are
+        # read every SYNC_EVERY steps: an .item() per step would make a GPU wait for the host
+        sums = torch.zeros(4, dtype=torch.float64, device=device)
+        zero = torch.zeros((), device=device)
+        count, synced = 0, []  # (step, time) at each read: the step rate between them is exact
         bar = _progress(train_loader, desc=f"epoch {epoch + 1}/{args.epochs}", total=steps,
                         enabled=args.progress)
         for i, (x, y) in enumerate(bar):
@@ -383,31 +393,39 @@ def _fit(args: argparse.Namespace, defaults: dict[str, Any]) -> int:
                 break
             out_logits = model(x.contiguous(memory_format=fmt))
             ce = F.cross_entropy(out_logits, y)
-            loss = ce
+            loss, kd, reg = ce, zero, zero
             if teacher is not None:
                 with torch.no_grad():
                     target = teacher(x.contiguous(memory_format=fmt))
                 kd = distillation_loss(out_logits, target, args.distill_temperature)
                 loss = (1.0 - args.distill_weight) * ce + args.distill_weight * kd
-                distill_sum += kd.item() * y.numel()
             if decay is not None:
+                if args.feature_decay_ramp:
+                    decay.weight = _decay_weight(args, epoch * steps + i + 1, steps)
                 reg = decay.value()
                 loss = loss + reg
-                decay_sum += reg.item() * y.numel()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
-            if not math.isfinite(ce.item()):
-                raise IspcError(f"training diverged at epoch {epoch + 1} step {i + 1} (loss {ce.item()}); "
-                                "lower --lr")
-            loss_sum += ce.item() * y.numel()
-            correct += (out_logits.argmax(1) == y).sum().item()
+            with torch.no_grad():
+                n = y.numel()
+                sums += torch.stack([ce.detach() * n, kd.detach() * n, reg.detach() * n,
+                                     (out_logits.argmax(1) == y).sum()]).to(sums.dtype)
             count += y.numel()
-            if i % 20 == 0 and hasattr(bar, "set_postfix"):
-                bar.set_postfix(loss=f"{loss_sum / count:.3f}", acc=f"{correct / count:.3f}", refresh=False)
+            if (i + 1) % SYNC_EVERY == 0 or i + 1 == steps:
+                loss_sum, distill_sum, decay_sum, correct = sums.tolist()
+                synced.append((i + 1, time.perf_counter()))
+                if not math.isfinite(loss_sum):
+                    raise IspcError(f"training diverged in epoch {epoch + 1} by step {i + 1} "
+                                    f"(cross-entropy {loss_sum / count}); lower --lr")
+                if hasattr(bar, "set_postfix"):
+                    bar.set_postfix(loss=f"{loss_sum / count:.3f}", acc=f"{correct / count:.3f}",
+                                    refresh=False)
+        loss_sum, distill_sum, decay_sum, correct = sums.tolist()
         if hasattr(bar, "close"):
             bar.close()
+        train_seconds = time.perf_counter() - t0
         if decay is not None:
             decay.reset()  # do not keep the last batch's graph alive through evaluation
         gated_acc = None
@@ -423,12 +441,22 @@ def _fit(args: argparse.Namespace, defaults: dict[str, Any]) -> int:
             record["gate_keep_ratio"] = keep
         if decay is not None:
             record["feature_decay"] = decay_sum / count
+            record["feature_decay_weight"] = decay.weight
         if teacher is not None:
             record["distill_loss"] = distill_sum / count
         record["seconds"] = time.perf_counter() - t0
+        record["train_seconds"] = train_seconds
+        record["steps"], record["epoch_steps"] = min(steps, count // args.batch_size), len(train_loader)
+        if len(synced) >= 2:  # steady-state step time, first SYNC_EVERY steps (warm-up) left out
+            record["seconds_per_step"] = (synced[-1][1] - synced[0][1]) / (synced[-1][0] - synced[0][0])
         with open(log_path, "a") as fh:
             fh.write(json.dumps(record) + "\n")
         print(json.dumps(record), flush=True)
+        if decay is not None and decay.weight > 0 and decay_sum == 0.0:
+            raise IspcError(f"feature decay drove every regularized feature map to zero in epoch "
+                            f"{epoch + 1} (test top-1 {test_acc:.2%}): the network is dead. Raise "
+                            "the regularizer gradually (--feature-decay-ramp EPOCHS), start from a "
+                            "trained model (finetune), or lower --feature-decay")
 
         weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         if test_acc > best:
@@ -470,6 +498,16 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature:
     t = float(temperature)
     return F.kl_div(F.log_softmax(student / t, dim=1), F.log_softmax(teacher / t, dim=1),
                     reduction="batchmean", log_target=True) * (t * t)
+
+
+def _decay_weight(args: argparse.Namespace, step: int, steps: int) -> float:
+    """Feature decay's weight after ``step`` training steps: --feature-decay-start rising linearly
+    to --feature-decay over --feature-decay-ramp epochs, then held. At full weight from the first
+    step, ResNet-20 trained from scratch (lr 0.2, lambda 3e-4 to 1e-3) lost every feature map in
+    its first epoch (an H200 run, README); a ramp lets the features form before they are pruned."""
+    start, end = float(args.feature_decay_start or 0.0), float(args.feature_decay)
+    frac = min(1.0, step / max(1, int(args.feature_decay_ramp) * steps))
+    return start + (end - start) * frac
 
 
 def _gate_keep_ratio(args: argparse.Namespace, epoch: int) -> float:
@@ -1000,6 +1038,27 @@ def _fit_options(p: argparse.ArgumentParser, defaults: dict[str, Any]) -> None:
                         "training convolutions run about 1.5x faster in it)")
 
 
+def _regularizer_options(p: argparse.ArgumentParser) -> None:
+    """Feature decay and distillation: for ``finetune``, and for ``train`` from scratch (a long
+    run with the regularizer throughout, which a GPU makes affordable)."""
+    p.add_argument("--feature-decay", type=float, metavar="LAMBDA", help="weight of the regularizer")
+    p.add_argument("--feature-decay-ramp", type=int, default=None, metavar="E",
+                   help="raise the weight linearly (per step) to LAMBDA over the first E epochs "
+                        "(default 0: LAMBDA from the start; from scratch, use one)")
+    p.add_argument("--feature-decay-start", type=float, default=None, metavar="L0",
+                   help="the weight the ramp starts from (default 0)")
+    p.add_argument("--layers", nargs="+", default=None,
+                   help="module names whose inputs are regularized (default: dense convs with >= 16 inputs)")
+    p.add_argument("--distill-from", nargs="+", default=None, metavar="CKPT",
+                   help="knowledge distillation: trained checkpoints (e.g. the dense parent) whose "
+                        "softened predictions, averaged over the checkpoints given, the trained "
+                        "model also learns; default: off")
+    p.add_argument("--distill-weight", type=float, default=None, metavar="A",
+                   help="loss = (1-A) * cross-entropy + A * distillation (default 0.9)")
+    p.add_argument("--distill-temperature", type=float, default=None, metavar="T",
+                   help="softmax temperature of the distillation term (default 4)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``train`` / ``finetune`` / ``average`` / ``evaluate`` command line."""
     parser = argparse.ArgumentParser(prog="cifar.py", description=__doc__.split("\n\n")[0],
@@ -1009,15 +1068,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model from scratch")
     p.add_argument("--model", help="resnet20, resnet56, vgg16_cifar, mobilenet_v2_cifar, ... "
                                    "or package.module:factory")
+    _regularizer_options(p)
     _fit_options(p, _TRAIN_DEFAULTS)
-    p.set_defaults(func=_cmd_train, feature_decay=None, layers=None, checkpoint=None,
-                   gate_keep_ratio=None, gate_mode=None, gate_allocation=None, gate_calibration_size=None,
-                   gate_anneal_epochs=None, distill_from=None, distill_weight=None,
-                   distill_temperature=None)
+    p.set_defaults(func=_cmd_train, checkpoint=None, gate_keep_ratio=None, gate_mode=None,
+                   gate_allocation=None, gate_calibration_size=None, gate_anneal_epochs=None)
 
     p = sub.add_parser("finetune", help="fine-tune a trained checkpoint with feature decay")
     p.add_argument("--checkpoint", help="best.pt/final.pt of a trained run")
-    p.add_argument("--feature-decay", type=float, metavar="LAMBDA", help="weight of the regularizer")
     p.add_argument("--gate-keep-ratio", type=float, default=None, metavar="R",
                    help="gate-aware fine-tuning: each epoch, calibrate ispc at this keep ratio and "
                         "train with its gates in the forward pass (ispc.GateMasks); default: off")
@@ -1030,16 +1087,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "at once; use it when fine-tuning a dense model)")
     p.add_argument("--gate-calibration-size", type=int, default=2048,
                    help="training images (no augmentation) the gates are calibrated on each epoch")
-    p.add_argument("--layers", nargs="+", default=None,
-                   help="module names whose inputs are regularized (default: dense convs with >= 16 inputs)")
-    p.add_argument("--distill-from", nargs="+", default=None, metavar="CKPT",
-                   help="knowledge distillation: trained checkpoints (e.g. the dense parent) whose "
-                        "softened predictions, averaged over the checkpoints given, the fine-tuned "
-                        "model also learns; default: off")
-    p.add_argument("--distill-weight", type=float, default=None, metavar="A",
-                   help="loss = (1-A) * cross-entropy + A * distillation (default 0.9)")
-    p.add_argument("--distill-temperature", type=float, default=None, metavar="T",
-                   help="softmax temperature of the distillation term (default 4)")
+    _regularizer_options(p)
     _fit_options(p, _FINETUNE_DEFAULTS)
     p.set_defaults(func=_cmd_finetune, model=None)
 

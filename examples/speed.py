@@ -67,6 +67,10 @@ def profile_table(profiles: dict[str, list[dict]]) -> str:
                     floatfmt=".3f", tablefmt="github")
 
 
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=["resnet18", "resnet50", "vgg16_bn", "mobilenet_v2"])
@@ -89,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overhead", action=argparse.BooleanOptionalAction, default=True,
                    help="also time keep_ratio=1.0 against dense")
     p.add_argument("--threads", type=int)
+    p.add_argument("--device", default="cpu",
+                   help="cpu or cuda[:N]: where the models run (CUDA gated layers use the Triton kernel)")
     p.add_argument("--retain-memory", action=argparse.BooleanOptionalAction, default=True,
                    help="keep freed memory in glibc's malloc (ispc.benchmark.retain_freed_memory), "
                         "for dense and gated alike; off: the allocator's defaults")
@@ -101,11 +107,12 @@ def main(argv: list[str] | None = None) -> int:
     allocator = retain_freed_memory() if args.retain_memory else "glibc defaults"
     size = args.image_size
     g = torch.Generator().manual_seed(0)
-    calib = [torch.randn(8, 3, size, size, generator=g) for _ in range(4)]
+    device = torch.device(args.device)
+    calib = [torch.randn(8, 3, size, size, generator=g).to(device) for _ in range(4)]
     results, overhead, profiles = [], [], []
     for name in args.models:
         torch.manual_seed(0)
-        model = create_model(name).eval()
+        model = create_model(name).eval().to(device)
         for bs in args.batch_sizes:
             lat_rounds = args.latency_rounds if bs == 1 else max(3, args.latency_rounds // 3)
             cfg = ispc.GatingConfig(keep_ratio=args.keep_ratio, mode=args.mode,
@@ -119,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
                                  retain_memory=args.retain_memory)
             print(results_table(results[-1:]), file=sys.stderr)
             if args.profile:
-                x = torch.randn(bs, 3, size, size, generator=g)
+                x = torch.randn(bs, 3, size, size, generator=g).to(device)
                 ops = profile_ops({"dense": dense_baseline(model, x[:1]), "gated": compiled}, x,
                                   args.profile)
                 profiles.append({"model": name, "batch_size": bs, "passes": args.profile, "ops": ops})
@@ -132,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{platform.processor() or platform.machine()}, mode={args.mode}, keep_ratio={args.keep_ratio}, "
           f"latency_aware={args.latency_aware}, fuse_epilogues={args.fuse_epilogues}, "
           f"gate_linear={args.gate_linear}, "
-          f"{size}x{size}, allocator: {allocator}\n")
+          f"{size}x{size}, allocator: {allocator}, device: {_device_name(device)}\n")
     print(results_table(results, tablefmt="github"))
     if overhead:
         print("\nkeep_ratio=1.0 (gating overhead; realized < 1.0 means slower than dense):\n")
@@ -144,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"config": vars(args), "torch": torch.__version__, "allocator": allocator,
-                       "threads": torch.get_num_threads(),
+                       "threads": torch.get_num_threads(), "device": _device_name(device),
                        "results": [r.to_dict() for r in results],
                        "overhead": [r.to_dict() for r in overhead],
                        **({"profiles": profiles} if profiles else {})}, f, indent=2)

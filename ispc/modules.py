@@ -56,7 +56,7 @@ class GatedConv2d(nn.Module):
         self.bias = nn.Parameter(b)
         if scale is None:
             scale = weight.new_ones(in_c)
-        self.register_buffer("scale", scale.detach().clone().to(torch.float32))
+        self.register_buffer("scale", scale.detach().to(weight.device, torch.float32).clone())
         self.stride = tuple(int(v) for v in stride)
         self.padding = tuple(int(v) for v in padding)
         self.dilation = tuple(int(v) for v in dilation)

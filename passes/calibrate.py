@@ -25,7 +25,7 @@ def saliency_scale(conv: nn.Conv2d, saliency: str) -> torch.Tensor:
     ``weighted_l2`` (what each input channel can contribute to the conv's output)."""
     if saliency == "weighted_l2":
         return torch.linalg.vector_norm(conv.weight.detach().float(), dim=(0, 2, 3))
-    return torch.ones(conv.in_channels)
+    return torch.ones(conv.in_channels, device=conv.weight.device)
 
 
 @register_pass("calibrate")

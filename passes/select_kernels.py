@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import statistics
 import time
+import warnings
 
 import torch
 from torch import fx, nn
@@ -34,6 +35,13 @@ SMALL_MAP = 14 * 14
 
 #: dense MACs per instance from which oneDNN on the gathered channels beats the native kernel
 LARGE_LAYER_MACS = 400_000_000
+
+#: said when a model is gated on a GPU without latency-aware selection
+CUDA_NOTE = ("ispc: gated layers on CUDA run a Triton kernel that measured slower than cuDNN's "
+             "dense convolution on every ResNet-50 and VGG-16 layer shape timed so far (H200, half "
+             "the channels kept: 1.6-8.6x the time of float32 cuDNN; examples/gpu_check.py); the "
+             "gates' accuracy is the same as on the CPU, but for speed pass "
+             "GatingConfig(latency_aware=True), which keeps only layers that pay on this GPU")
 
 ORIENT_NAMES = {native.ORIENT_PIX: "pix", native.ORIENT_CO: "co", native.ORIENT_FULL: "full"}
 
@@ -101,16 +109,21 @@ def _inputs_of(gm: fx.GraphModule, names: list[str], x: torch.Tensor) -> dict[st
     return seen
 
 
-def _time(fns: dict[str, callable], rounds: int) -> dict[str, float]:
+def _time(fns: dict[str, callable], rounds: int, *, cuda: bool = False) -> dict[str, float]:
+    """Median ms of each function, interleaved; ``cuda`` waits for the device after each call
+    (its kernels run asynchronously: the host clock alone would time only the launches)."""
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     for fn in fns.values():
         fn()
         fn()
+    sync()
     times: dict[str, list[float]] = {k: [] for k in fns}
     keys = list(fns)
     for r in range(rounds):
         for key in keys[r % len(keys):] + keys[:r % len(keys)]:
             t0 = time.perf_counter()
             fns[key]()
+            sync()
             times[key].append(time.perf_counter() - t0)
     return {k: statistics.median(v) * 1e3 for k, v in times.items()}
 
@@ -127,6 +140,9 @@ def select_kernels(gm: fx.GraphModule, state: PassState) -> fx.GraphModule:
     nodes = {n.target: n for n in gm.graph.nodes
              if n.op == "call_module" and isinstance(gm.get_submodule(n.target), GatedConv2d)}
     measured = cfg.latency_aware and state.calibration_cache and nodes
+    if not cfg.latency_aware and any(gm.get_submodule(n).weight.is_cuda for n in nodes):
+        state.notes.append(CUDA_NOTE)
+        warnings.warn(CUDA_NOTE, stacklevel=2)
     inputs: dict[str, torch.Tensor] = {}
     if measured:
         pool = torch.cat(state.calibration_cache)
@@ -150,19 +166,27 @@ def select_kernels(gm: fx.GraphModule, state: PassState) -> fx.GraphModule:
         a = mod._args
         plain = dense_conv(mod, tuple(xin.shape[-2:]))  # what the layer would be, left dense
         fns = {"dense": lambda: plain(xin)}
-        kernels = candidates(mod, tuple(xin.shape[-2:]))
-        for label, (strat, orient) in kernels.items():
-            mod.set_strategy(strat, orient)
-            fns[label] = (lambda s=strat, wt=mod.prepared: run_strategy(
-                s, xin, mod.weight, wt, mod.bias, mod.scale, mod.stride, mod.padding, mod.dilation,
-                a[6], a[7], a[8], a[9]))
+        if xin.is_cuda:
+            # on a GPU the layer runs the operator's CUDA kernel (Triton) whatever the CPU
+            # strategy: time that against the dense convolution; the CPU choice stays predicted
+            kernels = {"cuda": predicted_strategy(mod, out_hw, in_hw)}
+            fns["cuda"] = lambda: torch.ops.ispc.gated_conv2d(xin, mod.weight, mod.bias, mod.scale, *a)
+        else:
+            kernels = candidates(mod, tuple(xin.shape[-2:]))
+            for label, (strat, orient) in kernels.items():
+                mod.set_strategy(strat, orient)
+                fns[label] = (lambda s=strat, wt=mod.prepared: run_strategy(
+                    s, xin, mod.weight, wt, mod.bias, mod.scale, mod.stride, mod.padding, mod.dilation,
+                    a[6], a[7], a[8], a[9]))
         with torch.no_grad():
-            times = _time(fns, cfg.latency_rounds)
+            times = _time(fns, cfg.latency_rounds, cuda=xin.is_cuda)
         best = min(kernels, key=lambda s: times[s])
         meta["kernel"] = {"strategy": kernels[best][0], "cost_model": "measured",
                           "times_ms": {k: round(v, 4) for k, v in times.items()},
                           "batch_size": cfg.latency_batch_size}
-        if kernels[best][1] is not None:
+        if xin.is_cuda:
+            meta["kernel"]["runs_on"] = "cuda"  # the operator's CUDA kernel; "strategy" is for CPU
+        elif kernels[best][1] is not None:
             meta["kernel"]["orient"] = ORIENT_NAMES[kernels[best][1]]
         if times[best] > times["dense"] * (1.0 - cfg.min_gain):
             replace_submodule(gm, name, plain)
@@ -200,7 +224,7 @@ def _whole_model_check(gm: fx.GraphModule, state: PassState, x: torch.Tensor,
     for _ in range(2):  # alternate configurations so drift hits both
         for label, mods in (("gated", gated), ("dense", dense)):
             swap(mods)
-            t = _time({label: run}, max(3, cfg.latency_rounds // 3))[label]
+            t = _time({label: run}, max(3, cfg.latency_rounds // 3), cuda=x.is_cuda)[label]
             times.setdefault(label, []).append(t)
     t_gated, t_dense = statistics.median(times["gated"]), statistics.median(times["dense"])
     if t_gated < t_dense:

@@ -184,7 +184,7 @@ def pack_weight(weight: Tensor, orient: int) -> Tensor:
     lib = _load()
     if lib is None:
         raise RuntimeError(_error)
-    w = weight.detach().to(torch.float32).contiguous()
+    w = weight.detach().to("cpu", torch.float32).contiguous()  # a CUDA model keeps a CPU copy
     cout, c, kh, kw = w.shape
     dst = torch.empty(lib.ispc_packed_size(cout, c, kh * kw, orient), dtype=torch.float32)
     lib.ispc_pack_weight(w.data_ptr(), cout, c, kh * kw, orient, dst.data_ptr())
@@ -316,7 +316,7 @@ class NativeLayer:
                              f"the input, not padding {tuple(padding)}, dilation {tuple(dilation)}")
         self.packed = pack_weight(weight, self.orient)
         self.bias = (torch.zeros(self.cout) if bias is None
-                     else bias.detach().to(torch.float32).contiguous().clone())
+                     else bias.detach().to("cpu", torch.float32).contiguous().clone())
         self.kernel = (int(kh), int(kw))
         self.stride, self.padding, self.dilation = tuple(stride), tuple(padding), tuple(dilation)
         self._bind()

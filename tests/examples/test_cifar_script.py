@@ -35,7 +35,8 @@ def _log(run: Path) -> list[dict]:
 
 
 def _args(fake: Path, out: Path, cache: Path, *extra: str) -> list[str]:
-    return ["train", "--model", "_cifar_tiny:tiny", "--data", str(fake), "--out", str(out),
+    # on the CPU, where runs are bit-for-bit reproducible (CUDA's kernels are not)
+    return ["train", "--model", "_cifar_tiny:tiny", "--device", "cpu", "--data", str(fake), "--out", str(out),
             "--cache-dir", str(cache), "--batch-size", "32", "--threads", "1", "--no-progress",
             "--epochs", "2", *extra]
 
@@ -118,6 +119,31 @@ def test_train_resume_finetune_evaluate(cifar, fake: Path, tmp_path: Path, capsy
     capsys.readouterr()
     assert cifar.main([*kd_args, "--out", str(tmp_path / "kd2"), "--distill-weight", "1.5"]) == 2
     assert "--distill-weight must be in [0, 1]" in capsys.readouterr().err
+
+    # 5c. training from scratch takes the same regularizers: feature decay and a teacher, logged
+    sc = tmp_path / "scratch"
+    assert cifar.main([*_args(fake, sc, cache, "--epochs", "1", "--feature-decay", "1e-3",
+                              "--distill-from", str(a / "final.pt"), "--distill-weight", "0.5")]) == 0
+    (rec,) = _log(sc)
+    assert rec["feature_decay"] > 0 and rec["distill_loss"] > 0 and rec["lr"] == pytest.approx(0.1)
+    saved = torch.load(sc / "final.pt", weights_only=True)
+    assert saved["feature_decay"] == 1e-3 and saved["parent"] is None
+    assert saved["args"]["distill_weight"] == 0.5
+
+    # 5c'. ... with the regularizer's weight ramped up from 0 over the first 2 epochs (per step)
+    rp = tmp_path / "ramp"
+    assert cifar.main([*_args(fake, rp, cache, "--feature-decay", "1e-3", "--feature-decay-ramp", "2")]) == 0
+    assert [r["feature_decay_weight"] for r in _log(rp)] == pytest.approx([5e-4, 1e-3])
+    assert cifar.main([*_args(fake, tmp_path / "bad", cache, "--feature-decay", "1e-3",
+                              "--feature-decay-ramp", "-1")]) == 2
+
+    # 5d. a diverging run stops with a clear error (the running loss is read every few steps)
+    capsys.readouterr()
+    assert cifar.main(_args(fake, tmp_path / "diverge", cache, "--epochs", "1", "--lr", "1e30")) == 2
+    assert "training diverged in epoch 1" in capsys.readouterr().err
+    # ... and so does one whose feature decay zeroed every regularized feature map
+    assert cifar.main(_args(fake, tmp_path / "dead", cache, "--feature-decay", "1e3")) == 2
+    assert "drove every regularized feature map to zero" in capsys.readouterr().err
 
     # 6. gate-aware fine-tuning: the epoch's gates are in the forward pass, and their accuracy logged;
     #    annealed over 2 epochs the keep ratio goes 0.75, then 0.5

@@ -127,7 +127,7 @@ def test_latency_aware_times_kernels_at_the_refined_thresholds(monkeypatch):
 
     monkeypatch.setattr(sk, "candidates", spy)
     # every kernel "beats" dense, so every layer stays gated and the graph is not refined again
-    monkeypatch.setattr(sk, "_time", lambda fns, rounds: {k: 2.0 if k == "dense" else 1.0 for k in fns})
+    monkeypatch.setattr(sk, "_time", lambda fns, rounds, **kw: {k: 2.0 if k == "dense" else 1.0 for k in fns})
     cfg = ispc.GatingConfig(mode="threshold", latency_aware=True, latency_rounds=1)
     c = ispc.compile(resnet20().eval(), _data(), progress=False, config=cfg)
     gated = c.gated_modules()
@@ -135,3 +135,20 @@ def test_latency_aware_times_kernels_at_the_refined_thresholds(monkeypatch):
     # no second refinement: selection saw the final values
     assert all(seen[id(m)] == float(m.threshold) for m in gated.values())
     assert sum("thresholds refined" in n for n in c.report.notes) == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gating_on_cuda_warns_unless_latency_aware():
+    from ispc.examples import models as M
+
+    model = M.resnet20(num_classes=10).eval().cuda()
+    data = [torch.randn(16, 3, 32, 32, device="cuda")]
+    with pytest.warns(UserWarning, match="latency_aware=True"):
+        ispc.compile(model, data, progress=False)
+    import warnings
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        ispc.compile(model, data, progress=False,
+                     config=ispc.GatingConfig(latency_aware=True, latency_rounds=3))
+    assert not any("latency_aware=True" in str(w.message) for w in seen)
