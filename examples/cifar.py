@@ -75,8 +75,8 @@ __all__ = [
 # Options that shape the training trajectory: a resumed run must use the values it started with.
 _TRAJECTORY = ("model", "lr", "batch_size", "weight_decay", "momentum", "seed", "epochs",
                "max_batches", "feature_decay", "feature_decay_start", "feature_decay_ramp", "layers",
-               "checkpoint", "gate_keep_ratio", "gate_mode", "gate_allocation", "gate_anneal_epochs", "distill_from", "distill_weight",
-               "distill_temperature")
+               "checkpoint", "gate_keep_ratio", "gate_mode", "gate_allocation", "gate_anneal_epochs",
+               "distill_from", "distill_weight", "distill_temperature")
 _TRAIN_DEFAULTS: dict[str, Any] = {"lr": 0.1, "batch_size": 128, "weight_decay": 5e-4, "momentum": 0.9,
                                    "seed": 0, "max_batches": None, "layers": None,
                                    "feature_decay_start": 0.0, "feature_decay_ramp": 0,
@@ -297,6 +297,9 @@ def _resolve_args(args: argparse.Namespace, defaults: dict[str, Any], out: Path)
     if args.feature_decay_ramp < 0 or not args.feature_decay_start >= 0.0:
         raise ConfigError("--feature-decay-ramp and --feature-decay-start must be >= 0, got "
                           f"{args.feature_decay_ramp} and {args.feature_decay_start}")
+    if (args.feature_decay_ramp or args.feature_decay_start) and not args.feature_decay:
+        raise ConfigError("--feature-decay-ramp/--feature-decay-start shape the weight of "
+                          "--feature-decay LAMBDA: pass it too")
     return ckpt, args
 
 

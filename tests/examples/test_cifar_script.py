@@ -136,6 +136,7 @@ def test_train_resume_finetune_evaluate(cifar, fake: Path, tmp_path: Path, capsy
     assert [r["feature_decay_weight"] for r in _log(rp)] == pytest.approx([5e-4, 1e-3])
     assert cifar.main([*_args(fake, tmp_path / "bad", cache, "--feature-decay", "1e-3",
                               "--feature-decay-ramp", "-1")]) == 2
+    assert cifar.main([*_args(fake, tmp_path / "bad", cache, "--feature-decay-ramp", "2")]) == 2
 
     # 5d. a diverging run stops with a clear error (the running loss is read every few steps)
     capsys.readouterr()
