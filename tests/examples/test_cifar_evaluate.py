@@ -108,9 +108,11 @@ def test_evaluate_default_checkpoint_and_spearman(cifar, fake: Path, checkpoint:
     assert cifar._default_checkpoint().endswith("resnet20_fd_kd2.pt")
     (tmp_path / "checkpoints" / "resnet20_fd_kd3.pt").write_bytes(checkpoint.read_bytes())
     assert cifar._default_checkpoint().endswith("resnet20_fd_kd3.pt")
+    (tmp_path / "checkpoints" / "resnet20_fd_ramp.pt").write_bytes(checkpoint.read_bytes())
+    assert cifar._default_checkpoint().endswith("resnet20_fd_ramp.pt")
     assert cifar.main(["evaluate", "--data", str(fake), "--cache-dir", str(tmp_path / "cache"),
                        "--dense-only", "--no-progress", "--threads", "1"]) == 0
-    assert "resnet20_fd_kd3.pt: dense test top-1" in capsys.readouterr().out
+    assert "resnet20_fd_ramp.pt: dense test top-1" in capsys.readouterr().out
 
     assert cifar.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
     assert cifar.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
