@@ -449,7 +449,7 @@ def _fit(args: argparse.Namespace, defaults: dict[str, Any]) -> int:
             record["distill_loss"] = distill_sum / count
         record["seconds"] = time.perf_counter() - t0
         record["train_seconds"] = train_seconds
-        record["steps"], record["epoch_steps"] = min(steps, count // args.batch_size), len(train_loader)
+        record["steps"], record["epoch_steps"] = count // args.batch_size, len(train_loader)
         if len(synced) >= 2:  # steady-state step time, first SYNC_EVERY steps (warm-up) left out
             record["seconds_per_step"] = (synced[-1][1] - synced[0][1]) / (synced[-1][0] - synced[0][0])
         with open(log_path, "a") as fh:
@@ -508,7 +508,7 @@ def _decay_weight(args: argparse.Namespace, step: int, steps: int) -> float:
     to --feature-decay over --feature-decay-ramp epochs, then held. At full weight from the first
     step, ResNet-20 trained from scratch (lr 0.2, lambda 3e-4 to 1e-3) lost every feature map in
     its first epoch (an H200 run, README); a ramp lets the features form before they are pruned."""
-    start, end = float(args.feature_decay_start or 0.0), float(args.feature_decay)
+    start, end = float(args.feature_decay_start), float(args.feature_decay)
     frac = min(1.0, step / max(1, int(args.feature_decay_ramp) * steps))
     return start + (end - start) * frac
 

@@ -16,7 +16,6 @@ Two cost models:
 from __future__ import annotations
 
 import statistics
-import time
 import warnings
 
 import torch
@@ -110,22 +109,19 @@ def _inputs_of(gm: fx.GraphModule, names: list[str], x: torch.Tensor) -> dict[st
 
 
 def _time(fns: dict[str, callable], rounds: int, *, cuda: bool = False) -> dict[str, float]:
-    """Median ms of each function, interleaved; ``cuda`` waits for the device after each call
-    (its kernels run asynchronously: the host clock alone would time only the launches)."""
+    """Median ms of each function, interleaved (:func:`ispc.benchmark.time_interleaved`, two
+    warm-up calls each); ``cuda`` waits for the device after each call (its kernels run
+    asynchronously: the host clock alone would time only the launches)."""
+    from ispc.benchmark import time_interleaved
+
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    for fn in fns.values():
-        fn()
-        fn()
-    sync()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    keys = list(fns)
-    for r in range(rounds):
-        for key in keys[r % len(keys):] + keys[:r % len(keys)]:
-            t0 = time.perf_counter()
-            fns[key]()
-            sync()
-            times[key].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
+
+    def synced(fn: callable) -> callable:
+        return lambda: (fn(), sync())
+
+    timings = time_interleaved({k: synced(fn) for k, fn in fns.items()}, warmup=2, rounds=rounds,
+                               progress=False)
+    return {k: t.median for k, t in timings.items()}
 
 
 def _ungate_meta(meta: dict, reason: str) -> None:
