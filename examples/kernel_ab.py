@@ -4,7 +4,7 @@ The default build against the same source compiled with other ``-D`` settings (`
 
 Every variant is loaded at once and swapped in per call, and the candidates run interleaved
 (``ispc.benchmark.time_interleaved``), so a noisy machine shifts them all alike. Per layer (ResNet
-and VGG shapes, half the input channels kept by top-k, both orientations) or per whole model
+and VGG shapes, half the input channels kept by top-k, every orientation) or per whole model
 (compiled once, latency-aware at the batch size, with the default build; dense beside it)::
 
     python examples/kernel_ab.py --variant=-DSTREAM_BYTES=0 --batch-size 32 --threads 2
@@ -78,7 +78,10 @@ def layer_rows(libs, *, batch_size: int, rounds: int, convs=CONVS) -> list[dict]
             x = torch.randn(batch_size, cin, hw, hw, generator=g).relu()
             w, b = torch.randn(cout, cin, k, k, generator=g), torch.randn(cout, generator=g)
             ones = torch.ones(cin)
-            for orient, oname in ((native.ORIENT_PIX, "pix"), (native.ORIENT_CO, "co")):
+            for orient, oname in ((native.ORIENT_PIX, "pix"), (native.ORIENT_CO, "co"),
+                                  (native.ORIENT_CL, "cl")):
+                if orient == native.ORIENT_CL and k == 1:
+                    continue  # predicted and timed for kernels with several taps only
                 layer = native.NativeLayer(w, b, (s, s), (k // 2, k // 2), (1, 1), orient)
 
                 def run():

@@ -11,7 +11,7 @@ shapes::
 
 ``--native`` instead times gated convolutions at half the input channels (the top half by l2 norm
 of random ReLU inputs) on ResNet-18/50 and VGG-16 layer shapes: oneDNN dense on all channels
-against the native indirect GEMM in both orientations and oneDNN on the gathered channels (the
+against the native indirect GEMM in its three orientations and oneDNN on the gathered channels (the
 ``gather`` strategy), which is what ``select_kernels``' predicted cost model is based on::
 
     python examples/kernel_speed.py --native --threads 2 [--batch-size 32]
@@ -94,6 +94,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+# the native kernel's orientations --native times (lanes over positions, over output channels from
+# im2col panels, over output channels from a channels-last copy)
+ORIENTS = {"pix": native.ORIENT_PIX, "co": native.ORIENT_CO, "cl": native.ORIENT_CL}
+
+
 def _native_built() -> bool:
     """Whether the native library is there; says why not when it is not (both native tables need it)."""
     if not native.available():
@@ -102,7 +107,7 @@ def _native_built() -> bool:
 
 
 def native_table(args: argparse.Namespace) -> int:
-    """Dense oneDNN vs the native kernel (both orientations) vs oneDNN on the gathered channels."""
+    """Dense oneDNN vs the native kernel (three orientations) vs oneDNN on the gathered channels."""
     if not _native_built():
         return 1
     rows = []
@@ -113,24 +118,24 @@ def native_table(args: argparse.Namespace) -> int:
             w, b = torch.randn(cout, cin, k, k, generator=g), torch.randn(cout, generator=g)
             keep, pad, ones = cin // 2, k // 2, torch.ones(cin)
             layers = {o: native.NativeLayer(w, b, (s, s), (pad, pad), (1, 1), o)
-                      for o in (native.ORIENT_PIX, native.ORIENT_CO)}
+                      for o in ORIENTS.values()}
             idx = [torch.topk(x[i].norm(dim=(1, 2)), keep).indices.sort().values
                    for i in range(x.shape[0])]
             cands = {
                 "dense": lambda: F.conv2d(x, w, b, s, pad),
                 **{name: (lambda o=o: gated_conv2d_native(x, w, layers[o], b, ones, (s, s), (pad, pad),
                                                           (1, 1), gc.TOPK, 0.0, keep, 0))
-                   for name, o in (("pix", native.ORIENT_PIX), ("co", native.ORIENT_CO))},
+                   for name, o in ORIENTS.items()},
                 "gather": lambda: [F.conv2d(x[i:i + 1, j], w[:, j], b, s, pad)
                                    for i, j in enumerate(idx)],
             }
             t = time_interleaved(cands, rounds=args.rounds, progress=False)
             d = t["dense"].median
             rows.append([f"{cin}->{cout} {k}x{k}/{s}", f"{hw}x{hw}", d,
-                         *(f"{t[c].median:.3f} ({d / t[c].median:.2f}x)" for c in ("pix", "co", "gather"))])
+                         *(f"{t[c].median:.3f} ({d / t[c].median:.2f}x)" for c in (*ORIENTS, "gather"))])
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size}, "
           f"half the input channels kept (ideal: 2.00x)")
-    print(tabulate(rows, headers=["layer", "input", "dense ms", "native pix", "native co",
+    print(tabulate(rows, headers=["layer", "input", "dense ms", *(f"native {o}" for o in ORIENTS),
                                   "gather (oneDNN)"], floatfmt=".3f", tablefmt="github"))
     return 0
 

@@ -27,13 +27,21 @@ from ispc.ops.cpu_kernels import STRATEGIES, run_strategy
 
 from .base import PassState, ispc_meta, node_shape, register_pass, replace_submodule
 
-__all__ = ["select_kernels", "predicted_strategy", "candidates", "SMALL_MAP", "ORIENT_NAMES"]
+__all__ = ["select_kernels", "predicted_strategy", "candidates", "SMALL_MAP", "ORIENT_NAMES",
+           "CL_MIN_CHANNELS"]
 
 #: without the native kernel, maps with at most this many output positions use the gemm kernel
 SMALL_MAP = 14 * 14
 
-#: dense MACs per instance from which oneDNN on the gathered channels beats the native kernel
+#: dense MACs per instance from which oneDNN on the gathered channels beats the native kernel, on
+#: maps of more than ``GATHER_MIN_MAP`` positions (VGG-16's 224x224 to 56x56 layers; on its 28x28
+#: and 14x14 ones, as large, the channels-last orientation is faster)
 LARGE_LAYER_MACS = 400_000_000
+GATHER_MIN_MAP = 32 * 32
+#: a layer whose kernel has several taps takes the native kernel's channels-last orientation
+#: (``native.ORIENT_CL``) unless it has fewer input channels than this on a map larger than
+#: ``native.SMALL_MAP`` (CIFAR's 16-channel 32x32 layers: a reduction too short for channel lanes)
+CL_MIN_CHANNELS = 32
 
 #: said when a model is gated on a GPU without latency-aware selection
 CUDA_NOTE = ("ispc: gated layers on CUDA run a Triton kernel that measured slower than cuDNN's "
@@ -42,18 +50,22 @@ CUDA_NOTE = ("ispc: gated layers on CUDA run a Triton kernel that measured slowe
              "gates' accuracy is the same as on the CPU, but for speed pass "
              "GatingConfig(latency_aware=True), which keeps only layers that pay on this GPU")
 
-ORIENT_NAMES = {native.ORIENT_PIX: "pix", native.ORIENT_CO: "co", native.ORIENT_FULL: "full"}
+ORIENT_NAMES = {native.ORIENT_PIX: "pix", native.ORIENT_CO: "co", native.ORIENT_FULL: "full",
+                native.ORIENT_CL: "cl"}
 
 
 def predicted_strategy(mod: GatedConv2d, out_hw: int,
                        input_hw: tuple[int, int] | None = None) -> tuple[str, int | None]:
     """The kernel (strategy, native orientation) the shape-based cost model expects to be fastest.
 
-    Measured on ResNet/VGG layer shapes at batch 1 (``examples/kernel_speed.py --native``): the
-    native indirect GEMM wins on small and mid-sized layers (lanes over output channels on maps of
-    at most ``native.SMALL_MAP`` positions, over positions otherwise); oneDNN on the gathered
-    channels wins on the largest (VGG's 224x224 and 112x112 layers, ~1.8 GMAC), where its gathers
-    cost least relative to the convolution. A layer whose kernel covers its ``input_hw`` input (a
+    Measured on ResNet/VGG layer shapes at batch 1 and 32 (``examples/kernel_speed.py --native``):
+    the native indirect GEMM wins on small and mid-sized layers: for kernels with several taps,
+    lanes over output channels read from a channels-last copy of the kept channels
+    (``ORIENT_CL``; lanes over positions for layers under ``CL_MIN_CHANNELS`` inputs on large
+    maps); for 1x1 kernels, lanes over output channels on maps of at most ``native.SMALL_MAP``
+    positions, over positions otherwise. oneDNN on the gathered channels wins on the largest
+    layers on large maps (VGG's 224x224 to 56x56 layers, ~0.9-1.8 GMAC), where its gathers cost
+    least relative to the convolution. A layer whose kernel covers its ``input_hw`` input (a
     gated linear layer) takes the native kernel's one-position orientation whatever its size:
     2-3x faster than the dense matrix-vector product at half the channels (batch 1).
     """
@@ -62,7 +74,10 @@ def predicted_strategy(mod: GatedConv2d, out_hw: int,
             and mod.weight.dtype == torch.float32):
         return "native", native.ORIENT_FULL
     macs = mod.out_channels * mod.in_channels * kh * kw * out_hw
-    if _native_fits(mod) and mod.weight.dtype == torch.float32 and macs < LARGE_LAYER_MACS:
+    if _native_fits(mod) and mod.weight.dtype == torch.float32 and (
+            macs < LARGE_LAYER_MACS or out_hw <= GATHER_MIN_MAP):
+        if kh * kw > 1 and (mod.in_channels >= CL_MIN_CHANNELS or out_hw <= native.SMALL_MAP):
+            return "native", native.ORIENT_CL
         return "native", native.orientation_for(out_hw)
     if kh * kw == 1 or out_hw <= SMALL_MAP:
         return "gemm", None
@@ -85,6 +100,8 @@ def candidates(mod: GatedConv2d,
     if _native_fits(mod):
         out["native:pix"] = ("native", native.ORIENT_PIX)
         out["native:co"] = ("native", native.ORIENT_CO)
+        if mod.weight.shape[-2:].numel() > 1:  # a 1x1 layer's channels-last copy is ORIENT_CO's panel
+            out["native:cl"] = ("native", native.ORIENT_CL)
         if input_hw is not None and _full(mod, input_hw):
             out["native:full"] = ("native", native.ORIENT_FULL)
     return out

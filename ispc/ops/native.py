@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["ORIENT_PIX", "ORIENT_CO", "ORIENT_FULL", "available", "full_window", "unavailable_reason",
+__all__ = ["ORIENT_PIX", "ORIENT_CO", "ORIENT_FULL", "ORIENT_CL", "available", "full_window", "unavailable_reason",
            "pack_weight", "select", "gather", "epilogue",
            "NativeLayer", "orientation_for", "supports", "NO_CLAMP", "RELU", "RELU6"]
 
@@ -35,8 +35,12 @@ ORIENT_CO = 1   #: vector lanes over output channels (small feature maps)
 #: one output position: the kernel covers the whole unpadded input (a Linear seen as a convolution);
 #: lanes over output channels, each kept channel's weights read once per call (see the C file)
 ORIENT_FULL = 2
+#: lanes over output channels, as ORIENT_CO, with every tap read in place from one zero-padded
+#: channels-last copy of the kept channels (ORIENT_CO's panels are the kernel's taps times as large)
+ORIENT_CL = 3
 
-#: output maps with at most this many positions use ORIENT_CO by default
+#: output maps with at most this many positions use ORIENT_CO by default (1x1 kernels; several taps
+#: take ORIENT_CL, see ``select_kernels.predicted_strategy``)
 SMALL_MAP = 16 * 16
 
 #: the kernel splits strided inputs into stride_h * stride_w phases, at most this many
@@ -175,7 +179,8 @@ def full_window(kernel: tuple[int, int], padding: tuple[int, int], dilation: tup
 
 
 def orientation_for(out_hw: int) -> int:
-    """The orientation expected to be faster for an output map of ``out_hw`` positions."""
+    """The orientation expected to be faster for a 1x1 layer's output map of ``out_hw`` positions
+    (and for a layer with few input channels on a larger map)."""
     return ORIENT_CO if out_hw <= SMALL_MAP else ORIENT_PIX
 
 
@@ -309,7 +314,7 @@ class NativeLayer:
                              f"not {tuple(stride)}")
         self.cout, _, kh, kw = (int(v) for v in weight.shape)
         self.orient = int(orient)
-        if self.orient not in (ORIENT_PIX, ORIENT_CO, ORIENT_FULL):
+        if self.orient not in (ORIENT_PIX, ORIENT_CO, ORIENT_FULL, ORIENT_CL):
             raise ValueError(f"unknown orientation {orient!r}")
         if self.orient == ORIENT_FULL and (tuple(padding) != (0, 0) or tuple(dilation) != (1, 1)):
             raise ValueError("ORIENT_FULL takes only unpadded, undilated layers whose kernel covers "

@@ -22,7 +22,9 @@ def test_layers_and_models_with_a_tuning_variant(tmp_path):
     mod = _module()
     libs = mod.load_variants(["-DSTREAM_BYTES=1"])  # every call streams: same values
     rows = mod.layer_rows(libs, batch_size=2, rounds=1, convs=[(16, 32, 1, 1, 16), (8, 8, 3, 1, 9)])
-    assert len(rows) == 4 and all(r["identical"] and r["default_ms"] > 0 for r in rows)
+    # pix and co per layer, and cl for the 3x3 one
+    assert [r["orient"] for r in rows] == ["pix", "co", "pix", "co", "cl"]
+    assert all(r["identical"] and r["default_ms"] > 0 for r in rows)
     out = tmp_path / "ab.json"
     assert mod.main(["--variant=-DSTREAM_BYTES=1", "--models", "resnet18", "--image-size", "32",
                      "--batch-size", "2", "--rounds", "1", "--json", str(out)]) == 0
@@ -38,10 +40,10 @@ def test_variants_that_change_register_blocks_are_refused():
 
 
 def test_channel_lane_rows_may_differ():
-    """-DCO_MR changes only the channel-lane kernel's position rows, not the packed weights: the
+    """-DCO_MR changes only the channel-lane kernels' position rows, not the packed weights: the
     variant loads, and its layers equal the default build's (each sum runs in the same order)."""
     mod = _module()
     libs = mod.load_variants(["-DCO_MR=14"])
     assert libs["-DCO_MR=14"].ispc_block_rows(native.ORIENT_CO) == 14
     rows = mod.layer_rows(libs, batch_size=2, rounds=1, convs=[(24, 40, 1, 1, 7), (16, 16, 3, 1, 9)])
-    assert len(rows) == 4 and all(r["identical"] and r["-DCO_MR=14_ms"] > 0 for r in rows)
+    assert len(rows) == 5 and all(r["identical"] and r["-DCO_MR=14_ms"] > 0 for r in rows)

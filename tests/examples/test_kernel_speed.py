@@ -39,7 +39,7 @@ def test_native_table_has_every_strategy_per_layer(native_script, capsys, monkey
     assert mod.main(["--native", "--rounds", "1", "--batch-size", "2"]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if "->" in line]
     assert len(rows) == 2
-    assert all(cell.count("x)") == 1 for r in rows for cell in r.split("|")[4:7])
+    assert all(cell.count("x)") == 1 for r in rows for cell in r.split("|")[4:8])
 
 
 def test_gather_table_has_both_selection_paths_per_layer(native_script, capsys, monkeypatch):

@@ -9,7 +9,7 @@ import ispc
 from conftest import rel_err
 from ispc.examples.models import resnet20
 from ispc.ops import native
-from ispc.passes.select_kernels import ORIENT_NAMES
+from ispc.passes.select_kernels import CL_MIN_CHANNELS, ORIENT_NAMES
 
 
 def _data():
@@ -34,6 +34,9 @@ def test_predicted_strategies_follow_shape(with_native, monkeypatch):
             if with_native:
                 expect = "native"
                 orient = native.ORIENT_CO if hw <= native.SMALL_MAP else native.ORIENT_PIX
+                if mod.weight.shape[-1] > 1 and (mod.in_channels >= CL_MIN_CHANNELS
+                                                 or hw <= native.SMALL_MAP):
+                    orient = native.ORIENT_CL
                 assert mod.orient == orient and kernel["orient"] == ORIENT_NAMES[orient]
                 seen.add(orient)
             else:
@@ -41,8 +44,9 @@ def test_predicted_strategies_follow_shape(with_native, monkeypatch):
             assert mod.strategy == kernel["strategy"] == expect
             row = c.report.layer(n.target)
             assert row.cpu_kernel == expect + (f":{ORIENT_NAMES[mod.orient]}" if with_native else "")
-    if with_native:  # ResNet-20 at 32x32 has both large (32x32) and small (8x8) maps
-        assert seen == {native.ORIENT_PIX, native.ORIENT_CO}
+    if with_native:  # ResNet-20 at 32x32: 16-channel 32x32 layers, wider 3x3 ones on smaller
+        # maps and 1x1 shortcuts on 16x16 and 8x8
+        assert seen == {native.ORIENT_PIX, native.ORIENT_CL, native.ORIENT_CO}
 
 
 def test_latency_aware_ungates_with_reason_and_stays_exact():
@@ -89,8 +93,21 @@ def test_largest_layers_are_predicted_to_oneDNN_on_gathered_channels():
     assert 128 * 128 * 9 * big >= LARGE_LAYER_MACS > 128 * 128 * 9 * small
     assert predicted_strategy(mod, big) == ("gather", None)
     if native.available():
-        assert predicted_strategy(mod, small) == ("native", native.ORIENT_PIX)
-        assert predicted_strategy(mod, 7 * 7) == ("native", native.ORIENT_CO)
+        assert predicted_strategy(mod, small) == ("native", native.ORIENT_CL)
+        assert predicted_strategy(mod, 7 * 7) == ("native", native.ORIENT_CL)
+        one = GatedConv2d(torch.randn(128, 128, 1, 1), None, stride=(1, 1), padding=(0, 0),
+                          dilation=(1, 1), mode="topk", threshold=0.0, k=64)
+        assert predicted_strategy(one, small) == ("native", native.ORIENT_PIX)
+        assert predicted_strategy(one, 7 * 7) == ("native", native.ORIENT_CO)
+        # as many MACs on a 28x28 map: the channels-last orientation beats oneDNN there
+        wide = GatedConv2d(torch.randn(512, 512, 3, 3), None, stride=(1, 1), padding=(1, 1),
+                           dilation=(1, 1), mode="topk", threshold=0.0, k=256)
+        assert 512 * 512 * 9 * small >= LARGE_LAYER_MACS
+        assert predicted_strategy(wide, small) == ("native", native.ORIENT_CL)
+        few = GatedConv2d(torch.randn(16, 16, 3, 3), None, stride=(1, 1), padding=(1, 1),
+                          dilation=(1, 1), mode="topk", threshold=0.0, k=8)
+        assert predicted_strategy(few, 32 * 32) == ("native", native.ORIENT_PIX)
+        assert predicted_strategy(few, 8 * 8) == ("native", native.ORIENT_CL)
 
 
 def test_layers_whose_kernel_covers_the_input_take_the_one_position_kernel():

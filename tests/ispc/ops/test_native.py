@@ -1,4 +1,4 @@
-"""The native indirect-GEMM kernel equals the masked-dense reference, in both orientations."""
+"""The native indirect-GEMM kernel equals the masked-dense reference, in every orientation."""
 from __future__ import annotations
 
 import os
@@ -19,7 +19,7 @@ from ispc.ops.cpu_kernels import gated_conv2d_native, run_strategy
 pytestmark = pytest.mark.skipif(not native.available(),
                                 reason=f"native kernel not built here: {native.unavailable_reason()}")
 
-ORIENTS = [native.ORIENT_PIX, native.ORIENT_CO]
+ORIENTS = [native.ORIENT_PIX, native.ORIENT_CO, native.ORIENT_CL]
 
 # (cin, cout, kernel, stride, padding, dilation, H, W): odd sizes so that neither the output
 # channels nor the positions fill whole register blocks, and cin > 2 * 75 for a 3x3 layer so that
@@ -117,6 +117,26 @@ def test_large_batch_runs_in_chunks_of_instances():
     for mode, thr, k in [(gc.TOPK, 0.0, 128), (gc.THRESHOLD, 1.0, 0)]:
         a = (x, w, b, s, 1, 1, 1, mode, thr, k, gc.SALIENCY_L2)
         assert rel_err(_run(*a, native.ORIENT_CO), _ref(*a)) <= 1e-5
+
+
+def test_channels_last_copies_run_in_chunks_of_instances():
+    # the index entry (no selection chunks in front): 40 instances of 96 kept channels at 30x30
+    # (32x32 padded) are ~98k floats of channels-last copy each, so ORIENT_CL copies and computes
+    # them in two chunks; rows keep different counts, the first none
+    g = torch.Generator().manual_seed(4)
+    n, c = 40, 128
+    x = torch.randn(n, c, 30, 30, generator=g)
+    w, b = torch.randn(20, c, 3, 3, generator=g), torch.randn(20, generator=g)
+    idx = torch.stack([torch.randperm(c, generator=g)[:96] for _ in range(n)])
+    counts = torch.randint(1, 97, (n,), generator=g)
+    counts[0] = 0
+    layer = native.NativeLayer(w, b, (1, 1), (1, 1), (1, 1), native.ORIENT_CL)
+    out = layer(x, idx.clone(), counts)
+    mask = torch.zeros(n, c)
+    for i in range(n):
+        mask[i, idx[i, :counts[i]]] = 1.0
+    ref = torch.nn.functional.conv2d(x * mask[:, :, None, None], w, b, 1, 1)
+    assert rel_err(out, ref) <= 1e-5
 
 
 def test_inputs_beyond_the_cache_budget_select_and_convolve_in_chunks_of_instances():
