@@ -169,3 +169,35 @@ def test_gating_on_cuda_warns_unless_latency_aware():
         ispc.compile(model, data, progress=False,
                      config=ispc.GatingConfig(latency_aware=True, latency_rounds=3))
     assert not any("latency_aware=True" in str(w.message) for w in seen)
+
+
+@pytest.mark.parametrize("gated_ms, kept", [(2.0, False), (0.5, True)])
+def test_whole_model_check_keeps_gates_only_when_the_gated_model_is_faster(monkeypatch, gated_ms,
+                                                                           kept):
+    import importlib
+
+    sk = importlib.import_module("ispc.passes.select_kernels")
+    calls = []
+
+    def fake_time(fns, rounds, *, cuda=False):
+        if set(fns) == {"gated", "dense"}:  # the whole-model check: both configurations run
+            for label, fn in fns.items():
+                fn()
+                calls.append(label)
+            return {"gated": gated_ms, "dense": 1.0}
+        return {k: 1.0 if k == "dense" else 0.5 for k in fns}  # every layer pays alone
+
+    monkeypatch.setattr(sk, "_time", fake_time)
+    model = resnet20().eval()
+    cfg = ispc.GatingConfig(latency_aware=True, min_gain=0.0, latency_rounds=3)
+    c = ispc.compile(model, _data(), progress=False, config=cfg)
+    assert sorted(calls) == ["dense", "gated"]
+    assert (c.report.summary["layers_gated"] > 0) == kept
+    assert bool(c.gated_modules()) == kept
+    assert any(("every gate was removed" in n) != kept for n in c.report.notes
+               if n.startswith("whole-model check"))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        out = c(x)
+    if not kept:
+        assert rel_err(out, model(x)) <= 1e-4
