@@ -201,3 +201,37 @@ def test_whole_model_check_keeps_gates_only_when_the_gated_model_is_faster(monke
         out = c(x)
     if not kept:
         assert rel_err(out, model(x)) <= 1e-4
+
+
+
+@pytest.mark.parametrize("factor, keeps_predicted", [(1.02, True), (1.10, False)])
+def test_measured_selection_keeps_the_predicted_kernel_within_the_margin(monkeypatch, factor,
+                                                                         keeps_predicted):
+    import importlib
+
+    from ispc.passes.select_kernels import PREDICTED_MARGIN
+
+    if not native.available():
+        pytest.skip(f"native kernel not built here: {native.unavailable_reason()}")
+    assert 1.02 < 1.0 + PREDICTED_MARGIN < 1.10
+    sk = importlib.import_module("ispc.passes.select_kernels")
+    fast = "native:co"  # a candidate of every layer: measured `factor` times faster than the rest
+
+    def fake_time(fns, rounds, *, cuda=False):
+        if set(fns) == {"gated", "dense"}:  # the whole-model check: gated wins
+            return {"gated": 0.5, "dense": 1.0}
+        times = {k: 0.5 for k in fns}
+        times.update(dense=1.0, **{fast: 0.5 / factor})
+        return times
+
+    model = resnet20().eval()
+    plain = ispc.compile(model, _data(), progress=False)  # the predicted kernels
+    predicted = {name: plain.report.layer(name).cpu_kernel for name in plain.gated_modules()}
+    monkeypatch.setattr(sk, "_time", fake_time)
+    cfg = ispc.GatingConfig(latency_aware=True, min_gain=0.0, latency_rounds=3)
+    c = ispc.compile(model, _data(), progress=False, config=cfg)
+    assert set(c.gated_modules()) == set(predicted)
+    assert any(k != fast for k in predicted.values())
+    for name in predicted:
+        chosen = c.report.layer(name).cpu_kernel
+        assert chosen == (predicted[name] if keeps_predicted else fast), name
