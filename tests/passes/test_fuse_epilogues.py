@@ -191,3 +191,46 @@ def test_large_outputs_run_the_epilogue_after_the_kernel(monkeypatch):
         assert torch.equal(small, large) and torch.equal(large, plain(x))
     if native.available():
         assert any(calls[:n_small]) and not any(calls[n_small:])  # residuals went to the kernel first
+
+
+class Pools(nn.Module):
+    """conv -> ReLU -> 2x2 pool three times: a dense stem (its ReLU a graph node), a gated layer
+    (its ReLU fused into it first), and a ReLU whose input has a second reader (stays put)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.c1 = nn.Conv2d(8, 24, 3, padding=1)
+        self.c2 = nn.Conv2d(24, 24, 3, padding=1)
+        self.pool = nn.ModuleList(nn.MaxPool2d(2) for _ in range(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool[0](F.relu(self.stem(x)))
+        x = self.pool[1](torch.relu(self.c1(x)))
+        y = self.c2(x)
+        return self.pool[2](F.relu(y)).sum((2, 3)) + y.mean((2, 3))
+
+
+@pytest.mark.parametrize("mode", ["topk", "threshold"])
+def test_activations_move_into_the_max_pool_after_them(mode):
+    from ispc.modules import StridedMaxPool2d
+
+    torch.manual_seed(0)
+    model = Pools().eval()
+    fused, plain = (ispc.compile(model, _data(), progress=False, config=ispc.GatingConfig(
+        keep_ratio=0.5, mode=mode, fuse_epilogues=f, min_channels=8)) for f in (True, False))
+    pools = {n: m.act for n, m in fused.graph_module.named_modules() if isinstance(m, StridedMaxPool2d)}
+    assert pools == {"pool.0": "relu", "pool.1": "relu", "pool.2": None}
+    assert fused.gated_modules()["c1"].act is None  # its ReLU went on into the pool
+    assert any(n.startswith("moved 2 activation") for n in fused.report.notes)
+    x = torch.randn(3, 3, 12, 12)
+    with torch.no_grad():
+        assert torch.equal(fused(x), plain(x))
+    xg = x.clone().requires_grad_()  # the autograd path applies the moved activations too
+    assert rel_err(fused(xg).detach(), plain(x)) <= 1e-6
+    whole = ispc.compile(model, _data(), progress=False, config=ispc.GatingConfig(
+        keep_ratio=1.0, mode=mode, min_channels=8))  # every channel kept: the ReLUs are graph nodes
+    assert sum(m.act is not None for m in whole.graph_module.modules()
+               if isinstance(m, StridedMaxPool2d)) == 2
+    with torch.no_grad():
+        assert rel_err(whole(x), model(x)) <= 1e-5

@@ -132,3 +132,23 @@ def test_exported_graph_has_the_plain_pool():
     targets = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
     assert any("max_pool2d" in t for t in targets)
     assert not any("clone" in t or "contiguous" in t for t in targets)
+
+
+@pytest.mark.parametrize("act, ref", [("relu", torch.relu), ("relu6", F.relu6)])
+@pytest.mark.parametrize("shape", [(1, 64, 56, 56), (2, 3, 9, 37), (1, 5, 4, 2), (3, 2, 7, 70)])
+def test_strided_pool_with_an_activation_equals_pool_then_activation(act, ref, shape):
+    fast = StridedMaxPool2d(2)
+    fast.act = act
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(sum(shape))) * 8
+    x[0, 0, 0, 0] = float("nan")  # NaN propagates through max and activation alike
+    expected = ref(F.max_pool2d(x, 2))
+    out = fast(x)
+    assert torch.equal(out.isnan(), expected.isnan())
+    assert torch.equal(out.nan_to_num(), expected.nan_to_num())
+    xg = x.clone().requires_grad_()  # the plain path applies it too
+    assert torch.equal(fast(xg).detach().nan_to_num(), expected.nan_to_num())
+    three = StridedMaxPool2d(3)  # other windows: PyTorch's maxima, then the activation
+    three.act = act
+    if min(shape[-2:]) >= 3:
+        assert torch.equal(three(x).nan_to_num(), ref(F.max_pool2d(x, 3)).nan_to_num())
+    assert f"act={act}" in repr(fast)

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -251,6 +252,20 @@ def test_layer_survives_copy_and_pickle():
         layer = other
 
 
+@pytest.mark.parametrize("clamp", [native.NO_CLAMP, native.RELU, native.RELU6])
+def test_maxpool2x2_equals_max_pool_then_clamp(clamp):
+    g = torch.Generator().manual_seed(6)
+    for shape in [(1, 64, 56, 56), (2, 3, 9, 37), (1, 5, 4, 2), (3, 2, 7, 70), (1, 1, 3, 3)]:
+        x = torch.randn(*shape, generator=g) * 8
+        x[0, 0, 1, 1] = float("nan")
+        out = native.maxpool2x2(x, clamp)
+        if out is None:
+            pytest.skip("this build has no 2x2 pool kernel (AVX-512 only)")
+        expected = F.max_pool2d(x, 2).clamp(*clamp)
+        assert torch.equal(out.isnan(), expected.isnan()), shape
+        assert torch.equal(out.nan_to_num(), expected.nan_to_num()), shape
+
+
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 ISA variants")
 def test_avx2_code_path_matches_reference(monkeypatch):
     # this CPU may take the AVX-512 path; the AVX2 one (other register blocks) must be right too
@@ -271,6 +286,7 @@ def test_avx2_code_path_matches_reference(monkeypatch):
                 a = (x, wt, b, torch.ones(cin), stride, pad, dil, mode, thr, k, sal)
                 assert rel_err(_run(*a, orient), _ref(*a)) <= 1e-5, (shape, orient, mode, sal)
     _check_epilogues(SHAPES[:3] + SHAPES[-4:])  # the epilogue's AVX2 stores and loads
+    assert native.maxpool2x2(torch.randn(1, 2, 4, 4)) is None  # AVX-512 only: PyTorch's path
 
 
 def test_streaming_stores_match_reference(monkeypatch):
