@@ -127,9 +127,10 @@ def fuse_epilogues(gm: fx.GraphModule, state: PassState) -> fx.GraphModule:
 
 
 def _acts_into_pools(gm: fx.GraphModule, calls: dict[str, int]) -> int:
-    """``pool(act(y))`` -> ``pool_act(y)`` for a :class:`StridedMaxPool2d` called once: the max
-    commutes with ReLU/ReLU6 (exact), so the activation costs no pass of its own; the gated layer
-    or activation node that applied it stops doing so. VGG-16 has five such pools; where the layer
+    """``pool(act(y))`` (and ``act(pool(y))``, the order exported graphs hold) -> ``pool_act(y)``
+    for a :class:`StridedMaxPool2d` called once: the max commutes with ReLU/ReLU6 (exact), so the
+    activation costs no pass of its own; the gated layer or activation node that applied it stops
+    doing so. VGG-16 has five such pools; where the layer
     before one runs on oneDNN, its ReLU was a pass over the whole unpooled map."""
     moved = 0
     for pool_node in list(gm.graph.nodes):
@@ -138,10 +139,17 @@ def _acts_into_pools(gm: fx.GraphModule, calls: dict[str, int]) -> int:
             continue
         pool = gm.get_submodule(pool_node.target)
         src = pool_node.args[0]
-        if type(pool) is not StridedMaxPool2d or pool.act or not isinstance(src, fx.Node) \
-                or _only_user(src) is not pool_node:
+        if type(pool) is not StridedMaxPool2d or pool.act or not isinstance(src, fx.Node):
             continue
-        if src.op == "call_module" and calls.get(src.target) == 1 and isinstance(
+        after = _only_user(pool_node)
+        if after is not None and (act := activation_of(gm, after)) is not None \
+                and after.args[0] is pool_node:  # act(pool(y)), as exported graphs hold it
+            pool.act = act
+            after.replace_all_uses_with(pool_node)
+            gm.graph.erase_node(after)
+        elif _only_user(src) is not pool_node:
+            continue
+        elif src.op == "call_module" and calls.get(src.target) == 1 and isinstance(
                 mod := gm.get_submodule(src.target), GatedConv2d) and mod.act and not mod.residual_add:
             pool.act, mod.act = mod.act, None  # the gated layer's fused activation
             ispc_meta(src).setdefault("epilogue", {})["act"] = None

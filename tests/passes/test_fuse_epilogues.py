@@ -212,7 +212,7 @@ class Pools(nn.Module):
 
 
 @pytest.mark.parametrize("mode", ["topk", "threshold"])
-def test_activations_move_into_the_max_pool_after_them(mode):
+def test_activations_move_into_the_max_pool_after_them(mode, tmp_path):
     from ispc.modules import StridedMaxPool2d
 
     torch.manual_seed(0)
@@ -228,6 +228,14 @@ def test_activations_move_into_the_max_pool_after_them(mode):
         assert torch.equal(fused(x), plain(x))
     xg = x.clone().requires_grad_()  # the autograd path applies the moved activations too
     assert rel_err(fused(xg).detach(), plain(x)) <= 1e-6
+    # saved graphs hold act(pool(y)) as ATen ops: ispc.load moves the activations in again
+    path = tmp_path / "pools.ispc"
+    ispc.save(fused, path)
+    loaded = ispc.load(path)
+    assert sorted(m.act or "" for m in loaded.graph_module.modules()
+                  if isinstance(m, StridedMaxPool2d)) == ["", "relu", "relu"]
+    with torch.no_grad():
+        assert torch.equal(loaded(x), fused(x))
     whole = ispc.compile(model, _data(), progress=False, config=ispc.GatingConfig(
         keep_ratio=1.0, mode=mode, min_channels=8))  # every channel kept: the ReLUs are graph nodes
     assert sum(m.act is not None for m in whole.graph_module.modules()
