@@ -354,13 +354,16 @@ class StridedMaxPool2d(nn.MaxPool2d):
     the ReLU pass and the elementwise maxima).
     """
 
+    #: the activation applied after the maxima (a class default: instances pickled before it
+    #: existed load without it)
+    act: str | None = None
+
     def __init__(self, kernel_size, stride=None, padding=0, dilation=1, return_indices=False,
                  ceil_mode=False) -> None:
         super().__init__(kernel_size, stride, padding, dilation, return_indices, ceil_mode)
         if not self.non_overlapping(self):
             raise ValueError("StridedMaxPool2d needs stride == kernel_size, padding 0, dilation 1 "
                              "and no return_indices; use nn.MaxPool2d for other pools")
-        self.act: str | None = None
 
     @staticmethod
     def non_overlapping(pool: nn.MaxPool2d) -> bool:

@@ -130,8 +130,8 @@ def _acts_into_pools(gm: fx.GraphModule, calls: dict[str, int]) -> int:
     """``pool(act(y))`` (and ``act(pool(y))``, the order exported graphs hold) -> ``pool_act(y)``
     for a :class:`StridedMaxPool2d` called once: the max commutes with ReLU/ReLU6 (exact), so the
     activation costs no pass of its own; the gated layer or activation node that applied it stops
-    doing so. VGG-16 has five such pools; where the layer
-    before one runs on oneDNN, its ReLU was a pass over the whole unpooled map."""
+    doing so. VGG-16 has five such pools; where the layer before one runs on oneDNN, its ReLU was a
+    pass over the whole unpooled map."""
     moved = 0
     for pool_node in list(gm.graph.nodes):
         if pool_node.op != "call_module" or calls.get(pool_node.target) != 1 \
