@@ -12,7 +12,7 @@ from .ops import native as _native
 __all__ = [
     "GatedConv2d", "LinearConv2d", "dense_conv", "full_channels",
     "ChannelsLastMaxPool2d", "StridedMaxPool2d", "fast_max_pool", "MODE_CODES",
-    "ACTIVATIONS",
+    "ACTIVATIONS", "apply_activation",
     "SALIENCY_CODES", "plain_cpu_call",
 ]
 
@@ -23,6 +23,16 @@ MODE_CODES = {"threshold": _gc.THRESHOLD, "topk": _gc.TOPK}
 EPILOGUE_MAX_BYTES = 16 << 20
 #: activations a gated layer's epilogue can apply -> the native kernel's clamp range
 ACTIVATIONS = {None: _native.NO_CLAMP, "relu": _native.RELU, "relu6": _native.RELU6}
+
+
+def apply_activation(out: Tensor, act: str | None) -> Tensor:
+    """``out`` through the activation named ``act`` (a key of :data:`ACTIVATIONS`), as new
+    PyTorch tensors: the fused epilogues' path wherever the C passes do not serve."""
+    if act == "relu":
+        return torch.relu(out)
+    if act == "relu6":
+        return F.relu6(out)
+    return out
 #: weighted_l2 is l2 with the weight-column norms folded into the per-channel scale
 SALIENCY_CODES = {"l2": _gc.SALIENCY_L2, "l1": _gc.SALIENCY_L1, "weighted_l2": _gc.SALIENCY_L2}
 
@@ -200,11 +210,7 @@ class GatedConv2d(nn.Module):
         serve: autograd, export, other dtypes, no compiler)."""
         if residual is not None:
             out = out + residual
-        if self.act == "relu":
-            return torch.relu(out)
-        if self.act == "relu6":
-            return F.relu6(out)
-        return out
+        return apply_activation(out, self.act)
 
     def _epilogue_in_place(self, out: Tensor, residual: Tensor | None) -> Tensor:
         """:meth:`_epilogue` written into ``out``, the output a CPU kernel just returned (the
@@ -393,11 +399,7 @@ class StridedMaxPool2d(nn.MaxPool2d):
         return self._act(out)
 
     def _act(self, out: Tensor) -> Tensor:
-        if self.act == "relu":
-            return torch.relu(out)
-        if self.act == "relu6":
-            return F.relu6(out)
-        return out
+        return apply_activation(out, self.act)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (f", act={self.act}" if self.act else "")

@@ -659,15 +659,20 @@ static void conv_cl(const geom_t *g, const float *x, int64_t n0, int64_t n1, con
     const int64_t KCc = many && CL_KC_FLOATS / (T * CO_NR) > 0 ? CL_KC_FLOATS / (T * CO_NR)
                         : many ? 1 : INT64_MAX;
     float *cbuf = copies + (n1 - n0) * per + (int64_t)omp_get_thread_num() * g->PB * CO_MR * CO_NR;
+    int64_t tab_cob = -1, tab_n = -1;  /* the (block, instance) toffs and wp were built for */
     #pragma omp for collapse(3) schedule(static)
     for (int64_t cob = 0; cob < CoB; cob++)
         for (int64_t n = n0; n < n1; n++)
             for (int64_t pq = 0; pq < (many ? 1 : g->PB); pq++) {
                 const int64_t K = counts ? counts[n] : kstride, *in = idx + n * kstride;
                 const float *wb = wpack + cob * g->C * T * CO_NR, *xk = copies + (n - n0) * per;
-                for (int64_t t = 0; t < T; t++)
-                    toffs[t] = ((t / g->kw) * g->dh * Wp + (t % g->kw) * g->dw) * K;
-                for (int64_t k = 0; k < K; k++) wp[k] = wb + in[k] * T * CO_NR;
+                if (cob != tab_cob || n != tab_n) {  /* a thread's tiles of one pair run in a row */
+                    for (int64_t t = 0; t < T; t++)
+                        toffs[t] = ((t / g->kw) * g->dh * Wp + (t % g->kw) * g->dw) * K;
+                    for (int64_t k = 0; k < K; k++) wp[k] = wb + in[k] * T * CO_NR;
+                    tab_cob = cob;
+                    tab_n = n;
+                }
                 float *on = out + n * g->Cout * HoWo;
                 epi_t e = *e0;
                 if (e.res) e.res += n * g->Cout * HoWo;
