@@ -26,6 +26,7 @@ import torch
 import ispc
 from ispc.benchmark import benchmark, dense_baseline, results_table, retain_freed_memory
 from ispc.examples.models import create_model
+from ispc.passes.channels_last import runs_channels_last
 
 PROFILE_ROWS = 12
 
@@ -100,8 +101,12 @@ def main(argv: list[str] | None = None) -> int:
                         "for dense and gated alike; off: the allocator's defaults")
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="also profile N passes of dense and gated per ATen op (default: off)")
+    p.add_argument("--channels-last", choices=["auto", "on", "off"], default="auto",
+                   help="GatingConfig.channels_last: auto (None: measured with --latency-aware), "
+                        "on (True) or off (False)")
     p.add_argument("--json")
     args = p.parse_args(argv)
+    layout = {"auto": None, "on": True, "off": False}[args.channels_last]
     if args.threads:
         torch.set_num_threads(args.threads)
     allocator = retain_freed_memory() if args.retain_memory else "glibc defaults"
@@ -109,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     g = torch.Generator().manual_seed(0)
     device = torch.device(args.device)
     calib = [torch.randn(8, 3, size, size, generator=g).to(device) for _ in range(4)]
-    results, overhead, profiles = [], [], []
+    results, overhead, profiles, compiles = [], [], [], []
     for name in args.models:
         torch.manual_seed(0)
         model = create_model(name).eval().to(device)
@@ -118,8 +123,14 @@ def main(argv: list[str] | None = None) -> int:
             cfg = ispc.GatingConfig(keep_ratio=args.keep_ratio, mode=args.mode,
                                     latency_aware=args.latency_aware, latency_batch_size=bs,
                                     latency_rounds=lat_rounds, fuse_epilogues=args.fuse_epilogues,
-                                    gate_linear=args.gate_linear)
+                                    gate_linear=args.gate_linear, channels_last=layout)
             compiled = ispc.compile(model, calib, config=cfg)
+            compiles.append({"model": name, "batch_size": bs,
+                             "channels_last": runs_channels_last(compiled.graph_module),
+                             "notes": [n for n in compiled.report.notes
+                                       if n.startswith(("whole-model", "channels_last"))]})
+            print(f"{name}: maps {'channels-last' if compiles[-1]['channels_last'] else 'NCHW'}; "
+                  + "; ".join(compiles[-1]["notes"]), file=sys.stderr)
             results += benchmark(model, compiled, (3, size, size), batch_sizes=(bs,),
                                  rounds=args.rounds if bs == 1 else args.batched_rounds,
                                  warmup=5 if bs == 1 else 1, name=name,
@@ -153,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
             json.dump({"config": vars(args), "torch": torch.__version__, "allocator": allocator,
                        "threads": torch.get_num_threads(), "device": _device_name(device),
                        "results": [r.to_dict() for r in results],
-                       "overhead": [r.to_dict() for r in overhead],
+                       "overhead": [r.to_dict() for r in overhead], "compiles": compiles,
                        **({"profiles": profiles} if profiles else {})}, f, indent=2)
     return 0
 

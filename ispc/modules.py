@@ -12,7 +12,7 @@ from .ops import native as _native
 __all__ = [
     "GatedConv2d", "LinearConv2d", "dense_conv", "full_channels",
     "ChannelsLastMaxPool2d", "StridedMaxPool2d", "fast_max_pool", "MODE_CODES",
-    "ACTIVATIONS", "apply_activation",
+    "ACTIVATIONS", "apply_activation", "ToMemoryFormat",
     "SALIENCY_CODES", "plain_cpu_call",
 ]
 
@@ -197,12 +197,15 @@ class GatedConv2d(nn.Module):
         return n * c * h * w * 4 <= EPILOGUE_MAX_BYTES
 
     @staticmethod
-    def _c_reads(residual: Tensor, shape: tuple[int, ...]) -> bool:
+    def _c_reads(residual: Tensor, out: Tensor | tuple[int, ...]) -> bool:
         """Whether the native library (the kernel, or :func:`ispc.ops.native.epilogue`) can add
-        ``residual`` itself: a plain contiguous float32 tensor of the output's ``shape`` that needs
-        no gradient (C cannot backpropagate)."""
-        return (type(residual) is Tensor and residual.dtype == torch.float32
-                and residual.is_contiguous() and residual.shape == shape
+        ``residual`` itself: a plain float32 tensor laid out as the output (``out``; a shape: a
+        contiguous one) that needs no gradient (C cannot backpropagate)."""
+        if isinstance(out, Tensor):
+            laid_out = residual.shape == out.shape and residual.stride() == out.stride()
+        else:
+            laid_out = residual.is_contiguous() and residual.shape == out
+        return (type(residual) is Tensor and residual.dtype == torch.float32 and laid_out
                 and not (residual.requires_grad and torch.is_grad_enabled()))
 
     def _epilogue(self, out: Tensor, residual: Tensor | None) -> Tensor:
@@ -222,9 +225,9 @@ class GatedConv2d(nn.Module):
         instance that keeps no channel) or a linear layer's output. What the C pass cannot take
         (a view, no native library, another dtype, a residual that broadcasts or needs gradients)
         goes through :meth:`_epilogue`."""
-        if (out._base is None and out.is_contiguous() and out.dtype == torch.float32
-                and _native.available()
-                and (residual is None or self._c_reads(residual, out.shape))):
+        if (out._base is None and (out.is_contiguous() or _native.is_channels_last(out))
+                and out.dtype == torch.float32 and _native.available()
+                and (residual is None or self._c_reads(residual, out))):
             return _native.epilogue(out, residual, ACTIVATIONS[self.act])
         return self._epilogue(out, residual)
 
@@ -385,8 +388,8 @@ class StridedMaxPool2d(nn.MaxPool2d):
         ho, wo = x.shape[-2] // kh, x.shape[-1] // kw
         if ho == 0 or wo == 0 or (self.ceil_mode and (x.shape[-2] % kh or x.shape[-1] % kw)):
             return self._act(super().forward(x))
-        if ((kh, kw) == (2, 2) and x.dtype == torch.float32 and x.is_contiguous()
-                and _native.available()):
+        if ((kh, kw) == (2, 2) and x.dtype == torch.float32
+                and (x.is_contiguous() or _native.is_channels_last(x)) and _native.available()):
             out = _native.maxpool2x2(x, ACTIVATIONS[self.act])
             if out is not None:
                 return out
@@ -411,3 +414,29 @@ def fast_max_pool(kernel_size, stride=None, padding=0, dilation=1, ceil_mode=Fal
     plain = nn.MaxPool2d(kernel_size, stride, padding, dilation, ceil_mode=ceil_mode)
     cls = StridedMaxPool2d if StridedMaxPool2d.non_overlapping(plain) else ChannelsLastMaxPool2d
     return cls(kernel_size, stride, padding, dilation, ceil_mode=ceil_mode)
+
+
+class ToMemoryFormat(nn.Module):
+    """Where a compiled model runs channels-last (``GatingConfig.channels_last``): at its inputs,
+    4-d maps become channels-last (NHWC); at its outputs, contiguous NCHW again, so callers see the
+    layout they passed in. Only plain eager CPU calls convert: traced, exported, compiled and ONNX
+    graphs see the identity (layout is not a value, and those backends choose their own).
+
+    ``enabled`` switches the conversion off without changing the graph (the latency-aware check
+    times the model both ways)."""
+
+    def __init__(self, channels_last: bool) -> None:
+        super().__init__()
+        self.channels_last = bool(channels_last)
+        self.enabled = True
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not (self.enabled and isinstance(x, Tensor) and x.dim() == 4 and plain_cpu_call(x)):
+            return x
+        if self.channels_last:
+            return x.contiguous(memory_format=torch.channels_last)
+        return x.contiguous()
+
+    def extra_repr(self) -> str:
+        return ("channels_last" if self.channels_last else "contiguous") + (
+            "" if self.enabled else ", disabled")

@@ -58,6 +58,7 @@ from .compiled import CompiledModel
 from .config import GatingConfig
 from .errors import IspcError, UnsupportedModelError
 from .export import GATED_OP, as_example_inputs, eval_mode, export_program
+from .passes.channels_last import insert_converters, runs_channels_last
 from .modules import MODE_CODES, SALIENCY_CODES, GatedConv2d, fast_max_pool
 from .ops import native
 from .report import Report
@@ -564,6 +565,7 @@ def save(compiled: CompiledModel, path: str | Path, example_inputs: Any = None) 
         "format": FORMAT, "format_version": FORMAT_VERSION, "torch_version": torch.__version__,
         "backend": compiled.backend, "config": compiled.config.to_dict(),
         "report": compiled.report.to_dict(), "program": program, "modules": modules,
+        "layout": "channels_last" if runs_channels_last(gm) else "contiguous",
     }
     buf = io.BytesIO()
     torch.save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, buf)
@@ -606,6 +608,8 @@ def load(path: str | Path, *, device: str | torch.device | None = None) -> Compi
     gm = program_from_json(manifest["program"], tensors)
     modularize(gm, config.saliency)
     _restore_strategies(gm, manifest.get("modules") or {})
+    if manifest.get("layout") == "channels_last":  # the exported program has no layout of its own
+        insert_converters(gm)
     # the archive holds the epilogues as ATen add/relu nodes: fuse them into the layers again
     from .passes import PassState, fuse_epilogues
 

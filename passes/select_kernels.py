@@ -15,7 +15,10 @@ Two cost models:
 """
 from __future__ import annotations
 
+import copy
 import warnings
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import fx, nn
@@ -25,9 +28,10 @@ from ispc.ops import native
 from ispc.ops.cpu_kernels import STRATEGIES, run_strategy
 
 from .base import PassState, ispc_meta, node_shape, register_pass, replace_submodule
+from .channels_last import layout_converters, runs_channels_last
 
 __all__ = ["select_kernels", "predicted_strategy", "candidates", "SMALL_MAP", "ORIENT_NAMES",
-           "CL_MIN_CHANNELS", "PREDICTED_MARGIN"]
+           "CL_MIN_CHANNELS", "PREDICTED_MARGIN", "LAYOUT_MARGIN"]
 
 #: without the native kernel, maps with at most this many output positions use the gemm kernel
 SMALL_MAP = 14 * 14
@@ -46,6 +50,13 @@ CL_MIN_CHANNELS = 32
 #: shared machine, and without the margin VGG-16's 28x28 layers took ORIENT_CO in one compile
 #: (1.66x of dense inside the model) over ORIENT_CL (1.83x)
 PREDICTED_MARGIN = 0.03
+#: the kernels that keep a channels-last input's layout (oneDNN on the gathered channels)
+OWN_LAYOUT = ("gather", "grouped")
+#: with the layout left to measurement (``GatingConfig.channels_last=None``), the whole-model check
+#: keeps channels-last only if it measured faster than NCHW by more than this fraction: VGG-16
+#: gains 4-5% from it at batch 1, ResNet-18 measured from 2% faster to 5% slower (a residual add
+#: of an NCHW and an NHWC map is slow), so a difference within the noise keeps the NCHW maps
+LAYOUT_MARGIN = 0.02
 
 #: said when a model is gated on a GPU without latency-aware selection
 CUDA_NOTE = ("ispc: gated layers on CUDA run a Triton kernel that measured slower than cuDNN's "
@@ -145,9 +156,89 @@ def _time(fns: dict[str, callable], rounds: int, *, cuda: bool = False) -> dict[
     return {k: t.median for k, t in timings.items()}
 
 
+@dataclass
+class _Choice:
+    """One layer's measured decision: its fastest kernel ``best`` (strategy, orientation), and
+    whether that beats dense by ``min_gain`` (``gated``; else the layer is left dense)."""
+
+    best: tuple[str, int | None]
+    gated: bool
+    times: dict[str, float]
+    plain: nn.Module  # the layer left dense
+    channels_last: bool  # the input layout it was timed on
+    cuda: bool
+
+    def meta(self, cfg) -> dict[str, Any]:
+        kernel = {"strategy": self.best[0], "cost_model": "measured",
+                  "times_ms": {k: round(v, 4) for k, v in self.times.items()},
+                  "batch_size": cfg.latency_batch_size}
+        if self.channels_last:
+            kernel["input_layout"] = "channels_last"
+        if self.cuda:
+            kernel["runs_on"] = "cuda"  # the operator's CUDA kernel; "strategy" is for CPU
+        elif self.best[1] is not None:
+            kernel["orient"] = ORIENT_NAMES[self.best[1]]
+        return kernel
+
+    def reason(self, cfg) -> str:
+        best = min(v for k, v in self.times.items() if k != "dense")
+        return (f"no measured gain at batch {cfg.latency_batch_size}"
+                f"{' on NCHW input' if not self.channels_last and not self.cuda else ''}: "
+                f"gated {best:.3f} ms vs dense {self.times['dense']:.3f} ms")
+
+
+def _measure(mod: GatedConv2d, xin: torch.Tensor, out_hw: int, in_hw: tuple[int, int] | None,
+             cfg) -> _Choice:
+    """Time ``mod``'s kernels and its dense convolution on its input ``xin``: the fastest kernel
+    (the predicted one within ``PREDICTED_MARGIN``), gated if it saves ``min_gain`` of the dense
+    time. Leaves ``mod`` on that kernel."""
+    a = mod._args
+    plain = dense_conv(mod, tuple(xin.shape[-2:]))  # what the layer would be, left dense
+    fns = {"dense": lambda: plain(xin)}
+    if xin.is_cuda:
+        # on a GPU the layer runs the operator's CUDA kernel (Triton) whatever the CPU
+        # strategy: time that against the dense convolution; the CPU choice stays predicted
+        kernels = {"cuda": predicted_strategy(mod, out_hw, in_hw)}
+        fns["cuda"] = lambda: torch.ops.ispc.gated_conv2d(xin, mod.weight, mod.bias, mod.scale, *a)
+    else:
+        kernels = candidates(mod, tuple(xin.shape[-2:]))
+        for label, (strat, orient) in kernels.items():
+            mod.set_strategy(strat, orient)
+            fns[label] = (lambda s=strat, wt=mod.prepared: run_strategy(
+                s, xin, mod.weight, wt, mod.bias, mod.scale, mod.stride, mod.padding, mod.dilation,
+                a[6], a[7], a[8], a[9]))
+    with torch.no_grad():
+        times = _time(fns, cfg.latency_rounds, cuda=xin.is_cuda)
+    best = min(kernels, key=lambda s: times[s])
+    if not xin.is_cuda:
+        pred = predicted_strategy(mod, out_hw, in_hw)
+        label = next((lb for lb, kern in kernels.items() if kern == pred), None)
+        if label is not None and times[label] <= times[best] * (1.0 + PREDICTED_MARGIN):
+            best = label
+    mod.set_strategy(*kernels[best])
+    return _Choice(kernels[best], times[best] <= times["dense"] * (1.0 - cfg.min_gain), times,
+                   plain, native.is_channels_last(xin), xin.is_cuda)
+
+
+def _apply(gm: fx.GraphModule, name: str, meta: dict, choice: _Choice, cfg) -> bool:
+    """Record ``choice`` in the layer's meta and put the dense layer in place where it is not
+    gated. Returns whether the graph changed."""
+    meta["kernel"] = choice.meta(cfg)
+    if choice.gated:
+        return False
+    replace_submodule(gm, name, choice.plain)
+    _ungate_meta(meta, choice.reason(cfg))
+    return True
+
+
 def _ungate_meta(meta: dict, reason: str) -> None:
     meta["gate"].update(gated=False, threshold=None, k=None, kept_mean=None, kept_p10=None,
                         kept_p90=None, reason=reason)
+
+
+def _out_hw(node: fx.Node) -> int:
+    tm = node.meta.get("tensor_meta")
+    return int(tm.shape[-1] * tm.shape[-2]) if tm is not None else 1 << 30
 
 
 @register_pass("select_kernels")
@@ -160,105 +251,145 @@ def select_kernels(gm: fx.GraphModule, state: PassState) -> fx.GraphModule:
     if not cfg.latency_aware and any(gm.get_submodule(n).weight.is_cuda for n in nodes):
         state.notes.append(CUDA_NOTE)
         warnings.warn(CUDA_NOTE, stacklevel=2)
-    inputs: dict[str, torch.Tensor] = {}
-    if measured:
-        pool = torch.cat(state.calibration_cache)
-        reps = -(-cfg.latency_batch_size // pool.shape[0])
-        x = pool.repeat(reps, *([1] * (pool.dim() - 1)))[:cfg.latency_batch_size]
-        inputs = _inputs_of(gm, list(nodes), x)
-    changed = False
-    for name, node in nodes.items():
-        mod: GatedConv2d = gm.get_submodule(name)
-        tm = node.meta.get("tensor_meta")
-        out_hw = int(tm.shape[-1] * tm.shape[-2]) if tm is not None else 1 << 30
-        meta = ispc_meta(node)
-        in_hw = _input_hw(node)
-        if not measured or name not in inputs:
-            mod.set_strategy(*predicted_strategy(mod, out_hw, in_hw))
+    if not measured:
+        for name, node in nodes.items():
+            mod: GatedConv2d = gm.get_submodule(name)
+            mod.set_strategy(*predicted_strategy(mod, _out_hw(node), _input_hw(node)))
+            meta = ispc_meta(node)
             meta["kernel"] = {"strategy": mod.strategy, "cost_model": "predicted"}
             if mod.strategy == "native":
                 meta["kernel"]["orient"] = ORIENT_NAMES[mod.orient]
-            continue
-        xin = inputs[name]
-        a = mod._args
-        plain = dense_conv(mod, tuple(xin.shape[-2:]))  # what the layer would be, left dense
-        fns = {"dense": lambda: plain(xin)}
-        if xin.is_cuda:
-            # on a GPU the layer runs the operator's CUDA kernel (Triton) whatever the CPU
-            # strategy: time that against the dense convolution; the CPU choice stays predicted
-            kernels = {"cuda": predicted_strategy(mod, out_hw, in_hw)}
-            fns["cuda"] = lambda: torch.ops.ispc.gated_conv2d(xin, mod.weight, mod.bias, mod.scale, *a)
-        else:
-            kernels = candidates(mod, tuple(xin.shape[-2:]))
-            for label, (strat, orient) in kernels.items():
-                mod.set_strategy(strat, orient)
-                fns[label] = (lambda s=strat, wt=mod.prepared: run_strategy(
-                    s, xin, mod.weight, wt, mod.bias, mod.scale, mod.stride, mod.padding, mod.dilation,
-                    a[6], a[7], a[8], a[9]))
-        with torch.no_grad():
-            times = _time(fns, cfg.latency_rounds, cuda=xin.is_cuda)
-        best = min(kernels, key=lambda s: times[s])
-        if not xin.is_cuda:
-            pred = predicted_strategy(mod, out_hw, in_hw)
-            label = next((lb for lb, kern in kernels.items() if kern == pred), None)
-            if label is not None and times[label] <= times[best] * (1.0 + PREDICTED_MARGIN):
-                best = label
-        meta["kernel"] = {"strategy": kernels[best][0], "cost_model": "measured",
-                          "times_ms": {k: round(v, 4) for k, v in times.items()},
-                          "batch_size": cfg.latency_batch_size}
-        if xin.is_cuda:
-            meta["kernel"]["runs_on"] = "cuda"  # the operator's CUDA kernel; "strategy" is for CPU
-        elif kernels[best][1] is not None:
-            meta["kernel"]["orient"] = ORIENT_NAMES[kernels[best][1]]
-        if times[best] > times["dense"] * (1.0 - cfg.min_gain):
-            replace_submodule(gm, name, plain)
-            _ungate_meta(meta, f"no measured gain at batch {cfg.latency_batch_size}: "
-                               f"gated {times[best]:.3f} ms vs dense {times['dense']:.3f} ms")
-            changed = True
-        else:
-            mod.set_strategy(*kernels[best])
+        if cfg.channels_last is None:
+            for c in layout_converters(gm):  # a layout left to measurement that was not measured
+                c.enabled = False
+        return gm
+    pool = torch.cat(state.calibration_cache)
+    reps = -(-cfg.latency_batch_size // pool.shape[0])
+    x = pool.repeat(reps, *([1] * (pool.dim() - 1)))[:cfg.latency_batch_size]
+    inputs = _inputs_of(gm, list(nodes), x)
+    changed = False
+    # each gated layer and its gate's meta before any choice (a layer left dense in one layout may
+    # stay gated in the other)
+    originals = {n: gm.get_submodule(n) for n in nodes}
+    gates = {n: copy.deepcopy(ispc_meta(node).get("gate")) for n, node in nodes.items()}
+
+    def choose(name: str, xin: torch.Tensor) -> None:
+        nonlocal changed
+        node = nodes[name]
+        choice = _measure(gm.get_submodule(name), xin, _out_hw(node), _input_hw(node), cfg)
+        changed |= _apply(gm, name, ispc_meta(node), choice, cfg)
+
+    for name in nodes:
+        if name in inputs:
+            choose(name, inputs[name])
+    nchw: dict[str, tuple[nn.Module, _Choice]] = {}
+    if runs_channels_last(gm):
+        # a layer on the native kernel hands the layers after it NCHW maps: time again, on the
+        # input they now see, the layers whose input layout the first round's choices changed
+        now = _inputs_of(gm, [n for n in nodes if isinstance(gm.get_submodule(n), GatedConv2d)], x)
+        for name, xin in now.items():
+            if native.is_channels_last(xin) != native.is_channels_last(inputs[name]):
+                choose(name, xin)
+                inputs[name] = xin
+        if cfg.channels_last is None:
+            # the other layout's kernels, for the whole-model check to time both: every layer
+            # that reads a channels-last map, timed on the same map in NCHW
+            for name, xin in inputs.items():
+                if native.is_channels_last(xin):
+                    alt = copy.deepcopy(originals[name])
+                    choice = _measure(alt, xin.contiguous(), _out_hw(nodes[name]),
+                                      _input_hw(nodes[name]), cfg)
+                    nchw[name] = (alt if choice.gated else choice.plain, choice)
     if changed:
         gm.recompile()
-    if measured and any(isinstance(m, GatedConv2d) for m in gm.modules()):
-        _whole_model_check(gm, state, x, {n: ispc_meta(node) for n, node in nodes.items()},
-                           {n: _input_hw(node) for n, node in nodes.items()})
+    if any(isinstance(m, GatedConv2d) for m in gm.modules()) or nchw:
+        _whole_model_check(gm, state, x, nodes, nchw, gates)
+    elif cfg.channels_last is None:
+        for c in layout_converters(gm):  # dense: the user's layout
+            c.enabled = False
     return gm
 
 
 def _whole_model_check(gm: fx.GraphModule, state: PassState, x: torch.Tensor,
-                       metas: dict[str, dict], hws: dict[str, tuple[int, int] | None]) -> None:
+                       nodes: dict[str, fx.Node], nchw: dict[str, tuple[nn.Module, _Choice]],
+                       gates: dict[str, dict | None]) -> None:
     """Per-layer wins need not add up (caches, dispatch): time the whole gated graph against the
-    same graph with every gate removed; if gating is not faster, remove every gate."""
+    same graph with every gate removed; if gating is not faster, remove every gate. With the
+    layout left to measurement (``GatingConfig.channels_last=None``) the gated graph is also timed
+    NCHW with the kernels measured for NCHW inputs (``nchw``), the faster kept; the dense graph
+    runs as the user's model does, NCHW."""
     cfg = state.config
-    gated = {n: gm.get_submodule(n) for n, m in metas.items()
-             if isinstance(gm.get_submodule(n), GatedConv2d)}
-    dense = {name: dense_conv(mod, hws.get(name)) for name, mod in gated.items()}
+    metas = {n: ispc_meta(node) for n, node in nodes.items()}
+    current = {n: gm.get_submodule(n) for n in nodes}
+    converters = layout_converters(gm)
+    nhwc = runs_channels_last(gm)
+    measured_layout = nhwc and cfg.channels_last is None
+    hws = {n: _input_hw(node) for n, node in nodes.items()}
 
-    def swap(mods: dict[str, nn.Module]) -> None:
+    def dense_of(mods: dict[str, nn.Module]) -> dict[str, nn.Module]:
+        return {n: dense_conv(m, hws.get(n)) if isinstance(m, GatedConv2d) else m
+                for n, m in mods.items()}
+
+    def swap(mods: dict[str, nn.Module], channels_last: bool) -> None:
         for name, m in mods.items():
             replace_submodule(gm, name, m)
+        for c in converters:
+            c.enabled = channels_last
 
     def run() -> None:
         with torch.no_grad():
             gm(x)
 
+    configs = {"gated": (current, nhwc)}
+    if measured_layout:
+        configs["gated_nchw"] = ({**current, **{n: m for n, (m, _) in nchw.items()}}, False)
+    configs["dense"] = (dense_of(current), nhwc and not measured_layout)
     # one call at a time, the configurations alternating (each call swaps its modules in, the same
     # cost for both), so that a slow spell of a shared machine hits both alike. Timed in blocks of
     # a few calls per configuration, the check once removed every gate of a MobileNetV2 that runs
     # ~1.25x faster gated (examples/speed.py at batch 1; compiled again alone, it kept them all).
-    times = _time({label: (lambda mods=mods: (swap(mods), run()))
-                   for label, mods in (("gated", gated), ("dense", dense))},
-                  max(5, cfg.latency_rounds // 2), cuda=x.is_cuda)
-    t_gated, t_dense = times["gated"], times["dense"]
+    # A layout is a smaller difference than gating's: more rounds for it.
+    rounds = max(5, cfg.latency_rounds if measured_layout else cfg.latency_rounds // 2)
+    times = _time({label: (lambda c=c: (swap(*c), run())) for label, c in configs.items()},
+                  rounds, cuda=x.is_cuda)
+    best = "gated"
+    if measured_layout and times["gated"] >= times["gated_nchw"] * (1.0 - LAYOUT_MARGIN):
+        best = "gated_nchw"
+    t_gated, t_dense = times[best], times["dense"]
+    layout = ""
+    if measured_layout:
+        layout = (f" (channels-last {times['gated']:.2f} ms, NCHW {times['gated_nchw']:.2f} ms: "
+                  f"{'channels-last' if best == 'gated' else 'NCHW'} kept)")
     if t_gated < t_dense:
-        swap(gated)
+        swap(*configs[best])
+        if best == "gated_nchw":
+            for name, (_, choice) in nchw.items():
+                _record_nchw(metas[name], choice, cfg, gates[name])
+        if any(not isinstance(m, GatedConv2d) for m in configs[best][0].values()):
+            gm.recompile()
         state.notes.append(f"whole-model check at batch {cfg.latency_batch_size}: gated "
-                           f"{t_gated:.2f} ms vs dense {t_dense:.2f} ms")
+                           f"{t_gated:.2f} ms vs dense {t_dense:.2f} ms{layout}")
         return
-    swap(dense)
-    for name in gated:
-        _ungate_meta(metas[name], f"whole model not faster gated at batch {cfg.latency_batch_size} "
-                                  f"({t_gated:.2f} ms vs dense {t_dense:.2f} ms)")
+    swap(*configs["dense"])
+    if measured_layout:
+        for c in converters:
+            c.enabled = False
+    for name, m in current.items():
+        if isinstance(m, GatedConv2d):
+            _ungate_meta(metas[name], f"whole model not faster gated at batch "
+                                      f"{cfg.latency_batch_size} ({t_gated:.2f} ms vs dense "
+                                      f"{t_dense:.2f} ms)")
     state.notes.append(f"whole-model check at batch {cfg.latency_batch_size}: gated {t_gated:.2f} ms "
-                       f"was not faster than dense {t_dense:.2f} ms, so every gate was removed")
+                       f"was not faster than dense {t_dense:.2f} ms, so every gate was removed"
+                       f"{layout}")
     gm.recompile()
+
+
+def _record_nchw(meta: dict, choice: _Choice, cfg, gate: dict | None) -> None:
+    """The meta of a layer that runs the kernel measured for NCHW inputs (or dense): its gate's
+    meta as it was before the channels-last choices, which may have left it dense."""
+    if gate is not None:
+        meta["gate"] = copy.deepcopy(gate)
+    meta["kernel"] = choice.meta(cfg)
+    if not choice.gated:
+        _ungate_meta(meta, choice.reason(cfg))

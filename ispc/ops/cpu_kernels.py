@@ -127,7 +127,8 @@ def gated_conv2d_gather_native(x: Tensor, weight: Tensor, bias: Tensor, scale: T
     convolution on them) with its saliency, selection and gathers in C (:func:`native.select`,
     :func:`native.gather`): one multithreaded pass each, where PyTorch's norm, top-k, sort and
     ``index_select`` cost VGG-16's 56x56-224x224 layers 1.4-2.8 ms at batch 1 (2-core Xeon; this
-    path: 2-19% faster per layer, ``examples/kernel_speed.py --gather``). ``x`` contiguous float32. Threshold mode pads each instance's
+    path: 2-19% faster per layer, ``examples/kernel_speed.py --gather``). ``x`` float32, contiguous or
+    channels-last (then the output is channels-last too). Threshold mode pads each instance's
     width with zero inputs (``bucket_width``), as :func:`gated_conv2d_loop` does. The batched
     ``grouped`` kernel keeps its PyTorch gathers: the same change measured within noise at batch 8."""
     n, c = x.shape[:2]
@@ -146,7 +147,11 @@ def gated_conv2d_gather_native(x: Tensor, weight: Tensor, bias: Tensor, scale: T
         width = kept if mode == TOPK else bucket_width(kept, c)
         xs = native.gather(x[i:i + 1], idx[i:i + 1], width, counts[i:i + 1])
         outs.append(F.conv2d(xs, native.gather(w, idx[i], width), bias, stride, padding, dilation))
-    return outs[0].contiguous() if n == 1 else torch.cat(outs)
+    # a channels-last input gives channels-last outputs (oneDNN's NHWC convolution; the gathers
+    # keep the layout), so the maps a channels-last model passes between layers stay so
+    fmt = torch.channels_last if native.is_channels_last(x) else torch.contiguous_format
+    return outs[0].contiguous(memory_format=fmt) if n == 1 else torch.cat(outs).contiguous(
+        memory_format=fmt)
 
 
 def run_strategy(strategy: str, x: Tensor, weight: Tensor, weight_t, bias: Tensor,
@@ -167,7 +172,9 @@ def run_strategy(strategy: str, x: Tensor, weight: Tensor, weight_t, bias: Tenso
                                  threshold, k, saliency)
     if (strategy == "gather" or (strategy == "grouped" and x.shape[0] == 1)) and (
             x.dtype == weight.dtype == torch.float32 and native.available()):
-        return gated_conv2d_gather_native(x.contiguous(), weight, bias, scale, stride, padding,
+        if not (x.is_contiguous() or native.is_channels_last(x)):
+            x = x.contiguous()
+        return gated_conv2d_gather_native(x, weight, bias, scale, stride, padding,
                                           dilation, mode, threshold, k, saliency)
     if strategy == "grouped" and x.shape[0] > 1:
         return gated_conv2d_grouped(x, weight, bias, scale, stride[0], stride[1], padding[0],

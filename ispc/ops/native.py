@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["ORIENT_PIX", "ORIENT_CO", "ORIENT_FULL", "ORIENT_CL", "available", "full_window", "unavailable_reason",
-           "pack_weight", "select", "gather", "epilogue", "maxpool2x2",
+           "pack_weight", "is_channels_last", "select", "gather", "epilogue", "maxpool2x2",
            "NativeLayer", "orientation_for", "supports", "NO_CLAMP", "RELU", "RELU6"]
 
 ORIENT_PIX = 0  #: vector lanes over output pixels (large feature maps)
@@ -137,6 +137,11 @@ def _build(extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL:
     lib.ispc_epilogue.argtypes = [_ptr, _ptr, _i64, ctypes.c_float, ctypes.c_float, _i64]
     lib.ispc_maxpool2x2.restype = _i64
     lib.ispc_maxpool2x2.argtypes = [_ptr, _i64, _i64, _i64, ctypes.c_float, ctypes.c_float, _ptr, _i64]
+    lib.ispc_select_nhwc.restype = lib.ispc_gather_nhwc.restype = lib.ispc_maxpool2x2_nhwc.restype = _i64
+    lib.ispc_select_nhwc.argtypes = lib.ispc_select.argtypes
+    lib.ispc_gather_nhwc.argtypes = [_ptr, _i64, _i64, _i64, _ptr, _ptr, _i64, _ptr, _i64]
+    lib.ispc_maxpool2x2_nhwc.argtypes = [_ptr, _i64, _i64, _i64, _i64, ctypes.c_float, ctypes.c_float,
+                                         _ptr, _i64]
     return lib
 
 
@@ -198,16 +203,26 @@ def pack_weight(weight: Tensor, orient: int) -> Tensor:
     return dst
 
 
+def is_channels_last(t: Tensor) -> bool:
+    """Whether ``t`` is a 4-d map stored channels-last (NHWC) rather than contiguous NCHW: the
+    layout a channels-last model's maps arrive in (``ispc.GatingConfig(channels_last=...)``)."""
+    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+
+
 def select(x: Tensor, scale: Tensor, mode: int, threshold: float, k: int,
            saliency: int) -> tuple[Tensor, Tensor]:
     """Saliency and selection of a gated layer (the operator's semantics, as in
     :meth:`NativeLayer.gated`) without its convolution: ``(idx, counts)``, ``idx`` int64 (N, C) with
     each instance's kept channels first, ascending, then zeros; ``counts`` int64 (N,). ``x``
-    contiguous float32 (N, C, H, W), ``scale`` contiguous float32 (C,)."""
+    float32 (N, C, H, W), contiguous or channels-last; ``scale`` contiguous float32 (C,)."""
     lib = _load()
     if lib is None:
         raise RuntimeError(_error)
-    _check_f32(x, "x", ndim=4)
+    nhwc = is_channels_last(x)
+    if not nhwc:
+        _check_f32(x, "x", ndim=4)
+    elif x.dtype != torch.float32 or x.device.type != "cpu":
+        raise ValueError(f"x must be a float32 CPU tensor, got {x.dtype} on {x.device}")
     n, c = x.shape[0], x.shape[1]
     _check_f32(scale, "scale", ndim=1)
     if scale.numel() != c:
@@ -215,9 +230,13 @@ def select(x: Tensor, scale: Tensor, mode: int, threshold: float, k: int,
     idx = torch.empty(n, c, dtype=torch.int64)
     counts = torch.empty(n, dtype=torch.int64)
     scratch = torch.empty(2 * n * c, dtype=torch.float32)
-    lib.ispc_select(x.data_ptr(), n, c, x[0, 0].numel() if n and c else 0, scale.data_ptr(), saliency,
-                    mode, threshold, k, idx.data_ptr(), counts.data_ptr(), scratch.data_ptr(),
-                    torch.get_num_threads())
+    args = (x.data_ptr(), n, c, x[0, 0].numel() if n and c else 0, scale.data_ptr(), saliency,
+            mode, threshold, k, idx.data_ptr(), counts.data_ptr(), scratch.data_ptr(),
+            torch.get_num_threads())
+    if not nhwc:
+        lib.ispc_select(*args)
+    elif lib.ispc_select_nhwc(*args):
+        raise MemoryError("ispc_select_nhwc: out of memory")
     return idx, counts
 
 
@@ -225,46 +244,66 @@ def epilogue(out: Tensor, residual: Tensor | None = None,
              clamp: tuple[float, float] = NO_CLAMP) -> Tensor:
     """``out = clamp(out + residual, *clamp)`` in place, in one multithreaded pass (PyTorch's
     ``add_`` then ``relu_`` make two): the fused epilogue of a gated layer whose kernel returned
-    its output without it. ``out`` contiguous float32; ``residual`` (None: none) contiguous
-    float32 of its shape."""
+    its output without it. ``out`` float32, contiguous or channels-last; ``residual`` (None: none)
+    float32 of its shape and strides."""
     lib = _load()
     if lib is None:
         raise RuntimeError(_error)
-    _check_f32(out, "out")
+    if not is_channels_last(out):
+        _check_f32(out, "out")
+    elif out.dtype != torch.float32 or out.device.type != "cpu":
+        raise ValueError(f"out must be a float32 CPU tensor, got {out.dtype} on {out.device}")
     if residual is not None:
-        _check_f32(residual, "residual")
-        if residual.shape != out.shape:
-            raise ValueError(f"the residual must have the output's shape {tuple(out.shape)}, "
-                             f"got {tuple(residual.shape)}")
+        if residual.shape != out.shape or residual.stride() != out.stride():
+            raise ValueError(f"the residual must have the output's shape {tuple(out.shape)} and "
+                             f"strides {out.stride()}, got {tuple(residual.shape)} and "
+                             f"{residual.stride()}")
+        if residual.dtype != torch.float32 or residual.device.type != "cpu":
+            raise ValueError(f"residual must be a float32 CPU tensor, got {residual.dtype}")
     lib.ispc_epilogue(out.data_ptr(), None if residual is None else residual.data_ptr(), out.numel(),
                       clamp[0], clamp[1], torch.get_num_threads())
     return out
 
 
 def maxpool2x2(x: Tensor, clamp: tuple[float, float] = NO_CLAMP) -> Tensor | None:
-    """``clamp(max_pool2d(x, 2), *clamp)`` for a contiguous float32 ``x`` (N, C, H, W), in one pass
-    (an activation's clamp commutes with the max: exact); None where this build has no such kernel
-    (no AVX-512), for the caller's PyTorch path."""
+    """``clamp(max_pool2d(x, 2), *clamp)`` for a float32 ``x`` (N, C, H, W), contiguous or
+    channels-last (the result keeps its layout), in one pass (an activation's clamp commutes with
+    the max: exact); None where this build has no such kernel (no AVX-512), for the caller's
+    PyTorch path."""
     lib = _load()
     if lib is None:
         raise RuntimeError(_error)
-    _check_f32(x, "x", ndim=4)
+    nhwc = is_channels_last(x)
+    if not nhwc:
+        _check_f32(x, "x", ndim=4)
+    elif x.dtype != torch.float32 or x.device.type != "cpu":
+        raise ValueError(f"x must be a float32 CPU tensor, got {x.dtype} on {x.device}")
     n, c, h, w = x.shape
-    out = torch.empty((n, c, h // 2, w // 2), dtype=torch.float32)
-    if lib.ispc_maxpool2x2(x.data_ptr(), n * c, h, w, clamp[0], clamp[1], out.data_ptr(),
-                           torch.get_num_threads()):
-        return None
-    return out
+    threads = torch.get_num_threads()
+    if nhwc:
+        out = torch.empty((n, c, h // 2, w // 2), dtype=torch.float32,
+                          memory_format=torch.channels_last)
+        failed = lib.ispc_maxpool2x2_nhwc(x.data_ptr(), n, h, w, c, clamp[0], clamp[1],
+                                          out.data_ptr(), threads)
+    else:
+        out = torch.empty((n, c, h // 2, w // 2), dtype=torch.float32)
+        failed = lib.ispc_maxpool2x2(x.data_ptr(), n * c, h, w, clamp[0], clamp[1], out.data_ptr(),
+                                     threads)
+    return None if failed else out
 
 
 def gather(src: Tensor, idx: Tensor, width: int, counts: Tensor | None = None) -> Tensor:
     """``src[o, idx[o, :width]]`` for a contiguous float32 ``src`` (O, C, ...) and an int64 ``idx``
     of O rows, or of one row shared by all O (weights); rows from ``counts[o]`` on are zeros.
+    A channels-last map (N, C, H, W) with one row of ``idx`` per instance gives a channels-last
+    (N, width, H, W).
     The threads split the rows (``index_select`` over dimension 1 took 1.2 ms on VGG-16's
     64x224x224 input at batch 1, 2-core Xeon)."""
     lib = _load()
     if lib is None:
         raise RuntimeError(_error)
+    if is_channels_last(src):
+        return _gather_nhwc(lib, src, idx, width, counts)
     _check_f32(src, "src")
     if src.dim() < 2:
         raise ValueError(f"src must have rows and channels (O, C, ...), got shape {tuple(src.shape)}")
@@ -283,6 +322,31 @@ def gather(src: Tensor, idx: Tensor, width: int, counts: Tensor | None = None) -
     if lib.ispc_gather(src.data_ptr(), o, c, inner, idx.data_ptr(), 0 if shared else idx.shape[-1],
                        0 if counts is None else counts.data_ptr(), width, out.data_ptr(),
                        torch.get_num_threads()):
+        raise ValueError(f"idx holds channels outside [0, {c})")
+    return out
+
+
+def _gather_nhwc(lib: ctypes.CDLL, src: Tensor, idx: Tensor, width: int,
+                 counts: Tensor | None) -> Tensor:
+    """:func:`gather` of a channels-last map: each position's kept channels, one masked AVX-512
+    gather per 16 (the position's row of C floats is in L1)."""
+    if src.dtype != torch.float32 or src.device.type != "cpu":
+        raise ValueError(f"src must be a float32 CPU tensor, got {src.dtype} on {src.device}")
+    n, c, h, w = src.shape
+    if (idx.dtype != torch.int64 or not idx.is_contiguous() or idx.dim() != 2
+            or idx.shape[0] != n or idx.shape[1] != c or not 0 <= width <= c):
+        raise ValueError(f"idx must be a contiguous int64 ({n}, {c}) tensor (a row per instance) "
+                         f"and 0 <= width={width} <= {c}; got {idx.dtype} {tuple(idx.shape)}")
+    if counts is None:
+        counts = torch.full((n,), width, dtype=torch.int64)
+    elif counts.dtype != torch.int64 or not counts.is_contiguous() or counts.numel() != n:
+        raise ValueError(f"counts must be a contiguous int64 tensor of {n} entries")
+    out = torch.empty((n, width, h, w), dtype=torch.float32, memory_format=torch.channels_last)
+    bad = lib.ispc_gather_nhwc(src.data_ptr(), n, h * w, c, idx.data_ptr(), counts.data_ptr(), width,
+                               out.data_ptr(), torch.get_num_threads())
+    if bad < 0:
+        raise MemoryError("ispc_gather_nhwc: out of memory")
+    if bad:
         raise ValueError(f"idx holds channels outside [0, {c})")
     return out
 

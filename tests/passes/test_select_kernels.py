@@ -9,6 +9,7 @@ import ispc
 from conftest import rel_err
 from ispc.examples.models import resnet20
 from ispc.ops import native
+from ispc.passes import layout_converters
 from ispc.passes.select_kernels import CL_MIN_CHANNELS, ORIENT_NAMES
 
 
@@ -172,36 +173,74 @@ def test_gating_on_cuda_warns_unless_latency_aware():
 
 
 @pytest.mark.parametrize("gated_ms, kept", [(2.0, False), (0.5, True)])
+@pytest.mark.parametrize("layout", [False, None])
 def test_whole_model_check_keeps_gates_only_when_the_gated_model_is_faster(monkeypatch, gated_ms,
-                                                                           kept):
+                                                                           kept, layout):
     import importlib
 
     sk = importlib.import_module("ispc.passes.select_kernels")
     calls = []
 
     def fake_time(fns, rounds, *, cuda=False):
-        if set(fns) == {"gated", "dense"}:  # the whole-model check: both configurations run
+        if "gated" in fns:  # the whole-model check: every configuration runs
             for label, fn in fns.items():
                 fn()
                 calls.append(label)
-            return {"gated": gated_ms, "dense": 1.0}
+            return {"gated": gated_ms, "gated_nchw": gated_ms * 1.5, "dense": 1.0}
         return {k: 1.0 if k == "dense" else 0.5 for k in fns}  # every layer pays alone
+
+    monkeypatch.setattr(sk, "_time", fake_time)
+    model = resnet20().eval()
+    cfg = ispc.GatingConfig(latency_aware=True, min_gain=0.0, latency_rounds=3, channels_last=layout)
+    c = ispc.compile(model, _data(), progress=False, config=cfg)
+    # a layout left to measurement (None) is timed both ways, the dense model as the user's (NCHW)
+    assert sorted(calls) == (["dense", "gated"] if layout is False else ["dense", "gated", "gated_nchw"])
+    assert (c.report.summary["layers_gated"] > 0) == kept
+    assert bool(c.gated_modules()) == kept
+    assert any(("every gate was removed" in n) != kept for n in c.report.notes
+               if n.startswith("whole-model check"))
+    converters = layout_converters(c.graph_module)
+    assert bool(converters) == (layout is None)
+    # channels-last measured faster (gated_ms < 1.5 * gated_ms) is kept; a dense model runs NCHW
+    assert all(m.enabled == kept for m in converters)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        out = c(x)
+    assert out.is_contiguous()
+    if not kept:
+        assert rel_err(out, model(x)) <= 1e-4
+
+
+@pytest.mark.parametrize("nhwc_ms, nchw_ms", [(0.5, 0.6), (0.6, 0.5), (0.5, 0.505)])
+def test_whole_model_check_keeps_the_faster_layout(monkeypatch, nhwc_ms, nchw_ms):
+    """Channels-last is kept only where it measured faster than NCHW by more than the margin."""
+    import importlib
+
+    sk = importlib.import_module("ispc.passes.select_kernels")
+    nhwc = nhwc_ms < nchw_ms * (1.0 - sk.LAYOUT_MARGIN)
+    assert nhwc == (nchw_ms == 0.6)
+
+    def fake_time(fns, rounds, *, cuda=False):
+        if "gated" in fns:
+            for fn in fns.values():
+                fn()
+            return {"gated": nhwc_ms, "gated_nchw": nchw_ms, "dense": 1.0}
+        return {k: 1.0 if k == "dense" else 0.5 for k in fns}
 
     monkeypatch.setattr(sk, "_time", fake_time)
     model = resnet20().eval()
     cfg = ispc.GatingConfig(latency_aware=True, min_gain=0.0, latency_rounds=3)
     c = ispc.compile(model, _data(), progress=False, config=cfg)
-    assert sorted(calls) == ["dense", "gated"]
-    assert (c.report.summary["layers_gated"] > 0) == kept
-    assert bool(c.gated_modules()) == kept
-    assert any(("every gate was removed" in n) != kept for n in c.report.notes
-               if n.startswith("whole-model check"))
-    x = torch.randn(2, 3, 32, 32)
+    assert c.gated_modules()
+    converters = layout_converters(c.graph_module)
+    assert len(converters) == 2 and all(m.enabled == nhwc for m in converters)
+    assert any(("channels-last kept" if nhwc else "NCHW kept") in n for n in c.report.notes)
+    x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         out = c(x)
-    if not kept:
-        assert rel_err(out, model(x)) <= 1e-4
-
+        for m in converters:  # the layout changes no value
+            m.enabled = not m.enabled
+        assert rel_err(c(x), out) <= 1e-5
 
 
 @pytest.mark.parametrize("factor, keeps_predicted", [(1.02, True), (1.10, False)])

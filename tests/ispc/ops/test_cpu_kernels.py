@@ -66,6 +66,12 @@ def test_gather_native_matches_reference(cin, cout, k, stride, pad, dil, n):
                                              mode, thr, kk, sal)
             assert out.shape == ref.shape and out.is_contiguous()
             assert rel_err(out, ref) <= 1e-5, (sal, mode, thr, kk)
+            # a channels-last input: the same result, channels-last (the layout carries on)
+            xcl = x.contiguous(memory_format=torch.channels_last)
+            out = gated_conv2d_gather_native(xcl, w, b, scale, (stride, stride), (pad, pad),
+                                             (dil, dil), mode, thr, kk, sal)
+            assert out.shape == ref.shape and out.is_contiguous(memory_format=torch.channels_last)
+            assert rel_err(out, ref) <= 1e-5, ("channels-last", sal, mode, thr, kk)
             # run_strategy routes gather, and grouped at batch 1, here (grouped at batch 3 is the
             # PyTorch kernel: the same result)
             for strat in ("gather", "grouped"):
@@ -97,6 +103,58 @@ def test_native_select_and_gather():
                      (lambda: native.gather(src.view(-1), torch.tensor([0]), 1), "rows and channels"),
                      (lambda: native.select(x, torch.ones(4), gc.TOPK, 0.0, 2, 0), "4 entries"),
                      (lambda: native.select(x[:, ::2], torch.ones(3), gc.TOPK, 0.0, 1, 0), "contiguous")]:
+        with pytest.raises(ValueError, match=msg):
+            bad()
+
+
+@needs_native
+@pytest.mark.parametrize("n,c,h,w", [(1, 64, 56, 56), (2, 37, 9, 11), (3, 16, 5, 5), (2, 5, 1, 7),
+                                     (1, 130, 30, 30)])
+def test_channels_last_select_gather_and_pool_equal_the_nchw_ones(n, c, h, w):
+    """The channels-last entries (a model running NHWC) give the NCHW entries' selection
+    exactly, the same gathered values in the channels-last layout, and the same pool."""
+    g = torch.Generator().manual_seed(n * 1000 + c)
+    x = torch.randn(n, c, h, w, generator=g).relu()
+    x[0, 1] = 0.0  # zero-saliency ties
+    if c > 3:
+        x[-1, 3, 0, 0] = float("nan")  # NaN saliency: the largest
+    xcl = x.contiguous(memory_format=torch.channels_last)
+    assert native.is_channels_last(xcl) and not native.is_channels_last(x)
+    scale = torch.rand(c, generator=g) + 0.5
+    for sal in (gc.SALIENCY_L2, gc.SALIENCY_L1):
+        for mode, thr, kk in [(gc.TOPK, 0.0, max(1, c // 2)), (gc.TOPK, 0.0, 0), (gc.TOPK, 0.0, c),
+                              (gc.THRESHOLD, 0.6, 0), (gc.THRESHOLD, 1e9, 0)]:
+            idx, counts = native.select(x, scale, mode, thr, kk, sal)
+            idx_cl, counts_cl = native.select(xcl, scale, mode, thr, kk, sal)
+            assert torch.equal(counts_cl, counts) and torch.equal(idx_cl, idx), (sal, mode, thr)
+            for width in {int(counts.max()), c}:
+                want = torch.stack([native.gather(x[i:i + 1], idx[i:i + 1], width, counts[i:i + 1])[0]
+                                    for i in range(n)])
+                got = native.gather(xcl, idx, width, counts)
+                assert got.is_contiguous(memory_format=torch.channels_last)
+                assert torch.equal(got.nan_to_num(), want.nan_to_num()), (sal, mode, width)
+    for clamp in (native.NO_CLAMP, native.RELU6):
+        want = native.maxpool2x2(x, clamp)
+        got = native.maxpool2x2(xcl, clamp)
+        if want is None:
+            assert got is None  # no AVX-512: neither layout has the C pool
+            continue
+        assert got.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(got.nan_to_num(), want.nan_to_num())
+        assert torch.equal(got.isnan(), want.isnan())
+
+
+@needs_native
+def test_channels_last_gather_refuses_what_it_cannot_read():
+    xcl = torch.randn(2, 6, 4, 4).contiguous(memory_format=torch.channels_last)
+    counts = torch.tensor([2, 2])
+    for bad, msg in [(lambda: native.gather(xcl, torch.tensor([[0, 6], [1, 2]]).repeat(1, 3), 2, counts),
+                      "outside"),
+                     (lambda: native.gather(xcl, torch.zeros(2, 6, dtype=torch.int64), 7, counts),
+                      "width=7"),
+                     (lambda: native.gather(xcl, torch.zeros(1, 6, dtype=torch.int64), 2), "row per"),
+                     (lambda: native.gather(xcl.double(), torch.zeros(2, 6, dtype=torch.int64), 2),
+                      "float32")]:
         with pytest.raises(ValueError, match=msg):
             bad()
 
