@@ -172,6 +172,23 @@ def test_gating_on_cuda_warns_unless_latency_aware():
     assert not any("latency_aware=True" in str(w.message) for w in seen)
 
 
+def _layer_times(monkeypatch, sk):
+    """Fake per-layer timings: every kernel pays (0.5 ms against dense 1.0), and on a
+    channels-last input more (0.4): the layers run the real kernels' layouts through a spy."""
+    seen = {}
+
+    def spy(strategy, x, *args):
+        seen["nhwc"] = native.is_channels_last(x)
+
+    monkeypatch.setattr(sk, "run_strategy", spy)
+
+    def times(fns):
+        next(fn for k, fn in fns.items() if k != "dense")()
+        return {k: 1.0 if k == "dense" else 0.4 if seen["nhwc"] else 0.5 for k in fns}
+
+    return times
+
+
 @pytest.mark.parametrize("gated_ms, kept", [(2.0, False), (0.5, True)])
 @pytest.mark.parametrize("layout", [False, None])
 def test_whole_model_check_keeps_gates_only_when_the_gated_model_is_faster(monkeypatch, gated_ms,
@@ -180,6 +197,7 @@ def test_whole_model_check_keeps_gates_only_when_the_gated_model_is_faster(monke
 
     sk = importlib.import_module("ispc.passes.select_kernels")
     calls = []
+    layer_times = _layer_times(monkeypatch, sk)
 
     def fake_time(fns, rounds, *, cuda=False):
         if "gated" in fns:  # the whole-model check: every configuration runs
@@ -187,7 +205,7 @@ def test_whole_model_check_keeps_gates_only_when_the_gated_model_is_faster(monke
                 fn()
                 calls.append(label)
             return {"gated": gated_ms, "gated_nchw": gated_ms * 1.5, "dense": 1.0}
-        return {k: 1.0 if k == "dense" else 0.5 for k in fns}  # every layer pays alone
+        return layer_times(fns)  # every layer pays alone
 
     monkeypatch.setattr(sk, "_time", fake_time)
     model = resnet20().eval()
@@ -211,7 +229,7 @@ def test_whole_model_check_keeps_gates_only_when_the_gated_model_is_faster(monke
         assert rel_err(out, model(x)) <= 1e-4
 
 
-@pytest.mark.parametrize("nhwc_ms, nchw_ms", [(0.5, 0.6), (0.6, 0.5), (0.5, 0.505)])
+@pytest.mark.parametrize("nhwc_ms, nchw_ms", [(0.5, 0.6), (0.6, 0.5), (0.5, 0.503)])
 def test_whole_model_check_keeps_the_faster_layout(monkeypatch, nhwc_ms, nchw_ms):
     """Channels-last is kept only where it measured faster than NCHW by more than the margin."""
     import importlib
@@ -220,12 +238,14 @@ def test_whole_model_check_keeps_the_faster_layout(monkeypatch, nhwc_ms, nchw_ms
     nhwc = nhwc_ms < nchw_ms * (1.0 - sk.LAYOUT_MARGIN)
     assert nhwc == (nchw_ms == 0.6)
 
+    layer_times = _layer_times(monkeypatch, sk)
+
     def fake_time(fns, rounds, *, cuda=False):
         if "gated" in fns:
             for fn in fns.values():
                 fn()
             return {"gated": nhwc_ms, "gated_nchw": nchw_ms, "dense": 1.0}
-        return {k: 1.0 if k == "dense" else 0.5 for k in fns}
+        return layer_times(fns)
 
     monkeypatch.setattr(sk, "_time", fake_time)
     model = resnet20().eval()
@@ -241,6 +261,32 @@ def test_whole_model_check_keeps_the_faster_layout(monkeypatch, nhwc_ms, nchw_ms
         for m in converters:  # the layout changes no value
             m.enabled = not m.enabled
         assert rel_err(c(x), out) <= 1e-5
+
+
+def test_channels_last_is_not_timed_whole_where_its_layers_are_no_faster(monkeypatch):
+    """Where the layers that read channels-last maps measured no faster in sum than on NCHW maps,
+    the maps stay NCHW, and the whole-model check times gated against dense only."""
+    import importlib
+
+    sk = importlib.import_module("ispc.passes.select_kernels")
+    calls = []
+
+    def fake_time(fns, rounds, *, cuda=False):
+        if "gated" in fns:
+            calls.extend(fns)
+            return {"gated": 0.5, "gated_nchw": 0.1, "dense": 1.0}
+        return {k: 1.0 if k == "dense" else 0.5 for k in fns}  # the same in both layouts
+
+    monkeypatch.setattr(sk, "_time", fake_time)
+    c = ispc.compile(resnet20().eval(), _data(), progress=False,
+                     config=ispc.GatingConfig(latency_aware=True, min_gain=0.0, latency_rounds=3))
+    assert sorted(calls) == ["dense", "gated"]
+    assert c.gated_modules() and not any(m.enabled for m in layout_converters(c.graph_module))
+    assert any("measured no faster than on NCHW maps" in n for n in c.report.notes)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        out = c(x)
+    assert out.is_contiguous() and out.shape == (2, 10)
 
 
 @pytest.mark.parametrize("factor, keeps_predicted", [(1.02, True), (1.10, False)])
