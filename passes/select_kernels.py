@@ -310,15 +310,19 @@ def select_kernels(gm: fx.GraphModule, state: PassState) -> fx.GraphModule:
                     choice = _measure(alt, xin.contiguous(), _out_hw(nodes[name]),
                                       _input_hw(nodes[name]), cfg)
                     nchw[name] = (alt if choice.gated else choice.plain, choice)
-        if nchw and sum(c.time for _, c in nchw.values()) <= sum(choices[n].time for n in nchw):
-            # the layers that read channels-last maps are not faster for it, in sum (ResNets: the
-            # native kernel converts its input back, and a residual add mixes layouts): NCHW,
-            # without a whole-model timing that, within its noise, could say otherwise
-            _use_nchw(gm, nchw, gates, cfg)
-            nchw = {}
-            changed = True
-            state.notes.append("channels_last: the layers reading channels-last maps measured no "
-                               "faster than on NCHW maps; the maps stay NCHW")
+        if nchw:
+            t_nhwc, t_nchw = _layout_sums(gm, x, nodes, nchw, choices, cfg)
+            if t_nhwc >= t_nchw:
+                # the convolutions that read channels-last maps are not faster for it, in sum
+                # (ResNets: the native kernel converts its input back, and a residual add mixes
+                # layouts): NCHW, without a whole-model timing that, within its noise, could say
+                # otherwise
+                _use_nchw(gm, nchw, gates, cfg)
+                nchw = {}
+                changed = True
+                state.notes.append(f"channels_last: the convolutions reading channels-last maps "
+                                   f"took {t_nhwc:.2f} ms, {t_nchw:.2f} ms on NCHW maps; the maps "
+                                   "stay NCHW")
     if changed:
         gm.recompile()
     if any(isinstance(m, GatedConv2d) for m in gm.modules()) or nchw:
@@ -402,6 +406,25 @@ def _whole_model_check(gm: fx.GraphModule, state: PassState, x: torch.Tensor,
                        f"was not faster than dense {t_dense:.2f} ms, so every gate was removed"
                        f"{layout}")
     gm.recompile()
+
+
+def _layout_sums(gm: fx.GraphModule, x: torch.Tensor, nodes: dict[str, fx.Node],
+                 nchw: dict[str, tuple[nn.Module, _Choice]], choices: dict[str, _Choice],
+                 cfg) -> tuple[float, float]:
+    """Milliseconds the convolutions that read channels-last maps take, as chosen for that layout
+    and for NCHW: the gated layers' measured choices, and the plain convolutions (a stem, which
+    oneDNN runs up to 2x faster on a 3-channel NHWC input) timed both ways here."""
+    t_nhwc = sum(choices[n].time for n in nchw)
+    t_nchw = sum(c.time for _, c in nchw.values())
+    plain = [n.target for n in gm.graph.nodes if n.op == "call_module" and n.target not in nodes
+             and type(gm.get_submodule(n.target)) is nn.Conv2d]
+    for name, xin in _inputs_of(gm, plain, x).items():
+        if native.is_channels_last(xin):
+            conv, xn = gm.get_submodule(name), xin.contiguous()
+            with torch.no_grad():
+                t = _time({"nhwc": lambda: conv(xin), "nchw": lambda: conv(xn)}, cfg.latency_rounds)
+            t_nhwc, t_nchw = t_nhwc + t["nhwc"], t_nchw + t["nchw"]
+    return t_nhwc, t_nchw
 
 
 def _use_nchw(gm: fx.GraphModule, nchw: dict[str, tuple[nn.Module, _Choice]],

@@ -991,9 +991,14 @@ int64_t ispc_gated_conv_select(const ispc_layer_t *L, const float *x, int64_t N,
     nb = nb < 1 ? 1 : nb > N ? N : nb;
     for (int64_t n0 = 0; n0 < N; n0 += nb) {
         const int64_t n1 = n0 + nb < N ? n0 + nb : N, m = n1 - n0;
-        #pragma omp parallel for num_threads(threads) schedule(static) if (m * C * HW >= (1 << 16))
-        for (int64_t nc = n0 * C; nc < n1 * C; nc++)
-            s[nc] = plane_saliency(x + nc * HW, HW, (int)saliency) * scale[nc % C];
+        if (HW == 1)  /* a vector input (a linear layer): each saliency is |v| * scale, exactly */
+            for (int64_t nc = n0 * C; nc < n1 * C; nc++)
+                s[nc] = __builtin_fabsf(x[nc]) * scale[nc % C];
+        else {
+            #pragma omp parallel for num_threads(threads) schedule(static) if (m * C * HW >= (1 << 16))
+            for (int64_t nc = n0 * C; nc < n1 * C; nc++)
+                s[nc] = plane_saliency(x + nc * HW, HW, (int)saliency) * scale[nc % C];
+        }
         for (int64_t n = n0; n < n1; n++)
             counts[n] = select_row(s + n * C, C, (int)mode, threshold, k, idx + n * C, tmp + n * C);
         epi_t en = e;
