@@ -164,7 +164,6 @@ class _Choice:
     whether that beats dense by ``min_gain`` (``gated``; else the layer is left dense)."""
 
     best: tuple[str, int | None]
-    label: str  # best's key in times
     gated: bool
     times: dict[str, float]
     plain: nn.Module  # the layer left dense
@@ -182,11 +181,6 @@ class _Choice:
         elif self.best[1] is not None:
             kernel["orient"] = ORIENT_NAMES[self.best[1]]
         return kernel
-
-    @property
-    def time(self) -> float:
-        """The layer's measured time as chosen (gated, or dense)."""
-        return self.times[self.label] if self.gated else self.times["dense"]
 
     def reason(self, cfg) -> str:
         best = min(v for k, v in self.times.items() if k != "dense")
@@ -224,7 +218,7 @@ def _measure(mod: GatedConv2d, xin: torch.Tensor, out_hw: int, in_hw: tuple[int,
         if label is not None and times[label] <= times[best] * (1.0 + PREDICTED_MARGIN):
             best = label
     mod.set_strategy(*kernels[best])
-    return _Choice(kernels[best], best, times[best] <= times["dense"] * (1.0 - cfg.min_gain), times,
+    return _Choice(kernels[best], times[best] <= times["dense"] * (1.0 - cfg.min_gain), times,
                    plain, native.is_channels_last(xin), xin.is_cuda)
 
 
@@ -280,14 +274,12 @@ def select_kernels(gm: fx.GraphModule, state: PassState) -> fx.GraphModule:
     # stay gated in the other)
     originals = {n: gm.get_submodule(n) for n in nodes}
     gates = {n: copy.deepcopy(ispc_meta(node).get("gate")) for n, node in nodes.items()}
-    choices: dict[str, _Choice] = {}
 
     def choose(name: str, xin: torch.Tensor) -> None:
         nonlocal changed
         node = nodes[name]
         choice = _measure(gm.get_submodule(name), xin, _out_hw(node), _input_hw(node), cfg)
         changed |= _apply(gm, name, ispc_meta(node), choice, cfg)
-        choices[name] = choice
 
     for name in nodes:
         if name in inputs:
@@ -311,7 +303,7 @@ def select_kernels(gm: fx.GraphModule, state: PassState) -> fx.GraphModule:
                                       _input_hw(nodes[name]), cfg)
                     nchw[name] = (alt if choice.gated else choice.plain, choice)
         if nchw:
-            t_nhwc, t_nchw = _layout_sums(gm, x, nodes, nchw, choices, cfg)
+            t_nhwc, t_nchw = _layout_sums(gm, x, nodes, nchw, inputs, cfg)
             if t_nhwc >= t_nchw:
                 # the convolutions that read channels-last maps are not faster for it, in sum
                 # (ResNets: the native kernel converts its input back, and a residual add mixes
@@ -409,21 +401,25 @@ def _whole_model_check(gm: fx.GraphModule, state: PassState, x: torch.Tensor,
 
 
 def _layout_sums(gm: fx.GraphModule, x: torch.Tensor, nodes: dict[str, fx.Node],
-                 nchw: dict[str, tuple[nn.Module, _Choice]], choices: dict[str, _Choice],
+                 nchw: dict[str, tuple[nn.Module, _Choice]], inputs: dict[str, torch.Tensor],
                  cfg) -> tuple[float, float]:
-    """Milliseconds the convolutions that read channels-last maps take, as chosen for that layout
-    and for NCHW: the gated layers' measured choices, and the plain convolutions (a stem, which
-    oneDNN runs up to 2x faster on a 3-channel NHWC input) timed both ways here."""
-    t_nhwc = sum(choices[n].time for n in nchw)
-    t_nchw = sum(c.time for _, c in nchw.values())
+    """Milliseconds the convolutions that read channels-last maps take in sum, channels-last and
+    NCHW: each gated layer's kernel chosen for either layout, and each plain convolution (a stem,
+    which oneDNN runs up to 2x faster on a 3-channel NHWC input), the two timed interleaved (the
+    choices' own timings come from rounds seconds apart, and a shared machine's speed moves
+    more than the difference between them)."""
     plain = [n.target for n in gm.graph.nodes if n.op == "call_module" and n.target not in nodes
              and type(gm.get_submodule(n.target)) is nn.Conv2d]
+    pairs = {name: (gm.get_submodule(name), alt, inputs[name]) for name, (alt, _) in nchw.items()}
     for name, xin in _inputs_of(gm, plain, x).items():
         if native.is_channels_last(xin):
-            conv, xn = gm.get_submodule(name), xin.contiguous()
-            with torch.no_grad():
-                t = _time({"nhwc": lambda: conv(xin), "nchw": lambda: conv(xn)}, cfg.latency_rounds)
-            t_nhwc, t_nchw = t_nhwc + t["nhwc"], t_nchw + t["nchw"]
+            pairs[name] = (gm.get_submodule(name), gm.get_submodule(name), xin)
+    t_nhwc = t_nchw = 0.0
+    for name, (mod, alt, xin) in pairs.items():
+        xn = xin.contiguous()
+        with torch.no_grad():
+            t = _time({"nhwc": lambda: mod(xin), "nchw": lambda: alt(xn)}, cfg.latency_rounds)
+        t_nhwc, t_nchw = t_nhwc + t["nhwc"], t_nchw + t["nchw"]
     return t_nhwc, t_nchw
 
 
