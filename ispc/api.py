@@ -13,6 +13,7 @@ from .config import GatingConfig
 from .data import iter_inputs
 from .errors import BackendUnavailableError, ConfigError, DataError, UnsupportedModelError
 from .passes import ANALYSIS_PIPELINE, COMPILE_PIPELINE, PassState, ispc_meta, run_passes
+from .passes.channels_last import runs_channels_last
 from .report import LayerReport, Report
 
 __all__ = ["compile", "inspect", "build_report", "BACKENDS"]
@@ -134,6 +135,7 @@ def build_report(gm: fx.GraphModule, state: PassState) -> Report:
         "dense_macs": dense, "expected_macs": expected,
         "mac_reduction": (1.0 - expected / dense) if dense else None,
         "input_shape": list(state.example_inputs[0].shape[1:]) if state.example_inputs else None,
+        "channels_last": runs_channels_last(gm),
     }
     notes = list(state.notes)
     if dense is None:

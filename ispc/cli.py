@@ -78,12 +78,17 @@ def _load_data(args: argparse.Namespace) -> torch.Tensor:
     return load_images(args.data, image_size=args.image_size, mean=mean, std=std, limit=args.limit)
 
 
+#: --channels-last -> GatingConfig.channels_last
+_LAYOUTS = {"auto": None, "on": True, "off": False}
+
+
 def _config(args: argparse.Namespace):
     from .config import GatingConfig
 
     kw: dict[str, Any] = {"keep_ratio": args.keep_ratio, "mode": args.mode, "saliency": args.saliency,
                           "allocation": args.allocation, "gate_linear": args.gate_linear,
-                          "prune_dead": args.prune_dead}
+                          "prune_dead": args.prune_dead,
+                          "channels_last": _LAYOUTS[args.channels_last]}
     if getattr(args, "min_cv", None) is not None:
         kw["min_cv"] = args.min_cv
     return GatingConfig(**kw)
@@ -121,6 +126,9 @@ def _add_gating_args(p: argparse.ArgumentParser, keep: float | None = 0.5) -> No
     p.add_argument("--prune-dead", action=argparse.BooleanOptionalAction, default=True,
                    help="remove channels no calibration input keeps, from the producing layer too "
                         "(GatingConfig.prune_dead; default: on)")
+    p.add_argument("--channels-last", choices=sorted(_LAYOUTS), default="auto",
+                   help="run the feature maps channels-last on the CPU (GatingConfig.channels_last; "
+                        "auto: measured when compiling latency-aware)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -208,7 +216,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     cfg = GatingConfig(keep_ratio=args.keep_ratio, mode=args.mode, saliency=args.saliency,
                        allocation=args.allocation, latency_aware=args.latency_aware,
                        latency_batch_size=min(args.batch_sizes), gate_linear=args.gate_linear,
-                       prune_dead=args.prune_dead)
+                       prune_dead=args.prune_dead, channels_last=_LAYOUTS[args.channels_last])
     compiled = ispc_compile(model, data, config=cfg)
     print(compiled.report)
     print()

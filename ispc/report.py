@@ -155,6 +155,8 @@ class Report:
             f"dense MACs: {_macs(s.get('dense_macs'))}  expected MACs: {_macs(s.get('expected_macs'))}"
             + (f"  (reduction {s['mac_reduction']:.1%})" if s.get("mac_reduction") is not None else ""),
         ]
+        if s.get("channels_last"):
+            lines.append("feature maps: channels-last (NHWC) on the CPU")
         return lines + [f"note: {n}" for n in self.notes]
 
     def to_table(self, tablefmt: str = "simple") -> str:

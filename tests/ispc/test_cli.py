@@ -116,6 +116,21 @@ def test_compile_writes_a_loadable_file(files, capsys):
     assert loaded.report.summary["keep_ratio"] == 0.5
 
 
+def test_channels_last_flag_sets_the_layout(files):
+    import ispc
+    from ispc.passes.channels_last import runs_channels_last
+
+    for flag, want in (("on", True), ("off", False)):
+        out = files / f"net_{flag}.ispc"
+        assert main(["compile", f"{files}/net.py:make", "--data", str(files / "data.pt"),
+                     "--channels-last", flag, "--out", str(out)]) == 0
+        loaded = ispc.load(out)
+        assert loaded.config.channels_last is want
+        assert runs_channels_last(loaded.graph_module) is want
+        with torch.no_grad():
+            assert loaded(torch.randn(2, 3, 16, 16)).shape == (2, 8)
+
+
 def test_bench_per_layer_at_each_batch_size(files, capsys, tmp_path):
     assert main(["bench", f"{files}/net.py:make", "--input-size", "16", "--batch-sizes", "1", "3",
                  "--rounds", "3", "--warmup", "1", "--per-layer", "--no-latency-aware",

@@ -35,6 +35,8 @@ def test_channels_last_gives_the_nchw_results_and_keeps_the_layout_inside(name):
     nchw, nhwc = _compile(model, False), _compile(model, True)
     assert not layout_converters(nchw.graph_module)
     assert runs_channels_last(nhwc.graph_module)
+    assert nhwc.report.summary["channels_last"] and not nchw.report.summary["channels_last"]
+    assert "channels-last (NHWC)" in str(nhwc.report)
     for m in nhwc.gated_modules().values():  # the oneDNN gather path: the one layout-sensitive kernel
         m.set_strategy("gather")
     for m in nchw.gated_modules().values():
