@@ -138,7 +138,9 @@ def main(argv: list[str] | None = None) -> int:
             print(results_table(results[-1:]), file=sys.stderr)
             if args.profile:
                 x = torch.randn(bs, 3, size, size, generator=g).to(device)
-                ops = profile_ops({"dense": dense_baseline(model, x[:1]), "gated": compiled}, x,
+                dense = dense_baseline(model, x[:1],
+                                       channels_last=runs_channels_last(compiled.graph_module))
+                ops = profile_ops({"dense": dense, "gated": compiled}, x,
                                   args.profile)
                 profiles.append({"model": name, "batch_size": bs, "passes": args.profile, "ops": ops})
         if args.overhead:

@@ -290,8 +290,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     payload = [r.to_dict() for r in results]
     if args.per_layer:
         from .benchmark import dense_baseline, input_batches, layer_breakdown, layer_table
+        from .passes.channels_last import runs_channels_last
 
-        dense = dense_baseline(model, batches[0][:1])
+        dense = dense_baseline(model, batches[0][:1],
+                               channels_last=runs_channels_last(compiled.graph_module))
         for b, entry in zip(args.batch_sizes, payload):
             xb = input_batches(b, inputs=x, input_shape=shape)[0]
             breakdown = layer_breakdown(dense, compiled, xb, rounds=args.rounds)

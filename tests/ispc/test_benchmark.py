@@ -42,6 +42,28 @@ def test_benchmark_records_the_allocator_setting():
     assert kept[0].theoretical_speedup > 1.0
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_the_dense_baseline_runs_the_compiled_models_layout(channels_last):
+    """Layout is a lowering, not gating: the dense baseline gets the compiled model's (as it gets
+    its pools), so the ratios measure gating alone."""
+    from ispc.benchmark import dense_baseline, results_table
+    from ispc.passes.channels_last import runs_channels_last
+
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 8, 3, padding=1))
+    compiled = ispc.compile(model, [torch.randn(4, 3, 12, 12)], progress=False,
+                            config=ispc.GatingConfig(mode="topk", min_channels=8,
+                                                     channels_last=channels_last))
+    result = benchmark(model, compiled, (3, 12, 12), rounds=2, warmup=1, progress=False)[0]
+    assert result.layout == ("NHWC" if channels_last else "NCHW")
+    assert ("(NHWC)" in results_table([result])) == channels_last
+    x = torch.randn(2, 3, 12, 12)
+    dense = dense_baseline(model, x[:1], channels_last=channels_last)
+    assert runs_channels_last(dense) == channels_last
+    with torch.no_grad():
+        out = dense(x)
+        assert out.is_contiguous() and torch.allclose(out, model(x), atol=1e-5)
+
+
 def test_input_batches_cut_every_example_once_wrapping_around():
     x = torch.arange(10.0).view(10, 1, 1, 1).expand(10, 1, 2, 2).contiguous()
     batches = input_batches(4, inputs=x)

@@ -145,7 +145,8 @@ def test_latency_aware_times_kernels_at_the_refined_thresholds(monkeypatch):
 
     monkeypatch.setattr(sk, "candidates", spy)
     # every kernel "beats" dense, so every layer stays gated and the graph is not refined again
-    monkeypatch.setattr(sk, "_time", lambda fns, rounds, **kw: {k: 2.0 if k == "dense" else 1.0 for k in fns})
+    monkeypatch.setattr(sk, "_time", lambda fns, rounds, **kw: {k: 2.0 if k.startswith("dense") else 1.0
+                                                               for k in fns})
     cfg = ispc.GatingConfig(mode="threshold", latency_aware=True, latency_rounds=1)
     c = ispc.compile(resnet20().eval(), _data(), progress=False, config=cfg)
     gated = c.gated_modules()
@@ -206,22 +207,24 @@ def test_whole_model_check_keeps_gates_only_when_the_gated_model_is_faster(monke
             for label, fn in fns.items():
                 fn()
                 calls.append(label)
-            return {"gated": gated_ms, "gated_nchw": gated_ms * 1.5, "dense": 1.0}
+            return {"gated": gated_ms, "gated_nchw": gated_ms * 1.5, "dense": 1.0,
+                    "dense_nhwc": 1.2}
         return layer_times(fns)  # every layer pays alone
 
     monkeypatch.setattr(sk, "_time", fake_time)
     model = resnet20().eval()
     cfg = ispc.GatingConfig(latency_aware=True, min_gain=0.0, latency_rounds=3, channels_last=layout)
     c = ispc.compile(model, _data(), progress=False, config=cfg)
-    # a layout left to measurement (None) is timed both ways, the dense model as the user's (NCHW)
-    assert sorted(calls) == (["dense", "gated"] if layout is False else ["dense", "gated", "gated_nchw"])
+    # a layout left to measurement (None): gated and dense are each timed in both layouts
+    assert sorted(calls) == (["dense", "gated"] if layout is False
+                             else ["dense", "dense_nhwc", "gated", "gated_nchw"])
     assert (c.report.summary["layers_gated"] > 0) == kept
     assert bool(c.gated_modules()) == kept
     assert any(("every gate was removed" in n) != kept for n in c.report.notes
                if n.startswith("whole-model check"))
     converters = layout_converters(c.graph_module)
     assert bool(converters) == (layout is None)
-    # channels-last measured faster (gated_ms < 1.5 * gated_ms) is kept; a dense model runs NCHW
+    # channels-last measured faster (gated_ms < 1.5 * gated_ms) is kept; dense, NCHW (1.0 < 1.2)
     assert all(m.enabled == kept for m in converters)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
@@ -246,7 +249,7 @@ def test_whole_model_check_keeps_the_faster_layout(monkeypatch, nhwc_ms, nchw_ms
         if "gated" in fns:
             for fn in fns.values():
                 fn()
-            return {"gated": nhwc_ms, "gated_nchw": nchw_ms, "dense": 1.0}
+            return {"gated": nhwc_ms, "gated_nchw": nchw_ms, "dense": 1.0, "dense_nhwc": 1.1}
         return layer_times(fns)
 
     monkeypatch.setattr(sk, "_time", fake_time)
@@ -256,7 +259,8 @@ def test_whole_model_check_keeps_the_faster_layout(monkeypatch, nhwc_ms, nchw_ms
     assert c.gated_modules()
     converters = layout_converters(c.graph_module)
     assert len(converters) == 2 and all(m.enabled == nhwc for m in converters)
-    assert any(("channels-last kept" if nhwc else "NCHW kept") in n for n in c.report.notes)
+    assert any(n.endswith("; gated, channels-last" if nhwc else "; gated, NCHW")
+               for n in c.report.notes)
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         out = c(x)
@@ -267,7 +271,7 @@ def test_whole_model_check_keeps_the_faster_layout(monkeypatch, nhwc_ms, nchw_ms
 
 def test_channels_last_is_not_timed_whole_where_its_layers_are_no_faster(monkeypatch):
     """Where the layers that read channels-last maps measured no faster in sum than on NCHW maps,
-    the maps stay NCHW, and the whole-model check times gated against dense only."""
+    the gated model stays NCHW and is timed so only (the dense one still in both layouts)."""
     import importlib
 
     sk = importlib.import_module("ispc.passes.select_kernels")
@@ -276,19 +280,47 @@ def test_channels_last_is_not_timed_whole_where_its_layers_are_no_faster(monkeyp
     def fake_time(fns, rounds, *, cuda=False):
         if "gated" in fns:
             calls.extend(fns)
-            return {"gated": 0.5, "gated_nchw": 0.1, "dense": 1.0}
+            return {"gated": 0.5, "gated_nchw": 0.1, "dense": 1.0, "dense_nhwc": 1.1}
         return {k: 1.0 if k == "dense" else 0.5 for k in fns}  # the same in both layouts
 
     monkeypatch.setattr(sk, "_time", fake_time)
     c = ispc.compile(resnet20().eval(), _data(), progress=False,
                      config=ispc.GatingConfig(latency_aware=True, min_gain=0.0, latency_rounds=3))
-    assert sorted(calls) == ["dense", "gated"]
+    assert sorted(calls) == ["dense", "dense_nhwc", "gated"]
     assert c.gated_modules() and not any(m.enabled for m in layout_converters(c.graph_module))
     assert any("on NCHW maps; the maps stay NCHW" in n for n in c.report.notes)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         out = c(x)
     assert out.is_contiguous() and out.shape == (2, 10)
+
+
+def test_a_dense_model_faster_channels_last_comes_back_dense_and_channels_last(monkeypatch):
+    """The compiled model is never slower than the dense one in either layout: where dense
+    channels-last beats every gated configuration, every gate goes and the maps run NHWC."""
+    import importlib
+
+    sk = importlib.import_module("ispc.passes.select_kernels")
+    layer_times = _layer_times(monkeypatch, sk)
+
+    def fake_time(fns, rounds, *, cuda=False):
+        if "gated" in fns:
+            for fn in fns.values():
+                fn()
+            return {"gated": 0.8, "gated_nchw": 0.9, "dense": 1.0, "dense_nhwc": 0.6}
+        return layer_times(fns)
+
+    monkeypatch.setattr(sk, "_time", fake_time)
+    model = resnet20().eval()
+    c = ispc.compile(model, _data(), progress=False,
+                     config=ispc.GatingConfig(latency_aware=True, min_gain=0.0, latency_rounds=3))
+    assert not c.gated_modules() and c.report.summary["layers_gated"] == 0
+    assert all(m.enabled for m in layout_converters(c.graph_module))
+    assert any(n.endswith("; dense, channels-last") for n in c.report.notes)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        out = c(x)
+    assert out.is_contiguous() and rel_err(out, model(x)) <= 1e-4
 
 
 @pytest.mark.parametrize("factor, keeps_predicted", [(1.02, True), (1.10, False)])
@@ -305,8 +337,8 @@ def test_measured_selection_keeps_the_predicted_kernel_within_the_margin(monkeyp
     fast = "native:co"  # a candidate of every layer: measured `factor` times faster than the rest
 
     def fake_time(fns, rounds, *, cuda=False):
-        if set(fns) == {"gated", "dense"}:  # the whole-model check: gated wins
-            return {"gated": 0.5, "dense": 1.0}
+        if "gated" in fns:  # the whole-model check: gated wins, in either layout
+            return {k: 0.5 if k.startswith("gated") else 1.0 for k in fns}
         times = {k: 0.5 for k in fns}
         times.update(dense=1.0, **{fast: 0.5 / factor})
         return times
