@@ -107,8 +107,8 @@ class GatingConfig:
             channels of large maps faster in that layout (VGG-16 at batch 1: 4% faster in all,
             its 3-channel stem 1.9x), while the native kernel reads NCHW maps (a layer on it
             converts its input). ``None``: measured with ``latency_aware`` (the whole-model check
-            times both layouts and keeps the faster), otherwise off. ``True``/``False``: always
-            on/off. Never on CUDA.
+            times gated and dense in both layouts; the result is never slower than dense in
+            either), otherwise off. ``True``/``False``: always on/off. Never on CUDA.
         leaf_modules: module classes that torch.fx must not trace into (for untraceable blocks).
     """
 
