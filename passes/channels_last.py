@@ -12,14 +12,16 @@ This pass inserts a :class:`~ispc.modules.ToMemoryFormat` after each 4-d input a
 each layer's kernels on the input it will see, layout included, and with ``channels_last=None``
 lets its whole-model check time both layouts and keep the faster (``ToMemoryFormat.enabled``).
 
-A model that cannot run channels-last (a ``.view`` of a map whose memory is not NCHW raises)
-keeps NCHW, with a note. Layout changes no value: only plain eager CPU calls convert (traced,
+A model that cannot run channels-last keeps NCHW, with a note: one whose forward raises (a
+``.view`` of a map whose memory is not NCHW), or whose outputs differ from NCHW's (code that reads
+memory as NCHW whatever the strides: ``as_strided``, a C extension). Layout changes no value: only plain eager CPU calls convert (traced,
 exported and ONNX graphs see the identity).
 """
 from __future__ import annotations
 
 import torch
 from torch import fx
+from torch.utils import _pytree as pytree
 
 from ispc.modules import ToMemoryFormat
 
@@ -108,15 +110,33 @@ def runs_channels_last(gm: fx.GraphModule) -> bool:
 
 
 def _runs(gm: fx.GraphModule, state: PassState) -> str | None:
-    """None if the graph runs channels-last on the example input, else the error it raised."""
+    """None if the graph runs channels-last on the example input and gives what it gives on NCHW
+    maps, else what went wrong: an error (a ``.view`` of a map), or different outputs (code that
+    reads memory as NCHW whatever the strides, as ``as_strided`` or a C extension may)."""
     example = state.example_inputs
     if example is None:
         return None
+    args = [x[:2] if isinstance(x, torch.Tensor) and x.dim() > 0 else x for x in example]
+    converters = layout_converters(gm)
     try:
         with torch.no_grad():
-            gm(*(x[:1] if isinstance(x, torch.Tensor) and x.dim() > 0 else x for x in example))
+            got = gm(*args)
+            for c in converters:
+                c.enabled = False
+            want = gm(*args)
     except Exception as exc:  # noqa: BLE001 -- any failure means: keep NCHW
         return f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+    finally:
+        for c in converters:
+            c.enabled = True
+    for a, b in zip(pytree.tree_leaves(got), pytree.tree_leaves(want)):
+        if isinstance(a, torch.Tensor) and a.is_floating_point():
+            # float rounding differs between the layouts' kernels; a gate may flip on a near tie
+            # (then NCHW is kept: a missed speed-up, never a wrong answer)
+            scale = float(b.abs().max()) if b.numel() else 0.0
+            if a.shape != b.shape or not torch.allclose(a, b, rtol=1e-3, atol=1e-3 * max(scale, 1e-6)):
+                diff = float((a - b).abs().max()) if a.shape == b.shape else float("nan")
+                return f"its outputs differ from NCHW's by up to {diff:.3g}"
     return None
 
 

@@ -89,6 +89,33 @@ def test_a_model_that_cannot_run_channels_last_keeps_nchw_with_a_note():
         assert c(x).shape == (2, 10)
 
 
+class _ReadsNCHWMemory(nn.Module):
+    """Reads its map's memory as NCHW whatever the strides (as a C extension might): channels-last
+    would give a silently wrong answer."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 32, 3, padding=1)
+        self.b = nn.Conv2d(32, 32, 3, padding=1)
+
+    def forward(self, x):
+        y = torch.relu(self.a(x))
+        n, c, h, w = y.shape
+        y = y.as_strided((n, c, h, w), (c * h * w, h * w, w, 1))
+        return self.b(y)
+
+
+def test_a_model_whose_outputs_change_channels_last_keeps_nchw_with_a_note():
+    model = _ReadsNCHWMemory().eval()
+    c = _compile(model, True, min_channels=8)
+    assert not layout_converters(c.graph_module)
+    assert any("outputs differ from NCHW's" in n for n in c.report.notes)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = _compile(model, False, min_channels=8)(x)
+        assert rel_err(c(x), ref) <= 1e-5
+
+
 def test_layout_is_off_unless_asked_or_measured():
     model = create_model("resnet20").eval()
     assert not layout_converters(_compile(model, None).graph_module)  # not latency-aware: off
