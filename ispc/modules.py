@@ -201,12 +201,12 @@ class GatedConv2d(nn.Module):
         """Whether the native library (the kernel, or :func:`ispc.ops.native.epilogue`) can add
         ``residual`` itself: a plain float32 tensor laid out as the output (``out``; a shape: a
         contiguous one) that needs no gradient (C cannot backpropagate)."""
+        if type(residual) is not Tensor or residual.dtype != torch.float32 or (
+                residual.requires_grad and torch.is_grad_enabled()):
+            return False
         if isinstance(out, Tensor):
-            laid_out = residual.shape == out.shape and residual.stride() == out.stride()
-        else:
-            laid_out = residual.is_contiguous() and residual.shape == out
-        return (type(residual) is Tensor and residual.dtype == torch.float32 and laid_out
-                and not (residual.requires_grad and torch.is_grad_enabled()))
+            return residual.shape == out.shape and residual.stride() == out.stride()
+        return residual.is_contiguous() and residual.shape == out
 
     def _epilogue(self, out: Tensor, residual: Tensor | None) -> Tensor:
         """The fused epilogue as PyTorch ops, new tensors (the paths the native library does not
