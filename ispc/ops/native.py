@@ -218,11 +218,7 @@ def select(x: Tensor, scale: Tensor, mode: int, threshold: float, k: int,
     lib = _load()
     if lib is None:
         raise RuntimeError(_error)
-    nhwc = is_channels_last(x)
-    if not nhwc:
-        _check_f32(x, "x", ndim=4)
-    elif x.dtype != torch.float32 or x.device.type != "cpu":
-        raise ValueError(f"x must be a float32 CPU tensor, got {x.dtype} on {x.device}")
+    nhwc = _check_map(x, "x")
     n, c = x.shape[0], x.shape[1]
     _check_f32(scale, "scale", ndim=1)
     if scale.numel() != c:
@@ -249,10 +245,7 @@ def epilogue(out: Tensor, residual: Tensor | None = None,
     lib = _load()
     if lib is None:
         raise RuntimeError(_error)
-    if not is_channels_last(out):
-        _check_f32(out, "out")
-    elif out.dtype != torch.float32 or out.device.type != "cpu":
-        raise ValueError(f"out must be a float32 CPU tensor, got {out.dtype} on {out.device}")
+    _check_map(out, "out", ndim=None)
     if residual is not None:
         if residual.shape != out.shape or residual.stride() != out.stride():
             raise ValueError(f"the residual must have the output's shape {tuple(out.shape)} and "
@@ -273,11 +266,7 @@ def maxpool2x2(x: Tensor, clamp: tuple[float, float] = NO_CLAMP) -> Tensor | Non
     lib = _load()
     if lib is None:
         raise RuntimeError(_error)
-    nhwc = is_channels_last(x)
-    if not nhwc:
-        _check_f32(x, "x", ndim=4)
-    elif x.dtype != torch.float32 or x.device.type != "cpu":
-        raise ValueError(f"x must be a float32 CPU tensor, got {x.dtype} on {x.device}")
+    nhwc = _check_map(x, "x")
     n, c, h, w = x.shape
     threads = torch.get_num_threads()
     if nhwc:
@@ -330,8 +319,7 @@ def _gather_nhwc(lib: ctypes.CDLL, src: Tensor, idx: Tensor, width: int,
                  counts: Tensor | None) -> Tensor:
     """:func:`gather` of a channels-last map: each position's kept channels, one masked AVX-512
     gather per 16 (the position's row of C floats is in L1)."""
-    if src.dtype != torch.float32 or src.device.type != "cpu":
-        raise ValueError(f"src must be a float32 CPU tensor, got {src.dtype} on {src.device}")
+    _check_map(src, "src")
     n, c, h, w = src.shape
     if (idx.dtype != torch.int64 or not idx.is_contiguous() or idx.dim() != 2
             or idx.shape[0] != n or idx.shape[1] != c or not 0 <= width <= c):
@@ -349,6 +337,17 @@ def _gather_nhwc(lib: ctypes.CDLL, src: Tensor, idx: Tensor, width: int,
     if bad:
         raise ValueError(f"idx holds channels outside [0, {c})")
     return out
+
+
+def _check_map(t: Tensor, name: str, ndim: int | None = 4) -> bool:
+    """:func:`_check_f32` for a tensor the C entries also take channels-last (then any 4-d
+    float32 CPU tensor in that layout passes). Returns whether it is channels-last."""
+    if not is_channels_last(t):
+        _check_f32(t, name, ndim=ndim)
+        return False
+    if t.dtype != torch.float32 or t.device.type != "cpu":
+        raise ValueError(f"{name} must be a float32 CPU tensor, got {t.dtype} on {t.device}")
+    return True
 
 
 def _check_f32(t: Tensor, name: str, ndim: int | None = None) -> None:
