@@ -191,3 +191,21 @@ def test_loaded_model_pools_like_the_compiled_one(name, tmp_path):
     save(loaded, tmp_path / "again.ispc")  # the pools export back to aten.max_pool2d
     with torch.no_grad():
         assert torch.equal(load(tmp_path / "again.ispc")(x), compiled(x))
+
+
+def test_archive_written_by_0_1_0_still_loads():
+    """An archive saved by ispc 0.1.0 (tests/fixtures/README.md) loads and gives the outputs it
+    gave when it was saved."""
+    from pathlib import Path
+
+    fixtures = Path(__file__).resolve().parents[1] / "fixtures"
+    io_ = torch.load(fixtures / "archive_v1_topk_io.pt", weights_only=True)
+    loaded = load(fixtures / "archive_v1_topk.ispc")
+    assert sorted(loaded.gated_modules()) == io_["gated"]
+    assert loaded.config.mode == "topk" and loaded.report.summary["layers_gated"] == 1
+    from ispc.ops import native
+
+    if native.available():  # the kernel chosen when it was saved
+        assert {n: m.strategy for n, m in loaded.gated_modules().items()} == io_["strategies"]
+    with torch.no_grad():
+        assert rel_err(loaded(io_["x"]), io_["y"]) < 1e-6
