@@ -51,9 +51,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ispc.datasets import CIFAR10
+import ispc
+from ispc.baselines import kept_count, static_channels, static_prune
+from ispc.benchmark import benchmark
+from ispc.datasets import CIFAR10, CIFAR10Loader
 from ispc.errors import ConfigError, IspcError
-from ispc.feature_decay import FeatureDecay
+from ispc.feature_decay import FeatureDecay, default_sites
+from ispc.modules import GatedConv2d
+from ispc.passes import ispc_meta
+
+try:
+    from ispc.examples.models import create_model
+except ImportError:  # ispc not installed: the checkout's folder
+    from examples.models import create_model
 
 __all__ = [
     "average_state_dicts",
@@ -100,10 +110,6 @@ def build_model(name: str, *, num_classes: int = 10) -> nn.Module:
         except (ImportError, AttributeError) as exc:
             raise ConfigError(f"cannot import model factory {name!r}: {exc}") from exc
         return factory(num_classes=num_classes)
-    try:
-        from ispc.examples.models import create_model
-    except ImportError:  # not installed: use the checkout's folder
-        from examples.models import create_model
     try:
         return create_model(name, num_classes=num_classes)
     except ValueError as exc:
@@ -202,8 +208,6 @@ def negligible_channels(model: nn.Module, loader: Iterable[Any], *, images: int 
 
     Feature decay should raise it; it bounds the MAC cut gating can take almost for free.
     """
-    from ispc.feature_decay import default_sites
-
     modules = dict(model.named_modules())
     rows: dict[str, list[torch.Tensor]] = {name: [] for name in default_sites(model)}
     hooks = [modules[name].register_forward_pre_hook(
@@ -526,8 +530,6 @@ def _gate_keep_ratio(args: argparse.Namespace, epoch: int) -> float:
 def _epoch_gates(model: nn.Module, calibration: Any, args: argparse.Namespace, keep: float) -> Any:
     """Gate-aware fine-tuning: calibrate ispc on the current weights (eval-mode copy; thresholds
     for this epoch's keep ratio) and put those gates into the model's forward for this epoch."""
-    import ispc
-
     cfg = ispc.GatingConfig(keep_ratio=keep, mode=args.gate_mode,
                             allocation=args.gate_allocation)
     was_training = model.training
@@ -655,8 +657,6 @@ def _subset_loader(data: CIFAR10, split: str, n: int | None, *, batch_size: int,
     ``shuffled`` the images also stay in that shuffled order, so that any prefix of the loader (what
     the per-layer checks read) is a class-balanced sample too.
     """
-    from ispc.datasets import CIFAR10Loader
-
     x, y = data.arrays(split)
     x, y = torch.from_numpy(x), torch.from_numpy(y)
     if shuffled or (n is not None and n < x.shape[0]):
@@ -701,8 +701,6 @@ def static_error_check(compiled: nn.Module, static: nn.Module, loader: Iterable[
     ``x``: ``static_error_dense`` and ``dynamic_error_dense``. The Spearman correlation of CV with
     ``static_error`` (``spearman``) tests the rationale "high CV => static pruning loses more".
     """
-    from ispc.modules import GatedConv2d
-
     gated = {n: m for n, m in compiled.graph_module.named_modules() if isinstance(m, GatedConv2d)}
     statics = static.static_modules()
     names = [n for n in gated if n in statics]
@@ -758,9 +756,6 @@ def single_layer_check(compiled: nn.Module, loader: Iterable[Any], *, images: in
     top-1 - static top-1. The paper's rationale predicts that gain grows with the layer's CV;
     ``spearman`` (CV vs gain) checks it on accuracy, the quantity that matters.
     """
-    from ispc.baselines import _kept_count, static_channels
-    from ispc.passes import ispc_meta
-
     gm = compiled.graph_module
     gated = compiled.gated_modules()
     stats = {n.target: ispc_meta(n).get("stats") for n in gm.graph.nodes
@@ -788,7 +783,7 @@ def single_layer_check(compiled: nn.Module, loader: Iterable[Any], *, images: in
                 hook.remove()
             m.mode, m.threshold = "threshold", 0.0
             fraction = float(torch.cat(kept).mean())
-            k = _kept_count(fraction, m.in_channels)  # rounded as static_prune rounds
+            k = kept_count(fraction, m.in_channels)  # rounded as static_prune rounds
             mask = torch.zeros(m.in_channels)
             mask[static_channels(stats[name], k)] = 1
             hook = m.register_forward_pre_hook(
@@ -825,8 +820,6 @@ def _speed_inputs(test: Iterable[Any], count: int = SPEED_IMAGES) -> torch.Tenso
 
 def _speedup_b1(model: nn.Module, candidate: nn.Module, rounds: int, progress: bool,
                 inputs: torch.Tensor) -> float:
-    from ispc.benchmark import benchmark
-
     return float(benchmark(model, candidate, batch_sizes=(1,), rounds=rounds, progress=progress,
                            inputs=inputs)[0].realized_speedup)
 
@@ -845,9 +838,6 @@ def sparsity_sweep(model: nn.Module, calibration: Iterable[Any], test: Iterable[
     Static points keep, per layer, the same fraction of channels the ispc point kept on average
     on ``test`` (from ``measure()``), so both run at (nearly) the same MACs.
     """
-    import ispc
-    from ispc.baselines import static_prune
-
     check_data = test if check_data is None else check_data
     keep_ratios, modes, allocations = [float(r) for r in keep_ratios], list(modes), list(allocations)
     grid = [(m, a, r) for m in modes for a in allocations for r in keep_ratios]

@@ -19,9 +19,14 @@ from .compiled import CompiledModel
 from .config import GatingConfig
 from .errors import ConfigError, DataError
 from .observers import SaliencyStats
+from .passes import ispc_meta, resolve_padding, run_passes
+from .passes.base import replace_submodule
+from .passes.prune_dead import producer_of, slice_conv
+from .pipeline import build_report, check_config, run
 from .report import Report
 
-__all__ = ["StaticConv2d", "StaticPrunedModel", "static_prune", "static_channels", "STATIC_NOTE"]
+__all__ = ["StaticConv2d", "StaticPrunedModel", "static_prune", "static_channels", "kept_count",
+           "STATIC_NOTE"]
 
 #: the per-layer note of a statically pruned layer (in the report row's ``reason``)
 STATIC_NOTE = "static: same channels for every input"
@@ -142,7 +147,8 @@ def static_channels(stats: SaliencyStats, k: int) -> Tensor:
     return order[:k].sort().values
 
 
-def _kept_count(fraction: float, channels: int) -> int:
+def kept_count(fraction: float, channels: int) -> int:
+    """The channels a static layer keeps for a kept ``fraction``: rounded, at least one."""
     return int(min(channels, max(1, math.floor(fraction * channels + 0.5))))
 
 
@@ -177,10 +183,7 @@ def static_prune(model: nn.Module, calibration_data: Any, *,
         a :class:`StaticPrunedModel` (an :class:`ispc.CompiledModel`) whose report marks each pruned
         layer ``gated`` with ``k`` kept channels and the note :data:`STATIC_NOTE`.
     """
-    from .api import _check_config, _make_state, _private_copy, _unwrap, build_report
-    from .passes import ANALYSIS_PIPELINE, ispc_meta, resolve_padding, run_passes
-
-    cfg = _check_config(config)
+    cfg = check_config(config)
     if match_mac_reduction is not None:
         if keep_fractions is None:
             raise ConfigError("match_mac_reduction scales keep_fractions: give them too")
@@ -194,9 +197,7 @@ def static_prune(model: nn.Module, calibration_data: Any, *,
                if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= float(v) <= 1.0}
         if bad:
             raise ConfigError(f"keep_fractions must be in [0, 1], got {bad}")
-    work = _private_copy(_unwrap(model))
-    state = _make_state(work, calibration_data, cfg, progress)
-    gm: fx.GraphModule = run_passes(work, state, ANALYSIS_PIPELINE)
+    gm, state = run(model, calibration_data, config=cfg, pipeline="inspect", progress=progress)
 
     candidates = {}
     for node in gm.graph.nodes:
@@ -218,12 +219,10 @@ def static_prune(model: nn.Module, calibration_data: Any, *,
         node = candidates[name]
         conv: nn.Conv2d = gm.get_submodule(node.target)
         stats: SaliencyStats = ispc_meta(node)["stats"]
-        k = _kept_count(frac, conv.in_channels)
+        k = kept_count(frac, conv.in_channels)
         static = StaticConv2d(conv.weight, conv.bias, static_channels(stats, k), stride=conv.stride,
                               padding=resolve_padding(conv), dilation=conv.dilation)
-        static.to(conv.weight.device)
-        parent, _, attr = node.target.rpartition(".")
-        setattr(gm.get_submodule(parent) if parent else gm, attr, static)
+        replace_submodule(gm, node.target, static.to(conv.weight.device))
         kept[name] = k
     pruned = _prune_producers(gm, candidates, kept)
     gm = run_passes(gm, state, ["lower_pools"])  # the same layout lowering as dense and ispc
@@ -272,9 +271,6 @@ def _prune_producers(gm: fx.GraphModule, candidates: dict[str, fx.Node], kept: d
     """A static pruner removes what it drops from the layer computing it too: where a pruned
     layer's input channels come one for one from a convolution nothing else reads
     (:func:`ispc.passes.prune_dead.producer_of`), that convolution keeps only the channels read."""
-    from .passes.base import ispc_meta, replace_submodule
-    from .passes.prune_dead import producer_of, slice_conv
-
     removed = 0
     for name in kept:
         node = candidates[name]

@@ -1,9 +1,10 @@
 """Wall-clock benchmarks: gated model against its BatchNorm-folded dense self, same backend.
 
-Timing rules (DESIGN.md): warm-up first, then many *interleaved* rounds (every candidate once per
-round, in a rotating order) so drift and background load hit all candidates alike; report medians
-and the spread, and the ratio against the baseline measured in the same run. Realized speed-up is
-shown next to the theoretical one (dense MACs / MACs actually executed).
+Timing rules (DESIGN.md; the helpers are :mod:`ispc.timing`'s, re-exported here): warm-up first,
+then many *interleaved* rounds (every candidate once per round, in a rotating order) so drift and
+background load hit all candidates alike; report medians and the spread, and the ratio against
+the baseline measured in the same run. Realized speed-up is shown next to the theoretical one
+(dense MACs / MACs actually executed).
 """
 from __future__ import annotations
 
@@ -12,101 +13,31 @@ import json
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from tabulate import tabulate
 from torch import nn
-from tqdm.auto import tqdm
 
 from .compiled import CompiledModel
-from .config import GatingConfig
 from .errors import DataError
+from .modules import GatedConv2d
+from .passes.channels_last import runs_channels_last
+from .pipeline import dense_graph
+from .timing import Timing, default_progress, retain_freed_memory, time_interleaved
 
 __all__ = ["Timing", "BenchmarkResult", "time_interleaved", "dense_baseline", "input_batches",
            "benchmark", "retain_freed_memory", "MAX_INPUT_BATCHES"]
 
 
-def retain_freed_memory() -> str:
-    """Ask glibc's malloc to keep freed memory for reuse instead of returning it to the system.
-
-    A CNN's activations are large (VGG-16's first feature map is 12.8 MB at batch 1): by default
-    glibc hands such blocks back to the kernel when they are freed and the next forward pass faults
-    every page in again. On the project's VM that cost ~3 us per 4 KiB page and made the same
-    convolution take 2.6 to 43 ms depending on which allocations preceded it, in dense and gated
-    models alike. Benchmarks call this once per process (it affects both models equally);
-    deployments get the same effect from ``MALLOC_TRIM_THRESHOLD_``/``MALLOC_MMAP_THRESHOLD_`` or
-    jemalloc/tcmalloc. Returns what was done, for the results' record.
-    """
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return "system allocator (not glibc: left as is)"
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    ok = mallopt(m_trim_threshold, 1 << 30) and (mallopt(m_mmap_threshold, 1 << 30)
-                                                  or mallopt(m_mmap_threshold, 32 << 20))
-    return "glibc, freed memory retained" if ok else "glibc (mallopt refused: left as is)"
-
-
-@dataclass
-class Timing:
-    """Per-call wall-clock times of one candidate, in milliseconds."""
-
-    name: str
-    times_ms: list[float] = field(default_factory=list)
-
-    @property
-    def median(self) -> float:
-        return statistics.median(self.times_ms)
-
-    @property
-    def p25(self) -> float:
-        return statistics.quantiles(self.times_ms, n=4)[0] if len(self.times_ms) > 1 else self.median
-
-    @property
-    def p75(self) -> float:
-        return statistics.quantiles(self.times_ms, n=4)[2] if len(self.times_ms) > 1 else self.median
-
-
-def time_interleaved(candidates: dict[str, Callable[[], Any]], *, warmup: int = 5, rounds: int = 30,
-                     progress: bool = True, desc: str = "ispc: timing") -> dict[str, Timing]:
-    """Time each zero-argument callable ``rounds`` times, interleaved, after ``warmup`` calls each."""
-    names = list(candidates)
-    for name in names:
-        for _ in range(warmup):
-            candidates[name]()
-    out = {name: Timing(name) for name in names}
-    for r in tqdm(range(rounds), desc=desc, disable=not progress, leave=False):
-        order = names[r % len(names):] + names[:r % len(names)]
-        for name in order:
-            t0 = time.perf_counter()
-            candidates[name]()
-            out[name].times_ms.append((time.perf_counter() - t0) * 1e3)
-    return out
-
-
 def dense_baseline(model: nn.Module, example: torch.Tensor, *,
                    channels_last: bool = False) -> nn.Module:
-    """The model as ispc sees it before gating: traced, eval mode, BatchNorm folded, pools lowered
-    and, with ``channels_last``, its maps channels-last (the same lowerings the compiled model gets,
-    so speed-ups measure gating alone: dense MobileNetV2 runs 1.44x faster channels-last at batch
-    1 on a 2-core Xeon, dense ResNet-18 0.89x)."""
-    from .api import _make_state, _private_copy, _unwrap
-    from .passes import run_passes
-    from .passes.channels_last import insert_converters
-
-    work = _private_copy(_unwrap(model))
-    state = _make_state(work, [example], GatingConfig(keep_ratio=1.0), progress=False)
-    gm = run_passes(work, state, ["capture", "fold_bn", "lower_pools"])
-    if channels_last:
-        insert_converters(gm)
-    return gm
+    """The model as ispc sees it before gating (:func:`ispc.pipeline.dense_graph`: traced, eval
+    mode, BatchNorm folded, pools lowered and, with ``channels_last``, its maps channels-last): the
+    same lowerings the compiled model gets, so speed-ups measure gating alone (dense MobileNetV2
+    runs 1.44x faster channels-last at batch 1 on a 2-core Xeon, dense ResNet-18 0.89x)."""
+    return dense_graph(model, example, channels_last=channels_last)
 
 
 @dataclass
@@ -185,11 +116,7 @@ def benchmark(model: nn.Module, compiled: CompiledModel, input_shape: tuple[int,
     """
     allocator = retain_freed_memory() if retain_memory else "as configured by the process"
     if progress is None:
-        from .api import _default_progress
-
-        progress = _default_progress()
-    from .passes.channels_last import runs_channels_last
-
+        progress = default_progress()
     param = next(compiled.parameters())
     results = []
     for bs in batch_sizes:
@@ -254,8 +181,6 @@ def _timed_forwards(model: nn.Module, x: torch.Tensor, rounds: int,
     Layers are timed with forward pre/post hooks inside whole-model runs, so cache state is
     realistic; the whole forward is timed in the same runs, so the two medians are comparable.
     """
-    from .modules import GatedConv2d
-
     starts: dict[str, float] = {}
     times: dict[str, list[float]] = {}
     whole: list[float] = []
@@ -299,8 +224,6 @@ def layer_breakdown(dense: nn.Module, compiled: CompiledModel, x: torch.Tensor, 
     model spends outside its convolutions (pooling, activations, adds) is where a realized
     speed-up below the layers' own is lost. JSON-ready.
     """
-    from .modules import GatedConv2d
-
     td, wd = _timed_forwards(dense, x, rounds, 2)
     tg, wg = _timed_forwards(compiled.graph_module, x, rounds, 2)
     layers = []

@@ -6,20 +6,33 @@ traceback. Progress bars go to stderr, results to stdout (tables, or JSON/Markdo
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import importlib.util
 import json
 import sys
 import traceback
+import typing
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 from torch import nn
 
+from .api import compile as ispc_compile
+from .api import inspect
+from .backends import BACKENDS
+from .benchmark import (benchmark, dense_baseline, input_batches, layer_breakdown, layer_table,
+                        results_table, retain_freed_memory)
+from .config import GatingConfig
+from .datasets import iter_batches, load_images
 from .errors import IspcError, UnsupportedModelError
+from .examples.models import MODELS
+from .passes.channels_last import runs_channels_last
+from .plots import save_plots
+from .serialization import save
 
-__all__ = ["main", "load_model", "build_parser"]
+__all__ = ["main", "load_model", "build_parser", "add_config_args", "config_from_args"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -28,8 +41,6 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 def load_model(spec: str, *, checkpoint: str | None = None, num_classes: int | None = None) -> nn.Module:
     """Build a model from ``path/to/file.py:factory``, ``package.module:factory`` or the name of a
     bundled example model (``resnet18``, ``resnet20``, ...); optionally load a state dict."""
-    from .examples.models import MODELS
-
     kwargs = {} if num_classes is None else {"num_classes": num_classes}
     if ":" not in spec:
         if spec not in MODELS:
@@ -71,26 +82,70 @@ def load_model(spec: str, *, checkpoint: str | None = None, num_classes: int | N
 
 
 def _load_data(args: argparse.Namespace) -> torch.Tensor:
-    from .datasets import load_images
-
     mean = tuple(args.mean) if args.mean else (IMAGENET_MEAN if args.normalize == "imagenet" else None)
     std = tuple(args.std) if args.std else (IMAGENET_STD if args.normalize == "imagenet" else None)
     return load_images(args.data, image_size=args.image_size, mean=mean, std=std, limit=args.limit)
 
 
-#: --channels-last -> GatingConfig.channels_last
-_LAYOUTS = {"auto": None, "on": True, "off": False}
+#: a ``bool | None`` option on the command line (``--channels-last auto``: None, measured)
+TRISTATE = {"auto": None, "on": True, "off": False}
 
 
-def _config(args: argparse.Namespace):
-    from .config import GatingConfig
+def _kind(hint: Any) -> str:
+    """How a GatingConfig field's type appears on the command line."""
+    if hint in (bool, int, float, str):
+        return hint.__name__
+    args = set(typing.get_args(hint))
+    if args == {bool, type(None)}:
+        return "tristate"
+    if str in {a for t in args | {hint} for a in typing.get_args(t)}:
+        return "patterns"  # tuple[str, ...] (or None)
+    raise TypeError(f"no command-line form for {hint!r}")
 
-    kw: dict[str, Any] = {"keep_ratio": args.keep_ratio, "mode": args.mode, "saliency": args.saliency,
-                          "allocation": args.allocation, "gate_linear": args.gate_linear,
-                          "prune_dead": args.prune_dead,
-                          "channels_last": _LAYOUTS[args.channels_last]}
-    if getattr(args, "min_cv", None) is not None:
-        kw["min_cv"] = args.min_cv
+
+def add_config_args(p: argparse.ArgumentParser, *, defaults: dict[str, Any] | None = None,
+                    skip: Sequence[str] = ()) -> None:
+    """One option per :class:`GatingConfig` field (``--keep-ratio``, ``--mode``, ...), with the
+    field's default (or ``defaults``' for this command), type, choices and help: the config is the
+    one place they are written. ``skip``: fields the command sets itself."""
+    hints = typing.get_type_hints(GatingConfig)
+    group = p.add_argument_group("gating options (ispc.GatingConfig)")
+    for f in dataclasses.fields(GatingConfig):
+        if not f.metadata.get("cli", True) or f.name in skip:
+            continue
+        default = (defaults or {}).get(f.name, f.default)
+        flag, text = "--" + f.name.replace("_", "-"), f.metadata["help"]
+        kind = _kind(hints[f.name])
+        if kind == "bool":
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
+                               help=f"{text} (default: {'on' if default else 'off'})")
+        elif kind == "tristate":
+            name = next(k for k, v in TRISTATE.items() if v is default)
+            group.add_argument(flag, choices=list(TRISTATE), default=name,
+                               help=f"{text} (default: {name})")
+        elif kind == "patterns":
+            group.add_argument(flag, nargs="+", metavar="PATTERN", default=default, help=text)
+        else:
+            group.add_argument(flag, type={"int": int, "float": float, "str": str}[kind],
+                               choices=f.metadata.get("choices"), default=default,
+                               help=f"{text} (default: {default})")
+
+
+def config_from_args(args: argparse.Namespace, **overrides: Any) -> GatingConfig:
+    """The :class:`GatingConfig` the options of :func:`add_config_args` describe, with
+    ``overrides`` (what the command decides itself) on top."""
+    hints = typing.get_type_hints(GatingConfig)
+    kw: dict[str, Any] = {}
+    for f in dataclasses.fields(GatingConfig):
+        if not hasattr(args, f.name):
+            continue
+        value, kind = getattr(args, f.name), _kind(hints[f.name])
+        if kind == "tristate":
+            value = TRISTATE[value]
+        elif kind == "patterns" and value is not None:
+            value = tuple(value)
+        kw[f.name] = value
+    kw.update(overrides)
     return GatingConfig(**kw)
 
 
@@ -113,22 +168,11 @@ def _add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--limit", type=int, help="use at most this many images")
 
 
-def _add_gating_args(p: argparse.ArgumentParser, keep: float | None = 0.5) -> None:
-    p.add_argument("--keep-ratio", type=float, default=keep, help="average fraction of channels kept")
-    p.add_argument("--mode", choices=["threshold", "topk"], default="threshold")
-    p.add_argument("--saliency", choices=["l2", "l1", "weighted_l2"], default="l2")
-    p.add_argument("--allocation", choices=["layer", "global"], default="layer",
-                   help="keep ratio per layer, or one network-wide cut over the gated layers' MACs")
-    p.add_argument("--min-cv", type=float, help="leave layers whose CV is below this dense")
-    p.add_argument("--gate-linear", action=argparse.BooleanOptionalAction, default=False,
-                   help="also gate linear layers on a flattened feature map or a vector (the "
-                        "classifier; GatingConfig.gate_linear)")
-    p.add_argument("--prune-dead", action=argparse.BooleanOptionalAction, default=True,
-                   help="remove channels no calibration input keeps, from the producing layer too "
-                        "(GatingConfig.prune_dead; default: on)")
-    p.add_argument("--channels-last", choices=sorted(_LAYOUTS), default="auto",
-                   help="run the feature maps channels-last on the CPU (GatingConfig.channels_last; "
-                        "auto: measured when compiling latency-aware)")
+#: demo and bench time what they compile: latency-aware selection by default, at the smallest
+#: batch size they time (they set ``latency_batch_size`` themselves)
+_TIMED = {"defaults": {"latency_aware": True}, "skip": ("latency_batch_size",)}
+_RETAIN_HELP = ("keep freed memory in glibc's malloc for reuse, for dense and gated alike "
+                "(see ispc.timing.retain_freed_memory; default: on)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -146,33 +190,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration-size", type=int, default=64, help="random calibration inputs")
     p.add_argument("--rounds", type=int, default=20, help="timing rounds per candidate")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1])
-    p.add_argument("--latency-aware", action=argparse.BooleanOptionalAction, default=True,
-                   help="time kernels at compile time, keep layers dense where gating does not pay")
     p.add_argument("--retain-memory", action=argparse.BooleanOptionalAction, default=True,
-                   help="keep freed memory in glibc's malloc for reuse, for dense and gated alike "
-                        "(see ispc.benchmark.retain_freed_memory; default: on)")
-    _add_gating_args(p)
+                   help=_RETAIN_HELP)
+    add_config_args(p, **_TIMED)
 
     p = sub.add_parser("inspect", help="analyse a model: per-layer CV, gating decisions, MACs")
     _add_model_args(p)
     _add_data_args(p)
-    _add_gating_args(p)
     p.add_argument("--format", choices=["table", "json", "markdown"], default="table")
     p.add_argument("--out", help="write the report here instead of stdout")
     p.add_argument("--plots", metavar="DIR", help="save cv.png and kept.png here (needs matplotlib)")
     p.add_argument("--dot", metavar="FILE", help="save the channel graph as Graphviz DOT")
+    add_config_args(p)
 
     p = sub.add_parser("compile", help="compile a model and save it (load with ispc.load)")
     _add_model_args(p)
     _add_data_args(p)
-    _add_gating_args(p)
-    p.add_argument("--backend", default="eager")
+    p.add_argument("--backend", choices=list(BACKENDS), default="eager",
+                   help="; ".join(f"{b.name}: {b.help}" for b in BACKENDS.values()))
     p.add_argument("--out", required=True, help="output file")
+    add_config_args(p)
 
     p = sub.add_parser("bench", help="time a compiled model against its BN-folded dense self")
     _add_model_args(p)
     _add_data_args(p, required=False)
-    _add_gating_args(p)
     p.add_argument("--input-size", type=int, default=224, help="random input size if no --data")
     p.add_argument("--input-pool", type=int, default=4, metavar="N",
                    help="without --data: distinct random batches each model cycles through per "
@@ -184,27 +225,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-layer", action="store_true",
                    help="also time each layer at each batch size, beside the whole model (table, "
                         "and 'per_layer' in --json)")
-    p.add_argument("--latency-aware", action=argparse.BooleanOptionalAction, default=True,
-                   help="time kernels at compile time and leave layers dense where gating does "
-                        "not pay (default: on)")
     p.add_argument("--retain-memory", action=argparse.BooleanOptionalAction, default=True,
-                   help="keep freed memory in glibc's malloc for reuse, for dense and gated alike "
-                        "(see ispc.benchmark.retain_freed_memory; default: on)")
+                   help=_RETAIN_HELP)
+    add_config_args(p, **_TIMED)
     return parser
 
 
 def _calibration(args: argparse.Namespace):
-    from .datasets import iter_batches
-
     x = _load_data(args)
     return x, list(iter_batches(x, args.batch_size))
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .api import compile as ispc_compile
-    from .benchmark import benchmark, results_table, retain_freed_memory
-    from .config import GatingConfig
-
+    cfg = config_from_args(args, latency_batch_size=min(args.batch_sizes))
     if args.retain_memory:  # before compiling: latency-aware selection times kernels too
         retain_freed_memory()
     model = load_model(args.model)
@@ -213,10 +246,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     data = [torch.randn(16, 3, size, size, generator=g) for _ in range(max(1, args.calibration_size // 16))]
     print(f"ispc demo: {args.model} with random weights on random {size}x{size} inputs "
           f"(shows the pipeline and real speed; accuracy needs a trained model and real data)\n")
-    cfg = GatingConfig(keep_ratio=args.keep_ratio, mode=args.mode, saliency=args.saliency,
-                       allocation=args.allocation, latency_aware=args.latency_aware,
-                       latency_batch_size=min(args.batch_sizes), gate_linear=args.gate_linear,
-                       prune_dead=args.prune_dead, channels_last=_LAYOUTS[args.channels_last])
     compiled = ispc_compile(model, data, config=cfg)
     print(compiled.report)
     print()
@@ -227,11 +256,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from .api import inspect
-
+    cfg = config_from_args(args)
     model = load_model(args.model, checkpoint=args.checkpoint, num_classes=args.num_classes)
     _, batches = _calibration(args)
-    report = inspect(model, batches, config=_config(args))
+    report = inspect(model, batches, config=cfg)
     text = {"table": report.to_table, "json": report.to_json, "markdown": report.to_markdown}[args.format]()
     if args.out:
         Path(args.out).write_text(text + "\n")
@@ -239,8 +267,6 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     else:
         print(text)
     if args.plots:
-        from .plots import save_plots
-
         for path in save_plots(report, args.plots):
             print(f"plot written to {path}", file=sys.stderr)
     if args.dot:
@@ -250,15 +276,10 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_compile(args: argparse.Namespace) -> int:
-    from . import api
-
+    cfg = config_from_args(args)
     model = load_model(args.model, checkpoint=args.checkpoint, num_classes=args.num_classes)
     _, batches = _calibration(args)
-    compiled = api.compile(model, batches, config=_config(args), backend=args.backend)
-    try:
-        from .serialization import save
-    except ImportError:  # pragma: no cover - serialization ships with ispc
-        raise IspcError("this ispc build has no serialization support") from None
+    compiled = ispc_compile(model, batches, config=cfg, backend=args.backend)
     save(compiled, args.out)
     print(compiled.report)
     print(f"\ncompiled model written to {args.out} (load with ispc.load)", file=sys.stderr)
@@ -266,9 +287,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from .api import compile as ispc_compile
-    from .benchmark import benchmark, results_table, retain_freed_memory
-
+    cfg = config_from_args(args, latency_batch_size=min(args.batch_sizes))
     if args.retain_memory:  # before compiling: latency-aware selection times kernels too
         retain_freed_memory()
     model = load_model(args.model, checkpoint=args.checkpoint, num_classes=args.num_classes)
@@ -280,8 +299,6 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         g = torch.Generator().manual_seed(0)
         shape = (3, args.input_size, args.input_size)
         batches = [torch.randn(16, *shape, generator=g) for _ in range(4)]
-    cfg = _config(args).replace(latency_aware=args.latency_aware,
-                                latency_batch_size=min(args.batch_sizes))
     compiled = ispc_compile(model, batches, config=cfg)
     results = benchmark(model, compiled, shape, batch_sizes=tuple(args.batch_sizes),
                         rounds=args.rounds, warmup=args.warmup, name=args.model,
@@ -289,9 +306,6 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     print(results_table(results))
     payload = [r.to_dict() for r in results]
     if args.per_layer:
-        from .benchmark import dense_baseline, input_batches, layer_breakdown, layer_table
-        from .passes.channels_last import runs_channels_last
-
         dense = dense_baseline(model, batches[0][:1],
                                channels_last=runs_channels_last(compiled.graph_module))
         for b, entry in zip(args.batch_sizes, payload):

@@ -8,8 +8,11 @@ from torch import Tensor, fx, nn
 from tqdm.auto import tqdm
 
 from .config import GatingConfig
+from .data import iter_inputs
+from .errors import DataError
 from .modules import GatedConv2d, full_channels
 from .report import Report
+from .timing import default_progress
 
 __all__ = ["CompiledModel"]
 
@@ -30,6 +33,11 @@ class CompiledModel(nn.Module):
         self.backend = backend
         self.__dict__["_runner"] = None  # a backend's compiled callable; not a registered submodule
 
+    def use_runner(self, runner: Any) -> None:
+        """Run ``forward`` through ``runner`` (a backend's compiled callable over
+        ``graph_module``; None: the graph module itself). Not a registered submodule."""
+        self.__dict__["_runner"] = runner
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         runner = self.__dict__["_runner"]
         return (self.graph_module if runner is None else runner)(*args, **kwargs)
@@ -45,9 +53,6 @@ class CompiledModel(nn.Module):
         Returns per-layer kept-channel statistics and the MACs per input actually executed
         (conv2d and linear layers, at the sizes seen) against the dense MACs.
         """
-        from .api import _default_progress
-        from .data import iter_inputs
-
         gm = self.graph_module
         param = next(gm.parameters(), None)
         kept: dict[str, list[Tensor]] = {n: [] for n in self.gated_modules()}
@@ -90,7 +95,7 @@ class CompiledModel(nn.Module):
             it = iter_inputs(data, device=param.device if param is not None else None,
                              dtype=param.dtype if param is not None else None)
             for x in tqdm(it, desc="ispc: measuring", unit="batch",
-                          disable=not (progress if progress is not None else _default_progress()),
+                          disable=not (progress if progress is not None else default_progress()),
                           leave=False):
                 gm(x)
                 samples += int(x.shape[0])
@@ -98,7 +103,6 @@ class CompiledModel(nn.Module):
             for h in hooks:
                 h.remove()
         if samples == 0:
-            from .errors import DataError
             raise DataError("measure() got no inputs; pass a non-empty iterable of batches")
         executed = float(torch.stack(executed_parts).sum()) if executed_parts else 0.0
         layers = {}

@@ -112,27 +112,51 @@ class GatingConfig:
         leaf_modules: module classes that torch.fx must not trace into (for untraceable blocks).
     """
 
-    keep_ratio: float = 0.5
-    mode: str = "threshold"
-    saliency: str = "l2"
-    allocation: str = "layer"
-    min_cv: float = 0.0
-    gate_fraction: float = 1.0
-    min_channels: int = 16
-    channel_multiple: int = 1
-    include: tuple[str, ...] | None = None
-    exclude: tuple[str, ...] = ()
-    max_calibration_samples: int = 4096
-    calibration_rounds: int = 2
-    latency_aware: bool = False
-    min_gain: float = 0.05
-    latency_batch_size: int = 1
-    latency_rounds: int = 15
-    fuse_epilogues: bool = True
-    gate_linear: bool = False
-    prune_dead: bool = True
-    channels_last: bool | None = None
-    leaf_modules: tuple[type, ...] = field(default=())
+    # ``metadata["help"]`` is the one-line help the command line shows (``ispc.cli`` builds its
+    # options from these fields: names, defaults, types, ``metadata["choices"]``); ``cli=False``
+    # keeps a field off it.
+    keep_ratio: float = field(default=0.5, metadata={
+        "help": "average fraction of a gated layer's input channels kept"})
+    mode: str = field(default="threshold", metadata={
+        "help": "threshold: kept count varies per input; topk: fixed k per layer", "choices": MODES})
+    saliency: str = field(default="l2", metadata={
+        "help": "per-instance channel importance", "choices": SALIENCIES})
+    allocation: str = field(default="layer", metadata={
+        "help": "keep ratio per layer, or one network-wide cut over the gated layers' MACs",
+        "choices": ALLOCATIONS})
+    min_cv: float = field(default=0.0, metadata={
+        "help": "leave layers whose CV of channel saliency is below this dense"})
+    gate_fraction: float = field(default=1.0, metadata={
+        "help": "gate only this fraction of eligible layers, highest CV first"})
+    min_channels: int = field(default=16, metadata={
+        "help": "leave convolutions with fewer input channels dense"})
+    channel_multiple: int = field(default=1, metadata={
+        "help": "topk: round k up to a multiple of this"})
+    include: tuple[str, ...] | None = field(default=None, metadata={
+        "help": "only layers matching these fnmatch patterns are considered"})
+    exclude: tuple[str, ...] = field(default=(), metadata={
+        "help": "layers matching these fnmatch patterns are never gated"})
+    max_calibration_samples: int = field(default=4096, metadata={
+        "help": "per-instance saliency rows kept per layer for choosing thresholds"})
+    calibration_rounds: int = field(default=2, metadata={
+        "help": "threshold mode: re-choose thresholds this many times with the gates in place"})
+    latency_aware: bool = field(default=False, metadata={
+        "help": "time kernels at compile time, keep layers dense where gating does not pay"})
+    min_gain: float = field(default=0.05, metadata={
+        "help": "fraction of a layer's dense time gating must save (latency_aware)"})
+    latency_batch_size: int = field(default=1, metadata={
+        "help": "batch size the latency-aware selection times at"})
+    latency_rounds: int = field(default=15, metadata={
+        "help": "interleaved timing rounds per kernel (latency_aware)"})
+    fuse_epilogues: bool = field(default=True, metadata={
+        "help": "fold the residual add and ReLU/ReLU6 after a gated layer into its kernel"})
+    gate_linear: bool = field(default=False, metadata={
+        "help": "also gate linear layers on a flattened feature map or a vector (the classifier)"})
+    prune_dead: bool = field(default=True, metadata={
+        "help": "remove channels no calibration input keeps, from the producing layer too"})
+    channels_last: bool | None = field(default=None, metadata={
+        "help": "run the feature maps channels-last on the CPU (auto: measured when latency_aware)"})
+    leaf_modules: tuple[type, ...] = field(default=(), metadata={"cli": False})
 
     def __post_init__(self) -> None:
         _check_number("keep_ratio", self.keep_ratio, lo=0.0, hi=1.0, lo_open=True)

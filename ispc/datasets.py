@@ -14,6 +14,7 @@ import json
 import math
 import os
 import tarfile
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from ispc.errors import ConfigError, DataError
 
@@ -357,8 +359,6 @@ class CIFAR10:
                 np.savez(fh, **data)
             os.replace(tmp, cache)  # atomic: a concurrent reader never sees half a file
         except OSError as exc:
-            import warnings
-
             warnings.warn(f"could not write the CIFAR-10 cache {str(cache)!r} ({exc}); "
                           "the images will be decoded again next time", stacklevel=3)
 
@@ -378,8 +378,6 @@ class CIFAR10:
             return [(*sc, m.name) for m in tar.getmembers() if m.isfile() and (sc := _split_of(m.name))]
 
     def _decode_all(self) -> dict[str, np.ndarray]:
-        from tqdm.auto import tqdm
-
         entries = self._entries()
         train_classes = sorted({c for s, c, _ in entries if s == "train"})
         test_classes = {c for s, c, _ in entries if s == "test"}

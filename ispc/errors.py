@@ -13,6 +13,7 @@ __all__ = [
     "TraceError",
     "UnsupportedModelError",
     "BackendUnavailableError",
+    "PassError",
 ]
 
 
@@ -38,3 +39,16 @@ class UnsupportedModelError(IspcError, TypeError):
 
 class BackendUnavailableError(IspcError, RuntimeError):
     """A requested backend (or its optional dependency / hardware) is not available here."""
+
+
+class PassError(IspcError, RuntimeError):
+    """A compiler pass failed on something it did not expect (a bug, or a model construct no pass
+    handles). The message names the pass and the passes that ran before it; the original exception
+    is chained (``__cause__``). An :class:`IspcError` a pass raises on purpose is not wrapped: it
+    keeps its type and message, and carries the same two facts as ``pass_name`` and
+    ``passes_before``."""
+
+    def __init__(self, message: str, *, pass_name: str, passes_before: tuple[str, ...]) -> None:
+        super().__init__(message)
+        self.pass_name = pass_name
+        self.passes_before = passes_before

@@ -20,9 +20,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from ispc.errors import ConfigError
+from torch.nn.parallel import DistributedDataParallel
 
-__all__ = ["FeatureDecay", "default_sites", "feature_decay_term"]
+from .config import GatingConfig
+from .errors import ConfigError, TraceError
+from .pipeline import site_names
+
+__all__ = ["FeatureDecay", "default_sites", "feature_decay_term", "training_module"]
 
 
 def default_sites(model: nn.Module, config: Any = None) -> list[str]:
@@ -32,20 +36,13 @@ def default_sites(model: nn.Module, config: Any = None) -> list[str]:
 
     A model torch.fx cannot trace falls back to every such ``nn.Conv2d`` found by module type.
     """
-    from ispc.config import GatingConfig
-    from ispc.errors import TraceError
-    from ispc.passes import PassState, capture, find_sites, ispc_meta
-
     cfg = config or GatingConfig()
     try:
-        state = PassState(config=cfg)
-        gm = find_sites(capture(model, state), state)
+        return site_names(model, cfg)
     except TraceError:
         return [name for name, m in model.named_modules()
                 if type(m) is nn.Conv2d and m.groups == 1 and m.padding_mode == "zeros"
                 and m.in_channels >= cfg.min_channels]
-    return [ispc_meta(n)["layer"]["name"] for n in gm.graph.nodes
-            if ispc_meta(n).get("layer", {}).get("candidate")]
 
 
 def feature_decay_term(x: torch.Tensor) -> torch.Tensor:
@@ -61,10 +58,8 @@ def feature_decay_term(x: torch.Tensor) -> torch.Tensor:
     return norms.sum(dim=1).mean()
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The module that actually runs: DistributedDataParallel keeps it as ``.module``."""
-    from torch.nn.parallel import DistributedDataParallel
-
+def training_module(model: nn.Module) -> nn.Module:
+    """The module that actually runs in training: DistributedDataParallel keeps it as ``.module``."""
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
@@ -92,7 +87,7 @@ class FeatureDecay:
             raise ConfigError(f"feature decay weight must be a finite number >= 0, got {weight!r}")
         self.weight = float(weight)
         self.always = bool(always)
-        self._root = _unwrap(model)
+        self._root = training_module(model)
         self.layers: list[str] = self._resolve(self._root, layers)
         self._terms: list[torch.Tensor] = []
         self._handles: list[Any] = []

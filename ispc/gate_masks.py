@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from .compiled import CompiledModel
 from .errors import ConfigError
-from .feature_decay import _unwrap
+from .feature_decay import training_module
 from .modules import MODE_CODES, SALIENCY_CODES, full_channels
 from .ops import gated_conv as _gc
 
@@ -49,7 +49,7 @@ class GateMasks:
         if not gates:
             raise ConfigError("the compiled model has no gated layers: nothing to train with "
                               "(see its report for why each layer stayed dense)")
-        modules = dict(_unwrap(model).named_modules())
+        modules = dict(training_module(model).named_modules())
         missing = sorted(set(gates) - set(modules))
         if missing:
             raise ConfigError(f"layers {missing[:5]} of the compiled model are not in this model; "

@@ -144,7 +144,7 @@ class GatedConv2d(nn.Module):
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
         """The gated convolution of ``x``; with a fused epilogue, ``act(conv + residual)``."""
         mode = MODE_CODES[self.mode]
-        if _gc._kept_all(mode, self.threshold, self.k, self.in_channels):
+        if _gc.kept_all(mode, self.threshold, self.k, self.in_channels):
             # every channel kept: the operator is the dense convolution, in every context (eager,
             # autograd, export, compile, ONNX). Tested first, before any other check: on
             # MobileNetV2 at keep_ratio=1.0 the eager-path checks alone cost ~2% of the model's time
@@ -240,7 +240,7 @@ class GatedConv2d(nn.Module):
     @property
     def keeps_all(self) -> bool:
         """Whether this layer keeps every channel of every input (it is the dense convolution)."""
-        return _gc._kept_all(MODE_CODES[self.mode], self.threshold, self.k, self.in_channels)
+        return _gc.kept_all(MODE_CODES[self.mode], self.threshold, self.k, self.in_channels)
 
     def kept_mask(self, x: Tensor) -> Tensor:
         """Which input channels each instance of ``x`` keeps (bool, N x C)."""

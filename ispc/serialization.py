@@ -52,15 +52,18 @@ import torch
 from torch import Tensor, fx, nn
 from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind, OutputKind
+from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
 from torch.utils import _pytree as pytree
 
+from .backends import BACKENDS
 from .compiled import CompiledModel
 from .config import GatingConfig
 from .errors import IspcError, UnsupportedModelError
 from .export import GATED_OP, as_example_inputs, eval_mode, export_program
-from .passes.channels_last import insert_converters, runs_channels_last
 from .modules import MODE_CODES, SALIENCY_CODES, GatedConv2d, fast_max_pool
 from .ops import native
+from .passes.channels_last import insert_converters, runs_channels_last
+from .pipeline import reload
 from .report import Report
 
 __all__ = ["save", "load", "ArchiveError", "FORMAT", "FORMAT_VERSION", "program_to_json",
@@ -282,8 +285,6 @@ def _child(spec: Any, i: int) -> Any:
 
 
 def _codegen(program: dict[str, Any], n_user: int):
-    from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
-
     try:
         in_spec = pytree.treespec_loads(program["in_spec"])
         out_spec = pytree.treespec_loads(program["out_spec"])
@@ -579,9 +580,10 @@ def save(compiled: CompiledModel, path: str | Path, example_inputs: Any = None) 
 def load(path: str | Path, *, device: str | torch.device | None = None) -> CompiledModel:
     """Read a model written by :func:`save`. No Python objects are unpickled (see module docs).
 
-    ``device``: where to put the weights (default: CPU). A model saved with
-    ``backend="inductor"`` is wrapped with ``torch.compile`` again; any other non-eager backend
-    comes back as ``"eager"`` (engines are not part of the archive), with a note in the report.
+    ``device``: where to put the weights (default: CPU). The backend it was saved with is
+    attached again where it needs nothing the archive does not hold (``Backend.reloads``: eager,
+    inductor); any other comes back as ``"eager"`` (engines are not part of the archive), with a
+    note in the report.
     """
     try:
         with zipfile.ZipFile(path) as zf:
@@ -610,23 +612,19 @@ def load(path: str | Path, *, device: str | torch.device | None = None) -> Compi
     _restore_strategies(gm, manifest.get("modules") or {})
     if manifest.get("layout") == "channels_last":  # the exported program has no layout of its own
         insert_converters(gm)
-    # the archive holds the epilogues as ATen add/relu nodes: fuse them into the layers again
-    from .passes import PassState, fuse_epilogues
-
-    fuse_epilogues(gm, PassState(config=config))
+    reload(gm, config)  # the archive holds the epilogues as ATen add/relu nodes: fuse them again
     if device is not None:
         gm.to(device)
     gm.eval()
     if dropped:
         report.notes.append(f"leaf_modules {dropped} were not restored by ispc.load (classes are "
                             "not re-imported from names); the loaded config has leaf_modules=()")
-    backend = manifest.get("backend", "eager")
-    if backend not in ("eager", "inductor"):
-        report.notes.append(f"saved with backend {backend!r}; loaded as 'eager' (compile it again "
+    name = manifest.get("backend", "eager")
+    backend = BACKENDS.get(name) if isinstance(name, str) else None
+    if backend is None or not backend.reloads:
+        report.notes.append(f"saved with backend {name!r}; loaded as 'eager' (compile it again "
                             "for that backend)")
-        backend = "eager"
-    compiled = CompiledModel(gm, report, config, backend=backend)
-    if backend == "inductor":
-        compiled.__dict__["_runner"] = torch.compile(gm, fullgraph=config.mode == "topk",
-                                                     dynamic=False)
+        backend = BACKENDS["eager"]
+    compiled = CompiledModel(gm, report, config, backend=backend.name)
+    backend.attach(compiled, None)
     return compiled

@@ -1,18 +1,11 @@
-"""ispc's graph passes, in pipeline order (imported as ``ispc.passes``).
+"""ispc's graph passes, one per file (imported as ``ispc.passes``), in ``ispc.compile``'s order:
 
     capture -> fold_bn -> linear_as_conv -> find_sites -> calibrate -> rank -> insert_gates -> lower_pools
         -> refine -> prune_dead -> channels_last -> select_kernels -> refine -> fuse_epilogues
 
-``refine`` runs before ``select_kernels`` so that kernels are chosen (and timed, with
-``latency_aware``) at the kept counts the compiled model will run with: thresholds chosen on the
-dense model cut far more once upstream layers are gated (MobileNetV2: 83% instead of 45% of the
-MACs), and kernels picked for those counts made the refined model slower than dense. It runs again
-after ``select_kernels`` because un-gating a layer changes what the layers after it see.
-``channels_last`` runs just before ``select_kernels``, so that kernels are timed on inputs in the
-layout the model will run in. ``fuse_epilogues`` runs last: it changes no value, and the passes before it hook gated layers'
-outputs, which after fusion include the add and activation.
-
-Each pass is ``pass_fn(gm, state) -> GraphModule``; see :mod:`ispc.passes.base`.
+The named pipelines (that list and the others) and why they run in that order are in
+:mod:`ispc.pipeline`. Each pass is ``pass_fn(gm, state) -> GraphModule``; see
+:mod:`ispc.passes.base`.
 """
 from .base import PASSES, Pass, PassState, ispc_meta, register_pass, run_passes
 from .capture import capture, trace
@@ -29,13 +22,6 @@ from .channels_last import channels_last, layout_converters
 from .select_kernels import predicted_strategy, select_kernels
 from .fuse_epilogues import fuse_epilogues
 
-#: the passes ``ispc.inspect`` runs
-ANALYSIS_PIPELINE = ["capture", "fold_bn", "linear_as_conv", "find_sites", "calibrate", "rank"]
-#: the passes ``ispc.compile`` runs
-COMPILE_PIPELINE = ANALYSIS_PIPELINE + ["insert_gates", "lower_pools", "refine", "prune_dead",
-                                        "channels_last", "select_kernels", "refine",
-                                        "fuse_epilogues"]
-
 __all__ = [
     "PASSES", "Pass", "PassState", "ispc_meta", "register_pass", "run_passes", "capture", "trace",
     "fold_batchnorm", "linear_as_conv", "flattened_map", "build_channel_graph", "channel_kind",
@@ -43,5 +29,5 @@ __all__ = [
     "calibrate", "saliency_scale", "choose_k", "choose_threshold", "kept_counts", "rank_layers",
     "insert_gates", "resolve_padding", "lower_pools", "refine_thresholds", "prune_dead",
     "channels_last", "layout_converters", "select_kernels",
-    "predicted_strategy", "fuse_epilogues", "ANALYSIS_PIPELINE", "COMPILE_PIPELINE",
+    "predicted_strategy", "fuse_epilogues",
 ]

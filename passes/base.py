@@ -6,7 +6,7 @@ what is not a property of a node: the config, the calibration stream, notes for 
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,6 +14,7 @@ import torch
 from torch import fx, nn
 
 from ispc.config import GatingConfig
+from ispc.errors import IspcError, PassError
 
 __all__ = ["PassState", "Pass", "PASSES", "register_pass", "run_passes", "ispc_meta",
            "module_call_counts", "replace_submodule", "node_shape", "run_with_pre_hooks"]
@@ -62,11 +63,27 @@ def register_pass(name: str) -> Callable[[Pass], Pass]:
     return deco
 
 
-def run_passes(module: nn.Module, state: PassState, names: list[str]) -> fx.GraphModule:
-    """Run the named passes in order."""
+def run_passes(module: nn.Module, state: PassState, names: Sequence[str]) -> fx.GraphModule:
+    """Run the named passes in order.
+
+    A pass that fails says which it was: an :class:`~ispc.errors.IspcError` it raises on purpose
+    keeps its type and one-line message and gets ``pass_name`` and ``passes_before``; anything else
+    is re-raised as a :class:`~ispc.errors.PassError` naming the pass and the passes before it.
+    """
     gm = module
+    done: list[str] = []
     for name in names:
-        gm = PASSES[name](gm, state)
+        try:
+            gm = PASSES[name](gm, state)
+        except IspcError as exc:
+            exc.pass_name, exc.passes_before = name, tuple(done)
+            raise
+        except Exception as exc:
+            before = ", ".join(done) or "none"
+            raise PassError(f"ispc pass {name!r} failed (passes run before it: {before}): "
+                            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+                            pass_name=name, passes_before=tuple(done)) from exc
+        done.append(name)
     return gm  # type: ignore[return-value]
 
 

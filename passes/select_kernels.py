@@ -26,6 +26,7 @@ from torch import fx, nn
 from ispc.modules import GatedConv2d, dense_conv
 from ispc.ops import native
 from ispc.ops.cpu_kernels import STRATEGIES, run_strategy
+from ispc.timing import time_interleaved
 
 from .base import PassState, ispc_meta, node_shape, register_pass, replace_submodule
 from .channels_last import layout_converters, runs_channels_last
@@ -143,11 +144,9 @@ def _inputs_of(gm: fx.GraphModule, names: list[str], x: torch.Tensor) -> dict[st
 
 
 def _time(fns: dict[str, callable], rounds: int, *, cuda: bool = False) -> dict[str, float]:
-    """Median ms of each function, interleaved (:func:`ispc.benchmark.time_interleaved`, two
+    """Median ms of each function, interleaved (:func:`ispc.timing.time_interleaved`, two
     warm-up calls each); ``cuda`` waits for the device after each call (its kernels run
     asynchronously: the host clock alone would time only the launches)."""
-    from ispc.benchmark import time_interleaved
-
     sync = torch.cuda.synchronize if cuda else (lambda: None)
 
     def synced(fn: callable) -> callable:

@@ -1,14 +1,74 @@
-"""Lowerings of compiled models to deployment runtimes.
+"""Backends: how a compiled model runs. One registry, :data:`BACKENDS` (name -> :class:`Backend`),
+serves ``ispc.compile(backend=...)``, ``ispc.load`` and the command line's ``--backend``.
 
-Each backend lives in its own module and imports its optional dependency lazily (inside the
-functions that need it), so ``import ispc.backends.onnx`` and ``import ispc.backends.tensorrt``
-work without onnx / torch_tensorrt installed; calling them raises
-:class:`ispc.errors.BackendUnavailableError` with an install hint instead.
-
-- :mod:`ispc.backends.onnx`: :func:`~ispc.backends.onnx.export_onnx` (``pip install ispc[onnx]``).
-- :mod:`ispc.backends.tensorrt`: :func:`~ispc.backends.tensorrt.compile_tensorrt`,
-  :func:`~ispc.backends.tensorrt.save_engine`, :func:`~ispc.backends.tensorrt.load_engine`
-  (torch-tensorrt, an NVIDIA GPU).
+Exporters that write files rather than run the model live beside it: :mod:`ispc.backends.onnx`
+(``export_onnx``) and :mod:`ispc.backends.tensorrt` (the converters ``"tensorrt"`` uses, and
+``save_engine``/``load_engine``).
 """
+from __future__ import annotations
 
-__all__ = ["onnx", "tensorrt"]
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..compiled import CompiledModel
+from ..errors import BackendUnavailableError, DataError
+from .tensorrt import compile_tensorrt, require_tensorrt
+
+__all__ = ["Backend", "BACKENDS", "get_backend"]
+
+
+def _nothing(*_: Any) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class Backend:
+    """How to run a compiled model.
+
+    ``check()`` fails fast (before any calibration) where the backend cannot run here;
+    ``attach(compiled, example_inputs)`` gives ``compiled`` its runner (``example_inputs``: the
+    first calibration batch, or None); ``reloads``: ``ispc.load`` attaches it again to a model
+    read from an archive (it needs nothing the archive does not hold), else the loaded model runs
+    eagerly, with a note in its report.
+    """
+
+    name: str
+    help: str
+    attach: Callable[[CompiledModel, tuple | None], None] = _nothing
+    check: Callable[[], Any] = _nothing
+    reloads: bool = True
+
+
+def _inductor(compiled: CompiledModel, example: tuple | None) -> None:
+    compiled.use_runner(torch.compile(compiled.graph_module, fullgraph=compiled.config.mode == "topk",
+                                      dynamic=False))
+
+
+def _tensorrt(compiled: CompiledModel, example: tuple | None) -> None:
+    if example is None:
+        raise DataError("backend='tensorrt' needs calibration data: the engine is built for the "
+                        "shape of an example input")
+    # static batch: top-k layers gather only the kept channels (a dynamic batch would fall back
+    # to the masked-dense form and gain nothing)
+    compiled.use_runner(compile_tensorrt(compiled, example, dynamic_batch=False))
+
+
+#: every backend by name
+BACKENDS: dict[str, Backend] = {b.name: b for b in (
+    Backend("eager", "PyTorch eager, with ispc's CPU kernels (default)"),
+    Backend("inductor", "torch.compile of the gated graph (fullgraph in topk mode)", _inductor),
+    Backend("tensorrt", "torch-tensorrt engines for the calibration batch shape (needs CUDA and "
+            "the [tensorrt] extra; never run yet, see ispc.backends.tensorrt)", _tensorrt,
+            require_tensorrt, reloads=False),
+)}
+
+
+def get_backend(name: str) -> Backend:
+    """The backend called ``name``; an unknown name is a :class:`BackendUnavailableError`."""
+    backend = BACKENDS.get(name) if isinstance(name, str) else None
+    if backend is None:
+        raise BackendUnavailableError(f"unknown backend {name!r}; available: {', '.join(BACKENDS)}")
+    return backend

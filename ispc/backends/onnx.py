@@ -119,7 +119,7 @@ def onnx_translation(opset: int, *, formulation: str = "masked",
                      dil_h: int, dil_w: int, mode: int, threshold: float, k: int, saliency: int):
         stride, pad, dil = (stride_h, stride_w), (pad_h, pad_w), (dil_h, dil_w)
         channels = int(weight.shape[1])
-        if _gc._kept_all(mode, threshold, k, channels):
+        if _gc.kept_all(mode, threshold, k, channels):
             return conv(x, weight, bias, stride, pad, dil)
         s = saliency_of(x, scale, saliency)
         if mode == _gc.THRESHOLD:

@@ -22,9 +22,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import native
-from .gated_conv import (SALIENCY_L1, SALIENCY_L2, THRESHOLD, TOPK, _kept_all, bias_only,
+from .gated_conv import (SALIENCY_L1, SALIENCY_L2, THRESHOLD, TOPK, bias_only,
                          bucket_width, channel_saliency, conv_out_size, gated_conv2d_grouped,
-                         gated_conv2d_loop)
+                         gated_conv2d_loop, kept_all)
 
 __all__ = ["STRATEGIES", "available_strategies", "prepare_weight", "kept_indices", "im2col",
            "gated_conv2d_gemm", "gated_conv2d_native", "gated_conv2d_gather_native", "run_strategy"]
@@ -74,7 +74,7 @@ def gated_conv2d_gemm(x: Tensor, weight: Tensor, weight_t: Tensor, bias: Tensor,
                       mode: int, threshold: float, k: int, saliency: int) -> Tensor:
     """Per instance: gather kept rows of ``W^T`` and of the im2col matrix, one ``addmm``."""
     n, c, h, w = x.shape
-    if _kept_all(mode, threshold, k, c):
+    if kept_all(mode, threshold, k, c):
         return F.conv2d(x, weight, bias, stride, padding, dilation)
     cout, _, kh, kw = weight.shape
     ho = conv_out_size(h, kh, stride[0], padding[0], dilation[0])
@@ -110,7 +110,7 @@ def gated_conv2d_native(x: Tensor, weight: Tensor, layer: native.NativeLayer, bi
     """The whole batch in one call of the native kernel, selection included (``layer`` holds the
     packed weights and bias; ``weight``/``bias`` serve the all-kept case, the dense convolution)."""
     c = x.shape[1]
-    if _kept_all(mode, threshold, k, c):
+    if kept_all(mode, threshold, k, c):
         return F.conv2d(x, weight, bias, stride, padding, dilation)
     if saliency not in (SALIENCY_L1, SALIENCY_L2):
         raise ValueError(f"unknown saliency code {saliency}")
@@ -132,7 +132,7 @@ def gated_conv2d_gather_native(x: Tensor, weight: Tensor, bias: Tensor, scale: T
     width with zero inputs (``bucket_width``), as :func:`gated_conv2d_loop` does. The batched
     ``grouped`` kernel keeps its PyTorch gathers: the same change measured within noise at batch 8."""
     n, c = x.shape[:2]
-    if _kept_all(mode, threshold, k, c):
+    if kept_all(mode, threshold, k, c):
         return F.conv2d(x, weight, bias, stride, padding, dilation)
     if saliency not in (SALIENCY_L1, SALIENCY_L2):
         raise ValueError(f"unknown saliency code {saliency}")

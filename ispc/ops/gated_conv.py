@@ -26,6 +26,7 @@ __all__ = [
     "conv_out_size",
     "channel_saliency",
     "channel_mask",
+    "kept_all",
     "gated_conv2d",
     "gated_conv2d_reference",
     "gated_conv2d_loop",
@@ -65,15 +66,20 @@ def channel_saliency(x: Tensor, scale: Tensor, saliency: int = SALIENCY_L2) -> T
     return s * scale.to(torch.float32)
 
 
-def _kept_all(mode: int, threshold: float, k: int, channels: int) -> bool:
+def kept_all(mode: int, threshold: float, k: int, channels: int) -> bool:
+    """Whether a gate keeps every one of ``channels`` for every input (it is the dense conv)."""
     return (mode == TOPK and k >= channels) or (mode == THRESHOLD and threshold <= 0.0)
+
+
+#: the former private name, still read by ``triton_gated_conv`` and ``backends/tensorrt``
+_kept_all = kept_all
 
 
 def channel_mask(x: Tensor, scale: Tensor, mode: int, threshold: float, k: int,
                  saliency: int = SALIENCY_L2) -> Tensor:
     """Boolean mask ``m[n, c]``: which input channels instance ``n`` keeps."""
     n, c = x.shape[0], x.shape[1]
-    if _kept_all(mode, threshold, k, c):
+    if kept_all(mode, threshold, k, c):
         return torch.ones(n, c, dtype=torch.bool, device=x.device)
     s = channel_saliency(x, scale, saliency)
     if mode == THRESHOLD:
@@ -142,7 +148,7 @@ def gated_conv2d_loop(x: Tensor, weight: Tensor, bias: Tensor, scale: Tensor, st
     """Per-instance kernel: gather the kept input channels and weight slices, run a smaller conv."""
     stride, pad, dil = (stride_h, stride_w), (pad_h, pad_w), (dil_h, dil_w)
     n, c = x.shape[:2]
-    if _kept_all(mode, threshold, k, c):
+    if kept_all(mode, threshold, k, c):
         return _conv(x, weight, bias, stride, pad, dil)
     s = channel_saliency(x, scale, saliency)
     outs = []
@@ -177,7 +183,7 @@ def gated_conv2d_grouped(x: Tensor, weight: Tensor, bias: Tensor, scale: Tensor,
     """
     stride, pad, dil = (stride_h, stride_w), (pad_h, pad_w), (dil_h, dil_w)
     n, c, h, w = x.shape
-    if _kept_all(mode, threshold, k, c):
+    if kept_all(mode, threshold, k, c):
         return _conv(x, weight, bias, stride, pad, dil)
     cout, _, kh, kw = weight.shape
     s = channel_saliency(x, scale, saliency)

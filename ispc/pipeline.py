@@ -1,0 +1,230 @@
+"""The compiler's pipelines, in one place: what every entry point runs on a user's model.
+
+Each entry point (``ispc.compile``, ``ispc.inspect``, the benchmarks' dense baseline, the static
+pruning baseline, ``ispc.load``, feature decay's default sites) runs one of the named pass lists
+below, on a private eval-mode copy of the user's model, with a :class:`~ispc.passes.PassState` built
+from the calibration data, and reads the result back from the graph (:func:`build_report`).
+
+Layering (imports only go down; ``tests/test_layering.py`` checks it with ``ast``)::
+
+    ispc.cli, ispc (the package), ispc.examples               <- top: what users run
+    ispc.api, ispc.benchmark, ispc.baselines, ispc.serialization, ispc.gate_masks
+    ispc.backends (the registry, tensorrt, onnx), ispc.feature_decay
+    ispc.pipeline                                             <- this module
+    ispc.passes (one pass per file; base, then the passes)
+    ispc.compiled, ispc.export
+    ispc.modules
+    ispc.ops (the operator and its kernels)
+    ispc.config, ispc.data, ispc.records, ispc.timing, ispc.report, ispc.observers,
+    ispc.distributed, ispc.datasets, ispc.plots
+    ispc.errors                                               <- bottom
+
+A module may import from its own layer or below, never above; there is no import cycle (module- or
+function-level), and no module imports another module's ``_private`` name. A function-level
+import is only for an optional third-party package (matplotlib, onnx, torch_tensorrt, triton).
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from .compiled import CompiledModel
+from .config import GatingConfig
+from .data import iter_inputs
+from .errors import ConfigError, DataError, UnsupportedModelError
+from .passes import PassState, ispc_meta, run_passes
+from .passes.channels_last import insert_converters, runs_channels_last
+from .report import LayerReport, Report
+from .timing import default_progress
+
+__all__ = ["ANALYSIS", "COMPILE", "DENSE", "SITES", "RELOAD", "PIPELINES", "check_config",
+           "unwrap", "private_copy", "new_state", "run", "build_report", "dense_graph",
+           "site_names", "reload"]
+
+#: the analysis passes (``ispc.inspect``, the static-pruning baseline)
+ANALYSIS: tuple[str, ...] = ("capture", "fold_bn", "linear_as_conv", "find_sites", "calibrate",
+                             "rank")
+#: ``ispc.compile``. ``refine`` runs before ``select_kernels`` so that kernels are chosen (and
+#: timed) at the kept counts the model will run with, and again after it because un-gating a
+#: layer changes what the layers after it see; ``channels_last`` just before ``select_kernels``, so
+#: that kernels are timed in the layout the model will run in; ``fuse_epilogues`` last (it changes
+#: no value, and the passes before it hook gated layers' outputs)
+COMPILE: tuple[str, ...] = ANALYSIS + ("insert_gates", "lower_pools", "refine", "prune_dead",
+                                       "channels_last", "select_kernels", "refine",
+                                       "fuse_epilogues")
+#: the dense baseline a gated model is timed against: the same lowerings, no gates
+DENSE: tuple[str, ...] = ("capture", "fold_bn", "lower_pools")
+#: where gates could go, from the model's structure alone (feature decay's default layers)
+SITES: tuple[str, ...] = ("capture", "find_sites")
+#: what ``ispc.load`` runs on the graph it rebuilt from an archive (which holds the epilogues as
+#: plain add/relu nodes)
+RELOAD: tuple[str, ...] = ("fuse_epilogues",)
+
+#: every named pipeline
+PIPELINES: dict[str, tuple[str, ...]] = {"inspect": ANALYSIS, "compile": COMPILE, "dense": DENSE,
+                                         "sites": SITES, "reload": RELOAD}
+
+
+def check_config(config: Any) -> GatingConfig:
+    """``config``, or the default one; anything but a :class:`GatingConfig` is refused."""
+    if config is None:
+        return GatingConfig()
+    if not isinstance(config, GatingConfig):
+        raise ConfigError(f"config must be an ispc.GatingConfig, got {type(config).__name__}; "
+                          "e.g. ispc.GatingConfig(keep_ratio=0.5)")
+    return config
+
+
+def unwrap(model: Any) -> nn.Module:
+    """The module to compile: ``model`` itself, or what a DataParallel, DistributedDataParallel or
+    ``torch.compile`` wrapper holds. Refuses non-modules and models ispc already compiled."""
+    if not isinstance(model, nn.Module):
+        raise UnsupportedModelError(f"ispc compiles a torch.nn.Module, got {type(model).__name__}; "
+                                    "pass the model object (e.g. a torchvision/timm model instance)")
+    if isinstance(model, CompiledModel):
+        raise UnsupportedModelError("this model is already compiled by ispc; compile the original")
+    for attr in ("module", "_orig_mod"):
+        inner = getattr(model, attr, None)
+        if isinstance(inner, nn.Module) and type(model).__name__ in (
+                "DataParallel", "DistributedDataParallel", "OptimizedModule"):
+            return inner
+    return model
+
+
+def private_copy(model: nn.Module) -> nn.Module:
+    """An eval-mode deep copy, so nothing ispc does can touch the user's model."""
+    bad = {n: p.dtype for n, p in model.named_parameters() if not p.is_floating_point()}
+    if bad:
+        name, dtype = next(iter(bad.items()))
+        raise UnsupportedModelError(f"parameter {name!r} has dtype {dtype}; ispc compiles floating-point "
+                                    "models (float32, float16, bfloat16): quantize after ispc")
+    try:
+        work = copy.deepcopy(model)
+    except Exception as exc:
+        raise UnsupportedModelError(f"the model cannot be deep-copied ({type(exc).__name__}: {exc}); "
+                                    "ispc never modifies the user's model in place, so it needs a copy: "
+                                    "make the model deep-copyable (e.g. remove open handles)") from None
+    return work.eval()
+
+
+def _device_dtype(model: nn.Module) -> tuple[torch.device | None, torch.dtype | None]:
+    for p in itertools.chain(model.parameters(), model.buffers()):
+        if p.is_floating_point():
+            return p.device, p.dtype
+    return None, None
+
+
+def new_state(work: nn.Module, calibration_data: Any, config: GatingConfig,
+              progress: bool | None) -> PassState:
+    """The pass state of one run: the config, and the calibration data as a checked stream of
+    inputs on the model's device and dtype (its first batch is the example input)."""
+    state = PassState(config=config, progress=default_progress() if progress is None else bool(progress))
+    if calibration_data is None:
+        return state
+    device, dtype = _device_dtype(work)
+    stream = iter_inputs(calibration_data, device=device, dtype=dtype)
+    first = next(stream, None)
+    if first is None:
+        raise DataError("calibration_data yielded no batches; pass a non-empty iterable of inputs "
+                        "(or call ispc.compile(model) without data for topk gating)")
+    state.example_inputs = (first,)
+    state.calibration = stream
+    return state
+
+
+def run(model: nn.Module, calibration_data: Any = None, *, config: GatingConfig | None = None,
+        pipeline: str | Sequence[str] = "compile",
+        progress: bool | None = None) -> tuple[fx.GraphModule, PassState]:
+    """Run a named pipeline (a key of :data:`PIPELINES`, or a list of pass names) on a private
+    copy of ``model``; returns the graph module and the state the passes left."""
+    names = PIPELINES[pipeline] if isinstance(pipeline, str) else tuple(pipeline)
+    cfg = check_config(config)
+    work = private_copy(unwrap(model))
+    state = new_state(work, calibration_data, cfg, progress)
+    return run_passes(work, state, names), state
+
+
+def _kernel_label(meta: dict) -> str | None:
+    kernel = meta.get("kernel")
+    if not kernel:
+        return None
+    return kernel["strategy"] + (f":{kernel['orient']}" if kernel.get("orient") else "")
+
+
+def build_report(gm: fx.GraphModule, state: PassState) -> Report:
+    """What the passes found and decided, read from the graph's records, as a :class:`Report`."""
+    rows: list[LayerReport] = []
+    for node in gm.graph.nodes:
+        meta = ispc_meta(node)
+        layer = meta.get("layer")
+        if not layer:
+            continue
+        gate = meta.get("gate", {})
+        row = LayerReport(
+            name=layer["name"], op=layer["op"], in_channels=int(layer["in_channels"]),
+            out_channels=int(layer["out_channels"]), kernel=layer.get("kernel"),
+            stride=layer.get("stride"), groups=int(layer.get("groups", 1)), macs=layer.get("macs"),
+            cv=gate.get("cv"), rank=gate.get("rank"), gated=bool(gate.get("gated", False)),
+            reason=gate.get("reason") or layer.get("reason"), threshold=gate.get("threshold"),
+            k=gate.get("k"), kept_mean=gate.get("kept_mean"), kept_p10=gate.get("kept_p10"),
+            kept_p90=gate.get("kept_p90"), site=layer.get("site"), cpu_kernel=_kernel_label(meta),
+            out_pruned=int(meta.get("pruned_out", 0)), in_pruned=int(meta.get("pruned_in", 0)))
+        if row.macs is not None:
+            if row.gated and row.kept_fraction is not None:
+                kept = row.kept_fraction
+            else:  # an ungated layer reads every channel prune_dead left it
+                kept = 1.0 - row.in_pruned / row.in_channels if row.in_channels else 1.0
+            row.expected_macs = row.macs * kept * (1.0 - row.out_pruned / max(row.out_channels, 1))
+        rows.append(row)
+    known = all(r.macs is not None for r in rows)
+    dense = sum(r.macs for r in rows) if known and rows else None
+    expected = sum(r.expected_macs for r in rows) if known and rows else None
+    cfg = state.config
+    summary = {
+        "mode": cfg.mode, "keep_ratio": cfg.keep_ratio, "saliency": cfg.saliency,
+        "calibrated": state.calibrated, "calibration_samples": state.calibration_samples,
+        "layers_total": len(rows), "layers_gated": sum(r.gated for r in rows),
+        "dense_macs": dense, "expected_macs": expected,
+        "mac_reduction": (1.0 - expected / dense) if dense else None,
+        "input_shape": list(state.example_inputs[0].shape[1:]) if state.example_inputs else None,
+        "channels_last": runs_channels_last(gm),
+    }
+    notes = list(state.notes)
+    if dense is None:
+        notes.append("MACs unknown: no example input to measure shapes (pass calibration data)")
+    else:
+        notes.append("MACs count conv2d and linear layers per input at the calibration input size")
+    return Report(layers=rows, summary=summary, config=cfg.to_dict(), notes=notes,
+                  channel_graph=state.channel_graph)
+
+
+def dense_graph(model: nn.Module, example: torch.Tensor, *, channels_last: bool = False) -> fx.GraphModule:
+    """The model as ispc sees it before gating (:data:`DENSE`: traced, eval mode, BatchNorm folded,
+    pools lowered) and, with ``channels_last``, its maps channels-last: the same lowerings the
+    compiled model gets, so that speed-ups measure gating alone."""
+    gm, _ = run(model, [example], config=GatingConfig(keep_ratio=1.0), pipeline="dense",
+                progress=False)
+    if channels_last:
+        insert_converters(gm)
+    return gm
+
+
+def site_names(model: nn.Module, config: GatingConfig | None = None) -> list[str]:
+    """The names of the layers ``ispc.compile`` would consider gating (:data:`SITES`: structural
+    rules only, no data). Tracing reads the model and changes nothing, so this runs on ``model``
+    itself (it may be in training, on any device); raises :class:`~ispc.errors.TraceError` where
+    torch.fx cannot trace it."""
+    state = PassState(config=check_config(config), progress=False)
+    gm = run_passes(model, state, SITES)
+    return [ispc_meta(n)["layer"]["name"] for n in gm.graph.nodes
+            if ispc_meta(n).get("layer", {}).get("candidate")]
+
+
+def reload(gm: fx.GraphModule, config: GatingConfig) -> fx.GraphModule:
+    """:data:`RELOAD` on a graph rebuilt from an archive (fuses its epilogues again)."""
+    return run_passes(gm, PassState(config=config, progress=False), RELOAD)

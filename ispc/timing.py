@@ -1,0 +1,86 @@
+"""Wall-clock timing helpers shared by the passes (latency-aware kernel selection) and the
+benchmarks (:mod:`ispc.benchmark` re-exports them), and when to show progress bars.
+
+Timing rules (DESIGN.md): warm-up first, then many *interleaved* rounds (every candidate once per
+round, in a rotating order) so that drift and background load hit all candidates alike; report
+medians and the spread.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from tqdm.auto import tqdm
+
+__all__ = ["Timing", "time_interleaved", "retain_freed_memory", "default_progress"]
+
+
+def default_progress() -> bool:
+    """Progress bars when a person is watching (stderr is a terminal)."""
+    return bool(getattr(sys.stderr, "isatty", lambda: False)())
+
+
+def retain_freed_memory() -> str:
+    """Ask glibc's malloc to keep freed memory for reuse instead of returning it to the system.
+
+    A CNN's activations are large (VGG-16's first feature map is 12.8 MB at batch 1): by default
+    glibc hands such blocks back to the kernel when they are freed and the next forward pass faults
+    every page in again. On the project's VM that cost ~3 us per 4 KiB page and made the same
+    convolution take 2.6 to 43 ms depending on which allocations preceded it, in dense and gated
+    models alike. Benchmarks call this once per process (it affects both models equally);
+    deployments get the same effect from ``MALLOC_TRIM_THRESHOLD_``/``MALLOC_MMAP_THRESHOLD_`` or
+    jemalloc/tcmalloc. Returns what was done, for the results' record.
+    """
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return "system allocator (not glibc: left as is)"
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    ok = mallopt(m_trim_threshold, 1 << 30) and (mallopt(m_mmap_threshold, 1 << 30)
+                                                  or mallopt(m_mmap_threshold, 32 << 20))
+    return "glibc, freed memory retained" if ok else "glibc (mallopt refused: left as is)"
+
+
+@dataclass
+class Timing:
+    """Per-call wall-clock times of one candidate, in milliseconds."""
+
+    name: str
+    times_ms: list[float] = field(default_factory=list)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.times_ms)
+
+    @property
+    def p25(self) -> float:
+        return statistics.quantiles(self.times_ms, n=4)[0] if len(self.times_ms) > 1 else self.median
+
+    @property
+    def p75(self) -> float:
+        return statistics.quantiles(self.times_ms, n=4)[2] if len(self.times_ms) > 1 else self.median
+
+
+def time_interleaved(candidates: dict[str, Callable[[], Any]], *, warmup: int = 5, rounds: int = 30,
+                     progress: bool = True, desc: str = "ispc: timing") -> dict[str, Timing]:
+    """Time each zero-argument callable ``rounds`` times, interleaved, after ``warmup`` calls each."""
+    names = list(candidates)
+    for name in names:
+        for _ in range(warmup):
+            candidates[name]()
+    out = {name: Timing(name) for name in names}
+    for r in tqdm(range(rounds), desc=desc, disable=not progress, leave=False):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for name in order:
+            t0 = time.perf_counter()
+            candidates[name]()
+            out[name].times_ms.append((time.perf_counter() - t0) * 1e3)
+    return out
