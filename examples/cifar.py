@@ -58,7 +58,7 @@ from ispc.datasets import CIFAR10, CIFAR10Loader
 from ispc.errors import ConfigError, IspcError
 from ispc.feature_decay import FeatureDecay, default_sites
 from ispc.modules import GatedConv2d
-from ispc.passes import ispc_meta
+from ispc.records import records
 
 try:
     from ispc.examples.models import create_model
@@ -758,7 +758,7 @@ def single_layer_check(compiled: nn.Module, loader: Iterable[Any], *, images: in
     """
     gm = compiled.graph_module
     gated = compiled.gated_modules()
-    stats = {n.target: ispc_meta(n).get("stats") for n in gm.graph.nodes
+    stats = {n.target: records(n).stats for n in gm.graph.nodes
              if n.op == "call_module" and n.target in gated}
     batches = list(first_images(loader, images))
     seen = sum(int(x.shape[0]) for x, _ in batches)

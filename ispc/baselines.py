@@ -8,6 +8,7 @@ inputs.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -19,7 +20,7 @@ from .compiled import CompiledModel
 from .config import GatingConfig
 from .errors import ConfigError, DataError
 from .observers import SaliencyStats
-from .passes import ispc_meta, resolve_padding, run_passes
+from .passes import records, resolve_padding, run_passes
 from .passes.base import replace_submodule
 from .passes.prune_dead import producer_of, slice_conv
 from .pipeline import build_report, check_config, run
@@ -201,12 +202,12 @@ def static_prune(model: nn.Module, calibration_data: Any, *,
 
     candidates = {}
     for node in gm.graph.nodes:
-        layer = ispc_meta(node).get("layer")
-        if layer and layer.get("candidate") and node.op == "call_module":
-            candidates[layer["name"]] = node
+        layer = records(node).layer
+        if layer is not None and layer.candidate and node.op == "call_module":
+            candidates[layer.name] = node
     if keep_fractions is None:
         plan = {name: cfg.keep_ratio for name, node in candidates.items()
-                if ispc_meta(node).get("gate", {}).get("gated")}
+                if records(node).gate is not None and records(node).gate.gated}
     else:
         unknown = sorted(set(keep_fractions) - set(candidates))
         if unknown:
@@ -218,7 +219,7 @@ def static_prune(model: nn.Module, calibration_data: Any, *,
     for name, frac in plan.items():
         node = candidates[name]
         conv: nn.Conv2d = gm.get_submodule(node.target)
-        stats: SaliencyStats = ispc_meta(node)["stats"]
+        stats: SaliencyStats = records(node).stats
         k = kept_count(frac, conv.in_channels)
         static = StaticConv2d(conv.weight, conv.bias, static_channels(stats, k), stride=conv.stride,
                               padding=resolve_padding(conv), dilation=conv.dilation)
@@ -282,7 +283,8 @@ def _prune_producers(gm: fx.GraphModule, candidates: dict[str, fx.Node], kept: d
         keep = static.index.cpu()
         replace_submodule(gm, prod.target, slice_conv(producer, keep).to(static.weight.device))
         static.prefiltered = True
-        ispc_meta(prod)["pruned_out"] = int(producer.out_channels) - int(keep.numel())
+        records(prod).pruning = dataclasses.replace(
+            records(prod).pruning, out_channels=int(producer.out_channels) - int(keep.numel()))
         removed += int(producer.out_channels) - int(keep.numel())
     return removed
 

@@ -13,7 +13,7 @@ __all__ = [
     "GatedConv2d", "LinearConv2d", "dense_conv", "full_channels",
     "ChannelsLastMaxPool2d", "StridedMaxPool2d", "fast_max_pool", "MODE_CODES",
     "ACTIVATIONS", "apply_activation", "ToMemoryFormat",
-    "SALIENCY_CODES", "plain_cpu_call",
+    "SALIENCY_CODES", "ORIENTATIONS", "plain_cpu_call",
 ]
 
 MODE_CODES = {"threshold": _gc.THRESHOLD, "topk": _gc.TOPK}
@@ -33,6 +33,9 @@ def apply_activation(out: Tensor, act: str | None) -> Tensor:
     if act == "relu6":
         return F.relu6(out)
     return out
+#: the native kernel's orientations by name (what records and reports say) -> its codes
+ORIENTATIONS = {"pix": _native.ORIENT_PIX, "co": _native.ORIENT_CO, "full": _native.ORIENT_FULL,
+                "cl": _native.ORIENT_CL}
 #: weighted_l2 is l2 with the weight-column norms folded into the per-channel scale
 SALIENCY_CODES = {"l2": _gc.SALIENCY_L2, "l1": _gc.SALIENCY_L1, "weighted_l2": _gc.SALIENCY_L2}
 

@@ -37,7 +37,8 @@ from .compiled import CompiledModel
 from .config import GatingConfig
 from .data import iter_inputs
 from .errors import ConfigError, DataError, UnsupportedModelError
-from .passes import PassState, ispc_meta, run_passes
+from .records import GateDecision
+from .passes import PassState, records, run_passes
 from .passes.channels_last import insert_converters, runs_channels_last
 from .report import LayerReport, Report
 from .timing import default_progress
@@ -149,31 +150,22 @@ def run(model: nn.Module, calibration_data: Any = None, *, config: GatingConfig 
     return run_passes(work, state, names), state
 
 
-def _kernel_label(meta: dict) -> str | None:
-    kernel = meta.get("kernel")
-    if not kernel:
-        return None
-    return kernel["strategy"] + (f":{kernel['orient']}" if kernel.get("orient") else "")
-
-
 def build_report(gm: fx.GraphModule, state: PassState) -> Report:
     """What the passes found and decided, read from the graph's records, as a :class:`Report`."""
     rows: list[LayerReport] = []
     for node in gm.graph.nodes:
-        meta = ispc_meta(node)
-        layer = meta.get("layer")
-        if not layer:
+        rec = records(node)
+        layer, gate = rec.layer, rec.gate or GateDecision(gated=False)
+        if layer is None:
             continue
-        gate = meta.get("gate", {})
         row = LayerReport(
-            name=layer["name"], op=layer["op"], in_channels=int(layer["in_channels"]),
-            out_channels=int(layer["out_channels"]), kernel=layer.get("kernel"),
-            stride=layer.get("stride"), groups=int(layer.get("groups", 1)), macs=layer.get("macs"),
-            cv=gate.get("cv"), rank=gate.get("rank"), gated=bool(gate.get("gated", False)),
-            reason=gate.get("reason") or layer.get("reason"), threshold=gate.get("threshold"),
-            k=gate.get("k"), kept_mean=gate.get("kept_mean"), kept_p10=gate.get("kept_p10"),
-            kept_p90=gate.get("kept_p90"), site=layer.get("site"), cpu_kernel=_kernel_label(meta),
-            out_pruned=int(meta.get("pruned_out", 0)), in_pruned=int(meta.get("pruned_in", 0)))
+            name=layer.name, op=layer.op, in_channels=layer.in_channels,
+            out_channels=layer.out_channels, kernel=layer.kernel, stride=layer.stride,
+            groups=layer.groups, macs=layer.macs, cv=gate.cv, rank=gate.rank, gated=gate.gated,
+            reason=gate.reason or layer.reason, threshold=gate.threshold, k=gate.k,
+            kept_mean=gate.kept_mean, kept_p10=gate.kept_p10, kept_p90=gate.kept_p90,
+            site=layer.site, cpu_kernel=rec.kernel.label if rec.kernel else None,
+            out_pruned=rec.pruning.out_channels, in_pruned=rec.pruning.in_channels)
         if row.macs is not None:
             if row.gated and row.kept_fraction is not None:
                 kept = row.kept_fraction
@@ -221,8 +213,8 @@ def site_names(model: nn.Module, config: GatingConfig | None = None) -> list[str
     torch.fx cannot trace it."""
     state = PassState(config=check_config(config), progress=False)
     gm = run_passes(model, state, SITES)
-    return [ispc_meta(n)["layer"]["name"] for n in gm.graph.nodes
-            if ispc_meta(n).get("layer", {}).get("candidate")]
+    return [records(n).layer.name for n in gm.graph.nodes
+            if records(n).layer is not None and records(n).layer.candidate]
 
 
 def reload(gm: fx.GraphModule, config: GatingConfig) -> fx.GraphModule:

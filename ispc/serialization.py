@@ -60,10 +60,13 @@ from .compiled import CompiledModel
 from .config import GatingConfig
 from .errors import IspcError, UnsupportedModelError
 from .export import GATED_OP, as_example_inputs, eval_mode, export_program
-from .modules import MODE_CODES, SALIENCY_CODES, GatedConv2d, fast_max_pool
+from .modules import MODE_CODES, ORIENTATIONS, SALIENCY_CODES, GatedConv2d, fast_max_pool
 from .ops import native
+from .ops.cpu_kernels import STRATEGIES
+from .passes import apply_kernel, records
 from .passes.channels_last import insert_converters, runs_channels_last
 from .pipeline import reload
+from .records import KernelChoice
 from .report import Report
 
 __all__ = ["save", "load", "ArchiveError", "FORMAT", "FORMAT_VERSION", "program_to_json",
@@ -508,28 +511,48 @@ def _default_example(compiled: CompiledModel) -> tuple[Tensor, ...]:
     return (torch.randn(2, *shape, **kw),)
 
 
-def _restore_strategies(gm: fx.GraphModule, modules: dict[str, Any]) -> None:
-    """Re-select each gated layer's eager CPU kernel (its prepared weights are rebuilt)."""
+def _kernel_table(compiled: CompiledModel) -> dict[str, dict[str, Any]]:
+    """Each gated layer's eager CPU kernel, from its :class:`~ispc.records.KernelChoice` (a layer
+    without one, in a graph not built by ispc's passes: the kernel its module runs)."""
+    nodes = {n.target: n for n in compiled.graph_module.graph.nodes if n.op == "call_module"}
+    table = {}
+    for name, m in compiled.gated_modules().items():
+        choice = records(nodes[name]).kernel if name in nodes else None
+        if choice is not None:
+            strategy, orient = choice.strategy, ORIENTATIONS.get(choice.orient, native.ORIENT_PIX)
+        else:
+            strategy, orient = m.strategy, m.orient
+        table[name] = {"strategy": strategy, "orient": int(orient)}
+    return table
+
+
+def _restore_kernels(gm: fx.GraphModule, modules: dict[str, Any]) -> None:
+    """Each gated layer's kernel as the archive names it (its prepared weights are rebuilt),
+    recorded on its node (``cost_model="archive"``)."""
     if not isinstance(modules, dict):
         raise ArchiveError("bad module table in the archive")
+    nodes = {n.target: n for n in gm.graph.nodes if n.op == "call_module"}
+    names = {code: name for name, code in ORIENTATIONS.items()}
     for name, info in modules.items():
         strategy = info.get("strategy") if isinstance(info, dict) else None
         if not isinstance(name, str) or not isinstance(strategy, str):
             raise ArchiveError(f"bad module entry {name!r} in the archive")
-        try:
-            m = gm.get_submodule(name)
-        except AttributeError:
+        node = nodes.get(name)
+        if node is None or not isinstance(m := gm.get_submodule(name), GatedConv2d):
             continue  # the layer came back under another name (see modularize)
         orient = info.get("orient")
         if strategy == "native" and not native.available():
             strategy, orient = "gemm", None  # saved where the native kernel was built; not here
         if orient is not None and not isinstance(orient, int):
             raise ArchiveError(f"bad kernel orientation {orient!r} for {name!r} in the archive")
-        if isinstance(m, GatedConv2d) and hasattr(m, "set_strategy"):
-            try:
-                m.set_strategy(strategy, orient)
-            except ValueError as exc:
-                raise ArchiveError(f"bad kernel strategy for {name!r}: {exc}") from None
+        if strategy not in STRATEGIES or (orient is not None and orient not in names):
+            raise ArchiveError(f"bad kernel strategy for {name!r}: {strategy!r}, orientation {orient!r}")
+        choice = KernelChoice(strategy=strategy, cost_model="archive",
+                              orient=names.get(orient) if strategy == "native" else None)
+        try:
+            apply_kernel(node, choice, m)
+        except ValueError as exc:
+            raise ArchiveError(f"bad kernel strategy for {name!r}: {exc}") from None
 
 
 def _config_from_dict(d: dict[str, Any]) -> tuple[GatingConfig, list[str]]:
@@ -559,9 +582,7 @@ def save(compiled: CompiledModel, path: str | Path, example_inputs: Any = None) 
     with eval_mode(gm), torch.no_grad():
         eager_spec = pytree.tree_structure(gm(*as_example_inputs(example)))
     program, tensors = program_to_json(ep, arg_names, eager_spec)
-    modules = {name: {"strategy": m.strategy, "orient": int(getattr(m, "orient", 0))}
-               for name, m in compiled.gated_modules().items()
-               if isinstance(getattr(m, "strategy", None), str)}
+    modules = _kernel_table(compiled)
     manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "torch_version": torch.__version__,
         "backend": compiled.backend, "config": compiled.config.to_dict(),
@@ -609,7 +630,7 @@ def load(path: str | Path, *, device: str | torch.device | None = None) -> Compi
     report = Report.from_dict(manifest.get("report") or {})
     gm = program_from_json(manifest["program"], tensors)
     modularize(gm, config.saliency)
-    _restore_strategies(gm, manifest.get("modules") or {})
+    _restore_kernels(gm, manifest.get("modules") or {})
     if manifest.get("layout") == "channels_last":  # the exported program has no layout of its own
         insert_converters(gm)
     reload(gm, config)  # the archive holds the epilogues as ATen add/relu nodes: fuse them again

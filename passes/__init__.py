@@ -7,7 +7,8 @@ The named pipelines (that list and the others) and why they run in that order ar
 :mod:`ispc.pipeline`. Each pass is ``pass_fn(gm, state) -> GraphModule``; see
 :mod:`ispc.passes.base`.
 """
-from .base import PASSES, Pass, PassState, ispc_meta, register_pass, run_passes
+from .base import (PASSES, Pass, PassState, apply_gate, apply_kernel, records, register_pass,
+                   run_passes)
 from .capture import capture, trace
 from .fold_bn import fold_batchnorm
 from .linear_as_conv import flattened_map, linear_as_conv
@@ -19,11 +20,13 @@ from .lower_pools import lower_pools
 from .refine import refine_thresholds
 from .prune_dead import prune_dead
 from .channels_last import channels_last, layout_converters
-from .select_kernels import predicted_strategy, select_kernels
+from .kernel_costs import predicted_strategy
+from .select_kernels import select_kernels
 from .fuse_epilogues import fuse_epilogues
 
 __all__ = [
-    "PASSES", "Pass", "PassState", "ispc_meta", "register_pass", "run_passes", "capture", "trace",
+    "PASSES", "Pass", "PassState", "records", "apply_gate", "apply_kernel", "register_pass",
+    "run_passes", "capture", "trace",
     "fold_batchnorm", "linear_as_conv", "flattened_map", "build_channel_graph", "channel_kind",
     "coupling_groups", "find_sites",
     "calibrate", "saliency_scale", "choose_k", "choose_threshold", "kept_counts", "rank_layers",

@@ -1,8 +1,10 @@
 """Pass infrastructure: the state that flows through the pipeline and the pass registry.
 
 Every pass has one signature, ``pass_fn(gm, state) -> GraphModule``. Analysis passes write their
-findings into ``node.meta["ispc"]`` (a dict per node); transform passes read them. The state carries
-what is not a property of a node: the config, the calibration stream, notes for the report.
+findings as typed records into ``node.meta["ispc"]`` (:mod:`ispc.records`, one
+:class:`~ispc.records.NodeRecords` per node); transform passes read them, and set module attributes
+from them (:func:`apply_gate`, :func:`apply_kernel`). The state carries what is not a property of a
+node: the config, the calibration stream, notes for the report.
 """
 from __future__ import annotations
 
@@ -15,9 +17,12 @@ from torch import fx, nn
 
 from ispc.config import GatingConfig
 from ispc.errors import IspcError, PassError
+from ispc.modules import ORIENTATIONS, GatedConv2d
+from ispc.records import GateDecision, KernelChoice, records
 
-__all__ = ["PassState", "Pass", "PASSES", "register_pass", "run_passes", "ispc_meta",
-           "module_call_counts", "replace_submodule", "node_shape", "run_with_pre_hooks"]
+__all__ = ["PassState", "Pass", "PASSES", "register_pass", "run_passes", "records", "apply_gate",
+           "apply_kernel", "module_call_counts", "replace_submodule", "node_shape",
+           "run_with_pre_hooks"]
 
 
 @dataclass
@@ -87,9 +92,20 @@ def run_passes(module: nn.Module, state: PassState, names: Sequence[str]) -> fx.
     return gm  # type: ignore[return-value]
 
 
-def ispc_meta(node: fx.Node) -> dict[str, Any]:
-    """The ``node.meta["ispc"]`` dict of a node (created on first use)."""
-    return node.meta.setdefault("ispc", {})
+def apply_gate(node: fx.Node, gate: GateDecision, module: nn.Module | None = None) -> None:
+    """Record ``gate`` for ``node``; a gated ``module`` takes its threshold and k from it (k at
+    most the input channels it still reads, see ``prune_dead``)."""
+    records(node).gate = gate
+    if isinstance(module, GatedConv2d) and gate.gated:
+        module.threshold = float(gate.threshold) if gate.threshold is not None else 0.0
+        module.k = min(int(gate.k), module.in_channels) if gate.k is not None else 0
+
+
+def apply_kernel(node: fx.Node, choice: KernelChoice, module: nn.Module | None = None) -> None:
+    """Record ``choice`` for ``node``; a gated ``module`` runs that kernel."""
+    records(node).kernel = choice
+    if isinstance(module, GatedConv2d):
+        module.set_strategy(choice.strategy, ORIENTATIONS.get(choice.orient))
 
 
 def module_call_counts(gm: fx.GraphModule) -> dict[str, int]:

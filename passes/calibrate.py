@@ -10,7 +10,7 @@ from ispc.modules import SALIENCY_CODES
 from ispc.observers import SaliencyStats
 from ispc.ops.gated_conv import channel_saliency
 
-from .base import PassState, ispc_meta, register_pass
+from .base import PassState, records, register_pass
 
 __all__ = ["calibrate", "saliency_scale", "CACHE_BYTES", "CACHE_INPUTS"]
 
@@ -32,7 +32,7 @@ def saliency_scale(conv: nn.Conv2d, saliency: str) -> torch.Tensor:
 def calibrate(gm: fx.GraphModule, state: PassState) -> fx.GraphModule:
     """Run the calibration batches through ``gm`` with observers on each candidate conv's input.
 
-    Writes ``meta["ispc"]["stats"]`` (a :class:`SaliencyStats`) on every candidate conv node.
+    Writes the ``stats`` record (a :class:`SaliencyStats`) on every candidate conv node.
     Without calibration data this pass does nothing and later passes act without statistics.
     """
     if state.example_inputs is None:
@@ -41,12 +41,12 @@ def calibrate(gm: fx.GraphModule, state: PassState) -> fx.GraphModule:
     code = SALIENCY_CODES[cfg.saliency]
     hooks = []
     for node in gm.graph.nodes:
-        layer = ispc_meta(node).get("layer")
-        if not layer or not layer.get("candidate"):
+        layer = records(node).layer
+        if layer is None or not layer.candidate:
             continue
         conv = gm.get_submodule(node.target)
         stats = SaliencyStats(conv.in_channels, cfg.max_calibration_samples)
-        ispc_meta(node)["stats"] = stats
+        records(node).stats = stats
         scale = saliency_scale(conv, cfg.saliency).to(conv.weight.device)
 
         def hook(_mod, args, stats=stats, scale=scale):
@@ -76,14 +76,14 @@ def calibrate(gm: fx.GraphModule, state: PassState) -> fx.GraphModule:
     finally:
         for h in hooks:
             h.remove()
-    sites = [n for n in gm.graph.nodes if "stats" in ispc_meta(n)]
+    sites = [n for n in gm.graph.nodes if records(n).stats is not None]
     if world_size() > 1:  # every rank ends with the same statistics
-        for node, merged in zip(sites, merge_stats([ispc_meta(n)["stats"] for n in sites])):
-            ispc_meta(node)["stats"] = merged
+        for node, merged in zip(sites, merge_stats([records(n).stats for n in sites])):
+            records(node).stats = merged
         state.calibration_samples = merged_count(sites) or state.calibration_samples
     return gm
 
 
 def merged_count(sites: list[fx.Node]) -> int:
     """Instances seen by all ranks together (from any site's merged moments)."""
-    return ispc_meta(sites[0])["stats"].count if sites else 0
+    return records(sites[0]).stats.count if sites else 0

@@ -25,7 +25,7 @@ from torch.utils import _pytree as pytree
 
 from ispc.modules import ToMemoryFormat
 
-from .base import PassState, ispc_meta, node_shape, register_pass
+from .base import PassState, node_shape, records, register_pass
 
 __all__ = ["channels_last", "layout_converters", "insert_converters", "runs_channels_last",
            "INPUT_CONVERTER", "OUTPUT_CONVERTER"]
@@ -86,7 +86,7 @@ def insert_converters(gm: fx.GraphModule) -> bool:
         with graph.inserting_after(p):
             conv = graph.call_module(INPUT_CONVERTER, (p,))
         conv.meta.update({k: v for k, v in p.meta.items() if k == "tensor_meta"})
-        ispc_meta(conv)["layout"] = "channels_last"
+        records(conv).layout = "channels_last"
         p.replace_all_uses_with(conv, delete_user_cb=lambda user, c=conv: user is not c)
     out = next(n for n in graph.nodes if n.op == "output")
 

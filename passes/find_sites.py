@@ -5,9 +5,9 @@ changes that convolution's result only, so any ``groups=1`` convolution can be g
 when its input also feeds a residual add or a concatenation; those couplings decide whether the
 channels could be removed statically (for every consumer at once), which the report shows.
 
-Each node of the FX graph gets ``meta["ispc"]["channel_kind"]``; every conv2d / linear node gets
-``meta["ispc"]["layer"]``: its shape facts, dense MACs, and whether it is a candidate for gating
-and, if not, why.
+Each node of the FX graph gets a ``channel_kind`` record; every conv2d / linear node a
+:class:`~ispc.records.LayerFacts`: its shape facts, dense MACs, and whether it is a candidate for
+gating and, if not, why.
 """
 from __future__ import annotations
 
@@ -21,8 +21,9 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ispc.modules import LinearConv2d
+from ispc.records import LayerFacts
 
-from .base import PassState, ispc_meta, module_call_counts, register_pass
+from .base import PassState, module_call_counts, records, register_pass
 
 __all__ = ["find_sites", "channel_kind", "build_channel_graph", "coupling_groups"]
 
@@ -105,7 +106,7 @@ def build_channel_graph(gm: fx.GraphModule) -> nx.DiGraph:
     """Directed graph of data flow between FX nodes, each annotated with its channel kind."""
     g = nx.DiGraph()
     for node in gm.graph.nodes:
-        kind = ispc_meta(node).get("channel_kind") or channel_kind(gm, node)
+        kind = records(node).channel_kind or channel_kind(gm, node)
         g.add_node(node.name, kind=kind, target=str(node.target), op=node.op)
         for src in node.all_input_nodes:
             g.add_edge(src.name, node.name)
@@ -196,14 +197,12 @@ def find_sites(gm: fx.GraphModule, state: PassState) -> fx.GraphModule:
     """Annotate channel kinds and candidate layers; build the channel graph."""
     calls = module_call_counts(gm)
     for node in gm.graph.nodes:
-        ispc_meta(node)["channel_kind"] = channel_kind(gm, node)
+        records(node).channel_kind = channel_kind(gm, node)
     g = build_channel_graph(gm)
     groups = coupling_groups(g)
     group_of = {n: i for i, grp in enumerate(groups) for n in grp}
     state.channel_graph = g
     for node in gm.graph.nodes:
-        meta = ispc_meta(node)
-        kind = meta["channel_kind"]
         is_conv_module = node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.Conv2d)
         is_conv_func = node.op == "call_function" and node.target is F.conv2d
         if is_conv_module or is_conv_func:
@@ -212,8 +211,7 @@ def find_sites(gm: fx.GraphModule, state: PassState) -> fx.GraphModule:
             layer = _conv_layer(gm, node, m)
             if isinstance(m, LinearConv2d):  # passes/linear_as_conv.py
                 layer["op"] = "linear"
-            layer["name"] = name
-            layer["reason"] = _ineligible_reason(name, m, calls.get(node.target, 1), state)
+            site = site_node = None
             src = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
             if src is not None:
                 grp = groups[group_of[src.name]]
@@ -228,17 +226,14 @@ def find_sites(gm: fx.GraphModule, state: PassState) -> fx.GraphModule:
                     notes.append("network input")
                 elif shared:
                     notes.append(f"input shared with {len(shared)} other consumer(s)")
-                layer["site"] = "; ".join(notes) or None
-                layer["site_node"] = src.name
-            layer["candidate"] = layer["reason"] is None
-            meta["layer"] = layer
+                site, site_node = "; ".join(notes) or None, src.name
+            records(node).layer = LayerFacts(
+                **layer, name=name, reason=_ineligible_reason(name, m, calls.get(node.target, 1), state),
+                site=site, site_node=site_node)
         elif node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.Linear):
             m = gm.get_submodule(node.target)
-            layer = _linear_layer(node, m)
             reason = ("linear layer (GatingConfig(gate_linear=True) gates linear layers on a "
                       "flattened map or a vector)" if not state.config.gate_linear else
                       "linear layer not on a 2-d input of known shape, or called more than once")
-            layer.update(name=node.target, reason=reason, candidate=False, site=None)
-            meta["layer"] = layer
-        del kind
+            records(node).layer = LayerFacts(**_linear_layer(node, m), name=node.target, reason=reason)
     return gm

@@ -8,7 +8,7 @@ from __future__ import annotations
 from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from .base import PassState, ispc_meta, module_call_counts, register_pass, replace_submodule
+from .base import PassState, module_call_counts, records, register_pass, replace_submodule
 
 __all__ = ["fold_batchnorm"]
 
@@ -36,7 +36,7 @@ def fold_batchnorm(gm: fx.GraphModule, state: PassState) -> fx.GraphModule:
         replace_submodule(gm, src.target, fused)
         node.replace_all_uses_with(src)
         src.meta.update({k: v for k, v in node.meta.items() if k == "tensor_meta"})
-        ispc_meta(src)["folded_bn"] = node.target
+        records(src).folded_bn = node.target
         gm.graph.erase_node(node)
         folded += 1
     if folded:

@@ -19,6 +19,7 @@ Runs last, after kernels are chosen and thresholds refined, when ``GatingConfig.
 """
 from __future__ import annotations
 
+import dataclasses
 import operator
 
 import torch
@@ -26,8 +27,9 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ispc.modules import GatedConv2d, StridedMaxPool2d
+from ispc.records import KEY, Epilogue
 
-from .base import PassState, ispc_meta, module_call_counts, register_pass
+from .base import PassState, module_call_counts, records, register_pass
 
 __all__ = ["fuse_epilogues", "activation_of", "residual_of"]
 
@@ -106,8 +108,8 @@ def fuse_epilogues(gm: fx.GraphModule, state: PassState) -> fx.GraphModule:
         with gm.graph.inserting_before(tail):  # the residual is defined before the add that read it
             args = (node.args[0],) if residual is None else (node.args[0], residual)
             new = gm.graph.call_module(node.target, args)
-        new.meta.update({**tail.meta, "ispc": dict(ispc_meta(node))})
-        ispc_meta(new)["epilogue"] = {"residual": residual is not None, "act": act}
+        new.meta.update({**tail.meta, KEY: records(node).copy()})
+        records(new).epilogue = Epilogue(residual=residual is not None, act=act)
         tail.replace_all_uses_with(new)
         for n in reversed(chain):
             gm.graph.erase_node(n)
@@ -152,7 +154,7 @@ def _acts_into_pools(gm: fx.GraphModule, calls: dict[str, int]) -> int:
         elif src.op == "call_module" and calls.get(src.target) == 1 and isinstance(
                 mod := gm.get_submodule(src.target), GatedConv2d) and mod.act and not mod.residual_add:
             pool.act, mod.act = mod.act, None  # the gated layer's fused activation
-            ispc_meta(src).setdefault("epilogue", {})["act"] = None
+            records(src).epilogue = dataclasses.replace(records(src).epilogue or Epilogue(), act=None)
         elif (act := activation_of(gm, src)) is not None and isinstance(x := src.args[0], fx.Node) \
                 and _only_user(x) is src:  # a plain activation node (in place or not) alone on x
             pool.act = act
@@ -160,6 +162,6 @@ def _acts_into_pools(gm: fx.GraphModule, calls: dict[str, int]) -> int:
             gm.graph.erase_node(src)
         else:
             continue
-        ispc_meta(pool_node)["epilogue"] = {"act": pool.act}
+        records(pool_node).epilogue = Epilogue(act=pool.act)
         moved += 1
     return moved

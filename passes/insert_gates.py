@@ -5,7 +5,7 @@ from torch import fx, nn
 
 from ispc.modules import GatedConv2d
 
-from .base import PassState, ispc_meta, register_pass, replace_submodule
+from .base import PassState, records, register_pass, replace_submodule
 from .calibrate import saliency_scale
 
 __all__ = ["insert_gates", "resolve_padding"]
@@ -22,18 +22,19 @@ def resolve_padding(conv: nn.Conv2d) -> tuple[int, int]:
 
 @register_pass("insert_gates")
 def insert_gates(gm: fx.GraphModule, state: PassState) -> fx.GraphModule:
-    """Swap each gated ``nn.Conv2d`` for a :class:`GatedConv2d` under the same qualified name."""
+    """Swap each gated ``nn.Conv2d`` for a :class:`GatedConv2d` under the same qualified name,
+    its threshold or k from the layer's :class:`~ispc.records.GateDecision`."""
     cfg = state.config
     for node in gm.graph.nodes:
-        gate = ispc_meta(node).get("gate")
-        if not gate or not gate["gated"]:
+        gate = records(node).gate
+        if gate is None or not gate.gated:
             continue
         conv: nn.Conv2d = gm.get_submodule(node.target)
         gated = GatedConv2d(
             conv.weight, conv.bias, stride=conv.stride, padding=resolve_padding(conv),
             dilation=conv.dilation, mode=cfg.mode,
-            threshold=gate["threshold"] if gate["threshold"] is not None else 0.0,
-            k=gate["k"] if gate["k"] is not None else 0, saliency=cfg.saliency,
+            threshold=gate.threshold if gate.threshold is not None else 0.0,
+            k=gate.k if gate.k is not None else 0, saliency=cfg.saliency,
             scale=saliency_scale(conv, cfg.saliency))
         replace_submodule(gm, node.target, gated.to(conv.weight.device))
     gm.recompile()

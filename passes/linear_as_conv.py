@@ -23,8 +23,9 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from ispc.modules import LinearConv2d
+from ispc.records import LinearAsConv
 
-from .base import (PassState, ispc_meta, module_call_counts, node_shape, register_pass,
+from .base import (PassState, module_call_counts, node_shape, records, register_pass,
                    replace_submodule)
 
 __all__ = ["linear_as_conv", "flattened_map"]
@@ -83,7 +84,7 @@ def linear_as_conv(gm: fx.GraphModule, state: PassState) -> fx.GraphModule:
         node.replace_all_uses_with(flat, delete_user_cb=lambda user: user is not flat)
         if fmap is not None and not x.users:  # the flatten the linear layer read
             graph.erase_node(x)
-        ispc_meta(node)["linear"] = {"in_features": lin.in_features, "channels": c, "kernel": (h, w)}
+        records(node).linear = LinearAsConv(in_features=lin.in_features, channels=c, kernel=(h, w))
         changed = True
     if not changed:
         return gm

@@ -13,7 +13,7 @@ from torch import fx, nn
 
 from ispc.modules import StridedMaxPool2d, fast_max_pool
 
-from .base import PassState, ispc_meta, register_pass, replace_submodule
+from .base import PassState, records, register_pass, replace_submodule
 
 __all__ = ["lower_pools"]
 
@@ -31,5 +31,5 @@ def lower_pools(gm: fx.GraphModule, state: PassState) -> fx.GraphModule:
         fast = fast_max_pool(mod.kernel_size, mod.stride, mod.padding, mod.dilation, mod.ceil_mode)
         replace_submodule(gm, node.target, fast)
         strided = type(fast) is StridedMaxPool2d
-        ispc_meta(node)["lowered"] = "strided_max_pool" if strided else "channels_last_max_pool"
+        records(node).lowered = "strided_max_pool" if strided else "channels_last_max_pool"
     return gm

@@ -20,13 +20,15 @@ Runs with ``GatingConfig(prune_dead=True)`` when the gates were calibrated on at
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
 from ispc.modules import GatedConv2d, full_channels
 
-from .base import (PassState, ispc_meta, module_call_counts, register_pass, replace_submodule,
+from .base import (PassState, module_call_counts, records, register_pass, replace_submodule,
                    run_with_pre_hooks)
 
 __all__ = ["prune_dead", "producer_of", "slice_conv", "MIN_SAMPLES"]
@@ -127,7 +129,8 @@ def prune_dead(gm: fx.GraphModule, state: PassState) -> fx.GraphModule:
         replace_submodule(gm, prod.target, slice_conv(gm.get_submodule(prod.target), keep))
         replace_submodule(gm, name, gm.get_submodule(name).sliced(in_keep=keep))
         gone = int(dead.numel() - keep.numel())
-        ispc_meta(prod)["pruned_out"] = ispc_meta(node)["pruned_in"] = gone
+        records(prod).pruning = dataclasses.replace(records(prod).pruning, out_channels=gone)
+        records(node).pruning = dataclasses.replace(records(node).pruning, in_channels=gone)
         removed += gone
         layers += 1
     if removed:

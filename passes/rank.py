@@ -15,9 +15,9 @@ import torch
 from torch import fx
 
 from ispc.errors import ConfigError
-from ispc.observers import SaliencyStats
+from ispc.records import GateDecision
 
-from .base import PassState, ispc_meta, register_pass
+from .base import PassState, records, register_pass
 
 __all__ = ["rank_layers", "choose_threshold", "choose_k", "kept_counts", "global_thresholds",
            "layer_weight"]
@@ -87,8 +87,8 @@ def global_thresholds(samples: dict[Any, torch.Tensor], weights: dict[Any, float
 
 def layer_weight(node: fx.Node) -> float:
     """What one gated layer's channels cost in the global allocation: its dense MACs."""
-    layer = ispc_meta(node).get("layer", {})
-    return float(layer.get("macs") or layer.get("in_channels") or 1)
+    layer = records(node).layer
+    return float((layer.macs or layer.in_channels or 1) if layer is not None else 1)
 
 
 def kept_counts(sample: torch.Tensor, mode: str, threshold: float, k: int) -> torch.Tensor:
@@ -102,9 +102,11 @@ def kept_counts(sample: torch.Tensor, mode: str, threshold: float, k: int) -> to
 
 @register_pass("rank")
 def rank_layers(gm: fx.GraphModule, state: PassState) -> fx.GraphModule:
-    """Write ``meta["ispc"]["gate"]`` on every candidate conv: cv, rank, gated or why not, budget."""
+    """Write a :class:`~ispc.records.GateDecision` on every candidate conv: cv, rank, gated or why
+    not, budget."""
     cfg = state.config
-    candidates = [n for n in gm.graph.nodes if ispc_meta(n).get("layer", {}).get("candidate")]
+    candidates = [n for n in gm.graph.nodes
+                  if records(n).layer is not None and records(n).layer.candidate]
     if not state.calibrated:
         if cfg.allocation == "global":
             raise ConfigError("allocation='global' spreads keep_ratio over layers by their calibration "
@@ -117,45 +119,40 @@ def rank_layers(gm: fx.GraphModule, state: PassState) -> fx.GraphModule:
             raise ConfigError("min_cv and gate_fraction select layers by their CV, which needs "
                               "calibration data; pass calibration_data or leave them at their defaults")
         for node in candidates:
-            c = ispc_meta(node)["layer"]["in_channels"]
-            k = choose_k(c, cfg.keep_ratio, cfg.channel_multiple)
-            ispc_meta(node)["gate"] = {"gated": True, "reason": None, "cv": None, "rank": None,
-                                       "threshold": None, "k": k, "kept_mean": float(k),
-                                       "kept_p10": float(k), "kept_p90": float(k)}
+            k = choose_k(records(node).layer.in_channels, cfg.keep_ratio, cfg.channel_multiple)
+            records(node).gate = GateDecision(gated=True, k=k).with_kept(torch.tensor([float(k)]))
         state.notes.append("compiled without calibration data: topk gating at keep_ratio on every "
                            "eligible layer, no CV ranking; which channels are kept is still chosen "
                            "per input")
         return gm
 
-    cvs = {n: ispc_meta(n)["stats"].layer_cv() for n in candidates}
+    cvs = {n: records(n).stats.layer_cv() for n in candidates}
     order = sorted(candidates, key=lambda n: (-cvs[n], n.name))
     above = [n for n in order if cvs[n] >= cfg.min_cv]
     n_gate = math.ceil(cfg.gate_fraction * len(above) - 1e-9)
     selected = set(above[:n_gate])
     shared: dict[fx.Node, float] = {}
     if cfg.allocation == "global":
-        shared = global_thresholds({n: ispc_meta(n)["stats"].sample for n in selected},
+        shared = global_thresholds({n: records(n).stats.sample for n in selected},
                                    {n: layer_weight(n) for n in selected}, cfg.keep_ratio)
     for rank, node in enumerate(order, start=1):
-        stats: SaliencyStats = ispc_meta(node)["stats"]
-        gate = {"cv": cvs[node], "rank": rank, "gated": node in selected, "reason": None,
-                "threshold": None, "k": None, "kept_mean": None, "kept_p10": None, "kept_p90": None}
+        gate = GateDecision(gated=node in selected, cv=cvs[node], rank=rank)
         if cvs[node] < cfg.min_cv:
-            gate["reason"] = f"CV below cut-off ({cvs[node]:.3g} < min_cv={cfg.min_cv})"
+            gate = gate.ungated(f"CV below cut-off ({cvs[node]:.3g} < min_cv={cfg.min_cv})")
         elif node not in selected:
-            gate["reason"] = f"outside the top gate_fraction={cfg.gate_fraction} of the CV ranking"
+            gate = gate.ungated(f"outside the top gate_fraction={cfg.gate_fraction} of the CV ranking")
         else:
+            stats = records(node).stats
             sample = stats.sample
+            threshold = k = None
             if cfg.mode == "threshold":
-                gate["threshold"] = shared[node] if shared else choose_threshold(sample, cfg.keep_ratio)
+                threshold = shared[node] if shared else choose_threshold(sample, cfg.keep_ratio)
             else:
                 keep = cfg.keep_ratio
                 if shared:  # the layer's share of the global cut, as a fixed k
                     keep = float(kept_counts(sample, "threshold", shared[node], 0).mean()) / stats.channels
-                gate["k"] = choose_k(stats.channels, keep, cfg.channel_multiple)
-            counts = kept_counts(sample, cfg.mode, gate["threshold"] or 0.0, gate["k"] or 0)
-            gate["kept_mean"] = float(counts.mean())
-            gate["kept_p10"] = float(torch.quantile(counts, 0.1))
-            gate["kept_p90"] = float(torch.quantile(counts, 0.9))
-        ispc_meta(node)["gate"] = gate
+                k = choose_k(stats.channels, keep, cfg.channel_multiple)
+            gate = gate.with_kept(kept_counts(sample, cfg.mode, threshold or 0.0, k or 0),
+                                  threshold=threshold, k=k)
+        records(node).gate = gate
     return gm

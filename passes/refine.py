@@ -15,7 +15,7 @@ from ispc.distributed import gather_rows
 from ispc.modules import GatedConv2d
 from ispc.ops.gated_conv import channel_saliency
 
-from .base import PassState, ispc_meta, register_pass, run_with_pre_hooks
+from .base import PassState, apply_gate, records, register_pass, run_with_pre_hooks
 from .rank import choose_threshold, global_thresholds, kept_counts, layer_weight
 
 __all__ = ["refine_thresholds"]
@@ -47,13 +47,10 @@ def refine_thresholds(gm: fx.GraphModule, state: PassState) -> fx.GraphModule:
                                        cfg.keep_ratio)
         for name, node in nodes.items():
             sample = samples[name]
-            mod = gm.get_submodule(name)
-            mod.threshold = shared[name] if shared else choose_threshold(sample, cfg.keep_ratio)
-            gate = ispc_meta(node)["gate"]
-            counts = kept_counts(sample, "threshold", mod.threshold, 0)
-            gate.update(threshold=mod.threshold, kept_mean=float(counts.mean()),
-                        kept_p10=float(torch.quantile(counts, 0.1)),
-                        kept_p90=float(torch.quantile(counts, 0.9)))
+            threshold = shared[name] if shared else choose_threshold(sample, cfg.keep_ratio)
+            gate = records(node).gate.with_kept(kept_counts(sample, "threshold", threshold, 0),
+                                                threshold=threshold)
+            apply_gate(node, gate, gm.get_submodule(name))
     note = (f"thresholds refined over {cfg.calibration_rounds} round(s) with the gates in place, on "
             f"{sum(int(x.shape[0]) for x in state.calibration_cache)} cached calibration inputs")
     if note not in state.notes:  # the pipeline refines again if kernel selection un-gated layers

@@ -169,3 +169,28 @@ def test_gate_linear_flag_gates_the_classifier(tmp_path, capsys):
         rows.append({r["name"]: r for r in json.loads(capsys.readouterr().out)["layers"]})
     assert not rows[0]["4"]["gated"] and "gate_linear" in rows[0]["4"]["reason"]
     assert rows[1]["4"]["gated"] and rows[1]["4"]["op"] == "linear" and rows[1]["4"]["k"] == 8
+
+
+def test_gating_options_are_read_from_the_config():
+    """Every GatingConfig field (but leaf_modules) is an option, with the config's default; demo
+    and bench compile latency-aware by default and set the batch size they time themselves."""
+    import dataclasses
+
+    from ispc.cli import build_parser, config_from_args
+    from ispc.config import GatingConfig
+
+    parser = build_parser()
+    fields = [f.name for f in dataclasses.fields(GatingConfig) if f.name != "leaf_modules"]
+    args = parser.parse_args(["inspect", "m", "--data", "d"])
+    assert all(hasattr(args, name) for name in fields)
+    assert config_from_args(args) == GatingConfig()
+    demo = parser.parse_args(["demo", "--batch-sizes", "4", "8"])
+    assert not hasattr(demo, "latency_batch_size")
+    cfg = config_from_args(demo, latency_batch_size=min(demo.batch_sizes))
+    assert cfg == GatingConfig(latency_aware=True, latency_batch_size=4)
+    args = parser.parse_args(["compile", "m", "--data", "d", "--out", "o", "--mode", "topk",
+                              "--channels-last", "off", "--exclude", "fc", "layer4.*",
+                              "--no-prune-dead", "--latency-aware", "--min-gain", "0.1"])
+    assert config_from_args(args) == GatingConfig(mode="topk", channels_last=False,
+                                                  exclude=("fc", "layer4.*"), prune_dead=False,
+                                                  latency_aware=True, min_gain=0.1)

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ispc.config import GatingConfig
-from ispc.passes import PassState, capture, coupling_groups, find_sites, ispc_meta
+from ispc.passes import PassState, capture, coupling_groups, find_sites, records
 
 
 class Net(nn.Module):
@@ -34,29 +34,29 @@ def _layers(cfg=GatingConfig()):
     x = torch.randn(2, 3, 8, 8)
     state = PassState(config=cfg, example_inputs=(x,))
     gm = find_sites(capture(Net(), state), state)
-    layers = {ispc_meta(n)["layer"]["name"]: ispc_meta(n)["layer"] for n in gm.graph.nodes
-              if "layer" in ispc_meta(n)}
+    layers = {records(n).layer.name: records(n).layer for n in gm.graph.nodes
+              if records(n).layer is not None}
     return gm, state, layers
 
 
 def test_reasons_and_candidates():
     _, _, layers = _layers()
-    assert layers["a"]["candidate"] and layers["b"]["candidate"]
-    assert "too few input channels" in layers["stem"]["reason"]
-    assert layers["dw"]["reason"] == "depthwise conv"
-    assert layers["grp"]["reason"] == "grouped conv (groups=4)"
-    assert "padding_mode='reflect'" in layers["refl"]["reason"]
-    assert "functional" in layers["conv2d"]["reason"]
-    assert "linear" in layers["fc"]["reason"]
-    assert layers["a"]["macs"] == 16 * 8 * 8 * 16 * 9
-    assert layers["conv2d"]["macs"] == 8 * 8 * 8 * 16
+    assert layers["a"].candidate and layers["b"].candidate
+    assert "too few input channels" in layers["stem"].reason
+    assert layers["dw"].reason == "depthwise conv"
+    assert layers["grp"].reason == "grouped conv (groups=4)"
+    assert "padding_mode='reflect'" in layers["refl"].reason
+    assert "functional" in layers["conv2d"].reason
+    assert "linear" in layers["fc"].reason
+    assert layers["a"].macs == 16 * 8 * 8 * 16 * 9
+    assert layers["conv2d"].macs == 8 * 8 * 8 * 16
 
 
 def test_include_exclude_patterns():
     _, _, layers = _layers(GatingConfig(exclude=("a",)))
-    assert layers["a"]["reason"] == "excluded by config.exclude"
+    assert layers["a"].reason == "excluded by config.exclude"
     _, _, layers = _layers(GatingConfig(include=("b*",)))
-    assert layers["a"]["reason"] == "not matched by config.include" and layers["b"]["candidate"]
+    assert layers["a"].reason == "not matched by config.include" and layers["b"].candidate
 
 
 def test_channel_graph_and_couplings():
@@ -68,4 +68,4 @@ def test_channel_graph_and_couplings():
     groups = coupling_groups(g)
     grp = next(gr for gr in groups if "stem" in gr)
     assert "a" in grp and "add" in grp
-    assert "residual" in layers["dw"]["site"]
+    assert "residual" in layers["dw"].site

@@ -162,9 +162,9 @@ def test_without_calibration_data_linear_layers_stay_dense():
 def test_latency_aware_leaves_unprofitable_linears_as_linears(monkeypatch):
     import importlib
 
-    sk = importlib.import_module("ispc.passes.select_kernels")  # the module, not the pass function
+    sk = importlib.import_module("ispc.passes.kernel_costs")
     # the dense layer always measures fastest: every layer is left dense (deterministically)
-    monkeypatch.setattr(sk, "_time", lambda fns, rounds, **kw: {k: 1.0 if k == "dense" else 2.0 for k in fns})
+    monkeypatch.setattr(sk, "time_candidates", lambda fns, rounds, **kw: {k: 1.0 if k == "dense" else 2.0 for k in fns})
     model = TinyVGG().eval()
     c = _compile(model, latency_aware=True, latency_rounds=1, min_channels=8)
     assert not c.gated_modules()

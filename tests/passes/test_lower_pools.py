@@ -4,6 +4,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import ispc
+from ispc.records import records
 from ispc.benchmark import dense_baseline
 from ispc.examples.models import create_model
 from ispc.modules import ChannelsLastMaxPool2d, StridedMaxPool2d
@@ -96,8 +97,8 @@ def test_compile_lowers_pools_and_baseline_matches(name, pool_type, tag):
     pools = [m for m in compiled.graph_module.modules() if isinstance(m, nn.MaxPool2d)]
     assert pools and all(type(m) is pool_type for m in pools)
     assert all(type(m) is nn.MaxPool2d for m in model.modules() if isinstance(m, nn.MaxPool2d))
-    lowered = {n.meta["ispc"]["lowered"] for n in compiled.graph_module.graph.nodes
-               if "lowered" in n.meta.get("ispc", {})}
+    lowered = {records(n).lowered for n in compiled.graph_module.graph.nodes
+               if records(n).lowered}
     assert lowered == {tag}
     base = dense_baseline(model, x)
     assert any(type(m) is pool_type for m in base.modules())

@@ -9,8 +9,10 @@ import ispc
 from conftest import rel_err
 from ispc.examples.models import resnet20
 from ispc.ops import native
-from ispc.passes import layout_converters
-from ispc.passes.select_kernels import CL_MIN_CHANNELS, ORIENT_NAMES
+from ispc.passes import kernel_costs, layout_converters
+from ispc.passes.kernel_costs import CL_MIN_CHANNELS, ORIENT_NAMES
+from ispc.passes.select_kernels import LAYOUT_MARGIN
+from ispc.records import records
 
 
 def _data():
@@ -27,22 +29,22 @@ def test_predicted_strategies_follow_shape(with_native, monkeypatch):
     c = ispc.compile(resnet20().eval(), _data(), progress=False)
     seen = set()
     for n in c.graph_module.graph.nodes:
-        kernel = n.meta.get("ispc", {}).get("kernel")
+        kernel = records(n).kernel
         if kernel:
             mod = c.graph_module.get_submodule(n.target)
             hw = n.meta["tensor_meta"].shape[-1] * n.meta["tensor_meta"].shape[-2]
-            assert kernel["cost_model"] == "predicted"
+            assert kernel.cost_model == "predicted"
             if with_native:
                 expect = "native"
                 orient = native.ORIENT_CO if hw <= native.SMALL_MAP else native.ORIENT_PIX
                 if mod.weight.shape[-1] > 1 and (mod.in_channels >= CL_MIN_CHANNELS
                                                  or hw <= native.SMALL_MAP):
                     orient = native.ORIENT_CL
-                assert mod.orient == orient and kernel["orient"] == ORIENT_NAMES[orient]
+                assert mod.orient == orient and kernel.orient == ORIENT_NAMES[orient]
                 seen.add(orient)
             else:
                 expect = "gemm" if hw <= 196 or mod.weight.shape[-1] == 1 else "gather"
-            assert mod.strategy == kernel["strategy"] == expect
+            assert mod.strategy == kernel.strategy == expect
             row = c.report.layer(n.target)
             assert row.cpu_kernel == expect + (f":{ORIENT_NAMES[mod.orient]}" if with_native else "")
     if with_native:  # ResNet-20 at 32x32: 16-channel 32x32 layers, wider 3x3 ones on smaller
@@ -84,56 +86,14 @@ def test_latency_aware_keeps_gated_layers_exact():
     assert all(e <= 1e-5 for e in errs)
 
 
-def test_largest_layers_are_predicted_to_oneDNN_on_gathered_channels():
-    from ispc.modules import GatedConv2d
-    from ispc.passes.select_kernels import LARGE_LAYER_MACS, predicted_strategy
-
-    mod = GatedConv2d(torch.randn(128, 128, 3, 3), None, stride=(1, 1), padding=(1, 1),
-                      dilation=(1, 1), mode="topk", threshold=0.0, k=64)
-    big, small = 112 * 112, 28 * 28
-    assert 128 * 128 * 9 * big >= LARGE_LAYER_MACS > 128 * 128 * 9 * small
-    assert predicted_strategy(mod, big) == ("gather", None)
-    if native.available():
-        assert predicted_strategy(mod, small) == ("native", native.ORIENT_CL)
-        assert predicted_strategy(mod, 7 * 7) == ("native", native.ORIENT_CL)
-        one = GatedConv2d(torch.randn(128, 128, 1, 1), None, stride=(1, 1), padding=(0, 0),
-                          dilation=(1, 1), mode="topk", threshold=0.0, k=64)
-        assert predicted_strategy(one, small) == ("native", native.ORIENT_PIX)
-        assert predicted_strategy(one, 7 * 7) == ("native", native.ORIENT_CO)
-        # as many MACs on a 28x28 map: the channels-last orientation beats oneDNN there
-        wide = GatedConv2d(torch.randn(512, 512, 3, 3), None, stride=(1, 1), padding=(1, 1),
-                           dilation=(1, 1), mode="topk", threshold=0.0, k=256)
-        assert 512 * 512 * 9 * small >= LARGE_LAYER_MACS
-        assert predicted_strategy(wide, small) == ("native", native.ORIENT_CL)
-        few = GatedConv2d(torch.randn(16, 16, 3, 3), None, stride=(1, 1), padding=(1, 1),
-                          dilation=(1, 1), mode="topk", threshold=0.0, k=8)
-        assert predicted_strategy(few, 32 * 32) == ("native", native.ORIENT_PIX)
-        assert predicted_strategy(few, 8 * 8) == ("native", native.ORIENT_CL)
-
-
-def test_layers_whose_kernel_covers_the_input_take_the_one_position_kernel():
-    from ispc.modules import GatedConv2d
-    from ispc.passes.select_kernels import candidates, predicted_strategy
-
-    # VGG-16's first classifier layer as a convolution: 25088 -> 4096 is ~100 M MACs per image
-    mod = GatedConv2d(torch.randn(4096, 512, 7, 7), None, stride=(1, 1), padding=(0, 0),
-                      dilation=(1, 1), mode="topk", threshold=0.0, k=256)
-    if native.available():
-        assert predicted_strategy(mod, 1, (7, 7)) == ("native", native.ORIENT_FULL)
-        assert candidates(mod, (7, 7))["native:full"] == ("native", native.ORIENT_FULL)
-    assert "native:full" not in candidates(mod, (9, 9))
-    assert predicted_strategy(mod, 9, (9, 9)) != ("native", native.ORIENT_FULL)
-
-
 def test_latency_aware_times_kernels_at_the_refined_thresholds(monkeypatch):
     """Thresholds chosen on the dense model cut far more once upstream layers are gated; kernels
     timed at those counts were wrong for the refined model (MobileNetV2 ran 0.84x of dense). So
     selection must see the thresholds the compiled model keeps."""
-    import importlib
 
     from ispc.pipeline import COMPILE as COMPILE_PIPELINE
 
-    sk = importlib.import_module("ispc.passes.select_kernels")  # the module, not the pass function
+    sk = kernel_costs
 
     assert COMPILE_PIPELINE.index("refine") < COMPILE_PIPELINE.index("select_kernels")
     seen: dict[str, float] = {}
@@ -145,7 +105,7 @@ def test_latency_aware_times_kernels_at_the_refined_thresholds(monkeypatch):
 
     monkeypatch.setattr(sk, "candidates", spy)
     # every kernel "beats" dense, so every layer stays gated and the graph is not refined again
-    monkeypatch.setattr(sk, "_time", lambda fns, rounds, **kw: {k: 2.0 if k.startswith("dense") else 1.0
+    monkeypatch.setattr(sk, "time_candidates", lambda fns, rounds, **kw: {k: 2.0 if k.startswith("dense") else 1.0
                                                                for k in fns})
     cfg = ispc.GatingConfig(mode="threshold", latency_aware=True, latency_rounds=1)
     c = ispc.compile(resnet20().eval(), _data(), progress=False, config=cfg)
@@ -196,9 +156,8 @@ def _layer_times(monkeypatch, sk):
 @pytest.mark.parametrize("layout", [False, None])
 def test_whole_model_check_keeps_gates_only_when_the_gated_model_is_faster(monkeypatch, gated_ms,
                                                                            kept, layout):
-    import importlib
 
-    sk = importlib.import_module("ispc.passes.select_kernels")
+    sk = kernel_costs
     calls = []
     layer_times = _layer_times(monkeypatch, sk)
 
@@ -211,7 +170,7 @@ def test_whole_model_check_keeps_gates_only_when_the_gated_model_is_faster(monke
                     "dense_nhwc": 1.2}
         return layer_times(fns)  # every layer pays alone
 
-    monkeypatch.setattr(sk, "_time", fake_time)
+    monkeypatch.setattr(sk, "time_candidates", fake_time)
     model = resnet20().eval()
     cfg = ispc.GatingConfig(latency_aware=True, min_gain=0.0, latency_rounds=3, channels_last=layout)
     c = ispc.compile(model, _data(), progress=False, config=cfg)
@@ -237,10 +196,9 @@ def test_whole_model_check_keeps_gates_only_when_the_gated_model_is_faster(monke
 @pytest.mark.parametrize("nhwc_ms, nchw_ms", [(0.5, 0.6), (0.6, 0.5), (0.5, 0.503)])
 def test_whole_model_check_keeps_the_faster_layout(monkeypatch, nhwc_ms, nchw_ms):
     """Channels-last is kept only where it measured faster than NCHW by more than the margin."""
-    import importlib
 
-    sk = importlib.import_module("ispc.passes.select_kernels")
-    nhwc = nhwc_ms < nchw_ms * (1.0 - sk.LAYOUT_MARGIN)
+    sk = kernel_costs
+    nhwc = nhwc_ms < nchw_ms * (1.0 - LAYOUT_MARGIN)
     assert nhwc == (nchw_ms == 0.6)
 
     layer_times = _layer_times(monkeypatch, sk)
@@ -252,7 +210,7 @@ def test_whole_model_check_keeps_the_faster_layout(monkeypatch, nhwc_ms, nchw_ms
             return {"gated": nhwc_ms, "gated_nchw": nchw_ms, "dense": 1.0, "dense_nhwc": 1.1}
         return layer_times(fns)
 
-    monkeypatch.setattr(sk, "_time", fake_time)
+    monkeypatch.setattr(sk, "time_candidates", fake_time)
     model = resnet20().eval()
     cfg = ispc.GatingConfig(latency_aware=True, min_gain=0.0, latency_rounds=3)
     c = ispc.compile(model, _data(), progress=False, config=cfg)
@@ -272,9 +230,8 @@ def test_whole_model_check_keeps_the_faster_layout(monkeypatch, nhwc_ms, nchw_ms
 def test_channels_last_is_not_timed_whole_where_its_layers_are_no_faster(monkeypatch):
     """Where the layers that read channels-last maps measured no faster in sum than on NCHW maps,
     the gated model stays NCHW and is timed so only (the dense one still in both layouts)."""
-    import importlib
 
-    sk = importlib.import_module("ispc.passes.select_kernels")
+    sk = kernel_costs
     calls = []
 
     def fake_time(fns, rounds, *, cuda=False):
@@ -283,7 +240,7 @@ def test_channels_last_is_not_timed_whole_where_its_layers_are_no_faster(monkeyp
             return {"gated": 0.5, "gated_nchw": 0.1, "dense": 1.0, "dense_nhwc": 1.1}
         return {k: 1.0 if k == "dense" else 0.5 for k in fns}  # the same in both layouts
 
-    monkeypatch.setattr(sk, "_time", fake_time)
+    monkeypatch.setattr(sk, "time_candidates", fake_time)
     c = ispc.compile(resnet20().eval(), _data(), progress=False,
                      config=ispc.GatingConfig(latency_aware=True, min_gain=0.0, latency_rounds=3))
     assert sorted(calls) == ["dense", "dense_nhwc", "gated"]
@@ -298,9 +255,8 @@ def test_channels_last_is_not_timed_whole_where_its_layers_are_no_faster(monkeyp
 def test_a_dense_model_faster_channels_last_comes_back_dense_and_channels_last(monkeypatch):
     """The compiled model is never slower than the dense one in either layout: where dense
     channels-last beats every gated configuration, every gate goes and the maps run NHWC."""
-    import importlib
 
-    sk = importlib.import_module("ispc.passes.select_kernels")
+    sk = kernel_costs
     layer_times = _layer_times(monkeypatch, sk)
 
     def fake_time(fns, rounds, *, cuda=False):
@@ -310,7 +266,7 @@ def test_a_dense_model_faster_channels_last_comes_back_dense_and_channels_last(m
             return {"gated": 0.8, "gated_nchw": 0.9, "dense": 1.0, "dense_nhwc": 0.6}
         return layer_times(fns)
 
-    monkeypatch.setattr(sk, "_time", fake_time)
+    monkeypatch.setattr(sk, "time_candidates", fake_time)
     model = resnet20().eval()
     c = ispc.compile(model, _data(), progress=False,
                      config=ispc.GatingConfig(latency_aware=True, min_gain=0.0, latency_rounds=3))
@@ -326,14 +282,13 @@ def test_a_dense_model_faster_channels_last_comes_back_dense_and_channels_last(m
 @pytest.mark.parametrize("factor, keeps_predicted", [(1.02, True), (1.10, False)])
 def test_measured_selection_keeps_the_predicted_kernel_within_the_margin(monkeypatch, factor,
                                                                          keeps_predicted):
-    import importlib
 
-    from ispc.passes.select_kernels import PREDICTED_MARGIN
+    from ispc.passes.kernel_costs import PREDICTED_MARGIN
 
     if not native.available():
         pytest.skip(f"native kernel not built here: {native.unavailable_reason()}")
     assert 1.02 < 1.0 + PREDICTED_MARGIN < 1.10
-    sk = importlib.import_module("ispc.passes.select_kernels")
+    sk = kernel_costs
     fast = "native:co"  # a candidate of every layer: measured `factor` times faster than the rest
 
     def fake_time(fns, rounds, *, cuda=False):
@@ -346,7 +301,7 @@ def test_measured_selection_keeps_the_predicted_kernel_within_the_margin(monkeyp
     model = resnet20().eval()
     plain = ispc.compile(model, _data(), progress=False)  # the predicted kernels
     predicted = {name: plain.report.layer(name).cpu_kernel for name in plain.gated_modules()}
-    monkeypatch.setattr(sk, "_time", fake_time)
+    monkeypatch.setattr(sk, "time_candidates", fake_time)
     cfg = ispc.GatingConfig(latency_aware=True, min_gain=0.0, latency_rounds=3)
     c = ispc.compile(model, _data(), progress=False, config=cfg)
     assert set(c.gated_modules()) == set(predicted)

@@ -1,0 +1,237 @@
+"""The cost models ``select_kernels`` decides with (not a pass): which eager CPU kernel a gated
+layer should run, predicted from its shape or measured on this machine.
+
+- predicted (default; deterministic, :func:`predicted_strategy`): ``native`` (the indirect GEMM of
+  :mod:`ispc.ops.native`) where it could be built, but for the largest layers on large maps
+  (``gather``: oneDNN on the gathered channels); without it, ``gemm`` (prepared ``W^T`` + one BLAS
+  call) for 1x1 convolutions and small maps, where weights dominate the data moved, and ``gather``
+  elsewhere.
+- measured (``GatingConfig(latency_aware=True)``, :func:`measure`): every candidate kernel
+  (:func:`candidates`) and the dense convolution timed on the layer's real input at
+  ``latency_batch_size``, interleaved, medians; the fastest wins (the predicted one within
+  :data:`PREDICTED_MARGIN`), and whether it beats dense by ``min_gain``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import fx, nn
+
+from ispc.config import GatingConfig
+from ispc.modules import ORIENTATIONS, GatedConv2d, dense_conv
+from ispc.ops import native
+from ispc.ops.cpu_kernels import STRATEGIES, run_strategy
+from ispc.records import KernelChoice
+from ispc.timing import time_interleaved
+
+from .base import node_shape
+
+__all__ = ["predicted_strategy", "predicted_choice", "candidates", "measure", "Measurement",
+           "time_candidates", "layer_inputs", "input_hw", "out_hw", "SMALL_MAP",
+           "LARGE_LAYER_MACS", "GATHER_MIN_MAP", "CL_MIN_CHANNELS", "PREDICTED_MARGIN",
+           "ORIENT_NAMES"]
+
+#: without the native kernel, maps with at most this many output positions use the gemm kernel
+SMALL_MAP = 14 * 14
+#: dense MACs per instance from which oneDNN on the gathered channels beats the native kernel, on
+#: maps of more than ``GATHER_MIN_MAP`` positions (VGG-16's 224x224 to 56x56 layers; on its 28x28
+#: and 14x14 ones, as large, the channels-last orientation is faster)
+LARGE_LAYER_MACS = 400_000_000
+GATHER_MIN_MAP = 32 * 32
+#: a layer whose kernel has several taps takes the native kernel's channels-last orientation
+#: (``native.ORIENT_CL``) unless it has fewer input channels than this on a map larger than
+#: ``native.SMALL_MAP`` (CIFAR's 16-channel 32x32 layers: a reduction too short for channel lanes)
+CL_MIN_CHANNELS = 32
+#: measured selection keeps the predicted kernel unless another one measured faster by more than
+#: this fraction: per-layer medians move by a few percent from one compile to the next on a shared
+#: machine (without it, VGG-16's 28x28 layers took ORIENT_CO, 1.66x of dense inside the model,
+#: over ORIENT_CL, 1.83x)
+PREDICTED_MARGIN = 0.03
+#: the native kernel's orientation codes -> names (records and reports use the names)
+ORIENT_NAMES = {code: name for name, code in ORIENTATIONS.items()}
+
+
+def predicted_strategy(mod: GatedConv2d, out_hw: int,
+                       input_hw: tuple[int, int] | None = None) -> tuple[str, int | None]:
+    """The kernel (strategy, native orientation) the shape-based cost model expects to be fastest.
+
+    Measured on ResNet/VGG layer shapes at batch 1 and 32 (``benchmarks/kernel_speed.py
+    --native``): the native indirect GEMM wins on small and mid-sized layers: for kernels with
+    several taps, lanes over output channels read from a channels-last copy of the kept channels
+    (``ORIENT_CL``; lanes over positions for layers under ``CL_MIN_CHANNELS`` inputs on large
+    maps); for 1x1 kernels, lanes over output channels on maps of at most ``native.SMALL_MAP``
+    positions, over positions otherwise. oneDNN on the gathered channels wins on the largest
+    layers on large maps (VGG's 224x224 to 56x56 layers, ~0.9-1.8 GMAC), where its gathers cost
+    least relative to the convolution. A layer whose kernel covers its ``input_hw`` input (a
+    gated linear layer) takes the native kernel's one-position orientation whatever its size.
+    """
+    kh, kw = mod.weight.shape[-2:]
+    if (input_hw is not None and _covers(mod, input_hw) and _native_fits(mod)
+            and mod.weight.dtype == torch.float32):
+        return "native", native.ORIENT_FULL
+    macs = mod.out_channels * mod.in_channels * kh * kw * out_hw
+    if _native_fits(mod) and mod.weight.dtype == torch.float32 and (
+            macs < LARGE_LAYER_MACS or out_hw <= GATHER_MIN_MAP):
+        if kh * kw > 1 and (mod.in_channels >= CL_MIN_CHANNELS or out_hw <= native.SMALL_MAP):
+            return "native", native.ORIENT_CL
+        return "native", native.orientation_for(out_hw)
+    if kh * kw == 1 or out_hw <= SMALL_MAP:
+        return "gemm", None
+    return "gather", None
+
+
+def predicted_choice(mod: GatedConv2d, node: fx.Node) -> KernelChoice:
+    """:func:`predicted_strategy` for the layer at ``node``, as a record."""
+    strategy, orient = predicted_strategy(mod, out_hw(node), input_hw(node))
+    return KernelChoice(strategy=strategy, orient=ORIENT_NAMES[orient] if strategy == "native" else None,
+                        cost_model="predicted")
+
+
+def _native_fits(mod: GatedConv2d) -> bool:
+    return native.available() and native.supports(mod.stride)
+
+
+def _covers(mod: GatedConv2d, input_hw: tuple[int, int]) -> bool:
+    return native.full_window(tuple(mod.weight.shape[-2:]), mod.padding, mod.dilation, input_hw)
+
+
+def candidates(mod: GatedConv2d,
+               input_hw: tuple[int, int] | None = None) -> dict[str, tuple[str, int | None]]:
+    """Every kernel measured selection times for ``mod`` on ``input_hw`` inputs:
+    label -> (strategy, orientation)."""
+    out: dict[str, tuple[str, int | None]] = {s: (s, None) for s in STRATEGIES if s != "native"}
+    if _native_fits(mod):
+        out["native:pix"] = ("native", native.ORIENT_PIX)
+        out["native:co"] = ("native", native.ORIENT_CO)
+        if mod.weight.shape[-2:].numel() > 1:  # a 1x1 layer's channels-last copy is ORIENT_CO's panel
+            out["native:cl"] = ("native", native.ORIENT_CL)
+        if input_hw is not None and _covers(mod, input_hw):
+            out["native:full"] = ("native", native.ORIENT_FULL)
+    return out
+
+
+def input_hw(node: fx.Node) -> tuple[int, int] | None:
+    """The spatial size of the map a layer node reads (None: unknown, or not a map)."""
+    shape = node_shape(node.args[0]) if node.args else None
+    return shape[-2:] if shape is not None and len(shape) == 4 else None
+
+
+def out_hw(node: fx.Node) -> int:
+    """Output positions of a layer node (unknown: a large number)."""
+    tm = node.meta.get("tensor_meta")
+    return int(tm.shape[-1] * tm.shape[-2]) if tm is not None else 1 << 30
+
+
+def layer_inputs(gm: fx.GraphModule, names: list[str], x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The input each named submodule sees when ``gm`` runs ``x``."""
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [gm.get_submodule(n).register_forward_pre_hook(
+        lambda m, a, n=n: seen.__setitem__(n, a[0].detach().clone())) for n in names]
+    try:
+        with torch.no_grad():
+            gm(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def time_candidates(fns: dict[str, Callable[[], Any]], rounds: int, *,
+                    cuda: bool = False) -> dict[str, float]:
+    """Median ms of each function, interleaved (:func:`ispc.timing.time_interleaved`, two
+    warm-up calls each); ``cuda`` waits for the device after each call (its kernels run
+    asynchronously: the host clock alone would time only the launches)."""
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+
+    def synced(fn: Callable[[], Any]) -> Callable[[], Any]:
+        return lambda: (fn(), sync())
+
+    timings = time_interleaved({k: synced(fn) for k, fn in fns.items()}, warmup=2, rounds=rounds,
+                               progress=False)
+    return {k: t.median for k, t in timings.items()}
+
+
+@dataclass
+class Measurement:
+    """One layer measured: its fastest kernel ``best`` (strategy, orientation), and whether that
+    beats dense by ``min_gain`` (``gated``; else the layer is left dense, as ``plain``)."""
+
+    best: tuple[str, int | None]
+    gated: bool
+    times: dict[str, float]
+    plain: nn.Module  #: the layer left dense
+    channels_last: bool  #: the input layout it was timed on
+    cuda: bool
+
+    def choice(self, cfg: GatingConfig) -> KernelChoice:
+        """The kernel record of this measurement."""
+        return KernelChoice(
+            strategy=self.best[0], orient=ORIENT_NAMES.get(self.best[1]) if self.best[0] == "native" else None,
+            cost_model="measured", times_ms={k: round(v, 4) for k, v in self.times.items()},
+            batch_size=cfg.latency_batch_size,
+            input_layout="channels_last" if self.channels_last else None,
+            runs_on="cuda" if self.cuda else None)
+
+    def reason(self, cfg: GatingConfig) -> str:
+        """Why the layer is left dense, when it is."""
+        best = min(v for k, v in self.times.items() if k != "dense")
+        return (f"no measured gain at batch {cfg.latency_batch_size}"
+                f"{' on NCHW input' if not self.channels_last and not self.cuda else ''}: "
+                f"gated {best:.3f} ms vs dense {self.times['dense']:.3f} ms")
+
+
+def measure(mod: GatedConv2d, xin: torch.Tensor, node: fx.Node, cfg: GatingConfig) -> Measurement:
+    """Time ``mod``'s kernels and its dense convolution on its input ``xin`` (``mod`` is left on
+    the last kernel timed: apply the measurement's :meth:`~Measurement.choice`)."""
+    a = mod._args
+    o_hw, i_hw = out_hw(node), input_hw(node)
+    plain = dense_conv(mod, tuple(xin.shape[-2:]))  # what the layer would be, left dense
+    fns = {"dense": lambda: plain(xin)}
+    if xin.is_cuda:
+        # on a GPU the layer runs the operator's CUDA kernel (Triton) whatever the CPU
+        # strategy: time that against the dense convolution; the CPU choice stays predicted
+        kernels = {"cuda": predicted_strategy(mod, o_hw, i_hw)}
+        fns["cuda"] = lambda: torch.ops.ispc.gated_conv2d(xin, mod.weight, mod.bias, mod.scale, *a)
+    else:
+        kernels = candidates(mod, tuple(xin.shape[-2:]))
+        for label, (strat, orient) in kernels.items():
+            mod.set_strategy(strat, orient)
+            fns[label] = (lambda s=strat, wt=mod.prepared: run_strategy(
+                s, xin, mod.weight, wt, mod.bias, mod.scale, mod.stride, mod.padding, mod.dilation,
+                a[6], a[7], a[8], a[9]))
+    with torch.no_grad():
+        times = time_candidates(fns, cfg.latency_rounds, cuda=xin.is_cuda)
+    best = min(kernels, key=lambda s: times[s])
+    if not xin.is_cuda:
+        pred = predicted_strategy(mod, o_hw, i_hw)
+        label = next((lb for lb, kern in kernels.items() if kern == pred), None)
+        if label is not None and times[label] <= times[best] * (1.0 + PREDICTED_MARGIN):
+            best = label
+    return Measurement(kernels[best], times[best] <= times["dense"] * (1.0 - cfg.min_gain), times,
+                       plain, native.is_channels_last(xin), xin.is_cuda)
+
+
+def layout_sums(gm: fx.GraphModule, x: torch.Tensor, nodes: dict[str, fx.Node],
+                nchw: dict[str, nn.Module], inputs: dict[str, torch.Tensor],
+                cfg: GatingConfig) -> tuple[float, float]:
+    """Milliseconds the convolutions that read channels-last maps take in sum, channels-last and
+    NCHW: each gated layer's kernel chosen for either layout (``nchw``: name -> the layer for
+    NCHW inputs), and each plain convolution (a stem, which oneDNN runs up to 2x faster on a
+    3-channel NHWC input), the two timed interleaved (the choices' own timings come from rounds
+    seconds apart, and a shared machine's speed moves more than the difference between them)."""
+    plain = [n.target for n in gm.graph.nodes if n.op == "call_module" and n.target not in nodes
+             and type(gm.get_submodule(n.target)) is nn.Conv2d]
+    pairs = {name: (gm.get_submodule(name), alt, inputs[name]) for name, alt in nchw.items()}
+    for name, xin in layer_inputs(gm, plain, x).items():
+        if native.is_channels_last(xin):
+            pairs[name] = (gm.get_submodule(name), gm.get_submodule(name), xin)
+    t_nhwc = t_nchw = 0.0
+    for name, (mod, alt, xin) in pairs.items():
+        xn = xin.contiguous()
+        with torch.no_grad():
+            t = time_candidates({"nhwc": lambda: mod(xin), "nchw": lambda: alt(xn)},
+                                cfg.latency_rounds)
+        t_nhwc, t_nchw = t_nhwc + t["nhwc"], t_nchw + t["nchw"]
+    return t_nhwc, t_nchw
