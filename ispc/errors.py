@@ -14,6 +14,7 @@ __all__ = [
     "UnsupportedModelError",
     "BackendUnavailableError",
     "PassError",
+    "ArchiveError",
 ]
 
 
@@ -52,3 +53,7 @@ class PassError(IspcError, RuntimeError):
         super().__init__(message)
         self.pass_name = pass_name
         self.passes_before = passes_before
+
+
+class ArchiveError(IspcError, ValueError):
+    """A file that is not an ispc archive, is damaged, or names something ispc will not load."""

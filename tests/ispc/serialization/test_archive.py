@@ -198,7 +198,7 @@ def test_archive_written_by_0_1_0_still_loads():
     gave when it was saved."""
     from pathlib import Path
 
-    fixtures = Path(__file__).resolve().parents[1] / "fixtures"
+    fixtures = Path(__file__).resolve().parents[2] / "fixtures"
     io_ = torch.load(fixtures / "archive_v1_topk_io.pt", weights_only=True)
     loaded = load(fixtures / "archive_v1_topk.ispc")
     assert sorted(loaded.gated_modules()) == io_["gated"]
