@@ -1,4 +1,5 @@
-"""``examples/cifar.py evaluate``: ispc vs static pruning on a tiny fake CIFAR folder."""
+"""examples/cifar_commands/evaluate.py (``examples/cifar.py evaluate``): ispc vs static pruning on a
+tiny fake CIFAR folder, and the per-layer checks."""
 from __future__ import annotations
 
 import json
@@ -10,8 +11,10 @@ import torch
 
 pytest.importorskip("PIL")
 pytest.importorskip("matplotlib")
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _cifar_common import load_script, make_fake_cifar  # noqa: E402
+
+from ispc.examples.cifar_commands import evaluate as ev  # noqa: E402
 
 POINT_KEYS = {"method", "mode", "allocation", "keep_ratio", "top1", "mac_reduction", "speedup_b1"}
 
@@ -101,26 +104,26 @@ def test_evaluate_default_checkpoint_and_spearman(cifar, fake: Path, checkpoint:
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / "resnet20_dense.pt").write_bytes(checkpoint.read_bytes())
     monkeypatch.chdir(tmp_path)
-    assert cifar._default_checkpoint().endswith("resnet20_dense.pt")
+    assert ev.default_checkpoint().endswith("resnet20_dense.pt")
     (tmp_path / "checkpoints" / "resnet20_fd.pt").write_bytes(checkpoint.read_bytes())
-    assert cifar._default_checkpoint().endswith("resnet20_fd.pt")
+    assert ev.default_checkpoint().endswith("resnet20_fd.pt")
     (tmp_path / "checkpoints" / "resnet20_fd_kd2.pt").write_bytes(checkpoint.read_bytes())
-    assert cifar._default_checkpoint().endswith("resnet20_fd_kd2.pt")
+    assert ev.default_checkpoint().endswith("resnet20_fd_kd2.pt")
     (tmp_path / "checkpoints" / "resnet20_fd_kd3.pt").write_bytes(checkpoint.read_bytes())
-    assert cifar._default_checkpoint().endswith("resnet20_fd_kd3.pt")
+    assert ev.default_checkpoint().endswith("resnet20_fd_kd3.pt")
     (tmp_path / "checkpoints" / "resnet20_fd_ramp.pt").write_bytes(checkpoint.read_bytes())
-    assert cifar._default_checkpoint().endswith("resnet20_fd_ramp.pt")
+    assert ev.default_checkpoint().endswith("resnet20_fd_ramp.pt")
     assert cifar.main(["evaluate", "--data", str(fake), "--cache-dir", str(tmp_path / "cache"),
                        "--dense-only", "--no-progress", "--threads", "1"]) == 0
     assert "resnet20_fd_ramp.pt: dense test top-1" in capsys.readouterr().out
 
-    assert cifar.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
-    assert cifar.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
-    assert cifar.spearman([1, 2, 2, 3], [1, 2, 2, 3]) == pytest.approx(1.0)
-    assert cifar.spearman([1, 2], [1, 2]) is None and cifar.spearman([1, 1, 1], [1, 2, 3]) is None
+    assert ev.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert ev.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert ev.spearman([1, 2, 2, 3], [1, 2, 2, 3]) == pytest.approx(1.0)
+    assert ev.spearman([1, 2], [1, 2]) is None and ev.spearman([1, 1, 1], [1, 2, 3]) is None
 
 
-def test_single_layer_check_restores_gates_and_matches_by_hand(cifar) -> None:
+def test_single_layer_check_restores_gates_and_matches_by_hand() -> None:
     import ispc
     from ispc.examples import models as M
 
@@ -131,7 +134,7 @@ def test_single_layer_check_restores_gates_and_matches_by_hand(cifar) -> None:
     test = [(torch.randn(10, 3, 32, 32), torch.randint(0, 10, (10,))) for _ in range(2)]
     with torch.no_grad():
         before = fast(test[0][0])
-    res = cifar.single_layer_check(fast, test, images=15, progress=False)
+    res = ev.single_layer_check(fast, test, images=15, progress=False)
     with torch.no_grad():
         assert torch.equal(fast(test[0][0]), before)  # every gate restored
     assert res["images"] == 15
@@ -142,7 +145,7 @@ def test_single_layer_check_restores_gates_and_matches_by_hand(cifar) -> None:
         assert res["dense_top1"] == pytest.approx(float((model(x).argmax(1) == y).float().mean()))
 
 
-def test_negligible_channels_counts_dead_channels(cifar) -> None:
+def test_negligible_channels_counts_dead_channels() -> None:
     from torch import nn
 
     torch.manual_seed(0)
@@ -152,6 +155,6 @@ def test_negligible_channels_counts_dead_channels(cifar) -> None:
         model[0].bias[:4].zero_()
         model[0].bias[4:].fill_(1.0)  # the others are clearly alive
     loader = [(torch.randn(6, 3, 8, 8), torch.zeros(6, dtype=torch.long)) for _ in range(2)]
-    res = cifar.negligible_channels(model, loader, images=10)
+    res = ev.negligible_channels(model, loader, images=10)
     assert res["images"] == 10 and list(res["layers"]) == ["2"]
     assert res["layers"]["2"] == pytest.approx(4 / 16)

@@ -1,4 +1,5 @@
-"""End-to-end test of examples/cifar.py on a tiny fake CIFAR folder with a tiny model."""
+"""examples/cifar.py end to end (train, resume, finetune, average, evaluate) on a tiny fake CIFAR
+folder with a tiny model; the commands' parts: tests/examples/cifar_commands/."""
 from __future__ import annotations
 
 import json
@@ -167,43 +168,6 @@ def test_train_resume_finetune_evaluate(cifar, fake: Path, tmp_path: Path, capsy
     assert f"{100 * final['top1']:.2f}%" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("target, anneal, expected", [
-    (0.5, 0, [0.5, 0.5, 0.5]),
-    (0.5, 4, [0.875, 0.75, 0.625, 0.5, 0.5]),
-    (0.6, 1, [0.6, 0.6]),
-])
-def test_gate_keep_ratio_schedule(cifar, target: float, anneal: int, expected: list[float]) -> None:
-    args = cifar.argparse.Namespace(gate_keep_ratio=target, gate_anneal_epochs=anneal)
-    assert [cifar._gate_keep_ratio(args, e) for e in range(len(expected))] == pytest.approx(expected)
-
-
-def test_distillation_loss_is_the_temperature_scaled_kl(cifar) -> None:
-    g = torch.Generator().manual_seed(0)
-    s, t = torch.randn(8, 10, generator=g), torch.randn(8, 10, generator=g)
-    temp = 3.0
-    pt = torch.softmax(t / temp, 1)
-    direct = (pt * (pt.log() - torch.log_softmax(s / temp, 1))).sum(1).mean() * temp ** 2
-    assert cifar.distillation_loss(s, t, temp).item() == pytest.approx(direct.item(), rel=1e-5)
-    assert cifar.distillation_loss(t, t, temp).item() == pytest.approx(0.0, abs=1e-6)
-    assert cifar.distillation_loss(s, t, temp).item() > 0.0
-
-
-def test_teacher_ensemble_distils_the_mean_of_its_softened_predictions(cifar) -> None:
-    torch.manual_seed(0)
-    teachers = [torch.nn.Linear(6, 4) for _ in range(3)]
-    x, temp = torch.randn(5, 6), 3.0
-    ens = cifar.TeacherEnsemble(teachers, temperature=temp)
-    mean = torch.stack([torch.softmax(m(x) / temp, dim=1) for m in teachers]).mean(0)
-    torch.testing.assert_close(torch.softmax(ens(x) / temp, dim=1), mean)
-    student = torch.randn(5, 4)
-    direct = torch.nn.functional.kl_div(torch.log_softmax(student / temp, 1), mean,
-                                        reduction="batchmean") * temp * temp
-    assert cifar.distillation_loss(student, ens(x), temp).item() == pytest.approx(direct.item(), rel=1e-5)
-    # one teacher: the ensemble is that teacher (same soft targets)
-    one = cifar.TeacherEnsemble(teachers[:1], temperature=temp)
-    torch.testing.assert_close(torch.softmax(one(x) / temp, 1), torch.softmax(teachers[0](x) / temp, 1))
-
-
 def test_average_is_the_mean_of_the_weights_with_batchnorm_re_estimated(cifar, fake: Path,
                                                                          tmp_path: Path, capsys) -> None:
     cache = tmp_path / "cache"
@@ -236,10 +200,12 @@ def test_average_is_the_mean_of_the_weights_with_batchnorm_re_estimated(cifar, f
     assert soup["bn_images"] == 64
     model, _ = cifar.load_checkpoint(plain)
     from ispc.datasets import CIFAR10
+    from ispc.examples.cifar_commands.common import first_images
+
     data = CIFAR10(str(fake), cache_dir=str(cache), progress=False)
     loader = data.loader("train", batch_size=32, train=True, shuffle=True, seed=0)
     torch.manual_seed(0)
-    means = [model[0](x).mean(dim=(0, 2, 3)) for x, _ in cifar.first_images(loader, 64)]
+    means = [model[0](x).mean(dim=(0, 2, 3)) for x, _ in first_images(loader, 64)]
     assert len(means) == 2
     torch.testing.assert_close(soup["model"]["1.running_mean"], torch.stack(means).mean(0))
     assert not torch.allclose(soup["model"]["1.running_mean"], avg["model"]["1.running_mean"])
