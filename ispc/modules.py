@@ -330,7 +330,7 @@ class ChannelsLastMaxPool2d(nn.MaxPool2d):
     PyTorch 2.13's NCHW CPU max-pool kernel is slow: a ResNet stem pool (1x64x112x112, 3x3, stride
     2) takes ~4 ms at batch 1 on 2 cores, ~10% of a dense ResNet-18, against ~1.4 ms for the same
     pool in channels-last including both layout copies (32 -> 11 ms at batch 8; measured by
-    ``examples/kernel_speed.py``). The result is
+    ``benchmarks/kernel_speed.py``). The result is
     identical (a max selects, it does not round) and is returned as contiguous NCHW. Elsewhere
     (CUDA, tracing, export, ``return_indices``) it is the plain module.
     """
@@ -354,7 +354,7 @@ class StridedMaxPool2d(nn.MaxPool2d):
 
     Every input element is read once by a vectorized elementwise kernel, where PyTorch 2.13's
     pooling kernels walk windows: VGG-16's 2x2 pools run 1.8-5x faster than the NCHW kernel at
-    batch 1 and 32 on 2 cores (``examples/kernel_speed.py``), and need no layout copies. The result
+    batch 1 and 32 on 2 cores (``benchmarks/kernel_speed.py``), and need no layout copies. The result
     is identical (NaN propagates as in ``max_pool2d``) and keeps the input's memory format.
     Elsewhere (CUDA, tracing, export, autograd, ``ceil_mode`` with a partial window) it is the
     plain module.

@@ -3,7 +3,7 @@
 After ``conv -> add(residual) -> relu`` (a ResNet block's end) or ``conv -> relu`` (its middle), the
 add and the ReLU each make one more pass over the output in memory. On the native CPU kernel a
 gated layer can apply both as it stores its results (:meth:`~ispc.ops.native.NativeLayer.gated`),
-which saves what no gate does. Measured (batch 1, 2-core AMD EPYC, ``examples/fusion_ab.py
+which saves what no gate does. Measured (batch 1, 2-core AMD EPYC, ``benchmarks/fusion_ab.py
 --rounds 300``, two runs): ResNet-50 1.026-1.030x of unfused, MobileNetV2 1.022-1.026x, ResNet-18
 1.00x. Before the channel-lane kernel wrote its tiles with vector stores it did not pay (the
 scalar per-element epilogue cost what the saved passes gained), and it was off by default; it is

@@ -173,7 +173,7 @@ def _whole_model_check(gm: fx.GraphModule, state: PassState, x: torch.Tensor,
     # one call at a time, the configurations alternating (each call swaps its modules in, the same
     # cost for both), so that a slow spell of a shared machine hits both alike. Timed in blocks of
     # a few calls per configuration, the check once removed every gate of a MobileNetV2 that runs
-    # ~1.25x faster gated (examples/speed.py at batch 1; compiled again alone, it kept them all).
+    # ~1.25x faster gated (benchmarks/speed.py at batch 1; compiled again alone, it kept them all).
     # A layout is a smaller difference than gating's: more rounds for it.
     rounds = max(5, cfg.latency_rounds if free else cfg.latency_rounds // 2)
     times = costs.time_candidates({label: (lambda c=c: (swap(*c), run()))

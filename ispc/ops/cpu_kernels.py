@@ -55,7 +55,7 @@ def im2col(x: Tensor, kernel: tuple[int, int], stride: tuple[int, int], padding:
     """``F.unfold`` of one instance ``(C, H, W)`` -> ``(C*kh*kw, Ho*Wo)``, as one strided copy.
 
     A zero-padded copy viewed through ``as_strided`` and made contiguous: 1.1-7x faster than
-    ``F.unfold`` on ResNet-sized layers (PyTorch 2.13, 2-core CPU, ``examples/kernel_speed.py``),
+    ``F.unfold`` on ResNet-sized layers (PyTorch 2.13, 2-core CPU, ``benchmarks/kernel_speed.py``),
     which would otherwise cost as much as the skipped MACs save on large feature maps.
     """
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel, stride, padding, dilation
@@ -127,7 +127,7 @@ def gated_conv2d_gather_native(x: Tensor, weight: Tensor, bias: Tensor, scale: T
     convolution on them) with its saliency, selection and gathers in C (:func:`native.select`,
     :func:`native.gather`): one multithreaded pass each, where PyTorch's norm, top-k, sort and
     ``index_select`` cost VGG-16's 56x56-224x224 layers 1.4-2.8 ms at batch 1 (2-core Xeon; this
-    path: 2-19% faster per layer, ``examples/kernel_speed.py --gather``). ``x`` float32, contiguous or
+    path: 2-19% faster per layer, ``benchmarks/kernel_speed.py --gather``). ``x`` float32, contiguous or
     channels-last (then the output is channels-last too). Threshold mode pads each instance's
     width with zero inputs (``bucket_width``), as :func:`gated_conv2d_loop` does. The batched
     ``grouped`` kernel keeps its PyTorch gathers: the same change measured within noise at batch 8."""

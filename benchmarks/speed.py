@@ -6,13 +6,13 @@ ispc compiles at ``--keep-ratio`` and times gated against dense, interleaved, at
 it also times keep_ratio=1.0 (all channels kept) to measure the gating overhead. Prints a table and
 writes JSON::
 
-    python examples/speed.py --models resnet18 resnet50 vgg16_bn mobilenet_v2 --batch-sizes 1 32 \
+    python benchmarks/speed.py --models resnet18 resnet50 vgg16_bn mobilenet_v2 --batch-sizes 1 32 \
         --json speed.json
 
 ``--profile N`` also runs N passes of each dense and gated model under ``torch.profiler`` and prints
 where the time goes, per ATen op and pass (the README's batch-1 breakdown)::
 
-    python examples/speed.py --models resnet18 --batch-sizes 1 --no-overhead --profile 20
+    python benchmarks/speed.py --models resnet18 --batch-sizes 1 --no-overhead --profile 20
 """
 from __future__ import annotations
 

@@ -1,10 +1,10 @@
-"""examples/speed.py: runs end to end on a small input, writes its JSON, and profiles per op
+"""benchmarks/speed.py: runs end to end on a small input, writes its JSON, and profiles per op
 (timings themselves are not asserted)."""
 import importlib.util
 import json
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "speed.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "speed.py"
 
 
 def test_speed_script_writes_results_and_profile(tmp_path, capsys):

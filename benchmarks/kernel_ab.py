@@ -7,8 +7,8 @@ Every variant is loaded at once and swapped in per call, and the candidates run 
 and VGG shapes, half the input channels kept by top-k, every orientation) or per whole model
 (compiled once, latency-aware at the batch size, with the default build; dense beside it)::
 
-    python examples/kernel_ab.py --variant=-DSTREAM_BYTES=0 --batch-size 32 --threads 2
-    python examples/kernel_ab.py --variant=-DSELECT_CHUNK_BYTES=1099511627776LL \\
+    python benchmarks/kernel_ab.py --variant=-DSTREAM_BYTES=0 --batch-size 32 --threads 2
+    python benchmarks/kernel_ab.py --variant=-DSELECT_CHUNK_BYTES=1099511627776LL \\
         --models resnet18 resnet50 --batch-size 32 --threads 2
 
 A variant may change tuning constants only, and the channel-lane kernel's rows (``-DCO_MR=14``):

@@ -1,4 +1,4 @@
-"""examples/kernel_ab.py: both modes run end to end on small inputs (timings are not asserted)."""
+"""benchmarks/kernel_ab.py: both modes run end to end on small inputs (timings are not asserted)."""
 import importlib.util
 import json
 from pathlib import Path
@@ -7,7 +7,7 @@ import pytest
 
 from ispc.ops import native
 
-SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "kernel_ab.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "kernel_ab.py"
 pytestmark = pytest.mark.skipif(not native.available(), reason="native kernel not built here")
 
 

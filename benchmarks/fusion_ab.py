@@ -5,8 +5,8 @@ model, so both gate the same layers with the same kernels; the three candidates 
 interleaved (``ispc.benchmark.time_interleaved``: a rotating order, after warm-up) for ``--rounds``
 rounds at batch 1 (or ``--batch-size``), and medians are compared (the README's A/B table)::
 
-    python examples/fusion_ab.py --models resnet18 resnet50 vgg16_bn mobilenet_v2 --rounds 40
-    python examples/fusion_ab.py --models resnet50 mobilenet_v2 --batch-size 32 --rounds 6
+    python benchmarks/fusion_ab.py --models resnet18 resnet50 vgg16_bn mobilenet_v2 --rounds 40
+    python benchmarks/fusion_ab.py --models resnet50 mobilenet_v2 --batch-size 32 --rounds 6
 """
 from __future__ import annotations
 

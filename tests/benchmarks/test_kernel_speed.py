@@ -1,10 +1,10 @@
-"""examples/kernel_speed.py runs and reports every op it times (timings themselves are not asserted)."""
+"""benchmarks/kernel_speed.py runs and reports every op it times (timings themselves are not asserted)."""
 import importlib.util
 from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "kernel_speed.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "kernel_speed.py"
 
 
 def _load_script():

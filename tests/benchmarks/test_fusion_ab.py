@@ -1,10 +1,10 @@
-"""examples/fusion_ab.py: runs end to end on a small input and writes its JSON (timings are not
+"""benchmarks/fusion_ab.py: runs end to end on a small input and writes its JSON (timings are not
 asserted)."""
 import importlib.util
 import json
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "fusion_ab.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "fusion_ab.py"
 
 
 def test_fusion_ab_writes_results(tmp_path):

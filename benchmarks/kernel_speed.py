@@ -7,21 +7,21 @@ non-overlapping 2x2 pools, :class:`ispc.modules.ChannelsLastMaxPool2d` with both
 ResNet's 3x3/2 stem pool), and of ``F.unfold`` against the strided im2col, on ResNet- and VGG-sized
 shapes::
 
-    python examples/kernel_speed.py --threads 2
+    python benchmarks/kernel_speed.py --threads 2
 
 ``--native`` instead times gated convolutions at half the input channels (the top half by l2 norm
 of random ReLU inputs) on ResNet-18/50 and VGG-16 layer shapes: oneDNN dense on all channels
 against the native indirect GEMM in its three orientations and oneDNN on the gathered channels (the
 ``gather`` strategy), which is what ``select_kernels``' predicted cost model is based on::
 
-    python examples/kernel_speed.py --native --threads 2 [--batch-size 32]
+    python benchmarks/kernel_speed.py --native --threads 2 [--batch-size 32]
 
 ``--gather`` times the ``gather`` strategy's two paths on VGG-16 layer shapes at half the channels
 (batch 1): PyTorch's norm, top-k, sort and ``index_select`` (``gated_conv2d_loop``) against the
 saliency, selection and gathers in C (``gated_conv2d_gather_native``), each with oneDNN's
 convolution, and dense beside them (the CHANGELOG's per-layer figures)::
 
-    python examples/kernel_speed.py --gather --threads 2 --rounds 15
+    python benchmarks/kernel_speed.py --gather --threads 2 --rounds 15
 """
 from __future__ import annotations
 
