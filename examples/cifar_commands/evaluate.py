@@ -36,9 +36,7 @@ __all__ = ["DEFAULT_CHECKPOINTS", "default_checkpoint", "spearman", "negligible_
 
 
 #: where ``evaluate`` looks for a checkpoint when none is given (fine-tuned first, then dense)
-DEFAULT_CHECKPOINTS = ("checkpoints/resnet20_fd_ramp.pt", "checkpoints/resnet20_fd_kd3.pt",
-                       "checkpoints/resnet20_fd_kd2.pt",
-                       "checkpoints/resnet20_fd.pt", "checkpoints/resnet20_dense.pt")
+DEFAULT_CHECKPOINTS = ("checkpoints/resnet20_fd_ramp.pt", "checkpoints/resnet20_dense.pt")
 #: the layer-level check of the CV rationale runs at the threshold point nearest this keep ratio
 CV_CHECK_KEEP = 0.5
 

@@ -105,12 +105,6 @@ def test_evaluate_default_checkpoint_and_spearman(cifar, fake: Path, checkpoint:
     (tmp_path / "checkpoints" / "resnet20_dense.pt").write_bytes(checkpoint.read_bytes())
     monkeypatch.chdir(tmp_path)
     assert ev.default_checkpoint().endswith("resnet20_dense.pt")
-    (tmp_path / "checkpoints" / "resnet20_fd.pt").write_bytes(checkpoint.read_bytes())
-    assert ev.default_checkpoint().endswith("resnet20_fd.pt")
-    (tmp_path / "checkpoints" / "resnet20_fd_kd2.pt").write_bytes(checkpoint.read_bytes())
-    assert ev.default_checkpoint().endswith("resnet20_fd_kd2.pt")
-    (tmp_path / "checkpoints" / "resnet20_fd_kd3.pt").write_bytes(checkpoint.read_bytes())
-    assert ev.default_checkpoint().endswith("resnet20_fd_kd3.pt")
     (tmp_path / "checkpoints" / "resnet20_fd_ramp.pt").write_bytes(checkpoint.read_bytes())
     assert ev.default_checkpoint().endswith("resnet20_fd_ramp.pt")
     assert cifar.main(["evaluate", "--data", str(fake), "--cache-dir", str(tmp_path / "cache"),
