@@ -8,6 +8,7 @@ from torch import Tensor, nn
 from .ops import cpu_kernels as _cpu
 from .ops import gated_conv as _gc
 from .ops import native as _native
+from .ops import triton_gated_conv as _triton
 
 __all__ = [
     "GatedConv2d", "LinearConv2d", "dense_conv", "full_channels",
@@ -186,6 +187,11 @@ class GatedConv2d(nn.Module):
                                     a[8], a[9])
             if self.act or residual is not None:
                 return self._epilogue_in_place(out, residual)
+        elif _triton.serves(x, self.weight, residual):  # eager CUDA: the Triton kernels, epilogue fused
+            return _triton.gated_conv2d_cuda(x, self.weight, self.bias, self.scale, self.stride,
+                                             self.padding, self.dilation, mode, self.threshold,
+                                             self.k, SALIENCY_CODES[self.saliency],
+                                             residual=residual, act=self.act)
         else:
             out = torch.ops.ispc.gated_conv2d(x, self.weight, self.bias, self.scale, *self._args)
         return self._epilogue(out, residual) if self.act or residual is not None else out
