@@ -36,14 +36,15 @@ def compile(model: nn.Module, calibration_data: Any = None, *, config: GatingCon
         backend: a name in :data:`ispc.backends.BACKENDS`: ``"eager"`` (PyTorch kernels),
             ``"inductor"`` (torch.compile of the gated graph) or ``"tensorrt"`` (torch-tensorrt
             engine for the calibration batch shape; needs CUDA and the ``[tensorrt]`` extra;
-            unverified, see ``ispc.backends.tensorrt``).
+            unverified, see ``ispc.backends.tensorrt``) or ``"cuda_graphs"`` (a model on the GPU
+            replayed as CUDA graphs, one per input shape: ``ispc.backends.cuda_graphs``).
         progress: show progress bars (default: when attached to a terminal).
 
     Returns:
         a :class:`CompiledModel` with ``.report`` and ``.graph_module``.
     """
     runner = get_backend(backend)
-    runner.check()  # fail fast, before calibrating, when e.g. TensorRT or CUDA is missing
+    runner.check(pipeline.unwrap(model))  # fail fast, before calibrating (no TensorRT, no CUDA)
     gm, state = pipeline.run(model, calibration_data, config=config, pipeline="compile",
                              progress=progress)
     compiled = CompiledModel(gm, pipeline.build_report(gm, state), state.config, backend=runner.name)

@@ -15,6 +15,8 @@ import torch
 
 from ..compiled import CompiledModel
 from ..errors import BackendUnavailableError, DataError
+from .cuda_graphs import lower as lower_cuda_graphs
+from .cuda_graphs import require_cuda
 from .tensorrt import compile_tensorrt, require_tensorrt
 
 __all__ = ["Backend", "BACKENDS", "get_backend"]
@@ -28,7 +30,8 @@ def _nothing(*_: Any) -> None:
 class Backend:
     """How to run a compiled model.
 
-    ``check()`` fails fast (before any calibration) where the backend cannot run here;
+    ``check(model)`` fails fast (before any calibration) where the backend cannot run here or
+    cannot run ``model`` (the user's model, unwrapped);
     ``attach(compiled, example_inputs)`` gives ``compiled`` its runner (``example_inputs``: the
     first calibration batch, or None); ``reloads``: ``ispc.load`` attaches it again to a model
     read from an archive (it needs nothing the archive does not hold), else the loaded model runs
@@ -38,13 +41,17 @@ class Backend:
     name: str
     help: str
     attach: Callable[[CompiledModel, tuple | None], None] = _nothing
-    check: Callable[[], Any] = _nothing
+    check: Callable[[Any], Any] = _nothing
     reloads: bool = True
 
 
 def _inductor(compiled: CompiledModel, example: tuple | None) -> None:
     compiled.use_runner(torch.compile(compiled.graph_module, fullgraph=compiled.config.mode == "topk",
                                       dynamic=False))
+
+
+def _cuda_graphs(compiled: CompiledModel, example: tuple | None) -> None:
+    compiled.use_runner(lower_cuda_graphs(compiled))
 
 
 def _tensorrt(compiled: CompiledModel, example: tuple | None) -> None:
@@ -62,7 +69,9 @@ BACKENDS: dict[str, Backend] = {b.name: b for b in (
     Backend("inductor", "torch.compile of the gated graph (fullgraph in topk mode)", _inductor),
     Backend("tensorrt", "torch-tensorrt engines for the calibration batch shape (needs CUDA and "
             "the [tensorrt] extra; never run yet, see ispc.backends.tensorrt)", _tensorrt,
-            require_tensorrt, reloads=False),
+            lambda model: require_tensorrt(), reloads=False),
+    Backend("cuda_graphs", "a model on the GPU replayed as CUDA graphs, one per input shape "
+            "(ispc.backends.cuda_graphs; never run on a GPU yet)", _cuda_graphs, require_cuda),
 )}
 
 
