@@ -18,16 +18,24 @@ engines with ``torch_tensorrt.dynamo.compile``. Each ``torch.ops.ispc.gated_conv
    * dynamic batch: the masked-dense form (``IScatterLayer`` of ones at the TopK indices, a
      multiply, the dense convolution): exact, any batch, but dense MACs.
 
-2. **threshold, stride 1**: a TensorRT plugin generated from the custom op with
+2. **threshold** (and topk with ``topk_route="plugin"``), static C, H, W: two TensorRT plugins
+   compiled ahead of time from ispc's Triton kernels (:mod:`ispc.backends.tensorrt_aot`,
+   ``@tensorrt.plugin.aot_impl``): selection, then the tensor-core convolution over each
+   instance's kept channels, PTX inside the engine, no Python at run time. Where TensorRT has no
+   ``aot_impl``: **threshold, stride 1** takes a plugin generated from the custom op with
    ``torch_tensorrt.dynamo.conversion.plugins.custom_op("ispc::gated_conv2d")`` (Quick
-   Deployable Plugin, JIT). At run time the plugin calls ``torch.ops.ispc.gated_conv2d`` on
-   TensorRT's stream, which dispatches to the Triton kernel
-   (:mod:`ispc.ops.triton_gated_conv`): instance-adaptive channel counts inside the engine.
-   Restricted to stride 1 because Torch-TensorRT's generated shape descriptor lambdifies the fake
-   kernel's symbolic output size, and for stride > 1 that expression contains torch's ``FloorDiv``,
-   which ``sympy.lambdify`` prints as an undefined name (reproduced on CPU in the tests).
-3. **threshold, other strides**: the masked-dense form in TensorRT layers (saliency ->
+   Deployable Plugin, JIT: at run time it calls ``torch.ops.ispc.gated_conv2d`` on TensorRT's
+   stream, a callback into Python per call). That one is restricted to stride 1 because
+   Torch-TensorRT's generated shape descriptor lambdifies the fake kernel's symbolic output size,
+   and for stride > 1 that expression contains torch's ``FloorDiv``, which ``sympy.lambdify``
+   prints as an undefined name (reproduced on CPU in the tests); the AOT plugin's descriptor is
+   written by hand and takes any stride.
+3. **threshold, otherwise**: the masked-dense form in TensorRT layers (saliency ->
    ``NOT(s < threshold)`` -> multiply -> dense convolution): exact, in-engine, dense MACs.
+
+The topk decomposition's weight gather copies ``N * k / C`` of the layer's weights per call (every
+instance's k input channels of every output channel); the AOT plugin reads the packed weights in
+place, so at large batches ``topk_route="plugin"`` may be the faster engine (never measured).
 
 :func:`save_engine` / :func:`load_engine` wrap ``torch_tensorrt.save`` / ``torch_tensorrt.load``;
 loading registers the converters and the plugin first (a saved engine with the plugin layer
@@ -37,10 +45,13 @@ archive, which can unpickle objects: load only engines you trust (unlike :func:`
 
 Status (be exact): torch_tensorrt and TensorRT cannot be installed on the machines this was
 written on (no NVIDIA driver), so **none of the TensorRT code paths have been run**: the
-converters, :class:`TRTBuilder`, the plugin registration, ``compile_tensorrt``,
+converters, :class:`TRTBuilder`, the plugin registrations (JIT and AOT), ``compile_tensorrt``,
 ``save_engine``/``load_engine``. They are written against the documented Torch-TensorRT 2.x API
 (``dynamo_tensorrt_converter``, ``ConversionContext.net``, ``get_trt_tensor``,
-``plugins.custom_op``) and the TensorRT 10 Python network API. What *is* tested (CPU):
+``plugins.custom_op``), the TensorRT 10 Python network API and ``tensorrt.plugin``
+(``register``, ``autotune``, ``aot_impl``, ``KernelLaunchParams``, ``SymInt32``). What *is*
+tested (CPU): the AOT plugins' kernel specifications, their compilation to PTX for sm_90 and its
+parameter list (:mod:`ispc.backends.tensorrt_aot`), and
 
 - the decomposition logic itself: :func:`decompose` is written once against a builder interface
   and :class:`TorchBuilder` runs it with plain PyTorch ops that follow TensorRT's layer semantics
@@ -73,7 +84,7 @@ from ..ops import gated_conv as _gc
 __all__ = ["compile_tensorrt", "save_engine", "load_engine", "register_converters",
            "require_tensorrt", "decompose", "decompose_reference", "TorchBuilder", "TRTBuilder",
            "CONVERTER_TARGET", "gated_args", "takes_topk_converter", "takes_plugin",
-           "takes_masked_threshold"]
+           "takes_aot_plugin", "takes_masked_threshold", "TOPK_ROUTES"]
 
 _LOG = logging.getLogger(__name__)
 
@@ -82,7 +93,10 @@ CONVERTER_TARGET = torch.ops.ispc.gated_conv2d.default
 _PLUGIN_NAME = "ispc::gated_conv2d"
 _ARG_NAMES = ("x", "weight", "bias", "scale", "stride_h", "stride_w", "pad_h", "pad_w", "dil_h",
               "dil_w", "mode", "threshold", "k", "saliency")
-_state: dict[str, Any] = {"converters": False, "plugin": False}
+_state: dict[str, Any] = {"converters": False, "plugin": False, "aot": False,
+                          "topk_route": "decompose"}
+#: how topk layers are converted: TensorRT layers, or the AOT plugins
+TOPK_ROUTES = ("decompose", "plugin")
 
 
 # --- dependencies -------------------------------------------------------------------------------
@@ -131,16 +145,36 @@ def _kept_all(a: dict[str, Any]) -> bool:
 
 
 def takes_topk_converter(node: Any, settings: Any = None) -> bool:
-    """topk layers (and layers keeping every channel), with static C, H, W."""
+    """topk layers (and layers keeping every channel), with static C, H, W; topk layers go to
+    the AOT plugins instead when ``topk_route="plugin"`` and they are registered."""
     a = gated_args(node)
-    return _static_spatial(node) and (a.get("mode") == _gc.TOPK or _kept_all(a))
+    if _kept_all(a):
+        return _static_spatial(node)
+    return (_static_spatial(node) and a.get("mode") == _gc.TOPK
+            and not (_state["aot"] and _state["topk_route"] == "plugin"))
+
+
+def _map_dtype_ok(node: Any) -> bool:
+    val = getattr(gated_args(node).get("x"), "meta", {}).get("val")
+    return val is not None and val.dtype in (torch.float32, torch.float16, torch.bfloat16)
+
+
+def takes_aot_plugin(node: Any, settings: Any = None) -> bool:
+    """Gated layers (threshold; topk with ``topk_route="plugin"``) with static C, H, W and
+    float32/float16/bfloat16 maps, once the AOT plugins are registered."""
+    a = gated_args(node)
+    mode = a.get("mode")
+    route = mode == _gc.THRESHOLD or (mode == _gc.TOPK and _state["topk_route"] == "plugin")
+    return (bool(_state["aot"]) and route and not _kept_all(a) and _static_spatial(node)
+            and _map_dtype_ok(node))
 
 
 def takes_plugin(node: Any, settings: Any = None) -> bool:
-    """threshold layers with stride 1 (the generated plugin's shape descriptor handles those)."""
+    """threshold layers with stride 1 (the generated plugin's shape descriptor handles those),
+    where the AOT plugins are not registered."""
     a = gated_args(node)
     return (a.get("mode") == _gc.THRESHOLD and a.get("stride_h") == 1 and a.get("stride_w") == 1
-            and bool(_state["plugin"]))
+            and bool(_state["plugin"]) and not _state["aot"])
 
 
 def takes_masked_threshold(node: Any, settings: Any = None) -> bool:
@@ -430,6 +464,17 @@ def register_converters() -> None:
     dynamo_tensorrt_converter(CONVERTER_TARGET, capability_validator=takes_topk_converter,
                               priority=ConverterPriority.HIGH,
                               supports_dynamic_shapes=True)(_decomposition_converter)
+    from . import tensorrt_aot
+
+    try:
+        if tensorrt_aot.register_aot_plugins():
+            dynamo_tensorrt_converter(CONVERTER_TARGET, capability_validator=takes_aot_plugin,
+                                      priority=ConverterPriority.HIGH,
+                                      supports_dynamic_shapes=True)(tensorrt_aot.aot_converter)
+            _state["aot"] = True
+    except Exception as exc:  # an API that differs from the documented one: the JIT plugin
+        _LOG.warning("ispc: AOT TensorRT plugins not registered (%s: %s)", type(exc).__name__,
+                     exc)
     try:
         from ..ops import triton_gated_conv
 
@@ -450,7 +495,7 @@ def register_converters() -> None:
 
 def compile_tensorrt(compiled: CompiledModel | torch.nn.Module, example_inputs: Any, *,
                      dynamic_batch: bool = False, max_batch: int | None = None,
-                     **settings: Any) -> torch.nn.Module:
+                     topk_route: str = "decompose", **settings: Any) -> torch.nn.Module:
     """Build TensorRT engines for a compiled model with ``torch_tensorrt.dynamo.compile``.
 
     Args:
@@ -459,14 +504,19 @@ def compile_tensorrt(compiled: CompiledModel | torch.nn.Module, example_inputs: 
         dynamic_batch: build for batch sizes 1..``max_batch`` (default: 2x the example batch).
             topk layers then use the masked-dense form (exact, dense MACs); with a static batch
             (default) they gather each instance's channels and run k/C of the MACs.
+        topk_route: ``"decompose"`` (topk layers as TensorRT layers) or ``"plugin"`` (the AOT
+            Triton plugins, where registered).
         **settings: passed to ``torch_tensorrt.dynamo.compile`` (e.g. ``enabled_precisions``,
             ``workspace_size``); ``min_block_size`` defaults to 1.
 
     Returns:
         the Torch-TensorRT module (callable like the model).
     """
+    if topk_route not in TOPK_ROUTES:
+        raise ValueError(f"topk_route must be one of {TOPK_ROUTES}, got {topk_route!r}")
     torch_tensorrt = require_tensorrt()
     register_converters()
+    _state["topk_route"] = topk_route
     import copy
 
     from ..export import graph_module_of
