@@ -36,11 +36,11 @@ __all__ = ["select_kernels", "LAYOUT_MARGIN", "CUDA_NOTE"]
 LAYOUT_MARGIN = 0.01
 
 #: said when a model is gated on a GPU without latency-aware selection
-CUDA_NOTE = ("ispc: gated layers on CUDA run a Triton kernel that measured slower than cuDNN's "
-             "dense convolution on every ResNet-50 and VGG-16 layer shape timed so far (H200, half "
-             "the channels kept: 1.6-8.6x the time of float32 cuDNN; see docs/gpu.md); the "
-             "gates' accuracy is the same as on the CPU, but for speed pass "
-             "GatingConfig(latency_aware=True), which keeps only layers that pay on this GPU")
+CUDA_NOTE = ("ispc: gated layers on CUDA run a Triton kernel that has not been timed on a GPU yet "
+             "(its predecessor measured 1.6-8.6x the time of cuDNN's dense convolution per layer "
+             "on an H200, see docs/gpu.md); the gates' accuracy is the same as on the CPU, but for "
+             "speed pass GatingConfig(latency_aware=True), which keeps only layers that pay on "
+             "this GPU")
 
 
 def _apply(gm: fx.GraphModule, node: fx.Node, m: costs.Measurement, cfg: GatingConfig) -> bool:
