@@ -85,7 +85,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batches", nargs="+", type=int, default=[32, 1])
     p.add_argument("--layer-batch", type=int, default=32)
     p.add_argument("--keep", type=float, default=0.5, help="fraction of channels kept")
-    p.add_argument("--cases", type=int, default=48, help="random geometries in 'check'")
+    p.add_argument("--cases", type=int, default=32, help="random geometries in 'check'")
     p.add_argument("--budget-s", type=float, default=330.0,
                    help="no new unit of work starts after this many seconds")
     p.add_argument("--dry-run", action="store_true",
@@ -194,74 +194,25 @@ def _rel(y, ref) -> float:
 def check(run: Run) -> dict[str, Any]:
     """The kernels against a float64 reference on random geometries (see the module doc)."""
     import torch
-    import torch.nn.functional as F
-
-    from ispc.ops import gated_conv as gc
-    from ispc.ops import triton_gated_conv as tgc
 
     g = torch.Generator().manual_seed(1234)
     dev = run.device
     variants = [("fp32-ieee", torch.float32, "ieee"), ("fp32-tf32", torch.float32, "tf32"),
                 ("bf16", torch.bfloat16, None), ("fp16", torch.float16, None)]
 
-    def pick(*options: Any) -> Any:
-        return options[int(torch.randint(len(options), (1,), generator=g))]
-
     rows = []
     cases = 3 if run.dry else run.args.cases
-    for i in range(cases):
-        label, dtype, prec = variants[i % len(variants)]
-        if run.dry:
-            n, c, cout, kk, st, dl, h, w = 2, pick(8, 17), 16, 3, pick(1, 2), 1, 6, 5
+    # the default tiling: timing every tiling of every random shape would compile each of them
+    tune = os.environ.get("ISPC_TRITON_TUNE")
+    os.environ["ISPC_TRITON_TUNE"] = "0"
+    try:
+        for i in range(cases):
+            rows.append(_check_case(run, i, g, variants))
+    finally:
+        if tune is None:
+            os.environ.pop("ISPC_TRITON_TUNE", None)
         else:
-            n, c, cout = pick(1, 2, 5), pick(3, 16, 17, 40, 64, 130), pick(1, 8, 31, 64, 96)
-            kk, st, dl = pick(1, 3, 5), pick(1, 2), pick(1, 2)
-            h, w = pick(5, 8, 13, 30), pick(6, 9, 14, 29)
-        pd = pick(0, kk // 2, 1)
-        if (h + 2 * pd - dl * (kk - 1) - 1) < 0 or (w + 2 * pd - dl * (kk - 1) - 1) < 0:
-            pd = dl * (kk - 1)
-        mode, sal = pick(gc.TOPK, gc.THRESHOLD), pick(gc.SALIENCY_L2, gc.SALIENCY_L1)
-        layout, act = pick("nchw", "nhwc"), pick(None, "relu", "relu6")
-        fused = pick(None, True, False)
-        x = torch.randn(n, c, h, w, generator=g).to(dtype)
-        wt = (torch.randn(cout, c, kk, kk, generator=g) / math.sqrt(c * kk * kk)).to(dtype)
-        b, scale = torch.randn(cout, generator=g).to(dtype), torch.rand(c, generator=g) + 0.5
-        k = max(1, c // 2)
-        s = gc.channel_saliency(x, scale, sal)
-        thr = _threshold_between(s, 0.5) if c > 1 else 0.5 * float(s.min())
-        ho = gc.conv_out_size(h, kk, st, pd, dl)
-        wo = gc.conv_out_size(w, kk, st, pd, dl)
-        res = torch.randn(n, cout, ho, wo, generator=g).to(dtype) if act else None
-        m = gc.channel_mask(x, scale, mode, thr, k, sal).to(torch.float64)[:, :, None, None]
-        ref = F.conv2d(x.double() * m, wt.double(), b.double(), st, pd, dl)
-        if res is not None:
-            ref = ref + res.double()
-        ref = ref.clamp_min(0) if act == "relu" else ref.clamp(0, 6) if act == "relu6" else ref
-        xd = x.to(dev)
-        if layout == "nhwc":
-            xd = xd.contiguous(memory_format=torch.channels_last)
-        if dev.type == "cuda":  # poison what the caching allocator will hand the output
-            torch.full((n * cout * ho * wo,), float("nan"), device=dev, dtype=dtype)
-        y = tgc.gated_conv2d_cuda(xd, wt.to(dev), b.to(dev), scale.to(dev), (st, st), (pd, pd),
-                                  (dl, dl), mode, thr, k, sal,
-                                  residual=res.to(dev) if res is not None else None, act=act,
-                                  fused_select=fused, precision=prec)
-        run.sync()
-        idx, cnt = tgc.select_channels(xd, scale.to(dev), mode, thr, k, sal, fused=fused)
-        want = gc.channel_mask(x, scale, mode, thr, k, sal)
-        got = torch.zeros_like(want)
-        for r in range(n):
-            got[r, idx[r, :int(cnt[r])].long().cpu()] = True
-        err = _rel(y, ref)
-        rows.append({"variant": label, "shape": [n, c, h, w, cout, kk], "stride": st, "pad": pd,
-                     "dil": dl, "mode": "topk" if mode == gc.TOPK else "threshold",
-                     "saliency": "l2" if sal == gc.SALIENCY_L2 else "l1", "layout": layout,
-                     "act": act, "residual": res is not None, "fused_select": fused,
-                     "layout_kept": bool(y.is_contiguous(memory_format=torch.channels_last)
-                                         if layout == "nhwc" else y.is_contiguous()),
-                     "finite": bool(torch.isfinite(y).all()), "rel_err": err,
-                     "selection_equal": bool(torch.equal(got, want)),
-                     "ok": bool(err < TOLERANCE[label] and torch.isfinite(y).all())})
+            os.environ["ISPC_TRITON_TUNE"] = tune
     by = {}
     for r in rows:
         v = by.setdefault(r["variant"], {"cases": 0, "max_rel_err": 0.0, "failed": 0,
@@ -275,6 +226,73 @@ def check(run: Run) -> dict[str, Any]:
     if dev.type == "cuda":
         out["graphs"] = _check_graphs(run)
     return out
+
+
+def _check_case(run: Run, i: int, g, variants) -> dict[str, Any]:
+    """One random geometry of :func:`check`."""
+    import torch
+    import torch.nn.functional as F
+
+    from ispc.ops import gated_conv as gc
+    from ispc.ops import triton_gated_conv as tgc
+
+    dev = run.device
+
+    def pick(*options: Any) -> Any:
+        return options[int(torch.randint(len(options), (1,), generator=g))]
+
+    label, dtype, prec = variants[i % len(variants)]
+    if run.dry:
+        n, c, cout, kk, st, dl, h, w = 2, pick(8, 17), 16, 3, pick(1, 2), 1, 6, 5
+    else:
+        n, c, cout = pick(1, 2, 5), pick(3, 16, 17, 40, 64, 130), pick(1, 8, 31, 64, 96)
+        kk, st, dl = pick(1, 3, 5), pick(1, 2), pick(1, 2)
+        h, w = pick(5, 8, 13, 30), pick(6, 9, 14, 29)
+    pd = pick(0, kk // 2, 1)
+    if (h + 2 * pd - dl * (kk - 1) - 1) < 0 or (w + 2 * pd - dl * (kk - 1) - 1) < 0:
+        pd = dl * (kk - 1)
+    mode, sal = pick(gc.TOPK, gc.THRESHOLD), pick(gc.SALIENCY_L2, gc.SALIENCY_L1)
+    layout, act = pick("nchw", "nhwc"), pick(None, "relu", "relu6")
+    fused = pick(None, True, False)
+    x = torch.randn(n, c, h, w, generator=g).to(dtype)
+    wt = (torch.randn(cout, c, kk, kk, generator=g) / math.sqrt(c * kk * kk)).to(dtype)
+    b, scale = torch.randn(cout, generator=g).to(dtype), torch.rand(c, generator=g) + 0.5
+    k = max(1, c // 2)
+    s = gc.channel_saliency(x, scale, sal)
+    thr = _threshold_between(s, 0.5) if c > 1 else 0.5 * float(s.min())
+    ho = gc.conv_out_size(h, kk, st, pd, dl)
+    wo = gc.conv_out_size(w, kk, st, pd, dl)
+    res = torch.randn(n, cout, ho, wo, generator=g).to(dtype) if act else None
+    m = gc.channel_mask(x, scale, mode, thr, k, sal).to(torch.float64)[:, :, None, None]
+    ref = F.conv2d(x.double() * m, wt.double(), b.double(), st, pd, dl)
+    if res is not None:
+        ref = ref + res.double()
+    ref = ref.clamp_min(0) if act == "relu" else ref.clamp(0, 6) if act == "relu6" else ref
+    xd = x.to(dev)
+    if layout == "nhwc":
+        xd = xd.contiguous(memory_format=torch.channels_last)
+    if dev.type == "cuda":  # poison what the caching allocator will hand the output
+        torch.full((n * cout * ho * wo,), float("nan"), device=dev, dtype=dtype)
+    y = tgc.gated_conv2d_cuda(xd, wt.to(dev), b.to(dev), scale.to(dev), (st, st), (pd, pd),
+                              (dl, dl), mode, thr, k, sal,
+                              residual=res.to(dev) if res is not None else None, act=act,
+                              fused_select=fused, precision=prec)
+    run.sync()
+    idx, cnt = tgc.select_channels(xd, scale.to(dev), mode, thr, k, sal, fused=fused)
+    want = gc.channel_mask(x, scale, mode, thr, k, sal)
+    got = torch.zeros_like(want)
+    for r in range(n):
+        got[r, idx[r, :int(cnt[r])].long().cpu()] = True
+    err = _rel(y, ref)
+    return {"variant": label, "shape": [n, c, h, w, cout, kk], "stride": st, "pad": pd,
+            "dil": dl, "mode": "topk" if mode == gc.TOPK else "threshold",
+            "saliency": "l2" if sal == gc.SALIENCY_L2 else "l1", "layout": layout, "act": act,
+            "residual": res is not None, "fused_select": fused,
+            "layout_kept": bool(y.is_contiguous(memory_format=torch.channels_last)
+                                if layout == "nhwc" else y.is_contiguous()),
+            "finite": bool(torch.isfinite(y).all()), "rel_err": err,
+            "selection_equal": bool(torch.equal(got, want)),
+            "ok": bool(err < TOLERANCE[label] and torch.isfinite(y).all())}
 
 
 def _tiny_net():

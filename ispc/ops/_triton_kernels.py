@@ -173,7 +173,6 @@ def gated_conv_kernel(x_ptr, w_ptr, b_ptr, idx_ptr, cnt_ptr, res_ptr,
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     n = tl.program_id(2)
-    TAPS: tl.constexpr = KH * KW
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = offs_m < HO * WO
@@ -186,10 +185,10 @@ def gated_conv_kernel(x_ptr, w_ptr, b_ptr, idx_ptr, cnt_ptr, res_ptr,
     x_n = x_ptr + n.to(tl.int64) * C * H * W
     idx_n = idx_ptr + n.to(tl.int64) * K_MAX
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    steps = tl.cdiv(cnt, BLOCK_K) * TAPS
+    steps = tl.cdiv(cnt, BLOCK_K) * (KH * KW)
     for t in range(0, steps):
-        cb = t // TAPS
-        r = t - cb * TAPS
+        cb = t // (KH * KW)
+        r = t - cb * (KH * KW)
         kh = r // KW
         kw = r - kh * KW
         offs_k = cb * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -203,7 +202,7 @@ def gated_conv_kernel(x_ptr, w_ptr, b_ptr, idx_ptr, cnt_ptr, res_ptr,
         else:
             a_off = (ih * W + iw)[:, None] * C + ch[None, :]
         a = tl.load(x_n + a_off, mask=p_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(w_ptr + (ch * TAPS + r).to(tl.int64)[:, None] * COUT + offs_n[None, :],
+        b = tl.load(w_ptr + (ch * (KH * KW) + r).to(tl.int64)[:, None] * COUT + offs_n[None, :],
                     mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         if UPCAST:
             acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")

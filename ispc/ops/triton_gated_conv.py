@@ -414,8 +414,10 @@ def gated_conv2d_indexed(x: Tensor, weight: Tensor, bias: Tensor, idx: Tensor, c
             if interp:
                 config = INTERPRET_CONFIG
             else:
+                # the epilogue is left out of the key: it costs little beside the main loop, and
+                # every tiling timed is a kernel to compile (a ResNet-50 has four epilogues)
                 key = (n, c, h, w, cout, kh, kw, tuple(stride), tuple(padding), tuple(dilation),
-                       int(idx.shape[1]), str(x.dtype), layout, residual is not None, act, prec)
+                       int(idx.shape[1]), str(x.dtype), layout, prec)
                 config = _pick_config(key, launch, x.dtype, ho * wo, cout)
         launch(config)
     return out
@@ -452,9 +454,11 @@ def gated_conv2d_cuda(x: Tensor, weight: Tensor, bias: Tensor, scale: Tensor,
 def gated_conv2d_triton(x: Tensor, weight: Tensor, bias: Tensor, scale: Tensor, stride_h: int,
                         stride_w: int, pad_h: int, pad_w: int, dil_h: int, dil_w: int, mode: int,
                         threshold: float, k: int, saliency: int = _gc.SALIENCY_L2) -> Tensor:
-    """The operator's semantics (see :mod:`ispc.ops.gated_conv`) with the Triton kernels."""
+    """The operator's semantics (see :mod:`ispc.ops.gated_conv`) with the Triton kernels. The
+    output is contiguous NCHW, as the operator's fake implementation says (compiled graphs plan
+    their memory by it); :func:`gated_conv2d_cuda` keeps a channels-last input's layout."""
     return gated_conv2d_cuda(x, weight, bias, scale, (stride_h, stride_w), (pad_h, pad_w),
-                             (dil_h, dil_w), mode, threshold, k, saliency)
+                             (dil_h, dil_w), mode, threshold, k, saliency).contiguous()
 
 
 def _cuda_kernel(x, weight, bias, scale, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, mode,
