@@ -29,10 +29,8 @@ LAYERS = [
      "ispc.runtimes"],
     ["ispc.cli", "ispc", "ispc.examples"],
 ]
-#: files other engineers own and will change (their function-level and private imports are
-#: theirs to move): examples/gpu_check.py is being replaced; backends/tensorrt.py imports
-#: ``..export`` and ``..ops.triton_gated_conv`` inside functions
-OWNED_ELSEWHERE = {"examples/gpu_check.py", "ispc/backends/tensorrt.py"}
+#: files exempt from the function-level-import rule (none)
+OWNED_ELSEWHERE: set[str] = set()
 #: ispc modules that need an optional third-party package to import: only these may be imported
 #: inside a function
 OPTIONAL = {"ispc.ops._triton_kernels"}

@@ -71,7 +71,8 @@ BACKENDS: dict[str, Backend] = {b.name: b for b in (
             "the [tensorrt] extra; never run yet, see ispc.backends.tensorrt)", _tensorrt,
             lambda model: require_tensorrt(), reloads=False),
     Backend("cuda_graphs", "a model on the GPU replayed as CUDA graphs, one per input shape "
-            "(ispc.backends.cuda_graphs; never run on a GPU yet)", _cuda_graphs, require_cuda),
+            "(ispc.backends.cuda_graphs; never run on a GPU yet)", _cuda_graphs, require_cuda,
+            reloads=False),
 )}
 
 

@@ -66,6 +66,7 @@ parameter list (:mod:`ispc.backends.tensorrt_aot`), and
 """
 from __future__ import annotations
 
+import copy
 import importlib.util
 import logging
 import math
@@ -78,8 +79,10 @@ from torch import Tensor
 
 from ..compiled import CompiledModel
 from ..errors import BackendUnavailableError
-from ..export import as_example_inputs, export_program
+from ..export import as_example_inputs, export_program, graph_module_of
 from ..ops import gated_conv as _gc
+from ..ops import triton_gated_conv
+from . import tensorrt_aot
 
 __all__ = ["compile_tensorrt", "save_engine", "load_engine", "register_converters",
            "require_tensorrt", "decompose", "decompose_reference", "TorchBuilder", "TRTBuilder",
@@ -91,8 +94,6 @@ _LOG = logging.getLogger(__name__)
 #: the node target the converters are registered for
 CONVERTER_TARGET = torch.ops.ispc.gated_conv2d.default
 _PLUGIN_NAME = "ispc::gated_conv2d"
-_ARG_NAMES = ("x", "weight", "bias", "scale", "stride_h", "stride_w", "pad_h", "pad_w", "dil_h",
-              "dil_w", "mode", "threshold", "k", "saliency")
 _state: dict[str, Any] = {"converters": False, "plugin": False, "aot": False,
                           "topk_route": "decompose"}
 #: how topk layers are converted: TensorRT layers, or the AOT plugins
@@ -123,8 +124,8 @@ def require_tensorrt() -> Any:
 
 def gated_args(node: Any) -> dict[str, Any]:
     """A gated_conv2d node's arguments by name (positional or keyword)."""
-    out = dict(zip(_ARG_NAMES, node.args))
-    out.update({k: v for k, v in node.kwargs.items() if k in _ARG_NAMES})
+    out = dict(zip(_gc.ARG_NAMES, node.args))
+    out.update({k: v for k, v in node.kwargs.items() if k in _gc.ARG_NAMES})
     return out
 
 
@@ -438,7 +439,7 @@ class TRTBuilder:
 
 def _decomposition_converter(ctx: Any, target: Any, args: tuple, kwargs: dict, name: str) -> Any:
     """Torch-TensorRT converter: :func:`decompose` on a :class:`TRTBuilder`."""
-    a = dict(zip(_ARG_NAMES, args))
+    a = dict(zip(_gc.ARG_NAMES, args))
     a.update(kwargs)
     weight, bias = a["weight"], a["bias"]
     if isinstance(weight, np.ndarray):
@@ -464,7 +465,6 @@ def register_converters() -> None:
     dynamo_tensorrt_converter(CONVERTER_TARGET, capability_validator=takes_topk_converter,
                               priority=ConverterPriority.HIGH,
                               supports_dynamic_shapes=True)(_decomposition_converter)
-    from . import tensorrt_aot
 
     try:
         if tensorrt_aot.register_aot_plugins():
@@ -476,7 +476,6 @@ def register_converters() -> None:
         _LOG.warning("ispc: AOT TensorRT plugins not registered (%s: %s)", type(exc).__name__,
                      exc)
     try:
-        from ..ops import triton_gated_conv
 
         if not triton_gated_conv.register_cuda_kernel():
             raise RuntimeError("triton is not installed (the plugin runs the Triton kernel)")
@@ -517,9 +516,6 @@ def compile_tensorrt(compiled: CompiledModel | torch.nn.Module, example_inputs: 
     torch_tensorrt = require_tensorrt()
     register_converters()
     _state["topk_route"] = topk_route
-    import copy
-
-    from ..export import graph_module_of
 
     args = tuple(a.cuda() if isinstance(a, Tensor) else a
                  for a in as_example_inputs(example_inputs))

@@ -86,9 +86,7 @@ class KernelSpec:
 
 
 def _kernel_fn(name: str):
-    from ..ops import _triton_kernels as tk
-
-    return getattr(tk, name)
+    return _tgc.kernel(name)
 
 
 def conv_out(size: Any, kernel: int, stride: int, pad: int, dil: int) -> Any:
@@ -298,9 +296,8 @@ def aot_converter(ctx: Any, target: Any, args: tuple, kwargs: dict, name: str) -
     import tensorrt.plugin as trtp
     from torch_tensorrt.dynamo.conversion.converter_utils import get_trt_tensor
 
-    from .tensorrt import _ARG_NAMES
 
-    a = dict(zip(_ARG_NAMES, args))
+    a = dict(zip(_gc.ARG_NAMES, args))
     a.update(kwargs)
     x = a["x"]
     dtype = {trt.float32: torch.float32, trt.float16: torch.float16,

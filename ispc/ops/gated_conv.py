@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
+    "ARG_NAMES",
     "THRESHOLD",
     "TOPK",
     "SALIENCY_L2",
@@ -38,6 +39,9 @@ __all__ = [
 THRESHOLD = 0  #: mode: keep channels whose saliency >= threshold (count varies per instance)
 TOPK = 1  #: mode: keep the k most salient channels of each instance
 
+#: ``torch.ops.ispc.gated_conv2d``'s arguments, in schema order (what converters read a node by)
+ARG_NAMES = ("x", "weight", "bias", "scale", "stride_h", "stride_w", "pad_h", "pad_w", "dil_h",
+             "dil_w", "mode", "threshold", "k", "saliency")
 SALIENCY_L2 = 0  #: root mean square over spatial positions (the paper's l2 norm, size-normalized)
 SALIENCY_L1 = 1  #: mean absolute value over spatial positions
 

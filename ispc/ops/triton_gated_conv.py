@@ -40,7 +40,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from . import gated_conv as _gc
 
-__all__ = ["available", "enabled", "set_enabled", "register_cuda_kernel", "serves",
+__all__ = ["kernel", "available", "enabled", "set_enabled", "register_cuda_kernel", "serves",
            "interpreting", "float32_precision", "kept_indices", "select_channels", "pack_weight",
            "gated_conv2d_indexed", "gated_conv2d_cuda", "gated_conv2d_triton", "Config",
            "CONFIGS_F32", "CONFIGS_16", "INTERPRET_CONFIG", "candidate_configs",
@@ -152,6 +152,12 @@ def _tk():
     from . import _triton_kernels
 
     return _triton_kernels
+
+
+def kernel(name: str):
+    """The Triton kernel called ``name`` (ahead-of-time compilers such as TensorRT's plugins
+    compile it themselves); needs triton."""
+    return getattr(_tk(), name)
 
 
 def _np2(v: int) -> int:

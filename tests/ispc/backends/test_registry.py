@@ -19,11 +19,23 @@ def _net():
 
 
 def test_names_and_errors():
-    assert list(BACKENDS) == ["eager", "inductor", "tensorrt"]
+    assert list(BACKENDS) == ["eager", "inductor", "tensorrt", "cuda_graphs"]
     assert ispc.BACKENDS is BACKENDS
     assert not BACKENDS["tensorrt"].reloads and BACKENDS["inductor"].reloads
-    with pytest.raises(ispc.BackendUnavailableError, match="available: eager, inductor, tensorrt"):
+    assert not BACKENDS["cuda_graphs"].reloads  # an archive loads on the CPU
+    with pytest.raises(ispc.BackendUnavailableError,
+                       match="available: eager, inductor, tensorrt, cuda_graphs"):
         get_backend("tvm")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_cuda_graphs_refuses_before_calibrating_without_cuda():
+    def never():
+        raise AssertionError("calibration data was read")
+        yield
+
+    with pytest.raises(ispc.BackendUnavailableError, match="needs an NVIDIA GPU"):
+        ispc.compile(_net(), never(), backend="cuda_graphs")
 
 
 def test_the_command_line_offers_every_backend():

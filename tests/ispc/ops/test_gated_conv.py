@@ -148,3 +148,8 @@ def test_conv_out_size_matches_torch():
         out = torch.nn.functional.conv2d(torch.zeros(1, 1, size, size), torch.zeros(1, 1, k, k),
                                          stride=s, padding=p, dilation=d)
         assert gc.conv_out_size(size, k, s, p, d) == out.shape[-1]
+
+
+def test_arg_names_follow_the_operator_schema():
+    schema = torch.ops.ispc.gated_conv2d.default._schema
+    assert tuple(a.name for a in schema.arguments) == gc.ARG_NAMES
