@@ -1,0 +1,195 @@
+"""One runtime, one fresh process: prepare the model, time it, write the result (ispc.runtimes).
+
+Run as a script by :func:`ispc.runtimes.time_runtimes` (``python -c`` + ``runpy``, so that the
+``ispc`` package is not imported where the runtime does not need it): an ONNX Runtime or OpenVINO
+worker imports that runtime and NumPy only, no PyTorch, so no other thread pool is loaded beside
+theirs. The job is a JSON file; the result is a JSON file plus the first batch's output (``.npy``)
+for the parent's numerics check. Errors are results too (``status``), never a crash of the parent.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+import traceback
+from typing import Any, Callable
+
+
+def _load_numpy():
+    import numpy as np
+
+    return np
+
+
+def _precision_name(value: Any) -> str:
+    s = str(value).lower()
+    if "bf16" in s or "bfloat16" in s:
+        return "bfloat16"
+    if "f16" in s or "float16" in s:
+        return "float16"
+    if "f32" in s or "float32" in s:
+        return "float32"
+    return s
+
+
+def _import_main(path: str) -> None:
+    """Make the parent's main script importable as ``__main__`` (as multiprocessing's spawn does)
+    so that a model whose classes it defines unpickles here; its ``if __name__ == "__main__"``
+    block does not run."""
+    import runpy
+    import types
+
+    namespace = runpy.run_path(path, run_name="__mp_main__")
+    module = types.ModuleType("__mp_main__")
+    module.__dict__.update(namespace)
+    sys.modules["__main__"] = sys.modules["__mp_main__"] = module
+
+
+def _torch_model(job: dict, channels_last: bool = False):
+    import torch
+
+    torch.set_num_threads(job["threads"])
+    if job.get("main_path"):
+        _import_main(job["main_path"])
+    try:
+        model = torch.load(job["artifact"], weights_only=False)  # written by our parent, just now
+    except (AttributeError, ModuleNotFoundError) as exc:
+        raise RuntimeError(f"the model cannot be rebuilt in a fresh process ({exc}): define its "
+                           "classes in an importable module or a script") from None
+    model.eval()
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def _prepare(job: dict, batches: list) -> tuple[Callable[[Any], Any], dict[str, Any]]:
+    """A one-argument call for the job's runtime, and facts about it (version, precision)."""
+    runtime = job["runtime"]
+    threads = job["threads"]
+    if runtime in ("eager", "eager_nhwc", "inductor", "ispc"):
+        import torch
+
+        torch.set_num_threads(threads)
+        info = {"version": torch.__version__, "precision": "float32"}
+        if runtime == "ispc":
+            import ispc
+
+            model = ispc.load(job["artifact"])
+            info["version"] = f"ispc {ispc.__version__}, torch {torch.__version__}"
+            param = next(model.parameters(), None)
+            if param is not None:
+                info["precision"] = _precision_name(param.dtype)
+        else:
+            model = _torch_model(job, channels_last=runtime == "eager_nhwc")
+            param = next(model.parameters(), None)
+            if param is not None:
+                info["precision"] = _precision_name(param.dtype)
+        if runtime == "inductor":
+            import torch._inductor.config as inductor_config
+
+            inductor_config.freezing = True
+            model = torch.compile(model)
+        memory_format = torch.channels_last if runtime == "eager_nhwc" else None
+        tensors = [torch.from_numpy(b) for b in batches]
+        mapping = {id(b): t for b, t in zip(batches, tensors)}
+
+        def call(x):
+            t = mapping[id(x)]
+            if memory_format is not None:
+                t = t.contiguous(memory_format=memory_format)
+            with torch.no_grad():
+                return model(t)
+
+        def to_numpy(out):
+            while isinstance(out, (tuple, list)):
+                out = out[0]
+            return out.detach().contiguous().numpy()
+
+        info["to_numpy"] = to_numpy
+        return call, info
+    if runtime == "onnxruntime":
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        sess = ort.InferenceSession(job["artifact"], so, providers=["CPUExecutionProvider"])
+        name = sess.get_inputs()[0].name
+
+        def call(x):
+            return sess.run(None, {name: x})
+
+        return call, {"version": ort.__version__, "precision": "float32",
+                      "to_numpy": lambda out: out[0]}
+    if runtime in ("openvino", "openvino_default"):
+        import openvino as ov
+
+        core = ov.Core()
+        model = core.read_model(job["artifact"])
+        # a static shape, as OpenVINO's latency guide advises (the ONNX file has a dynamic batch)
+        model.reshape({model.inputs[0].get_any_name(): ov.PartialShape(list(batches[0].shape))})
+        config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads}
+        if runtime == "openvino":
+            config["INFERENCE_PRECISION_HINT"] = "f32"
+        compiled = core.compile_model(model, "CPU", config)
+        request = compiled.create_infer_request()
+
+        def call(x):
+            request.infer({0: x})
+            return request
+
+        return call, {"version": ov.get_version(),
+                      "precision": _precision_name(compiled.get_property("INFERENCE_PRECISION_HINT")),
+                      "to_numpy": lambda req: req.get_output_tensor(0).data.copy()}
+    raise ValueError(f"unknown runtime {runtime!r}")
+
+
+def run(job: dict) -> dict[str, Any]:
+    """Prepare, warm up, time; the result dict (also written to ``job['result']``)."""
+    np = _load_numpy()
+    result: dict[str, Any] = {"runtime": job["runtime"], "status": "ok", "times_ms": [],
+                              "note": ""}
+    try:
+        pool = np.load(job["inputs"])
+        batches = [np.ascontiguousarray(pool[i]) for i in range(pool.shape[0])]
+        t0 = time.perf_counter()
+        try:
+            call, info = _prepare(job, batches)
+        except ImportError as exc:
+            result.update(status="unavailable", note=f"not installed here ({exc})")
+            return result
+        to_numpy = info.pop("to_numpy")
+        call(batches[0])  # the first call: inductor compiles, OpenVINO/ORT allocate
+        result["prepare_s"] = time.perf_counter() - t0
+        result.update(info)
+        n = len(batches)
+        for i in range(job["warmup"]):
+            call(batches[i % n])
+        times = []
+        perf = time.perf_counter
+        for i in range(job["calls"]):
+            x = batches[i % n]
+            t = perf()
+            call(x)
+            times.append((perf() - t) * 1e3)
+        result["times_ms"] = times
+        np.save(job["check_output"], np.asarray(to_numpy(call(batches[0])), dtype=np.float32))
+    except Exception as exc:  # reported to the parent, which records it and goes on
+        result.update(status="error", note=f"{type(exc).__name__}: {exc}",
+                      traceback=traceback.format_exc(limit=8))
+    return result
+
+
+def main(argv: list[str]) -> int:
+    with open(argv[1]) as f:
+        job = json.load(f)
+    result = run(job)
+    with open(job["result"], "w") as f:
+        json.dump(result, f)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

@@ -1,0 +1,636 @@
+"""Dense peers: the user's dense model in every runtime a user could deploy, timed beside ispc.
+
+ispc's own benchmark divides by its BatchNorm-folded PyTorch eager model; a user deploys the fastest
+dense runtime they have. This module prepares and times the *dense* model in PyTorch eager (NCHW and
+channels-last), ``torch.compile`` (inductor with ``freezing``), ONNX Runtime (CPU EP, all graph
+optimizations) and OpenVINO (CPU, float32 and its default precision, bf16 where the CPU has AMX), and
+ispc's compiled model saved with :func:`ispc.save` and loaded with :func:`ispc.load`.
+
+How it measures (each point is what a fair comparison needs):
+
+- every runtime runs in a fresh process of its own, started for it (their thread pools spin after a
+  call and slow whoever runs next in the same process; an ONNX Runtime or OpenVINO process imports
+  no PyTorch); the same intra-op threads everywhere, one inter-op thread, the same glibc malloc
+  settings (``MALLOC_TRIM_THRESHOLD_``/``MALLOC_MMAP_THRESHOLD_``, the environment form of
+  :func:`ispc.benchmark.retain_freed_memory`);
+- ``rounds`` rounds of one process per runtime, the order rotated each round, so a slow spell of the
+  machine hits every runtime; in each process ``warmup`` untimed calls, then ``calls`` timed ones
+  cycling through the same distinct batches; medians and quartiles per process and over all rounds;
+- each worker's output on the first batch is compared with the model's own (``max_rel_err``), so a
+  runtime that computes something else (bf16) shows it;
+- ONNX Runtime and OpenVINO read the user's original model exported once to ONNX (dynamic batch;
+  the exporter and each runtime fold BatchNorm and fuse as they do); OpenVINO fixes the batch
+  (static shapes, as its latency guide advises);
+- only float32 runtimes compete for "best": a bf16 figure is reported beside, named as such.
+
+``time_runtimes`` returns :class:`RuntimeTiming` records; :func:`compare`, :func:`runtimes_table`
+and :func:`runtimes_json` turn them into speed-ups, a table and JSON (``--baseline best`` picks the
+fastest float32 dense runtime of the same model and batch size).
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tabulate import tabulate
+from torch import nn
+
+from .compiled import CompiledModel
+from .errors import ConfigError, DataError
+
+__all__ = ["Runtime", "RUNTIMES", "DENSE_RUNTIMES", "BASELINES", "RuntimeTiming", "Comparison",
+           "time_runtimes", "export_dense_onnx", "runtime_available", "machine_info", "compare",
+           "best_dense", "runtimes_table", "runtimes_json"]
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """A dense runtime: its name, a label for people, and the Python distribution it needs."""
+
+    name: str
+    label: str
+    package: str  #: distribution whose presence makes it available (importlib.metadata)
+    artifact: str  #: what its worker reads: "torch" (the pickled model) or "onnx"
+    setup: str = ""  #: how it is configured, for the record
+
+
+RUNTIMES: dict[str, Runtime] = {r.name: r for r in (
+    Runtime("eager", "eager", "torch", "torch", "PyTorch eager, NCHW"),
+    Runtime("eager_nhwc", "eager NHWC", "torch", "torch", "PyTorch eager, channels-last model "
+            "and input (the conversion of the input is timed)"),
+    Runtime("inductor", "inductor", "torch", "torch", "torch.compile, inductor, "
+            "torch._inductor.config.freezing = True"),
+    Runtime("onnxruntime", "ORT", "onnxruntime", "onnx", "ONNX Runtime, CPU execution provider, "
+            "ORT_ENABLE_ALL, intra-op threads = threads, inter-op 1, sequential"),
+    Runtime("openvino", "OpenVINO f32", "openvino", "onnx", "OpenVINO CPU, INFERENCE_PRECISION_HINT "
+            "f32, PERFORMANCE_HINT LATENCY, INFERENCE_NUM_THREADS = threads, static batch"),
+    Runtime("openvino_default", "OpenVINO", "openvino", "onnx", "OpenVINO CPU, its default "
+            "precision (bf16 on CPUs with AMX), PERFORMANCE_HINT LATENCY, INFERENCE_NUM_THREADS = "
+            "threads, static batch"),
+)}
+#: every dense runtime, in table order
+DENSE_RUNTIMES = tuple(RUNTIMES)
+#: what ``compare(baseline=...)`` accepts
+BASELINES = ("best", *DENSE_RUNTIMES)
+#: glibc's largest M_MMAP_THRESHOLD on 64-bit (a larger value is ignored)
+_MMAP_THRESHOLD = 32 << 20
+_WORKER = Path(__file__).with_name("_runtime_worker.py")
+_BOOTSTRAP = "import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+
+
+@dataclass(frozen=True)
+class RuntimeTiming:
+    """One runtime (or one ispc model) at one batch size, over all its rounds."""
+
+    runtime: str  #: a name of :data:`RUNTIMES`, or the ispc entry's name
+    label: str
+    model: str
+    batch_size: int
+    kind: str  #: "dense", "ispc" (loaded in a fresh process) or "ispc-in-process"
+    available: bool
+    note: str = ""
+    precision: str = ""  #: "float32", "bfloat16", ... (as the runtime reports it)
+    version: str = ""
+    times_ms: tuple[float, ...] = ()  #: every timed call, rounds in order
+    round_medians_ms: tuple[float, ...] = ()
+    round_iqrs_ms: tuple[tuple[float, float], ...] = ()
+    prepare_s: tuple[float, ...] = ()  #: per process: load, compile/session creation, first call
+    max_rel_err: float | None = None  #: max |out - ref| / max |ref| on the first batch
+    theoretical_speedup: float | None = None  #: ispc: dense MACs / executed MACs, timed batches
+    mac_reduction: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def median_ms(self) -> float | None:
+        return statistics.median(self.times_ms) if self.times_ms else None
+
+    @property
+    def iqr_ms(self) -> tuple[float, float] | None:
+        return _quartiles(self.times_ms) if self.times_ms else None
+
+    @property
+    def float32(self) -> bool:
+        return self.precision == "float32"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["median_ms"] = self.median_ms
+        d["iqr_ms"] = self.iqr_ms
+        return d
+
+
+def _quartiles(v: Sequence[float]) -> tuple[float, float]:
+    if len(v) < 2:
+        return (v[0], v[0])
+    q = statistics.quantiles(v, n=4)
+    return (q[0], q[2])
+
+
+def runtime_available(name: str) -> tuple[bool, str]:
+    """Whether the dense runtime ``name`` is installed here, and its version or what is missing.
+
+    Asks the package metadata only (no import: importing a runtime would start its thread pool
+    in this process)."""
+    package = RUNTIMES[name].package
+    try:
+        return True, metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return False, f"{package} is not installed (pip install 'ispc[peers]')"
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def machine_info(threads: int | None = None) -> dict[str, Any]:
+    """The machine and software a measurement ran on, for the JSON record."""
+    flags = _cpu_flags()
+    versions = {}
+    for dist in ("torch", "onnx", "onnxscript", "onnxruntime", "openvino", "numpy"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[dist] = None
+    from . import __version__
+
+    versions["ispc"] = __version__
+    versions["python"] = platform.python_version()
+    return {
+        "cpu": _cpu_model(), "machine": platform.machine(), "os": platform.platform(),
+        "logical_cpus": os.cpu_count(),
+        "isa": {"avx2": "avx2" in flags, "avx512f": "avx512f" in flags,
+                "avx512_bf16": "avx512_bf16" in flags,
+                "amx": bool({"amx_tile", "amx_bf16"} & flags),
+                "amx_bf16": "amx_bf16" in flags},
+        "threads": threads if threads is not None else torch.get_num_threads(),
+        "inter_op_threads": 1,
+        "allocator": f"glibc: MALLOC_TRIM_THRESHOLD_={1 << 30}, "
+                     f"MALLOC_MMAP_THRESHOLD_={_MMAP_THRESHOLD} in every worker",
+        "versions": versions,
+        "runtimes": {r.name: r.setup for r in RUNTIMES.values()},
+    }
+
+
+def export_dense_onnx(model: nn.Module, example: torch.Tensor, path: str | Path) -> Path:
+    """The user's model, unchanged, as ONNX with a dynamic batch dimension (what ONNX Runtime and
+    OpenVINO read). Exports an eval-mode copy; the exporter's own prints are silenced."""
+    import copy
+
+    work = copy.deepcopy(model).eval()
+    x = example if example.shape[0] >= 2 else example.expand(2, *example.shape[1:]).contiguous()
+    path = Path(path)
+    with contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
+        torch.onnx.export(work, (x,), str(path), dynamo=True, input_names=["input"],
+                          output_names=["output"],
+                          dynamic_shapes=({0: torch.export.Dim("batch")},), external_data=False)
+    return path
+
+
+def _main_path(model: nn.Module) -> str | None:
+    """The parent's main script, when the model's classes live in it (the worker imports it)."""
+    if not any(type(m).__module__ == "__main__" for m in model.modules()):
+        return None
+    main = sys.modules.get("__main__")
+    return getattr(main, "__file__", None)
+
+
+def _child_env(threads: int, runtime: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({
+        "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+        "MALLOC_TRIM_THRESHOLD_": str(1 << 30), "MALLOC_MMAP_THRESHOLD_": str(_MMAP_THRESHOLD),
+        # the classes of a pickled model import in the worker as they do here
+        "PYTHONPATH": os.pathsep.join(p for p in sys.path if p and os.path.isdir(p)),
+    })
+    if runtime == "inductor":
+        env["TORCHINDUCTOR_COMPILE_THREADS"] = "1"  # no pool of compile processes left idling
+    return env
+
+
+@dataclass
+class _Entry:
+    """What one column of the rotation runs: a worker job or an in-process callable."""
+
+    name: str
+    label: str
+    kind: str
+    artifact: str | None = None
+    runtime: str | None = None  #: the worker's runtime
+    reference: np.ndarray | None = None
+    in_process: CompiledModel | None = None
+    note: str = ""
+    available: bool = True
+    theoretical: float | None = None
+    mac_reduction: float | None = None
+    precision: str = ""
+    version: str = ""
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _first_output(out: Any) -> torch.Tensor:
+    while isinstance(out, (tuple, list)):
+        out = out[0]
+    if isinstance(out, dict):
+        out = next(iter(out.values()))
+    return out
+
+
+def _rel_err(a: np.ndarray, b: np.ndarray) -> float:
+    if a.shape != b.shape:
+        return float("inf")
+    denom = max(float(np.abs(b).max()), 1e-12)
+    return float(np.abs(a.astype(np.float64) - b).max() / denom)
+
+
+def _run_worker(entry: _Entry, job_dir: Path, inputs: Path, *, threads: int, warmup: int,
+                calls: int, timeout_s: float, main_path: str | None, tag: str) -> dict[str, Any]:
+    job = {"runtime": entry.runtime, "artifact": entry.artifact, "inputs": str(inputs),
+           "threads": threads, "warmup": warmup, "calls": calls,
+           "result": str(job_dir / f"{tag}.result.json"),
+           "check_output": str(job_dir / f"{tag}.out.npy"),
+           "main_path": main_path if RUNTIMES.get(entry.runtime or "", None) is not None
+           and RUNTIMES[entry.runtime].artifact == "torch" else None}
+    job_path = job_dir / f"{tag}.job.json"
+    job_path.write_text(json.dumps(job))
+    log = job_dir / f"{tag}.log"
+    try:
+        with open(log, "w") as f:
+            proc = subprocess.run([sys.executable, "-c", _BOOTSTRAP, str(_WORKER), str(job_path)],
+                                  stdout=f, stderr=subprocess.STDOUT, timeout=timeout_s,
+                                  env=_child_env(threads, entry.runtime or ""), cwd=job_dir)
+    except subprocess.TimeoutExpired:
+        return {"status": "error", "note": f"worker ran past {timeout_s:.0f} s", "times_ms": []}
+    result_path = Path(job["result"])
+    if not result_path.exists():
+        tail = log.read_text()[-600:] if log.exists() else ""
+        return {"status": "error", "times_ms": [],
+                "note": f"worker exited with status {proc.returncode}: {tail.strip()}"}
+    result = json.loads(result_path.read_text())
+    out = Path(job["check_output"])
+    if result.get("status") == "ok" and out.exists() and entry.reference is not None:
+        result["max_rel_err"] = _rel_err(np.load(out), entry.reference)
+    return result
+
+
+def _time_in_process(model: nn.Module, batches: Sequence[torch.Tensor], *, threads: int,
+                     warmup: int, calls: int, reference: np.ndarray | None) -> dict[str, Any]:
+    """The compiled model in this (the compiling) process: part 3's comparison point."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            model(batches[0])
+            prepare = time.perf_counter() - t0
+            for i in range(warmup):
+                model(batches[i % len(batches)])
+            times = []
+            for i in range(calls):
+                x = batches[i % len(batches)]
+                t = time.perf_counter()
+                model(x)
+                times.append((time.perf_counter() - t) * 1e3)
+            out = _first_output(model(batches[0])).float().contiguous().numpy()
+    finally:
+        torch.set_num_threads(before)
+    return {"status": "ok", "times_ms": times, "prepare_s": prepare, "precision": "float32",
+            "version": f"torch {torch.__version__}",
+            "max_rel_err": _rel_err(out, reference) if reference is not None else None}
+
+
+def _compiled_entries(compiled: CompiledModel | Mapping[str, CompiledModel] | None
+                      ) -> dict[str, CompiledModel]:
+    if compiled is None:
+        return {}
+    if isinstance(compiled, CompiledModel):
+        return {"ispc": compiled}
+    if isinstance(compiled, Mapping) and all(isinstance(v, CompiledModel) for v in compiled.values()):
+        return dict(compiled)
+    raise ConfigError("compiled must be an ispc.CompiledModel or a dict of them by name, got "
+                      f"{type(compiled).__name__}")
+
+
+def _say(progress: bool, msg: str) -> None:
+    if progress:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def time_runtimes(model: nn.Module, compiled: CompiledModel | Mapping[str, CompiledModel] | None,
+                  batches: Sequence[torch.Tensor], *, runtimes: Iterable[str] | None = None,
+                  threads: int | None = None, rounds: int = 3, calls: int = 30, warmup: int = 5,
+                  in_process: bool = False, name: str | None = None,
+                  onnx_path: str | Path | None = None, workdir: str | Path | None = None,
+                  timeout_s: float = 600.0, progress: bool = True) -> list[RuntimeTiming]:
+    """Time the dense ``model`` in each runtime and each compiled ispc model, every one in fresh
+    processes of its own, rotated over ``rounds`` (see the module docstring).
+
+    ``compiled``: one :class:`~ispc.compiled.CompiledModel` (named ``"ispc"``), a dict of them by
+    name (e.g. one per keep ratio), or None. Each is saved with :func:`ispc.save` and timed after
+    :func:`ispc.load` in its worker; ``in_process=True`` also times it in this process (as
+    compiled), which shows whether the saved model keeps its speed. ``batches``: the distinct
+    input batches every call cycles through (:func:`ispc.benchmark.input_batches`), all one shape.
+    ``runtimes``: names from :data:`RUNTIMES` (default: all); one that is not installed comes back
+    with ``available=False`` and a note. ``onnx_path``: an export of ``model`` to reuse
+    (:func:`export_dense_onnx`; made here otherwise). Returns one record per runtime and ispc model.
+    """
+    if not batches or not all(isinstance(b, torch.Tensor) for b in batches):
+        raise DataError("batches must be a non-empty list of input tensors (see "
+                        "ispc.benchmark.input_batches)")
+    shape = tuple(batches[0].shape)
+    if any(tuple(b.shape) != shape for b in batches):
+        raise DataError("all batches must have one shape; time each batch size in its own call")
+    if rounds < 1 or calls < 1 or warmup < 0:
+        raise ConfigError(f"rounds and calls must be at least 1 and warmup at least 0, got "
+                          f"rounds={rounds}, calls={calls}, warmup={warmup}")
+    names = list(DENSE_RUNTIMES if runtimes is None else runtimes)
+    unknown = [n for n in names if n not in RUNTIMES]
+    if unknown:
+        raise ConfigError(f"unknown runtime(s) {unknown}; valid: {', '.join(DENSE_RUNTIMES)}")
+    threads = threads or torch.get_num_threads()
+    ispc_models = _compiled_entries(compiled)
+    label = name or type(model).__name__
+    batch_size = shape[0]
+    batches = [b.detach().float().cpu().contiguous() for b in batches]
+
+    with contextlib.ExitStack() as stack:
+        work = Path(workdir) if workdir is not None else Path(
+            stack.enter_context(tempfile.TemporaryDirectory(prefix="ispc-runtimes-")))
+        work.mkdir(parents=True, exist_ok=True)
+        inputs = work / f"inputs_b{batch_size}.npy"
+        np.save(inputs, np.stack([b.numpy() for b in batches]))
+        with torch.no_grad():  # the user's model is only called, never put in eval mode
+            reference_model = _eval_copy(model) if model.training else model
+            dense_ref = _first_output(reference_model(batches[0])).float().numpy()
+
+        entries: list[_Entry] = []
+        artifacts: dict[str, str | None] = {}
+        notes: dict[str, str] = {}
+        for rt in names:
+            ok, info = runtime_available(rt)
+            entry = _Entry(rt, RUNTIMES[rt].label, "dense", runtime=rt, reference=dense_ref,
+                           available=ok, note="" if ok else info)
+            kind = RUNTIMES[rt].artifact
+            if ok and kind not in artifacts:
+                artifacts[kind], notes[kind] = _prepare_artifact(kind, model, batches[0], work,
+                                                                 onnx_path)
+            if ok and artifacts.get(kind) is None:
+                entry.available, entry.note = False, notes[kind]
+            entry.artifact = artifacts.get(kind)
+            entries.append(entry)
+        for key, cm in ispc_models.items():
+            param = next(cm.parameters(), None)
+            with torch.no_grad():
+                x0 = batches[0].to(param.device) if param is not None else batches[0]
+                ref = _first_output(cm(x0)).float().cpu().numpy()
+            measured = cm.measure(batches, progress=False)
+            theo = measured["dense_macs"] / max(measured["executed_macs"], 1.0)
+            archive = work / f"{_safe(key)}.ispc"
+            entry = _Entry(key, key, "ispc", runtime="ispc", reference=ref, theoretical=theo,
+                           mac_reduction=measured["mac_reduction"])
+            try:
+                from .serialization import save
+
+                example = batches[0][:1].expand(2, *shape[1:]).contiguous()
+                save(cm, archive, example_inputs=example)
+                entry.artifact = str(archive)
+            except Exception as exc:  # reported, not raised: the other runtimes still run
+                entry.available = False
+                entry.note = f"ispc.save failed ({type(exc).__name__}: {exc})"
+            entries.append(entry)
+            if in_process:
+                entries.append(_Entry(f"{key} in-process", f"{key} in-process",
+                                      "ispc-in-process", reference=ref, in_process=cm,
+                                      theoretical=theo, mac_reduction=measured["mac_reduction"]))
+
+        runnable = [e for e in entries if e.available]
+        main_path = _main_path(model)
+        for e in entries:
+            if not e.available:
+                _say(progress, f"ispc.runtimes: {e.label}: skipped ({e.note})")
+        for r in range(rounds):
+            k = r % max(len(runnable), 1)
+            order = runnable[k:] + runnable[:k]
+            for e in order:
+                tag = f"{_safe(e.name)}_b{batch_size}_r{r}"
+                if e.in_process is not None:
+                    res = _time_in_process(e.in_process, batches, threads=threads, warmup=warmup,
+                                           calls=calls, reference=e.reference)
+                else:
+                    res = _run_worker(e, work, inputs, threads=threads, warmup=warmup, calls=calls,
+                                      timeout_s=timeout_s, main_path=main_path, tag=tag)
+                e.rounds.append(res)
+                if res.get("status") == "ok":
+                    t = res["times_ms"]
+                    lo, hi = _quartiles(t)
+                    _say(progress, f"ispc.runtimes: {label} batch {batch_size} round {r + 1}/"
+                                   f"{rounds}: {e.label} {statistics.median(t):.2f} ms "
+                                   f"(IQR {lo:.2f}-{hi:.2f}; prepared in "
+                                   f"{res.get('prepare_s', 0.0):.1f} s)")
+                else:
+                    _say(progress, f"ispc.runtimes: {label} batch {batch_size} round {r + 1}/"
+                                   f"{rounds}: {e.label}: {res.get('status')}: {res.get('note')}")
+        return [_finish(e, label, batch_size) for e in entries]
+
+
+def _eval_copy(model: nn.Module) -> nn.Module:
+    import copy
+
+    return copy.deepcopy(model).eval()
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+def _prepare_artifact(kind: str, model: nn.Module, example: torch.Tensor, work: Path,
+                      onnx_path: str | Path | None) -> tuple[str | None, str]:
+    """The file a worker reads: the pickled model, or the ONNX export (None and why, on failure)."""
+    try:
+        if kind == "torch":
+            path = work / "model.pt"
+            torch.save(_eval_copy(model), path)
+            return str(path), ""
+        if onnx_path is not None:
+            return str(onnx_path), ""
+        return str(export_dense_onnx(model, example, work / "model.onnx")), ""
+    except Exception as exc:
+        what = "pickled for a fresh process" if kind == "torch" else "exported to ONNX"
+        return None, f"the model could not be {what} ({type(exc).__name__}: {exc})"
+
+
+def _finish(e: _Entry, model: str, batch_size: int) -> RuntimeTiming:
+    ok = [r for r in e.rounds if r.get("status") == "ok"]
+    failed = [r for r in e.rounds if r.get("status") != "ok"]
+    note = e.note
+    available = e.available
+    if failed:
+        first = failed[0]
+        if first.get("status") == "unavailable" and not ok:
+            available = False
+        note = "; ".join(filter(None, [note, f"{len(failed)} of {len(e.rounds)} processes "
+                                             f"failed: {first.get('note')}"]))
+    times = tuple(t for r in ok for t in r["times_ms"])
+    precision = next((r.get("precision", "") for r in ok), e.precision)
+    version = next((r.get("version", "") for r in ok), e.version)
+    errs = [r["max_rel_err"] for r in ok if r.get("max_rel_err") is not None]
+    label = e.label
+    if e.runtime == "openvino_default" and precision:
+        label = f"{e.label} {_short_precision(precision)} (default)"
+    if e.kind == "dense" and available and not e.note:
+        note = note or ("" if precision in ("", "float32") else
+                        f"{precision}: not a float32 result, not a baseline")
+    return RuntimeTiming(
+        runtime=e.name, label=label, model=model, batch_size=batch_size, kind=e.kind,
+        available=available and bool(times), note=note, precision=precision, version=version,
+        times_ms=times, round_medians_ms=tuple(statistics.median(r["times_ms"]) for r in ok),
+        round_iqrs_ms=tuple(_quartiles(r["times_ms"]) for r in ok),
+        prepare_s=tuple(float(r.get("prepare_s", 0.0)) for r in ok),
+        max_rel_err=max(errs) if errs else None, theoretical_speedup=e.theoretical,
+        mac_reduction=e.mac_reduction)
+
+
+def _short_precision(p: str) -> str:
+    return {"bfloat16": "bf16", "float32": "f32", "float16": "f16"}.get(p, p)
+
+
+# --- speed-ups, tables, JSON --------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Comparison:
+    """One ispc model against the dense runtimes of the same model and batch size."""
+
+    model: str
+    batch_size: int
+    ispc: str
+    ispc_ms: float
+    baseline: str | None  #: the runtime divided by (None: not measured)
+    baseline_ms: float | None
+    speedup: float | None  #: baseline_ms / ispc_ms
+    theoretical_speedup: float | None
+    efficiency: float | None  #: speedup / theoretical (realized / theoretical against baseline)
+    over: dict[str, float]  #: runtime -> its median / ispc's median, every runtime measured
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def best_dense(timings: Iterable[RuntimeTiming], model: str, batch_size: int
+               ) -> RuntimeTiming | None:
+    """The fastest float32 dense runtime measured for ``model`` at ``batch_size``."""
+    dense = [t for t in timings if t.kind == "dense" and t.available and t.float32
+             and t.model == model and t.batch_size == batch_size]
+    return min(dense, key=lambda t: t.median_ms) if dense else None
+
+
+def compare(timings: Sequence[RuntimeTiming], *, baseline: str = "best") -> list[Comparison]:
+    """Each ispc model's speed-up over every dense runtime and over ``baseline`` ("best": the
+    fastest float32 one of the same model and batch size), with realized/theoretical."""
+    if baseline not in BASELINES:
+        raise ConfigError(f"baseline {baseline!r} is not one of {', '.join(BASELINES)}")
+    out = []
+    for t in timings:
+        if t.kind == "dense" or not t.available:
+            continue
+        peers = [d for d in timings if d.kind == "dense" and d.available and d.model == t.model
+                 and d.batch_size == t.batch_size]
+        base = (best_dense(timings, t.model, t.batch_size) if baseline == "best"
+                else next((d for d in peers if d.runtime == baseline), None))
+        speedup = base.median_ms / t.median_ms if base is not None else None
+        theo = t.theoretical_speedup
+        out.append(Comparison(
+            model=t.model, batch_size=t.batch_size, ispc=t.runtime, ispc_ms=t.median_ms,
+            baseline=base.runtime if base is not None else None,
+            baseline_ms=base.median_ms if base is not None else None, speedup=speedup,
+            theoretical_speedup=theo,
+            efficiency=speedup / theo if speedup is not None and theo else None,
+            over={d.runtime: d.median_ms / t.median_ms for d in peers}))
+    return out
+
+
+def runtimes_table(timings: Sequence[RuntimeTiming], *, baseline: str = "best",
+                   tablefmt: str = "github") -> str:
+    """Medians (ms) for people: one row per model and batch size, one column per runtime (the
+    fastest float32 dense one in bold, or starred outside Markdown), then each ispc model's
+    speed-up over ``baseline`` and its realized/theoretical ratio."""
+    comps = compare(timings, baseline=baseline)
+    markdown = tablefmt in ("github", "pipe")
+    cols: list[str] = []
+    for t in timings:
+        if t.runtime not in cols:
+            cols.append(t.runtime)
+    labels = {}
+    for t in timings:
+        labels.setdefault(t.runtime, t.label)
+    ispc_cols = [c for c in cols if any(t.runtime == c and t.kind != "dense" for t in timings)]
+    keys: list[tuple[str, int]] = []
+    for t in timings:
+        if (t.model, t.batch_size) not in keys:
+            keys.append((t.model, t.batch_size))
+    rows = []
+    for model, bs in keys:
+        best = best_dense(timings, model, bs)
+        row = [model, bs]
+        for c in cols:
+            t = next((x for x in timings if x.runtime == c and x.model == model
+                      and x.batch_size == bs), None)
+            if t is None or not t.available:
+                row.append("-" if t is None else "n/a")
+                continue
+            cell = f"{t.median_ms:.2f}"
+            if best is not None and t is best:
+                cell = f"**{cell}**" if markdown else f"{cell}*"
+            row.append(cell)
+        for c in ispc_cols:
+            comp = next((x for x in comps if x.ispc == c and x.model == model
+                         and x.batch_size == bs), None)
+            if comp is None or comp.speedup is None:
+                row += ["-", "-"]
+            else:
+                row += [f"{comp.speedup:.2f}x",
+                        f"{comp.efficiency:.2f}" if comp.efficiency is not None else "-"]
+        rows.append(row)
+    base_name = "best" if baseline == "best" else RUNTIMES[baseline].label
+    headers = ["model", "batch"] + [labels[c] for c in cols]
+    for c in ispc_cols:
+        headers += [f"{labels[c]} vs {base_name}", f"{labels[c]} real./theor."]
+    return tabulate(rows, headers=headers, tablefmt=tablefmt, disable_numparse=True)
+
+
+def runtimes_json(timings: Sequence[RuntimeTiming], *, baseline: str = "best",
+                  machine: dict[str, Any] | None = None, **extra: Any) -> str:
+    """JSON for programs: the machine, every record, the comparisons, and ``extra`` fields."""
+    return json.dumps({"machine": machine or machine_info(), "baseline": baseline, **extra,
+                       "timings": [t.to_dict() for t in timings],
+                       "comparisons": [c.to_dict() for c in compare(timings, baseline=baseline)]},
+                      indent=2)
