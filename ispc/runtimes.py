@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 import json
 import os
 import platform
@@ -132,6 +133,16 @@ class RuntimeTiming:
         d["median_ms"] = self.median_ms
         d["iqr_ms"] = self.iqr_ms
         return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "RuntimeTiming":
+        """A record written by :meth:`to_dict` (e.g. read back from :func:`runtimes_json`)."""
+        names = {f for f in cls.__dataclass_fields__}
+        kw = {k: v for k, v in d.items() if k in names}
+        for key in ("times_ms", "round_medians_ms", "prepare_s"):
+            kw[key] = tuple(kw.get(key) or ())
+        kw["round_iqrs_ms"] = tuple(tuple(q) for q in kw.get("round_iqrs_ms") or ())
+        return cls(**kw)
 
 
 def _quartiles(v: Sequence[float]) -> tuple[float, float]:
@@ -279,7 +290,7 @@ def _run_worker(entry: _Entry, job_dir: Path, inputs: Path, *, threads: int, war
            "threads": threads, "warmup": warmup, "calls": calls,
            "result": str(job_dir / f"{tag}.result.json"),
            "check_output": str(job_dir / f"{tag}.out.npy"),
-           "main_path": main_path if RUNTIMES.get(entry.runtime or "", None) is not None
+           "main_path": main_path if entry.runtime in RUNTIMES
            and RUNTIMES[entry.runtime].artifact == "torch" else None}
     job_path = job_dir / f"{tag}.job.json"
     job_path.write_text(json.dumps(job))
@@ -358,7 +369,8 @@ def time_runtimes(model: nn.Module, compiled: CompiledModel | Mapping[str, Compi
     ``compiled``: one :class:`~ispc.compiled.CompiledModel` (named ``"ispc"``), a dict of them by
     name (e.g. one per keep ratio), or None. Each is saved with :func:`ispc.save` and timed after
     :func:`ispc.load` in its worker; ``in_process=True`` also times it in this process (as
-    compiled), which shows whether the saved model keeps its speed. ``batches``: the distinct
+    compiled; with the workers' malloc settings, :func:`ispc.benchmark.retain_freed_memory`), which
+    shows whether the saved model keeps its speed. ``batches``: the distinct
     input batches every call cycles through (:func:`ispc.benchmark.input_batches`), all one shape.
     ``runtimes``: names from :data:`RUNTIMES` (default: all); one that is not installed comes back
     with ``available=False`` and a note. ``onnx_path``: an export of ``model`` to reuse
@@ -377,6 +389,9 @@ def time_runtimes(model: nn.Module, compiled: CompiledModel | Mapping[str, Compi
     unknown = [n for n in names if n not in RUNTIMES]
     if unknown:
         raise ConfigError(f"unknown runtime(s) {unknown}; valid: {', '.join(DENSE_RUNTIMES)}")
+    if any(not t.is_cpu for t in itertools.chain(model.parameters(), model.buffers())):
+        raise DataError("ispc.runtimes times CPU runtimes: move the model to the CPU first "
+                        "(model.cpu())")
     threads = threads or torch.get_num_threads()
     ispc_models = _compiled_entries(compiled)
     label = name or type(model).__name__
@@ -434,6 +449,11 @@ def time_runtimes(model: nn.Module, compiled: CompiledModel | Mapping[str, Compi
                                       theoretical=theo, mac_reduction=measured["mac_reduction"]))
 
         runnable = [e for e in entries if e.available]
+        if any(e.in_process is not None for e in runnable):
+            # the workers get these malloc settings from their environment; this process too
+            from .benchmark import retain_freed_memory
+
+            retain_freed_memory()
         main_path = _main_path(model)
         for e in entries:
             if not e.available:
@@ -592,7 +612,9 @@ def runtimes_table(timings: Sequence[RuntimeTiming], *, baseline: str = "best",
     labels = {}
     for t in timings:
         labels.setdefault(t.runtime, t.label)
-    ispc_cols = [c for c in cols if any(t.runtime == c and t.kind != "dense" for t in timings)]
+    # ratio columns for the models as deployed (loaded in a fresh process); an in-process entry
+    # is a diagnostic and shows its time only
+    ispc_cols = [c for c in cols if any(t.runtime == c and t.kind == "ispc" for t in timings)]
     keys: list[tuple[str, int]] = []
     for t in timings:
         if (t.model, t.batch_size) not in keys:

@@ -1,0 +1,218 @@
+"""ispc against the fastest dense runtime a user could deploy (issue 26, part 1).
+
+For each model (random weights, 224x224, random normal inputs: a few distinct batches cycled) and
+batch size, ispc compiles at each keep ratio (topk, latency-aware at that batch size), then
+``ispc.runtimes.time_runtimes`` times the dense model in PyTorch eager (NCHW, NHWC), torch.compile
+(inductor, freezing), ONNX Runtime, OpenVINO (f32, and its default: bf16 on AMX CPUs) and the
+compiled models saved and loaded in fresh processes, each runtime in processes of its own, rotated
+over rounds. Prints a table (the fastest float32 dense runtime in bold) and writes JSON::
+
+    python benchmarks/peers.py --models resnet18 --batch-sizes 1 --json peers-r18-b1.json
+    python benchmarks/peers.py --merge peers-*.json        # one table from several runs
+
+Progress goes to stderr (a VGG-16 compile takes ~40 s at batch 1, longer at 32). Run it alone on
+the machine (``cpulock``): timings taken while something else computes are worthless.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import ispc
+from ispc.benchmark import input_batches
+from ispc.examples.models import create_model
+from ispc.passes.channels_last import runs_channels_last
+from ispc.runtimes import (BASELINES, DENSE_RUNTIMES, RuntimeTiming, compare, export_dense_onnx,
+                           machine_info, runtimes_json, runtimes_table, time_runtimes)
+
+
+def say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def compile_model(model: torch.nn.Module, calib: list[torch.Tensor], *, keep: float, bs: int,
+                  args: argparse.Namespace, cache: Path | None, name: str
+                  ) -> tuple[ispc.CompiledModel, dict]:
+    """ispc's model at ``keep`` for batch ``bs`` (latency-aware there), or the archive a previous
+    run left in ``cache``."""
+    path = cache / f"{name}-b{bs}-k{keep}.ispc" if cache is not None else None
+    if path is not None and path.exists():
+        say(f"peers: {name} batch {bs} keep {keep}: loading {path}")
+        compiled = ispc.load(path)
+        sidecar = path.with_suffix(".json")
+        info = json.loads(sidecar.read_text()) if sidecar.exists() else {}
+        return compiled, {**info, "source": f"loaded from {path}"}
+    lat_rounds = args.latency_rounds if bs == 1 else max(3, args.latency_rounds // 3)
+    cfg = ispc.GatingConfig(keep_ratio=keep, mode=args.mode, latency_aware=args.latency_aware,
+                            latency_batch_size=bs, latency_rounds=lat_rounds)
+    say(f"peers: {name} batch {bs} keep {keep}: compiling (latency-aware={args.latency_aware})")
+    t0 = time.perf_counter()
+    compiled = ispc.compile(model, calib, config=cfg)
+    secs = time.perf_counter() - t0
+    say(f"peers: {name} batch {bs} keep {keep}: compiled in {secs:.1f} s")
+    notes = [n for n in compiled.report.notes if n.startswith(("whole-model", "channels_last"))]
+    info = {"source": "compiled in this process", "compile_s": secs,
+            "layers_gated": compiled.report.summary.get("layers_gated"),
+            "channels_last": runs_channels_last(compiled.graph_module), "notes": notes}
+    for n in notes:
+        say(f"peers: {name} batch {bs} keep {keep}: {n}")
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        ispc.save(compiled, path)
+        path.with_suffix(".json").write_text(json.dumps(info))
+    return compiled, info
+
+
+def run(args: argparse.Namespace, scratch: str) -> tuple[list[RuntimeTiming], list[dict], dict]:
+    threads = args.threads or torch.get_num_threads()
+    torch.set_num_threads(threads)
+    size = args.image_size
+    cache = Path(args.compiled_dir) if args.compiled_dir else None
+    timings: list[RuntimeTiming] = []
+    compiles: list[dict] = []
+    for name in args.models:
+        torch.manual_seed(args.seed)
+        model = create_model(name).eval()
+        g = torch.Generator().manual_seed(args.seed)
+        calib = [torch.randn(8, 3, size, size, generator=g) for _ in range(4)]
+        onnx_path = None
+        workdir = Path(args.workdir) / name if args.workdir else None
+        if not args.compile_only and any(r in ("onnxruntime", "openvino", "openvino_default")
+                                         for r in args.runtimes):
+            target = Path(args.onnx_dir or workdir or scratch) / f"{name}.onnx"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            t0 = time.perf_counter()
+            try:
+                onnx_path = export_dense_onnx(model, calib[0][:2], target)
+                say(f"peers: {name}: exported to ONNX in {time.perf_counter() - t0:.1f} s")
+            except Exception as exc:  # ORT/OpenVINO are then skipped, with the reason
+                say(f"peers: {name}: ONNX export failed ({type(exc).__name__}: {exc})")
+        for bs in args.batch_sizes:
+            compiled = {}
+            for keep in args.keep_ratios:
+                cm, info = compile_model(model, calib, keep=keep, bs=bs, args=args, cache=cache,
+                                         name=name)
+                key = f"ispc {keep}"
+                compiled[key] = cm
+                compiles.append({"model": name, "batch_size": bs, "keep_ratio": keep,
+                                 "entry": key, **info})
+            if args.compile_only:
+                continue
+            batches = input_batches(bs, input_shape=(3, size, size), pool=args.input_pool,
+                                    seed=args.seed + 1)
+            calls = args.calls if bs == 1 else args.batched_calls
+            warmup = args.warmup if bs == 1 else max(1, args.warmup // 3)
+            say(f"peers: {name} batch {bs}: timing {len(args.runtimes)} runtimes and "
+                f"{len(compiled)} ispc models, {args.rounds} rounds of {calls} calls")
+            res = time_runtimes(model, compiled, batches, runtimes=args.runtimes,
+                                threads=threads, rounds=args.rounds, calls=calls, warmup=warmup,
+                                in_process=args.in_process, name=name,
+                                onnx_path=onnx_path, workdir=(workdir / f"b{bs}") if workdir else None)
+            timings += res
+            say(runtimes_table(res, baseline=args.baseline, tablefmt="simple"))
+            if args.json:  # after every model and batch: a run cut short keeps what it measured
+                write_json(args, timings, compiles, threads)
+    return timings, compiles, machine_info(threads)
+
+
+def write_json(args: argparse.Namespace, timings: list[RuntimeTiming], compiles: list[dict],
+               threads: int) -> None:
+    config = {k: v for k, v in vars(args).items() if k != "merge"}
+    Path(args.json).write_text(runtimes_json(timings, baseline=args.baseline,
+                                             machine=machine_info(threads),
+                                             command=" ".join(sys.argv), config=config,
+                                             compiles=compiles))
+
+
+def merge(paths: list[str]) -> tuple[list[RuntimeTiming], list[dict], dict]:
+    timings, compiles, machine = [], [], {}
+    for p in paths:
+        doc = json.loads(Path(p).read_text())
+        timings += [RuntimeTiming.from_dict(t) for t in doc["timings"]]
+        compiles += doc.get("compiles", [])
+        machine = machine or doc.get("machine", {})
+    return timings, compiles, machine
+
+
+def summary_lines(timings: list[RuntimeTiming], compiles: list[dict], machine: dict,
+                  baseline: str) -> list[str]:
+    lines = []
+    isa = ", ".join(k for k, v in machine.get("isa", {}).items() if v)
+    v = machine.get("versions", {})
+    lines.append(f"CPU: {machine.get('cpu')} ({isa}); {machine.get('threads')} threads; torch "
+                 f"{v.get('torch')}, onnxruntime {v.get('onnxruntime')}, openvino "
+                 f"{v.get('openvino')}, ispc {v.get('ispc')}. Medians of every timed call over all "
+                 f"rounds (ms); ** = fastest float32 dense runtime; baseline: {baseline}.")
+    for c in compare(timings, baseline=baseline):
+        over = ", ".join(f"{k} {x:.2f}x" for k, x in c.over.items())
+        lines.append(f"  {c.model} b{c.batch_size} {c.ispc}: {c.ispc_ms:.2f} ms; vs "
+                     f"{c.baseline} {c.speedup:.2f}x (theoretical {c.theoretical_speedup:.2f}x, "
+                     f"realized/theoretical {c.efficiency:.2f}); over each: {over}"
+                     if c.speedup is not None else f"  {c.model} b{c.batch_size} {c.ispc}: "
+                     f"{c.ispc_ms:.2f} ms; no {baseline} baseline measured")
+    for c in compiles:
+        if c.get("compile_s") is not None:
+            lines.append(f"  compile {c['model']} batch {c['batch_size']} keep {c['keep_ratio']}: "
+                         f"{c['compile_s']:.1f} s, {c.get('layers_gated')} layers gated, maps "
+                         f"{'channels-last' if c.get('channels_last') else 'NCHW'}")
+    for t in timings:
+        if t.note:
+            lines.append(f"  note: {t.model} b{t.batch_size} {t.label}: {t.note}")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=["resnet18", "resnet50", "vgg16_bn",
+                                                   "mobilenet_v2"])
+    p.add_argument("--batch-sizes", nargs="+", type=int, default=[1])
+    p.add_argument("--keep-ratios", nargs="+", type=float, default=[0.5, 1.0])
+    p.add_argument("--mode", choices=["topk", "threshold"], default="topk")
+    p.add_argument("--latency-aware", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--latency-rounds", type=int, default=15,
+                   help="latency-aware timing rounds at batch 1 (a third, at least 3, at batch > 1)")
+    p.add_argument("--runtimes", nargs="+", default=list(DENSE_RUNTIMES), choices=DENSE_RUNTIMES)
+    p.add_argument("--baseline", choices=BASELINES, default="best")
+    p.add_argument("--rounds", type=int, default=3, help="processes per runtime, order rotated")
+    p.add_argument("--calls", type=int, default=30, help="timed calls per process at batch 1")
+    p.add_argument("--batched-calls", type=int, default=5, help="timed calls per process, batch > 1")
+    p.add_argument("--warmup", type=int, default=5, help="untimed calls per process (a third at > 1)")
+    p.add_argument("--input-pool", type=int, default=4, help="distinct batches cycled")
+    p.add_argument("--in-process", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time each compiled model in the compiling process (does the saved "
+                        "model keep its speed in a fresh one?)")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compiled-dir", help="save compiled models here, and load them when present "
+                                          "(splits a long compile from its timing)")
+    p.add_argument("--onnx-dir", help="where the ONNX exports go (default: the current folder)")
+    p.add_argument("--workdir", help="keep the workers' files here (default: a temporary folder)")
+    p.add_argument("--compile-only", action="store_true",
+                   help="compile and save to --compiled-dir, time nothing (a long compile in a "
+                        "command of its own)")
+    p.add_argument("--json")
+    p.add_argument("--merge", nargs="+", metavar="JSON", help="print one table from earlier runs' JSON")
+    args = p.parse_args(argv)
+    if args.compile_only and not args.compiled_dir:
+        p.error("--compile-only needs --compiled-dir (where the compiled models go)")
+    if args.merge:
+        timings, compiles, machine = merge(args.merge)
+    else:
+        with tempfile.TemporaryDirectory(prefix="ispc-peers-") as scratch:
+            timings, compiles, machine = run(args, scratch)
+    print(runtimes_table(timings, baseline=args.baseline, tablefmt="github"))
+    print()
+    print("\n".join(summary_lines(timings, compiles, machine, args.baseline)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
