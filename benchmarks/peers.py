@@ -53,7 +53,7 @@ def compile_model(model: torch.nn.Module, calib: list[torch.Tensor], *, keep: fl
                             latency_batch_size=bs, latency_rounds=lat_rounds)
     say(f"peers: {name} batch {bs} keep {keep}: compiling (latency-aware={args.latency_aware})")
     t0 = time.perf_counter()
-    compiled = ispc.compile(model, calib, config=cfg)
+    compiled = ispc.compile(model, calib, config=cfg, progress=True)  # bars on stderr
     secs = time.perf_counter() - t0
     say(f"peers: {name} batch {bs} keep {keep}: compiled in {secs:.1f} s")
     notes = [n for n in compiled.report.notes if n.startswith(("whole-model", "channels_last"))]
