@@ -164,6 +164,12 @@ def summary_lines(timings: list[RuntimeTiming], compiles: list[dict], machine: d
     for t in timings:
         if t.note:
             lines.append(f"  note: {t.model} b{t.batch_size} {t.label}: {t.note}")
+        shares = [x for x in t.cpu_share if x > 0]
+        if len(shares) > 1 and min(shares) < 0.75 * max(shares):
+            lines.append(f"  warning: {t.model} b{t.batch_size} {t.label}: CPU share per round "
+                         f"{', '.join(f'{x:.2f}' for x in shares)} (round medians "
+                         f"{', '.join(f'{x:.1f}' for x in t.round_medians_ms)} ms): something "
+                         "else probably ran during the low rounds")
     return lines
 
 

@@ -169,11 +169,15 @@ def run(job: dict) -> dict[str, Any]:
             call(batches[i % n])
         times = []
         perf = time.perf_counter
+        cpu0, wall0 = time.process_time(), perf()
         for i in range(job["calls"]):
             x = batches[i % n]
             t = perf()
             call(x)
             times.append((perf() - t) * 1e3)
+        # CPU time this process got per thread while timed: well below what the runtime gets
+        # alone (a round's share far from the others') means something else took the cores
+        result["cpu_share"] = (time.process_time() - cpu0) / max(perf() - wall0, 1e-9) / job["threads"]
         result["times_ms"] = times
         np.save(job["check_output"], np.asarray(to_numpy(call(batches[0])), dtype=np.float32))
     except Exception as exc:  # reported to the parent, which records it and goes on

@@ -111,6 +111,9 @@ class RuntimeTiming:
     round_medians_ms: tuple[float, ...] = ()
     round_iqrs_ms: tuple[tuple[float, float], ...] = ()
     prepare_s: tuple[float, ...] = ()  #: per process: load, compile/session creation, first call
+    #: per process: CPU seconds it got per thread per second of its timed calls; a round far
+    #: below the others (or the same runtime's usual share) had its cores taken by something else
+    cpu_share: tuple[float, ...] = ()
     max_rel_err: float | None = None  #: max |out - ref| / max |ref| on the first batch
     theoretical_speedup: float | None = None  #: ispc: dense MACs / executed MACs, timed batches
     mac_reduction: float | None = None
@@ -139,7 +142,7 @@ class RuntimeTiming:
         """A record written by :meth:`to_dict` (e.g. read back from :func:`runtimes_json`)."""
         names = {f for f in cls.__dataclass_fields__}
         kw = {k: v for k, v in d.items() if k in names}
-        for key in ("times_ms", "round_medians_ms", "prepare_s"):
+        for key in ("times_ms", "round_medians_ms", "prepare_s", "cpu_share"):
             kw[key] = tuple(kw.get(key) or ())
         kw["round_iqrs_ms"] = tuple(tuple(q) for q in kw.get("round_iqrs_ms") or ())
         return cls(**kw)
@@ -327,15 +330,18 @@ def _time_in_process(model: nn.Module, batches: Sequence[torch.Tensor], *, threa
             for i in range(warmup):
                 model(batches[i % len(batches)])
             times = []
+            cpu0, wall0 = time.process_time(), time.perf_counter()
             for i in range(calls):
                 x = batches[i % len(batches)]
                 t = time.perf_counter()
                 model(x)
                 times.append((time.perf_counter() - t) * 1e3)
+            share = (time.process_time() - cpu0) / max(time.perf_counter() - wall0, 1e-9) / threads
             out = _first_output(model(batches[0])).float().contiguous().numpy()
     finally:
         torch.set_num_threads(before)
     return {"status": "ok", "times_ms": times, "prepare_s": prepare, "precision": "float32",
+            "cpu_share": share,
             "version": f"torch {torch.__version__}",
             "max_rel_err": _rel_err(out, reference) if reference is not None else None}
 
@@ -536,6 +542,7 @@ def _finish(e: _Entry, model: str, batch_size: int) -> RuntimeTiming:
         times_ms=times, round_medians_ms=tuple(statistics.median(r["times_ms"]) for r in ok),
         round_iqrs_ms=tuple(_quartiles(r["times_ms"]) for r in ok),
         prepare_s=tuple(float(r.get("prepare_s", 0.0)) for r in ok),
+        cpu_share=tuple(float(r.get("cpu_share", 0.0)) for r in ok),
         max_rel_err=max(errs) if errs else None, theoretical_speedup=e.theoretical,
         mac_reduction=e.mac_reduction)
 

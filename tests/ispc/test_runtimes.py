@@ -71,6 +71,7 @@ def test_each_dense_worker_computes_the_models_outputs(measured, name):
     assert t.available, t.note
     assert len(t.times_ms) == 2 and len(t.round_medians_ms) == 1 and len(t.prepare_s) == 1
     assert t.median_ms > 0 and t.version
+    assert len(t.cpu_share) == 1 and 0.0 < t.cpu_share[0] < 1.5
     if t.precision == "float32":
         assert t.max_rel_err < 1e-4, (name, t.max_rel_err)
     else:  # OpenVINO's default on an AMX CPU: bf16, named, close but not float32-exact
@@ -146,9 +147,10 @@ def test_table_and_json_carry_the_record(measured):
     assert doc["command"] == "test" and doc["baseline"] == "best"
     rec = doc["timings"][0]
     for key in ("runtime", "label", "precision", "version", "median_ms", "iqr_ms", "times_ms",
-                "round_medians_ms", "round_iqrs_ms", "prepare_s", "max_rel_err", "available",
-                "note"):
+                "round_medians_ms", "round_iqrs_ms", "prepare_s", "cpu_share", "max_rel_err",
+                "available", "note"):
         assert key in rec
+    assert rt.RuntimeTiming.from_dict(rec) == timings[0]
     assert {"speedup", "baseline", "theoretical_speedup", "efficiency", "over"} <= set(
         doc["comparisons"][0])
 
