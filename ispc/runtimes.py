@@ -112,7 +112,8 @@ class RuntimeTiming:
     round_iqrs_ms: tuple[tuple[float, float], ...] = ()
     prepare_s: tuple[float, ...] = ()  #: per process: load, compile/session creation, first call
     #: per process: CPU seconds it got per thread per second of its timed calls; a round far
-    #: below the others (or the same runtime's usual share) had its cores taken by something else
+    #: below the others had its cores taken by something else. Meaningful only when the timed
+    #: calls last well over a scheduler tick in all (other threads' CPU time is booked in steps)
     cpu_share: tuple[float, ...] = ()
     max_rel_err: float | None = None  #: max |out - ref| / max |ref| on the first batch
     theoretical_speedup: float | None = None  #: ispc: dense MACs / executed MACs, timed batches
@@ -244,9 +245,10 @@ def _child_env(threads: int, runtime: str) -> dict[str, str]:
     env.update({
         "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
         "MALLOC_TRIM_THRESHOLD_": str(1 << 30), "MALLOC_MMAP_THRESHOLD_": str(_MMAP_THRESHOLD),
-        # the classes of a pickled model import in the worker as they do here
-        "PYTHONPATH": os.pathsep.join(p for p in sys.path if p and os.path.isdir(p)),
     })
+    if runtime not in RUNTIMES or RUNTIMES[runtime].artifact == "torch":
+        # the classes of a pickled model (and ispc) import in the worker as they do here
+        env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p and os.path.isdir(p))
     if runtime == "inductor":
         env["TORCHINDUCTOR_COMPILE_THREADS"] = "1"  # no pool of compile processes left idling
     return env

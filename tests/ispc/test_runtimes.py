@@ -71,9 +71,10 @@ def test_each_dense_worker_computes_the_models_outputs(measured, name):
     assert t.available, t.note
     assert len(t.times_ms) == 2 and len(t.round_medians_ms) == 1 and len(t.prepare_s) == 1
     assert t.median_ms > 0 and t.version
-    assert len(t.cpu_share) == 1 and 0.0 < t.cpu_share[0] < 1.5
+    # a diagnostic, over two sub-millisecond calls here: present, not a measurement to check
+    assert len(t.cpu_share) == 1 and t.cpu_share[0] >= 0.0
     if t.precision == "float32":
-        assert t.max_rel_err < 1e-4, (name, t.max_rel_err)
+        assert t.max_rel_err < 1e-4, (name, t.max_rel_err, t.note)
     else:  # OpenVINO's default on an AMX CPU: bf16, named, close but not float32-exact
         assert name == "openvino_default" and t.precision == "bfloat16"
         assert "bf16" in t.label and "not a float32 result" in t.note
