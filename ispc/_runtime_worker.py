@@ -90,7 +90,9 @@ def _prepare(job: dict, batches: list) -> tuple[Callable[[Any], Any], dict[str, 
             inductor_config.freezing = True
             model = torch.compile(model)
         memory_format = torch.channels_last if runtime == "eager_nhwc" else None
-        tensors = [torch.from_numpy(b) for b in batches]
+        # torch's own (64-byte aligned) memory, as a PyTorch caller's inputs are; np.load's
+        # buffers are 16-byte aligned
+        tensors = [torch.from_numpy(b).clone() for b in batches]
         mapping = {id(b): t for b, t in zip(batches, tensors)}
 
         def call(x):
