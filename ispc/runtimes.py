@@ -53,6 +53,8 @@ from torch import nn
 
 from .compiled import CompiledModel
 from .errors import ConfigError, DataError
+from .serialization import save
+from .timing import retain_freed_memory
 
 __all__ = ["Runtime", "RUNTIMES", "DENSE_RUNTIMES", "BASELINES", "RuntimeTiming", "Comparison",
            "time_runtimes", "export_dense_onnx", "runtime_available", "machine_info", "compare",
@@ -197,9 +199,10 @@ def machine_info(threads: int | None = None) -> dict[str, Any]:
             versions[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
             versions[dist] = None
-    from . import __version__
-
-    versions["ispc"] = __version__
+    try:
+        versions["ispc"] = metadata.version("ispc")
+    except metadata.PackageNotFoundError:
+        versions["ispc"] = None
     versions["python"] = platform.python_version()
     return {
         "cpu": _cpu_model(), "machine": platform.machine(), "os": platform.platform(),
@@ -442,8 +445,6 @@ def time_runtimes(model: nn.Module, compiled: CompiledModel | Mapping[str, Compi
             entry = _Entry(key, key, "ispc", runtime="ispc", reference=ref, theoretical=theo,
                            mac_reduction=measured["mac_reduction"])
             try:
-                from .serialization import save
-
                 example = batches[0][:1].expand(2, *shape[1:]).contiguous()
                 save(cm, archive, example_inputs=example)
                 entry.artifact = str(archive)
@@ -459,8 +460,6 @@ def time_runtimes(model: nn.Module, compiled: CompiledModel | Mapping[str, Compi
         runnable = [e for e in entries if e.available]
         if any(e.in_process is not None for e in runnable):
             # the workers get these malloc settings from their environment; this process too
-            from .benchmark import retain_freed_memory
-
             retain_freed_memory()
         main_path = _main_path(model)
         for e in entries:
