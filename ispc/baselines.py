@@ -203,7 +203,10 @@ def static_prune(model: nn.Module, calibration_data: Any, *,
     candidates = {}
     for node in gm.graph.nodes:
         layer = records(node).layer
-        if layer is not None and layer.candidate and node.op == "call_module":
+        # convolutions (a linear layer over a map's or a token sequence's channels stays dense
+        # in this baseline)
+        if layer is not None and layer.candidate and node.op == "call_module" and isinstance(
+                gm.get_submodule(node.target), nn.Conv2d):
             candidates[layer.name] = node
     if keep_fractions is None:
         plan = {name: cfg.keep_ratio for name, node in candidates.items()

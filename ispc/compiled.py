@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 from .config import GatingConfig
 from .data import iter_inputs
 from .errors import DataError
-from .modules import GatedConv2d, full_channels
+from .modules import GatedConv2d, GatedLinear, full_channels
 from .report import Report
 from .timing import default_progress
 
@@ -39,8 +39,32 @@ class CompiledModel(nn.Module):
         self.__dict__["_runner"] = runner
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Called as the original model is: its input positionally or by its keyword
+        (``fast(x)``, ``fast(pixel_values=x)``); returns what it returns (a tensor, a tuple, a
+        Hugging Face ``ModelOutput``)."""
         runner = self.__dict__["_runner"]
+        if kwargs:
+            kwargs = self._keywords(kwargs)
         return (self.graph_module if runner is None else runner)(*args, **kwargs)
+
+    def _keywords(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The keyword arguments the graph takes: its inputs by name. Arguments the model was
+        captured without may be passed as None (their default: ``labels=None``); any other value
+        would change what the captured graph computes, so it is refused in one line."""
+        names = self.__dict__.get("_inputs")
+        if names is None:
+            names = self.__dict__["_inputs"] = tuple(
+                n.target for n in self.graph_module.graph.nodes if n.op == "placeholder")
+        extra = [k for k in kwargs if k not in names]
+        if not extra:
+            return kwargs
+        bad = [k for k in extra if kwargs[k] is not None]
+        if bad:
+            raise DataError(f"the compiled model takes {', '.join(names)}; it was captured with "
+                            f"the model's other arguments at their defaults, so it cannot take "
+                            f"{', '.join(f'{k}={type(kwargs[k]).__name__}' for k in bad)} (compile a "
+                            "module whose forward fixes them, or call it without them)")
+        return {k: v for k, v in kwargs.items() if k in names}
 
     def gated_modules(self) -> dict[str, GatedConv2d]:
         """The gated layers by qualified name."""
@@ -61,6 +85,8 @@ class CompiledModel(nn.Module):
         hooks = []
 
         def macs_of(m: nn.Module, out: Tensor) -> int:
+            if isinstance(m, GatedLinear):
+                return int(out[0].numel() // m.out_channels * m.in_channels * m.out_channels)
             if isinstance(m, (nn.Conv2d, GatedConv2d)):
                 w = m.weight
                 cin_g = w.shape[1]
@@ -74,9 +100,12 @@ class CompiledModel(nn.Module):
             nonlocal dense
             per = macs_of(m, out)
             n = out.shape[0]
-            if isinstance(m, (nn.Conv2d, GatedConv2d)):  # channels prune_dead removed count as dense
+            if isinstance(m, (nn.Conv2d, GatedConv2d)) or hasattr(m, "ispc_full_channels"):
+                # channels prune_dead removed count as dense
                 fo, fi = full_channels(m)
-                dense += per * n * (fo / m.out_channels) * (fi / m.in_channels)
+                out_c, in_c = (m.out_features, m.in_features) if isinstance(m, nn.Linear) else (
+                    m.out_channels, m.in_channels)
+                dense += per * n * (fo / out_c) * (fi / in_c)
             else:
                 dense += per * n
             if isinstance(m, GatedConv2d):

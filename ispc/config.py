@@ -12,11 +12,12 @@ from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["GatingConfig", "MODES", "SALIENCIES", "ALLOCATIONS"]
+__all__ = ["GatingConfig", "MODES", "SALIENCIES", "ALLOCATIONS", "CAPTURES"]
 
 MODES = ("threshold", "topk")
 SALIENCIES = ("l2", "l1", "weighted_l2")
 ALLOCATIONS = ("layer", "global")
+CAPTURES = ("auto", "fx", "export")
 
 
 def _check_number(name: str, value: Any, *, lo: float, hi: float, lo_open: bool, hi_open: bool = False,
@@ -110,6 +111,10 @@ class GatingConfig:
             times gated and dense in both layouts; the result is never slower than dense in
             either), otherwise off. ``True``/``False``: always on/off. Never on CUDA.
         leaf_modules: module classes that torch.fx must not trace into (for untraceable blocks).
+        capture: how the model becomes a graph. ``"fx"``: ``torch.fx`` symbolic tracing;
+            ``"export"``: ``torch.export`` on the first calibration batch (batch dimension dynamic
+            where the model allows), lifted back to the model's own modules; ``"auto"``: fx where
+            it traces and runs, else export (what most Hugging Face models need).
     """
 
     # ``metadata["help"]`` is the one-line help the command line shows (``ispc.cli`` builds its
@@ -157,6 +162,9 @@ class GatingConfig:
     channels_last: bool | None = field(default=None, metadata={
         "help": "run the feature maps channels-last on the CPU (auto: measured when latency_aware)"})
     leaf_modules: tuple[type, ...] = field(default=(), metadata={"cli": False})
+    capture: str = field(default="auto", metadata={
+        "help": "fx: torch.fx tracing; export: torch.export; auto: fx where it works, else export",
+        "choices": CAPTURES})
 
     def __post_init__(self) -> None:
         _check_number("keep_ratio", self.keep_ratio, lo=0.0, hi=1.0, lo_open=True)
@@ -190,6 +198,7 @@ class GatingConfig:
         if self.channels_last is not None and not isinstance(self.channels_last, bool):
             raise ConfigError("GatingConfig.channels_last must be True, False or None (measured "
                               f"with latency_aware), got {self.channels_last!r}")
+        _check_choice("capture", self.capture, CAPTURES)
         if not isinstance(self.leaf_modules, tuple) or not all(
                 isinstance(t, type) for t in self.leaf_modules):
             raise ConfigError("GatingConfig.leaf_modules must be a tuple of nn.Module classes, "

@@ -7,11 +7,12 @@ from torch import Tensor, nn
 
 from .ops import cpu_kernels as _cpu
 from .ops import gated_conv as _gc
+from .ops import linear_kernels as _lk
 from .ops import native as _native
 from .ops import triton_gated_conv as _triton
 
 __all__ = [
-    "GatedConv2d", "LinearConv2d", "dense_conv", "full_channels",
+    "GatedConv2d", "GatedLinear", "LinearConv2d", "dense_conv", "full_channels", "gate_input",
     "ChannelsLastMaxPool2d", "StridedMaxPool2d", "fast_max_pool", "MODE_CODES",
     "ACTIVATIONS", "apply_activation", "ToMemoryFormat",
     "SALIENCY_CODES", "ORIENTATIONS", "plain_cpu_call",
@@ -271,6 +272,141 @@ class GatedConv2d(nn.Module):
                 + (f", orient={self.orient}" if self.strategy == "native" else ""))
 
 
+class GatedLinear(GatedConv2d):
+    """A linear layer over the last dimension of an ``N x ... x C`` input (an ``N x H x W x C`` map,
+    ``N x T x C`` tokens) that skips, per instance, the input channels with negligible saliency
+    over the positions or tokens: the 1x1 gated convolution of the input seen as a channels-last
+    ``N x C x P x 1`` map (:func:`ispc.ops.linear_kernels.as_map`), so it is that convolution in
+    every pass, the archive, ONNX and TensorRT (one ``torch.ops.ispc.gated_conv2d`` call between
+    two views). It computes ``linear(x * m[n, None, ..., :])`` (:meth:`reference`); its weight is
+    held as ``O x C x 1 x 1``. Eager CPU calls run :mod:`ispc.ops.linear_kernels` (``strategy``:
+    ``gemm``, ``native`` or ``nhwc``).
+    """
+
+    def __init__(self, weight: Tensor, bias: Tensor | None, *, mode: str, threshold: float, k: int,
+                 saliency: str = "l2", scale: Tensor | None = None) -> None:
+        w = weight.detach().reshape(weight.shape[0], -1, 1, 1)
+        super().__init__(w, bias, stride=(1, 1), padding=(0, 0), dilation=(1, 1), mode=mode,
+                         threshold=threshold, k=k, saliency=saliency, scale=scale)
+        self.strategy = "gemm"
+        #: rows (positions or tokens per instance) the layer was compiled for: the nhwc kernel
+        #: picks its register tile by them
+        self.positions: int | None = None
+
+    @property
+    def in_features(self) -> int:
+        return self.in_channels
+
+    @property
+    def out_features(self) -> int:
+        return self.out_channels
+
+    def set_strategy(self, strategy: str, orient: int | None = None) -> None:
+        """Choose the eager CPU kernel (:data:`ispc.ops.linear_kernels.STRATEGIES`; a convolution's
+        ``gather``/``grouped`` run as ``gemm``); prepares its weights."""
+        if strategy in ("gather", "grouped"):
+            strategy = "gemm"
+        if strategy not in _lk.STRATEGIES:
+            raise ValueError(f"unknown strategy {strategy!r} for a gated linear layer; one of "
+                             f"{_lk.STRATEGIES}")
+        if strategy == "native" and not _native.available():
+            raise ValueError(f"strategy 'native' is not available here: {_native.unavailable_reason()}")
+        if strategy == "nhwc" and not _lk.nhwc_available():
+            raise ValueError("strategy 'nhwc' is not available in this build of ispc.ops.native")
+        self.strategy = strategy
+        self.orient = _native.ORIENT_PIX if orient is None else int(orient)
+        self._prepare()
+
+    def _prepare(self) -> None:
+        self.weight_t = None
+        self._native = None
+        if self.strategy == "gemm":
+            self.weight_t = _lk.prepare("gemm", self.weight, self.bias)
+        elif self.strategy in ("native", "nhwc"):
+            self._native = _lk.prepare(self.strategy, self.weight, self.bias, self.orient,
+                                       self.positions)
+
+    @property
+    def prepared(self):
+        return self.weight_t if self.strategy == "gemm" else self._native
+
+    def dense(self) -> nn.Linear:
+        """The plain linear layer this one computes when every channel is kept."""
+        lin = nn.Linear(self.in_channels, self.out_channels, device="meta")
+        lin.weight = nn.Parameter(self.weight.detach().reshape(self.out_channels, -1),
+                                  requires_grad=False)
+        lin.bias = nn.Parameter(self.bias.detach(), requires_grad=False)
+        lin.ispc_full_channels = full_channels(self)
+        return lin
+
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        """The gated linear layer of ``x``; with a fused epilogue, ``act(linear + residual)``."""
+        mode = MODE_CODES[self.mode]
+        if _gc.kept_all(mode, self.threshold, self.k, self.in_channels):
+            out = F.linear(x, self.weight.reshape(self.out_channels, -1), self.bias)
+        elif self._direct(x) and x.dtype == self.weight.dtype:
+            out, fused = _lk.run(self.strategy, x, self.weight, self.prepared, self.bias,
+                                 self.scale, mode, self.threshold, self.k,
+                                 SALIENCY_CODES[self.saliency], residual,
+                                 ACTIVATIONS[self.act] if self.act else None)
+            if fused or not (self.act or residual is not None):
+                return out
+            return self._epilogue_in_place(out, residual)
+        else:
+            xm = _lk.as_map(x)
+            if _triton.serves(xm, self.weight, None):  # eager CUDA: channels-last in and out
+                y = _triton.gated_conv2d_cuda(xm, self.weight, self.bias, self.scale, self.stride,
+                                              self.padding, self.dilation, mode, self.threshold,
+                                              self.k, SALIENCY_CODES[self.saliency])
+            else:
+                y = torch.ops.ispc.gated_conv2d(xm, self.weight, self.bias, self.scale, *self._args)
+            out = _lk.from_map(y, x.shape)
+        return self._epilogue(out, residual) if self.act or residual is not None else out
+
+    def kept_mask(self, x: Tensor) -> Tensor:
+        """Which input channels each instance of ``x`` (N x ... x C) keeps (bool, N x C)."""
+        return super().kept_mask(_lk.as_map(x))
+
+    def reference(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        """The masked-dense form this layer must equal: ``linear(x * m[n, None, ..., :])``."""
+        out = _lk.gated_linear_reference(x, self.weight, self.bias, self.kept_mask(x))
+        return self._epilogue(out, residual)
+
+    def sliced(self, *, out_keep: Tensor | None = None, in_keep: Tensor | None = None) -> "GatedLinear":
+        """A copy with only the ``out_keep`` output and ``in_keep`` input channels (indices into
+        this layer's), the same gate and kernel."""
+        w, b, scale = self.weight.detach(), self.bias.detach(), self.scale
+        index = self.in_index if self.in_index is not None else torch.arange(self.in_channels)
+        if out_keep is not None:
+            w, b = w[out_keep], b[out_keep]
+        if in_keep is not None:
+            w, scale, index = w[:, in_keep], scale[in_keep], index[in_keep.to(index.device)]
+        new = GatedLinear(w, b, mode=self.mode, threshold=self.threshold,
+                          k=min(self.k, int(w.shape[1])), saliency=self.saliency, scale=scale)
+        new.in_index = index
+        new.residual_add, new.act = self.residual_add, self.act
+        new.positions = self.positions
+        new.ispc_full_channels = full_channels(self)
+        new.set_strategy(self.strategy, self.orient)
+        return new
+
+    def extra_repr(self) -> str:
+        gate = f"threshold={self.threshold:.4g}" if self.mode == "threshold" else f"k={self.k}"
+        return (f"in_features={self.in_channels}, out_features={self.out_channels}, mode={self.mode}, "
+                f"{gate}, saliency={self.saliency}, strategy={self.strategy}"
+                + (", + residual" if self.residual_add else "")
+                + (f", act={self.act}" if self.act else ""))
+
+
+def gate_input(module: nn.Module, x: Tensor) -> Tensor:
+    """What a gated layer's saliency is computed on: ``x`` itself for a convolution, the
+    channels-last map view of an ``N x ... x C`` input for a linear layer over its last dimension
+    (:class:`GatedLinear`, or the ``nn.Linear`` it replaces)."""
+    if isinstance(module, (GatedLinear, nn.Linear)):
+        return _lk.as_map(x)
+    return x
+
+
 def full_channels(m: nn.Module) -> tuple[int, int]:
     """(output, input) channels of a convolution before ``passes/prune_dead.py`` removed dead
     ones from it: what its dense MACs count."""
@@ -309,8 +445,11 @@ class LinearConv2d(nn.Conv2d):
 
 
 def dense_conv(mod: GatedConv2d, input_hw: tuple[int, int] | None = None) -> nn.Conv2d:
-    """The plain layer a gated layer computes when every channel is kept: a :class:`LinearConv2d`
-    when its kernel covers an ``input_hw`` input, else an ``nn.Conv2d``."""
+    """The plain layer a gated layer computes when every channel is kept: an ``nn.Linear`` for a
+    :class:`GatedLinear`, a :class:`LinearConv2d` when its kernel covers an ``input_hw`` input,
+    else an ``nn.Conv2d``."""
+    if isinstance(mod, GatedLinear):
+        return mod.dense()
     kh, kw = (int(v) for v in mod.weight.shape[-2:])
     if mod._linear_ok and input_hw is not None and tuple(input_hw) == (kh, kw):
         lin = nn.Linear(mod.in_channels * kh * kw, mod.out_channels, device="meta")

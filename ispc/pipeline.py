@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 from torch import fx, nn
+from torch.export import ExportedProgram
 
 from .compiled import CompiledModel
 from .config import GatingConfig
@@ -49,7 +50,7 @@ __all__ = ["ANALYSIS", "COMPILE", "DENSE", "SITES", "RELOAD", "PIPELINES", "chec
            "site_names", "reload"]
 
 #: the analysis passes (``ispc.inspect``, the static-pruning baseline)
-ANALYSIS: tuple[str, ...] = ("capture", "fold_bn", "linear_as_conv", "find_sites", "calibrate",
+ANALYSIS: tuple[str, ...] = ("capture", "lift", "fold_bn", "linear_as_conv", "find_sites", "calibrate",
                              "rank")
 #: ``ispc.compile``. ``refine`` runs before ``select_kernels`` so that kernels are chosen (and
 #: timed) at the kept counts the model will run with, and again after it because un-gating a
@@ -60,9 +61,9 @@ COMPILE: tuple[str, ...] = ANALYSIS + ("insert_gates", "lower_pools", "refine", 
                                        "channels_last", "select_kernels", "refine",
                                        "fuse_epilogues")
 #: the dense baseline a gated model is timed against: the same lowerings, no gates
-DENSE: tuple[str, ...] = ("capture", "fold_bn", "lower_pools")
+DENSE: tuple[str, ...] = ("capture", "lift", "fold_bn", "lower_pools")
 #: where gates could go, from the model's structure alone (feature decay's default layers)
-SITES: tuple[str, ...] = ("capture", "find_sites")
+SITES: tuple[str, ...] = ("capture", "lift", "find_sites")
 #: what ``ispc.load`` runs on the graph it rebuilt from an archive (which holds the epilogues as
 #: plain add/relu nodes)
 RELOAD: tuple[str, ...] = ("fuse_epilogues",)
@@ -83,8 +84,11 @@ def check_config(config: Any) -> GatingConfig:
 
 
 def unwrap(model: Any) -> nn.Module:
-    """The module to compile: ``model`` itself, or what a DataParallel, DistributedDataParallel or
-    ``torch.compile`` wrapper holds. Refuses non-modules and models ispc already compiled."""
+    """The module to compile: ``model`` itself, what a DataParallel, DistributedDataParallel or
+    ``torch.compile`` wrapper holds, or an ``ExportedProgram``'s ``.module()`` (captured already).
+    Refuses other non-modules and models ispc already compiled."""
+    if isinstance(model, ExportedProgram):
+        return model.module()
     if not isinstance(model, nn.Module):
         raise UnsupportedModelError(f"ispc compiles a torch.nn.Module, got {type(model).__name__}; "
                                     "pass the model object (e.g. a torchvision/timm model instance)")
@@ -136,6 +140,7 @@ def new_state(work: nn.Module, calibration_data: Any, config: GatingConfig,
                         "(or call ispc.compile(model) without data for topk gating)")
     state.example_inputs = (first,)
     state.calibration = stream
+    state.input_name = stream.key
     return state
 
 
@@ -186,6 +191,7 @@ def build_report(gm: fx.GraphModule, state: PassState) -> Report:
         "mac_reduction": (1.0 - expected / dense) if dense else None,
         "input_shape": list(state.example_inputs[0].shape[1:]) if state.example_inputs else None,
         "channels_last": runs_channels_last(gm),
+        "capture": state.capture,
     }
     notes = list(state.notes)
     if dense is None:

@@ -1,6 +1,6 @@
 """ispc's graph passes, one per file (imported as ``ispc.passes``), in ``ispc.compile``'s order:
 
-    capture -> fold_bn -> linear_as_conv -> find_sites -> calibrate -> rank -> insert_gates -> lower_pools
+    capture -> lift -> fold_bn -> linear_as_conv -> find_sites -> calibrate -> rank -> insert_gates -> lower_pools
         -> refine -> prune_dead -> channels_last -> select_kernels -> refine -> fuse_epilogues
 
 The named pipelines (that list and the others) and why they run in that order are in
@@ -10,6 +10,7 @@ The named pipelines (that list and the others) and why they run in that order ar
 from .base import (PASSES, Pass, PassState, apply_gate, apply_kernel, records, register_pass,
                    run_passes)
 from .capture import capture, trace
+from .lift import lift
 from .fold_bn import fold_batchnorm
 from .linear_as_conv import flattened_map, linear_as_conv
 from .find_sites import build_channel_graph, channel_kind, coupling_groups, find_sites
@@ -26,7 +27,7 @@ from .fuse_epilogues import fuse_epilogues
 
 __all__ = [
     "PASSES", "Pass", "PassState", "records", "apply_gate", "apply_kernel", "register_pass",
-    "run_passes", "capture", "trace",
+    "run_passes", "capture", "trace", "lift",
     "fold_batchnorm", "linear_as_conv", "flattened_map", "build_channel_graph", "channel_kind",
     "coupling_groups", "find_sites",
     "calibrate", "saliency_scale", "choose_k", "choose_threshold", "kept_counts", "rank_layers",

@@ -43,6 +43,11 @@ class PassState:
     channel_graph: Any = None
     #: the gated layers the refine pass last chose thresholds for (it skips an unchanged set)
     refined_gates: frozenset[str] | None = None
+    #: the keyword the model takes its input by (calibration batches that are dicts, e.g.
+    #: ``pixel_values``); None: the first positional argument
+    input_name: str | None = None
+    #: which capture made the graph (``fx``, ``export (dynamic batch)``, ...; written by capture)
+    capture: str | None = None
 
     @property
     def calibrated(self) -> bool:

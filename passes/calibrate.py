@@ -6,7 +6,7 @@ from torch import fx, nn
 from tqdm.auto import tqdm
 
 from ispc.distributed import merge_stats, world_size
-from ispc.modules import SALIENCY_CODES
+from ispc.modules import SALIENCY_CODES, gate_input
 from ispc.observers import SaliencyStats
 from ispc.ops.gated_conv import channel_saliency
 
@@ -20,17 +20,20 @@ CACHE_BYTES = 1 << 30
 CACHE_INPUTS = 1024
 
 
-def saliency_scale(conv: nn.Conv2d, saliency: str) -> torch.Tensor:
+def saliency_scale(conv: nn.Module, saliency: str) -> torch.Tensor:
     """Per-input-channel factor of the saliency: ones, or the weight-column norms for
-    ``weighted_l2`` (what each input channel can contribute to the conv's output)."""
+    ``weighted_l2`` (what each input channel can contribute to the layer's output). ``conv``: a
+    convolution or a linear layer (its weight ``O x C``)."""
+    w = conv.weight.detach()
     if saliency == "weighted_l2":
-        return torch.linalg.vector_norm(conv.weight.detach().float(), dim=(0, 2, 3))
-    return torch.ones(conv.in_channels, device=conv.weight.device)
+        return torch.linalg.vector_norm(w.float(), dim=(0, *range(2, w.dim())))
+    return torch.ones(w.shape[1], device=w.device)
 
 
 @register_pass("calibrate")
 def calibrate(gm: fx.GraphModule, state: PassState) -> fx.GraphModule:
-    """Run the calibration batches through ``gm`` with observers on each candidate conv's input.
+    """Run the calibration batches through ``gm`` with observers on each candidate layer's input
+    (a convolution's map, or a linear layer's ``N x ... x C`` input seen as the map it is).
 
     Writes the ``stats`` record (a :class:`SaliencyStats`) on every candidate conv node.
     Without calibration data this pass does nothing and later passes act without statistics.
@@ -45,12 +48,12 @@ def calibrate(gm: fx.GraphModule, state: PassState) -> fx.GraphModule:
         if layer is None or not layer.candidate:
             continue
         conv = gm.get_submodule(node.target)
-        stats = SaliencyStats(conv.in_channels, cfg.max_calibration_samples)
+        stats = SaliencyStats(layer.in_channels, cfg.max_calibration_samples)
         records(node).stats = stats
         scale = saliency_scale(conv, cfg.saliency).to(conv.weight.device)
 
-        def hook(_mod, args, stats=stats, scale=scale):
-            stats.update(channel_saliency(args[0], scale, code))
+        def hook(mod, args, stats=stats, scale=scale):
+            stats.update(channel_saliency(gate_input(mod, args[0]), scale, code))
 
         hooks.append(conv.register_forward_pre_hook(hook))
 

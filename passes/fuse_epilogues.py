@@ -34,7 +34,7 @@ from .base import PassState, module_call_counts, records, register_pass
 __all__ = ["fuse_epilogues", "activation_of", "residual_of"]
 
 _ADDS = {operator.add, torch.add, torch.ops.aten.add.Tensor}
-_INPLACE_ADDS = {operator.iadd}
+_INPLACE_ADDS = {operator.iadd, torch.ops.aten.add_.Tensor}
 _ACT_FUNCTIONS = {torch.relu: "relu", torch.relu_: "relu", F.relu: "relu", F.relu6: "relu6",
                   torch.ops.aten.relu.default: "relu", torch.ops.aten.relu_.default: "relu",
                   torch.ops.aten.relu6.default: "relu6"}

@@ -20,15 +20,16 @@ import torch
 from torch import fx, nn
 
 from ispc.config import GatingConfig
-from ispc.modules import ORIENTATIONS, GatedConv2d, dense_conv
-from ispc.ops import native
+from ispc.modules import ORIENTATIONS, GatedConv2d, GatedLinear, dense_conv
+from ispc.ops import linear_kernels, native
 from ispc.ops.cpu_kernels import STRATEGIES, run_strategy
 from ispc.records import KernelChoice
 from ispc.timing import time_interleaved
 
 from .base import node_shape
 
-__all__ = ["predicted_strategy", "predicted_choice", "candidates", "measure", "Measurement",
+__all__ = ["predicted_strategy", "predicted_choice", "predicted_linear", "linear_positions",
+           "candidates", "measure", "Measurement",
            "time_candidates", "layer_inputs", "input_hw", "out_hw", "SMALL_MAP",
            "LARGE_LAYER_MACS", "GATHER_MIN_MAP", "CL_MIN_CHANNELS", "PREDICTED_MARGIN",
            "ORIENT_NAMES"]
@@ -82,9 +83,40 @@ def predicted_strategy(mod: GatedConv2d, out_hw: int,
     return "gather", None
 
 
+#: a gated linear layer over at most this many positions per instance, with at most
+#: ``LINEAR_NATIVE_MAX_CHANNELS`` input channels, takes the native kernel (lanes over output
+#: channels, weights read in place); else ``gemm`` (ConvNeXt-T/ViT-S layer shapes, batch 1,
+#: 2-core Xeon: native 1.4-1.6x of dense where it applies, gemm 1.1-1.4x)
+LINEAR_NATIVE_MAX_POSITIONS = 256
+LINEAR_NATIVE_MAX_CHANNELS = 1024
+
+
+def linear_positions(node: fx.Node) -> int | None:
+    """Positions (tokens) per instance a linear layer node reads (None: unknown)."""
+    shape = node_shape(node.args[0]) if node.args else None
+    if shape is None or len(shape) < 2:
+        return None
+    rows = 1
+    for d in shape[1:-1]:
+        rows *= int(d)
+    return rows
+
+
+def predicted_linear(mod: GatedLinear, positions: int | None) -> tuple[str, int | None]:
+    """The kernel the shape-based cost model expects to be fastest for a gated linear layer."""
+    if (native.available() and mod.weight.dtype == torch.float32 and positions is not None
+            and positions <= LINEAR_NATIVE_MAX_POSITIONS
+            and mod.in_channels <= LINEAR_NATIVE_MAX_CHANNELS):
+        return "native", native.ORIENT_CO
+    return "gemm", None
+
+
 def predicted_choice(mod: GatedConv2d, node: fx.Node) -> KernelChoice:
     """:func:`predicted_strategy` for the layer at ``node``, as a record."""
-    strategy, orient = predicted_strategy(mod, out_hw(node), input_hw(node))
+    if isinstance(mod, GatedLinear):
+        strategy, orient = predicted_linear(mod, linear_positions(node))
+    else:
+        strategy, orient = predicted_strategy(mod, out_hw(node), input_hw(node))
     return KernelChoice(strategy=strategy, orient=ORIENT_NAMES[orient] if strategy == "native" else None,
                         cost_model="predicted")
 
@@ -101,6 +133,14 @@ def candidates(mod: GatedConv2d,
                input_hw: tuple[int, int] | None = None) -> dict[str, tuple[str, int | None]]:
     """Every kernel measured selection times for ``mod`` on ``input_hw`` inputs:
     label -> (strategy, orientation)."""
+    if isinstance(mod, GatedLinear):
+        lin: dict[str, tuple[str, int | None]] = {"gemm": ("gemm", None)}
+        if native.available():
+            lin["native:co"] = ("native", native.ORIENT_CO)
+            lin["native:pix"] = ("native", native.ORIENT_PIX)
+        if linear_kernels.nhwc_available():
+            lin["nhwc"] = ("nhwc", None)
+        return lin
     out: dict[str, tuple[str, int | None]] = {s: (s, None) for s in STRATEGIES if s != "native"}
     if _native_fits(mod):
         out["native:pix"] = ("native", native.ORIENT_PIX)
@@ -192,8 +232,19 @@ def measure(mod: GatedConv2d, xin: torch.Tensor, node: fx.Node, cfg: GatingConfi
     if xin.is_cuda:
         # on a GPU the layer runs the operator's CUDA kernel (Triton) whatever the CPU
         # strategy: time that against the dense convolution; the CPU choice stays predicted
-        kernels = {"cuda": predicted_strategy(mod, o_hw, i_hw)}
-        fns["cuda"] = lambda: torch.ops.ispc.gated_conv2d(xin, mod.weight, mod.bias, mod.scale, *a)
+        if isinstance(mod, GatedLinear):
+            kernels = {"cuda": predicted_linear(mod, linear_positions(node))}
+            fns["cuda"] = lambda: mod(xin)
+        else:
+            kernels = {"cuda": predicted_strategy(mod, o_hw, i_hw)}
+            fns["cuda"] = lambda: torch.ops.ispc.gated_conv2d(xin, mod.weight, mod.bias, mod.scale,
+                                                              *a)
+    elif isinstance(mod, GatedLinear):
+        kernels = candidates(mod)
+        for label, (strat, orient) in kernels.items():
+            mod.set_strategy(strat, orient)
+            fns[label] = (lambda s=strat, wt=mod.prepared: linear_kernels.run(
+                s, xin, mod.weight, wt, mod.bias, mod.scale, a[6], a[7], a[8], a[9]))
     else:
         kernels = candidates(mod, tuple(xin.shape[-2:]))
         for label, (strat, orient) in kernels.items():
@@ -205,7 +256,8 @@ def measure(mod: GatedConv2d, xin: torch.Tensor, node: fx.Node, cfg: GatingConfi
         times = time_candidates(fns, cfg.latency_rounds, cuda=xin.is_cuda)
     best = min(kernels, key=lambda s: times[s])
     if not xin.is_cuda:
-        pred = predicted_strategy(mod, o_hw, i_hw)
+        pred = (predicted_linear(mod, linear_positions(node)) if isinstance(mod, GatedLinear)
+                else predicted_strategy(mod, o_hw, i_hw))
         label = next((lb for lb, kern in kernels.items() if kern == pred), None)
         if label is not None and times[label] <= times[best] * (1.0 + PREDICTED_MARGIN):
             best = label

@@ -13,8 +13,9 @@ same weights, viewed) under the linear layer's name, feeds it the feature map (o
 reshaped to ``N x F x 1 x 1``) and flattens its ``N x out x 1 x 1`` result for the nodes after it.
 Every later pass then treats it as a convolution. Ungated, it still runs as a linear layer.
 
-Only linear layers called once, on a 2-d input whose shape the calibration batch told, are
-rewritten; the rest keep their reason in the report.
+Only linear layers called once, on a 2-d input whose shape the calibration batch told and whose
+first dimension is the batch, are rewritten; the rest keep their reason in the report. (A linear
+layer over the last dimension of a 3-d or larger input is gated as it is: ``GatedLinear``.)
 """
 from __future__ import annotations
 
@@ -31,7 +32,9 @@ from .base import (PassState, module_call_counts, node_shape, records, register_
 __all__ = ["linear_as_conv", "flattened_map"]
 
 _FLATTEN_METHODS = {"flatten", "view", "reshape"}
-_FLATTEN_FUNCS = {torch.flatten, torch.reshape}
+_FLATTEN_FUNCS = {torch.flatten, torch.reshape, torch.ops.aten.flatten.using_ints,
+                  torch.ops.aten.view.default, torch.ops.aten.reshape.default,
+                  torch.ops.aten._unsafe_view.default}
 
 
 def flattened_map(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
@@ -61,14 +64,16 @@ def linear_as_conv(gm: fx.GraphModule, state: PassState) -> fx.GraphModule:
     calls = module_call_counts(gm)
     graph = gm.graph
     changed = False
+    batch = int(state.example_inputs[0].shape[0])
     for node in list(graph.nodes):
         if node.op != "call_module" or calls.get(node.target, 0) != 1 or len(node.args) != 1 or node.kwargs:
             continue
         lin = gm.get_submodule(node.target)
         x = node.args[0]
         shape = node_shape(x)
-        if type(lin) is not nn.Linear or not isinstance(x, fx.Node) or shape is None or len(shape) != 2:
-            continue
+        if (type(lin) is not nn.Linear or not isinstance(x, fx.Node) or shape is None
+                or len(shape) != 2 or shape[0] != batch):
+            continue  # (a 2-d input of more rows than the batch holds tokens, not instances)
         fmap = flattened_map(gm, x)
         with graph.inserting_before(node):
             if fmap is not None:

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from ispc.modules import GatedConv2d, full_channels
+from ispc.modules import GatedConv2d, GatedLinear, full_channels
 
 from .base import (PassState, module_call_counts, records, register_pass, replace_submodule,
                    run_with_pre_hooks)
@@ -41,7 +41,11 @@ _FREE_MODULES = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.Hardsigmo
                  nn.Tanh, nn.LeakyReLU, nn.ELU, nn.Mish, nn.Dropout, nn.Dropout2d, nn.Identity,
                  nn.MaxPool2d, nn.AvgPool2d)
 _FREE_FUNCS = {F.relu, F.relu6, F.silu, F.gelu, F.hardswish, F.hardsigmoid, F.sigmoid, torch.sigmoid,
-               torch.relu, torch.tanh, F.leaky_relu, F.elu, F.dropout, F.max_pool2d, F.avg_pool2d}
+               torch.relu, torch.tanh, F.leaky_relu, F.elu, F.dropout, F.max_pool2d, F.avg_pool2d,
+               # the same in exported ATen graphs (capture="export")
+               torch.ops.aten.relu.default, torch.ops.aten.gelu.default, torch.ops.aten.silu.default,
+               torch.ops.aten.sigmoid.default, torch.ops.aten.hardswish.default,
+               torch.ops.aten.hardtanh.default, torch.ops.aten.tanh.default}
 _FREE_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "contiguous", "clone", "clamp",
                  "clamp_min"}
 
@@ -56,19 +60,28 @@ def _free(gm: fx.GraphModule, node: fx.Node) -> bool:
     return node.op == "call_method" and node.target in _FREE_METHODS
 
 
+def _channels_last_axis(m: nn.Module) -> bool:
+    """Whether a layer's channels are its tensors' last axis (a linear layer) or axis 1."""
+    return isinstance(m, (nn.Linear, GatedLinear))
+
+
 def producer_of(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
-    """The convolution whose output channels are, one for one and read by nothing else, the
-    input channels of gated layer ``node``; None if there is none."""
+    """The convolution (or linear layer) whose output channels are, one for one and read by
+    nothing else, the input channels of gated layer ``node``; None if there is none. A linear
+    layer's channels are its last axis, a convolution's axis 1: the two never pair up."""
     calls = module_call_counts(gm)
+    linear = _channels_last_axis(gm.get_submodule(node.target))
     cur = node.args[0] if node.args else None
     if cur in node.args[1:] or cur in node.kwargs.values():  # also read whole (a fused residual)
         return None
     while isinstance(cur, fx.Node) and len(cur.users) == 1:
         if cur.op == "call_module":
             m = gm.get_submodule(cur.target)
-            # a plain or gated convolution, or anything else that can drop output channels
-            if (type(m) is nn.Conv2d or hasattr(m, "sliced")) and calls.get(cur.target, 0) == 1:
-                return cur if getattr(m, "groups", 1) == 1 else None
+            # a plain or gated convolution or linear layer, or anything else that can drop output
+            # channels (on the same axis as the gated layer reads them)
+            if (type(m) in (nn.Conv2d, nn.Linear) or hasattr(m, "sliced")) and calls.get(cur.target, 0) == 1:
+                ok = getattr(m, "groups", 1) == 1 and _channels_last_axis(m) == linear
+                return cur if ok else None
         if not _free(gm, cur):
             return None
         cur = cur.args[0]
@@ -81,6 +94,15 @@ def slice_conv(conv: nn.Module, keep: torch.Tensor) -> nn.Module:
     their own ``sliced`` (gated, static) keep their gate or index."""
     if hasattr(conv, "sliced"):
         return conv.sliced(out_keep=keep)
+    if isinstance(conv, nn.Linear):
+        lin = nn.Linear(conv.in_features, int(keep.numel()), bias=conv.bias is not None,
+                        device="meta")
+        lin.weight = nn.Parameter(conv.weight.detach()[keep].clone())
+        if conv.bias is not None:
+            lin.bias = nn.Parameter(conv.bias.detach()[keep].clone())
+        lin.ispc_full_channels = getattr(conv, "ispc_full_channels",
+                                         (conv.out_features, conv.in_features))
+        return lin
     new = nn.Conv2d(conv.in_channels, int(keep.numel()), conv.kernel_size, conv.stride, conv.padding,
                     conv.dilation, bias=conv.bias is not None, padding_mode=conv.padding_mode,
                     device="meta")

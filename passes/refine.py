@@ -12,7 +12,7 @@ import torch
 from torch import fx
 
 from ispc.distributed import gather_rows
-from ispc.modules import GatedConv2d
+from ispc.modules import GatedConv2d, gate_input
 from ispc.ops.gated_conv import channel_saliency
 
 from .base import PassState, apply_gate, records, register_pass, run_with_pre_hooks
@@ -36,7 +36,8 @@ def refine_thresholds(gm: fx.GraphModule, state: PassState) -> fx.GraphModule:
         rows: dict[str, list[torch.Tensor]] = {name: [] for name in nodes}
 
         def hook(name: str, m: GatedConv2d, args: tuple) -> None:
-            rows[name].append(channel_saliency(args[0], m.scale, 0 if m.saliency != "l1" else 1)
+            rows[name].append(channel_saliency(gate_input(m, args[0]), m.scale,
+                                               0 if m.saliency != "l1" else 1)
                               .float().cpu())
 
         run_with_pre_hooks(gm, list(nodes), hook, state.calibration_cache)

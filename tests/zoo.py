@@ -46,6 +46,8 @@ __all__ = [
     "MBConv",
     "ShuffleUnit",
     "example_input",
+    "hf_model",
+    "HF_MODELS",
     "calibrate_norm_",
     "randomize_norm_",
     "realistic",
@@ -731,6 +733,45 @@ ZOO: dict[str, Callable[[], nn.Module]] = {
     "mobilenet_v2_cifar": lambda: realistic(lambda: example_models.mobilenet_v2_cifar(num_classes=10)),
     "vgg16_cifar": lambda: realistic(lambda: example_models.vgg16_cifar(num_classes=10)),
 }
+
+
+# --------------------------------------------------------------------------- Hugging Face
+
+
+def hf_model(name: str) -> nn.Module:
+    """A Hugging Face vision model built from a small config (no download), in eval mode, with
+    its BatchNorms randomized like a trained net's. Needs ``transformers`` (a test extra)."""
+    import transformers as T  # optional: only these tests need it
+
+    configs = {
+        "resnet": lambda: T.ResNetForImageClassification(T.ResNetConfig(
+            embedding_size=16, hidden_sizes=[32, 64], depths=[1, 1], layer_type="bottleneck",
+            num_labels=10)),
+        "convnext": lambda: T.ConvNextForImageClassification(T.ConvNextConfig(
+            hidden_sizes=[16, 32], depths=[1, 1], num_stages=2, num_labels=10)),
+        "mobilenet_v2": lambda: T.MobileNetV2ForImageClassification(T.MobileNetV2Config(
+            depth_multiplier=0.25, image_size=32, num_labels=10)),
+        "efficientnet": lambda: T.EfficientNetForImageClassification(T.EfficientNetConfig(
+            width_coefficient=0.25, depth_coefficient=0.25, image_size=32, hidden_dim=320,
+            num_labels=10)),
+        "regnet": lambda: T.RegNetForImageClassification(T.RegNetConfig(
+            embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1], groups_width=8,
+            layer_type="y", num_labels=10)),
+        "vit": lambda: T.ViTForImageClassification(T.ViTConfig(
+            image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
+            num_attention_heads=2, intermediate_size=64, num_labels=10)),
+        # eager attention: torch 2.13's ONNX exporter cannot decompose Swin's SDPA call (the
+        # original model fails to export the same way)
+        "swin": lambda: T.SwinForImageClassification(T.SwinConfig(
+            image_size=32, patch_size=2, embed_dim=16, depths=[1, 1], num_heads=[2, 2],
+            window_size=4, num_labels=10, attn_implementation="eager")),
+    }
+    model = seeded(configs[name], 0)
+    randomize_norm_(model)
+    return model.eval()
+
+
+HF_MODELS = ("resnet", "convnext", "mobilenet_v2", "efficientnet", "regnet", "vit", "swin")
 
 
 class SmallResidualNet(nn.Module):

@@ -220,8 +220,11 @@ def gated_conv2d(x: Tensor, weight: Tensor, bias: Tensor, scale: Tensor, stride_
                  pad_h: int, pad_w: int, dil_h: int, dil_w: int, mode: int, threshold: float, k: int,
                  saliency: int) -> Tensor:
     """Gated 2-d convolution (groups=1, zero padding); see the module docstring."""
-    return gated_conv2d_fast(x, weight, bias, scale, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-                             mode, threshold, k, saliency)
+    out = gated_conv2d_fast(x, weight, bias, scale, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+                            mode, threshold, k, saliency)
+    # a custom op's output must not be a view (the batched kernel reshapes its result): autograd
+    # would then forbid the in-place residual add (``x += identity``) models apply after it
+    return out if out._base is None else out.clone()
 
 
 @gated_conv2d.register_fake

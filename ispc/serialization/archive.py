@@ -56,6 +56,7 @@ from ..errors import ArchiveError
 from ..export import as_example_inputs, eval_mode, export_program
 from ..modules import ORIENTATIONS, GatedConv2d
 from ..ops import native
+from ..ops import linear_kernels
 from ..ops.cpu_kernels import STRATEGIES
 from ..passes import apply_kernel, records
 from ..passes.channels_last import insert_converters, runs_channels_last
@@ -115,9 +116,12 @@ def _restore_kernels(gm: fx.GraphModule, modules: dict[str, Any]) -> None:
         orient = info.get("orient")
         if strategy == "native" and not native.available():
             strategy, orient = "gemm", None  # saved where the native kernel was built; not here
+        if strategy == "nhwc" and not linear_kernels.nhwc_available():
+            strategy, orient = "gemm", None  # a gated linear layer's channels-last kernel
         if orient is not None and not isinstance(orient, int):
             raise ArchiveError(f"bad kernel orientation {orient!r} for {name!r} in the archive")
-        if strategy not in STRATEGIES or (orient is not None and orient not in names):
+        known = STRATEGIES + linear_kernels.STRATEGIES
+        if strategy not in known or (orient is not None and orient not in names):
             raise ArchiveError(f"bad kernel strategy for {name!r}: {strategy!r}, orientation {orient!r}")
         choice = KernelChoice(strategy=strategy, cost_model="archive",
                               orient=names.get(orient) if strategy == "native" else None)

@@ -1,5 +1,6 @@
 """A graph rebuilt from an archive (ATen calls) made into modules again, as a compiled model has
-them: ``ispc::gated_conv2d`` calls become :class:`~ispc.modules.GatedConv2d`, ``aten.conv2d`` and
+them: ``ispc::gated_conv2d`` calls become :class:`~ispc.modules.GatedConv2d` (or, between the two
+permutes a :class:`~ispc.modules.GatedLinear` exports as, that layer again), ``aten.conv2d`` and
 ``aten.linear`` with stored weights ``nn.Conv2d``/``nn.Linear``, ``aten.max_pool2d`` the pooling
 module ``lower_pools`` uses; so ``gated_modules()``, ``measure()`` and the kernels work after
 ``ispc.load``.
@@ -12,7 +13,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from ..export import GATED_OP
-from ..modules import MODE_CODES, SALIENCY_CODES, GatedConv2d, fast_max_pool
+from ..modules import MODE_CODES, SALIENCY_CODES, GatedConv2d, GatedLinear, fast_max_pool
 
 __all__ = ["modularize"]
 
@@ -70,7 +71,7 @@ def _place(gm: fx.GraphModule, attrs: list[fx.Node], module: nn.Module, taken: s
 
 
 def _install(gm: fx.GraphModule, node: fx.Node, attrs: list[fx.Node], module: nn.Module,
-             x: fx.Node, taken: set[str], fallback: str) -> None:
+             x: fx.Node, taken: set[str], fallback: str) -> fx.Node:
     name = _place(gm, attrs, module, taken, fallback)
     taken.add(name)
     for a in attrs:  # drop the raw tensors from their old container
@@ -87,6 +88,25 @@ def _install(gm: fx.GraphModule, node: fx.Node, attrs: list[fx.Node], module: nn
     for a in attrs:
         if not a.users:
             gm.graph.erase_node(a)
+    return new
+
+
+_PERMUTE = torch.ops.aten.permute.default
+
+
+def _linear_view(node: fx.Node, weight: Tensor) -> tuple[fx.Node, fx.Node] | None:
+    """``(v, back)`` when the gated call ``node`` is a :class:`GatedLinear` as exported: a 1x1
+    layer on ``permute(v, [0, 3, 1, 2])`` (``v``: N x P x 1 x C) whose one user is
+    ``back = permute(node, [0, 2, 3, 1])``; else None."""
+    if tuple(weight.shape[2:]) != (1, 1):
+        return None
+    fwd = node.args[0]
+    users = list(node.users)
+    if not (isinstance(fwd, fx.Node) and fwd.target is _PERMUTE and list(fwd.args[1]) == [0, 3, 1, 2]
+            and len(users) == 1 and users[0].target is _PERMUTE
+            and list(users[0].args[1]) == [0, 2, 3, 1] and isinstance(fwd.args[0], fx.Node)):
+        return None
+    return fwd.args[0], users[0]
 
 
 def modularize(gm: fx.GraphModule, saliency_name: str | None = None) -> fx.GraphModule:
@@ -125,6 +145,18 @@ def modularize(gm: fx.GraphModule, saliency_name: str | None = None) -> fx.Graph
             name = saliency_name if SALIENCY_CODES.get(saliency_name) == sal else next(
                 (k for k, v in SALIENCY_CODES.items() if v == sal), None)
             if name is None:
+                continue
+            view = _linear_view(node, w)
+            if view is not None:  # a gated linear layer: it reads v (N x ... x C) itself
+                module = GatedLinear(w, b, mode=modes[a["mode"]], threshold=a["threshold"],
+                                     k=a["k"], saliency=name, scale=scale)
+                v, back = view
+                fwd = node.args[0]
+                new = _install(gm, node, attrs + [s_node], module, v, taken, "gated_linear")
+                back.replace_all_uses_with(new)
+                gm.graph.erase_node(back)
+                if not fwd.users:
+                    gm.graph.erase_node(fwd)
                 continue
             module = GatedConv2d(w, b, stride=(a["stride_h"], a["stride_w"]),
                                  padding=(a["pad_h"], a["pad_w"]),

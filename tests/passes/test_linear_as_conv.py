@@ -123,7 +123,8 @@ def test_off_by_default_and_why_in_the_report():
 
 
 class Unusual(nn.Module):
-    """A linear layer on a 3-d input and one called twice: neither is rewritten."""
+    """A linear layer on a 3-d input (gated as it is: a GatedLinear over its last dimension) and
+    one called twice (dense): neither is rewritten as a convolution."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -139,12 +140,16 @@ class Unusual(nn.Module):
         return self.head(t)                            # a plain vector: gated
 
 
-def test_three_d_inputs_and_shared_linears_stay_dense():
+def test_three_d_inputs_are_gated_linears_and_shared_linears_stay_dense():
     model = Unusual().eval()
     c = _compile(model, min_channels=8)
-    assert set(n for n in c.gated_modules() if n != "conv") == {"head"}
+    assert set(n for n in c.gated_modules() if n != "conv") == {"head", "tokens"}
+    assert isinstance(c.gated_modules()["tokens"], ispc.modules.GatedLinear)
+    assert isinstance(c.gated_modules()["head"], GatedConv2d)
+    assert not isinstance(c.gated_modules()["head"], ispc.modules.GatedLinear)
     rows = {r.name: r for r in c.report.layers}
-    assert not rows["tokens"].gated and not rows["shared"].gated
+    assert rows["tokens"].gated and not rows["shared"].gated
+    assert "shared weights" in rows["shared"].reason
     x = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
         assert c(x).shape == model(x).shape
