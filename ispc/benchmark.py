@@ -186,7 +186,7 @@ def _timed_forwards(model: nn.Module, x: torch.Tensor, rounds: int,
     whole: list[float] = []
     hooks = []
     for name, mod in model.named_modules():
-        if isinstance(mod, (nn.Conv2d, GatedConv2d)) or type(mod).__name__ == "StaticConv2d":
+        if isinstance(mod, (nn.Conv2d, nn.Linear, GatedConv2d)) or type(mod).__name__ == "StaticConv2d":
             hooks.append(mod.register_forward_pre_hook(
                 lambda m, a, name=name: starts.__setitem__(name, time.perf_counter())))
             hooks.append(mod.register_forward_hook(

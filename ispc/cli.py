@@ -6,6 +6,7 @@ traceback. Progress bars go to stderr, results to stdout (tables, or JSON/Markdo
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
 import importlib
 import importlib.util
@@ -18,6 +19,7 @@ from typing import Any, Sequence
 
 import torch
 from torch import nn
+from torch.export import ExportedProgram
 
 from .api import compile as ispc_compile
 from .api import inspect
@@ -32,43 +34,109 @@ from .passes.channels_last import runs_channels_last
 from .plots import save_plots
 from .serialization import save
 
-__all__ = ["main", "load_model", "build_parser", "add_config_args", "config_from_args"]
+__all__ = ["main", "load_model", "build_parser", "add_config_args", "config_from_args",
+           "parse_model_args", "load_leaf_modules"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def load_model(spec: str, *, checkpoint: str | None = None, num_classes: int | None = None) -> nn.Module:
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def _import_attr(spec: str, what: str) -> Any:
+    """``attr`` of ``path/to/file.py:attr`` or ``package.module:attr`` (``what``: for messages)."""
+    where, _, attr = spec.rpartition(":")
+    if not where or not attr:
+        raise UnsupportedModelError(f"{what} {spec!r} must be path/to/file.py:name or "
+                                    "package.module:name")
+    if where.endswith(".py") or "/" in where:
+        path = Path(where)
+        if not path.is_file():
+            raise UnsupportedModelError(f"{what} file {where!r} does not exist")
+        name = f"ispc_user_{path.stem}"
+        module = sys.modules.get(name)
+        if module is None or getattr(module, "__file__", None) != str(path):
+            mod_spec = importlib.util.spec_from_file_location(name, path)
+            module = importlib.util.module_from_spec(mod_spec)  # type: ignore[arg-type]
+            sys.modules[name] = module
+            try:
+                mod_spec.loader.exec_module(module)  # type: ignore[union-attr]
+            except Exception as exc:  # noqa: BLE001 -- the user's file: one line, not a traceback
+                del sys.modules[name]
+                raise UnsupportedModelError(f"importing {where!r} failed: {_first_line(exc)}") from None
+    else:
+        try:
+            module = importlib.import_module(where)
+        except Exception as exc:  # noqa: BLE001 -- ImportError or an error the module raises
+            raise UnsupportedModelError(f"cannot import module {where!r}: {_first_line(exc)}") from None
+    value = getattr(module, attr, None)
+    if value is None:
+        raise UnsupportedModelError(f"{where!r} has no {attr!r}"
+                                    + (" that builds the model" if what == "model" else ""))
+    return value
+
+
+def parse_model_args(items: Sequence[str] | None) -> dict[str, Any]:
+    """``--model-arg name=value`` pairs as keyword arguments: values are Python literals where they
+    parse as one (``8``, ``0.5``, ``True``, ``(3, 4)``, ``'x'``), else strings."""
+    kwargs: dict[str, Any] = {}
+    for item in items or ():
+        name, sep, text = item.partition("=")
+        if not sep or not name.isidentifier():
+            raise UnsupportedModelError(f"--model-arg {item!r} must be name=value, e.g. "
+                                        "--model-arg num_classes=10")
+        try:
+            kwargs[name] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            kwargs[name] = text
+    return kwargs
+
+
+def load_leaf_modules(specs: Sequence[str] | None) -> tuple[type, ...]:
+    """``--leaf-module pkg.mod:Class`` (or ``file.py:Class``) as module classes."""
+    classes = []
+    for spec in specs or ():
+        cls = _import_attr(spec, "--leaf-module")
+        if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+            raise UnsupportedModelError(f"--leaf-module {spec!r} is not an nn.Module class")
+        classes.append(cls)
+    return tuple(classes)
+
+
+def load_model(spec: str, *, checkpoint: str | None = None, num_classes: int | None = None,
+               model_args: dict[str, Any] | None = None) -> nn.Module:
     """Build a model from ``path/to/file.py:factory``, ``package.module:factory`` or the name of a
-    bundled example model (``resnet18``, ``resnet20``, ...); optionally load a state dict."""
-    kwargs = {} if num_classes is None else {"num_classes": num_classes}
+    bundled example model (``resnet18``, ``resnet20``, ...), called with ``model_args`` (and
+    ``num_classes``) as keyword arguments; optionally load a state dict. An exception the factory
+    raises is a one-line :class:`UnsupportedModelError`."""
+    kwargs = dict(model_args or {})
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
     if ":" not in spec:
         if spec not in MODELS:
             raise UnsupportedModelError(
                 f"unknown model {spec!r}: give path/to/file.py:factory, package.module:factory or one "
                 f"of the bundled models: {', '.join(sorted(MODELS))}")
-        model = MODELS[spec](**kwargs)
+        factory = MODELS[spec]
     else:
-        where, _, attr = spec.rpartition(":")
-        if where.endswith(".py") or "/" in where:
-            path = Path(where)
-            if not path.is_file():
-                raise UnsupportedModelError(f"model file {where!r} does not exist")
-            mod_spec = importlib.util.spec_from_file_location(f"ispc_user_{path.stem}", path)
-            module = importlib.util.module_from_spec(mod_spec)  # type: ignore[arg-type]
-            sys.modules[mod_spec.name] = module  # type: ignore[union-attr]
-            mod_spec.loader.exec_module(module)  # type: ignore[union-attr]
-        else:
-            try:
-                module = importlib.import_module(where)
-            except ImportError as exc:
-                raise UnsupportedModelError(f"cannot import module {where!r}: {exc}") from None
-        factory = getattr(module, attr, None)
-        if not callable(factory):
-            raise UnsupportedModelError(f"{where!r} has no callable {attr!r} that builds the model")
+        factory = _import_attr(spec, "model")
+        if not callable(factory):  # (a missing name says "has no ... that builds the model")
+            raise UnsupportedModelError(f"{spec.rpartition(':')[0]!r} has no callable "
+                                        f"{spec.rpartition(':')[2]!r} that builds the model")
+    try:
         model = factory(**kwargs)
+    except Exception as exc:  # noqa: BLE001 -- the user's factory: one line, not a traceback
+        args = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+        raise UnsupportedModelError(f"{spec}({args}) raised {_first_line(exc)}; check the "
+                                    "--model-arg values the factory takes") from None
+    if isinstance(model, ExportedProgram):  # captured already: ispc.compile takes it as it is
+        return model
     if not isinstance(model, nn.Module):
-        raise UnsupportedModelError(f"{spec!r} returned a {type(model).__name__}, not an nn.Module")
+        raise UnsupportedModelError(f"{spec!r} returned a {type(model).__name__}, not an nn.Module "
+                                    "(or a torch.export ExportedProgram)")
     if checkpoint:
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
         if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
@@ -145,6 +213,8 @@ def config_from_args(args: argparse.Namespace, **overrides: Any) -> GatingConfig
         elif kind == "patterns" and value is not None:
             value = tuple(value)
         kw[f.name] = value
+    if getattr(args, "leaf_module", None):
+        kw["leaf_modules"] = load_leaf_modules(args.leaf_module)
     kw.update(overrides)
     return GatingConfig(**kw)
 
@@ -154,6 +224,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                                  "name (resnet18, resnet20, vgg16_bn, mobilenet_v2, ...)")
     p.add_argument("--checkpoint", help="state dict to load into the model (loaded weights_only)")
     p.add_argument("--num-classes", type=int, help="passed to the factory as num_classes")
+    p.add_argument("--model-arg", action="append", metavar="NAME=VALUE",
+                   help="a keyword argument for the factory (a Python literal, else a string); "
+                        "repeatable: --model-arg depth=18 --model-arg pretrained=False")
+    p.add_argument("--leaf-module", action="append", metavar="PKG.MOD:CLASS",
+                   help="a module class torch.fx must not trace into (GatingConfig.leaf_modules); "
+                        "repeatable; path/to/file.py:Class works too")
 
 
 def _add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -257,7 +333,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
-    model = load_model(args.model, checkpoint=args.checkpoint, num_classes=args.num_classes)
+    model = load_model(args.model, checkpoint=args.checkpoint, num_classes=args.num_classes,
+                       model_args=parse_model_args(args.model_arg))
     _, batches = _calibration(args)
     report = inspect(model, batches, config=cfg)
     text = {"table": report.to_table, "json": report.to_json, "markdown": report.to_markdown}[args.format]()
@@ -277,7 +354,8 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 def _cmd_compile(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
-    model = load_model(args.model, checkpoint=args.checkpoint, num_classes=args.num_classes)
+    model = load_model(args.model, checkpoint=args.checkpoint, num_classes=args.num_classes,
+                       model_args=parse_model_args(args.model_arg))
     _, batches = _calibration(args)
     compiled = ispc_compile(model, batches, config=cfg, backend=args.backend)
     save(compiled, args.out)
@@ -290,7 +368,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     cfg = config_from_args(args, latency_batch_size=min(args.batch_sizes))
     if args.retain_memory:  # before compiling: latency-aware selection times kernels too
         retain_freed_memory()
-    model = load_model(args.model, checkpoint=args.checkpoint, num_classes=args.num_classes)
+    model = load_model(args.model, checkpoint=args.checkpoint, num_classes=args.num_classes,
+                       model_args=parse_model_args(args.model_arg))
     x = None
     if args.data:  # calibrated and timed on the user's images: their sparsity is what counts
         x, batches = _calibration(args)

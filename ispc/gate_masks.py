@@ -25,7 +25,8 @@ from torch import Tensor, nn
 from .compiled import CompiledModel
 from .errors import ConfigError
 from .feature_decay import training_module
-from .modules import MODE_CODES, SALIENCY_CODES, full_channels
+from .modules import MODE_CODES, SALIENCY_CODES, GatedLinear, full_channels
+from .ops.linear_kernels import as_map
 from .ops import gated_conv as _gc
 
 __all__ = ["GateMasks"]
@@ -64,6 +65,8 @@ class GateMasks:
         self.index = {name: None if g.in_index is None else g.in_index.detach().cpu().clone()
                       for name, g in gates.items()}
         self.full_in = {name: full_channels(g)[1] for name, g in gates.items()}
+        #: the gated linear layers over an N x ... x C input's last dimension
+        self.linear = {name for name, g in gates.items() if isinstance(g, GatedLinear)}
         self._scales: dict[tuple[str, torch.device], Tensor] = {}
         self._hooks = [modules[name].register_forward_pre_hook(
             lambda mod, args, name=name: self._mask(name, args)) for name in self.gates]
@@ -93,6 +96,12 @@ class GateMasks:
         if not self.enabled or not args or not isinstance(args[0], Tensor):
             return None
         x = args[0]
+        if name in self.linear:  # channels on the last dimension, positions/tokens before it
+            if x.dim() < 2 or x.shape[-1] != self.full_in[name]:
+                return None
+            m = self.mask(name, as_map(x))
+            m = m.reshape(x.shape[0], *([1] * (x.dim() - 2)), x.shape[-1])
+            return (x * m.to(x.dtype), *args[1:])
         if x.dim() == 2:  # a gated linear layer (gate_linear): C channels of H*W features each
             c = self.full_in[name]
             if x.shape[1] % c:

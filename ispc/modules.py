@@ -410,7 +410,12 @@ def gate_input(module: nn.Module, x: Tensor) -> Tensor:
 def full_channels(m: nn.Module) -> tuple[int, int]:
     """(output, input) channels of a convolution before ``passes/prune_dead.py`` removed dead
     ones from it: what its dense MACs count."""
-    return getattr(m, "ispc_full_channels", (int(m.out_channels), int(m.in_channels)))
+    full = getattr(m, "ispc_full_channels", None)
+    if full is not None:
+        return full
+    if isinstance(m, nn.Linear):
+        return int(m.out_features), int(m.in_features)
+    return int(m.out_channels), int(m.in_channels)
 
 
 def _as_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:

@@ -365,4 +365,20 @@ def capture(module: nn.Module, state: PassState) -> fx.GraphModule:
             raise TraceError(f"torch.fx {why} although the model runs on it. Fix: "
                              "GatingConfig(capture='export')") from None
         return _from_export(module, state, why)
+    hidden = fx_hidden_layers(gm, module, cfg.leaf_modules)
+    if hidden and cfg.capture == "auto":
+        # torch.export sees into the calls torch.fx keeps whole: take its graph if it captures
+        shown = ", ".join(hidden[:4]) + (f" and {len(hidden) - 4} more" if len(hidden) > 4 else "")
+        try:
+            gm_export, label = export_graph(module, state.example_inputs[0], state.input_name)
+            propagate_shapes(gm_export, state.example_inputs)
+        except Exception:  # noqa: BLE001 -- keep the fx graph, and say what it cannot see
+            state.notes.append(f"capture: torch.fx cannot see {len(hidden)} convolution/linear "
+                               f"layer(s) inside calls it keeps whole ({shown}), and torch.export "
+                               "cannot capture the model: they are neither counted nor gated")
+            return gm
+        state.capture = label
+        state.notes.append(f"capture: torch.export (torch.fx keeps {len(hidden)} convolution/"
+                           f"linear layer(s) inside calls it cannot see into: {shown})")
+        return gm_export
     return gm

@@ -223,3 +223,75 @@ def test_untraceable_fails_in_named_submodule() -> None:
     # the rest of the model is fine: the failure is local to ``router``
     torch.fx.symbolic_trace(model.stem)
     assert "Untraceable" not in zoo.ZOO
+
+
+def test_swin_structure_windows_shift_and_relative_bias() -> None:
+    model = zoo.TinySwin().eval()
+    blocks = [m for m in model.modules() if isinstance(m, zoo.SwinBlock)]
+    assert [b.attn.shift_size for b in blocks] == [[0, 0], [2, 2], [0, 0], [2, 2]]
+    attn = blocks[0].attn
+    assert attn.relative_position_bias_table.shape == (49, 2)
+    assert attn.relative_position_index.shape == (16 * 16,) and int(attn.relative_position_index.max()) == 48
+    # torch.fx keeps the attention one call (torchvision wraps it), its Linear layers inside
+    gm = _trace(model)
+    assert sum(n.target is zoo.shifted_window_attention for n in gm.graph.nodes) == 4
+    # without a shift, a token attends within its 4x4 window only
+    x = torch.randn(1, 8, 8, 16)
+    y = torch.randn(1, 8, 8, 16)
+    y[:, :4, :4] = x[:, :4, :4]
+    with torch.no_grad():
+        torch.testing.assert_close(attn(x)[:, :4, :4], attn(y)[:, :4, :4])
+        shifted = blocks[1].attn
+        assert not torch.allclose(shifted(x)[:, :4, :4], shifted(y)[:, :4, :4])
+    merge = model.features[2]
+    assert merge.reduction.in_features == 4 * 16 and merge.reduction.bias is None
+
+
+def test_vit_structure_class_token_and_attention() -> None:
+    model = zoo.TinyViT().eval()
+    assert model.class_token.shape == (1, 1, 32) and model.pos_embedding.shape == (1, 17, 32)
+    assert all(isinstance(b.self_attention, nn.MultiheadAttention) for b in model.layers)
+    gm = _trace(model)
+    assert any(n.op == "call_module" and n.target.endswith("self_attention") for n in gm.graph.nodes)
+    x = zoo.example_input()
+    with torch.no_grad():
+        before = model(x)
+        model.class_token.add_(1.0)
+        assert not torch.allclose(model(x), before)
+
+
+@pytest.mark.parametrize("grid", [False, True])
+def test_maxvit_partitions_round_trip(grid: bool) -> None:
+    layer = zoo.PartitionAttentionLayer(32, 4, grid=grid)
+    x = torch.randn(2, 32, 8, 8)
+    parts = layer._partition(x)
+    assert parts.shape == (2, 4, 16, 32)
+    torch.testing.assert_close(layer._departition(parts, 8, 8), x, rtol=0, atol=0)
+    # a window holds neighbours, a grid cell pixels h // p apart
+    first = parts[0, 0, :, 0]
+    expect = x[0, 0, ::2, ::2] if grid else x[0, 0, :4, :4]
+    torch.testing.assert_close(first, expect.flatten(), rtol=0, atol=0)
+
+
+def test_rexnet_partial_residual_and_ghost_slice() -> None:
+    block = zoo.LinearBottleneck(16, 24, 1, 2.0, True).eval()
+    x = torch.randn(2, 16, 8, 8)
+    with torch.no_grad():
+        out = block(x)
+        inner = block.conv_pwl(block.act_dw(block.se(block.conv_dw(block.conv_exp(x)))))
+    torch.testing.assert_close(out[:, :16], inner[:, :16] + x)
+    torch.testing.assert_close(out[:, 16:], inner[:, 16:])
+    with pytest.raises(Exception):
+        torch.fx.symbolic_trace(zoo.TinyReXNet())  # ispc captures it with torch.export
+    ghost = zoo.GhostModule(8, 13)
+    assert ghost(torch.randn(1, 8, 4, 4)).shape == (1, 13, 4, 4)
+
+
+def test_families_cover_torchvision_and_timm() -> None:
+    assert set(zoo.FAMILIES) >= {
+        "resnet", "resnext", "wide_resnet", "vgg", "mobilenet_v2", "mobilenet_v3", "efficientnet",
+        "efficientnet_v2", "regnet", "densenet", "googlenet", "shufflenet", "squeezenet", "mnasnet",
+        "convnext", "swin", "maxvit", "vit", "dla", "dpn", "ghostnet", "rexnet"}
+    grouped = [m for m in zoo.FAMILIES["resnext"]().modules()
+               if isinstance(m, nn.Conv2d) and 1 < m.groups < m.in_channels]
+    assert grouped

@@ -50,7 +50,7 @@ def test_inspect_plots(files, capsys):
 
 @pytest.mark.parametrize("argv,msg", [
     (["inspect", "nosuchmodel", "--data", "x.pt"], "unknown model"),
-    (["inspect", "{files}/net.py:nothere", "--data", "{files}/data.pt"], "no callable"),
+    (["inspect", "{files}/net.py:nothere", "--data", "{files}/data.pt"], "has no 'nothere'"),
     (["inspect", "{files}/net.py:make", "--data", "{files}/missing"], "does not exist"),
     (["inspect", "{files}/net.py:make", "--data", "{files}/data.pt", "--keep-ratio", "1.5"],
      "keep_ratio"),
@@ -194,3 +194,74 @@ def test_gating_options_are_read_from_the_config():
     assert config_from_args(args) == GatingConfig(mode="topk", channels_last=False,
                                                   exclude=("fc", "layer4.*"), prune_dead=False,
                                                   latency_aware=True, min_gain=0.1)
+
+
+FACTORY_FILE = '''
+import torch.nn as nn
+
+class Opaque(nn.Module):
+    def forward(self, x):
+        return x * 2 if x.shape[-1] > 1 else x  # torch.fx cannot trace this; it holds no layer
+
+
+class Net(nn.Module):
+    def __init__(self, width=16, act="relu"):
+        super().__init__()
+        self.conv = nn.Conv2d(3, width, 3, padding=1)
+        self.act = nn.ReLU() if act == "relu" else nn.GELU()
+        self.gate = Opaque()
+        self.fc = nn.Conv2d(width, 8, 1)
+
+    def forward(self, x):
+        return self.fc(self.gate(self.act(self.conv(x)))).mean((2, 3))
+
+
+def make(width=16, act="relu"):
+    if width < 1:
+        raise ValueError("width must be positive")
+    return Net(width, act)
+'''
+
+
+def test_model_args_leaf_modules_and_capture_options(tmp_path, capsys):
+    (tmp_path / "fac.py").write_text(FACTORY_FILE)
+    torch.save(torch.randn(8, 3, 8, 8), tmp_path / "data.pt")
+    base = ["inspect", f"{tmp_path}/fac.py:make", "--data", str(tmp_path / "data.pt"), "--format",
+            "json", "--min-channels", "4", "--model-arg", "width=24", "--model-arg", "act=gelu"]
+    assert main(base + ["--leaf-module", f"{tmp_path}/fac.py:Opaque", "--capture", "fx"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["summary"]["capture"] == "fx" and d["config"]["leaf_modules"][0].endswith("Opaque")
+    assert {r["name"]: r["in_channels"] for r in d["layers"]} == {"conv": 3, "fc": 24}
+    assert main(base + ["--capture", "export", "--exclude", "fc"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["summary"]["capture"].startswith("export")
+    assert {r["name"]: r["reason"] for r in d["layers"]}["fc"] == "excluded by config.exclude"
+
+
+@pytest.mark.parametrize("extra,msg", [
+    (["--model-arg", "width=0"], "raised ValueError: width must be positive"),
+    (["--model-arg", "depth=3"], "raised TypeError"),
+    (["--model-arg", "width"], "must be name=value"),
+    (["--leaf-module", "{tmp}/fac.py:Missing"], "has no 'Missing'"),
+    (["--leaf-module", "{tmp}/fac.py:make"], "not an nn.Module class"),
+    (["--capture", "fx"], "leaf_modules=(Opaque,)"),
+])
+def test_factory_and_option_errors_are_one_line(tmp_path, capsys, extra, msg):
+    (tmp_path / "fac.py").write_text(FACTORY_FILE)
+    torch.save(torch.randn(8, 3, 8, 8), tmp_path / "data.pt")
+    argv = ["inspect", f"{tmp_path}/fac.py:make", "--data", str(tmp_path / "data.pt"),
+            *[a.format(tmp=tmp_path) for a in extra]]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert msg in err and "Traceback" not in err and len(err.splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("shape,msg", [((8, 3, 16), "(8, 3, 16)"),
+                                       ((8, 5, 16, 16), "expects N x 3 x H x W")])
+def test_calibration_data_the_model_cannot_take_is_one_line(tmp_path, capfd, shape, msg):
+    (tmp_path / "net.py").write_text(MODEL_FILE)
+    torch.save(torch.randn(*shape), tmp_path / "bad.pt")
+    assert main(["inspect", f"{tmp_path}/net.py:make", "--data", str(tmp_path / "bad.pt"),
+                 "--normalize", "none"]) == 2
+    err = capfd.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and msg in err, err

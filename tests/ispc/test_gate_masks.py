@@ -72,3 +72,30 @@ def test_refuses_models_that_do_not_match():
             ispc.GateMasks(model, dense)
     with pytest.raises(ispc.ConfigError, match="ispc.compile"):
         ispc.GateMasks(model, model)
+
+
+def test_gated_linear_layers_mask_the_last_dimension():
+    """A ConvNeXt block's pointwise layers (nn.Linear on N x H x W x C): the mask on the original
+    model's input is the compiled GatedLinear's, on the channel (last) dimension."""
+    import zoo
+
+    model = zoo.ZOO["convnext"]().eval()
+    data = [zoo.example_input(8, 32, seed=s) for s in range(2)]
+    compiled = ispc.compile(model, data, config=ispc.GatingConfig(mode="topk", min_channels=8),
+                            progress=False)
+    linears = {n: m for n, m in compiled.gated_modules().items()
+               if isinstance(m, ispc.modules.GatedLinear)}
+    assert linears
+    x = zoo.example_input(3, 32, seed=5)
+    seen = {}
+    with ispc.GateMasks(model, compiled), torch.no_grad():
+        hooks = [model.get_submodule(n).register_forward_pre_hook(  # after the masks' hooks
+            lambda mod, a, n=n: seen.__setitem__(n, a[0].detach().clone())) for n in linears]
+        model(x)
+    for h in hooks:
+        h.remove()
+    for name, g in linears.items():
+        got = seen[name]
+        assert got.shape[-1] == g.in_features
+        kept = got.reshape(3, -1, g.in_features).abs().sum(1) > 0
+        assert kept.sum(1).tolist() == [g.k] * 3

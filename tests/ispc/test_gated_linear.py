@@ -15,8 +15,9 @@ from ispc.ops import gated_conv as gc
 from ispc.ops import linear_kernels as lk
 from ispc.ops import native
 
-KERNELS = [("gemm", None)] + ([("native", native.ORIENT_CO), ("native", native.ORIENT_PIX)]
-                              if native.available() else [])
+KERNELS = ([("gemm", None)]
+           + ([("native", native.ORIENT_CO), ("native", native.ORIENT_PIX)] if native.available() else [])
+           + ([("nhwc", None)] if lk.nhwc_available() else []))
 
 
 def _layer(c=24, o=40, mode="topk", threshold=0.0, k=10, seed=0, bias=True) -> GatedLinear:
