@@ -187,6 +187,16 @@ def _conv_layer(gm: fx.GraphModule, node: fx.Node, m: nn.Conv2d | None) -> dict[
     return info
 
 
+def _per_instance(macs: int | None, node: fx.Node, batch: int | None) -> int | None:
+    """A layer's MACs per instance: its output's first dimension holds ``rows / batch`` of them per
+    instance where it is not the batch (attention over windows: ``N * windows`` rows)."""
+    tm = node.meta.get("tensor_meta")
+    rows = int(tm.shape[0]) if tm is not None and hasattr(tm, "shape") and len(tm.shape) else None
+    if macs is None or batch is None or rows is None or rows == batch or rows % batch:
+        return macs
+    return macs * (rows // batch)
+
+
 def _linear_layer(node: fx.Node, m: nn.Linear | None) -> dict[str, Any]:
     if m is not None:
         fin, fout, op = m.in_features, m.out_features, "linear"
@@ -301,14 +311,17 @@ def find_sites(gm: fx.GraphModule, state: PassState) -> fx.GraphModule:
         is_conv_module = node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.Conv2d)
         is_conv_func = node.op == "call_function" and node.target in _CONV_FUNCS
         if node.op == "call_function" and node.target in _LINEAR_FUNCS:
+            facts = _linear_layer(node, None)
+            facts["macs"] = _per_instance(facts["macs"], node, _batch_size(state))
             records(node).layer = LayerFacts(
-                **_linear_layer(node, None), name=_functional_name(node, per_path),
+                **facts, name=_functional_name(node, per_path),
                 reason="functional linear (weights not held by an nn.Linear)")
             continue
         if is_conv_module or is_conv_func:
             m = gm.get_submodule(node.target) if is_conv_module else None
             name = node.target if is_conv_module else _functional_name(node, per_path)
             layer = _conv_layer(gm, node, m)
+            layer["macs"] = _per_instance(layer["macs"], node, _batch_size(state))
             if isinstance(m, LinearConv2d):  # passes/linear_as_conv.py
                 layer["op"] = "linear"
             site = site_node = None
@@ -339,6 +352,8 @@ def find_sites(gm: fx.GraphModule, state: PassState) -> fx.GraphModule:
                 site_node = src.name
                 shared = [u for u in g.successors(src.name) if u != node.name]
                 site = f"input shared with {len(shared)} other consumer(s)" if shared else None
-            records(node).layer = LayerFacts(**_linear_layer(node, m), name=node.target,
+            facts = _linear_layer(node, m)
+            facts["macs"] = _per_instance(facts["macs"], node, _batch_size(state))
+            records(node).layer = LayerFacts(**facts, name=node.target,
                                              reason=reason, site=site, site_node=site_node)
     return gm

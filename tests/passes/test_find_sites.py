@@ -69,3 +69,28 @@ def test_channel_graph_and_couplings():
     grp = next(gr for gr in groups if "stem" in gr)
     assert "a" in grp and "add" in grp
     assert "residual" in layers["dw"].site
+
+
+def test_linear_sites_and_macs_per_instance():
+    """A linear layer over tokens is a candidate; one over windows (N * windows rows) is not, and
+    its MACs count every window of an instance."""
+
+    class Tokens(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mlp = nn.Linear(16, 32)
+            self.win = nn.Linear(16, 16)
+
+        def forward(self, x):  # x: N x 8 x 16 tokens
+            y = self.mlp(x).sum()
+            w = self.win(x.reshape(-1, 4, 16))  # 2 windows of 4 tokens per instance
+            return y + w.sum()
+
+    x = torch.randn(3, 8, 16)
+    state = PassState(config=GatingConfig(), example_inputs=(x,))
+    gm = find_sites(capture(Tokens(), state), state)
+    layers = {records(n).layer.name: records(n).layer for n in gm.graph.nodes
+              if records(n).layer is not None}
+    assert layers["mlp"].candidate and layers["mlp"].macs == 8 * 16 * 32
+    assert "6 rows for a batch of 3" in layers["win"].reason
+    assert layers["win"].macs == 8 * 16 * 16
