@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 import warnings
@@ -23,7 +22,9 @@ import warnings
 import torch
 
 import ispc
-from ispc.benchmark import benchmark, results_table, retain_freed_memory
+from ispc.benchmark import (benchmark, dense_baseline, layer_breakdown, results_table,
+                            retain_freed_memory)
+from ispc.runtimes import machine_info
 
 MODELS = ("convnext_tiny", "swin_tiny", "vit_small")
 
@@ -55,6 +56,24 @@ def mlp_summary(report: ispc.Report) -> dict:
             "dense_reasons": sorted({r.reason for r in dense if r.reason})[:6]}
 
 
+def per_layer(dense: torch.nn.Module, compiled: ispc.CompiledModel, x: torch.Tensor,
+              report: ispc.Report) -> dict:
+    """Where the time goes: the gated layers' dense and gated medians, the layers left dense, and
+    what runs outside conv/linear layers (norms, activations, layout copies), from
+    :func:`ispc.benchmark.layer_breakdown` (20 hooked whole-model runs each)."""
+    b = layer_breakdown(dense, compiled, x, rounds=20)
+    gated = {r.name for r in report.gated_layers}
+    rows = [e for e in b["layers"] if e["gated_ms"] is not None]
+    g = [e for e in rows if e["layer"] in gated]
+    o = [e for e in rows if e["layer"] not in gated]
+    return {"gated_dense_ms": sum(e["dense_ms"] for e in g),
+            "gated_gated_ms": sum(e["gated_ms"] for e in g),
+            "other_layers_dense_ms": sum(e["dense_ms"] for e in o),
+            "other_layers_gated_ms": sum(e["gated_ms"] for e in o),
+            "outside_dense_ms": b["whole_dense_ms"] - b["conv_dense_ms"],
+            "outside_gated_ms": b["whole_gated_ms"] - b["conv_gated_ms"], "breakdown": b}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
@@ -63,15 +82,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-latency-aware", dest="latency_aware", action="store_false")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1])
     p.add_argument("--calibration", type=int, default=32, help="random calibration inputs")
+    p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=30)
+    p.add_argument("--per-layer", action="store_true",
+                   help="also time every conv/linear layer dense and gated at the smallest batch "
+                        "size (hooks inside whole-model runs), and what runs outside them")
     p.add_argument("--json")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")
     retain_freed_memory()
     g = torch.Generator().manual_seed(1)
-    calibration = [torch.randn(8, 3, 224, 224, generator=g) for _ in range(max(1, args.calibration // 8))]
+    calibration = [torch.randn(8, 3, args.image_size, args.image_size, generator=g)
+                   for _ in range(max(1, args.calibration // 8))]
     out = []
     for name in args.models:
         model = build(name)
@@ -81,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         compiled = ispc.compile(model, calibration, config=cfg, progress=False)
         compile_s = time.perf_counter() - t0
-        results = benchmark(model, compiled, (3, 224, 224), batch_sizes=tuple(args.batch_sizes),
+        results = benchmark(model, compiled, (3, args.image_size, args.image_size), batch_sizes=tuple(args.batch_sizes),
                             rounds=args.rounds, name=name, progress=False, retain_memory=False)
         s = compiled.report.summary
         mlp = mlp_summary(compiled.report)
@@ -99,11 +123,20 @@ def main(argv: list[str] | None = None) -> int:
         for note in compiled.report.notes:
             if note.startswith("whole-model check"):
                 print(f"  {note}")
-        out.append({"model": name, "results": [r.to_dict() for r in results], "summary": s,
-                    "channel_linears": mlp, "kernels": kernels, "compile_s": compile_s,
-                    "notes": compiled.report.notes})
-    env = {"torch": torch.__version__, "threads": args.threads, "cpu": platform.processor() or
-           platform.machine(), "python": sys.version.split()[0]}
+        record = {"model": name, "results": [r.to_dict() for r in results], "summary": s,
+                  "channel_linears": mlp, "kernels": kernels, "compile_s": compile_s,
+                  "notes": compiled.report.notes}
+        if args.per_layer:
+            x = torch.randn(min(args.batch_sizes), 3, args.image_size, args.image_size, generator=g)
+            dense = dense_baseline(model, x[:1])
+            record["per_layer"] = per_layer(dense, compiled, x, compiled.report)
+            pl = record["per_layer"]
+            print(f"  per layer (ms, dense -> gated): gated layers {pl['gated_dense_ms']:.2f} -> "
+                  f"{pl['gated_gated_ms']:.2f}, layers left dense {pl['other_layers_dense_ms']:.2f}"
+                  f" -> {pl['other_layers_gated_ms']:.2f}, outside conv/linear layers "
+                  f"{pl['outside_dense_ms']:.2f} -> {pl['outside_gated_ms']:.2f}")
+        out.append(record)
+    env = {k: v for k, v in machine_info(args.threads).items() if k not in ("runtimes", "allocator")}
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"environment": env, "config": vars(args), "models": out}, fh, indent=2)

@@ -1,0 +1,32 @@
+"""benchmarks/transformers_speed.py: runs end to end (a small-config Hugging Face ConvNeXt in place
+of ConvNeXt-T, 32x32 inputs) and writes its JSON with the per-layer split (timings themselves are
+not asserted)."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+import zoo
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "transformers_speed.py"
+
+
+def test_transformers_speed_script_writes_results(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("transformers")
+    spec = importlib.util.spec_from_file_location("transformers_speed", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    monkeypatch.setattr(mod, "build", lambda name: zoo.hf_model("convnext"))
+    out = tmp_path / "t.json"
+    assert mod.main(["--models", "convnext_tiny", "--image-size", "32", "--calibration", "8",
+                     "--rounds", "2", "--threads", "1", "--no-latency-aware", "--per-layer",
+                     "--json", str(out)]) == 0
+    (m,) = json.loads(out.read_text())["models"]
+    assert m["summary"]["capture"].startswith("export")
+    assert m["channel_linears"]["gated"] >= 2 and m["channel_linears"]["linear_layers"] >= 2
+    (r,) = m["results"]
+    assert r["theoretical_speedup"] > 1 and r["dense_ms"] > 0 and r["gated_ms"] > 0
+    pl = m["per_layer"]
+    assert pl["gated_dense_ms"] > 0 and pl["gated_gated_ms"] > 0
+    assert "channel linears gated" in capsys.readouterr().out
