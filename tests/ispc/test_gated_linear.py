@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -151,3 +152,19 @@ def test_nhwc_kernel_slot():
 def test_unknown_strategy_is_refused():
     with pytest.raises(ValueError, match="gated linear"):
         _layer().set_strategy("im2col")
+
+
+@pytest.mark.parametrize("strategy", ["gemm", "native"])
+def test_eager_output_is_contiguous_as_a_linear_layers(strategy):
+    """Code after a linear layer may ``.view`` its output, and elementwise ops run slower on a
+    channel-major view: every eager kernel returns ``N x ... x O`` contiguous."""
+    if strategy == "native" and not native.available():
+        pytest.skip(native.unavailable_reason())
+    lin = nn.Linear(32, 48)
+    g = GatedLinear(lin.weight, lin.bias, mode="topk", threshold=0.0, k=16)
+    g.set_strategy(strategy)
+    x = torch.randn(2, 5, 7, 32)
+    with torch.no_grad():
+        y = g(x)
+    assert y.shape == (2, 5, 7, 48) and y.is_contiguous()
+    assert y.view(2, 35, 48).shape == (2, 35, 48)
