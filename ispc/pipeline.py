@@ -194,7 +194,11 @@ def build_report(gm: fx.GraphModule, state: PassState) -> Report:
         "capture": state.capture,
     }
     notes = list(state.notes)
-    if dense is None:
+    if not rows:  # never 0 layers in silence
+        notes.append(f"no convolution or linear layer in the captured graph (capture: {state.capture})"
+                     ": nothing to gate; layers hidden in a leaf module or a function the capture "
+                     "cannot see are not counted (try GatingConfig(capture='export'))")
+    elif dense is None:
         notes.append("MACs unknown: no example input to measure shapes (pass calibration data)")
     else:
         notes.append("MACs count conv2d and linear layers per input at the calibration input size")

@@ -66,3 +66,12 @@ def test_the_entry_points_refuse_what_is_not_a_model_or_config():
         pipeline.run(_vgg_like(), config={"keep_ratio": 0.5})
     with pytest.raises(KeyError):
         pipeline.run(_vgg_like(), pipeline="nosuch")
+
+
+def test_a_model_without_layers_says_so():
+    """0 layers is never silent: the report says nothing was found to gate and what to try."""
+    c = ispc.compile(nn.Sequential(nn.ReLU(), nn.Flatten()), [torch.randn(2, 3, 8, 8)],
+                     progress=False)
+    assert c.report.summary["layers_total"] == 0
+    assert any("no convolution or linear layer" in n and "capture='export'" in n
+               for n in c.report.notes)
