@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from ispc.config import GatingConfig
 from ispc.modules import LinearConv2d
 from ispc.records import LayerFacts
 
@@ -255,13 +256,7 @@ def _linear_reason(name: str, m: nn.Linear, node: fx.Node, calls: int, state: Pa
     if batch is not None and shape[0] != batch:
         return (f"its input's first dimension is {shape[0]} rows for a batch of {batch} (windows "
                 "or heads, not instances): per-instance gating does not apply")
-    if m.in_features < cfg.min_channels:
-        return f"too few input channels ({m.in_features} < min_channels={cfg.min_channels})"
-    if cfg.include is not None and not any(fnmatch.fnmatchcase(name, p) for p in cfg.include):
-        return "not matched by config.include"
-    if any(fnmatch.fnmatchcase(name, p) for p in cfg.exclude):
-        return "excluded by config.exclude"
-    return None
+    return _config_reason(name, m.in_features, cfg)
 
 
 def _ineligible_reason(name: str, m: nn.Conv2d | None, calls: int, state: PassState) -> str | None:
@@ -282,8 +277,13 @@ def _ineligible_reason(name: str, m: nn.Conv2d | None, calls: int, state: PassSt
             return "asymmetric padding='same'"
     if calls > 1:
         return f"module called {calls} times (shared weights)"
-    if m.in_channels < cfg.min_channels:
-        return f"too few input channels ({m.in_channels} < min_channels={cfg.min_channels})"
+    return _config_reason(name, m.in_channels, cfg)
+
+
+def _config_reason(name: str, in_channels: int, cfg: GatingConfig) -> str | None:
+    """Why the user's config leaves a layer that could be gated dense (None: it does not)."""
+    if in_channels < cfg.min_channels:
+        return f"too few input channels ({in_channels} < min_channels={cfg.min_channels})"
     if cfg.include is not None and not any(fnmatch.fnmatchcase(name, p) for p in cfg.include):
         return "not matched by config.include"
     if any(fnmatch.fnmatchcase(name, p) for p in cfg.exclude):
