@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import json
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -25,6 +26,8 @@ from .errors import DataError
 from .modules import GatedConv2d
 from .passes.channels_last import runs_channels_last
 from .pipeline import dense_graph
+from .runtimes import (RUNTIMES, RuntimeTiming, export_dense_onnx, resolve_runtimes,
+                       runtime_available, time_runtimes)
 from .timing import Timing, default_progress, retain_freed_memory, time_interleaved
 
 __all__ = ["Timing", "BenchmarkResult", "time_interleaved", "dense_baseline", "input_batches",
@@ -172,6 +175,52 @@ def results_json(results: list[BenchmarkResult]) -> str:
 
 
 __all__ += ["results_table", "results_json"]
+
+
+def benchmark_runtimes(model: nn.Module, compiled: CompiledModel,
+                       input_shape: tuple[int, ...] | None = None, *,
+                       batch_sizes: tuple[int, ...] = (1,), runtimes: Any = "all",
+                       baseline: str = "best", rounds: int = 3, calls: int = 30, warmup: int = 5,
+                       threads: int | None = None, name: str | None = None,
+                       inputs: torch.Tensor | None = None, input_pool: int = 4, seed: int = 0,
+                       in_process: bool = False, progress: bool | None = None
+                       ) -> list[RuntimeTiming]:
+    """Time ``compiled`` against the dense ``model`` in every installed runtime, at each batch size.
+
+    ``runtimes``: names of :data:`ispc.runtimes.RUNTIMES` (PyTorch eager NCHW/NHWC, inductor with
+    freezing, ONNX Runtime, OpenVINO f32 and default), "all" (default) or "none"; the
+    ``baseline`` runtime is added when it names one. Each runs in fresh processes of its own,
+    ``rounds`` of them rotated, ``warmup`` untimed then ``calls`` timed calls each, cycling through
+    the batches :func:`input_batches` cuts (``inputs`` or ``input_pool`` random ones); the compiled
+    model is saved and timed after :func:`ispc.load` in a fresh process too
+    (:func:`ispc.runtimes.time_runtimes`). A runtime that is not installed comes back with
+    ``available=False`` and a note. The model is exported to ONNX once for all batch sizes.
+    Speed-ups: :func:`ispc.runtimes.compare` / :func:`~ispc.runtimes.speedup_lines` /
+    :func:`~ispc.runtimes.runtimes_table` with the same ``baseline``.
+    """
+    names = resolve_runtimes(runtimes, baseline)
+    if progress is None:
+        progress = default_progress()
+    out: list[RuntimeTiming] = []
+    with tempfile.TemporaryDirectory(prefix="ispc-bench-") as tmp:
+        onnx_path = None
+        for bs in batch_sizes:
+            batches = input_batches(bs, inputs=inputs, input_shape=input_shape, pool=input_pool,
+                                    seed=seed)
+            if onnx_path is None and any(RUNTIMES[r].artifact == "onnx"
+                                         and runtime_available(r)[0] for r in names):
+                try:  # once for every batch size (dynamic batch); on failure each call says why
+                    onnx_path = export_dense_onnx(model, batches[0], f"{tmp}/model.onnx")
+                except Exception:
+                    onnx_path = None
+            out += time_runtimes(model, compiled, batches, runtimes=names, threads=threads,
+                                 rounds=rounds, calls=calls, warmup=warmup, in_process=in_process,
+                                 name=name or type(model).__name__, onnx_path=onnx_path,
+                                 progress=progress)
+    return out
+
+
+__all__ += ["benchmark_runtimes"]
 
 
 def _timed_forwards(model: nn.Module, x: torch.Tensor, rounds: int,

@@ -24,14 +24,16 @@ from torch.export import ExportedProgram
 from .api import compile as ispc_compile
 from .api import inspect
 from .backends import BACKENDS
-from .benchmark import (benchmark, dense_baseline, input_batches, layer_breakdown, layer_table,
-                        results_table, retain_freed_memory)
+from .benchmark import (benchmark, benchmark_runtimes, dense_baseline, input_batches,
+                        layer_breakdown, layer_table, results_table, retain_freed_memory)
 from .config import GatingConfig
 from .datasets import iter_batches, load_images
 from .errors import IspcError, UnsupportedModelError
 from .examples.models import MODELS
 from .passes.channels_last import runs_channels_last
 from .plots import save_plots
+from .runtimes import (BASELINES, DENSE_RUNTIMES, compare, machine_info, resolve_runtimes,
+                       runtimes_table, speedup_lines)
 from .serialization import save
 
 __all__ = ["main", "load_model", "build_parser", "add_config_args", "config_from_args",
@@ -247,6 +249,33 @@ def _add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
 #: demo and bench time what they compile: latency-aware selection by default, at the smallest
 #: batch size they time (they set ``latency_batch_size`` themselves)
 _TIMED = {"defaults": {"latency_aware": True}, "skip": ("latency_batch_size",)}
+_RUNTIME_CHOICES = ("all", "none", *DENSE_RUNTIMES)
+
+
+def _add_runtime_args(p: argparse.ArgumentParser, *, default: str, rounds: int) -> None:
+    p.add_argument("--runtimes", nargs="*", choices=_RUNTIME_CHOICES, metavar="NAME",
+                   default=[default],
+                   help=f"also time the dense model in these runtimes, each in fresh processes of "
+                        f"its own ({', '.join(_RUNTIME_CHOICES)}; the flag alone: all; one not "
+                        f"installed is skipped with a note; default: {default})")
+    p.add_argument("--baseline", choices=BASELINES, default="best",
+                   help="the dense runtime speed-ups divide by (best: the fastest float32 one "
+                        "measured; default: best)")
+    p.add_argument("--runtime-rounds", type=int, default=rounds,
+                   help=f"fresh processes per runtime, order rotated (default: {rounds})")
+
+
+def _runtime_names(args: argparse.Namespace) -> list[str]:
+    return resolve_runtimes(args.runtimes or "all", args.baseline)
+
+
+def _print_runtimes(timings, baseline: str) -> None:
+    print("\ndense runtimes, each in fresh processes of its own (ms, medians; * the fastest "
+          "float32 one; ispc saved and loaded in a fresh process):")
+    print(runtimes_table(timings, baseline=baseline, tablefmt="simple"))
+    print("\n".join(speedup_lines(timings, baseline=baseline)))
+
+
 _RETAIN_HELP = ("keep freed memory in glibc's malloc for reuse, for dense and gated alike "
                 "(see ispc.timing.retain_freed_memory; default: on)")
 
@@ -268,6 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1])
     p.add_argument("--retain-memory", action=argparse.BooleanOptionalAction, default=True,
                    help=_RETAIN_HELP)
+    _add_runtime_args(p, default="all", rounds=1)
     add_config_args(p, **_TIMED)
 
     p = sub.add_parser("inspect", help="analyse a model: per-layer CV, gating decisions, MACs")
@@ -287,7 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output file")
     add_config_args(p)
 
-    p = sub.add_parser("bench", help="time a compiled model against its BN-folded dense self")
+    p = sub.add_parser("bench", help="time a compiled model against its BN-folded dense self "
+                       "and, with --runtimes, the dense model in every installed runtime")
     _add_model_args(p)
     _add_data_args(p, required=False)
     p.add_argument("--input-size", type=int, default=224, help="random input size if no --data")
@@ -303,6 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "and 'per_layer' in --json)")
     p.add_argument("--retain-memory", action=argparse.BooleanOptionalAction, default=True,
                    help=_RETAIN_HELP)
+    _add_runtime_args(p, default="none", rounds=3)
     add_config_args(p, **_TIMED)
     return parser
 
@@ -325,9 +357,16 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     compiled = ispc_compile(model, data, config=cfg)
     print(compiled.report)
     print()
+    names = _runtime_names(args)
     results = benchmark(model, compiled, (3, size, size), batch_sizes=tuple(args.batch_sizes),
                         rounds=args.rounds, name=args.model, retain_memory=args.retain_memory)
     print(results_table(results))
+    if names:  # a few calls in one process per runtime: a first look, not a benchmark
+        timings = benchmark_runtimes(model, compiled, (3, size, size),
+                                     batch_sizes=tuple(args.batch_sizes), runtimes=names,
+                                     baseline=args.baseline, rounds=args.runtime_rounds,
+                                     calls=args.rounds, warmup=3, name=args.model)
+        _print_runtimes(timings, args.baseline)
     return 0
 
 
@@ -378,6 +417,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         g = torch.Generator().manual_seed(0)
         shape = (3, args.input_size, args.input_size)
         batches = [torch.randn(16, *shape, generator=g) for _ in range(4)]
+    names = _runtime_names(args)
     compiled = ispc_compile(model, batches, config=cfg)
     results = benchmark(model, compiled, shape, batch_sizes=tuple(args.batch_sizes),
                         rounds=args.rounds, warmup=args.warmup, name=args.model,
@@ -393,8 +433,18 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             entry["per_layer"] = breakdown
             print(f"\nper layer, batch {b}:")
             print(layer_table(dense, compiled, None, breakdown=breakdown))
+    doc: dict[str, Any] = {"machine": machine_info(torch.get_num_threads()), "results": payload}
+    if names:
+        timings = benchmark_runtimes(model, compiled, shape, batch_sizes=tuple(args.batch_sizes),
+                                     runtimes=names, baseline=args.baseline,
+                                     rounds=args.runtime_rounds, calls=args.rounds,
+                                     warmup=args.warmup, name=args.model, inputs=x,
+                                     input_pool=args.input_pool)
+        _print_runtimes(timings, args.baseline)
+        doc.update(baseline=args.baseline, runtimes=[t.to_dict() for t in timings],
+                   comparisons=[c.to_dict() for c in compare(timings, baseline=args.baseline)])
     if args.json:
-        Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")
+        Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
     return 0
 
 

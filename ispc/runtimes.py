@@ -58,7 +58,8 @@ from .timing import retain_freed_memory
 
 __all__ = ["Runtime", "RUNTIMES", "DENSE_RUNTIMES", "BASELINES", "RuntimeTiming", "Comparison",
            "time_runtimes", "export_dense_onnx", "runtime_available", "machine_info", "compare",
-           "best_dense", "runtimes_table", "runtimes_json"]
+           "best_dense", "runtimes_table", "runtimes_json", "speedup_lines", "resolve_runtimes",
+           "DEPLOY_ROUTES"]
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,18 @@ RUNTIMES: dict[str, Runtime] = {r.name: r for r in (
             "precision (bf16 on CPUs with AMX), PERFORMANCE_HINT LATENCY, INFERENCE_NUM_THREADS = "
             "threads, static batch"),
 )}
+#: how to deploy the dense model in each runtime, named where ispc does not beat it
+DEPLOY_ROUTES: dict[str, str] = {
+    "eager": "the model as it is, in PyTorch",
+    "eager_nhwc": "PyTorch with model.to(memory_format=torch.channels_last) and channels-last "
+                  "inputs",
+    "inductor": "torch.compile(model) with torch._inductor.config.freezing = True",
+    "onnxruntime": "ONNX Runtime: ispc.runtimes.export_dense_onnx(model, x, 'model.onnx') (or "
+                   "torch.onnx.export), then onnxruntime.InferenceSession('model.onnx')",
+    "openvino": "OpenVINO: export to ONNX (ispc.runtimes.export_dense_onnx), then "
+                "openvino.Core().compile_model('model.onnx', 'CPU', "
+                "{'INFERENCE_PRECISION_HINT': 'f32'})",
+}
 #: every dense runtime, in table order
 DENSE_RUNTIMES = tuple(RUNTIMES)
 #: what ``compare(baseline=...)`` accepts
@@ -664,3 +677,58 @@ def runtimes_json(timings: Sequence[RuntimeTiming], *, baseline: str = "best",
                        "timings": [t.to_dict() for t in timings],
                        "comparisons": [c.to_dict() for c in compare(timings, baseline=baseline)]},
                       indent=2)
+
+
+def speedup_lines(timings: Sequence[RuntimeTiming], *, baseline: str = "best") -> list[str]:
+    """For people, one line per ispc model and batch size: its speed-up over ``baseline`` (the
+    fastest float32 dense runtime by default), over every dense runtime measured, the MAC ratio
+    and realized/theoretical; then one line per runtime that was skipped, and why."""
+    labels = {t.runtime: t.label for t in timings}
+    lines = []
+    for c in compare(timings, baseline=baseline):
+        if c.speedup is None:
+            lines.append(f"{c.ispc}, {c.model} batch {c.batch_size}: {c.ispc_ms:.2f} ms; "
+                         f"no dense {baseline} runtime measured to compare with")
+            continue
+        which = "fastest float32 dense runtime" if baseline == "best" else "dense runtime"
+        each = ", ".join(f"{labels[r]} {v:.2f}x" for r, v in c.over.items())
+        theo = (f"; MACs {c.theoretical_speedup:.2f}x fewer (theoretical), realized/theoretical "
+                f"{c.efficiency:.2f}" if c.theoretical_speedup else "")
+        lines.append(f"{c.ispc}, {c.model} batch {c.batch_size}: {c.ispc_ms:.2f} ms, "
+                     f"{c.speedup:.2f}x over the {which} ({labels[c.baseline]} "
+                     f"{c.baseline_ms:.2f} ms){theo}; over each: {each}")
+        best = best_dense(timings, c.model, c.batch_size)
+        if best is not None and best.median_ms <= c.ispc_ms:
+            # never slower than the best dense runtime: where ispc is not faster, say which is
+            lines.append(f"  ispc is not faster here than dense {best.label} ({c.ispc_ms:.2f} ms "
+                         f"vs {best.median_ms:.2f} ms): deploy the dense model with "
+                         f"{DEPLOY_ROUTES.get(best.runtime, best.label)}")
+    seen = set()
+    for t in timings:
+        if t.kind == "dense" and not t.available and t.runtime not in seen:
+            seen.add(t.runtime)
+            lines.append(f"{t.label}: skipped ({t.note})")
+    return lines
+
+
+def resolve_runtimes(runtimes: Iterable[str] | str | None, baseline: str = "best") -> list[str]:
+    """The dense runtimes to time: ``runtimes`` (names of :data:`RUNTIMES`, "all", or None/"none"
+    for none) in table order, with the ``baseline`` runtime added when it names one."""
+    if baseline not in BASELINES:
+        raise ConfigError(f"baseline {baseline!r} is not one of {', '.join(BASELINES)}")
+    if runtimes is None or runtimes == "none":
+        wanted: set[str] = set()
+    elif runtimes == "all":
+        wanted = set(DENSE_RUNTIMES)
+    else:
+        wanted = set([runtimes] if isinstance(runtimes, str) else runtimes)
+        if "all" in wanted:
+            wanted = set(DENSE_RUNTIMES)
+        wanted.discard("none")
+        unknown = sorted(wanted - set(DENSE_RUNTIMES))
+        if unknown:
+            raise ConfigError(f"unknown runtime(s) {unknown}; valid: all, none, "
+                              f"{', '.join(DENSE_RUNTIMES)}")
+    if baseline != "best":
+        wanted.add(baseline)
+    return [r for r in DENSE_RUNTIMES if r in wanted]

@@ -82,24 +82,65 @@ def test_bench_small(files, capsys):
     out_json = files / "bench.json"
     assert main(["bench", f"{files}/net.py:make", "--input-size", "16", "--batch-sizes", "1", "2",
                  "--rounds", "3", "--warmup", "1", "--json", str(out_json)]) == 0
-    rows = json.loads(out_json.read_text())
+    doc = json.loads(out_json.read_text())
+    rows = doc["results"]
+    assert doc["machine"]["cpu"] and "avx2" in doc["machine"]["isa"]
+    assert "runtimes" not in doc  # without --runtimes: the dense self only
     assert [r["batch_size"] for r in rows] == [1, 2]
     assert all(r["dense_ms"] > 0 and r["theoretical_speedup"] >= 1 for r in rows)
     assert all(r["allocator"] for r in rows)  # recorded: the benchmark tunes malloc by default
     assert "realized" in capsys.readouterr().out
 
 
+def test_bench_runtimes_times_the_dense_model_in_each_and_compares(files, capsys, monkeypatch):
+    """--runtimes: each named dense runtime in its own process, ispc's speed-up over each and over
+    the fastest, realized/theoretical; a runtime that is not installed is skipped with a note."""
+    from ispc import runtimes as rt
+    monkeypatch.setitem(rt.RUNTIMES, "openvino",
+                        rt.Runtime("openvino", "OpenVINO f32", "no-such-openvino-dist", "onnx"))
+    out_json = files / "bench.json"
+    assert main(["bench", f"{files}/net.py:make", "--input-size", "16", "--batch-sizes", "2",
+                 "--rounds", "2", "--warmup", "1", "--no-latency-aware", "--runtime-rounds", "1",
+                 "--runtimes", "eager", "onnxruntime", "openvino", "--json", str(out_json)]) == 0
+    out = capsys.readouterr().out
+    doc = json.loads(out_json.read_text())
+    assert doc["baseline"] == "best" and doc["machine"]["threads"] >= 1
+    timings = [rt.RuntimeTiming.from_dict(t) for t in doc["runtimes"]]
+    assert [t.runtime for t in timings] == ["eager", "onnxruntime", "openvino", "ispc"]
+    eager, ort, ov, ispc_t = timings
+    assert eager.available and ort.available and eager.max_rel_err < 1e-4
+    assert not ov.available and "not installed" in ov.note
+    (c,) = doc["comparisons"]
+    best = min((eager, ort), key=lambda t: t.median_ms)
+    assert c["baseline"] == best.runtime
+    assert c["speedup"] == pytest.approx(best.median_ms / ispc_t.median_ms)
+    assert c["efficiency"] == pytest.approx(c["speedup"] / c["theoretical_speedup"])
+    assert set(c["over"]) == {"eager", "onnxruntime"}
+    assert "over the fastest float32 dense runtime" in out and "realized/theoretical" in out
+    assert "OpenVINO f32: skipped (no-such-openvino-dist is not installed" in out
+
+
+def test_bench_baseline_names_a_runtime_and_times_it(files, capsys, tmp_path):
+    assert main(["bench", f"{files}/net.py:make", "--input-size", "16", "--batch-sizes", "1",
+                 "--rounds", "2", "--warmup", "1", "--no-latency-aware", "--runtime-rounds", "1",
+                 "--baseline", "eager", "--json", str(tmp_path / "b.json")]) == 0
+    doc = json.loads((tmp_path / "b.json").read_text())
+    assert [t["runtime"] for t in doc["runtimes"]] == ["eager", "ispc"]
+    assert doc["baseline"] == "eager" and doc["comparisons"][0]["baseline"] == "eager"
+    assert "over the dense runtime (eager" in capsys.readouterr().out
+
+
 def test_bench_with_data_times_the_given_images(files, capsys):
     out_json = files / "bench.json"
     assert main(["bench", f"{files}/net.py:make", "--data", str(files / "data.pt"), "--batch-sizes",
                  "1", "8", "--rounds", "3", "--warmup", "1", "--json", str(out_json)]) == 0
-    rows = json.loads(out_json.read_text())
+    rows = json.loads(out_json.read_text())["results"]
     # all 24 images, not random inputs: one batch each at batch 1 (24), three at batch 8
     assert [r["inputs"] for r in rows] == ["24 distinct batches, cycled: 24 given examples",
                                            "3 distinct batches, cycled: 24 given examples"]
     assert main(["bench", f"{files}/net.py:make", "--input-size", "16", "--batch-sizes", "2",
                  "--input-pool", "5", "--rounds", "2", "--warmup", "1", "--json", str(out_json)]) == 0
-    assert json.loads(out_json.read_text())[0]["inputs"].startswith("5 distinct batches, cycled: random")
+    assert json.loads(out_json.read_text())["results"][0]["inputs"].startswith("5 distinct batches, cycled: random")
 
 
 def test_compile_writes_a_loadable_file(files, capsys):
@@ -136,7 +177,7 @@ def test_bench_per_layer_at_each_batch_size(files, capsys, tmp_path):
                  "--rounds", "3", "--warmup", "1", "--per-layer", "--no-latency-aware",
                  "--json", str(tmp_path / "bench.json")]) == 0
     out = capsys.readouterr().out
-    results = json.loads((tmp_path / "bench.json").read_text())
+    results = json.loads((tmp_path / "bench.json").read_text())["results"]
     assert [r["batch_size"] for r in results] == [r["per_layer"]["batch_size"] for r in results] == [1, 3]
     for r in results:
         p = r["per_layer"]

@@ -189,3 +189,38 @@ def test_bad_arguments_fail_with_one_line():
                          progress=False)
     with pytest.raises(ConfigError, match="CompiledModel"):
         rt.time_runtimes(model, model, batches, progress=False)
+
+
+def test_resolve_runtimes_adds_the_baseline_and_keeps_table_order():
+    assert rt.resolve_runtimes("all") == list(rt.DENSE_RUNTIMES)
+    assert rt.resolve_runtimes(None) == rt.resolve_runtimes("none") == []
+    assert rt.resolve_runtimes(["onnxruntime", "eager"]) == ["eager", "onnxruntime"]
+    assert rt.resolve_runtimes("none", baseline="openvino") == ["openvino"]
+    with pytest.raises(ConfigError, match="unknown runtime"):
+        rt.resolve_runtimes(["tensorflow"])
+    with pytest.raises(ConfigError, match="baseline"):
+        rt.resolve_runtimes("all", baseline="fastest")
+
+
+def test_speedup_lines_name_the_fastest_each_ratio_and_what_was_skipped():
+    def rec(name, ms, kind="dense", available=True, note=""):
+        return rt.RuntimeTiming(runtime=name, label=rt.RUNTIMES[name].label if name in rt.RUNTIMES
+                                else name, model="m", batch_size=1, kind=kind,
+                                available=available, note=note, precision="float32",
+                                times_ms=(ms,) if available else (),
+                                theoretical_speedup=2.0 if kind != "dense" else None)
+
+    timings = [rec("eager", 20.0), rec("onnxruntime", 10.0),
+               rec("openvino", 0, available=False, note="openvino is not installed"),
+               rec("ispc", 8.0, kind="ispc")]
+    lines = rt.speedup_lines(timings)
+    assert lines[0].startswith("ispc, m batch 1: 8.00 ms, 1.25x over the fastest float32 dense "
+                               "runtime (ORT 10.00 ms)")
+    assert "realized/theoretical 0.62" in lines[0] and "eager 2.50x, ORT 1.25x" in lines[0]
+    assert lines[1] == "OpenVINO f32: skipped (openvino is not installed)"
+    assert "over the dense runtime (eager 20.00 ms)" in rt.speedup_lines(timings, baseline="eager")[0]
+    assert not any("deploy" in line for line in lines)
+    slow = rt.speedup_lines([*timings[:3], rec("ispc", 12.0, kind="ispc")])
+    assert "0.83x over the fastest" in slow[0]
+    assert slow[1].startswith("  ispc is not faster here than dense ORT (12.00 ms vs 10.00 ms): "
+                              "deploy the dense model with ONNX Runtime")
