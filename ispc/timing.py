@@ -12,7 +12,7 @@ import ctypes.util
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,17 +70,27 @@ class Timing:
 
 
 def time_interleaved(candidates: dict[str, Callable[[], Any]], *, warmup: int = 5, rounds: int = 30,
-                     progress: bool = True, desc: str = "ispc: timing") -> dict[str, Timing]:
-    """Time each zero-argument callable ``rounds`` times, interleaved, after ``warmup`` calls each."""
+                     progress: bool = True, desc: str = "ispc: timing",
+                     prune_ratio: float | None = None, keep: Iterable[str] = (),
+                     min_samples: int = 2) -> dict[str, Timing]:
+    """Time each zero-argument callable ``rounds`` times, interleaved, after ``warmup`` calls each.
+
+    ``prune_ratio``: once every candidate has ``min_samples`` times, stop timing a candidate (not
+    in ``keep``) whose fastest call is slower than ``prune_ratio`` times the leader's median: it
+    cannot win, and timing it again only costs (its Timing keeps the calls it had)."""
     names = list(candidates)
     for name in names:
         for _ in range(warmup):
             candidates[name]()
     out = {name: Timing(name) for name in names}
+    active, kept = list(names), set(keep)
     for r in tqdm(range(rounds), desc=desc, disable=not progress, leave=False):
-        order = names[r % len(names):] + names[:r % len(names)]
+        order = active[r % len(active):] + active[:r % len(active)]
         for name in order:
             t0 = time.perf_counter()
             candidates[name]()
             out[name].times_ms.append((time.perf_counter() - t0) * 1e3)
+        if prune_ratio is not None and r + 1 >= min_samples and len(active) > 1:
+            lead = min(out[n].median for n in active)
+            active = [n for n in active if n in kept or min(out[n].times_ms) <= prune_ratio * lead]
     return out

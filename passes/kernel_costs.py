@@ -13,7 +13,7 @@ layer should run, predicted from its shape or measured on this machine.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import torch
@@ -32,7 +32,7 @@ __all__ = ["predicted_strategy", "predicted_choice", "predicted_linear", "linear
            "candidates", "measure", "Measurement",
            "time_candidates", "layer_inputs", "input_hw", "out_hw", "SMALL_MAP",
            "LARGE_LAYER_MACS", "GATHER_MIN_MAP", "CL_MIN_CHANNELS", "PREDICTED_MARGIN",
-           "ORIENT_NAMES"]
+           "ORIENT_NAMES", "PRUNE_RATIO", "geometry"]
 
 #: without the native kernel, maps with at most this many output positions use the gemm kernel
 SMALL_MAP = 14 * 14
@@ -50,6 +50,11 @@ CL_MIN_CHANNELS = 32
 #: machine (without it, VGG-16's 28x28 layers took ORIENT_CO, 1.66x of dense inside the model,
 #: over ORIENT_CL, 1.83x)
 PREDICTED_MARGIN = 0.03
+#: measured selection stops timing a kernel whose fastest call is slower than this many times the
+#: leader's median after two timed rounds (``ispc.timing.time_interleaved(prune_ratio=...)``): far
+#: outside PREDICTED_MARGIN and min_gain, and ResNet-50 at batch 32 spent most of its compile
+#: timing kernels 2-3x slower than its dense convolutions
+PRUNE_RATIO = 1.3
 #: the native kernel's orientation codes -> names (records and reports use the names)
 ORIENT_NAMES = {code: name for name, code in ORIENTATIONS.items()}
 
@@ -183,18 +188,20 @@ def layer_inputs(gm: fx.GraphModule, names: list[str], x: torch.Tensor) -> dict[
     return seen
 
 
-def time_candidates(fns: dict[str, Callable[[], Any]], rounds: int, *,
-                    cuda: bool = False) -> dict[str, float]:
+def time_candidates(fns: dict[str, Callable[[], Any]], rounds: int, *, cuda: bool = False,
+                    prune_ratio: float | None = None, keep: tuple[str, ...] = ()
+                    ) -> dict[str, float]:
     """Median ms of each function, interleaved (:func:`ispc.timing.time_interleaved`, two
-    warm-up calls each); ``cuda`` waits for the device after each call (its kernels run
-    asynchronously: the host clock alone would time only the launches)."""
+    warm-up calls each; ``prune_ratio``/``keep``: stop timing clear losers); ``cuda`` waits for
+    the device after each call (its kernels run asynchronously: the host clock alone would time
+    only the launches)."""
     sync = torch.cuda.synchronize if cuda else (lambda: None)
 
     def synced(fn: Callable[[], Any]) -> Callable[[], Any]:
         return lambda: (fn(), sync())
 
     timings = time_interleaved({k: synced(fn) for k, fn in fns.items()}, warmup=2, rounds=rounds,
-                               progress=False)
+                               progress=False, prune_ratio=prune_ratio, keep=keep)
     return {k: t.median for k, t in timings.items()}
 
 
@@ -227,12 +234,27 @@ class Measurement:
                 f"gated {best:.3f} ms vs dense {self.times['dense']:.3f} ms")
 
 
-def measure(mod: GatedConv2d, xin: torch.Tensor, node: fx.Node, cfg: GatingConfig) -> Measurement:
+def geometry(mod: GatedConv2d, xin: torch.Tensor) -> tuple:
+    """What a layer's kernel timings depend on: its weights' shape, stride, padding, dilation,
+    gate (mode, threshold, k), epilogue, and its input's shape, layout, dtype and device. Layers
+    of one geometry (a ResNet stage's repeated blocks) time alike: measured once per compile."""
+    return (tuple(mod.weight.shape), mod._args, mod.residual_add, mod.act,
+            mod.in_index is not None, tuple(xin.shape), native.is_channels_last(xin), xin.dtype,
+            xin.device)
+
+
+def measure(mod: GatedConv2d, xin: torch.Tensor, node: fx.Node, cfg: GatingConfig,
+            cache: dict[tuple, Measurement] | None = None) -> Measurement:
     """Time ``mod``'s kernels and its dense convolution on its input ``xin`` (``mod`` is left on
-    the last kernel timed: apply the measurement's :meth:`~Measurement.choice`)."""
+    the last kernel timed: apply the measurement's :meth:`~Measurement.choice`). ``cache``: the
+    measurements of this compile by :func:`geometry`; a layer of a geometry already measured
+    takes that measurement (with its own dense layer) without timing."""
+    key = geometry(mod, xin) if cache is not None else None
+    plain = dense_conv(mod, tuple(xin.shape[-2:]))  # what the layer would be, left dense
+    if key is not None and key in cache:
+        return replace(cache[key], plain=plain)
     a = mod._args
     o_hw, i_hw = out_hw(node), input_hw(node)
-    plain = dense_conv(mod, tuple(xin.shape[-2:]))  # what the layer would be, left dense
     fns = {"dense": lambda: plain(xin)}
     if xin.is_cuda:
         # on a GPU the layer runs the operator's CUDA kernel (Triton) whatever the CPU
@@ -258,7 +280,8 @@ def measure(mod: GatedConv2d, xin: torch.Tensor, node: fx.Node, cfg: GatingConfi
                 s, xin, mod.weight, wt, mod.bias, mod.scale, mod.stride, mod.padding, mod.dilation,
                 a[6], a[7], a[8], a[9]))
     with torch.no_grad():
-        times = time_candidates(fns, cfg.latency_rounds, cuda=xin.is_cuda)
+        times = time_candidates(fns, cfg.latency_rounds, cuda=xin.is_cuda, prune_ratio=PRUNE_RATIO,
+                                keep=("dense",))
     best = min(kernels, key=lambda s: times[s])
     if not xin.is_cuda:
         pred = (predicted_linear(mod, linear_positions(node)) if isinstance(mod, GatedLinear)
@@ -266,8 +289,11 @@ def measure(mod: GatedConv2d, xin: torch.Tensor, node: fx.Node, cfg: GatingConfi
         label = next((lb for lb, kern in kernels.items() if kern == pred), None)
         if label is not None and times[label] <= times[best] * (1.0 + PREDICTED_MARGIN):
             best = label
-    return Measurement(kernels[best], times[best] <= times["dense"] * (1.0 - cfg.min_gain), times,
-                       plain, native.is_channels_last(xin), xin.is_cuda)
+    m = Measurement(kernels[best], times[best] <= times["dense"] * (1.0 - cfg.min_gain), times,
+                    plain, native.is_channels_last(xin), xin.is_cuda)
+    if key is not None:
+        cache[key] = m
+    return m
 
 
 def layout_sums(gm: fx.GraphModule, x: torch.Tensor, nodes: dict[str, fx.Node],

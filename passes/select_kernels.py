@@ -16,6 +16,7 @@ import warnings
 
 import torch
 from torch import fx, nn
+from tqdm.auto import tqdm
 
 from ispc.config import GatingConfig
 from ispc.modules import GatedConv2d, dense_conv
@@ -77,6 +78,9 @@ def select_kernels(gm: fx.GraphModule, state: PassState) -> fx.GraphModule:
     x = pool.repeat(reps, *([1] * (pool.dim() - 1)))[:cfg.latency_batch_size]
     inputs = costs.layer_inputs(gm, list(nodes), x)
     changed = False
+    cache: dict[tuple, costs.Measurement] = {}  # one timing per layer geometry (costs.geometry)
+    bar = tqdm(total=len(inputs), desc="ispc: timing kernels", unit="layer",
+               disable=not state.progress, leave=False)
     # each gated layer and its gate before any choice (a layer left dense in one layout may stay
     # gated in the other)
     originals = {n: gm.get_submodule(n) for n in nodes}
@@ -84,8 +88,9 @@ def select_kernels(gm: fx.GraphModule, state: PassState) -> fx.GraphModule:
 
     def choose(name: str, xin: torch.Tensor) -> None:
         nonlocal changed
-        changed |= _apply(gm, nodes[name], costs.measure(gm.get_submodule(name), xin, nodes[name], cfg),
-                          cfg)
+        changed |= _apply(gm, nodes[name], costs.measure(gm.get_submodule(name), xin, nodes[name], cfg,
+                                                         cache), cfg)
+        bar.update()
 
     for name in nodes:
         if name in inputs:
@@ -95,6 +100,8 @@ def select_kernels(gm: fx.GraphModule, state: PassState) -> fx.GraphModule:
         # a layer on the native kernel hands the layers after it NCHW maps: time again, on the
         # input they now see, the layers whose input layout the first round's choices changed
         now = costs.layer_inputs(gm, [n for n in nodes if isinstance(gm.get_submodule(n), GatedConv2d)], x)
+        bar.total += sum(native.is_channels_last(xin) != native.is_channels_last(inputs[name])
+                         for name, xin in now.items())
         for name, xin in now.items():
             if native.is_channels_last(xin) != native.is_channels_last(inputs[name]):
                 choose(name, xin)
@@ -102,14 +109,17 @@ def select_kernels(gm: fx.GraphModule, state: PassState) -> fx.GraphModule:
         if cfg.channels_last is None:
             # the other layout's kernels, for the whole-model check to time both: every layer
             # that reads a channels-last map, timed on the same map in NCHW
+            bar.total += sum(native.is_channels_last(xin) for xin in inputs.values())
             for name, xin in inputs.items():
                 if native.is_channels_last(xin):
                     alt = copy.deepcopy(originals[name])
-                    m = costs.measure(alt, xin.contiguous(), nodes[name], cfg)
+                    m = costs.measure(alt, xin.contiguous(), nodes[name], cfg, cache)
+                    bar.update()
                     if m.gated:
                         alt.set_strategy(*m.best)
                     nchw[name] = (alt if m.gated else m.plain, m)
         if nchw:
+            bar.set_postfix_str("layouts")
             t_nhwc, t_nchw = costs.layout_sums(gm, x, nodes, {n: alt for n, (alt, _) in nchw.items()},
                                                inputs, cfg)
             if t_nhwc >= t_nchw:
@@ -126,10 +136,12 @@ def select_kernels(gm: fx.GraphModule, state: PassState) -> fx.GraphModule:
     if changed:
         gm.recompile()
     if any(isinstance(m, GatedConv2d) for m in gm.modules()) or nchw:
+        bar.set_postfix_str("whole model")
         _whole_model_check(gm, state, x, nodes, nchw, gates)
     elif cfg.channels_last is None:
         for c in layout_converters(gm):  # dense: the user's layout
             c.enabled = False
+    bar.close()
     return gm
 
 
@@ -176,8 +188,10 @@ def _whole_model_check(gm: fx.GraphModule, state: PassState, x: torch.Tensor,
     # ~1.25x faster gated (benchmarks/speed.py at batch 1; compiled again alone, it kept them all).
     # A layout is a smaller difference than gating's: more rounds for it.
     rounds = max(5, cfg.latency_rounds if free else cfg.latency_rounds // 2)
+    # a configuration clearly slower than the leader stops being timed (costs.PRUNE_RATIO)
     times = costs.time_candidates({label: (lambda c=c: (swap(*c), run()))
-                                   for label, c in configs.items()}, rounds, cuda=x.is_cuda)
+                                   for label, c in configs.items()}, rounds, cuda=x.is_cuda,
+                                  prune_ratio=costs.PRUNE_RATIO)
 
     def faster(a: str, b: str) -> str:
         """b (channels-last) if it is measured and faster than a (NCHW, the user's layout) by

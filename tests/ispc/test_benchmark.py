@@ -24,6 +24,35 @@ def test_time_interleaved_runs_every_candidate_each_round():
     assert all(len(v.times_ms) == 5 and v.p25 <= v.median <= v.p75 for v in t.values())
 
 
+def test_time_interleaved_stops_timing_clear_losers(monkeypatch):
+    """prune_ratio: after min_samples rounds a candidate whose fastest call is slower than
+    prune_ratio x the leader's median is no longer called; ``keep`` ones always are."""
+    import ispc.timing as timing
+
+    clock = [0.0]
+    cost = {"fast": 1.0, "close": 1.2, "slow": 2.0, "kept": 3.0}
+    calls = dict.fromkeys(cost, 0)
+
+    def call(k):
+        calls[k] += 1
+        clock[0] += cost[k]
+
+    class FakeTime:
+        @staticmethod
+        def perf_counter():
+            return clock[0]
+
+    monkeypatch.setattr(timing, "time", FakeTime)
+    t = timing.time_interleaved({k: (lambda k=k: call(k)) for k in cost}, warmup=1, rounds=6,
+                                progress=False, prune_ratio=1.3, keep=("kept",))
+    assert calls == {"fast": 7, "close": 7, "slow": 3, "kept": 7}
+    assert len(t["slow"].times_ms) == 2 and t["slow"].median == pytest.approx(2000.0)
+    assert t["fast"].median == pytest.approx(1000.0)
+    t = timing.time_interleaved({k: (lambda k=k: call(k)) for k in cost}, warmup=0, rounds=3,
+                                progress=False)
+    assert all(len(v.times_ms) == 3 for v in t.values())  # no prune_ratio: every call timed
+
+
 @pytest.mark.skipif(platform.system() != "Linux", reason="glibc's mallopt is Linux-only here")
 def test_retain_freed_memory_is_idempotent_and_says_what_it_did():
     first, second = retain_freed_memory(), retain_freed_memory()

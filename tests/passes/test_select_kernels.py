@@ -161,7 +161,7 @@ def test_whole_model_check_keeps_gates_only_when_the_gated_model_is_faster(monke
     calls = []
     layer_times = _layer_times(monkeypatch, sk)
 
-    def fake_time(fns, rounds, *, cuda=False):
+    def fake_time(fns, rounds, *, cuda=False, **kw):
         if "gated" in fns:  # the whole-model check: every configuration runs
             for label, fn in fns.items():
                 fn()
@@ -203,7 +203,7 @@ def test_whole_model_check_keeps_the_faster_layout(monkeypatch, nhwc_ms, nchw_ms
 
     layer_times = _layer_times(monkeypatch, sk)
 
-    def fake_time(fns, rounds, *, cuda=False):
+    def fake_time(fns, rounds, *, cuda=False, **kw):
         if "gated" in fns:
             for fn in fns.values():
                 fn()
@@ -234,7 +234,7 @@ def test_channels_last_is_not_timed_whole_where_its_layers_are_no_faster(monkeyp
     sk = kernel_costs
     calls = []
 
-    def fake_time(fns, rounds, *, cuda=False):
+    def fake_time(fns, rounds, *, cuda=False, **kw):
         if "gated" in fns:
             calls.extend(fns)
             return {"gated": 0.5, "gated_nchw": 0.1, "dense": 1.0, "dense_nhwc": 1.1}
@@ -259,7 +259,7 @@ def test_a_dense_model_faster_channels_last_comes_back_dense_and_channels_last(m
     sk = kernel_costs
     layer_times = _layer_times(monkeypatch, sk)
 
-    def fake_time(fns, rounds, *, cuda=False):
+    def fake_time(fns, rounds, *, cuda=False, **kw):
         if "gated" in fns:
             for fn in fns.values():
                 fn()
@@ -291,7 +291,7 @@ def test_measured_selection_keeps_the_predicted_kernel_within_the_margin(monkeyp
     sk = kernel_costs
     fast = "native:co"  # a candidate of every layer: measured `factor` times faster than the rest
 
-    def fake_time(fns, rounds, *, cuda=False):
+    def fake_time(fns, rounds, *, cuda=False, **kw):
         if "gated" in fns:  # the whole-model check: gated wins, in either layout
             return {k: 0.5 if k.startswith("gated") else 1.0 for k in fns}
         times = {k: 0.5 for k in fns}
@@ -309,3 +309,39 @@ def test_measured_selection_keeps_the_predicted_kernel_within_the_margin(monkeyp
     for name in predicted:
         chosen = c.report.layer(name).cpu_kernel
         assert chosen == (predicted[name] if keeps_predicted else fast), name
+
+
+def test_layers_of_one_geometry_are_timed_once(monkeypatch):
+    """ResNet-20's repeated blocks: one timing per layer geometry (kernel_costs.geometry), every
+    layer of it given that measurement's kernel, each with its own dense layer."""
+    sk = kernel_costs
+    timed = []
+
+    def fake_time(fns, rounds, **kw):
+        if "dense" in fns and "gated" not in fns:  # a layer's kernels, not the whole-model check
+            timed.append(1)
+        return {k: 2.0 if k.startswith("dense") else 1.0 for k in fns}
+
+    monkeypatch.setattr(sk, "time_candidates", fake_time)
+    cfg = ispc.GatingConfig(mode="topk", keep_ratio=0.5, latency_aware=True, latency_rounds=1,
+                            channels_last=False)
+    c = ispc.compile(resnet20().eval(), _data(), progress=False, config=cfg)
+    gated = c.gated_modules()
+    geometries = {(tuple(m.weight.shape), m._args) for m in gated.values()}
+    assert len(timed) == len(geometries) < len(gated)
+    kernels = {}
+    for node in c.graph_module.graph.nodes:
+        rec = records(node)
+        if node.op == "call_module" and node.target in gated:
+            m = gated[node.target]
+            key = (tuple(m.weight.shape), m._args)
+            kernels.setdefault(key, rec.kernel.times_ms)
+            assert rec.kernel.cost_model == "measured" and rec.kernel.times_ms
+    # every gated layer runs its own weights, not its geometry twin's
+    assert len({m.weight.data_ptr() for m in gated.values()}) == len(gated)
+    # with threshold gates (a threshold per layer) no two layers share a measurement
+    timed.clear()
+    c = ispc.compile(resnet20().eval(), _data(), progress=False,
+                     config=ispc.GatingConfig(latency_aware=True, latency_rounds=1,
+                                              channels_last=False))
+    assert len(timed) == len(c.gated_modules())
