@@ -27,7 +27,7 @@ from . import kernel_costs as costs
 from .base import PassState, apply_kernel, records, register_pass, replace_submodule
 from .channels_last import layout_converters, runs_channels_last
 
-__all__ = ["select_kernels", "LAYOUT_MARGIN", "CUDA_NOTE"]
+__all__ = ["select_kernels", "LAYOUT_MARGIN", "CUDA_NOTE", "DENSE_ROUTE_NOTE"]
 
 #: with the layout left to measurement (``GatingConfig.channels_last=None``), channels-last is kept
 #: only where the layers reading channels-last maps measured faster in sum than on NCHW maps and
@@ -42,6 +42,13 @@ CUDA_NOTE = ("ispc: gated layers on CUDA run a Triton kernel that has not been t
              "on an H200, see docs/gpu.md); the gates' accuracy is the same as on the CPU, but for "
              "speed pass GatingConfig(latency_aware=True), which keeps only layers that pay on "
              "this GPU")
+
+
+#: said where the whole-model check removes every gate: the model is dense PyTorch then, and other
+#: dense runtimes may run it faster
+DENSE_ROUTE_NOTE = ("Deploy the dense model in the fastest dense runtime: `ispc bench MODEL "
+                    "--runtimes` times PyTorch eager, inductor, ONNX Runtime and OpenVINO here and "
+                    "names the fastest and how to deploy it")
 
 
 def _apply(gm: fx.GraphModule, node: fx.Node, m: costs.Measurement, cfg: GatingConfig) -> bool:
@@ -228,7 +235,7 @@ def _whole_model_check(gm: fx.GraphModule, state: PassState, x: torch.Tensor,
     kept = f"; dense, {'channels-last' if configs[best_dense][1] else 'NCHW'}" if free else ""
     state.notes.append(f"whole-model check at batch {cfg.latency_batch_size}: gated {t_gated:.2f} ms "
                        f"was not faster than dense {t_dense:.2f} ms, so every gate was removed"
-                       f"{layout}{kept}")
+                       f"{layout}{kept}. {DENSE_ROUTE_NOTE}")
     gm.recompile()
 
 

@@ -120,6 +120,15 @@ def test_bench_runtimes_times_the_dense_model_in_each_and_compares(files, capsys
     assert "OpenVINO f32: skipped (no-such-openvino-dist is not installed" in out
 
 
+def test_demo_prints_the_speed_up_over_the_fastest_dense_runtime_installed(capsys):
+    assert main(["demo", "--model", "resnet20", "--image-size", "32", "--calibration-size", "16",
+                 "--rounds", "2", "--no-latency-aware", "--runtimes", "eager"]) == 0
+    out = capsys.readouterr().out
+    assert "dense runtimes, each in fresh processes" in out
+    line = next(x for x in out.splitlines() if x.startswith("ispc, resnet20 batch 1:"))
+    assert "over the fastest float32 dense runtime (eager" in line and "over each: eager " in line
+
+
 def test_bench_baseline_names_a_runtime_and_times_it(files, capsys, tmp_path):
     assert main(["bench", f"{files}/net.py:make", "--input-size", "16", "--batch-sizes", "1",
                  "--rounds", "2", "--warmup", "1", "--no-latency-aware", "--runtime-rounds", "1",

@@ -181,6 +181,8 @@ def test_whole_model_check_keeps_gates_only_when_the_gated_model_is_faster(monke
     assert bool(c.gated_modules()) == kept
     assert any(("every gate was removed" in n) != kept for n in c.report.notes
                if n.startswith("whole-model check"))
+    # where it comes back dense, the report says where to look for the fastest dense runtime
+    assert any("ispc bench MODEL --runtimes" in n for n in c.report.notes) != kept
     converters = layout_converters(c.graph_module)
     assert bool(converters) == (layout is None)
     # channels-last measured faster (gated_ms < 1.5 * gated_ms) is kept; dense, NCHW (1.0 < 1.2)
