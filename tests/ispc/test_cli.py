@@ -315,3 +315,18 @@ def test_calibration_data_the_model_cannot_take_is_one_line(tmp_path, capfd, sha
                  "--normalize", "none"]) == 2
     err = capfd.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and msg in err, err
+
+
+@pytest.mark.parametrize("argv, names", [
+    (["bench", "m"], []),
+    (["bench", "m", "--runtimes"], "all"),
+    (["bench", "m", "--runtimes", "onnxruntime", "eager"], ["eager", "onnxruntime"]),
+    (["bench", "m", "--baseline", "openvino"], ["openvino"]),
+    (["demo"], "all"),
+    (["demo", "--runtimes", "none"], []),
+])
+def test_runtimes_option_picks_the_runtimes_timed(argv, names):
+    from ispc.cli import _runtime_names, build_parser
+    from ispc.runtimes import DENSE_RUNTIMES
+    got = _runtime_names(build_parser().parse_args(argv))
+    assert got == (list(DENSE_RUNTIMES) if names == "all" else names)
