@@ -72,24 +72,31 @@ class Timing:
 def time_interleaved(candidates: dict[str, Callable[[], Any]], *, warmup: int = 5, rounds: int = 30,
                      progress: bool = True, desc: str = "ispc: timing",
                      prune_ratio: float | None = None, keep: Iterable[str] = (),
-                     min_samples: int = 2) -> dict[str, Timing]:
+                     min_samples: int = 2, budget_s: float | None = None,
+                     min_rounds: int = 5) -> dict[str, Timing]:
     """Time each zero-argument callable ``rounds`` times, interleaved, after ``warmup`` calls each.
 
     ``prune_ratio``: once every candidate has ``min_samples`` times, stop timing a candidate (not
     in ``keep``) whose fastest call is slower than ``prune_ratio`` times the leader's median: it
-    cannot win, and timing it again only costs (its Timing keeps the calls it had)."""
+    cannot win, and timing it again only costs (its Timing keeps the calls it had).
+    ``budget_s``: stop after ``min_rounds`` rounds once the timed calls took this long in all
+    (long calls vary less relative to their length: fewer of them tell as much)."""
     names = list(candidates)
     for name in names:
         for _ in range(warmup):
             candidates[name]()
     out = {name: Timing(name) for name in names}
     active, kept = list(names), set(keep)
+    spent = 0.0
     for r in tqdm(range(rounds), desc=desc, disable=not progress, leave=False):
         order = active[r % len(active):] + active[:r % len(active)]
         for name in order:
             t0 = time.perf_counter()
             candidates[name]()
             out[name].times_ms.append((time.perf_counter() - t0) * 1e3)
+            spent += out[name].times_ms[-1] / 1e3
+        if budget_s is not None and r + 1 >= min_rounds and spent >= budget_s:
+            break
         if prune_ratio is not None and r + 1 >= min_samples and len(active) > 1:
             lead = min(out[n].median for n in active)
             active = [n for n in active if n in kept or min(out[n].times_ms) <= prune_ratio * lead]

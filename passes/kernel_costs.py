@@ -32,7 +32,7 @@ __all__ = ["predicted_strategy", "predicted_choice", "predicted_linear", "linear
            "candidates", "measure", "Measurement",
            "time_candidates", "layer_inputs", "input_hw", "out_hw", "SMALL_MAP",
            "LARGE_LAYER_MACS", "GATHER_MIN_MAP", "CL_MIN_CHANNELS", "PREDICTED_MARGIN",
-           "ORIENT_NAMES", "PRUNE_RATIO", "geometry"]
+           "ORIENT_NAMES", "PRUNE_RATIO", "LAYER_BUDGET_S", "geometry"]
 
 #: without the native kernel, maps with at most this many output positions use the gemm kernel
 SMALL_MAP = 14 * 14
@@ -55,6 +55,9 @@ PREDICTED_MARGIN = 0.03
 #: outside PREDICTED_MARGIN and min_gain, and ResNet-50 at batch 32 spent most of its compile
 #: timing kernels 2-3x slower than its dense convolutions
 PRUNE_RATIO = 1.3
+#: seconds of timed calls after which a layer's timing stops (past its fifth round): ResNet-50's
+#: layers at batch 32 take 15-60 ms a call, and 15 rounds of seven kernels took 2-6 s a layer
+LAYER_BUDGET_S = 1.0
 #: the native kernel's orientation codes -> names (records and reports use the names)
 ORIENT_NAMES = {code: name for name, code in ORIENTATIONS.items()}
 
@@ -189,10 +192,11 @@ def layer_inputs(gm: fx.GraphModule, names: list[str], x: torch.Tensor) -> dict[
 
 
 def time_candidates(fns: dict[str, Callable[[], Any]], rounds: int, *, cuda: bool = False,
-                    prune_ratio: float | None = None, keep: tuple[str, ...] = ()
-                    ) -> dict[str, float]:
+                    prune_ratio: float | None = None, keep: tuple[str, ...] = (),
+                    budget_s: float | None = None) -> dict[str, float]:
     """Median ms of each function, interleaved (:func:`ispc.timing.time_interleaved`, two
-    warm-up calls each; ``prune_ratio``/``keep``: stop timing clear losers); ``cuda`` waits for
+    warm-up calls each; ``prune_ratio``/``keep``: stop timing clear losers; ``budget_s``: fewer
+    rounds when calls are long); ``cuda`` waits for
     the device after each call (its kernels run asynchronously: the host clock alone would time
     only the launches)."""
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -201,7 +205,8 @@ def time_candidates(fns: dict[str, Callable[[], Any]], rounds: int, *, cuda: boo
         return lambda: (fn(), sync())
 
     timings = time_interleaved({k: synced(fn) for k, fn in fns.items()}, warmup=2, rounds=rounds,
-                               progress=False, prune_ratio=prune_ratio, keep=keep)
+                               progress=False, prune_ratio=prune_ratio, keep=keep,
+                               budget_s=budget_s)
     return {k: t.median for k, t in timings.items()}
 
 
@@ -281,7 +286,7 @@ def measure(mod: GatedConv2d, xin: torch.Tensor, node: fx.Node, cfg: GatingConfi
                 a[6], a[7], a[8], a[9]))
     with torch.no_grad():
         times = time_candidates(fns, cfg.latency_rounds, cuda=xin.is_cuda, prune_ratio=PRUNE_RATIO,
-                                keep=("dense",))
+                                keep=("dense",), budget_s=LAYER_BUDGET_S)
     best = min(kernels, key=lambda s: times[s])
     if not xin.is_cuda:
         pred = (predicted_linear(mod, linear_positions(node)) if isinstance(mod, GatedLinear)

@@ -27,7 +27,8 @@ from . import kernel_costs as costs
 from .base import PassState, apply_kernel, records, register_pass, replace_submodule
 from .channels_last import layout_converters, runs_channels_last
 
-__all__ = ["select_kernels", "LAYOUT_MARGIN", "CUDA_NOTE", "DENSE_ROUTE_NOTE"]
+__all__ = ["select_kernels", "LAYOUT_MARGIN", "CUDA_NOTE", "DENSE_ROUTE_NOTE",
+           "WHOLE_MODEL_BUDGET_S"]
 
 #: with the layout left to measurement (``GatingConfig.channels_last=None``), channels-last is kept
 #: only where the layers reading channels-last maps measured faster in sum than on NCHW maps and
@@ -43,6 +44,9 @@ CUDA_NOTE = ("ispc: gated layers on CUDA run a Triton kernel that has not been t
              "speed pass GatingConfig(latency_aware=True), which keeps only layers that pay on "
              "this GPU")
 
+
+#: seconds of calls after which the whole-model check stops timing (past its fifth round)
+WHOLE_MODEL_BUDGET_S = 20.0
 
 #: said where the whole-model check removes every gate: the model is dense PyTorch then, and other
 #: dense runtimes may run it faster
@@ -195,10 +199,11 @@ def _whole_model_check(gm: fx.GraphModule, state: PassState, x: torch.Tensor,
     # ~1.25x faster gated (benchmarks/speed.py at batch 1; compiled again alone, it kept them all).
     # A layout is a smaller difference than gating's: more rounds for it.
     rounds = max(5, cfg.latency_rounds if free else cfg.latency_rounds // 2)
-    # a configuration clearly slower than the leader stops being timed (costs.PRUNE_RATIO)
+    # a configuration clearly slower than the leader stops being timed (costs.PRUNE_RATIO), and
+    # past five rounds, WHOLE_MODEL_BUDGET_S of calls are enough (ResNet-50 at batch 32: ~1 s a call)
     times = costs.time_candidates({label: (lambda c=c: (swap(*c), run()))
                                    for label, c in configs.items()}, rounds, cuda=x.is_cuda,
-                                  prune_ratio=costs.PRUNE_RATIO)
+                                  prune_ratio=costs.PRUNE_RATIO, budget_s=WHOLE_MODEL_BUDGET_S)
 
     def faster(a: str, b: str) -> str:
         """b (channels-last) if it is measured and faster than a (NCHW, the user's layout) by

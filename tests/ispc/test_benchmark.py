@@ -51,6 +51,13 @@ def test_time_interleaved_stops_timing_clear_losers(monkeypatch):
     t = timing.time_interleaved({k: (lambda k=k: call(k)) for k in cost}, warmup=0, rounds=3,
                                 progress=False)
     assert all(len(v.times_ms) == 3 for v in t.values())  # no prune_ratio: every call timed
+    # budget_s: past min_rounds, stop once the timed calls took that long (7.2 s a round here)
+    t = timing.time_interleaved({k: (lambda k=k: call(k)) for k in cost}, warmup=0, rounds=30,
+                                progress=False, budget_s=30.0, min_rounds=3)
+    assert all(len(v.times_ms) == 5 for v in t.values())
+    t = timing.time_interleaved({k: (lambda k=k: call(k)) for k in cost}, warmup=0, rounds=30,
+                                progress=False, budget_s=1.0, min_rounds=3)
+    assert all(len(v.times_ms) == 3 for v in t.values())
 
 
 @pytest.mark.skipif(platform.system() != "Linux", reason="glibc's mallopt is Linux-only here")
