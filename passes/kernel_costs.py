@@ -56,8 +56,9 @@ PREDICTED_MARGIN = 0.03
 #: timing kernels 2-3x slower than its dense convolutions
 PRUNE_RATIO = 1.3
 #: seconds of timed calls after which a layer's timing stops (past its fifth round): ResNet-50's
-#: layers at batch 32 take 15-60 ms a call, and 15 rounds of seven kernels took 2-6 s a layer
-LAYER_BUDGET_S = 1.0
+#: layers at batch 32 take 15-60 ms a call (15 rounds of seven kernels: 2-6 s a layer; with 1.0
+#: here the compile at the default 15 rounds took 140 s); a layer at batch 1 never reaches it
+LAYER_BUDGET_S = 0.5
 #: the native kernel's orientation codes -> names (records and reports use the names)
 ORIENT_NAMES = {code: name for name, code in ORIENTATIONS.items()}
 
