@@ -224,3 +224,7 @@ def test_speedup_lines_name_the_fastest_each_ratio_and_what_was_skipped():
     assert "0.83x over the fastest" in slow[0]
     assert slow[1].startswith("  ispc is not faster here than dense ORT (12.00 ms vs 10.00 ms): "
                               "deploy the dense model with ONNX Runtime")
+    dense = rt.RuntimeTiming(runtime="ispc", label="ispc", model="m", batch_size=1, kind="ispc",
+                             available=True, precision="float32", times_ms=(19.0,),
+                             theoretical_speedup=1.0)
+    assert "(its compile left every layer dense" in rt.speedup_lines([*timings[:3], dense])[1]
