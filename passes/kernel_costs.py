@@ -197,9 +197,8 @@ def time_candidates(fns: dict[str, Callable[[], Any]], rounds: int, *, cuda: boo
                     budget_s: float | None = None) -> dict[str, float]:
     """Median ms of each function, interleaved (:func:`ispc.timing.time_interleaved`, two
     warm-up calls each; ``prune_ratio``/``keep``: stop timing clear losers; ``budget_s``: fewer
-    rounds when calls are long); ``cuda`` waits for
-    the device after each call (its kernels run asynchronously: the host clock alone would time
-    only the launches)."""
+    rounds when calls are long); ``cuda`` waits for the device after each call (its kernels run
+    asynchronously: the host clock alone would time only the launches)."""
     sync = torch.cuda.synchronize if cuda else (lambda: None)
 
     def synced(fn: Callable[[], Any]) -> Callable[[], Any]:
