@@ -700,10 +700,10 @@ def speedup_lines(timings: Sequence[RuntimeTiming], *, baseline: str = "best") -
         best = best_dense(timings, c.model, c.batch_size)
         if best is not None and best.median_ms <= c.ispc_ms:
             # never slower than the best dense runtime: where ispc is not faster, say which is
-            dense = (" (its compile left every layer dense: no gate paid on this machine)"
+            dense = ("; its compile left every layer dense, no gate paid on this machine"
                      if c.theoretical_speedup is not None and c.theoretical_speedup <= 1.0 else "")
             lines.append(f"  ispc is not faster here than dense {best.label} ({c.ispc_ms:.2f} ms "
-                         f"vs {best.median_ms:.2f} ms){dense}: deploy the dense model with "
+                         f"vs {best.median_ms:.2f} ms{dense}): deploy the dense model with "
                          f"{DEPLOY_ROUTES.get(best.runtime, best.label)}")
     seen = set()
     for t in timings:
