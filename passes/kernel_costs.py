@@ -240,10 +240,10 @@ class Measurement:
 
 
 def geometry(mod: GatedConv2d, xin: torch.Tensor) -> tuple:
-    """What a layer's kernel timings depend on: its weights' shape, stride, padding, dilation,
+    """What a layer's kernel timings depend on: its type, weights' shape, stride, padding, dilation,
     gate (mode, threshold, k), epilogue, and its input's shape, layout, dtype and device. Layers
     of one geometry (a ResNet stage's repeated blocks) time alike: measured once per compile."""
-    return (tuple(mod.weight.shape), mod._args, mod.residual_add, mod.act,
+    return (type(mod), tuple(mod.weight.shape), mod._args, mod.residual_add, mod.act,
             mod.in_index is not None, tuple(xin.shape), native.is_channels_last(xin), xin.dtype,
             xin.device)
 
