@@ -40,12 +40,12 @@ import torch
 
 if __package__ in (None, ""):  # run as a file from a checkout: make `ispc` and `examples` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from examples.cifar_commands import average, evaluate, fit
+    from examples.cifar_commands import average, evaluate, fit, tune
     from examples.cifar_commands.common import build_model, evaluate_top1, load_checkpoint
     from examples.cifar_commands.common import subset_loader as _subset_loader
     from examples.cifar_commands.fit import TeacherEnsemble
 else:
-    from .cifar_commands import average, evaluate, fit
+    from .cifar_commands import average, evaluate, fit, tune
     from .cifar_commands.common import build_model, evaluate_top1, load_checkpoint
     from .cifar_commands.common import subset_loader as _subset_loader
     from .cifar_commands.fit import TeacherEnsemble
@@ -65,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_parsers(sub)
     average.add_parser(sub)
     evaluate.add_parser(sub)
+    tune.add_parser(sub)
     return parser
 
 
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         torch.set_num_threads(args.threads)
     try:
-        if args.command in ("evaluate", "average") and not args.data:
+        if args.command in ("evaluate", "average", "tune") and not args.data:
             raise ConfigError(f"{args.command} needs --data")
         return int(args.func(args))
     except IspcError as exc:

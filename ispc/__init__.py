@@ -20,6 +20,7 @@ from .export import export_program
 from .feature_decay import FeatureDecay
 from .gate_masks import GateMasks
 from .serialization import ArchiveError, load, save
+from .tune import TuneReport, tune
 from .modules import GatedConv2d, LinearConv2d
 from .report import LayerReport, Report
 
@@ -30,5 +31,5 @@ __all__ = [
     "LayerReport", "CompiledModel", "GatedConv2d", "LinearConv2d",
     "IspcError", "ConfigError", "DataError", "TraceError", "UnsupportedModelError", "PassError",
     "BackendUnavailableError", "ArchiveError", "BACKENDS", "ops", "backends", "export",
-    "serialization", "export_program", "save", "load", "__version__",
+    "serialization", "export_program", "save", "load", "tune", "TuneReport", "__version__",
 ]

@@ -1,4 +1,4 @@
-"""The ``ispc`` command line: demo, inspect, compile, bench.
+"""The ``ispc`` command line: demo, inspect, compile, bench, tune.
 
 A user's mistake ends with one line on stderr and a non-zero exit status; ``--debug`` shows the
 traceback. Progress bars go to stderr, results to stdout (tables, or JSON/Markdown on request).
@@ -27,7 +27,7 @@ from .backends import BACKENDS
 from .benchmark import (benchmark, benchmark_runtimes, dense_baseline, input_batches,
                         layer_breakdown, layer_table, results_table, retain_freed_memory)
 from .config import GatingConfig
-from .datasets import iter_batches, load_images
+from .datasets import iter_batches, load_images, load_labeled_images
 from .errors import IspcError, UnsupportedModelError
 from .examples.models import MODELS
 from .passes.channels_last import runs_channels_last
@@ -35,6 +35,7 @@ from .plots import save_plots
 from .runtimes import (BASELINES, DENSE_RUNTIMES, compare, machine_info, resolve_runtimes,
                        runtimes_table, speedup_lines)
 from .serialization import save
+from .tune import TARGETS, top1, tune
 
 __all__ = ["main", "load_model", "build_parser", "add_config_args", "config_from_args",
            "parse_model_args", "load_leaf_modules"]
@@ -336,6 +337,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help=_RETAIN_HELP)
     _add_runtime_args(p, default="none", rounds=3)
     add_config_args(p, **_TIMED)
+
+    p = sub.add_parser("tune", help="search per-layer keep ratios for the fastest model within an "
+                       "accuracy budget, and save it (ispc.tune)")
+    _add_model_args(p)
+    _add_data_args(p)
+    p.add_argument("--val-data", required=True,
+                   help="labelled validation images: a folder with one subfolder per class, or a "
+                        ".pt file holding (x, y); preprocessed as --data")
+    p.add_argument("--val-limit", type=int, help="use a fixed random subset of this many")
+    p.add_argument("--max-drop", type=float, required=True,
+                   help="top-1 points (percent) the result may lose against the dense model")
+    p.add_argument("--relative", action="store_true",
+                   help="--max-drop is a fraction of the dense top-1 (0.01: 1%% of it)")
+    p.add_argument("--target", choices=TARGETS, default="latency",
+                   help="latency: lowest measured latency (latency-aware); macs: fewest MACs")
+    p.add_argument("--time-budget", type=float, metavar="SECONDS",
+                   help="stop then and save the best model found so far")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache", metavar="FILE", help="keep the search's evaluations here (resumable)")
+    p.add_argument("--report-json", metavar="FILE", help="also write the search's report as JSON")
+    p.add_argument("--out", required=True, help="output file (load with ispc.load)")
+    add_config_args(p, skip=("keep_ratio", "allocation"))
     return parser
 
 
@@ -448,7 +471,30 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"demo": _cmd_demo, "inspect": _cmd_inspect, "compile": _cmd_compile, "bench": _cmd_bench}
+def _cmd_tune(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    model = load_model(args.model, checkpoint=args.checkpoint, num_classes=args.num_classes)
+    _, batches = _calibration(args)
+    mean = tuple(args.mean) if args.mean else (IMAGENET_MEAN if args.normalize == "imagenet" else None)
+    std = tuple(args.std) if args.std else (IMAGENET_STD if args.normalize == "imagenet" else None)
+    x, y, _ = load_labeled_images(args.val_data, image_size=args.image_size, mean=mean, std=std,
+                                  limit=args.val_limit)
+    val = [(x[i:i + args.batch_size], y[i:i + args.batch_size])
+           for i in range(0, x.shape[0], args.batch_size)]
+    tuned = tune(model, batches, evaluate=top1(val), max_drop=args.max_drop, relative=args.relative,
+                 target=args.target, config=cfg, time_budget_s=args.time_budget, seed=args.seed,
+                 cache=args.cache)
+    save(tuned, args.out)
+    print(tuned.tuning)
+    if args.report_json:
+        Path(args.report_json).write_text(tuned.tuning.to_json() + "\n")
+    print(f"\ntuned model written to {args.out} (load with ispc.load; its config reproduces it with "
+          "ispc.compile)", file=sys.stderr)
+    return 0
+
+
+COMMANDS = {"demo": _cmd_demo, "inspect": _cmd_inspect, "compile": _cmd_compile, "bench": _cmd_bench,
+            "tune": _cmd_tune}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -6,7 +6,9 @@ validated on construction: a wrong value fails where it was written, not deep in
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +41,35 @@ def _check_number(name: str, value: Any, *, lo: float, hi: float, lo_open: bool,
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ConfigError(f"GatingConfig.{name}={value!r} is not one of {', '.join(map(repr, choices))}")
+
+
+def _layer_keep_ratios(value: Any) -> tuple[tuple[str, float], ...]:
+    """``layer_keep_ratios`` as the frozen form: a tuple of ``(pattern, ratio)`` pairs, in order."""
+    fix = "e.g. {'layer3.*': 0.4, 'layer3.2.conv2': 0.8}"
+    if isinstance(value, Mapping):
+        pairs = list(value.items())
+    elif isinstance(value, (tuple, list)) and all(
+            isinstance(p, (tuple, list)) and len(p) == 2 for p in value):
+        pairs = [tuple(p) for p in value]
+    else:
+        raise ConfigError("GatingConfig.layer_keep_ratios must map layer-name patterns (fnmatch) to "
+                          f"keep ratios, {fix}; got {value!r}")
+    seen: set[str] = set()
+    out = []
+    for pattern, ratio in pairs:
+        if not isinstance(pattern, str) or not pattern:
+            raise ConfigError(f"GatingConfig.layer_keep_ratios has the pattern {pattern!r}; patterns "
+                              f"are non-empty layer-name strings (fnmatch), {fix}")
+        if pattern in seen:
+            raise ConfigError(f"GatingConfig.layer_keep_ratios names the pattern {pattern!r} twice; "
+                              "give each pattern once")
+        seen.add(pattern)
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or math.isnan(ratio) \
+                or not 0.0 < ratio <= 1.0:
+            raise ConfigError(f"GatingConfig.layer_keep_ratios[{pattern!r}]={ratio!r} is not a keep "
+                              "ratio in (0, 1] (1.0 leaves the layer dense)")
+        out.append((pattern, float(ratio)))
+    return tuple(out)
 
 
 def _check_patterns(name: str, value: Any) -> None:
@@ -110,6 +141,13 @@ class GatingConfig:
             converts its input). ``None``: measured with ``latency_aware`` (the whole-model check
             times gated and dense in both layouts; the result is never slower than dense in
             either), otherwise off. ``True``/``False``: always on/off. Never on CUDA.
+        layer_keep_ratios: per-layer keep ratios that replace ``keep_ratio`` (and ``allocation``)
+            for the layers they name: a mapping of layer-name patterns (fnmatch, as ``include``)
+            to keep ratios in (0, 1], e.g. ``{"layer3.*": 0.4, "layer3.2.conv2": 0.8}``; where
+            several patterns match a layer, the last one wins. 1.0 leaves the layer dense. Which
+            layers may be gated is still decided by the other options; a pattern that matches no
+            gateable layer is an error at compile time. ``ispc.tune`` writes one entry per layer.
+            Stored as a tuple of ``(pattern, ratio)`` pairs (hashable); a dict is accepted.
         leaf_modules: module classes that torch.fx must not trace into (for untraceable blocks).
         capture: how the model becomes a graph. ``"fx"``: ``torch.fx`` symbolic tracing;
             ``"export"``: ``torch.export`` on the first calibration batch (batch dimension dynamic
@@ -161,6 +199,8 @@ class GatingConfig:
         "help": "remove channels no calibration input keeps, from the producing layer too"})
     channels_last: bool | None = field(default=None, metadata={
         "help": "run the feature maps channels-last on the CPU (auto: measured when latency_aware)"})
+    layer_keep_ratios: tuple[tuple[str, float], ...] = field(default=(), metadata={
+        "cli": False, "help": "per-layer keep ratios: layer-name pattern -> ratio (last match wins)"})
     leaf_modules: tuple[type, ...] = field(default=(), metadata={"cli": False})
     capture: str = field(default="auto", metadata={
         "help": "fx: torch.fx tracing; export: torch.export; auto: fx where it works, else export",
@@ -199,10 +239,26 @@ class GatingConfig:
             raise ConfigError("GatingConfig.channels_last must be True, False or None (measured "
                               f"with latency_aware), got {self.channels_last!r}")
         _check_choice("capture", self.capture, CAPTURES)
+        object.__setattr__(self, "layer_keep_ratios", _layer_keep_ratios(self.layer_keep_ratios))
         if not isinstance(self.leaf_modules, tuple) or not all(
                 isinstance(t, type) for t in self.leaf_modules):
             raise ConfigError("GatingConfig.leaf_modules must be a tuple of nn.Module classes, "
                               f"got {self.leaf_modules!r}")
+
+    def layer_keep_ratio(self, name: str) -> float | None:
+        """The keep ratio ``layer_keep_ratios`` gives layer ``name`` (the last matching pattern's),
+        or None where no pattern matches it."""
+        ratio = None
+        for pattern, r in self.layer_keep_ratios:
+            if fnmatch.fnmatchcase(name, pattern):
+                ratio = r
+        return ratio
+
+    @property
+    def keeps_everything(self) -> bool:
+        """True when every layer keeps all its channels (``keep_ratio=1.0`` and no per-layer ratio
+        below it): the compiled model computes what the original does."""
+        return self.keep_ratio >= 1.0 and all(r >= 1.0 for _, r in self.layer_keep_ratios)
 
     def replace(self, **changes: Any) -> "GatingConfig":
         """A copy with ``changes`` applied (validated like a new config)."""
@@ -218,4 +274,5 @@ class GatingConfig:
         d["leaf_modules"] = [f"{t.__module__}.{t.__qualname__}" for t in self.leaf_modules]
         d["include"] = list(self.include) if self.include is not None else None
         d["exclude"] = list(self.exclude)
+        d["layer_keep_ratios"] = dict(self.layer_keep_ratios)
         return d

@@ -32,6 +32,7 @@ __all__ = [
     "CIFAR10_MEAN",
     "CIFAR10_STD",
     "load_images",
+    "load_labeled_images",
     "iter_batches",
     "default_cache_dir",
     "CIFAR10",
@@ -251,6 +252,75 @@ def load_images(
             "archive of images or a .pt file holding an N x C x H x W tensor"
         )
     return _normalize(x, mean, std)
+
+
+def load_labeled_images(
+    path: str | os.PathLike[str],
+    *,
+    image_size: int | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    limit: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Images and their class labels: ``(x N x C x H x W float32, y N int64, class names)``.
+
+    ``path`` is a folder with one subfolder per class (labels follow the subfolders' sorted names,
+    as torchvision's ``ImageFolder``; images are searched recursively inside each) or a ``.pt`` file
+    holding ``(x, y)`` (a tuple/list, or a dict with keys ``x`` and ``y``). Pixels, ``image_size``,
+    ``mean`` and ``std`` as in :func:`load_images`; ``limit`` keeps a fixed random subset (seed 0),
+    so every class stays represented.
+    """
+    _check_positive_int(image_size, "image_size")
+    _check_positive_int(limit, "limit")
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise DataError(f"labelled data {str(p)!r} does not exist; pass a folder with one subfolder "
+                        "per class, or a .pt file holding (x, y)")
+    if p.is_dir():
+        classes = sorted(d.name for d in p.iterdir() if d.is_dir() and not d.name.startswith("."))
+        loose = [f.name for f in p.iterdir() if f.is_file() and _is_image_name(f.name)]
+        if loose or not classes:
+            raise DataError(f"{str(p)!r} has {'images outside class subfolders' if loose else 'no subfolders'}; "
+                            "put each class's images in a subfolder named after the class")
+        parts = [_from_folder(p / c, image_size, None) for c in classes]
+        if len({t.shape[1:] for t in parts}) > 1:
+            raise DataError(f"the classes of {str(p)!r} have images of different sizes; pass "
+                            "image_size=... to resize and center-crop them to one size")
+        x = torch.cat(parts)
+        y = torch.cat([torch.full((t.shape[0],), i, dtype=torch.long) for i, t in enumerate(parts)])
+    elif p.suffix.lower() == ".pt":
+        try:
+            obj = torch.load(p, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise DataError(f"cannot load {str(p)!r} ({exc}); save it with torch.save((x, y), path)") from exc
+        if isinstance(obj, dict) and {"x", "y"} <= set(obj):
+            obj = (obj["x"], obj["y"])
+        if not (isinstance(obj, (tuple, list)) and len(obj) == 2
+                and all(isinstance(t, torch.Tensor) for t in obj)):
+            raise DataError(f"{str(p)!r} holds a {type(obj).__name__}; expected (x, y): an N x C x H x W "
+                            "tensor and N integer labels, saved with torch.save((x, y), path)")
+        x, y = obj
+        if x.dim() != 4 or y.dim() != 1 or y.shape[0] != x.shape[0] or y.is_floating_point():
+            raise DataError(f"{str(p)!r} holds x of shape {tuple(x.shape)} and y of shape "
+                            f"{tuple(y.shape)} ({y.dtype}); expected N x C x H x W and N integer labels")
+        if x.dtype == torch.uint8:
+            x = x.float().div_(255.0)
+        elif not x.is_floating_point():
+            raise DataError(f"{str(p)!r} holds x of dtype {x.dtype}; expected float or uint8 pixels")
+        x, y = x.float(), y.long()
+        if image_size is not None and tuple(x.shape[-2:]) != (image_size, image_size):
+            raise DataError(f"{str(p)!r} holds {x.shape[-2]}x{x.shape[-1]} images; a .pt file is "
+                            "used as it is: save it at the input size, or drop image_size")
+        classes = [str(c) for c in range(int(y.max()) + 1)] if y.numel() else []
+    else:
+        raise DataError(f"do not know how to read labels from {str(p)!r}; pass a folder with one "
+                        "subfolder per class, or a .pt file holding (x, y)")
+    if x.shape[0] == 0:
+        raise DataError(f"{str(p)!r} holds no images")
+    if limit is not None and limit < x.shape[0]:
+        keep = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0))[:limit].sort().values
+        x, y = x[keep], y[keep]
+    return _normalize(x, mean, std).contiguous(), y, classes
 
 
 def iter_batches(tensor: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:

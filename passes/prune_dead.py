@@ -127,7 +127,7 @@ def _kept_counts(gm: fx.GraphModule, names: list[str], cache: list[torch.Tensor]
 def prune_dead(gm: fx.GraphModule, state: PassState) -> fx.GraphModule:
     """Remove channels no calibration input keeps from gated layers and their producers."""
     cfg = state.config
-    if not cfg.prune_dead or cfg.keep_ratio >= 1.0 or not state.calibration_cache:
+    if not cfg.prune_dead or cfg.keeps_everything or not state.calibration_cache:
         return gm
     seen = sum(int(x.shape[0]) for x in state.calibration_cache)
     nodes = {n.target: n for n in gm.graph.nodes

@@ -4,10 +4,13 @@ High CV means the layer's channel usage changes from input to input: dynamic gat
 Layers below ``min_cv`` or outside the top ``gate_fraction`` stay dense. For each gated layer the
 threshold (threshold mode) or k (topk mode) is chosen from the calibration data so that the layer
 keeps ``keep_ratio`` of its input channels on average, or (``allocation="global"``) from one
-network-wide cut so that the gated layers together keep ``keep_ratio`` of their MACs.
+network-wide cut so that the gated layers together keep ``keep_ratio`` of their MACs. Layers that
+``layer_keep_ratios`` names keep their own ratio instead (1.0: left dense), and the global cut
+is spread over the others.
 """
 from __future__ import annotations
 
+import fnmatch
 import math
 from typing import Any
 
@@ -20,7 +23,10 @@ from ispc.records import GateDecision
 from .base import PassState, records, register_pass
 
 __all__ = ["rank_layers", "choose_threshold", "choose_k", "kept_counts", "global_thresholds",
-           "layer_weight"]
+           "layer_weight", "layer_overrides", "OVERRIDE_DENSE"]
+
+#: why a layer that ``layer_keep_ratios`` keeps at 1.0 is not gated
+OVERRIDE_DENSE = "kept dense by layer_keep_ratios (1.0)"
 
 
 def choose_threshold(sample: torch.Tensor, keep_ratio: float) -> float:
@@ -100,6 +106,33 @@ def kept_counts(sample: torch.Tensor, mode: str, threshold: float, k: int) -> to
     return (sample >= threshold).sum(1).float()
 
 
+def layer_overrides(gm: fx.GraphModule, cfg: Any) -> dict[fx.Node, float]:
+    """Each candidate layer's keep ratio from ``cfg.layer_keep_ratios`` (layers no pattern matches
+    are left out). A pattern that matches no candidate is a :class:`ConfigError` naming what it
+    matched instead, if anything, and why that cannot be gated."""
+    if not cfg.layer_keep_ratios:
+        return {}
+    layers = [(n, records(n).layer) for n in gm.graph.nodes if records(n).layer is not None]
+    candidates = [(n, f) for n, f in layers if f.candidate]
+    for pattern, _ in cfg.layer_keep_ratios:
+        if any(fnmatch.fnmatchcase(f.name, pattern) for _, f in candidates):
+            continue
+        others = [f for _, f in layers if fnmatch.fnmatchcase(f.name, pattern)]
+        names = [f.name for _, f in candidates]
+        shown = ", ".join(names[:6]) + (f", ... ({len(names)} in all)" if len(names) > 6 else "")
+        what = (f"it matches only {others[0].name!r}, which cannot be gated ({others[0].reason})"
+                if others else f"the gateable layers are: {shown or 'none'}")
+        raise ConfigError(f"GatingConfig.layer_keep_ratios pattern {pattern!r} matches no gateable "
+                          f"layer: {what}; fix the pattern (fnmatch on layer names, e.g. "
+                          f"'layer3.*') or remove it")
+    out = {}
+    for node, facts in candidates:
+        ratio = cfg.layer_keep_ratio(facts.name)
+        if ratio is not None:
+            out[node] = ratio
+    return out
+
+
 @register_pass("rank")
 def rank_layers(gm: fx.GraphModule, state: PassState) -> fx.GraphModule:
     """Write a :class:`~ispc.records.GateDecision` on every candidate conv: cv, rank, gated or why
@@ -107,6 +140,7 @@ def rank_layers(gm: fx.GraphModule, state: PassState) -> fx.GraphModule:
     cfg = state.config
     candidates = [n for n in gm.graph.nodes
                   if records(n).layer is not None and records(n).layer.candidate]
+    overrides = layer_overrides(gm, cfg)
     if not state.calibrated:
         if cfg.allocation == "global":
             raise ConfigError("allocation='global' spreads keep_ratio over layers by their calibration "
@@ -119,7 +153,11 @@ def rank_layers(gm: fx.GraphModule, state: PassState) -> fx.GraphModule:
             raise ConfigError("min_cv and gate_fraction select layers by their CV, which needs "
                               "calibration data; pass calibration_data or leave them at their defaults")
         for node in candidates:
-            k = choose_k(records(node).layer.in_channels, cfg.keep_ratio, cfg.channel_multiple)
+            keep = overrides.get(node, cfg.keep_ratio)
+            if keep >= 1.0 and node in overrides:
+                records(node).gate = GateDecision(gated=False, reason=OVERRIDE_DENSE)
+                continue
+            k = choose_k(records(node).layer.in_channels, keep, cfg.channel_multiple)
             records(node).gate = GateDecision(gated=True, k=k).with_kept(torch.tensor([float(k)]))
         state.notes.append("compiled without calibration data: topk gating at keep_ratio on every "
                            "eligible layer, no CV ranking; which channels are kept is still chosen "
@@ -132,24 +170,27 @@ def rank_layers(gm: fx.GraphModule, state: PassState) -> fx.GraphModule:
     n_gate = math.ceil(cfg.gate_fraction * len(above) - 1e-9)
     selected = set(above[:n_gate])
     shared: dict[fx.Node, float] = {}
+    pooled = [n for n in order if n in selected and n not in overrides]  # the global cut's layers
     if cfg.allocation == "global":
-        shared = global_thresholds({n: records(n).stats.sample for n in selected},
-                                   {n: layer_weight(n) for n in selected}, cfg.keep_ratio)
+        shared = global_thresholds({n: records(n).stats.sample for n in pooled},
+                                   {n: layer_weight(n) for n in pooled}, cfg.keep_ratio)
     for rank, node in enumerate(order, start=1):
         gate = GateDecision(gated=node in selected, cv=cvs[node], rank=rank)
         if cvs[node] < cfg.min_cv:
             gate = gate.ungated(f"CV below cut-off ({cvs[node]:.3g} < min_cv={cfg.min_cv})")
         elif node not in selected:
             gate = gate.ungated(f"outside the top gate_fraction={cfg.gate_fraction} of the CV ranking")
+        elif overrides.get(node, 0.0) >= 1.0:
+            gate = gate.ungated(OVERRIDE_DENSE)
         else:
             stats = records(node).stats
             sample = stats.sample
             threshold = k = None
+            keep = overrides.get(node, cfg.keep_ratio)
             if cfg.mode == "threshold":
-                threshold = shared[node] if shared else choose_threshold(sample, cfg.keep_ratio)
+                threshold = shared[node] if node in shared else choose_threshold(sample, keep)
             else:
-                keep = cfg.keep_ratio
-                if shared:  # the layer's share of the global cut, as a fixed k
+                if node in shared:  # the layer's share of the global cut, as a fixed k
                     keep = float(kept_counts(sample, "threshold", shared[node], 0).mean()) / stats.channels
                 k = choose_k(stats.channels, keep, cfg.channel_multiple)
             gate = gate.with_kept(kept_counts(sample, cfg.mode, threshold or 0.0, k or 0),

@@ -26,7 +26,7 @@ LAYERS = [
     ["ispc.pipeline"],
     ["ispc.backends", "ispc.feature_decay"],
     ["ispc.api", "ispc.benchmark", "ispc.baselines", "ispc.serialization", "ispc.gate_masks",
-     "ispc.runtimes"],
+     "ispc.runtimes", "ispc.tune"],
     ["ispc.cli", "ispc", "ispc.examples", "ispc._runtime_worker"],
 ]
 #: files exempt from the function-level-import rule, and why

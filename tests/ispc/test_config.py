@@ -50,3 +50,27 @@ def test_to_dict_is_json_friendly():
     d = GatingConfig(leaf_modules=(nn.LSTM,), include=("a.*",)).to_dict()
     assert d["leaf_modules"] == ["torch.nn.modules.rnn.LSTM"]
     json.dumps(d)
+
+
+def test_layer_keep_ratios_frozen_hashable_and_last_match_wins():
+    cfg = GatingConfig(layer_keep_ratios={"layer3.*": 0.4, "layer3.2.conv2": 1})
+    assert cfg.layer_keep_ratios == (("layer3.*", 0.4), ("layer3.2.conv2", 1.0))
+    assert hash(cfg) == hash(GatingConfig(layer_keep_ratios=[("layer3.*", 0.4), ("layer3.2.conv2", 1.0)]))
+    assert cfg.layer_keep_ratio("layer3.0.conv1") == 0.4
+    assert cfg.layer_keep_ratio("layer3.2.conv2") == 1.0  # the later, more specific pattern
+    assert cfg.layer_keep_ratio("layer1.0.conv1") is None
+    assert cfg.to_dict()["layer_keep_ratios"] == {"layer3.*": 0.4, "layer3.2.conv2": 1.0}
+    assert not cfg.replace(keep_ratio=1.0).keeps_everything
+    assert GatingConfig(keep_ratio=1.0, layer_keep_ratios={"a": 1.0}).keeps_everything
+
+
+@pytest.mark.parametrize("bad,msg", [
+    ({"a": 0.0}, "not a keep ratio in \\(0, 1\\]"), ({"a": 1.5}, "not a keep ratio"),
+    ({"a": True}, "not a keep ratio"), ({"a": math.nan}, "not a keep ratio"),
+    ({"": 0.5}, "non-empty"), ({3: 0.5}, "non-empty"), ("layer1.*", "must map layer-name patterns"),
+    ([("a", 0.5), ("a", 0.4)], "twice"), ([("a", 0.5, 1)], "must map"),
+])
+def test_layer_keep_ratios_invalid(bad, msg):
+    with pytest.raises(ispc.ConfigError, match=msg) as info:
+        GatingConfig(layer_keep_ratios=bad)
+    assert "layer_keep_ratios" in str(info.value) and "\n" not in str(info.value)

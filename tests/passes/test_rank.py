@@ -86,3 +86,52 @@ def test_global_allocation_needs_calibration_data():
     with pytest.raises(ispc.ConfigError, match="calibration"):
         ispc.compile(M.resnet20(num_classes=10).eval(), None, progress=False,
                      config=ispc.GatingConfig(mode="topk", allocation="global"))
+
+
+@pytest.mark.parametrize("mode", ["threshold", "topk"])
+def test_layer_keep_ratios_override_the_keep_ratio(mode):
+    model = M.resnet20(num_classes=10).eval()
+    cfg = ispc.GatingConfig(keep_ratio=0.5, mode=mode, prune_dead=False, layer_keep_ratios={
+        "layer3.*": 0.25, "layer3.2.conv2": 1.0, "layer1.0.conv1": 0.75})
+    compiled = ispc.compile(model, _data(), config=cfg, progress=False)
+    rows = {r.name: r for r in compiled.report.layers}
+    assert not rows["layer3.2.conv2"].gated
+    assert rows["layer3.2.conv2"].reason == "kept dense by layer_keep_ratios (1.0)"
+    assert "layer3.2.conv2" not in compiled.gated_modules()
+    for name, keep in (("layer3.0.conv1", 0.25), ("layer3.1.conv2", 0.25), ("layer1.0.conv1", 0.75),
+                       ("layer2.1.conv1", 0.5)):
+        assert rows[name].gated and abs(rows[name].kept_fraction - keep) < 0.04, (name, keep)
+    if mode == "topk":
+        assert rows["layer3.0.conv1"].k == 8 and rows["layer1.0.conv1"].k == 12
+
+
+def test_layer_keep_ratios_with_global_allocation_spread_the_rest():
+    model = M.resnet20(num_classes=10).eval()
+    cfg = ispc.GatingConfig(keep_ratio=0.5, allocation="global", prune_dead=False,
+                            calibration_rounds=6, layer_keep_ratios={"layer3.*": 0.9})
+    compiled = ispc.compile(model, _data(), config=cfg, progress=False)
+    pooled = [r for r in compiled.report.gated_layers if not r.name.startswith("layer3.")]
+    kept = sum(r.macs * r.kept_fraction for r in pooled) / sum(r.macs for r in pooled)
+    assert abs(kept - 0.5) < 0.06
+    assert all(abs(r.kept_fraction - 0.9) < 0.07 for r in compiled.report.gated_layers
+               if r.name.startswith("layer3."))
+
+
+def test_layer_keep_ratios_without_calibration_data():
+    model = M.resnet20(num_classes=10).eval()
+    cfg = ispc.GatingConfig(mode="topk", keep_ratio=0.5, layer_keep_ratios={"layer2.*": 0.25,
+                                                                           "layer1.0.conv1": 1.0})
+    rows = {r.name: r for r in ispc.compile(model, None, config=cfg, progress=False).report.layers}
+    assert rows["layer2.1.conv1"].k == 8 and rows["layer3.0.conv1"].k == 16
+    assert not rows["layer1.0.conv1"].gated
+
+
+@pytest.mark.parametrize("pattern,msg", [
+    ("layer9.*", "matches no gateable layer: the gateable layers are: layer1.0.conv1"),
+    ("conv1", "it matches only 'conv1', which cannot be gated \\(too few input channels"),
+])
+def test_layer_keep_ratios_pattern_that_matches_nothing(pattern, msg):
+    with pytest.raises(ispc.ConfigError, match=msg) as info:
+        ispc.compile(M.resnet20(num_classes=10).eval(), _data(1), progress=False,
+                     config=ispc.GatingConfig(layer_keep_ratios={pattern: 0.5}))
+    assert "fix the pattern" in str(info.value) and "\n" not in str(info.value)
