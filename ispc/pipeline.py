@@ -9,7 +9,8 @@ Layering (imports only go down; ``tests/test_layering.py`` checks it with ``ast`
 
     ispc.cli, ispc (the package), ispc.examples               <- top: what users run
     (ispc._runtime_worker: a timing worker process, importing lazily only its own runtime)
-    ispc.api, ispc.benchmark, ispc.baselines, ispc.serialization, ispc.gate_masks, ispc.runtimes
+    ispc.api, ispc.benchmark, ispc.baselines, ispc.serialization, ispc.gate_masks, ispc.runtimes,
+    ispc.tune
     ispc.backends (the registry, tensorrt, onnx), ispc.feature_decay
     ispc.pipeline                                             <- this module
     ispc.passes (one pass per file; base, then the passes)

@@ -360,12 +360,11 @@ class _Search:
         g = torch.Generator().manual_seed(self.seed)
         take = torch.randperm(pool.shape[0], generator=g)[:PROXY_INPUTS].sort().values
         self.proxy_x = list(pool[take].split(64))
-        self.latency_pool = [pool[i:i + self.base.latency_batch_size]
-                             for i in range(0, min(pool.shape[0], LATENCY_INPUTS * self.base.latency_batch_size),
-                                            self.base.latency_batch_size)
-                             if pool[i:i + self.base.latency_batch_size].shape[0] == self.base.latency_batch_size]
-        if not self.latency_pool:
-            self.latency_pool = [pool[:1].repeat(self.base.latency_batch_size, *([1] * (pool.dim() - 1)))]
+        # latency: distinct batches of latency_batch_size calibration inputs, cycled (as ispc.benchmark)
+        bs = self.base.latency_batch_size
+        reps = -(-bs * LATENCY_INPUTS // pool.shape[0])
+        cycled = pool.repeat(reps, *([1] * (pool.dim() - 1))) if reps > 1 else pool
+        self.latency_pool = list(cycled[:bs * LATENCY_INPUTS].split(bs))
         if self.static:
             for lay in self.layers.values():
                 lay.module.register_forward_pre_hook(

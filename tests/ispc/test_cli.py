@@ -222,7 +222,8 @@ def test_gate_linear_flag_gates_the_classifier(tmp_path, capsys):
 
 
 def test_gating_options_are_read_from_the_config():
-    """Every GatingConfig field (but leaf_modules) is an option, with the config's default; demo
+    """Every GatingConfig field (but those marked cli=False: leaf_modules, layer_keep_ratios) is
+    an option, with the config's default; demo
     and bench compile latency-aware by default and set the batch size they time themselves."""
     import dataclasses
 
@@ -230,7 +231,8 @@ def test_gating_options_are_read_from_the_config():
     from ispc.config import GatingConfig
 
     parser = build_parser()
-    fields = [f.name for f in dataclasses.fields(GatingConfig) if f.name != "leaf_modules"]
+    fields = [f.name for f in dataclasses.fields(GatingConfig) if f.metadata.get("cli", True)]
+    assert "keep_ratio" in fields and "leaf_modules" not in fields
     args = parser.parse_args(["inspect", "m", "--data", "d"])
     assert all(hasattr(args, name) for name in fields)
     assert config_from_args(args) == GatingConfig()
