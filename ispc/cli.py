@@ -350,6 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="top-1 points (percent) the result may lose against the dense model")
     p.add_argument("--relative", action="store_true",
                    help="--max-drop is a fraction of the dense top-1 (0.01: 1%% of it)")
+    p.add_argument("--confidence", type=float, default=0.9,
+                   help="one-sided confidence that the result's drop is within --max-drop, given "
+                        "the validation images' noise (0.5: the point estimate)")
     p.add_argument("--target", choices=TARGETS, default="latency",
                    help="latency: lowest measured latency (latency-aware); macs: fewest MACs")
     p.add_argument("--time-budget", type=float, metavar="SECONDS",
@@ -481,9 +484,10 @@ def _cmd_tune(args: argparse.Namespace) -> int:
                                   limit=args.val_limit)
     val = [(x[i:i + args.batch_size], y[i:i + args.batch_size])
            for i in range(0, x.shape[0], args.batch_size)]
-    tuned = tune(model, batches, evaluate=top1(val), max_drop=args.max_drop, relative=args.relative,
-                 target=args.target, config=cfg, time_budget_s=args.time_budget, seed=args.seed,
-                 cache=args.cache)
+    tuned = tune(model, batches, evaluate=top1(val, per_sample=True), max_drop=args.max_drop,
+                 relative=args.relative, target=args.target, config=cfg,
+                 time_budget_s=args.time_budget, seed=args.seed, cache=args.cache,
+                 confidence=args.confidence)
     save(tuned, args.out)
     print(tuned.tuning)
     if args.report_json:

@@ -40,6 +40,7 @@ import itertools
 import json
 import math
 import os
+import statistics
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -92,7 +93,7 @@ LATENCY_ROUNDS = 20
 TIMED_FRACTIONS = (0.25, 0.5, 0.75)
 #: distinct inputs a latency measurement cycles through
 LATENCY_INPUTS = 16
-CACHE_FORMAT, CACHE_VERSION = "ispc-tune-cache", 1
+CACHE_FORMAT, CACHE_VERSION = "ispc-tune-cache", 2
 #: the passes of ``ispc.compile`` the search graph runs (up to the gates, before the first refine)
 #: and those each evaluated candidate runs on its copy (after it)
 HEAD = COMPILE[:COMPILE.index("refine")]
@@ -109,10 +110,14 @@ class _OutOfTime(Exception):
 # The metric helper
 # --------------------------------------------------------------------------------------------------
 
-def top1(loader: Iterable[Any]) -> Callable[[nn.Module], float]:
+def top1(loader: Iterable[Any], *, per_sample: bool = False) -> Callable[[nn.Module], Any]:
     """A metric for :func:`tune`: top-1 accuracy **in percent** (so ``max_drop=0.5`` is half a point)
     of a model over ``loader``'s ``(inputs, labels)`` batches (a DataLoader, or a list of tuples).
-    The loader is read once per evaluation, so it must be re-iterable (not a generator)."""
+    The loader is read once per evaluation, so it must be re-iterable (not a generator).
+
+    ``per_sample=True`` returns each sample's score instead (100 if correct, else 0; their mean is
+    the top-1): with it :func:`tune` knows how noisy each comparison with the dense model is and
+    keeps a margin for that noise (``confidence``)."""
     if isinstance(loader, (str, bytes, Tensor)) or not isinstance(loader, Iterable):
         raise DataError(f"top1 needs an iterable of (inputs, labels) batches, got "
                         f"{type(loader).__name__}; pass a DataLoader or a list of (x, y) tuples")
@@ -121,11 +126,12 @@ def top1(loader: Iterable[Any]) -> Callable[[nn.Module], float]:
                         "re-iterable: a DataLoader or a list of (x, y) tuples")
 
     @torch.no_grad()
-    def metric(model: nn.Module) -> float:
+    def metric(model: nn.Module) -> Any:
         p = next(itertools.chain(model.parameters(), model.buffers()), None)
         device = p.device if p is not None else None
         dtype = p.dtype if p is not None and p.is_floating_point() else None
         correct = count = 0
+        hits: list[Tensor] = []
         for i, batch in enumerate(loader):
             if not (isinstance(batch, (tuple, list)) and len(batch) >= 2
                     and isinstance(batch[1], Tensor)):
@@ -135,10 +141,14 @@ def top1(loader: Iterable[Any]) -> Callable[[nn.Module], float]:
             out = model(x)
             out = out[0] if isinstance(out, (tuple, list)) else out
             y = batch[1].to(out.device).flatten()
-            correct += int((out.argmax(-1).flatten() == y).sum())
+            hit = out.argmax(-1).flatten() == y
+            hits.append(hit.cpu())
+            correct += int(hit.sum())
             count += int(y.numel())
         if count == 0:
             raise DataError("top1: the loader yielded no labelled samples")
+        if per_sample:
+            return 100.0 * torch.cat(hits).double()
         return 100.0 * correct / count
 
     metric.__name__ = metric.__qualname__ = "top1"
@@ -162,6 +172,9 @@ class Trial:
     latency_ms: float | None  #: measured, median of interleaved rounds at ``latency_batch_size``
     dense_latency_ms: float | None  #: the dense model in the same rounds
     proxy: float | None = None  #: output error on the calibration inputs (the search's estimate)
+    #: what the metric must clear the floor by: ``z * se`` of its paired difference from the dense
+    #: model (per-sample scores only; 0 otherwise)
+    margin: float = 0.0
     seconds: float = 0.0  #: what evaluating it took (compile rest, metric, timing)
     cached: bool = False  #: the metric came from the cache file
     note: str = ""
@@ -183,6 +196,8 @@ class TuneReport:
     max_drop: float
     relative: bool
     floor: float  #: the lowest metric within the budget
+    #: one-sided confidence that a result is within the budget (per-sample scores), else None
+    confidence: float | None
     trials: list[Trial]
     chosen: int  #: index of the returned trial
     why: str
@@ -219,18 +234,23 @@ class TuneReport:
                 f"{t.speedup:.2f}x" if t.speedup is not None else "-",
                 f"{t.metric:.4g}" if t.metric is not None else "-",
                 f"{t.metric - self.dense_metric:+.3g}" if t.metric is not None else "-",
+                f"{t.margin:.3g}" if t.margin else "-",
                 {True: "yes", False: "no", None: "-"}[t.feasible] + (" *" if t.index == self.chosen else ""),
                 t.note])
         head = (f"ispc.tune ({self.mode}, target {self.target}): dense metric {self.dense_metric:.4g}, "
                 f"budget >= {self.floor:.4g} (max_drop {self.max_drop:g}"
-                f"{' relative' if self.relative else ''}); {len(self.trials)} configurations, "
+                f"{' relative' if self.relative else ''}"
+                + (f", metric - margin, one-sided {self.confidence:g} confidence"
+                   if self.confidence is not None else "")
+                + f"); {len(self.trials)} configurations, "
                 f"{self.evaluations} metric evaluations, {self.seconds:.0f} s"
                 + (f" (and {len(self.earlier_runs)} earlier run(s) stopped by a time budget: "
                    f"{sum(r['seconds'] for r in self.earlier_runs):.0f} s, "
                    f"{sum(r['evaluations'] for r in self.earlier_runs)} evaluations)"
                    if self.earlier_runs else ""))
         table = tabulate(rows, headers=["#", "phase", "layers cut", "MAC cut", "ms", "speed-up",
-                                        "metric", "vs dense", "in budget", "step"],
+                                        "metric", "vs dense", "margin", "in budget",
+                                        "step"],
                          tablefmt=tablefmt, disable_numparse=True)
         tail = [f"chosen: #{self.chosen}: {self.why}"]
         if self.stopped:
@@ -292,8 +312,11 @@ class _Search:
     def __init__(self, model: nn.Module, data: list[Any], evaluate: Callable[[nn.Module], float], *,
                  base: GatingConfig, max_drop: float, relative: bool, target: str, static: bool,
                  seed: int, progress: bool, time_budget_s: float | None,
-                 max_evaluations: int | None, cache: Path | None) -> None:
+                 max_evaluations: int | None, cache: Path | None, confidence: float) -> None:
         self.model, self.data, self.user_evaluate = model, data, evaluate
+        self.confidence = confidence
+        self.z = statistics.NormalDist().inv_cdf(confidence)
+        self.dense_scores: Tensor | None = None  # the dense model's per-sample scores, if given
         self.base, self.max_drop, self.relative = base, max_drop, relative
         self.target, self.static, self.seed, self.progress = target, static, seed, progress
         self.max_evaluations = max_evaluations
@@ -447,7 +470,7 @@ class _Search:
     def load_cache(self) -> None:
         self.cache: dict[str, Any] = {"format": CACHE_FORMAT, "version": CACHE_VERSION,
                                       "fingerprint": self.fingerprint(), "metrics": {},
-                                      "sensitivity": {}, "runs": {}}
+                                      "se": {}, "dense_scores": None, "sensitivity": {}, "runs": {}}
         if self.cache_path is None or not self.cache_path.exists():
             return
         try:
@@ -464,6 +487,10 @@ class _Search:
                               "another model or other calibration data; delete it or pass another "
                               "path")
         self.cache["metrics"] = dict(old.get("metrics") or {})
+        self.cache["se"] = dict(old.get("se") or {})
+        self.cache["dense_scores"] = old.get("dense_scores")
+        if self.cache["dense_scores"] is not None:
+            self.dense_scores = torch.tensor(self.cache["dense_scores"], dtype=torch.float64)
         self.cache["sensitivity"] = dict(old.get("sensitivity") or {})
         self.cache["runs"] = dict(old.get("runs") or {})
 
@@ -476,10 +503,12 @@ class _Search:
 
     # ---- the metric ------------------------------------------------------------------------
 
-    def metric(self, model: nn.Module, key: str) -> tuple[float, bool]:
-        """The user's metric of ``model`` (or its cached value for ``key``), and whether cached."""
+    def metric(self, model: nn.Module, key: str) -> tuple[float, float, bool]:
+        """The user's metric of ``model`` (or its cached value for ``key``), the margin it must
+        clear the floor by, and whether it was cached."""
         if key in self.cache["metrics"]:
-            return float(self.cache["metrics"][key]), True
+            se = self.cache["se"].get(key)
+            return float(self.cache["metrics"][key]), self.z * se if se else 0.0, True
         if self.max_evaluations is not None and self.evaluations >= self.max_evaluations:
             raise _OutOfTime("max_evaluations")
         t0 = clock()
@@ -487,14 +516,44 @@ class _Search:
         value = self.user_evaluate(model)
         self.eval_seconds.append(clock() - t0)
         self.evaluations += 1
+        scores = None
+        if isinstance(value, np.ndarray):
+            value = torch.from_numpy(value)
         if isinstance(value, Tensor) and value.numel() == 1:
             value = value.item()
+        elif isinstance(value, Tensor) and value.dim() == 1 and value.is_floating_point() | (
+                value.dtype == torch.bool) and bool(torch.isfinite(value.double()).all()):
+            scores = value.detach().cpu().double()
+            value = float(scores.mean())
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise DataError(f"ispc.tune: evaluate(model) returned {value!r}; it must return a finite "
-                            "number, higher is better (e.g. ispc.tune.top1(val_loader))")
+                            "number or a 1-D tensor of finite per-sample scores, higher is better "
+                            "(e.g. ispc.tune.top1(val_loader))")
+        se = self._paired_se(scores, key)
         self.cache["metrics"][key] = float(value)
+        if se is not None:
+            self.cache["se"][key] = se
         self.save_cache()
-        return float(value), False
+        return float(value), self.z * se if se else 0.0, False
+
+    def _paired_se(self, scores: Tensor | None, key: str) -> float | None:
+        """The standard error of the mean per-sample difference from the dense model (None without
+        per-sample scores); the dense model's own scores are kept for that."""
+        if key == "dense":
+            self.dense_scores = scores
+            self.cache["dense_scores"] = scores.tolist() if scores is not None else None
+            return None
+        if (scores is None) != (self.dense_scores is None):
+            raise DataError("ispc.tune: evaluate(model) returned per-sample scores for one model and "
+                            "a single number for another; return the same kind every call")
+        if scores is None:
+            return None
+        if scores.shape != self.dense_scores.shape:
+            raise DataError(f"ispc.tune: evaluate(model) returned {scores.numel()} per-sample scores, "
+                            f"the dense model's call {self.dense_scores.numel()}; score the same "
+                            "samples in the same order every call")
+        n = scores.numel()
+        return float((self.dense_scores - scores).std() / math.sqrt(n)) if n > 1 else 0.0
 
     # ---- applying an allocation in place -----------------------------------------------------
 
@@ -746,8 +805,8 @@ class _Search:
         cfg, notes, _ = self.realize(idx)
         proxy = self.proxy()
         model = self.compile_candidate(idx, cfg, notes)
-        value, cached = self.metric(model, key)
-        feasible = value >= self.floor_value - 1e-12
+        value, margin, cached = self.metric(model, key)
+        feasible = value - margin >= self.floor_value - 1e-12
         summary = model.report.summary
         ms, dense_ms = self.latency(model)
         trial = Trial(index=len(self.trials), phase=phase,
@@ -755,7 +814,7 @@ class _Search:
                               if idx[t] > 0},
                       metric=value, feasible=feasible, mac_reduction=summary.get("mac_reduction"),
                       latency_ms=ms, dense_latency_ms=dense_ms, proxy=proxy, seconds=clock() - t0,
-                      cached=cached, note=note)
+                      cached=cached, note=note, margin=margin)
         if not cached:
             self.step_seconds.append(trial.seconds)
         self.trial_idx[trial.index] = dict(idx)
@@ -925,7 +984,7 @@ class _Search:
         if dense_key in self.cache["metrics"]:
             dense_value, dense_cached = float(self.cache["metrics"][dense_key]), True
         else:
-            dense_value, dense_cached = self.metric(self.model, dense_key)
+            dense_value, _, dense_cached = self.metric(self.model, dense_key)
         self.dense_metric = dense_value
         self.floor_value = self.floor(dense_value)
         idx0 = {t: 0 for t in self.layers}
@@ -975,13 +1034,16 @@ class _Search:
         beyond = [t for t in self.trials if t.feasible is False and (
             (t.latency_ms or 0) < (best.latency_ms or 0) if self.target == "latency"
             else (t.mac_reduction or 0) > (best.mac_reduction or 0))]
+        clears = (f"metric {best.metric:.4g}" + (f" - margin {best.margin:.3g}" if best.margin else "")
+                  + f" >= {self.floor_value:.4g}")
         if beyond:
-            top = max(beyond, key=lambda t: t.metric)
-            why += (f" (metric {best.metric:.4g} >= {self.floor_value:.4g}); the {len(beyond)} "
+            top = max(beyond, key=lambda t: t.metric - t.margin)
+            why += (f" ({clears}); the {len(beyond)} "
                     f"{'faster' if self.target == 'latency' else 'cheaper'} ones tried scored below "
-                    f"the budget, at best {top.metric:.4g}")
+                    f"the budget, at best {top.metric:.4g}"
+                    + (f" - margin {top.margin:.3g}" if top.margin else ""))
         else:
-            why += f" (metric {best.metric:.4g} >= {self.floor_value:.4g})"
+            why += f" ({clears})"
         if self.stopped:
             why += "; the search stopped early, so this is the best found so far"
         fractions = None
@@ -998,6 +1060,7 @@ class _Search:
         seconds = clock() - self.start
         rkey = json.dumps({"mode": self.mode, "target": self.target, "max_drop": self.max_drop,
                            "relative": self.relative, "seed": self.seed,
+                           "confidence": self.confidence if self.dense_scores is not None else None,
                            "config": self.search_cfg.to_dict()}, sort_keys=True)
         runs = list(self.cache["runs"].get(rkey, []))
         earlier = list(itertools.takewhile(lambda r: r["stopped"], reversed(runs)))[::-1]
@@ -1008,6 +1071,7 @@ class _Search:
         report = TuneReport(
             target=self.target, mode=self.mode, dense_metric=self.dense_metric,
             max_drop=self.max_drop, relative=self.relative, floor=self.floor_value,
+            confidence=self.confidence if self.dense_scores is not None else None,
             trials=self.trials, chosen=best.index, why=why, stopped=self.stopped,
             seconds=seconds, evaluations=self.evaluations,
             config=model.config.to_dict(), keep_fractions=fractions, layers=layers,
@@ -1023,7 +1087,7 @@ def tune(model: nn.Module, calibration_data: Any, *, evaluate: Callable[[nn.Modu
          max_drop: float, relative: bool = False, target: str = "latency",
          config: GatingConfig | None = None, time_budget_s: float | None = None, seed: int = 0,
          progress: bool | None = None, static: bool = False, max_evaluations: int | None = None,
-         cache: str | os.PathLike[str] | None = None) -> CompiledModel:
+         cache: str | os.PathLike[str] | None = None, confidence: float = 0.9) -> CompiledModel:
     """The fastest compiled model whose metric stays within ``max_drop`` of the dense model's.
 
     Args:
@@ -1032,7 +1096,10 @@ def tune(model: nn.Module, calibration_data: Any, *, evaluate: Callable[[nn.Modu
             output-error estimates and the latency measurements all run on it.
         evaluate: ``evaluate(model) -> float``, the metric on your validation data, higher is
             better (e.g. ``ispc.tune.top1(val_loader)``: top-1 in percent). Called on the model
-            as given once, then on each compiled candidate the search checks.
+            as given once, then on each compiled candidate the search checks. It may return a
+            1-D tensor of per-sample scores instead (the metric is their mean; e.g.
+            ``ispc.tune.top1(val_loader, per_sample=True)``): then each candidate must clear the
+            budget by a margin for the validation data's noise (``confidence``).
         max_drop: how far below the dense model's metric a result may be, in the metric's units
             (with ``relative=True``: a fraction of the dense metric, e.g. 0.01 for 1%).
         target: ``"latency"``: the lowest measured latency at ``config.latency_batch_size``, with
@@ -1052,6 +1119,12 @@ def tune(model: nn.Module, calibration_data: Any, *, evaluate: Callable[[nn.Modu
         cache: a JSON file keeping the metric values and sensitivities of this search: a search
             run again with it (e.g. after a time budget stopped it) replays them and goes on. It
             belongs to one model, calibration data and metric.
+        confidence: with per-sample scores, a candidate is within the budget only when the
+            one-sided ``confidence`` bound of its drop stays within ``max_drop``: its metric minus
+            ``z * se`` clears the floor, where ``se`` is the standard error of the mean per-sample
+            difference from the dense model (paired) and ``z`` the normal quantile; 0.5 is the
+            point estimate. It keeps a search that tries many candidates from picking one whose
+            validation score was lucky.
 
     Returns:
         the chosen :class:`CompiledModel`; ``.config`` reproduces it
@@ -1084,6 +1157,10 @@ def tune(model: nn.Module, calibration_data: Any, *, evaluate: Callable[[nn.Modu
         raise ConfigError(f"max_evaluations must be a positive int or None, got {max_evaluations!r}")
     if not isinstance(static, bool):
         raise ConfigError(f"static must be True or False, got {static!r}")
+    if isinstance(confidence, bool) or not isinstance(confidence, (int, float)) or \
+            not 0.5 <= confidence < 1:
+        raise ConfigError(f"confidence must be a probability in [0.5, 1), got {confidence!r}; e.g. "
+                          "0.9 (0.5: no margin for the validation data's noise)")
     cfg = check_config(config)
     if cfg.layer_keep_ratios:
         raise ConfigError("ispc.tune chooses layer_keep_ratios itself; leave them out of config "
@@ -1104,7 +1181,8 @@ def tune(model: nn.Module, calibration_data: Any, *, evaluate: Callable[[nn.Modu
                      progress=default_progress() if progress is None else bool(progress),
                      time_budget_s=float(time_budget_s) if time_budget_s is not None else None,
                      max_evaluations=max_evaluations,
-                     cache=Path(cache) if cache is not None else None)
+                     cache=Path(cache) if cache is not None else None,
+                     confidence=float(confidence))
     return search.run()
 
 

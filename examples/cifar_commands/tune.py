@@ -1,7 +1,8 @@
 """``tune``: :func:`ispc.tune` on a CIFAR-10 checkpoint, the way a user would run it, then the test
 set. The search sees only training images: it calibrates on the first ``--calibration-size``
 images of a fixed shuffle of the training split (the same ones ``evaluate`` calibrates on) and
-measures top-1 on the next ``--val-size`` (never the test set); the returned model is then
+measures top-1 on the next ``--val-size`` (never the test set), per image, so that each candidate
+must clear the budget by a margin for that sample's noise (``--confidence``); the returned model is then
 evaluated on all test images (top-1, and MACs executed on them). ``--static`` runs the same search
 for static pruning. A search that ``--time-budget`` stops writes nothing but its cache
 (``--cache``): the same command again replays what it evaluated and goes on.
@@ -50,13 +51,15 @@ def split_train(data: CIFAR10, calibration: int, validation: int, *, batch_size:
 
 def run_tune(model: torch.nn.Module, calibration: Any, validation: Any, test: Any, *,
              mode: str, target: str, max_drop: float, static: bool, time_budget_s: float | None,
-             cache: str | None, progress: bool, seed: int = 0) -> dict[str, Any]:
+             cache: str | None, progress: bool, seed: int = 0,
+             confidence: float = 0.9) -> dict[str, Any]:
     """One search and its test-set figures (top-1 and test MAC reduction as fractions, like the
     other CIFAR results; the search's own metric is top-1 in percent)."""
     t0 = time.monotonic()
-    result = ispc.tune(model, calibration, evaluate=ispc.tune.top1(validation), max_drop=max_drop,
-                       target=target, config=ispc.GatingConfig(mode=mode), static=static,
-                       time_budget_s=time_budget_s, cache=cache, seed=seed, progress=progress)
+    result = ispc.tune(model, calibration, evaluate=ispc.tune.top1(validation, per_sample=True),
+                       max_drop=max_drop, target=target, config=ispc.GatingConfig(mode=mode),
+                       static=static, time_budget_s=time_budget_s, cache=cache, seed=seed,
+                       progress=progress, confidence=confidence)
     seconds = time.monotonic() - t0
     report = result.tuning
     out: dict[str, Any] = {
@@ -65,6 +68,7 @@ def run_tune(model: torch.nn.Module, calibration: Any, validation: Any, test: An
         "evaluations": report.evaluations, "configurations": len(report.trials),
         "stopped": report.stopped, "complete": report.stopped is None,
         "val_top1_dense": report.dense_metric / 100, "val_top1": report.best.metric / 100,
+        "val_margin": report.best.margin, "confidence": report.confidence,
         "calibration_mac_reduction": report.best.mac_reduction, "table": report.to_table(),
     }
     if report.stopped is not None:
@@ -94,7 +98,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     test = subset_loader(data, "test", None, batch_size=args.batch_size, device=device)
     run = run_tune(model, calibration, validation, test, mode=args.mode, target=args.target,
                    max_drop=args.max_drop, static=args.static, time_budget_s=args.time_budget,
-                   cache=args.cache, progress=args.progress)
+                   cache=args.cache, progress=args.progress, confidence=args.confidence)
     report = run.pop("report")
     print(run.pop("table"))
     if not run["complete"]:
@@ -136,9 +140,12 @@ def add_parser(sub: Any) -> None:
                                                                "on the validation images")
     p.add_argument("--static", action="store_true", help="search static pruning instead")
     p.add_argument("--calibration-size", type=int, default=2048)
-    p.add_argument("--val-size", type=int, default=10000,
+    p.add_argument("--val-size", type=int, default=20000,
                    help="training images (after the calibration ones) the metric runs on")
     p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--confidence", type=float, default=0.9,
+                   help="one-sided confidence that a result's drop is within --max-drop given the "
+                        "validation images' noise (ispc.tune's confidence; 0.5: point estimate)")
     p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS")
     p.add_argument("--cache", default=None, help="the search's cache file (resumable)")
     p.add_argument("--json", default=None, help="add the run to this results file")

@@ -111,6 +111,32 @@ def test_the_result_reproduces_through_compile_and_save_load(setup, mode, tmp_pa
         assert torch.allclose(loaded(x), fast(x), rtol=1e-5, atol=1e-5)
 
 
+def test_per_sample_scores_keep_a_margin_for_the_noise(setup):
+    """With per-sample scores a candidate must clear the floor by z * (paired standard error), so
+    the chosen model's drop is within budget at the asked confidence; 0.5 is the point estimate."""
+    model, calib, val = setup
+    per_sample = ispc.tune.top1(val, per_sample=True)
+    fast = _tune(setup, evaluate=per_sample, confidence=0.9, max_evaluations=12)
+    rep = fast.tuning
+    assert rep.confidence == 0.9 and rep.best.feasible
+    dense, got = per_sample(model), per_sample(fast)
+    assert got.shape == (200,) and float(got.mean()) == pytest.approx(rep.best.metric)
+    se = float((dense - got).std() / 200 ** 0.5)
+    z = 1.2815515655446004  # the normal's 0.9 quantile
+    assert rep.best.margin == pytest.approx(z * se) and rep.best.margin > 0
+    assert rep.best.metric - rep.best.margin >= rep.floor
+    for t in rep.trials[1:]:  # feasibility is decided by the metric less its margin
+        assert t.feasible == (t.metric - t.margin >= rep.floor - 1e-12)
+    # some candidate's point estimate was within the budget but its bound was not
+    assert any(t.metric >= rep.floor and not t.feasible for t in rep.trials)
+    point = _tune(setup, evaluate=per_sample, confidence=0.5, max_evaluations=12).tuning
+    assert all(t.margin == 0 for t in point.trials) and point.confidence == 0.5
+    assert point.best.mac_reduction >= rep.best.mac_reduction
+    with pytest.raises(ispc.DataError, match="same samples in the same order"):
+        calls = iter(range(100))
+        _tune(setup, evaluate=lambda m: torch.ones(10 + next(calls)), max_evaluations=3)
+
+
 def test_deterministic_for_a_seed(setup):
     runs = [_tune(setup, seed=3).tuning for _ in range(2)]
     assert [(t.ratios, t.metric, t.mac_reduction) for t in runs[0].trials] == \
@@ -188,6 +214,8 @@ def test_top1_helper():
         y = model(x).argmax(1)
     y[:3] = (y[:3] + 1) % 3
     assert ispc.tune.top1([(x[:5], y[:5]), (x[5:], y[5:])])(model) == pytest.approx(70.0)
+    scores = ispc.tune.top1([(x[:5], y[:5]), (x[5:], y[5:])], per_sample=True)(model)
+    assert scores.tolist() == [0.0] * 3 + [100.0] * 7
     with pytest.raises(ispc.DataError, match="re-iterable"):
         ispc.tune.top1(iter([(x, y)]))
     with pytest.raises(ispc.DataError, match="not \\(inputs, labels\\)"):
@@ -208,6 +236,7 @@ def test_top1_helper():
     ({"calibration_data": None}, "needs calibration_data"),
     ({"calibration_data": []}, "calibration_data is empty"),
     ({"evaluate": lambda m: "good"}, "evaluate\\(model\\) returned 'good'"),
+    ({"confidence": 1.0}, "confidence must be a probability in \\[0.5, 1\\)"),
 ])
 def test_bad_arguments_are_one_line_errors(setup, kw, msg):
     model, calib, val = setup
