@@ -521,8 +521,9 @@ class _Search:
             value = torch.from_numpy(value)
         if isinstance(value, Tensor) and value.numel() == 1:
             value = value.item()
-        elif isinstance(value, Tensor) and value.dim() == 1 and value.is_floating_point() | (
-                value.dtype == torch.bool) and bool(torch.isfinite(value.double()).all()):
+        elif (isinstance(value, Tensor) and value.dim() == 1
+              and (value.is_floating_point() or value.dtype == torch.bool)
+              and bool(torch.isfinite(value.double()).all())):
             scores = value.detach().cpu().double()
             value = float(scores.mean())
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
