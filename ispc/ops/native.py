@@ -6,8 +6,10 @@
 shared between machines never hands one a binary for another. It is called through ``ctypes`` and
 parallelised with OpenMP: PyTorch's own libgomp is already loaded, so both share one thread pool.
 
-Where no compiler is present, or ``ISPC_NATIVE=0`` is set, :func:`available` is False (with the
-reason in :func:`unavailable_reason`) and ispc uses its PyTorch kernels instead.
+``ISPC_NATIVE_FLAGS`` adds compiler flags, e.g. ``-mno-avx512f`` for the AVX2 build on an AVX-512
+CPU (``benchmarks/layers.py --isa avx2``). Where no compiler is present, or ``ISPC_NATIVE=0`` is
+set, :func:`available` is False (with the reason in :func:`unavailable_reason`) and ispc uses its
+PyTorch kernels instead.
 """
 from __future__ import annotations
 
@@ -26,9 +28,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..errors import ConfigError, DataError
+
 __all__ = ["ORIENT_PIX", "ORIENT_CO", "ORIENT_FULL", "ORIENT_CL", "available", "full_window", "unavailable_reason",
            "pack_weight", "is_channels_last", "select", "gather", "epilogue", "maxpool2x2",
-           "NativeLayer", "orientation_for", "supports", "NO_CLAMP", "RELU", "RELU6"]
+           "NativeLayer", "orientation_for", "supports", "NO_CLAMP", "RELU", "RELU6",
+           "DENSE", "NhwcConv", "pack_weight_nhwc", "DepthwiseConv3x3"]
 
 ORIENT_PIX = 0  #: vector lanes over output pixels (large feature maps)
 ORIENT_CO = 1   #: vector lanes over output channels (small feature maps)
@@ -68,6 +73,13 @@ class _Layer(ctypes.Structure):
 
     _fields_ = [("wpack", _ptr), ("bias", _ptr)] + [(f, _i64) for f in (
         "cout", "kh", "kw", "sh", "sw", "ph", "pw", "dh", "dw", "orient")]
+
+
+class _NhwcLayer(ctypes.Structure):
+    """``ispc_nhwc_layer_t``: a channels-last layer's fixed arguments, passed by pointer."""
+
+    _fields_ = [("wpack", _ptr), ("bias", _ptr)] + [(f, _i64) for f in (
+        "C", "cout", "kh", "kw", "sh", "sw", "ph", "pw", "dh", "dw", "nv")]
 
 
 def _cache_dir() -> Path:
@@ -142,6 +154,20 @@ def _build(extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL:
     lib.ispc_gather_nhwc.argtypes = [_ptr, _i64, _i64, _i64, _ptr, _ptr, _i64, _ptr, _i64]
     lib.ispc_maxpool2x2_nhwc.argtypes = [_ptr, _i64, _i64, _i64, _i64, ctypes.c_float, ctypes.c_float,
                                          _ptr, _i64]
+    lib.ispc_nhwc_vectors.restype = lib.ispc_nhwc_packed_size.restype = _i64
+    lib.ispc_nhwc_max_vectors.restype = _i64
+    lib.ispc_nhwc_max_vectors.argtypes = []
+    lib.ispc_nhwc_vectors.argtypes = [_i64, _i64]
+    lib.ispc_nhwc_packed_size.argtypes = [_i64, _i64, _i64, _i64]
+    lib.ispc_pack_weight_nhwc.restype = None
+    lib.ispc_pack_weight_nhwc.argtypes = [_ptr, _i64, _i64, _i64, _i64, _ptr]
+    lib.ispc_conv_nhwc.restype = _i64
+    lib.ispc_conv_nhwc.argtypes = [ctypes.POINTER(_NhwcLayer), _ptr, _i64, _i64, _i64, _ptr, _i64, _i64,
+                                   ctypes.c_float, _i64, _ptr, _ptr, _ptr, ctypes.c_float,
+                                   ctypes.c_float, _ptr, _i64, _i64]
+    lib.ispc_dwconv3x3_nhwc.restype = None
+    lib.ispc_dwconv3x3_nhwc.argtypes = [_ptr, _i64, _i64, _i64, _i64, _ptr, _ptr, _i64, _i64, _ptr, _ptr,
+                                        ctypes.c_float, ctypes.c_float, _i64]
     return lib
 
 
@@ -155,7 +181,7 @@ def _load() -> ctypes.CDLL | None:
                 _error = "disabled by ISPC_NATIVE=0"
             else:
                 try:
-                    _lib = _build()
+                    _lib = _build(tuple(os.environ.get("ISPC_NATIVE_FLAGS", "").split()))
                 except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
                     _error = f"native kernel unavailable: {exc}"
     return _lib
@@ -502,3 +528,194 @@ class NativeLayer:
         if need:  # first call at this size: grow the workspace and run
             ws = _workspace(need)
             fn(*args, ws.data_ptr(), ws.numel(), threads)
+
+
+#: :meth:`NhwcConv.__call__`'s mode for a dense convolution (no selection: every channel kept)
+DENSE = -1
+
+
+def _pair_arg(v, name: str) -> tuple[int, int]:
+    t = (v, v) if isinstance(v, int) else tuple(int(u) for u in v)
+    if len(t) != 2:
+        raise ConfigError(f"{name} must be an int or a pair of ints, got {v!r}")
+    return t
+
+
+def pack_weight_nhwc(weight: Tensor, vectors: int) -> Tensor:
+    """Weights (Cout, C, kh, kw) as :class:`NhwcConv`'s panels, blocks of ``vectors`` vectors of
+    output channels: ``[Cout block][tap][C][block]``, each input channel's weights for one tap one
+    contiguous run (a kept channel is one run per tap)."""
+    lib = _loaded()
+    w = weight.detach().to("cpu", torch.float32).contiguous()
+    if w.dim() != 4:
+        raise ConfigError(f"weight must be (Cout, C, kh, kw), got shape {tuple(w.shape)}")
+    cout, c, kh, kw = w.shape
+    dst = torch.empty(lib.ispc_nhwc_packed_size(cout, c, kh * kw, vectors), dtype=torch.float32)
+    lib.ispc_pack_weight_nhwc(w.data_ptr(), cout, c, kh * kw, vectors, dst.data_ptr())
+    return dst
+
+
+def _loaded() -> ctypes.CDLL:
+    lib = _load()
+    if lib is None:
+        raise RuntimeError(_error)
+    return lib
+
+
+class NhwcConv:
+    """A convolution prepared for the channels-last native kernel (``ispc_conv_nhwc``): packed
+    weights, a bias copy and the fixed arguments in one C struct.
+
+    Called on a channels-last float32 map (N, C, H, W) it returns the channels-last output, with
+    the bias, an optional residual (channels-last, the output's shape) and a clamp
+    (:data:`RELU`, :data:`RELU6`) fused. ``mode`` :data:`DENSE` runs the dense convolution;
+    ``gated_conv.TOPK`` / ``gated_conv.THRESHOLD`` select each instance's channels first (the
+    operator's semantics, :func:`ispc.ops.gated_conv.channel_mask`) and compute on those alone.
+    ``out_hw``, the output positions it will mostly see, helps choose the register tile
+    (``vectors``: output-channel vectors per tile, to force one).
+    It holds copies: prepare it again after changing the weights.
+    """
+
+    def __init__(self, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0, dilation=1,
+                 out_hw: int | None = None, vectors: int | None = None) -> None:
+        lib = _loaded()
+        if weight.dim() != 4 or weight.dtype != torch.float32:
+            raise ConfigError(f"weight must be a float32 (Cout, C, kh, kw) tensor, got {weight.dtype} "
+                              f"{tuple(weight.shape)}")
+        self.cout, self.cin, kh, kw = (int(v) for v in weight.shape)
+        self.kernel = (kh, kw)
+        self.stride, self.padding = _pair_arg(stride, "stride"), _pair_arg(padding, "padding")
+        self.dilation = _pair_arg(dilation, "dilation")
+        if min(self.stride) < 1 or min(self.dilation) < 1 or min(self.padding) < 0:
+            raise ConfigError(f"stride and dilation must be >= 1 and padding >= 0, got stride "
+                              f"{self.stride}, padding {self.padding}, dilation {self.dilation}")
+        if bias is not None and bias.numel() != self.cout:
+            raise ConfigError(f"bias has {bias.numel()} entries for {self.cout} output channels")
+        self.vectors = int(lib.ispc_nhwc_vectors(self.cout, int(out_hw or 0)))
+        if vectors is not None:  # a given register tile (tests, A/B); 0: this build's widest
+            top = int(lib.ispc_nhwc_max_vectors())
+            if not 0 <= vectors <= top:
+                raise ConfigError(f"vectors must be in [0, {top}] on this build, got {vectors}")
+            self.vectors = vectors or top
+        self.packed = pack_weight_nhwc(weight, self.vectors)
+        self.bias = (torch.zeros(self.cout) if bias is None
+                     else bias.detach().to("cpu", torch.float32).contiguous().clone())
+        self._bind()
+
+    def _bind(self) -> None:
+        self._struct = _NhwcLayer(self.packed.data_ptr(), self.bias.data_ptr(), self.cin, self.cout,
+                                  *self.kernel, *self.stride, *self.padding, *self.dilation,
+                                  self.vectors)
+        self._ref = ctypes.byref(self._struct)
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k not in ("_struct", "_ref")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        _loaded()
+        self._bind()
+
+    def out_size(self, h: int, w: int) -> tuple[int, int]:
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel, self.stride, self.padding, self.dilation
+        return (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+
+    def __call__(self, x: Tensor, mode: int = DENSE, *, scale: Tensor | None = None,
+                 threshold: float = 0.0, k: int = 0, saliency: int = 0,
+                 residual: Tensor | None = None, clamp: tuple[float, float] = NO_CLAMP,
+                 counts: Tensor | None = None) -> Tensor:
+        """The layer on ``x``; ``counts`` (int64 (N,), optional) receives each instance's kept
+        channel count (gated modes)."""
+        if not (x.dim() == 4 and x.dtype == torch.float32 and x.device.type == "cpu"
+                and x.is_contiguous(memory_format=torch.channels_last)):
+            raise DataError(f"x must be a channels-last float32 CPU map (N, C, H, W), got {x.dtype} "
+                            f"{tuple(x.shape)} on {x.device}; use x.contiguous(memory_format="
+                            "torch.channels_last)")
+        n, c, h, w = x.shape
+        if c != self.cin:
+            raise DataError(f"x has {c} channels, the layer takes {self.cin}")
+        ho, wo = self.out_size(h, w)
+        if ho < 1 or wo < 1:
+            raise DataError(f"a {h}x{w} input is smaller than the layer's {self.kernel} window")
+        out = torch.empty((n, self.cout, ho, wo), dtype=torch.float32,
+                          memory_format=torch.channels_last)
+        if residual is not None and not (
+                residual.shape == out.shape and residual.dtype == torch.float32
+                and residual.device.type == "cpu"
+                and residual.is_contiguous(memory_format=torch.channels_last)):
+            raise DataError(f"the residual must be a channels-last float32 CPU tensor of the output's "
+                            f"shape {tuple(out.shape)}, got {residual.dtype} {tuple(residual.shape)}")
+        if mode == DENSE:
+            sptr = None
+        elif mode in (0, 1):  # gated_conv.THRESHOLD, gated_conv.TOPK
+            if saliency not in (0, 1):
+                raise ConfigError(f"unknown saliency code {saliency} (0: l2, 1: l1)")
+            if scale is None or scale.dtype != torch.float32 or not scale.is_contiguous() \
+                    or scale.numel() != c:
+                raise DataError(f"gated modes need scale: a contiguous float32 tensor of {c} entries")
+            sptr = scale.data_ptr()
+        else:
+            raise ConfigError(f"unknown mode {mode} (DENSE, gated_conv.TOPK or gated_conv.THRESHOLD)")
+        if counts is not None and (counts.dtype != torch.int64 or not counts.is_contiguous()
+                                   or counts.numel() != n):
+            raise DataError(f"counts must be a contiguous int64 tensor of {n} entries")
+        args = (self._ref, x.data_ptr(), n, h, w, sptr, saliency, mode, threshold, k,
+                None if counts is None else counts.data_ptr(), out.data_ptr(),
+                None if residual is None else residual.data_ptr(), clamp[0], clamp[1])
+        NativeLayer._run(_lib.ispc_conv_nhwc, args)
+        return out
+
+
+def _check_nhwc(x: Tensor, name: str) -> None:
+    if not (x.dim() == 4 and x.dtype == torch.float32 and x.device.type == "cpu"
+            and x.is_contiguous(memory_format=torch.channels_last)):
+        raise DataError(f"{name} must be a channels-last float32 CPU map (N, C, H, W), got {x.dtype} "
+                        f"{tuple(x.shape)} on {x.device}; use {name}.contiguous(memory_format="
+                        "torch.channels_last)")
+
+
+class DepthwiseConv3x3:
+    """A depthwise 3x3 convolution (groups = channels, one filter per channel) on channels-last
+    maps, with the bias, an optional residual and a clamp fused (MobileNet's, ReLU6 included)."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None = None, stride: int = 1,
+                 padding: int = 1) -> None:
+        _loaded()
+        if weight.dim() != 4 or tuple(weight.shape[1:]) != (1, 3, 3):
+            raise ConfigError(f"weight must be (C, 1, 3, 3) (depthwise 3x3), got {tuple(weight.shape)}")
+        if not (isinstance(stride, int) and isinstance(padding, int) and stride >= 1 and padding >= 0):
+            raise ConfigError(f"stride must be an int >= 1 and padding an int >= 0, got {stride!r}, "
+                              f"{padding!r} (the same along both axes)")
+        self.channels = int(weight.shape[0])
+        self.stride, self.padding = stride, padding
+        # [tap][C]: one tap's weights for a block of channels are one vector
+        self.packed = weight.detach().to("cpu", torch.float32).reshape(self.channels, 9).t().contiguous()
+        if bias is not None and bias.numel() != self.channels:
+            raise ConfigError(f"bias has {bias.numel()} entries for {self.channels} channels")
+        self.bias = (torch.zeros(self.channels) if bias is None
+                     else bias.detach().to("cpu", torch.float32).contiguous().clone())
+
+    def out_size(self, h: int, w: int) -> tuple[int, int]:
+        s, p = self.stride, self.padding
+        return (h + 2 * p - 3) // s + 1, (w + 2 * p - 3) // s + 1
+
+    def __call__(self, x: Tensor, *, residual: Tensor | None = None,
+                 clamp: tuple[float, float] = NO_CLAMP) -> Tensor:
+        _check_nhwc(x, "x")
+        n, c, h, w = x.shape
+        if c != self.channels:
+            raise DataError(f"x has {c} channels, the layer takes {self.channels}")
+        ho, wo = self.out_size(h, w)
+        if ho < 1 or wo < 1:
+            raise DataError(f"a {h}x{w} input is smaller than the 3x3 window")
+        out = torch.empty((n, c, ho, wo), dtype=torch.float32, memory_format=torch.channels_last)
+        if residual is not None:
+            _check_nhwc(residual, "residual")
+            if residual.shape != out.shape:
+                raise DataError(f"the residual must have the output's shape {tuple(out.shape)}, got "
+                                f"{tuple(residual.shape)}")
+        _lib.ispc_dwconv3x3_nhwc(x.data_ptr(), n, h, w, c, self.packed.data_ptr(), self.bias.data_ptr(),
+                                 self.stride, self.padding, out.data_ptr(),
+                                 None if residual is None else residual.data_ptr(), clamp[0], clamp[1],
+                                 torch.get_num_threads())
+        return out

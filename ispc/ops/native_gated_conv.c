@@ -1252,3 +1252,491 @@ int64_t ispc_maxpool2x2_nhwc(const float *src, int64_t N, int64_t H, int64_t W, 
     return 1;
 #endif
 }
+
+/* ---- NHWC convolution: channels-last in and out, output channels in vector lanes ---------------
+ * ispc_conv_nhwc is a whole gated layer on channels-last maps: the saliencies and the selection
+ * (the same semantics as ispc_gated_conv_select), then the convolution over the kept channels,
+ * read in place from the NHWC input, and an NHWC output with the bias, a residual (NHWC) and a
+ * ReLU/ReLU6 clamp fused. With every channel kept (mode NHWC_DENSE, or an instance that keeps all)
+ * it is a dense convolution, the kw taps of a row read as one run of kw * C floats.
+ *
+ * The microkernel: a tile of MR consecutive output positions (flattened over rows) x NR = NV * VW
+ * output channels, MR * NV accumulators in registers for the whole reduction. The reduction runs
+ * over segments (one per tap, or per tap row when dense), each a list of MR position pointers
+ * (a padding tap's pointer is a row of zeros) and a run of L input channels: per channel, NV weight
+ * vectors (packed [co block][tap][C][NR]: a kept channel's weights for one tap are one run of NR
+ * floats) and MR broadcasts, MR * NV FMAs. Kept channels are read through their index (no compress
+ * pass): the input row of a position is contiguous, and every index of the tile serves MR positions.
+ */
+
+#define NHWC_DENSE (-1)  /* mode: no selection, every channel kept */
+
+/* register tiles (MR positions x NV vectors); the layer's NV picks its MR. Throughput of each,
+ * inner loop from L1, one core (GFLOP/s, 2-core Xeon): AVX-512 7x4 186, 8x3 189, 14x2 179,
+ * 14x1 136; AVX2 (-mno-avx512f) 4x3 117, 6x2 113, 12x1 88. */
+#if defined(__AVX512F__)
+#define NH_MR4 7
+#define NH_MR3 8
+#ifndef NH_MR2  /* -DNH_MR2=n: A/B of other tiles (the packed weights do not change) */
+#define NH_MR2 14
+#endif
+#define NH_MR1 14
+#define NH_MAXNV 4
+#else
+#define NH_MR4 0  /* not a tile on 16 registers */
+#define NH_MR3 4
+#define NH_MR2 6
+#define NH_MR1 12
+#define NH_MAXNV 3
+#endif
+#define NH_MAXMR 14
+
+static int nh_mr(int64_t nv) {
+    return nv == 4 ? NH_MR4 : nv == 3 ? NH_MR3 : nv == 2 ? NH_MR2 : nv == 1 ? NH_MR1 : 0;
+}
+
+/* the tile over segments s < nseg: acc[i][j] = sum over s, l < L of ptab[s][i][c] * w[s][c][j],
+ * c = ix[l] (indirect: kept channels by index) or l (direct); the result into tile[MR][NV * VW] */
+#define NHWC_KERNEL(NAME, MR, NV, IND)                                                          \
+static void NAME(const float *const *ptab, const float *const *wseg, int64_t nseg, int64_t L,   \
+                 const int32_t *ix, float *tile) {                                              \
+    vf acc[MR][NV];                                                                             \
+    for (int i = 0; i < MR; i++)                                                                \
+        for (int j = 0; j < NV; j++) acc[i][j] = (vf){0};                                       \
+    for (int64_t s = 0; s < nseg; s++) {                                                        \
+        const float *p[MR];                                                                     \
+        for (int i = 0; i < MR; i++) p[i] = ptab[s * MR + i];                                   \
+        const float *ws = wseg[s];                                                              \
+        for (int64_t l = 0; l < L; l++) {                                                       \
+            const int64_t c = IND ? ix[l] : l;                                                  \
+            const float *wc = ws + c * (NV * VW);                                               \
+            vf w[NV];                                                                           \
+            for (int j = 0; j < NV; j++) w[j] = ld(wc + j * VW);                                \
+            for (int i = 0; i < MR; i++) {                                                      \
+                const float b = p[i][c];                                                        \
+                for (int j = 0; j < NV; j++) acc[i][j] += b * w[j];                             \
+            }                                                                                   \
+        }                                                                                       \
+    }                                                                                           \
+    for (int i = 0; i < MR; i++)                                                                \
+        for (int j = 0; j < NV; j++) st(tile + (i * NV + j) * VW, acc[i][j]);                   \
+}
+
+typedef void (*nh_kernel_t)(const float *const *, const float *const *, int64_t, int64_t,
+                            const int32_t *, float *);
+#if defined(__AVX512F__)
+NHWC_KERNEL(nh_i4, NH_MR4, 4, 1)
+NHWC_KERNEL(nh_d4, NH_MR4, 4, 0)
+#endif
+NHWC_KERNEL(nh_i3, NH_MR3, 3, 1)
+NHWC_KERNEL(nh_d3, NH_MR3, 3, 0)
+NHWC_KERNEL(nh_i2, NH_MR2, 2, 1)
+NHWC_KERNEL(nh_d2, NH_MR2, 2, 0)
+NHWC_KERNEL(nh_i1, NH_MR1, 1, 1)
+NHWC_KERNEL(nh_d1, NH_MR1, 1, 0)
+
+static nh_kernel_t nh_kernel(int64_t nv, int indirect) {
+    switch (nv) {
+#if defined(__AVX512F__)
+    case 4: return indirect ? nh_i4 : nh_d4;
+#endif
+    case 3: return indirect ? nh_i3 : nh_d3;
+    case 2: return indirect ? nh_i2 : nh_d2;
+    default: return indirect ? nh_i1 : nh_d1;
+    }
+}
+
+/* The vectors per output-channel block a layer of cout output channels on maps of howo output
+ * positions (0: unknown) packs its weights for: the tile with the least computed-but-unused work
+ * (lanes past cout, positions past howo), weighed by each tile's measured speed. */
+int64_t ispc_nhwc_vectors(int64_t cout, int64_t howo) {
+#if defined(__AVX512F__)
+    static const double rate[5] = {0, 0.72, 0.96, 1.0, 1.0};
+#else
+    static const double rate[4] = {0, 0.75, 0.97, 1.0};
+#endif
+    int64_t best = 1;
+    double best_cost = 1e300;
+    for (int64_t nv = NH_MAXNV; nv >= 1; nv--) {
+        const int64_t nr = nv * VW, mr = nh_mr(nv);
+        const double lanes = (double)((cout + nr - 1) / nr * nr);
+        const double pos = howo > 0 ? (double)((howo + mr - 1) / mr * mr) : 1.0;
+        const double cost = lanes * pos / rate[nv];
+        if (cost < best_cost * 0.999) { best = nv; best_cost = cost; }
+    }
+    return best;
+}
+
+/* the widest tile's vectors on this build */
+int64_t ispc_nhwc_max_vectors(void) { return NH_MAXNV; }
+
+/* Weights (Cout, C, kh, kw) -> [ceil(Cout / NR)][kh * kw][C][NR], NR = nv * VW, zero past Cout. */
+int64_t ispc_nhwc_packed_size(int64_t cout, int64_t C, int64_t T, int64_t nv) {
+    const int64_t nr = nv * VW;
+    return (cout + nr - 1) / nr * T * C * nr;
+}
+
+void ispc_pack_weight_nhwc(const float *w, int64_t cout, int64_t C, int64_t T, int64_t nv, float *dst) {
+    const int64_t nr = nv * VW, cob = (cout + nr - 1) / nr;
+    memset(dst, 0, sizeof(float) * cob * T * C * nr);
+    for (int64_t co = 0; co < cout; co++)
+        for (int64_t c = 0; c < C; c++)
+            for (int64_t t = 0; t < T; t++)
+                dst[(((co / nr) * T + t) * C + c) * nr + co % nr] = w[(co * C + c) * T + t];
+}
+
+/* A layer for ispc_conv_nhwc (mirrored by native.py's _NhwcLayer). */
+typedef struct {
+    const float *wpack, *bias;
+    int64_t C, cout, kh, kw, sh, sw, ph, pw, dh, dw, nv;
+} ispc_nhwc_layer_t;
+
+/* lanes [0, n) of v (+ bias, residual, clamp) to dst: the epilogue of one output vector */
+static inline void nh_store(float *dst, vf v, const float *bias, const float *res, int n, float lo,
+                            float hi, int clamp) {
+#if defined(__AVX512F__)
+    if (n >= VW) {  /* a masked store measured 8x slower than a plain one into uncached lines */
+        v += ld(bias);
+        if (res) v += ld(res);
+        st(dst, clamp ? clampv(v, lo, hi) : v);
+        return;
+    }
+    const __mmask16 m = (__mmask16)((1u << n) - 1u);
+    v += (vf)_mm512_maskz_loadu_ps(m, bias);
+    if (res) v += (vf)_mm512_maskz_loadu_ps(m, res);
+    if (clamp) v = clampv(v, lo, hi);
+    _mm512_mask_storeu_ps(dst, m, (__m512)v);
+#else
+    if (n >= VW) {
+        v += ld(bias);
+        if (res) v += ld(res);
+        st(dst, clamp ? clampv(v, lo, hi) : v);
+        return;
+    }
+    float t[VW];
+    st(t, v);
+    for (int l = 0; l < n; l++) {
+        float u = t[l] + bias[l] + (res ? res[l] : 0.0f);
+        dst[l] = clamp ? (u < lo ? lo : u > hi ? hi : u) : u;
+    }
+#endif
+}
+
+/* saliency blocks of positions: float sums per block, added into doubles in block order (the same
+ * sums for any thread count) */
+#define NH_SAL_BLOCK 64
+
+/* Saliency and selection of instances [0, N) of x (N, HW, C), inside a parallel region (its
+ * worksharing loops end with barriers): ix (N x C int32) ascending kept channels, counts (N,).
+ * part: N * ceil(HW / NH_SAL_BLOCK) * C floats; s: N * C floats; tmp: N * C floats + N * C int64. */
+static void nh_select(const float *x, int64_t N, int64_t HW, int64_t C, const float *scale,
+                      int64_t saliency, int64_t mode, float threshold, int64_t k, int32_t *ix,
+                      int64_t *counts, float *part, float *s, float *tmp) {
+    const int64_t nb = (HW + NH_SAL_BLOCK - 1) / NH_SAL_BLOCK, nv = C / VW;
+    #pragma omp for collapse(2) schedule(static)
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t b = 0; b < nb; b++) {
+            float *blk = part + (n * nb + b) * C;
+            const int64_t p0 = b * NH_SAL_BLOCK, p1 = p0 + NH_SAL_BLOCK < HW ? p0 + NH_SAL_BLOCK : HW;
+            memset(blk, 0, sizeof(float) * C);
+            for (int64_t q = p0; q < p1; q++) {
+                const float *row = x + (n * HW + q) * C;
+                if (saliency == SAL_L2) {
+                    for (int64_t v = 0; v < nv; v++) {
+                        const vf u = ld(row + v * VW);
+                        st(blk + v * VW, ld(blk + v * VW) + u * u);
+                    }
+                    for (int64_t c = nv * VW; c < C; c++) blk[c] += row[c] * row[c];
+                } else {
+                    for (int64_t v = 0; v < nv; v++)
+                        st(blk + v * VW, ld(blk + v * VW) + (vf)((vi)ld(row + v * VW) & 0x7fffffff));
+                    for (int64_t c = nv * VW; c < C; c++) blk[c] += row[c] < 0 ? -row[c] : row[c];
+                }
+            }
+        }
+    const double hw = HW > 0 ? (double)HW : 1.0;
+    const int64_t cblocks = (C + 63) / 64;  /* the block sums, in block order, 64 channels a task */
+    #pragma omp for collapse(2) schedule(static)
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t cb = 0; cb < cblocks; cb++)
+            for (int64_t c = cb * 64; c < C && c < cb * 64 + 64; c++) {
+                double a = 0.0;
+                for (int64_t b = 0; b < nb; b++) a += (double)part[(n * nb + b) * C + c];
+                s[n * C + c] = (float)(saliency == SAL_L2 ? __builtin_sqrt(a / hw) : a / hw) * scale[c];
+            }
+    int64_t *idx = (int64_t *)(tmp + N * C);
+    #pragma omp for schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        counts[n] = select_row(s + n * C, C, (int)mode, threshold, k, idx + n * C, tmp + n * C);
+        for (int64_t j = 0; j < counts[n]; j++) ix[n * C + j] = (int32_t)idx[n * C + j];
+    }
+}
+
+/* output positions per tile row: see the loop in nh_conv */
+typedef struct {
+    int64_t N, H, W, C, Ho, Wo, cout, kh, kw, sh, sw, ph, pw, dh, dw, T, nv, nr, mr, cob, tiles;
+} nh_geom_t;
+
+/* weights (bytes) of the blocks of output channels one tile runs through in a row: each tile
+ * writes all of a group's channels of its positions at once (one pass over the output rows where
+ * a group per block wrote each row in several strided passes: 1x1 64->256 at 56x56, its output
+ * beyond L2, 1.6x faster), the group's weights staying in L2 across tiles */
+#ifndef NHWC_GROUP_BYTES
+#define NHWC_GROUP_BYTES (512 << 10)
+#endif
+
+/* The convolution of instances [0, N) (x, out, res already offset to the first), inside a
+ * parallel region: ix (N x C int32) each instance's kept channels, counts (N,) how many (NULL:
+ * all, dense). zeros: kw * C zero floats. Threads split (group of output-channel blocks, instance,
+ * tile) in that order: a group's weights stay in cache across its tiles, each tile writes the
+ * group's channels of its positions at once. Ends with a barrier. */
+static void nh_conv(const nh_geom_t *g, const ispc_nhwc_layer_t *L, const float *x, const int32_t *ix,
+                    const int64_t *counts, float *out, const float *res, float lo, float hi,
+                    int clamp, const float *zeros) {
+    const int64_t T = g->T, mr = g->mr, nr = g->nr, C = g->C, HoWo = g->Ho * g->Wo;
+    const int64_t HWC = g->H * g->W * C;
+    const nh_kernel_t kind = nh_kernel(g->nv, 1), kdir = nh_kernel(g->nv, 0);
+    int64_t G = NHWC_GROUP_BYTES / (T * C * nr * (int64_t)sizeof(float) + 1);
+    G = G < 1 ? 1 : G > g->cob ? g->cob : G;
+    const int64_t groups = (g->cob + G - 1) / G;
+    G = (g->cob + groups - 1) / groups;  /* groups of (nearly) equal size */
+    const float *ptab[T * NH_MAXMR];
+    const float *wseg[T];
+    int64_t woff[T];
+    float tile[NH_MAXMR * NH_MAXNV * VW] __attribute__((aligned(64)));
+    #pragma omp for collapse(3) schedule(static)
+    for (int64_t cg = 0; cg < groups; cg++)
+            for (int64_t n = 0; n < g->N; n++)
+                for (int64_t tl = 0; tl < g->tiles; tl++) {
+                    const int64_t K = counts ? counts[n] : C;
+                    const int dense = K == C;
+                    const float *xn = x + n * HWC;
+                    const int64_t p0 = tl * mr;
+                    int64_t ih0[NH_MAXMR], iw0[NH_MAXMR];
+                    int cols_inside = 1;
+                    for (int64_t i = 0; i < mr; i++) {
+                        const int64_t p = p0 + i < HoWo ? p0 + i : -1;
+                        if (p < 0) { ih0[i] = -1 << 30; iw0[i] = 0; continue; }  /* past the end */
+                        ih0[i] = (p / g->Wo) * g->sh - g->ph;
+                        iw0[i] = (p % g->Wo) * g->sw - g->pw;
+                        cols_inside &= iw0[i] >= 0 && iw0[i] + (g->kw - 1) * g->dw < g->W;
+                    }
+                    /* the segments: position pointers and each one's weight offset in a block */
+                    int64_t nseg = 0, len;
+                    if (dense && cols_inside && g->dw == 1) {  /* one run of kw * C per tap row */
+                        len = g->kw * C;
+                        for (int64_t r = 0; r < g->kh; r++) {
+                            int any = 0;
+                            for (int64_t i = 0; i < mr; i++) {
+                                const int64_t ih = ih0[i] + r * g->dh;
+                                const int in = ih >= 0 && ih < g->H;
+                                ptab[nseg * mr + i] = in ? xn + (ih * g->W + iw0[i]) * C : zeros;
+                                any |= in;
+                            }
+                            if (any) woff[nseg++] = r * g->kw * C * nr;
+                        }
+                    } else {  /* one segment per tap */
+                        len = K;
+                        for (int64_t t = 0; t < T; t++) {
+                            const int64_t r = t / g->kw, q = t % g->kw;
+                            int any = 0;
+                            for (int64_t i = 0; i < mr; i++) {
+                                const int64_t ih = ih0[i] + r * g->dh, iw = iw0[i] + q * g->dw;
+                                const int in = ih >= 0 && ih < g->H && iw >= 0 && iw < g->W;
+                                ptab[nseg * mr + i] = in ? xn + (ih * g->W + iw) * C : zeros;
+                                any |= in;
+                            }
+                            if (any) woff[nseg++] = t * C * nr;
+                        }
+                    }
+                    const int64_t cb1 = (cg + 1) * G < g->cob ? (cg + 1) * G : g->cob;
+                    for (int64_t cb = cg * G; cb < cb1; cb++) {
+                        const float *wb = L->wpack + cb * T * C * nr;
+                        for (int64_t s = 0; s < nseg; s++) wseg[s] = wb + woff[s];
+                        (dense ? kdir : kind)(ptab, wseg, K ? nseg : 0, len, ix + n * C, tile);
+                        const int64_t lanes = g->cout - cb * nr < nr ? g->cout - cb * nr : nr;
+                        for (int64_t i = 0; i < mr && p0 + i < HoWo; i++) {
+                            const int64_t o = ((n * HoWo) + p0 + i) * g->cout + cb * nr;
+                            for (int64_t j = 0; j * VW < lanes; j++) {
+                                const int64_t nl = lanes - j * VW;
+                                nh_store(out + o + j * VW, ld(tile + i * nr + j * VW),
+                                         L->bias + cb * nr + j * VW, res ? res + o + j * VW : 0,
+                                         nl < VW ? (int)nl : VW, lo, hi, clamp);
+                            }
+                        }
+                    }
+                }
+}
+
+static void nh_geometry(nh_geom_t *g, const ispc_nhwc_layer_t *L, int64_t N, int64_t H, int64_t W) {
+    g->N = N; g->H = H; g->W = W; g->C = L->C; g->cout = L->cout;
+    g->kh = L->kh; g->kw = L->kw; g->sh = L->sh; g->sw = L->sw; g->ph = L->ph; g->pw = L->pw;
+    g->dh = L->dh; g->dw = L->dw;
+    g->Ho = conv_out(H, L->kh, L->sh, L->ph, L->dh);
+    g->Wo = conv_out(W, L->kw, L->sw, L->pw, L->dw);
+    g->T = L->kh * L->kw;
+    g->nv = L->nv; g->nr = L->nv * VW; g->mr = nh_mr(L->nv);
+    g->cob = (L->cout + g->nr - 1) / g->nr;
+    g->tiles = (g->Ho * g->Wo + g->mr - 1) / g->mr;
+}
+
+/* instances' input bytes per chunk: saliency, selection and convolution run chunk by chunk, so
+ * that the convolution reads the input the saliency pass just brought into cache */
+#ifndef NHWC_CHUNK_BYTES
+#define NHWC_CHUNK_BYTES (1 << 20)
+#endif
+
+/* Workspace (floats) of ispc_conv_nhwc for a batch of N on H x W inputs. */
+int64_t ispc_conv_nhwc_workspace(const ispc_nhwc_layer_t *L, int64_t N, int64_t H, int64_t W,
+                                 int64_t mode) {
+    const int64_t C = L->C, nb = (H * W + NH_SAL_BLOCK - 1) / NH_SAL_BLOCK;
+    const int64_t zeros = (L->kw * C + 15) / 16 * 16;
+    if (mode == NHWC_DENSE) return zeros + 64;
+    /* zeros, int32 indices, counts, saliencies, scratch (floats and int64), block sums */
+    return zeros + (N * C + 15) / 16 * 16 + 2 * N + N * C + 3 * N * C + N * nb * C + 64;
+}
+
+/* The layer on x (N, H, W, C) float32 channels-last: out (N, Ho, Wo, cout) = clamp(conv(x masked
+ * to each instance's kept channels) + bias + res, lo, hi), res (NULL: none) of the output's shape.
+ * mode: MODE_TOPK (k channels), MODE_THRESHOLD (saliency >= threshold) or NHWC_DENSE (all).
+ * counts (N,) receives each instance's kept count (NULL: not wanted). Returns 0, or the workspace
+ * (floats) it needs when ws_floats is smaller (nothing computed). */
+int64_t ispc_conv_nhwc(const ispc_nhwc_layer_t *L, const float *x, int64_t N, int64_t H, int64_t W,
+                       const float *scale, int64_t saliency, int64_t mode, float threshold, int64_t k,
+                       int64_t *counts, float *out, const float *res, float lo, float hi, float *ws,
+                       int64_t ws_floats, int64_t threads) {
+    const int64_t need = ispc_conv_nhwc_workspace(L, N, H, W, mode);
+    if (need > ws_floats) return need;
+    nh_geom_t g;
+    nh_geometry(&g, L, N, H, W);
+    const int64_t C = L->C, HW = H * W, out_n = g.Ho * g.Wo * L->cout;
+    const int clamp = lo > -__builtin_inff() || hi < __builtin_inff();
+    float *zeros = ws;
+    const int64_t nz = (L->kw * C + 15) / 16 * 16;
+    memset(zeros, 0, sizeof(float) * nz);
+    if (mode == NHWC_DENSE) {
+        #pragma omp parallel num_threads(threads)
+        nh_conv(&g, L, x, 0, 0, out, res, lo, hi, clamp, zeros);
+        return 0;
+    }
+    int32_t *ix = (int32_t *)(ws + nz);
+    int64_t *cnt = (int64_t *)(ws + nz + (N * C + 15) / 16 * 16);
+    float *s = (float *)(cnt + N), *tmp = s + N * C, *part = tmp + 3 * N * C;
+    const int64_t per = HW * C * (int64_t)sizeof(float);
+    int64_t nb = per > 0 ? NHWC_CHUNK_BYTES / per : N;
+    nb = nb < 1 ? 1 : nb > N ? N : nb;
+    #pragma omp parallel num_threads(threads)
+    for (int64_t n0 = 0; n0 < N; n0 += nb) {
+        const int64_t m = n0 + nb < N ? nb : N - n0;
+        nh_select(x + n0 * HW * C, m, HW, C, scale, saliency, mode, threshold, k, ix, cnt, part, s,
+                  tmp);
+        nh_geom_t gc = g;
+        gc.N = m;
+        nh_conv(&gc, L, x + n0 * HW * C, ix, cnt, out + n0 * out_n, res ? res + n0 * out_n : 0, lo,
+                hi, clamp, zeros);
+        #pragma omp single nowait
+        if (counts)
+            for (int64_t i = 0; i < m; i++) counts[n0 + i] = cnt[i];
+    }
+    return 0;
+}
+
+/* ---- depthwise 3x3 convolution, NHWC: MobileNet's ---------------------------------------------
+ * out[n, oh, ow, c] = clamp(bias[c] + sum over taps (r, q) of x[n, oh*s - p + r, ow*s - p + q, c] *
+ * w[r*3 + q][c] (+ res), lo, hi); weights packed [9][C]. Channels in vector lanes: per output row
+ * and block of VW channels, the nine weight vectors stay in registers along the row and DW_MR
+ * positions are computed at once; border positions (a tap in the padding) take a checked path. */
+#define DW_MR 4
+
+/* positions [ow0, ow0 + m) of one row, VW channels c0.. (nl < VW: the last, partial block) */
+static inline void dw_block(const float *const rows[3], int64_t W, int64_t C, int64_t c0, int nl,
+                            int64_t ow0, int64_t m, int64_t s, int64_t p, const vf wv[9], vf bv,
+                            float *orow, const float *rrow, float lo, float hi, int clamp, int checked) {
+#if defined(__AVX512F__)
+    const __mmask16 mk = nl >= VW ? (__mmask16)0xffff : (__mmask16)((1u << nl) - 1u);
+#endif
+    vf acc[DW_MR];
+    for (int64_t i = 0; i < m; i++) acc[i] = bv;
+    for (int r = 0; r < 3; r++) {
+        if (!rows[r]) continue;
+        for (int q = 0; q < 3; q++)
+            for (int64_t i = 0; i < m; i++) {
+                const int64_t iw = (ow0 + i) * s - p + q;
+                if (checked && (iw < 0 || iw >= W)) continue;
+                const float *src = rows[r] + iw * C + c0;
+                vf v;
+#if defined(__AVX512F__)
+                v = nl >= VW ? ld(src) : (vf)_mm512_maskz_loadu_ps(mk, src);
+#else
+                if (nl >= VW) v = ld(src);
+                else { v = (vf){0}; memcpy(&v, src, sizeof(float) * nl); }
+#endif
+                acc[i] += v * wv[r * 3 + q];
+            }
+    }
+    for (int64_t i = 0; i < m; i++) {
+        float *d = orow + (ow0 + i) * C + c0;
+        const float *rs = rrow ? rrow + (ow0 + i) * C + c0 : 0;
+        vf v = acc[i];
+#if defined(__AVX512F__)
+        if (nl >= VW) {
+            if (rs) v += ld(rs);
+            st(d, clamp ? clampv(v, lo, hi) : v);
+        } else {
+            if (rs) v += (vf)_mm512_maskz_loadu_ps(mk, rs);
+            _mm512_mask_storeu_ps(d, mk, (__m512)(clamp ? clampv(v, lo, hi) : v));
+        }
+#else
+        float t[VW];
+        st(t, v);
+        for (int l = 0; l < nl; l++) {
+            float u = t[l] + (rs ? rs[l] : 0.0f);
+            d[l] = clamp ? (u < lo ? lo : u > hi ? hi : u) : u;
+        }
+#endif
+    }
+}
+
+/* The depthwise layer on x (N, H, W, C) channels-last -> out (N, Ho, Wo, C); res (NULL: none) of
+ * the output's shape. Threads split the output rows of the batch. */
+void ispc_dwconv3x3_nhwc(const float *x, int64_t N, int64_t H, int64_t W, int64_t C, const float *w,
+                         const float *bias, int64_t s, int64_t p, float *out, const float *res,
+                         float lo, float hi, int64_t threads) {
+    const int64_t Ho = conv_out(H, 3, s, p, 1), Wo = conv_out(W, 3, s, p, 1);
+    const int clamp = lo > -__builtin_inff() || hi < __builtin_inff();
+    /* output columns whose taps are all inside the row: [a, b) */
+    int64_t a = (p + s - 1) / s, b = W - 3 + p >= 0 ? (W - 3 + p) / s + 1 : 0;
+    a = a > Wo ? Wo : a;
+    b = b < a ? a : b > Wo ? Wo : b;
+    #pragma omp parallel for collapse(2) num_threads(threads) schedule(static) \
+        if (N * Ho * Wo * C >= (1 << 14))
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t oh = 0; oh < Ho; oh++) {
+            const float *rows[3];
+            for (int r = 0; r < 3; r++) {
+                const int64_t ih = oh * s - p + r;
+                rows[r] = ih >= 0 && ih < H ? x + (n * H + ih) * W * C : 0;
+            }
+            float *orow = out + (n * Ho + oh) * Wo * C;
+            const float *rrow = res ? res + (n * Ho + oh) * Wo * C : 0;
+            for (int64_t c0 = 0; c0 < C; c0 += VW) {
+                const int nl = C - c0 < VW ? (int)(C - c0) : VW;
+                vf wv[9], bv;
+                for (int t = 0; t < 9; t++) {
+                    if (nl >= VW) wv[t] = ld(w + t * C + c0);
+                    else { wv[t] = (vf){0}; memcpy(&wv[t], w + t * C + c0, sizeof(float) * nl); }
+                }
+                if (nl >= VW) bv = ld(bias + c0);
+                else { bv = (vf){0}; memcpy(&bv, bias + c0, sizeof(float) * nl); }
+                for (int64_t ow = 0; ow < a; ow++)
+                    dw_block(rows, W, C, c0, nl, ow, 1, s, p, wv, bv, orow, rrow, lo, hi, clamp, 1);
+                int64_t ow = a;
+                for (; ow + DW_MR <= b; ow += DW_MR)
+                    dw_block(rows, W, C, c0, nl, ow, DW_MR, s, p, wv, bv, orow, rrow, lo, hi, clamp, 0);
+                for (; ow < b; ow++)
+                    dw_block(rows, W, C, c0, nl, ow, 1, s, p, wv, bv, orow, rrow, lo, hi, clamp, 0);
+                for (ow = b; ow < Wo; ow++)
+                    dw_block(rows, W, C, c0, nl, ow, 1, s, p, wv, bv, orow, rrow, lo, hi, clamp, 1);
+            }
+        }
+}

@@ -1,0 +1,446 @@
+"""Per-layer speed of ispc's channels-last native kernels against the best dense library.
+
+For every convolution shape of ResNet-18, ResNet-50, VGG-16 and MobileNetV2 at 224x224 (read off
+the models by tracing them, with the epilogue each layer has there: ReLU, ReLU6, a residual add),
+at each batch size, it times, interleaved in one process (warm-up, rotation, medians, IQR):
+
+- ``onednn``: oneDNN with weights reordered once (``torch.ops.mkldnn._reorder_convolution_weight``
+  then ``_convolution_pointwise``, its ``.binary`` form for a residual add), NHWC maps, epilogue
+  fused: what inductor's freezing runs;
+- ``dense``: ispc's dense NHWC kernel (``native.NhwcConv``, mode ``DENSE``), or for depthwise layers
+  ``native.DepthwiseConv3x3``;
+- ``gated``: ispc's gated NHWC kernel, top-k keeping ``--keep`` of the input channels (saliency and
+  selection included), on inputs whose channels differ in scale so that the selection matters.
+
+and, unless ``--no-ort``, ONNX Runtime on a one-Conv model of the layer (Conv + activation + Add),
+in a process of its own (thread pools of two runtimes in one process slow each other; not
+interleaved with the others; its time includes ORT's layout reorders at the model's edges).
+
+efficiency = (best dense time / gated time) / (dense MACs / executed MACs): the gated kernel's
+throughput per executed MAC relative to the fastest dense library on that layer (1.0: it skips
+MACs for free). ``--isa avx2`` builds ispc's kernels with ``-mno-avx512f`` and caps oneDNN at AVX2
+(``ONEDNN_MAX_CPU_ISA``), as on the AVX2-only machines; ORT has no such cap and is left out.
+
+Run it under ``cpulock`` (a machine-wide lock: timings taken beside other work are worthless)::
+
+    cpulock python benchmarks/layers.py --batch 1 --json benchmarks/results/layers_b1.json
+    cpulock python benchmarks/layers.py --batch 32 --isa avx2 --models resnet50 --layers '3x3'
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field
+
+#: per-channel input scales are drawn from this range (channel saliencies then differ)
+SCALE_RANGE = (0.1, 2.0)
+
+
+@dataclass
+class Layer:
+    """One convolution shape and its epilogue, with the model layers that have it."""
+
+    cin: int
+    cout: int
+    kernel: int
+    stride: int
+    padding: int
+    groups: int
+    hw: int  #: input height = width
+    act: str  #: "relu", "relu6" or "none"
+    residual: bool
+    uses: list[str] = field(default_factory=list)
+
+    @property
+    def depthwise(self) -> bool:
+        return self.groups > 1
+
+    @property
+    def out_hw(self) -> int:
+        return (self.hw + 2 * self.padding - self.kernel) // self.stride + 1
+
+    @property
+    def name(self) -> str:
+        kind = "dw " if self.depthwise else ""
+        epi = self.act + ("+add" if self.residual else "")
+        return (f"{kind}{self.cin}->{self.cout} {self.kernel}x{self.kernel}/{self.stride} "
+                f"@{self.hw} {epi}")
+
+    def macs(self, batch: int) -> int:
+        per_out = self.kernel * self.kernel * (1 if self.depthwise else self.cin)
+        return batch * self.out_hw * self.out_hw * self.cout * per_out
+
+    def key(self) -> tuple:
+        return (self.cin, self.cout, self.kernel, self.stride, self.padding, self.groups, self.hw,
+                self.act, self.residual)
+
+
+def model_layers(names: list[str]) -> list[Layer]:
+    """The convolutions of the named models, deduplicated by shape and epilogue, in model order."""
+    import operator
+
+    import torch
+    from torch import fx, nn
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    from ispc.examples.models import mobilenet_v2, resnet18, resnet50, vgg16
+
+    makers = {"resnet18": resnet18, "resnet50": resnet50, "vgg16": vgg16,
+              "mobilenetv2": mobilenet_v2}
+    found: dict[tuple, Layer] = {}
+    for name in names:
+        model = makers[name]().eval()
+        gm = fx.symbolic_trace(model)
+        ShapeProp(gm).propagate(torch.randn(1, 3, 224, 224))
+        mods = dict(gm.named_modules())
+
+        def kind(node) -> str:
+            if node.op == "call_module":
+                m = mods[node.target]
+                return {nn.BatchNorm2d: "bn", nn.ReLU: "relu", nn.ReLU6: "relu6"}.get(type(m), "")
+            if node.op == "call_function":
+                if node.target in (torch.relu, torch.nn.functional.relu):
+                    return "relu"
+                if node.target is torch.nn.functional.relu6:
+                    return "relu6"
+                if node.target in (operator.add, operator.iadd, torch.add):
+                    return "add"
+            return ""
+
+        order = {node: i for i, node in enumerate(gm.graph.nodes)}
+        for node in gm.graph.nodes:
+            if node.op != "call_module" or not isinstance(mods[node.target], nn.Conv2d):
+                continue
+            conv = mods[node.target]
+            act, residual, cur = "none", False, node
+            while len(cur.users) == 1:  # conv -> bn -> (add) -> act
+                nxt = next(iter(cur.users))
+                k = kind(nxt)
+                if k == "bn":
+                    cur = nxt
+                elif k == "add" and not residual:
+                    # the add fuses into the later of its two inputs' convolutions; the earlier
+                    # one's output is that one's residual (no epilogue of its own)
+                    other = [a for a in nxt.args if a is not cur]
+                    if other and hasattr(other[0], "op") and order[other[0]] > order[cur]:
+                        break
+                    residual, cur = True, nxt
+                elif k in ("relu", "relu6"):
+                    act = k
+                    break
+                else:
+                    break
+            shape = node.args[0].meta["tensor_meta"].shape
+            layer = Layer(conv.in_channels, conv.out_channels, conv.kernel_size[0], conv.stride[0],
+                          conv.padding[0], conv.groups, int(shape[-1]), act, residual)
+            layer = found.setdefault(layer.key(), layer)
+            layer.uses.append(f"{name}.{node.target}")
+    return list(found.values())
+
+
+def cpu_record() -> dict:
+    """The machine, for the results' record: CPU model, ISA flags that matter here, threads."""
+    model, flags = platform.processor(), set()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name") and model in ("", platform.processor()):
+                    model = line.split(":", 1)[1].strip()
+                elif line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    isa = [f for f in ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "amx_tile") if f in flags]
+    return {"cpu": model, "isa_flags": isa, "machine": platform.machine()}
+
+
+# ---- ONNX Runtime, in a worker process of its own -------------------------------------------
+
+
+def ort_worker(spec: dict) -> dict:
+    """Time each layer's one-Conv ONNX model in ONNX Runtime; returns {layer name: timing}."""
+    import time
+
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    out = {"version": ort.__version__, "layers": {}}
+    for entry in spec["layers"]:
+        layer, batch = Layer(**entry["layer"]), entry["batch"]
+        cpg = layer.cin // layer.groups
+        w = rng.standard_normal((layer.cout, cpg, layer.kernel, layer.kernel), dtype=np.float32)
+        b = rng.standard_normal(layer.cout, dtype=np.float32)
+        nodes = [helper.make_node("Conv", ["x", "w", "b"], ["y0"], group=layer.groups,
+                                  kernel_shape=[layer.kernel] * 2, strides=[layer.stride] * 2,
+                                  pads=[layer.padding] * 4)]
+        inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                [batch, layer.cin, layer.hw, layer.hw])]
+        cur = "y0"
+        ho = layer.out_hw
+        if layer.residual:
+            nodes.append(helper.make_node("Add", [cur, "r"], ["y1"]))
+            inputs.append(helper.make_tensor_value_info("r", TensorProto.FLOAT,
+                                                        [batch, layer.cout, ho, ho]))
+            cur = "y1"
+        inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")]
+        if layer.act == "relu":
+            nodes.append(helper.make_node("Relu", [cur], ["y"]))
+        elif layer.act == "relu6":
+            inits += [numpy_helper.from_array(np.array(0, np.float32), "lo"),
+                      numpy_helper.from_array(np.array(6, np.float32), "hi")]
+            nodes.append(helper.make_node("Clip", [cur, "lo", "hi"], ["y"]))
+        else:
+            nodes.append(helper.make_node("Identity", [cur], ["y"]))
+        graph = helper.make_graph(nodes, "layer", inputs,
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = spec["threads"]
+        opts.inter_op_num_threads = 1
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        feeds = {"x": np.maximum(rng.standard_normal((batch, layer.cin, layer.hw, layer.hw),
+                                                     dtype=np.float32), 0)}
+        if layer.residual:
+            feeds["r"] = rng.standard_normal((batch, layer.cout, ho, ho), dtype=np.float32)
+        for _ in range(spec["warmup"]):
+            sess.run(None, feeds)
+        times = []
+        for _ in range(spec["rounds"]):
+            t0 = time.perf_counter()
+            sess.run(None, feeds)
+            times.append((time.perf_counter() - t0) * 1e3)
+        out["layers"][f"{batch}:{layer.name}"] = times
+    return out
+
+
+def run_ort(layers: list[Layer], batches: list[int], args) -> dict | None:
+    """ort_worker in a fresh process; None (with a note) when ONNX Runtime is not installed."""
+    spec = {"layers": [{"layer": asdict(layer), "batch": b} for b in batches for layer in layers],
+            "threads": args.threads, "warmup": args.warmup, "rounds": args.rounds}
+    res = subprocess.run([sys.executable, __file__, "--ort-worker"], input=json.dumps(spec),
+                         capture_output=True, text=True)
+    if res.returncode != 0:
+        print(f"ONNX Runtime left out: {res.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
+        return None
+    return json.loads(res.stdout)
+
+
+# ---- the in-process candidates ---------------------------------------------------------------
+
+
+def candidates(layer: Layer, batch: int, keep: float):
+    """{name: zero-argument call} for one layer and batch, and the executed MAC fraction of
+    ``gated``."""
+    import torch
+
+    from ispc.ops import gated_conv as gc
+    from ispc.ops import native
+
+    g = torch.Generator().manual_seed(layer.cin * 131 + layer.cout)
+    scale = torch.empty(1, layer.cin, 1, 1).uniform_(*SCALE_RANGE, generator=g)
+    x = (torch.randn(batch, layer.cin, layer.hw, layer.hw, generator=g).relu() * scale)
+    x = x.contiguous(memory_format=torch.channels_last)
+    cpg = layer.cin // layer.groups
+    w = torch.randn(layer.cout, cpg, layer.kernel, layer.kernel, generator=g) * (2.0 / (cpg * layer.kernel ** 2)) ** 0.5
+    b = torch.randn(layer.cout, generator=g) * 0.1
+    ho = layer.out_hw
+    res = (torch.randn(batch, layer.cout, ho, ho, generator=g).contiguous(memory_format=torch.channels_last)
+           if layer.residual else None)
+    p, s = [layer.padding] * 2, [layer.stride] * 2
+    wr = torch.ops.mkldnn._reorder_convolution_weight(w, p, s, [1, 1], layer.groups, list(x.shape))
+    attr, scalars = {"relu": ("relu", []), "relu6": ("hardtanh", [0.0, 6.0]),
+                     "none": ("none", [])}[layer.act]
+    clamp = {"relu": native.RELU, "relu6": native.RELU6, "none": native.NO_CLAMP}[layer.act]
+    if res is None:
+        def onednn():
+            return torch.ops.mkldnn._convolution_pointwise(x, wr, b, p, s, [1, 1], layer.groups, attr,
+                                                           scalars, "")
+    else:
+        unary = None if layer.act == "none" else attr
+
+        def onednn():
+            return torch.ops.mkldnn._convolution_pointwise.binary(
+                x, res, wr, b, p, s, [1, 1], layer.groups, "add", 1.0, unary, scalars, None)
+    cands = {"onednn": onednn}
+    ref = onednn()
+    if layer.depthwise or layer.cin <= 3:  # a stem on the image is never gated
+        if layer.depthwise:
+            dense = native.DepthwiseConv3x3(w, b, layer.stride, layer.padding)
+            cands["dense"] = lambda: dense(x, residual=res, clamp=clamp)
+        else:
+            dense = native.NhwcConv(w, b, layer.stride, layer.padding, 1, out_hw=ho * ho)
+            cands["dense"] = lambda: dense(x, native.DENSE, residual=res, clamp=clamp)
+        checks = [cands["dense"]()]
+        frac = None
+    else:
+        conv = native.NhwcConv(w, b, layer.stride, layer.padding, 1, out_hw=ho * ho)
+        k = max(1, round(keep * layer.cin))
+        ones = torch.ones(layer.cin)
+        cands["dense"] = lambda: conv(x, native.DENSE, residual=res, clamp=clamp)
+        cands["gated"] = lambda: conv(x, gc.TOPK, scale=ones, k=k, residual=res, clamp=clamp)
+        checks = [cands["dense"]()]
+        frac = k / layer.cin
+        # the gated output against the masked-dense reference (a wrong kernel must not be timed)
+        m = gc.channel_mask(x, ones, gc.TOPK, 0.0, k)
+        gref = torch.nn.functional.conv2d(x * m[:, :, None, None], w, b, layer.stride, layer.padding)
+        if res is not None:
+            gref = gref + res
+        gref = gref.clamp(*clamp)
+        err = float((cands["gated"]() - gref).abs().max() / gref.abs().max().clamp_min(1e-12))
+        if err > 1e-4:
+            raise AssertionError(f"{layer.name}: gated output off the reference by {err:.2e}")
+    for out in checks:
+        err = float((out - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
+        if err > 1e-4:
+            raise AssertionError(f"{layer.name}: ispc's dense output off oneDNN's by {err:.2e}")
+    return cands, frac
+
+
+def with_variants(cands: dict, variants: dict) -> dict:
+    """cands plus, per variant build, its ``dense``/``gated`` run with that library swapped in."""
+    from ispc.ops import native
+
+    def swapped(lib, fn):
+        def call():
+            base, native._lib = native._lib, lib
+            try:
+                return fn()
+            finally:
+                native._lib = base
+        return call
+    out = dict(cands)
+    for flags, lib in variants.items():
+        for name in ("dense", "gated"):
+            if name in cands:
+                out[f"{name}[{flags}]"] = swapped(lib, cands[name])
+    return out
+
+
+def stats(times: list[float]) -> dict:
+    import statistics
+
+    q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
+    return {"median": statistics.median(times), "p25": q[0], "p75": q[2], "n": len(times)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="resnet18,resnet50,vgg16,mobilenetv2")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 32])
+    p.add_argument("--keep", type=float, default=0.5, help="kept fraction of input channels (top-k)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=30)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--isa", choices=["native", "avx2"], default="native",
+                   help="avx2: ispc built with -mno-avx512f, oneDNN capped at AVX2, no ORT")
+    p.add_argument("--layers", default="", help="regex: time only layers whose name matches")
+    p.add_argument("--no-ort", action="store_true", help="leave ONNX Runtime out")
+    p.add_argument("--variant", action="append", default=[],
+                   help="A/B: also time ispc built with these extra flags (tuning -D settings that "
+                        "keep the packed layout), interleaved; repeatable")
+    p.add_argument("--json", help="write the results here")
+    p.add_argument("--ort-worker", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.ort_worker:
+        json.dump(ort_worker(json.load(sys.stdin)), sys.stdout)
+        return 0
+    if args.isa == "avx2" and (os.environ.get("ONEDNN_MAX_CPU_ISA") != "AVX2"
+                               or "-mno-avx512f" not in os.environ.get("ISPC_NATIVE_FLAGS", "")):
+        # both read at load time: start again with them set
+        env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2",
+               "ISPC_NATIVE_FLAGS": (os.environ.get("ISPC_NATIVE_FLAGS", "") + " -mno-avx512f").strip()}
+        return subprocess.run([sys.executable, __file__, *(argv if argv is not None else sys.argv[1:])],
+                              env=env).returncode
+
+    import torch
+    from tabulate import tabulate
+
+    from ispc.benchmark import retain_freed_memory, time_interleaved
+    from ispc.ops import native
+
+    if not native.available():
+        print(f"native kernels unavailable: {native.unavailable_reason()}", file=sys.stderr)
+        return 1
+    torch.set_num_threads(args.threads)
+    allocator = retain_freed_memory()
+    layers = [lay for lay in model_layers(args.models.split(","))
+              if re.search(args.layers, lay.name)]
+    variants = {v: native._build(tuple(os.environ.get("ISPC_NATIVE_FLAGS", "").split() + v.split()))
+                for v in args.variant}
+    use_ort = not args.no_ort and args.isa == "native" and not variants
+    ort = run_ort(layers, args.batch, args) if use_ort else None
+    results = []
+    for batch in args.batch:
+        rounds = args.rounds if batch == 1 else max(5, args.rounds // 3)
+        rows = []
+        for layer in layers:
+            cands, frac = candidates(layer, batch, args.keep)
+            cands = with_variants(cands, variants)
+            with torch.no_grad():
+                t = time_interleaved(cands, warmup=args.warmup if batch == 1 else 2, rounds=rounds,
+                                     progress=False)
+            times = {name: stats(tm.times_ms) for name, tm in t.items()}
+            ort_times = (ort or {}).get("layers", {}).get(f"{batch}:{layer.name}")
+            if ort_times:
+                times["ort"] = stats(ort_times)
+            best = min(("onednn", "ort"), key=lambda n: times[n]["median"] if n in times else 1e30)
+            d = times[best]["median"]
+            rec = {"layer": layer.name, "uses": layer.uses, "batch": batch, **asdict(layer),
+                   "macs_dense": layer.macs(batch), "times_ms": times, "best_dense": best,
+                   "dense_vs_best": d / times["dense"]["median"],
+                   "dense_vs_onednn": times["onednn"]["median"] / times["dense"]["median"]}
+            if frac is not None:
+                rec["macs_executed"] = round(layer.macs(batch) * frac)
+                rec["efficiency"] = d / times["gated"]["median"] * frac
+            results.append(rec)
+
+            def fmt(n):
+                if n not in times:
+                    return "-"
+                tm = times[n]
+                return f"{tm['median']:.3f} ({tm['p25']:.3f}-{tm['p75']:.3f})"
+            rows.append([layer.name, len(layer.uses), fmt("onednn"), fmt("ort"), fmt("dense"),
+                         f"{rec['dense_vs_best']:.2f}", fmt("gated"),
+                         f"{rec['efficiency']:.2f}" if frac is not None else "-"])
+            for v in variants:  # A/B: each variant's time relative to the default build's
+                rows[-1] += [f"{times[n]['median'] / times[b]['median']:.3f}"
+                             if (n := f"{b}[{v}]") in times else "-" for b in ("dense", "gated")]
+            print(f"  {rows[-1]}", file=sys.stderr, flush=True)
+        print(f"\nbatch {batch}, {args.threads} threads, ISA {args.isa}, keep {args.keep} (top-k); "
+              "ms: median (IQR)")
+        print(tabulate(rows, headers=["layer", "uses", "oneDNN", "ORT", "ispc dense", "dense vs best",
+                                      f"ispc {args.keep:.0%}", "efficiency",
+                                      *(f"{b} {v} / default" for v in variants
+                                        for b in ("dense", "gated"))],
+                       tablefmt="github", disable_numparse=True))
+    meta = {**cpu_record(), "isa_build": args.isa,
+            "onednn_max_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", "(none)"),
+            "ispc_native_flags": os.environ.get("ISPC_NATIVE_FLAGS", ""),
+            "torch": torch.__version__, "ort": (ort or {}).get("version"), "threads": args.threads,
+            "keep": args.keep, "allocator": allocator, "rounds": args.rounds, "warmup": args.warmup,
+            "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+            "date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "note": "oneDNN and ispc interleaved in one process; ORT in its own process afterwards"
+                    " (its time includes its layout reorders at the model's edges)"}
+    effs = [r["efficiency"] for r in results if "efficiency" in r]
+    if effs:
+        meta["efficiency_min"], meta["layers_below_0.8"] = min(effs), sum(e < 0.8 for e in effs)
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as fh:
+            json.dump({"meta": meta, "results": results}, fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

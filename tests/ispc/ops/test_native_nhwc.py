@@ -1,0 +1,314 @@
+"""The channels-last native kernels (``native.NhwcConv``, ``native.DepthwiseConv3x3``) equal the
+masked-dense reference: dense and gated, both modes and saliencies, every register tile, fused
+epilogues, batches whose instances keep different channel counts, and the AVX2 build."""
+from __future__ import annotations
+
+import copy
+import math
+import pickle
+import platform
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import rel_err, threshold_between
+from ispc.errors import ConfigError, DataError
+from ispc.ops import gated_conv as gc
+from ispc.ops import native
+
+pytestmark = pytest.mark.skipif(not native.available(),
+                                reason=f"native kernel not built here: {native.unavailable_reason()}")
+
+CLAMPS = [native.NO_CLAMP, native.RELU, native.RELU6]
+
+
+def _nhwc(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+def _reference(x, w, b, stride, pad, dil, mode, scale, thr, k, sal, res=None, clamp=native.NO_CLAMP):
+    """conv2d of x with each instance's dropped channels zeroed (where, not a product: a NaN in a
+    dropped channel must not reach the output), + residual, clamped."""
+    if mode == native.DENSE:
+        xm = x
+    else:
+        m = gc.channel_mask(x, scale, mode, thr, k, sal)
+        xm = torch.where(m[:, :, None, None], x, torch.zeros((), dtype=x.dtype))
+    out = F.conv2d(xm, w, b, stride, pad, dil)
+    if res is not None:
+        out = out + res
+    return out.clamp(*clamp) if clamp != native.NO_CLAMP else out
+
+
+def _check(out, ref, what):
+    assert out.shape == ref.shape and out.is_contiguous(memory_format=torch.channels_last), what
+    assert torch.equal(out.isnan(), ref.isnan()), what
+    ok = ~ref.isnan()
+    assert rel_err(out[ok], ref[ok]) <= 1e-5, what
+
+
+def _max_vectors() -> int:
+    return int(native._lib.ispc_nhwc_max_vectors())
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 3), cin=st.integers(1, 40), cout=st.integers(1, 70), kh=st.integers(1, 4),
+       kw=st.integers(1, 4), sh=st.integers(1, 3), sw=st.integers(1, 3), ph=st.integers(0, 2),
+       pw=st.integers(0, 2), dh=st.integers(1, 2), dw=st.integers(1, 2), h=st.integers(3, 15),
+       w=st.integers(3, 15), mode=st.sampled_from([native.DENSE, gc.TOPK, gc.THRESHOLD]),
+       keep=st.floats(0.0, 1.0), sal=st.sampled_from([gc.SALIENCY_L2, gc.SALIENCY_L1]),
+       residual=st.booleans(), clamp=st.sampled_from(CLAMPS), vectors=st.integers(0, 4),
+       seed=st.integers(0, 2**16))
+def test_random_geometry_matches_reference(n, cin, cout, kh, kw, sh, sw, ph, pw, dh, dw, h, w, mode,
+                                           keep, sal, residual, clamp, vectors, seed):
+    if h + 2 * ph < dh * (kh - 1) + 1 or w + 2 * pw < dw * (kw - 1) + 1:
+        return  # no output position
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, cin, h, w, generator=g) * (torch.rand(1, cin, 1, 1, generator=g) + 0.1)
+    wt, b = torch.randn(cout, cin, kh, kw, generator=g), torch.randn(cout, generator=g)
+    scale = torch.rand(cin, generator=g) + 0.5
+    thr, k = 0.0, int(round(keep * cin))
+    if mode == gc.THRESHOLD:
+        thr = threshold_between(gc.channel_saliency(x, scale, sal), keep)
+    layer = native.NhwcConv(wt, b, (sh, sw), (ph, pw), (dh, dw), vectors=min(vectors, _max_vectors()))
+    ref0 = _reference(x, wt, b, (sh, sw), (ph, pw), (dh, dw), mode, scale, thr, k, sal)
+    res = _nhwc(torch.randn(ref0.shape, generator=g)) if residual else None
+    ref = _reference(x, wt, b, (sh, sw), (ph, pw), (dh, dw), mode, scale, thr, k, sal, res, clamp)
+    counts = torch.empty(n, dtype=torch.int64)
+    out = layer(_nhwc(x), mode, scale=scale, threshold=thr, k=k, saliency=sal, residual=res,
+                clamp=clamp, counts=counts)
+    _check(out, ref, (mode, k, thr, layer.vectors))
+    if mode != native.DENSE:
+        want = gc.channel_mask(x, scale, mode, thr, k, sal).sum(1)
+        assert torch.equal(counts, want)
+
+
+@pytest.mark.parametrize("vectors", [1, 2, 3, 4])
+@pytest.mark.parametrize("shape", [
+    # (cin, cout, k, stride, pad, h): ResNet-like layers, a 7x7 stem, 1x1 strided, odd sizes
+    (64, 64, 3, 1, 1, 14), (32, 96, 1, 1, 0, 12), (48, 80, 1, 2, 0, 13), (3, 64, 7, 2, 3, 30),
+    (130, 40, 3, 2, 1, 9), (24, 16, 3, 1, 1, 7)])
+def test_every_tile_on_layer_shapes(vectors, shape):
+    if vectors > _max_vectors():
+        pytest.skip(f"this build's widest tile has {_max_vectors()} vectors")
+    cin, cout, ks, s, p, h = shape
+    g = torch.Generator().manual_seed(cin + cout + ks)
+    x = torch.randn(2, cin, h, h, generator=g).relu() * (torch.rand(1, cin, 1, 1, generator=g) + .1)
+    wt, b, scale = torch.randn(cout, cin, ks, ks, generator=g), torch.randn(cout, generator=g), \
+        torch.ones(cin)
+    layer = native.NhwcConv(wt, b, s, p, 1, vectors=vectors)
+    assert layer.vectors == vectors
+    for mode, k in [(native.DENSE, 0), (gc.TOPK, max(1, cin // 2)), (gc.TOPK, cin - 1)]:
+        ref = _reference(x, wt, b, s, p, 1, mode, scale, 0.0, k, gc.SALIENCY_L2)
+        r = _nhwc(torch.randn(ref.shape, generator=g))
+        for res, clamp in [(None, native.NO_CLAMP), (r, native.RELU), (None, native.RELU6)]:
+            want = _reference(x, wt, b, s, p, 1, mode, scale, 0.0, k, gc.SALIENCY_L2, res, clamp)
+            out = layer(_nhwc(x), mode, scale=scale, k=k, residual=res, clamp=clamp)
+            _check(out, want, (mode, k, clamp))
+
+
+def test_dense_equals_conv2d_and_gated_with_every_channel_kept():
+    g = torch.Generator().manual_seed(1)
+    x, w, b = torch.randn(3, 20, 11, 11, generator=g), torch.randn(30, 20, 3, 3, generator=g), \
+        torch.randn(30, generator=g)
+    layer = native.NhwcConv(w, b, 1, 1)
+    dense = layer(_nhwc(x))
+    assert rel_err(dense, F.conv2d(x, w, b, 1, 1)) <= 1e-5
+    ones = torch.ones(20)
+    assert torch.equal(layer(_nhwc(x), gc.TOPK, scale=ones, k=20), dense)  # the same direct path
+    assert torch.equal(layer(_nhwc(x), gc.THRESHOLD, scale=ones, threshold=1e-30), dense)
+
+
+def test_batch_with_different_counts_including_none_and_all():
+    # threshold mode: instance 0 keeps nothing (bias only), 1 keeps everything (the dense path),
+    # the others some; one call serves them all, in chunks of instances when the inputs are large
+    g = torch.Generator().manual_seed(2)
+    for n, c, hw in [(5, 40, 9), (4, 64, 40)]:  # the second: one instance per 1 MB chunk
+        x = torch.randn(n, c, hw, hw, generator=g).relu() * torch.rand(n, c, 1, 1, generator=g)
+        x[0] *= 1e-4
+        x[1] += 5.0
+        w, b, scale = torch.randn(24, c, 3, 3, generator=g), torch.randn(24, generator=g), \
+            torch.ones(c)
+        thr = threshold_between(gc.channel_saliency(x[2:], scale), 0.5)
+        counts = torch.empty(n, dtype=torch.int64)
+        layer = native.NhwcConv(w, b, 1, 1)
+        r = _nhwc(torch.randn(n, 24, hw, hw, generator=g))
+        out = layer(_nhwc(x), gc.THRESHOLD, scale=scale, threshold=thr, counts=counts, residual=r,
+                    clamp=native.RELU)
+        assert counts[0] == 0 and counts[1] == c and len(set(counts[2:].tolist()) | {0, c}) > 2
+        assert torch.equal(out[0], (b.view(-1, 1, 1) + r[0]).relu())
+        _check(out, _reference(x, w, b, 1, 1, 1, gc.THRESHOLD, scale, thr, 0, gc.SALIENCY_L2, r,
+                               native.RELU), n)
+
+
+def test_selection_equals_the_nchw_entries_with_ties_and_nan():
+    # the same kept channels as native.select (both modes and saliencies), with all-zero channels
+    # (saliency ties at 0) and a NaN channel: top-k keeps it (NaN counts as the largest, as in
+    # torch.topk), threshold drops it; the output is the reference's on the kept channels
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 24, 6, 6, generator=g).relu()
+    x[:, ::3] = 0.0
+    x[1, 5, 2, 2] = float("nan")
+    w, b, scale = torch.randn(8, 24, 3, 3, generator=g), torch.randn(8, generator=g), \
+        torch.rand(24, generator=g) + 0.5
+    layer = native.NhwcConv(w, b, 1, 1)
+    for sal in (gc.SALIENCY_L2, gc.SALIENCY_L1):
+        s = gc.channel_saliency(x, scale, sal)
+        finite = s[s.isfinite()]
+        for mode, thr, k in [(gc.TOPK, 0.0, 1), (gc.TOPK, 0.0, 10), (gc.TOPK, 0.0, 20),
+                             (gc.THRESHOLD, threshold_between(finite, 0.5), 0)]:
+            counts = torch.empty(3, dtype=torch.int64)
+            out = layer(_nhwc(x), mode, scale=scale, threshold=thr, k=k, saliency=sal, counts=counts)
+            idx, want = native.select(_nhwc(x), scale, mode, thr, k, sal)
+            assert torch.equal(counts, want), (mode, k, sal)
+            _check(out, _reference(x, w, b, 1, 1, 1, mode, scale, thr, k, sal), (mode, k, sal))
+            assert out[1].isnan().any() == (mode == gc.TOPK)
+
+
+def test_chunks_of_instances_and_groups_of_output_blocks(monkeypatch):
+    # built to select and convolve one instance at a time and to split the output channels into
+    # one group per block: the same results
+    lib = native._build(("-DNHWC_CHUNK_BYTES=1", "-DNHWC_GROUP_BYTES=1"))
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(4, 30, 10, 10, generator=g).relu() * torch.rand(4, 30, 1, 1, generator=g)
+    w, b, scale = torch.randn(100, 30, 3, 3, generator=g), torch.randn(100, generator=g), \
+        torch.ones(30)
+    thr = threshold_between(gc.channel_saliency(x, scale), 0.4)
+    want = _reference(x, w, b, 1, 1, 1, gc.THRESHOLD, scale, thr, 0, gc.SALIENCY_L2)
+    monkeypatch.setattr(native, "_lib", lib)
+    layer = native.NhwcConv(w, b, 1, 1)
+    _check(layer(_nhwc(x), gc.THRESHOLD, scale=scale, threshold=thr), want, "chunked")
+
+
+def test_results_do_not_depend_on_threads():
+    g = torch.Generator().manual_seed(5)
+    x = _nhwc(torch.randn(2, 64, 30, 30, generator=g))
+    layer = native.NhwcConv(torch.randn(40, 64, 3, 3, generator=g), torch.randn(40, generator=g), 1, 1)
+    threads = torch.get_num_threads()
+    outs = []
+    try:
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            outs.append(layer(x, gc.TOPK, scale=torch.ones(64), k=30))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_bad_arguments_are_refused_with_a_fix():
+    w = torch.randn(8, 4, 3, 3)
+    layer = native.NhwcConv(w, None, 1, 1)
+    x = _nhwc(torch.randn(1, 4, 6, 6))
+    with pytest.raises(DataError, match="channels-last float32.*memory_format"):
+        layer(x.contiguous())
+    with pytest.raises(DataError, match="5 channels"):
+        layer(_nhwc(torch.randn(1, 5, 6, 6)))
+    with pytest.raises(DataError, match="residual"):
+        layer(x, residual=_nhwc(torch.randn(1, 8, 5, 5)))
+    with pytest.raises(DataError, match="scale"):
+        layer(x, gc.TOPK, k=2)
+    with pytest.raises(ConfigError, match="mode"):
+        layer(x, 7)
+    with pytest.raises(ConfigError, match="saliency"):
+        layer(x, gc.TOPK, scale=torch.ones(4), k=2, saliency=5)
+    with pytest.raises(DataError, match="smaller than"):
+        native.NhwcConv(w, None, 1, 0)(_nhwc(torch.randn(1, 4, 2, 2)))
+    with pytest.raises(ConfigError, match="stride"):
+        native.NhwcConv(w, None, 0, 1)
+    with pytest.raises(ConfigError, match="float32"):
+        native.NhwcConv(w.double())
+    with pytest.raises(ConfigError, match="vectors"):
+        native.NhwcConv(w, vectors=9)
+    assert issubclass(DataError, ValueError) and issubclass(ConfigError, ValueError)
+
+
+def test_layers_survive_copy_and_pickle():
+    g = torch.Generator().manual_seed(6)
+    w, b = torch.randn(12, 20, 3, 3, generator=g), torch.randn(12, generator=g)
+    x = _nhwc(torch.randn(2, 20, 9, 9, generator=g))
+    conv, dw = native.NhwcConv(w, b, 1, 1), native.DepthwiseConv3x3(w[:, :1], b, 2, 1)
+    xd = _nhwc(torch.randn(2, 12, 9, 9, generator=g))
+    want = conv(x, gc.TOPK, scale=torch.ones(20), k=7), dw(xd)
+    for c2, d2 in [(copy.deepcopy(conv), copy.deepcopy(dw)),
+                   (pickle.loads(pickle.dumps(conv)), pickle.loads(pickle.dumps(dw)))]:
+        assert torch.equal(c2(x, gc.TOPK, scale=torch.ones(20), k=7), want[0])
+        assert torch.equal(d2(xd), want[1])
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 3), c=st.integers(1, 70), h=st.integers(1, 20), w=st.integers(1, 20),
+       stride=st.integers(1, 2), pad=st.integers(0, 1), residual=st.booleans(),
+       clamp=st.sampled_from(CLAMPS), seed=st.integers(0, 2**16))
+def test_depthwise_matches_conv2d(n, c, h, w, stride, pad, residual, clamp, seed):
+    if h + 2 * pad < 3 or w + 2 * pad < 3:
+        return
+    g = torch.Generator().manual_seed(seed)
+    x, wt, b = torch.randn(n, c, h, w, generator=g), torch.randn(c, 1, 3, 3, generator=g), \
+        torch.randn(c, generator=g)
+    ref = F.conv2d(x, wt, b, stride, pad, groups=c)
+    res = _nhwc(torch.randn(ref.shape, generator=g)) if residual else None
+    if res is not None:
+        ref = ref + res
+    ref = ref.clamp(*clamp) if clamp != native.NO_CLAMP else ref
+    out = native.DepthwiseConv3x3(wt, b, stride, pad)(_nhwc(x), residual=res, clamp=clamp)
+    _check(out, ref, (c, h, w, stride, pad))
+
+
+def test_depthwise_refuses_what_it_does_not_compute():
+    with pytest.raises(ConfigError, match=r"\(C, 1, 3, 3\)"):
+        native.DepthwiseConv3x3(torch.randn(8, 2, 3, 3))
+    with pytest.raises(ConfigError, match="stride"):
+        native.DepthwiseConv3x3(torch.randn(8, 1, 3, 3), stride=(1, 2))
+    dw = native.DepthwiseConv3x3(torch.randn(8, 1, 3, 3))
+    with pytest.raises(DataError, match="channels-last"):
+        dw(torch.randn(1, 8, 5, 5))
+    with pytest.raises(DataError, match="4 channels, the layer takes 8"):
+        dw(_nhwc(torch.randn(1, 4, 5, 5)))
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 ISA variants")
+def test_avx2_build_matches_reference(monkeypatch):
+    # this CPU may run the AVX-512 build; the AVX2 one (16 registers: other tiles) must be right too
+    try:
+        lib = native._build(("-mno-avx512f",))
+    except RuntimeError as exc:
+        pytest.skip(f"cannot build the AVX2 variant: {exc}")
+    monkeypatch.setattr(native, "_lib", lib)
+    assert lib.ispc_nhwc_max_vectors() == 3
+    g = torch.Generator().manual_seed(7)
+    for vectors in (1, 2, 3):
+        for cin, cout, ks, s, p, h in [(24, 40, 3, 1, 1, 9), (17, 30, 1, 2, 0, 11), (3, 20, 7, 2, 3, 16)]:
+            x = torch.randn(2, cin, h, h, generator=g) * (torch.rand(1, cin, 1, 1, generator=g) + .1)
+            w, b = torch.randn(cout, cin, ks, ks, generator=g), torch.randn(cout, generator=g)
+            scale = torch.rand(cin, generator=g) + 0.5
+            layer = native.NhwcConv(w, b, s, p, 1, vectors=vectors)
+            thr = threshold_between(gc.channel_saliency(x, scale, gc.SALIENCY_L1), 0.5)
+            for mode, t, k, sal in [(native.DENSE, 0.0, 0, 0), (gc.TOPK, 0.0, cin // 2, gc.SALIENCY_L2),
+                                    (gc.THRESHOLD, thr, 0, gc.SALIENCY_L1)]:
+                ref = _reference(x, w, b, s, p, 1, mode, scale, t, k, sal)
+                r = _nhwc(torch.randn(ref.shape, generator=g))
+                want = _reference(x, w, b, s, p, 1, mode, scale, t, k, sal, r, native.RELU6)
+                out = layer(_nhwc(x), mode, scale=scale, threshold=t, k=k, saliency=sal, residual=r,
+                            clamp=native.RELU6)
+                _check(out, want, (vectors, cin, mode))
+    for c, h, s in [(37, 9, 1), (64, 10, 2), (5, 3, 1)]:
+        x, w, b = torch.randn(2, c, h, h, generator=g), torch.randn(c, 1, 3, 3, generator=g), \
+            torch.randn(c, generator=g)
+        out = native.DepthwiseConv3x3(w, b, s, 1)(_nhwc(x), clamp=native.RELU6)
+        _check(out, F.conv2d(x, w, b, s, 1, groups=c).clamp(0, 6), (c, h, s))
+
+
+def test_tile_choice_prefers_less_waste():
+    lib = native._lib
+    top = lib.ispc_nhwc_max_vectors()
+    lanes = 16 if top == 4 else 8
+    # output channels that fill whole blocks of the widest tile take it
+    assert lib.ispc_nhwc_vectors(top * lanes * 4, 56 * 56) == top
+    # a layer narrower than one vector's lanes takes one vector
+    assert lib.ispc_nhwc_vectors(3, 0) == 1
+    for cout in (16, 24, 96, 160, 320):
+        nv = lib.ispc_nhwc_vectors(cout, 0)
+        assert 1 <= nv <= top and math.ceil(cout / (nv * lanes)) * nv * lanes < 2 * cout
