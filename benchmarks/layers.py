@@ -10,7 +10,10 @@ at each batch size, it times, interleaved in one process (warm-up, rotation, med
 - ``dense``: ispc's dense NHWC kernel (``native.NhwcConv``, mode ``DENSE``), or for depthwise layers
   ``native.DepthwiseConv3x3``;
 - ``gated``: ispc's gated NHWC kernel, top-k keeping ``--keep`` of the input channels (saliency and
-  selection included), on inputs whose channels differ in scale so that the selection matters.
+  selection included), on inputs whose channels differ in scale so that the selection matters;
+- ``gated_sums``: the same with the input's saliency sums handed over by the layer that wrote the
+  input (``x_sums``: no pass over the input of its own), and ``dense_sums``, the dense layer
+  computing its own output's sums in its epilogue (what that costs a producer: ``sums_overhead``).
 
 and, unless ``--no-ort``, ONNX Runtime on a one-Conv model of the layer (Conv + activation + Add),
 in a process of its own (thread pools of two runtimes in one process slow each other; not
@@ -18,7 +21,8 @@ interleaved with the others; its time includes ORT's layout reorders at the mode
 
 efficiency = (best dense time / gated time) / (dense MACs / executed MACs): the gated kernel's
 throughput per executed MAC relative to the fastest dense library on that layer (1.0: it skips
-MACs for free). ``--isa avx2`` builds ispc's kernels with ``-mno-avx512f`` and caps oneDNN at AVX2
+MACs for free); ``efficiency_sums`` the same for ``gated_sums`` (the producer's extra epilogue work,
+``sums_overhead``, is left out of it: it is reported beside). ``--isa avx2`` builds ispc's kernels with ``-mno-avx512f`` and caps oneDNN at AVX2
 (``ONEDNN_MAX_CPU_ISA``), as on the AVX2-only machines; ORT has no such cap and is left out.
 
 Run it under ``cpulock`` (a machine-wide lock: timings taken beside other work are worthless)::
@@ -288,6 +292,14 @@ def candidates(layer: Layer, batch: int, keep: float):
         ones = torch.ones(layer.cin)
         cands["dense"] = lambda: conv(x, native.DENSE, residual=res, clamp=clamp)
         cands["gated"] = lambda: conv(x, gc.TOPK, scale=ones, k=k, residual=res, clamp=clamp)
+        # the input's saliency sums from the layer that wrote it: no selection pass here; and
+        # what computing the output's sums in the epilogue costs a producer (on this layer)
+        x_sums = (x * x).sum((2, 3)).contiguous()
+        y_sums = torch.empty(batch, layer.cout)
+        cands["gated_sums"] = lambda: conv(x, gc.TOPK, scale=ones, k=k, residual=res, clamp=clamp,
+                                           x_sums=x_sums)
+        cands["dense_sums"] = lambda: conv(x, native.DENSE, residual=res, clamp=clamp,
+                                           out_sums=y_sums)
         checks = [cands["dense"]()]
         frac = k / layer.cin
         # the gated output against the masked-dense reference (a wrong kernel must not be timed)
@@ -320,7 +332,7 @@ def with_variants(cands: dict, variants: dict) -> dict:
         return call
     out = dict(cands)
     for flags, lib in variants.items():
-        for name in ("dense", "gated"):
+        for name in ("dense", "gated", "gated_sums"):
             if name in cands:
                 out[f"{name}[{flags}]"] = swapped(lib, cands[name])
     return out
@@ -402,6 +414,8 @@ def main(argv: list[str] | None = None) -> int:
             if frac is not None:
                 rec["macs_executed"] = round(layer.macs(batch) * frac)
                 rec["efficiency"] = d / times["gated"]["median"] * frac
+                rec["efficiency_sums"] = d / times["gated_sums"]["median"] * frac
+                rec["sums_overhead"] = times["dense_sums"]["median"] / times["dense"]["median"] - 1
             results.append(rec)
 
             def fmt(n):
@@ -411,7 +425,9 @@ def main(argv: list[str] | None = None) -> int:
                 return f"{tm['median']:.3f} ({tm['p25']:.3f}-{tm['p75']:.3f})"
             rows.append([layer.name, len(layer.uses), fmt("onednn"), fmt("ort"), fmt("dense"),
                          f"{rec['dense_vs_best']:.2f}", fmt("gated"),
-                         f"{rec['efficiency']:.2f}" if frac is not None else "-"])
+                         f"{rec['efficiency']:.2f}" if frac is not None else "-",
+                         f"{rec['efficiency_sums']:.2f}" if frac is not None else "-",
+                         f"{rec['sums_overhead']:+.1%}" if frac is not None else "-"])
             for v in variants:  # A/B: each variant's time relative to the default build's
                 rows[-1] += [f"{times[n]['median'] / times[b]['median']:.3f}"
                              if (n := f"{b}[{v}]") in times else "-" for b in ("dense", "gated")]
@@ -420,6 +436,7 @@ def main(argv: list[str] | None = None) -> int:
               "ms: median (IQR)")
         print(tabulate(rows, headers=["layer", "uses", "oneDNN", "ORT", "ispc dense", "dense vs best",
                                       f"ispc {args.keep:.0%}", "efficiency",
+                                      "efficiency, sums given", "sums overhead",
                                       *(f"{b} {v} / default" for v in variants
                                         for b in ("dense", "gated"))],
                        tablefmt="github", disable_numparse=True))
@@ -432,9 +449,11 @@ def main(argv: list[str] | None = None) -> int:
             "date": datetime.datetime.now().isoformat(timespec="seconds"),
             "note": "oneDNN and ispc interleaved in one process; ORT in its own process afterwards"
                     " (its time includes its layout reorders at the model's edges)"}
-    effs = [r["efficiency"] for r in results if "efficiency" in r]
-    if effs:
-        meta["efficiency_min"], meta["layers_below_0.8"] = min(effs), sum(e < 0.8 for e in effs)
+    for key in ("efficiency", "efficiency_sums"):
+        effs = [r[key] for r in results if key in r]
+        if effs:
+            meta[f"{key}_min"] = min(effs)
+            meta[f"{key}_below_0.8"] = sum(e < 0.8 for e in effs)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as fh:

@@ -82,6 +82,29 @@ class _NhwcLayer(ctypes.Structure):
         "C", "cout", "kh", "kw", "sh", "sw", "ph", "pw", "dh", "dw", "nv")]
 
 
+class _Sums(ctypes.Structure):
+    """``ispc_sums_t``: saliency sums handed between channels-last layers."""
+
+    _fields_ = [("inp", _ptr), ("out", _ptr), ("out_kind", _i64)]
+
+
+def _sums(x_sums: Tensor | None, out_sums: Tensor | None, kind: int):
+    """A pointer to an ``ispc_sums_t`` for the C entries (None: neither)."""
+    if x_sums is None and out_sums is None:
+        return None
+    if kind not in (0, 1):
+        raise ConfigError(f"unknown saliency code {kind} for out_sums (0: l2, 1: l1)")
+    return ctypes.byref(_Sums(None if x_sums is None else x_sums.data_ptr(),
+                              None if out_sums is None else out_sums.data_ptr(), kind))
+
+
+def _check_sums(t: Tensor | None, name: str, shape: tuple[int, int]) -> None:
+    if t is not None and not (t.dtype == torch.float32 and t.device.type == "cpu"
+                              and t.is_contiguous() and tuple(t.shape) == shape):
+        raise DataError(f"{name} must be a contiguous float32 CPU tensor of shape {shape}, got "
+                        f"{t.dtype} {tuple(t.shape)}")
+
+
 def _cache_dir() -> Path:
     root = os.environ.get("ISPC_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "ispc")
     return Path(root) / "native"
@@ -164,10 +187,11 @@ def _build(extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL:
     lib.ispc_conv_nhwc.restype = _i64
     lib.ispc_conv_nhwc.argtypes = [ctypes.POINTER(_NhwcLayer), _ptr, _i64, _i64, _i64, _ptr, _i64, _i64,
                                    ctypes.c_float, _i64, _ptr, _ptr, _ptr, ctypes.c_float,
-                                   ctypes.c_float, _ptr, _i64, _i64]
-    lib.ispc_dwconv3x3_nhwc.restype = None
+                                   ctypes.c_float, ctypes.POINTER(_Sums), _ptr, _i64, _i64]
+    lib.ispc_dwconv3x3_nhwc.restype = _i64
     lib.ispc_dwconv3x3_nhwc.argtypes = [_ptr, _i64, _i64, _i64, _i64, _ptr, _ptr, _i64, _i64, _ptr, _ptr,
-                                        ctypes.c_float, ctypes.c_float, _i64]
+                                        ctypes.c_float, ctypes.c_float, ctypes.POINTER(_Sums), _ptr,
+                                        _i64, _i64]
     return lib
 
 
@@ -623,9 +647,16 @@ class NhwcConv:
     def __call__(self, x: Tensor, mode: int = DENSE, *, scale: Tensor | None = None,
                  threshold: float = 0.0, k: int = 0, saliency: int = 0,
                  residual: Tensor | None = None, clamp: tuple[float, float] = NO_CLAMP,
-                 counts: Tensor | None = None) -> Tensor:
+                 counts: Tensor | None = None, x_sums: Tensor | None = None,
+                 out_sums: Tensor | None = None, out_sums_kind: int = 0) -> Tensor:
         """The layer on ``x``; ``counts`` (int64 (N,), optional) receives each instance's kept
-        channel count (gated modes)."""
+        channel count (gated modes).
+
+        Saliency sums (``[n, c]``: the sum over the map's positions of ``v * v`` for the l2
+        saliency, ``|v|`` for l1) let a gated layer skip its pass over the input: ``x_sums``
+        (N, C) are ``x``'s for this call's ``saliency``, as the layer that wrote ``x`` computed
+        them; ``out_sums`` (N, Cout), if given, receives the output's (after the epilogue, of
+        ``out_sums_kind``), computed in the epilogue from the values stored."""
         if not (x.dim() == 4 and x.dtype == torch.float32 and x.device.type == "cpu"
                 and x.is_contiguous(memory_format=torch.channels_last)):
             raise DataError(f"x must be a channels-last float32 CPU map (N, C, H, W), got {x.dtype} "
@@ -659,9 +690,12 @@ class NhwcConv:
         if counts is not None and (counts.dtype != torch.int64 or not counts.is_contiguous()
                                    or counts.numel() != n):
             raise DataError(f"counts must be a contiguous int64 tensor of {n} entries")
+        _check_sums(x_sums, "x_sums", (n, c))
+        _check_sums(out_sums, "out_sums", (n, self.cout))
         args = (self._ref, x.data_ptr(), n, h, w, sptr, saliency, mode, threshold, k,
                 None if counts is None else counts.data_ptr(), out.data_ptr(),
-                None if residual is None else residual.data_ptr(), clamp[0], clamp[1])
+                None if residual is None else residual.data_ptr(), clamp[0], clamp[1],
+                _sums(x_sums if mode != DENSE else None, out_sums, out_sums_kind))
         NativeLayer._run(_lib.ispc_conv_nhwc, args)
         return out
 
@@ -700,7 +734,10 @@ class DepthwiseConv3x3:
         return (h + 2 * p - 3) // s + 1, (w + 2 * p - 3) // s + 1
 
     def __call__(self, x: Tensor, *, residual: Tensor | None = None,
-                 clamp: tuple[float, float] = NO_CLAMP) -> Tensor:
+                 clamp: tuple[float, float] = NO_CLAMP, out_sums: Tensor | None = None,
+                 out_sums_kind: int = 0) -> Tensor:
+        """The layer on ``x``; ``out_sums`` (N, C), if given, receives the output's saliency sums
+        (as :meth:`NhwcConv.__call__`'s)."""
         _check_nhwc(x, "x")
         n, c, h, w = x.shape
         if c != self.channels:
@@ -714,8 +751,9 @@ class DepthwiseConv3x3:
             if residual.shape != out.shape:
                 raise DataError(f"the residual must have the output's shape {tuple(out.shape)}, got "
                                 f"{tuple(residual.shape)}")
-        _lib.ispc_dwconv3x3_nhwc(x.data_ptr(), n, h, w, c, self.packed.data_ptr(), self.bias.data_ptr(),
-                                 self.stride, self.padding, out.data_ptr(),
-                                 None if residual is None else residual.data_ptr(), clamp[0], clamp[1],
-                                 torch.get_num_threads())
+        _check_sums(out_sums, "out_sums", (n, c))
+        NativeLayer._run(_lib.ispc_dwconv3x3_nhwc, (
+            x.data_ptr(), n, h, w, c, self.packed.data_ptr(), self.bias.data_ptr(), self.stride,
+            self.padding, out.data_ptr(), None if residual is None else residual.data_ptr(),
+            clamp[0], clamp[1], _sums(None, out_sums, out_sums_kind)))
         return out

@@ -1295,11 +1295,123 @@ static int nh_mr(int64_t nv) {
     return nv == 4 ? NH_MR4 : nv == 3 ? NH_MR3 : nv == 2 ? NH_MR2 : nv == 1 ? NH_MR1 : 0;
 }
 
+/* lanes [0, n) of v (+ bias, residual, clamp) to dst: the epilogue of one output vector */
+static inline vf nh_store(float *dst, vf v, const float *bias, const float *res, int n, float lo,
+                          float hi, int clamp) {
+    if (n >= VW) {  /* AVX-512: a masked store measured 8x slower than a plain one into uncached lines */
+        v += ld(bias);
+        if (res) v += ld(res);
+        v = clamp ? clampv(v, lo, hi) : v;
+        st(dst, v);
+        return v;
+    }
+#if defined(__AVX512F__)
+    const __mmask16 m = (__mmask16)((1u << n) - 1u);
+    v += (vf)_mm512_maskz_loadu_ps(m, bias);
+    if (res) v += (vf)_mm512_maskz_loadu_ps(m, res);
+    if (clamp) v = clampv(v, lo, hi);
+    _mm512_mask_storeu_ps(dst, m, (__m512)v);
+    return (vf)_mm512_maskz_mov_ps(m, (__m512)v);
+#else
+    float t[VW];
+    st(t, v);
+    for (int l = 0; l < VW; l++) {
+        float u = l < n ? t[l] + bias[l] + (res ? res[l] : 0.0f) : 0.0f;
+        t[l] = clamp && l < n ? (u < lo ? lo : u > hi ? hi : u) : u;
+        if (l < n) dst[l] = t[l];
+    }
+    return ld(t);
+#endif
+}
+
+/* Saliency sums a gated layer's selection starts from: per instance and channel, the sum over the
+ * map's positions of v * v (SAL_L2) or |v| (SAL_L1). A layer may take its input's from the layer
+ * that wrote the input (in: no pass over the input of its own) and hand its output's to the next
+ * (out, computed in its epilogue from the values it stores). */
+typedef struct {
+    const float *in;   /* (N, C) of x for the layer's saliency code; NULL: computed from x */
+    float *out;        /* (N, cout) of the output; NULL: none */
+    int64_t out_kind;  /* SAL_L2 or SAL_L1 */
+} ispc_sums_t;
+
+typedef double vd __attribute__((vector_size(VW * 8)));
+
+/* v * v or |v| */
+static inline vf sum_term(vf v, int kind) {
+    return kind == SAL_L2 ? v * v : (vf)((vi)v & 0x7fffffff);
+}
+
+/* row[0..n) += lanes [0, n) of v, in doubles */
+static inline void add_lanes(double *row, vf v, int n) {
+    if (n >= VW) {
+        vd a;
+        memcpy(&a, row, sizeof a);
+        a += __builtin_convertvector(v, vd);
+        memcpy(row, &a, sizeof a);
+        return;
+    }
+    float t[VW];
+    st(t, v);
+    for (int l = 0; l < n; l++) row[l] += (double)t[l];
+}
+
+/* out[n][c] = sum over threads of part[t][n][c] (rows of stride cs), in thread order: the same
+ * sums for a given thread count. Inside a parallel region; ends with a barrier. */
+static void reduce_sums(const double *part, int64_t threads, int64_t N, int64_t C, int64_t cs,
+                        float *out) {
+    #pragma omp for collapse(2) schedule(static)
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t c = 0; c < C; c++) {
+            double a = 0.0;
+            for (int64_t t = 0; t < threads; t++) a += part[(t * N + n) * cs + c];
+            out[n * C + c] = (float)a;
+        }
+}
+
+/* A tile's epilogue: positions' outputs out + i * ostride (npos of them valid), lanes [0, lanes)
+ * of the block, bias, residual (NULL: none) indexed like out, clamp; output sums (yrow NULL: none)
+ * of kind ykind added into yrow[0..lanes). */
+typedef struct {
+    float *out;
+    const float *res, *bias;
+    int64_t ostride;
+    int npos, lanes, clamp, ykind;
+    float lo, hi;
+    double *yrow;
+} nh_epi_t;
+
+/* the finished accumulators through the epilogue into the output */
+#define NH_EPILOGUE(MR, NV, acc, e)                                                              \
+    if ((e)->npos == MR && (e)->lanes == NV * VW && !(e)->yrow) { /* whole tile: plain stores */  \
+        vf bv[NV];                                                                               \
+        for (int j = 0; j < NV; j++) bv[j] = ld((e)->bias + j * VW);                             \
+        for (int i = 0; i < MR; i++)                                                             \
+            for (int j = 0; j < NV; j++) {                                                       \
+                float *d = (e)->out + i * (e)->ostride + j * VW;                                 \
+                vf v = acc[i][j] + bv[j];                                                        \
+                if ((e)->res) v += ld((e)->res + i * (e)->ostride + j * VW);                     \
+                st(d, (e)->clamp ? clampv(v, (e)->lo, (e)->hi) : v);                             \
+            }                                                                                    \
+    } else {                                                                                     \
+        for (int j = 0; j < NV && j * VW < (e)->lanes; j++) {                                    \
+            const int nl = (e)->lanes - j * VW < VW ? (e)->lanes - j * VW : VW;                  \
+            vf sq = {0};                                                                         \
+            for (int i = 0; i < MR && i < (e)->npos; i++) {                                      \
+                const int64_t o = i * (e)->ostride + j * VW;                                     \
+                const vf v = nh_store((e)->out + o, acc[i][j], (e)->bias + j * VW,               \
+                                      (e)->res ? (e)->res + o : 0, nl, (e)->lo, (e)->hi,         \
+                                      (e)->clamp);                                               \
+                if ((e)->yrow) sq += sum_term(v, (e)->ykind);                                    \
+            }                                                                                    \
+            if ((e)->yrow) add_lanes((e)->yrow + j * VW, sq, nl);                                \
+        }                                                                                        \
+    }
+
 /* the tile over segments s < nseg: acc[i][j] = sum over s, l < L of ptab[s][i][c] * w[s][c][j],
- * c = ix[l] (indirect: kept channels by index) or l (direct); the result into tile[MR][NV * VW] */
+ * c = ix[l] (indirect: kept channels by index) or l (direct); the result through the epilogue */
 #define NHWC_KERNEL(NAME, MR, NV, IND)                                                          \
 static void NAME(const float *const *ptab, const float *const *wseg, int64_t nseg, int64_t L,   \
-                 const int32_t *ix, float *tile) {                                              \
+                 const int32_t *ix, const nh_epi_t *e) {                                        \
     vf acc[MR][NV];                                                                             \
     for (int i = 0; i < MR; i++)                                                                \
         for (int j = 0; j < NV; j++) acc[i][j] = (vf){0};                                       \
@@ -1318,12 +1430,11 @@ static void NAME(const float *const *ptab, const float *const *wseg, int64_t nse
             }                                                                                   \
         }                                                                                       \
     }                                                                                           \
-    for (int i = 0; i < MR; i++)                                                                \
-        for (int j = 0; j < NV; j++) st(tile + (i * NV + j) * VW, acc[i][j]);                   \
+    NH_EPILOGUE(MR, NV, acc, e)                                                                 \
 }
 
 typedef void (*nh_kernel_t)(const float *const *, const float *const *, int64_t, int64_t,
-                            const int32_t *, float *);
+                            const int32_t *, const nh_epi_t *);
 #if defined(__AVX512F__)
 NHWC_KERNEL(nh_i4, NH_MR4, 4, 1)
 NHWC_KERNEL(nh_d4, NH_MR4, 4, 0)
@@ -1391,37 +1502,6 @@ typedef struct {
     int64_t C, cout, kh, kw, sh, sw, ph, pw, dh, dw, nv;
 } ispc_nhwc_layer_t;
 
-/* lanes [0, n) of v (+ bias, residual, clamp) to dst: the epilogue of one output vector */
-static inline void nh_store(float *dst, vf v, const float *bias, const float *res, int n, float lo,
-                            float hi, int clamp) {
-#if defined(__AVX512F__)
-    if (n >= VW) {  /* a masked store measured 8x slower than a plain one into uncached lines */
-        v += ld(bias);
-        if (res) v += ld(res);
-        st(dst, clamp ? clampv(v, lo, hi) : v);
-        return;
-    }
-    const __mmask16 m = (__mmask16)((1u << n) - 1u);
-    v += (vf)_mm512_maskz_loadu_ps(m, bias);
-    if (res) v += (vf)_mm512_maskz_loadu_ps(m, res);
-    if (clamp) v = clampv(v, lo, hi);
-    _mm512_mask_storeu_ps(dst, m, (__m512)v);
-#else
-    if (n >= VW) {
-        v += ld(bias);
-        if (res) v += ld(res);
-        st(dst, clamp ? clampv(v, lo, hi) : v);
-        return;
-    }
-    float t[VW];
-    st(t, v);
-    for (int l = 0; l < n; l++) {
-        float u = t[l] + bias[l] + (res ? res[l] : 0.0f);
-        dst[l] = clamp ? (u < lo ? lo : u > hi ? hi : u) : u;
-    }
-#endif
-}
-
 /* saliency blocks of positions: float sums per block, added into doubles in block order (the same
  * sums for any thread count) */
 #define NH_SAL_BLOCK 64
@@ -1431,8 +1511,17 @@ static inline void nh_store(float *dst, vf v, const float *bias, const float *re
  * part: N * ceil(HW / NH_SAL_BLOCK) * C floats; s: N * C floats; tmp: N * C floats + N * C int64. */
 static void nh_select(const float *x, int64_t N, int64_t HW, int64_t C, const float *scale,
                       int64_t saliency, int64_t mode, float threshold, int64_t k, int32_t *ix,
-                      int64_t *counts, float *part, float *s, float *tmp) {
+                      int64_t *counts, float *part, float *s, float *tmp, const float *xsums) {
     const int64_t nb = (HW + NH_SAL_BLOCK - 1) / NH_SAL_BLOCK, nv = C / VW;
+    const double hw = HW > 0 ? (double)HW : 1.0;
+    if (xsums) {  /* the input's sums from the layer that wrote it: no pass over x */
+        #pragma omp for schedule(static)
+        for (int64_t nc = 0; nc < N * C; nc++) {
+            const double a = (double)xsums[nc];
+            s[nc] = (float)(saliency == SAL_L2 ? __builtin_sqrt(a / hw) : a / hw) * scale[nc % C];
+        }
+        goto select;
+    }
     #pragma omp for collapse(2) schedule(static)
     for (int64_t n = 0; n < N; n++)
         for (int64_t b = 0; b < nb; b++) {
@@ -1454,7 +1543,6 @@ static void nh_select(const float *x, int64_t N, int64_t HW, int64_t C, const fl
                 }
             }
         }
-    const double hw = HW > 0 ? (double)HW : 1.0;
     const int64_t cblocks = (C + 63) / 64;  /* the block sums, in block order, 64 channels a task */
     #pragma omp for collapse(2) schedule(static)
     for (int64_t n = 0; n < N; n++)
@@ -1464,6 +1552,7 @@ static void nh_select(const float *x, int64_t N, int64_t HW, int64_t C, const fl
                 for (int64_t b = 0; b < nb; b++) a += (double)part[(n * nb + b) * C + c];
                 s[n * C + c] = (float)(saliency == SAL_L2 ? __builtin_sqrt(a / hw) : a / hw) * scale[c];
             }
+select:;
     int64_t *idx = (int64_t *)(tmp + N * C);
     #pragma omp for schedule(static)
     for (int64_t n = 0; n < N; n++) {
@@ -1481,6 +1570,15 @@ typedef struct {
  * writes all of a group's channels of its positions at once (one pass over the output rows where
  * a group per block wrote each row in several strided passes: 1x1 64->256 at 56x56, its output
  * beyond L2, 1.6x faster), the group's weights staying in L2 across tiles */
+/* dense tiles through the indirect kernel, on indices 0, 1, 2, ...: GCC spills the direct
+ * kernel's weight pointer (7x4 on AVX-512) */
+#ifndef NH_DENSE_INDIRECT
+#if defined(__AVX512F__)  /* 2-5% faster on ResNet/VGG layers; AVX2: 3-5% slower */
+#define NH_DENSE_INDIRECT 1
+#else
+#define NH_DENSE_INDIRECT 0
+#endif
+#endif
 #ifndef NHWC_GROUP_BYTES
 #define NHWC_GROUP_BYTES (512 << 10)
 #endif
@@ -1492,8 +1590,14 @@ typedef struct {
  * group's channels of its positions at once. Ends with a barrier. */
 static void nh_conv(const nh_geom_t *g, const ispc_nhwc_layer_t *L, const float *x, const int32_t *ix,
                     const int64_t *counts, float *out, const float *res, float lo, float hi,
-                    int clamp, const float *zeros) {
+                    int clamp, const float *zeros, const int32_t *iota, double *ysums, int ykind) {
     const int64_t T = g->T, mr = g->mr, nr = g->nr, C = g->C, HoWo = g->Ho * g->Wo;
+    const int64_t cs = g->cob * nr;  /* a row of output sums */
+    double *yrow = 0;  /* this thread's rows of output sums, zeroed here: only it writes them */
+    if (ysums) {
+        yrow = ysums + (int64_t)omp_get_thread_num() * g->N * cs;
+        memset(yrow, 0, sizeof(double) * g->N * cs);
+    }
     const int64_t HWC = g->H * g->W * C;
     const nh_kernel_t kind = nh_kernel(g->nv, 1), kdir = nh_kernel(g->nv, 0);
     int64_t G = NHWC_GROUP_BYTES / (T * C * nr * (int64_t)sizeof(float) + 1);
@@ -1503,7 +1607,6 @@ static void nh_conv(const nh_geom_t *g, const ispc_nhwc_layer_t *L, const float 
     const float *ptab[T * NH_MAXMR];
     const float *wseg[T];
     int64_t woff[T];
-    float tile[NH_MAXMR * NH_MAXNV * VW] __attribute__((aligned(64)));
     #pragma omp for collapse(3) schedule(static)
     for (int64_t cg = 0; cg < groups; cg++)
             for (int64_t n = 0; n < g->N; n++)
@@ -1514,11 +1617,12 @@ static void nh_conv(const nh_geom_t *g, const ispc_nhwc_layer_t *L, const float 
                     const int64_t p0 = tl * mr;
                     int64_t ih0[NH_MAXMR], iw0[NH_MAXMR];
                     int cols_inside = 1;
-                    for (int64_t i = 0; i < mr; i++) {
-                        const int64_t p = p0 + i < HoWo ? p0 + i : -1;
-                        if (p < 0) { ih0[i] = -1 << 30; iw0[i] = 0; continue; }  /* past the end */
-                        ih0[i] = (p / g->Wo) * g->sh - g->ph;
-                        iw0[i] = (p % g->Wo) * g->sw - g->pw;
+                    int64_t oh = p0 / g->Wo, ow = p0 % g->Wo;  /* one division a tile */
+                    for (int64_t i = 0; i < mr; i++, ow++) {
+                        if (ow == g->Wo) { oh++; ow = 0; }
+                        if (p0 + i >= HoWo) { ih0[i] = -1 << 30; iw0[i] = 0; continue; }  /* past the end */
+                        ih0[i] = oh * g->sh - g->ph;
+                        iw0[i] = ow * g->sw - g->pw;
                         cols_inside &= iw0[i] >= 0 && iw0[i] + (g->kw - 1) * g->dw < g->W;
                     }
                     /* the segments: position pointers and each one's weight offset in a block */
@@ -1553,17 +1657,17 @@ static void nh_conv(const nh_geom_t *g, const ispc_nhwc_layer_t *L, const float 
                     for (int64_t cb = cg * G; cb < cb1; cb++) {
                         const float *wb = L->wpack + cb * T * C * nr;
                         for (int64_t s = 0; s < nseg; s++) wseg[s] = wb + woff[s];
-                        (dense ? kdir : kind)(ptab, wseg, K ? nseg : 0, len, ix + n * C, tile);
+                        const int64_t o = (n * HoWo + p0) * g->cout + cb * nr;
                         const int64_t lanes = g->cout - cb * nr < nr ? g->cout - cb * nr : nr;
-                        for (int64_t i = 0; i < mr && p0 + i < HoWo; i++) {
-                            const int64_t o = ((n * HoWo) + p0 + i) * g->cout + cb * nr;
-                            for (int64_t j = 0; j * VW < lanes; j++) {
-                                const int64_t nl = lanes - j * VW;
-                                nh_store(out + o + j * VW, ld(tile + i * nr + j * VW),
-                                         L->bias + cb * nr + j * VW, res ? res + o + j * VW : 0,
-                                         nl < VW ? (int)nl : VW, lo, hi, clamp);
-                            }
-                        }
+                        const nh_epi_t e = {out + o, res ? res + o : 0, L->bias + cb * nr, g->cout,
+                                            (int)(HoWo - p0 < mr ? HoWo - p0 : mr), (int)lanes, clamp,
+                                            ykind, lo, hi, yrow ? yrow + n * cs + cb * nr : 0};
+#if NH_DENSE_INDIRECT
+                        (void)kdir;
+                        kind(ptab, wseg, K ? nseg : 0, len, dense ? iota : ix + n * C, &e);
+#else
+                        (dense ? kdir : kind)(ptab, wseg, K ? nseg : 0, len, ix + n * C, &e);
+#endif
                     }
                 }
 }
@@ -1588,52 +1692,68 @@ static void nh_geometry(nh_geom_t *g, const ispc_nhwc_layer_t *L, int64_t N, int
 
 /* Workspace (floats) of ispc_conv_nhwc for a batch of N on H x W inputs. */
 int64_t ispc_conv_nhwc_workspace(const ispc_nhwc_layer_t *L, int64_t N, int64_t H, int64_t W,
-                                 int64_t mode) {
-    const int64_t C = L->C, nb = (H * W + NH_SAL_BLOCK - 1) / NH_SAL_BLOCK;
-    const int64_t zeros = (L->kw * C + 15) / 16 * 16;
-    if (mode == NHWC_DENSE) return zeros + 64;
-    /* zeros, int32 indices, counts, saliencies, scratch (floats and int64), block sums */
-    return zeros + (N * C + 15) / 16 * 16 + 2 * N + N * C + 3 * N * C + N * nb * C + 64;
+                                 int64_t mode, const ispc_sums_t *sums, int64_t threads) {
+    const int64_t C = L->C, nb = (H * W + NH_SAL_BLOCK - 1) / NH_SAL_BLOCK, nr = L->nv * VW;
+    /* zeros and as many int32 0, 1, 2, ...; each thread's output sums (doubles) */
+    const int64_t fixed = 2 * ((L->kw * C + 15) / 16 * 16)
+                          + (sums && sums->out ? 2 * threads * N * ((L->cout + nr - 1) / nr * nr) : 0);
+    if (mode == NHWC_DENSE) return fixed + 64;
+    /* int32 indices, counts, saliencies, scratch (floats and int64), block sums */
+    return fixed + (N * C + 15) / 16 * 16 + 2 * N + N * C + 3 * N * C
+           + (sums && sums->in ? 0 : N * nb * C) + 64;
 }
 
 /* The layer on x (N, H, W, C) float32 channels-last: out (N, Ho, Wo, cout) = clamp(conv(x masked
  * to each instance's kept channels) + bias + res, lo, hi), res (NULL: none) of the output's shape.
  * mode: MODE_TOPK (k channels), MODE_THRESHOLD (saliency >= threshold) or NHWC_DENSE (all).
- * counts (N,) receives each instance's kept count (NULL: not wanted). Returns 0, or the workspace
- * (floats) it needs when ws_floats is smaller (nothing computed). */
+ * counts (N,) receives each instance's kept count (NULL: not wanted); sums (NULL: none) the
+ * input's saliency sums and/or where the output's go. Returns 0, or the workspace (floats) it
+ * needs when ws_floats is smaller (nothing computed). */
 int64_t ispc_conv_nhwc(const ispc_nhwc_layer_t *L, const float *x, int64_t N, int64_t H, int64_t W,
                        const float *scale, int64_t saliency, int64_t mode, float threshold, int64_t k,
-                       int64_t *counts, float *out, const float *res, float lo, float hi, float *ws,
-                       int64_t ws_floats, int64_t threads) {
-    const int64_t need = ispc_conv_nhwc_workspace(L, N, H, W, mode);
+                       int64_t *counts, float *out, const float *res, float lo, float hi,
+                       const ispc_sums_t *sums, float *ws, int64_t ws_floats, int64_t threads) {
+    const int64_t need = ispc_conv_nhwc_workspace(L, N, H, W, mode, sums, threads);
     if (need > ws_floats) return need;
     nh_geom_t g;
     nh_geometry(&g, L, N, H, W);
-    const int64_t C = L->C, HW = H * W, out_n = g.Ho * g.Wo * L->cout;
+    const int64_t C = L->C, HW = H * W, out_n = g.Ho * g.Wo * L->cout, cs = g.cob * g.nr;
     const int clamp = lo > -__builtin_inff() || hi < __builtin_inff();
     float *zeros = ws;
-    const int64_t nz = (L->kw * C + 15) / 16 * 16;
+    int64_t nz = (L->kw * C + 15) / 16 * 16;
     memset(zeros, 0, sizeof(float) * nz);
+    int32_t *iota = (int32_t *)(ws + nz);
+    for (int64_t i = 0; i < nz; i++) iota[i] = (int32_t)i;
+    nz *= 2;
+    double *ysums = sums && sums->out ? (double *)(ws + nz) : 0;
+    const int ykind = sums ? (int)sums->out_kind : SAL_L2;
+    if (ysums) nz += 2 * threads * N * cs;
     if (mode == NHWC_DENSE) {
         #pragma omp parallel num_threads(threads)
-        nh_conv(&g, L, x, 0, 0, out, res, lo, hi, clamp, zeros);
+        {
+            nh_conv(&g, L, x, 0, 0, out, res, lo, hi, clamp, zeros, iota, ysums, ykind);
+            if (ysums) reduce_sums(ysums, omp_get_num_threads(), N, L->cout, cs, sums->out);
+        }
         return 0;
     }
     int32_t *ix = (int32_t *)(ws + nz);
     int64_t *cnt = (int64_t *)(ws + nz + (N * C + 15) / 16 * 16);
     float *s = (float *)(cnt + N), *tmp = s + N * C, *part = tmp + 3 * N * C;
+    const float *xsums = sums ? sums->in : 0;
     const int64_t per = HW * C * (int64_t)sizeof(float);
-    int64_t nb = per > 0 ? NHWC_CHUNK_BYTES / per : N;
+    /* with the input's sums given, no pass over the input: the whole batch at once */
+    int64_t nb = per > 0 && !xsums ? NHWC_CHUNK_BYTES / per : N;
     nb = nb < 1 ? 1 : nb > N ? N : nb;
     #pragma omp parallel num_threads(threads)
     for (int64_t n0 = 0; n0 < N; n0 += nb) {
         const int64_t m = n0 + nb < N ? nb : N - n0;
         nh_select(x + n0 * HW * C, m, HW, C, scale, saliency, mode, threshold, k, ix, cnt, part, s,
-                  tmp);
+                  tmp, xsums ? xsums + n0 * C : 0);
         nh_geom_t gc = g;
         gc.N = m;
         nh_conv(&gc, L, x + n0 * HW * C, ix, cnt, out + n0 * out_n, res ? res + n0 * out_n : 0, lo,
-                hi, clamp, zeros);
+                hi, clamp, zeros, iota, ysums, ykind);
+        if (ysums) reduce_sums(ysums, omp_get_num_threads(), m, L->cout, cs, sums->out + n0 * L->cout);
         #pragma omp single nowait
         if (counts)
             for (int64_t i = 0; i < m; i++) counts[n0 + i] = cnt[i];
@@ -1649,9 +1769,10 @@ int64_t ispc_conv_nhwc(const ispc_nhwc_layer_t *L, const float *x, int64_t N, in
 #define DW_MR 4
 
 /* positions [ow0, ow0 + m) of one row, VW channels c0.. (nl < VW: the last, partial block) */
-static inline void dw_block(const float *const rows[3], int64_t W, int64_t C, int64_t c0, int nl,
-                            int64_t ow0, int64_t m, int64_t s, int64_t p, const vf wv[9], vf bv,
-                            float *orow, const float *rrow, float lo, float hi, int clamp, int checked) {
+static inline vf dw_block(const float *const rows[3], int64_t W, int64_t C, int64_t c0, int nl,
+                          int64_t ow0, int64_t m, int64_t s, int64_t p, const vf wv[9], vf bv,
+                          float *orow, const float *rrow, float lo, float hi, int clamp, int checked,
+                          int ykind) {
 #if defined(__AVX512F__)
     const __mmask16 mk = nl >= VW ? (__mmask16)0xffff : (__mmask16)((1u << nl) - 1u);
 #endif
@@ -1674,6 +1795,7 @@ static inline void dw_block(const float *const rows[3], int64_t W, int64_t C, in
                 acc[i] += v * wv[r * 3 + q];
             }
     }
+    vf sq = {0};  /* the output's saliency terms (ykind >= 0), masked lanes zero */
     for (int64_t i = 0; i < m; i++) {
         float *d = orow + (ow0 + i) * C + c0;
         const float *rs = rrow ? rrow + (ow0 + i) * C + c0 : 0;
@@ -1681,62 +1803,86 @@ static inline void dw_block(const float *const rows[3], int64_t W, int64_t C, in
 #if defined(__AVX512F__)
         if (nl >= VW) {
             if (rs) v += ld(rs);
-            st(d, clamp ? clampv(v, lo, hi) : v);
+            v = clamp ? clampv(v, lo, hi) : v;
+            st(d, v);
         } else {
             if (rs) v += (vf)_mm512_maskz_loadu_ps(mk, rs);
-            _mm512_mask_storeu_ps(d, mk, (__m512)(clamp ? clampv(v, lo, hi) : v));
+            v = (vf)_mm512_maskz_mov_ps(mk, (__m512)(clamp ? clampv(v, lo, hi) : v));
+            _mm512_mask_storeu_ps(d, mk, (__m512)v);
         }
 #else
         float t[VW];
         st(t, v);
-        for (int l = 0; l < nl; l++) {
-            float u = t[l] + (rs ? rs[l] : 0.0f);
-            d[l] = clamp ? (u < lo ? lo : u > hi ? hi : u) : u;
+        for (int l = 0; l < VW; l++) {
+            float u = l < nl ? t[l] + (rs ? rs[l] : 0.0f) : 0.0f;
+            t[l] = clamp && l < nl ? (u < lo ? lo : u > hi ? hi : u) : u;
+            if (l < nl) d[l] = t[l];
         }
+        v = ld(t);
 #endif
+        if (ykind >= 0) sq += sum_term(v, ykind);
     }
+    return sq;
 }
 
 /* The depthwise layer on x (N, H, W, C) channels-last -> out (N, Ho, Wo, C); res (NULL: none) of
- * the output's shape. Threads split the output rows of the batch. */
-void ispc_dwconv3x3_nhwc(const float *x, int64_t N, int64_t H, int64_t W, int64_t C, const float *w,
-                         const float *bias, int64_t s, int64_t p, float *out, const float *res,
-                         float lo, float hi, int64_t threads) {
+ * the output's shape; sums (NULL: none): sums->out receives the output's saliency sums (sums->in
+ * is not read). Threads split the output rows of the batch. Returns 0, or the workspace (floats) it
+ * needs when ws_floats is smaller (nothing computed). */
+int64_t ispc_dwconv3x3_nhwc(const float *x, int64_t N, int64_t H, int64_t W, int64_t C, const float *w,
+                            const float *bias, int64_t s, int64_t p, float *out, const float *res,
+                            float lo, float hi, const ispc_sums_t *sums, float *ws, int64_t ws_floats,
+                            int64_t threads) {
+    const int64_t need = sums && sums->out ? 2 * threads * N * C + 64 : 0;
+    if (need > ws_floats) return need;
     const int64_t Ho = conv_out(H, 3, s, p, 1), Wo = conv_out(W, 3, s, p, 1);
     const int clamp = lo > -__builtin_inff() || hi < __builtin_inff();
+    const int ykind = sums && sums->out ? (int)sums->out_kind : -1;
+    double *ysums = ykind >= 0 ? (double *)ws : 0;
     /* output columns whose taps are all inside the row: [a, b) */
     int64_t a = (p + s - 1) / s, b = W - 3 + p >= 0 ? (W - 3 + p) / s + 1 : 0;
     a = a > Wo ? Wo : a;
     b = b < a ? a : b > Wo ? Wo : b;
-    #pragma omp parallel for collapse(2) num_threads(threads) schedule(static) \
-        if (N * Ho * Wo * C >= (1 << 14))
-    for (int64_t n = 0; n < N; n++)
-        for (int64_t oh = 0; oh < Ho; oh++) {
-            const float *rows[3];
-            for (int r = 0; r < 3; r++) {
-                const int64_t ih = oh * s - p + r;
-                rows[r] = ih >= 0 && ih < H ? x + (n * H + ih) * W * C : 0;
-            }
-            float *orow = out + (n * Ho + oh) * Wo * C;
-            const float *rrow = res ? res + (n * Ho + oh) * Wo * C : 0;
-            for (int64_t c0 = 0; c0 < C; c0 += VW) {
-                const int nl = C - c0 < VW ? (int)(C - c0) : VW;
-                vf wv[9], bv;
-                for (int t = 0; t < 9; t++) {
-                    if (nl >= VW) wv[t] = ld(w + t * C + c0);
-                    else { wv[t] = (vf){0}; memcpy(&wv[t], w + t * C + c0, sizeof(float) * nl); }
+    #pragma omp parallel num_threads(threads) if (ysums || N * Ho * Wo * C >= (1 << 14))
+    {
+        double *yrow = ysums ? ysums + (int64_t)omp_get_thread_num() * N * C : 0;
+        if (yrow) memset(yrow, 0, sizeof(double) * N * C);
+        #pragma omp for collapse(2) schedule(static)
+        for (int64_t n = 0; n < N; n++)
+            for (int64_t oh = 0; oh < Ho; oh++) {
+                const float *rows[3];
+                for (int r = 0; r < 3; r++) {
+                    const int64_t ih = oh * s - p + r;
+                    rows[r] = ih >= 0 && ih < H ? x + (n * H + ih) * W * C : 0;
                 }
-                if (nl >= VW) bv = ld(bias + c0);
-                else { bv = (vf){0}; memcpy(&bv, bias + c0, sizeof(float) * nl); }
-                for (int64_t ow = 0; ow < a; ow++)
-                    dw_block(rows, W, C, c0, nl, ow, 1, s, p, wv, bv, orow, rrow, lo, hi, clamp, 1);
-                int64_t ow = a;
-                for (; ow + DW_MR <= b; ow += DW_MR)
-                    dw_block(rows, W, C, c0, nl, ow, DW_MR, s, p, wv, bv, orow, rrow, lo, hi, clamp, 0);
-                for (; ow < b; ow++)
-                    dw_block(rows, W, C, c0, nl, ow, 1, s, p, wv, bv, orow, rrow, lo, hi, clamp, 0);
-                for (ow = b; ow < Wo; ow++)
-                    dw_block(rows, W, C, c0, nl, ow, 1, s, p, wv, bv, orow, rrow, lo, hi, clamp, 1);
+                float *orow = out + (n * Ho + oh) * Wo * C;
+                const float *rrow = res ? res + (n * Ho + oh) * Wo * C : 0;
+                for (int64_t c0 = 0; c0 < C; c0 += VW) {
+                    const int nl = C - c0 < VW ? (int)(C - c0) : VW;
+                    vf wv[9], bv, sq = {0};
+                    for (int t = 0; t < 9; t++) {
+                        if (nl >= VW) wv[t] = ld(w + t * C + c0);
+                        else { wv[t] = (vf){0}; memcpy(&wv[t], w + t * C + c0, sizeof(float) * nl); }
+                    }
+                    if (nl >= VW) bv = ld(bias + c0);
+                    else { bv = (vf){0}; memcpy(&bv, bias + c0, sizeof(float) * nl); }
+                    for (int64_t ow = 0; ow < a; ow++)
+                        sq += dw_block(rows, W, C, c0, nl, ow, 1, s, p, wv, bv, orow, rrow, lo, hi, clamp,
+                                       1, ykind);
+                    int64_t ow = a;
+                    for (; ow + DW_MR <= b; ow += DW_MR)
+                        sq += dw_block(rows, W, C, c0, nl, ow, DW_MR, s, p, wv, bv, orow, rrow, lo, hi,
+                                       clamp, 0, ykind);
+                    for (; ow < b; ow++)
+                        sq += dw_block(rows, W, C, c0, nl, ow, 1, s, p, wv, bv, orow, rrow, lo, hi, clamp,
+                                       0, ykind);
+                    for (ow = b; ow < Wo; ow++)
+                        sq += dw_block(rows, W, C, c0, nl, ow, 1, s, p, wv, bv, orow, rrow, lo, hi, clamp,
+                                       1, ykind);
+                    if (yrow) add_lanes(yrow + n * C + c0, sq, nl);
+                }
             }
-        }
+        if (ysums) reduce_sums(ysums, omp_get_num_threads(), N, C, C, sums->out);
+    }
+    return 0;
 }

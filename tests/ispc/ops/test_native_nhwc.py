@@ -312,3 +312,55 @@ def test_tile_choice_prefers_less_waste():
     for cout in (16, 24, 96, 160, 320):
         nv = lib.ispc_nhwc_vectors(cout, 0)
         assert 1 <= nv <= top and math.ceil(cout / (nv * lanes)) * nv * lanes < 2 * cout
+
+
+def _sums(t: torch.Tensor, kind: int) -> torch.Tensor:
+    return (t * t if kind == gc.SALIENCY_L2 else t.abs()).double().sum((2, 3)).float()
+
+
+@pytest.mark.parametrize("kind", [gc.SALIENCY_L2, gc.SALIENCY_L1])
+def test_saliency_sums_handed_between_layers(kind):
+    # a producer's epilogue computes its output's saliency sums (dense, gated and depthwise, the
+    # clamp and residual applied first); a gated consumer given them selects as from the map
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(3, 24, 12, 12, generator=g).relu() * torch.rand(3, 24, 1, 1, generator=g)
+    w1, b1 = torch.randn(40, 24, 3, 3, generator=g), torch.randn(40, generator=g)
+    w2, b2 = torch.randn(16, 40, 1, 1, generator=g), torch.randn(16, generator=g)
+    scale = torch.rand(24, generator=g) + 0.5
+    producer, consumer = native.NhwcConv(w1, b1, 1, 1), native.NhwcConv(w2, b2)
+    r = _nhwc(torch.randn(3, 40, 12, 12, generator=g))
+    for mode, k in [(native.DENSE, 0), (gc.TOPK, 10)]:
+        sums = torch.full((3, 40), float("nan"))
+        y = producer(_nhwc(x), mode, scale=scale, k=k, residual=r, clamp=native.RELU6, out_sums=sums,
+                     out_sums_kind=kind)
+        assert rel_err(sums, _sums(y, kind)) <= 1e-5, mode
+        s2 = torch.ones(40)
+        for m2, thr, k2 in [(gc.TOPK, 0.0, 17), (gc.THRESHOLD,
+                                                  threshold_between(gc.channel_saliency(y, s2, kind), .5), 0)]:
+            c1, c2 = torch.empty(3, dtype=torch.int64), torch.empty(3, dtype=torch.int64)
+            plain = consumer(y, m2, scale=s2, threshold=thr, k=k2, saliency=kind, counts=c1)
+            given = consumer(y, m2, scale=s2, threshold=thr, k=k2, saliency=kind, counts=c2,
+                             x_sums=sums)
+            assert torch.equal(c1, c2) and torch.equal(plain, given), (mode, m2)
+    dw = native.DepthwiseConv3x3(torch.randn(24, 1, 3, 3, generator=g), torch.randn(24, generator=g), 2)
+    sums = torch.empty(3, 24)
+    y = dw(_nhwc(x), clamp=native.RELU6, out_sums=sums, out_sums_kind=kind)
+    assert rel_err(sums, _sums(y, kind)) <= 1e-5
+
+
+def test_saliency_sums_in_chunks_and_refused_shapes(monkeypatch):
+    lib = native._build(("-DNHWC_CHUNK_BYTES=1", "-DNHWC_GROUP_BYTES=1"))
+    g = torch.Generator().manual_seed(9)
+    x = _nhwc(torch.randn(3, 20, 8, 8, generator=g))
+    w = torch.randn(50, 20, 3, 3, generator=g)
+    monkeypatch.setattr(native, "_lib", lib)
+    layer = native.NhwcConv(w, None, 1, 1)
+    sums = torch.empty(3, 50)
+    y = layer(x, gc.TOPK, scale=torch.ones(20), k=9, out_sums=sums)
+    assert rel_err(sums, _sums(y, gc.SALIENCY_L2)) <= 1e-5
+    with pytest.raises(DataError, match="out_sums"):
+        layer(x, out_sums=torch.empty(3, 49))
+    with pytest.raises(DataError, match="x_sums"):
+        layer(x, gc.TOPK, scale=torch.ones(20), k=9, x_sums=torch.empty(20))
+    with pytest.raises(ConfigError, match="saliency code"):
+        layer(x, out_sums=sums, out_sums_kind=3)
