@@ -15,9 +15,10 @@ at each batch size, it times, interleaved in one process (warm-up, rotation, med
   input (``x_sums``: no pass over the input of its own), and ``dense_sums``, the dense layer
   computing its own output's sums in its epilogue (what that costs a producer: ``sums_overhead``).
 
-and, unless ``--no-ort``, ONNX Runtime on a one-Conv model of the layer (Conv + activation + Add),
-in a process of its own (thread pools of two runtimes in one process slow each other; not
-interleaved with the others; its time includes ORT's layout reorders at the model's edges).
+and, unless ``--no-ort``, ONNX Runtime on a one-Conv model of the layer (Conv + Add + activation),
+in a process of its own (thread pools of two runtimes in one process slow each other), half its
+rounds just before and half just after the others' on each layer (its time includes ORT's layout
+reorders at the model's edges).
 
 efficiency = (best dense time / gated time) / (dense MACs / executed MACs): the gated kernel's
 throughput per executed MAC relative to the fastest dense library on that layer (1.0: it skips
@@ -167,76 +168,110 @@ def cpu_record() -> dict:
 # ---- ONNX Runtime, in a worker process of its own -------------------------------------------
 
 
-def ort_worker(spec: dict) -> dict:
-    """Time each layer's one-Conv ONNX model in ONNX Runtime; returns {layer name: timing}."""
+def ort_model(layer: Layer, batch: int, rng):
+    """The layer as a one-Conv ONNX model (Conv, then Add of a residual input, then the
+    activation) and its inputs."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    cpg = layer.cin // layer.groups
+    w = rng.standard_normal((layer.cout, cpg, layer.kernel, layer.kernel), dtype=np.float32)
+    b = rng.standard_normal(layer.cout, dtype=np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["y0"], group=layer.groups,
+                              kernel_shape=[layer.kernel] * 2, strides=[layer.stride] * 2,
+                              pads=[layer.padding] * 4)]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                            [batch, layer.cin, layer.hw, layer.hw])]
+    cur, ho = "y0", layer.out_hw
+    if layer.residual:
+        nodes.append(helper.make_node("Add", [cur, "r"], ["y1"]))
+        inputs.append(helper.make_tensor_value_info("r", TensorProto.FLOAT, [batch, layer.cout, ho, ho]))
+        cur = "y1"
+    inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")]
+    if layer.act == "relu":
+        nodes.append(helper.make_node("Relu", [cur], ["y"]))
+    elif layer.act == "relu6":
+        inits += [numpy_helper.from_array(np.array(0, np.float32), "lo"),
+                  numpy_helper.from_array(np.array(6, np.float32), "hi")]
+        nodes.append(helper.make_node("Clip", [cur, "lo", "hi"], ["y"]))
+    else:
+        nodes.append(helper.make_node("Identity", [cur], ["y"]))
+    graph = helper.make_graph(nodes, "layer", inputs,
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    feeds = {"x": np.maximum(rng.standard_normal((batch, layer.cin, layer.hw, layer.hw),
+                                                 dtype=np.float32), 0)}
+    if layer.residual:
+        feeds["r"] = rng.standard_normal((batch, layer.cout, ho, ho), dtype=np.float32)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), feeds
+
+
+def ort_worker() -> int:
+    """Serve timing requests, one JSON line each on stdin: {"layer", "batch", "threads", "warmup"
+    (a new layer: build and warm up its session), "rounds"} -> {"times_ms"} on stdout."""
     import time
 
     import numpy as np
-    import onnx
     import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)
-    out = {"version": ort.__version__, "layers": {}}
-    for entry in spec["layers"]:
-        layer, batch = Layer(**entry["layer"]), entry["batch"]
-        cpg = layer.cin // layer.groups
-        w = rng.standard_normal((layer.cout, cpg, layer.kernel, layer.kernel), dtype=np.float32)
-        b = rng.standard_normal(layer.cout, dtype=np.float32)
-        nodes = [helper.make_node("Conv", ["x", "w", "b"], ["y0"], group=layer.groups,
-                                  kernel_shape=[layer.kernel] * 2, strides=[layer.stride] * 2,
-                                  pads=[layer.padding] * 4)]
-        inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT,
-                                                [batch, layer.cin, layer.hw, layer.hw])]
-        cur = "y0"
-        ho = layer.out_hw
-        if layer.residual:
-            nodes.append(helper.make_node("Add", [cur, "r"], ["y1"]))
-            inputs.append(helper.make_tensor_value_info("r", TensorProto.FLOAT,
-                                                        [batch, layer.cout, ho, ho]))
-            cur = "y1"
-        inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")]
-        if layer.act == "relu":
-            nodes.append(helper.make_node("Relu", [cur], ["y"]))
-        elif layer.act == "relu6":
-            inits += [numpy_helper.from_array(np.array(0, np.float32), "lo"),
-                      numpy_helper.from_array(np.array(6, np.float32), "hi")]
-            nodes.append(helper.make_node("Clip", [cur, "lo", "hi"], ["y"]))
-        else:
-            nodes.append(helper.make_node("Identity", [cur], ["y"]))
-        graph = helper.make_graph(nodes, "layer", inputs,
-                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = spec["threads"]
-        opts.inter_op_num_threads = 1
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-        feeds = {"x": np.maximum(rng.standard_normal((batch, layer.cin, layer.hw, layer.hw),
-                                                     dtype=np.float32), 0)}
-        if layer.residual:
-            feeds["r"] = rng.standard_normal((batch, layer.cout, ho, ho), dtype=np.float32)
-        for _ in range(spec["warmup"]):
-            sess.run(None, feeds)
+    sess = feeds = key = None
+    print(json.dumps({"version": ort.__version__}), flush=True)
+    for line in sys.stdin:
+        req = json.loads(line)
+        if (req["batch"], req["layer"]) != key:
+            key = (req["batch"], req["layer"])
+            model, feeds = ort_model(Layer(**req["layer"]), req["batch"], rng)
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads = req["threads"]
+            opts.inter_op_num_threads = 1
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            sess = ort.InferenceSession(model.SerializeToString(), opts,
+                                        providers=["CPUExecutionProvider"])
+            for _ in range(req["warmup"]):
+                sess.run(None, feeds)
         times = []
-        for _ in range(spec["rounds"]):
+        for _ in range(req["rounds"]):
             t0 = time.perf_counter()
             sess.run(None, feeds)
             times.append((time.perf_counter() - t0) * 1e3)
-        out["layers"][f"{batch}:{layer.name}"] = times
-    return out
+        print(json.dumps({"times_ms": times}), flush=True)
+    return 0
 
 
-def run_ort(layers: list[Layer], batches: list[int], args) -> dict | None:
-    """ort_worker in a fresh process; None (with a note) when ONNX Runtime is not installed."""
-    spec = {"layers": [{"layer": asdict(layer), "batch": b} for b in batches for layer in layers],
-            "threads": args.threads, "warmup": args.warmup, "rounds": args.rounds}
-    res = subprocess.run([sys.executable, __file__, "--ort-worker"], input=json.dumps(spec),
-                         capture_output=True, text=True)
-    if res.returncode != 0:
-        print(f"ONNX Runtime left out: {res.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
-        return None
-    return json.loads(res.stdout)
+class OrtWorker:
+    """ONNX Runtime in a process of its own, timing a layer when asked: called before and after
+    the in-process candidates of each layer, so that its samples and theirs come from the same
+    minutes (the two processes never compute at once; a pause before each switch lets the
+    other's spinning threads go to sleep)."""
+
+    PAUSE_S = 0.05
+
+    def __init__(self, threads: int) -> None:
+        self.threads = threads
+        self.proc = subprocess.Popen([sys.executable, __file__, "--ort-worker"], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        first = self.proc.stdout.readline()
+        if not first:
+            err = self.proc.stderr.read().strip().splitlines()[-1:]
+            raise RuntimeError(f"ONNX Runtime worker failed: {err}")
+        self.version = json.loads(first)["version"]
+
+    def time(self, layer: Layer, batch: int, warmup: int, rounds: int) -> list[float]:
+        import time
+
+        time.sleep(self.PAUSE_S)
+        self.proc.stdin.write(json.dumps({"layer": asdict(layer), "batch": batch, "threads": self.threads,
+                                          "warmup": warmup, "rounds": rounds}) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"ONNX Runtime worker died: {self.proc.stderr.read()[-500:]}")
+        time.sleep(self.PAUSE_S)
+        return json.loads(line)["times_ms"]
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
 
 
 # ---- the in-process candidates ---------------------------------------------------------------
@@ -338,6 +373,24 @@ def with_variants(cands: dict, variants: dict) -> dict:
     return out
 
 
+def busy_fraction(seconds: float = 1.0) -> float:
+    """The fraction of the machine's CPU time others used over ``seconds`` (from /proc/stat; 0.0
+    where it cannot be read): a benchmark taken while something else computes is worthless."""
+    import time
+
+    def read():
+        with open("/proc/stat") as fh:
+            v = [int(u) for u in fh.readline().split()[1:]]
+        return sum(v), v[3] + v[4]  # all, idle + iowait
+    try:
+        a = read()
+        time.sleep(seconds)
+        b = read()
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    return 1.0 - (b[1] - a[1]) / max(b[0] - a[0], 1)
+
+
 def stats(times: list[float]) -> dict:
     import statistics
 
@@ -364,8 +417,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ort-worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.ort_worker:
-        json.dump(ort_worker(json.load(sys.stdin)), sys.stdout)
-        return 0
+        return ort_worker()
     if args.isa == "avx2" and (os.environ.get("ONEDNN_MAX_CPU_ISA") != "AVX2"
                                or "-mno-avx512f" not in os.environ.get("ISPC_NATIVE_FLAGS", "")):
         # both read at load time: start again with them set
@@ -385,12 +437,21 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     torch.set_num_threads(args.threads)
     allocator = retain_freed_memory()
+    busy_start = busy_fraction()
+    if busy_start > 0.1:
+        print(f"warning: the CPUs were {busy_start:.0%} busy before the start: something else is "
+              "computing (timings will be off; run under cpulock when the machine is quiet)",
+              file=sys.stderr)
     layers = [lay for lay in model_layers(args.models.split(","))
               if re.search(args.layers, lay.name)]
     variants = {v: native._build(tuple(os.environ.get("ISPC_NATIVE_FLAGS", "").split() + v.split()))
                 for v in args.variant}
-    use_ort = not args.no_ort and args.isa == "native" and not variants
-    ort = run_ort(layers, args.batch, args) if use_ort else None
+    ort = None
+    if not args.no_ort and args.isa == "native" and not variants:
+        try:
+            ort = OrtWorker(args.threads)
+        except (RuntimeError, OSError) as exc:
+            print(f"ONNX Runtime left out: {exc}", file=sys.stderr)
     results = []
     for batch in args.batch:
         rounds = args.rounds if batch == 1 else max(5, args.rounds // 3)
@@ -398,12 +459,13 @@ def main(argv: list[str] | None = None) -> int:
         for layer in layers:
             cands, frac = candidates(layer, batch, args.keep)
             cands = with_variants(cands, variants)
+            warmup = args.warmup if batch == 1 else 2
+            ort_times = ort.time(layer, batch, warmup, (rounds + 1) // 2) if ort else []
             with torch.no_grad():
-                t = time_interleaved(cands, warmup=args.warmup if batch == 1 else 2, rounds=rounds,
-                                     progress=False)
+                t = time_interleaved(cands, warmup=warmup, rounds=rounds, progress=False)
             times = {name: stats(tm.times_ms) for name, tm in t.items()}
-            ort_times = (ort or {}).get("layers", {}).get(f"{batch}:{layer.name}")
-            if ort_times:
+            if ort:
+                ort_times += ort.time(layer, batch, 0, rounds // 2)
                 times["ort"] = stats(ort_times)
             best = min(("onednn", "ort"), key=lambda n: times[n]["median"] if n in times else 1e30)
             d = times[best]["median"]
@@ -443,17 +505,21 @@ def main(argv: list[str] | None = None) -> int:
     meta = {**cpu_record(), "isa_build": args.isa,
             "onednn_max_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", "(none)"),
             "ispc_native_flags": os.environ.get("ISPC_NATIVE_FLAGS", ""),
-            "torch": torch.__version__, "ort": (ort or {}).get("version"), "threads": args.threads,
-            "keep": args.keep, "allocator": allocator, "rounds": args.rounds, "warmup": args.warmup,
+            "torch": torch.__version__, "ort": ort.version if ort else None, "threads": args.threads,
+            "keep": args.keep, "allocator": allocator,
+            "cpu_busy_before": busy_start, "cpu_busy_after": busy_fraction(), "rounds": args.rounds, "warmup": args.warmup,
             "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
             "date": datetime.datetime.now().isoformat(timespec="seconds"),
-            "note": "oneDNN and ispc interleaved in one process; ORT in its own process afterwards"
-                    " (its time includes its layout reorders at the model's edges)"}
+            "note": "oneDNN and ispc interleaved in one process; ORT in a process of its own, half its"
+                    " rounds just before and half just after the others' on each layer (its time"
+                    " includes its layout reorders at the model's edges)"}
     for key in ("efficiency", "efficiency_sums"):
         effs = [r[key] for r in results if key in r]
         if effs:
             meta[f"{key}_min"] = min(effs)
             meta[f"{key}_below_0.8"] = sum(e < 0.8 for e in effs)
+    if ort:
+        ort.close()
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as fh:

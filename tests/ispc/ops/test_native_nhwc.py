@@ -364,3 +364,31 @@ def test_saliency_sums_in_chunks_and_refused_shapes(monkeypatch):
         layer(x, gc.TOPK, scale=torch.ones(20), k=9, x_sums=torch.empty(20))
     with pytest.raises(ConfigError, match="saliency code"):
         layer(x, out_sums=sums, out_sums_kind=3)
+
+
+@pytest.mark.parametrize("blocked", [True, False])
+def test_blocked_path_geometries(blocked, monkeypatch):
+    # 3x3 layers with at least a vector of channels take the blocked path (kept channels copied
+    # into padded blocks): strides 1 and 2, a last block of kept channels only partly filled, rows
+    # whose last tile overlaps the one before, dilated rows, padding 0-2; and the same layers with
+    # the path turned off (NH_BLOCKED=0), the in-place kernel
+    if not blocked:
+        monkeypatch.setattr(native, "_lib", native._build(("-DNH_BLOCKED=0",)))
+    g = torch.Generator().manual_seed(10)
+    for cin, cout, s, p, dh, h, w in [(40, 50, 1, 1, 1, 20, 23), (33, 20, 2, 1, 1, 19, 31),
+                                      (64, 64, 1, 2, 2, 15, 16), (17, 70, 2, 0, 1, 16, 33)]:
+        x = torch.randn(2, cin, h, w, generator=g).relu() * torch.rand(2, cin, 1, 1, generator=g)
+        wt, b = torch.randn(cout, cin, 3, 3, generator=g), torch.randn(cout, generator=g)
+        scale = torch.ones(cin)
+        thr = threshold_between(gc.channel_saliency(x, scale), 0.6)
+        layer = native.NhwcConv(wt, b, s, p, (dh, 1))
+        for mode, t, k in [(native.DENSE, 0.0, 0), (gc.TOPK, 0.0, cin // 2 + 1), (gc.TOPK, 0.0, cin),
+                           (gc.THRESHOLD, thr, 0)]:
+            ref = _reference(x, wt, b, s, p, (dh, 1), mode, scale, t, k, gc.SALIENCY_L2)
+            r = _nhwc(torch.randn(ref.shape, generator=g))
+            want = _reference(x, wt, b, s, p, (dh, 1), mode, scale, t, k, gc.SALIENCY_L2, r, native.RELU)
+            sums = torch.empty(2, cout)
+            out = layer(_nhwc(x), mode, scale=scale, threshold=t, k=k, residual=r, clamp=native.RELU,
+                        out_sums=sums, out_sums_kind=gc.SALIENCY_L1)
+            _check(out, want, (cin, s, p, dh, mode, k))
+            assert rel_err(sums, _sums(out, gc.SALIENCY_L1)) <= 1e-5
