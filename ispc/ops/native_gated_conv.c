@@ -1684,189 +1684,6 @@ static void nh_conv(const nh_geom_t *g, const ispc_nhwc_layer_t *L, const float 
                 }
 }
 
-/* ---- the blocked path: kept channels compressed into a padded buffer of VW-channel blocks ----
- * For kw = 3, dw = 1, stride 1 or 2 (ResNet's, VGG's and MobileNet's 3x3 layers): each instance's
- * kept channels (every channel when dense) are first copied into B[K / VW][Hp][Wp][VW], Hp x Wp the
- * zero-padded map, a block of VW kept channels one vector per position; then a tile of MR
- * positions along one output row reads every tap of every kept channel at a constant offset from
- * one row pointer (no position pointers, no padding checks). The weights stay where they are,
- * read by each kept channel's index. */
-#ifndef NH_BLOCKED
-#define NH_BLOCKED 1
-#endif
-
-/* acc[i][j] = sum over blocks kb, tap rows r < kh, taps q < 3, lanes kk of
- * B[kb][r * dh][(i * SW + q) * VW + kk] * w[r * 3 + q][ix[kb * VW + kk]][j]: B at the tile's top-left
- * input position, w the block of output channels' packed weights ([T][C][NR]) */
-#define NB_STEP(MR, NV, SW, KK)                                                                  \
-    {                                                                                            \
-        const float *wc = wq + (int64_t)ib[KK] * (NV * VW);                                      \
-        vf wv[NV];                                                                               \
-        for (int j = 0; j < NV; j++) wv[j] = ld(wc + j * VW);                                    \
-        for (int i = 0; i < MR; i++) {                                                           \
-            const float b = row[i * SW * VW + (KK)];                                             \
-            for (int j = 0; j < NV; j++) acc[i][j] += b * wv[j];                                 \
-        }                                                                                        \
-    }
-#define NB_KERNEL(NAME, MR, NV, SW)                                                              \
-static void NAME(const float *B, int64_t K, int64_t plane, int64_t rstep, int64_t kh,            \
-                 const float *w, int64_t wt, const int32_t *ix, const nh_epi_t *e) {             \
-    vf acc[MR][NV];                                                                              \
-    for (int i = 0; i < MR; i++)                                                                 \
-        for (int j = 0; j < NV; j++) acc[i][j] = (vf){0};                                        \
-    for (int64_t kb = 0; kb * VW < K; kb++) {                                                    \
-        const int nk = K - kb * VW < VW ? (int)(K - kb * VW) : VW;  /* the last block: part */   \
-        for (int64_t r = 0; r < kh; r++)                                                         \
-            for (int q = 0; q < 3; q++) {                                                        \
-                const float *row = B + kb * plane + r * rstep + q * VW;                          \
-                const float *wq = w + (r * 3 + q) * wt;                                          \
-                const int32_t *ib = ix + kb * VW;                                                \
-                if (nk == VW) {                                                                  \
-                    _Pragma("GCC unroll 16")                                                     \
-                    for (int kk = 0; kk < VW; kk++) NB_STEP(MR, NV, SW, kk)                      \
-                } else {                                                                         \
-                    for (int kk = 0; kk < nk; kk++) NB_STEP(MR, NV, SW, kk)                      \
-                }                                                                                \
-            }                                                                                    \
-    }                                                                                            \
-    NH_EPILOGUE(MR, NV, acc, e)                                                                  \
-}
-
-typedef void (*nb_kernel_t)(const float *, int64_t, int64_t, int64_t, int64_t, const float *, int64_t,
-                            const int32_t *, const nh_epi_t *);
-#if defined(__AVX512F__)
-NB_KERNEL(nb_4s1, NH_MR4, 4, 1)
-NB_KERNEL(nb_4s2, NH_MR4, 4, 2)
-#endif
-NB_KERNEL(nb_3s1, NH_MR3, 3, 1)
-NB_KERNEL(nb_3s2, NH_MR3, 3, 2)
-NB_KERNEL(nb_2s1, NH_MR2, 2, 1)
-NB_KERNEL(nb_2s2, NH_MR2, 2, 2)
-NB_KERNEL(nb_1s1, NH_MR1, 1, 1)
-NB_KERNEL(nb_1s2, NH_MR1, 1, 2)
-
-static nb_kernel_t nb_kernel(int64_t nv, int64_t sw) {
-    switch (nv) {
-#if defined(__AVX512F__)
-    case 4: return sw == 1 ? nb_4s1 : nb_4s2;
-#endif
-    case 3: return sw == 1 ? nb_3s1 : nb_3s2;
-    case 2: return sw == 1 ? nb_2s1 : nb_2s2;
-    default: return sw == 1 ? nb_1s1 : nb_1s2;
-    }
-}
-
-/* whether a layer takes the blocked path */
-static int nb_takes(const nh_geom_t *g) {
-    return NH_BLOCKED && g->kw == 3 && g->dw == 1 && (g->sw == 1 || g->sw == 2) && g->C >= VW
-           && g->Wo >= g->mr;
-}
-
-/* the padded map's size, and one instance's buffer (floats) for kmax kept channels */
-static int64_t nb_hp(const nh_geom_t *g) { return (g->Ho - 1) * g->sh + (g->kh - 1) * g->dh + 1; }
-static int64_t nb_wp(const nh_geom_t *g) { return (g->Wo - 1) * g->sw + 3; }
-static int64_t nb_per(const nh_geom_t *g, int64_t kmax) {
-    return (kmax + VW - 1) / VW * nb_hp(g) * nb_wp(g) * VW;
-}
-
-/* Copy instance n's kept channels ix[0..K) of x (H, W, C) into its padded blocks B (zeros in the
- * padding and past K): inside a parallel region, threads splitting (instance, padded row). */
-static void nb_compress(const nh_geom_t *g, const float *x, int64_t N, const int32_t *ix,
-                        const int64_t *counts, float *B, int64_t per) {
-    const int64_t Hp = nb_hp(g), Wp = nb_wp(g), C = g->C, HWC = g->H * g->W * C;
-    #pragma omp for collapse(2) schedule(static)
-    for (int64_t n = 0; n < N; n++)
-        for (int64_t rp = 0; rp < Hp; rp++) {
-            const int64_t K = counts ? counts[n] : C, KB = (K + VW - 1) / VW, ih = rp - g->ph;
-            const int32_t *in = counts ? ix + n * C : ix;
-            float *bn = B + n * per;
-            for (int64_t kb = 0; kb < KB; kb++) {
-                float *d = bn + (kb * Hp + rp) * Wp * VW;
-                if (ih < 0 || ih >= g->H) { memset(d, 0, sizeof(float) * Wp * VW); continue; }
-                const int64_t nk = K - kb * VW < VW ? K - kb * VW : VW;
-                const float *xr = x + n * HWC + ih * g->W * C;
-                /* columns [c0, c0 + cw) hold the row, the rest zeros */
-                const int64_t c0 = g->pw < Wp ? g->pw : Wp, cw = g->W < Wp - c0 ? g->W : Wp - c0;
-                memset(d, 0, sizeof(float) * c0 * VW);
-                memset(d + (c0 + cw) * VW, 0, sizeof(float) * (Wp - c0 - cw) * VW);
-#if defined(__AVX512F__)
-                const __mmask16 m = (__mmask16)((1u << nk) - 1u);
-                const __m512i vi_ = _mm512_maskz_loadu_epi32(m, in + kb * VW);
-                const int run = !counts || K == C;  /* dense: the block is VW consecutive channels */
-                for (int64_t c = 0; c < cw; c++) {
-                    const float *src = xr + c * C;
-                    const __m512 v = run ? _mm512_maskz_loadu_ps(m, src + kb * VW)
-                                         : _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, vi_, src, 4);
-                    _mm512_storeu_ps(d + (c0 + c) * VW, v);
-                }
-#else
-                for (int64_t c = 0; c < cw; c++) {
-                    const float *src = xr + c * C;
-                    float *dc = d + (c0 + c) * VW;
-                    for (int64_t l = 0; l < VW; l++) dc[l] = l < nk ? src[in[kb * VW + l]] : 0.0f;
-                }
-#endif
-            }
-        }
-}
-
-/* The convolution of nh_conv through the blocked path: B holds each instance's blocks (nb_compress),
- * ixp (N x C padded to whole blocks, int32) the kept channels with a valid index past K (0: its
- * input is zero). Threads split (group of output-channel blocks, instance, output row, tile). */
-static void nb_conv(const nh_geom_t *g, const ispc_nhwc_layer_t *L, const float *B, int64_t per,
-                    const int32_t *ixp, int64_t ixs, const int64_t *counts, float *out,
-                    const float *res, float lo, float hi, int clamp, double *ysums, int ykind) {
-    const int64_t T = g->T, mr = g->mr, nr = g->nr, C = g->C, HoWo = g->Ho * g->Wo;
-    const int64_t Hp = nb_hp(g), Wp = nb_wp(g), cs = g->cob * nr, tw = (g->Wo + mr - 1) / mr;
-    double *yrow = 0;
-    if (ysums) {
-        yrow = ysums + (int64_t)omp_get_thread_num() * g->N * cs;
-        memset(yrow, 0, sizeof(double) * g->N * cs);
-    }
-    const nb_kernel_t kern = nb_kernel(g->nv, g->sw);
-    int64_t G = NHWC_GROUP_BYTES / (T * C * nr * (int64_t)sizeof(float) + 1);
-    G = G < 1 ? 1 : G > g->cob ? g->cob : G;
-    const int64_t groups = (g->cob + G - 1) / G;
-    G = (g->cob + groups - 1) / groups;
-    #pragma omp for collapse(4) schedule(static)
-    for (int64_t cg = 0; cg < groups; cg++)
-        for (int64_t n = 0; n < g->N; n++)
-            for (int64_t oh = 0; oh < g->Ho; oh++)
-                for (int64_t t = 0; t < tw; t++) {
-                    const int64_t K = counts ? counts[n] : C;
-                    /* the last tile of a row overlaps the one before (its positions computed
-                     * twice: the same values) where mr does not divide the row */
-                    const int64_t ow = t * mr + mr <= g->Wo ? t * mr : g->Wo - mr;
-                    const float *b0 = B + n * per + (oh * g->sh * Wp + ow * g->sw) * VW;
-                    const int64_t cb1 = (cg + 1) * G < g->cob ? (cg + 1) * G : g->cob;
-                    const int64_t p0 = oh * g->Wo + ow;
-                    for (int64_t cb = cg * G; cb < cb1; cb++) {
-                        const int64_t o = (n * HoWo + p0) * g->cout + cb * nr;
-                        const int64_t lanes = g->cout - cb * nr < nr ? g->cout - cb * nr : nr;
-                        /* output sums: the overlapped positions only once */
-                        const int skip = t * mr + mr <= g->Wo ? 0 : (int)(t * mr - ow);
-                        const nh_epi_t e = {out + o, res ? res + o : 0, L->bias + cb * nr, g->cout,
-                                            mr, (int)lanes, clamp, ykind, lo, hi,
-                                            yrow && !skip ? yrow + n * cs + cb * nr : 0};
-                        if (yrow && skip) {  /* whole-tile epilogue without sums, then the new
-                                              * positions' sums from the stored output */
-                            kern(b0, K, Hp * Wp * VW, g->dh * Wp * VW, g->kh,
-                                 L->wpack + cb * T * C * nr, C * nr, ixp + n * ixs, &e);
-                            for (int64_t i = skip; i < mr; i++)
-                                for (int64_t j = 0; j * VW < lanes; j++) {
-                                    const int nl = lanes - j * VW < VW ? (int)(lanes - j * VW) : VW;
-                                    vf v = {0};
-                                    memcpy(&v, out + o + i * g->cout + j * VW, sizeof(float) * nl);
-                                    add_lanes(yrow + n * cs + cb * nr + j * VW, sum_term(v, ykind), nl);
-                                }
-                            continue;
-                        }
-                        kern(b0, K, Hp * Wp * VW, g->dh * Wp * VW, g->kh,
-                             L->wpack + cb * T * C * nr, C * nr, ixp + n * ixs, &e);
-                    }
-                }
-}
-
 static void nh_geometry(nh_geom_t *g, const ispc_nhwc_layer_t *L, int64_t N, int64_t H, int64_t W) {
     g->N = N; g->H = H; g->W = W; g->C = L->C; g->cout = L->cout;
     g->kh = L->kh; g->kw = L->kw; g->sh = L->sh; g->sw = L->sw; g->ph = L->ph; g->pw = L->pw;
@@ -1885,14 +1702,9 @@ static void nh_geometry(nh_geom_t *g, const ispc_nhwc_layer_t *L, int64_t N, int
 #define NHWC_CHUNK_BYTES (1 << 20)
 #endif
 
-/* instances' blocked buffers (bytes) per chunk of the blocked path */
-#ifndef NB_CHUNK_BYTES
-#define NB_CHUNK_BYTES (2 << 20)
-#endif
-
 /* The workspace's parts (floats), shared by ispc_conv_nhwc and its size query. */
 typedef struct {
-    int64_t zeros, sums, ixs, blocked, chunk, per, select, total;
+    int64_t zeros, sums, chunk, select, total;
 } nh_plan_t;
 
 static void nh_plan(nh_plan_t *P, const nh_geom_t *g, int64_t mode, int64_t k,
@@ -1900,23 +1712,16 @@ static void nh_plan(nh_plan_t *P, const nh_geom_t *g, int64_t mode, int64_t k,
     const int64_t N = g->N, C = g->C, HW = g->H * g->W, nb = (HW + NH_SAL_BLOCK - 1) / NH_SAL_BLOCK;
     P->zeros = 2 * ((g->kw * C + 15) / 16 * 16);  /* zeros, and as many int32 0, 1, 2, ... */
     P->sums = sums && sums->out ? 2 * threads * N * g->cob * g->nr : 0;  /* doubles per thread */
-    P->ixs = (C + VW - 1) / VW * VW;  /* a row of block-padded indices */
-    const int64_t kmax = mode == MODE_TOPK ? (k < C ? (k > 0 ? k : 0) : C) : C;
-    P->blocked = nb_takes(g);
-    P->per = P->blocked ? nb_per(g, kmax) : 0;
-    /* instances per chunk: the selection's input budget, the blocked buffers' */
+    (void)k;
+    /* instances per chunk: the selection's input budget (none with the input's sums given) */
     int64_t m = N;
     if (mode != NHWC_DENSE && !(sums && sums->in) && HW * C > 0)
         m = NHWC_CHUNK_BYTES / (HW * C * (int64_t)sizeof(float));
-    if (P->blocked && P->per > 0 && NB_CHUNK_BYTES / (P->per * (int64_t)sizeof(float)) < m)
-        m = NB_CHUNK_BYTES / (P->per * (int64_t)sizeof(float));
     P->chunk = m < 1 ? 1 : m > N ? N : m;
-    /* blocked: padded index rows (one more: 0, 1, 2, ... for dense) and one chunk's buffers */
-    const int64_t blk = P->blocked ? (N + 1) * P->ixs + P->chunk * P->per : 0;
     /* gated: int32 indices, counts, saliencies, scratch (floats and int64), block sums */
     P->select = mode == NHWC_DENSE ? 0 : (N * C + 15) / 16 * 16 + 2 * N + N * C + 3 * N * C
                                            + (sums && sums->in ? 0 : N * nb * C);
-    P->total = P->zeros + P->sums + blk + P->select + 64;
+    P->total = P->zeros + P->sums + P->select + 64;
 }
 
 /* Workspace (floats) of ispc_conv_nhwc for a batch of N on H x W inputs. */
@@ -1954,14 +1759,6 @@ int64_t ispc_conv_nhwc(const ispc_nhwc_layer_t *L, const float *x, int64_t N, in
     double *ysums = P.sums ? (double *)w : 0;
     const int ykind = sums ? (int)sums->out_kind : SAL_L2;
     w += P.sums;
-    int32_t *ixp = 0;  /* blocked: N rows of padded indices, then 0, 1, 2, ... padded */
-    float *B = 0;
-    if (P.blocked) {
-        ixp = (int32_t *)w;
-        for (int64_t i = 0; i < P.ixs; i++) ixp[N * P.ixs + i] = i < C ? (int32_t)i : 0;
-        B = w + (N + 1) * P.ixs;
-        w = B + P.chunk * P.per;
-    }
     const float *xsums = sums ? sums->in : 0;
     int32_t *ix = (int32_t *)w;
     int64_t *cnt = (int64_t *)(w + (N * C + 15) / 16 * 16);
@@ -1978,21 +1775,8 @@ int64_t ispc_conv_nhwc(const ispc_nhwc_layer_t *L, const float *x, int64_t N, in
         if (!dense)
             nh_select(xc, m, HW, C, scale, saliency, mode, threshold, k, ix, cnt, part, s, tmp,
                       xsums ? xsums + n0 * C : 0);
-        if (P.blocked) {
-            if (!dense) {
-                #pragma omp for schedule(static)
-                for (int64_t i = 0; i < m * P.ixs; i++) {
-                    const int64_t n = i / P.ixs, j = i % P.ixs;
-                    ixp[i] = j < cnt[n] ? ix[n * C + j] : 0;
-                }
-            }
-            nb_compress(&gc, xc, m, dense ? iota : ix, dense ? 0 : cnt, B, P.per);
-            nb_conv(&gc, L, B, P.per, dense ? ixp + N * P.ixs : ixp, dense ? 0 : P.ixs,
-                    dense ? 0 : cnt, oc, rc, lo, hi, clamp, ysums, ykind);
-        } else {
-            nh_conv(&gc, L, xc, dense ? 0 : ix, dense ? 0 : cnt, oc, rc, lo, hi, clamp, zeros, iota,
-                    ysums, ykind);
-        }
+        nh_conv(&gc, L, xc, dense ? 0 : ix, dense ? 0 : cnt, oc, rc, lo, hi, clamp, zeros, iota,
+                ysums, ykind);
         if (ysums) reduce_sums(ysums, omp_get_num_threads(), m, L->cout, cs, sums->out + n0 * L->cout);
         #pragma omp single nowait
         if (counts && !dense)

@@ -366,14 +366,9 @@ def test_saliency_sums_in_chunks_and_refused_shapes(monkeypatch):
         layer(x, out_sums=sums, out_sums_kind=3)
 
 
-@pytest.mark.parametrize("blocked", [True, False])
-def test_blocked_path_geometries(blocked, monkeypatch):
-    # 3x3 layers with at least a vector of channels take the blocked path (kept channels copied
-    # into padded blocks): strides 1 and 2, a last block of kept channels only partly filled, rows
-    # whose last tile overlaps the one before, dilated rows, padding 0-2; and the same layers with
-    # the path turned off (NH_BLOCKED=0), the in-place kernel
-    if not blocked:
-        monkeypatch.setattr(native, "_lib", native._build(("-DNH_BLOCKED=0",)))
+def test_strided_dilated_layers_with_every_epilogue_and_sums():
+    # strides 1 and 2, padding 0-2, dilated rows, a kept count that fills no whole vector, the
+    # residual, the clamp and the output's sums at once
     g = torch.Generator().manual_seed(10)
     for cin, cout, s, p, dh, h, w in [(40, 50, 1, 1, 1, 20, 23), (33, 20, 2, 1, 1, 19, 31),
                                       (64, 64, 1, 2, 2, 15, 16), (17, 70, 2, 0, 1, 16, 33)]:
