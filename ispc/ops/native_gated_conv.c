@@ -1278,7 +1278,8 @@ int64_t ispc_maxpool2x2_nhwc(const float *src, int64_t N, int64_t H, int64_t W, 
 
 /* register tiles (MR positions x NV vectors); the layer's NV picks its MR. Throughput of each,
  * inner loop from L1, one core (GFLOP/s, 2-core Xeon): AVX-512 7x4 186, 8x3 189, 14x2 179,
- * 14x1 136; AVX2 (-mno-avx512f) 4x3 117, 6x2 113, 12x1 88. */
+ * 14x1 136; AVX2 (-mno-avx512f) 4x3 117, 6x2 113, 12x1 88. On whole layers (ResNet, VGG,
+ * MobileNetV2, batch 1) 7x4 leads on AVX-512, 8x3 trails it by ~15%; on AVX2 6x2 and 4x3 tie. */
 #if defined(__AVX512F__)
 #define NH_MR4 7
 #define NH_MR3 8
@@ -1473,10 +1474,10 @@ static nh_kernel_t nh_kernel(int64_t nv, int indirect) {
  * positions (0: unknown) packs its weights for: the tile with the least computed-but-unused work
  * (lanes past cout, positions past howo), weighed by each tile's measured speed. */
 int64_t ispc_nhwc_vectors(int64_t cout, int64_t howo) {
-#if defined(__AVX512F__)
-    static const double rate[5] = {0, 0.72, 0.96, 1.0, 1.0};
+#if defined(__AVX512F__)  /* ResNet/VGG/MobileNetV2 layers, per tile (benchmarks/layers.py A/B) */
+    static const double rate[5] = {0, 0.72, 0.95, 0.85, 1.0};
 #else
-    static const double rate[4] = {0, 0.75, 0.97, 1.0};
+    static const double rate[4] = {0, 0.7, 1.0, 0.97};
 #endif
     int64_t best = 1;
     double best_cost = 1e300;
