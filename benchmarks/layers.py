@@ -2,7 +2,8 @@
 
 For every convolution shape of ResNet-18, ResNet-50, VGG-16 and MobileNetV2 at 224x224 (read off
 the models by tracing them, with the epilogue each layer has there: ReLU, ReLU6, a residual add),
-at each batch size, it times, interleaved in one process (warm-up, rotation, medians, IQR):
+at each batch size, it times, interleaved in one process (warm-up, then rounds in a fresh random
+order each, medians, IQR):
 
 - ``onednn``: oneDNN with weights reordered once (``torch.ops.mkldnn._reorder_convolution_weight``
   then ``_convolution_pointwise``, its ``.binary`` form for a residual add), NHWC maps, epilogue
@@ -45,6 +46,9 @@ from dataclasses import asdict, dataclass, field
 
 #: per-channel input scales are drawn from this range (channel saliencies then differ)
 SCALE_RANGE = (0.1, 2.0)
+#: a layer whose candidates' IQR exceeds this fraction of their median is timed again (something
+#: else ran meanwhile), at most RETRIES times; the least spread attempt is kept
+MAX_SPREAD, RETRIES = 0.25, 2
 
 
 @dataclass
@@ -391,6 +395,30 @@ def busy_fraction(seconds: float = 1.0) -> float:
     return 1.0 - (b[1] - a[1]) / max(b[0] - a[0], 1)
 
 
+def time_shuffled(cands: dict, *, warmup: int, rounds: int, seed: int = 0) -> dict[str, list[float]]:
+    """Per-call times (ms) of each zero-argument call: ``warmup`` calls each, then ``rounds``
+    rounds, each calling every candidate once in a fresh random order. (A fixed rotation gives each
+    candidate the same predecessor every round, whose cache footprint then favours or hurts it:
+    an A/B of two builds of one kernel, each following a different neighbour, read 5-15% apart
+    in favour of whichever was listed second.)"""
+    import random
+    import time
+
+    rng = random.Random(seed)
+    names = list(cands)
+    for name in names:
+        for _ in range(warmup):
+            cands[name]()
+    out: dict[str, list[float]] = {name: [] for name in names}
+    for _ in range(rounds):
+        rng.shuffle(names)
+        for name in names:
+            t0 = time.perf_counter()
+            cands[name]()
+            out[name].append((time.perf_counter() - t0) * 1e3)
+    return out
+
+
 def stats(times: list[float]) -> dict:
     import statistics
 
@@ -429,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from tabulate import tabulate
 
-    from ispc.benchmark import retain_freed_memory, time_interleaved
+    from ispc.benchmark import retain_freed_memory
     from ispc.ops import native
 
     if not native.available():
@@ -460,16 +488,25 @@ def main(argv: list[str] | None = None) -> int:
             cands, frac = candidates(layer, batch, args.keep)
             cands = with_variants(cands, variants)
             warmup = args.warmup if batch == 1 else 2
-            ort_times = ort.time(layer, batch, warmup, (rounds + 1) // 2) if ort else []
-            with torch.no_grad():
-                t = time_interleaved(cands, warmup=warmup, rounds=rounds, progress=False)
-            times = {name: stats(tm.times_ms) for name, tm in t.items()}
-            if ort:
-                ort_times += ort.time(layer, batch, 0, rounds // 2)
-                times["ort"] = stats(ort_times)
+            best_try = None
+            for attempt in range(1 + RETRIES):  # a layer timed while something else ran: again
+                ort_times = ort.time(layer, batch, warmup, (rounds + 1) // 2) if ort else []
+                with torch.no_grad():
+                    t = time_shuffled(cands, warmup=warmup, rounds=rounds, seed=attempt)
+                times = {name: stats(v) for name, v in t.items()}
+                if ort:
+                    ort_times += ort.time(layer, batch, 0, rounds // 2)
+                    times["ort"] = stats(ort_times)
+                spread = max((v["p75"] - v["p25"]) / v["median"] for v in times.values())
+                if best_try is None or spread < best_try[0]:
+                    best_try = (spread, times, attempt + 1)
+                if spread <= MAX_SPREAD:
+                    break
+            _, times, attempts = best_try
             best = min(("onednn", "ort"), key=lambda n: times[n]["median"] if n in times else 1e30)
             d = times[best]["median"]
-            rec = {"layer": layer.name, "uses": layer.uses, "batch": batch, **asdict(layer),
+            rec = {"layer": layer.name, "uses": layer.uses, "batch": batch, "attempts": attempts,
+                   **asdict(layer),
                    "macs_dense": layer.macs(batch), "times_ms": times, "best_dense": best,
                    "dense_vs_best": d / times["dense"]["median"],
                    "dense_vs_onednn": times["onednn"]["median"] / times["dense"]["median"]}

@@ -174,13 +174,21 @@ def test_chunks_of_instances_and_groups_of_output_blocks(monkeypatch):
     lib = native._build(("-DNHWC_CHUNK_BYTES=1", "-DNHWC_GROUP_BYTES=1"))
     g = torch.Generator().manual_seed(4)
     x = torch.randn(4, 30, 10, 10, generator=g).relu() * torch.rand(4, 30, 1, 1, generator=g)
-    w, b, scale = torch.randn(100, 30, 3, 3, generator=g), torch.randn(100, generator=g), \
-        torch.ones(30)
+    scale = torch.ones(30)
     thr = threshold_between(gc.channel_saliency(x, scale), 0.4)
-    want = _reference(x, w, b, 1, 1, 1, gc.THRESHOLD, scale, thr, 0, gc.SALIENCY_L2)
     monkeypatch.setattr(native, "_lib", lib)
-    layer = native.NhwcConv(w, b, 1, 1)
-    _check(layer(_nhwc(x), gc.THRESHOLD, scale=scale, threshold=thr), want, "chunked")
+    for ks, s, p in [(3, 1, 1), (1, 1, 0), (1, 2, 0)]:
+        w, b = torch.randn(100, 30, ks, ks, generator=g), torch.randn(100, generator=g)
+        layer = native.NhwcConv(w, b, s, p)
+        for mode in (gc.THRESHOLD, native.DENSE):
+            want = _reference(x, w, b, s, p, 1, mode, scale, thr, 0, gc.SALIENCY_L2)
+            r = _nhwc(torch.randn(want.shape, generator=g))
+            want = (want + r).clamp(*native.RELU6)
+            sums = torch.empty(4, 100)
+            out = layer(_nhwc(x), mode, scale=scale, threshold=thr, residual=r, clamp=native.RELU6,
+                        out_sums=sums)
+            _check(out, want, ("chunked", ks, s, mode))
+            assert rel_err(sums, _sums(out, gc.SALIENCY_L2)) <= 1e-5
 
 
 def test_results_do_not_depend_on_threads():
