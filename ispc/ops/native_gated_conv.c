@@ -1583,15 +1583,6 @@ typedef struct {
  * writes all of a group's channels of its positions at once (one pass over the output rows where
  * a group per block wrote each row in several strided passes: 1x1 64->256 at 56x56, its output
  * beyond L2, 1.6x faster), the group's weights staying in L2 across tiles */
-/* dense tiles through the indirect kernel, on indices 0, 1, 2, ...: GCC spills the direct
- * kernel's weight pointer (7x4 on AVX-512) */
-#ifndef NH_DENSE_INDIRECT
-#if defined(__AVX512F__)  /* 2-5% faster on ResNet/VGG layers; AVX2: 3-5% slower */
-#define NH_DENSE_INDIRECT 1
-#else
-#define NH_DENSE_INDIRECT 0
-#endif
-#endif
 #ifndef NHWC_GROUP_BYTES
 #define NHWC_GROUP_BYTES (512 << 10)
 #endif
@@ -1603,7 +1594,7 @@ typedef struct {
  * group's channels of its positions at once. Ends with a barrier. */
 static void nh_conv(const nh_geom_t *g, const ispc_nhwc_layer_t *L, const float *x, const int32_t *ix,
                     const int64_t *counts, float *out, const float *res, float lo, float hi,
-                    int clamp, const float *zeros, const int32_t *iota, double *ysums, int ykind) {
+                    int clamp, const float *zeros, double *ysums, int ykind) {
     const int64_t T = g->T, mr = g->mr, nr = g->nr, C = g->C, HoWo = g->Ho * g->Wo;
     const int64_t cs = g->cob * nr;  /* a row of output sums */
     double *yrow = 0;  /* this thread's rows of output sums, zeroed here: only it writes them */
@@ -1675,12 +1666,7 @@ static void nh_conv(const nh_geom_t *g, const ispc_nhwc_layer_t *L, const float 
                         const nh_epi_t e = {out + o, res ? res + o : 0, L->bias + cb * nr, g->cout,
                                             (int)(HoWo - p0 < mr ? HoWo - p0 : mr), (int)lanes, clamp,
                                             ykind, lo, hi, yrow ? yrow + n * cs + cb * nr : 0};
-#if NH_DENSE_INDIRECT
-                        (void)kdir;
-                        kind(ptab, wseg, K ? nseg : 0, len, dense ? iota : ix + n * C, &e);
-#else
                         (dense ? kdir : kind)(ptab, wseg, K ? nseg : 0, len, ix + n * C, &e);
-#endif
                     }
                 }
 }
@@ -1711,7 +1697,7 @@ typedef struct {
 static void nh_plan(nh_plan_t *P, const nh_geom_t *g, int64_t mode, int64_t k,
                     const ispc_sums_t *sums, int64_t threads) {
     const int64_t N = g->N, C = g->C, HW = g->H * g->W, nb = (HW + NH_SAL_BLOCK - 1) / NH_SAL_BLOCK;
-    P->zeros = 2 * ((g->kw * C + 15) / 16 * 16);  /* zeros, and as many int32 0, 1, 2, ... */
+    P->zeros = (g->kw * C + 15) / 16 * 16;  /* a tap row of zeros: the padding's input */
     P->sums = sums && sums->out ? 2 * threads * N * g->cob * g->nr : 0;  /* doubles per thread */
     (void)k;
     /* instances per chunk: the selection's input budget (none with the input's sums given) */
@@ -1753,10 +1739,7 @@ int64_t ispc_conv_nhwc(const ispc_nhwc_layer_t *L, const float *x, int64_t N, in
     const int64_t C = L->C, HW = H * W, out_n = g.Ho * g.Wo * L->cout, cs = g.cob * g.nr;
     const int clamp = lo > -__builtin_inff() || hi < __builtin_inff();
     float *zeros = ws, *w = ws + P.zeros;
-    const int64_t nz = P.zeros / 2;
-    memset(zeros, 0, sizeof(float) * nz);
-    int32_t *iota = (int32_t *)(ws + nz);
-    for (int64_t i = 0; i < nz; i++) iota[i] = (int32_t)i;
+    memset(zeros, 0, sizeof(float) * P.zeros);
     double *ysums = P.sums ? (double *)w : 0;
     const int ykind = sums ? (int)sums->out_kind : SAL_L2;
     w += P.sums;
@@ -1776,8 +1759,8 @@ int64_t ispc_conv_nhwc(const ispc_nhwc_layer_t *L, const float *x, int64_t N, in
         if (!dense)
             nh_select(xc, m, HW, C, scale, saliency, mode, threshold, k, ix, cnt, part, s, tmp,
                       xsums ? xsums + n0 * C : 0);
-        nh_conv(&gc, L, xc, dense ? 0 : ix, dense ? 0 : cnt, oc, rc, lo, hi, clamp, zeros, iota,
-                ysums, ykind);
+        nh_conv(&gc, L, xc, dense ? 0 : ix, dense ? 0 : cnt, oc, rc, lo, hi, clamp, zeros, ysums,
+                ykind);
         if (ysums) reduce_sums(ysums, omp_get_num_threads(), m, L->cout, cs, sums->out + n0 * L->cout);
         #pragma omp single nowait
         if (counts && !dense)
