@@ -59,6 +59,10 @@ class GatedConv2d(nn.Module):
     ``torch.ops.ispc.gated_conv2d``, so the graph stays a single opaque node per gated layer.
     """
 
+    #: class defaults for instances pickled before these existed
+    out_hw: int | None = None
+    _nhwc = None
+
     def __init__(self, weight: Tensor, bias: Tensor | None, *, stride: tuple[int, int],
                  padding: tuple[int, int], dilation: tuple[int, int], mode: str, threshold: float,
                  k: int, saliency: str = "l2", scale: Tensor | None = None) -> None:
@@ -92,19 +96,29 @@ class GatedConv2d(nn.Module):
         self.act: str | None = None
         self.strategy = "gather"
         self.orient = _native.ORIENT_PIX
+        #: output positions per instance the layer mostly sees (the ``nhwc`` kernel's register
+        #: tile is chosen for it; None: unknown)
+        self.out_hw: int | None = None
         self._native = None
+        self._nhwc = None
 
-    def set_strategy(self, strategy: str, orient: int | None = None) -> None:
-        """Choose the eager CPU kernel (see :mod:`ispc.ops.cpu_kernels`); prepares its weights.
+    def set_strategy(self, strategy: str, orient: int | None = None, *,
+                     out_hw: int | None = None) -> None:
+        """Choose the eager CPU kernel (see :mod:`ispc.ops.cpu_kernels`); prepares its weights
+        (packed here, once: never per call).
 
-        ``orient`` picks the native kernel's orientation (:mod:`ispc.ops.native`; default: pixels).
+        ``orient`` picks the native kernel's orientation (:mod:`ispc.ops.native`; default: pixels);
+        ``out_hw`` (output positions per instance) the ``nhwc`` kernel's register tile.
         """
         if strategy not in _cpu.STRATEGIES:
             raise ValueError(f"unknown strategy {strategy!r}; one of {_cpu.STRATEGIES}")
-        if strategy == "native" and not _native.available():
-            raise ValueError(f"strategy 'native' is not available here: {_native.unavailable_reason()}")
+        if strategy in _cpu.NATIVE_STRATEGIES and not _native.available():
+            raise ValueError(f"strategy {strategy!r} is not available here: "
+                             f"{_native.unavailable_reason()}")
         self.strategy = strategy
         self.orient = _native.ORIENT_PIX if orient is None else int(orient)
+        if out_hw is not None:
+            self.out_hw = int(out_hw)
         self._prepare()
 
     def _prepare(self) -> None:
@@ -112,6 +126,9 @@ class GatedConv2d(nn.Module):
         self._native = (_native.NativeLayer(self.weight, self.bias, self.stride, self.padding,
                                             self.dilation, self.orient)
                         if self.strategy == "native" else None)
+        self._nhwc = (_native.NhwcConv(self.weight.detach(), self.bias.detach(), self.stride,
+                                       self.padding, self.dilation, out_hw=self.out_hw)
+                      if self.strategy == "nhwc" and self.weight.dtype == torch.float32 else None)
 
     def sliced(self, *, out_keep: Tensor | None = None, in_keep: Tensor | None = None) -> "GatedConv2d":
         """A copy with only the ``out_keep`` output and ``in_keep`` input channels (indices into
@@ -128,12 +145,15 @@ class GatedConv2d(nn.Module):
         new.in_index = index
         new.residual_add, new.act = self.residual_add, self.act
         new.ispc_full_channels = full_channels(self)
-        new.set_strategy(self.strategy, self.orient)
+        new.set_strategy(self.strategy, self.orient, out_hw=self.out_hw)
         return new
 
     @property
     def prepared(self):
-        """The current strategy's prepared weights (``W^T``, a ``NativeLayer``, or None)."""
+        """The current strategy's prepared weights (``W^T``, a ``NativeLayer``, an ``NhwcConv``,
+        or None)."""
+        if self.strategy == "nhwc":
+            return self._nhwc
         return self._native if self.strategy == "native" else self.weight_t
 
     def _load_from_state_dict(self, *args, **kwargs):  # keep prepared weights in sync
@@ -165,6 +185,17 @@ class GatedConv2d(nn.Module):
                 return self._epilogue_in_place(out, residual)
             return self._epilogue(out, residual)
         layer, scale = self._native, self.scale
+        nh = self._nhwc
+        if (nh is not None and scale.dtype == torch.float32 and _cpu.nhwc_serves(x)
+                and self._direct(x)):
+            # the channels-last kernel: x read in place, bias/residual/activation fused, output
+            # channels-last for the layers after it
+            sal = SALIENCY_CODES[self.saliency]
+            if residual is None or self._c_reads_nhwc(residual, nh, x):
+                return nh(x, mode, scale=scale, threshold=self.threshold, k=self.k, saliency=sal,
+                          residual=residual, clamp=ACTIVATIONS[self.act])
+            out = nh(x, mode, scale=scale, threshold=self.threshold, k=self.k, saliency=sal)
+            return self._epilogue_in_place(out, residual)
         if (layer is not None and x.dtype == torch.float32 and scale.dtype == torch.float32
                 and self._direct(x) and (layer.orient != _native.ORIENT_FULL
                                          or x.shape[-2:] == self.weight.shape[-2:])):
@@ -182,7 +213,8 @@ class GatedConv2d(nn.Module):
             return self._epilogue_in_place(out, residual)
         elif self._direct(x):  # plain eager CPU inference: skip the dispatcher round trip
             a = self._args
-            strategy = self.strategy if self.strategy != "native" else "gather"  # input size changed
+            # native: the input size changed; nhwc: an NCHW input (or not float32)
+            strategy = self.strategy if self.strategy not in _cpu.NATIVE_STRATEGIES else "gather"
             out = _cpu.run_strategy(strategy, x, self.weight, self.prepared, self.bias,
                                     self.scale, self.stride, self.padding, self.dilation, a[6], a[7],
                                     a[8], a[9])
@@ -217,6 +249,17 @@ class GatedConv2d(nn.Module):
         if isinstance(out, Tensor):
             return residual.shape == out.shape and residual.stride() == out.stride()
         return residual.is_contiguous() and residual.shape == out
+
+    @staticmethod
+    def _c_reads_nhwc(residual: Tensor, layer: _native.NhwcConv, x: Tensor) -> bool:
+        """Whether the channels-last kernel adds ``residual`` itself: a plain channels-last float32
+        tensor of the output's shape that needs no gradient."""
+        if type(residual) is not Tensor or residual.dtype != torch.float32 or (
+                residual.requires_grad and torch.is_grad_enabled()):
+            return False
+        n, _, h, w = x.shape
+        return (tuple(residual.shape) == (n, layer.cout, *layer.out_size(h, w))
+                and residual.is_contiguous(memory_format=torch.channels_last))
 
     def _epilogue(self, out: Tensor, residual: Tensor | None) -> Tensor:
         """The fused epilogue as PyTorch ops, new tensors (the paths the native library does not
@@ -269,7 +312,8 @@ class GatedConv2d(nn.Module):
                 f"saliency={self.saliency}, strategy={self.strategy}"
                 + (", + residual" if self.residual_add else "")
                 + (f", act={self.act}" if self.act else "")
-                + (f", orient={self.orient}" if self.strategy == "native" else ""))
+                + (f", orient={self.orient}" if self.strategy == "native" else "")
+                + (f", out_hw={self.out_hw}" if self.strategy == "nhwc" and self.out_hw else ""))
 
 
 class GatedLinear(GatedConv2d):

@@ -17,7 +17,7 @@ from torch import fx, nn
 
 from ispc.config import GatingConfig
 from ispc.errors import IspcError, PassError
-from ispc.modules import ORIENTATIONS, GatedConv2d
+from ispc.modules import ORIENTATIONS, GatedConv2d, GatedLinear
 from ispc.records import GateDecision, KernelChoice, records
 
 __all__ = ["PassState", "Pass", "PASSES", "register_pass", "run_passes", "records", "apply_gate",
@@ -109,8 +109,12 @@ def apply_gate(node: fx.Node, gate: GateDecision, module: nn.Module | None = Non
 def apply_kernel(node: fx.Node, choice: KernelChoice, module: nn.Module | None = None) -> None:
     """Record ``choice`` for ``node``; a gated ``module`` runs that kernel."""
     records(node).kernel = choice
-    if isinstance(module, GatedConv2d):
+    if isinstance(module, GatedLinear):  # its nhwc kernel's tile follows module.positions
         module.set_strategy(choice.strategy, ORIENTATIONS.get(choice.orient))
+    elif isinstance(module, GatedConv2d):
+        shape = node_shape(node)  # output positions: the nhwc kernel's register tile
+        hw = shape[-1] * shape[-2] if shape is not None and len(shape) == 4 else None
+        module.set_strategy(choice.strategy, ORIENTATIONS.get(choice.orient), out_hw=hw)
 
 
 def module_call_counts(gm: fx.GraphModule) -> dict[str, int]:

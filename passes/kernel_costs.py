@@ -1,7 +1,8 @@
 """The cost models ``select_kernels`` decides with (not a pass): which eager CPU kernel a gated
 layer should run, predicted from its shape or measured on this machine.
 
-- predicted (default; deterministic, :func:`predicted_strategy`): ``native`` (the indirect GEMM of
+- predicted (default; deterministic, :func:`predicted_strategy`): ``nhwc`` (the channels-last
+  kernel, :class:`ispc.ops.native.NhwcConv`) for a layer that reads channels-last maps; else ``native`` (the indirect GEMM of
   :mod:`ispc.ops.native`) where it could be built, but for the largest layers on large maps
   (``gather``: oneDNN on the gathered channels); without it, ``gemm`` (prepared ``W^T`` + one BLAS
   call) for 1x1 convolutions and small maps, where weights dominate the data moved, and ``gather``
@@ -22,7 +23,7 @@ from torch import fx, nn
 from ispc.config import GatingConfig
 from ispc.modules import ORIENTATIONS, GatedConv2d, GatedLinear, dense_conv
 from ispc.ops import linear_kernels, native
-from ispc.ops.cpu_kernels import STRATEGIES, run_strategy
+from ispc.ops.cpu_kernels import NATIVE_STRATEGIES, STRATEGIES, nhwc_serves, run_strategy
 from ispc.records import KernelChoice
 from ispc.timing import time_interleaved
 
@@ -63,8 +64,8 @@ LAYER_BUDGET_S = 0.5
 ORIENT_NAMES = {code: name for name, code in ORIENTATIONS.items()}
 
 
-def predicted_strategy(mod: GatedConv2d, out_hw: int,
-                       input_hw: tuple[int, int] | None = None) -> tuple[str, int | None]:
+def predicted_strategy(mod: GatedConv2d, out_hw: int, input_hw: tuple[int, int] | None = None, *,
+                       channels_last: bool = False) -> tuple[str, int | None]:
     """The kernel (strategy, native orientation) the shape-based cost model expects to be fastest.
 
     Measured on ResNet/VGG layer shapes at batch 1 and 32 (``benchmarks/kernel_speed.py
@@ -76,11 +77,16 @@ def predicted_strategy(mod: GatedConv2d, out_hw: int,
     layers on large maps (VGG's 224x224 to 56x56 layers, ~0.9-1.8 GMAC), where its gathers cost
     least relative to the convolution. A layer whose kernel covers its ``input_hw`` input (a
     gated linear layer) takes the native kernel's one-position orientation whatever its size.
+    On ``channels_last`` maps the channels-last kernel (``nhwc``) reads the input in place and
+    hands the layers after it channels-last maps: 0.8-1.0 of oneDNN's throughput per executed MAC
+    on ResNet/VGG layers (``benchmarks/layers.py``), with no layout copies around it.
     """
     kh, kw = mod.weight.shape[-2:]
     if (input_hw is not None and _covers(mod, input_hw) and _native_fits(mod)
             and mod.weight.dtype == torch.float32):
         return "native", native.ORIENT_FULL
+    if channels_last and native.available() and mod.weight.dtype == torch.float32:
+        return "nhwc", None
     macs = mod.out_channels * mod.in_channels * kh * kw * out_hw
     if _native_fits(mod) and mod.weight.dtype == torch.float32 and (
             macs < LARGE_LAYER_MACS or out_hw <= GATHER_MIN_MAP):
@@ -125,12 +131,15 @@ def predicted_linear(mod: GatedLinear, positions: int | None) -> tuple[str, int 
     return "gemm", None
 
 
-def predicted_choice(mod: GatedConv2d, node: fx.Node) -> KernelChoice:
-    """:func:`predicted_strategy` for the layer at ``node``, as a record."""
+def predicted_choice(mod: GatedConv2d, node: fx.Node, *,
+                     channels_last: bool = False) -> KernelChoice:
+    """:func:`predicted_strategy` for the layer at ``node`` (on ``channels_last`` maps), as a
+    record."""
     if isinstance(mod, GatedLinear):
         strategy, orient = predicted_linear(mod, linear_positions(node))
     else:
-        strategy, orient = predicted_strategy(mod, out_hw(node), input_hw(node))
+        strategy, orient = predicted_strategy(mod, out_hw(node), input_hw(node),
+                                              channels_last=channels_last)
     return KernelChoice(strategy=strategy, orient=ORIENT_NAMES[orient] if strategy == "native" else None,
                         cost_model="predicted")
 
@@ -143,10 +152,11 @@ def _covers(mod: GatedConv2d, input_hw: tuple[int, int]) -> bool:
     return native.full_window(tuple(mod.weight.shape[-2:]), mod.padding, mod.dilation, input_hw)
 
 
-def candidates(mod: GatedConv2d,
-               input_hw: tuple[int, int] | None = None) -> dict[str, tuple[str, int | None]]:
-    """Every kernel measured selection times for ``mod`` on ``input_hw`` inputs:
-    label -> (strategy, orientation)."""
+def candidates(mod: GatedConv2d, input_hw: tuple[int, int] | None = None, *,
+               channels_last: bool = False) -> dict[str, tuple[str, int | None]]:
+    """Every kernel measured selection times for ``mod`` on ``input_hw`` inputs: label ->
+    (strategy, orientation). On ``channels_last`` inputs (where the native library is built) the
+    two kernels whose output is channels-last too, ``nhwc`` and ``gather``."""
     if isinstance(mod, GatedLinear):
         lin: dict[str, tuple[str, int | None]] = {"gemm": ("gemm", None)}
         if native.available():
@@ -155,7 +165,14 @@ def candidates(mod: GatedConv2d,
         if linear_kernels.nhwc_available():
             lin["nhwc"] = ("nhwc", None)
         return lin
-    out: dict[str, tuple[str, int | None]] = {s: (s, None) for s in STRATEGIES if s != "native"}
+    if channels_last and native.available() and mod.weight.dtype == torch.float32:
+        # only kernels that hand the next layers channels-last maps: one that returns NCHW maps
+        # (native, gemm) can win its own timing yet cost more in the layers after it (ResNet-50's
+        # 7x7 layers took native:co, and every layer after them then ran on NCHW maps with a
+        # residual add across layouts: the whole model 26.2 ms, ORT 27.0)
+        return {"nhwc": ("nhwc", None), "gather": ("gather", None)}
+    out: dict[str, tuple[str, int | None]] = {s: (s, None) for s in STRATEGIES
+                                              if s not in NATIVE_STRATEGIES}
     if _native_fits(mod):
         out["native:pix"] = ("native", native.ORIENT_PIX)
         out["native:co"] = ("native", native.ORIENT_CO)
@@ -278,9 +295,9 @@ def measure(mod: GatedConv2d, xin: torch.Tensor, node: fx.Node, cfg: GatingConfi
             fns[label] = (lambda s=strat, wt=mod.prepared: linear_kernels.run(
                 s, xin, mod.weight, wt, mod.bias, mod.scale, a[6], a[7], a[8], a[9]))
     else:
-        kernels = candidates(mod, tuple(xin.shape[-2:]))
+        kernels = candidates(mod, tuple(xin.shape[-2:]), channels_last=nhwc_serves(xin))
         for label, (strat, orient) in kernels.items():
-            mod.set_strategy(strat, orient)
+            mod.set_strategy(strat, orient, out_hw=o_hw if o_hw < 1 << 30 else None)
             fns[label] = (lambda s=strat, wt=mod.prepared: run_strategy(
                 s, xin, mod.weight, wt, mod.bias, mod.scale, mod.stride, mod.padding, mod.dilation,
                 a[6], a[7], a[8], a[9]))
@@ -290,7 +307,7 @@ def measure(mod: GatedConv2d, xin: torch.Tensor, node: fx.Node, cfg: GatingConfi
     best = min(kernels, key=lambda s: times[s])
     if not xin.is_cuda:
         pred = (predicted_linear(mod, linear_positions(node)) if isinstance(mod, GatedLinear)
-                else predicted_strategy(mod, o_hw, i_hw))
+                else predicted_strategy(mod, o_hw, i_hw, channels_last=nhwc_serves(xin)))
         label = next((lb for lb, kern in kernels.items() if kern == pred), None)
         if label is not None and times[label] <= times[best] * (1.0 + PREDICTED_MARGIN):
             best = label

@@ -77,9 +77,10 @@ def select_kernels(gm: fx.GraphModule, state: PassState) -> fx.GraphModule:
         state.notes.append(CUDA_NOTE)
         warnings.warn(CUDA_NOTE, stacklevel=2)
     if not measured:
+        nhwc = bool(cfg.channels_last) and runs_channels_last(gm)  # maps channels-last throughout
         for name, node in nodes.items():
             mod: GatedConv2d = gm.get_submodule(name)
-            apply_kernel(node, costs.predicted_choice(mod, node), mod)
+            apply_kernel(node, costs.predicted_choice(mod, node, channels_last=nhwc), mod)
         if cfg.channels_last is None:
             for c in layout_converters(gm):  # a layout left to measurement that was not measured
                 c.enabled = False

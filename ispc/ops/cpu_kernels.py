@@ -11,9 +11,11 @@ small feature maps, and 1x1 convolutions, which need no im2col at all).
 Strategies (``GatedConv2d.strategy``): ``"gather"`` (per instance: index_select + oneDNN conv;
 with the native library, its selection and gathers run in C: :func:`gated_conv2d_gather_native`),
 ``"grouped"`` (whole batch: gather + one grouped conv with groups=N; per-instance for N=1),
-``"gemm"`` (the above) and ``"native"`` (:mod:`ispc.ops.native`: an indirect GEMM in C that reads
+``"gemm"`` (the above), ``"native"`` (:mod:`ispc.ops.native`: an indirect GEMM in C that reads
 the kept channels and their packed weights by index, the whole batch in one call; float32 only,
-present where a C compiler is).
+present where a C compiler is) and ``"nhwc"`` (:class:`ispc.ops.native.NhwcConv`: the same on
+channels-last maps, read in place, output channels in the vector lanes, output channels-last; on
+NCHW inputs it runs ``gather``).
 """
 from __future__ import annotations
 
@@ -27,14 +29,38 @@ from .gated_conv import (SALIENCY_L1, SALIENCY_L2, THRESHOLD, TOPK, bias_only,
                          gated_conv2d_loop, kept_all)
 
 __all__ = ["STRATEGIES", "available_strategies", "prepare_weight", "kept_indices", "im2col",
-           "gated_conv2d_gemm", "gated_conv2d_native", "gated_conv2d_gather_native", "run_strategy"]
+           "gated_conv2d_gemm", "gated_conv2d_native", "gated_conv2d_gather_native",
+           "gated_conv2d_nhwc", "nhwc_serves", "run_strategy", "NATIVE_STRATEGIES"]
 
-STRATEGIES = ("gather", "grouped", "gemm", "native")
+STRATEGIES = ("gather", "grouped", "gemm", "native", "nhwc")
+#: the strategies that need the compiled native library
+NATIVE_STRATEGIES = ("native", "nhwc")
 
 
 def available_strategies() -> tuple[str, ...]:
-    """The strategies this machine can run (``native`` needs the compiled kernel)."""
-    return STRATEGIES if native.available() else tuple(s for s in STRATEGIES if s != "native")
+    """The strategies this machine can run (``native`` and ``nhwc`` need the compiled kernel)."""
+    return STRATEGIES if native.available() else tuple(
+        s for s in STRATEGIES if s not in NATIVE_STRATEGIES)
+
+
+def nhwc_serves(x: Tensor) -> bool:
+    """Whether :class:`~ispc.ops.native.NhwcConv` reads ``x`` as it is: a channels-last float32 CPU
+    map (an NCHW map would need a layout copy per call: those run ``gather``)."""
+    return (x.dtype == torch.float32 and x.dim() == 4 and x.device.type == "cpu"
+            and x.is_contiguous(memory_format=torch.channels_last))
+
+
+def gated_conv2d_nhwc(x: Tensor, layer: native.NhwcConv, scale: Tensor, mode: int,
+                      threshold: float, k: int, saliency: int) -> Tensor:
+    """The whole batch in one call of the channels-last kernel (saliency, selection and the
+    convolution in C; ``layer`` holds the packed weights and the bias); every channel kept: its
+    dense mode. ``x`` channels-last float32 (:func:`nhwc_serves`); the output is channels-last."""
+    if kept_all(mode, threshold, k, x.shape[1]):
+        return layer(x, native.DENSE)
+    if saliency not in (SALIENCY_L1, SALIENCY_L2):
+        raise ValueError(f"unknown saliency code {saliency}")
+    return layer(x, mode, scale=scale.to(torch.float32).contiguous(), threshold=threshold, k=k,
+                 saliency=saliency)
 
 
 def prepare_weight(weight: Tensor) -> Tensor:
@@ -161,9 +187,14 @@ def run_strategy(strategy: str, x: Tensor, weight: Tensor, weight_t, bias: Tenso
     """Run one named strategy (all compute the operator's semantics).
 
     ``weight_t`` is the strategy's prepared weight: ``W^T`` for ``gemm``, a
-    :class:`~ispc.ops.native.NativeLayer` for ``native``; None falls back to the per-instance
-    gather kernel (so does ``native`` for dtypes other than float32).
+    :class:`~ispc.ops.native.NativeLayer` for ``native``, a :class:`~ispc.ops.native.NhwcConv` for
+    ``nhwc``; None falls back to the per-instance gather kernel (so do ``native`` for dtypes other
+    than float32 and ``nhwc`` for inputs it does not read in place, :func:`nhwc_serves`).
     """
+    if strategy == "nhwc":
+        if isinstance(weight_t, native.NhwcConv) and nhwc_serves(x):
+            return gated_conv2d_nhwc(x, weight_t, scale, mode, threshold, k, saliency)
+        strategy = "gather"
     if strategy == "native" and weight_t is not None and x.dtype == torch.float32:
         return gated_conv2d_native(x, weight, weight_t, bias, scale, stride, padding, dilation,
                                    mode, threshold, k, saliency)

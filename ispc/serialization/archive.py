@@ -96,6 +96,8 @@ def _kernel_table(compiled: CompiledModel) -> dict[str, dict[str, Any]]:
         else:
             strategy, orient = m.strategy, m.orient
         table[name] = {"strategy": strategy, "orient": int(orient)}
+        if m.out_hw is not None:  # the nhwc kernel's register tile is chosen for it
+            table[name]["out_hw"] = int(m.out_hw)
     return table
 
 
@@ -117,7 +119,10 @@ def _restore_kernels(gm: fx.GraphModule, modules: dict[str, Any]) -> None:
         if strategy == "native" and not native.available():
             strategy, orient = "gemm", None  # saved where the native kernel was built; not here
         if strategy == "nhwc" and not linear_kernels.nhwc_available():
-            strategy, orient = "gemm", None  # a gated linear layer's channels-last kernel
+            strategy, orient = "gather", None  # a gated linear layer runs gather as gemm
+        out_hw = info.get("out_hw")
+        if out_hw is not None and (not isinstance(out_hw, int) or out_hw < 1):
+            raise ArchiveError(f"bad output size {out_hw!r} for {name!r} in the archive")
         if orient is not None and not isinstance(orient, int):
             raise ArchiveError(f"bad kernel orientation {orient!r} for {name!r} in the archive")
         known = STRATEGIES + linear_kernels.STRATEGIES
@@ -126,6 +131,8 @@ def _restore_kernels(gm: fx.GraphModule, modules: dict[str, Any]) -> None:
         choice = KernelChoice(strategy=strategy, cost_model="archive",
                               orient=names.get(orient) if strategy == "native" else None)
         try:
+            if out_hw is not None:
+                m.out_hw = out_hw
             apply_kernel(node, choice, m)
         except ValueError as exc:
             raise ArchiveError(f"bad kernel strategy for {name!r}: {exc}") from None

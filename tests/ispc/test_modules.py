@@ -126,3 +126,63 @@ def test_epilogue_never_writes_into_the_bias(monkeypatch, native_pass):
             out = m(torch.randn(1, 8, 3, 3))
             assert torch.equal(out.flatten(), torch.relu(bias))
     assert torch.equal(m.bias, bias)
+
+
+@pytest.mark.skipif(not native.available(), reason="the native kernel is not built here")
+@pytest.mark.parametrize("mode, threshold, k", [("topk", 0.0, 5), ("threshold", 0.7, 0),
+                                                ("topk", 0.0, 0), ("topk", 0.0, 12)])
+@pytest.mark.parametrize("act", ["relu", "relu6", None])
+@pytest.mark.parametrize("residual", [None, "channels_last", "nchw"])
+@pytest.mark.parametrize("stride, kernel", [(1, 3), (2, 3), (1, 1)])
+def test_nhwc_strategy_with_fused_epilogue_equals_the_reference(mode, threshold, k, act, residual,
+                                                                stride, kernel):
+    """The nhwc kernel on channels-last maps: bias, residual (added in the kernel when it is
+    channels-last, after it otherwise) and activation fused; the masked-dense reference's values;
+    NCHW inputs run gather. Weights are packed once, by set_strategy, never per call."""
+    g = torch.Generator().manual_seed(7 * stride + kernel + k)
+    pad = kernel // 2
+    layer = GatedConv2d(torch.randn(20, 12, kernel, kernel, generator=g), torch.randn(20, generator=g),
+                        stride=(stride, stride), padding=(pad, pad), dilation=(1, 1), mode=mode,
+                        threshold=threshold, k=k, scale=torch.rand(12, generator=g) + 0.5)
+    layer.act = act
+    layer.set_strategy("nhwc", out_hw=25)
+    packed = layer.prepared
+    assert isinstance(packed, native.NhwcConv) and layer.out_hw == 25
+    x = (torch.randn(2, 12, 9, 9, generator=g) * torch.rand(1, 12, 1, 1, generator=g) * 2).contiguous(
+        memory_format=torch.channels_last)
+    ho = (9 + 2 * pad - kernel) // stride + 1
+    r = None if residual is None else torch.randn(2, 20, ho, ho, generator=g)
+    if residual == "channels_last":
+        r = r.contiguous(memory_format=torch.channels_last)
+    r_before = None if r is None else r.clone()
+    with torch.no_grad():
+        want = layer.reference(x, r)
+        got = layer(x, r)
+        nchw = layer(x.contiguous(), r)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(nchw, want, rtol=1e-5, atol=1e-4)
+    if not layer.keeps_all:
+        assert got.is_contiguous(memory_format=torch.channels_last)
+    assert layer.prepared is packed  # no repacking per call
+    assert r is None or torch.equal(r, r_before)
+
+
+@pytest.mark.skipif(not native.available(), reason="the native kernel is not built here")
+def test_nhwc_strategy_survives_copy_pickle_and_state_dict():
+    import copy
+    import pickle
+
+    layer = _layer("topk", 0.0, 4)
+    layer.set_strategy("nhwc", out_hw=25)
+    x = torch.randn(2, 8, 5, 5).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        want = layer(x)
+        for other in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+            assert other.strategy == "nhwc" and other.out_hw == 25
+            assert torch.equal(other(x), want)
+        new = _layer("topk", 0.0, 4)
+        new.set_strategy("nhwc")
+        new.load_state_dict({k: v * 2 for k, v in layer.state_dict().items()})  # repacked
+        torch.testing.assert_close(new(x), new.reference(x), rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="unknown strategy"):
+        layer.set_strategy("nhwcc")

@@ -42,3 +42,15 @@ def test_layers_whose_kernel_covers_the_input_take_the_one_position_kernel():
         assert candidates(mod, (7, 7))["native:full"] == ("native", native.ORIENT_FULL)
     assert "native:full" not in candidates(mod, (9, 9))
     assert predicted_strategy(mod, 9, (9, 9)) != ("native", native.ORIENT_FULL)
+
+
+def test_channels_last_maps_offer_and_predict_the_nhwc_kernel():
+    mod = GatedConv2d(torch.randn(64, 64, 3, 3), None, stride=(1, 1), padding=(1, 1),
+                      dilation=(1, 1), mode="topk", threshold=0.0, k=32)
+    assert "nhwc" not in candidates(mod, (28, 28))  # on NCHW maps it would run gather
+    if native.available():
+        assert candidates(mod, (28, 28), channels_last=True)["nhwc"] == ("nhwc", None)
+        assert predicted_strategy(mod, 28 * 28, channels_last=True) == ("nhwc", None)
+        assert predicted_strategy(mod, 28 * 28) == ("native", native.ORIENT_CL)
+    else:
+        assert "nhwc" not in candidates(mod, (28, 28), channels_last=True)

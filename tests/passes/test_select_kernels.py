@@ -74,7 +74,7 @@ def test_latency_aware_keeps_gated_layers_exact():
     cfg = ispc.GatingConfig(latency_aware=True, min_gain=0.0, latency_rounds=3)
     c = ispc.compile(model, _data(), progress=False, config=cfg)
     for name, mod in c.gated_modules().items():
-        assert mod.strategy in ("gather", "grouped", "gemm", "native")
+        assert mod.strategy in ("gather", "grouped", "gemm", "native", "nhwc")
     x = torch.randn(2, 3, 32, 32)
     errs = []
     hooks = [m.register_forward_hook(lambda mod, a, o: errs.append(rel_err(o, mod.reference(*a))))
@@ -99,9 +99,9 @@ def test_latency_aware_times_kernels_at_the_refined_thresholds(monkeypatch):
     seen: dict[str, float] = {}
     real = sk.candidates
 
-    def spy(mod, input_hw=None):
+    def spy(mod, input_hw=None, **kw):
         seen[id(mod)] = float(mod.threshold)
-        return real(mod, input_hw)
+        return real(mod, input_hw, **kw)
 
     monkeypatch.setattr(sk, "candidates", spy)
     # every kernel "beats" dense, so every layer stays gated and the graph is not refined again
@@ -347,3 +347,44 @@ def test_layers_of_one_geometry_are_timed_once(monkeypatch):
                      config=ispc.GatingConfig(latency_aware=True, latency_rounds=1,
                                               channels_last=False))
     assert len(timed) == len(c.gated_modules())
+
+
+@pytest.mark.skipif(not native.available(), reason="the native kernel is not built here")
+@pytest.mark.parametrize("mode", ["topk", "threshold"])
+def test_channels_last_models_run_the_nhwc_kernel_exactly_and_keep_it_through_save(tmp_path, mode):
+    """On channels-last maps the predicted kernel is nhwc (weights packed once, for the layer's
+    output size); every layer equals its masked-dense reference, fused epilogues included; with
+    every channel kept the model equals the original; ispc.save/load keeps the kernel."""
+    model = resnet20().eval()
+    x = torch.randn(3, 3, 32, 32)
+    for keep in (0.5, 1.0):
+        cfg = ispc.GatingConfig(keep_ratio=keep, mode=mode, channels_last=True)
+        c = ispc.compile(model, _data(), progress=False, config=cfg)
+        gated = c.gated_modules()
+        assert gated and all(m.strategy == "nhwc" and m.out_hw for m in gated.values())
+        nodes = {n.target: n for n in c.graph_module.graph.nodes if n.op == "call_module"}
+        for name, m in gated.items():
+            shape = nodes[name].meta["tensor_meta"].shape
+            assert m.out_hw == shape[-1] * shape[-2] and records(nodes[name]).kernel.strategy == "nhwc"
+        if keep == 1.0:
+            with torch.no_grad():
+                assert rel_err(c(x), model(x)) <= 1e-5
+            continue
+        assert any(m.act or m.residual_add for m in gated.values())  # fused epilogues ran
+        errs = []
+        hooks = [m.register_forward_hook(
+            lambda mod, a, o: errs.append((rel_err(o, mod.reference(*a)),
+                                           o.is_contiguous(memory_format=torch.channels_last))))
+            for m in gated.values()]
+        with torch.no_grad():
+            want = c(x)
+        for h in hooks:
+            h.remove()
+        assert len(errs) == len(gated) and all(e <= 1e-5 and cl for e, cl in errs)
+        ispc.save(c, tmp_path / "m.ispc")
+        loaded = ispc.load(tmp_path / "m.ispc")
+        back = loaded.gated_modules()
+        assert {n: (m.strategy, m.out_hw) for n, m in back.items()} == {
+            n: (m.strategy, m.out_hw) for n, m in gated.items()}
+        with torch.no_grad():
+            assert rel_err(loaded(x), want) <= 1e-5

@@ -170,3 +170,34 @@ def test_im2col_equals_unfold(kernel, stride, padding, dilation, c, h, w):
     got = im2col(x, kernel, stride, padding, dilation)
     assert got.shape == expect.shape and got.is_contiguous()
     assert torch.equal(got, expect)
+
+
+@needs_native
+@pytest.mark.parametrize("cin,cout,k,stride,pad,dil", [
+    (8, 12, 3, 1, 1, 1), (16, 20, 1, 1, 0, 1), (9, 33, 3, 2, 1, 1), (12, 8, 3, 1, 2, 2),
+    (24, 70, 1, 2, 0, 1)])
+@pytest.mark.parametrize("n", [1, 3])
+def test_nhwc_strategy_matches_reference_and_falls_back_on_nchw(cin, cout, k, stride, pad, dil, n):
+    """run_strategy('nhwc'): channels-last input through NhwcConv (output channels-last), an NCHW
+    one through gather; both the masked-dense reference, in both modes and saliencies."""
+    from ispc.ops import gated_conv as gc
+    from ispc.ops.cpu_kernels import nhwc_serves, run_strategy
+
+    g = torch.Generator().manual_seed(cin * 100 + cout + n)
+    x = torch.randn(n, cin, 11, 9, generator=g) * torch.rand(1, cin, 1, 1, generator=g) * 3
+    w, b = torch.randn(cout, cin, k, k, generator=g), torch.randn(cout, generator=g)
+    scale = torch.rand(cin, generator=g) + 0.5
+    layer = native.NhwcConv(w, b, stride, pad, dil, out_hw=30)
+    xcl = x.contiguous(memory_format=torch.channels_last)
+    assert nhwc_serves(xcl) and not nhwc_serves(x) and not nhwc_serves(xcl.double())
+    for mode, thr, kk in [(gc.TOPK, 0.0, cin // 2), (gc.TOPK, 0.0, 1), (gc.THRESHOLD, 0.9, 0),
+                          (gc.TOPK, 0.0, cin)]:
+        for sal in (gc.SALIENCY_L2, gc.SALIENCY_L1):
+            args = ((stride, stride), (pad, pad), (dil, dil), mode, thr, kk, sal)
+            want = gc.gated_conv2d_reference(x, w, b, scale, stride, stride, pad, pad, dil, dil,
+                                             mode, thr, kk, sal)
+            got = run_strategy("nhwc", xcl, w, layer, b, scale, *args)
+            assert got.is_contiguous(memory_format=torch.channels_last)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+            torch.testing.assert_close(run_strategy("nhwc", x, w, layer, b, scale, *args), want,
+                                       rtol=1e-5, atol=1e-4)
