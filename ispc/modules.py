@@ -15,7 +15,7 @@ __all__ = [
     "GatedConv2d", "GatedLinear", "LinearConv2d", "dense_conv", "full_channels", "gate_input",
     "ChannelsLastMaxPool2d", "StridedMaxPool2d", "fast_max_pool", "MODE_CODES",
     "ACTIVATIONS", "apply_activation", "ToMemoryFormat",
-    "SALIENCY_CODES", "ORIENTATIONS", "plain_cpu_call",
+    "SALIENCY_CODES", "ORIENTATIONS", "plain_cpu_call", "NhwcDenseConv2d",
 ]
 
 MODE_CODES = {"threshold": _gc.THRESHOLD, "topk": _gc.TOPK}
@@ -173,6 +173,11 @@ class GatedConv2d(nn.Module):
             # every channel kept: the operator is the dense convolution, in every context (eager,
             # autograd, export, compile, ONNX). Tested first, before any other check: on
             # MobileNetV2 at keep_ratio=1.0 the eager-path checks alone cost ~2% of the model's time
+            nh = self._nhwc
+            if nh is not None and _cpu.nhwc_serves(x) and self._direct(x) and (
+                    residual is None or self._c_reads_nhwc(residual, nh, x)):
+                # the channels-last kernel's dense mode: weights packed once, epilogue fused
+                return nh(x, _native.DENSE, residual=residual, clamp=ACTIVATIONS[self.act])
             if self._linear_ok and x.shape[-2:] == self.weight.shape[-2:]:
                 out = _as_linear(x, self.weight, self.bias)  # oneDNN's conv is ~10x slower here
             else:
@@ -516,6 +521,86 @@ def dense_conv(mod: GatedConv2d, input_hw: tuple[int, int] | None = None) -> nn.
     if hasattr(mod, "ispc_full_channels"):
         conv.ispc_full_channels = mod.ispc_full_channels
     return conv
+
+
+class NhwcDenseConv2d(nn.Conv2d):
+    """An ungated convolution (a stem, a downsample, a depthwise 3x3, a layer selection left dense)
+    on ispc's channels-last kernels: :class:`~ispc.ops.native.NhwcConv` in its dense mode, or
+    :class:`~ispc.ops.native.DepthwiseConv3x3`, weights packed once (here, and again when a state
+    dict is loaded), bias, residual and activation fused (``act``/``residual_add``, set by
+    ``fuse_epilogues`` as for :class:`GatedConv2d`). oneDNN called from eager PyTorch reorders its
+    weights on every call; this does not. Channels-last float32 CPU inputs only: any other call
+    (NCHW, autograd, export, CUDA) is the plain convolution and the same epilogue in PyTorch.
+    ``passes/dense_kernels.py`` puts it where it measured faster than oneDNN."""
+
+    act: str | None = None
+    residual_add = False
+
+    def __init__(self, conv: nn.Conv2d, out_hw: int | None = None) -> None:
+        if not self.fits(conv):
+            raise ValueError(f"NhwcDenseConv2d cannot run {conv}: it takes float32 convolutions "
+                             "with zero padding, groups=1 or a depthwise 3x3 with the same stride "
+                             "and padding along both axes")
+        super().__init__(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
+                         conv.padding, conv.dilation, conv.groups, bias=True, device="meta")
+        self.weight = nn.Parameter(conv.weight.detach(), requires_grad=conv.weight.requires_grad)
+        self.bias = nn.Parameter(conv.bias.detach() if conv.bias is not None
+                                 else conv.weight.new_zeros(conv.out_channels))
+        if hasattr(conv, "ispc_full_channels"):
+            self.ispc_full_channels = conv.ispc_full_channels
+        self.out_hw = out_hw
+        self._prepare()
+
+    @staticmethod
+    def fits(conv: nn.Module) -> bool:
+        """Whether ``conv`` is a convolution these kernels compute."""
+        if not isinstance(conv, nn.Conv2d) or conv.padding_mode != "zeros" or isinstance(
+                conv.padding, str) or conv.weight.dtype != torch.float32 or conv.weight.is_cuda:
+            return False
+        if conv.groups == 1:
+            return _native.supports(conv.stride)
+        return (conv.groups == conv.in_channels == conv.out_channels and conv.kernel_size == (3, 3)
+                and conv.dilation == (1, 1) and conv.stride[0] == conv.stride[1]
+                and conv.padding[0] == conv.padding[1])
+
+    def _prepare(self) -> None:
+        w, b = self.weight.detach(), self.bias.detach()
+        if self.groups > 1:
+            self._kernel = _native.DepthwiseConv3x3(w, b, self.stride[0], self.padding[0])
+        else:
+            self._kernel = _native.NhwcConv(w, b, self.stride, self.padding, self.dilation,
+                                            out_hw=self.out_hw)
+
+    def _load_from_state_dict(self, *args, **kwargs):  # keep the packed weights in sync
+        super()._load_from_state_dict(*args, **kwargs)
+        self._prepare()
+
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        if (plain_cpu_call(x) and _cpu.nhwc_serves(x) and not (torch.is_grad_enabled() and (
+                x.requires_grad or self.weight.requires_grad))):
+            clamp = ACTIVATIONS[self.act]
+            if self.groups > 1:
+                if residual is None or GatedConv2d._c_reads_nhwc(residual, self, x):
+                    return self._kernel(x, residual=residual, clamp=clamp)
+            elif residual is None or GatedConv2d._c_reads_nhwc(residual, self._kernel, x):
+                return self._kernel(x, _native.DENSE, residual=residual, clamp=clamp)
+        out = super().forward(x)
+        if residual is not None:
+            out = out + residual
+        return apply_activation(out, self.act)
+
+    @property
+    def cout(self) -> int:  # what GatedConv2d._c_reads_nhwc reads of a layer
+        return self.out_channels
+
+    def out_size(self, h: int, w: int) -> tuple[int, int]:
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (self.kernel_size, self.stride, self.padding,
+                                                  self.dilation)
+        return (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+
+    def extra_repr(self) -> str:
+        return (super().extra_repr() + ", nhwc" + (", + residual" if self.residual_add else "")
+                + (f", act={self.act}" if self.act else ""))
 
 
 class ChannelsLastMaxPool2d(nn.MaxPool2d):

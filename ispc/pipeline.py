@@ -56,11 +56,12 @@ ANALYSIS: tuple[str, ...] = ("capture", "lift", "fold_bn", "linear_as_conv", "fi
 #: ``ispc.compile``. ``refine`` runs before ``select_kernels`` so that kernels are chosen (and
 #: timed) at the kept counts the model will run with, and again after it because un-gating a
 #: layer changes what the layers after it see; ``channels_last`` just before ``select_kernels``, so
-#: that kernels are timed in the layout the model will run in; ``fuse_epilogues`` last (it changes
+#: that kernels are timed in the layout the model will run in; ``dense_kernels`` after the last
+#: ``refine`` (the layers left dense are its candidates); ``fuse_epilogues`` last (it changes
 #: no value, and the passes before it hook gated layers' outputs)
 COMPILE: tuple[str, ...] = ANALYSIS + ("insert_gates", "lower_pools", "refine", "prune_dead",
                                        "channels_last", "select_kernels", "refine",
-                                       "fuse_epilogues")
+                                       "dense_kernels", "fuse_epilogues")
 #: the dense baseline a gated model is timed against: the same lowerings, no gates
 DENSE: tuple[str, ...] = ("capture", "lift", "fold_bn", "lower_pools")
 #: where gates could go, from the model's structure alone (feature decay's default layers)

@@ -1,7 +1,8 @@
 """ispc's graph passes, one per file (imported as ``ispc.passes``), in ``ispc.compile``'s order:
 
     capture -> lift -> fold_bn -> linear_as_conv -> find_sites -> calibrate -> rank -> insert_gates -> lower_pools
-        -> refine -> prune_dead -> channels_last -> select_kernels -> refine -> fuse_epilogues
+        -> refine -> prune_dead -> channels_last -> select_kernels -> refine -> dense_kernels
+        -> fuse_epilogues
 
 The named pipelines (that list and the others) and why they run in that order are in
 :mod:`ispc.pipeline`. Each pass is ``pass_fn(gm, state) -> GraphModule``; see
@@ -23,6 +24,7 @@ from .prune_dead import prune_dead
 from .channels_last import channels_last, layout_converters
 from .kernel_costs import predicted_strategy
 from .select_kernels import select_kernels
+from .dense_kernels import dense_kernels
 from .fuse_epilogues import fuse_epilogues
 
 __all__ = [
@@ -33,5 +35,5 @@ __all__ = [
     "calibrate", "saliency_scale", "choose_k", "choose_threshold", "kept_counts", "rank_layers",
     "insert_gates", "resolve_padding", "lower_pools", "refine_thresholds", "prune_dead",
     "channels_last", "layout_converters", "select_kernels",
-    "predicted_strategy", "fuse_epilogues",
+    "predicted_strategy", "dense_kernels", "fuse_epilogues",
 ]

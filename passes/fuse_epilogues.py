@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from ispc.modules import GatedConv2d, StridedMaxPool2d
+from ispc.modules import GatedConv2d, NhwcDenseConv2d, StridedMaxPool2d
 from ispc.records import KEY, Epilogue
 
 from .base import PassState, module_call_counts, records, register_pass
@@ -82,7 +82,8 @@ def _only_user(node: fx.Node) -> fx.Node | None:
 @register_pass("fuse_epilogues")
 def fuse_epilogues(gm: fx.GraphModule, state: PassState) -> fx.GraphModule:
     """Rewrite ``act(add(gated(x), r))``, ``add(gated(x), r)`` and ``act(gated(x))`` into one call
-    ``gated(x, r)`` of a :class:`GatedConv2d` whose epilogue adds ``r`` and applies ``act``."""
+    ``gated(x, r)`` of a :class:`GatedConv2d` (or an :class:`NhwcDenseConv2d`, ungated on the
+    same kernels) whose epilogue adds ``r`` and applies ``act``."""
     if not state.config.fuse_epilogues:
         return gm
     calls = module_call_counts(gm)
@@ -91,8 +92,8 @@ def fuse_epilogues(gm: fx.GraphModule, state: PassState) -> fx.GraphModule:
         if node.op != "call_module" or calls.get(node.target) != 1:
             continue
         mod = gm.get_submodule(node.target)
-        if not isinstance(mod, GatedConv2d) or mod.act or mod.residual_add \
-                or len(node.args) != 1 or node.kwargs or mod.keeps_all:
+        if not isinstance(mod, (GatedConv2d, NhwcDenseConv2d)) or mod.act or mod.residual_add \
+                or len(node.args) != 1 or node.kwargs or getattr(mod, "keeps_all", False):
             continue  # a layer that keeps every channel is the dense conv: nothing to gain
         chain, residual, act = [node], None, None
         user = _only_user(node)

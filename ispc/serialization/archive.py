@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, fx
+from torch import Tensor, fx, nn
 from torch.utils import _pytree as pytree
 
 from ..backends import BACKENDS
@@ -54,11 +54,12 @@ from ..compiled import CompiledModel
 from ..config import GatingConfig
 from ..errors import ArchiveError
 from ..export import as_example_inputs, eval_mode, export_program
-from ..modules import ORIENTATIONS, GatedConv2d
+from ..modules import ORIENTATIONS, GatedConv2d, NhwcDenseConv2d
 from ..ops import native
 from ..ops import linear_kernels
 from ..ops.cpu_kernels import STRATEGIES
 from ..passes import apply_kernel, records
+from ..passes.base import replace_submodule
 from ..passes.channels_last import insert_converters, runs_channels_last
 from ..pipeline import reload
 from ..records import KernelChoice
@@ -89,6 +90,11 @@ def _kernel_table(compiled: CompiledModel) -> dict[str, dict[str, Any]]:
     without one, in a graph not built by ispc's passes: the kernel its module runs)."""
     nodes = {n.target: n for n in compiled.graph_module.graph.nodes if n.op == "call_module"}
     table = {}
+    for name, m in compiled.graph_module.named_modules():
+        if isinstance(m, NhwcDenseConv2d):  # a dense layer on the channels-last kernels
+            table[name] = {"strategy": "nhwc", "dense": True}
+            if m.out_hw is not None:
+                table[name]["out_hw"] = int(m.out_hw)
     for name, m in compiled.gated_modules().items():
         choice = records(nodes[name]).kernel if name in nodes else None
         if choice is not None:
@@ -113,6 +119,9 @@ def _restore_kernels(gm: fx.GraphModule, modules: dict[str, Any]) -> None:
         if not isinstance(name, str) or not isinstance(strategy, str):
             raise ArchiveError(f"bad module entry {name!r} in the archive")
         node = nodes.get(name)
+        if node is not None and info.get("dense") is True:
+            _restore_dense(gm, name, node, info)
+            continue
         if node is None or not isinstance(m := gm.get_submodule(name), GatedConv2d):
             continue  # the layer came back under another name (see modularize)
         orient = info.get("orient")
@@ -136,6 +145,19 @@ def _restore_kernels(gm: fx.GraphModule, modules: dict[str, Any]) -> None:
             apply_kernel(node, choice, m)
         except ValueError as exc:
             raise ArchiveError(f"bad kernel strategy for {name!r}: {exc}") from None
+
+
+def _restore_dense(gm: fx.GraphModule, name: str, node: fx.Node, info: dict[str, Any]) -> None:
+    """A dense layer saved on the channels-last kernels goes back on them (weights packed here),
+    where the native library is built; elsewhere it stays the plain convolution."""
+    m = gm.get_submodule(name)
+    out_hw = info.get("out_hw")
+    if info.get("strategy") != "nhwc" or (out_hw is not None and (
+            not isinstance(out_hw, int) or out_hw < 1)):
+        raise ArchiveError(f"bad dense kernel entry for {name!r} in the archive: {info!r}")
+    if type(m) is nn.Conv2d and native.available() and NhwcDenseConv2d.fits(m):
+        replace_submodule(gm, name, NhwcDenseConv2d(m, out_hw))
+        records(node).kernel = KernelChoice(strategy="nhwc", cost_model="archive")
 
 
 def _config_from_dict(d: dict[str, Any]) -> tuple[GatingConfig, list[str]]:

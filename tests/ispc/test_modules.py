@@ -186,3 +186,48 @@ def test_nhwc_strategy_survives_copy_pickle_and_state_dict():
         torch.testing.assert_close(new(x), new.reference(x), rtol=1e-5, atol=1e-4)
     with pytest.raises(ValueError, match="unknown strategy"):
         layer.set_strategy("nhwcc")
+
+
+@pytest.mark.skipif(not native.available(), reason="the native kernel is not built here")
+@pytest.mark.parametrize("cin, cout, kernel, stride, pad, groups", [
+    (3, 16, 7, 2, 3, 1), (12, 20, 1, 2, 0, 1), (12, 20, 3, 1, 1, 1), (16, 16, 3, 2, 1, 16),
+    (24, 24, 3, 1, 1, 24)])
+@pytest.mark.parametrize("act", ["relu", "relu6", None])
+@pytest.mark.parametrize("residual", [None, "channels_last", "nchw"])
+def test_nhwc_dense_conv_equals_the_convolution_and_its_epilogue(cin, cout, kernel, stride, pad,
+                                                                 groups, act, residual):
+    from torch import nn
+
+    from ispc.modules import NhwcDenseConv2d, apply_activation
+
+    g = torch.Generator().manual_seed(cin + cout + kernel)
+    conv = nn.Conv2d(cin, cout, kernel, stride, pad, groups=groups)
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=g))
+    mod = NhwcDenseConv2d(conv, out_hw=36)
+    mod.act = act
+    x = torch.randn(2, cin, 11, 11, generator=g).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        ref = conv(x.contiguous())
+        r = None if residual is None else torch.randn(ref.shape, generator=g)
+        if residual == "channels_last":
+            r = r.contiguous(memory_format=torch.channels_last)
+        want = apply_activation(ref if r is None else ref + r, act)
+        got = mod(x, r)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(mod(x.contiguous(), r), want, rtol=1e-5, atol=1e-4)  # PyTorch
+    assert got.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_nhwc_dense_conv_takes_only_what_its_kernels_compute():
+    from torch import nn
+
+    from ispc.modules import NhwcDenseConv2d
+
+    assert not NhwcDenseConv2d.fits(nn.Conv2d(8, 8, 3, groups=2))  # grouped, not depthwise
+    assert not NhwcDenseConv2d.fits(nn.Conv2d(8, 8, 5, groups=8))  # depthwise 5x5
+    assert not NhwcDenseConv2d.fits(nn.Conv2d(8, 8, 3, padding_mode="reflect"))
+    assert not NhwcDenseConv2d.fits(nn.Conv2d(8, 8, 3).double())
+    if native.available():
+        with pytest.raises(ValueError, match="cannot run"):
+            NhwcDenseConv2d(nn.Conv2d(8, 8, 3, groups=2))

@@ -1,0 +1,92 @@
+"""Run the ungated convolutions of a channels-last model on ispc's own dense kernels where they pay.
+
+A gated model still has dense convolutions: stems, downsample shortcuts, MobileNetV2's depthwise
+layers, and layers that selection left dense. In eager PyTorch each is a oneDNN call that reorders
+its weights on every call and applies its activation as a pass of its own.
+:class:`~ispc.modules.NhwcDenseConv2d` runs such a layer on the native channels-last kernels (the
+dense mode of the gated kernel, or the depthwise 3x3 one) with weights packed once and the epilogue
+fused (``fuse_epilogues`` runs after this pass). Only where the model's maps are channels-last.
+
+With ``GatingConfig(latency_aware=True)`` each candidate layer is timed both ways on its real input
+at ``latency_batch_size`` and the faster is kept (records: :class:`~ispc.records.KernelChoice`
+``nhwc`` or ``onednn``, with the times); otherwise the layers :data:`PREDICTED_KINDS` names move.
+"""
+from __future__ import annotations
+
+import torch
+from torch import fx, nn
+
+from ispc.modules import NhwcDenseConv2d
+from ispc.ops import native
+from ispc.ops.cpu_kernels import nhwc_serves
+from ispc.records import KernelChoice
+
+from . import kernel_costs as costs
+from .base import PassState, module_call_counts, records, register_pass, replace_submodule
+from .channels_last import runs_channels_last
+
+__all__ = ["dense_kernels", "PREDICTED_KINDS", "kind_of"]
+
+#: without measurement, the kinds of dense layer that move to the native kernels (per layer
+#: against oneDNN with prepacked weights, benchmarks/layers.py; eager oneDNN reorders per call)
+PREDICTED_KINDS = frozenset({"depthwise", "pointwise", "spatial"})
+
+
+def kind_of(conv: nn.Conv2d) -> str:
+    """``depthwise``, ``pointwise`` (1x1), ``stem`` (fewer than 8 input channels) or ``spatial``."""
+    if conv.groups > 1:
+        return "depthwise"
+    if conv.in_channels < 8:
+        return "stem"
+    return "pointwise" if conv.kernel_size == (1, 1) else "spatial"
+
+
+def _out_hw(node: fx.Node) -> int | None:
+    hw = costs.out_hw(node)
+    return hw if hw < 1 << 30 else None
+
+
+@register_pass("dense_kernels")
+def dense_kernels(gm: fx.GraphModule, state: PassState) -> fx.GraphModule:
+    """Replace plain channels-last convolutions by :class:`NhwcDenseConv2d` where it pays."""
+    cfg = state.config
+    if not (native.available() and runs_channels_last(gm)):
+        return gm
+    calls = module_call_counts(gm)
+    nodes = {n.target: n for n in gm.graph.nodes if n.op == "call_module" and calls[n.target] == 1
+             and type(gm.get_submodule(n.target)) is nn.Conv2d
+             and NhwcDenseConv2d.fits(gm.get_submodule(n.target))}
+    if not nodes:
+        return gm
+    measured = cfg.latency_aware and bool(state.calibration_cache)
+    moved = 0
+    if measured:
+        pool = torch.cat(state.calibration_cache)
+        reps = -(-cfg.latency_batch_size // pool.shape[0])
+        x = pool.repeat(reps, *([1] * (pool.dim() - 1)))[:cfg.latency_batch_size]
+        for name, xin in costs.layer_inputs(gm, list(nodes), x).items():
+            if not nhwc_serves(xin):
+                continue
+            conv = gm.get_submodule(name)
+            cand = NhwcDenseConv2d(conv, _out_hw(nodes[name]))
+            with torch.no_grad():
+                times = costs.time_candidates({"onednn": lambda: conv(xin), "nhwc": lambda: cand(xin)},
+                                              cfg.latency_rounds)
+            best = "nhwc" if times["nhwc"] < times["onednn"] else "onednn"
+            records(nodes[name]).kernel = KernelChoice(
+                strategy=best, cost_model="measured", times_ms={k: round(v, 4) for k, v in times.items()},
+                batch_size=cfg.latency_batch_size, input_layout="channels_last")
+            if best == "nhwc":
+                replace_submodule(gm, name, cand)
+                moved += 1
+    else:
+        for name, node in nodes.items():
+            conv = gm.get_submodule(name)
+            if kind_of(conv) in PREDICTED_KINDS:
+                replace_submodule(gm, name, NhwcDenseConv2d(conv, _out_hw(node)))
+                records(node).kernel = KernelChoice(strategy="nhwc", cost_model="predicted")
+                moved += 1
+    if moved:
+        state.notes.append(f"dense_kernels: {moved} of {len(nodes)} dense convolution(s) on ispc's "
+                           f"channels-last kernels ({'measured' if measured else 'predicted'})")
+    return gm
