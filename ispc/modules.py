@@ -174,10 +174,11 @@ class GatedConv2d(nn.Module):
             # autograd, export, compile, ONNX). Tested first, before any other check: on
             # MobileNetV2 at keep_ratio=1.0 the eager-path checks alone cost ~2% of the model's time
             nh = self._nhwc
-            if nh is not None and _cpu.nhwc_serves(x) and self._direct(x) and (
-                    residual is None or self._c_reads_nhwc(residual, nh, x)):
+            if (nh is not None and _cpu.nhwc_serves(x) and x.shape[1] == nh.cin
+                    and self._direct(x)
+                    and (residual is None or self._c_reads_nhwc(residual, nh, x))):
                 # the channels-last kernel's dense mode: weights packed once, epilogue fused
-                return nh(x, _native.DENSE, residual=residual, clamp=ACTIVATIONS[self.act])
+                return nh.run(x, _native.DENSE, None, 0.0, 0, 0, residual, ACTIVATIONS[self.act])
             if self._linear_ok and x.shape[-2:] == self.weight.shape[-2:]:
                 out = _as_linear(x, self.weight, self.bias)  # oneDNN's conv is ~10x slower here
             else:
@@ -192,14 +193,14 @@ class GatedConv2d(nn.Module):
         layer, scale = self._native, self.scale
         nh = self._nhwc
         if (nh is not None and scale.dtype == torch.float32 and _cpu.nhwc_serves(x)
-                and self._direct(x)):
+                and self._direct(x) and scale.is_contiguous() and x.shape[1] == nh.cin):
             # the channels-last kernel: x read in place, bias/residual/activation fused, output
-            # channels-last for the layers after it
+            # channels-last for the layers after it (its checks are the ones made here)
             sal = SALIENCY_CODES[self.saliency]
             if residual is None or self._c_reads_nhwc(residual, nh, x):
-                return nh(x, mode, scale=scale, threshold=self.threshold, k=self.k, saliency=sal,
-                          residual=residual, clamp=ACTIVATIONS[self.act])
-            out = nh(x, mode, scale=scale, threshold=self.threshold, k=self.k, saliency=sal)
+                return nh.run(x, mode, scale, self.threshold, self.k, sal, residual,
+                              ACTIVATIONS[self.act])
+            out = nh.run(x, mode, scale, self.threshold, self.k, sal, None, _native.NO_CLAMP)
             return self._epilogue_in_place(out, residual)
         if (layer is not None and x.dtype == torch.float32 and scale.dtype == torch.float32
                 and self._direct(x) and (layer.orient != _native.ORIENT_FULL
@@ -576,14 +577,14 @@ class NhwcDenseConv2d(nn.Conv2d):
         self._prepare()
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
-        if (plain_cpu_call(x) and _cpu.nhwc_serves(x) and not (torch.is_grad_enabled() and (
-                x.requires_grad or self.weight.requires_grad))):
+        if (plain_cpu_call(x) and _cpu.nhwc_serves(x) and x.shape[1] == self.in_channels
+                and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))):
             clamp = ACTIVATIONS[self.act]
             if self.groups > 1:
                 if residual is None or GatedConv2d._c_reads_nhwc(residual, self, x):
-                    return self._kernel(x, residual=residual, clamp=clamp)
+                    return self._kernel.run(x, residual, clamp)
             elif residual is None or GatedConv2d._c_reads_nhwc(residual, self._kernel, x):
-                return self._kernel(x, _native.DENSE, residual=residual, clamp=clamp)
+                return self._kernel.run(x, _native.DENSE, None, 0.0, 0, 0, residual, clamp)
         out = super().forward(x)
         if residual is not None:
             out = out + residual

@@ -2,9 +2,9 @@
 layer should run, predicted from its shape or measured on this machine.
 
 - predicted (default; deterministic, :func:`predicted_strategy`): ``nhwc`` (the channels-last
-  kernel, :class:`ispc.ops.native.NhwcConv`) for a layer that reads channels-last maps; else ``native`` (the indirect GEMM of
-  :mod:`ispc.ops.native`) where it could be built, but for the largest layers on large maps
-  (``gather``: oneDNN on the gathered channels); without it, ``gemm`` (prepared ``W^T`` + one BLAS
+  kernel, :class:`ispc.ops.native.NhwcConv`) for a layer that reads channels-last maps; else
+  ``native`` (the indirect GEMM of :mod:`ispc.ops.native`) where it could be built, but for the
+  largest layers on large maps (``gather``: oneDNN on the gathered channels); without it, ``gemm`` (prepared ``W^T`` + one BLAS
   call) for 1x1 convolutions and small maps, where weights dominate the data moved, and ``gather``
   elsewhere.
 - measured (``GatingConfig(latency_aware=True)``, :func:`measure`): every candidate kernel
