@@ -122,6 +122,11 @@ def _restore_kernels(gm: fx.GraphModule, modules: dict[str, Any]) -> None:
         if node is not None and info.get("dense") is True:
             _restore_dense(gm, name, node, info)
             continue
+        if node is not None and strategy == "nhwc" and type(gm.get_submodule(name)) is nn.Conv2d:
+            # a gated layer that keeps every channel is exported as its dense convolution: it
+            # goes back on the kernel's dense mode, as it ran before saving
+            _restore_dense(gm, name, node, {k: v for k, v in info.items() if k in ("strategy", "out_hw")})
+            continue
         if node is None or not isinstance(m := gm.get_submodule(name), GatedConv2d):
             continue  # the layer came back under another name (see modularize)
         orient = info.get("orient")
