@@ -1122,6 +1122,23 @@ int64_t ispc_maxpool2x2(const float *src, int64_t NC, int64_t H, int64_t W, floa
  * over the map, in blocks of float sums added into doubles) and the same selection. The threads
  * split each instance's positions; each sums into its own row of doubles, added in thread order
  * (deterministic for a given thread count). Returns -1 if out of memory, else 0. */
+/* blk[c] += one channels-last row's v*v (SAL_L2) or |v| per channel: the saliency sums'
+ * inner loop, shared by the selection entries. */
+static inline void sal_add_row(float *blk, const float *row, int64_t C, int64_t saliency) {
+    const int64_t nv = C / VW;
+    if (saliency == SAL_L2) {
+        for (int64_t v = 0; v < nv; v++) {
+            const vf u = ld(row + v * VW);
+            st(blk + v * VW, ld(blk + v * VW) + u * u);
+        }
+        for (int64_t c = nv * VW; c < C; c++) blk[c] += row[c] * row[c];
+    } else {
+        for (int64_t v = 0; v < nv; v++)
+            st(blk + v * VW, ld(blk + v * VW) + (vf)((vi)ld(row + v * VW) & 0x7fffffff));
+        for (int64_t c = nv * VW; c < C; c++) blk[c] += row[c] < 0 ? -row[c] : row[c];
+    }
+}
+
 #define NHWC_SAL_BLOCK 64
 int64_t ispc_select_nhwc(const float *x, int64_t N, int64_t C, int64_t HW, const float *scale,
                          int64_t saliency, int64_t mode, float threshold, int64_t k, int64_t *idx,
@@ -1135,7 +1152,6 @@ int64_t ispc_select_nhwc(const float *x, int64_t N, int64_t C, int64_t HW, const
             const int64_t t = omp_get_thread_num(), T = omp_get_num_threads();
             float *blk = (float *)aligned_alloc(64, (size_t)((C + 15) / 16 * 16) * sizeof(float));
             if (!blk) oom = 1;
-            const int64_t nv = C / VW;
             for (int64_t n = 0; blk && n < N; n++) {
                 const int64_t p0 = HW * t / T, p1 = HW * (t + 1) / T;
                 double *acc = part + (t * N + n) * C;
@@ -1143,18 +1159,7 @@ int64_t ispc_select_nhwc(const float *x, int64_t N, int64_t C, int64_t HW, const
                     const int64_t pe = p + NHWC_SAL_BLOCK < p1 ? p + NHWC_SAL_BLOCK : p1;
                     memset(blk, 0, sizeof(float) * (size_t)C);
                     for (int64_t q = p; q < pe; q++) {
-                        const float *row = x + (n * HW + q) * C;
-                        if (saliency == SAL_L2) {
-                            for (int64_t v = 0; v < nv; v++) {
-                                const vf u = ld(row + v * VW);
-                                st(blk + v * VW, ld(blk + v * VW) + u * u);
-                            }
-                            for (int64_t c = nv * VW; c < C; c++) blk[c] += row[c] * row[c];
-                        } else {
-                            for (int64_t v = 0; v < nv; v++)
-                                st(blk + v * VW, ld(blk + v * VW) + (vf)((vi)ld(row + v * VW) & 0x7fffffff));
-                            for (int64_t c = nv * VW; c < C; c++) blk[c] += row[c] < 0 ? -row[c] : row[c];
-                        }
+                        sal_add_row(blk, x + (n * HW + q) * C, C, saliency);
                     }
                     for (int64_t c = 0; c < C; c++) acc[c] += (double)blk[c];
                 }
@@ -1525,7 +1530,7 @@ typedef struct {
 static void nh_select(const float *x, int64_t N, int64_t HW, int64_t C, const float *scale,
                       int64_t saliency, int64_t mode, float threshold, int64_t k, int32_t *ix,
                       int64_t *counts, float *part, float *s, float *tmp, const float *xsums) {
-    const int64_t nb = (HW + NH_SAL_BLOCK - 1) / NH_SAL_BLOCK, nv = C / VW;
+    const int64_t nb = (HW + NH_SAL_BLOCK - 1) / NH_SAL_BLOCK;
     const double hw = HW > 0 ? (double)HW : 1.0;
     if (xsums) {  /* the input's sums from the layer that wrote it: no pass over x */
         #pragma omp for schedule(static)
@@ -1542,18 +1547,7 @@ static void nh_select(const float *x, int64_t N, int64_t HW, int64_t C, const fl
             const int64_t p0 = b * NH_SAL_BLOCK, p1 = p0 + NH_SAL_BLOCK < HW ? p0 + NH_SAL_BLOCK : HW;
             memset(blk, 0, sizeof(float) * C);
             for (int64_t q = p0; q < p1; q++) {
-                const float *row = x + (n * HW + q) * C;
-                if (saliency == SAL_L2) {
-                    for (int64_t v = 0; v < nv; v++) {
-                        const vf u = ld(row + v * VW);
-                        st(blk + v * VW, ld(blk + v * VW) + u * u);
-                    }
-                    for (int64_t c = nv * VW; c < C; c++) blk[c] += row[c] * row[c];
-                } else {
-                    for (int64_t v = 0; v < nv; v++)
-                        st(blk + v * VW, ld(blk + v * VW) + (vf)((vi)ld(row + v * VW) & 0x7fffffff));
-                    for (int64_t c = nv * VW; c < C; c++) blk[c] += row[c] < 0 ? -row[c] : row[c];
-                }
+                sal_add_row(blk, x + (n * HW + q) * C, C, saliency);
             }
         }
     const int64_t cblocks = (C + 63) / 64;  /* the block sums, in block order, 64 channels a task */
