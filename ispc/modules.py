@@ -133,12 +133,7 @@ class GatedConv2d(nn.Module):
     def sliced(self, *, out_keep: Tensor | None = None, in_keep: Tensor | None = None) -> "GatedConv2d":
         """A copy with only the ``out_keep`` output and ``in_keep`` input channels (indices into
         this layer's), the same gate (k at most the channels left) and kernel choice."""
-        w, b, scale = self.weight.detach(), self.bias.detach(), self.scale
-        index = self.in_index if self.in_index is not None else torch.arange(self.in_channels)
-        if out_keep is not None:
-            w, b = w[out_keep], b[out_keep]
-        if in_keep is not None:
-            w, scale, index = w[:, in_keep], scale[in_keep], index[in_keep.to(index.device)]
+        w, b, scale, index = _sliced_tensors(self, out_keep, in_keep)
         new = GatedConv2d(w, b, stride=self.stride, padding=self.padding, dilation=self.dilation,
                           mode=self.mode, threshold=self.threshold, k=min(self.k, int(w.shape[1])),
                           saliency=self.saliency, scale=scale)
@@ -425,12 +420,7 @@ class GatedLinear(GatedConv2d):
     def sliced(self, *, out_keep: Tensor | None = None, in_keep: Tensor | None = None) -> "GatedLinear":
         """A copy with only the ``out_keep`` output and ``in_keep`` input channels (indices into
         this layer's), the same gate and kernel."""
-        w, b, scale = self.weight.detach(), self.bias.detach(), self.scale
-        index = self.in_index if self.in_index is not None else torch.arange(self.in_channels)
-        if out_keep is not None:
-            w, b = w[out_keep], b[out_keep]
-        if in_keep is not None:
-            w, scale, index = w[:, in_keep], scale[in_keep], index[in_keep.to(index.device)]
+        w, b, scale, index = _sliced_tensors(self, out_keep, in_keep)
         new = GatedLinear(w, b, mode=self.mode, threshold=self.threshold,
                           k=min(self.k, int(w.shape[1])), saliency=self.saliency, scale=scale)
         new.in_index = index
@@ -455,6 +445,19 @@ def gate_input(module: nn.Module, x: Tensor) -> Tensor:
     if isinstance(module, (GatedLinear, nn.Linear)):
         return _lk.as_map(x)
     return x
+
+
+def _sliced_tensors(mod: nn.Module, out_keep: Tensor | None, in_keep: Tensor | None
+                    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """A gated layer's weight, bias, saliency scale and input-channel index restricted to the
+    ``out_keep`` output and ``in_keep`` input channels (what ``sliced`` builds its copy from)."""
+    w, b, scale = mod.weight.detach(), mod.bias.detach(), mod.scale
+    index = mod.in_index if mod.in_index is not None else torch.arange(mod.in_channels)
+    if out_keep is not None:
+        w, b = w[out_keep], b[out_keep]
+    if in_keep is not None:
+        w, scale, index = w[:, in_keep], scale[in_keep], index[in_keep.to(index.device)]
+    return w, b, scale, index
 
 
 def full_channels(m: nn.Module) -> tuple[int, int]:
