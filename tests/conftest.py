@@ -40,3 +40,19 @@ def threshold_between(saliency: torch.Tensor, keep: float) -> float:
     if j == v.numel():
         return float(v[-1]) * 2.0 + 1.0
     return float(v[j - 1] + v[j]) * 0.5
+
+
+def gated_layer_errors(compiled, x: torch.Tensor) -> dict[str, float]:
+    """Each gated layer's relative error against its masked-dense reference on the input it saw
+    in one call of ``compiled`` (inputs include a fused residual)."""
+    seen = {}
+    hooks = [m.register_forward_hook(
+        lambda mod, a, o, n=n: seen.__setitem__(n, ([t.clone() for t in a], o.clone())))
+        for n, m in compiled.gated_modules().items()]
+    try:
+        with torch.no_grad():
+            compiled(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {n: rel_err(o, compiled.gated_modules()[n].reference(*i)) for n, (i, o) in seen.items()}

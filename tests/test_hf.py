@@ -12,7 +12,7 @@ import torch
 
 import ispc
 import zoo
-from conftest import rel_err
+from conftest import gated_layer_errors, rel_err
 
 transformers = pytest.importorskip("transformers")
 
@@ -38,20 +38,6 @@ def _data(seed=0, batches=2):
     return [transformers.BatchFeature({"pixel_values": torch.randn(4, 3, 32, 32, generator=g),
                                        "labels": torch.randint(0, 10, (4,), generator=g)})
             for _ in range(batches)]
-
-
-def _layer_errors(compiled, x):
-    seen = {}
-    hooks = [m.register_forward_hook(
-        lambda mod, a, o, n=n: seen.__setitem__(n, ([t.clone() for t in a], o.clone())))
-        for n, m in compiled.gated_modules().items()]
-    try:
-        with torch.no_grad():
-            compiled(x)
-    finally:
-        for h in hooks:
-            h.remove()
-    return {n: rel_err(o, compiled.gated_modules()[n].reference(*i)) for n, (i, o) in seen.items()}
 
 
 @pytest.mark.parametrize("name", zoo.HF_MODELS)
@@ -88,7 +74,7 @@ def test_gated_saved_loaded_and_onnx(name, tmp_path):
         row = c.report.layer("swin.encoder.layers.0.blocks.0.attention.q_proj")
         assert not row.gated and "windows" in row.reason
     x = torch.randn(2, 3, 32, 32)
-    errs = _layer_errors(c, x)
+    errs = gated_layer_errors(c, x)
     assert errs and max(errs.values()) <= 1e-5, errs
     with torch.no_grad():
         want = c(x)

@@ -658,11 +658,7 @@ class NhwcConv:
         (N, C) are ``x``'s for this call's ``saliency``, as the layer that wrote ``x`` computed
         them; ``out_sums`` (N, Cout), if given, receives the output's (after the epilogue, of
         ``out_sums_kind``), computed in the epilogue from the values stored."""
-        if not (x.dim() == 4 and x.dtype == torch.float32 and x.device.type == "cpu"
-                and x.is_contiguous(memory_format=torch.channels_last)):
-            raise DataError(f"x must be a channels-last float32 CPU map (N, C, H, W), got {x.dtype} "
-                            f"{tuple(x.shape)} on {x.device}; use x.contiguous(memory_format="
-                            "torch.channels_last)")
+        _check_nhwc(x, "x")
         n, c, h, w = x.shape
         if c != self.cin:
             raise DataError(f"x has {c} channels, the layer takes {self.cin}")

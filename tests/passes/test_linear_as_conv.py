@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import ispc
-from conftest import rel_err
+from conftest import gated_layer_errors, rel_err
 from ispc.modules import GatedConv2d, LinearConv2d
 from ispc.ops import native
 
@@ -53,19 +53,10 @@ def _compile(model, **kw):
 
 def _check_layers_against_reference(compiled, x):
     """Every gated layer's output equals its masked-dense reference on the input it saw."""
-    seen = {}
-    hooks = [m.register_forward_hook(  # inputs include a fused residual (fuse_epilogues)
-        lambda mod, a, o, n=n: seen.__setitem__(n, ([t.clone() for t in a], o.clone())))
-        for n, m in compiled.gated_modules().items()]
-    try:
-        with torch.no_grad():
-            compiled(x)
-    finally:
-        for h in hooks:
-            h.remove()
-    assert seen
-    for name, (inputs, out) in seen.items():
-        assert rel_err(out, compiled.gated_modules()[name].reference(*inputs)) <= 1e-5, name
+    errs = gated_layer_errors(compiled, x)
+    assert errs
+    for name, err in errs.items():
+        assert err <= 1e-5, name
 
 
 @pytest.mark.parametrize("flatten", FLATTENS)
