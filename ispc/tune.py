@@ -87,6 +87,9 @@ BISECT_TOL = 0.005
 #: the refinement stops after this many steps in a row broke the budget (near the budget's edge
 #: the metric's noise decides most single steps)
 MAX_ROLLBACKS = 6
+#: a refinement step that misses the budget by less than this fraction of ``max_drop`` is tried
+#: again in half steps (between two grid points) instead of freezing its layer
+NARROW = 0.25
 #: interleaved rounds each evaluated candidate is timed in, against the dense model
 LATENCY_ROUNDS = 20
 #: kept fractions each layer's kernels are timed at (target="latency")
@@ -288,6 +291,9 @@ class _Layer:
     ms: list[float] | None = None  #: estimated time per ratio (target="latency")
     allowed: list[bool] = field(default_factory=list)  #: ratios the search may use
     mask: Tensor | None = None  #: static: the input-channel mask now applied
+    #: per ratio: on :data:`GRID` (True) or a half step between two grid points (False), which
+    #: only the refinement takes and whose sensitivity is interpolated, not measured
+    coarse: list[bool] = field(default_factory=list)
 
     def setting_for(self, ratio: float, mode: str, multiple: int, sample: Tensor | None) -> float | int:
         if mode == "threshold":
@@ -306,6 +312,22 @@ def _leaves(out: Any) -> list[Tensor]:
     if isinstance(out, (tuple, list)):
         return [t for v in out for t in _leaves(v)]
     return []
+
+
+def _on_grid(lay: _Layer, values: list[Any]) -> list[Any]:
+    """``values`` (one per ratio of ``lay``) at its :data:`GRID` points only."""
+    return [v for v, on in zip(values, lay.coarse) if on]
+
+
+def _expand(lay: _Layer, curve: list[float]) -> None:
+    """Set ``lay.proxy`` from its sensitivity at the grid points: a half step's is the mean of its
+    neighbours' (it is not measured)."""
+    it = iter(curve)
+    proxy = [next(it) if on else math.nan for on in lay.coarse]
+    for i, on in enumerate(lay.coarse):
+        if not on:
+            proxy[i] = (proxy[i - 1] + proxy[i + 1]) / 2
+    lay.proxy = proxy
 
 
 class _Search:
@@ -409,21 +431,34 @@ class _Search:
         stats, facts = rec.stats, rec.layer
         sample = stats.sample
         c = int(mod.in_channels)
-        ratios, settings, kept, dead = [], [], [], []
-        for r in GRID:
+
+        def point(r: float) -> tuple[float, float | int]:
             if self.static:
                 s: float | int = kept_count(r, c)
-                ratio = 1.0 if s == c else s / c
-            elif self.base.mode == "topk":
+                return (1.0 if s == c else s / c), s
+            if self.base.mode == "topk":
                 s = choose_k(c, r, self.base.channel_multiple)
-                ratio = 1.0 if s == c else s / c
-            else:
-                s = choose_threshold(sample, r)
-                ratio = r
-            if settings and s == settings[-1]:
-                continue
+                return (1.0 if s == c else s / c), s
+            return r, choose_threshold(sample, r)
+
+        grid: list[tuple[float, float | int]] = []
+        for r in GRID:
+            ratio, s = point(r)
+            if not grid or s != grid[-1][1]:
+                grid.append((ratio, s))
+        # half steps between neighbouring grid points, for the refinement only (no sensitivity)
+        points: list[tuple[float, float | int, bool]] = []
+        for i, (ratio, s) in enumerate(grid):
+            points.append((ratio, s, True))
+            if i + 1 < len(grid):
+                half, hs = point(round((ratio + grid[i + 1][0]) / 2, 6))
+                if hs != s and hs != grid[i + 1][1] and grid[i + 1][0] < half < ratio:
+                    points.append((half, hs, False))
+        ratios, settings, kept, dead, coarse = [], [], [], [], []
+        for ratio, s, on_grid in points:
             ratios.append(ratio)
             settings.append(s)
+            coarse.append(on_grid)
             if self.static or self.base.mode == "topk":
                 kept.append(s / c)
                 if ratio >= 1.0:
@@ -442,7 +477,7 @@ class _Search:
         return _Layer(name=facts.name, target=node.target, node=node, module=mod, original=original,
                       channels=c, out_channels=int(facts.out_channels), macs=float(facts.macs or 0),
                       cv=float(rec.gate.cv or 0.0), ratios=ratios, settings=settings, kept=kept,
-                      dead=dead, allowed=[True] * len(ratios))
+                      dead=dead, allowed=[True] * len(ratios), coarse=coarse)
 
     # ---- budget, clock, cache --------------------------------------------------------------
 
@@ -847,11 +882,11 @@ class _Search:
                            "config": self.search_cfg.to_dict()}, sort_keys=True)
         stored = self.cache["sensitivity"].get(skey, {})
         todo = [lay for lay in self.layers.values()
-                if stored.get(lay.target, {}).get("ratios") != lay.ratios]
+                if stored.get(lay.target, {}).get("ratios") != _on_grid(lay, lay.ratios)]
         for lay in self.layers.values():
             if lay not in todo:
-                lay.proxy = [v if v is not None else math.inf for v in stored[lay.target]["proxy"]]
-        total = sum(len(lay.ratios) - 1 for lay in todo)
+                _expand(lay, [v if v is not None else math.inf for v in stored[lay.target]["proxy"]])
+        total = sum(sum(lay.coarse) - 1 for lay in todo)
         bar = tqdm(total=total, desc="ispc tune: sensitivity", disable=not self.progress, leave=False)
         try:
             self._sensitivity(todo, stored, skey, bar)
@@ -863,21 +898,24 @@ class _Search:
     def _sensitivity(self, todo: list[_Layer], stored: dict[str, Any], skey: str, bar: Any) -> None:
         per = None
         for lay in todo:
-            lay.proxy = [0.0]
+            curve = [0.0]
             for i in range(1, len(lay.ratios)):
-                if lay.proxy[-1] > PROXY_CAP:
-                    lay.proxy.append(math.inf)
+                if not lay.coarse[i]:
+                    continue
+                if curve[-1] > PROXY_CAP:
+                    curve.append(math.inf)
                     bar.update(1)
                     continue
                 self.check_time(per or 0.0)
                 t0 = clock()
                 self.set_layer(lay, lay.settings[i])
-                lay.proxy.append(self.proxy())
+                curve.append(self.proxy())
                 per = clock() - t0
                 bar.update(1)
             self.set_layer(lay, None)
-            stored[lay.target] = {"ratios": lay.ratios,
-                                  "proxy": [v if math.isfinite(v) else None for v in lay.proxy]}
+            _expand(lay, curve)
+            stored[lay.target] = {"ratios": _on_grid(lay, lay.ratios),
+                                  "proxy": [v if math.isfinite(v) else None for v in curve]}
             self.cache["sensitivity"][skey] = stored
 
     def path(self) -> list[dict[str, int]]:
@@ -894,7 +932,7 @@ class _Search:
             for t, lay in self.layers.items():
                 i = idx[t]
                 for j in range(i + 1, len(lay.ratios)):
-                    if not lay.allowed[j] or not math.isfinite(env[t][j]):
+                    if not lay.coarse[j] or not lay.allowed[j] or not math.isfinite(env[t][j]):
                         continue
                     ds = self._saving(lay, i, j, idx)
                     if ds <= 0:
@@ -928,15 +966,20 @@ class _Search:
     def refine(self, idx: dict[str, int]) -> None:
         """From ``idx``, single-layer steps, the one adding the least output error per unit of
         cost saved first, each checked with the metric; a step that breaks the budget is rolled
-        back and its layer frozen; :data:`MAX_ROLLBACKS` in a row end it."""
+        back and its layer frozen, unless it missed the budget narrowly (by less than
+        :data:`NARROW` of ``max_drop``): that layer goes on in half steps. :data:`MAX_ROLLBACKS`
+        in a row end it."""
         frozen: set[str] = set()
+        halved: set[str] = set()  # layers that take half steps (between grid points) from now on
+        narrow = NARROW * (self.dense_metric - self.floor_value)
         failed = 0
         while failed < MAX_ROLLBACKS:
-            moves = [(t, idx[t] + 1) for t, lay in self.layers.items()
-                     if t not in frozen and idx[t] + 1 < len(lay.ratios) and
-                     any(lay.allowed[j] for j in range(idx[t] + 1, len(lay.ratios)))]
-            moves = [(t, next(j for j in range(i, len(self.layers[t].ratios))
-                              if self.layers[t].allowed[j])) for t, i in moves]
+            moves = []
+            for t, lay in self.layers.items():
+                j = next((j for j in range(idx[t] + 1, len(lay.ratios))
+                          if lay.allowed[j] and (lay.coarse[j] or t in halved)), None)
+                if t not in frozen and j is not None:
+                    moves.append((t, j))
             if not moves:
                 return
             _, _, samples = self.realize(idx)
@@ -955,7 +998,7 @@ class _Search:
                 lay.module.threshold, lay.module.k, lay.mask = old
                 ranked.append((max(err - base_err, 0.0) / ds, -ds, -lay.cv, lay.name, t, j, err))
             ranked.sort()
-            accepted = False
+            accepted = reopened = False
             for *_, t, j, err in ranked:
                 if failed >= MAX_ROLLBACKS:
                     break
@@ -968,11 +1011,19 @@ class _Search:
                     accepted = True
                     failed = 0
                     break
-                frozen.add(t)
                 failed += 1
-                if trial.phase == "greedy" and not trial.note.endswith("(rolled back)"):
-                    trial.note += " (rolled back)"
-            if not accepted:
+                half = any(lay.allowed[h] for h in range(idx[t] + 1, j))
+                if t not in halved and half and \
+                        trial.metric - trial.margin >= self.floor_value - narrow - 1e-12:
+                    halved.add(t)
+                    reopened = True
+                    why = " (rolled back; half steps next)"
+                else:
+                    frozen.add(t)
+                    why = " (rolled back)"
+                if trial.phase == "greedy" and "(rolled back" not in trial.note:
+                    trial.note += why
+            if not accepted and not reopened:
                 return
 
     def run(self) -> CompiledModel:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 
 import pytest
 import torch
@@ -135,6 +136,81 @@ def test_per_sample_scores_keep_a_margin_for_the_noise(setup):
     with pytest.raises(ispc.DataError, match="same samples in the same order"):
         calls = iter(range(100))
         _tune(setup, evaluate=lambda m: torch.ones(10 + next(calls)), max_evaluations=3)
+
+
+def _mac_metric(m):
+    """A synthetic metric: 100 less the MACs cut in percent (the model as given scores 100), so
+    the budget is a MAC cut the search must approach from below."""
+    return 100.0 - (100.0 * m.report.summary["mac_reduction"] if hasattr(m, "report") else 0.0)
+
+
+@pytest.mark.parametrize("max_drop", [20.0, 30.0, 40.0])
+def test_half_steps_after_a_narrow_miss(setup, max_drop):
+    """The path and the grid steps use GRID's ratios; a refinement step that misses the budget by
+    less than NARROW of it is retried in half steps (between two grid points), one that misses by
+    more freezes its layer; the budget holds throughout."""
+    rep = _tune(setup, evaluate=_mac_metric, max_drop=max_drop).tuning
+    grid = set(tune_module.GRID)
+    assert rep.best.feasible and 100 * rep.best.mac_reduction <= max_drop + 1e-9
+    for t in rep.trials:
+        assert t.feasible == (t.metric >= rep.floor - 1e-12)
+        if t.phase == "path":
+            assert set(t.ratios.values()) <= grid
+    narrow = tune_module.NARROW * max_drop
+    halved = []
+    for t in rep.trials:
+        if t.phase != "greedy" or "(rolled back" not in t.note:
+            continue
+        step = float(t.note.split()[1].split("->")[1])
+        if t.note.endswith("(rolled back; half steps next)"):
+            assert rep.floor - t.metric < narrow and step in grid
+            halved.append(t.index)
+        elif step in grid:  # a grid step that missed by more: its layer frozen at once
+            assert rep.floor - t.metric >= narrow
+    assert halved, "no narrow miss on this toy: change max_drop"
+    # half steps were tried after the first narrow miss
+    assert any(set(t.ratios.values()) - grid for t in rep.trials[min(halved):])
+
+
+def test_layers_grid_and_half_steps(setup, monkeypatch):
+    """Each layer's ratios: the distinct GRID settings, with a half step between two of them only
+    where it gives a setting of its own; sensitivity is measured at grid points only."""
+    model, calib, val = setup
+    calls = []
+    real = tune_module._Search.proxy
+
+    def counted(self):
+        calls.append(1)
+        return real(self)
+
+    for mode in ("threshold", "topk"):
+        search = tune_module._Search(
+            model, calib, ispc.tune.top1(val), base=ispc.GatingConfig(mode=mode), max_drop=1.0,
+            relative=False, target="macs", static=False, seed=0, progress=False,
+            time_budget_s=None, max_evaluations=None, cache=None, confidence=0.9)
+        search.build()
+        search.load_cache()
+        for lay in search.layers.values():
+            assert lay.coarse[0] and lay.ratios[0] == 1.0 and len(lay.coarse) == len(lay.ratios)
+            assert all(a > b for a, b in zip(lay.ratios, lay.ratios[1:]))
+            assert len(set(lay.settings)) == len(lay.settings)
+            for i, on in enumerate(lay.coarse):
+                if not on:  # between two grid points
+                    assert lay.coarse[i - 1] and lay.coarse[i + 1]
+            if mode == "threshold":
+                assert {r for r, on in zip(lay.ratios, lay.coarse) if on} <= set(tune_module.GRID)
+        assert any(not on for lay in search.layers.values() for on in lay.coarse)
+        calls.clear()
+        with monkeypatch.context() as mp:
+            mp.setattr(tune_module._Search, "proxy", counted)
+            search.sensitivity()
+        measured = sum(sum(lay.coarse) - 1 for lay in search.layers.values())
+        assert 0 < len(calls) <= measured
+        for lay in search.layers.values():
+            for i, on in enumerate(lay.coarse):
+                if not on:
+                    assert lay.proxy[i] == pytest.approx((lay.proxy[i - 1] + lay.proxy[i + 1]) / 2) \
+                        or not math.isfinite(lay.proxy[i + 1])
 
 
 def test_deterministic_for_a_seed(setup):
