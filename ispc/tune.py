@@ -21,8 +21,8 @@ validation data), so the search spends it sparingly and does the rest on the cal
    are often negligible give up channels first;
 5. a bisection along that path with the metric (a handful of evaluations), then a greedy
    refinement around the best point found: single-layer steps ranked by the error they add to
-   the current model, each checked with the metric and rolled back (the layer then frozen) when
-   it breaks the budget.
+   the current model, each checked with the metric and rolled back when it breaks the budget
+   (the layer then frozen, or, after a narrow miss, taking half steps between grid points).
 
 Every evaluated candidate is the model ``ispc.compile(model, data, config=candidate_config)``
 builds (the rest of the compile pipeline runs on a copy of the search graph), so the returned
