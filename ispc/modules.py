@@ -23,8 +23,10 @@ MODE_CODES = {"threshold": _gc.THRESHOLD, "topk": _gc.TOPK}
 #: itself; larger ones (batch 32) get them in one pass after it (``native.epilogue``), which
 #: measured faster
 EPILOGUE_MAX_BYTES = 16 << 20
-#: activations a gated layer's epilogue can apply -> the native kernel's clamp range
-ACTIVATIONS = {None: _native.NO_CLAMP, "relu": _native.RELU, "relu6": _native.RELU6}
+#: activations a gated layer's epilogue can apply -> the native kernel's clamp range (``gelu``:
+#: :class:`GatedLinear` only, applied by the channels-last kernel, else in PyTorch)
+ACTIVATIONS = {None: _native.NO_CLAMP, "relu": _native.RELU, "relu6": _native.RELU6,
+               "gelu": _native.GELU}
 
 
 def apply_activation(out: Tensor, act: str | None) -> Tensor:
@@ -34,6 +36,8 @@ def apply_activation(out: Tensor, act: str | None) -> Tensor:
         return torch.relu(out)
     if act == "relu6":
         return F.relu6(out)
+    if act == "gelu":
+        return F.gelu(out)
     return out
 #: the native kernel's orientations by name (what records and reports say) -> its codes
 ORIENTATIONS = {"pix": _native.ORIENT_PIX, "co": _native.ORIENT_CO, "full": _native.ORIENT_FULL,
@@ -277,9 +281,10 @@ class GatedConv2d(nn.Module):
         and the activation (on a 98 MB ResNet-50 output 19.9 ms out of place, 12.3 ms as ``add_``
         and ``relu_``). Only a tensor of its own is written: a view could be the layer's bias (an
         instance that keeps no channel) or a linear layer's output. What the C pass cannot take
-        (a view, no native library, another dtype, a residual that broadcasts or needs gradients)
-        goes through :meth:`_epilogue`."""
-        if (out._base is None and (out.is_contiguous() or _native.is_channels_last(out))
+        (a GELU, a view, no native library, another dtype, a residual that broadcasts or needs
+        gradients) goes through :meth:`_epilogue`."""
+        if (self.act != "gelu" and out._base is None
+                and (out.is_contiguous() or _native.is_channels_last(out))
                 and out.dtype == torch.float32 and _native.available()
                 and (residual is None or self._c_reads(residual, out))):
             return _native.epilogue(out, residual, ACTIVATIONS[self.act])

@@ -12,6 +12,12 @@ the layer computes ``act(conv + bias + residual)`` in that order, as the unfused
 every other path (autograd, export, ONNX, CUDA) runs the same ops in PyTorch
 (:meth:`~ispc.modules.GatedConv2d._epilogue`).
 
+A gated linear layer also takes the exact GELU after it (ConvNeXt's ``pwconv1``, the
+transformers' ``fc1``): the channels-last kernel applies it in its epilogue (ConvNeXt-T's
+``pwconv1`` shapes at keep 0.5, batch 1, 2-core Xeon: 0.69 ms fused vs 0.90 ms kernel + ``F.gelu``
+at 56x56x384), the other kernels after them in PyTorch. A convolution does not (its kernels
+clamp only), nor a max-pool (GELU does not commute with max).
+
 A node is fused only when it is the single user of what it consumes (nothing else reads the
 conv's output before the add or activation), and an in-place add only when it writes into the
 conv's output, not into the residual (whose other readers would otherwise lose the update).
@@ -26,12 +32,12 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from ispc.modules import GatedConv2d, NhwcDenseConv2d, StridedMaxPool2d
+from ispc.modules import GatedConv2d, GatedLinear, NhwcDenseConv2d, StridedMaxPool2d
 from ispc.records import KEY, Epilogue
 
 from .base import PassState, module_call_counts, records, register_pass
 
-__all__ = ["fuse_epilogues", "activation_of", "residual_of"]
+__all__ = ["fuse_epilogues", "activation_of", "gelu_of", "residual_of"]
 
 _ADDS = {operator.add, torch.add, torch.ops.aten.add.Tensor}
 _INPLACE_ADDS = {operator.iadd, torch.ops.aten.add_.Tensor}
@@ -58,6 +64,23 @@ def activation_of(gm: fx.GraphModule, node: fx.Node) -> str | None:
     if node.op == "call_method" and node.target in _ACT_METHODS and len(node.args) == 1 \
             and not node.kwargs:
         return _ACT_METHODS[node.target]
+    return None
+
+
+_GELU_FUNCTIONS = {F.gelu, torch.ops.aten.gelu.default}
+
+
+def gelu_of(gm: fx.GraphModule, node: fx.Node) -> str | None:
+    """``"gelu"`` when ``node`` applies the exact (erf) GELU to its first argument, else None: a
+    gated linear layer's epilogue takes it (ConvNeXt's ``pwconv1 -> GELU``, the transformers'
+    ``fc1 -> GELU``). Apart from :func:`activation_of`: it does not commute with max-pooling."""
+    if node.op == "call_module":
+        mod = gm.get_submodule(node.target)
+        return "gelu" if type(mod) is nn.GELU and mod.approximate == "none" else None
+    if node.op == "call_function" and node.target in _GELU_FUNCTIONS and len(node.args) == 1 \
+            and set(node.kwargs) <= {"approximate"} \
+            and node.kwargs.get("approximate", "none") == "none":
+        return "gelu"
     return None
 
 
@@ -100,10 +123,13 @@ def fuse_epilogues(gm: fx.GraphModule, state: PassState) -> fx.GraphModule:
         if user is not None and (r := residual_of(user, node)) is not None:
             chain.append(user)
             residual, user = r, _only_user(user)
-        if user is not None and (a := activation_of(gm, user)) is not None:
+        if user is not None and ((a := activation_of(gm, user)) is not None or (
+                isinstance(mod, GatedLinear) and (a := gelu_of(gm, user)) is not None)):
             chain.append(user)
             act = a
         if len(chain) == 1:
+            if isinstance(mod, GatedLinear) and _act_after_reshape(gm, node):
+                fused += 1
             continue
         tail = chain[-1]
         with gm.graph.inserting_before(tail):  # the residual is defined before the add that read it
@@ -127,6 +153,31 @@ def fuse_epilogues(gm: fx.GraphModule, state: PassState) -> fx.GraphModule:
         state.notes.append(f"moved {moved} activation(s) after the non-overlapping max-pool that "
                            "reads them, into the pool's pass (fuse_epilogues)")
     return gm
+
+
+_RESHAPES = {torch.ops.aten.reshape.default, torch.ops.aten.view.default, torch.reshape}
+
+
+def _act_after_reshape(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """``act(reshape(linear(x)))`` -> ``reshape(linear_act(x))`` for a gated linear layer (an
+    elementwise activation commutes with the reshape; a loaded archive's program holds the
+    layer between the reshapes of its map view). Returns whether it fused."""
+    shape = _only_user(node)
+    if shape is None or shape.args[0] is not node or not (
+            (shape.op == "call_function" and shape.target in _RESHAPES)
+            or (shape.op == "call_method" and shape.target in ("reshape", "view"))):
+        return False
+    user = _only_user(shape)
+    if user is None or user.args[0] is not shape:
+        return False
+    act = activation_of(gm, user) or gelu_of(gm, user)
+    if act is None:
+        return False
+    user.replace_all_uses_with(shape)
+    gm.graph.erase_node(user)
+    gm.get_submodule(node.target).act = act
+    records(node).epilogue = Epilogue(act=act)
+    return True
 
 
 def _acts_into_pools(gm: fx.GraphModule, calls: dict[str, int]) -> int:

@@ -32,7 +32,7 @@ from ..errors import ConfigError, DataError
 
 __all__ = ["ORIENT_PIX", "ORIENT_CO", "ORIENT_FULL", "ORIENT_CL", "available", "full_window", "unavailable_reason",
            "pack_weight", "is_channels_last", "select", "gather", "epilogue", "maxpool2x2",
-           "NativeLayer", "orientation_for", "supports", "NO_CLAMP", "RELU", "RELU6",
+           "NativeLayer", "orientation_for", "supports", "NO_CLAMP", "RELU", "RELU6", "GELU",
            "DENSE", "NhwcConv", "pack_weight_nhwc", "DepthwiseConv3x3"]
 
 ORIENT_PIX = 0  #: vector lanes over output pixels (large feature maps)
@@ -66,6 +66,9 @@ _i64, _ptr = ctypes.c_int64, ctypes.c_void_p
 NO_CLAMP = (-math.inf, math.inf)
 RELU = (0.0, math.inf)
 RELU6 = (0.0, 6.0)
+#: the exact (erf) GELU instead of a clamp: NhwcConv's epilogue only (``ispc_conv_nhwc``); the
+#: other kernels read a NaN range as no clamp
+GELU = (math.nan, math.nan)
 
 
 class _Layer(ctypes.Structure):

@@ -1306,13 +1306,61 @@ static int nh_mr(int64_t nv) {
     return nv == 4 ? NH_MR4 : nv == 3 ? NH_MR3 : nv == 2 ? NH_MR2 : nv == 1 ? NH_MR1 : 0;
 }
 
-/* lanes [0, n) of v (+ bias, residual, clamp) to dst: the epilogue of one output vector */
+/* The NHWC epilogue's activation: clamp code 1 is [lo, hi] (ReLU, ReLU6); NH_GELU, chosen by
+ * lo = hi = NaN (native.GELU), is the exact GELU 0.5 v (1 + erf(v / sqrt 2)) with PyTorch's CPU erf
+ * (Abramowitz-Stegun 7.1.26, |error| < 1.5e-7) and a Cephes exp: ConvNeXt's pwconv1 -> GELU in
+ * one pass over its output instead of two. */
+#define NH_GELU 2
+
+/* exp(x) for x <= 0, flushed to exp(-87) below -87 (the GELU's use: exp(-z * z)) */
+static inline vf nh_exp_neg(vf x) {
+    const vf floor = (vf){0} - 87.0f;
+    const vi m = x < floor;
+    x = (vf)(((vi)x & ~m) | ((vi)floor & m));
+    const vi n = __builtin_convertvector(x * 1.44269504088896341f - 0.5f, vi);  /* round, x <= 0 */
+    const vf nf = __builtin_convertvector(n, vf);
+    const vf r = x - nf * 0.693359375f + nf * 2.12194440e-4f;
+    vf p = (vf){0} + 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    const vf e = p * (r * r) + r + 1.0f;
+    return e * (vf)((n + 127) << 23);
+}
+
+static inline vf nh_gelu(vf v) {
+    const vf z = v * 0.70710678118654752f, one = (vf){0} + 1.0f;
+    const vi sign = (vi)z & (int32_t)0x80000000;
+    const vf a = (vf)((vi)z & 0x7fffffff);
+    const vf d = a * 0.3275911f + 1.0f;
+#if defined(__AVX512F__)  /* 1 / d: rcp14 and a Newton step (a division took 2/3 of the GELU) */
+    vf t = (vf)_mm512_rcp14_ps((__m512)d);
+    t = t * (2.0f - d * t);
+#else
+    const vf t = one / d;
+#endif
+    vf r = (vf){0} + 1.061405429f;
+    r = r * t - 1.453152027f;
+    r = r * t + 1.421413741f;
+    r = r * t - 0.284496736f;
+    r = r * t + 0.254829592f;
+    const vf erf = (vf)((vi)(one - r * t * nh_exp_neg(-(z * z))) ^ sign);
+    return (v * 0.5f) * (erf + 1.0f);
+}
+
+static inline vf nh_act(vf v, int code, float lo, float hi) {
+    return code == NH_GELU ? nh_gelu(v) : clampv(v, lo, hi);
+}
+
+/* lanes [0, n) of v (+ bias, residual, activation) to dst: the epilogue of one output vector */
 static inline vf nh_store(float *dst, vf v, const float *bias, const float *res, int n, float lo,
                           float hi, int clamp) {
     if (n >= VW) {  /* AVX-512: a masked store measured 8x slower than a plain one into uncached lines */
         v += ld(bias);
         if (res) v += ld(res);
-        v = clamp ? clampv(v, lo, hi) : v;
+        v = clamp ? nh_act(v, clamp, lo, hi) : v;
         st(dst, v);
         return v;
     }
@@ -1320,7 +1368,7 @@ static inline vf nh_store(float *dst, vf v, const float *bias, const float *res,
     const __mmask16 m = (__mmask16)((1u << n) - 1u);
     v += (vf)_mm512_maskz_loadu_ps(m, bias);
     if (res) v += (vf)_mm512_maskz_loadu_ps(m, res);
-    if (clamp) v = clampv(v, lo, hi);
+    if (clamp) v = nh_act(v, clamp, lo, hi);
     _mm512_mask_storeu_ps(dst, m, (__m512)v);
     return (vf)_mm512_maskz_mov_ps(m, (__m512)v);
 #else
@@ -1328,8 +1376,12 @@ static inline vf nh_store(float *dst, vf v, const float *bias, const float *res,
     st(t, v);
     for (int l = 0; l < VW; l++) {
         float u = l < n ? t[l] + bias[l] + (res ? res[l] : 0.0f) : 0.0f;
-        t[l] = clamp && l < n ? (u < lo ? lo : u > hi ? hi : u) : u;
+        t[l] = clamp == 1 && l < n ? (u < lo ? lo : u > hi ? hi : u) : u;
         if (l < n) dst[l] = t[l];
+    }
+    if (clamp == NH_GELU) {  /* lanes past n are 0, and GELU(0) = 0 */
+        st(t, nh_gelu(ld(t)));
+        for (int l = 0; l < n; l++) dst[l] = t[l];
     }
     return ld(t);
 #endif
@@ -1404,7 +1456,7 @@ typedef struct {
                 float *d = (e)->out + i * (e)->ostride + j * VW;                                 \
                 vf v = acc[i][j] + bv[j];                                                        \
                 if ((e)->res) v += ld((e)->res + i * (e)->ostride + j * VW);                     \
-                v = (e)->clamp ? clampv(v, (e)->lo, (e)->hi) : v;                                \
+                v = (e)->clamp ? nh_act(v, (e)->clamp, (e)->lo, (e)->hi) : v;                    \
                 st(d, v);                                                                        \
                 if ((e)->yrow) sq[j] += sum_term(v, (e)->ykind);                                 \
             }                                                                                    \
@@ -1716,8 +1768,8 @@ int64_t ispc_conv_nhwc_workspace(const ispc_nhwc_layer_t *L, int64_t N, int64_t 
 }
 
 /* The layer on x (N, H, W, C) float32 channels-last: out (N, Ho, Wo, cout) = clamp(conv(x masked
- * to each instance's kept channels) + bias + res, lo, hi), res (NULL: none) of the output's shape.
- * mode: MODE_TOPK (k channels), MODE_THRESHOLD (saliency >= threshold) or NHWC_DENSE (all).
+ * to each instance's kept channels) + bias + res, lo, hi), res (NULL: none) of the output's shape;
+ * lo = hi = NaN: the exact GELU instead of the clamp (NH_GELU). mode: MODE_TOPK (k channels), MODE_THRESHOLD (saliency >= threshold) or NHWC_DENSE (all).
  * counts (N,) receives each instance's kept count (NULL: not wanted); sums (NULL: none) the
  * input's saliency sums and/or where the output's go. Returns 0, or the workspace (floats) it
  * needs when ws_floats is smaller (nothing computed). */
@@ -1731,7 +1783,7 @@ int64_t ispc_conv_nhwc(const ispc_nhwc_layer_t *L, const float *x, int64_t N, in
     nh_plan(&P, &g, mode, k, sums, threads);
     if (P.total > ws_floats) return P.total;
     const int64_t C = L->C, HW = H * W, out_n = g.Ho * g.Wo * L->cout, cs = g.cob * g.nr;
-    const int clamp = lo > -__builtin_inff() || hi < __builtin_inff();
+    const int clamp = lo != lo ? NH_GELU : lo > -__builtin_inff() || hi < __builtin_inff();
     float *zeros = ws, *w = ws + P.zeros;
     memset(zeros, 0, sizeof(float) * P.zeros);
     double *ysums = P.sums ? (double *)w : 0;

@@ -140,6 +140,29 @@ def test_fused_residual_epilogue():
             assert rel_err(layer(x, r), layer.reference(x) + r) <= 1e-5
 
 
+def test_fused_gelu_epilogue():
+    # the channels-last kernel applies the GELU in its epilogue, the others after it in PyTorch;
+    # with a residual, gelu(linear + residual); autograd and keep-all paths too
+    layer = _layer(k=8)
+    layer.act = "gelu"
+    x, r = torch.randn(2, 3, 3, 24) * 2, torch.randn(2, 3, 3, 40)
+    for strategy, orient in KERNELS:
+        layer.set_strategy(strategy, orient)
+        layer.residual_add = False
+        with torch.no_grad():
+            assert rel_err(layer(x), F.gelu(_masked_dense(layer, x).float())) <= 1e-5, strategy
+            layer.residual_add = True
+            assert rel_err(layer(x, r), F.gelu(_masked_dense(layer, x).float() + r)) <= 1e-5
+    assert rel_err(layer.reference(x, r), F.gelu(_masked_dense(layer, x).float() + r)) <= 1e-5
+    xg = x.clone().requires_grad_()
+    layer(xg, r).sum().backward()
+    assert xg.grad is not None and xg.grad.abs().sum() > 0
+    full = _layer(k=24)
+    full.act = "gelu"
+    with torch.no_grad():
+        assert rel_err(full(x), F.gelu(F.linear(x, full.weight.reshape(40, 24), full.bias))) <= 1e-6
+
+
 @pytest.mark.skipif(not lk.nhwc_available(), reason="this build has no channels-last native kernel")
 def test_nhwc_kernel_slot():
     layer = _layer(k=10)

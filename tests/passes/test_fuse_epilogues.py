@@ -242,3 +242,50 @@ def test_activations_move_into_the_max_pool_after_them(mode, tmp_path):
                if isinstance(m, StridedMaxPool2d)) == 2
     with torch.no_grad():
         assert rel_err(whole(x), model(x)) <= 1e-5
+
+
+class LinearGelu(nn.Module):
+    """ConvNeXt's pointwise pair on an NHWC map (``fc1 -> GELU -> fc2``) and the GELUs the pass
+    must leave alone: after a convolution, the tanh approximation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 24, 3, padding=1)
+        self.conv2 = nn.Conv2d(24, 24, 3, padding=1)
+        self.fc1, self.fc2, self.fc3 = nn.Linear(24, 48), nn.Linear(48, 24), nn.Linear(24, 24)
+        self.act = nn.GELU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.gelu(self.conv(x))
+        x = F.gelu(self.conv2(x))                           # a convolution's GELU: not fused
+        y = x.permute(0, 2, 3, 1)
+        y = self.fc2(self.act(self.fc1(y)))                 # nn.GELU after fc1: fused
+        y = F.gelu(self.fc3(y), approximate="tanh")         # tanh approximation: not fused
+        return y.permute(0, 3, 1, 2)
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_gelu_fuses_into_gated_linear_layers_only(capture, tmp_path):
+    torch.manual_seed(0)
+    model = LinearGelu().eval()
+    fused = _compile(model, True, capture=capture)
+    plain = _compile(model, False, capture=capture)
+    acts = {n.rsplit(".", 1)[-1]: m.act for n, m in fused.gated_modules().items()}
+    assert acts.get("fc1") == "gelu" and acts.get("conv2") is None and acts.get("fc3") is None
+    x = torch.randn(3, 3, 12, 12)
+    with torch.no_grad():
+        a, b = fused(x), plain(x)
+    assert rel_err(a, b) <= 1e-5
+    errs = []
+    hooks = [m.register_forward_hook(lambda mod, i, o: errs.append(rel_err(o, mod.reference(*i))))
+             for m in fused.gated_modules().values()]
+    with torch.no_grad():
+        fused(x)
+    for h in hooks:
+        h.remove()
+    assert errs and max(errs) <= 1e-5
+    # the archive holds the GELU as an ATen node after the gated op: ispc.load fuses it again
+    loaded = ispc.load(ispc.save(fused, tmp_path / "m.ispc"))
+    assert {n.rsplit(".", 1)[-1]: m.act for n, m in loaded.gated_modules().items()}.get("fc1") == "gelu"
+    with torch.no_grad():
+        assert rel_err(loaded(x), a) <= 1e-5
