@@ -10,6 +10,11 @@ gated, and for those left dense, why (the report's reason, with the measured tim
 
     cpulock python benchmarks/transformers_speed.py --models convnext_tiny swin_tiny vit_small \\
         --threads 2 --json results.json
+
+``--runtimes onnxruntime`` (names of :data:`ispc.runtimes.DENSE_RUNTIMES`) also times the dense
+model in those runtimes and the compiled model saved and loaded, each in processes of its own
+(:func:`ispc.runtimes.time_runtimes`): ispc against the fastest dense runtime, not only against
+its own dense graph.
 """
 from __future__ import annotations
 
@@ -22,9 +27,9 @@ import warnings
 import torch
 
 import ispc
-from ispc.benchmark import (benchmark, dense_baseline, layer_breakdown, results_table,
-                            retain_freed_memory)
-from ispc.runtimes import machine_info
+from ispc.benchmark import (benchmark, dense_baseline, input_batches, layer_breakdown,
+                            results_table, retain_freed_memory)
+from ispc.runtimes import DENSE_RUNTIMES, machine_info, runtimes_table, time_runtimes
 
 MODELS = ("convnext_tiny", "swin_tiny", "vit_small")
 
@@ -88,6 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--per-layer", action="store_true",
                    help="also time every conv/linear layer dense and gated at the smallest batch "
                         "size (hooks inside whole-model runs), and what runs outside them")
+    p.add_argument("--runtimes", nargs="+", default=[], choices=DENSE_RUNTIMES,
+                   help="also time the dense model in these runtimes and the compiled model "
+                        "saved and loaded, each in processes of its own, at the smallest batch")
+    p.add_argument("--runtime-rounds", type=int, default=3, help="processes per runtime")
     p.add_argument("--json")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -135,6 +144,14 @@ def main(argv: list[str] | None = None) -> int:
                   f"{pl['gated_gated_ms']:.2f}, layers left dense {pl['other_layers_dense_ms']:.2f}"
                   f" -> {pl['other_layers_gated_ms']:.2f}, outside conv/linear layers "
                   f"{pl['outside_dense_ms']:.2f} -> {pl['outside_gated_ms']:.2f}")
+        if args.runtimes:
+            bs = min(args.batch_sizes)
+            timings = time_runtimes(model, compiled, input_batches(
+                bs, input_shape=(3, args.image_size, args.image_size)), runtimes=args.runtimes,
+                threads=args.threads, rounds=args.runtime_rounds, calls=args.rounds, name=name,
+                progress=False)
+            print(runtimes_table(timings))
+            record["runtimes"] = [t.to_dict() for t in timings]
         out.append(record)
     env = {k: v for k, v in machine_info(args.threads).items() if k not in ("runtimes", "allocator")}
     if args.json:

@@ -102,9 +102,9 @@ def _prepare(job: dict, batches: list) -> tuple[Callable[[Any], Any], dict[str, 
             with torch.no_grad():
                 return model(t)
 
-        def to_numpy(out):
-            while isinstance(out, (tuple, list)):
-                out = out[0]
+        def to_numpy(out):  # the first tensor of a tuple, list or dict (a ModelOutput's logits)
+            while isinstance(out, (tuple, list, dict)):
+                out = next(iter(out.values())) if isinstance(out, dict) else out[0]
             return out.detach().contiguous().numpy()
 
         info["to_numpy"] = to_numpy

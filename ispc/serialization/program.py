@@ -7,6 +7,7 @@ devices, layouts and memory formats. Nothing in the JSON can name an arbitrary P
 """
 from __future__ import annotations
 
+import importlib
 import math
 import operator
 import re
@@ -230,7 +231,24 @@ def _child(spec: Any, i: int) -> Any:
     return spec.child(i) if hasattr(spec, "child") else spec.children_specs[i]
 
 
+#: packages whose output classes register themselves as pytree nodes when their module is
+#: imported (Hugging Face's ModelOutput subclasses): ispc.load imports the module an archive's
+#: structure names, from these packages only, in a process that has not imported it yet
+_PYTREE_PACKAGES = ("transformers",)
+_TYPE_NAME = re.compile(r'"((?:%s)(?:\.\w+)+)"' % "|".join(_PYTREE_PACKAGES))
+
+
+def _import_output_types(*specs: str) -> None:
+    for spec in specs:
+        for name in set(_TYPE_NAME.findall(spec if isinstance(spec, str) else "")):
+            try:
+                importlib.import_module(name.rsplit(".", 1)[0])
+            except Exception:  # not installed: treespec_loads says which type is missing
+                pass
+
+
 def _codegen(program: dict[str, Any], n_user: int):
+    _import_output_types(program.get("in_spec"), program.get("out_spec"))
     try:
         in_spec = pytree.treespec_loads(program["in_spec"])
         out_spec = pytree.treespec_loads(program["out_spec"])

@@ -30,3 +30,20 @@ def test_transformers_speed_script_writes_results(tmp_path, monkeypatch, capsys)
     pl = m["per_layer"]
     assert pl["gated_dense_ms"] > 0 and pl["gated_gated_ms"] > 0
     assert "channel linears gated" in capsys.readouterr().out
+
+
+def test_transformers_speed_script_times_dense_runtimes(tmp_path, monkeypatch):
+    pytest.importorskip("transformers")
+    pytest.importorskip("onnxruntime")
+    spec = importlib.util.spec_from_file_location("transformers_speed", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    monkeypatch.setattr(mod, "build", lambda name: zoo.hf_model("convnext"))
+    out = tmp_path / "t.json"
+    assert mod.main(["--models", "convnext_tiny", "--image-size", "32", "--calibration", "8",
+                     "--rounds", "2", "--threads", "1", "--no-latency-aware", "--runtimes",
+                     "onnxruntime", "--runtime-rounds", "1", "--json", str(out)]) == 0
+    (m,) = json.loads(out.read_text())["models"]
+    kinds = {r["kind"]: r for r in m["runtimes"]}
+    assert kinds["dense"]["runtime"] == "onnxruntime" and kinds["dense"]["available"]
+    assert kinds["ispc"]["median_ms"] > 0 and kinds["ispc"]["max_rel_err"] < 1e-3
