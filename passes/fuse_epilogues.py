@@ -18,6 +18,11 @@ transformers' ``fc1``): the channels-last kernel applies it in its epilogue (Con
 at 56x56x384), the other kernels after them in PyTorch. A convolution does not (its kernels
 clamp only), nor a max-pool (GELU does not commute with max).
 
+After a gated linear layer on an N x H x W x C map, a ConvNeXt block's layer scale (a constant
+per output channel) folds into the layer's weights and the residual add after the permute back to
+N x C x H x W becomes its epilogue (:func:`_scale_and_residual`): two passes over the block's
+output saved.
+
 A node is fused only when it is the single user of what it consumes (nothing else reads the
 conv's output before the add or activation), and an in-place add only when it writes into the
 conv's output, not into the residual (whose other readers would otherwise lose the update).
@@ -35,7 +40,7 @@ from torch import fx, nn
 from ispc.modules import GatedConv2d, GatedLinear, NhwcDenseConv2d, StridedMaxPool2d
 from ispc.records import KEY, Epilogue
 
-from .base import PassState, module_call_counts, records, register_pass
+from .base import PassState, module_call_counts, node_shape, records, register_pass
 
 __all__ = ["fuse_epilogues", "activation_of", "gelu_of", "residual_of"]
 
@@ -128,7 +133,8 @@ def fuse_epilogues(gm: fx.GraphModule, state: PassState) -> fx.GraphModule:
             chain.append(user)
             act = a
         if len(chain) == 1:
-            if isinstance(mod, GatedLinear) and _act_after_reshape(gm, node):
+            if isinstance(mod, GatedLinear) and (_act_after_reshape(gm, node)
+                                                 or _scale_and_residual(gm, node, mod)):
                 fused += 1
             continue
         tail = chain[-1]
@@ -177,6 +183,98 @@ def _act_after_reshape(gm: fx.GraphModule, node: fx.Node) -> bool:
     gm.graph.erase_node(user)
     gm.get_submodule(node.target).act = act
     records(node).epilogue = Epilogue(act=act)
+    return True
+
+
+_MULS = {operator.mul, torch.mul, torch.ops.aten.mul.Tensor}
+_PERMUTES = {torch.permute, torch.ops.aten.permute.default}
+_TO_NCHW, _TO_NHWC = (0, 3, 1, 2), (0, 2, 3, 1)
+
+
+def _permute_dims(node: fx.Node | None) -> tuple[int, ...] | None:
+    if node is None:
+        return None
+    if node.op == "call_function" and node.target in _PERMUTES and len(node.args) == 2:
+        return tuple(node.args[1])
+    if node.op == "call_method" and node.target == "permute" and len(node.args) >= 2:
+        dims = node.args[1] if len(node.args) == 2 else node.args[1:]
+        return tuple(dims) if isinstance(dims, (tuple, list)) else None
+    return None
+
+
+def _attr(gm: fx.GraphModule, target: str) -> object:
+    obj: object = gm
+    for part in target.split("."):
+        obj = getattr(obj, part, None)
+    return obj
+
+
+def _layer_scale(gm: fx.GraphModule, node: fx.Node | None, src: fx.Node, channels: int,
+                 shapes: tuple[tuple[int, ...], ...]) -> tuple[fx.Node, torch.Tensor] | None:
+    """``(get_attr node, tensor)`` when ``node`` multiplies ``src`` by a constant of one of
+    ``shapes`` (one entry per channel): a layer scale."""
+    if node is None or node.op != "call_function" or node.target not in _MULS \
+            or len(node.args) != 2 or node.kwargs:
+        return None
+    a, b = node.args
+    other = b if a is src else a if b is src else None
+    if not isinstance(other, fx.Node) or other.op != "get_attr":
+        return None
+    t = _attr(gm, other.target)
+    if not isinstance(t, torch.Tensor) or not t.is_floating_point() or tuple(t.shape) not in shapes:
+        return None
+    return other, t.detach()
+
+
+def _scale_and_residual(gm: fx.GraphModule, node: fx.Node, mod: GatedLinear) -> bool:
+    """A ConvNeXt block's end after its gated ``pwconv2`` on an N x H x W x C map: the layer
+    scale (``gamma * y`` before or after the permute back to N x C x H x W, as Hugging Face and
+    torchvision/timm write it) is folded into the layer's weights and bias (a per-output-channel
+    constant: ``gamma (W x + b) = (gamma W) x + gamma b``; the gate reads the layer's input, which
+    this does not change), and the residual add after the permute becomes the layer's epilogue,
+    the residual read as the N x H x W x C view it is: ``add(r, permute(gamma * pwconv2(x)))`` ->
+    ``permute(pwconv2'(x, permute(r)))``. Returns whether it changed the graph (a scale alone is
+    folded too)."""
+    c = mod.out_channels
+    tail = _only_user(node)
+    found = _layer_scale(gm, tail, node, c, ((c,), (1, c), (1, 1, c), (1, 1, 1, c)))
+    if found is None and tail is not None and _permute_dims(tail) == _TO_NCHW \
+            and tail.args[0] is node:
+        perm, tail = tail, _only_user(tail)
+        found = _layer_scale(gm, tail, perm, c, ((c, 1, 1), (1, c, 1, 1)))
+    if found is None:
+        return False
+    gamma_node, gamma = found
+    g = gamma.reshape(-1).to(mod.weight.dtype)
+    mod.weight = nn.Parameter(mod.weight.detach() * g[:, None, None, None],
+                              requires_grad=mod.weight.requires_grad)
+    mod.bias = nn.Parameter(mod.bias.detach() * g, requires_grad=mod.bias.requires_grad)
+    mod.set_strategy(mod.strategy, mod.orient)
+    tail.replace_all_uses_with(tail.args[0] if tail.args[1] is gamma_node else tail.args[1])
+    gm.graph.erase_node(tail)
+    if not gamma_node.users:
+        gm.graph.erase_node(gamma_node)
+    perm = _only_user(node)
+    if perm is None or _permute_dims(perm) != _TO_NCHW or perm.args[0] is not node:
+        return True
+    after = _only_user(perm)
+    residual = residual_of(after, perm) if after is not None else None
+    shape = node_shape(after) if after is not None else None
+    if residual is None or shape is None or len(shape) != 4 or node_shape(residual) != shape:
+        return True
+    with gm.graph.inserting_before(after):  # the residual is defined before the add
+        r_nhwc = gm.graph.call_function(torch.ops.aten.permute.default, (residual, list(_TO_NHWC)))
+        new = gm.graph.call_module(node.target, (node.args[0], r_nhwc))
+        out = gm.graph.call_function(torch.ops.aten.permute.default, (new, list(_TO_NCHW)))
+    if "tensor_meta" in node.meta:
+        r_nhwc.meta["tensor_meta"] = node.meta["tensor_meta"]
+    new.meta.update({**node.meta, KEY: records(node).copy()})
+    out.meta.update(after.meta)
+    records(new).epilogue = Epilogue(residual=True)
+    after.replace_all_uses_with(out)
+    for n in (after, perm, node):
+        gm.graph.erase_node(n)
+    mod.residual_add = True
     return True
 
 

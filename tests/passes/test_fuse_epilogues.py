@@ -289,3 +289,65 @@ def test_gelu_fuses_into_gated_linear_layers_only(capture, tmp_path):
     assert {n.rsplit(".", 1)[-1]: m.act for n, m in loaded.gated_modules().items()}.get("fc1") == "gelu"
     with torch.no_grad():
         assert rel_err(loaded(x), a) <= 1e-5
+
+
+class ScaledBlock(nn.Module):
+    """A ConvNeXt block's end on an NHWC map: ``x + permute(gamma * fc2(...))`` (Hugging Face's
+    order) or ``x + gamma * permute(fc2(...))`` (torchvision's and timm's)."""
+
+    def __init__(self, hf_order: bool) -> None:
+        super().__init__()
+        self.hf_order = hf_order
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.dw = nn.Conv2d(16, 16, 7, padding=3, groups=16)
+        self.norm = nn.LayerNorm(16)
+        self.fc1, self.fc2 = nn.Linear(16, 64), nn.Linear(64, 16)
+        shape = (16,) if hf_order else (16, 1, 1)
+        self.gamma = nn.Parameter(torch.rand(shape) + 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        y = self.fc2(F.gelu(self.fc1(self.norm(self.dw(x).permute(0, 2, 3, 1)))))
+        y = (self.gamma * y).permute(0, 3, 1, 2) if self.hf_order \
+            else self.gamma * y.permute(0, 3, 1, 2)
+        return x + y
+
+
+@pytest.mark.parametrize("hf_order", [True, False])
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_layer_scale_folds_and_the_residual_fuses_across_the_permute(hf_order, capture, tmp_path):
+    torch.manual_seed(0)
+    model = ScaledBlock(hf_order).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    g = torch.Generator().manual_seed(1)
+    data = [torch.randn(8, 3, 12, 12, generator=g) for _ in range(2)]
+    cfg = dict(keep_ratio=0.5, mode="topk", min_channels=8, capture=capture)
+    fused = ispc.compile(model, data, config=ispc.GatingConfig(**cfg), progress=False)
+    plain = ispc.compile(model, data, config=ispc.GatingConfig(**cfg, fuse_epilogues=False),
+                         progress=False)
+    fc2 = {n.rsplit(".", 1)[-1]: m for n, m in fused.gated_modules().items()}["fc2"]
+    assert fc2.residual_add and fc2.act is None
+    # the layer scale is in fc2's weights: no multiplication by gamma is left in the graph
+    assert not any(n.op == "get_attr" and "gamma" in str(n.target)
+                   for n in fused.graph_module.graph.nodes)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # user's model
+    x = torch.randn(3, 3, 12, 12, generator=g)
+    with torch.no_grad():
+        a, b = fused(x), plain(x)
+    assert rel_err(a, b) <= 1e-5 and rel_err(a, model(x)) < 1
+    errs = []
+    hooks = [m.register_forward_hook(lambda mod, i, o: errs.append(rel_err(o, mod.reference(*i))))
+             for m in fused.gated_modules().values()]
+    with torch.no_grad():
+        fused(x)
+    for h in hooks:
+        h.remove()
+    assert len(errs) == len(fused.gated_modules()) and max(errs) <= 1e-5
+    loaded = ispc.load(ispc.save(fused, tmp_path / "m.ispc"))
+    with torch.no_grad():
+        assert rel_err(loaded(x), a) <= 1e-5
+    # at keep 1.0 nothing is fused, and the model equals the original
+    full = ispc.compile(model, data, config=ispc.GatingConfig(**{**cfg, "keep_ratio": 1.0}),
+                        progress=False)
+    with torch.no_grad():
+        assert rel_err(full(x), model(x)) <= 1e-5
