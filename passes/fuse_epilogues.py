@@ -13,9 +13,8 @@ every other path (autograd, export, ONNX, CUDA) runs the same ops in PyTorch
 (:meth:`~ispc.modules.GatedConv2d._epilogue`).
 
 A gated linear layer also takes the exact GELU after it (ConvNeXt's ``pwconv1``, the
-transformers' ``fc1``): the channels-last kernel applies it in its epilogue (ConvNeXt-T's
-``pwconv1`` shapes at keep 0.5, batch 1, 2-core Xeon: 0.69 ms fused vs 0.90 ms kernel + ``F.gelu``
-at 56x56x384), the other kernels after them in PyTorch. A convolution does not (its kernels
+transformers' ``fc1``): the channels-last kernel applies it in its epilogue, saving a pass
+over the layer's output (figures in docs/models.md), the other kernels after them in PyTorch. A convolution does not (its kernels
 clamp only), nor a max-pool (GELU does not commute with max).
 
 After a gated linear layer on an N x H x W x C map, a ConvNeXt block's layer scale (a constant

@@ -1335,7 +1335,7 @@ static inline vf nh_gelu(vf v) {
     const vi sign = (vi)z & (int32_t)0x80000000;
     const vf a = (vf)((vi)z & 0x7fffffff);
     const vf d = a * 0.3275911f + 1.0f;
-#if defined(__AVX512F__)  /* 1 / d: rcp14 and a Newton step (a division took 2/3 of the GELU) */
+#if defined(__AVX512F__)  /* 1 / d: rcp14 and one Newton step (float precision) instead of a division */
     vf t = (vf)_mm512_rcp14_ps((__m512)d);
     t = t * (2.0f - d * t);
 #else
