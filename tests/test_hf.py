@@ -93,3 +93,20 @@ def test_gated_saved_loaded_and_onnx(name, tmp_path):
     sess = ort.InferenceSession(str(tmp_path / "m.onnx"))
     out = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
     assert rel_err(torch.from_numpy(out), want.logits) <= 1e-4
+
+
+def test_loads_in_a_fresh_process(tmp_path):
+    # the archive's output structure names a transformers ModelOutput class, which registers
+    # itself with PyTorch's pytree only when its module is imported: ispc.load imports it
+    import subprocess
+    import sys
+
+    c = ispc.compile(zoo.hf_model("convnext"), _data(), progress=False,
+                     config=ispc.GatingConfig(keep_ratio=0.5, mode="topk", min_channels=8))
+    path = ispc.save(c, tmp_path / "m.ispc")
+    code = ("import sys, torch, ispc; assert 'transformers' not in sys.modules; "
+            f"out = ispc.load({str(path)!r})(torch.zeros(1, 3, 32, 32)); "
+            "print(type(out).__name__, tuple(out.logits.shape))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.split("\n")[0] == "ImageClassifierOutputWithNoAttention (1, 10)"
