@@ -7,18 +7,31 @@ rounds at batch 1 (or ``--batch-size``), and medians are compared (the README's 
 
     python benchmarks/fusion_ab.py --models resnet18 resnet50 vgg16_bn mobilenet_v2 --rounds 40
     python benchmarks/fusion_ab.py --models resnet50 mobilenet_v2 --batch-size 32 --rounds 6
+    python benchmarks/fusion_ab.py --models convnext_tiny --rounds 30   # transformers_speed's models
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
+from pathlib import Path
 
 import torch
 
 import ispc
 from ispc.benchmark import dense_baseline, retain_freed_memory, time_interleaved
 from ispc.examples.models import create_model
+
+
+def _model(name: str) -> torch.nn.Module:
+    """``name`` from :mod:`ispc.examples.models`, or one of ``transformers_speed.py``'s models
+    (Hugging Face ConvNeXt-T, Swin-T, ViT-S)."""
+    spec = importlib.util.spec_from_file_location(
+        "transformers_speed", Path(__file__).with_name("transformers_speed.py"))
+    ts = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ts)
+    return ts.build(name) if name in ts.MODELS else create_model(name)
 
 
 def ab(name: str, *, size: int, rounds: int, keep_ratio: float,
@@ -28,7 +41,7 @@ def ab(name: str, *, size: int, rounds: int, keep_ratio: float,
     calib = [torch.randn(8, 3, size, size, generator=g) for _ in range(4)]
     x = torch.randn(batch_size, 3, size, size, generator=g)
     torch.manual_seed(0)
-    model = create_model(name).eval()
+    model = _model(name).eval()
     cands = {"dense": dense_baseline(model, x[:1])}
     for fuse in (True, False):
         cfg = ispc.GatingConfig(keep_ratio=keep_ratio, mode="topk", fuse_epilogues=fuse)
