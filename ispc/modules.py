@@ -1,6 +1,8 @@
 """nn.Module wrappers around the gated operator, as they appear in a compiled graph."""
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -15,7 +17,7 @@ __all__ = [
     "GatedConv2d", "GatedLinear", "LinearConv2d", "dense_conv", "full_channels", "gate_input",
     "ChannelsLastMaxPool2d", "StridedMaxPool2d", "fast_max_pool", "MODE_CODES",
     "ACTIVATIONS", "apply_activation", "ToMemoryFormat",
-    "SALIENCY_CODES", "ORIENTATIONS", "plain_cpu_call", "NhwcDenseConv2d",
+    "SALIENCY_CODES", "ORIENTATIONS", "plain_cpu_call", "NhwcDenseConv2d", "SaliencySums",
 ]
 
 MODE_CODES = {"threshold": _gc.THRESHOLD, "topk": _gc.TOPK}
@@ -42,6 +44,45 @@ ORIENTATIONS = {"pix": _native.ORIENT_PIX, "co": _native.ORIENT_CO, "full": _nat
 SALIENCY_CODES = {"l2": _gc.SALIENCY_L2, "l1": _gc.SALIENCY_L1, "weighted_l2": _gc.SALIENCY_L2}
 
 
+class SaliencySums:
+    """The saliency sums (``[n, c]``, see :class:`~ispc.ops.native.NhwcConv`) a native layer's
+    epilogue computed for the output it returned last, handed to the gated layers that read that
+    output (``passes/hand_sums.py`` links them): a consumer then selects its channels without a
+    pass of its own over its input. A consumer takes the sums only for the very tensor they were
+    computed from (the producer's output object, held weakly) and of its own saliency ``kind``; any
+    other input, or a producer call that did not run natively, leaves it computing its own. Not a
+    module, and not part of any state dict or archive (the pass links a loaded model again)."""
+
+    __slots__ = ("kind", "_last")
+
+    def __init__(self, kind: int) -> None:
+        self.kind = int(kind)
+        #: (weak reference to the producer's last output, its sums): one tuple, replaced whole
+        self._last: tuple | None = None
+
+    def new(self, n: int, c: int) -> Tensor:
+        """An (n, c) buffer for the producer's kernel to write the sums into."""
+        return torch.empty((n, c), dtype=torch.float32)
+
+    def put(self, out: Tensor, sums: Tensor) -> None:
+        """Record ``sums`` as the sums of ``out`` (the producer's output)."""
+        self._last = (weakref.ref(out), sums)
+
+    def get(self, x: Tensor, kind: int) -> Tensor | None:
+        """The sums of ``x`` of ``kind``, when the producer computed them for this very tensor."""
+        last = self._last
+        return last[1] if last is not None and kind == self.kind and last[0]() is x else None
+
+    def __getstate__(self) -> dict:  # copies and pickles carry the link, never a stale output
+        return {"kind": self.kind}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["kind"])
+
+    def __repr__(self) -> str:
+        return f"SaliencySums(kind={self.kind})"
+
+
 def plain_cpu_call(x: Tensor) -> bool:
     """True for a plain eager CPU tensor: no fake/functional tensor, FX proxy, compiler or tracer.
 
@@ -62,6 +103,10 @@ class GatedConv2d(nn.Module):
     #: class defaults for instances pickled before these existed
     out_hw: int | None = None
     _nhwc = None
+    #: saliency sums handed in from the native layer that writes this layer's input, and out to
+    #: the gated layers that read its output (``passes/hand_sums.py``; None: none)
+    sums_in: SaliencySums | None = None
+    sums_out: SaliencySums | None = None
 
     def __init__(self, weight: Tensor, bias: Tensor | None, *, stride: tuple[int, int],
                  padding: tuple[int, int], dilation: tuple[int, int], mode: str, threshold: float,
@@ -173,7 +218,14 @@ class GatedConv2d(nn.Module):
                     and self._direct(x)
                     and (residual is None or self._c_reads_nhwc(residual, nh, x))):
                 # the channels-last kernel's dense mode: weights packed once, epilogue fused
-                return nh.run(x, _native.DENSE, None, 0.0, 0, 0, residual, ACTIVATIONS[self.act])
+                link = self.sums_out
+                if link is None:
+                    return nh.run(x, _native.DENSE, None, 0.0, 0, 0, residual, ACTIVATIONS[self.act])
+                sums = link.new(x.shape[0], nh.cout)
+                out = nh.run(x, _native.DENSE, None, 0.0, 0, 0, residual, ACTIVATIONS[self.act],
+                             None, sums, link.kind)
+                link.put(out, sums)
+                return out
             if self._linear_ok and x.shape[-2:] == self.weight.shape[-2:]:
                 out = _as_linear(x, self.weight, self.bias)  # oneDNN's conv is ~10x slower here
             else:
@@ -193,8 +245,17 @@ class GatedConv2d(nn.Module):
             # channels-last for the layers after it (its checks are the ones made here)
             sal = SALIENCY_CODES[self.saliency]
             if residual is None or self._c_reads_nhwc(residual, nh, x):
-                return nh.run(x, mode, scale, self.threshold, self.k, sal, residual,
-                              ACTIVATIONS[self.act])
+                src, link = self.sums_in, self.sums_out
+                if src is None and link is None:
+                    return nh.run(x, mode, scale, self.threshold, self.k, sal, residual,
+                                  ACTIVATIONS[self.act])
+                sums = None if link is None else link.new(x.shape[0], nh.cout)
+                out = nh.run(x, mode, scale, self.threshold, self.k, sal, residual,
+                             ACTIVATIONS[self.act], None if src is None else src.get(x, sal), sums,
+                             0 if link is None else link.kind)
+                if link is not None:
+                    link.put(out, sums)
+                return out
             out = nh.run(x, mode, scale, self.threshold, self.k, sal, None, _native.NO_CLAMP)
             return self._epilogue_in_place(out, residual)
         if (layer is not None and x.dtype == torch.float32 and scale.dtype == torch.float32
@@ -539,6 +600,8 @@ class NhwcDenseConv2d(nn.Conv2d):
 
     act: str | None = None
     residual_add = False
+    #: the saliency sums of its output, for the gated layers that read it (``passes/hand_sums.py``)
+    sums_out: SaliencySums | None = None
 
     def __init__(self, conv: nn.Conv2d, out_hw: int | None = None) -> None:
         if not self.fits(conv):
@@ -582,12 +645,23 @@ class NhwcDenseConv2d(nn.Conv2d):
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
         if (plain_cpu_call(x) and _cpu.nhwc_serves(x) and x.shape[1] == self.in_channels
                 and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))):
-            clamp = ACTIVATIONS[self.act]
+            clamp, link = ACTIVATIONS[self.act], self.sums_out
             if self.groups > 1:
                 if residual is None or GatedConv2d._c_reads_nhwc(residual, self, x):
-                    return self._kernel.run(x, residual, clamp)
+                    if link is None:
+                        return self._kernel.run(x, residual, clamp)
+                    sums = link.new(x.shape[0], self.out_channels)
+                    out = self._kernel.run(x, residual, clamp, sums, link.kind)
+                    link.put(out, sums)
+                    return out
             elif residual is None or GatedConv2d._c_reads_nhwc(residual, self._kernel, x):
-                return self._kernel.run(x, _native.DENSE, None, 0.0, 0, 0, residual, clamp)
+                if link is None:
+                    return self._kernel.run(x, _native.DENSE, None, 0.0, 0, 0, residual, clamp)
+                sums = link.new(x.shape[0], self.out_channels)
+                out = self._kernel.run(x, _native.DENSE, None, 0.0, 0, 0, residual, clamp, None,
+                                       sums, link.kind)
+                link.put(out, sums)
+                return out
         out = super().forward(x)
         if residual is not None:
             out = out + residual

@@ -697,19 +697,24 @@ class NhwcConv:
         return out
 
     def run(self, x: Tensor, mode: int, scale: Tensor | None, threshold: float, k: int,
-            saliency: int, residual: Tensor | None, clamp: tuple[float, float]) -> Tensor:
+            saliency: int, residual: Tensor | None, clamp: tuple[float, float],
+            x_sums: Tensor | None = None, out_sums: Tensor | None = None,
+            out_sums_kind: int = 0) -> Tensor:
         """:meth:`__call__` without its argument checks, for callers that made them (a gated
         layer's forward: every check costs each layer of a batch-1 model microseconds). ``x``
         channels-last float32 CPU with this layer's channels, ``scale`` a contiguous float32
         tensor of them (gated modes), ``residual`` None or channels-last float32 of the output's
-        shape, ``mode`` and ``saliency`` valid codes."""
+        shape, ``mode`` and ``saliency`` valid codes; ``x_sums`` / ``out_sums`` as in
+        :meth:`__call__`, contiguous float32 (N, C) / (N, Cout), ``out_sums_kind`` a valid code."""
         n, _, h, w = x.shape
         shape = self._shapes.get((n, h, w)) or self.out_shape(n, h, w)
         out = torch.empty(shape, dtype=torch.float32, memory_format=torch.channels_last)
+        sums = None if x_sums is None and out_sums is None else _sums(
+            x_sums if mode != DENSE else None, out_sums, out_sums_kind)
         NativeLayer._run(_lib.ispc_conv_nhwc, (
             self._ref, x.data_ptr(), n, h, w, None if mode == DENSE else scale.data_ptr(), saliency,
             mode, threshold, k, None, out.data_ptr(), None if residual is None else residual.data_ptr(),
-            clamp[0], clamp[1], None))
+            clamp[0], clamp[1], sums))
         return out
 
     def out_shape(self, n: int, h: int, w: int) -> tuple[int, int, int, int]:
@@ -778,15 +783,16 @@ class DepthwiseConv3x3:
             clamp[0], clamp[1], _sums(None, out_sums, out_sums_kind)))
         return out
 
-    def run(self, x: Tensor, residual: Tensor | None, clamp: tuple[float, float]) -> Tensor:
+    def run(self, x: Tensor, residual: Tensor | None, clamp: tuple[float, float],
+            out_sums: Tensor | None = None, out_sums_kind: int = 0) -> Tensor:
         """:meth:`__call__` without its argument checks, for callers that made them (``x``
         channels-last float32 CPU with these channels, ``residual`` None or channels-last float32
-        of the output's shape)."""
+        of the output's shape, ``out_sums`` None or contiguous float32 (N, C))."""
         n, c, h, w = x.shape
         out = torch.empty((n, c, *self.out_size(h, w)), dtype=torch.float32,
                           memory_format=torch.channels_last)
         NativeLayer._run(_lib.ispc_dwconv3x3_nhwc, (
             x.data_ptr(), n, h, w, c, self.packed.data_ptr(), self.bias.data_ptr(), self.stride,
             self.padding, out.data_ptr(), None if residual is None else residual.data_ptr(),
-            clamp[0], clamp[1], None))
+            clamp[0], clamp[1], None if out_sums is None else _sums(None, out_sums, out_sums_kind)))
         return out
