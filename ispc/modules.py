@@ -682,23 +682,46 @@ class NhwcDenseConv2d(nn.Conv2d):
 
 
 class ChannelsLastMaxPool2d(nn.MaxPool2d):
-    """``nn.MaxPool2d`` that pools contiguous NCHW CPU inputs in channels-last layout.
+    """``nn.MaxPool2d`` that pools CPU maps channels-last.
 
-    PyTorch 2.13's NCHW CPU max-pool kernel is slow: a ResNet stem pool (1x64x112x112, 3x3, stride
-    2) takes ~4 ms at batch 1 on 2 cores, ~10% of a dense ResNet-18, against ~1.4 ms for the same
-    pool in channels-last including both layout copies (32 -> 11 ms at batch 8; measured by
-    ``benchmarks/kernel_speed.py``). The result is
-    identical (a max selects, it does not round) and is returned as contiguous NCHW. Elsewhere
-    (CUDA, tracing, export, ``return_indices``) it is the plain module.
+    A channels-last float32 map (a compiled model's, ``GatingConfig.channels_last``) is pooled by
+    ispc's native kernel in one pass (:func:`ispc.ops.native.maxpool_nhwc`; ResNet's 3x3/2 stem
+    pool of 64x112x112 at batch 1 on 2 Xeon cores: 0.064 ms against 0.28 ms in PyTorch 2.13's
+    channels-last kernel, 0.39 ms with the ReLU before it, which the native pass applies after the
+    max instead: ``act``, set by ``fuse_epilogues``, exact). A contiguous NCHW map is pooled in
+    channels-last layout by PyTorch (its NCHW CPU kernel is slow: the same pool took ~4 ms against
+    ~1.4 ms including both layout copies, ``benchmarks/kernel_speed.py``) and returned as
+    contiguous NCHW. The result is identical (a max selects, it does not round; NaN propagates).
+    Elsewhere (CUDA, tracing, export, autograd, ``return_indices``, ``ceil_mode`` or dilation on
+    the native path) it is the plain module.
     """
 
+    #: the activation applied after the maxima (a class default: instances pickled before it
+    #: existed load without it)
+    act: str | None = None
+
     def forward(self, x: Tensor) -> Tensor:
-        if (not self.return_indices and x.dim() == 4 and plain_cpu_call(x)
-                and x.is_contiguous() and x.shape[1] > 1):
+        if self.return_indices or x.dim() != 4 or not plain_cpu_call(x) or (
+                torch.is_grad_enabled() and x.requires_grad):
+            return self._act(super().forward(x))
+        (kh, kw), (ph, pw) = _pair(self.kernel_size), _pair(self.padding)
+        if (x.dtype == torch.float32 and x.is_contiguous(memory_format=torch.channels_last)
+                and not self.ceil_mode and _pair(self.dilation) == (1, 1) and 2 * ph <= kh
+                and 2 * pw <= kw and x.shape[-2] + 2 * ph >= kh and x.shape[-1] + 2 * pw >= kw
+                and _native.available()):
+            stride = _pair(self.stride if self.stride is not None else self.kernel_size)
+            return _native.maxpool_nhwc(x, (kh, kw), stride, (ph, pw), ACTIVATIONS[self.act])
+        if x.is_contiguous() and x.shape[1] > 1:
             y = F.max_pool2d(x.contiguous(memory_format=torch.channels_last), self.kernel_size,
                              self.stride, self.padding, self.dilation, ceil_mode=self.ceil_mode)
-            return y.contiguous()
-        return super().forward(x)
+            return self._act(y.contiguous())
+        return self._act(super().forward(x))
+
+    def _act(self, out: Tensor) -> Tensor:
+        return apply_activation(out, self.act)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (f", act={self.act}" if self.act else "")
 
 
 def _pair(v) -> tuple[int, int]:

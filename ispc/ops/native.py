@@ -33,7 +33,7 @@ from ..errors import ConfigError, DataError
 __all__ = ["ORIENT_PIX", "ORIENT_CO", "ORIENT_FULL", "ORIENT_CL", "available", "full_window", "unavailable_reason",
            "pack_weight", "is_channels_last", "select", "gather", "epilogue", "maxpool2x2",
            "NativeLayer", "orientation_for", "supports", "NO_CLAMP", "RELU", "RELU6",
-           "DENSE", "NhwcConv", "pack_weight_nhwc", "DepthwiseConv3x3"]
+           "DENSE", "NhwcConv", "pack_weight_nhwc", "DepthwiseConv3x3", "maxpool_nhwc"]
 
 ORIENT_PIX = 0  #: vector lanes over output pixels (large feature maps)
 ORIENT_CO = 1   #: vector lanes over output channels (small feature maps)
@@ -796,3 +796,43 @@ class DepthwiseConv3x3:
             self.padding, out.data_ptr(), None if residual is None else residual.data_ptr(),
             clamp[0], clamp[1], None if out_sums is None else _sums(None, out_sums, out_sums_kind)))
         return out
+
+
+# --- max-pooling on channels-last maps (the C file's pooling section) ---------------------------
+
+_POOLS_BOUND: set[int] = set()
+
+
+def _pool_lib() -> ctypes.CDLL:
+    """The library with its pooling entry's signature declared (once per library; its own
+    section, apart from the convolution entries' declarations)."""
+    lib = _loaded()
+    if id(lib) not in _POOLS_BOUND:
+        lib.ispc_maxpool_nhwc.restype = _i64
+        lib.ispc_maxpool_nhwc.argtypes = [_ptr] + [_i64] * 10 + [ctypes.c_float, ctypes.c_float,
+                                                                 _ptr, _i64]
+        _POOLS_BOUND.add(id(lib))
+    return lib
+
+
+def maxpool_nhwc(x: Tensor, kernel: tuple[int, int], stride: tuple[int, int],
+                 padding: tuple[int, int], clamp: tuple[float, float] = NO_CLAMP) -> Tensor:
+    """``clamp(max_pool2d(x, kernel, stride, padding), *clamp)`` for a channels-last float32 CPU
+    ``x`` (N, C, H, W), floor mode, no dilation, padding at most half the kernel (as max_pool2d
+    requires); the result channels-last. One pass over ``x``, NaN propagating; a clamp commutes
+    with the max (exact)."""
+    _check_nhwc(x, "x")
+    (kh, kw), (sh, sw), (ph, pw) = (_pair_arg(kernel, "kernel"), _pair_arg(stride, "stride"),
+                                    _pair_arg(padding, "padding"))
+    if min(kh, kw, sh, sw) < 1 or min(ph, pw) < 0 or 2 * ph > kh or 2 * pw > kw:
+        raise ConfigError(f"max-pool kernel {kh}x{kw}, stride {sh}x{sw}, padding {ph}x{pw}: kernel "
+                          "and stride must be >= 1 and padding at most half the kernel")
+    n, c, h, w = x.shape
+    ho, wo = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+    if ho < 1 or wo < 1:
+        raise DataError(f"a {h}x{w} input is smaller than the {kh}x{kw} pooling window")
+    out = torch.empty((n, c, ho, wo), dtype=torch.float32, memory_format=torch.channels_last)
+    _pool_lib().ispc_maxpool_nhwc(x.data_ptr(), n, h, w, c, kh, kw, sh, sw, ph, pw, clamp[0],
+                                  clamp[1], out.data_ptr(), torch.get_num_threads())
+    return out
+

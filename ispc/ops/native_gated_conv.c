@@ -1888,3 +1888,55 @@ int64_t ispc_dwconv3x3_nhwc(const float *x, int64_t N, int64_t H, int64_t W, int
     }
     return 0;
 }
+
+/* ---- max-pooling on channels-last maps: ResNet's stem pool ---------------------------------------
+ * Channels in vector lanes, as the layers around them store their maps: one pass over the input,
+ * no layout copy, the activation before the pool applied after it (it commutes with the max). */
+
+/* max(a, b) per lane, NaN propagating as max_pool2d does: a NaN in either operand gives NaN */
+static inline vf pool_max(vf a, vf b) {
+    const vi pick = (a > b) | (a != a);
+    return (vf)((pick & (vi)a) | (~pick & (vi)b));
+}
+
+static inline float pool_max1(float a, float b) { return (a > b || a != a) ? a : b; }
+
+/* dst (N, Ho, Wo, C) = clamp(max over each kh x kw window (stride sh, sw; padding ph, pw, never
+ * selected) of src (N, H, W, C), lo, hi); floor-mode output size, no dilation; every window holds
+ * at least one input position (padding below the kernel, as max_pool2d requires). Threads split
+ * output rows. */
+int64_t ispc_maxpool_nhwc(const float *src, int64_t N, int64_t H, int64_t W, int64_t C, int64_t kh,
+                          int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw, float lo,
+                          float hi, float *dst, int64_t threads) {
+    const int64_t Ho = (H + 2 * ph - kh) / sh + 1, Wo = (W + 2 * pw - kw) / sw + 1;
+    const int clamp = lo > -__builtin_inff() || hi < __builtin_inff();
+    const int64_t CV = C / VW * VW;
+    #pragma omp parallel for collapse(2) num_threads(threads) schedule(static) \
+        if (N * Ho * Wo * C >= (1 << 15))
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t oh = 0; oh < Ho; oh++) {
+            const int64_t ih0 = oh * sh - ph;
+            const int64_t r0 = ih0 < 0 ? 0 : ih0, r1 = ih0 + kh > H ? H : ih0 + kh;
+            for (int64_t ow = 0; ow < Wo; ow++) {
+                const int64_t iw0 = ow * sw - pw;
+                const int64_t q0 = iw0 < 0 ? 0 : iw0, q1 = iw0 + kw > W ? W : iw0 + kw;
+                float *d = dst + ((n * Ho + oh) * Wo + ow) * C;
+                const float *first = src + ((n * H + r0) * W + q0) * C;
+                for (int64_t c = 0; c < CV; c += VW) {
+                    vf m = ld(first + c);
+                    for (int64_t r = r0; r < r1; r++)
+                        for (int64_t q = q0; q < q1; q++)
+                            m = pool_max(ld(src + ((n * H + r) * W + q) * C + c), m);
+                    st(d + c, clamp ? clampv(m, lo, hi) : m);
+                }
+                for (int64_t c = CV; c < C; c++) {
+                    float m = first[c];
+                    for (int64_t r = r0; r < r1; r++)
+                        for (int64_t q = q0; q < q1; q++)
+                            m = pool_max1(src[((n * H + r) * W + q) * C + c], m);
+                    d[c] = clamp && m == m ? (m < lo ? lo : m > hi ? hi : m) : m;
+                }
+            }
+        }
+    return 0;
+}

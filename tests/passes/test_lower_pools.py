@@ -153,3 +153,51 @@ def test_strided_pool_with_an_activation_equals_pool_then_activation(act, ref, s
     if min(shape[-2:]) >= 3:
         assert torch.equal(three(x).nan_to_num(), ref(F.max_pool2d(x, 3)).nan_to_num())
     assert f"act={act}" in repr(fast)
+
+
+@pytest.mark.parametrize("act, ref", [(None, lambda t: t), ("relu", torch.relu), ("relu6", F.relu6)])
+@pytest.mark.parametrize("kernel,stride,padding,dilation,ceil", [
+    (3, 2, 1, 1, False), (3, 1, 1, 1, False), (3, 2, 0, 1, True), (3, 2, 1, 2, False)])
+def test_channels_last_pool_on_channels_last_maps_with_an_activation(act, ref, kernel, stride, padding,
+                                                                     dilation, ceil):
+    # the native path (floor mode, no dilation) and PyTorch's (the others) give the same result,
+    # channels-last, the activation after the max
+    fast = ChannelsLastMaxPool2d(kernel, stride, padding, dilation, ceil_mode=ceil)
+    fast.act = act
+    x = torch.randn(2, 20, 15, 17, generator=torch.Generator().manual_seed(3)) * 8
+    x[0, 1, 2, 3] = float("nan")
+    want = ref(F.max_pool2d(x, kernel, stride, padding, dilation, ceil_mode=ceil))
+    for inp in (x.contiguous(memory_format=torch.channels_last), x):
+        out = fast(inp)
+        assert torch.equal(out.nan_to_num(), want.nan_to_num()) and torch.equal(out.isnan(), want.isnan())
+    xg = x.clone().requires_grad_()  # autograd: the plain module, then the activation
+    assert torch.equal(fast(xg).detach().nan_to_num(), want.nan_to_num())
+    assert (f"act={act}" in repr(fast)) == (act is not None)
+
+
+def test_the_stem_relu_moves_into_the_channels_last_pool(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 7, 2, 3), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1),
+                          nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(16, 4)).eval()
+    data = [torch.randn(4, 3, 32, 32)]
+    c = ispc.compile(model, data, progress=False,
+                     config=ispc.GatingConfig(keep_ratio=0.5, mode="topk", channels_last=True,
+                                              min_channels=8))
+    pools = [m for m in c.graph_module.modules() if isinstance(m, ChannelsLastMaxPool2d)]
+    assert len(pools) == 1 and pools[0].act == "relu"
+    gm = c.graph_module
+    assert not any(n.op == "call_module" and isinstance(gm.get_submodule(n.target), nn.ReLU)
+                   for n in gm.graph.nodes)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        got = c(x)
+    ispc.save(c, tmp_path / "m.ispc")
+    loaded = ispc.load(tmp_path / "m.ispc")
+    assert [m.act for m in loaded.graph_module.modules() if isinstance(m, ChannelsLastMaxPool2d)] == ["relu"]
+    with torch.no_grad():
+        assert torch.equal(loaded(x), got)
+    full = ispc.compile(model, data, progress=False,
+                        config=ispc.GatingConfig(keep_ratio=1.0, channels_last=True))
+    with torch.no_grad():
+        assert (full(x) - model(x)).abs().max() <= 1e-5 * model(x).abs().max()
