@@ -67,9 +67,9 @@ COMPILE: tuple[str, ...] = ANALYSIS + ("insert_gates", "lower_pools", "refine", 
 DENSE: tuple[str, ...] = ("capture", "lift", "fold_bn", "lower_pools")
 #: where gates could go, from the model's structure alone (feature decay's default layers)
 SITES: tuple[str, ...] = ("capture", "lift", "find_sites")
-#: what ``ispc.load`` runs on the graph it rebuilt from an archive (which holds the epilogues as
-#: plain add/relu nodes, and no links between layers)
-RELOAD: tuple[str, ...] = ("fuse_epilogues", "hand_sums")
+#: what ``ispc.load`` runs on the graph it rebuilt from an archive (which holds average pools and
+#: the epilogues as plain ATen calls, and no links between layers)
+RELOAD: tuple[str, ...] = ("lower_pools", "fuse_epilogues", "hand_sums")
 
 #: every named pipeline
 PIPELINES: dict[str, tuple[str, ...]] = {"inspect": ANALYSIS, "compile": COMPILE, "dense": DENSE,
@@ -232,6 +232,6 @@ def site_names(model: nn.Module, config: GatingConfig | None = None) -> list[str
 
 
 def reload(gm: fx.GraphModule, config: GatingConfig) -> fx.GraphModule:
-    """:data:`RELOAD` on a graph rebuilt from an archive (fuses its epilogues again, links its
-    saliency sums again)."""
+    """:data:`RELOAD` on a graph rebuilt from an archive (lowers its average pools, fuses its
+    epilogues and links its saliency sums again)."""
     return run_passes(gm, PassState(config=config, progress=False), RELOAD)

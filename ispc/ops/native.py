@@ -33,7 +33,8 @@ from ..errors import ConfigError, DataError
 __all__ = ["ORIENT_PIX", "ORIENT_CO", "ORIENT_FULL", "ORIENT_CL", "available", "full_window", "unavailable_reason",
            "pack_weight", "is_channels_last", "select", "gather", "epilogue", "maxpool2x2",
            "NativeLayer", "orientation_for", "supports", "NO_CLAMP", "RELU", "RELU6",
-           "DENSE", "NhwcConv", "pack_weight_nhwc", "DepthwiseConv3x3", "maxpool_nhwc"]
+           "DENSE", "NhwcConv", "pack_weight_nhwc", "DepthwiseConv3x3", "maxpool_nhwc",
+           "avgpool_global_nhwc"]
 
 ORIENT_PIX = 0  #: vector lanes over output pixels (large feature maps)
 ORIENT_CO = 1   #: vector lanes over output channels (small feature maps)
@@ -798,19 +799,20 @@ class DepthwiseConv3x3:
         return out
 
 
-# --- max-pooling on channels-last maps (the C file's pooling section) ---------------------------
+# --- pooling on channels-last maps (the C file's pooling section) -------------------------------
 
 _POOLS_BOUND: set[int] = set()
 
 
 def _pool_lib() -> ctypes.CDLL:
-    """The library with its pooling entry's signature declared (once per library; its own
+    """The library with its pooling entries' signatures declared (once per library; their own
     section, apart from the convolution entries' declarations)."""
     lib = _loaded()
     if id(lib) not in _POOLS_BOUND:
-        lib.ispc_maxpool_nhwc.restype = _i64
+        lib.ispc_maxpool_nhwc.restype = lib.ispc_avgpool_global_nhwc.restype = _i64
         lib.ispc_maxpool_nhwc.argtypes = [_ptr] + [_i64] * 10 + [ctypes.c_float, ctypes.c_float,
                                                                  _ptr, _i64]
+        lib.ispc_avgpool_global_nhwc.argtypes = [_ptr, _i64, _i64, _i64, _ptr, _i64]
         _POOLS_BOUND.add(id(lib))
     return lib
 
@@ -836,3 +838,16 @@ def maxpool_nhwc(x: Tensor, kernel: tuple[int, int], stride: tuple[int, int],
                                   clamp[1], out.data_ptr(), torch.get_num_threads())
     return out
 
+
+def avgpool_global_nhwc(x: Tensor) -> Tensor:
+    """``adaptive_avg_pool2d(x, 1)`` of a channels-last float32 CPU ``x`` (N, C, H, W): (N, C, 1,
+    1) channels-last, each channel's mean over the positions (float sums in position order, then
+    divided, as PyTorch's channels-last kernel; equal to within rounding)."""
+    _check_nhwc(x, "x")
+    n, c, h, w = x.shape
+    if h * w == 0:
+        raise DataError(f"a {h}x{w} map has no positions to average")
+    out = torch.empty((n, c, 1, 1), dtype=torch.float32, memory_format=torch.channels_last)
+    _pool_lib().ispc_avgpool_global_nhwc(x.data_ptr(), n, h * w, c, out.data_ptr(),
+                                         torch.get_num_threads())
+    return out

@@ -1889,9 +1889,9 @@ int64_t ispc_dwconv3x3_nhwc(const float *x, int64_t N, int64_t H, int64_t W, int
     return 0;
 }
 
-/* ---- max-pooling on channels-last maps: ResNet's stem pool ---------------------------------------
+/* ---- pooling on channels-last maps: ResNet's stem max-pool, global average pools ----------------
  * Channels in vector lanes, as the layers around them store their maps: one pass over the input,
- * no layout copy, the activation before the pool applied after it (it commutes with the max). */
+ * no layout copy; a max-pool applies the activation before it after it (it commutes with the max). */
 
 /* max(a, b) per lane, NaN propagating as max_pool2d does: a NaN in either operand gives NaN */
 static inline vf pool_max(vf a, vf b) {
@@ -1935,6 +1935,35 @@ int64_t ispc_maxpool_nhwc(const float *src, int64_t N, int64_t H, int64_t W, int
                         for (int64_t q = q0; q < q1; q++)
                             m = pool_max1(src[((n * H + r) * W + q) * C + c], m);
                     d[c] = clamp && m == m ? (m < lo ? lo : m > hi ? hi : m) : m;
+                }
+            }
+        }
+    return 0;
+}
+
+/* dst (N, C) = the mean over the HW positions of src (N, HW, C): a global average pool (the
+ * classifier's input), float sums over positions in order, divided by HW. Threads split (instance,
+ * block of channels) only for large maps: on a small one, waking them costs more than the pass. */
+int64_t ispc_avgpool_global_nhwc(const float *src, int64_t N, int64_t HW, int64_t C, float *dst,
+                                 int64_t threads) {
+    const int64_t CB = 4 * VW, blocks = (C + CB - 1) / CB;
+    const float div = (float)HW;
+    #pragma omp parallel for collapse(2) num_threads(threads) schedule(static) \
+        if (N * HW * C >= (1 << 18))
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t b = 0; b < blocks; b++) {
+            const int64_t c0 = b * CB, c1 = c0 + CB < C ? c0 + CB : C;
+            const float *x = src + n * HW * C;
+            if (c1 - c0 == CB) {
+                vf a[4] = {{0}, {0}, {0}, {0}};
+                for (int64_t p = 0; p < HW; p++)
+                    for (int j = 0; j < 4; j++) a[j] += ld(x + p * C + c0 + j * VW);
+                for (int j = 0; j < 4; j++) st(dst + n * C + c0 + j * VW, a[j] / div);
+            } else {
+                for (int64_t c = c0; c < c1; c++) {
+                    float a = 0.0f;
+                    for (int64_t p = 0; p < HW; p++) a += x[p * C + c];
+                    dst[n * C + c] = a / div;
                 }
             }
         }

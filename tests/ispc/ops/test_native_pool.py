@@ -41,3 +41,15 @@ def test_maxpool_nhwc_refuses_what_it_does_not_compute():
         native.maxpool_nhwc(x, 3, 2, 2)
     with pytest.raises(DataError, match="smaller than"):
         native.maxpool_nhwc(x, 7, 1, 0)
+
+
+@pytest.mark.parametrize("shape", [(1, 2048, 7, 7), (3, 19, 5, 4), (2, 1280, 7, 7), (1, 64, 1, 1),
+                                   (2, 200, 30, 30)])
+def test_avgpool_global_nhwc_equals_adaptive_avg_pool(shape):
+    x = _cl(torch.randn(*shape, generator=torch.Generator().manual_seed(sum(shape))))
+    want = F.adaptive_avg_pool2d(x, 1)
+    out = native.avgpool_global_nhwc(x)
+    assert out.shape == want.shape and out.is_contiguous(memory_format=torch.channels_last)
+    assert ((out - want).abs().max() / want.abs().max()).item() <= 1e-6
+    with pytest.raises(DataError, match="channels-last"):
+        native.avgpool_global_nhwc(torch.randn(1, 4, 3, 3))
