@@ -34,7 +34,7 @@ __all__ = ["ORIENT_PIX", "ORIENT_CO", "ORIENT_FULL", "ORIENT_CL", "available", "
            "pack_weight", "is_channels_last", "select", "gather", "epilogue", "maxpool2x2",
            "NativeLayer", "orientation_for", "supports", "NO_CLAMP", "RELU", "RELU6",
            "DENSE", "NhwcConv", "pack_weight_nhwc", "DepthwiseConv3x3", "maxpool_nhwc",
-           "avgpool_global_nhwc"]
+           "avgpool_global_nhwc", "to_channels_last"]
 
 ORIENT_PIX = 0  #: vector lanes over output pixels (large feature maps)
 ORIENT_CO = 1   #: vector lanes over output channels (small feature maps)
@@ -799,7 +799,7 @@ class DepthwiseConv3x3:
         return out
 
 
-# --- pooling on channels-last maps (the C file's pooling section) -------------------------------
+# --- pooling and the input's layout on channels-last maps (the C file's last sections) ----------
 
 _POOLS_BOUND: set[int] = set()
 
@@ -813,6 +813,8 @@ def _pool_lib() -> ctypes.CDLL:
         lib.ispc_maxpool_nhwc.argtypes = [_ptr] + [_i64] * 10 + [ctypes.c_float, ctypes.c_float,
                                                                  _ptr, _i64]
         lib.ispc_avgpool_global_nhwc.argtypes = [_ptr, _i64, _i64, _i64, _ptr, _i64]
+        lib.ispc_nchw_to_nhwc.restype = _i64
+        lib.ispc_nchw_to_nhwc.argtypes = [_ptr, _i64, _i64, _i64, _ptr, _i64]
         _POOLS_BOUND.add(id(lib))
     return lib
 
@@ -850,4 +852,25 @@ def avgpool_global_nhwc(x: Tensor) -> Tensor:
     out = torch.empty((n, c, 1, 1), dtype=torch.float32, memory_format=torch.channels_last)
     _pool_lib().ispc_avgpool_global_nhwc(x.data_ptr(), n, h * w, c, out.data_ptr(),
                                          torch.get_num_threads())
+    return out
+
+
+#: most channels :func:`to_channels_last` converts (an image's: the C loop is per position)
+TO_CHANNELS_LAST_MAX = 16
+
+
+def to_channels_last(x: Tensor) -> Tensor:
+    """``x.contiguous(memory_format=torch.channels_last)`` of a contiguous float32 CPU ``x``
+    (N, C, H, W) with at most :data:`TO_CHANNELS_LAST_MAX` channels (a model's input image): the
+    same values, copied in one pass."""
+    if not (x.dim() == 4 and x.dtype == torch.float32 and x.device.type == "cpu"
+            and x.is_contiguous()):
+        raise DataError(f"x must be a contiguous float32 CPU map (N, C, H, W), got {x.dtype} "
+                        f"{tuple(x.shape)} on {x.device}")
+    n, c, h, w = x.shape
+    if c > TO_CHANNELS_LAST_MAX:
+        raise DataError(f"x has {c} channels; to_channels_last takes at most "
+                        f"{TO_CHANNELS_LAST_MAX} (use x.contiguous(memory_format=torch.channels_last))")
+    out = torch.empty((n, c, h, w), dtype=torch.float32, memory_format=torch.channels_last)
+    _pool_lib().ispc_nchw_to_nhwc(x.data_ptr(), n, c, h * w, out.data_ptr(), torch.get_num_threads())
     return out

@@ -1969,3 +1969,32 @@ int64_t ispc_avgpool_global_nhwc(const float *src, int64_t N, int64_t HW, int64_
         }
     return 0;
 }
+
+/* ---- layout: a model's NCHW input to the channels-last maps it runs in ---------------------------
+ * dst (N, HW, C) = src (N, C, HW) transposed, for the few channels of an image (C <= 16): each
+ * position's C values gathered from C planes, read and written once in order. (PyTorch's copy took
+ * 0.075-0.083 ms for a 3x224x224 image inside a compiled model, 2-core Xeon.) Threads split the
+ * positions. */
+int64_t ispc_nchw_to_nhwc(const float *src, int64_t N, int64_t C, int64_t HW, float *dst,
+                          int64_t threads) {
+    if (C > 16) return 1;
+    #pragma omp parallel for collapse(2) num_threads(threads) schedule(static) \
+        if (N * C * HW >= (1 << 16))
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t b = 0; b < (HW + 1023) / 1024; b++) {
+            const int64_t p0 = b * 1024, p1 = p0 + 1024 < HW ? p0 + 1024 : HW;
+            const float *s = src + n * C * HW;
+            float *d = dst + n * HW * C;
+            if (C == 3) {  /* an RGB image: the constant channel count lets the compiler vectorize */
+                for (int64_t p = p0; p < p1; p++) {
+                    d[p * 3] = s[p];
+                    d[p * 3 + 1] = s[HW + p];
+                    d[p * 3 + 2] = s[2 * HW + p];
+                }
+            } else {
+                for (int64_t p = p0; p < p1; p++)
+                    for (int64_t c = 0; c < C; c++) d[p * C + c] = s[c * HW + p];
+            }
+        }
+    return 0;
+}

@@ -53,3 +53,16 @@ def test_avgpool_global_nhwc_equals_adaptive_avg_pool(shape):
     assert ((out - want).abs().max() / want.abs().max()).item() <= 1e-6
     with pytest.raises(DataError, match="channels-last"):
         native.avgpool_global_nhwc(torch.randn(1, 4, 3, 3))
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 224, 224), (2, 3, 17, 5), (3, 1, 4, 4), (2, 16, 9, 7),
+                                   (1, 5, 1, 3)])
+def test_to_channels_last_equals_contiguous(shape):
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(sum(shape)))
+    want = x.contiguous(memory_format=torch.channels_last)
+    out = native.to_channels_last(x)
+    assert torch.equal(out, want) and out.is_contiguous(memory_format=torch.channels_last)
+    with pytest.raises(DataError, match="at most"):
+        native.to_channels_last(torch.randn(1, 17, 2, 2))
+    with pytest.raises(DataError, match="contiguous float32"):
+        native.to_channels_last(want.double())
