@@ -124,6 +124,13 @@ class GatingConfig:
             same additions and clamps, in the same order. On by default since the channel-lane
             kernel writes its tiles with vector stores: at batch 1, 300-round A/B runs (2-core AMD
             EPYC) gave ResNet-50 1.026-1.030x of unfused, MobileNetV2 1.022-1.026x, ResNet-18 1.00x.
+        hand_sums: where a gated channels-last layer reads a map that a native layer (gated, or
+            an ungated one on ispc's kernels) writes, that layer computes the map's saliency sums
+            in its epilogue and hands them over, so the gated layer selects without a pass of its
+            own over its input (``passes/hand_sums.py``). The same selection (tested). Off by
+            default: at batch 1 the producers' extra epilogue work and the per-call Python cost
+            ate the saving (MobileNetV2 1.01x slower, ResNet-18 1.01x slower; 2-core Xeon,
+            see docs/benchmarks.md).
         gate_linear: also gate the input features of ``nn.Linear`` layers that read a flattened
             feature map (VGG's classifier) or a plain feature vector, as the equivalent convolution
             whose kernel covers the map (``passes/linear_as_conv.py``). At batch 1 a large classifier
@@ -193,6 +200,8 @@ class GatingConfig:
         "help": "interleaved timing rounds per kernel (latency_aware)"})
     fuse_epilogues: bool = field(default=True, metadata={
         "help": "fold the residual add and ReLU/ReLU6 after a gated layer into its kernel"})
+    hand_sums: bool = field(default=False, metadata={
+        "help": "native layers hand their output's saliency sums to the gated layers reading it"})
     gate_linear: bool = field(default=False, metadata={
         "help": "also gate linear layers on a flattened feature map or a vector (the classifier)"})
     prune_dead: bool = field(default=True, metadata={
@@ -231,6 +240,8 @@ class GatingConfig:
         if not isinstance(self.fuse_epilogues, bool):
             raise ConfigError("GatingConfig.fuse_epilogues must be True or False, "
                               f"got {self.fuse_epilogues!r}")
+        if not isinstance(self.hand_sums, bool):
+            raise ConfigError(f"GatingConfig.hand_sums must be True or False, got {self.hand_sums!r}")
         if not isinstance(self.prune_dead, bool):
             raise ConfigError(f"GatingConfig.prune_dead must be True or False, got {self.prune_dead!r}")
         if not isinstance(self.gate_linear, bool):

@@ -1,6 +1,8 @@
 """nn.Module wrappers around the gated operator, as they appear in a compiled graph."""
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -13,9 +15,9 @@ from .ops import triton_gated_conv as _triton
 
 __all__ = [
     "GatedConv2d", "GatedLinear", "LinearConv2d", "dense_conv", "full_channels", "gate_input",
-    "ChannelsLastMaxPool2d", "StridedMaxPool2d", "fast_max_pool", "MODE_CODES",
+    "ChannelsLastMaxPool2d", "StridedMaxPool2d", "fast_max_pool", "GlobalAvgPool2d", "MODE_CODES",
     "ACTIVATIONS", "apply_activation", "ToMemoryFormat",
-    "SALIENCY_CODES", "ORIENTATIONS", "plain_cpu_call", "NhwcDenseConv2d",
+    "SALIENCY_CODES", "ORIENTATIONS", "plain_cpu_call", "NhwcDenseConv2d", "SaliencySums",
 ]
 
 MODE_CODES = {"threshold": _gc.THRESHOLD, "topk": _gc.TOPK}
@@ -46,6 +48,45 @@ ORIENTATIONS = {"pix": _native.ORIENT_PIX, "co": _native.ORIENT_CO, "full": _nat
 SALIENCY_CODES = {"l2": _gc.SALIENCY_L2, "l1": _gc.SALIENCY_L1, "weighted_l2": _gc.SALIENCY_L2}
 
 
+class SaliencySums:
+    """The saliency sums (``[n, c]``, see :class:`~ispc.ops.native.NhwcConv`) a native layer's
+    epilogue computed for the output it returned last, handed to the gated layers that read that
+    output (``passes/hand_sums.py`` links them): a consumer then selects its channels without a
+    pass of its own over its input. A consumer takes the sums only for the very tensor they were
+    computed from (the producer's output object, held weakly) and of its own saliency ``kind``; any
+    other input, or a producer call that did not run natively, leaves it computing its own. Not a
+    module, and not part of any state dict or archive (the pass links a loaded model again)."""
+
+    __slots__ = ("kind", "_last")
+
+    def __init__(self, kind: int) -> None:
+        self.kind = int(kind)
+        #: (weak reference to the producer's last output, its sums): one tuple, replaced whole
+        self._last: tuple | None = None
+
+    def new(self, n: int, c: int) -> Tensor:
+        """An (n, c) buffer for the producer's kernel to write the sums into."""
+        return torch.empty((n, c), dtype=torch.float32)
+
+    def put(self, out: Tensor, sums: Tensor) -> None:
+        """Record ``sums`` as the sums of ``out`` (the producer's output)."""
+        self._last = (weakref.ref(out), sums)
+
+    def get(self, x: Tensor, kind: int) -> Tensor | None:
+        """The sums of ``x`` of ``kind``, when the producer computed them for this very tensor."""
+        last = self._last
+        return last[1] if last is not None and kind == self.kind and last[0]() is x else None
+
+    def __getstate__(self) -> dict:  # copies and pickles carry the link, never a stale output
+        return {"kind": self.kind}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["kind"])
+
+    def __repr__(self) -> str:
+        return f"SaliencySums(kind={self.kind})"
+
+
 def plain_cpu_call(x: Tensor) -> bool:
     """True for a plain eager CPU tensor: no fake/functional tensor, FX proxy, compiler or tracer.
 
@@ -66,6 +107,10 @@ class GatedConv2d(nn.Module):
     #: class defaults for instances pickled before these existed
     out_hw: int | None = None
     _nhwc = None
+    #: saliency sums handed in from the native layer that writes this layer's input, and out to
+    #: the gated layers that read its output (``passes/hand_sums.py``; None: none)
+    sums_in: SaliencySums | None = None
+    sums_out: SaliencySums | None = None
 
     def __init__(self, weight: Tensor, bias: Tensor | None, *, stride: tuple[int, int],
                  padding: tuple[int, int], dilation: tuple[int, int], mode: str, threshold: float,
@@ -177,7 +222,14 @@ class GatedConv2d(nn.Module):
                     and self._direct(x)
                     and (residual is None or self._c_reads_nhwc(residual, nh, x))):
                 # the channels-last kernel's dense mode: weights packed once, epilogue fused
-                return nh.run(x, _native.DENSE, None, 0.0, 0, 0, residual, ACTIVATIONS[self.act])
+                link = self.sums_out
+                if link is None:
+                    return nh.run(x, _native.DENSE, None, 0.0, 0, 0, residual, ACTIVATIONS[self.act])
+                sums = link.new(x.shape[0], nh.cout)
+                out = nh.run(x, _native.DENSE, None, 0.0, 0, 0, residual, ACTIVATIONS[self.act],
+                             None, sums, link.kind)
+                link.put(out, sums)
+                return out
             if self._linear_ok and x.shape[-2:] == self.weight.shape[-2:]:
                 out = _as_linear(x, self.weight, self.bias)  # oneDNN's conv is ~10x slower here
             else:
@@ -197,8 +249,17 @@ class GatedConv2d(nn.Module):
             # channels-last for the layers after it (its checks are the ones made here)
             sal = SALIENCY_CODES[self.saliency]
             if residual is None or self._c_reads_nhwc(residual, nh, x):
-                return nh.run(x, mode, scale, self.threshold, self.k, sal, residual,
-                              ACTIVATIONS[self.act])
+                src, link = self.sums_in, self.sums_out
+                if src is None and link is None:
+                    return nh.run(x, mode, scale, self.threshold, self.k, sal, residual,
+                                  ACTIVATIONS[self.act])
+                sums = None if link is None else link.new(x.shape[0], nh.cout)
+                out = nh.run(x, mode, scale, self.threshold, self.k, sal, residual,
+                             ACTIVATIONS[self.act], None if src is None else src.get(x, sal), sums,
+                             0 if link is None else link.kind)
+                if link is not None:
+                    link.put(out, sums)
+                return out
             out = nh.run(x, mode, scale, self.threshold, self.k, sal, None, _native.NO_CLAMP)
             return self._epilogue_in_place(out, residual)
         if (layer is not None and x.dtype == torch.float32 and scale.dtype == torch.float32
@@ -544,6 +605,8 @@ class NhwcDenseConv2d(nn.Conv2d):
 
     act: str | None = None
     residual_add = False
+    #: the saliency sums of its output, for the gated layers that read it (``passes/hand_sums.py``)
+    sums_out: SaliencySums | None = None
 
     def __init__(self, conv: nn.Conv2d, out_hw: int | None = None) -> None:
         if not self.fits(conv):
@@ -587,12 +650,23 @@ class NhwcDenseConv2d(nn.Conv2d):
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
         if (plain_cpu_call(x) and _cpu.nhwc_serves(x) and x.shape[1] == self.in_channels
                 and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))):
-            clamp = ACTIVATIONS[self.act]
+            clamp, link = ACTIVATIONS[self.act], self.sums_out
             if self.groups > 1:
                 if residual is None or GatedConv2d._c_reads_nhwc(residual, self, x):
-                    return self._kernel.run(x, residual, clamp)
+                    if link is None:
+                        return self._kernel.run(x, residual, clamp)
+                    sums = link.new(x.shape[0], self.out_channels)
+                    out = self._kernel.run(x, residual, clamp, sums, link.kind)
+                    link.put(out, sums)
+                    return out
             elif residual is None or GatedConv2d._c_reads_nhwc(residual, self._kernel, x):
-                return self._kernel.run(x, _native.DENSE, None, 0.0, 0, 0, residual, clamp)
+                if link is None:
+                    return self._kernel.run(x, _native.DENSE, None, 0.0, 0, 0, residual, clamp)
+                sums = link.new(x.shape[0], self.out_channels)
+                out = self._kernel.run(x, _native.DENSE, None, 0.0, 0, 0, residual, clamp, None,
+                                       sums, link.kind)
+                link.put(out, sums)
+                return out
         out = super().forward(x)
         if residual is not None:
             out = out + residual
@@ -613,23 +687,46 @@ class NhwcDenseConv2d(nn.Conv2d):
 
 
 class ChannelsLastMaxPool2d(nn.MaxPool2d):
-    """``nn.MaxPool2d`` that pools contiguous NCHW CPU inputs in channels-last layout.
+    """``nn.MaxPool2d`` that pools CPU maps channels-last.
 
-    PyTorch 2.13's NCHW CPU max-pool kernel is slow: a ResNet stem pool (1x64x112x112, 3x3, stride
-    2) takes ~4 ms at batch 1 on 2 cores, ~10% of a dense ResNet-18, against ~1.4 ms for the same
-    pool in channels-last including both layout copies (32 -> 11 ms at batch 8; measured by
-    ``benchmarks/kernel_speed.py``). The result is
-    identical (a max selects, it does not round) and is returned as contiguous NCHW. Elsewhere
-    (CUDA, tracing, export, ``return_indices``) it is the plain module.
+    A channels-last float32 map (a compiled model's, ``GatingConfig.channels_last``) is pooled by
+    ispc's native kernel in one pass (:func:`ispc.ops.native.maxpool_nhwc`; ResNet's 3x3/2 stem
+    pool of 64x112x112 at batch 1 on 2 Xeon cores: 0.064 ms against 0.28 ms in PyTorch 2.13's
+    channels-last kernel, 0.39 ms with the ReLU before it, which the native pass applies after the
+    max instead: ``act``, set by ``fuse_epilogues``, exact). A contiguous NCHW map is pooled in
+    channels-last layout by PyTorch (its NCHW CPU kernel is slow: the same pool took ~4 ms against
+    ~1.4 ms including both layout copies, ``benchmarks/kernel_speed.py``) and returned as
+    contiguous NCHW. The result is identical (a max selects, it does not round; NaN propagates).
+    Elsewhere (CUDA, tracing, export, autograd, ``return_indices``, ``ceil_mode`` or dilation on
+    the native path) it is the plain module.
     """
 
+    #: the activation applied after the maxima (a class default: instances pickled before it
+    #: existed load without it)
+    act: str | None = None
+
     def forward(self, x: Tensor) -> Tensor:
-        if (not self.return_indices and x.dim() == 4 and plain_cpu_call(x)
-                and x.is_contiguous() and x.shape[1] > 1):
+        if self.return_indices or x.dim() != 4 or not plain_cpu_call(x) or (
+                torch.is_grad_enabled() and x.requires_grad):
+            return self._act(super().forward(x))
+        (kh, kw), (ph, pw) = _pair(self.kernel_size), _pair(self.padding)
+        if (x.dtype == torch.float32 and x.is_contiguous(memory_format=torch.channels_last)
+                and not self.ceil_mode and _pair(self.dilation) == (1, 1) and 2 * ph <= kh
+                and 2 * pw <= kw and x.shape[-2] + 2 * ph >= kh and x.shape[-1] + 2 * pw >= kw
+                and _native.available()):
+            stride = _pair(self.stride if self.stride is not None else self.kernel_size)
+            return _native.maxpool_nhwc(x, (kh, kw), stride, (ph, pw), ACTIVATIONS[self.act])
+        if x.is_contiguous() and x.shape[1] > 1:
             y = F.max_pool2d(x.contiguous(memory_format=torch.channels_last), self.kernel_size,
                              self.stride, self.padding, self.dilation, ceil_mode=self.ceil_mode)
-            return y.contiguous()
-        return super().forward(x)
+            return self._act(y.contiguous())
+        return self._act(super().forward(x))
+
+    def _act(self, out: Tensor) -> Tensor:
+        return apply_activation(out, self.act)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (f", act={self.act}" if self.act else "")
 
 
 def _pair(v) -> tuple[int, int]:
@@ -707,6 +804,26 @@ def fast_max_pool(kernel_size, stride=None, padding=0, dilation=1, ceil_mode=Fal
     return cls(kernel_size, stride, padding, dilation, ceil_mode=ceil_mode)
 
 
+class GlobalAvgPool2d(nn.AdaptiveAvgPool2d):
+    """``nn.AdaptiveAvgPool2d(1)`` (the pool before a classifier) that averages a channels-last
+    float32 CPU map in one native pass (:func:`ispc.ops.native.avgpool_global_nhwc`): inside a
+    compiled model PyTorch's kernel took 0.085-0.115 ms on MobileNetV2's and ResNet-18's 7x7 maps
+    at batch 1 (2-core Xeon, ``benchmarks/peers_profile.py``), its thread pool woken for a few
+    thousand additions. Equal to within rounding (float sums in position order, as PyTorch's).
+    Elsewhere (NCHW, CUDA, tracing, export, autograd) it is the plain module."""
+
+    def __init__(self) -> None:
+        super().__init__(1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if (x.dim() == 4 and x.dtype == torch.float32 and plain_cpu_call(x)
+                and not (torch.is_grad_enabled() and x.requires_grad)
+                and x.is_contiguous(memory_format=torch.channels_last) and x.shape[-1] * x.shape[-2] > 0
+                and _native.available()):
+            return _native.avgpool_global_nhwc(x)
+        return super().forward(x)
+
+
 class ToMemoryFormat(nn.Module):
     """Where a compiled model runs channels-last (``GatingConfig.channels_last``): at its inputs,
     4-d maps become channels-last (NHWC); at its outputs, contiguous NCHW again, so callers see the
@@ -725,6 +842,11 @@ class ToMemoryFormat(nn.Module):
         if not (self.enabled and isinstance(x, Tensor) and x.dim() == 4 and plain_cpu_call(x)):
             return x
         if self.channels_last:
+            if (x.dtype == torch.float32 and x.shape[1] <= _native.TO_CHANNELS_LAST_MAX
+                    and x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last)
+                    and not (torch.is_grad_enabled() and x.requires_grad) and _native.available()):
+                # an image: one native pass (a 3x224x224 image in ~0.012 ms, PyTorch's copy ~0.04)
+                return _native.to_channels_last(x)
             return x.contiguous(memory_format=torch.channels_last)
         return x.contiguous()
 

@@ -57,18 +57,19 @@ ANALYSIS: tuple[str, ...] = ("capture", "lift", "fold_bn", "linear_as_conv", "fi
 #: timed) at the kept counts the model will run with, and again after it because un-gating a
 #: layer changes what the layers after it see; ``channels_last`` just before ``select_kernels``, so
 #: that kernels are timed in the layout the model will run in; ``dense_kernels`` after the last
-#: ``refine`` (the layers left dense are its candidates); ``fuse_epilogues`` last (it changes
-#: no value, and the passes before it hook gated layers' outputs)
+#: ``refine`` (the layers left dense are its candidates); ``fuse_epilogues`` next (it changes
+#: no value, and the passes before it hook gated layers' outputs); ``hand_sums`` last (sums of
+#: the values the fused epilogues store, between the kernels chosen)
 COMPILE: tuple[str, ...] = ANALYSIS + ("insert_gates", "lower_pools", "refine", "prune_dead",
                                        "channels_last", "select_kernels", "refine",
-                                       "dense_kernels", "fuse_epilogues")
+                                       "dense_kernels", "fuse_epilogues", "hand_sums")
 #: the dense baseline a gated model is timed against: the same lowerings, no gates
 DENSE: tuple[str, ...] = ("capture", "lift", "fold_bn", "lower_pools")
 #: where gates could go, from the model's structure alone (feature decay's default layers)
 SITES: tuple[str, ...] = ("capture", "lift", "find_sites")
-#: what ``ispc.load`` runs on the graph it rebuilt from an archive (which holds the epilogues as
-#: plain add/relu nodes)
-RELOAD: tuple[str, ...] = ("fuse_epilogues",)
+#: what ``ispc.load`` runs on the graph it rebuilt from an archive (which holds average pools and
+#: the epilogues as plain ATen calls, and no links between layers)
+RELOAD: tuple[str, ...] = ("lower_pools", "fuse_epilogues", "hand_sums")
 
 #: every named pipeline
 PIPELINES: dict[str, tuple[str, ...]] = {"inspect": ANALYSIS, "compile": COMPILE, "dense": DENSE,
@@ -231,5 +232,6 @@ def site_names(model: nn.Module, config: GatingConfig | None = None) -> list[str
 
 
 def reload(gm: fx.GraphModule, config: GatingConfig) -> fx.GraphModule:
-    """:data:`RELOAD` on a graph rebuilt from an archive (fuses its epilogues again)."""
+    """:data:`RELOAD` on a graph rebuilt from an archive (lowers its average pools, fuses its
+    epilogues and links its saliency sums again)."""
     return run_passes(gm, PassState(config=config, progress=False), RELOAD)

@@ -22,6 +22,7 @@ linear         linear_as_conv          (the record of what was rewritten)
 lowered        lower_pools             tests
 layout         channels_last           (marks the input converter)
 epilogue       fuse_epilogues          (the record of what was fused)
+sums           hand_sums               tests (the record of what was linked)
 =============  ======================  ==================================================
 """
 from __future__ import annotations
@@ -36,7 +37,7 @@ from torch import fx
 from .observers import SaliencyStats
 
 __all__ = ["LayerFacts", "GateDecision", "KernelChoice", "Pruning", "Epilogue", "LinearAsConv",
-           "NodeRecords", "records", "KEY"]
+           "SumsHandoff", "NodeRecords", "records", "KEY"]
 
 #: the ``node.meta`` key the records live under
 KEY = "ispc"
@@ -126,6 +127,15 @@ class Epilogue:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class SumsHandoff:
+    """Saliency sums handed between native layers (hand_sums): the kind (``l2``/``l1``) this
+    layer computes for its output, and the layer whose sums of its input it reads."""
+
+    out_kind: str | None = None
+    reads_from: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class LinearAsConv:
     """A linear layer rewritten as the convolution whose kernel covers its input map."""
 
@@ -149,6 +159,7 @@ class NodeRecords:
     lowered: str | None = None
     layout: str | None = None
     epilogue: Epilogue | None = None
+    sums: SumsHandoff | None = None
 
     def copy(self) -> NodeRecords:
         """A shallow copy (the records themselves are immutable), for a node that replaces this

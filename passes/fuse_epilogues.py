@@ -36,7 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from ispc.modules import GatedConv2d, GatedLinear, NhwcDenseConv2d, StridedMaxPool2d
+from ispc.modules import (ChannelsLastMaxPool2d, GatedConv2d, GatedLinear, NhwcDenseConv2d,
+                          StridedMaxPool2d)
 from ispc.records import KEY, Epilogue
 
 from .base import PassState, module_call_counts, node_shape, records, register_pass
@@ -155,7 +156,7 @@ def fuse_epilogues(gm: fx.GraphModule, state: PassState) -> fx.GraphModule:
         state.notes.append(f"fused the residual add and/or activation after {fused} gated "
                            "layer(s) into their epilogues (fuse_epilogues)")
     if moved:
-        state.notes.append(f"moved {moved} activation(s) after the non-overlapping max-pool that "
+        state.notes.append(f"moved {moved} activation(s) after the max-pool that "
                            "reads them, into the pool's pass (fuse_epilogues)")
     return gm
 
@@ -279,10 +280,11 @@ def _scale_and_residual(gm: fx.GraphModule, node: fx.Node, mod: GatedLinear) -> 
 
 def _acts_into_pools(gm: fx.GraphModule, calls: dict[str, int]) -> int:
     """``pool(act(y))`` (and ``act(pool(y))``, the order exported graphs hold) -> ``pool_act(y)``
-    for a :class:`StridedMaxPool2d` called once: the max commutes with ReLU/ReLU6 (exact), so the
-    activation costs no pass of its own; the gated layer or activation node that applied it stops
-    doing so. VGG-16 has five such pools; where the layer before one runs on oneDNN, its ReLU was a
-    pass over the whole unpooled map."""
+    for a :class:`StridedMaxPool2d` or :class:`ChannelsLastMaxPool2d` called once: the max commutes
+    with ReLU/ReLU6 (exact), so the activation costs no pass of its own; the gated layer or
+    activation node that applied it stops doing so. VGG-16 has five such pools, ResNet one after
+    its stem; where the layer before one runs on oneDNN, its ReLU was a pass over the whole
+    unpooled map."""
     moved = 0
     for pool_node in list(gm.graph.nodes):
         if pool_node.op != "call_module" or calls.get(pool_node.target) != 1 \
@@ -290,7 +292,8 @@ def _acts_into_pools(gm: fx.GraphModule, calls: dict[str, int]) -> int:
             continue
         pool = gm.get_submodule(pool_node.target)
         src = pool_node.args[0]
-        if type(pool) is not StridedMaxPool2d or pool.act or not isinstance(src, fx.Node):
+        if type(pool) not in (StridedMaxPool2d, ChannelsLastMaxPool2d) or pool.act \
+                or not isinstance(src, fx.Node):
             continue
         after = _only_user(pool_node)
         if after is not None and (act := activation_of(gm, after)) is not None \

@@ -33,7 +33,8 @@ from ..errors import ConfigError, DataError
 __all__ = ["ORIENT_PIX", "ORIENT_CO", "ORIENT_FULL", "ORIENT_CL", "available", "full_window", "unavailable_reason",
            "pack_weight", "is_channels_last", "select", "gather", "epilogue", "maxpool2x2",
            "NativeLayer", "orientation_for", "supports", "NO_CLAMP", "RELU", "RELU6", "GELU",
-           "DENSE", "NhwcConv", "pack_weight_nhwc", "DepthwiseConv3x3"]
+           "DENSE", "NhwcConv", "pack_weight_nhwc", "DepthwiseConv3x3", "maxpool_nhwc",
+           "avgpool_global_nhwc", "to_channels_last"]
 
 ORIENT_PIX = 0  #: vector lanes over output pixels (large feature maps)
 ORIENT_CO = 1   #: vector lanes over output channels (small feature maps)
@@ -700,19 +701,24 @@ class NhwcConv:
         return out
 
     def run(self, x: Tensor, mode: int, scale: Tensor | None, threshold: float, k: int,
-            saliency: int, residual: Tensor | None, clamp: tuple[float, float]) -> Tensor:
+            saliency: int, residual: Tensor | None, clamp: tuple[float, float],
+            x_sums: Tensor | None = None, out_sums: Tensor | None = None,
+            out_sums_kind: int = 0) -> Tensor:
         """:meth:`__call__` without its argument checks, for callers that made them (a gated
         layer's forward: every check costs each layer of a batch-1 model microseconds). ``x``
         channels-last float32 CPU with this layer's channels, ``scale`` a contiguous float32
         tensor of them (gated modes), ``residual`` None or channels-last float32 of the output's
-        shape, ``mode`` and ``saliency`` valid codes."""
+        shape, ``mode`` and ``saliency`` valid codes; ``x_sums`` / ``out_sums`` as in
+        :meth:`__call__`, contiguous float32 (N, C) / (N, Cout), ``out_sums_kind`` a valid code."""
         n, _, h, w = x.shape
         shape = self._shapes.get((n, h, w)) or self.out_shape(n, h, w)
         out = torch.empty(shape, dtype=torch.float32, memory_format=torch.channels_last)
+        sums = None if x_sums is None and out_sums is None else _sums(
+            x_sums if mode != DENSE else None, out_sums, out_sums_kind)
         NativeLayer._run(_lib.ispc_conv_nhwc, (
             self._ref, x.data_ptr(), n, h, w, None if mode == DENSE else scale.data_ptr(), saliency,
             mode, threshold, k, None, out.data_ptr(), None if residual is None else residual.data_ptr(),
-            clamp[0], clamp[1], None))
+            clamp[0], clamp[1], sums))
         return out
 
     def out_shape(self, n: int, h: int, w: int) -> tuple[int, int, int, int]:
@@ -781,15 +787,93 @@ class DepthwiseConv3x3:
             clamp[0], clamp[1], _sums(None, out_sums, out_sums_kind)))
         return out
 
-    def run(self, x: Tensor, residual: Tensor | None, clamp: tuple[float, float]) -> Tensor:
+    def run(self, x: Tensor, residual: Tensor | None, clamp: tuple[float, float],
+            out_sums: Tensor | None = None, out_sums_kind: int = 0) -> Tensor:
         """:meth:`__call__` without its argument checks, for callers that made them (``x``
         channels-last float32 CPU with these channels, ``residual`` None or channels-last float32
-        of the output's shape)."""
+        of the output's shape, ``out_sums`` None or contiguous float32 (N, C))."""
         n, c, h, w = x.shape
         out = torch.empty((n, c, *self.out_size(h, w)), dtype=torch.float32,
                           memory_format=torch.channels_last)
         NativeLayer._run(_lib.ispc_dwconv3x3_nhwc, (
             x.data_ptr(), n, h, w, c, self.packed.data_ptr(), self.bias.data_ptr(), self.stride,
             self.padding, out.data_ptr(), None if residual is None else residual.data_ptr(),
-            clamp[0], clamp[1], None))
+            clamp[0], clamp[1], None if out_sums is None else _sums(None, out_sums, out_sums_kind)))
         return out
+
+
+# --- pooling and the input's layout on channels-last maps (the C file's last sections) ----------
+
+_POOLS_BOUND: set[int] = set()
+
+
+def _pool_lib() -> ctypes.CDLL:
+    """The library with its pooling entries' signatures declared (once per library; their own
+    section, apart from the convolution entries' declarations)."""
+    lib = _loaded()
+    if id(lib) not in _POOLS_BOUND:
+        lib.ispc_maxpool_nhwc.restype = lib.ispc_avgpool_global_nhwc.restype = _i64
+        lib.ispc_maxpool_nhwc.argtypes = [_ptr] + [_i64] * 10 + [ctypes.c_float, ctypes.c_float,
+                                                                 _ptr, _i64]
+        lib.ispc_avgpool_global_nhwc.argtypes = [_ptr, _i64, _i64, _i64, _ptr, _i64]
+        lib.ispc_nchw_to_nhwc.restype = _i64
+        lib.ispc_nchw_to_nhwc.argtypes = [_ptr, _i64, _i64, _i64, _ptr, _i64]
+        _POOLS_BOUND.add(id(lib))
+    return lib
+
+
+def maxpool_nhwc(x: Tensor, kernel: tuple[int, int], stride: tuple[int, int],
+                 padding: tuple[int, int], clamp: tuple[float, float] = NO_CLAMP) -> Tensor:
+    """``clamp(max_pool2d(x, kernel, stride, padding), *clamp)`` for a channels-last float32 CPU
+    ``x`` (N, C, H, W), floor mode, no dilation, padding at most half the kernel (as max_pool2d
+    requires); the result channels-last. One pass over ``x``, NaN propagating; a clamp commutes
+    with the max (exact)."""
+    _check_nhwc(x, "x")
+    (kh, kw), (sh, sw), (ph, pw) = (_pair_arg(kernel, "kernel"), _pair_arg(stride, "stride"),
+                                    _pair_arg(padding, "padding"))
+    if min(kh, kw, sh, sw) < 1 or min(ph, pw) < 0 or 2 * ph > kh or 2 * pw > kw:
+        raise ConfigError(f"max-pool kernel {kh}x{kw}, stride {sh}x{sw}, padding {ph}x{pw}: kernel "
+                          "and stride must be >= 1 and padding at most half the kernel")
+    n, c, h, w = x.shape
+    ho, wo = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+    if ho < 1 or wo < 1:
+        raise DataError(f"a {h}x{w} input is smaller than the {kh}x{kw} pooling window")
+    out = torch.empty((n, c, ho, wo), dtype=torch.float32, memory_format=torch.channels_last)
+    _pool_lib().ispc_maxpool_nhwc(x.data_ptr(), n, h, w, c, kh, kw, sh, sw, ph, pw, clamp[0],
+                                  clamp[1], out.data_ptr(), torch.get_num_threads())
+    return out
+
+
+def avgpool_global_nhwc(x: Tensor) -> Tensor:
+    """``adaptive_avg_pool2d(x, 1)`` of a channels-last float32 CPU ``x`` (N, C, H, W): (N, C, 1,
+    1) channels-last, each channel's mean over the positions (float sums in position order, then
+    divided, as PyTorch's channels-last kernel; equal to within rounding)."""
+    _check_nhwc(x, "x")
+    n, c, h, w = x.shape
+    if h * w == 0:
+        raise DataError(f"a {h}x{w} map has no positions to average")
+    out = torch.empty((n, c, 1, 1), dtype=torch.float32, memory_format=torch.channels_last)
+    _pool_lib().ispc_avgpool_global_nhwc(x.data_ptr(), n, h * w, c, out.data_ptr(),
+                                         torch.get_num_threads())
+    return out
+
+
+#: most channels :func:`to_channels_last` converts (an image's: the C loop is per position)
+TO_CHANNELS_LAST_MAX = 16
+
+
+def to_channels_last(x: Tensor) -> Tensor:
+    """``x.contiguous(memory_format=torch.channels_last)`` of a contiguous float32 CPU ``x``
+    (N, C, H, W) with at most :data:`TO_CHANNELS_LAST_MAX` channels (a model's input image): the
+    same values, copied in one pass."""
+    if not (x.dim() == 4 and x.dtype == torch.float32 and x.device.type == "cpu"
+            and x.is_contiguous()):
+        raise DataError(f"x must be a contiguous float32 CPU map (N, C, H, W), got {x.dtype} "
+                        f"{tuple(x.shape)} on {x.device}")
+    n, c, h, w = x.shape
+    if c > TO_CHANNELS_LAST_MAX:
+        raise DataError(f"x has {c} channels; to_channels_last takes at most "
+                        f"{TO_CHANNELS_LAST_MAX} (use x.contiguous(memory_format=torch.channels_last))")
+    out = torch.empty((n, c, h, w), dtype=torch.float32, memory_format=torch.channels_last)
+    _pool_lib().ispc_nchw_to_nhwc(x.data_ptr(), n, c, h * w, out.data_ptr(), torch.get_num_threads())
+    return out

@@ -114,7 +114,12 @@ def test_layout_is_off_unless_asked_or_measured():
 def test_converters_are_the_identity_outside_plain_eager_calls():
     to_cl = ToMemoryFormat(True)
     x = torch.randn(2, 4, 5, 5)
-    assert native.is_channels_last(to_cl(x))
+    assert native.is_channels_last(to_cl(x)) and torch.equal(to_cl(x), x)  # native for an image
+    for y in (torch.randn(2, 20, 5, 5), x.double(), x.requires_grad_(False).clone().requires_grad_()):
+        out = to_cl(y)  # many channels, another dtype, autograd: PyTorch's copy
+        assert native.is_channels_last(out) and torch.equal(out.detach(), y.detach())
+    cl = to_cl(x)
+    assert to_cl(cl) is cl  # already channels-last
     assert to_cl(x[0]) is not None and to_cl(x[0]).is_contiguous()  # 3-d: untouched
     traced = torch.fx.symbolic_trace(to_cl)  # traced: the identity
     assert [n.op for n in traced.graph.nodes] == ["placeholder", "output"]
