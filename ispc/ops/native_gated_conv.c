@@ -1477,11 +1477,41 @@ typedef struct {
         }                                                                                        \
     }
 
+/* Software prefetch of the weights NH_PF channels ahead: the indirect walk jumps between kept
+ * channels' weight rows (and at a segment's end to the next tap's), which the hardware
+ * prefetchers do not follow, and even the direct walk gains (it restarts at every 4 KiB page).
+ * Dense: where a block of output channels' weights outgrows L1 (NH_PF_MIN_BYTES); gated: where
+ * the layer's weights outgrow L2 (NH_PF_GATED_BYTES), below which it measured no faster. */
+#ifndef NH_PF
+#define NH_PF 8
+#endif
+#ifndef NH_PF_MIN_BYTES
+#define NH_PF_MIN_BYTES (32 << 10)
+#endif
+#ifndef NH_PF_GATED_BYTES
+#define NH_PF_GATED_BYTES (1536 << 10)
+#endif
+
+/* one kept channel c of a tile: NV weight vectors at wc, MR broadcasts p[i][c], MR * NV FMAs;
+ * pf (NULL: none): the weights to prefetch, NV * VW floats */
+#define NH_STEP(MR, NV, c, wc, pf)                                                              \
+    {                                                                                           \
+        vf w[NV];                                                                               \
+        for (int j = 0; j < NV; j++) w[j] = ld((wc) + j * VW);                                  \
+        for (int j = 0; j < (pf ? NV * VW * 4 : 0); j += 64)                                    \
+            __builtin_prefetch((const char *)(pf) + j, 0, 3);                              \
+        for (int i = 0; i < MR; i++) {                                                          \
+            const float b = p[i][c];                                                            \
+            for (int j = 0; j < NV; j++) acc[i][j] += b * w[j];                                 \
+        }                                                                                       \
+    }
+
 /* the tile over segments s < nseg: acc[i][j] = sum over s, l < L of ptab[s][i][c] * w[s][c][j],
- * c = ix[l] (indirect: kept channels by index) or l (direct); the result through the epilogue */
+ * c = ix[l] (indirect: kept channels by index) or l (direct), weights prefetched D channels
+ * ahead (0: not); the result through the epilogue */
 #define NHWC_KERNEL(NAME, MR, NV, IND)                                                          \
 static void NAME(const float *const *ptab, const float *const *wseg, int64_t nseg, int64_t L,   \
-                 const int32_t *ix, const nh_epi_t *e) {                                        \
+                 const int32_t *ix, int64_t D, const nh_epi_t *e) {                             \
     vf acc[MR][NV];                                                                             \
     for (int i = 0; i < MR; i++)                                                                \
         for (int j = 0; j < NV; j++) acc[i][j] = (vf){0};                                       \
@@ -1489,22 +1519,32 @@ static void NAME(const float *const *ptab, const float *const *wseg, int64_t nse
         const float *p[MR];                                                                     \
         for (int i = 0; i < MR; i++) p[i] = ptab[s * MR + i];                                   \
         const float *ws = wseg[s];                                                              \
-        for (int64_t l = 0; l < L; l++) {                                                       \
-            const int64_t c = IND ? ix[l] : l;                                                  \
-            const float *wc = ws + c * (NV * VW);                                               \
-            vf w[NV];                                                                           \
-            for (int j = 0; j < NV; j++) w[j] = ld(wc + j * VW);                                \
-            for (int i = 0; i < MR; i++) {                                                      \
-                const float b = p[i][c];                                                        \
-                for (int j = 0; j < NV; j++) acc[i][j] += b * w[j];                             \
+        if (D <= 0) {                                                                           \
+            for (int64_t l = 0; l < L; l++) {                                                   \
+                const int64_t c = IND ? ix[l] : l;                                              \
+                NH_STEP(MR, NV, c, ws + c * (NV * VW), (const float *)0)                        \
             }                                                                                   \
+            continue;                                                                           \
+        }                                                                                       \
+        /* ahead: this segment's channel l + D, past its end the next segment's first ones */   \
+        const float *wn = s + 1 < nseg ? wseg[s + 1] : ws;                                      \
+        const int64_t l1 = L > D ? L - D : 0;                                                   \
+        int64_t l = 0;                                                                          \
+        for (; l < l1; l++) {                                                                   \
+            const int64_t c = IND ? ix[l] : l, cp = IND ? ix[l + D] : l + D;                    \
+            NH_STEP(MR, NV, c, ws + c * (NV * VW), ws + cp * (NV * VW))                         \
+        }                                                                                       \
+        for (; l < L; l++) {                                                                    \
+            const int64_t c = IND ? ix[l] : l, j = l + D - L < L ? l + D - L : L - 1;           \
+            const int64_t cp = IND ? ix[j] : j;                                                 \
+            NH_STEP(MR, NV, c, ws + c * (NV * VW), wn + cp * (NV * VW))                         \
         }                                                                                       \
     }                                                                                           \
     NH_EPILOGUE(MR, NV, acc, e)                                                                 \
 }
 
 typedef void (*nh_kernel_t)(const float *const *, const float *const *, int64_t, int64_t,
-                            const int32_t *, const nh_epi_t *);
+                            const int32_t *, int64_t, const nh_epi_t *);
 #if defined(__AVX512F__)
 NHWC_KERNEL(nh_i4, NH_MR4, 4, 1)
 NHWC_KERNEL(nh_d4, NH_MR4, 4, 0)
@@ -1654,6 +1694,9 @@ static void nh_conv(const nh_geom_t *g, const ispc_nhwc_layer_t *L, const float 
     G = G < 1 ? 1 : G > g->cob ? g->cob : G;
     const int64_t groups = (g->cob + G - 1) / G;
     G = (g->cob + groups - 1) / groups;  /* groups of (nearly) equal size */
+    const int64_t wbytes = T * C * nr * (int64_t)sizeof(float);  /* a block's */
+    const int64_t pfd = wbytes >= NH_PF_MIN_BYTES ? NH_PF : 0;
+    const int64_t pfg = wbytes * g->cob >= NH_PF_GATED_BYTES ? pfd : 0;
     const float *ptab[T * NH_MAXMR];
     const float *wseg[T];
     int64_t woff[T];
@@ -1712,7 +1755,10 @@ static void nh_conv(const nh_geom_t *g, const ispc_nhwc_layer_t *L, const float 
                         const nh_epi_t e = {out + o, res ? res + o : 0, L->bias + cb * nr, g->cout,
                                             (int)(HoWo - p0 < mr ? HoWo - p0 : mr), (int)lanes, clamp,
                                             ykind, lo, hi, yrow ? yrow + n * cs + cb * nr : 0};
-                        (dense ? kdir : kind)(ptab, wseg, K ? nseg : 0, len, ix + n * C, &e);
+                        if (dense)
+                            kdir(ptab, wseg, K ? nseg : 0, len, 0, pfd, &e);
+                        else
+                            kind(ptab, wseg, K ? nseg : 0, len, ix + n * C, pfg, &e);
                     }
                 }
 }

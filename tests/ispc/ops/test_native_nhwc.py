@@ -110,6 +110,22 @@ def test_every_tile_on_layer_shapes(vectors, shape):
             _check(out, want, (mode, k, clamp))
 
 
+@pytest.mark.parametrize("shape", [(320, 160, 3, 1, 1, 5), (2048, 200, 1, 1, 0, 3)])
+def test_weights_past_the_prefetch_thresholds(shape):
+    # layers whose weights (2 and 1.6 MB) take the prefetching walks, dense and gated, with kept
+    # counts below and above the prefetch distance, so that the look-ahead crosses segment ends
+    cin, cout, ks, s, p, h = shape
+    g = torch.Generator().manual_seed(cin)
+    x = torch.randn(3, cin, h, h, generator=g).relu() * (torch.rand(3, cin, 1, 1, generator=g) + .1)
+    wt, b, scale = torch.randn(cout, cin, ks, ks, generator=g), torch.randn(cout, generator=g), \
+        torch.ones(cin)
+    assert wt.numel() * 4 >= 1536 << 10
+    layer = native.NhwcConv(wt, b, s, p, 1)
+    for mode, k in [(native.DENSE, 0), (gc.TOPK, 1), (gc.TOPK, 5), (gc.TOPK, 9), (gc.TOPK, cin // 3)]:
+        want = _reference(x, wt, b, s, p, 1, mode, scale, 0.0, k, gc.SALIENCY_L2, None, native.RELU)
+        _check(layer(_nhwc(x), mode, scale=scale, k=k, clamp=native.RELU), want, (mode, k))
+
+
 def test_dense_equals_conv2d_and_gated_with_every_channel_kept():
     g = torch.Generator().manual_seed(1)
     x, w, b = torch.randn(3, 20, 11, 11, generator=g), torch.randn(30, 20, 3, 3, generator=g), \
