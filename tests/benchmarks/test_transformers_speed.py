@@ -12,12 +12,18 @@ import zoo
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "transformers_speed.py"
 
 
-def test_transformers_speed_script_writes_results(tmp_path, monkeypatch, capsys):
-    pytest.importorskip("transformers")
+def _script(monkeypatch):
+    """The script as a module, its models replaced by a small Hugging Face ConvNeXt."""
     spec = importlib.util.spec_from_file_location("transformers_speed", SCRIPT)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     monkeypatch.setattr(mod, "build", lambda name: zoo.hf_model("convnext"))
+    return mod
+
+
+def test_transformers_speed_script_writes_results(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("transformers")
+    mod = _script(monkeypatch)
     out = tmp_path / "t.json"
     assert mod.main(["--models", "convnext_tiny", "--image-size", "32", "--calibration", "8",
                      "--rounds", "2", "--threads", "1", "--no-latency-aware", "--per-layer",
@@ -35,10 +41,7 @@ def test_transformers_speed_script_writes_results(tmp_path, monkeypatch, capsys)
 def test_transformers_speed_script_times_dense_runtimes(tmp_path, monkeypatch):
     pytest.importorskip("transformers")
     pytest.importorskip("onnxruntime")
-    spec = importlib.util.spec_from_file_location("transformers_speed", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    monkeypatch.setattr(mod, "build", lambda name: zoo.hf_model("convnext"))
+    mod = _script(monkeypatch)
     out = tmp_path / "t.json"
     assert mod.main(["--models", "convnext_tiny", "--image-size", "32", "--calibration", "8",
                      "--rounds", "2", "--threads", "1", "--no-latency-aware", "--runtimes",
