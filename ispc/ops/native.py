@@ -662,15 +662,8 @@ class NhwcConv:
         (N, C) are ``x``'s for this call's ``saliency``, as the layer that wrote ``x`` computed
         them; ``out_sums`` (N, Cout), if given, receives the output's (after the epilogue, of
         ``out_sums_kind``), computed in the epilogue from the values stored."""
-        _check_nhwc(x, "x")
+        out = _nhwc_output(x, self.cin, self.cout, self.out_size, f"the layer's {self.kernel} window")
         n, c, h, w = x.shape
-        if c != self.cin:
-            raise DataError(f"x has {c} channels, the layer takes {self.cin}")
-        ho, wo = self.out_size(h, w)
-        if ho < 1 or wo < 1:
-            raise DataError(f"a {h}x{w} input is smaller than the layer's {self.kernel} window")
-        out = torch.empty((n, self.cout, ho, wo), dtype=torch.float32,
-                          memory_format=torch.channels_last)
         if residual is not None and not (
                 residual.shape == out.shape and residual.dtype == torch.float32
                 and residual.device.type == "cpu"
@@ -737,6 +730,19 @@ def _check_nhwc(x: Tensor, name: str) -> None:
                         "torch.channels_last)")
 
 
+def _nhwc_output(x: Tensor, cin: int, cout: int, out_size, window: str) -> Tensor:
+    """The checked call's output map for ``x`` (channels-last float32 CPU with ``cin`` channels,
+    at least the ``window`` of ``out_size``): empty, channels-last, ``cout`` channels."""
+    _check_nhwc(x, "x")
+    n, c, h, w = x.shape
+    if c != cin:
+        raise DataError(f"x has {c} channels, the layer takes {cin}")
+    ho, wo = out_size(h, w)
+    if ho < 1 or wo < 1:
+        raise DataError(f"a {h}x{w} input is smaller than {window}")
+    return torch.empty((n, cout, ho, wo), dtype=torch.float32, memory_format=torch.channels_last)
+
+
 class DepthwiseConv3x3:
     """A depthwise 3x3 convolution (groups = channels, one filter per channel) on channels-last
     maps, with the bias, an optional residual and a clamp fused (MobileNet's, ReLU6 included)."""
@@ -767,14 +773,8 @@ class DepthwiseConv3x3:
                  out_sums_kind: int = 0) -> Tensor:
         """The layer on ``x``; ``out_sums`` (N, C), if given, receives the output's saliency sums
         (as :meth:`NhwcConv.__call__`'s)."""
-        _check_nhwc(x, "x")
+        out = _nhwc_output(x, self.channels, self.channels, self.out_size, "the 3x3 window")
         n, c, h, w = x.shape
-        if c != self.channels:
-            raise DataError(f"x has {c} channels, the layer takes {self.channels}")
-        ho, wo = self.out_size(h, w)
-        if ho < 1 or wo < 1:
-            raise DataError(f"a {h}x{w} input is smaller than the 3x3 window")
-        out = torch.empty((n, c, ho, wo), dtype=torch.float32, memory_format=torch.channels_last)
         if residual is not None:
             _check_nhwc(residual, "residual")
             if residual.shape != out.shape:
