@@ -1,25 +1,15 @@
 """benchmarks/kernel_ab.py: both modes run end to end on small inputs (timings are not asserted)."""
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
 from ispc.ops import native
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "kernel_ab.py"
 pytestmark = pytest.mark.skipif(not native.available(), reason="native kernel not built here")
 
 
-def _module():
-    spec = importlib.util.spec_from_file_location("kernel_ab", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_layers_and_models_with_a_tuning_variant(tmp_path):
-    mod = _module()
+def test_layers_and_models_with_a_tuning_variant(tmp_path, benchmark_script):
+    mod = benchmark_script("kernel_ab.py")
     libs = mod.load_variants(["-DSTREAM_BYTES=1"])  # every call streams: same values
     rows = mod.layer_rows(libs, batch_size=2, rounds=1, convs=[(16, 32, 1, 1, 16), (8, 8, 3, 1, 9)])
     # pix and co per layer, and cl for the 3x3 one
@@ -32,17 +22,17 @@ def test_layers_and_models_with_a_tuning_variant(tmp_path):
     assert row["model"] == "resnet18" and row["identical"] and row["-DSTREAM_BYTES=1_ms"] > 0
 
 
-def test_variants_that_change_register_blocks_are_refused():
+def test_variants_that_change_register_blocks_are_refused(benchmark_script):
     if native._load().ispc_block_lanes(native.ORIENT_PIX) != 32:
         pytest.skip("this CPU already builds the AVX2 blocks: -mno-avx512f changes nothing")
     with pytest.raises(SystemExit, match="register blocks"):
-        _module().load_variants(["-mno-avx512f"])
+        benchmark_script("kernel_ab.py").load_variants(["-mno-avx512f"])
 
 
-def test_channel_lane_rows_may_differ():
+def test_channel_lane_rows_may_differ(benchmark_script):
     """-DCO_MR changes only the channel-lane kernels' position rows, not the packed weights: the
     variant loads, and its layers equal the default build's (each sum runs in the same order)."""
-    mod = _module()
+    mod = benchmark_script("kernel_ab.py")
     libs = mod.load_variants(["-DCO_MR=14"])
     assert libs["-DCO_MR=14"].ispc_block_rows(native.ORIENT_CO) == 14
     rows = mod.layer_rows(libs, batch_size=2, rounds=1, convs=[(24, 40, 1, 1, 7), (16, 16, 3, 1, 9)])

@@ -1,31 +1,18 @@
 """benchmarks/kernel_speed.py runs and reports every op it times (timings themselves are not asserted)."""
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "kernel_speed.py"
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("kernel_speed", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 @pytest.fixture
-def native_script():
+def native_script(benchmark_script):
     """The script as a module, where the native kernel builds (its tables need it)."""
     from ispc.ops import native
 
     if not native.available():
         pytest.skip(f"native kernel not built here: {native.unavailable_reason()}")
-    return _load_script()
+    return benchmark_script("kernel_speed.py")
 
 
-def test_kernel_speed_prints_a_row_per_op(capsys):
-    mod = _load_script()
+def test_kernel_speed_prints_a_row_per_op(capsys, benchmark_script):
+    mod = benchmark_script("kernel_speed.py")
     assert mod.main(["--rounds", "1"]) == 0
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith("| max-pool") or line.startswith("| im2col")]

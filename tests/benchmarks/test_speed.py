@@ -1,16 +1,10 @@
 """benchmarks/speed.py: runs end to end on a small input, writes its JSON, and profiles per op
 (timings themselves are not asserted)."""
-import importlib.util
 import json
-from pathlib import Path
-
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "speed.py"
 
 
-def test_speed_script_writes_results_and_profile(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("speed", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+def test_speed_script_writes_results_and_profile(tmp_path, capsys, benchmark_script):
+    mod = benchmark_script("speed.py")
     out = tmp_path / "speed.json"
     assert mod.main(["--models", "resnet18", "--batch-sizes", "1", "--image-size", "32",
                      "--rounds", "2", "--no-latency-aware", "--profile", "2", "--json", str(out)]) == 0

@@ -1,29 +1,23 @@
 """benchmarks/transformers_speed.py: runs end to end (a small-config Hugging Face ConvNeXt in place
 of ConvNeXt-T, 32x32 inputs) and writes its JSON with the per-layer split (timings themselves are
 not asserted)."""
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
 import zoo
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "transformers_speed.py"
 
-
-def _script(monkeypatch):
+def _script(monkeypatch, benchmark_script):
     """The script as a module, its models replaced by a small Hugging Face ConvNeXt."""
-    spec = importlib.util.spec_from_file_location("transformers_speed", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = benchmark_script("transformers_speed.py")
     monkeypatch.setattr(mod, "build", lambda name: zoo.hf_model("convnext"))
     return mod
 
 
-def test_transformers_speed_script_writes_results(tmp_path, monkeypatch, capsys):
+def test_transformers_speed_script_writes_results(tmp_path, monkeypatch, capsys, benchmark_script):
     pytest.importorskip("transformers")
-    mod = _script(monkeypatch)
+    mod = _script(monkeypatch, benchmark_script)
     out = tmp_path / "t.json"
     assert mod.main(["--models", "convnext_tiny", "--image-size", "32", "--calibration", "8",
                      "--rounds", "2", "--threads", "1", "--no-latency-aware", "--per-layer",
@@ -38,10 +32,10 @@ def test_transformers_speed_script_writes_results(tmp_path, monkeypatch, capsys)
     assert "channel linears gated" in capsys.readouterr().out
 
 
-def test_transformers_speed_script_times_dense_runtimes(tmp_path, monkeypatch):
+def test_transformers_speed_script_times_dense_runtimes(tmp_path, monkeypatch, benchmark_script):
     pytest.importorskip("transformers")
     pytest.importorskip("onnxruntime")
-    mod = _script(monkeypatch)
+    mod = _script(monkeypatch, benchmark_script)
     out = tmp_path / "t.json"
     assert mod.main(["--models", "convnext_tiny", "--image-size", "32", "--calibration", "8",
                      "--rounds", "2", "--threads", "1", "--no-latency-aware", "--runtimes",

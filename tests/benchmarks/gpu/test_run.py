@@ -18,12 +18,8 @@ HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
 @pytest.fixture()
-def run_py(monkeypatch):
-    spec = importlib.util.spec_from_file_location("gpu_run", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "gpu_run", mod)
-    spec.loader.exec_module(mod)
-    return mod
+def run_py(benchmark_script):
+    return benchmark_script("gpu/run.py", name="gpu_run")
 
 
 def test_arguments(run_py, monkeypatch, tmp_path):
@@ -38,10 +34,8 @@ def test_arguments(run_py, monkeypatch, tmp_path):
             run_py.parse_args(bad)
 
 
-def test_layer_table_is_resnet50_and_vgg16_3x3():
-    spec = importlib.util.spec_from_file_location("gpu_run_table", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+def test_layer_table_is_resnet50_and_vgg16_3x3(benchmark_script):
+    mod = benchmark_script("gpu/run.py")
     assert all(k == 3 for *_, k, _ in mod.LAYERS)
     assert {n.split()[0] for n, *_ in mod.LAYERS} == {"r50", "vgg"}
     assert set(mod.TOLERANCE) == {"fp32-ieee", "fp32-tf32", "bf16", "fp16"}
