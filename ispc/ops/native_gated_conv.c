@@ -1485,6 +1485,9 @@ typedef struct {
 #ifndef NH_PF
 #define NH_PF 8
 #endif
+#ifndef NH_PF_LOC  /* the prefetches' locality hint: 3 into L1, 1 or 2 into L2 */
+#define NH_PF_LOC 3
+#endif
 #ifndef NH_PF_MIN_BYTES
 #define NH_PF_MIN_BYTES (32 << 10)
 #endif
@@ -1499,7 +1502,7 @@ typedef struct {
         vf w[NV];                                                                               \
         for (int j = 0; j < NV; j++) w[j] = ld((wc) + j * VW);                                  \
         for (int j = 0; j < (pf ? NV * VW * 4 : 0); j += 64)                                    \
-            __builtin_prefetch((const char *)(pf) + j, 0, 3);                              \
+            __builtin_prefetch((const char *)(pf) + j, 0, NH_PF_LOC);                      \
         for (int i = 0; i < MR; i++) {                                                          \
             const float b = p[i][c];                                                            \
             for (int j = 0; j < NV; j++) acc[i][j] += b * w[j];                                 \
