@@ -48,9 +48,10 @@ def layer_rows(model, x: torch.Tensor, *, runs: int, flush_mb: int) -> list[dict
     (ms), in call order."""
     names = {}
     for name, mod in model.named_modules():
-        nh = getattr(mod, "_nhwc", None)
-        if isinstance(nh, native.NhwcConv):
-            names[id(nh)] = name
+        for attr in ("_nhwc", "_kernel"):  # gated layers' and dense layers' kernels
+            nh = getattr(mod, attr, None)
+            if isinstance(nh, native.NhwcConv):
+                names[id(nh)] = name
     orig = native.NhwcConv.run
     calls: list[tuple] = []  # (layer, args, kwargs) of the captured pass
     times: list[list[float]] = []
