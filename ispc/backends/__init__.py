@@ -17,6 +17,7 @@ from ..compiled import CompiledModel
 from ..errors import BackendUnavailableError, DataError
 from .cuda_graphs import lower as lower_cuda_graphs
 from .cuda_graphs import require_cuda
+from .native_plan import runner_for as _native_runner
 from .tensorrt import compile_tensorrt, require_tensorrt
 
 __all__ = ["Backend", "BACKENDS", "get_backend"]
@@ -45,6 +46,10 @@ class Backend:
     reloads: bool = True
 
 
+def _eager(compiled: CompiledModel, example: tuple | None) -> None:
+    compiled.use_runner(_native_runner(compiled))
+
+
 def _inductor(compiled: CompiledModel, example: tuple | None) -> None:
     compiled.use_runner(torch.compile(compiled.graph_module, fullgraph=compiled.config.mode == "topk",
                                       dynamic=False))
@@ -65,7 +70,7 @@ def _tensorrt(compiled: CompiledModel, example: tuple | None) -> None:
 
 #: every backend by name
 BACKENDS: dict[str, Backend] = {b.name: b for b in (
-    Backend("eager", "PyTorch eager, with ispc's CPU kernels (default)"),
+    Backend("eager", "PyTorch eager, with ispc's CPU kernels (default)", _eager),
     Backend("inductor", "torch.compile of the gated graph (fullgraph in topk mode)", _inductor),
     Backend("tensorrt", "torch-tensorrt engines for the calibration batch shape (needs CUDA and "
             "the [tensorrt] extra; never run yet, see ispc.backends.tensorrt)", _tensorrt,

@@ -34,7 +34,7 @@ __all__ = ["ORIENT_PIX", "ORIENT_CO", "ORIENT_FULL", "ORIENT_CL", "available", "
            "pack_weight", "is_channels_last", "select", "gather", "epilogue", "maxpool2x2",
            "NativeLayer", "orientation_for", "supports", "NO_CLAMP", "RELU", "RELU6", "GELU",
            "DENSE", "NhwcConv", "pack_weight_nhwc", "DepthwiseConv3x3", "maxpool_nhwc",
-           "avgpool_global_nhwc", "to_channels_last"]
+           "avgpool_global_nhwc", "to_channels_last", "OpProgram"]
 
 ORIENT_PIX = 0  #: vector lanes over output pixels (large feature maps)
 ORIENT_CO = 1   #: vector lanes over output channels (small feature maps)
@@ -877,3 +877,107 @@ def to_channels_last(x: Tensor) -> Tensor:
     out = torch.empty((n, c, h, w), dtype=torch.float32, memory_format=torch.channels_last)
     _pool_lib().ispc_nchw_to_nhwc(x.data_ptr(), n, c, h * w, out.data_ptr(), torch.get_num_threads())
     return out
+
+
+# --- a chain of channels-last layers in one C call (the C file's last section) ------------------
+
+class _Op(ctypes.Structure):
+    """``ispc_op_t``: one entry of :class:`OpProgram`."""
+
+    _fields_ = ([(f, _i64) for f in ("kind", "x", "out", "res", "N", "H", "W", "C")]
+                + [("layer", _ptr), ("w", _ptr), ("bias", _ptr)]
+                + [(f, _i64) for f in ("kh", "kw", "sh", "sw", "ph", "pw")]
+                + [("scale", _ptr), ("saliency", _i64), ("mode", _i64), ("k", _i64),
+                   ("threshold", ctypes.c_float), ("lo", ctypes.c_float), ("hi", ctypes.c_float),
+                   ("sums_in", _i64), ("sums_out", _i64), ("sums_kind", _i64)])
+
+
+_OP_CONV, _OP_DW, _OP_AVGPOOL, _OP_TO_NHWC, _OP_MAXPOOL = range(5)
+
+
+class OpProgram:
+    """Channels-last layers run in order by one C call (``ispc_run_ops``), each with exactly the
+    arguments its own call passes (:meth:`NhwcConv.run`, :meth:`DepthwiseConv3x3.run`, the pools,
+    :func:`to_channels_last`), so the results are the same; a compiled model's per-layer Python
+    (module call, checks, argument conversion: ~30 us a layer) is paid once per call instead.
+
+    Maps live in numbered *slots*: the caller gives one pointer per slot to :meth:`run`. Each
+    ``add_*`` takes the slots it reads and writes and the input map's shape (N, C, H, W); the
+    caller checks shapes (these entries trust them). It holds the layers and tensors it points to.
+    """
+
+    def __init__(self) -> None:
+        _loaded()
+        self._ops: list[_Op] = []
+        self._keep: list = []  # what the ops point into
+        self._array = None
+
+    def __len__(self) -> int:
+        return len(self._ops)
+
+    def _add(self, kind: int, x: int, out: int, shape, **fields) -> None:
+        n, c, h, w = shape
+        self._ops.append(_Op(kind=kind, x=x, out=out, res=fields.pop("res", -1), N=n, C=c, H=h, W=w,
+                             sums_in=fields.pop("sums_in", -1), sums_out=fields.pop("sums_out", -1),
+                             **fields))
+        self._array = None
+
+    def add_conv(self, layer: NhwcConv, x: int, out: int, shape, mode: int = DENSE,
+                 scale: Tensor | None = None, threshold: float = 0.0, k: int = 0, saliency: int = 0,
+                 res: int = -1, clamp: tuple[float, float] = NO_CLAMP, sums_in: int = -1,
+                 sums_out: int = -1, sums_kind: int = 0) -> None:
+        """:meth:`NhwcConv.run` (``sums_in``: only read in gated modes, as there)."""
+        self._keep += [layer, scale]
+        self._add(_OP_CONV, x, out, shape, layer=ctypes.addressof(layer._struct),
+                  scale=None if mode == DENSE else scale.data_ptr(), saliency=saliency, mode=mode,
+                  k=k, threshold=threshold, res=res, lo=clamp[0], hi=clamp[1],
+                  sums_in=sums_in if mode != DENSE else -1, sums_out=sums_out, sums_kind=sums_kind)
+
+    def add_depthwise(self, layer: DepthwiseConv3x3, x: int, out: int, shape, res: int = -1,
+                      clamp: tuple[float, float] = NO_CLAMP, sums_out: int = -1,
+                      sums_kind: int = 0) -> None:
+        """:meth:`DepthwiseConv3x3.run`."""
+        self._keep.append(layer)
+        self._add(_OP_DW, x, out, shape, w=layer.packed.data_ptr(), bias=layer.bias.data_ptr(),
+                  sh=layer.stride, ph=layer.padding, res=res, lo=clamp[0], hi=clamp[1],
+                  sums_out=sums_out, sums_kind=sums_kind)
+
+    def add_avgpool_global(self, x: int, out: int, shape) -> None:
+        """:func:`avgpool_global_nhwc`."""
+        self._add(_OP_AVGPOOL, x, out, shape)
+
+    def add_to_channels_last(self, x: int, out: int, shape) -> None:
+        """:func:`to_channels_last` (at most :data:`TO_CHANNELS_LAST_MAX` channels)."""
+        if shape[1] > TO_CHANNELS_LAST_MAX:
+            raise ConfigError(f"to_channels_last takes at most {TO_CHANNELS_LAST_MAX} channels")
+        self._add(_OP_TO_NHWC, x, out, shape)
+
+    def add_maxpool(self, x: int, out: int, shape, kernel: tuple[int, int], stride: tuple[int, int],
+                    padding: tuple[int, int], clamp: tuple[float, float] = NO_CLAMP) -> None:
+        """:func:`maxpool_nhwc`."""
+        self._add(_OP_MAXPOOL, x, out, shape, kh=kernel[0], kw=kernel[1], sh=stride[0],
+                  sw=stride[1], ph=padding[0], pw=padding[1], lo=clamp[0], hi=clamp[1])
+
+    def run(self, slots) -> None:
+        """Run every op; ``slots``: a ctypes array of pointers (``slot_array``), one per slot."""
+        lib = _run_ops_lib()
+        if self._array is None:
+            self._array = (_Op * len(self._ops))(*self._ops)
+        NativeLayer._call(lib.ispc_run_ops, (self._array, len(self._ops), slots))
+
+    @staticmethod
+    def slot_array(count: int):
+        """A ctypes array of ``count`` slot pointers, for :meth:`run` (fill it with data_ptr()s)."""
+        return (_ptr * count)()
+
+
+_RUN_OPS_BOUND: set[int] = set()
+
+
+def _run_ops_lib() -> ctypes.CDLL:
+    lib = _pool_lib()
+    if id(lib) not in _RUN_OPS_BOUND:
+        lib.ispc_run_ops.restype = _i64
+        lib.ispc_run_ops.argtypes = [ctypes.POINTER(_Op), _i64, ctypes.POINTER(_ptr), _ptr, _i64, _i64]
+        _RUN_OPS_BOUND.add(id(lib))
+    return lib
