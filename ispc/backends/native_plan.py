@@ -49,27 +49,38 @@ def _state(mod: nn.Module) -> tuple:
     return ()
 
 
-def _segment(gm: fx.GraphModule) -> tuple[fx.Node, list[fx.Node]] | None:
-    """The placeholder and the leading run of native layers after it (two or more) whose values
-    are used only inside the run, but for the last one's."""
-    nodes = list(gm.graph.nodes)
-    if not nodes or nodes[0].op != "placeholder" or sum(n.op == "placeholder" for n in nodes) != 1:
+def _layer(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
+    if node.op != "call_module" or node.kwargs or not node.args or not all(
+            isinstance(a, fx.Node) for a in node.args):
         return None
-    ph, seg = nodes[0], []
-    for node in nodes[1:]:
-        if node.op != "call_module" or node.kwargs or not node.args:
-            break
-        mod = gm.get_submodule(node.target)
-        if type(mod) not in _LAYERS or (not seg and type(mod) is not ToMemoryFormat):
-            break
-        inside = set(seg) | {ph}
-        if not all(isinstance(a, fx.Node) and a in inside for a in node.args) or (
-                seg and ph in node.args):
-            break
-        seg.append(node)
-    while seg and any(u not in seg for n in seg[:-1] for u in n.users):
-        seg.pop()
-    return (ph, seg) if len(seg) >= 2 else None
+    mod = gm.get_submodule(node.target)
+    return mod if type(mod) in _LAYERS else None
+
+
+def _segment(gm: fx.GraphModule) -> list[fx.Node]:
+    """The longest run (two or more) of consecutive native layers that reads one value from before
+    it (its first layer's only input, which later layers may read too; a layout change comes
+    first or not at all) and whose values are used only inside it, but for the last one's; []
+    where none."""
+    best: list[fx.Node] = []
+    run: list[fx.Node] = []
+    for node in gm.graph.nodes:
+        mod = _layer(gm, node)
+        if run and mod is not None and type(mod) is not ToMemoryFormat and all(
+                a in run or a is run[0].args[0] for a in node.args):
+            run.append(node)
+            continue
+        best = max(best, _trimmed(run), key=len)
+        run = [node] if mod is not None and len(node.args) == 1 else []
+    best = max(best, _trimmed(run), key=len)
+    return best if len(best) >= 2 else []
+
+
+def _trimmed(run: list[fx.Node]) -> list[fx.Node]:
+    run = list(run)
+    while run and any(u not in run for n in run[:-1] for u in n.users):
+        run.pop()
+    return run
 
 
 class _Plan:
@@ -87,11 +98,10 @@ class NativePlanRunner:
     def __init__(self, gm: fx.GraphModule) -> None:
         self.gm = gm
         self._code = gm.code
-        found = _segment(gm)
-        self._ph, self._seg = found if found else (None, [])
+        self._seg = _segment(gm)
         self._mods = [gm.get_submodule(n.target) for n in self._seg]
-        seg = set(self._seg)
-        self._tail = [n for n in gm.graph.nodes if n.op != "placeholder" and n not in seg]
+        self._src = self._seg[0].args[0] if self._seg else None  # the value the program reads
+        self._nodes = list(gm.graph.nodes)
         self._plans: dict[tuple, tuple[tuple, _Plan | None]] = {}  # shape -> (state, plan)
         self._lock = threading.Lock()
 
@@ -99,76 +109,96 @@ class NativePlanRunner:
         return (type(self), (self.gm,))
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if self._seg and not kwargs and len(args) == 1 and self._lock.acquire(blocking=False):
+        if self._seg and not kwargs and self._eligible() and self._lock.acquire(blocking=False):
             try:
-                plan = self._plan(args[0])
-                if plan is not None:
-                    return self._run(plan, args[0])
+                return self._interpret(args)
             finally:
                 self._lock.release()
         return self.gm(*args, **kwargs)
 
-    # --- the fast path ------------------------------------------------------------------------
-
-    def _plan(self, x: Any) -> _Plan | None:
-        """The plan for ``x``, or None where the per-layer path must run."""
-        if not (type(x) is Tensor and x.dtype == torch.float32 and x.dim() == 4 and plain_cpu_call(x)
-                and x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last)):
-            return None
-        if torch.is_grad_enabled() and (x.requires_grad or any(
-                p.requires_grad for p in self.gm.parameters())):
-            return None
+    def _eligible(self) -> bool:
+        """Whether the per-layer path of every layer in the program would take its native kernel
+        as far as global state goes (the input's checks come with its plan)."""
         if (self.gm.code is not self._code or torch.autograd._profiler_enabled()
+                or torch.compiler.is_compiling() or torch.jit.is_tracing()
                 or _nn_module._global_forward_hooks or _nn_module._global_forward_pre_hooks
                 or _nn_module._global_forward_hooks_always_called):
+            return False
+        if torch.is_grad_enabled() and any(p.requires_grad for p in self.gm.parameters()):
+            return False
+        return not any(m._forward_hooks or m._forward_pre_hooks for m in self._mods)
+
+    def _interpret(self, args: tuple) -> Any:
+        """The graph, node by node, with the program in place of its layers where it serves."""
+        gm, seg = self.gm, self._seg
+        inputs = iter(gm.graph.process_inputs(*args))
+        env: dict[fx.Node, Any] = {}
+        skip = False
+        for node in self._nodes:
+            if node is seg[0]:
+                plan = self._plan(env[self._src])
+                if plan is not None:
+                    env[seg[-1]] = self._run(plan, env[self._src])
+                    skip = True
+                    continue
+            if skip:
+                if node is seg[-1]:
+                    skip = False
+                continue
+            if node.op == "placeholder":
+                env[node] = next(inputs)
+                continue
+            a = fx.node.map_arg(node.args, env.__getitem__)
+            if node.op == "output":
+                return gm.graph.process_outputs(a[0])
+            kw = fx.node.map_arg(node.kwargs, env.__getitem__)
+            if node.op == "call_module":
+                env[node] = gm.get_submodule(node.target)(*a, **kw)
+            elif node.op == "call_function":
+                env[node] = node.target(*a, **kw)
+            elif node.op == "call_method":
+                env[node] = getattr(a[0], node.target)(*a[1:], **kw)
+            else:  # get_attr
+                obj = gm
+                for part in node.target.split("."):
+                    obj = getattr(obj, part)
+                env[node] = obj
+        raise AssertionError("a graph without an output node")
+
+    def _plan(self, x: Any) -> _Plan | None:
+        """The plan for the program's input ``x``, or None where the per-layer path must run."""
+        if not (type(x) is Tensor and x.dtype == torch.float32 and x.dim() == 4 and x.is_cpu
+                and not x.requires_grad):
             return None
-        mods = self._mods
-        for m in mods:
-            if m._forward_hooks or m._forward_pre_hooks:
+        if type(self._mods[0]) is ToMemoryFormat:
+            if not x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last):
                 return None
-        key = (tuple(x.shape), *(_state(m) for m in mods))
+        elif not x.is_contiguous(memory_format=torch.channels_last):
+            return None
+        key = (tuple(x.shape), *(_state(m) for m in self._mods))
         known = self._plans.get(key[0])
         if known is not None and known[0] == key:
             return known[1]
-        plan = self._build(tuple(x.shape))
+        plan = self._build(key[0])
         if len(self._plans) > 8:
             self._plans.clear()
         self._plans[key[0]] = (key, plan)
         return plan
 
-    def _run(self, plan: _Plan, x: Tensor) -> Any:
+    def _run(self, plan: _Plan, x: Tensor) -> Tensor:
         out = torch.empty(plan.out_shape, dtype=torch.float32, memory_format=torch.channels_last)
         slots = plan.slots
         slots[0] = x.data_ptr()
         slots[plan.out_slot] = out.data_ptr()
         plan.program.run(slots)
-        env = {self._seg[-1]: out, self._ph: x}
-        result = None
-        for node in self._tail:
-            args = fx.node.map_arg(node.args, env.__getitem__)
-            if node.op == "output":
-                result = args[0]
-                break
-            kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
-            if node.op == "call_module":
-                env[node] = self.gm.get_submodule(node.target)(*args, **kwargs)
-            elif node.op == "call_function":
-                env[node] = node.target(*args, **kwargs)
-            elif node.op == "call_method":
-                env[node] = getattr(args[0], node.target)(*args[1:], **kwargs)
-            else:  # get_attr
-                obj = self.gm
-                for part in node.target.split("."):
-                    obj = getattr(obj, part)
-                env[node] = obj
-        return self.gm.graph.process_outputs(result)
+        return out
 
     def _build(self, xshape: tuple[int, ...]) -> _Plan | None:
         """The program for inputs of ``xshape``; None where some layer would not take its native
         kernel on them (the per-layer path then runs, with its own checks and messages)."""
         prog = native.OpProgram()
-        shapes: dict[fx.Node, tuple[int, int, int, int]] = {self._ph: xshape}
-        slot_of: dict[fx.Node, int] = {self._ph: 0}
+        shapes: dict[fx.Node, tuple[int, int, int, int]] = {self._src: xshape}
+        slot_of: dict[fx.Node, int] = {self._src: 0}
         sums_slot: dict[fx.Node, int] = {}  # a producer's sums buffer
         producer: dict[fx.Node, nn.Module] = {}
         n_slots = 1
@@ -185,8 +215,7 @@ class NativePlanRunner:
                 return None
             out_slot, n_slots = n_slots, n_slots + 1
             if type(mod) is ToMemoryFormat:
-                if not (mod.enabled and mod.channels_last and 1 < c <= native.TO_CHANNELS_LAST_MAX
-                        and src is self._ph):
+                if not (mod.enabled and mod.channels_last and 1 < c <= native.TO_CHANNELS_LAST_MAX):
                     return None
                 prog.add_to_channels_last(0, out_slot, (n, c, h, w))
                 oshape = (n, c, h, w)

@@ -281,6 +281,25 @@ def test_depthwise_matches_conv2d(n, c, h, w, stride, pad, residual, clamp, seed
     _check(out, ref, (c, h, w, stride, pad))
 
 
+@pytest.mark.parametrize("stride,pad", [(1, 1), (2, 1), (1, 0), (2, 0), (1, 2), (3, 1), (2, 2)])
+def test_depthwise_tiles_across_wide_rows(stride, pad):
+    # rows several register tiles wide with a partial last tile, the padded first and last tiles,
+    # a partial channel block, strides without a specialized tile (3), the residual, the clamp and
+    # the output's sums at once
+    g = torch.Generator().manual_seed(11 + stride * 3 + pad)
+    for c, h, w in [(40, 5, 37), (16, 3, 19), (7, 9, 11)]:
+        x, wt, b = torch.randn(2, c, h, w, generator=g), torch.randn(c, 1, 3, 3, generator=g), \
+            torch.randn(c, generator=g)
+        ref = F.conv2d(x, wt, b, stride, pad, groups=c)
+        res = _nhwc(torch.randn(ref.shape, generator=g))
+        ref = (ref + res).clamp(*native.RELU6)
+        sums = torch.empty(2, c)
+        out = native.DepthwiseConv3x3(wt, b, stride, pad)(_nhwc(x), residual=res, clamp=native.RELU6,
+                                                          out_sums=sums)
+        _check(out, ref, (c, h, w, stride, pad))
+        assert rel_err(sums, _sums(ref, gc.SALIENCY_L2)) <= 1e-5
+
+
 def test_depthwise_refuses_what_it_does_not_compute():
     with pytest.raises(ConfigError, match=r"\(C, 1, 3, 3\)"):
         native.DepthwiseConv3x3(torch.randn(8, 2, 3, 3))
@@ -318,7 +337,7 @@ def test_avx2_build_matches_reference(monkeypatch):
                 out = layer(_nhwc(x), mode, scale=scale, threshold=t, k=k, saliency=sal, residual=r,
                             clamp=native.RELU6)
                 _check(out, want, (vectors, cin, mode))
-    for c, h, s in [(37, 9, 1), (64, 10, 2), (5, 3, 1)]:
+    for c, h, s in [(37, 9, 1), (64, 10, 2), (5, 3, 1), (24, 23, 1), (16, 21, 2)]:
         x, w, b = torch.randn(2, c, h, h, generator=g), torch.randn(c, 1, 3, 3, generator=g), \
             torch.randn(c, generator=g)
         out = native.DepthwiseConv3x3(w, b, s, 1)(_nhwc(x), clamp=native.RELU6)

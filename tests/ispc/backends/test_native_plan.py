@@ -1,0 +1,130 @@
+"""The eager backend's NativePlanRunner: a compiled model's channels-last layers in one native call
+return exactly what the per-layer graph returns, and every call it cannot serve runs the graph."""
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+
+import ispc
+from ispc.backends.native_plan import NativePlanRunner
+from ispc.examples.models import mobilenet_v2_cifar, resnet20
+from ispc.modules import GatedConv2d
+from ispc.ops import native
+
+pytestmark = pytest.mark.skipif(not native.available(), reason="the native kernel is not built here")
+
+
+def _data(n=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(4, 3, 32, 32, generator=g) for _ in range(n)]
+
+
+def _compile(model, **kw):
+    cfg = ispc.GatingConfig(keep_ratio=kw.pop("keep_ratio", 0.5), mode=kw.pop("mode", "topk"),
+                            channels_last=True, **kw)
+    return ispc.compile(model, _data(), config=cfg, progress=False)
+
+
+def _runner(c) -> NativePlanRunner:
+    r = c.__dict__["_runner"]
+    assert isinstance(r, NativePlanRunner)
+    return r
+
+
+def _served(c, x: torch.Tensor) -> bool:
+    """Whether the program ran for ``c(x)`` (its plans are built again for the call)."""
+    r = _runner(c)
+    r._plans.clear()
+    with torch.no_grad():
+        c(x)
+    return any(plan is not None for _, plan in r._plans.values())
+
+
+@pytest.fixture(scope="module")
+def mobilenet():
+    torch.manual_seed(0)
+    return _compile(mobilenet_v2_cifar(num_classes=10).eval())
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 32, 32), (3, 3, 32, 32), (2, 3, 40, 24), (1, 3, 8, 8)])
+def test_runner_equals_the_per_layer_graph(mobilenet, shape):
+    r = _runner(mobilenet)
+    # the whole feature extractor is one program; the classifier runs node by node
+    assert len(r._seg) > 40
+    x = torch.randn(shape)
+    with torch.no_grad():
+        want = mobilenet.graph_module(x)
+        for _ in range(2):  # the second call reuses the plan and its buffers
+            assert torch.equal(mobilenet(x), want)
+    assert _served(mobilenet, x)
+
+
+@pytest.mark.parametrize("mode", ["topk", "threshold"])
+def test_runner_on_residual_networks_and_threshold_gates(mode):
+    torch.manual_seed(1)
+    c = _compile(resnet20(num_classes=10).eval(), mode=mode)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(c(x), c.graph_module(x))
+    assert _served(c, x)
+
+
+def test_changed_gates_rebuild_the_plan(mobilenet):
+    x = torch.randn(2, 3, 32, 32)
+    gated = [m for m in mobilenet.graph_module.modules() if isinstance(m, GatedConv2d)]
+    layer, k = gated[3], gated[3].k
+    try:
+        with torch.no_grad():
+            before = mobilenet(x)
+            layer.k = 1
+            after = mobilenet(x)
+            assert torch.equal(after, mobilenet.graph_module(x))
+            assert not torch.equal(after, before)
+    finally:
+        layer.k = k
+    with torch.no_grad():
+        assert torch.equal(mobilenet(x), before)
+
+
+def test_calls_it_cannot_serve_run_the_graph(mobilenet):
+    r = _runner(mobilenet)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        want = mobilenet.graph_module(x)
+        # a channels-last input
+        xl = x.contiguous(memory_format=torch.channels_last)
+        assert torch.equal(mobilenet(xl), want)
+        # a hook on a layer inside the program: the per-layer path runs it
+        seen = []
+        gated = next(m for m in mobilenet.graph_module.modules() if isinstance(m, GatedConv2d))
+        h = gated.register_forward_hook(lambda *a: seen.append(1))
+        try:
+            assert torch.equal(mobilenet(x), want) and seen == [1]
+        finally:
+            h.remove()
+    # autograd: the parameters need gradients, so the per-layer path (PyTorch ops) runs
+    out = mobilenet(x)
+    assert out.requires_grad
+    assert (out - want).abs().max() < 1e-4
+
+
+def test_copies_and_pickles_run_their_own_graph(mobilenet):
+    x = torch.randn(1, 3, 32, 32)
+    for c2 in (copy.deepcopy(mobilenet), pickle.loads(pickle.dumps(mobilenet))):
+        r2 = _runner(c2)
+        assert r2.gm is c2.graph_module
+        with torch.no_grad():
+            assert torch.equal(c2(x), mobilenet(x))
+
+
+def test_saved_models_get_the_runner(mobilenet, tmp_path):
+    path = tmp_path / "m.ispc"
+    ispc.save(mobilenet, path)
+    loaded = ispc.load(path)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), loaded.graph_module(x))
+    assert _served(loaded, x)
