@@ -57,12 +57,11 @@ def _layer(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
     return mod if type(mod) in _LAYERS else None
 
 
-def _segment(gm: fx.GraphModule) -> list[fx.Node]:
-    """The longest run (two or more) of consecutive native layers that reads one value from before
-    it (its first layer's only input, which later layers may read too; a layout change comes
-    first or not at all) and whose values are used only inside it, but for the last one's; []
-    where none."""
-    best: list[fx.Node] = []
+def _segments(gm: fx.GraphModule) -> list[list[fx.Node]]:
+    """The runs (two or more) of consecutive native layers that each read one value from before
+    them (the first layer's only input, which later layers may read too; a layout change comes
+    first or not at all) and whose values are used only inside them, but for the last one's."""
+    runs: list[list[fx.Node]] = []
     run: list[fx.Node] = []
     for node in gm.graph.nodes:
         mod = _layer(gm, node)
@@ -70,10 +69,10 @@ def _segment(gm: fx.GraphModule) -> list[fx.Node]:
                 a in run or a is run[0].args[0] for a in node.args):
             run.append(node)
             continue
-        best = max(best, _trimmed(run), key=len)
+        runs.append(_trimmed(run))
         run = [node] if mod is not None and len(node.args) == 1 else []
-    best = max(best, _trimmed(run), key=len)
-    return best if len(best) >= 2 else []
+    runs.append(_trimmed(run))
+    return [r for r in runs if len(r) >= 2]
 
 
 def _trimmed(run: list[fx.Node]) -> list[fx.Node]:
@@ -92,78 +91,33 @@ class _Plan:
         self.out_shape, self.out_slot, self.buffers = out_shape, out_slot, buffers
 
 
-class NativePlanRunner:
-    """``compiled.forward``'s runner on the eager backend (see the module docstring)."""
+class _Program(nn.Module):
+    """One run of native layers as one node of the runner's graph: its program where it serves
+    the input, else its layers one by one (a graph module of that run alone)."""
 
-    def __init__(self, gm: fx.GraphModule) -> None:
-        self.gm = gm
-        self._code = gm.code
-        self._seg = _segment(gm)
-        self._mods = [gm.get_submodule(n.target) for n in self._seg]
-        self._src = self._seg[0].args[0] if self._seg else None  # the value the program reads
-        self._nodes = list(gm.graph.nodes)
+    def __init__(self, gm: fx.GraphModule, seg: list[fx.Node]) -> None:
+        super().__init__()
+        self._seg = seg
+        self._mods = [gm.get_submodule(n.target) for n in seg]
+        self._src = seg[0].args[0]
         self._plans: dict[tuple, tuple[tuple, _Plan | None]] = {}  # shape -> (state, plan)
-        self._lock = threading.Lock()
+        g = fx.Graph()
+        env = {self._src: g.placeholder("x")}
+        for node in seg:
+            env[node] = g.node_copy(node, env.__getitem__)
+        g.output(env[seg[-1]])
+        self.__dict__["_layers"] = fx.GraphModule(_root(gm, g), g)  # not a registered submodule
 
-    def __reduce__(self):  # copies and pickles: a runner of the copied graph module
-        return (type(self), (self.gm,))
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if self._seg and not kwargs and self._eligible() and self._lock.acquire(blocking=False):
-            try:
-                return self._interpret(args)
-            finally:
-                self._lock.release()
-        return self.gm(*args, **kwargs)
-
-    def _eligible(self) -> bool:
-        """Whether the per-layer path of every layer in the program would take its native kernel
-        as far as global state goes (the input's checks come with its plan)."""
-        if (self.gm.code is not self._code or torch.autograd._profiler_enabled()
-                or torch.compiler.is_compiling() or torch.jit.is_tracing()
-                or _nn_module._global_forward_hooks or _nn_module._global_forward_pre_hooks
-                or _nn_module._global_forward_hooks_always_called):
-            return False
-        if torch.is_grad_enabled() and any(p.requires_grad for p in self.gm.parameters()):
-            return False
-        return not any(m._forward_hooks or m._forward_pre_hooks for m in self._mods)
-
-    def _interpret(self, args: tuple) -> Any:
-        """The graph, node by node, with the program in place of its layers where it serves."""
-        gm, seg = self.gm, self._seg
-        inputs = iter(gm.graph.process_inputs(*args))
-        env: dict[fx.Node, Any] = {}
-        skip = False
-        for node in self._nodes:
-            if node is seg[0]:
-                plan = self._plan(env[self._src])
-                if plan is not None:
-                    env[seg[-1]] = self._run(plan, env[self._src])
-                    skip = True
-                    continue
-            if skip:
-                if node is seg[-1]:
-                    skip = False
-                continue
-            if node.op == "placeholder":
-                env[node] = next(inputs)
-                continue
-            a = fx.node.map_arg(node.args, env.__getitem__)
-            if node.op == "output":
-                return gm.graph.process_outputs(a[0])
-            kw = fx.node.map_arg(node.kwargs, env.__getitem__)
-            if node.op == "call_module":
-                env[node] = gm.get_submodule(node.target)(*a, **kw)
-            elif node.op == "call_function":
-                env[node] = node.target(*a, **kw)
-            elif node.op == "call_method":
-                env[node] = getattr(a[0], node.target)(*a[1:], **kw)
-            else:  # get_attr
-                obj = gm
-                for part in node.target.split("."):
-                    obj = getattr(obj, part)
-                env[node] = obj
-        raise AssertionError("a graph without an output node")
+    def forward(self, x: Tensor) -> Tensor:
+        plan = self._plan(x)
+        if plan is None:
+            return self._layers(x)
+        out = torch.empty(plan.out_shape, dtype=torch.float32, memory_format=torch.channels_last)
+        slots = plan.slots
+        slots[0] = x.data_ptr()
+        slots[plan.out_slot] = out.data_ptr()
+        plan.program.run(slots)
+        return out
 
     def _plan(self, x: Any) -> _Plan | None:
         """The plan for the program's input ``x``, or None where the per-layer path must run."""
@@ -184,14 +138,6 @@ class NativePlanRunner:
             self._plans.clear()
         self._plans[key[0]] = (key, plan)
         return plan
-
-    def _run(self, plan: _Plan, x: Tensor) -> Tensor:
-        out = torch.empty(plan.out_shape, dtype=torch.float32, memory_format=torch.channels_last)
-        slots = plan.slots
-        slots[0] = x.data_ptr()
-        slots[plan.out_slot] = out.data_ptr()
-        plan.program.run(slots)
-        return out
 
     def _build(self, xshape: tuple[int, ...]) -> _Plan | None:
         """The program for inputs of ``xshape``; None where some layer would not take its native
@@ -306,6 +252,70 @@ class NativePlanRunner:
         return _Plan(prog, slots, shapes[seg[-1]], slot_of[seg[-1]], buffers)
 
 
+def _root(gm: fx.GraphModule, g: fx.Graph, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What graph ``g`` (nodes copied from ``gm``'s) refers to, by name: ``gm``'s own objects
+    (and ``extra``'s)."""
+    root: dict[str, Any] = dict(extra or {})
+    for node in g.nodes:
+        if node.op == "call_module" and node.target not in root:
+            root[node.target] = gm.get_submodule(node.target)
+        elif node.op == "get_attr":
+            obj = gm
+            for part in node.target.split("."):
+                obj = getattr(obj, part)
+            root[node.target] = obj
+    return root
+
+
+class NativePlanRunner:
+    """``compiled.forward``'s runner on the eager backend (see the module docstring): a copy of
+    the graph with each run of native layers one :class:`_Program` node, the same modules."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        self.gm = gm
+        self._code = gm.code
+        segs = _segments(gm)
+        self._programs = [_Program(gm, seg) for seg in segs]
+        self._mods = [m for p in self._programs for m in p._mods]
+        first = {seg[0]: i for i, seg in enumerate(segs)}
+        inside = {n for seg in segs for n in seg}
+        g = fx.Graph()
+        g.set_codegen(gm.graph._codegen)
+        env: dict[fx.Node, fx.Node] = {}
+        for node in gm.graph.nodes:
+            if node in first:
+                seg = segs[first[node]]
+                env[seg[-1]] = g.call_module(f"ispc_program_{first[node]}", (env[seg[0].args[0]],))
+            elif node not in inside:
+                env[node] = g.node_copy(node, env.__getitem__)
+        programs = {f"ispc_program_{i}": p for i, p in enumerate(self._programs)}
+        self._fast = fx.GraphModule(_root(gm, g, programs), g) if segs else None
+        self._lock = threading.Lock()
+
+    def __reduce__(self):  # copies and pickles: a runner of the copied graph module
+        return (type(self), (self.gm,))
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self._fast is not None and self._eligible() and self._lock.acquire(blocking=False):
+            try:
+                return self._fast(*args, **kwargs)
+            finally:
+                self._lock.release()
+        return self.gm(*args, **kwargs)
+
+    def _eligible(self) -> bool:
+        """Whether the per-layer path of every layer in a program would take its native kernel
+        as far as global state goes (each program checks its input)."""
+        if (self.gm.code is not self._code or torch.autograd._profiler_enabled()
+                or torch.compiler.is_compiling() or torch.jit.is_tracing()
+                or _nn_module._global_forward_hooks or _nn_module._global_forward_pre_hooks
+                or _nn_module._global_forward_hooks_always_called):
+            return False
+        if torch.is_grad_enabled() and any(p.requires_grad for p in self.gm.parameters()):
+            return False
+        return not any(m._forward_hooks or m._forward_pre_hooks for m in self._mods)
+
+
 def _pair(v) -> tuple[int, int]:
     return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
@@ -316,4 +326,4 @@ def runner_for(compiled: CompiledModel) -> NativePlanRunner | None:
     if not native.available():
         return None
     runner = NativePlanRunner(compiled.graph_module)
-    return runner if runner._seg else None
+    return runner if runner._programs else None
