@@ -49,7 +49,7 @@ _INPLACE_ADDS = {operator.iadd, torch.ops.aten.add_.Tensor}
 _ACT_FUNCTIONS = {torch.relu: "relu", torch.relu_: "relu", F.relu: "relu", F.relu6: "relu6",
                   torch.ops.aten.relu.default: "relu", torch.ops.aten.relu_.default: "relu",
                   torch.ops.aten.relu6.default: "relu6"}
-_HARDTANH = {torch.ops.aten.hardtanh.default, F.hardtanh}
+_HARDTANH = {torch.ops.aten.hardtanh.default, torch.ops.aten.hardtanh_.default, F.hardtanh}
 _ACT_METHODS = {"relu": "relu", "relu_": "relu"}
 _ACT_MODULES = {nn.ReLU: "relu", nn.ReLU6: "relu6"}
 

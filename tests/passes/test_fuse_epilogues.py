@@ -4,12 +4,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import fx, nn
 
 import ispc
 from conftest import gated_layer_errors, rel_err
 from ispc.examples.models import mobilenet_v2, resnet20
 from ispc.ops import native
+from ispc.passes.fuse_epilogues import activation_of
 
 
 class Blocks(nn.Module):
@@ -339,3 +340,12 @@ def test_layer_scale_folds_and_the_residual_fuses_across_the_permute(hf_order, c
                         progress=False)
     with torch.no_grad():
         assert rel_err(full(x), model(x)) <= 1e-5
+
+
+def test_activation_of_reads_relu6_as_hardtanh_in_either_form():
+    # torch.export writes nn.ReLU6(inplace=True) as aten.hardtanh_ (0, 6): the same epilogue
+    g = fx.Graph()
+    x = g.placeholder("x")
+    for fn in (torch.ops.aten.hardtanh.default, torch.ops.aten.hardtanh_.default):
+        assert activation_of(None, g.call_function(fn, (x, 0.0, 6.0))) == "relu6"
+        assert activation_of(None, g.call_function(fn, (x, -1.0, 1.0))) is None
