@@ -142,6 +142,9 @@ class _Program(nn.Module):
     def _build(self, xshape: tuple[int, ...]) -> _Plan | None:
         """The program for inputs of ``xshape``; None where some layer would not take its native
         kernel on them (the per-layer path then runs, with its own checks and messages)."""
+        if type(self._mods[0]) is ToMemoryFormat and any(
+                self._src in node.args for node in self._seg[1:]):
+            return None  # later layers would read the NCHW input as channels-last
         prog = native.OpProgram()
         shapes: dict[fx.Node, tuple[int, int, int, int]] = {self._src: xshape}
         slot_of: dict[fx.Node, int] = {self._src: 0}
