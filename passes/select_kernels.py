@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from ispc.config import GatingConfig
 from ispc.modules import GatedConv2d, dense_conv
+from ispc.native_plan import NativePlanRunner
 from ispc.ops import native
 from ispc.records import GateDecision
 
@@ -182,9 +183,14 @@ def _whole_model_check(gm: fx.GraphModule, state: PassState, x: torch.Tensor,
         for c in converters:
             c.enabled = channels_last
 
-    def run() -> None:
+    runners: dict[str, NativePlanRunner] = {}  # what the eager backend runs, per configuration
+
+    def run(label: str) -> None:
+        runner = runners.get(label)
+        if runner is None:
+            runner = runners[label] = NativePlanRunner(gm)
         with torch.no_grad():
-            gm(x)
+            runner(x)
 
     dense = {n: dense_conv(m, hws.get(n)) if isinstance(m, GatedConv2d) else m
              for n, m in current.items()}
@@ -202,7 +208,7 @@ def _whole_model_check(gm: fx.GraphModule, state: PassState, x: torch.Tensor,
     rounds = max(5, cfg.latency_rounds if free else cfg.latency_rounds // 2)
     # a configuration clearly slower than the leader stops being timed (costs.PRUNE_RATIO), and
     # past five rounds, WHOLE_MODEL_BUDGET_S of calls are enough (ResNet-50 at batch 32: ~1 s a call)
-    times = costs.time_candidates({label: (lambda c=c: (swap(*c), run()))
+    times = costs.time_candidates({label: (lambda c=c, label=label: (swap(*c), run(label)))
                                    for label, c in configs.items()}, rounds, cuda=x.is_cuda,
                                   prune_ratio=costs.PRUNE_RATIO, budget_s=WHOLE_MODEL_BUDGET_S)
 

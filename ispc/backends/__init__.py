@@ -17,7 +17,7 @@ from ..compiled import CompiledModel
 from ..errors import BackendUnavailableError, DataError
 from .cuda_graphs import lower as lower_cuda_graphs
 from .cuda_graphs import require_cuda
-from .native_plan import runner_for as _native_runner
+from ..native_plan import runner_for as _native_runner
 from .tensorrt import compile_tensorrt, require_tensorrt
 
 __all__ = ["Backend", "BACKENDS", "get_backend"]

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import ispc
-from ispc.backends.native_plan import NativePlanRunner
+from ispc.native_plan import NativePlanRunner
 from ispc.examples.models import mobilenet_v2_cifar, resnet20
 from ispc.modules import GatedConv2d
 from ispc.ops import native

@@ -23,11 +23,11 @@ import torch
 from torch import Tensor, fx, nn
 from torch.nn.modules import module as _nn_module
 
-from ..compiled import CompiledModel
-from ..modules import (ACTIVATIONS, MODE_CODES, SALIENCY_CODES, ChannelsLastMaxPool2d, GatedConv2d,
+from .compiled import CompiledModel
+from .modules import (ACTIVATIONS, MODE_CODES, SALIENCY_CODES, ChannelsLastMaxPool2d, GatedConv2d,
                        GlobalAvgPool2d, NhwcDenseConv2d, ToMemoryFormat, plain_cpu_call)
-from ..ops import gated_conv as _gc
-from ..ops import native
+from .ops import gated_conv as _gc
+from .ops import native
 
 __all__ = ["NativePlanRunner", "runner_for"]
 
