@@ -70,16 +70,18 @@ def layer_rows(model, x: torch.Tensor, *, runs: int, flush_mb: int) -> list[dict
         return out
 
     native.NhwcConv.run = run
+    # layer by layer: a compiled model's eager runner runs its layers in one native call, past run()
+    fwd = getattr(model, "graph_module", model)
     try:
         with torch.no_grad():
             for _ in range(3):
-                model(x)
+                fwd(x)
             state.update(capture=True, i=0)
-            model(x)
+            fwd(x)
             state["capture"] = False
             for _ in range(runs):
                 state["i"] = 0
-                model(x)
+                fwd(x)
     finally:
         native.NhwcConv.run = orig
     flush = torch.empty(max(flush_mb, 1) << 18)  # floats
