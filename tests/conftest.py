@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import platform
 import sys
 
 import pytest
@@ -21,6 +22,23 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def avx2_native(monkeypatch):
+    """The native library built for AVX2 only (``-mno-avx512f``), in place of the default one for
+    the test: this CPU may run the AVX-512 build, and the AVX2 one (16 registers: other register
+    blocks and tiles) must be right too. Skips where it cannot be built."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("x86 ISA variants")
+    from ispc.ops import native
+
+    try:
+        lib = native._build(("-mno-avx512f",))
+    except RuntimeError as exc:
+        pytest.skip(f"cannot build the AVX2 variant: {exc}")
+    monkeypatch.setattr(native, "_lib", lib)
+    return lib
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

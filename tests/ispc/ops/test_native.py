@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import platform
 import subprocess
 import sys
 
@@ -266,14 +265,8 @@ def test_maxpool2x2_equals_max_pool_then_clamp(clamp):
         assert torch.equal(out.nan_to_num(), expected.nan_to_num()), shape
 
 
-@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 ISA variants")
-def test_avx2_code_path_matches_reference(monkeypatch):
-    # this CPU may take the AVX-512 path; the AVX2 one (other register blocks) must be right too
-    try:
-        lib = native._build(("-mno-avx512f",))
-    except RuntimeError as exc:
-        pytest.skip(f"cannot build the AVX2 variant: {exc}")
-    monkeypatch.setattr(native, "_lib", lib)
+def test_avx2_code_path_matches_reference(avx2_native):
+    lib = avx2_native
     assert lib.ispc_block_lanes(native.ORIENT_PIX) == 16
     for shape in SHAPES[:3] + SHAPES[-4:]:
         cin, cout, ks, stride, pad, dil, h, w = shape
@@ -443,14 +436,8 @@ def test_full_window_refuses_other_geometry():
     assert not native.full_window((3, 3), (1, 1), (1, 1), (3, 3))
 
 
-def test_full_window_avx2_variant(monkeypatch):
-    if platform.machine() not in ("x86_64", "AMD64"):
-        pytest.skip("x86 ISA variants")
-    try:
-        lib = native._build(("-mno-avx512f",))
-    except RuntimeError as exc:
-        pytest.skip(f"cannot build the AVX2 variant: {exc}")
-    monkeypatch.setattr(native, "_lib", lib)
+def test_full_window_avx2_variant(avx2_native):
+    lib = avx2_native
     assert lib.ispc_block_lanes(native.ORIENT_FULL) == 64
     test_full_window_orientation_matches_reference(FULL_SHAPES[1])
     test_full_window_orientation_matches_reference(FULL_SHAPES[4])

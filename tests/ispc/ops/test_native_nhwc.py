@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import math
 import pickle
-import platform
 
 import pytest
 import torch
@@ -312,14 +311,8 @@ def test_depthwise_refuses_what_it_does_not_compute():
         dw(_nhwc(torch.randn(1, 4, 5, 5)))
 
 
-@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 ISA variants")
-def test_avx2_build_matches_reference(monkeypatch):
-    # this CPU may run the AVX-512 build; the AVX2 one (16 registers: other tiles) must be right too
-    try:
-        lib = native._build(("-mno-avx512f",))
-    except RuntimeError as exc:
-        pytest.skip(f"cannot build the AVX2 variant: {exc}")
-    monkeypatch.setattr(native, "_lib", lib)
+def test_avx2_build_matches_reference(avx2_native):
+    lib = avx2_native
     assert lib.ispc_nhwc_max_vectors() == 3
     g = torch.Generator().manual_seed(7)
     for vectors in (1, 2, 3):

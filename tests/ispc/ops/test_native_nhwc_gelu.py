@@ -2,7 +2,6 @@
 masked-dense result, as ``F.gelu`` computes it, on every tile, mode, residual and ISA."""
 from __future__ import annotations
 
-import platform
 
 import pytest
 import torch
@@ -89,11 +88,5 @@ def test_gelu_values_and_saliency_sums():
     assert rel_err(sums, (y * y).double().sum((2, 3)).float()) <= 1e-5
 
 
-@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 ISA variants")
-def test_avx2_build_gelu_matches_reference(monkeypatch):
-    try:
-        lib = native._build(("-mno-avx512f",))
-    except RuntimeError as exc:
-        pytest.skip(f"cannot build the AVX2 variant: {exc}")
-    monkeypatch.setattr(native, "_lib", lib)
-    _check_layers(1, int(lib.ispc_nhwc_max_vectors()))
+def test_avx2_build_gelu_matches_reference(avx2_native):
+    _check_layers(1, int(avx2_native.ispc_nhwc_max_vectors()))
