@@ -709,18 +709,25 @@ class ChannelsLastMaxPool2d(nn.MaxPool2d):
         if self.return_indices or x.dim() != 4 or not plain_cpu_call(x) or (
                 torch.is_grad_enabled() and x.requires_grad):
             return self._act(super().forward(x))
-        (kh, kw), (ph, pw) = _pair(self.kernel_size), _pair(self.padding)
-        if (x.dtype == torch.float32 and x.is_contiguous(memory_format=torch.channels_last)
-                and not self.ceil_mode and _pair(self.dilation) == (1, 1) and 2 * ph <= kh
-                and 2 * pw <= kw and x.shape[-2] + 2 * ph >= kh and x.shape[-1] + 2 * pw >= kw
-                and _native.available()):
-            stride = _pair(self.stride if self.stride is not None else self.kernel_size)
-            return _native.maxpool_nhwc(x, (kh, kw), stride, (ph, pw), ACTIVATIONS[self.act])
+        window = self.native_window(x.shape[-2], x.shape[-1])
+        if (window is not None and x.dtype == torch.float32
+                and x.is_contiguous(memory_format=torch.channels_last) and _native.available()):
+            return _native.maxpool_nhwc(x, *window, ACTIVATIONS[self.act])
         if x.is_contiguous() and x.shape[1] > 1:
             y = F.max_pool2d(x.contiguous(memory_format=torch.channels_last), self.kernel_size,
                              self.stride, self.padding, self.dilation, ceil_mode=self.ceil_mode)
             return self._act(y.contiguous())
         return self._act(super().forward(x))
+
+    def native_window(self, h: int, w: int) -> tuple[tuple[int, int], ...] | None:
+        """(kernel, stride, padding) of the native channels-last pool over h x w maps, or None
+        where it does not take this pool (indices, ceil mode, dilation, padding over half the
+        window, a map smaller than the window)."""
+        (kh, kw), (ph, pw) = _pair(self.kernel_size), _pair(self.padding)
+        if (self.return_indices or self.ceil_mode or _pair(self.dilation) != (1, 1) or 2 * ph > kh
+                or 2 * pw > kw or h + 2 * ph < kh or w + 2 * pw < kw):
+            return None
+        return (kh, kw), _pair(self.stride if self.stride is not None else self.kernel_size), (ph, pw)
 
     def _act(self, out: Tensor) -> Tensor:
         return apply_activation(out, self.act)

@@ -174,13 +174,11 @@ class _Program(nn.Module):
                 prog.add_avgpool_global(slot_of[src], out_slot, (n, c, h, w))
                 oshape = (n, c, 1, 1)
             elif type(mod) is ChannelsLastMaxPool2d:
-                (kh, kwd), (ph, pw) = _pair(mod.kernel_size), _pair(mod.padding)
-                if (mod.return_indices or mod.ceil_mode or _pair(mod.dilation) != (1, 1)
-                        or 2 * ph > kh or 2 * pw > kwd or h + 2 * ph < kh or w + 2 * pw < kwd):
+                window = mod.native_window(h, w)
+                if window is None:
                     return None
-                stride = _pair(mod.stride if mod.stride is not None else mod.kernel_size)
-                prog.add_maxpool(slot_of[src], out_slot, (n, c, h, w), (kh, kwd), stride, (ph, pw),
-                                 ACTIVATIONS[mod.act])
+                (kh, kwd), stride, (ph, pw) = window
+                prog.add_maxpool(slot_of[src], out_slot, (n, c, h, w), *window, ACTIVATIONS[mod.act])
                 oshape = (n, c, (h + 2 * ph - kh) // stride[0] + 1, (w + 2 * pw - kwd) // stride[1] + 1)
             else:
                 if type(mod) is GatedConv2d:
@@ -317,10 +315,6 @@ class NativePlanRunner:
         if torch.is_grad_enabled() and any(p.requires_grad for p in self.gm.parameters()):
             return False
         return not any(m._forward_hooks or m._forward_pre_hooks for m in self._mods)
-
-
-def _pair(v) -> tuple[int, int]:
-    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
 def runner_for(compiled: CompiledModel) -> NativePlanRunner | None:
