@@ -15,9 +15,9 @@ import torch
 
 from ..compiled import CompiledModel
 from ..errors import BackendUnavailableError, DataError
+from ..native_plan import runner_for as _native_runner
 from .cuda_graphs import lower as lower_cuda_graphs
 from .cuda_graphs import require_cuda
-from ..native_plan import runner_for as _native_runner
 from .tensorrt import compile_tensorrt, require_tensorrt
 
 __all__ = ["Backend", "BACKENDS", "get_backend"]
