@@ -81,6 +81,33 @@ def load_checkpoint(path: str | os.PathLike[str], *, device: str | torch.device 
     return model.to(device), meta
 
 
+#: where ``evaluate`` and ``tune`` look for a checkpoint when none is given (fine-tuned first, then dense)
+DEFAULT_CHECKPOINTS = ("checkpoints/resnet20_fd_ramp.pt", "checkpoints/resnet20_dense.pt")
+
+
+def default_checkpoint() -> str:
+    """The first of :data:`DEFAULT_CHECKPOINTS` that exists (the best feature-decay model first),
+    in the working directory first (a user's own checkpoints win), then in the checkout holding
+    this script."""
+    roots = [Path.cwd(), Path(__file__).resolve().parents[2]]
+    for root in roots:
+        for rel in DEFAULT_CHECKPOINTS:
+            if (root / rel).is_file():
+                return str(root / rel)
+    return DEFAULT_CHECKPOINTS[-1]
+
+
+def open_checkpoint(args: argparse.Namespace) -> tuple[torch.device, str, nn.Module, dict[str, Any], CIFAR10]:
+    """What ``evaluate`` and ``tune`` start from: the device, the checkpoint (``--checkpoint`` or
+    the shipped default), its model in eval mode there, its metadata, and the dataset."""
+    device = resolve_device(args.device)
+    checkpoint = args.checkpoint or default_checkpoint()
+    model, meta = load_checkpoint(checkpoint, device=device)
+    model.eval()
+    data = CIFAR10(args.data, cache_dir=args.cache_dir, progress=args.progress)
+    return device, checkpoint, model, meta, data
+
+
 def save_atomic(obj: dict[str, Any], path: Path) -> None:
     """Write atomically, so an interrupted run never leaves half a checkpoint."""
     tmp = path.with_name(path.name + ".tmp")

@@ -22,35 +22,20 @@ from torch import nn
 import ispc
 from ispc.baselines import kept_count, static_channels, static_prune
 from ispc.benchmark import benchmark
-from ispc.datasets import CIFAR10
 from ispc.errors import ConfigError
 from ispc.feature_decay import default_sites
 from ispc.modules import GatedConv2d
 from ispc.records import records
 
-from .common import (add_common_options, evaluate_top1, first_images, load_checkpoint, progress_bar,
-                     resolve_device, subset_loader)
+from .common import (DEFAULT_CHECKPOINTS, add_common_options, default_checkpoint, evaluate_top1,
+                     first_images, open_checkpoint, progress_bar, subset_loader)
 
 __all__ = ["DEFAULT_CHECKPOINTS", "default_checkpoint", "spearman", "negligible_channels",
            "static_error_check", "single_layer_check", "sparsity_sweep", "plot_sweep", "add_parser"]
 
 
-#: where ``evaluate`` looks for a checkpoint when none is given (fine-tuned first, then dense)
-DEFAULT_CHECKPOINTS = ("checkpoints/resnet20_fd_ramp.pt", "checkpoints/resnet20_dense.pt")
 #: the layer-level check of the CV rationale runs at the threshold point nearest this keep ratio
 CV_CHECK_KEEP = 0.5
-
-
-def default_checkpoint() -> str:
-    """The first of :data:`DEFAULT_CHECKPOINTS` that exists (the best feature-decay model first),
-    in the working directory first (a user's own checkpoints win), then in the checkout holding
-    this script."""
-    roots = [Path.cwd(), Path(__file__).resolve().parents[2]]
-    for root in roots:
-        for rel in DEFAULT_CHECKPOINTS:
-            if (root / rel).is_file():
-                return str(root / rel)
-    return DEFAULT_CHECKPOINTS[-1]
 
 
 def spearman(a: list[float], b: list[float]) -> float | None:
@@ -365,11 +350,7 @@ def _sweep_tables(result: dict[str, Any]) -> str:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    device = resolve_device(args.device)
-    checkpoint = args.checkpoint or default_checkpoint()
-    model, meta = load_checkpoint(checkpoint, device=device)
-    model.eval()
-    data = CIFAR10(args.data, cache_dir=args.cache_dir, progress=args.progress)
+    device, checkpoint, model, meta, data = open_checkpoint(args)
     if args.limit is not None and args.limit < 1:
         raise ConfigError(f"--limit must be >= 1, got {args.limit}")
     if args.calibration_size < 1:

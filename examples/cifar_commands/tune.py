@@ -23,8 +23,8 @@ from ispc.datasets import CIFAR10, CIFAR10Loader
 from ispc.errors import ConfigError
 from ispc.tune import TARGETS
 
-from .common import add_common_options, evaluate_top1, load_checkpoint, resolve_device, subset_loader
-from .evaluate import SPEED_IMAGES, default_checkpoint
+from .common import add_common_options, evaluate_top1, open_checkpoint, subset_loader
+from .evaluate import SPEED_IMAGES
 
 __all__ = ["split_train", "run_tune", "add_parser"]
 
@@ -88,11 +88,7 @@ def run_tune(model: torch.nn.Module, calibration: Any, validation: Any, test: An
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
-    device = resolve_device(args.device)
-    checkpoint = args.checkpoint or default_checkpoint()
-    model, meta = load_checkpoint(checkpoint, device=device)
-    model.eval()
-    data = CIFAR10(args.data, cache_dir=args.cache_dir, progress=args.progress)
+    device, checkpoint, model, meta, data = open_checkpoint(args)
     calibration, validation = split_train(data, args.calibration_size, args.val_size,
                                           batch_size=args.batch_size, device=device)
     test = subset_loader(data, "test", None, batch_size=args.batch_size, device=device)
