@@ -38,7 +38,7 @@
 #include <string.h>
 #include <stdlib.h>
 #include <omp.h>
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX__)
 #include <immintrin.h>
 #endif
 
@@ -1441,7 +1441,21 @@ typedef struct {
     int npos, lanes, clamp, ykind;
     float lo, hi;
     double *yrow;
+    int stream;  /* whole tiles' vectors stored past the caches (aligned: see nh_stream) */
 } nh_epi_t;
+
+/* a whole output vector to dst, aligned to its size, with a non-temporal store where the build
+ * has one: no read of the line before it is written (write-allocate), and the caches kept for
+ * what is read again */
+static inline void nt_st(float *dst, vf v) {
+#if defined(__AVX512F__)
+    _mm512_stream_ps(dst, (__m512)v);
+#elif defined(__AVX__)
+    _mm256_stream_ps(dst, (__m256)v);
+#else
+    st(dst, v);
+#endif
+}
 
 /* the finished accumulators through the epilogue into the output */
 #define NH_EPILOGUE(MR, NV, acc, e)                                                              \
@@ -1457,7 +1471,7 @@ typedef struct {
                 vf v = acc[i][j] + bv[j];                                                        \
                 if ((e)->res) v += ld((e)->res + i * (e)->ostride + j * VW);                     \
                 v = (e)->clamp ? nh_act(v, (e)->clamp, (e)->lo, (e)->hi) : v;                    \
-                st(d, v);                                                                        \
+                if ((e)->stream) nt_st(d, v); else st(d, v);                                     \
                 if ((e)->yrow) sq[j] += sum_term(v, (e)->ykind);                                 \
             }                                                                                    \
         if ((e)->yrow)                                                                           \
@@ -1666,7 +1680,29 @@ select:;
 /* output positions per tile row: see the loop in nh_conv */
 typedef struct {
     int64_t N, H, W, C, Ho, Wo, cout, kh, kw, sh, sw, ph, pw, dh, dw, T, nv, nr, mr, cob, tiles;
+    int stream;  /* whole tiles' outputs with non-temporal stores (nh_stream) */
 } nh_geom_t;
+
+/* a call's output size (bytes) from which its whole tiles are stored past the caches
+ * (non-temporal): at batch 32 ResNet-50's 56x56 1x1 layers write ~100 MB, which the next layer
+ * cannot find in cache anyway, and a plain store reads each line first. 0: never. */
+#ifndef NH_STREAM_BYTES
+#define NH_STREAM_BYTES STREAM_BYTES
+#endif
+
+/* whether a call streams its output: large enough, and every whole vector aligned (an aligned
+ * output whose rows are whole vectors) */
+static int nh_stream(const nh_geom_t *g, const float *out) {
+    const int64_t bytes = g->N * g->Ho * g->Wo * g->cout * (int64_t)sizeof(float);
+    return NH_STREAM_BYTES > 0 && bytes >= NH_STREAM_BYTES && g->cout % VW == 0
+           && ((uintptr_t)out & (VW * sizeof(float) - 1)) == 0;
+}
+
+static inline void nh_sfence(void) {
+#if defined(__AVX512F__) || defined(__AVX__)
+    _mm_sfence();
+#endif
+}
 
 /* weights (bytes) of the blocks of output channels one tile runs through in a row: each tile
  * writes all of a group's channels of its positions at once (one pass over the output rows where
@@ -1703,7 +1739,7 @@ static void nh_conv(const nh_geom_t *g, const ispc_nhwc_layer_t *L, const float 
     const float *ptab[T * NH_MAXMR];
     const float *wseg[T];
     int64_t woff[T];
-    #pragma omp for collapse(3) schedule(static)
+    #pragma omp for collapse(3) schedule(static) nowait
     for (int64_t cg = 0; cg < groups; cg++)
             for (int64_t n = 0; n < g->N; n++)
                 for (int64_t tl = 0; tl < g->tiles; tl++) {
@@ -1757,13 +1793,16 @@ static void nh_conv(const nh_geom_t *g, const ispc_nhwc_layer_t *L, const float 
                         const int64_t lanes = g->cout - cb * nr < nr ? g->cout - cb * nr : nr;
                         const nh_epi_t e = {out + o, res ? res + o : 0, L->bias + cb * nr, g->cout,
                                             (int)(HoWo - p0 < mr ? HoWo - p0 : mr), (int)lanes, clamp,
-                                            ykind, lo, hi, yrow ? yrow + n * cs + cb * nr : 0};
+                                            ykind, lo, hi, yrow ? yrow + n * cs + cb * nr : 0,
+                                            g->stream};
                         if (dense)
                             kdir(ptab, wseg, K ? nseg : 0, len, 0, pfd, &e);
                         else
                             kind(ptab, wseg, K ? nseg : 0, len, ix + n * C, pfg, &e);
                     }
                 }
+    if (g->stream) nh_sfence();  /* the streamed lines visible to every thread after the barrier */
+    #pragma omp barrier
 }
 
 static void nh_geometry(nh_geom_t *g, const ispc_nhwc_layer_t *L, int64_t N, int64_t H, int64_t W) {
@@ -1776,6 +1815,7 @@ static void nh_geometry(nh_geom_t *g, const ispc_nhwc_layer_t *L, int64_t N, int
     g->nv = L->nv; g->nr = L->nv * VW; g->mr = nh_mr(L->nv);
     g->cob = (L->cout + g->nr - 1) / g->nr;
     g->tiles = (g->Ho * g->Wo + g->mr - 1) / g->mr;
+    g->stream = 0;
 }
 
 /* instances' input bytes per chunk: saliency, selection and convolution run chunk by chunk, so
@@ -1831,6 +1871,7 @@ int64_t ispc_conv_nhwc(const ispc_nhwc_layer_t *L, const float *x, int64_t N, in
     nh_plan_t P;
     nh_plan(&P, &g, mode, k, sums, threads);
     if (P.total > ws_floats) return P.total;
+    g.stream = nh_stream(&g, out);
     const int64_t C = L->C, HW = H * W, out_n = g.Ho * g.Wo * L->cout, cs = g.cob * g.nr;
     const int clamp = lo != lo ? NH_GELU : lo > -__builtin_inff() || hi < __builtin_inff();
     float *zeros = ws, *w = ws + P.zeros;
