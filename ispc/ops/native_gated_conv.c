@@ -1539,7 +1539,7 @@ static void NAME(const float *const *ptab, const float *const *wseg, int64_t nse
         if (D <= 0) {                                                                           \
             for (int64_t l = 0; l < L; l++) {                                                   \
                 const int64_t c = IND ? ix[l] : l;                                              \
-                NH_STEP(MR, NV, c, ws + (IND == 2 ? l : c) * (NV * VW), (const float *)0)       \
+                NH_STEP(MR, NV, c, ws + c * (NV * VW), (const float *)0)                        \
             }                                                                                   \
             continue;                                                                           \
         }                                                                                       \
@@ -1548,13 +1548,13 @@ static void NAME(const float *const *ptab, const float *const *wseg, int64_t nse
         const int64_t l1 = L > D ? L - D : 0;                                                   \
         int64_t l = 0;                                                                          \
         for (; l < l1; l++) {                                                                   \
-            const int64_t c = IND ? ix[l] : l, cp = IND == 1 ? ix[l + D] : l + D;               \
-            NH_STEP(MR, NV, c, ws + (IND == 2 ? l : c) * (NV * VW), ws + cp * (NV * VW))        \
+            const int64_t c = IND ? ix[l] : l, cp = IND ? ix[l + D] : l + D;                    \
+            NH_STEP(MR, NV, c, ws + c * (NV * VW), ws + cp * (NV * VW))                         \
         }                                                                                       \
         for (; l < L; l++) {                                                                    \
             const int64_t c = IND ? ix[l] : l, j = l + D - L < L ? l + D - L : L - 1;           \
-            const int64_t cp = IND == 1 ? ix[j] : j;                                            \
-            NH_STEP(MR, NV, c, ws + (IND == 2 ? l : c) * (NV * VW), wn + cp * (NV * VW))        \
+            const int64_t cp = IND ? ix[j] : j;                                                 \
+            NH_STEP(MR, NV, c, ws + c * (NV * VW), wn + cp * (NV * VW))                         \
         }                                                                                       \
     }                                                                                           \
     NH_EPILOGUE(MR, NV, acc, e)                                                                 \
@@ -1562,31 +1562,25 @@ static void NAME(const float *const *ptab, const float *const *wseg, int64_t nse
 
 typedef void (*nh_kernel_t)(const float *const *, const float *const *, int64_t, int64_t,
                             const int32_t *, int64_t, const nh_epi_t *);
-/* IND: 0 direct (dense), 1 kept channels by index (inputs and packed weights), 2 inputs by index
- * and the weights in kept order (a compacted copy, see nh_conv) */
 #if defined(__AVX512F__)
 NHWC_KERNEL(nh_i4, NH_MR4, 4, 1)
 NHWC_KERNEL(nh_d4, NH_MR4, 4, 0)
-NHWC_KERNEL(nh_c4, NH_MR4, 4, 2)
 #endif
 NHWC_KERNEL(nh_i3, NH_MR3, 3, 1)
 NHWC_KERNEL(nh_d3, NH_MR3, 3, 0)
-NHWC_KERNEL(nh_c3, NH_MR3, 3, 2)
 NHWC_KERNEL(nh_i2, NH_MR2, 2, 1)
 NHWC_KERNEL(nh_d2, NH_MR2, 2, 0)
-NHWC_KERNEL(nh_c2, NH_MR2, 2, 2)
 NHWC_KERNEL(nh_i1, NH_MR1, 1, 1)
 NHWC_KERNEL(nh_d1, NH_MR1, 1, 0)
-NHWC_KERNEL(nh_c1, NH_MR1, 1, 2)
 
-static nh_kernel_t nh_kernel(int64_t nv, int ind) {
+static nh_kernel_t nh_kernel(int64_t nv, int indirect) {
     switch (nv) {
 #if defined(__AVX512F__)
-    case 4: return ind == 1 ? nh_i4 : ind == 2 ? nh_c4 : nh_d4;
+    case 4: return indirect ? nh_i4 : nh_d4;
 #endif
-    case 3: return ind == 1 ? nh_i3 : ind == 2 ? nh_c3 : nh_d3;
-    case 2: return ind == 1 ? nh_i2 : ind == 2 ? nh_c2 : nh_d2;
-    default: return ind == 1 ? nh_i1 : ind == 2 ? nh_c1 : nh_d1;
+    case 3: return indirect ? nh_i3 : nh_d3;
+    case 2: return indirect ? nh_i2 : nh_d2;
+    default: return indirect ? nh_i1 : nh_d1;
     }
 }
 
@@ -1687,8 +1681,6 @@ select:;
 typedef struct {
     int64_t N, H, W, C, Ho, Wo, cout, kh, kw, sh, sw, ph, pw, dh, dw, T, nv, nr, mr, cob, tiles;
     int stream;  /* whole tiles' outputs with non-temporal stores (nh_stream) */
-    float *wcopy;  /* compacted weights, wcopy_floats per thread (NULL: none; see nh_conv) */
-    int64_t wcopy_floats;
 } nh_geom_t;
 
 /* a call's output size (bytes) from which its whole tiles are stored past the caches
@@ -1720,149 +1712,95 @@ static inline void nh_sfence(void) {
 #define NHWC_GROUP_BYTES (512 << 10)
 #endif
 
-/* blocks of output channels per group (a layer's groups of nearly equal size) */
-static int64_t nh_group(const nh_geom_t *g) {
-    int64_t G = NHWC_GROUP_BYTES / (g->T * g->C * g->nr * (int64_t)sizeof(float) + 1);
-    G = G < 1 ? 1 : G > g->cob ? g->cob : G;
-    const int64_t groups = (g->cob + G - 1) / G;
-    return (g->cob + groups - 1) / groups;
-}
-
-/* Gated layers whose maps have at most this many tiles per instance (batch 1: the 14x14 and 7x7
- * layers) copy each group's kept weights once per instance into a contiguous per-thread buffer
- * (one sequential pass) and run the group's tiles from it; 0: never. */
-#ifndef NH_COMPACT_TILES
-#define NH_COMPACT_TILES 0
-#endif
-
-/* floats of one thread's compacted weights (0: the layer does not compact): only where the
- * (group, instance) pairs the threads then split share out evenly */
-static int64_t nh_compact_floats(const nh_geom_t *g, int64_t mode, int64_t threads) {
-    if (NH_COMPACT_TILES <= 0 || mode == NHWC_DENSE || g->tiles > NH_COMPACT_TILES) return 0;
-    const int64_t G = nh_group(g), items = (g->cob + G - 1) / G * g->N;
-    if (items % threads != 0 && items < 4 * threads) return 0;
-    return G * g->T * g->C * g->nr;
-}
-
-/* One tile (instance n, positions from tile tl) of blocks [cb0, cb1): its segments, then the
- * kernel per block. wc (NULL: the packed weights): the blocks' kept weights compacted,
- * [block - cb0][tap][l < K][nr]. */
-static inline void nh_tile(const nh_geom_t *g, const ispc_nhwc_layer_t *L, const float *x,
-                           const int32_t *ixn, int64_t K, int64_t n, int64_t tl, int64_t cb0,
-                           int64_t cb1, const float *wc, float *out, const float *res, float lo,
-                           float hi, int clamp, const float *zeros, double *yrow, int ykind,
-                           int64_t pfd, int64_t pfg) {
-    const int64_t T = g->T, mr = g->mr, nr = g->nr, C = g->C, HoWo = g->Ho * g->Wo;
-    const int64_t cs = g->cob * nr;
-    const int dense = K == C && !wc;
-    const float *xn = x + n * g->H * g->W * C;
-    const int64_t p0 = tl * mr;
-    const float *ptab[T * NH_MAXMR];
-    const float *wseg[T];
-    int64_t woff[T];
-    int64_t ih0[NH_MAXMR], iw0[NH_MAXMR];
-    int cols_inside = 1;
-    int64_t oh = p0 / g->Wo, ow = p0 % g->Wo;  /* one division a tile */
-    for (int64_t i = 0; i < mr; i++, ow++) {
-        if (ow == g->Wo) { oh++; ow = 0; }
-        if (p0 + i >= HoWo) { ih0[i] = -1 << 30; iw0[i] = 0; continue; }  /* past the end */
-        ih0[i] = oh * g->sh - g->ph;
-        iw0[i] = ow * g->sw - g->pw;
-        cols_inside &= iw0[i] >= 0 && iw0[i] + (g->kw - 1) * g->dw < g->W;
-    }
-    /* the segments: position pointers and each one's weight offset in a block */
-    int64_t nseg = 0, len;
-    if (dense && cols_inside && g->dw == 1) {  /* one run of kw * C per tap row */
-        len = g->kw * C;
-        for (int64_t r = 0; r < g->kh; r++) {
-            int any = 0;
-            for (int64_t i = 0; i < mr; i++) {
-                const int64_t ih = ih0[i] + r * g->dh;
-                const int in = ih >= 0 && ih < g->H;
-                ptab[nseg * mr + i] = in ? xn + (ih * g->W + iw0[i]) * C : zeros;
-                any |= in;
-            }
-            if (any) woff[nseg++] = r * g->kw * C * nr;
-        }
-    } else {  /* one segment per tap */
-        len = K;
-        for (int64_t t = 0; t < T; t++) {
-            const int64_t r = t / g->kw, q = t % g->kw;
-            int any = 0;
-            for (int64_t i = 0; i < mr; i++) {
-                const int64_t ih = ih0[i] + r * g->dh, iw = iw0[i] + q * g->dw;
-                const int in = ih >= 0 && ih < g->H && iw >= 0 && iw < g->W;
-                ptab[nseg * mr + i] = in ? xn + (ih * g->W + iw) * C : zeros;
-                any |= in;
-            }
-            if (any) woff[nseg++] = t * (wc ? K : C) * nr;
-        }
-    }
-    const nh_kernel_t k = nh_kernel(g->nv, dense ? 0 : wc ? 2 : 1);
-    for (int64_t cb = cb0; cb < cb1; cb++) {
-        const float *wb = wc ? wc + (cb - cb0) * T * K * nr : L->wpack + cb * T * C * nr;
-        for (int64_t s = 0; s < nseg; s++) wseg[s] = wb + woff[s];
-        const int64_t o = (n * HoWo + p0) * g->cout + cb * nr;
-        const int64_t lanes = g->cout - cb * nr < nr ? g->cout - cb * nr : nr;
-        const nh_epi_t e = {out + o, res ? res + o : 0, L->bias + cb * nr, g->cout,
-                            (int)(HoWo - p0 < mr ? HoWo - p0 : mr), (int)lanes, clamp,
-                            ykind, lo, hi, yrow ? yrow + n * cs + cb * nr : 0, g->stream};
-        k(ptab, wseg, K ? nseg : 0, len, ixn, dense ? pfd : wc ? 0 : pfg, &e);
-    }
-}
-
 /* The convolution of instances [0, N) (x, out, res already offset to the first), inside a
  * parallel region: ix (N x C int32) each instance's kept channels, counts (N,) how many (NULL:
  * all, dense). zeros: kw * C zero floats. Threads split (group of output-channel blocks, instance,
  * tile) in that order: a group's weights stay in cache across its tiles, each tile writes the
- * group's channels of its positions at once. g->wcopy (NULL: none): per thread g->wcopy_floats
- * floats, where layers with few tiles compact each (group, instance)'s kept weights (threads then
- * split (group, instance) alone). Ends with a barrier. */
+ * group's channels of its positions at once. Ends with a barrier. */
 static void nh_conv(const nh_geom_t *g, const ispc_nhwc_layer_t *L, const float *x, const int32_t *ix,
                     const int64_t *counts, float *out, const float *res, float lo, float hi,
                     int clamp, const float *zeros, double *ysums, int ykind) {
-    const int64_t T = g->T, nr = g->nr, C = g->C;
+    const int64_t T = g->T, mr = g->mr, nr = g->nr, C = g->C, HoWo = g->Ho * g->Wo;
     const int64_t cs = g->cob * nr;  /* a row of output sums */
     double *yrow = 0;  /* this thread's rows of output sums, zeroed here: only it writes them */
     if (ysums) {
         yrow = ysums + (int64_t)omp_get_thread_num() * g->N * cs;
         memset(yrow, 0, sizeof(double) * g->N * cs);
     }
-    const int64_t G = nh_group(g), groups = (g->cob + G - 1) / G;
+    const int64_t HWC = g->H * g->W * C;
+    const nh_kernel_t kind = nh_kernel(g->nv, 1), kdir = nh_kernel(g->nv, 0);
+    int64_t G = NHWC_GROUP_BYTES / (T * C * nr * (int64_t)sizeof(float) + 1);
+    G = G < 1 ? 1 : G > g->cob ? g->cob : G;
+    const int64_t groups = (g->cob + G - 1) / G;
+    G = (g->cob + groups - 1) / groups;  /* groups of (nearly) equal size */
     const int64_t wbytes = T * C * nr * (int64_t)sizeof(float);  /* a block's */
     const int64_t pfd = wbytes >= NH_PF_MIN_BYTES ? NH_PF : 0;
     const int64_t pfg = wbytes * g->cob >= NH_PF_GATED_BYTES ? pfd : 0;
-    if (counts && g->wcopy) {
-        float *wc = g->wcopy + (int64_t)omp_get_thread_num() * g->wcopy_floats;
-        #pragma omp for collapse(2) schedule(static) nowait
-        for (int64_t cg = 0; cg < groups; cg++)
-            for (int64_t n = 0; n < g->N; n++) {
-                const int64_t K = counts[n], cb0 = cg * G;
-                const int64_t cb1 = cb0 + G < g->cob ? cb0 + G : g->cob;
-                const int32_t *ixn = ix + n * C;
-                const int compact = K < C;  /* an instance that keeps all runs dense */
-                if (compact)
-                    for (int64_t cb = cb0; cb < cb1; cb++)
-                        for (int64_t t = 0; t < T; t++) {
-                            const float *src = L->wpack + (cb * T + t) * C * nr;
-                            float *dst = wc + ((cb - cb0) * T + t) * K * nr;
-                            for (int64_t l = 0; l < K; l++)
-                                memcpy(dst + l * nr, src + ixn[l] * nr, sizeof(float) * nr);
-                        }
-                for (int64_t tl = 0; tl < g->tiles; tl++)
-                    nh_tile(g, L, x, ixn, K, n, tl, cb0, cb1, compact ? wc : 0, out, res, lo, hi,
-                            clamp, zeros, yrow, ykind, pfd, pfg);
-            }
-    } else {
-        #pragma omp for collapse(3) schedule(static) nowait
-        for (int64_t cg = 0; cg < groups; cg++)
+    const float *ptab[T * NH_MAXMR];
+    const float *wseg[T];
+    int64_t woff[T];
+    #pragma omp for collapse(3) schedule(static) nowait
+    for (int64_t cg = 0; cg < groups; cg++)
             for (int64_t n = 0; n < g->N; n++)
                 for (int64_t tl = 0; tl < g->tiles; tl++) {
-                    const int64_t cb0 = cg * G, cb1 = cb0 + G < g->cob ? cb0 + G : g->cob;
-                    nh_tile(g, L, x, counts ? ix + n * C : 0, counts ? counts[n] : C, n, tl, cb0,
-                            cb1, 0, out, res, lo, hi, clamp, zeros, yrow, ykind, pfd, pfg);
+                    const int64_t K = counts ? counts[n] : C;
+                    const int dense = K == C;
+                    const float *xn = x + n * HWC;
+                    const int64_t p0 = tl * mr;
+                    int64_t ih0[NH_MAXMR], iw0[NH_MAXMR];
+                    int cols_inside = 1;
+                    int64_t oh = p0 / g->Wo, ow = p0 % g->Wo;  /* one division a tile */
+                    for (int64_t i = 0; i < mr; i++, ow++) {
+                        if (ow == g->Wo) { oh++; ow = 0; }
+                        if (p0 + i >= HoWo) { ih0[i] = -1 << 30; iw0[i] = 0; continue; }  /* past the end */
+                        ih0[i] = oh * g->sh - g->ph;
+                        iw0[i] = ow * g->sw - g->pw;
+                        cols_inside &= iw0[i] >= 0 && iw0[i] + (g->kw - 1) * g->dw < g->W;
+                    }
+                    /* the segments: position pointers and each one's weight offset in a block */
+                    int64_t nseg = 0, len;
+                    if (dense && cols_inside && g->dw == 1) {  /* one run of kw * C per tap row */
+                        len = g->kw * C;
+                        for (int64_t r = 0; r < g->kh; r++) {
+                            int any = 0;
+                            for (int64_t i = 0; i < mr; i++) {
+                                const int64_t ih = ih0[i] + r * g->dh;
+                                const int in = ih >= 0 && ih < g->H;
+                                ptab[nseg * mr + i] = in ? xn + (ih * g->W + iw0[i]) * C : zeros;
+                                any |= in;
+                            }
+                            if (any) woff[nseg++] = r * g->kw * C * nr;
+                        }
+                    } else {  /* one segment per tap */
+                        len = K;
+                        for (int64_t t = 0; t < T; t++) {
+                            const int64_t r = t / g->kw, q = t % g->kw;
+                            int any = 0;
+                            for (int64_t i = 0; i < mr; i++) {
+                                const int64_t ih = ih0[i] + r * g->dh, iw = iw0[i] + q * g->dw;
+                                const int in = ih >= 0 && ih < g->H && iw >= 0 && iw < g->W;
+                                ptab[nseg * mr + i] = in ? xn + (ih * g->W + iw) * C : zeros;
+                                any |= in;
+                            }
+                            if (any) woff[nseg++] = t * C * nr;
+                        }
+                    }
+                    const int64_t cb1 = (cg + 1) * G < g->cob ? (cg + 1) * G : g->cob;
+                    for (int64_t cb = cg * G; cb < cb1; cb++) {
+                        const float *wb = L->wpack + cb * T * C * nr;
+                        for (int64_t s = 0; s < nseg; s++) wseg[s] = wb + woff[s];
+                        const int64_t o = (n * HoWo + p0) * g->cout + cb * nr;
+                        const int64_t lanes = g->cout - cb * nr < nr ? g->cout - cb * nr : nr;
+                        const nh_epi_t e = {out + o, res ? res + o : 0, L->bias + cb * nr, g->cout,
+                                            (int)(HoWo - p0 < mr ? HoWo - p0 : mr), (int)lanes, clamp,
+                                            ykind, lo, hi, yrow ? yrow + n * cs + cb * nr : 0,
+                                            g->stream};
+                        if (dense)
+                            kdir(ptab, wseg, K ? nseg : 0, len, 0, pfd, &e);
+                        else
+                            kind(ptab, wseg, K ? nseg : 0, len, ix + n * C, pfg, &e);
+                    }
                 }
-    }
     if (g->stream) nh_sfence();  /* the streamed lines visible to every thread after the barrier */
     #pragma omp barrier
 }
@@ -1878,8 +1816,6 @@ static void nh_geometry(nh_geom_t *g, const ispc_nhwc_layer_t *L, int64_t N, int
     g->cob = (L->cout + g->nr - 1) / g->nr;
     g->tiles = (g->Ho * g->Wo + g->mr - 1) / g->mr;
     g->stream = 0;
-    g->wcopy = 0;
-    g->wcopy_floats = 0;
 }
 
 /* instances' input bytes per chunk: saliency, selection and convolution run chunk by chunk, so
@@ -1890,7 +1826,7 @@ static void nh_geometry(nh_geom_t *g, const ispc_nhwc_layer_t *L, int64_t N, int
 
 /* The workspace's parts (floats), shared by ispc_conv_nhwc and its size query. */
 typedef struct {
-    int64_t zeros, wcopy, sums, chunk, select, total;
+    int64_t zeros, sums, chunk, select, total;
 } nh_plan_t;
 
 static void nh_plan(nh_plan_t *P, const nh_geom_t *g, int64_t mode, int64_t k,
@@ -1907,8 +1843,7 @@ static void nh_plan(nh_plan_t *P, const nh_geom_t *g, int64_t mode, int64_t k,
     /* gated: int32 indices, counts, saliencies, scratch (floats and int64), block sums */
     P->select = mode == NHWC_DENSE ? 0 : (N * C + 15) / 16 * 16 + 2 * N + N * C + 3 * N * C
                                            + (sums && sums->in ? 0 : N * nb * C);
-    P->wcopy = threads * nh_compact_floats(g, mode, threads);  /* whole vectors: stays aligned */
-    P->total = P->zeros + P->wcopy + P->sums + P->select + 64;
+    P->total = P->zeros + P->sums + P->select + 64;
 }
 
 /* Workspace (floats) of ispc_conv_nhwc for a batch of N on H x W inputs. */
@@ -1939,12 +1874,8 @@ int64_t ispc_conv_nhwc(const ispc_nhwc_layer_t *L, const float *x, int64_t N, in
     g.stream = nh_stream(&g, out);
     const int64_t C = L->C, HW = H * W, out_n = g.Ho * g.Wo * L->cout, cs = g.cob * g.nr;
     const int clamp = lo != lo ? NH_GELU : lo > -__builtin_inff() || hi < __builtin_inff();
-    float *zeros = ws, *w = ws + P.zeros + P.wcopy;
+    float *zeros = ws, *w = ws + P.zeros;
     memset(zeros, 0, sizeof(float) * P.zeros);
-    if (P.wcopy) {
-        g.wcopy = ws + P.zeros;
-        g.wcopy_floats = P.wcopy / threads;
-    }
     double *ysums = P.sums ? (double *)w : 0;
     const int ykind = sums ? (int)sums->out_kind : SAL_L2;
     w += P.sums;
