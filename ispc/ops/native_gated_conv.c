@@ -1824,9 +1824,47 @@ static void nh_geometry(nh_geom_t *g, const ispc_nhwc_layer_t *L, int64_t N, int
 #define NHWC_CHUNK_BYTES (1 << 20)
 #endif
 
+/* Gated layers with at least this many output positions per instance (28x28 and up) and at
+ * least NH_GATHER_TAPS taps run each instance that keeps some but not all channels as a dense
+ * convolution of copies: its kept channels gathered into a channels-last map of K channels, the
+ * kept weights into [block][tap][K][nr]. The dense walk then reads each tap row as one run of
+ * kw * K (one segment per tap row instead of per tap) and its input rows in order; the copies
+ * cost ~1 / positions of the MACs. 0: never. */
+#ifndef NH_GATHER_POSITIONS
+#define NH_GATHER_POSITIONS 784
+#endif
+#ifndef NH_GATHER_TAPS
+#define NH_GATHER_TAPS 2
+#endif
+
+static int nh_gathers(const nh_geom_t *g, int64_t mode) {
+    return NH_GATHER_POSITIONS > 0 && mode != NHWC_DENSE && g->T >= NH_GATHER_TAPS
+           && g->Ho * g->Wo >= NH_GATHER_POSITIONS;
+}
+
+/* instance i of a chunk (x, ix at the chunk's first) gathered: xg (HW, K) its kept channels,
+ * wg [cob][T][K][nr] their weights. Inside a parallel region; ends with a barrier. */
+static void nh_gather(const nh_geom_t *g, const ispc_nhwc_layer_t *L, const float *x,
+                      const int32_t *ixi, int64_t K, float *xg, float *wg) {
+    const int64_t HW = g->H * g->W, C = g->C, nr = g->nr, T = g->T;
+    #pragma omp for schedule(static) nowait
+    for (int64_t q = 0; q < HW; q++) {
+        const float *src = x + q * C;
+        float *dst = xg + q * K;
+        for (int64_t l = 0; l < K; l++) dst[l] = src[ixi[l]];
+    }
+    #pragma omp for collapse(2) schedule(static)
+    for (int64_t cb = 0; cb < g->cob; cb++)
+        for (int64_t t = 0; t < T; t++) {
+            const float *src = L->wpack + (cb * T + t) * C * nr;
+            float *dst = wg + (cb * T + t) * K * nr;
+            for (int64_t l = 0; l < K; l++) memcpy(dst + l * nr, src + ixi[l] * nr, sizeof(float) * nr);
+        }
+}
+
 /* The workspace's parts (floats), shared by ispc_conv_nhwc and its size query. */
 typedef struct {
-    int64_t zeros, sums, chunk, select, total;
+    int64_t zeros, gather, sums, chunk, select, total;
 } nh_plan_t;
 
 static void nh_plan(nh_plan_t *P, const nh_geom_t *g, int64_t mode, int64_t k,
@@ -1843,7 +1881,9 @@ static void nh_plan(nh_plan_t *P, const nh_geom_t *g, int64_t mode, int64_t k,
     /* gated: int32 indices, counts, saliencies, scratch (floats and int64), block sums */
     P->select = mode == NHWC_DENSE ? 0 : (N * C + 15) / 16 * 16 + 2 * N + N * C + 3 * N * C
                                            + (sums && sums->in ? 0 : N * nb * C);
-    P->total = P->zeros + P->sums + P->select + 64;
+    /* gathered: an instance's map and the packed weights, each at most whole */
+    P->gather = nh_gathers(g, mode) ? (HW * C + 15) / 16 * 16 + g->cob * g->T * C * g->nr : 0;
+    P->total = P->zeros + P->gather + P->sums + P->select + 64;
 }
 
 /* Workspace (floats) of ispc_conv_nhwc for a batch of N on H x W inputs. */
@@ -1874,8 +1914,9 @@ int64_t ispc_conv_nhwc(const ispc_nhwc_layer_t *L, const float *x, int64_t N, in
     g.stream = nh_stream(&g, out);
     const int64_t C = L->C, HW = H * W, out_n = g.Ho * g.Wo * L->cout, cs = g.cob * g.nr;
     const int clamp = lo != lo ? NH_GELU : lo > -__builtin_inff() || hi < __builtin_inff();
-    float *zeros = ws, *w = ws + P.zeros;
+    float *zeros = ws, *w = ws + P.zeros + P.gather;
     memset(zeros, 0, sizeof(float) * P.zeros);
+    float *xg = ws + P.zeros, *wg = xg + (HW * C + 15) / 16 * 16;  /* P.gather: nh_gather's */
     double *ysums = P.sums ? (double *)w : 0;
     const int ykind = sums ? (int)sums->out_kind : SAL_L2;
     w += P.sums;
@@ -1895,9 +1936,34 @@ int64_t ispc_conv_nhwc(const ispc_nhwc_layer_t *L, const float *x, int64_t N, in
         if (!dense)
             nh_select(xc, m, HW, C, scale, saliency, mode, threshold, k, ix, cnt, part, s, tmp,
                       xsums ? xsums + n0 * C : 0);
-        nh_conv(&gc, L, xc, dense ? 0 : ix, dense ? 0 : cnt, oc, rc, lo, hi, clamp, zeros, ysums,
-                ykind);
-        if (ysums) reduce_sums(ysums, omp_get_num_threads(), m, L->cout, cs, sums->out + n0 * L->cout);
+        if (P.gather) {  /* instance by instance, see NH_GATHER_POSITIONS */
+            for (int64_t i = 0; i < m; i++) {
+                const int64_t K = cnt[i];
+                nh_geom_t gi = g;
+                gi.N = 1;
+                const float *xi = xc + i * HW * C;
+                float *oi = oc + i * out_n;
+                const float *ri = rc ? rc + i * out_n : 0;
+                if (K == 0 || K == C) {  /* nothing to gather */
+                    nh_conv(&gi, L, xi, ix + i * C, cnt + i, oi, ri, lo, hi, clamp, zeros, ysums,
+                            ykind);
+                } else {
+                    nh_gather(&gi, L, xi, ix + i * C, K, xg, wg);
+                    ispc_nhwc_layer_t Lk = *L;
+                    Lk.wpack = wg;
+                    Lk.C = gi.C = K;
+                    nh_conv(&gi, &Lk, xg, 0, 0, oi, ri, lo, hi, clamp, zeros, ysums, ykind);
+                }
+                if (ysums)
+                    reduce_sums(ysums, omp_get_num_threads(), 1, L->cout, cs,
+                                sums->out + (n0 + i) * L->cout);
+            }
+        } else {
+            nh_conv(&gc, L, xc, dense ? 0 : ix, dense ? 0 : cnt, oc, rc, lo, hi, clamp, zeros,
+                    ysums, ykind);
+            if (ysums)
+                reduce_sums(ysums, omp_get_num_threads(), m, L->cout, cs, sums->out + n0 * L->cout);
+        }
         #pragma omp single nowait
         if (counts && !dense)
             for (int64_t i = 0; i < m; i++) counts[n0 + i] = cnt[i];

@@ -434,31 +434,38 @@ def _forced_build(flags: tuple[str, ...]):
 
 
 @pytest.mark.parametrize("isa", [(), ("-mno-avx512f",)], ids=["native", "avx2"])
-@pytest.mark.parametrize("path", [("-DNH_STREAM_BYTES=1",)], ids=["streaming-stores"])
+@pytest.mark.parametrize("path", [("-DNH_STREAM_BYTES=1",), ("-DNH_GATHER_POSITIONS=1",),
+                                  ("-DNH_GATHER_POSITIONS=1", "-DNH_GATHER_TAPS=1")],
+                         ids=["streaming-stores", "gathered", "gathered-1x1"])
 def test_forced_paths_equal_the_default_build_bit_for_bit(monkeypatch, isa, path):
-    # paths the default build takes only on large layers (streaming stores from 16 MB of output),
-    # forced on small ones: the same values as the default build's, bit for bit, and the reference
+    # paths the default build takes only on some layers (streaming stores from 16 MB of output;
+    # gathered kept channels and weights on maps of 28x28 and up), forced on small ones: the
+    # same values as the default build's, bit for bit, and the reference; instances keeping
+    # some, all and none
     if isa and platform.machine() not in ("x86_64", "AMD64"):
         pytest.skip("x86 ISA variants")
     base, forced = _forced_build(isa), _forced_build(isa + path)
     g = torch.Generator().manual_seed(11)
     for cin, cout, ks, s, p, h in [(24, 64, 3, 1, 1, 9), (40, 48, 1, 1, 0, 13), (17, 32, 1, 2, 0, 11),
                                    (30, 20, 3, 1, 1, 8), (64, 80, 1, 1, 0, 7)]:
-        x = torch.randn(3, cin, h, h, generator=g).relu() * torch.rand(3, cin, 1, 1, generator=g)
+        x = torch.randn(4, cin, h, h, generator=g).relu() * torch.rand(4, cin, 1, 1, generator=g)
+        x[3] *= 1e-3  # below the threshold in every channel: keeps none
         w, b = torch.randn(cout, cin, ks, ks, generator=g), torch.randn(cout, generator=g)
         scale = torch.rand(cin, generator=g) + 0.5
+        thr = threshold_between(gc.channel_saliency(x[:3], scale), 0.5)
         for vectors in range(1, int(base.ispc_nhwc_max_vectors()) + 1):
-            for mode, k in [(native.DENSE, 0), (gc.TOPK, cin // 2 + 1), (gc.TOPK, cin)]:
-                ref = _reference(x, w, b, s, p, 1, mode, scale, 0.0, k, gc.SALIENCY_L2)
+            for mode, t, k in [(native.DENSE, 0.0, 0), (gc.TOPK, 0.0, cin // 2 + 1), (gc.TOPK, 0.0, cin),
+                               (gc.THRESHOLD, thr, 0)]:
+                ref = _reference(x, w, b, s, p, 1, mode, scale, t, k, gc.SALIENCY_L2)
                 r = _nhwc(torch.randn(ref.shape, generator=g))
-                want = _reference(x, w, b, s, p, 1, mode, scale, 0.0, k, gc.SALIENCY_L2, r, native.RELU)
+                want = _reference(x, w, b, s, p, 1, mode, scale, t, k, gc.SALIENCY_L2, r, native.RELU)
                 outs, sums = [], []
                 for lib in (base, forced):
                     monkeypatch.setattr(native, "_lib", lib)
                     layer = native.NhwcConv(w, b, s, p, vectors=vectors)
-                    sums.append(torch.empty(3, cout))
-                    outs.append(layer(_nhwc(x), mode, scale=scale, k=k, residual=r, clamp=native.RELU,
-                                      out_sums=sums[-1]))
+                    sums.append(torch.empty(4, cout))
+                    outs.append(layer(_nhwc(x), mode, scale=scale, threshold=t, k=k, residual=r,
+                                      clamp=native.RELU, out_sums=sums[-1]))
                 what = (isa, path, cin, cout, ks, vectors, mode, k)
                 _check(outs[1], want, what)
                 assert torch.equal(outs[0], outs[1]) and torch.equal(sums[0], sums[1]), what
