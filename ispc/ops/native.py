@@ -889,10 +889,12 @@ class _Op(ctypes.Structure):
                 + [(f, _i64) for f in ("kh", "kw", "sh", "sw", "ph", "pw")]
                 + [("scale", _ptr), ("saliency", _i64), ("mode", _i64), ("k", _i64),
                    ("threshold", ctypes.c_float), ("lo", ctypes.c_float), ("hi", ctypes.c_float),
-                   ("sums_in", _i64), ("sums_out", _i64), ("sums_kind", _i64)])
+                   ("sums_in", _i64), ("sums_out", _i64), ("sums_kind", _i64), ("chunk", _i64),
+                   ("local", _i64)])
 
 
 _OP_CONV, _OP_DW, _OP_AVGPOOL, _OP_TO_NHWC, _OP_MAXPOOL = range(5)
+_LOCAL = {"x": 1, "out": 2, "res": 4}  # OP_LOCAL_*
 
 
 class OpProgram:
@@ -958,12 +960,53 @@ class OpProgram:
         self._add(_OP_MAXPOOL, x, out, shape, kh=kernel[0], kw=kernel[1], sh=stride[0],
                   sw=stride[1], ph=padding[0], pw=padding[1], lo=clamp[0], hi=clamp[1])
 
-    def run(self, slots) -> None:
-        """Run every op; ``slots``: a ctypes array of pointers (``slot_array``), one per slot."""
+    def set_chunk(self, index: int, instances: int, local: tuple[str, ...] = ()) -> None:
+        """Op ``index`` runs ``instances`` instances at a time (0: the whole batch at once); a run
+        of consecutive ops with the same chunk runs chunk by chunk through all of them, so that
+        the maps between them stay in cache. Each op then computes as its own call on that chunk
+        would (the same results as the per-layer calls chunk by chunk). ``local`` names the op's
+        maps (``"x"``, ``"out"``, ``"res"``) whose slots hold one chunk only, the same for every
+        chunk: maps made and used inside the run, whose buffers then stay in cache."""
+        if instances < 0:
+            raise ConfigError(f"instances must be >= 0, got {instances}")
+        unknown = set(local) - set(_LOCAL)
+        if unknown:
+            raise ConfigError(f"local names maps of {sorted(_LOCAL)}, got {sorted(unknown)}")
+        self._ops[index].chunk = instances
+        self._ops[index].local = sum(_LOCAL[k] for k in set(local))
+        self._array = None
+
+    def chunks(self) -> list[int]:
+        """Each op's instances per pass (:meth:`set_chunk`)."""
+        return [op.chunk for op in self._ops]
+
+    def run(self, slots, times=None) -> None:
+        """Run every op; ``slots``: a ctypes array of pointers (``slot_array``), one per slot.
+        ``times`` (a float64 tensor of one entry per op; a profiling aid, not thread-safe) gets
+        each op's seconds added."""
         lib = _run_ops_lib()
         if self._array is None:
             self._array = (_Op * len(self._ops))(*self._ops)
-        NativeLayer._call(lib.ispc_run_ops, (self._array, len(self._ops), slots))
+        args = (self._array, len(self._ops), slots)
+        if times is not None:
+            if times.dtype != torch.float64 or times.numel() != len(self._ops) \
+                    or not times.is_contiguous():
+                raise DataError(f"times must be a contiguous float64 tensor of {len(self._ops)} entries")
+            lib.ispc_run_ops_times(times.data_ptr())
+        try:
+            threads = torch.get_num_threads()
+            ws = getattr(_local, "ws", None)
+            if ws is None:
+                ws = _workspace(0)
+            need = lib.ispc_run_ops(*args, ws.data_ptr(), ws.numel(), threads)
+            if need > 0:  # first call at this size: grow the workspace and run
+                ws = _workspace(need)
+                need = lib.ispc_run_ops(*args, ws.data_ptr(), ws.numel(), threads)
+        finally:
+            if times is not None:
+                lib.ispc_run_ops_times(None)
+        if need:
+            raise ConfigError(f"ispc_run_ops refused the program (code {need}): an unknown op")
 
     @staticmethod
     def slot_array(count: int):
@@ -979,5 +1022,7 @@ def _run_ops_lib() -> ctypes.CDLL:
     if id(lib) not in _RUN_OPS_BOUND:
         lib.ispc_run_ops.restype = _i64
         lib.ispc_run_ops.argtypes = [ctypes.POINTER(_Op), _i64, ctypes.POINTER(_ptr), _ptr, _i64, _i64]
+        lib.ispc_run_ops_times.restype = None
+        lib.ispc_run_ops_times.argtypes = [_ptr]
         _RUN_OPS_BOUND.add(id(lib))
     return lib

@@ -1908,38 +1908,29 @@ int64_t ispc_conv_nhwc_workspace(const ispc_nhwc_layer_t *L, int64_t N, int64_t 
     return P.total;
 }
 
-/* The layer on x (N, H, W, C) float32 channels-last: out (N, Ho, Wo, cout) = clamp(conv(x masked
- * to each instance's kept channels) + bias + res, lo, hi), res (NULL: none) of the output's shape;
- * lo = hi = NaN: the exact GELU instead of the clamp (NH_GELU). mode: MODE_TOPK (k channels), MODE_THRESHOLD (saliency >= threshold) or NHWC_DENSE (all).
- * counts (N,) receives each instance's kept count (NULL: not wanted); sums (NULL: none) the
- * input's saliency sums and/or where the output's go. Returns 0, or the workspace (floats) it
- * needs when ws_floats is smaller (nothing computed). */
-int64_t ispc_conv_nhwc(const ispc_nhwc_layer_t *L, const float *x, int64_t N, int64_t H, int64_t W,
-                       const float *scale, int64_t saliency, int64_t mode, float threshold, int64_t k,
-                       int64_t *counts, float *out, const float *res, float lo, float hi,
-                       const ispc_sums_t *sums, float *ws, int64_t ws_floats, int64_t threads) {
-    nh_geom_t g;
-    nh_geometry(&g, L, N, H, W);
-    nh_plan_t P;
-    nh_plan(&P, &g, mode, k, sums, threads);
-    if (P.total > ws_floats) return P.total;
-    g.stream = nh_stream(&g, out, res);
+/* ispc_conv_nhwc's work inside a parallel region (ispc_run_ops runs it in its own): g with its
+ * stream flag set, zeros (P->zeros zero floats) and w (the rest of P's workspace: nh_gather's
+ * part, then the sums' and the selection's) given. Its shared writes end with a barrier. */
+static void nh_region(const nh_geom_t *gp, const nh_plan_t *P, const ispc_nhwc_layer_t *L,
+                      const float *x, const float *scale, int64_t saliency, int64_t mode,
+                      float threshold, int64_t k, int64_t *counts, float *out, const float *res,
+                      float lo, float hi, const ispc_sums_t *sums, const float *zeros, float *w) {
+    const nh_geom_t g = *gp;
+    const int64_t N = g.N, H = g.H, W = g.W;
     const int64_t C = L->C, HW = H * W, out_n = g.Ho * g.Wo * L->cout, cs = g.cob * g.nr;
     const int clamp = lo != lo ? NH_GELU : lo > -__builtin_inff() || hi < __builtin_inff();
-    float *zeros = ws, *w = ws + P.zeros + P.gather;
-    memset(zeros, 0, sizeof(float) * P.zeros);
-    float *xg = ws + P.zeros, *wg = xg + (HW * C + 15) / 16 * 16;  /* P.gather: nh_gather's */
-    double *ysums = P.sums ? (double *)w : 0;
+    float *xg = w, *wg = xg + (HW * C + 15) / 16 * 16;  /* P->gather: nh_gather's */
+    w += P->gather;
+    double *ysums = P->sums ? (double *)w : 0;
     const int ykind = sums ? (int)sums->out_kind : SAL_L2;
-    w += P.sums;
+    w += P->sums;
     const float *xsums = sums ? sums->in : 0;
     int32_t *ix = (int32_t *)w;
     int64_t *cnt = (int64_t *)(w + (N * C + 15) / 16 * 16);
     float *s = (float *)(cnt + N), *tmp = s + N * C, *part = tmp + 3 * N * C;
     const int dense = mode == NHWC_DENSE;
-    #pragma omp parallel num_threads(threads)
-    for (int64_t n0 = 0; n0 < N; n0 += P.chunk) {
-        const int64_t m = n0 + P.chunk < N ? P.chunk : N - n0;
+    for (int64_t n0 = 0; n0 < N; n0 += P->chunk) {
+        const int64_t m = n0 + P->chunk < N ? P->chunk : N - n0;
         const float *xc = x + n0 * HW * C;
         float *oc = out + n0 * out_n;
         const float *rc = res ? res + n0 * out_n : 0;
@@ -1948,7 +1939,7 @@ int64_t ispc_conv_nhwc(const ispc_nhwc_layer_t *L, const float *x, int64_t N, in
         if (!dense)
             nh_select(xc, m, HW, C, scale, saliency, mode, threshold, k, ix, cnt, part, s, tmp,
                       xsums ? xsums + n0 * C : 0);
-        if (P.gather) {  /* instance by instance, see NH_GATHER_POSITIONS */
+        if (P->gather) {  /* instance by instance, see NH_GATHER_POSITIONS */
             for (int64_t i = 0; i < m; i++) {
                 const int64_t K = cnt[i];
                 nh_geom_t gi = g;
@@ -1980,6 +1971,28 @@ int64_t ispc_conv_nhwc(const ispc_nhwc_layer_t *L, const float *x, int64_t N, in
         if (counts && !dense)
             for (int64_t i = 0; i < m; i++) counts[n0 + i] = cnt[i];
     }
+}
+
+/* The layer on x (N, H, W, C) float32 channels-last: out (N, Ho, Wo, cout) = clamp(conv(x masked
+ * to each instance's kept channels) + bias + res, lo, hi), res (NULL: none) of the output's shape;
+ * lo = hi = NaN: the exact GELU instead of the clamp (NH_GELU). mode: MODE_TOPK (k channels), MODE_THRESHOLD (saliency >= threshold) or NHWC_DENSE (all).
+ * counts (N,) receives each instance's kept count (NULL: not wanted); sums (NULL: none) the
+ * input's saliency sums and/or where the output's go. Returns 0, or the workspace (floats) it
+ * needs when ws_floats is smaller (nothing computed). */
+int64_t ispc_conv_nhwc(const ispc_nhwc_layer_t *L, const float *x, int64_t N, int64_t H, int64_t W,
+                       const float *scale, int64_t saliency, int64_t mode, float threshold, int64_t k,
+                       int64_t *counts, float *out, const float *res, float lo, float hi,
+                       const ispc_sums_t *sums, float *ws, int64_t ws_floats, int64_t threads) {
+    nh_geom_t g;
+    nh_geometry(&g, L, N, H, W);
+    nh_plan_t P;
+    nh_plan(&P, &g, mode, k, sums, threads);
+    if (P.total > ws_floats) return P.total;
+    g.stream = nh_stream(&g, out, res);
+    memset(ws, 0, sizeof(float) * P.zeros);
+    #pragma omp parallel num_threads(threads)
+    nh_region(&g, &P, L, x, scale, saliency, mode, threshold, k, counts, out, res, lo, hi, sums, ws,
+              ws + P.zeros);
     return 0;
 }
 
@@ -2123,12 +2136,14 @@ static vf dw_row_any(const float *const rows[3], int64_t W, int64_t Wo, int64_t 
  * the output's shape; sums (NULL: none): sums->out receives the output's saliency sums (sums->in
  * is not read). Threads split the output rows of the batch. Returns 0, or the workspace (floats) it
  * needs when ws_floats is smaller (nothing computed). */
-int64_t ispc_dwconv3x3_nhwc(const float *x, int64_t N, int64_t H, int64_t W, int64_t C, const float *w,
-                            const float *bias, int64_t s, int64_t p, float *out, const float *res,
-                            float lo, float hi, const ispc_sums_t *sums, float *ws, int64_t ws_floats,
-                            int64_t threads) {
-    const int64_t need = sums && sums->out ? 2 * threads * N * C + 64 : 0;
-    if (need > ws_floats) return need;
+static int64_t dw_workspace(int64_t N, int64_t C, const ispc_sums_t *sums, int64_t threads) {
+    return sums && sums->out ? 2 * threads * N * C + 64 : 0;
+}
+
+/* ispc_dwconv3x3_nhwc's work inside a parallel region, ws its workspace; ends with a barrier. */
+static void dw_region(const float *x, int64_t N, int64_t H, int64_t W, int64_t C, const float *w,
+                      const float *bias, int64_t s, int64_t p, float *out, const float *res,
+                      float lo, float hi, const ispc_sums_t *sums, float *ws) {
     const int64_t Ho = conv_out(H, 3, s, p, 1), Wo = conv_out(W, 3, s, p, 1);
     const int clamp = lo > -__builtin_inff() || hi < __builtin_inff();
     const int ykind = sums && sums->out ? (int)sums->out_kind : -1;
@@ -2137,7 +2152,6 @@ int64_t ispc_dwconv3x3_nhwc(const float *x, int64_t N, int64_t H, int64_t W, int
     int64_t a = (p + s - 1) / s, b = W - 3 + p >= 0 ? (W - 3 + p) / s + 1 : 0;
     a = a > Wo ? Wo : a;
     b = b < a ? a : b > Wo ? Wo : b;
-    #pragma omp parallel num_threads(threads) if (ysums || N * Ho * Wo * C >= (1 << 14))
     {
         double *yrow = ysums ? ysums + (int64_t)omp_get_thread_num() * N * C : 0;
         if (yrow) memset(yrow, 0, sizeof(double) * N * C);
@@ -2176,6 +2190,17 @@ int64_t ispc_dwconv3x3_nhwc(const float *x, int64_t N, int64_t H, int64_t W, int
             }
         if (ysums) reduce_sums(ysums, omp_get_num_threads(), N, C, C, sums->out);
     }
+}
+
+int64_t ispc_dwconv3x3_nhwc(const float *x, int64_t N, int64_t H, int64_t W, int64_t C, const float *w,
+                            const float *bias, int64_t s, int64_t p, float *out, const float *res,
+                            float lo, float hi, const ispc_sums_t *sums, float *ws, int64_t ws_floats,
+                            int64_t threads) {
+    const int64_t need = dw_workspace(N, C, sums, threads);
+    if (need > ws_floats) return need;
+    const int64_t Ho = conv_out(H, 3, s, p, 1), Wo = conv_out(W, 3, s, p, 1);
+    #pragma omp parallel num_threads(threads) if ((sums && sums->out) || N * Ho * Wo * C >= (1 << 14))
+    dw_region(x, N, H, W, C, w, bias, s, p, out, res, lo, hi, sums, ws);
     return 0;
 }
 
@@ -2195,14 +2220,13 @@ static inline float pool_max1(float a, float b) { return (a > b || a != a) ? a :
  * selected) of src (N, H, W, C), lo, hi); floor-mode output size, no dilation; every window holds
  * at least one input position (padding below the kernel, as max_pool2d requires). Threads split
  * output rows. */
-int64_t ispc_maxpool_nhwc(const float *src, int64_t N, int64_t H, int64_t W, int64_t C, int64_t kh,
-                          int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw, float lo,
-                          float hi, float *dst, int64_t threads) {
+static void maxpool_region(const float *src, int64_t N, int64_t H, int64_t W, int64_t C, int64_t kh,
+                           int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw, float lo,
+                           float hi, float *dst) {
     const int64_t Ho = (H + 2 * ph - kh) / sh + 1, Wo = (W + 2 * pw - kw) / sw + 1;
     const int clamp = lo > -__builtin_inff() || hi < __builtin_inff();
     const int64_t CV = C / VW * VW;
-    #pragma omp parallel for collapse(2) num_threads(threads) schedule(static) \
-        if (N * Ho * Wo * C >= (1 << 15))
+    #pragma omp for collapse(2) schedule(static)
     for (int64_t n = 0; n < N; n++)
         for (int64_t oh = 0; oh < Ho; oh++) {
             const int64_t ih0 = oh * sh - ph;
@@ -2228,18 +2252,24 @@ int64_t ispc_maxpool_nhwc(const float *src, int64_t N, int64_t H, int64_t W, int
                 }
             }
         }
+}
+
+int64_t ispc_maxpool_nhwc(const float *src, int64_t N, int64_t H, int64_t W, int64_t C, int64_t kh,
+                          int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw, float lo,
+                          float hi, float *dst, int64_t threads) {
+    const int64_t Ho = (H + 2 * ph - kh) / sh + 1, Wo = (W + 2 * pw - kw) / sw + 1;
+    #pragma omp parallel num_threads(threads) if (N * Ho * Wo * C >= (1 << 15))
+    maxpool_region(src, N, H, W, C, kh, kw, sh, sw, ph, pw, lo, hi, dst);
     return 0;
 }
 
 /* dst (N, C) = the mean over the HW positions of src (N, HW, C): a global average pool (the
  * classifier's input), float sums over positions in order, divided by HW. Threads split (instance,
  * block of channels) only for large maps: on a small one, waking them costs more than the pass. */
-int64_t ispc_avgpool_global_nhwc(const float *src, int64_t N, int64_t HW, int64_t C, float *dst,
-                                 int64_t threads) {
+static void avgpool_region(const float *src, int64_t N, int64_t HW, int64_t C, float *dst) {
     const int64_t CB = 4 * VW, blocks = (C + CB - 1) / CB;
     const float div = (float)HW;
-    #pragma omp parallel for collapse(2) num_threads(threads) schedule(static) \
-        if (N * HW * C >= (1 << 18))
+    #pragma omp for collapse(2) schedule(static)
     for (int64_t n = 0; n < N; n++)
         for (int64_t b = 0; b < blocks; b++) {
             const int64_t c0 = b * CB, c1 = c0 + CB < C ? c0 + CB : C;
@@ -2257,6 +2287,12 @@ int64_t ispc_avgpool_global_nhwc(const float *src, int64_t N, int64_t HW, int64_
                 }
             }
         }
+}
+
+int64_t ispc_avgpool_global_nhwc(const float *src, int64_t N, int64_t HW, int64_t C, float *dst,
+                                 int64_t threads) {
+    #pragma omp parallel num_threads(threads) if (N * HW * C >= (1 << 18))
+    avgpool_region(src, N, HW, C, dst);
     return 0;
 }
 
@@ -2265,11 +2301,8 @@ int64_t ispc_avgpool_global_nhwc(const float *src, int64_t N, int64_t HW, int64_
  * position's C values gathered from C planes, read and written once in order. (PyTorch's copy took
  * 0.075-0.083 ms for a 3x224x224 image inside a compiled model, 2-core Xeon.) Threads split the
  * positions. */
-int64_t ispc_nchw_to_nhwc(const float *src, int64_t N, int64_t C, int64_t HW, float *dst,
-                          int64_t threads) {
-    if (C > 16) return 1;
-    #pragma omp parallel for collapse(2) num_threads(threads) schedule(static) \
-        if (N * C * HW >= (1 << 16))
+static void to_nhwc_region(const float *src, int64_t N, int64_t C, int64_t HW, float *dst) {
+    #pragma omp for collapse(2) schedule(static)
     for (int64_t n = 0; n < N; n++)
         for (int64_t b = 0; b < (HW + 1023) / 1024; b++) {
             const int64_t p0 = b * 1024, p1 = p0 + 1024 < HW ? p0 + 1024 : HW;
@@ -2286,6 +2319,13 @@ int64_t ispc_nchw_to_nhwc(const float *src, int64_t N, int64_t C, int64_t HW, fl
                     for (int64_t c = 0; c < C; c++) d[p * C + c] = s[c * HW + p];
             }
         }
+}
+
+int64_t ispc_nchw_to_nhwc(const float *src, int64_t N, int64_t C, int64_t HW, float *dst,
+                          int64_t threads) {
+    if (C > 16) return 1;
+    #pragma omp parallel num_threads(threads) if (N * C * HW >= (1 << 16))
+    to_nhwc_region(src, N, C, HW, dst);
     return 0;
 }
 
@@ -2293,7 +2333,12 @@ int64_t ispc_nchw_to_nhwc(const float *src, int64_t N, int64_t C, int64_t HW, fl
  * A compiled model's layers run from Python one call each cost more than the kernels of a small
  * model at batch 1 (MobileNetV2 on 16x16 inputs took 1.7 ms in 52 layer calls). ispc_run_ops runs
  * a prepared list of the entries above in order, maps in slots (pointers the caller fills), with
- * the same arguments the per-layer calls pass: the same results. native_plan.py builds the list. */
+ * the same arguments the per-layer calls pass: the same results. native_plan.py builds the list.
+ * All ops run in one parallel region, each as the work-sharing loops of its entry's own region
+ * (every op ends with a barrier): one fork/join per call, not one per op.
+ * A run of consecutive ops with the same chunk (0 < chunk < N) runs chunk instances at a time
+ * through all of its ops, so that the maps between them stay in cache (each op then computes as
+ * its own call on those instances would: the same results as the per-layer calls per chunk). */
 #define OP_CONV 0     /* ispc_conv_nhwc */
 #define OP_DW 1       /* ispc_dwconv3x3_nhwc */
 #define OP_AVGPOOL 2  /* ispc_avgpool_global_nhwc */
@@ -2310,44 +2355,136 @@ typedef struct {
     int64_t saliency, mode, k;
     float threshold, lo, hi;
     int64_t sums_in, sums_out, sums_kind;  /* slots of (N, C) / (N, cout) sums; -1: none */
+    int64_t chunk;                       /* instances per pass (0: all N at once) */
+    int64_t local;                       /* OP_LOCAL_*: slots holding one chunk's maps */
 } ispc_op_t;
 
-/* Runs ops[0, n) on slots; returns 0, or the workspace (floats) the first op that needs more than
- * ws_floats asks for (ops before it have run: call again with a larger workspace). */
+/* an op's x, out or res slot holds one chunk's instances only (a map made and used inside one
+ * chunked run: the same buffer for every chunk, so that it stays in cache) */
+#define OP_LOCAL_X 1
+#define OP_LOCAL_OUT 2
+#define OP_LOCAL_RES 4
+
+/* the op's output map per instance: positions and channels */
+static void op_out(const ispc_op_t *o, int64_t *hw, int64_t *c) {
+    switch (o->kind) {
+    case OP_CONV: {
+        const ispc_nhwc_layer_t *L = o->layer;
+        *hw = conv_out(o->H, L->kh, L->sh, L->ph, L->dh) * conv_out(o->W, L->kw, L->sw, L->pw, L->dw);
+        *c = L->cout;
+        return;
+    }
+    case OP_DW:
+        *hw = conv_out(o->H, 3, o->sh, o->ph, 1) * conv_out(o->W, 3, o->sh, o->ph, 1);
+        break;
+    case OP_AVGPOOL:
+        *hw = 1;
+        break;
+    case OP_MAXPOOL:
+        *hw = ((o->H + 2 * o->ph - o->kh) / o->sh + 1) * ((o->W + 2 * o->pw - o->kw) / o->sw + 1);
+        break;
+    default:
+        *hw = o->H * o->W;
+    }
+    *c = o->C;
+}
+
+/* per-op seconds added by ispc_run_ops (NULL: not timed): a profiling aid, one caller at a time */
+static double *op_times;
+
+void ispc_run_ops_times(double *times) { op_times = times; }
+
+/* Instances [n0, n0 + m) of op o in the caller's parallel region: zeros (zero floats, at least the
+ * op's), ws its workspace. Ends with a barrier. */
+static void op_region(const ispc_op_t *o, float *const *slots, int64_t n0, int64_t m,
+                      const float *zeros, float *ws, int64_t threads) {
+    int64_t ohw, oc;
+    op_out(o, &ohw, &oc);
+    const int64_t xn = o->H * o->W * o->C, on = ohw * oc;
+    const float *x = slots[o->x] + (o->local & OP_LOCAL_X ? 0 : n0 * xn);
+    const float *res = o->res >= 0 ? slots[o->res] + (o->local & OP_LOCAL_RES ? 0 : n0 * on) : 0;
+    float *out = slots[o->out] + (o->local & OP_LOCAL_OUT ? 0 : n0 * on);
+    const ispc_sums_t sums = {o->sums_in >= 0 ? slots[o->sums_in] + n0 * o->C : 0,
+                              o->sums_out >= 0 ? slots[o->sums_out] + n0 * oc : 0, o->sums_kind};
+    const ispc_sums_t *sp = o->sums_in >= 0 || o->sums_out >= 0 ? &sums : 0;
+    switch (o->kind) {
+    case OP_CONV: {
+        nh_geom_t g;
+        nh_geometry(&g, o->layer, m, o->H, o->W);
+        nh_plan_t P;
+        nh_plan(&P, &g, o->mode, o->k, sp, threads);
+        g.stream = nh_stream(&g, out, res);
+        nh_region(&g, &P, o->layer, x, o->scale, o->saliency, o->mode, o->threshold, o->k, 0, out,
+                  res, o->lo, o->hi, sp, zeros, ws);
+        break;
+    }
+    case OP_DW:
+        dw_region(x, m, o->H, o->W, o->C, o->w, o->bias, o->sh, o->ph, out, res, o->lo, o->hi, sp, ws);
+        break;
+    case OP_AVGPOOL:
+        avgpool_region(x, m, o->H * o->W, o->C, out);
+        break;
+    case OP_TO_NHWC:
+        to_nhwc_region(x, m, o->C, o->H * o->W, out);
+        break;
+    case OP_MAXPOOL:
+        maxpool_region(x, m, o->H, o->W, o->C, o->kh, o->kw, o->sh, o->sw, o->ph, o->pw, o->lo, o->hi,
+                       out);
+        break;
+    }
+}
+
+/* Runs ops[0, n) on slots; returns 0, or (nothing run) the workspace (floats) they need when
+ * ws_floats is smaller; -1 for an op it does not know. */
 int64_t ispc_run_ops(const ispc_op_t *ops, int64_t n, float *const *slots, float *ws,
                      int64_t ws_floats, int64_t threads) {
+    int64_t zmax = 0, rmax = 0;  /* the conv's zero floats; every op's workspace besides */
     for (int64_t i = 0; i < n; i++) {
         const ispc_op_t *o = &ops[i];
-        const float *x = slots[o->x], *res = o->res >= 0 ? slots[o->res] : 0;
-        float *out = slots[o->out];
-        ispc_sums_t sums = {o->sums_in >= 0 ? slots[o->sums_in] : 0,
-                            o->sums_out >= 0 ? slots[o->sums_out] : 0, o->sums_kind};
-        const ispc_sums_t *sp = o->sums_in >= 0 || o->sums_out >= 0 ? &sums : 0;
-        int64_t need = 0;
-        switch (o->kind) {
-        case OP_CONV:
-            need = ispc_conv_nhwc(o->layer, x, o->N, o->H, o->W, o->scale, o->saliency, o->mode,
-                                  o->threshold, o->k, 0, out, res, o->lo, o->hi, sp, ws, ws_floats,
-                                  threads);
-            break;
-        case OP_DW:
-            need = ispc_dwconv3x3_nhwc(x, o->N, o->H, o->W, o->C, o->w, o->bias, o->sh, o->ph, out,
-                                       res, o->lo, o->hi, sp, ws, ws_floats, threads);
-            break;
-        case OP_AVGPOOL:
-            need = ispc_avgpool_global_nhwc(x, o->N, o->H * o->W, o->C, out, threads);
-            break;
-        case OP_TO_NHWC:
-            need = ispc_nchw_to_nhwc(x, o->N, o->C, o->H * o->W, out, threads);
-            break;
-        case OP_MAXPOOL:
-            need = ispc_maxpool_nhwc(x, o->N, o->H, o->W, o->C, o->kh, o->kw, o->sh, o->sw, o->ph,
-                                     o->pw, o->lo, o->hi, out, threads);
-            break;
-        default:
+        const int64_t m = o->chunk > 0 && o->chunk < o->N ? o->chunk : o->N;
+        if (o->kind == OP_CONV) {
+            const ispc_sums_t sums = {o->sums_in >= 0 ? ws : 0, o->sums_out >= 0 ? ws : 0,
+                                      o->sums_kind};
+            nh_geom_t g;
+            nh_geometry(&g, o->layer, m, o->H, o->W);
+            nh_plan_t P;
+            nh_plan(&P, &g, o->mode, o->k, o->sums_in >= 0 || o->sums_out >= 0 ? &sums : 0, threads);
+            zmax = P.zeros > zmax ? P.zeros : zmax;
+            rmax = P.total - P.zeros > rmax ? P.total - P.zeros : rmax;
+        } else if (o->kind == OP_DW) {
+            const ispc_sums_t sums = {0, o->sums_out >= 0 ? ws : 0, o->sums_kind};
+            const int64_t need = dw_workspace(m, o->C, &sums, threads);
+            rmax = need > rmax ? need : rmax;
+        } else if (o->kind < 0 || o->kind > OP_MAXPOOL || (o->kind == OP_TO_NHWC && o->C > 16)) {
             return -1;
         }
-        if (need > 0) return need;
+    }
+    if (zmax + rmax > ws_floats) return zmax + rmax;
+    memset(ws, 0, sizeof(float) * zmax);
+    double *times = op_times;
+    #pragma omp parallel num_threads(threads)
+    {
+        double t0 = times ? omp_get_wtime() : 0.0;
+        for (int64_t i = 0; i < n;) {
+            const int64_t N = ops[i].N, c = ops[i].chunk;
+            int64_t j = i + 1;
+            if (c > 0 && c < N)
+                while (j < n && ops[j].chunk == c && ops[j].N == N) j++;
+            const int64_t m = c > 0 && c < N ? c : N;
+            for (int64_t n0 = 0; n0 < N; n0 += m)
+                for (int64_t k = i; k < j; k++) {
+                    op_region(&ops[k], slots, n0, n0 + m < N ? m : N - n0, ws, ws + zmax, threads);
+                    if (times) {
+                        #pragma omp master
+                        {
+                            const double t1 = omp_get_wtime();
+                            times[k] += t1 - t0;
+                            t0 = t1;
+                        }
+                    }
+                }
+            i = j;
+        }
     }
     return 0;
 }

@@ -63,6 +63,39 @@ def test_runner_equals_the_per_layer_graph(mobilenet, shape):
     assert _served(mobilenet, x)
 
 
+@pytest.mark.parametrize("budget", [1, 100_000])
+def test_chunked_runs_equal_the_per_layer_graph_chunk_by_chunk(mobilenet, monkeypatch, budget):
+    """A batch whose maps exceed the chunk budget runs chunk by chunk (the maps between the ops
+    of a run in chunk-sized buffers): each chunk as the per-layer layers on those instances."""
+    monkeypatch.setenv("ISPC_CHUNK_BYTES", str(budget))
+    prog = _runner(mobilenet)._programs[0]
+    seen, image = [], torch.randn(5, 3, 32, 32)
+    hook = prog.register_forward_pre_hook(lambda mod, args: seen.append(args[0].clone(
+        memory_format=torch.preserve_format)))
+    try:
+        with torch.no_grad():
+            mobilenet(image)
+    finally:
+        hook.remove()
+    x, = seen  # the program's input
+    prog._plans.clear()
+    with torch.no_grad():
+        got = prog(x)
+        assert torch.equal(prog(x), got)  # the plan's buffers reused
+        (_, plan), = prog._plans.values()
+        chunks = plan.program.chunks()
+        assert any(0 < c < 5 for c in chunks) and chunks == sorted(chunks, key=lambda m: m or 5)
+        if budget == 1:  # one instance at a time throughout: the layers on each alone
+            assert set(chunks) == {1}
+            want = torch.cat([prog._layers(x[i:i + 1]) for i in range(5)])
+            assert torch.equal(got, want)
+        # against the whole batch at once: the same up to the sums' rounding (the selection
+        # reads saliency sums added in another order)
+        ref = prog._layers(x)
+        assert (got - ref).abs().max() <= 1e-4 * ref.abs().max()
+        assert torch.allclose(mobilenet(image), mobilenet.graph_module(image), rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("mode", ["topk", "threshold"])
 def test_runner_on_residual_networks_and_threshold_gates(mode):
     torch.manual_seed(1)

@@ -55,6 +55,79 @@ def test_a_chain_equals_its_layers_called_one_by_one():
         assert torch.equal(bufs[7], sums)
 
 
+def test_chunked_runs_on_the_avx2_build(avx2_native):
+    test_a_chain_equals_its_layers_called_one_by_one()
+    test_chunked_runs_equal_their_layers_chunk_by_chunk()
+
+
+def test_chunked_runs_equal_their_layers_chunk_by_chunk():
+    """Ops 0-3 one instance at a time (the maps between them in one-instance buffers), ops 4-5
+    two at a time: each chunk as the layers' own calls on it."""
+    g = torch.Generator().manual_seed(1)
+    n, h, w = 4, 12, 10
+    x = torch.randn(n, 3, h, w, generator=g)
+    stem = native.NhwcConv(torch.randn(16, 3, 3, 3, generator=g), torch.randn(16, generator=g), 1, 1)
+    dw = native.DepthwiseConv3x3(torch.randn(16, 1, 3, 3, generator=g), torch.randn(16, generator=g))
+    pw = native.NhwcConv(torch.randn(16, 16, 1, 1, generator=g), torch.randn(16, generator=g))
+    scale = torch.rand(16, generator=g) + 0.5
+
+    want = {k: [] for k in "def"}
+    sums = torch.empty(n, 16)
+    for i in range(n):
+        a = native.to_channels_last(x[i:i + 1])
+        b = stem(a, clamp=native.RELU6)
+        c = dw(b, clamp=native.RELU6, out_sums=sums[i:i + 1], out_sums_kind=gc.SALIENCY_L2)
+        want["d"].append(pw(c, gc.TOPK, scale=scale, k=7, residual=b, x_sums=sums[i:i + 1]))
+    d = torch.cat(want["d"])
+    for i in range(0, n, 2):
+        want["e"].append(native.maxpool_nhwc(d[i:i + 2], (2, 2), (2, 2), (0, 0)))
+        want["f"].append(native.avgpool_global_nhwc(want["e"][-1]))
+    e, f = torch.cat(want["e"]), torch.cat(want["f"])
+
+    prog = native.OpProgram()
+    prog.add_to_channels_last(0, 1, (n, 3, h, w))
+    prog.add_conv(stem, 1, 2, (n, 3, h, w), clamp=native.RELU6)
+    prog.add_depthwise(dw, 2, 3, (n, 16, h, w), clamp=native.RELU6, sums_out=7)
+    prog.add_conv(pw, 3, 4, (n, 16, h, w), gc.TOPK, scale, 0.0, 7, gc.SALIENCY_L2, res=2, sums_in=7)
+    prog.add_maxpool(4, 5, (n, 16, h, w), (2, 2), (2, 2), (0, 0))
+    prog.add_avgpool_global(5, 6, (n, 16, h // 2, w // 2))
+    for i, local in enumerate([("out",), ("x", "out"), ("x", "out"), ("x", "res")]):
+        prog.set_chunk(i, 1, local)
+    prog.set_chunk(4, 2)
+    prog.set_chunk(5, 2)
+    assert prog.chunks() == [1, 1, 1, 1, 2, 2]
+    one = [torch.empty(3 * h * w), torch.empty(16 * h * w), torch.empty(16 * h * w)]  # a, b, c
+    bufs = [x, *one, torch.empty_like(d), torch.empty_like(e), torch.empty_like(f), torch.empty(n, 16)]
+    slots = native.OpProgram.slot_array(len(bufs))
+    for i, t in enumerate(bufs):
+        slots[i] = t.data_ptr()
+    for _ in range(2):
+        prog.run(slots)
+        assert torch.equal(bufs[4], d) and torch.equal(bufs[5], e) and torch.equal(bufs[6], f)
+        assert torch.equal(bufs[7], sums)
+    with pytest.raises(native.ConfigError, match="local"):
+        prog.set_chunk(0, 1, ("y",))
+
+
+def test_per_op_times_add_up():
+    g = torch.Generator().manual_seed(2)
+    dw = native.DepthwiseConv3x3(torch.randn(8, 1, 3, 3, generator=g))
+    x = _nhwc(torch.randn(2, 8, 9, 9, generator=g))
+    prog = native.OpProgram()
+    prog.add_depthwise(dw, 0, 1, (2, 8, 9, 9))
+    prog.add_avgpool_global(1, 2, (2, 8, 9, 9))
+    out, pooled = torch.empty_like(x), torch.empty(2, 8)
+    slots = native.OpProgram.slot_array(3)
+    for i, t in enumerate((x, out, pooled)):
+        slots[i] = t.data_ptr()
+    times = torch.zeros(2, dtype=torch.float64)
+    prog.run(slots, times)
+    assert (times > 0).all() and times.sum() < 10
+    assert torch.equal(out, dw(x)) and torch.equal(pooled, native.avgpool_global_nhwc(out).reshape(2, 8))
+    with pytest.raises(native.DataError, match="float64"):
+        prog.run(slots, torch.zeros(3, dtype=torch.float64))
+
+
 def test_to_channels_last_refuses_many_channels():
     with pytest.raises(native.ConfigError, match="at most"):
         native.OpProgram().add_to_channels_last(0, 1, (1, 64, 4, 4))
