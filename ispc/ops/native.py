@@ -890,10 +890,10 @@ class _Op(ctypes.Structure):
                 + [("scale", _ptr), ("saliency", _i64), ("mode", _i64), ("k", _i64),
                    ("threshold", ctypes.c_float), ("lo", ctypes.c_float), ("hi", ctypes.c_float),
                    ("sums_in", _i64), ("sums_out", _i64), ("sums_kind", _i64), ("chunk", _i64),
-                   ("local", _i64)])
+                   ("local", _i64), ("lo2", ctypes.c_float), ("hi2", ctypes.c_float)])
 
 
-_OP_CONV, _OP_DW, _OP_AVGPOOL, _OP_TO_NHWC, _OP_MAXPOOL = range(5)
+_OP_CONV, _OP_DW, _OP_AVGPOOL, _OP_TO_NHWC, _OP_MAXPOOL, _OP_EXPAND_DW = range(6)
 _LOCAL = {"x": 1, "out": 2, "res": 4}  # OP_LOCAL_*
 
 
@@ -943,6 +943,28 @@ class OpProgram:
         self._add(_OP_DW, x, out, shape, w=layer.packed.data_ptr(), bias=layer.bias.data_ptr(),
                   sh=layer.stride, ph=layer.padding, res=res, lo=clamp[0], hi=clamp[1],
                   sums_out=sums_out, sums_kind=sums_kind)
+
+    def add_expand_dw(self, layer: NhwcConv, dw: DepthwiseConv3x3, x: int, out: int, shape,
+                      mode: int = DENSE, scale: Tensor | None = None, threshold: float = 0.0,
+                      k: int = 0, saliency: int = 0, clamp: tuple[float, float] = NO_CLAMP,
+                      dw_clamp: tuple[float, float] = NO_CLAMP, res: int = -1, sums_in: int = -1,
+                      sums_out: int = -1, sums_kind: int = 0) -> None:
+        """A 1x1 convolution (``layer``: stride 1, no padding, as :meth:`add_conv` without a
+        residual or output sums) and the depthwise layer ``dw`` on its output (as
+        :meth:`add_depthwise`: ``res``, ``sums_out``) in one op: the expanded map stays in each
+        thread's cache, never written whole. Same results as the two ops."""
+        if (layer.kernel, layer.stride, layer.padding, layer.dilation) != ((1, 1), (1, 1), (0, 0), (1, 1)):
+            raise ConfigError("add_expand_dw takes a 1x1 convolution of stride 1 without padding")
+        if dw.channels != layer.cout:
+            raise ConfigError(f"the depthwise layer has {dw.channels} channels, the 1x1 layer gives "
+                              f"{layer.cout}")
+        self._keep += [layer, dw, scale]
+        self._add(_OP_EXPAND_DW, x, out, shape, layer=ctypes.addressof(layer._struct),
+                  scale=None if mode == DENSE else scale.data_ptr(), saliency=saliency, mode=mode,
+                  k=k, threshold=threshold, res=res, lo=clamp[0], hi=clamp[1],
+                  sums_in=sums_in if mode != DENSE else -1, sums_out=sums_out, sums_kind=sums_kind,
+                  w=dw.packed.data_ptr(), bias=dw.bias.data_ptr(), sh=dw.stride, ph=dw.padding,
+                  lo2=dw_clamp[0], hi2=dw_clamp[1])
 
     def add_avgpool_global(self, x: int, out: int, shape) -> None:
         """:func:`avgpool_global_nhwc`."""

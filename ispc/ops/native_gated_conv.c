@@ -2132,15 +2132,55 @@ static vf dw_row_any(const float *const rows[3], int64_t W, int64_t Wo, int64_t 
     return sq;
 }
 
-/* The depthwise layer on x (N, H, W, C) channels-last -> out (N, Ho, Wo, C); res (NULL: none) of
- * the output's shape; sums (NULL: none): sums->out receives the output's saliency sums (sums->in
- * is not read). Threads split the output rows of the batch. Returns 0, or the workspace (floats) it
- * needs when ws_floats is smaller (nothing computed). */
 static int64_t dw_workspace(int64_t N, int64_t C, const ispc_sums_t *sums, int64_t threads) {
     return sums && sums->out ? 2 * threads * N * C + 64 : 0;
 }
 
-/* ispc_dwconv3x3_nhwc's work inside a parallel region, ws its workspace; ends with a barrier. */
+/* One output row of the depthwise layer (all its channels) from its three input rows (NULL: in
+ * the padding); a, b: its columns whose taps are all inside the row. Output sums added into yrow
+ * (NULL: none). */
+static void dw_out_row(const float *const rows[3], int64_t W, int64_t Wo, int64_t C, const float *w,
+                       const float *bias, int64_t s, int64_t p, int64_t a, int64_t b, float *orow,
+                       const float *rrow, float lo, float hi, int clamp, double *yrow, int ykind) {
+    for (int64_t c0 = 0; c0 < C; c0 += VW) {
+        const int nl = C - c0 < VW ? (int)(C - c0) : VW, full = nl == VW;
+        vf wv[9], bv, sq;
+        for (int t = 0; t < 9; t++) wv[t] = dw_load(w + t * C + c0, full, nl);
+        bv = dw_load(bias + c0, full, nl);
+        if (s == 1 && full)
+            sq = dw_row(rows, W, Wo, C, c0, 1, VW, 1, p, a, b, wv, bv, orow, rrow, lo, hi, clamp, ykind);
+        else if (s == 2 && full)
+            sq = dw_row(rows, W, Wo, C, c0, 1, VW, 2, p, a, b, wv, bv, orow, rrow, lo, hi, clamp, ykind);
+        else if (s == 1)
+            sq = dw_row(rows, W, Wo, C, c0, 0, nl, 1, p, a, b, wv, bv, orow, rrow, lo, hi, clamp, ykind);
+        else if (s == 2)
+            sq = dw_row(rows, W, Wo, C, c0, 0, nl, 2, p, a, b, wv, bv, orow, rrow, lo, hi, clamp, ykind);
+        else
+            sq = dw_row_any(rows, W, Wo, C, c0, full, nl, s, p, wv, bv, orow, rrow, lo, hi, clamp,
+                            ykind);
+        if (yrow) add_lanes(yrow + c0, sq, nl);
+    }
+}
+
+/* output columns whose taps are all inside the row: [*a, *b) */
+static void dw_inside(int64_t W, int64_t Wo, int64_t s, int64_t p, int64_t *a, int64_t *b) {
+    int64_t x = (p + s - 1) / s, y = W - 3 + p >= 0 ? (W - 3 + p) / s + 1 : 0;
+    x = x > Wo ? Wo : x;
+    *a = x;
+    *b = y < x ? x : y > Wo ? Wo : y;
+}
+
+/* this thread's share [*r0, *r1) of n rows: contiguous, in thread order (as a static schedule),
+ * so that the fused expansion + depthwise op sums each row's terms on the thread that the
+ * depthwise layer's own call does */
+static void thread_rows(int64_t n, int64_t *r0, int64_t *r1) {
+    const int64_t T = omp_get_num_threads(), t = omp_get_thread_num(), q = n / T, rem = n % T;
+    *r0 = t * q + (t < rem ? t : rem);
+    *r1 = *r0 + q + (t < rem);
+}
+
+/* ispc_dwconv3x3_nhwc's work inside a parallel region, ws its workspace; ends with a barrier.
+ * Threads take contiguous runs of the batch's output rows. */
 static void dw_region(const float *x, int64_t N, int64_t H, int64_t W, int64_t C, const float *w,
                       const float *bias, int64_t s, int64_t p, float *out, const float *res,
                       float lo, float hi, const ispc_sums_t *sums, float *ws) {
@@ -2148,50 +2188,29 @@ static void dw_region(const float *x, int64_t N, int64_t H, int64_t W, int64_t C
     const int clamp = lo > -__builtin_inff() || hi < __builtin_inff();
     const int ykind = sums && sums->out ? (int)sums->out_kind : -1;
     double *ysums = ykind >= 0 ? (double *)ws : 0;
-    /* output columns whose taps are all inside the row: [a, b) */
-    int64_t a = (p + s - 1) / s, b = W - 3 + p >= 0 ? (W - 3 + p) / s + 1 : 0;
-    a = a > Wo ? Wo : a;
-    b = b < a ? a : b > Wo ? Wo : b;
-    {
-        double *yrow = ysums ? ysums + (int64_t)omp_get_thread_num() * N * C : 0;
-        if (yrow) memset(yrow, 0, sizeof(double) * N * C);
-        #pragma omp for collapse(2) schedule(static)
-        for (int64_t n = 0; n < N; n++)
-            for (int64_t oh = 0; oh < Ho; oh++) {
-                const float *rows[3];
-                for (int r = 0; r < 3; r++) {
-                    const int64_t ih = oh * s - p + r;
-                    rows[r] = ih >= 0 && ih < H ? x + (n * H + ih) * W * C : 0;
-                }
-                float *orow = out + (n * Ho + oh) * Wo * C;
-                const float *rrow = res ? res + (n * Ho + oh) * Wo * C : 0;
-                for (int64_t c0 = 0; c0 < C; c0 += VW) {
-                    const int nl = C - c0 < VW ? (int)(C - c0) : VW, full = nl == VW;
-                    vf wv[9], bv, sq;
-                    for (int t = 0; t < 9; t++) wv[t] = dw_load(w + t * C + c0, full, nl);
-                    bv = dw_load(bias + c0, full, nl);
-                    if (s == 1 && full)
-                        sq = dw_row(rows, W, Wo, C, c0, 1, VW, 1, p, a, b, wv, bv, orow, rrow, lo, hi,
-                                    clamp, ykind);
-                    else if (s == 2 && full)
-                        sq = dw_row(rows, W, Wo, C, c0, 1, VW, 2, p, a, b, wv, bv, orow, rrow, lo, hi,
-                                    clamp, ykind);
-                    else if (s == 1)
-                        sq = dw_row(rows, W, Wo, C, c0, 0, nl, 1, p, a, b, wv, bv, orow, rrow, lo, hi,
-                                    clamp, ykind);
-                    else if (s == 2)
-                        sq = dw_row(rows, W, Wo, C, c0, 0, nl, 2, p, a, b, wv, bv, orow, rrow, lo, hi,
-                                    clamp, ykind);
-                    else
-                        sq = dw_row_any(rows, W, Wo, C, c0, full, nl, s, p, wv, bv, orow, rrow, lo, hi,
-                                        clamp, ykind);
-                    if (yrow) add_lanes(yrow + n * C + c0, sq, nl);
-                }
-            }
-        if (ysums) reduce_sums(ysums, omp_get_num_threads(), N, C, C, sums->out);
+    int64_t a, b, r0, r1;
+    dw_inside(W, Wo, s, p, &a, &b);
+    double *yrow = ysums ? ysums + (int64_t)omp_get_thread_num() * N * C : 0;
+    if (yrow) memset(yrow, 0, sizeof(double) * N * C);
+    thread_rows(N * Ho, &r0, &r1);
+    for (int64_t r = r0; r < r1; r++) {
+        const int64_t n = r / Ho, oh = r % Ho;
+        const float *rows[3];
+        for (int q = 0; q < 3; q++) {
+            const int64_t ih = oh * s - p + q;
+            rows[q] = ih >= 0 && ih < H ? x + (n * H + ih) * W * C : 0;
+        }
+        dw_out_row(rows, W, Wo, C, w, bias, s, p, a, b, out + r * Wo * C,
+                   res ? res + r * Wo * C : 0, lo, hi, clamp, yrow ? yrow + n * C : 0, ykind);
     }
+    #pragma omp barrier
+    if (ysums) reduce_sums(ysums, omp_get_num_threads(), N, C, C, sums->out);
 }
 
+/* The depthwise layer on x (N, H, W, C) channels-last -> out (N, Ho, Wo, C); res (NULL: none) of
+ * the output's shape; sums (NULL: none): sums->out receives the output's saliency sums (sums->in
+ * is not read). Threads split the output rows of the batch. Returns 0, or the workspace (floats) it
+ * needs when ws_floats is smaller (nothing computed). */
 int64_t ispc_dwconv3x3_nhwc(const float *x, int64_t N, int64_t H, int64_t W, int64_t C, const float *w,
                             const float *bias, int64_t s, int64_t p, float *out, const float *res,
                             float lo, float hi, const ispc_sums_t *sums, float *ws, int64_t ws_floats,
@@ -2344,6 +2363,7 @@ int64_t ispc_nchw_to_nhwc(const float *src, int64_t N, int64_t C, int64_t HW, fl
 #define OP_AVGPOOL 2  /* ispc_avgpool_global_nhwc */
 #define OP_TO_NHWC 3  /* ispc_nchw_to_nhwc */
 #define OP_MAXPOOL 4  /* ispc_maxpool_nhwc */
+#define OP_EXPAND_DW 5  /* a 1x1 convolution (ispc_conv_nhwc) and the depthwise 3x3 that reads it */
 
 typedef struct {
     int64_t kind, x, out, res;           /* slots; res -1: none */
@@ -2357,6 +2377,7 @@ typedef struct {
     int64_t sums_in, sums_out, sums_kind;  /* slots of (N, C) / (N, cout) sums; -1: none */
     int64_t chunk;                       /* instances per pass (0: all N at once) */
     int64_t local;                       /* OP_LOCAL_*: slots holding one chunk's maps */
+    float lo2, hi2;                      /* OP_EXPAND_DW: the depthwise layer's clamp */
 } ispc_op_t;
 
 /* an op's x, out or res slot holds one chunk's instances only (a map made and used inside one
@@ -2377,6 +2398,10 @@ static void op_out(const ispc_op_t *o, int64_t *hw, int64_t *c) {
     case OP_DW:
         *hw = conv_out(o->H, 3, o->sh, o->ph, 1) * conv_out(o->W, 3, o->sh, o->ph, 1);
         break;
+    case OP_EXPAND_DW:
+        *hw = conv_out(o->H, 3, o->sh, o->ph, 1) * conv_out(o->W, 3, o->sh, o->ph, 1);
+        *c = o->layer->cout;
+        return;
     case OP_AVGPOOL:
         *hw = 1;
         break;
@@ -2393,6 +2418,119 @@ static void op_out(const ispc_op_t *o, int64_t *hw, int64_t *c) {
 static double *op_times;
 
 void ispc_run_ops_times(double *times) { op_times = times; }
+
+/* ---- a 1x1 expansion and the depthwise 3x3 after it, fused (MobileNetV2's blocks) --------------
+ * The expanded map (6x the block's channels; 4.8 MB at 112x112 for one image) never goes to
+ * memory: each thread takes the depthwise layer's output rows that its own call gives the thread
+ * (thread_rows) and walks them in groups, computing the expanded rows the group reads into a
+ * window of its own (rows the previous group also read are moved, not computed again) with the
+ * expansion's kernel (nh_conv, on those rows alone: the same values as on the whole map), then the
+ * group's output rows from the window. Gated expansions select each instance's channels first,
+ * all threads together (nh_select), as their own call does. Results equal the two layers' calls. */
+
+/* bytes of expanded rows a thread's window aims at (with the rows' inputs, in its L2) */
+#ifndef EXPAND_DW_WINDOW_BYTES
+#define EXPAND_DW_WINDOW_BYTES (384 << 10)
+#endif
+
+/* output rows per group and the window's rows for a depthwise layer of stride s on rows of
+ * rowf floats */
+static void xdw_window(int64_t rowf, int64_t s, int64_t *group, int64_t *rows) {
+    int64_t g = ((int64_t)EXPAND_DW_WINDOW_BYTES / (rowf * (int64_t)sizeof(float) + 1) - 3) / s + 1;
+    *group = g < 1 ? 1 : g;
+    *rows = (*group - 1) * s + 3;
+}
+
+typedef struct {
+    nh_plan_t P;       /* the expansion's workspace, as its own call (no output sums) */
+    int64_t group, rows, win, ysums;  /* floats: a thread's window, the output sums' doubles */
+} xdw_plan_t;
+
+static void xdw_plan(xdw_plan_t *X, const ispc_op_t *o, int64_t N, const ispc_sums_t *sums,
+                     int64_t threads) {
+    nh_geom_t g;
+    nh_geometry(&g, o->layer, N, o->H, o->W);
+    const ispc_sums_t in = {sums ? sums->in : 0, 0, 0};
+    nh_plan(&X->P, &g, o->mode, o->k, in.in ? &in : 0, threads);
+    xdw_window(o->W * o->layer->cout, o->sh, &X->group, &X->rows);
+    X->win = (X->rows * o->W * o->layer->cout + 15) / 16 * 16;
+    X->ysums = sums && sums->out ? (2 * threads * N * o->layer->cout + 15) / 16 * 16 : 0;
+}
+
+/* floats of workspace besides the zeros */
+static int64_t xdw_rest(const xdw_plan_t *X, int64_t threads) {
+    return (X->P.total - X->P.zeros + 15) / 16 * 16 + X->ysums + threads * X->win + 64;
+}
+
+static void expand_dw_region(const ispc_op_t *o, const float *x, int64_t N, float *out,
+                             const float *res, const ispc_sums_t *sums, const float *zeros,
+                             float *ws, int64_t threads) {
+    const ispc_nhwc_layer_t *L = o->layer;
+    xdw_plan_t X;
+    xdw_plan(&X, o, N, sums, threads);
+    const int64_t H = o->H, W = o->W, C = o->C, E = L->cout, s = o->sh, p = o->ph;
+    const int64_t Ho = conv_out(H, 3, s, p, 1), Wo = conv_out(W, 3, s, p, 1), rowf = W * E;
+    const int dense = o->mode == NHWC_DENSE;
+    const float lo = o->lo, hi = o->hi;
+    const int clamp = lo != lo ? NH_GELU : lo > -__builtin_inff() || hi < __builtin_inff();
+    const int clamp2 = o->lo2 > -__builtin_inff() || o->hi2 < __builtin_inff();
+    const int ykind = sums && sums->out ? (int)sums->out_kind : -1;
+    /* workspace: the selection's (as the expansion's call), the output sums, the windows */
+    float *w = ws;
+    int32_t *ix = (int32_t *)w;
+    int64_t *cnt = (int64_t *)(w + (N * C + 15) / 16 * 16);
+    float *sal = (float *)(cnt + N), *tmp = sal + N * C, *part = tmp + 3 * N * C;
+    const int64_t yoff = (X.P.total - X.P.zeros + 15) / 16 * 16;
+    double *ysums = ykind >= 0 ? (double *)(ws + yoff) : 0;
+    float *win = ws + yoff + X.ysums + omp_get_thread_num() * X.win;
+    if (!dense)
+        nh_select(x, N, H * W, C, o->scale, o->saliency, o->mode, o->threshold, o->k, ix, cnt, part,
+                  sal, tmp, sums ? sums->in : 0);
+    double *yrow = ysums ? ysums + (int64_t)omp_get_thread_num() * N * E : 0;
+    if (yrow) memset(yrow, 0, sizeof(double) * N * E);
+    int64_t a, b, r0, r1;
+    dw_inside(W, Wo, s, p, &a, &b);
+    thread_rows(N * Ho, &r0, &r1);
+    int64_t have_n = -1, have0 = 0, have1 = 0;  /* the window holds expanded rows [have0, have1) of have_n */
+    for (int64_t r = r0; r < r1;) {
+        const int64_t n = r / Ho, oh0 = r % Ho;
+        int64_t e1 = oh0 + X.group;  /* the group: output rows [oh0, e1) of instance n */
+        e1 = e1 > Ho ? Ho : e1;
+        e1 = e1 > oh0 + (r1 - r) ? oh0 + (r1 - r) : e1;
+        int64_t i0 = oh0 * s - p, i1 = (e1 - 1) * s - p + 3;  /* expanded rows read */
+        i0 = i0 < 0 ? 0 : i0;
+        i1 = i1 > H ? H : i1;
+        /* keep what the window has of [i0, i1) (its last rows), compute the rest */
+        int64_t k0 = i0;
+        if (have_n == n && have1 > i0 && have0 <= i0) {
+            memmove(win, win + (i0 - have0) * rowf, sizeof(float) * (have1 - i0) * rowf);
+            k0 = have1;
+        }
+        if (k0 < i1) {
+            nh_geom_t g;
+            nh_geometry(&g, L, 1, i1 - k0, W);
+            const float *xr = x + (n * H + k0) * W * C;
+            float *dst = win + (k0 - i0) * rowf;
+            #pragma omp parallel num_threads(1)
+            nh_conv(&g, L, xr, dense ? 0 : ix + n * C, dense ? 0 : cnt + n, dst, 0, lo, hi, clamp,
+                    zeros, 0, SAL_L2);
+        }
+        have_n = n; have0 = i0; have1 = i1;
+        for (int64_t oh = oh0; oh < e1; oh++) {
+            const float *rows[3];
+            for (int q = 0; q < 3; q++) {
+                const int64_t ih = oh * s - p + q;
+                rows[q] = ih >= 0 && ih < H ? win + (ih - i0) * rowf : 0;
+            }
+            const int64_t ro = (n * Ho + oh) * Wo * E;
+            dw_out_row(rows, W, Wo, E, o->w, o->bias, s, p, a, b, out + ro, res ? res + ro : 0,
+                       o->lo2, o->hi2, clamp2, yrow ? yrow + n * E : 0, ykind);
+        }
+        r += e1 - oh0;
+    }
+    #pragma omp barrier
+    if (ysums) reduce_sums(ysums, omp_get_num_threads(), N, E, E, sums->out);
+}
 
 /* Instances [n0, n0 + m) of op o in the caller's parallel region: zeros (zero floats, at least the
  * op's), ws its workspace. Ends with a barrier. */
@@ -2420,6 +2558,9 @@ static void op_region(const ispc_op_t *o, float *const *slots, int64_t n0, int64
     }
     case OP_DW:
         dw_region(x, m, o->H, o->W, o->C, o->w, o->bias, o->sh, o->ph, out, res, o->lo, o->hi, sp, ws);
+        break;
+    case OP_EXPAND_DW:
+        expand_dw_region(o, x, m, out, res, sp, zeros, ws, threads);
         break;
     case OP_AVGPOOL:
         avgpool_region(x, m, o->H * o->W, o->C, out);
@@ -2455,7 +2596,14 @@ int64_t ispc_run_ops(const ispc_op_t *ops, int64_t n, float *const *slots, float
             const ispc_sums_t sums = {0, o->sums_out >= 0 ? ws : 0, o->sums_kind};
             const int64_t need = dw_workspace(m, o->C, &sums, threads);
             rmax = need > rmax ? need : rmax;
-        } else if (o->kind < 0 || o->kind > OP_MAXPOOL || (o->kind == OP_TO_NHWC && o->C > 16)) {
+        } else if (o->kind == OP_EXPAND_DW) {
+            const ispc_sums_t sums = {o->sums_in >= 0 ? ws : 0, o->sums_out >= 0 ? ws : 0,
+                                      o->sums_kind};
+            xdw_plan_t X;
+            xdw_plan(&X, o, m, &sums, threads);
+            zmax = X.P.zeros > zmax ? X.P.zeros : zmax;
+            rmax = xdw_rest(&X, threads) > rmax ? xdw_rest(&X, threads) : rmax;
+        } else if (o->kind < 0 || o->kind > OP_EXPAND_DW || (o->kind == OP_TO_NHWC && o->C > 16)) {
             return -1;
         }
     }

@@ -131,3 +131,78 @@ def test_per_op_times_add_up():
 def test_to_channels_last_refuses_many_channels():
     with pytest.raises(native.ConfigError, match="at most"):
         native.OpProgram().add_to_channels_last(0, 1, (1, 64, 4, 4))
+
+
+def _expand_dw_case(n, c, e, h, w, stride, mode, seed=3, sums=True):
+    """add_expand_dw against the 1x1 layer's and the depthwise layer's own calls."""
+    g = torch.Generator().manual_seed(seed)
+    x = _nhwc(torch.randn(n, c, h, w, generator=g))
+    pw = native.NhwcConv(torch.randn(e, c, 1, 1, generator=g), torch.randn(e, generator=g))
+    dw = native.DepthwiseConv3x3(torch.randn(e, 1, 3, 3, generator=g), torch.randn(e, generator=g),
+                                 stride=stride)
+    scale = torch.rand(c, generator=g) + 0.5
+    k = max(1, c // 2)
+    xs = torch.empty(n, c)  # the input's sums, as a layer before would hand them over
+    for i in range(n):
+        xs[i] = x[i].square().sum((1, 2))
+    gated = mode != native.DENSE
+    mid = pw(x, mode, scale=scale if gated else None, k=k, clamp=native.RELU6,
+             x_sums=xs if gated else None)
+    want_sums = torch.empty(n, e)
+    want = dw(mid, clamp=native.RELU6, out_sums=want_sums if sums else None,
+              out_sums_kind=gc.SALIENCY_L1)
+    prog = native.OpProgram()
+    prog.add_expand_dw(pw, dw, 0, 1, (n, c, h, w), mode, scale if gated else None, 0.0, k,
+                       gc.SALIENCY_L2, native.RELU6, native.RELU6, sums_in=3 if gated else -1,
+                       sums_out=2 if sums else -1, sums_kind=gc.SALIENCY_L1)
+    out, got_sums = torch.empty_like(want), torch.empty(n, e)
+    slots = native.OpProgram.slot_array(4)
+    for i, t in enumerate((x, out, got_sums, xs)):
+        slots[i] = t.data_ptr()
+    for _ in range(2):
+        prog.run(slots)
+        assert torch.equal(out, want)
+        if sums:
+            assert torch.equal(got_sums, want_sums)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("mode", [native.DENSE, gc.TOPK])
+@pytest.mark.parametrize("shape", [(2, 8, 24, 11, 9), (3, 24, 144, 30, 28), (1, 16, 40, 1, 5)])
+def test_expand_dw_equals_its_two_layers(shape, stride, mode):
+    _expand_dw_case(*shape, stride, mode)
+
+
+def test_expand_dw_large_map_many_windows():
+    _expand_dw_case(1, 24, 144, 56, 56, 1, gc.TOPK)
+    _expand_dw_case(2, 16, 96, 57, 45, 2, native.DENSE, sums=False)
+
+
+def test_expand_dw_small_windows(monkeypatch):
+    """A window of a few rows: every group keeps rows of the one before (built with a small
+    EXPAND_DW_WINDOW_BYTES)."""
+    try:
+        lib = native._build(("-DEXPAND_DW_WINDOW_BYTES=6000",))
+    except RuntimeError as exc:
+        pytest.skip(f"cannot build the variant: {exc}")
+    monkeypatch.setattr(native, "_lib", lib)
+    for stride in (1, 2):
+        _expand_dw_case(2, 8, 20, 17, 15, stride, gc.TOPK)
+        _expand_dw_case(1, 8, 20, 16, 15, stride, native.DENSE)
+
+
+def test_expand_dw_on_the_avx2_build(avx2_native):
+    for stride in (1, 2):
+        _expand_dw_case(2, 8, 40, 13, 11, stride, gc.TOPK)
+        _expand_dw_case(1, 24, 144, 28, 28, stride, native.DENSE)
+
+
+def test_expand_dw_refuses_other_layers():
+    g = torch.Generator().manual_seed(0)
+    dw = native.DepthwiseConv3x3(torch.randn(8, 1, 3, 3, generator=g))
+    with pytest.raises(native.ConfigError, match="1x1"):
+        native.OpProgram().add_expand_dw(native.NhwcConv(torch.randn(8, 4, 3, 3), padding=1), dw,
+                                         0, 1, (1, 4, 5, 5))
+    with pytest.raises(native.ConfigError, match="channels"):
+        native.OpProgram().add_expand_dw(native.NhwcConv(torch.randn(6, 4, 1, 1)), dw, 0, 1,
+                                         (1, 4, 5, 5))
