@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import ispc
+from ispc import native_plan
 from ispc.native_plan import NativePlanRunner
 from ispc.examples.models import mobilenet_v2_cifar, resnet20
 from ispc.modules import GatedConv2d
@@ -50,9 +51,12 @@ def mobilenet():
     return _compile(mobilenet_v2_cifar(num_classes=10).eval())
 
 
+@pytest.mark.parametrize("fuse_bytes", [0, 1 << 40])
 @pytest.mark.parametrize("shape", [(1, 3, 32, 32), (3, 3, 32, 32), (2, 3, 40, 24), (1, 3, 8, 8)])
-def test_runner_equals_the_per_layer_graph(mobilenet, shape):
+def test_runner_equals_the_per_layer_graph(mobilenet, shape, fuse_bytes, monkeypatch):
+    monkeypatch.setattr(native_plan, "FUSE_BYTES", fuse_bytes)  # every expansion fused, or none
     r = _runner(mobilenet)
+    r._programs[0]._plans.clear()
     # the whole feature extractor is one program; the classifier runs node by node
     assert len(r._programs) == 1 and len(r._programs[0]._seg) > 40
     x = torch.randn(shape)
@@ -61,6 +65,9 @@ def test_runner_equals_the_per_layer_graph(mobilenet, shape):
         for _ in range(2):  # the second call reuses the plan and its buffers
             assert torch.equal(mobilenet(x), want)
     assert _served(mobilenet, x)
+    (_, plan), = r._programs[0]._plans.values()
+    fused = sum(op.kind == native._OP_EXPAND_DW for op in plan.program._ops)
+    assert fused >= 10 if fuse_bytes == 0 else fused == 0  # each block's expansion and depthwise
 
 
 @pytest.mark.parametrize("budget", [1, 100_000])
