@@ -76,6 +76,37 @@ def test_measured_keeps_the_faster_kernel_with_its_times(monkeypatch, faster):
     assert torch.isfinite(out).all()
 
 
+def test_measured_moves_onednn_layers_where_the_whole_model_is_faster_native(monkeypatch):
+    """oneDNN faster for each layer alone, but the whole model (as the runner runs it) faster
+    with every layer native: they all move, recorded as chosen by the whole-model timing."""
+    seen = []
+
+    def fake(fns, rounds, **kw):
+        if set(fns) == {"onednn", "nhwc"}:
+            return {"onednn": 1.0, "nhwc": 2.0}
+        if set(fns) == {"per_layer", "native"}:
+            for fn in fns.values():
+                fn()  # each way runs
+            seen.append(sorted(fns))
+            return {"per_layer": 2.0, "native": 1.0}
+        return {k: 2.0 if k.startswith("dense") else 1.0 for k in fns}
+
+    monkeypatch.setattr(kernel_costs, "time_candidates", fake)
+    cfg = ispc.GatingConfig(latency_aware=True, latency_rounds=1, channels_last=True)
+    model = mobilenet_v2_cifar().eval()
+    c = ispc.compile(model, _data(), progress=False, config=cfg)
+    assert seen == [["native", "per_layer"]]
+    moved = _dense_nhwc(c)
+    assert any(m.groups > 1 for m in moved.values())
+    nodes = {n.target: n for n in c.graph_module.graph.nodes if n.op == "call_module"}
+    assert all(records(nodes[n]).kernel.cost_model == "measured_whole_model" for n in moved)
+    assert any("whole model was faster" in n for n in c.report.notes)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.isfinite(c(x)).all()
+        assert rel_err(c(x), c.graph_module(x)) <= 1e-6
+
+
 def test_gated_layers_keeping_every_channel_reload_on_the_dense_kernel(tmp_path):
     # such a layer is exported as its dense convolution; ispc.load must not leave it on oneDNN
     model = resnet20().eval()
