@@ -98,7 +98,8 @@ class KernelChoice:
 
     strategy: str  #: a name in ``ispc.ops.cpu_kernels.STRATEGIES``
     orient: str | None = None  #: the native kernel's orientation (``pix``, ``co``, ``cl``, ``full``)
-    cost_model: str = "predicted"  #: ``predicted``, ``measured`` or ``archive`` (ispc.load)
+    #: ``predicted``, ``measured``, ``measured_whole_model`` (dense_kernels) or ``archive`` (ispc.load)
+    cost_model: str = "predicted"
     times_ms: dict[str, float] | None = None  #: measured: every candidate's median, and dense
     batch_size: int | None = None  #: measured at this batch size
     input_layout: str | None = None  #: ``channels_last`` when timed on a channels-last input

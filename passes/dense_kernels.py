@@ -9,7 +9,10 @@ fused (``fuse_epilogues`` runs after this pass). Only where the model's maps are
 
 With ``GatingConfig(latency_aware=True)`` each candidate layer is timed both ways on its real input
 at ``latency_batch_size`` and the faster is kept (records: :class:`~ispc.records.KernelChoice`
-``nhwc`` or ``onednn``, with the times); otherwise the layers :data:`PREDICTED_KINDS` names move.
+``nhwc`` or ``onednn``, with the times); the layers left on oneDNN then move too if the whole
+model, timed as the eager backend runs it, is faster with them native (a oneDNN layer splits a
+native program: ``cost_model="measured_whole_model"``). Otherwise the layers
+:data:`PREDICTED_KINDS` names move.
 """
 from __future__ import annotations
 
