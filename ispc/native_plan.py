@@ -239,10 +239,10 @@ class _Program(nn.Module):
         prog, spans = prog.emit(seg, fuse)
         # spans: each op's first and last layer (two for a fused expansion + depthwise)
         op_of = {i: j for j, (a, b) in enumerate(spans) for i in range(a, b + 1)}
-        inner = {seg[a] for a, b in spans if b > a}  # maps a fused op never writes
         chunks = _chunks([shapes[seg[a].args[0]] for a, _ in spans], [shapes[seg[b]] for _, b in spans])
         runs = _runs(chunks)  # op -> (first, last) op of its chunked run (itself where none)
         # a map made and read inside one chunked run holds one chunk (its buffer stays in cache)
+        # the maps the ops write (a fused op's expanded map is never written)
         made = {seg[b]: j for j, (_, b) in enumerate(spans) if b < len(seg) - 1}
         used = {node: op_of[last_use[node]] for node in made}
         local = {node for node, j in made.items() if chunks[j] and runs[used[node]][0] == runs[j][0]}
@@ -276,7 +276,6 @@ class _Program(nn.Module):
                     buffers.append(buf)
                 live[node] = buf
                 slots[slot_of[node]] = buf.data_ptr()
-        assert not inner & set(made)
         for node, s in sums_slot.items():
             buf = torch.empty(max(sizes[s], 1), dtype=torch.float32)
             buffers.append(buf)
@@ -298,9 +297,9 @@ class _Calls:
         return lambda *args: self.calls.append((self.node, name, args))
 
     def emit(self, seg: list[fx.Node], fuse: set[int]) -> tuple[native.OpProgram, list[tuple[int, int]]]:
-        """The program, and each op's first and last layer. Where ``fuse`` has its layer, a 1x1 convolution
-        (stride 1, no padding, no residual, no sums handed on) whose only reader is the
-        depthwise layer after it (no residual) becomes one op with it (``add_expand_dw``)."""
+        """The program, and each op's first and last layer. A 1x1 convolution in ``fuse`` (stride
+        1, no padding, no residual, no sums handed on) whose only reader is the depthwise layer
+        after it (no residual) becomes one op with it (``add_expand_dw``)."""
         prog = native.OpProgram()
         spans: list[tuple[int, int]] = []
         calls = self.calls
