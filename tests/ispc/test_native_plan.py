@@ -169,3 +169,36 @@ def test_saved_models_get_the_runner(mobilenet, tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded(x), loaded.graph_module(x))
     assert _served(loaded, x)
+
+
+def test_an_output_only_native_layers_read_is_kept_across_calls():
+    # program 0 (a, b) writes a map that only layer c reads (with the input of a, as its
+    # residual): its buffer is kept across calls; program 1 (d, e) hands its map to the caller:
+    # a fresh tensor every call
+    from torch import fx, nn
+
+    from ispc.modules import NhwcDenseConv2d, ToMemoryFormat
+
+    torch.manual_seed(0)
+    conv = lambda: NhwcDenseConv2d(nn.Conv2d(8, 8, 3, padding=1))  # noqa: E731
+    root = nn.Module()
+    root.cl, root.a, root.b, root.c, root.d, root.e = ToMemoryFormat(True), *(conv() for _ in range(5))
+    g = fx.Graph()
+    t = g.call_module("cl", (g.placeholder("x"),))
+    u = g.call_function(torch.relu, (t,))
+    b = g.call_module("b", (g.call_module("a", (u,)),))
+    e = g.call_module("e", (g.call_module("d", (g.call_module("c", (t, b)),)),))
+    g.output(g.call_method("contiguous", (e,)))
+    gm = fx.GraphModule(root, g)
+    r = NativePlanRunner(gm)
+    assert [[n.target for n in p._seg] for p in r._programs] == [["a", "b"], ["d", "e"]]
+    assert [p.keep_output for p in r._programs] == [True, False]
+    xs = [torch.randn(2, 8, 6, 5) for _ in range(2)]
+    with torch.no_grad():
+        wants = [gm(x) for x in xs]
+        first = r(xs[0])
+        second = r(xs[1])
+        assert torch.equal(first, wants[0]) and torch.equal(second, wants[1])
+        assert torch.equal(r(xs[0]), wants[0])
+    kept = r._programs[0]._plans[(2, 8, 6, 5)][1].out
+    assert kept is not None

@@ -120,3 +120,20 @@ def test_gated_layers_keeping_every_channel_reload_on_the_dense_kernel(tmp_path)
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         assert rel_err(loaded(x), model(x)) <= 1e-5
+
+
+def test_onednn_is_timed_with_the_activation_the_native_kernel_would_fuse():
+    from ispc.passes.dense_kernels import _activation_after
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Conv2d(4, 4, 1), torch.nn.Conv2d(4, 4, 1)
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x))) + x
+
+    gm = torch.fx.symbolic_trace(Block())
+    nodes = {n.target: n for n in gm.graph.nodes if n.op == "call_module"}
+    assert _activation_after(gm, nodes["a"]) is torch.relu_
+    assert _activation_after(gm, nodes["b"]) is None  # an add: not timed with it

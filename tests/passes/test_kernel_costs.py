@@ -2,11 +2,15 @@
 times (the selection itself: test_select_kernels.py)."""
 from __future__ import annotations
 
+import pytest
 import torch
 
-from ispc.modules import GatedConv2d
+import ispc
+from ispc.modules import GatedConv2d, NhwcDenseConv2d
 from ispc.ops import native
-from ispc.passes.kernel_costs import LARGE_LAYER_MACS, candidates, predicted_strategy
+from ispc.ops.gated_conv import TOPK
+from ispc.passes import kernel_costs
+from ispc.passes.kernel_costs import LARGE_LAYER_MACS, candidates, in_program, predicted_strategy
 
 
 def test_largest_layers_are_predicted_to_oneDNN_on_gathered_channels():
@@ -55,3 +59,46 @@ def test_channels_last_maps_offer_and_predict_the_nhwc_kernel():
         assert predicted_strategy(mod, 28 * 28) == ("native", native.ORIENT_CL)
     else:
         assert "nhwc" not in candidates(mod, (28, 28), channels_last=True)
+
+
+@pytest.mark.skipif(not native.available(), reason="the native kernel is not built here")
+@pytest.mark.parametrize("mode", ["topk", "dense", "depthwise"])
+def test_in_program_computes_what_the_layers_own_call_computes(mode):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 16, 9, 7, generator=g).contiguous(memory_format=torch.channels_last)
+    if mode == "depthwise":
+        kernel = native.DepthwiseConv3x3(torch.randn(16, 1, 3, 3, generator=g), torch.randn(16))
+        want = kernel(x)
+        call = in_program(kernel, x)
+    else:
+        kernel = native.NhwcConv(torch.randn(8, 16, 3, 3, generator=g), torch.randn(8), stride=2,
+                                 padding=1)
+        scale = torch.rand(16, generator=g) + 0.5
+        code = TOPK if mode == "topk" else native.DENSE
+        want = kernel(x, code, scale=scale, k=5) if mode == "topk" else kernel(x)
+        call = in_program(kernel, x, code, scale, 0.0, 5, 0)
+    for _ in range(2):  # the output buffer is written again by every call
+        call.out.zero_()
+        call()
+        assert torch.equal(call.out, want)
+
+
+@pytest.mark.skipif(not native.available(), reason="the native kernel is not built here")
+def test_measured_layers_left_dense_on_channels_last_maps_run_in_the_program(monkeypatch):
+    # gated slower than dense: the layer is left dense; on a channels-last map as the runner's
+    # dense kernel (timed in a program), on an NCHW map as oneDNN
+    monkeypatch.setattr(kernel_costs, "time_candidates",
+                        lambda fns, rounds, **kw: {k: 1.0 if k == "dense" else 2.0 for k in fns})
+    mod = GatedConv2d(torch.randn(8, 16, 1, 1), torch.randn(8), stride=(1, 1), padding=(0, 0),
+                      dilation=(1, 1), mode="topk", threshold=0.0, k=8)
+    graph = torch.fx.Graph()
+    node = graph.call_module("conv", (graph.placeholder("x"),))
+    cfg = ispc.GatingConfig(latency_aware=True, latency_rounds=1)
+    x = torch.randn(2, 16, 5, 5)
+    for xin, kind in ((x.contiguous(memory_format=torch.channels_last), NhwcDenseConv2d),
+                      (x, torch.nn.Conv2d)):
+        m = kernel_costs.measure(mod, xin, node, cfg)
+        assert not m.gated and type(m.plain) is kind
+        with torch.no_grad():
+            assert torch.allclose(m.plain(xin), torch.nn.functional.conv2d(x, mod.weight, mod.bias),
+                                  atol=1e-5)
