@@ -120,8 +120,8 @@ class _Program(nn.Module):
             return self._layers(x)
         out = plan.out
         if out is None:
-            # a fresh map of 25-100 MB (batch 32) is a memory map of its own, page-faulted on
-            # every call (~18 ms for 100 MB on a 2-core Xeon VM): kept where it never escapes
+            # a large fresh map is a memory map of its own, page-faulted on every call: kept
+            # across calls where it never reaches the caller
             out = torch.empty(plan.out_shape, dtype=torch.float32, memory_format=torch.channels_last)
             if self.keep_output:
                 plan.out = out

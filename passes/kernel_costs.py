@@ -215,11 +215,10 @@ def in_program(kernel: native.NhwcConv | native.DepthwiseConv3x3, xin: torch.Ten
                k: int = 0, saliency: int = 0) -> Callable[[], None]:
     """A call of a channels-last ``kernel`` on ``xin`` as the eager backend's runner makes it
     (:class:`ispc.native_plan.NativePlanRunner`): one op of an :class:`~ispc.ops.native.OpProgram`
-    writing into an output buffer allocated once. Timing the layer's own call instead (a fresh
-    output per call) counts page faults the runner never pays: at batch 32 a fresh 25-100 MB map
-    faults on every call (a 100 MB map: ~18 ms on a 2-core Xeon VM), which made ResNet-50's gated
-    1x1 layers at 14x14 measure 13.4 ms against 9.6 in the model, slower than dense oneDNN (12.3),
-    and left them dense. The output is ``call.out``."""
+    writing into an output buffer allocated once (``call.out``). The layer's own call allocates a
+    fresh output each time, and at large batches that output page-faults on every call, which the
+    runner never pays: timed that way, gated layers looked slower than they run in the model
+    (docs/benchmarks.md)."""
     n, c, h, w = xin.shape
     prog = native.OpProgram()
     if isinstance(kernel, native.DepthwiseConv3x3):
@@ -312,9 +311,8 @@ def measure(mod: GatedConv2d, xin: torch.Tensor, node: fx.Node, cfg: GatingConfi
                  and NhwcDenseConv2d.fits(plain))
     if in_runner:
         # on channels-last maps the runner runs the native layers as one program: left dense,
-        # the layer runs there too (NhwcDenseConv2d), not as a oneDNN call that splits the program
-        # and has its neighbours run layer by layer (ResNet-50 at batch 32: three 1x1 layers left
-        # to oneDNN, each a little faster than gated alone, made the model ~6% slower)
+        # the layer runs there too (NhwcDenseConv2d), not as a oneDNN call that would split the
+        # program and have its neighbours run one by one
         plain = NhwcDenseConv2d(plain, o_hw if o_hw < 1 << 30 else None)
     if key is not None and key in cache:
         return replace(cache[key], plain=plain)
