@@ -15,14 +15,21 @@ def _nhwc(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous(memory_format=torch.channels_last)
 
 
-def test_a_chain_equals_its_layers_called_one_by_one():
-    g = torch.Generator().manual_seed(0)
-    n, h, w = 2, 18, 14
+def _chain(seed: int, n: int, h: int, w: int, c: int, *, stem_stride: int):
+    """An input and a MobileNet-like chain on it: a 3x3 stem to ``c`` channels, a depthwise 3x3,
+    a 1x1, and the 1x1's saliency scale."""
+    g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 3, h, w, generator=g)
-    stem = native.NhwcConv(torch.randn(24, 3, 3, 3, generator=g), torch.randn(24, generator=g), 2, 1)
-    dw = native.DepthwiseConv3x3(torch.randn(24, 1, 3, 3, generator=g), torch.randn(24, generator=g))
-    pw = native.NhwcConv(torch.randn(24, 24, 1, 1, generator=g), torch.randn(24, generator=g))
-    scale = torch.rand(24, generator=g) + 0.5
+    stem = native.NhwcConv(torch.randn(c, 3, 3, 3, generator=g), torch.randn(c, generator=g),
+                           stem_stride, 1)
+    dw = native.DepthwiseConv3x3(torch.randn(c, 1, 3, 3, generator=g), torch.randn(c, generator=g))
+    pw = native.NhwcConv(torch.randn(c, c, 1, 1, generator=g), torch.randn(c, generator=g))
+    return x, stem, dw, pw, torch.rand(c, generator=g) + 0.5
+
+
+def test_a_chain_equals_its_layers_called_one_by_one():
+    n, h, w = 2, 18, 14
+    x, stem, dw, pw, scale = _chain(0, n, h, w, 24, stem_stride=2)
 
     # one by one, as the modules call them
     a = native.to_channels_last(x)
@@ -63,13 +70,8 @@ def test_chunked_runs_on_the_avx2_build(avx2_native):
 def test_chunked_runs_equal_their_layers_chunk_by_chunk():
     """Ops 0-3 one instance at a time (the maps between them in one-instance buffers), ops 4-5
     two at a time: each chunk as the layers' own calls on it."""
-    g = torch.Generator().manual_seed(1)
     n, h, w = 4, 12, 10
-    x = torch.randn(n, 3, h, w, generator=g)
-    stem = native.NhwcConv(torch.randn(16, 3, 3, 3, generator=g), torch.randn(16, generator=g), 1, 1)
-    dw = native.DepthwiseConv3x3(torch.randn(16, 1, 3, 3, generator=g), torch.randn(16, generator=g))
-    pw = native.NhwcConv(torch.randn(16, 16, 1, 1, generator=g), torch.randn(16, generator=g))
-    scale = torch.rand(16, generator=g) + 0.5
+    x, stem, dw, pw, scale = _chain(1, n, h, w, 16, stem_stride=1)
 
     want = {k: [] for k in "def"}
     sums = torch.empty(n, 16)
