@@ -643,6 +643,12 @@ class NhwcDenseConv2d(nn.Conv2d):
             self._kernel = _native.NhwcConv(w, b, self.stride, self.padding, self.dilation,
                                             out_hw=self.out_hw)
 
+    @property
+    def prepared(self) -> _native.NhwcConv | _native.DepthwiseConv3x3:
+        """The native kernel with its packed weights (what the runner's programs and the
+        latency-aware timing call), as :attr:`GatedConv2d.prepared` is for a gated layer."""
+        return self._kernel
+
     def _load_from_state_dict(self, *args, **kwargs):  # keep the packed weights in sync
         super()._load_from_state_dict(*args, **kwargs)
         self._prepare()

@@ -42,7 +42,7 @@ def _state(mod: nn.Module) -> tuple:
         return (mod.mode, mod.threshold, mod.k, mod.saliency, mod.act, mod.strategy, mod._nhwc,
                 mod._buffers.get("scale"), mod.sums_in, mod.sums_out)
     if type(mod) is NhwcDenseConv2d:
-        return (mod.act, mod._kernel, mod.sums_out)
+        return (mod.act, mod.prepared, mod.sums_out)
     if type(mod) is ToMemoryFormat:
         return (mod.enabled, mod.channels_last)
     if type(mod) is ChannelsLastMaxPool2d:
@@ -202,7 +202,7 @@ class _Program(nn.Module):
                     cout = kern.cout
                     oh, ow = kern.out_size(h, w)
                 else:
-                    kern, cout = mod._kernel, mod.out_channels
+                    kern, cout = mod.prepared, mod.out_channels
                     if c != mod.in_channels:
                         return None
                     oh, ow = mod.out_size(h, w)

@@ -110,7 +110,7 @@ def dense_kernels(gm: fx.GraphModule, state: PassState) -> fx.GraphModule:
             act = _activation_after(gm, nodes[name]) if cfg.fuse_epilogues else None
             with torch.no_grad():  # nhwc as the runner calls it (costs.in_program)
                 times = costs.time_candidates({"onednn": lambda: act(conv(xin)) if act else conv(xin),
-                                               "nhwc": costs.in_program(cand._kernel, xin)},
+                                               "nhwc": costs.in_program(cand.prepared, xin)},
                                               cfg.latency_rounds)
             best = "nhwc" if times["nhwc"] < times["onednn"] else "onednn"
             records(nodes[name]).kernel = KernelChoice(

@@ -317,7 +317,7 @@ def measure(mod: GatedConv2d, xin: torch.Tensor, node: fx.Node, cfg: GatingConfi
     if key is not None and key in cache:
         return replace(cache[key], plain=plain)
     a = mod._args
-    fns = {"dense": in_program(plain._kernel, xin) if in_runner else lambda: plain(xin)}
+    fns = {"dense": in_program(plain.prepared, xin) if in_runner else lambda: plain(xin)}
     if xin.is_cuda:
         # on a GPU the layer runs the operator's CUDA kernel (Triton) whatever the CPU
         # strategy: time that against the dense convolution; the CPU choice stays predicted
