@@ -547,15 +547,19 @@ class NativeLayer:
             NativeLayer._call(fn, args)
 
     @staticmethod
-    def _call(fn, args: tuple) -> None:
+    def _call(fn, args: tuple) -> int:
+        """``fn(*args, workspace, its floats, threads)`` with this thread's workspace, grown and
+        called again where the entry asks for more (a positive return); the last call's code (0:
+        done, negative: the entry's own refusal)."""
         threads = torch.get_num_threads()
         ws = getattr(_local, "ws", None)
         if ws is None:
             ws = _workspace(0)
         need = fn(*args, ws.data_ptr(), ws.numel(), threads)
-        if need:  # first call at this size: grow the workspace and run
+        if need > 0:  # first call at this size: grow the workspace and run
             ws = _workspace(need)
-            fn(*args, ws.data_ptr(), ws.numel(), threads)
+            need = fn(*args, ws.data_ptr(), ws.numel(), threads)
+        return need
 
 
 #: :meth:`NhwcConv.__call__`'s mode for a dense convolution (no selection: every channel kept)
@@ -1016,14 +1020,7 @@ class OpProgram:
                 raise DataError(f"times must be a contiguous float64 tensor of {len(self._ops)} entries")
             lib.ispc_run_ops_times(times.data_ptr())
         try:
-            threads = torch.get_num_threads()
-            ws = getattr(_local, "ws", None)
-            if ws is None:
-                ws = _workspace(0)
-            need = lib.ispc_run_ops(*args, ws.data_ptr(), ws.numel(), threads)
-            if need > 0:  # first call at this size: grow the workspace and run
-                ws = _workspace(need)
-                need = lib.ispc_run_ops(*args, ws.data_ptr(), ws.numel(), threads)
+            need = NativeLayer._call(lib.ispc_run_ops, args)
         finally:
             if times is not None:
                 lib.ispc_run_ops_times(None)
