@@ -9,6 +9,13 @@ over rounds. Prints a table (the fastest float32 dense runtime in bold) and writ
 
     python benchmarks/peers.py --models resnet18 --batch-sizes 1 --json peers-r18-b1.json
     python benchmarks/peers.py --merge peers-*.json        # one table from several runs
+    python benchmarks/peers.py --max-isa avx2 --runtimes openvino   # an AVX2-only CPU, emulated
+
+``--max-isa avx2`` emulates an AVX2-only CPU on an AVX-512 one: ispc's kernels are built with
+``-mno-avx512f``, oneDNN (in PyTorch and OpenVINO) is limited by ``ONEDNN_MAX_CPU_ISA=AVX2`` and
+ATen by ``ATEN_CPU_CAPABILITY=avx2``. ONNX Runtime picks its kernels by CPUID and has no such
+switch, so it is refused in that mode. The memory system stays the AVX-512 machine's: this checks
+that no path falls back to slow code, it does not replace a figure measured on an AVX2 CPU.
 
 Progress goes to stderr (a VGG-16 compile takes ~40 s at batch 1, longer at 32). Run it alone on
 the machine (``cpulock``): timings taken while something else computes are worthless.
@@ -17,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -69,6 +77,27 @@ def compile_model(model: torch.nn.Module, calib: list[torch.Tensor], *, keep: fl
     return compiled, info
 
 
+#: the environment that limits every runtime (and ispc's kernels) to an ISA, per --max-isa
+MAX_ISA_ENV = {"avx2": {"ISPC_NATIVE_FLAGS": "-mno-avx512f", "ONEDNN_MAX_CPU_ISA": "AVX2",
+                        "ATEN_CPU_CAPABILITY": "avx2"}}
+
+
+def limit_isa(max_isa: str | None, runtimes: list[str]) -> str | None:
+    """Why ``max_isa`` cannot be emulated for these runtimes (None: it can). When the environment
+    does not limit this process yet, re-executes the script with it (oneDNN and ATen read it once,
+    at start); the workers inherit it."""
+    if max_isa is None:
+        return None
+    if "onnxruntime" in runtimes:
+        return ("ONNX Runtime picks its kernels by CPUID and cannot be limited to "
+                f"{max_isa}; leave it out, e.g. --runtimes openvino eager")
+    env = MAX_ISA_ENV[max_isa]
+    if any(os.environ.get(k) != v for k, v in env.items()):
+        os.environ.update(env)
+        os.execv(sys.executable, [sys.executable, *sys.argv])
+    return None
+
+
 def run(args: argparse.Namespace, scratch: str) -> tuple[list[RuntimeTiming], list[dict], dict]:
     threads = args.threads or torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -118,14 +147,21 @@ def run(args: argparse.Namespace, scratch: str) -> tuple[list[RuntimeTiming], li
             say(runtimes_table(res, baseline=args.baseline, tablefmt="simple"))
             if args.json:  # after every model and batch: a run cut short keeps what it measured
                 write_json(args, timings, compiles, threads)
-    return timings, compiles, machine_info(threads)
+    return timings, compiles, _machine(args, threads)
+
+
+def _machine(args: argparse.Namespace, threads: int) -> dict:
+    machine = machine_info(threads)
+    if args.max_isa:
+        machine["max_isa"] = {"isa": args.max_isa, "environment": MAX_ISA_ENV[args.max_isa]}
+    return machine
 
 
 def write_json(args: argparse.Namespace, timings: list[RuntimeTiming], compiles: list[dict],
                threads: int) -> None:
     config = {k: v for k, v in vars(args).items() if k != "merge"}
     Path(args.json).write_text(runtimes_json(timings, baseline=args.baseline,
-                                             machine=machine_info(threads),
+                                             machine=_machine(args, threads),
                                              command=" ".join(sys.argv), config=config,
                                              compiles=compiles))
 
@@ -149,6 +185,11 @@ def summary_lines(timings: list[RuntimeTiming], compiles: list[dict], machine: d
                  f"{v.get('torch')}, onnxruntime {v.get('onnxruntime')}, openvino "
                  f"{v.get('openvino')}, ispc {v.get('ispc')}. Medians of every timed call over all "
                  f"rounds (ms); ** = fastest float32 dense runtime; baseline: {baseline}.")
+    if machine.get("max_isa"):
+        limit = machine["max_isa"]
+        lines.append(f"Emulated {limit['isa']}-only CPU on this one: "
+                     + ", ".join(f"{k}={v}" for k, v in limit["environment"].items())
+                     + " (the memory system is this machine's).")
     for c in compare(timings, baseline=baseline):
         over = ", ".join(f"{k} {x:.2f}x" for k, x in c.over.items())
         lines.append(f"  {c.model} b{c.batch_size} {c.ispc}: {c.ispc_ms:.2f} ms; vs "
@@ -206,7 +247,12 @@ def main(argv: list[str] | None = None) -> int:
                         "command of its own)")
     p.add_argument("--json")
     p.add_argument("--merge", nargs="+", metavar="JSON", help="print one table from earlier runs' JSON")
+    p.add_argument("--max-isa", choices=sorted(MAX_ISA_ENV),
+                   help="emulate a CPU without AVX-512: limit ispc's kernels, oneDNN and ATen to "
+                        "this ISA (ONNX Runtime cannot be limited and is refused)")
     args = p.parse_args(argv)
+    if not args.merge and (why := limit_isa(args.max_isa, args.runtimes)):
+        p.error(why)
     if args.compile_only and not args.compiled_dir:
         p.error("--compile-only needs --compiled-dir (where the compiled models go)")
     if args.merge:

@@ -1,0 +1,34 @@
+"""benchmarks/peers.py: the options that need no timing (the timing itself is ispc.runtimes',
+tested in tests/ispc/test_runtimes.py)."""
+import os
+
+import pytest
+
+
+def test_max_isa_refuses_onnxruntime(benchmark_script):
+    peers = benchmark_script("peers.py")
+    why = peers.limit_isa("avx2", ["onnxruntime", "openvino"])
+    assert "ONNX Runtime" in why and "--runtimes" in why
+    assert peers.limit_isa(None, ["onnxruntime"]) is None
+
+
+def test_max_isa_environment_reaches_the_workers(benchmark_script, monkeypatch):
+    """Once the environment limits this process, no re-exec: the workers copy os.environ."""
+    peers = benchmark_script("peers.py")
+    for k, v in peers.MAX_ISA_ENV["avx2"].items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(os, "execv", lambda *a: pytest.fail("re-executed with the limit already set"))
+    assert peers.limit_isa("avx2", ["openvino", "eager"]) is None
+    from ispc.runtimes import _child_env
+    env = _child_env(2, "openvino")
+    assert env["ONEDNN_MAX_CPU_ISA"] == "AVX2" and env["ISPC_NATIVE_FLAGS"] == "-mno-avx512f"
+
+
+def test_max_isa_reexecutes_with_the_limit(benchmark_script, monkeypatch):
+    peers = benchmark_script("peers.py")
+    env = {k: v for k, v in os.environ.items() if k not in peers.MAX_ISA_ENV["avx2"]}
+    monkeypatch.setattr(os, "environ", env)  # the limit must not leak into later tests' builds
+    calls = []
+    monkeypatch.setattr(os, "execv", lambda exe, argv: calls.append((exe, argv)))
+    peers.limit_isa("avx2", ["openvino"])
+    assert calls and env["ONEDNN_MAX_CPU_ISA"] == "AVX2" and env["ATEN_CPU_CAPABILITY"] == "avx2"
