@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import os
 import threading
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -48,6 +49,11 @@ def _state(mod: nn.Module) -> tuple:
     if type(mod) is ChannelsLastMaxPool2d:
         return (mod.act, mod.kernel_size, mod.stride, mod.padding, mod.dilation, mod.ceil_mode,
                 mod.return_indices)
+    if type(mod) is nn.Dropout:
+        return (mod.training, mod.p)
+    if type(mod) is nn.Linear:  # the program holds a packed copy: a changed weight, a new plan
+        return (mod.weight, mod.weight._version, mod.bias,
+                None if mod.bias is None else mod.bias._version)
     return ()
 
 
@@ -59,27 +65,75 @@ def _layer(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
     return mod if type(mod) in _LAYERS else None
 
 
-def _segments(gm: fx.GraphModule) -> list[list[fx.Node]]:
+_FLATTEN = (torch.ops.aten.flatten.using_ints, torch.flatten)
+_DROPOUT = (torch.ops.aten.dropout.default,)
+
+
+def _tail(gm: fx.GraphModule, node: fx.Node, run: list[fx.Node]) -> bool:
+    """Whether ``node`` continues ``run`` as its classifier: a flatten of a global average pool's
+    (N, C, 1, 1) output, an inference dropout after it, a float32 ``nn.Linear`` after those."""
+    if not run or not node.args or node.args[0] is not run[-1] or node.kwargs:
+        return False
+    prev = run[-1]
+    prev_mod = gm.get_submodule(prev.target) if prev.op == "call_module" else None
+    mod = gm.get_submodule(node.target) if node.op == "call_module" else None
+    if type(mod) is ToMemoryFormat:  # of an (N, C, 1, 1) map: the same tensor either way
+        return type(prev_mod) is GlobalAvgPool2d and len(node.args) == 1
+    if node.op == "call_function" and node.target in _FLATTEN:
+        return type(prev_mod) in (GlobalAvgPool2d, ToMemoryFormat) and tuple(node.args[1:]) in (
+            (1,), (1, -1))
+    if node.op == "call_function" and node.target in _DROPOUT:
+        return _is_tail(gm, prev) and len(node.args) == 3 and node.args[2] is False
+    if type(mod) is nn.Dropout:  # served in eval mode only (_build)
+        return _is_tail(gm, prev) and len(node.args) == 1
+    if node.op == "call_module" and len(node.args) == 1 and _is_tail(gm, prev):
+        return (type(mod) is nn.Linear and mod.weight.dtype == torch.float32
+                and (mod.bias is None or mod.bias.dtype == torch.float32))
+    return False
+
+
+def _is_tail(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """A classifier's flatten or dropout (no op of their own)."""
+    if node.op == "call_module":
+        return type(gm.get_submodule(node.target)) is nn.Dropout
+    return node.op == "call_function" and node.target in _FLATTEN + _DROPOUT
+
+
+def _segments(gm: fx.GraphModule, classifier: bool = True) -> list[list[fx.Node]]:
     """The runs (two or more) of consecutive native layers that each read one value from before
     them (the first layer's only input, which later layers may read too; a layout change comes
-    first or not at all) and whose values are used only inside them, but for the last one's."""
+    first or not at all) and whose values are used only inside them, but for the last one's; with
+    ``classifier``, a run ending in a global average pool goes on through the classifier after it
+    (flatten, dropout, linear: :func:`_tail`)."""
     runs: list[list[fx.Node]] = []
     run: list[fx.Node] = []
+    tail = False  # the run is in its classifier: no more feature layers
     for node in gm.graph.nodes:
         mod = _layer(gm, node)
-        if run and mod is not None and type(mod) is not ToMemoryFormat and all(
+        if run and not tail and mod is not None and type(mod) is not ToMemoryFormat and all(
                 a in run or a is run[0].args[0] for a in node.args):
             run.append(node)
             continue
-        runs.append(_trimmed(run))
-        run = [node] if mod is not None and len(node.args) == 1 else []
-    runs.append(_trimmed(run))
+        if classifier and _tail(gm, node, run):
+            run.append(node)
+            tail = True
+            continue
+        runs.append(_trimmed(gm, run))
+        run, tail = [node] if mod is not None and len(node.args) == 1 else [], False
+    runs.append(_trimmed(gm, run))
     return [r for r in runs if len(r) >= 2]
 
 
-def _trimmed(run: list[fx.Node]) -> list[fx.Node]:
+def _aliases(gm: fx.GraphModule, node: fx.Node, i: int) -> bool:
+    """Whether a program's ``i``-th layer ``node`` is a classifier's step that only passes its
+    input on (a flatten, a dropout, a layout change of an (N, C, 1, 1) map)."""
+    return _is_tail(gm, node) or (i > 0 and type(gm.get_submodule(node.target)) is ToMemoryFormat)
+
+
+def _trimmed(gm: fx.GraphModule, run: list[fx.Node]) -> list[fx.Node]:
     run = list(run)
-    while run and any(u not in run for n in run[:-1] for u in n.users):
+    while run and (any(u not in run for n in run[:-1] for u in n.users)
+                   or _aliases(gm, run[-1], len(run) - 1)):
         run.pop()
     return run
 
@@ -101,7 +155,9 @@ class _Program(nn.Module):
     def __init__(self, gm: fx.GraphModule, seg: list[fx.Node]) -> None:
         super().__init__()
         self._seg = seg
-        self._mods = [gm.get_submodule(n.target) for n in seg]
+        # None for a classifier's flatten and dropout (functions)
+        self._mods = [gm.get_submodule(n.target) if n.op == "call_module" else None for n in seg]
+        self._alias = [_aliases(gm, n, i) for i, n in enumerate(seg)]  # no op of their own
         self._src = seg[0].args[0]
         self._plans: dict[tuple, tuple[tuple, _Plan | None]] = {}  # shape -> (state, plan)
         #: write the output into a buffer kept across calls (the runner sets it where the output
@@ -122,7 +178,8 @@ class _Program(nn.Module):
         if out is None:
             # a large fresh map is a memory map of its own, page-faulted on every call: kept
             # across calls where it never reaches the caller
-            out = torch.empty(plan.out_shape, dtype=torch.float32, memory_format=torch.channels_last)
+            out = torch.empty(plan.out_shape, dtype=torch.float32, memory_format=torch.channels_last
+                              if len(plan.out_shape) == 4 else torch.contiguous_format)
             if self.keep_output:
                 plan.out = out
         slots = plan.slots
@@ -167,10 +224,28 @@ class _Program(nn.Module):
         seg = self._seg
         last_use = {n: max([i for i, m in enumerate(seg) if n in m.args], default=i)
                     for i, n in enumerate(seg)}
+        tail_first = -1  # the classifier's flatten: the first layer of its linear op
         for i, (node, mod) in enumerate(zip(seg, self._mods)):
-            prog.node = i
+            prog.node = prog.first = i
             src = node.args[0]
             n, c, h, w = shapes[src]
+            if self._alias[i]:  # a classifier's flatten, dropout, layout: no op
+                if type(mod) is nn.Dropout and mod.training and mod.p > 0:
+                    return None
+                tail_first = i if tail_first < 0 else tail_first
+                shapes[node], slot_of[node] = shapes[src], slot_of[src]
+                continue
+            if type(mod) is nn.Linear:
+                if (h, w) != (1, 1) or c != mod.in_features or not mod.weight.is_cpu or (
+                        mod.bias is not None and not mod.bias.is_cpu):
+                    return None
+                out_slot, n_slots = n_slots, n_slots + 1
+                prog.first = tail_first
+                prog.add_linear(mod.weight, mod.bias, slot_of[src], out_slot, n)
+                oshape = (n, mod.out_features, 1, 1)
+                shapes[node], slot_of[node] = oshape, out_slot
+                sizes[out_slot] = n * mod.out_features
+                continue
             res_node = node.args[1] if len(node.args) > 1 else None
             if len(node.args) > 2 or (res_node is not None and type(mod) not in (
                     GatedConv2d, NhwcDenseConv2d)):
@@ -230,14 +305,18 @@ class _Program(nn.Module):
                     if (mode != native.DENSE and mod.sums_in is not None and src in producer
                             and producer[src].sums_out is mod.sums_in and mod.sums_in.kind == sal):
                         sums_in = sums_slot[src]
-                    prog.add_conv(kern, slot_of[src], out_slot, (n, c, h, w), mode, scale,
-                                  mod.threshold, mod.k, sal, res, clamp, sums_in, sums_out, sums_kind)
+                    prog.add_conv(layer=kern, x=slot_of[src], out=out_slot, shape=(n, c, h, w),
+                                  mode=mode, scale=scale, threshold=mod.threshold, k=mod.k,
+                                  saliency=sal, res=res, clamp=clamp, sums_in=sums_in,
+                                  sums_out=sums_out, sums_kind=sums_kind)
                 elif mod.groups > 1:
-                    prog.add_depthwise(kern, slot_of[src], out_slot, (n, c, h, w), res, clamp,
-                                       sums_out, sums_kind)
+                    prog.add_depthwise(layer=kern, x=slot_of[src], out=out_slot, shape=(n, c, h, w),
+                                       res=res, clamp=clamp, sums_out=sums_out, sums_kind=sums_kind)
                 else:
-                    prog.add_conv(kern, slot_of[src], out_slot, (n, c, h, w), native.DENSE, None,
-                                  0.0, 0, 0, res, clamp, -1, sums_out, sums_kind)
+                    prog.add_conv(layer=kern, x=slot_of[src], out=out_slot, shape=(n, c, h, w),
+                                  mode=native.DENSE, scale=None, threshold=0.0, k=0, saliency=0,
+                                  res=res, clamp=clamp, sums_in=-1, sums_out=sums_out,
+                                  sums_kind=sums_kind)
                 producer[node] = mod
             shapes[node], slot_of[node] = oshape, out_slot
             sizes[out_slot] = oshape[0] * oshape[1] * oshape[2] * oshape[3]
@@ -290,21 +369,85 @@ class _Program(nn.Module):
             buf = torch.empty(max(sizes[s], 1), dtype=torch.float32)
             buffers.append(buf)
             slots[s] = buf.data_ptr()
-        return _Plan(prog, slots, shapes[seg[-1]], slot_of[seg[-1]], buffers, spans)
+        out_shape = shapes[seg[-1]]
+        if type(self._mods[-1]) is nn.Linear:
+            out_shape = out_shape[:2]
+        return _Plan(prog, slots, out_shape, slot_of[seg[-1]], buffers, spans)
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Conv:
+    """A recorded :meth:`~ispc.ops.native.OpProgram.add_conv` call, by name."""
+    layer: native.NhwcConv
+    x: int
+    out: int
+    shape: tuple[int, int, int, int]
+    mode: int
+    scale: Tensor | None
+    threshold: float
+    k: int
+    saliency: int
+    res: int
+    clamp: tuple[float, float]
+    sums_in: int
+    sums_out: int
+    sums_kind: int
+
+    def add(self, prog: native.OpProgram) -> None:
+        prog.add_conv(self.layer, self.x, self.out, self.shape, self.mode, self.scale,
+                      self.threshold, self.k, self.saliency, self.res, self.clamp, self.sums_in,
+                      self.sums_out, self.sums_kind)
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Depthwise:
+    """A recorded :meth:`~ispc.ops.native.OpProgram.add_depthwise` call, by name."""
+    layer: native.DepthwiseConv3x3
+    x: int
+    out: int
+    shape: tuple[int, int, int, int]
+    res: int
+    clamp: tuple[float, float]
+    sums_out: int
+    sums_kind: int
+
+    def add(self, prog: native.OpProgram) -> None:
+        prog.add_depthwise(self.layer, self.x, self.out, self.shape, self.res, self.clamp,
+                           self.sums_out, self.sums_kind)
+
+
+@dataclass(frozen=True)
+class _Other:
+    """Any other recorded ``add_*`` call (pools, the layout change): made as recorded."""
+    name: str
+    args: tuple
+
+    def add(self, prog: native.OpProgram) -> None:
+        getattr(prog, self.name)(*self.args)
 
 
 class _Calls:
-    """The ``add_*`` calls of a program as they are made (``node``: the layer they are for), for
-    :meth:`emit` to fuse where it can and make them on an :class:`~ispc.ops.native.OpProgram`."""
+    """The ``add_*`` calls of a program as they are made (``node``: the layer they are for), as
+    named records, for :meth:`emit` to fuse where it can and make them on an
+    :class:`~ispc.ops.native.OpProgram`."""
 
     def __init__(self) -> None:
-        self.node = -1
-        self.calls: list[tuple[int, str, tuple]] = []
+        self.node = self.first = -1  # the layers [first, node] of the calls being recorded
+        self.calls: list[tuple[int, int, _Conv | _Depthwise | _Other]] = []
+
+    def _record(self, call: _Conv | _Depthwise | _Other) -> None:
+        self.calls.append((self.first, self.node, call))
+
+    def add_conv(self, **fields: Any) -> None:
+        self._record(_Conv(**fields))
+
+    def add_depthwise(self, **fields: Any) -> None:
+        self._record(_Depthwise(**fields))
 
     def __getattr__(self, name: str):
         if not name.startswith("add_"):
             raise AttributeError(name)
-        return lambda *args: self.calls.append((self.node, name, args))
+        return lambda *args: self._record(_Other(name, args))
 
     def emit(self, seg: list[fx.Node], fuse: set[int]) -> tuple[native.OpProgram, list[tuple[int, int]]]:
         """The program, and each op's first and last layer. A 1x1 convolution in ``fuse`` (stride
@@ -315,31 +458,31 @@ class _Calls:
         calls = self.calls
         j = 0
         while j < len(calls):
-            i, name, args = calls[j]
+            first, i, call = calls[j]
             nxt = calls[j + 1] if j + 1 < len(calls) else None
-            if i in fuse and nxt is not None and name == "add_conv" and nxt[1] == "add_depthwise" \
-                    and _fusable(seg, i, args, nxt[2]):
-                layer, x, _, shape, mode, scale, threshold, k, sal, _, clamp, sums_in = args[:12]
-                dw, _, out, _, _, dw_clamp, sums_out, sums_kind = nxt[2]
-                prog.add_expand_dw(layer, dw, x, out, shape, mode, scale, threshold, k, sal, clamp,
-                                   dw_clamp, -1, sums_in, sums_out, sums_kind)
-                spans.append((i, nxt[0]))
+            if (i in fuse and nxt is not None and isinstance(call, _Conv)
+                    and isinstance(nxt[2], _Depthwise) and _fusable(seg, i, call, nxt[2])):
+                dw = nxt[2]
+                prog.add_expand_dw(call.layer, dw.layer, call.x, dw.out, call.shape, call.mode,
+                                   call.scale, call.threshold, call.k, call.saliency, call.clamp,
+                                   dw.clamp, -1, call.sums_in, dw.sums_out, dw.sums_kind)
+                spans.append((first, nxt[1]))
                 j += 2
                 continue
-            getattr(prog, name)(*args)
-            spans.append((i, i))
+            call.add(prog)
+            spans.append((first, i))
             j += 1
         return prog, spans
 
 
-def _fusable(seg: list[fx.Node], i: int, conv: tuple, dw: tuple) -> bool:
-    """Whether layer ``i``'s ``add_conv`` arguments and layer ``i + 1``'s ``add_depthwise`` ones
-    make one ``add_expand_dw``."""
-    layer, _, out, shape, res, sums_out = conv[0], conv[1], conv[2], conv[3], conv[9], conv[12]
-    return (i + 1 < len(seg) and set(seg[i].users) == {seg[i + 1]} and dw[1] == out
-            and dw[4] == -1 and res == -1 and sums_out == -1
+def _fusable(seg: list[fx.Node], i: int, conv: _Conv, dw: _Depthwise) -> bool:
+    """Whether layer ``i``'s ``add_conv`` call and layer ``i + 1``'s ``add_depthwise`` one make
+    one ``add_expand_dw``."""
+    layer = conv.layer
+    return (i + 1 < len(seg) and set(seg[i].users) == {seg[i + 1]} and dw.x == conv.out
+            and dw.res == -1 and conv.res == -1 and conv.sums_out == -1
             and (layer.kernel, layer.stride, layer.padding, layer.dilation)
-            == ((1, 1), (1, 1), (0, 0), (1, 1)) and dw[0].channels == layer.cout)
+            == ((1, 1), (1, 1), (0, 0), (1, 1)) and dw.layer.channels == layer.cout)
 
 
 #: the expanded maps (bytes per pass) that a 1x1 expansion and its depthwise layer fuse for: per
@@ -417,12 +560,13 @@ class NativePlanRunner:
     """``compiled.forward``'s runner on the eager backend (see the module docstring): a copy of
     the graph with each run of native layers one :class:`_Program` node, the same modules."""
 
-    def __init__(self, gm: fx.GraphModule) -> None:
+    def __init__(self, gm: fx.GraphModule, classifier: bool = True) -> None:
         self.gm = gm
+        self.classifier = classifier
         self._code = gm.code
-        segs = _segments(gm)
+        segs = _segments(gm, classifier)
         self._programs = [_Program(gm, seg) for seg in segs]
-        self._mods = [m for p in self._programs for m in p._mods]
+        self._mods = [m for p in self._programs for m in p._mods if m is not None]
         first = {seg[0]: i for i, seg in enumerate(segs)}
         inside = {n for seg in segs for n in seg}
         g = fx.Graph()
@@ -444,7 +588,7 @@ class NativePlanRunner:
         self._lock = threading.Lock()
 
     def __reduce__(self):  # copies and pickles: a runner of the copied graph module
-        return (type(self), (self.gm,))
+        return (type(self), (self.gm, self.classifier))
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self._fast is not None and self._eligible() and self._lock.acquire(blocking=False):

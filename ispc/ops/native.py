@@ -894,10 +894,13 @@ class _Op(ctypes.Structure):
                 + [("scale", _ptr), ("saliency", _i64), ("mode", _i64), ("k", _i64),
                    ("threshold", ctypes.c_float), ("lo", ctypes.c_float), ("hi", ctypes.c_float),
                    ("sums_in", _i64), ("sums_out", _i64), ("sums_kind", _i64), ("chunk", _i64),
-                   ("local", _i64), ("lo2", ctypes.c_float), ("hi2", ctypes.c_float)])
+                   ("local", _i64), ("lo2", ctypes.c_float), ("hi2", ctypes.c_float),
+                   ("outs", _i64)])
 
 
-_OP_CONV, _OP_DW, _OP_AVGPOOL, _OP_TO_NHWC, _OP_MAXPOOL, _OP_EXPAND_DW = range(6)
+_OP_CONV, _OP_DW, _OP_AVGPOOL, _OP_TO_NHWC, _OP_MAXPOOL, _OP_EXPAND_DW, _OP_LINEAR = range(7)
+#: output features per block of :meth:`OpProgram.add_linear`'s packed weights (``LIN_B``)
+LINEAR_BLOCK = 64
 _LOCAL = {"x": 1, "out": 2, "res": 4}  # OP_LOCAL_*
 
 
@@ -969,6 +972,27 @@ class OpProgram:
                   sums_in=sums_in if mode != DENSE else -1, sums_out=sums_out, sums_kind=sums_kind,
                   w=dw.packed.data_ptr(), bias=dw.bias.data_ptr(), sh=dw.stride, ph=dw.padding,
                   lo2=dw_clamp[0], hi2=dw_clamp[1])
+
+    def add_linear(self, weight: Tensor, bias: Tensor | None, x: int, out: int, n: int) -> None:
+        """A fully connected layer (``F.linear``) on slot ``x``'s (n, in_features) features, into
+        slot ``out``'s (n, out_features). Each output sums its terms in input order, then adds the
+        bias: the same values on AVX-512 and AVX2, within float rounding of ``F.linear``'s."""
+        if not (weight.dtype == torch.float32 and weight.dim() == 2 and weight.device.type == "cpu"
+                and (bias is None or (bias.dtype == torch.float32 and bias.device.type == "cpu"
+                                      and tuple(bias.shape) == (weight.shape[0],)))):
+            raise ConfigError("add_linear takes a float32 CPU weight (out, in) and bias (out,) or None")
+        o, c = weight.shape
+        blocks = -(-o // LINEAR_BLOCK)
+        packed = torch.zeros(blocks * LINEAR_BLOCK, c, dtype=torch.float32)
+        packed[:o] = weight.detach()
+        packed = packed.view(blocks, LINEAR_BLOCK, c).transpose(1, 2).contiguous()
+        padded = None
+        if bias is not None:
+            padded = torch.zeros(blocks * LINEAR_BLOCK, dtype=torch.float32)
+            padded[:o] = bias.detach()
+        self._keep += [packed, padded]
+        self._add(_OP_LINEAR, x, out, (n, c, 1, 1), w=packed.data_ptr(),
+                  bias=None if padded is None else padded.data_ptr(), outs=o)
 
     def add_avgpool_global(self, x: int, out: int, shape) -> None:
         """:func:`avgpool_global_nhwc`."""

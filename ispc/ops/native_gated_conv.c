@@ -2364,6 +2364,8 @@ int64_t ispc_nchw_to_nhwc(const float *src, int64_t N, int64_t C, int64_t HW, fl
 #define OP_TO_NHWC 3  /* ispc_nchw_to_nhwc */
 #define OP_MAXPOOL 4  /* ispc_maxpool_nhwc */
 #define OP_EXPAND_DW 5  /* a 1x1 convolution (ispc_conv_nhwc) and the depthwise 3x3 that reads it */
+#define OP_LINEAR 6     /* a fully connected layer on (N, C) features (the classifier): linear_region */
+#define OP_LAST OP_LINEAR
 
 typedef struct {
     int64_t kind, x, out, res;           /* slots; res -1: none */
@@ -2378,6 +2380,7 @@ typedef struct {
     int64_t chunk;                       /* instances per pass (0: all N at once) */
     int64_t local;                       /* OP_LOCAL_*: slots holding one chunk's maps */
     float lo2, hi2;                      /* OP_EXPAND_DW: the depthwise layer's clamp */
+    int64_t outs;                        /* OP_LINEAR: output features (w: packed, bias: padded) */
 } ispc_op_t;
 
 /* an op's x, out or res slot holds one chunk's instances only (a map made and used inside one
@@ -2405,6 +2408,10 @@ static void op_out(const ispc_op_t *o, int64_t *hw, int64_t *c) {
     case OP_AVGPOOL:
         *hw = 1;
         break;
+    case OP_LINEAR:
+        *hw = 1;
+        *c = o->outs;
+        return;
     case OP_MAXPOOL:
         *hw = ((o->H + 2 * o->ph - o->kh) / o->sh + 1) * ((o->W + 2 * o->pw - o->kw) / o->sw + 1);
         break;
@@ -2532,6 +2539,56 @@ static void expand_dw_region(const ispc_op_t *o, const float *x, int64_t N, floa
     if (ysums) reduce_sums(ysums, omp_get_num_threads(), N, E, E, sums->out);
 }
 
+/* ---- a fully connected layer: the classifier after the global average pool ----------------------
+ * out (N, O) = x (N, C) W^T + bias, W packed as blocks of LIN_B output features, each block's
+ * weights [C][LIN_B] contiguous (zero-padded to whole blocks; bias padded alike, NULL: none).
+ * Output features in vector lanes: each output sums its C terms in order (x[0] w[0] first), then
+ * adds the bias, so AVX-512 and AVX2 builds give the same values. Threads split the blocks; the
+ * weights stream once per call at batch 1 (1000x1280: 5 MB), as a GEMV must. */
+#define LIN_B 64
+#define LIN_V (LIN_B / VW)
+#define LIN_N (LIN_V <= 4 ? 4 : 2)  /* instances at a time: LIN_N * LIN_V accumulators in registers */
+
+static void linear_region(const float *x, int64_t N, int64_t C, const float *w, const float *bias,
+                          int64_t O, float *out) {
+    const int64_t blocks = (O + LIN_B - 1) / LIN_B;
+    #pragma omp for schedule(static)
+    for (int64_t b = 0; b < blocks; b++) {
+        const float *wb = w + b * C * LIN_B;
+        const int64_t o0 = b * LIN_B, on = O - o0 < LIN_B ? O - o0 : LIN_B;
+        for (int64_t n0 = 0; n0 < N; n0 += LIN_N) {  /* LIN_N instances per pass over the block */
+            const int64_t nn = N - n0 < LIN_N ? N - n0 : LIN_N;
+            vf acc[LIN_N][LIN_V];
+            for (int q = 0; q < LIN_N; q++)
+                for (int j = 0; j < LIN_V; j++) acc[q][j] = (vf){0};
+            if (nn == LIN_N) {
+                for (int64_t i = 0; i < C; i++) {
+                    const float *wi = wb + i * LIN_B;
+                    for (int q = 0; q < LIN_N; q++) {
+                        const float xi = x[(n0 + q) * C + i];
+                        for (int j = 0; j < LIN_V; j++) acc[q][j] += xi * ld(wi + j * VW);
+                    }
+                }
+            } else {
+                for (int q = 0; q < nn; q++)
+                    for (int64_t i = 0; i < C; i++) {
+                        const float xi = x[(n0 + q) * C + i];
+                        const float *wi = wb + i * LIN_B;
+                        for (int j = 0; j < LIN_V; j++) acc[q][j] += xi * ld(wi + j * VW);
+                    }
+            }
+            for (int q = 0; q < nn; q++) {
+                float row[LIN_B];
+                for (int j = 0; j < LIN_V; j++) {
+                    if (bias) acc[q][j] += ld(bias + o0 + j * VW);
+                    st(row + j * VW, acc[q][j]);
+                }
+                memcpy(out + (n0 + q) * O + o0, row, sizeof(float) * on);
+            }
+        }
+    }
+}
+
 /* Instances [n0, n0 + m) of op o in the caller's parallel region: zeros (zero floats, at least the
  * op's), ws its workspace. Ends with a barrier. */
 static void op_region(const ispc_op_t *o, float *const *slots, int64_t n0, int64_t m,
@@ -2564,6 +2621,9 @@ static void op_region(const ispc_op_t *o, float *const *slots, int64_t n0, int64
         break;
     case OP_AVGPOOL:
         avgpool_region(x, m, o->H * o->W, o->C, out);
+        break;
+    case OP_LINEAR:
+        linear_region(x, m, o->C, o->w, o->bias, o->outs, out);
         break;
     case OP_TO_NHWC:
         to_nhwc_region(x, m, o->C, o->H * o->W, out);
@@ -2603,7 +2663,8 @@ int64_t ispc_run_ops(const ispc_op_t *ops, int64_t n, float *const *slots, float
             xdw_plan(&X, o, m, &sums, threads);
             zmax = X.P.zeros > zmax ? X.P.zeros : zmax;
             rmax = xdw_rest(&X, threads) > rmax ? xdw_rest(&X, threads) : rmax;
-        } else if (o->kind < 0 || o->kind > OP_EXPAND_DW || (o->kind == OP_TO_NHWC && o->C > 16)) {
+        } else if (o->kind < 0 || o->kind > OP_LAST || (o->kind == OP_TO_NHWC && o->C > 16)
+                   || (o->kind == OP_LINEAR && (o->H != 1 || o->W != 1 || o->outs < 1))) {
             return -1;
         }
     }

@@ -1,5 +1,6 @@
 """The eager backend's NativePlanRunner: a compiled model's channels-last layers in one native call
-return exactly what the per-layer graph returns, and every call it cannot serve runs the graph."""
+return exactly what the per-layer graph returns (the classifier, where the program runs it too,
+within float rounding), and every call it cannot serve runs the graph."""
 from __future__ import annotations
 
 import copy
@@ -45,10 +46,25 @@ def _served(c, x: torch.Tensor) -> bool:
     return any(plan is not None for p in programs for _, plan in p._plans.values())
 
 
+def _features_only(c):
+    """``c`` with a runner whose programs stop before the classifier: bit for bit the graph."""
+    c.use_runner(NativePlanRunner(c.graph_module, classifier=False))
+    return c
+
+
+def _matches(c, x: torch.Tensor) -> None:
+    """``c(x)``, with the classifier in the program, within float rounding of the graph's; the
+    features program alone bit for bit."""
+    with torch.no_grad():
+        want = c.graph_module(x)
+        assert torch.equal(NativePlanRunner(c.graph_module, classifier=False)(x), want)
+        torch.testing.assert_close(c(x), want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def mobilenet():
     torch.manual_seed(0)
-    return _compile(mobilenet_v2_cifar(num_classes=10).eval())
+    return _features_only(_compile(mobilenet_v2_cifar(num_classes=10).eval()))
 
 
 @pytest.mark.parametrize("fuse_bytes", [0, 1 << 40])
@@ -57,7 +73,7 @@ def test_runner_equals_the_per_layer_graph(mobilenet, shape, fuse_bytes, monkeyp
     monkeypatch.setattr(native_plan, "FUSE_BYTES", fuse_bytes)  # every expansion fused, or none
     r = _runner(mobilenet)
     r._programs[0]._plans.clear()
-    # the whole feature extractor is one program; the classifier runs node by node
+    # the whole feature extractor is one program (its classifier left out here)
     assert len(r._programs) == 1 and len(r._programs[0]._seg) > 40
     x = torch.randn(shape)
     with torch.no_grad():
@@ -108,8 +124,7 @@ def test_runner_on_residual_networks_and_threshold_gates(mode):
     torch.manual_seed(1)
     c = _compile(resnet20(num_classes=10).eval(), mode=mode)
     x = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        assert torch.equal(c(x), c.graph_module(x))
+    _matches(c, x)
     assert _served(c, x)
 
 
@@ -166,9 +181,10 @@ def test_saved_models_get_the_runner(mobilenet, tmp_path):
     ispc.save(mobilenet, path)
     loaded = ispc.load(path)
     x = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        assert torch.equal(loaded(x), loaded.graph_module(x))
+    _matches(loaded, x)
     assert _served(loaded, x)
+    (_, plan), = _runner(loaded)._programs[0]._plans.values()  # the exported graph's classifier
+    assert plan.program._ops[-1].kind == native._OP_LINEAR
 
 
 def test_an_output_only_native_layers_read_is_kept_across_calls():
@@ -202,3 +218,58 @@ def test_an_output_only_native_layers_read_is_kept_across_calls():
         assert torch.equal(r(xs[0]), wants[0])
     kept = r._programs[0]._plans[(2, 8, 6, 5)][1].out
     assert kept is not None
+
+
+@pytest.fixture(scope="module")
+def with_classifier():
+    torch.manual_seed(2)
+    return _compile(mobilenet_v2_cifar(num_classes=10).eval())
+
+
+def test_the_classifier_runs_in_the_program(with_classifier):
+    """Pool, flatten, dropout and linear as the program's last op: within float rounding of the
+    graph at every batch; changed classifier weights rebuild the plan."""
+    c = with_classifier
+    r = _runner(c)
+    assert r.classifier and len(r._programs) == 1
+    names = [n.target for n in r._programs[0]._seg]
+    assert names[-2:] == ["classifier.0", "classifier.1"] and torch.flatten in names
+    for shape in [(1, 3, 32, 32), (3, 3, 32, 24)]:
+        _matches(c, torch.randn(shape))
+    x = torch.randn(2, 3, 32, 32)
+    assert _served(c, x)
+    (_, plan), = r._programs[0]._plans.values()
+    assert plan.program._ops[-1].kind == native._OP_LINEAR and plan.out_shape == (2, 10)
+    lin = c.graph_module.get_submodule("classifier.1")
+    with torch.no_grad():
+        lin.weight.mul_(2.0)
+        try:
+            _matches(c, x)
+        finally:
+            lin.weight.div_(2.0)
+        _matches(c, x)
+
+
+def test_chunked_runs_with_the_classifier(with_classifier, monkeypatch):
+    monkeypatch.setenv("ISPC_CHUNK_BYTES", "1")
+    c = with_classifier
+    _runner(c)._programs[0]._plans.clear()
+    x = torch.randn(5, 3, 32, 32)
+    with torch.no_grad():
+        got = c(x)
+        want = torch.cat([c.graph_module(x[i:i + 1]) for i in range(5)])
+    plan = next(p for _, p in _runner(c)._programs[0]._plans.values())
+    assert set(plan.program.chunks()) == {1}
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_classifier_in_training_mode_runs_the_graph(with_classifier):
+    c = with_classifier
+    drop = c.graph_module.get_submodule("classifier.0")
+    x = torch.randn(1, 3, 32, 32)
+    drop.train()
+    try:
+        assert not _served(c, x)
+    finally:
+        drop.eval()
+    assert _served(c, x)

@@ -1,9 +1,12 @@
 """native.OpProgram runs channels-last layers in one C call with the results of their own calls."""
 from __future__ import annotations
 
+import ctypes
+
 import pytest
 import torch
 
+from ispc.errors import IspcError
 from ispc.ops import gated_conv as gc
 from ispc.ops import native
 
@@ -208,3 +211,58 @@ def test_expand_dw_refuses_other_layers():
     with pytest.raises(native.ConfigError, match="channels"):
         native.OpProgram().add_expand_dw(native.NhwcConv(torch.randn(6, 4, 1, 1)), dw, 0, 1,
                                          (1, 4, 5, 5))
+
+
+def _linear_run(x: torch.Tensor, weight: torch.Tensor, bias, chunk: int = 0) -> torch.Tensor:
+    prog = native.OpProgram()
+    prog.add_linear(weight, bias, 0, 1, x.shape[0])
+    prog.set_chunk(0, chunk)
+    out = torch.full((x.shape[0], weight.shape[0]), float("nan"))
+    slots = native.OpProgram.slot_array(2)
+    slots[0], slots[1] = x.data_ptr(), out.data_ptr()
+    prog.run(slots)
+    return out
+
+
+@pytest.mark.parametrize("n,c,o,bias", [(1, 1280, 1000, True), (3, 37, 5, False), (2, 64, 64, True),
+                                        (5, 512, 130, True)])
+def test_linear_equals_f_linear_within_float_rounding(n, c, o, bias):
+    """Sums in input order, then the bias: within float32 rounding of the float64 product (no
+    bit-for-bit claim against F.linear, whose BLAS sums in another order)."""
+    g = torch.Generator().manual_seed(n * 1000 + o)
+    x, w = torch.randn(n, c, generator=g), torch.randn(o, c, generator=g)
+    b = torch.randn(o, generator=g) if bias else None
+    got = _linear_run(x, w, b)
+    want = torch.nn.functional.linear(x.double(), w.double(), None if b is None else b.double())
+    # sequential float32 sums of c terms of magnitude ~1: error well under c * eps * sqrt(c)
+    assert (got.double() - want).abs().max() <= 4 * c * 6e-8 * max(1.0, c ** 0.5)
+    assert torch.equal(_linear_run(x, w, b, chunk=1), got)  # chunk by chunk: the same values
+
+
+def test_linear_on_the_avx2_build_equals_the_default_build(avx2_native):
+    """Each output's sum is in input order on both builds: the same values bit for bit."""
+    g = torch.Generator().manual_seed(7)
+    x, w, b = torch.randn(3, 300, generator=g), torch.randn(70, 300, generator=g), torch.randn(70, generator=g)
+    got = _linear_run(x, w, b)
+    native_default = native._build()  # the default build, called directly
+    prog = native.OpProgram()
+    prog.add_linear(w, b, 0, 1, 3)
+    out = torch.empty(3, 70)
+    slots = native.OpProgram.slot_array(2)
+    slots[0], slots[1] = x.data_ptr(), out.data_ptr()
+    lib = native_default
+    lib.ispc_run_ops.restype = ctypes.c_int64
+    arr = (native._Op * 1)(*prog._ops)
+    ws = torch.zeros(64)
+    assert lib.ispc_run_ops(arr, ctypes.c_int64(1), slots, ctypes.c_void_p(ws.data_ptr()),
+                            ctypes.c_int64(64), ctypes.c_int64(2)) == 0
+    assert torch.equal(out, got)
+
+
+def test_linear_rejects_what_it_cannot_run():
+    prog = native.OpProgram()
+    with pytest.raises(IspcError):
+        prog.add_linear(torch.randn(4, 3, dtype=torch.float64), None, 0, 1, 1)
+    with pytest.raises(IspcError):
+        prog.add_linear(torch.randn(4, 3), torch.randn(5), 0, 1, 1)
+
