@@ -7,7 +7,10 @@ layer) costs more than the kernels: MobileNetV2 on 16x16 inputs took 1.7 ms, of 
 channels-last kernels (the input's layout change, gated and dense ``nhwc`` convolutions, depthwise
 3x3, max-pool, global average pool) and runs them as one :class:`~ispc.ops.native.OpProgram`: the
 same C entries with the same arguments as the modules' own calls (the same results), maps in
-buffers reused by liveness. The rest of the graph (the classifier) runs node by node.
+buffers reused by liveness. A global average pool's classifier (flatten, dropout, ``nn.Linear``)
+joins the program as its last op (within float rounding of ``F.linear``: another summation order;
+``classifier=False`` leaves it to the graph). The rest of the graph runs node by node; a graph that
+is one program is called without the graph module's own Python.
 
 It serves a call only when the per-layer path would take those kernels anyway: one positional
 float32 CPU NCHW input, no autograd, no hooks, no profiler, no tracing or compiling; anything else
@@ -20,9 +23,12 @@ import math
 import os
 import threading
 from dataclasses import dataclass
-from typing import Any
+from functools import partial
+from operator import attrgetter
+from typing import Any, Callable
 
 import torch
+import torch.utils._pytree as pytree
 from torch import Tensor, fx, nn
 from torch.nn.modules import module as _nn_module
 
@@ -37,24 +43,34 @@ __all__ = ["NativePlanRunner", "runner_for"]
 _LAYERS = (ToMemoryFormat, GatedConv2d, NhwcDenseConv2d, GlobalAvgPool2d, ChannelsLastMaxPool2d)
 
 
-def _state(mod: nn.Module) -> tuple:
-    """What a layer's native call depends on besides its input (a changed value: a new plan)."""
+_GATED_STATE = attrgetter("mode", "threshold", "k", "saliency", "act", "strategy", "_nhwc", "sums_in",
+                          "sums_out")
+_DENSE_STATE = attrgetter("act", "prepared", "sums_out")
+_POOL_STATE = attrgetter("act", "kernel_size", "stride", "padding", "dilation", "ceil_mode",
+                         "return_indices")
+
+
+def _state_of(mod: nn.Module | None) -> Callable[[], tuple]:
+    """What a layer's native call depends on besides its input, as a function of no arguments (a
+    changed value: a new plan). Read on every call: C-level attribute getters, not per-call
+    attribute lookups in Python (the caches are cold after a program has run)."""
     if type(mod) is GatedConv2d:
-        return (mod.mode, mod.threshold, mod.k, mod.saliency, mod.act, mod.strategy, mod._nhwc,
-                mod._buffers.get("scale"), mod.sums_in, mod.sums_out)
+        bufs = mod._buffers
+        return lambda: (_GATED_STATE(mod), bufs.get("scale"))
     if type(mod) is NhwcDenseConv2d:
-        return (mod.act, mod.prepared, mod.sums_out)
+        return partial(_DENSE_STATE, mod)
     if type(mod) is ToMemoryFormat:
-        return (mod.enabled, mod.channels_last)
+        return partial(attrgetter("enabled", "channels_last"), mod)
     if type(mod) is ChannelsLastMaxPool2d:
-        return (mod.act, mod.kernel_size, mod.stride, mod.padding, mod.dilation, mod.ceil_mode,
-                mod.return_indices)
+        return partial(_POOL_STATE, mod)
     if type(mod) is nn.Dropout:
-        return (mod.training, mod.p)
+        return partial(attrgetter("training", "p"), mod)
     if type(mod) is nn.Linear:  # the program holds a packed copy: a changed weight, a new plan
-        return (mod.weight, mod.weight._version, mod.bias,
-                None if mod.bias is None else mod.bias._version)
-    return ()
+        def linear() -> tuple:
+            w, b = mod.weight, mod.bias
+            return (w, w._version, b, None if b is None else b._version)
+        return linear
+    return tuple
 
 
 def _layer(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
@@ -77,8 +93,8 @@ def _tail(gm: fx.GraphModule, node: fx.Node, run: list[fx.Node]) -> bool:
     prev = run[-1]
     prev_mod = gm.get_submodule(prev.target) if prev.op == "call_module" else None
     mod = gm.get_submodule(node.target) if node.op == "call_module" else None
-    if type(mod) is ToMemoryFormat:  # of an (N, C, 1, 1) map: the same tensor either way
-        return type(prev_mod) is GlobalAvgPool2d and len(node.args) == 1
+    if type(mod) is ToMemoryFormat:  # of an (N, C, 1, 1) map, of (N, F) features: no change
+        return type(prev_mod) in (GlobalAvgPool2d, nn.Linear) and len(node.args) == 1
     if node.op == "call_function" and node.target in _FLATTEN:
         return type(prev_mod) in (GlobalAvgPool2d, ToMemoryFormat) and tuple(node.args[1:]) in (
             (1,), (1, -1))
@@ -132,8 +148,10 @@ def _aliases(gm: fx.GraphModule, node: fx.Node, i: int) -> bool:
 
 def _trimmed(gm: fx.GraphModule, run: list[fx.Node]) -> list[fx.Node]:
     run = list(run)
+    linear = lambda: any(n.op == "call_module" and type(gm.get_submodule(n.target))  # noqa: E731
+                         is nn.Linear for n in run)
     while run and (any(u not in run for n in run[:-1] for u in n.users)
-                   or _aliases(gm, run[-1], len(run) - 1)):
+                   or (_aliases(gm, run[-1], len(run) - 1) and not linear())):
         run.pop()
     return run
 
@@ -158,6 +176,7 @@ class _Program(nn.Module):
         # None for a classifier's flatten and dropout (functions)
         self._mods = [gm.get_submodule(n.target) if n.op == "call_module" else None for n in seg]
         self._alias = [_aliases(gm, n, i) for i, n in enumerate(seg)]  # no op of their own
+        self._states = [_state_of(m) for m in self._mods]
         self._src = seg[0].args[0]
         self._plans: dict[tuple, tuple[tuple, _Plan | None]] = {}  # shape -> (state, plan)
         #: write the output into a buffer kept across calls (the runner sets it where the output
@@ -198,7 +217,7 @@ class _Program(nn.Module):
                 return None
         elif not x.is_contiguous(memory_format=torch.channels_last):
             return None
-        key = (tuple(x.shape), *(_state(m) for m in self._mods))
+        key = (tuple(x.shape), *[f() for f in self._states])
         known = self._plans.get(key[0])
         if known is not None and known[0] == key:
             return known[1]
@@ -326,6 +345,8 @@ class _Program(nn.Module):
         fuse = {i for i, n in enumerate(seg) if 4 * (per_layer[i] or shapes[n][0]) * math.prod(
             shapes[n][1:]) >= FUSE_BYTES} if os.environ.get("ISPC_FUSE_DW", "1") != "0" else set()
         prog, spans = prog.emit(seg, fuse)
+        if all(self._alias[i] for i in range(spans[-1][1] + 1, len(seg))):
+            spans[-1] = (spans[-1][0], len(seg) - 1)  # a layout step after the classifier
         # spans: each op's first and last layer (two for a fused expansion + depthwise)
         op_of = {i: j for j, (a, b) in enumerate(spans) for i in range(a, b + 1)}
         chunks = _chunks([shapes[seg[a].args[0]] for a, _ in spans], [shapes[seg[b]] for _, b in spans])
@@ -370,7 +391,7 @@ class _Program(nn.Module):
             buffers.append(buf)
             slots[s] = buf.data_ptr()
         out_shape = shapes[seg[-1]]
-        if type(self._mods[-1]) is nn.Linear:
+        if any(type(m) is nn.Linear for m in self._mods):
             out_shape = out_shape[:2]
         return _Plan(prog, slots, out_shape, slot_of[seg[-1]], buffers, spans)
 
@@ -585,6 +606,14 @@ class NativePlanRunner:
                 if node.op == "call_module" and node.target in programs:
                     programs[node.target].keep_output = bool(node.users) and all(
                         _reads_only(self._fast, u, node) for u in node.users)
+        #: the one program, where the graph is that program alone (called without the graph
+        #: module's own Python: argument flattening, module calls)
+        self._direct = None
+        if self._fast is not None:
+            nodes = list(self._fast.graph.nodes)
+            if ([n.op for n in nodes] == ["placeholder", "call_module", "output"]
+                    and nodes[1].args == (nodes[0],) and _plain_io(self._fast, nodes[1])):
+                self._direct = self._fast.get_submodule(nodes[1].target)
         self._lock = threading.Lock()
 
     def __reduce__(self):  # copies and pickles: a runner of the copied graph module
@@ -593,6 +622,8 @@ class NativePlanRunner:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self._fast is not None and self._eligible() and self._lock.acquire(blocking=False):
             try:
+                if self._direct is not None and len(args) == 1 and not kwargs:
+                    return self._direct(args[0])
                 return self._fast(*args, **kwargs)
             finally:
                 self._lock.release()
@@ -609,6 +640,21 @@ class NativePlanRunner:
         if torch.is_grad_enabled() and any(p.requires_grad for p in self.gm.parameters()):
             return False
         return not any(m._forward_hooks or m._forward_pre_hooks for m in self._mods)
+
+
+def _plain_io(gm: fx.GraphModule, value: fx.Node) -> bool:
+    """Whether ``gm(x)`` hands ``x`` to its one placeholder and returns ``value`` as it is (no
+    pytree structure around either)."""
+    codegen, out = gm.graph._codegen, gm.graph.output_node().args[0]
+    if type(codegen) is fx.graph.CodeGen:
+        return out is value
+    info = getattr(codegen, "pytree_info", None)
+    if info is None or info.out_spec is None or not info.out_spec.is_leaf():
+        return False
+    if not (isinstance(out, (tuple, list)) and len(out) == 1 and out[0] is value):
+        return False
+    return (info.in_spec is not None and info.in_spec.num_leaves == 1
+            and pytree.tree_unflatten([0], info.in_spec) == ((0,), {}))
 
 
 def runner_for(compiled: CompiledModel) -> NativePlanRunner | None:

@@ -273,3 +273,39 @@ def test_a_classifier_in_training_mode_runs_the_graph(with_classifier):
     finally:
         drop.eval()
     assert _served(c, x)
+
+
+@pytest.mark.parametrize("as_tuple", [False, True])
+def test_a_graph_that_is_one_program_is_called_directly(as_tuple):
+    """The graph module's own Python is skipped where the graph is one program returning its
+    value as it is; a tuple output keeps the graph."""
+    from torch import fx, nn
+
+    from ispc.modules import NhwcDenseConv2d, ToMemoryFormat
+
+    torch.manual_seed(0)
+    root = nn.Module()
+    root.cl, root.a, root.b = ToMemoryFormat(True), *(NhwcDenseConv2d(nn.Conv2d(3, 3, 3, padding=1))
+                                                      for _ in range(2))
+    g = fx.Graph()
+    out = g.call_module("b", (g.call_module("a", (g.call_module("cl", (g.placeholder("x"),)),)),))
+    g.output((out,) if as_tuple else out)
+    gm = fx.GraphModule(root, g)
+    r = NativePlanRunner(gm)
+    assert len(r._programs) == 1 and (r._direct is None) == as_tuple
+    x = torch.randn(2, 3, 6, 5)
+    with torch.no_grad():
+        got, want = r(x), gm(x)
+    assert type(got) is type(want)
+    assert torch.equal(got[0] if as_tuple else got, want[0] if as_tuple else want)
+    assert _served(_Wrap(r), x)
+
+
+class _Wrap:
+    """A compiled model's stand-in for ``_served``: its runner, called."""
+
+    def __init__(self, r):
+        self.__dict__["_runner"] = r
+
+    def __call__(self, x):
+        return self.__dict__["_runner"](x)
