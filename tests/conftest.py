@@ -74,3 +74,14 @@ def gated_layer_errors(compiled, x: torch.Tensor) -> dict[str, float]:
         for h in hooks:
             h.remove()
     return {n: rel_err(o, compiled.gated_modules()[n].reference(*i)) for n, (i, o) in seen.items()}
+
+
+def features_only(compiled):
+    """``compiled`` with its native programs stopping before the classifier (returned): bit for bit
+    its graph's layers, for tests that compare outputs exactly (a classifier inside a program sums
+    in another order than ``F.linear``)."""
+    from ispc.native_plan import NativePlanRunner
+
+    if isinstance(compiled.__dict__["_runner"], NativePlanRunner):
+        compiled.use_runner(NativePlanRunner(compiled.graph_module, classifier=False))
+    return compiled

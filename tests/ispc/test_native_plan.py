@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import ispc
+from conftest import features_only
 from ispc import native_plan
 from ispc.native_plan import NativePlanRunner
 from ispc.examples.models import mobilenet_v2_cifar, resnet20
@@ -46,12 +47,6 @@ def _served(c, x: torch.Tensor) -> bool:
     return any(plan is not None for p in programs for _, plan in p._plans.values())
 
 
-def _features_only(c):
-    """``c`` with a runner whose programs stop before the classifier: bit for bit the graph."""
-    c.use_runner(NativePlanRunner(c.graph_module, classifier=False))
-    return c
-
-
 def _matches(c, x: torch.Tensor) -> None:
     """``c(x)``, with the classifier in the program, within float rounding of the graph's; the
     features program alone bit for bit."""
@@ -64,7 +59,7 @@ def _matches(c, x: torch.Tensor) -> None:
 @pytest.fixture(scope="module")
 def mobilenet():
     torch.manual_seed(0)
-    return _features_only(_compile(mobilenet_v2_cifar(num_classes=10).eval()))
+    return features_only(_compile(mobilenet_v2_cifar(num_classes=10).eval()))
 
 
 @pytest.mark.parametrize("fuse_bytes", [0, 1 << 40])
