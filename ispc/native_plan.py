@@ -67,8 +67,8 @@ def _state_of(mod: nn.Module | None) -> Callable[[], tuple]:
         return partial(attrgetter("training", "p"), mod)
     if type(mod) is nn.Linear:  # the program holds a packed copy: a changed weight, a new plan
         def linear() -> tuple:
-            w, b = mod.weight, mod.bias
-            return (w, w._version, b, None if b is None else b._version)
+            w, b = mod.weight, mod.bias  # in place (a version) or a new tensor under .data
+            return (w, w._version, w.data_ptr(), b, None if b is None else (b._version, b.data_ptr()))
         return linear
     return tuple
 
