@@ -16,14 +16,12 @@ native program: ``cost_model="measured_whole_model"``). Otherwise the layers
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 
 import torch
 from torch import fx, nn
 
 from ispc.modules import NhwcDenseConv2d
-from ispc.native_plan import NativePlanRunner
 from ispc.ops import native
 from ispc.ops.cpu_kernels import nhwc_serves
 from ispc.records import KernelChoice
@@ -31,7 +29,7 @@ from ispc.records import KernelChoice
 from . import kernel_costs as costs
 from .base import PassState, module_call_counts, records, register_pass, replace_submodule
 from .channels_last import runs_channels_last
-from .fuse_epilogues import activation_of, fuse_epilogues
+from .fuse_epilogues import activation_of
 
 __all__ = ["dense_kernels", "PREDICTED_KINDS", "kind_of"]
 
@@ -55,13 +53,8 @@ def _native_whole_model_faster(gm: fx.GraphModule, state: PassState, x: torch.Te
     kernels too, each way timed whole as the eager backend runs it (epilogues fused, the native
     runs of layers as one program: a oneDNN layer splits a run, and its batch's maps then go
     through memory; MobileNetV2 at batch 32 ran 1.8x faster all native, 2-core Xeon)."""
-    runners = {}
-    for label, mods in (("per_layer", {}), ("native", moves)):
-        g = copy.deepcopy(gm)
-        for name, m in mods.items():
-            replace_submodule(g, name, copy.deepcopy(m))
-        g = fuse_epilogues(g, dataclasses.replace(state, notes=[]))
-        runners[label] = NativePlanRunner(g)
+    runners = {label: costs.built_runner(gm, state, mods, dense_kernels=False)
+               for label, mods in (("per_layer", {}), ("native", moves))}
     with torch.no_grad():
         times = costs.time_candidates({k: (lambda r=r: r(x)) for k, r in runners.items()},
                                       max(3, state.config.latency_rounds // 3),

@@ -20,7 +20,6 @@ from tqdm.auto import tqdm
 
 from ispc.config import GatingConfig
 from ispc.modules import GatedConv2d, dense_conv
-from ispc.native_plan import NativePlanRunner
 from ispc.ops import native
 from ispc.records import GateDecision
 
@@ -183,15 +182,6 @@ def _whole_model_check(gm: fx.GraphModule, state: PassState, x: torch.Tensor,
         for c in converters:
             c.enabled = channels_last
 
-    runners: dict[str, NativePlanRunner] = {}  # what the eager backend runs, per configuration
-
-    def run(label: str) -> None:
-        runner = runners.get(label)
-        if runner is None:
-            runner = runners[label] = NativePlanRunner(gm)
-        with torch.no_grad():
-            runner(x)
-
     dense = {n: dense_conv(m, hws.get(n)) if isinstance(m, GatedConv2d) else m
              for n, m in current.items()}
     configs = {"gated": (current, nhwc)}
@@ -200,17 +190,25 @@ def _whole_model_check(gm: fx.GraphModule, state: PassState, x: torch.Tensor,
     configs["dense"] = (dense, nhwc and not free)
     if free:
         configs["dense_nhwc"] = (dense, True)
-    # one call at a time, the configurations alternating (each call swaps its modules in, the same
-    # cost for both), so that a slow spell of a shared machine hits both alike. Timed in blocks of
-    # a few calls per configuration, the check once removed every gate of a MobileNetV2 that runs
-    # ~1.25x faster gated (benchmarks/speed.py at batch 1; compiled again alone, it kept them all).
-    # A layout is a smaller difference than gating's: more rounds for it.
+    # each configuration timed as the compile goes on to build it (costs.built_runner): plain
+    # layers on the native kernels, epilogues fused, native programs. One call at a time, the
+    # configurations alternating, so that a slow spell of a shared machine hits both alike. Timed
+    # in blocks of a few calls per configuration, the check once removed every gate of a
+    # MobileNetV2 that runs ~1.25x faster gated (benchmarks/speed.py at batch 1; compiled again
+    # alone, it kept them all). A layout is a smaller difference than gating's: more rounds for it.
+    runners = {}
+    for label, c in configs.items():
+        swap(*c)
+        runners[label] = costs.built_runner(gm, state, dense_kernels=not x.is_cuda)
+    swap(*configs["gated"])
     rounds = max(5, cfg.latency_rounds if free else cfg.latency_rounds // 2)
     # a configuration clearly slower than the leader stops being timed (costs.PRUNE_RATIO), and
     # past five rounds, WHOLE_MODEL_BUDGET_S of calls are enough (ResNet-50 at batch 32: ~1 s a call)
-    times = costs.time_candidates({label: (lambda c=c, label=label: (swap(*c), run(label)))
-                                   for label, c in configs.items()}, rounds, cuda=x.is_cuda,
-                                  prune_ratio=costs.PRUNE_RATIO, budget_s=WHOLE_MODEL_BUDGET_S)
+    with torch.no_grad():
+        times = costs.time_candidates({label: (lambda r=r: r(x)) for label, r in runners.items()},
+                                      rounds, cuda=x.is_cuda, prune_ratio=costs.PRUNE_RATIO,
+                                      budget_s=WHOLE_MODEL_BUDGET_S)
+    del runners
 
     def faster(a: str, b: str) -> str:
         """b (channels-last) if it is measured and faster than a (NCHW, the user's layout) by
