@@ -27,7 +27,7 @@ from . import kernel_costs as costs
 from .base import PassState, apply_kernel, records, register_pass, replace_submodule
 from .channels_last import layout_converters, runs_channels_last
 
-__all__ = ["select_kernels", "LAYOUT_MARGIN", "CUDA_NOTE", "DENSE_ROUTE_NOTE",
+__all__ = ["select_kernels", "LAYOUT_MARGIN", "LAYOUT_PROBE_RATIO", "CUDA_NOTE", "DENSE_ROUTE_NOTE",
            "WHOLE_MODEL_BUDGET_S"]
 
 #: with the layout left to measurement (``GatingConfig.channels_last=None``), channels-last is kept
@@ -36,6 +36,13 @@ __all__ = ["select_kernels", "LAYOUT_MARGIN", "CUDA_NOTE", "DENSE_ROUTE_NOTE",
 #: it at batch 1; ResNets lose (a residual add that mixes layouts is slow), and without the
 #: per-layer test one whole-model check kept it for ResNet-50 on noise
 LAYOUT_MARGIN = 0.01
+
+#: with the layout left to measurement, the gated layers' NCHW kernels are timed one by one only
+#: if the whole model with the predicted NCHW kernels measured under this many times the
+#: channels-last one (a per-layer choice gains NCHW some percent, not this much): ResNet-50 and
+#: MobileNetV2 at batch 32 ran 1.4-2x slower on NCHW maps, and timing each of their layers on
+#: them was half of a 94 s compile that kept channels-last
+LAYOUT_PROBE_RATIO = 1.2
 
 #: said when a model is gated on a GPU without latency-aware selection
 CUDA_NOTE = ("ispc: gated layers on CUDA run a Triton kernel that has not been timed on a GPU yet "
@@ -118,7 +125,7 @@ def select_kernels(gm: fx.GraphModule, state: PassState) -> fx.GraphModule:
             if native.is_channels_last(xin) != native.is_channels_last(inputs[name]):
                 choose(name, xin)
                 inputs[name] = xin
-        if cfg.channels_last is None:
+        if cfg.channels_last is None and _nchw_may_win(gm, state, x, nodes, originals, inputs):
             # the other layout's kernels, for the whole-model check to time both: every layer
             # that reads a channels-last map, timed on the same map in NCHW
             bar.total += sum(native.is_channels_last(xin) for xin in inputs.values())
@@ -157,6 +164,42 @@ def select_kernels(gm: fx.GraphModule, state: PassState) -> fx.GraphModule:
     return gm
 
 
+def _nchw_may_win(gm: fx.GraphModule, state: PassState, x: torch.Tensor, nodes: dict[str, fx.Node],
+                  originals: dict[str, nn.Module], inputs: dict[str, torch.Tensor]) -> bool:
+    """Whether NCHW maps could make the gated model faster: the whole model as built
+    (:func:`costs.built_runner`) with the channels-last choices, against NCHW maps with every
+    layer that read a channels-last map gated on its predicted NCHW kernel, under
+    :data:`LAYOUT_PROBE_RATIO` times as slow. Else the NCHW kernels are not timed (a note says
+    so)."""
+    alts: dict[str, nn.Module] = {}
+    for name, xin in inputs.items():
+        if native.is_channels_last(xin) and type(originals[name]) is GatedConv2d:
+            alt = alts[name] = copy.deepcopy(originals[name])
+            o_hw = costs.out_hw(nodes[name])
+            alt.set_strategy(*costs.predicted_strategy(alt, o_hw, costs.input_hw(nodes[name])),
+                             out_hw=o_hw if o_hw < 1 << 30 else None)
+    if not alts:
+        return True
+    converters = {c: c.enabled for c in layout_converters(gm)}
+    runners = {"model_channels_last": costs.built_runner(gm, state)}
+    for c in converters:
+        c.enabled = False
+    try:
+        runners["model_nchw"] = costs.built_runner(gm, state, alts)
+    finally:
+        for c, enabled in converters.items():
+            c.enabled = enabled
+    with torch.no_grad():
+        t = costs.time_candidates({k: (lambda r=r: r(x)) for k, r in runners.items()}, 3,
+                                  budget_s=WHOLE_MODEL_BUDGET_S / 2)
+    if t["model_nchw"] < t["model_channels_last"] * LAYOUT_PROBE_RATIO:
+        return True
+    state.notes.append(f"channels_last: the gated model took {t['model_channels_last']:.2f} ms "
+                       f"channels-last, {t['model_nchw']:.2f} ms on NCHW maps with the predicted kernels; the NCHW "
+                       "kernels were not timed")
+    return False
+
+
 def _whole_model_check(gm: fx.GraphModule, state: PassState, x: torch.Tensor,
                        nodes: dict[str, fx.Node], nchw: dict[str, tuple[nn.Module, costs.Measurement]],
                        gates: dict[str, GateDecision | None]) -> None:
@@ -185,7 +228,7 @@ def _whole_model_check(gm: fx.GraphModule, state: PassState, x: torch.Tensor,
     dense = {n: dense_conv(m, hws.get(n)) if isinstance(m, GatedConv2d) else m
              for n, m in current.items()}
     configs = {"gated": (current, nhwc)}
-    if free and nhwc:
+    if free and nhwc and nchw:
         configs["gated_nchw"] = ({**current, **{n: m for n, (m, _) in nchw.items()}}, False)
     configs["dense"] = (dense, nhwc and not free)
     if free:

@@ -11,7 +11,7 @@ from ispc.examples.models import resnet20
 from ispc.ops import native
 from ispc.passes import kernel_costs, layout_converters
 from ispc.passes.kernel_costs import CL_MIN_CHANNELS, ORIENT_NAMES
-from ispc.passes.select_kernels import LAYOUT_MARGIN
+from ispc.passes.select_kernels import LAYOUT_MARGIN, LAYOUT_PROBE_RATIO
 from ispc.records import records
 
 
@@ -254,6 +254,54 @@ def test_channels_last_is_not_timed_whole_where_its_layers_are_no_faster(monkeyp
     with torch.no_grad():
         out = c(x)
     assert out.is_contiguous() and out.shape == (2, 10)
+
+
+@pytest.mark.parametrize("nchw_ratio", [LAYOUT_PROBE_RATIO * 1.05, LAYOUT_PROBE_RATIO * 0.95])
+def test_nchw_kernels_are_timed_only_where_nchw_maps_could_win(monkeypatch, nchw_ratio):
+    """The whole gated model on NCHW maps with the predicted kernels, as built, measured
+    LAYOUT_PROBE_RATIO times as slow as channels-last or more: no NCHW kernel is timed (per layer,
+    in sums, or whole) and the model stays gated, channels-last; under it, both layouts are timed
+    as before."""
+
+    sk = kernel_costs
+    layouts, calls, probed = [], [], []
+    layer_times = _layer_times(monkeypatch, sk)
+
+    def fake_time(fns, rounds, *, cuda=False, **kw):
+        if "model_nchw" in fns:  # the probe: two runners of the model as built, run for real
+            for fn in fns.values():
+                fn()
+            probed.append(sorted(fns))
+            return {"model_channels_last": 1.0, "model_nchw": nchw_ratio}
+        if "gated" in fns:
+            calls.extend(fns)
+            return {k: 0.5 if k.startswith("gated") else 1.0 for k in fns}
+        if set(fns) == {"nhwc", "nchw"}:
+            layouts.append(1)
+        return layer_times(fns)
+
+    measured = []
+    real = sk.measure
+    monkeypatch.setattr(sk, "measure", lambda mod, xin, *a, **kw: (
+        measured.append(native.is_channels_last(xin)), real(mod, xin, *a, **kw))[1])
+    monkeypatch.setattr(sk, "time_candidates", fake_time)
+    model = resnet20().eval()
+    c = ispc.compile(model, _data(), progress=False,
+                     config=ispc.GatingConfig(latency_aware=True, min_gain=0.0, latency_rounds=3))
+    assert probed == [["model_channels_last", "model_nchw"]]
+    skipped = nchw_ratio >= LAYOUT_PROBE_RATIO
+    assert all(measured) == skipped and bool(layouts) != skipped
+    assert ("gated_nchw" in calls) != skipped
+    assert any("the NCHW kernels were not timed" in n for n in c.report.notes) == skipped
+    converters = layout_converters(c.graph_module)
+    assert c.gated_modules() and converters
+    assert all(m.enabled for m in converters) or not skipped  # else layer_times' sums decide
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        out = c(x)
+        for m in converters:  # the layout changes no value
+            m.enabled = not m.enabled
+        assert rel_err(c(x), out) <= 1e-5
 
 
 def test_a_dense_model_faster_channels_last_comes_back_dense_and_channels_last(monkeypatch):
