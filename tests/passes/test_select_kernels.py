@@ -304,6 +304,55 @@ def test_nchw_kernels_are_timed_only_where_nchw_maps_could_win(monkeypatch, nchw
         assert rel_err(c(x), out) <= 1e-5
 
 
+@pytest.mark.parametrize("all_ms, regate", [(0.4, True), (0.6, False)])
+def test_whole_model_check_gates_again_the_layers_per_layer_timing_left_dense(monkeypatch, all_ms,
+                                                                            regate):
+    """On channels-last maps the whole model with every layer gated (those left dense per layer
+    on their predicted kernel) is timed too, and taken where faster: those layers are gated again,
+    with their gates and a whole-model record, and run exactly; else they stay dense."""
+
+    sk = kernel_costs
+    calls = []
+    layer = iter(range(10_000))
+
+    def fake_time(fns, rounds, *, cuda=False, **kw):
+        if "gated" in fns:
+            calls.extend(fns)
+            for fn in fns.values():
+                fn()
+            return {"gated": 0.5, "gated_all": all_ms, "dense": 1.0, "dense_nhwc": 1.0}
+        if "model_nchw" in fns:
+            return {"model_channels_last": 1.0, "model_nchw": 2.0}
+        if "dense" in fns and next(layer) % 3 == 0:  # every third layer timed: dense is faster
+            return {k: 0.5 if k == "dense" else 1.0 for k in fns}
+        return {k: 1.0 if k == "dense" else 0.5 for k in fns}
+
+    monkeypatch.setattr(sk, "time_candidates", fake_time)
+    model = resnet20().eval()
+    gated = set(ispc.compile(model, _data(), progress=False).gated_modules())
+    c = ispc.compile(model, _data(), progress=False,
+                     config=ispc.GatingConfig(latency_aware=True, min_gain=0.0, latency_rounds=3))
+    assert sorted(calls) == ["dense", "dense_nhwc", "gated", "gated_all"]
+    now = set(c.gated_modules())
+    left = [r for r in c.report.layers if r.reason and r.reason.startswith("no measured gain")]
+    assert (now == gated) == regate and (not left) == regate
+    assert now <= gated and all(r.name in gated - now for r in left)
+    whole = {n.target for n in c.graph_module.graph.nodes if records(n).kernel is not None
+             and records(n).kernel.cost_model == "measured_whole_model"}
+    assert bool(whole) == regate and whole <= now
+    assert all(records(n).gate.gated for n in c.graph_module.graph.nodes if n.target in whole)
+    assert any(("gated too" if regate else "stay dense") in n for n in c.report.notes)
+    x = torch.randn(2, 3, 32, 32)
+    errs = []
+    hooks = [m.register_forward_hook(lambda mod, a, o: errs.append(rel_err(o, mod.reference(*a))))
+             for m in c.gated_modules().values()]
+    with torch.no_grad():
+        c(x)
+    for h in hooks:
+        h.remove()
+    assert len(errs) == len(now) and all(e <= 1e-5 for e in errs)
+
+
 def test_a_dense_model_faster_channels_last_comes_back_dense_and_channels_last(monkeypatch):
     """The compiled model is never slower than the dense one in either layout: where dense
     channels-last beats every gated configuration, every gate goes and the maps run NHWC."""
