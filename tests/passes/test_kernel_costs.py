@@ -102,3 +102,41 @@ def test_measured_layers_left_dense_on_channels_last_maps_run_in_the_program(mon
         with torch.no_grad():
             assert torch.allclose(m.plain(xin), torch.nn.functional.conv2d(x, mod.weight, mod.bias),
                                   atol=1e-5)
+
+
+def test_built_runner_times_the_model_as_built_and_leaves_the_graph_as_it_was():
+    """``built_runner``: a copy with the plain layers on the native kernels, epilogues fused and
+    native programs, computing what the graph computes; the graph's modules and records (shared
+    by a plain deep copy's nodes) untouched."""
+    if not native.available():
+        pytest.skip(f"native kernel not built here: {native.unavailable_reason()}")
+    from ispc import pipeline
+    from ispc.examples.models import resnet20
+    from ispc.records import records
+
+    names = pipeline.COMPILE[:pipeline.COMPILE.index("select_kernels") + 1]
+    data = [torch.randn(8, 3, 32, 32) for _ in range(2)]
+    gm, state = pipeline.run(resnet20().eval(), data, config=ispc.GatingConfig(channels_last=True),
+                             pipeline=names, progress=False)
+    before = {n: (gm.get_submodule(n.target) if n.op == "call_module" else None,
+                  records(n).kernel, records(n).epilogue) for n in gm.graph.nodes}
+    from ispc.modules import dense_conv
+
+    plain = dense_conv(gm.get_submodule("layer1.0.conv1"))  # a layer left dense: moved
+    runner = kernel_costs.built_runner(gm, state, {"layer1.0.conv1": plain})
+    assert runner._programs and runner.gm is not gm
+    built = list(runner.gm.modules())
+    assert type(runner.gm.get_submodule("layer1.0.conv1")) is NhwcDenseConv2d
+    assert any(isinstance(m, GatedConv2d) and m.act is not None for m in built)  # fused epilogues
+    assert not any(type(m) is NhwcDenseConv2d for m in gm.modules())
+    assert isinstance(gm.get_submodule("layer1.0.conv1"), GatedConv2d)
+    assert before == {n: (gm.get_submodule(n.target) if n.op == "call_module" else None,
+                          records(n).kernel, records(n).epilogue) for n in gm.graph.nodes}
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        gated = gm.get_submodule("layer1.0.conv1")
+        block = gm.get_submodule("layer1.0")
+        block.conv1 = plain
+        want, got = gm(x), runner(x)
+        block.conv1 = gated
+    assert (got - want).abs().max() <= 1e-4 * want.abs().max()
