@@ -75,15 +75,19 @@ def test_latency_aware_keeps_gated_layers_exact():
     c = ispc.compile(model, _data(), progress=False, config=cfg)
     for name, mod in c.gated_modules().items():
         assert mod.strategy in ("gather", "grouped", "gemm", "native", "nhwc")
-    x = torch.randn(2, 3, 32, 32)
+    assert all(e <= 1e-5 for e in _gated_errors(c))
+
+
+def _gated_errors(c: ispc.CompiledModel) -> list[float]:
+    """Each gated layer's relative error against its masked-dense reference on a random input."""
     errs = []
     hooks = [m.register_forward_hook(lambda mod, a, o: errs.append(rel_err(o, mod.reference(*a))))
              for m in c.gated_modules().values()]
     with torch.no_grad():
-        c(x)
+        c(torch.randn(2, 3, 32, 32))
     for h in hooks:
         h.remove()
-    assert all(e <= 1e-5 for e in errs)
+    return errs
 
 
 def test_latency_aware_times_kernels_at_the_refined_thresholds(monkeypatch):
@@ -223,10 +227,14 @@ def test_whole_model_check_keeps_the_faster_layout(monkeypatch, nhwc_ms, nchw_ms
     assert len(converters) == 2 and all(m.enabled == nhwc for m in converters)
     assert any(n.endswith("; gated, channels-last" if nhwc else "; gated, NCHW")
                for n in c.report.notes)
+    _assert_layout_changes_no_value(c, converters)
+
+
+def _assert_layout_changes_no_value(c: ispc.CompiledModel, converters: list) -> None:
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         out = c(x)
-        for m in converters:  # the layout changes no value
+        for m in converters:
             m.enabled = not m.enabled
         assert rel_err(c(x), out) <= 1e-5
 
@@ -296,12 +304,7 @@ def test_nchw_kernels_are_timed_only_where_nchw_maps_could_win(monkeypatch, nchw
     converters = layout_converters(c.graph_module)
     assert c.gated_modules() and converters
     assert all(m.enabled for m in converters) or not skipped  # else layer_times' sums decide
-    x = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        out = c(x)
-        for m in converters:  # the layout changes no value
-            m.enabled = not m.enabled
-        assert rel_err(c(x), out) <= 1e-5
+    _assert_layout_changes_no_value(c, converters)
 
 
 @pytest.mark.parametrize("all_ms, regate", [(0.4, True), (0.6, False)])
@@ -342,14 +345,7 @@ def test_whole_model_check_gates_again_the_layers_per_layer_timing_left_dense(mo
     assert bool(whole) == regate and whole <= now
     assert all(records(n).gate.gated for n in c.graph_module.graph.nodes if n.target in whole)
     assert any(("gated too" if regate else "stay dense") in n for n in c.report.notes)
-    x = torch.randn(2, 3, 32, 32)
-    errs = []
-    hooks = [m.register_forward_hook(lambda mod, a, o: errs.append(rel_err(o, mod.reference(*a))))
-             for m in c.gated_modules().values()]
-    with torch.no_grad():
-        c(x)
-    for h in hooks:
-        h.remove()
+    errs = _gated_errors(c)
     assert len(errs) == len(now) and all(e <= 1e-5 for e in errs)
 
 
