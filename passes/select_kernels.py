@@ -3,10 +3,11 @@
 Without ``GatingConfig(latency_aware=True)`` every gated layer takes the kernel the shape-based
 cost model predicts; with it, each layer's kernels are measured (:mod:`ispc.passes.kernel_costs`
 has both cost models), a layer whose best kernel does not beat its dense convolution by
-``min_gain`` is left dense, and a whole-model check keeps the gates only if the gated model is
-faster than the dense one (in either layout, where the layout is left to measurement). This makes
-the compiled model never slower than dense, at the price of results that depend on the machine
-and its load. Writes each layer's :class:`~ispc.records.KernelChoice`, and revises its
+``min_gain`` is left dense, and a whole-model check, timing each configuration as the compile goes
+on to build it (:func:`~ispc.passes.kernel_costs.built_runner`), keeps the gates only if the gated
+model is faster than the dense one (in either layout, where the layout is left to measurement).
+This makes the compiled model never slower than dense, at the price of results that depend on the
+machine and its load. Writes each layer's :class:`~ispc.records.KernelChoice`, and revises its
 :class:`~ispc.records.GateDecision` where it is left dense.
 """
 from __future__ import annotations
@@ -196,8 +197,8 @@ def _nchw_may_win(gm: fx.GraphModule, state: PassState, x: torch.Tensor, nodes: 
     if t["model_nchw"] < t["model_channels_last"] * LAYOUT_PROBE_RATIO:
         return True
     state.notes.append(f"channels_last: the gated model took {t['model_channels_last']:.2f} ms "
-                       f"channels-last, {t['model_nchw']:.2f} ms on NCHW maps with the predicted kernels; the NCHW "
-                       "kernels were not timed")
+                       f"channels-last, {t['model_nchw']:.2f} ms on NCHW maps with the predicted "
+                       "kernels; the NCHW kernels were not timed")
     return False
 
 
@@ -238,7 +239,8 @@ def _whole_model_check(gm: fx.GraphModule, state: PassState, x: torch.Tensor,
     if nhwc and not x.is_cuda:
         for n, m in current.items():
             orig = originals[n]
-            if not isinstance(m, GatedConv2d) and type(orig) is GatedConv2d and gates[n] is not None:
+            if (not isinstance(m, GatedConv2d) and type(orig) is GatedConv2d
+                    and gates[n] is not None):
                 alt = regated[n] = copy.deepcopy(orig)
                 o_hw = costs.out_hw(nodes[n])
                 alt.set_strategy(*costs.predicted_strategy(alt, o_hw, hws[n], channels_last=True),
@@ -275,7 +277,8 @@ def _whole_model_check(gm: fx.GraphModule, state: PassState, x: torch.Tensor,
         LAYOUT_MARGIN, else a."""
         return b if b in configs and times[b] < times[a] * (1.0 - LAYOUT_MARGIN) else a
 
-    gated_cl = "gated_all" if "gated_all" in times and times["gated_all"] < times["gated"] else "gated"
+    gated_cl = ("gated_all" if "gated_all" in times and times["gated_all"] < times["gated"]
+                else "gated")
     best = faster("gated_nchw", gated_cl) if "gated_nchw" in configs else gated_cl
     best_dense = faster("dense", "dense_nhwc")
     t_gated, t_dense = times[best], times[best_dense]
