@@ -209,7 +209,8 @@ def _whole_model_check(gm: fx.GraphModule, state: PassState, x: torch.Tensor,
     """Per-layer wins need not add up (caches, dispatch): time the whole gated graph against the
     same graph with every gate removed; if gating is not faster, remove every gate. On
     channels-last maps the graph with every layer gated (those the per-layer timing left dense
-    on their predicted kernel) is timed too, and kept where it is faster: per-layer timings at
+    on their predicted kernel) is timed too, and kept where it saves ``min_gain`` of those layers'
+    dense times: per-layer timings at
     large batches are short runs that a busy spell of a shared machine can tip (ResNet-50 at
     batch 32 came back with 35 to 52 of its 52 layers gated from one compile to the next).
 
@@ -277,7 +278,10 @@ def _whole_model_check(gm: fx.GraphModule, state: PassState, x: torch.Tensor,
         LAYOUT_MARGIN, else a."""
         return b if b in configs and times[b] < times[a] * (1.0 - LAYOUT_MARGIN) else a
 
-    gated_cl = ("gated_all" if "gated_all" in times and times["gated_all"] < times["gated"]
+    # gated again only where the whole model saves what min_gain asks of those layers alone
+    need = cfg.min_gain * sum((records(nodes[n]).kernel.times_ms or {}).get("dense", 0.0)
+                              for n in regated if records(nodes[n]).kernel is not None)
+    gated_cl = ("gated_all" if "gated_all" in times and times["gated_all"] < times["gated"] - need
                 else "gated")
     best = faster("gated_nchw", gated_cl) if "gated_nchw" in configs else gated_cl
     best_dense = faster("dense", "dense_nhwc")
