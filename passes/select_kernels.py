@@ -210,9 +210,9 @@ def _whole_model_check(gm: fx.GraphModule, state: PassState, x: torch.Tensor,
     same graph with every gate removed; if gating is not faster, remove every gate. On
     channels-last maps the graph with every layer gated (those the per-layer timing left dense
     on their predicted kernel) is timed too, and kept where it saves ``min_gain`` of those layers'
-    dense times: per-layer timings at
-    large batches are short runs that a busy spell of a shared machine can tip (ResNet-50 at
-    batch 32 came back with 35 to 52 of its 52 layers gated from one compile to the next).
+    dense times: per-layer timings at large batches are short runs that a busy spell of a shared
+    machine can tip (ResNet-50 at batch 32 came back with 35 to 52 of its 52 layers gated from one
+    compile to the next).
 
     With the layout left to measurement (``GatingConfig.channels_last=None``) both are timed in
     both layouts (the gated graph on NCHW maps with the kernels measured for NCHW inputs,
