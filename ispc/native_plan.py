@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from functools import partial
 from operator import attrgetter
 from typing import Any, Callable
@@ -396,9 +396,18 @@ class _Program(nn.Module):
         return _Plan(prog, slots, out_shape, slot_of[seg[-1]], buffers, spans)
 
 
+class _Recorded:
+    """A recorded ``OpProgram.<METHOD>`` call whose fields are the method's keyword arguments."""
+    METHOD = ""
+
+    def add(self, prog: native.OpProgram) -> None:
+        getattr(prog, self.METHOD)(**{f.name: getattr(self, f.name) for f in fields(self)})
+
+
 @dataclass(frozen=True, kw_only=True)
-class _Conv:
+class _Conv(_Recorded):
     """A recorded :meth:`~ispc.ops.native.OpProgram.add_conv` call, by name."""
+    METHOD = "add_conv"
     layer: native.NhwcConv
     x: int
     out: int
@@ -414,15 +423,11 @@ class _Conv:
     sums_out: int
     sums_kind: int
 
-    def add(self, prog: native.OpProgram) -> None:
-        prog.add_conv(self.layer, self.x, self.out, self.shape, self.mode, self.scale,
-                      self.threshold, self.k, self.saliency, self.res, self.clamp, self.sums_in,
-                      self.sums_out, self.sums_kind)
-
 
 @dataclass(frozen=True, kw_only=True)
-class _Depthwise:
+class _Depthwise(_Recorded):
     """A recorded :meth:`~ispc.ops.native.OpProgram.add_depthwise` call, by name."""
+    METHOD = "add_depthwise"
     layer: native.DepthwiseConv3x3
     x: int
     out: int
@@ -431,10 +436,6 @@ class _Depthwise:
     clamp: tuple[float, float]
     sums_out: int
     sums_kind: int
-
-    def add(self, prog: native.OpProgram) -> None:
-        prog.add_depthwise(self.layer, self.x, self.out, self.shape, self.res, self.clamp,
-                           self.sums_out, self.sums_kind)
 
 
 @dataclass(frozen=True)
