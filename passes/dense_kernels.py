@@ -55,16 +55,9 @@ def _native_whole_model_faster(gm: fx.GraphModule, state: PassState, x: torch.Te
     through memory; MobileNetV2 at batch 32 ran 1.8x faster all native, 2-core Xeon)."""
     runners = {label: costs.built_runner(gm, state, mods, dense_kernels=False)
                for label, mods in (("per_layer", {}), ("native", moves))}
-    with torch.no_grad():
-        times = costs.time_candidates({k: (lambda r=r: r(x)) for k, r in runners.items()},
-                                      max(3, state.config.latency_rounds // 3),
-                                      prune_ratio=costs.PRUNE_RATIO)
+    times = costs.time_runners(runners, x, max(3, state.config.latency_rounds // 3),
+                               prune_ratio=costs.PRUNE_RATIO)
     return times["native"] < times["per_layer"]
-
-
-def _out_hw(node: fx.Node) -> int | None:
-    hw = costs.out_hw(node)
-    return hw if hw < 1 << 30 else None
 
 
 def _activation_after(gm: fx.GraphModule, node: fx.Node):
@@ -99,7 +92,7 @@ def dense_kernels(gm: fx.GraphModule, state: PassState) -> fx.GraphModule:
             if not nhwc_serves(xin):
                 continue
             conv = gm.get_submodule(name)
-            cand = NhwcDenseConv2d(conv, _out_hw(nodes[name]))
+            cand = NhwcDenseConv2d(conv, costs.known_hw(costs.out_hw(nodes[name])))
             act = _activation_after(gm, nodes[name]) if cfg.fuse_epilogues else None
             with torch.no_grad():  # nhwc as the runner calls it (costs.in_program)
                 times = costs.time_candidates({"onednn": lambda: act(conv(xin)) if act else conv(xin),
@@ -127,7 +120,7 @@ def dense_kernels(gm: fx.GraphModule, state: PassState) -> fx.GraphModule:
         for name, node in nodes.items():
             conv = gm.get_submodule(name)
             if kind_of(conv) in PREDICTED_KINDS:
-                replace_submodule(gm, name, NhwcDenseConv2d(conv, _out_hw(node)))
+                replace_submodule(gm, name, NhwcDenseConv2d(conv, costs.known_hw(costs.out_hw(node))))
                 records(node).kernel = KernelChoice(strategy="nhwc", cost_model="predicted")
                 moved += 1
     if moved:

@@ -38,7 +38,7 @@ __all__ = ["predicted_strategy", "predicted_choice", "predicted_linear", "linear
            "time_candidates", "layer_inputs", "input_hw", "out_hw", "SMALL_MAP",
            "LARGE_LAYER_MACS", "GATHER_MIN_MAP", "CL_MIN_CHANNELS", "PREDICTED_MARGIN",
            "ORIENT_NAMES", "PRUNE_RATIO", "LAYER_BUDGET_S", "geometry", "in_program", "AS_BUILT",
-           "built_runner"]
+           "built_runner", "time_runners", "known_hw", "UNKNOWN_HW"]
 
 #: without the native kernel, maps with at most this many output positions use the gemm kernel
 SMALL_MAP = 14 * 14
@@ -194,10 +194,19 @@ def input_hw(node: fx.Node) -> tuple[int, int] | None:
     return shape[-2:] if shape is not None and len(shape) == 4 else None
 
 
+#: what :func:`out_hw` says of a node whose shape is unknown (larger than any map)
+UNKNOWN_HW = 1 << 30
+
+
 def out_hw(node: fx.Node) -> int:
-    """Output positions of a layer node (unknown: a large number)."""
+    """Output positions of a layer node (unknown: :data:`UNKNOWN_HW`)."""
     tm = node.meta.get("tensor_meta")
-    return int(tm.shape[-1] * tm.shape[-2]) if tm is not None else 1 << 30
+    return int(tm.shape[-1] * tm.shape[-2]) if tm is not None else UNKNOWN_HW
+
+
+def known_hw(hw: int) -> int | None:
+    """``hw`` from :func:`out_hw`, or None where the shape is unknown (the modules' ``out_hw``)."""
+    return hw if hw < UNKNOWN_HW else None
 
 
 def layer_inputs(gm: fx.GraphModule, names: list[str], x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -273,6 +282,14 @@ def built_runner(gm: fx.GraphModule, state: PassState, swaps: dict[str, nn.Modul
     return NativePlanRunner(g)
 
 
+def time_runners(runners: dict[str, Callable[[torch.Tensor], Any]], x: torch.Tensor, rounds: int,
+                 **kwargs: Any) -> dict[str, float]:
+    """:func:`time_candidates` of whole models (e.g. :func:`built_runner`'s) each called on ``x``
+    without autograd."""
+    with torch.no_grad():
+        return time_candidates({k: (lambda r=r: r(x)) for k, r in runners.items()}, rounds, **kwargs)
+
+
 def time_candidates(fns: dict[str, Callable[[], Any]], rounds: int, *, cuda: bool = False,
                     prune_ratio: float | None = None, keep: tuple[str, ...] = (),
                     budget_s: float | None = None) -> dict[str, float]:
@@ -344,7 +361,7 @@ def measure(mod: GatedConv2d, xin: torch.Tensor, node: fx.Node, cfg: GatingConfi
         # on channels-last maps the runner runs the native layers as one program: left dense,
         # the layer runs there too (NhwcDenseConv2d), not as a oneDNN call that would split the
         # program and have its neighbours run one by one
-        plain = NhwcDenseConv2d(plain, o_hw if o_hw < 1 << 30 else None)
+        plain = NhwcDenseConv2d(plain, known_hw(o_hw))
     if key is not None and key in cache:
         return replace(cache[key], plain=plain)
     a = mod._args
@@ -368,7 +385,7 @@ def measure(mod: GatedConv2d, xin: torch.Tensor, node: fx.Node, cfg: GatingConfi
     else:
         kernels = candidates(mod, tuple(xin.shape[-2:]), channels_last=nhwc_serves(xin))
         for label, (strat, orient) in kernels.items():
-            mod.set_strategy(strat, orient, out_hw=o_hw if o_hw < 1 << 30 else None)
+            mod.set_strategy(strat, orient, out_hw=known_hw(o_hw))
             if strat == "nhwc" and isinstance(mod.prepared, native.NhwcConv) and nhwc_serves(xin):
                 # as the runner calls it: inside a program, into a buffer it keeps
                 fns[label] = in_program(mod.prepared, xin, a[6], mod.scale, a[7], a[8], a[9])

@@ -173,13 +173,9 @@ def _nchw_may_win(gm: fx.GraphModule, state: PassState, x: torch.Tensor, nodes: 
     layer that read a channels-last map gated on its predicted NCHW kernel, under
     :data:`LAYOUT_PROBE_RATIO` times as slow. Else the NCHW kernels are not timed (a note says
     so)."""
-    alts: dict[str, nn.Module] = {}
-    for name, xin in inputs.items():
-        if native.is_channels_last(xin) and type(originals[name]) is GatedConv2d:
-            alt = alts[name] = copy.deepcopy(originals[name])
-            o_hw = costs.out_hw(nodes[name])
-            alt.set_strategy(*costs.predicted_strategy(alt, o_hw, costs.input_hw(nodes[name])),
-                             out_hw=o_hw if o_hw < 1 << 30 else None)
+    alts = {name: _predicted_copy(originals[name], nodes[name], channels_last=False)
+            for name, xin in inputs.items()
+            if native.is_channels_last(xin) and type(originals[name]) is GatedConv2d}
     if not alts:
         return True
     converters = {c: c.enabled for c in layout_converters(gm)}
@@ -191,15 +187,23 @@ def _nchw_may_win(gm: fx.GraphModule, state: PassState, x: torch.Tensor, nodes: 
     finally:
         for c, enabled in converters.items():
             c.enabled = enabled
-    with torch.no_grad():
-        t = costs.time_candidates({k: (lambda r=r: r(x)) for k, r in runners.items()}, 3,
-                                  budget_s=WHOLE_MODEL_BUDGET_S / 2)
+    t = costs.time_runners(runners, x, 3, budget_s=WHOLE_MODEL_BUDGET_S / 2)
     if t["model_nchw"] < t["model_channels_last"] * LAYOUT_PROBE_RATIO:
         return True
     state.notes.append(f"channels_last: the gated model took {t['model_channels_last']:.2f} ms "
                        f"channels-last, {t['model_nchw']:.2f} ms on NCHW maps with the predicted "
                        "kernels; the NCHW kernels were not timed")
     return False
+
+
+def _predicted_copy(mod: GatedConv2d, node: fx.Node, *, channels_last: bool) -> GatedConv2d:
+    """A copy of the gated layer ``mod`` on the kernel the cost model predicts for its shape."""
+    alt = copy.deepcopy(mod)
+    o_hw = costs.out_hw(node)
+    alt.set_strategy(*costs.predicted_strategy(alt, o_hw, costs.input_hw(node),
+                                               channels_last=channels_last),
+                     out_hw=costs.known_hw(o_hw))
+    return alt
 
 
 def _dense_layout_check(gm: fx.GraphModule, state: PassState, x: torch.Tensor) -> None:
@@ -212,10 +216,8 @@ def _dense_layout_check(gm: fx.GraphModule, state: PassState, x: torch.Tensor) -
         for c in converters:
             c.enabled = label == "dense_nhwc"
         runners[label] = costs.built_runner(gm, state, dense_kernels=not x.is_cuda)
-    with torch.no_grad():
-        t = costs.time_candidates({k: (lambda r=r: r(x)) for k, r in runners.items()},
-                                  max(5, state.config.latency_rounds // 2), cuda=x.is_cuda,
-                                  budget_s=WHOLE_MODEL_BUDGET_S)
+    t = costs.time_runners(runners, x, max(5, state.config.latency_rounds // 2), cuda=x.is_cuda,
+                           budget_s=WHOLE_MODEL_BUDGET_S)
     channels_last = t["dense_nhwc"] < t["dense"] * (1.0 - LAYOUT_MARGIN)
     for c in converters:
         c.enabled = channels_last
@@ -262,14 +264,9 @@ def _whole_model_check(gm: fx.GraphModule, state: PassState, x: torch.Tensor,
     configs = {"gated": (current, nhwc)}
     regated: dict[str, nn.Module] = {}  # the layers left dense, gated on their predicted kernel
     if nhwc and not x.is_cuda:
-        for n, m in current.items():
-            orig = originals[n]
-            if (not isinstance(m, GatedConv2d) and type(orig) is GatedConv2d
-                    and gates[n] is not None):
-                alt = regated[n] = copy.deepcopy(orig)
-                o_hw = costs.out_hw(nodes[n])
-                alt.set_strategy(*costs.predicted_strategy(alt, o_hw, hws[n], channels_last=True),
-                                 out_hw=o_hw if o_hw < 1 << 30 else None)
+        regated = {n: _predicted_copy(originals[n], nodes[n], channels_last=True)
+                   for n, m in current.items() if not isinstance(m, GatedConv2d)
+                   and type(originals[n]) is GatedConv2d and gates[n] is not None}
     if regated:
         configs["gated_all"] = ({**current, **regated}, nhwc)
     if free and nhwc and nchw:
@@ -291,10 +288,8 @@ def _whole_model_check(gm: fx.GraphModule, state: PassState, x: torch.Tensor,
     rounds = max(5, cfg.latency_rounds if free else cfg.latency_rounds // 2)
     # a configuration clearly slower than the leader stops being timed (costs.PRUNE_RATIO), and
     # past five rounds, WHOLE_MODEL_BUDGET_S of calls are enough (ResNet-50 at batch 32: ~1 s a call)
-    with torch.no_grad():
-        times = costs.time_candidates({label: (lambda r=r: r(x)) for label, r in runners.items()},
-                                      rounds, cuda=x.is_cuda, prune_ratio=costs.PRUNE_RATIO,
-                                      budget_s=WHOLE_MODEL_BUDGET_S)
+    times = costs.time_runners(runners, x, rounds, cuda=x.is_cuda, prune_ratio=costs.PRUNE_RATIO,
+                               budget_s=WHOLE_MODEL_BUDGET_S)
     del runners
 
     def faster(a: str, b: str) -> str:
