@@ -196,6 +196,13 @@ def _nchw_may_win(gm: fx.GraphModule, state: PassState, x: torch.Tensor, nodes: 
     return False
 
 
+def _faster_layout(times: dict[str, float], nchw: str, channels_last: str) -> str:
+    """``channels_last`` if it was timed and is faster than ``nchw`` (the user's layout) by
+    :data:`LAYOUT_MARGIN`, else ``nchw``."""
+    return (channels_last if channels_last in times
+            and times[channels_last] < times[nchw] * (1.0 - LAYOUT_MARGIN) else nchw)
+
+
 def _predicted_copy(mod: GatedConv2d, node: fx.Node, *, channels_last: bool) -> GatedConv2d:
     """A copy of the gated layer ``mod`` on the kernel the cost model predicts for its shape."""
     alt = copy.deepcopy(mod)
@@ -218,7 +225,7 @@ def _dense_layout_check(gm: fx.GraphModule, state: PassState, x: torch.Tensor) -
         runners[label] = costs.built_runner(gm, state, dense_kernels=not x.is_cuda)
     t = costs.time_runners(runners, x, max(5, state.config.latency_rounds // 2), cuda=x.is_cuda,
                            budget_s=WHOLE_MODEL_BUDGET_S)
-    channels_last = t["dense_nhwc"] < t["dense"] * (1.0 - LAYOUT_MARGIN)
+    channels_last = _faster_layout(t, "dense", "dense_nhwc") == "dense_nhwc"
     for c in converters:
         c.enabled = channels_last
     state.notes.append(f"whole-model check at batch {state.config.latency_batch_size}: no layer "
@@ -292,18 +299,13 @@ def _whole_model_check(gm: fx.GraphModule, state: PassState, x: torch.Tensor,
                                budget_s=WHOLE_MODEL_BUDGET_S)
     del runners
 
-    def faster(a: str, b: str) -> str:
-        """b (channels-last) if it is measured and faster than a (NCHW, the user's layout) by
-        LAYOUT_MARGIN, else a."""
-        return b if b in configs and times[b] < times[a] * (1.0 - LAYOUT_MARGIN) else a
-
     # gated again only where the whole model saves what min_gain asks of those layers alone
     need = cfg.min_gain * sum((records(nodes[n]).kernel.times_ms or {}).get("dense", 0.0)
                               for n in regated if records(nodes[n]).kernel is not None)
     gated_cl = ("gated_all" if "gated_all" in times and times["gated_all"] < times["gated"] - need
                 else "gated")
-    best = faster("gated_nchw", gated_cl) if "gated_nchw" in configs else gated_cl
-    best_dense = faster("dense", "dense_nhwc")
+    best = _faster_layout(times, "gated_nchw", gated_cl) if "gated_nchw" in configs else gated_cl
+    best_dense = _faster_layout(times, "dense", "dense_nhwc")
     t_gated, t_dense = times[best], times[best_dense]
     layout = ""
     if free:
