@@ -71,13 +71,29 @@ def op_rows(model, x: torch.Tensor, *, runs: int) -> tuple[list[dict], dict]:
         med = torch.stack(per).median(0).values * 1e3
         for j, (a, b) in enumerate(plan.spans):
             rows.append({"program": i, "op": j,
-                         "layers": "+".join(str(prog._seg[k].target) for k in range(a, b + 1)),
-                         "modules": "+".join(type(prog._mods[k]).__name__ for k in range(a, b + 1)),
+                         "layers": "+".join(_layer(prog, k) for k in range(a, b + 1)),
+                         "modules": "+".join(_kind(prog, k) for k in range(a, b + 1)),
                          "ms": float(med[j])})
     totals = {"whole_ms": 1e3 * statistics.median(whole),
               "programs_ms": [1e3 * statistics.median(v) if v else None for v in own.values()],
               "programs_planned": len(timers), "programs": len(programs)}
     return rows, totals
+
+
+def _layer(prog, k: int) -> str:
+    """A program's ``k``-th layer by its module's name, or its node's (a classifier's flatten)."""
+    node = prog._seg[k]
+    return str(node.target) if node.op == "call_module" else node.name
+
+
+def _kind(prog, k: int) -> str:
+    """The module type of a program's ``k``-th layer, or the function's name (a classifier's
+    flatten and dropout, which have no module)."""
+    mod = prog._mods[k]
+    if mod is not None:
+        return type(mod).__name__
+    target = prog._seg[k].target
+    return getattr(target, "__name__", str(target))
 
 
 def _model(args: argparse.Namespace, spec: str, saved: bool):
