@@ -898,7 +898,7 @@ class _Op(ctypes.Structure):
                    ("outs", _i64)])
 
 
-_OP_CONV, _OP_DW, _OP_AVGPOOL, _OP_TO_NHWC, _OP_MAXPOOL, _OP_EXPAND_DW, _OP_LINEAR = range(7)
+_OP_CONV, _OP_DW, _OP_AVGPOOL, _OP_TO_NHWC, _OP_MAXPOOL, _OP_EXPAND_DW, _OP_LINEAR, _OP_LINEAR_T = range(8)
 #: output features per block of :meth:`OpProgram.add_linear`'s packed weights (``LIN_B``)
 LINEAR_BLOCK = 64
 _LOCAL = {"x": 1, "out": 2, "res": 4}  # OP_LOCAL_*
@@ -993,6 +993,29 @@ class OpProgram:
         self._keep += [packed, padded]
         self._add(_OP_LINEAR, x, out, (n, c, 1, 1), w=packed.data_ptr(),
                   bias=None if padded is None else padded.data_ptr(), outs=o)
+
+    def add_linear_input_major(self, weight_t: Tensor, bias: Tensor | None, x: int, out: int, shape,
+                               clamp: tuple[float, float] = NO_CLAMP) -> None:
+        """``clamp(F.linear(x.flatten(1), weight_t.t(), bias))`` on slot ``x``'s map of ``shape``
+        (N, C, H, W; channels-last, flattened in NCHW order as ``flatten(1)`` does; H = W = 1 for
+        (N, C) features) into slot ``out``'s (N, out_features). ``weight_t`` is the weight
+        input-major, (in, out) contiguous, read in place (a module's weight can be its transposed
+        view: one copy). Inputs that are zero in every instance are skipped with their weight
+        rows; each output sums the other terms in input order, then adds the bias: the same values
+        on AVX-512 and AVX2, within float rounding of ``F.linear``'s."""
+        n, c, h, w = shape
+        if not (weight_t.dtype == torch.float32 and weight_t.dim() == 2 and weight_t.is_cpu
+                and weight_t.is_contiguous() and weight_t.shape[0] == c * h * w
+                and weight_t.shape[1] >= 1
+                and (bias is None or (bias.dtype == torch.float32 and bias.is_cpu
+                                      and bias.is_contiguous()
+                                      and tuple(bias.shape) == (weight_t.shape[1],)))):
+            raise ConfigError("add_linear_input_major takes a contiguous float32 CPU weight (in, out) "
+                              "with in = C*H*W of the input map, and a bias (out,) or None")
+        self._keep += [weight_t, bias]
+        self._add(_OP_LINEAR_T, x, out, shape, w=weight_t.data_ptr(),
+                  bias=None if bias is None else bias.data_ptr(), outs=weight_t.shape[1],
+                  lo=clamp[0], hi=clamp[1])
 
     def add_avgpool_global(self, x: int, out: int, shape) -> None:
         """:func:`avgpool_global_nhwc`."""
