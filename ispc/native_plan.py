@@ -34,13 +34,18 @@ from torch.nn.modules import module as _nn_module
 
 from .compiled import CompiledModel
 from .modules import (ACTIVATIONS, MODE_CODES, SALIENCY_CODES, ChannelsLastMaxPool2d, GatedConv2d,
-                       GlobalAvgPool2d, NhwcDenseConv2d, ToMemoryFormat, plain_cpu_call)
+                       GlobalAvgPool2d, NhwcDenseConv2d, StridedMaxPool2d, ToMemoryFormat,
+                       plain_cpu_call)
 from .ops import gated_conv as _gc
 from .ops import native
 
 __all__ = ["NativePlanRunner", "runner_for"]
 
-_LAYERS = (ToMemoryFormat, GatedConv2d, NhwcDenseConv2d, GlobalAvgPool2d, ChannelsLastMaxPool2d)
+_LAYERS = (ToMemoryFormat, GatedConv2d, NhwcDenseConv2d, GlobalAvgPool2d, ChannelsLastMaxPool2d,
+           StridedMaxPool2d)
+_POOLS = (ChannelsLastMaxPool2d, StridedMaxPool2d)
+#: layers whose output is a feature map that a classifier may flatten
+_MAPS = (GatedConv2d, NhwcDenseConv2d, ChannelsLastMaxPool2d, StridedMaxPool2d)
 
 
 _GATED_STATE = attrgetter("mode", "threshold", "k", "saliency", "act", "strategy", "_nhwc", "sums_in",
@@ -61,8 +66,10 @@ def _state_of(mod: nn.Module | None) -> Callable[[], tuple]:
         return partial(_DENSE_STATE, mod)
     if type(mod) is ToMemoryFormat:
         return partial(attrgetter("enabled", "channels_last"), mod)
-    if type(mod) is ChannelsLastMaxPool2d:
+    if type(mod) in _POOLS:
         return partial(_POOL_STATE, mod)
+    if type(mod) is nn.AdaptiveAvgPool2d:
+        return partial(attrgetter("output_size"), mod)
     if type(mod) is nn.Dropout:
         return partial(attrgetter("training", "p"), mod)
     if type(mod) is nn.Linear:  # the program holds a packed copy: a changed weight, a new plan
@@ -78,16 +85,44 @@ def _layer(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
             isinstance(a, fx.Node) for a in node.args):
         return None
     mod = gm.get_submodule(node.target)
+    if type(mod) is GatedConv2d and mod.strategy != "nhwc":
+        return None  # another kernel (NCHW, gather): the program stops before it, not at the build
     return mod if type(mod) in _LAYERS else None
 
 
 _FLATTEN = (torch.ops.aten.flatten.using_ints, torch.flatten)
 _DROPOUT = (torch.ops.aten.dropout.default,)
+_RELU = (torch.ops.aten.relu.default, torch.ops.aten.relu_.default, torch.relu, torch.relu_,
+         torch.nn.functional.relu)
+_ADAPTIVE = (torch.ops.aten.adaptive_avg_pool2d.default, torch.ops.aten._adaptive_avg_pool2d.default,
+             torch.nn.functional.adaptive_avg_pool2d, torch._C._nn.adaptive_avg_pool2d)
+
+
+def _module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
+    return gm.get_submodule(node.target) if node.op == "call_module" else None
+
+
+def _is_relu(gm: fx.GraphModule, node: fx.Node) -> bool:
+    return (node.op == "call_function" and node.target in _RELU) or type(_module(gm, node)) is nn.ReLU
+
+
+def _is_adaptive(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """An adaptive average pool (the identity on maps of its output size, as VGG's 7x7 one is
+    at 224x224: checked per plan)."""
+    return ((node.op == "call_function" and node.target in _ADAPTIVE)
+            or type(_module(gm, node)) is nn.AdaptiveAvgPool2d)
+
+
+def _adaptive_size(gm: fx.GraphModule, node: fx.Node) -> tuple[int, int] | None:
+    size = _module(gm, node).output_size if node.op == "call_module" else node.args[1]
+    size = (size, size) if isinstance(size, int) or size is None else tuple(size)
+    return None if len(size) != 2 or None in size else (int(size[0]), int(size[1]))
 
 
 def _tail(gm: fx.GraphModule, node: fx.Node, run: list[fx.Node]) -> bool:
     """Whether ``node`` continues ``run`` as its classifier: a flatten of a global average pool's
-    (N, C, 1, 1) output, an inference dropout after it, a float32 ``nn.Linear`` after those."""
+    (N, C, 1, 1) output or of a feature map (after an adaptive pool that is the identity on it),
+    inference dropouts, float32 ``nn.Linear`` layers after those, a ReLU after a linear."""
     if not run or not node.args or node.args[0] is not run[-1] or node.kwargs:
         return False
     prev = run[-1]
@@ -95,21 +130,29 @@ def _tail(gm: fx.GraphModule, node: fx.Node, run: list[fx.Node]) -> bool:
     mod = gm.get_submodule(node.target) if node.op == "call_module" else None
     if type(mod) is ToMemoryFormat:  # of an (N, C, 1, 1) map, of (N, F) features: no change
         return type(prev_mod) in (GlobalAvgPool2d, nn.Linear) and len(node.args) == 1
+    if _is_adaptive(gm, node):  # of a feature map, before its flatten
+        return type(prev_mod) in _MAPS and len(node.args) == (1 if mod is not None else 2)
     if node.op == "call_function" and node.target in _FLATTEN:
-        return type(prev_mod) in (GlobalAvgPool2d, ToMemoryFormat) and tuple(node.args[1:]) in (
-            (1,), (1, -1))
+        return (type(prev_mod) in (GlobalAvgPool2d, ToMemoryFormat, *_MAPS)
+                or _is_adaptive(gm, prev)) and tuple(node.args[1:]) in ((1,), (1, -1))
+    if _is_relu(gm, node):  # fused into the linear op before it
+        return type(prev_mod) is nn.Linear and len(node.args) == 1
+    flat = _is_tail(gm, prev) and not _is_adaptive(gm, prev)  # (N, F) features
     if node.op == "call_function" and node.target in _DROPOUT:
-        return _is_tail(gm, prev) and len(node.args) == 3 and node.args[2] is False
+        return flat and len(node.args) == 3 and node.args[2] is False
     if type(mod) is nn.Dropout:  # served in eval mode only (_build)
-        return _is_tail(gm, prev) and len(node.args) == 1
-    if node.op == "call_module" and len(node.args) == 1 and _is_tail(gm, prev):
+        return flat and len(node.args) == 1
+    if node.op == "call_module" and len(node.args) == 1 and flat:
         return (type(mod) is nn.Linear and mod.weight.dtype == torch.float32
                 and (mod.bias is None or mod.bias.dtype == torch.float32))
     return False
 
 
 def _is_tail(gm: fx.GraphModule, node: fx.Node) -> bool:
-    """A classifier's flatten or dropout (no op of their own)."""
+    """A classifier's flatten, dropout, ReLU (fused into the linear op before it) or adaptive
+    pool (the identity), none an op of its own."""
+    if _is_relu(gm, node) or _is_adaptive(gm, node):
+        return True
     if node.op == "call_module":
         return type(gm.get_submodule(node.target)) is nn.Dropout
     return node.op == "call_function" and node.target in _FLATTEN + _DROPOUT
@@ -156,6 +199,36 @@ def _trimmed(gm: fx.GraphModule, run: list[fx.Node]) -> list[fx.Node]:
     return run
 
 
+def _pool_window(mod: nn.Module, h: int, w: int) -> tuple[tuple[int, int], ...] | None:
+    """(kernel, stride, padding) of a max-pool layer's native channels-last op on h x w maps,
+    or None where the op does not take it."""
+    if type(mod) is ChannelsLastMaxPool2d:
+        return mod.native_window(h, w)
+    k = (mod.kernel_size,) * 2 if isinstance(mod.kernel_size, int) else tuple(mod.kernel_size)
+    if h < k[0] or w < k[1] or (mod.ceil_mode and (h % k[0] or w % k[1])):
+        return None  # (a partial window: the module's own path)
+    return k, k, (0, 0)  # non-overlapping windows (StridedMaxPool2d)
+
+
+def _after_global_pool(gm: fx.GraphModule, seg: list[fx.Node], i: int) -> bool:
+    """Whether linear layer ``seg[i]`` reads a global average pool's output (through aliases)."""
+    node = seg[i].args[0]
+    while node in seg and _aliases(gm, node, seg.index(node)):
+        node = node.args[0]
+    return node in seg and type(_module(gm, node)) is GlobalAvgPool2d
+
+
+def _input_major(mod: nn.Linear) -> Tensor:
+    """``mod``'s weight input-major, (in, out) contiguous; the module's weight becomes its
+    transposed view where it was not one already (one copy of a weight that may be 400 MB;
+    ``F.linear`` takes the view as it is)."""
+    weight = mod.weight
+    if not weight.t().is_contiguous():
+        with torch.no_grad():
+            weight.data = weight.data.t().contiguous().t()
+    return weight.detach().t()
+
+
 class _Plan:
     """One input shape's program: the ops, their buffers, the slots' pointers."""
 
@@ -178,6 +251,12 @@ class _Program(nn.Module):
         self._alias = [_aliases(gm, n, i) for i, n in enumerate(seg)]  # no op of their own
         self._states = [_state_of(m) for m in self._mods]
         self._src = seg[0].args[0]
+        self.__dict__["_gm"] = gm
+        #: the linear layers run on input-major weights, zero inputs skipped: all but those right
+        #: after a global average pool (averages, rarely zero: the blocked kernel, unless a ReLU
+        #: after them is to be fused)
+        self._input_major = {i for i, m in enumerate(self._mods) if type(m) is nn.Linear and (
+            not _after_global_pool(gm, seg, i) or (i + 1 < len(seg) and _is_relu(gm, seg[i + 1])))}
         self._plans: dict[tuple, tuple[tuple, _Plan | None]] = {}  # shape -> (state, plan)
         #: write the output into a buffer kept across calls (the runner sets it where the output
         #: is read only by layers that return new tensors: it never reaches the caller)
@@ -222,6 +301,7 @@ class _Program(nn.Module):
         if known is not None and known[0] == key:
             return known[1]
         plan = self._build(key[0])
+        key = (key[0], *[f() for f in self._states])  # a build may make a linear input-major
         if len(self._plans) > 8:
             self._plans.clear()
         self._plans[key[0]] = (key, plan)
@@ -248,19 +328,30 @@ class _Program(nn.Module):
             prog.node = prog.first = i
             src = node.args[0]
             n, c, h, w = shapes[src]
-            if self._alias[i]:  # a classifier's flatten, dropout, layout: no op
+            if self._alias[i]:  # a classifier's flatten, dropout, ReLU, layout: no op
                 if type(mod) is nn.Dropout and mod.training and mod.p > 0:
                     return None
+                if _is_adaptive(self._gm, node) and _adaptive_size(self._gm, node) != (h, w):
+                    return None  # an adaptive pool that is not the identity here
                 tail_first = i if tail_first < 0 else tail_first
                 shapes[node], slot_of[node] = shapes[src], slot_of[src]
                 continue
             if type(mod) is nn.Linear:
-                if (h, w) != (1, 1) or c != mod.in_features or not mod.weight.is_cpu or (
+                if c * h * w != mod.in_features or not mod.weight.is_cpu or (
                         mod.bias is not None and not mod.bias.is_cpu):
                     return None
                 out_slot, n_slots = n_slots, n_slots + 1
-                prog.first = tail_first
-                prog.add_linear(mod.weight, mod.bias, slot_of[src], out_slot, n)
+                prog.first, tail_first = tail_first, -1
+                relu = i + 1 < len(seg) and _is_relu(self._gm, seg[i + 1])  # fused
+                if i in self._input_major:
+                    weight_t = _input_major(mod)
+                    bias = None if mod.bias is None else mod.bias.detach().contiguous()
+                    prog.add_linear_input_major(weight_t, bias, slot_of[src], out_slot, (n, c, h, w),
+                                                native.RELU if relu else native.NO_CLAMP)
+                elif (h, w) != (1, 1) or relu:
+                    return None
+                else:
+                    prog.add_linear(mod.weight, mod.bias, slot_of[src], out_slot, n)
                 oshape = (n, mod.out_features, 1, 1)
                 shapes[node], slot_of[node] = oshape, out_slot
                 sizes[out_slot] = n * mod.out_features
@@ -280,8 +371,8 @@ class _Program(nn.Module):
                     return None
                 prog.add_avgpool_global(slot_of[src], out_slot, (n, c, h, w))
                 oshape = (n, c, 1, 1)
-            elif type(mod) is ChannelsLastMaxPool2d:
-                window = mod.native_window(h, w)
+            elif type(mod) in _POOLS:
+                window = _pool_window(mod, h, w)
                 if window is None:
                     return None
                 (kh, kwd), stride, (ph, pw) = window
@@ -560,7 +651,7 @@ def _reads_only(gm: fx.GraphModule, user: fx.Node, value: fx.Node) -> bool:
         return False
     mod = gm.get_submodule(user.target)
     return type(mod) in (_Program, GatedConv2d, NhwcDenseConv2d, GlobalAvgPool2d,
-                         ChannelsLastMaxPool2d)
+                         ChannelsLastMaxPool2d, StridedMaxPool2d)
 
 
 def _root(gm: fx.GraphModule, g: fx.Graph, extra: dict[str, Any] | None = None) -> dict[str, Any]:
