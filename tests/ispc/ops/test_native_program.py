@@ -5,6 +5,8 @@ import ctypes
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ispc.errors import IspcError
 from ispc.ops import gated_conv as gc
@@ -266,3 +268,88 @@ def test_linear_rejects_what_it_cannot_run():
     with pytest.raises(IspcError):
         prog.add_linear(torch.randn(4, 3), torch.randn(5), 0, 1, 1)
 
+
+
+def _linear_t_run(x: torch.Tensor, weight: torch.Tensor, bias, clamp=native.NO_CLAMP,
+                  chunk: int = 0, lib=None) -> torch.Tensor:
+    """:meth:`OpProgram.add_linear_input_major` on ``x`` ((N, F) features or an (N, C, H, W) map,
+    read channels-last) with ``weight`` (out, in) handed over input-major; ``lib``: a build to
+    call directly."""
+    xm = x if x.dim() == 4 else x[:, :, None, None]
+    xm = xm.contiguous(memory_format=torch.channels_last)
+    prog = native.OpProgram()
+    prog.add_linear_input_major(weight.t().contiguous(), bias, 0, 1, tuple(xm.shape), clamp)
+    prog.set_chunk(0, chunk)
+    out = torch.full((x.shape[0], weight.shape[0]), float("nan"))
+    slots = native.OpProgram.slot_array(2)
+    slots[0], slots[1] = xm.data_ptr(), out.data_ptr()
+    if lib is None:
+        prog.run(slots)
+        return out
+    lib.ispc_run_ops.restype = ctypes.c_int64
+    arr = (native._Op * 1)(*prog._ops)
+    need = lib.ispc_run_ops(arr, ctypes.c_int64(1), slots, None, ctypes.c_int64(0), ctypes.c_int64(2))
+    ws = torch.zeros(max(need, 1))
+    assert lib.ispc_run_ops(arr, ctypes.c_int64(1), slots, ctypes.c_void_p(ws.data_ptr()),
+                            ctypes.c_int64(ws.numel()), ctypes.c_int64(2)) == 0
+    return out
+
+
+def _planted(shape, zero: float, shared: bool, g: torch.Generator) -> torch.Tensor:
+    """Random features with a share ``zero`` of exact zeros: the same features in every instance
+    (``shared``: whole weight rows skipped) or drawn per instance."""
+    x = torch.randn(shape, generator=g)
+    mask = torch.rand((1, *shape[1:]) if shared else shape, generator=g) < zero
+    return x.masked_fill(mask.expand(shape), 0.0)
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 6), c=st.integers(1, 40), hw=st.sampled_from([(1, 1), (1, 3), (2, 2), (3, 5)]),
+       o=st.integers(1, 150), zero=st.sampled_from([0.0, 0.4, 0.9, 1.0]), shared=st.booleans(),
+       bias=st.booleans(), relu=st.booleans())
+def test_linear_input_major_equals_f_linear_on_planted_zeros(n, c, hw, o, zero, shared, bias, relu):
+    """Skipping the zero inputs (and their weight rows) gives F.linear of the flattened map
+    (NCHW feature order from a channels-last map) within float32 rounding; chunk by chunk the
+    same values."""
+    g = torch.Generator().manual_seed(n * 7919 + c * 131 + o)
+    x = _planted((n, c, *hw), zero, shared, g)
+    w, b = torch.randn(o, c * hw[0] * hw[1], generator=g), torch.randn(o, generator=g) if bias else None
+    clamp = native.RELU if relu else native.NO_CLAMP
+    got = _linear_t_run(x, w, b, clamp)
+    want = torch.nn.functional.linear(x.flatten(1).double(), w.double(), None if b is None else b.double())
+    if relu:
+        want = want.relu()
+    f = c * hw[0] * hw[1]
+    assert (got.double() - want).abs().max() <= 4 * f * 6e-8 * max(1.0, f ** 0.5) * (1 + want.abs().max())
+    assert torch.equal(_linear_t_run(x, w, b, clamp, chunk=1), got)
+
+
+def test_linear_input_major_at_classifier_sizes():
+    """VGG-16's first layer's shape (512 x 7 x 7 -> 4096, 40% zeros) and a 4096 -> 1000 one."""
+    g = torch.Generator().manual_seed(3)
+    for shape, o in (((1, 512, 7, 7), 4096), ((2, 4096), 1000)):
+        x = _planted(shape, 0.4, False, g).relu()
+        w, b = torch.randn(o, x[0].numel(), generator=g) * 0.01, torch.randn(o, generator=g)
+        want = torch.nn.functional.linear(x.flatten(1).double(), w.double(), b.double())
+        torch.testing.assert_close(_linear_t_run(x, w, b).double(), want, rtol=0, atol=2e-4)
+
+
+def test_linear_input_major_on_the_avx2_build_equals_the_default_build(avx2_native):
+    """Each output sums its kept terms in input order on both builds (the column tails of 1000
+    outputs are scalar on one, vectors on the other): the same values bit for bit."""
+    g = torch.Generator().manual_seed(11)
+    for shape, o in (((3, 24, 2, 3), 1000), ((1, 300), 70), ((5, 64), 37)):
+        x = _planted(shape, 0.5, False, g)
+        w, b = torch.randn(o, x[0].numel(), generator=g), torch.randn(o, generator=g)
+        got = _linear_t_run(x, w, b, native.RELU)
+        assert torch.equal(_linear_t_run(x, w, b, native.RELU, lib=native._build()), got)
+
+
+def test_linear_input_major_rejects_what_it_cannot_run():
+    prog = native.OpProgram()
+    with pytest.raises(IspcError):  # not input-major
+        prog.add_linear_input_major(torch.randn(6, 4).t(), None, 0, 1, (1, 6, 1, 1))
+    with pytest.raises(IspcError):  # 2 x 2 x 2 features, 6 rows
+        prog.add_linear_input_major(torch.randn(6, 4), None, 0, 1, (1, 2, 2, 2))
+    with pytest.raises(IspcError):
+        prog.add_linear_input_major(torch.randn(6, 4), torch.randn(6), 0, 1, (1, 6, 1, 1))
