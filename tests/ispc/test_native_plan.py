@@ -304,3 +304,86 @@ class _Wrap:
 
     def __call__(self, x):
         return self.__dict__["_runner"](x)
+
+
+class _SmallVGG(torch.nn.Module):
+    """VGG's shape in small: conv-BN-ReLU blocks with 2x2 max-pools, a 2x2 adaptive average pool
+    (the identity at 16x16 inputs), flatten, and linear-ReLU-dropout twice before the last
+    linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from torch import nn
+
+        def block(i, o):
+            return [nn.Conv2d(i, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU(inplace=True)]
+
+        self.features = nn.Sequential(*block(3, 16), *block(16, 16), nn.MaxPool2d(2),
+                                      *block(16, 32), *block(32, 32), nn.MaxPool2d(2),
+                                      *block(32, 32), nn.MaxPool2d(2))
+        self.avgpool = nn.AdaptiveAvgPool2d((2, 2))
+        self.classifier = nn.Sequential(nn.Linear(32 * 4, 64), nn.ReLU(True), nn.Dropout(),
+                                        nn.Linear(64, 64), nn.ReLU(True), nn.Dropout(),
+                                        nn.Linear(64, 10))
+
+    def forward(self, x):
+        return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
+
+
+@pytest.fixture(scope="module")
+def vgg():
+    torch.manual_seed(4)
+    model = _SmallVGG().eval()
+    with torch.no_grad():  # BN statistics that leave a share of every map's ReLU outputs zero
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+    g = torch.Generator().manual_seed(1)
+    data = [torch.randn(4, 3, 16, 16, generator=g) for _ in range(2)]
+    cfg = ispc.GatingConfig(keep_ratio=0.5, mode="topk", channels_last=True)
+    return model, ispc.compile(model, data, config=cfg, progress=False)
+
+
+def test_a_vgg_classifier_runs_in_the_program_on_input_major_weights(vgg):
+    """The pools are program ops; the adaptive pool (the identity here), flatten, linears with
+    their ReLUs fused and dropouts join the last program; its linears read the modules' weights
+    in place (made input-major: one copy). Within float rounding of the per-layer graph."""
+    _, c = vgg
+    r = _runner(c)
+    last = r._programs[-1]
+    names = [n.name for n in last._seg]
+    assert names[-1] == "ispc_to_contiguous" or "classifier_6" in names[-1]
+    x = torch.randn(3, 3, 16, 16)
+    assert _served(c, x)
+    (_, plan), = last._plans.values()
+    kinds = [op.kind for op in plan.program._ops]
+    assert kinds.count(native._OP_LINEAR_T) == 3 and native._OP_MAXPOOL in kinds
+    assert [op.lo for op in plan.program._ops if op.kind == native._OP_LINEAR_T] == [0.0, 0.0, -float("inf")]
+    for i in (0, 3, 6):
+        w = c.graph_module.get_submodule(f"classifier.{i}").weight
+        assert w.t().is_contiguous() and any(op.w == w.data_ptr() for op in plan.program._ops)
+    _matches(c, x)
+    with torch.no_grad():
+        for shape in [(1, 3, 16, 16), (2, 3, 17, 19)]:  # 17 x 19: pools drop a row and a column
+            xs = torch.randn(shape)
+            torch.testing.assert_close(c(xs), c.graph_module(xs), rtol=1e-5, atol=1e-5)
+
+
+def test_a_vgg_whose_adaptive_pool_is_not_the_identity_runs_the_graph(vgg):
+    _, c = vgg
+    x = torch.randn(2, 3, 32, 32)  # a 4x4 map pooled to 2x2
+    assert not _served(c, x)
+    with torch.no_grad():
+        assert torch.equal(c(x), c.graph_module(x))
+
+
+def test_a_vgg_keeping_every_channel_equals_the_original():
+    torch.manual_seed(5)
+    model = _SmallVGG().eval()
+    data = [torch.randn(2, 3, 16, 16)]
+    c = ispc.compile(model, data, config=ispc.GatingConfig(keep_ratio=1.0, channels_last=True),
+                     progress=False)
+    x = torch.randn(2, 3, 16, 16)
+    assert _served(c, x)
+    with torch.no_grad():
+        torch.testing.assert_close(c(x), model(x), rtol=1e-5, atol=1e-5)
