@@ -2601,9 +2601,14 @@ static void linear_region(const float *x, int64_t N, int64_t C, const float *w, 
  * sums its kept terms in input order, then adds the bias (the same values on AVX-512 and AVX2).
  * The kept features are listed once (one thread; the others wait at the barrier), then threads
  * split the output columns, each walking the kept weight rows in groups of LT_R, accumulating a
- * slab of its columns for every instance in a buffer that stays in L1 (32 KB). */
+ * slab of its columns for every instance in a buffer that stays in L2. */
 #define LT_R 4
-#define LT_SLAB 8192  /* accumulator floats per slab (all instances): 32 KB */
+#ifndef LT_PF
+#define LT_PF 1  /* groups of kept rows ahead whose weights are prefetched */
+#endif
+#ifndef LT_SLAB
+#define LT_SLAB 32768  /* accumulator floats per slab (all instances): 128 KB, in L2 */
+#endif
 #define LT_NI 4       /* instances per register tile (batches of 4 or more) */
 #define LT_NV (VW == 16 ? 4 : 2)  /* column vectors per register tile */
 #define LT_KB 128     /* kept rows per block: a tile's weights for them stay in L1 */
@@ -2706,8 +2711,10 @@ static void linear_t_region(const float *x, int64_t N, int64_t C, int64_t hw, co
             const int R = K - k < LT_R ? (int)(K - k) : LT_R;
             const float *wr[LT_R], *pf[LT_R];
             for (int r = 0; r < R; r++) wr[r] = wt + (int64_t)idx[k + r] * O;
-            for (int r = 0; r < LT_R; r++)  /* the next group's rows (this group's at the end) */
-                pf[r] = k + LT_R + r < K ? wt + (int64_t)idx[k + LT_R + r] * O : wr[0];
+            for (int r = 0; r < LT_R; r++) {  /* a later group's rows (this group's at the end) */
+                const int64_t kp = k + LT_PF * LT_R + r;
+                pf[r] = kp < K ? wt + (int64_t)idx[kp] * O : wr[0];
+            }
             for (int64_t n = 0; n < N; n++) {  /* the instances and columns not in tiles */
                 const int64_t q0 = n < NT ? ct : 0;
                 if (q0 >= cols) continue;
