@@ -7,9 +7,12 @@ layer) costs more than the kernels: MobileNetV2 on 16x16 inputs took 1.7 ms, of 
 channels-last kernels (the input's layout change, gated and dense ``nhwc`` convolutions, depthwise
 3x3, max-pool, global average pool) and runs them as one :class:`~ispc.ops.native.OpProgram`: the
 same C entries with the same arguments as the modules' own calls (the same results), maps in
-buffers reused by liveness. A global average pool's classifier (flatten, dropout, ``nn.Linear``)
-joins the program as its last op (within float rounding of ``F.linear``: another summation order;
-``classifier=False`` leaves it to the graph). The rest of the graph runs node by node; a graph that
+buffers reused by liveness. The classifier after them (flatten, dropout, ``nn.Linear`` layers, a
+ReLU after one fused into it, an adaptive pool that is the identity on the map) joins the program
+(within float rounding of ``F.linear``: another summation order; ``classifier=False`` leaves it
+to the graph). A linear reading a feature map or a ReLU's output skips its zero inputs with their
+weight rows (``add_linear_input_major``: at batch 1 it is bound by reading its weights); one
+right after a global average pool (averages, rarely zero) runs the blocked kernel. The rest of the graph runs node by node; a graph that
 is one program is called without the graph module's own Python.
 
 It serves a call only when the per-layer path would take those kernels anyway: one positional
