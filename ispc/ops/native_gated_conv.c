@@ -2601,7 +2601,8 @@ static void linear_region(const float *x, int64_t N, int64_t C, const float *w, 
  * sums its kept terms in input order, then adds the bias (the same values on AVX-512 and AVX2).
  * The kept features are listed once (one thread; the others wait at the barrier), then threads
  * split the output columns, each walking the kept weight rows in groups of LT_R, accumulating a
- * slab of its columns for every instance in a buffer that stays in L2. */
+ * slab of its columns for every instance in a buffer that stays in L2; batches in register tiles
+ * of LT_NI instances (lt_tile), the instances left over row group by row group (lt_rows). */
 #define LT_R 4
 #ifndef LT_PF
 #define LT_PF 1  /* groups of kept rows ahead whose weights are prefetched */
@@ -2609,13 +2610,13 @@ static void linear_region(const float *x, int64_t N, int64_t C, const float *w, 
 #ifndef LT_SLAB
 #define LT_SLAB 32768  /* accumulator floats per slab (all instances): 128 KB, in L2 */
 #endif
-#define LT_NI 4       /* instances per register tile (batches of 4 or more) */
-#define LT_NV (VW == 16 ? 4 : 2)  /* column vectors per register tile */
+#define LT_NI (VW == 16 ? 4 : 2)  /* instances per register tile (batches of LT_NI or more) */
+#define LT_NV 4       /* column vectors per register tile */
 #define LT_KB 128     /* kept rows per block: a tile's weights for them stay in L1 */
 
 /* acc[q S + [0, LT_NV VW)] += sum over the kept rows k in [k0, k1), in order, of xv[k N + q] times
  * row k's weights at columns j + [0, LT_NV VW), for q < LT_NI instances at once: each weight
- * vector loaded once for all of them (at batch 32 as LT_NI GEMVs this ran 1.6x F.linear's time) */
+ * vector loaded once for all of them (as one GEMV per instance, batch 32 ran 1.6x F.linear's time) */
 static inline void lt_tile(float *acc, int64_t S, const float *wt, int64_t O, const int32_t *idx,
                            const float *xv, int64_t N, int64_t k0, int64_t k1, int64_t j, int pf) {
     vf a[LT_NI][LT_NV];
