@@ -12,8 +12,9 @@ ReLU after one fused into it, an adaptive pool that is the identity on the map) 
 (within float rounding of ``F.linear``: another summation order; ``classifier=False`` leaves it
 to the graph). A linear reading a feature map or a ReLU's output skips its zero inputs with their
 weight rows (``add_linear_input_major``: at batch 1 it is bound by reading its weights); one
-right after a global average pool (averages, rarely zero) runs the blocked kernel. The rest of the graph runs node by node; a graph that
-is one program is called without the graph module's own Python.
+right after a global average pool (averages, rarely zero) runs the blocked kernel. The rest of
+the graph runs node by node; a graph that is one program is called without the graph module's
+own Python.
 
 It serves a call only when the per-layer path would take those kernels anyway: one positional
 float32 CPU NCHW input, no autograd, no hooks, no profiler, no tracing or compiling; anything else
@@ -75,7 +76,7 @@ def _state_of(mod: nn.Module | None) -> Callable[[], tuple]:
         return partial(attrgetter("output_size"), mod)
     if type(mod) is nn.Dropout:
         return partial(attrgetter("training", "p"), mod)
-    if type(mod) is nn.Linear:  # the program holds a packed copy: a changed weight, a new plan
+    if type(mod) is nn.Linear:  # the program may hold a packed copy: a changed weight, a new plan
         def linear() -> tuple:
             w, b = mod.weight, mod.bias  # in place (a version) or a new tensor under .data
             return (w, w._version, w.data_ptr(), b, None if b is None else (b._version, b.data_ptr()))
