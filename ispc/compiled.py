@@ -9,6 +9,7 @@ from tqdm.auto import tqdm
 
 from .config import GatingConfig
 from .data import iter_inputs
+from .dense_route import runtime_only
 from .errors import DataError
 from .modules import GatedConv2d, GatedLinear, full_channels
 from .report import Report
@@ -121,13 +122,14 @@ class CompiledModel(nn.Module):
                     lambda mod, a, o, name=name: hook(mod, a, o, name)))
         samples = 0
         try:
-            it = iter_inputs(data, device=param.device if param is not None else None,
-                             dtype=param.dtype if param is not None else None)
-            for x in tqdm(it, desc="ispc: measuring", unit="batch",
-                          disable=not (progress if progress is not None else default_progress()),
-                          leave=False):
-                gm(x)
-                samples += int(x.shape[0])
+            with runtime_only(gm, False):  # a dense route's own layers run: the hooks see them
+                it = iter_inputs(data, device=param.device if param is not None else None,
+                                 dtype=param.dtype if param is not None else None)
+                for x in tqdm(it, desc="ispc: measuring", unit="batch",
+                              disable=not (progress if progress is not None else default_progress()),
+                              leave=False):
+                    gm(x)
+                    samples += int(x.shape[0])
         finally:
             for h in hooks:
                 h.remove()

@@ -14,12 +14,13 @@ from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["GatingConfig", "MODES", "SALIENCIES", "ALLOCATIONS", "CAPTURES"]
+__all__ = ["GatingConfig", "MODES", "SALIENCIES", "ALLOCATIONS", "CAPTURES", "DENSE_ROUTES"]
 
 MODES = ("threshold", "topk")
 SALIENCIES = ("l2", "l1", "weighted_l2")
 ALLOCATIONS = ("layer", "global")
 CAPTURES = ("auto", "fx", "export")
+DENSE_ROUTES = ("auto", "off", "onnxruntime", "openvino")
 
 
 def _check_number(name: str, value: Any, *, lo: float, hi: float, lo_open: bool, hi_open: bool = False,
@@ -160,6 +161,13 @@ class GatingConfig:
             ``"export"``: ``torch.export`` on the first calibration batch (batch dimension dynamic
             where the model allows), lifted back to the model's own modules; ``"auto"``: fx where
             it traces and runs, else export (what most Hugging Face models need).
+        dense_route: where no gate pays, run the user's dense model in the fastest installed dense
+            runtime instead (``passes/dense_route.py``, docs/dense_route.md): ``"auto"`` takes it
+            where the compile leaves no layer gated, and with ``latency_aware`` where that runtime,
+            timed at ``latency_batch_size``, beats the gated model as built; it considers ONNX
+            Runtime and OpenVINO (float32), whichever are installed. ``"onnxruntime"`` or
+            ``"openvino"``: the same rule with that runtime only (an error where it is not
+            installed). ``"off"``: never. CPU, float32 models with one tensor input and output.
     """
 
     # ``metadata["help"]`` is the one-line help the command line shows (``ispc.cli`` builds its
@@ -214,6 +222,9 @@ class GatingConfig:
     capture: str = field(default="auto", metadata={
         "help": "fx: torch.fx tracing; export: torch.export; auto: fx where it works, else export",
         "choices": CAPTURES})
+    dense_route: str = field(default="auto", metadata={
+        "help": "run the dense model in the fastest installed dense runtime where no gate pays",
+        "choices": DENSE_ROUTES})
 
     def __post_init__(self) -> None:
         _check_number("keep_ratio", self.keep_ratio, lo=0.0, hi=1.0, lo_open=True)
@@ -250,6 +261,7 @@ class GatingConfig:
             raise ConfigError("GatingConfig.channels_last must be True, False or None (measured "
                               f"with latency_aware), got {self.channels_last!r}")
         _check_choice("capture", self.capture, CAPTURES)
+        _check_choice("dense_route", self.dense_route, DENSE_ROUTES)
         object.__setattr__(self, "layer_keep_ratios", _layer_keep_ratios(self.layer_keep_ratios))
         if not isinstance(self.leaf_modules, tuple) or not all(
                 isinstance(t, type) for t in self.leaf_modules):

@@ -39,6 +39,7 @@ from torch.export import ExportedProgram
 from .compiled import CompiledModel
 from .config import GatingConfig
 from .data import iter_inputs
+from .dense_route import routed
 from .errors import ConfigError, DataError, UnsupportedModelError
 from .records import GateDecision
 from .passes import PassState, records, run_passes
@@ -58,11 +59,12 @@ ANALYSIS: tuple[str, ...] = ("capture", "lift", "fold_bn", "linear_as_conv", "fi
 #: layer changes what the layers after it see; ``channels_last`` just before ``select_kernels``, so
 #: that kernels are timed in the layout the model will run in; ``dense_kernels`` after the last
 #: ``refine`` (the layers left dense are its candidates); ``fuse_epilogues`` next (it changes
-#: no value, and the passes before it hook gated layers' outputs); ``hand_sums`` last (sums of
-#: the values the fused epilogues store, between the kernels chosen)
+#: no value, and the passes before it hook gated layers' outputs); ``hand_sums`` next (sums of
+#: the values the fused epilogues store, between the kernels chosen); ``dense_route`` last (it
+#: compares the model as built with the dense runtimes installed)
 COMPILE: tuple[str, ...] = ANALYSIS + ("insert_gates", "lower_pools", "refine", "prune_dead",
                                        "channels_last", "select_kernels", "refine",
-                                       "dense_kernels", "fuse_epilogues", "hand_sums")
+                                       "dense_kernels", "fuse_epilogues", "hand_sums", "dense_route")
 #: the dense baseline a gated model is timed against: the same lowerings, no gates
 DENSE: tuple[str, ...] = ("capture", "lift", "fold_bn", "lower_pools")
 #: where gates could go, from the model's structure alone (feature decay's default layers)
@@ -154,13 +156,19 @@ def run(model: nn.Module, calibration_data: Any = None, *, config: GatingConfig 
     copy of ``model``; returns the graph module and the state the passes left."""
     names = PIPELINES[pipeline] if isinstance(pipeline, str) else tuple(pipeline)
     cfg = check_config(config)
-    work = private_copy(unwrap(model))
+    source = unwrap(model)
+    work = private_copy(source)
     state = new_state(work, calibration_data, cfg, progress)
+    state.source = source
     return run_passes(work, state, names), state
 
 
 def build_report(gm: fx.GraphModule, state: PassState) -> Report:
-    """What the passes found and decided, read from the graph's records, as a :class:`Report`."""
+    """What the passes found and decided, read from the graph's records, as a :class:`Report`
+    (of the graph a dense route replaced, where it did)."""
+    route = routed(gm)
+    if route is not None and isinstance(route.__dict__.get("as_built"), fx.GraphModule):
+        gm = route.__dict__["as_built"]
     rows: list[LayerReport] = []
     for node in gm.graph.nodes:
         rec = records(node)
@@ -193,8 +201,9 @@ def build_report(gm: fx.GraphModule, state: PassState) -> Report:
         "dense_macs": dense, "expected_macs": expected,
         "mac_reduction": (1.0 - expected / dense) if dense else None,
         "input_shape": list(state.example_inputs[0].shape[1:]) if state.example_inputs else None,
-        "channels_last": runs_channels_last(gm),
+        "channels_last": runs_channels_last(gm) if route is None else False,
         "capture": state.capture,
+        "dense_route": dict(route.decision) if route is not None else None,
     }
     notes = list(state.notes)
     if not rows:  # never 0 layers in silence

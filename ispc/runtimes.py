@@ -30,7 +30,6 @@ fastest float32 dense runtime of the same model and batch size).
 from __future__ import annotations
 
 import contextlib
-import io
 import itertools
 import json
 import os
@@ -52,6 +51,7 @@ from tabulate import tabulate
 from torch import nn
 
 from .compiled import CompiledModel
+from .dense_route import export_dense_onnx
 from .errors import ConfigError, DataError
 from .serialization import save
 from .timing import retain_freed_memory
@@ -231,21 +231,6 @@ def machine_info(threads: int | None = None) -> dict[str, Any]:
         "versions": versions,
         "runtimes": {r.name: r.setup for r in RUNTIMES.values()},
     }
-
-
-def export_dense_onnx(model: nn.Module, example: torch.Tensor, path: str | Path) -> Path:
-    """The user's model, unchanged, as ONNX with a dynamic batch dimension (what ONNX Runtime and
-    OpenVINO read). Exports an eval-mode copy; the exporter's own prints are silenced."""
-    import copy
-
-    work = copy.deepcopy(model).eval()
-    x = example if example.shape[0] >= 2 else example.expand(2, *example.shape[1:]).contiguous()
-    path = Path(path)
-    with contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
-        torch.onnx.export(work, (x,), str(path), dynamo=True, input_names=["input"],
-                          output_names=["output"],
-                          dynamic_shapes=({0: torch.export.Dim("batch")},), external_data=False)
-    return path
 
 
 def _main_path(model: nn.Module) -> str | None:

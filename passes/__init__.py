@@ -2,7 +2,7 @@
 
     capture -> lift -> fold_bn -> linear_as_conv -> find_sites -> calibrate -> rank -> insert_gates -> lower_pools
         -> refine -> prune_dead -> channels_last -> select_kernels -> refine -> dense_kernels
-        -> fuse_epilogues -> hand_sums
+        -> fuse_epilogues -> hand_sums -> dense_route
 
 The named pipelines (that list and the others) and why they run in that order are in
 :mod:`ispc.pipeline`. Each pass is ``pass_fn(gm, state) -> GraphModule``; see
@@ -27,6 +27,7 @@ from .select_kernels import select_kernels
 from .dense_kernels import dense_kernels
 from .fuse_epilogues import fuse_epilogues
 from .hand_sums import hand_sums
+from .dense_route import dense_route
 
 __all__ = [
     "PASSES", "Pass", "PassState", "records", "apply_gate", "apply_kernel", "register_pass",
@@ -36,5 +37,5 @@ __all__ = [
     "calibrate", "saliency_scale", "choose_k", "choose_threshold", "kept_counts", "rank_layers",
     "insert_gates", "resolve_padding", "lower_pools", "refine_thresholds", "prune_dead",
     "channels_last", "layout_converters", "select_kernels",
-    "predicted_strategy", "dense_kernels", "fuse_epilogues", "hand_sums",
+    "predicted_strategy", "dense_kernels", "fuse_epilogues", "hand_sums", "dense_route",
 ]

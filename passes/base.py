@@ -48,6 +48,8 @@ class PassState:
     input_name: str | None = None
     #: which capture made the graph (``fx``, ``export (dynamic batch)``, ...; written by capture)
     capture: str | None = None
+    #: the user's model as given (unwrapped; never run nor changed): what the dense route exports
+    source: nn.Module | None = None
 
     @property
     def calibrated(self) -> bool:

@@ -21,7 +21,7 @@ LAYERS = [
      "ispc.distributed", "ispc.datasets", "ispc.plots"],
     ["ispc.ops"],
     ["ispc.modules"],
-    ["ispc.compiled", "ispc.export", "ispc.native_plan"],
+    ["ispc.compiled", "ispc.export", "ispc.native_plan", "ispc.dense_route"],
     ["ispc.passes"],
     ["ispc.pipeline"],
     ["ispc.backends", "ispc.feature_decay"],

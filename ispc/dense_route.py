@@ -1,0 +1,207 @@
+"""The dense route: a compiled model that runs the user's dense model in the fastest installed
+dense runtime (ONNX Runtime or OpenVINO, float32), where no gate pays (issue 26: never slower than
+the best dense runtime).
+
+The ``dense_route`` pass (``passes/dense_route.py``) decides; this module holds what it builds:
+:class:`DenseRuntimeModule`, the one module the compiled graph calls, with the model as ONNX bytes
+(:func:`export_dense_onnx`, also what ``ispc.runtimes`` times the dense peers with) and a session
+created on its first call with the torch thread count of that moment. The module keeps an eval
+copy of the user's model and runs it instead where the runtime cannot: under ``torch.export``,
+``torch.compile`` or fx tracing (so saving, ONNX export and the other backends see a plain torch
+model), with autograd, on another device or dtype, at another input size than exported, and
+while :meth:`CompiledModel.measure` hooks its layers. Both compute the user's model.
+
+Thread pools: ONNX Runtime's workers spin after a call by default and take the cores from the
+torch work that follows in the same process (a 0.87 ms 3x3 convolution ran 1.8-3.5 ms right after
+a call); the session disables spinning (``session.intra_op.allow_spinning=0``), which costs
+ONNX Runtime itself up to ~40% on small models (MobileNetV2 2.9 -> 4.1 ms, ResNet-18 unchanged;
+docs/dense_route.md). OpenVINO's pool does not slow torch work after a call and needs no setting.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import tempfile
+import threading
+from collections.abc import Iterator
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, fx, nn
+
+from .errors import BackendUnavailableError
+
+__all__ = ["ROUTE_RUNTIMES", "DenseRuntimeModule", "export_dense_onnx", "onnx_bytes",
+           "installed", "require_runtime", "routed", "wrap", "runtime_only"]
+
+#: the dense runtimes a route may use, in the order an untimed route prefers them (OpenVINO does
+#: not slow the torch work after its calls; ONNX Runtime without spinning is slower on small models)
+ROUTE_RUNTIMES: tuple[str, ...] = ("openvino", "onnxruntime")
+#: runtime -> the distribution that provides it
+PACKAGES = {"onnxruntime": "onnxruntime", "openvino": "openvino"}
+#: the submodule name of the route in a compiled graph
+NAME = "dense_route"
+
+
+def export_dense_onnx(model: nn.Module, example: torch.Tensor, path: str | Path) -> Path:
+    """The user's model, unchanged, as ONNX with a dynamic batch dimension (what ONNX Runtime and
+    OpenVINO read). Exports an eval-mode copy; the exporter's own prints are silenced."""
+    work = copy.deepcopy(model).eval()
+    x = example if example.shape[0] >= 2 else example.expand(2, *example.shape[1:]).contiguous()
+    path = Path(path)
+    with contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
+        torch.onnx.export(work, (x,), str(path), dynamo=True, input_names=["input"],
+                          output_names=["output"],
+                          dynamic_shapes=({0: torch.export.Dim("batch")},), external_data=False)
+    return path
+
+
+def onnx_bytes(model: nn.Module, example: torch.Tensor) -> bytes:
+    """:func:`export_dense_onnx` into memory."""
+    with tempfile.TemporaryDirectory() as tmp:
+        return export_dense_onnx(model, example, Path(tmp) / "model.onnx").read_bytes()
+
+
+def installed(runtime: str) -> bool:
+    """Whether ``runtime``'s package is installed (package metadata only: importing a runtime
+    starts its thread pool)."""
+    try:
+        metadata.version(PACKAGES[runtime])
+        return True
+    except metadata.PackageNotFoundError:
+        return False
+
+
+def require_runtime(runtime: str, why: str) -> None:
+    """Raise a one-line :class:`BackendUnavailableError` when ``runtime`` is not installed."""
+    if not installed(runtime):
+        raise BackendUnavailableError(f"{why} needs {runtime}, which is not installed here: "
+                                      f"pip install {PACKAGES[runtime]} (or ispc[peers])")
+
+
+class DenseRuntimeModule(nn.Module):
+    """The user's dense model in ``runtime`` (``"onnxruntime"``/``"openvino"``), float32, from
+    ``onnx`` (its bytes, dynamic batch, the other input dimensions ``input_shape[1:]``); ``model``
+    (an eval copy of the user's model) runs where the runtime cannot (module docstring).
+    ``decision``: what the compile measured (for the report and the archive)."""
+
+    def __init__(self, model: nn.Module, runtime: str, onnx: bytes, input_shape: tuple[int, ...],
+                 decision: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        if runtime not in PACKAGES:
+            raise ValueError(f"unknown dense runtime {runtime!r}; one of {', '.join(PACKAGES)}")
+        self.model = model
+        self.runtime = runtime
+        self.onnx = bytes(onnx)
+        self.input_shape = tuple(int(d) for d in input_shape)
+        self.decision = dict(decision or {})
+        #: False: run ``model`` (set while measure() hooks its layers)
+        self.use_runtime = True
+        self._reset()
+
+    def _reset(self) -> None:
+        self.__dict__["_session"] = None  # ONNX Runtime: one session, any batch size
+        self.__dict__["_requests"] = {}  # OpenVINO: input shape -> infer request (static shapes)
+        self.__dict__["_lock"] = threading.Lock()
+
+    def __getstate__(self) -> dict[str, Any]:  # copies and pickles hold no session
+        state = {k: v for k, v in self.__dict__.items()
+                 if k not in ("_session", "_requests", "_lock", "as_built")}
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._reset()
+
+    def extra_repr(self) -> str:
+        return f"runtime={self.runtime!r}, onnx={len(self.onnx)} bytes"
+
+    def forward(self, x: Any) -> Any:
+        if self._runs(x):
+            return self._run(x)
+        return self.model(x)
+
+    def _runs(self, x: Any) -> bool:
+        """Whether the runtime can compute this call (else ``model`` does)."""
+        if not (self.use_runtime and type(x) is Tensor and x.device.type == "cpu"
+                and x.dtype == torch.float32 and x.dim() == len(self.input_shape)
+                and tuple(x.shape[1:]) == self.input_shape[1:] and x.shape[0] > 0):
+            return False
+        if torch.compiler.is_compiling() or torch.jit.is_tracing():
+            return False
+        return not (torch.is_grad_enabled() and (
+            x.requires_grad or any(p.requires_grad for p in self.model.parameters())))
+
+    def _run(self, x: Tensor) -> Tensor:
+        a = x.detach().contiguous().numpy()
+        if self.runtime == "onnxruntime":
+            sess = self.__dict__["_session"] or self._ort_session()
+            return torch.from_numpy(sess.run(None, {"input": a})[0])
+        with self.__dict__["_lock"]:
+            req = self.__dict__["_requests"].get(a.shape) or self._ov_request(a.shape)
+            req.infer({0: a}, share_inputs=True)
+            return torch.from_numpy(req.get_output_tensor(0).data.copy())
+
+    def _ort_session(self) -> Any:
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = torch.get_num_threads()
+        so.inter_op_num_threads = 1
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        sess = ort.InferenceSession(self.onnx, so, providers=["CPUExecutionProvider"])
+        self.__dict__["_session"] = sess
+        return sess
+
+    def _ov_request(self, shape: tuple[int, ...]) -> Any:
+        import openvino as ov
+
+        core = ov.Core()
+        model = core.read_model(self.onnx, b"")
+        # a static shape per input shape, as OpenVINO's latency guide advises
+        model.reshape({model.inputs[0].get_any_name(): ov.PartialShape(list(shape))})
+        compiled = core.compile_model(model, "CPU", {
+            "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": torch.get_num_threads(),
+            "INFERENCE_PRECISION_HINT": "f32"})
+        req = compiled.create_infer_request()
+        self.__dict__["_requests"][shape] = req
+        return req
+
+
+def routed(gm: nn.Module) -> DenseRuntimeModule | None:
+    """The route a compiled graph runs, or None."""
+    m = getattr(gm, NAME, None)
+    return m if isinstance(m, DenseRuntimeModule) else None
+
+
+def wrap(gm: fx.GraphModule, route: DenseRuntimeModule) -> fx.GraphModule:
+    """A graph that calls ``route`` on ``gm``'s one input (named as ``gm``'s, so keyword calls
+    still work) and returns what it returns."""
+    placeholder = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    root = nn.Module()
+    root.add_module(NAME, route)
+    g = fx.Graph()
+    g.set_codegen(copy.copy(gm.graph._codegen))
+    x = g.placeholder(placeholder.target, type_expr=placeholder.type)
+    g.output(g.call_module(NAME, (x,)))
+    return fx.GraphModule(root, g, class_name=type(gm).__name__)
+
+
+@contextlib.contextmanager
+def runtime_only(gm: nn.Module, use: bool) -> Iterator[None]:
+    """Within the block, every route in ``gm`` runs its runtime (``use``) or its torch model."""
+    routes = [m for m in gm.modules() if isinstance(m, DenseRuntimeModule)]
+    before = [m.use_runtime for m in routes]
+    for m in routes:
+        m.use_runtime = use
+    try:
+        yield
+    finally:
+        for m, b in zip(routes, before):
+            m.use_runtime = b

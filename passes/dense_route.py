@@ -1,0 +1,159 @@
+"""Pass: run the dense model in the fastest installed dense runtime where no gate pays.
+
+Last in ``ispc.compile`` (the model as built is what it compares). Taken (``GatingConfig.
+dense_route="auto"``) where no layer is left gated (``keep_ratio=1.0``, or the latency-aware checks
+removed every gate), and with ``latency_aware`` where the fastest installed runtime (ONNX Runtime,
+OpenVINO f32), timed at ``latency_batch_size`` in this process beside the model as built, beats it
+by :data:`ROUTE_MARGIN`. The graph then calls one :class:`~ispc.dense_route.DenseRuntimeModule`
+holding the user's model exported to ONNX; the report's notes and summary give the figures. The
+gated graph it replaces stays readable by the report (``DenseRuntimeModule.as_built``).
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import fx
+
+from ispc import dense_route as route
+from ispc.errors import UnsupportedModelError
+from ispc.native_plan import NativePlanRunner
+
+from . import kernel_costs as costs
+from .base import PassState, records, register_pass
+from .select_kernels import WHOLE_MODEL_BUDGET_S
+
+__all__ = ["dense_route", "ROUTE_MARGIN", "LABELS"]
+
+#: with gated layers, the runtime must beat the model as built by this fraction of its time
+#: (compile-time timings of whole models in one process differ by ~1-2% between runs)
+ROUTE_MARGIN = 0.02
+#: the runtimes' names for people
+LABELS = {"onnxruntime": "ONNX Runtime", "openvino": "OpenVINO f32"}
+#: the route's output must match the user's model this closely (max |diff| / max |ref|)
+MAX_REL_ERR = 1e-4
+
+
+def _timing_input(state: PassState) -> torch.Tensor | None:
+    """The calibration inputs at ``latency_batch_size`` (as ``select_kernels`` times)."""
+    if not state.calibration_cache:
+        return None
+    pool = torch.cat(state.calibration_cache)
+    reps = -(-state.config.latency_batch_size // pool.shape[0])
+    return pool.repeat(reps, *([1] * (pool.dim() - 1)))[:state.config.latency_batch_size]
+
+
+def _unsupported(gm: fx.GraphModule, state: PassState) -> str | None:
+    """Why the route cannot run this model, from the graph and the example (None: it may)."""
+    if not state.example_inputs:
+        return "compiled without calibration data: no input to export the model with"
+    x = state.example_inputs[0]
+    if state.input_name is not None or sum(n.op == "placeholder" for n in gm.graph.nodes) != 1:
+        return "the model takes its input by keyword or several inputs"
+    if x.device.type != "cpu" or x.dtype != torch.float32:
+        return f"the model runs on {x.device.type} in {x.dtype} (the route is CPU float32)"
+    return None
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    if a.shape != b.shape:
+        return float("inf")
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+
+
+@register_pass("dense_route")
+def dense_route(gm: fx.GraphModule, state: PassState) -> fx.GraphModule:
+    """Replace the graph by one call of the dense model in a dense runtime where no gate pays."""
+    cfg = state.config
+    if cfg.dense_route == "off" or state.source is None:  # (None: not a compile of a user's model)
+        return gm
+    named = cfg.dense_route != "auto"
+    if named:
+        route.require_runtime(cfg.dense_route, f"GatingConfig(dense_route={cfg.dense_route!r})")
+    runtimes = [r for r in ((cfg.dense_route,) if named else route.ROUTE_RUNTIMES)
+                if route.installed(r)]
+    if not runtimes:
+        return gm  # auto: none installed (a named one would have raised)
+    gated = [] if cfg.keeps_everything else [  # (at keep 1.0 a "gated" layer keeps everything)
+        n for n in gm.graph.nodes if records(n).gate is not None and records(n).gate.gated]
+    x = _timing_input(state) if cfg.latency_aware else None
+    if gated and x is None:
+        return gm  # the gates stay unless a measurement says otherwise
+    why = _unsupported(gm, state)
+    if why is not None:
+        if named:
+            raise UnsupportedModelError(f"GatingConfig(dense_route={cfg.dense_route!r}): {why}; "
+                                        "use dense_route='auto' or 'off'")
+        state.notes.append(f"dense route: not considered ({why})")
+        return gm
+    example = state.example_inputs[0]
+    source = copy.deepcopy(state.source).eval()  # the user's model is never run nor changed
+    with torch.no_grad():
+        ref = source(example)
+    if type(ref) is not torch.Tensor:
+        why = f"the model returns {type(ref).__name__}, not one tensor"
+        if named:
+            raise UnsupportedModelError(f"GatingConfig(dense_route={cfg.dense_route!r}): {why}; "
+                                        "use dense_route='auto' or 'off'")
+        state.notes.append(f"dense route: not considered ({why})")
+        return gm
+    try:
+        onnx = route.onnx_bytes(source, example[:2])
+    except Exception as exc:  # the exporter's failures are many and its own
+        if named:
+            raise UnsupportedModelError(f"GatingConfig(dense_route={cfg.dense_route!r}): the "
+                                        f"model does not export to ONNX ({type(exc).__name__}); "
+                                        "use dense_route='off'") from None
+        state.notes.append(f"dense route: not considered (ONNX export failed: "
+                           f"{type(exc).__name__})")
+        return gm
+    with torch.no_grad():
+        cands = {}
+        for r in runtimes:
+            m = route.DenseRuntimeModule(source, r, onnx, tuple(example.shape))
+            err = _rel_err(m(example), ref)
+            if err <= MAX_REL_ERR:
+                cands[r] = m
+            else:
+                state.notes.append(f"dense route: {LABELS[r]} left out: its output differs from "
+                                   f"the model's by {err:.1e} (relative)")
+    if not cands:
+        return gm
+    if cfg.keeps_everything:
+        reason = "keep 1.0: no layer gated"
+    elif gated:
+        reason = f"{len(gated)} gated layer(s) do not pay against it"
+    else:
+        reason = "no layer left gated"
+    bs = cfg.latency_batch_size
+    if x is None:  # no gate and nothing timed: the first installed, in ROUTE_RUNTIMES' order
+        best, times = next(iter(cands)), None
+        take = True
+        figures = f"{LABELS[best]}, untimed (latency_aware off)"
+    else:
+        # each timed alone, not interleaved: a runtime's call right after ispc's (or the other way
+        # round) finds the cores held by the last one's spinning OpenMP/ONNX Runtime workers
+        # (tens of percent in one process), which back-to-back calls of one model do not see
+        times: dict[str, float] = {}
+        for name, fn in {"ispc": NativePlanRunner(gm), **cands}.items():
+            times.update(costs.time_runners({name: fn}, x, max(5, cfg.latency_rounds // 2),
+                                            budget_s=WHOLE_MODEL_BUDGET_S / (1 + len(cands))))
+        best = min(cands, key=times.__getitem__)
+        margin = ROUTE_MARGIN if gated else 0.0
+        take = times[best] * (1.0 + margin) < times["ispc"]
+        others = "".join(f", {LABELS[r]} {times[r]:.2f} ms" for r in cands if r != best)
+        figures = (f"{LABELS[best]} {times[best]:.2f} ms vs ispc as built {times['ispc']:.2f} ms "
+                   f"at batch {bs}{others}")
+    if not take:
+        state.notes.append(f"dense route: not taken, ispc as built is faster ({figures})")
+        return gm
+    state.notes.append(f"dense route: {figures} ({reason}); the compiled model runs the dense "
+                       f"model in {LABELS[best]}")
+    for n in gated:
+        records(n).gate = records(n).gate.ungated(f"dense route: {LABELS[best]} runs the dense "
+                                                  "model faster")
+    chosen = cands[best]
+    chosen.decision = {"runtime": best, "reason": reason, "batch_size": bs if times else None,
+                       "times_ms": dict(times) if times else None}
+    chosen.__dict__["as_built"] = gm
+    return route.wrap(gm, chosen)
