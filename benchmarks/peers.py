@@ -64,7 +64,8 @@ def compile_model(model: torch.nn.Module, calib: list[torch.Tensor], *, keep: fl
     compiled = ispc.compile(model, calib, config=cfg, progress=True)  # bars on stderr
     secs = time.perf_counter() - t0
     say(f"peers: {name} batch {bs} keep {keep}: compiled in {secs:.1f} s")
-    notes = [n for n in compiled.report.notes if n.startswith(("whole-model", "channels_last"))]
+    notes = [n for n in compiled.report.notes
+             if n.startswith(("whole-model", "channels_last", "dense route"))]
     info = {"source": "compiled in this process", "compile_s": secs,
             "layers_gated": compiled.report.summary.get("layers_gated"),
             "channels_last": runs_channels_last(compiled.graph_module), "notes": notes}

@@ -187,7 +187,6 @@ def wrap(gm: fx.GraphModule, route: DenseRuntimeModule) -> fx.GraphModule:
     root = nn.Module()
     root.add_module(NAME, route)
     g = fx.Graph()
-    g.set_codegen(copy.copy(gm.graph._codegen))
     x = g.placeholder(placeholder.target, type_expr=placeholder.type)
     g.output(g.call_module(NAME, (x,)))
     return fx.GraphModule(root, g, class_name=type(gm).__name__)

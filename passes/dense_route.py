@@ -74,8 +74,8 @@ def dense_route(gm: fx.GraphModule, state: PassState) -> fx.GraphModule:
                 if route.installed(r)]
     if not runtimes:
         return gm  # auto: none installed (a named one would have raised)
-    gated = [] if cfg.keeps_everything else [  # (at keep 1.0 a "gated" layer keeps everything)
-        n for n in gm.graph.nodes if records(n).gate is not None and records(n).gate.gated]
+    marked = [n for n in gm.graph.nodes if records(n).gate is not None and records(n).gate.gated]
+    gated = [] if cfg.keeps_everything else marked  # (at keep 1.0 a gate keeps every channel)
     x = _timing_input(state) if cfg.latency_aware else None
     if gated and x is None:
         return gm  # the gates stay unless a measurement says otherwise
@@ -149,7 +149,7 @@ def dense_route(gm: fx.GraphModule, state: PassState) -> fx.GraphModule:
         return gm
     state.notes.append(f"dense route: {figures} ({reason}); the compiled model runs the dense "
                        f"model in {LABELS[best]}")
-    for n in gated:
+    for n in marked:
         records(n).gate = records(n).gate.ungated(f"dense route: {LABELS[best]} runs the dense "
                                                   "model faster")
     chosen = cands[best]

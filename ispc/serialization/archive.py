@@ -52,6 +52,7 @@ from torch.utils import _pytree as pytree
 from ..backends import BACKENDS
 from ..compiled import CompiledModel
 from ..config import GatingConfig
+from ..dense_route import DenseRuntimeModule, require_runtime, routed, wrap
 from ..errors import ArchiveError
 from ..export import as_example_inputs, eval_mode, export_program
 from ..modules import ORIENTATIONS, GatedConv2d, NhwcDenseConv2d
@@ -73,6 +74,7 @@ FORMAT = "ispc.compiled"
 FORMAT_VERSION = 1
 _MANIFEST = "manifest.json"
 _WEIGHTS = "weights.pt"
+_ROUTE = "dense_route.onnx"
 
 
 def _default_example(compiled: CompiledModel) -> tuple[Tensor, ...]:
@@ -165,6 +167,18 @@ def _restore_dense(gm: fx.GraphModule, name: str, node: fx.Node, info: dict[str,
         records(node).kernel = KernelChoice(strategy="nhwc", cost_model="archive")
 
 
+def _rewrap(gm: fx.GraphModule, info: Any, onnx: bytes, path: str | Path) -> fx.GraphModule:
+    """The saved dense route around the rebuilt graph (which computes the same dense model)."""
+    runtime = info.get("runtime") if isinstance(info, dict) else None
+    shape = info.get("input_shape") if isinstance(info, dict) else None
+    if runtime not in ("onnxruntime", "openvino") or not isinstance(shape, list) or not all(
+            isinstance(d, int) for d in shape):
+        raise ArchiveError(f"bad dense route entry in {path}: {info!r}")
+    require_runtime(runtime, f"{path} runs its dense model in {runtime} (its compile's dense "
+                    "route); loading it")
+    return wrap(gm, DenseRuntimeModule(gm, runtime, onnx, tuple(shape), info.get("decision")))
+
+
 def _config_from_dict(d: dict[str, Any]) -> tuple[GatingConfig, list[str]]:
     names = {f.name for f in dataclasses.fields(GatingConfig)}
     kw = {k: v for k, v in d.items() if k in names}
@@ -199,12 +213,18 @@ def save(compiled: CompiledModel, path: str | Path, example_inputs: Any = None) 
         "report": compiled.report.to_dict(), "program": program, "modules": modules,
         "layout": "channels_last" if runs_channels_last(gm) else "contiguous",
     }
+    route = routed(gm)
+    if route is not None:  # the program is its torch model; the runtime's model rides beside
+        manifest["dense_route"] = {"runtime": route.runtime, "input_shape": list(route.input_shape),
+                                   "decision": route.decision, "file": _ROUTE}
     buf = io.BytesIO()
     torch.save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, buf)
     path = Path(path)
     with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as zf:
         zf.writestr(_MANIFEST, json.dumps(manifest, allow_nan=False))
         zf.writestr(_WEIGHTS, buf.getvalue())
+        if route is not None:
+            zf.writestr(_ROUTE, route.onnx)
     return path
 
 
@@ -220,6 +240,8 @@ def load(path: str | Path, *, device: str | torch.device | None = None) -> Compi
         with zipfile.ZipFile(path) as zf:
             manifest = json.loads(zf.read(_MANIFEST).decode("utf-8"))
             weights = zf.read(_WEIGHTS)
+            route_info = manifest.get("dense_route") if isinstance(manifest, dict) else None
+            route_onnx = zf.read(_ROUTE) if route_info is not None else None
     except (zipfile.BadZipFile, KeyError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ArchiveError(f"{path} is not an ispc archive ({type(exc).__name__}: {exc})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
@@ -244,6 +266,8 @@ def load(path: str | Path, *, device: str | torch.device | None = None) -> Compi
     if manifest.get("layout") == "channels_last":  # the exported program has no layout of its own
         insert_converters(gm)
     reload(gm, config)  # the archive holds the epilogues as ATen add/relu nodes: fuse them again
+    if route_info is not None:
+        gm = _rewrap(gm, route_info, route_onnx, path)
     if device is not None:
         gm.to(device)
     gm.eval()
