@@ -3,8 +3,8 @@
 Last in ``ispc.compile`` (the model as built is what it compares). Taken (``GatingConfig.
 dense_route="auto"``) where no layer is left gated (``keep_ratio=1.0``, or the latency-aware checks
 removed every gate), and with ``latency_aware`` where the fastest installed runtime (ONNX Runtime,
-OpenVINO f32), timed at ``latency_batch_size`` in this process beside the model as built, beats it
-by :data:`ROUTE_MARGIN`. The graph then calls one :class:`~ispc.dense_route.DenseRuntimeModule`
+OpenVINO f32), timed at ``latency_batch_size`` in this process beside the model as built, is not slower than it
+by more than :data:`ROUTE_MARGIN` (ties go to the runtime). The graph then calls one :class:`~ispc.dense_route.DenseRuntimeModule`
 holding the user's model exported to ONNX; the report's notes and summary give the figures. The
 gated graph it replaces stays readable by the report (``DenseRuntimeModule.as_built``).
 """
@@ -19,15 +19,19 @@ from ispc import dense_route as route
 from ispc.errors import UnsupportedModelError
 from ispc.native_plan import NativePlanRunner
 
-from . import kernel_costs as costs
 from .base import PassState, records, register_pass
+from .kernel_costs import time_runners
 from .select_kernels import WHOLE_MODEL_BUDGET_S
 
 __all__ = ["dense_route", "ROUTE_MARGIN", "LABELS"]
 
-#: with gated layers, the runtime must beat the model as built by this fraction of its time
-#: (compile-time timings of whole models in one process differ by ~1-2% between runs)
-ROUTE_MARGIN = 0.02
+#: the route is taken unless the model as built runs faster than the runtime by more than this
+#: fraction: ties go to the dense runtime ("never slower than the best dense runtime"), and timed
+#: here, in the compiling process, the runtimes read up to ~7% slower than in a process of their
+#: own while ispc's model may read faster or slower (ResNet-18 keep 1.0 at batch 1: OpenVINO 12.12
+#: against 11.36 ms, ONNX Runtime 12.41 against 11.30, ispc 11.56 against 12.08; MobileNetV2:
+#: OpenVINO 3.15 against 3.18, ispc 3.59 against 3.21; 2-core Xeon, docs/dense_route.md)
+ROUTE_MARGIN = 0.10
 #: the runtimes' names for people
 LABELS = {"onnxruntime": "ONNX Runtime", "openvino": "OpenVINO f32"}
 #: the route's output must match the user's model this closely (max |diff| / max |ref|)
@@ -136,11 +140,10 @@ def dense_route(gm: fx.GraphModule, state: PassState) -> fx.GraphModule:
         # (tens of percent in one process), which back-to-back calls of one model do not see
         times: dict[str, float] = {}
         for name, fn in {"ispc": NativePlanRunner(gm), **cands}.items():
-            times.update(costs.time_runners({name: fn}, x, max(5, cfg.latency_rounds // 2),
+            times.update(time_runners({name: fn}, x, max(5, cfg.latency_rounds // 2),
                                             budget_s=WHOLE_MODEL_BUDGET_S / (1 + len(cands))))
         best = min(cands, key=times.__getitem__)
-        margin = ROUTE_MARGIN if gated else 0.0
-        take = times[best] * (1.0 + margin) < times["ispc"]
+        take = times[best] < times["ispc"] * (1.0 + ROUTE_MARGIN)
         others = "".join(f", {LABELS[r]} {times[r]:.2f} ms" for r in cands if r != best)
         figures = (f"{LABELS[best]} {times[best]:.2f} ms vs ispc as built {times['ispc']:.2f} ms "
                    f"at batch {bs}{others}")

@@ -24,6 +24,18 @@ def _seed():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _no_dense_runtimes(request, monkeypatch):
+    """Compiles run as where no dense runtime (ONNX Runtime, OpenVINO) is installed, so that the
+    default ``GatingConfig.dense_route="auto"`` leaves the gated model the tests inspect (and no
+    test pays an ONNX export); tests marked ``dense_runtimes`` see what is installed."""
+    if request.node.get_closest_marker("dense_runtimes") is None:
+        from ispc import dense_route
+
+        monkeypatch.setattr(dense_route, "installed", lambda runtime: False)
+    yield
+
+
 @pytest.fixture
 def avx2_native(monkeypatch):
     """The native library built for AVX2 only (``-mno-avx512f``), in place of the default one for

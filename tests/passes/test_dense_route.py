@@ -1,0 +1,201 @@
+"""passes/dense_route.py: where no gate pays, the compiled model runs the user's dense model in a
+dense runtime; the decision, its figures, the model's outputs and every path around the runtime."""
+from __future__ import annotations
+
+import copy
+import importlib
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+import ispc
+from ispc import pipeline
+from conftest import rel_err
+from zoo import SmallResidualNet
+from ispc import dense_route as route
+
+route_pass = importlib.import_module("ispc.passes.dense_route")  # (the package exports the pass)
+
+pytestmark = pytest.mark.dense_runtimes
+
+INSTALLED = [r for r in route.ROUTE_RUNTIMES if route.installed(r)]
+needs_runtime = pytest.mark.skipif(not INSTALLED, reason="no dense runtime installed")
+
+
+def _data():
+    return [torch.randn(8, 3, 16, 16) for _ in range(2)]
+
+
+def _compile(model=None, **cfg):
+    model = SmallResidualNet().eval() if model is None else model
+    return model, ispc.compile(model, _data(), config=ispc.GatingConfig(**cfg), progress=False)
+
+
+@needs_runtime
+@pytest.mark.parametrize("runtime", INSTALLED)
+def test_keep_1_runs_the_dense_model_in_the_runtime(runtime):
+    model, compiled = _compile(keep_ratio=1.0, dense_route=runtime)
+    m = route.routed(compiled.graph_module)
+    assert isinstance(m, route.DenseRuntimeModule) and m.runtime == runtime
+    calls = []
+    m.register_forward_hook(lambda *a: calls.append(1))
+    with torch.no_grad():
+        for n in (1, 3, 5):  # any batch size (OpenVINO: one static-shape request per size)
+            x = torch.randn(n, 3, 16, 16)
+            assert rel_err(compiled(x), model(x)) < 1e-5
+    assert m.__dict__["_session"] is not None or m.__dict__["_requests"]  # the runtime ran
+    s = compiled.report.summary
+    assert s["dense_route"]["runtime"] == runtime and s["layers_gated"] == 0
+    assert s["dense_route"]["reason"] == "keep 1.0: no layer gated"
+    assert any(n.startswith("dense route: ") and "untimed" in n for n in compiled.report.notes)
+    assert all("dense route" in (r.reason or "") for r in compiled.report.layers if r.macs
+               and r.op == "conv2d" and r.in_channels >= 16)
+
+
+@needs_runtime
+def test_auto_takes_the_first_installed_untimed():
+    _, compiled = _compile(keep_ratio=1.0)
+    assert route.routed(compiled.graph_module).runtime == INSTALLED[0]
+
+
+def test_off_keeps_the_ispc_graph():
+    model, compiled = _compile(keep_ratio=1.0, dense_route="off")
+    assert route.routed(compiled.graph_module) is None
+    assert compiled.report.summary["dense_route"] is None
+    assert not any(isinstance(m, route.DenseRuntimeModule) for m in compiled.modules())
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert rel_err(compiled(x), model(x)) < 1e-5
+
+
+@needs_runtime
+def test_gated_model_kept_without_a_measurement():
+    _, compiled = _compile(keep_ratio=0.5, mode="topk")
+    assert route.routed(compiled.graph_module) is None
+    assert compiled.report.summary["layers_gated"] > 0
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
+def test_named_runtime_not_installed_is_one_line_error(runtime, monkeypatch):
+    monkeypatch.setattr(route, "installed", lambda r: False)
+    with pytest.raises(ispc.IspcError, match=f"pip install {runtime}") as err:
+        _compile(keep_ratio=1.0, dense_route=runtime)
+    assert "\n" not in str(err.value)
+
+
+def test_auto_without_runtimes_is_silent(monkeypatch):
+    monkeypatch.setattr(route, "installed", lambda r: False)
+    _, compiled = _compile(keep_ratio=1.0)
+    assert route.routed(compiled.graph_module) is None
+    assert not any("dense route" in n for n in compiled.report.notes)
+
+
+def _fake_times(monkeypatch, **ms):
+    def time_runners(runners, x, rounds, **kw):
+        (name,) = runners
+        runners[name](x)  # each candidate still runs
+        return {name: ms[name]}
+
+    monkeypatch.setattr(route_pass, "time_runners", time_runners)
+
+
+@needs_runtime
+@pytest.mark.parametrize("ispc_ms, taken", [(10.0, True), (8.9, True), (8.7, False)])
+def test_latency_aware_route_against_the_gated_model_as_built(monkeypatch, ispc_ms, taken):
+    """The route is taken unless the model as built beats the runtime by ROUTE_MARGIN (figures from
+    the timing helper, replaced here: the rule is tested, not this machine's speed). The pass
+    runs on a gated graph built with the passes before it."""
+    runtime = INSTALLED[0]
+    _fake_times(monkeypatch, ispc=ispc_ms, **{runtime: 9.7})
+    model = SmallResidualNet().eval()
+    cfg = ispc.GatingConfig(keep_ratio=0.5, mode="topk", dense_route="off")
+    gm, state = pipeline.run(model, _data(), config=cfg, pipeline=pipeline.COMPILE[:-1],
+                             progress=False)
+    gated = pipeline.build_report(gm, state).summary["layers_gated"]
+    assert gated > 0
+    state.config = cfg.replace(latency_aware=True, latency_rounds=1, dense_route=runtime)
+    out = route_pass.dense_route(gm, state)
+    report = pipeline.build_report(out, state)
+    m = route.routed(out)
+    note = next(n for n in state.notes if n.startswith("dense route"))
+    assert f"{ispc_ms:.2f} ms" in note and "9.70 ms" in note
+    if taken:
+        assert m is not None and m.decision["times_ms"] == {"ispc": ispc_ms, runtime: 9.7}
+        assert m.decision["reason"] == f"{gated} gated layer(s) do not pay against it"
+        assert report.summary["layers_gated"] == 0 and report.summary["dense_route"] == m.decision
+        assert len(report.layers) == len(pipeline.build_report(gm, state).layers)
+        x = torch.randn(2, 3, 16, 16)
+        with torch.no_grad():  # the dense model
+            assert rel_err(out(x), model(x)) < 1e-5
+    else:
+        assert m is None and out is gm and note.startswith("dense route: not taken")
+        assert report.summary["layers_gated"] == gated
+
+
+@needs_runtime
+def test_no_gate_left_takes_the_faster_runtime(monkeypatch):
+    if len(INSTALLED) < 2:
+        pytest.skip("needs both runtimes")
+    _fake_times(monkeypatch, ispc=5.0, onnxruntime=4.0, openvino=3.0)
+    _, compiled = _compile(keep_ratio=1.0, latency_aware=True, latency_rounds=1)
+    m = route.routed(compiled.graph_module)
+    assert m.runtime == "openvino" and m.decision["batch_size"] == 1
+    _fake_times(monkeypatch, ispc=2.5, onnxruntime=4.0, openvino=3.0)
+    _, compiled = _compile(keep_ratio=1.0, latency_aware=True, latency_rounds=1)
+    assert route.routed(compiled.graph_module) is None  # never slower than ispc as built
+
+
+class TwoOutputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = SmallResidualNet()
+
+    def forward(self, x):
+        y = self.net(x)
+        return y, y.sum(1)
+
+
+@needs_runtime
+def test_model_the_route_cannot_run(monkeypatch):
+    _, compiled = _compile(TwoOutputs().eval(), keep_ratio=1.0)
+    assert route.routed(compiled.graph_module) is None
+    assert any("dense route: not considered (the model returns tuple" in n
+               for n in compiled.report.notes)
+    with pytest.raises(ispc.UnsupportedModelError, match="returns tuple"):
+        _compile(TwoOutputs().eval(), keep_ratio=1.0, dense_route=INSTALLED[0])
+
+
+@needs_runtime
+def test_users_model_untouched():
+    model = SmallResidualNet().train()
+    before = copy.deepcopy(model.state_dict())
+    _compile(model, keep_ratio=1.0)
+    assert model.training
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+@needs_runtime
+def test_paths_around_the_runtime_compute_the_same_model():
+    model, compiled = _compile(keep_ratio=1.0)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        ref = model(x)
+        assert rel_err(compiled(x.contiguous(memory_format=torch.channels_last)), ref) < 1e-5
+        bigger = torch.randn(2, 3, 24, 24)  # another size than exported: the torch model
+        assert rel_err(compiled(bigger), model(bigger)) < 1e-5
+    xg = x.clone().requires_grad_()
+    y = compiled(xg)  # autograd: the torch model
+    assert y.grad_fn is not None and rel_err(y.detach(), ref) < 1e-5
+    # export sees the torch model (what saving and ONNX export trace)
+    ep = ispc.export.export_program(compiled, (x,))
+    assert rel_err(ep.module()(x), ref) < 1e-5
+    # copies and pickles hold no session
+    for other in (copy.deepcopy(compiled), pickle.loads(pickle.dumps(compiled))):
+        with torch.no_grad():
+            assert rel_err(other(x), ref) < 1e-5
+    # measure() sees the layers
+    got = compiled.measure([x], progress=False)
+    assert got["dense_macs"] > 0 and got["mac_reduction"] == pytest.approx(0.0)
+    assert route.routed(compiled.graph_module).use_runtime
