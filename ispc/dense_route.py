@@ -12,10 +12,12 @@ model), with autograd, on another device or dtype, at another input size than ex
 while :meth:`CompiledModel.measure` hooks its layers. Both compute the user's model.
 
 Thread pools: ONNX Runtime's workers spin after a call by default and take the cores from the
-torch work that follows in the same process (a 0.87 ms 3x3 convolution ran 1.8-3.5 ms right after
-a call); the session disables spinning (``session.intra_op.allow_spinning=0``), which costs
-ONNX Runtime itself up to ~40% on small models (MobileNetV2 2.9 -> 4.1 ms, ResNet-18 unchanged;
-docs/dense_route.md). OpenVINO's pool does not slow torch work after a call and needs no setting.
+torch work that follows in the same process (a 0.87 ms 3x3 convolution ran 1.7-3.3 ms right after
+a call); without spinning (``session.intra_op.allow_spinning=0``) ONNX Runtime itself loses up to
+~40% on small models (MobileNetV2 3.0 -> 4.2 ms). The session keeps spinning within a call and
+stops it when the call returns (``session.force_spinning_stop=1``): MobileNetV2 3.07 ms, the
+convolution after it 0.95 ms (docs/dense_route.md). OpenVINO's pool does not slow torch work
+after a call and needs no setting.
 """
 from __future__ import annotations
 
@@ -38,8 +40,8 @@ from .errors import BackendUnavailableError
 __all__ = ["ROUTE_RUNTIMES", "DenseRuntimeModule", "export_dense_onnx", "onnx_bytes",
            "installed", "require_runtime", "routed", "wrap", "runtime_only"]
 
-#: the dense runtimes a route may use, in the order an untimed route prefers them (OpenVINO does
-#: not slow the torch work after its calls; ONNX Runtime without spinning is slower on small models)
+#: the dense runtimes a route may use, in the order an untimed route prefers them (OpenVINO needs
+#: no thread-pool setting in a torch process; the two ran within ~3% of each other here)
 ROUTE_RUNTIMES: tuple[str, ...] = ("openvino", "onnxruntime")
 #: runtime -> the distribution that provides it
 PACKAGES = {"onnxruntime": "onnxruntime", "openvino": "openvino"}
@@ -154,7 +156,7 @@ class DenseRuntimeModule(nn.Module):
         so.inter_op_num_threads = 1
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        so.add_session_config_entry("session.force_spinning_stop", "1")  # (module docstring)
         sess = ort.InferenceSession(self.onnx, so, providers=["CPUExecutionProvider"])
         self.__dict__["_session"] = sess
         return sess

@@ -209,3 +209,63 @@ def test_archive_written_by_0_1_0_still_loads():
         assert {n: m.strategy for n, m in loaded.gated_modules().items()} == io_["strategies"]
     with torch.no_grad():
         assert rel_err(loaded(io_["x"]), io_["y"]) < 1e-6
+
+
+@pytest.fixture(scope="module")
+def routed_archive(tmp_path_factory):
+    from ispc import dense_route
+
+    runtime = next((r for r in dense_route.ROUTE_RUNTIMES if dense_route.installed(r)), None)
+    if runtime is None:
+        pytest.skip("no dense runtime installed")
+    torch.manual_seed(0)
+    model = SmallResidualNet().eval()
+    data = [torch.randn(8, 3, 16, 16) for _ in range(2)]
+    compiled = ispc.compile(model, data, config=ispc.GatingConfig(keep_ratio=1.0,
+                                                                  dense_route=runtime),
+                            progress=False)
+    assert dense_route.routed(compiled.graph_module) is not None
+    path = tmp_path_factory.mktemp("route") / "routed.ispc"
+    save(compiled, path)
+    return model, compiled, path, runtime
+
+
+@pytest.mark.dense_runtimes
+def test_dense_route_round_trip_in_fresh_process(routed_archive, tmp_path):
+    model, compiled, path, runtime = routed_archive
+    with zipfile.ZipFile(path) as zf:
+        manifest = json.loads(zf.read("manifest.json"))
+        assert zf.read("dense_route.onnx") == compiled.graph_module.dense_route.onnx
+    assert manifest["dense_route"]["runtime"] == runtime
+    x = torch.randn(3, 3, 16, 16)
+    torch.save(x, tmp_path / "x.pt")
+    code = (
+        "import sys, torch, ispc\n"
+        "from ispc.dense_route import routed\n"
+        "m = ispc.load(sys.argv[1])\n"
+        "x = torch.load(sys.argv[2], weights_only=True)\n"
+        "with torch.no_grad():\n"
+        "    torch.save(m(x), sys.argv[3])\n"
+        "r = routed(m.graph_module)\n"
+        "print(r.runtime, r.__dict__['_session'] is not None or bool(r.__dict__['_requests']))\n")
+    out = subprocess.run([sys.executable, "-c", code, str(path), str(tmp_path / "x.pt"),
+                          str(tmp_path / "y.pt")], capture_output=True, text=True,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == [runtime, "True"]  # the loaded model ran the runtime
+    y = torch.load(tmp_path / "y.pt", weights_only=True)
+    with torch.no_grad():
+        assert rel_err(y, model(x)) < 1e-5
+    loaded = load(path)
+    assert loaded.report.summary["dense_route"] == compiled.report.summary["dense_route"]
+
+
+@pytest.mark.dense_runtimes
+def test_dense_route_load_without_its_runtime(routed_archive, monkeypatch):
+    from ispc import dense_route
+
+    _, _, path, runtime = routed_archive
+    monkeypatch.setattr(dense_route, "installed", lambda r: False)
+    with pytest.raises(ispc.IspcError, match=f"pip install {runtime}") as err:
+        load(path)
+    assert "\n" not in str(err.value)
