@@ -167,10 +167,9 @@ def build_report(gm: fx.GraphModule, state: PassState) -> Report:
     """What the passes found and decided, read from the graph's records, as a :class:`Report`
     (of the graph a dense route replaced, where it did)."""
     route = routed(gm)
-    if route is not None and isinstance(route.__dict__.get("as_built"), fx.GraphModule):
-        gm = route.__dict__["as_built"]
+    graph = route.__dict__.get("as_built") if route is not None else None
     rows: list[LayerReport] = []
-    for node in gm.graph.nodes:
+    for node in (graph if isinstance(graph, fx.Graph) else gm.graph).nodes:
         rec = records(node)
         layer, gate = rec.layer, rec.gate or GateDecision(gated=False)
         if layer is None:

@@ -22,7 +22,7 @@ def _vgg_like():
 def test_pipelines_are_named_once():
     assert pipeline.COMPILE[:len(pipeline.ANALYSIS)] == pipeline.ANALYSIS
     assert pipeline.COMPILE.index("refine") < pipeline.COMPILE.index("select_kernels")
-    assert pipeline.COMPILE[-2:] == ("fuse_epilogues", "hand_sums")
+    assert pipeline.COMPILE[-3:] == ("fuse_epilogues", "hand_sums", "dense_route")
     assert pipeline.RELOAD == ("lower_pools", "fuse_epilogues", "hand_sums")
     assert set(pipeline.PIPELINES) == {"compile", "inspect", "dense", "sites", "reload"}
     from ispc.passes import PASSES
