@@ -66,6 +66,16 @@ def _unsupported(gm: fx.GraphModule, state: PassState) -> str | None:
     return None
 
 
+def _not_considered(gm: fx.GraphModule, state: PassState, why: str) -> fx.GraphModule:
+    """``gm`` unchanged, with a note (auto); a one-line error where a runtime was named."""
+    cfg = state.config
+    if cfg.dense_route != "auto":
+        raise UnsupportedModelError(f"GatingConfig(dense_route={cfg.dense_route!r}): {why}; use "
+                                    "dense_route='auto' or 'off'")
+    state.notes.append(f"dense route: not considered ({why})")
+    return gm
+
+
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     if a.shape != b.shape:
         return float("inf")
@@ -92,37 +102,22 @@ def dense_route(gm: fx.GraphModule, state: PassState) -> fx.GraphModule:
         return gm  # the gates stay unless a measurement says otherwise
     why = _unsupported(gm, state)
     if why is not None:
-        if named:
-            raise UnsupportedModelError(f"GatingConfig(dense_route={cfg.dense_route!r}): {why}; "
-                                        "use dense_route='auto' or 'off'")
-        state.notes.append(f"dense route: not considered ({why})")
-        return gm
-    example = state.example_inputs[0]
+        return _not_considered(gm, state, why)
+    probe = x if x is not None else state.example_inputs[0][:1]
     source = copy.deepcopy(state.source).eval()  # the user's model is never run nor changed
     with torch.no_grad():
-        ref = source(example)
+        ref = source(probe)
     if type(ref) is not torch.Tensor:
-        why = f"the model returns {type(ref).__name__}, not one tensor"
-        if named:
-            raise UnsupportedModelError(f"GatingConfig(dense_route={cfg.dense_route!r}): {why}; "
-                                        "use dense_route='auto' or 'off'")
-        state.notes.append(f"dense route: not considered ({why})")
-        return gm
+        return _not_considered(gm, state, f"the model returns {type(ref).__name__}, not one tensor")
     try:
-        onnx = route.onnx_bytes(source, example[:2])
+        onnx = route.onnx_bytes(source, state.example_inputs[0][:2])
     except Exception as exc:  # the exporter's failures are many and its own
-        if named:
-            raise UnsupportedModelError(f"GatingConfig(dense_route={cfg.dense_route!r}): the "
-                                        f"model does not export to ONNX ({type(exc).__name__}); "
-                                        "use dense_route='off'") from None
-        state.notes.append(f"dense route: not considered (ONNX export failed: "
-                           f"{type(exc).__name__})")
-        return gm
+        return _not_considered(gm, state, f"ONNX export failed: {type(exc).__name__}")
+    cands = {}
     with torch.no_grad():
-        cands = {}
         for r in runtimes:
-            m = route.DenseRuntimeModule(source, r, onnx, tuple(example.shape))
-            err = _rel_err(m(example), ref)
+            m = route.DenseRuntimeModule(source, r, onnx, tuple(probe.shape))
+            err = _rel_err(m(probe), ref)
             if err <= MAX_REL_ERR:
                 cands[r] = m
             else:
@@ -148,7 +143,7 @@ def dense_route(gm: fx.GraphModule, state: PassState) -> fx.GraphModule:
         times: dict[str, float] = {}
         for name, fn in {"ispc": NativePlanRunner(gm), **cands}.items():
             times.update(time_runners({name: fn}, x, max(10, cfg.latency_rounds),
-                                            budget_s=WHOLE_MODEL_BUDGET_S / (1 + len(cands))))
+                                      budget_s=WHOLE_MODEL_BUDGET_S / (1 + len(cands))))
         best = min(cands, key=times.__getitem__)
         if best == "onnxruntime" and times.get("openvino", float("inf")) <= times[best] * (
                 1.0 + RUNTIME_TIE):
