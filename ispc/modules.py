@@ -18,6 +18,7 @@ __all__ = [
     "ChannelsLastMaxPool2d", "StridedMaxPool2d", "fast_max_pool", "GlobalAvgPool2d", "MODE_CODES",
     "ACTIVATIONS", "apply_activation", "ToMemoryFormat",
     "SALIENCY_CODES", "ORIENTATIONS", "plain_cpu_call", "NhwcDenseConv2d", "SaliencySums",
+    "Watched", "state_generation",
 ]
 
 MODE_CODES = {"threshold": _gc.THRESHOLD, "topk": _gc.TOPK}
@@ -97,7 +98,54 @@ def plain_cpu_call(x: Tensor) -> bool:
             and not torch.jit.is_tracing())
 
 
-class GatedConv2d(nn.Module):
+class _Generation:
+    """A counter moved by every change to a :class:`Watched` module (see there)."""
+
+    value = 0
+
+
+def state_generation() -> int:
+    """The current state generation: unchanged since a reading, no :class:`Watched` module has
+    had an attribute, buffer or hook set, nor been moved or cast, in between."""
+    return _Generation.value
+
+
+class Watched(nn.Module):
+    """A module whose native call ``ispc.native_plan`` plans ahead: setting an attribute or
+    buffer, registering a hook, moving or casting it moves :func:`state_generation` (after the
+    change), so a runner re-reads the layers' state only when the generation moved (one integer
+    compare per call instead of every layer's attributes). Changes that bypass ``nn.Module``
+    (writing ``__dict__`` or ``_buffers`` directly) are not seen."""
+
+    def __setattr__(self, name: str, value) -> None:
+        super().__setattr__(name, value)
+        _Generation.value += 1
+
+    def __delattr__(self, name: str) -> None:
+        super().__delattr__(name)
+        _Generation.value += 1
+
+    def register_buffer(self, name: str, tensor: Tensor | None, persistent: bool = True) -> None:
+        super().register_buffer(name, tensor, persistent)
+        _Generation.value += 1
+
+    def register_forward_hook(self, *args, **kwargs):
+        handle = super().register_forward_hook(*args, **kwargs)
+        _Generation.value += 1
+        return handle
+
+    def register_forward_pre_hook(self, *args, **kwargs):
+        handle = super().register_forward_pre_hook(*args, **kwargs)
+        _Generation.value += 1
+        return handle
+
+    def _apply(self, *args, **kwargs):
+        out = super()._apply(*args, **kwargs)
+        _Generation.value += 1
+        return out
+
+
+class GatedConv2d(Watched):
     """A convolution that skips, per input, the input channels with negligible saliency.
 
     Holds the (BatchNorm-folded) weights of the convolution it replaces; its forward is one call of
@@ -593,7 +641,7 @@ def dense_conv(mod: GatedConv2d, input_hw: tuple[int, int] | None = None) -> nn.
     return conv
 
 
-class NhwcDenseConv2d(nn.Conv2d):
+class NhwcDenseConv2d(Watched, nn.Conv2d):
     """An ungated convolution (a stem, a downsample, a depthwise 3x3, a layer selection left dense)
     on ispc's channels-last kernels: :class:`~ispc.ops.native.NhwcConv` in its dense mode, or
     :class:`~ispc.ops.native.DepthwiseConv3x3`, weights packed once (here, and again when a state
@@ -692,7 +740,7 @@ class NhwcDenseConv2d(nn.Conv2d):
                 + (f", act={self.act}" if self.act else ""))
 
 
-class ChannelsLastMaxPool2d(nn.MaxPool2d):
+class ChannelsLastMaxPool2d(Watched, nn.MaxPool2d):
     """``nn.MaxPool2d`` that pools CPU maps channels-last.
 
     A channels-last float32 map (a compiled model's, ``GatingConfig.channels_last``) is pooled by
@@ -817,7 +865,7 @@ def fast_max_pool(kernel_size, stride=None, padding=0, dilation=1, ceil_mode=Fal
     return cls(kernel_size, stride, padding, dilation, ceil_mode=ceil_mode)
 
 
-class GlobalAvgPool2d(nn.AdaptiveAvgPool2d):
+class GlobalAvgPool2d(Watched, nn.AdaptiveAvgPool2d):
     """``nn.AdaptiveAvgPool2d(1)`` (the pool before a classifier) that averages a channels-last
     float32 CPU map in one native pass (:func:`ispc.ops.native.avgpool_global_nhwc`): inside a
     compiled model PyTorch's kernel took 0.085-0.115 ms on MobileNetV2's and ResNet-18's 7x7 maps
@@ -837,7 +885,7 @@ class GlobalAvgPool2d(nn.AdaptiveAvgPool2d):
         return super().forward(x)
 
 
-class ToMemoryFormat(nn.Module):
+class ToMemoryFormat(Watched):
     """Where a compiled model runs channels-last (``GatingConfig.channels_last``): at its inputs,
     4-d maps become channels-last (NHWC); at its outputs, contiguous NCHW again, so callers see the
     layout they passed in. Only plain eager CPU calls convert: traced, exported, compiled and ONNX

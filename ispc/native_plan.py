@@ -19,7 +19,9 @@ own Python.
 It serves a call only when the per-layer path would take those kernels anyway: one positional
 float32 CPU NCHW input, no autograd, no hooks, no profiler, no tracing or compiling; anything else
 runs the graph module itself. Plans are built per input shape and rebuilt when a layer's gate
-(mode, k, threshold), activation, prepared kernel or sums link changes.
+(mode, k, threshold), activation, prepared kernel or sums link changes; ispc's layers announce
+changes through :func:`~ispc.modules.state_generation`, so a call reads their state only after one
+(torch's own classifier layers are read every call).
 """
 from __future__ import annotations
 
@@ -39,7 +41,7 @@ from torch.nn.modules import module as _nn_module
 from .compiled import CompiledModel
 from .modules import (ACTIVATIONS, MODE_CODES, SALIENCY_CODES, ChannelsLastMaxPool2d, GatedConv2d,
                        GlobalAvgPool2d, NhwcDenseConv2d, StridedMaxPool2d, ToMemoryFormat,
-                       plain_cpu_call)
+                       Watched, plain_cpu_call, state_generation)
 from .ops import gated_conv as _gc
 from .ops import native
 
@@ -64,8 +66,8 @@ def _state_of(mod: nn.Module | None) -> Callable[[], tuple]:
     changed value: a new plan). Read on every call: C-level attribute getters, not per-call
     attribute lookups in Python (the caches are cold after a program has run)."""
     if type(mod) is GatedConv2d:
-        bufs = mod._buffers
-        return lambda: (_GATED_STATE(mod), bufs.get("scale"))
+        bufs = mod._buffers  # the scale's id before it (a new tensor: unequal without comparing)
+        return lambda: (_GATED_STATE(mod), id(bufs.get("scale")), bufs.get("scale"))
     if type(mod) is NhwcDenseConv2d:
         return partial(_DENSE_STATE, mod)
     if type(mod) is ToMemoryFormat:
@@ -79,7 +81,10 @@ def _state_of(mod: nn.Module | None) -> Callable[[], tuple]:
     if type(mod) is nn.Linear:  # the program may hold a packed copy: a changed weight, a new plan
         def linear() -> tuple:
             w, b = mod.weight, mod.bias  # in place (a version) or a new tensor under .data
-            return (w, w._version, w.data_ptr(), b, None if b is None else (b._version, b.data_ptr()))
+            # ids first: a new tensor differs there, before tuples compare tensors (ambiguous);
+            # the tensors kept last hold the ids
+            return (id(w), w._version, w.data_ptr(), id(b),
+                    None if b is None else (b._version, b.data_ptr()), w, b)
         return linear
     return tuple
 
@@ -254,6 +259,9 @@ class _Program(nn.Module):
         self._mods = [gm.get_submodule(n.target) if n.op == "call_module" else None for n in seg]
         self._alias = [_aliases(gm, n, i) for i, n in enumerate(seg)]  # no op of their own
         self._states = [_state_of(m) for m in self._mods]
+        #: the states no generation covers (torch's own modules: dropout, linear), read per call
+        self._foreign = [f for m, f in zip(self._mods, self._states)
+                         if not isinstance(m, Watched) and f is not tuple]
         self._src = seg[0].args[0]
         self.__dict__["_gm"] = gm
         #: the linear layers run on input-major weights, zero inputs skipped: all but those right
@@ -262,6 +270,9 @@ class _Program(nn.Module):
         self._input_major = {i for i, m in enumerate(self._mods) if type(m) is nn.Linear and (
             not _after_global_pool(gm, seg, i) or (i + 1 < len(seg) and _is_relu(gm, seg[i + 1])))}
         self._plans: dict[tuple, tuple[tuple, _Plan | None]] = {}  # shape -> (state, plan)
+        #: shape -> (generation, foreign state) when its plan's state was last found current
+        #: (the generation read before the state)
+        self._seen: dict[tuple, tuple[int, list]] = {}
         #: write the output into a buffer kept across calls (the runner sets it where the output
         #: is read only by layers that return new tensors: it never reaches the caller)
         self.keep_output = False
@@ -300,15 +311,24 @@ class _Program(nn.Module):
                 return None
         elif not x.is_contiguous(memory_format=torch.channels_last):
             return None
-        key = (tuple(x.shape), *[f() for f in self._states])
-        known = self._plans.get(key[0])
-        if known is not None and known[0] == key:
+        shape, gen = tuple(x.shape), state_generation()
+        seen = (gen, [f() for f in self._foreign])
+        known = self._plans.get(shape)
+        if known is not None and self._seen.get(shape) == seen:
             return known[1]
-        plan = self._build(key[0])
-        key = (key[0], *[f() for f in self._states])  # a build may make a linear input-major
+        key = (shape, *[f() for f in self._states])
+        if known is not None and known[0] == key:
+            self._seen[shape] = seen
+            return known[1]
+        plan = self._build(shape)
+        # a build may make a linear input-major (its weight a new view): the states after it
+        key = (shape, *[f() for f in self._states])
+        seen = (gen, [f() for f in self._foreign])
         if len(self._plans) > 8:
             self._plans.clear()
-        self._plans[key[0]] = (key, plan)
+            self._seen.clear()
+        self._plans[shape] = (key, plan)
+        self._seen[shape] = seen
         return plan
 
     def _build(self, xshape: tuple[int, ...]) -> _Plan | None:
@@ -684,6 +704,9 @@ class NativePlanRunner:
         segs = _segments(gm, classifier)
         self._programs = [_Program(gm, seg) for seg in segs]
         self._mods = [m for p in self._programs for m in p._mods if m is not None]
+        #: torch's own layers (no generation: their hooks are looked up per call)
+        self._foreign = [m for m in self._mods if not isinstance(m, Watched)]
+        self._hookless = -1  # the generation at which no layer had a hook
         first = {seg[0]: i for i, seg in enumerate(segs)}
         inside = {n for seg in segs for n in seg}
         g = fx.Graph()
@@ -735,7 +758,14 @@ class NativePlanRunner:
             return False
         if torch.is_grad_enabled() and any(p.requires_grad for p in self.gm.parameters()):
             return False
-        return not any(m._forward_hooks or m._forward_pre_hooks for m in self._mods)
+        if any(m._forward_hooks or m._forward_pre_hooks for m in self._foreign):
+            return False
+        gen = state_generation()  # a hook on a Watched layer moves it; none found is remembered
+        if gen != self._hookless:
+            if any(m._forward_hooks or m._forward_pre_hooks for m in self._mods):
+                return False
+            self._hookless = gen
+        return True
 
 
 def _plain_io(gm: fx.GraphModule, value: fx.Node) -> bool:

@@ -387,3 +387,72 @@ def test_a_vgg_keeping_every_channel_equals_the_original():
     assert _served(c, x)
     with torch.no_grad():
         torch.testing.assert_close(c(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def _changes(c):
+    """Changes of state after a first call, each with its undo: a gated layer's activation and
+    scale, a dense layer's activation, the input's layout change switched off, the classifier's
+    weight replaced by a new tensor."""
+    from torch import nn
+
+    from ispc.modules import NhwcDenseConv2d, ToMemoryFormat
+
+    gm = c.graph_module
+    gated = next(m for m in gm.modules() if isinstance(m, GatedConv2d) and m.act is not None)
+    dense = next(m for m in gm.modules() if isinstance(m, NhwcDenseConv2d) and m.act is not None)
+    layout = next(m for m in gm.modules() if isinstance(m, ToMemoryFormat))
+    lin = c.graph_module.get_submodule("classifier.1")
+    scale = gated.scale
+    g = torch.Generator().manual_seed(3)
+    new_scale = torch.rand(scale.shape, generator=g) * 4
+    weight = lin.weight
+    return [
+        (lambda: setattr(gated, "act", None), lambda: setattr(gated, "act", "relu6")),
+        (lambda: setattr(gated, "scale", new_scale), lambda: setattr(gated, "scale", scale)),
+        (lambda: gated.register_buffer("scale", new_scale),
+         lambda: gated.register_buffer("scale", scale)),
+        (lambda: setattr(dense, "act", None), lambda: setattr(dense, "act", "relu6")),
+        (lambda: setattr(layout, "enabled", False), lambda: setattr(layout, "enabled", True)),
+        (lambda: setattr(lin, "weight", nn.Parameter(weight.detach() * 2)),
+         lambda: setattr(lin, "weight", weight)),
+    ]
+
+
+@pytest.mark.parametrize("change", range(6))
+def test_state_changed_after_a_call_is_used(with_classifier, change):
+    """Plans are reused on a generation compare: every kind of change the state check covers
+    still reaches the next call (and its undo the one after)."""
+    c = with_classifier
+    x = torch.randn(2, 3, 32, 32)
+    do, undo = _changes(c)[change]
+    with torch.no_grad():
+        before = c(x)
+        assert torch.equal(c(x), before)  # the plan reused
+        do()
+        try:
+            after = c(x)
+            torch.testing.assert_close(after, c.graph_module(x), rtol=1e-5,
+                                       atol=1e-5 * after.abs().max().item())
+            if change != 4:  # the layout change off: the same values by the per-layer path
+                assert not torch.allclose(after, before, rtol=1e-3, atol=0)
+        finally:
+            undo()
+        torch.testing.assert_close(c(x), before, rtol=0, atol=0)
+
+
+def test_a_hook_registered_after_a_call_runs(with_classifier):
+    c = with_classifier
+    x = torch.randn(1, 3, 32, 32)
+    gated = next(m for m in c.graph_module.modules() if isinstance(m, GatedConv2d))
+    lin = c.graph_module.get_submodule("classifier.1")
+    for mod in (gated, lin):
+        with torch.no_grad():
+            c(x), c(x)
+            seen = []
+            h = mod.register_forward_pre_hook(lambda *a: seen.append(1))
+            try:
+                c(x)
+            finally:
+                h.remove()
+            assert seen == [1]
+            assert _served(c, x)
