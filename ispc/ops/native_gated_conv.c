@@ -1284,9 +1284,17 @@ int64_t ispc_maxpool2x2_nhwc(const float *src, int64_t N, int64_t H, int64_t W, 
 /* register tiles (MR positions x NV vectors); the layer's NV picks its MR. Throughput of each,
  * inner loop from L1, one core (GFLOP/s, 2-core Xeon): AVX-512 7x4 186, 8x3 189, 14x2 179,
  * 14x1 136; AVX2 (-mno-avx512f) 4x3 117, 6x2 113, 12x1 88. On whole layers (ResNet, VGG,
- * MobileNetV2, batch 1) 7x4 leads on AVX-512, 8x3 trails it by ~15%; on AVX2 6x2 and 4x3 tie. */
+ * MobileNetV2, batch 1) 7x4 leads on AVX-512, 8x3 trails it by ~15%; on AVX2 6x2 and 4x3 tie.
+ * 7x4 needs 33 registers (28 accumulators, 4 weights, a broadcast): GCC keeps one accumulator on
+ * the stack, a store and a reload every step; 6x4 (NH_MR4S, 29 registers) is faster wherever its
+ * last tile wastes little (nh_mr), 7x4 where positions come in sevens (7x7 maps). */
 #if defined(__AVX512F__)
+#ifndef NH_MR4
 #define NH_MR4 7
+#endif
+#ifndef NH_MR4S
+#define NH_MR4S 6
+#endif
 #define NH_MR3 8
 #ifndef NH_MR2  /* -DNH_MR2=n: A/B of other tiles (the packed weights do not change) */
 #define NH_MR2 14
@@ -1302,7 +1310,21 @@ int64_t ispc_maxpool2x2_nhwc(const float *src, int64_t N, int64_t H, int64_t W, 
 #endif
 #define NH_MAXMR 14
 
-static int nh_mr(int64_t nv) {
+/* NH_MR4S's speed per position over NH_MR4's (ResNet-50 layers at 14x14 to 112x112, batch 1:
+ * 1.00-1.08; at 7x7 with its wasted positions 0.90-0.95) */
+#define NH_MR4S_GAIN 1.04
+
+/* the tile's positions for nv vectors on maps of howo output positions (0: unknown) */
+static int nh_mr(int64_t nv, int64_t howo) {
+#if defined(__AVX512F__)
+    if (nv == 4 && NH_MR4S > 0) {
+        const double a = (double)((howo + NH_MR4 - 1) / NH_MR4 * NH_MR4);
+        const double b = (double)((howo + NH_MR4S - 1) / NH_MR4S * NH_MR4S) / NH_MR4S_GAIN;
+        return howo > 0 && a <= b ? NH_MR4 : NH_MR4S;
+    }
+#else
+    (void)howo;
+#endif
     return nv == 4 ? NH_MR4 : nv == 3 ? NH_MR3 : nv == 2 ? NH_MR2 : nv == 1 ? NH_MR1 : 0;
 }
 
@@ -1569,6 +1591,10 @@ typedef void (*nh_kernel_t)(const float *const *, const float *const *, int64_t,
 #if defined(__AVX512F__)
 NHWC_KERNEL(nh_i4, NH_MR4, 4, 1)
 NHWC_KERNEL(nh_d4, NH_MR4, 4, 0)
+#if NH_MR4S > 0
+NHWC_KERNEL(nh_i4s, NH_MR4S, 4, 1)
+NHWC_KERNEL(nh_d4s, NH_MR4S, 4, 0)
+#endif
 #endif
 NHWC_KERNEL(nh_i3, NH_MR3, 3, 1)
 NHWC_KERNEL(nh_d3, NH_MR3, 3, 0)
@@ -1577,10 +1603,16 @@ NHWC_KERNEL(nh_d2, NH_MR2, 2, 0)
 NHWC_KERNEL(nh_i1, NH_MR1, 1, 1)
 NHWC_KERNEL(nh_d1, NH_MR1, 1, 0)
 
-static nh_kernel_t nh_kernel(int64_t nv, int indirect) {
+static nh_kernel_t nh_kernel(int64_t nv, int64_t mr, int indirect) {
     switch (nv) {
 #if defined(__AVX512F__)
-    case 4: return indirect ? nh_i4 : nh_d4;
+#if NH_MR4S > 0
+    case 4: return mr == NH_MR4S ? (indirect ? nh_i4s : nh_d4s) : indirect ? nh_i4 : nh_d4;
+#else
+    case 4: (void)mr; return indirect ? nh_i4 : nh_d4;
+#endif
+#else
+    (void)mr;
 #endif
     case 3: return indirect ? nh_i3 : nh_d3;
     case 2: return indirect ? nh_i2 : nh_d2;
@@ -1600,9 +1632,12 @@ int64_t ispc_nhwc_vectors(int64_t cout, int64_t howo) {
     int64_t best = 1;
     double best_cost = 1e300;
     for (int64_t nv = NH_MAXNV; nv >= 1; nv--) {
-        const int64_t nr = nv * VW, mr = nh_mr(nv);
+        const int64_t nr = nv * VW, mr = nh_mr(nv, howo);
         const double lanes = (double)((cout + nr - 1) / nr * nr);
-        const double pos = howo > 0 ? (double)((howo + mr - 1) / mr * mr) : 1.0;
+        double pos = howo > 0 ? (double)((howo + mr - 1) / mr * mr) : 1.0;
+#if defined(__AVX512F__)
+        if (nv == 4 && mr != NH_MR4) pos /= NH_MR4S_GAIN;  /* rate[4]: the 7x4 tile's */
+#endif
         const double cost = lanes * pos / rate[nv];
         if (cost < best_cost * 0.999) { best = nv; best_cost = cost; }
     }
@@ -1740,7 +1775,7 @@ static void nh_conv(const nh_geom_t *g, const ispc_nhwc_layer_t *L, const float 
         memset(yrow, 0, sizeof(double) * g->N * cs);
     }
     const int64_t HWC = g->H * g->W * C;
-    const nh_kernel_t kind = nh_kernel(g->nv, 1), kdir = nh_kernel(g->nv, 0);
+    const nh_kernel_t kind = nh_kernel(g->nv, mr, 1), kdir = nh_kernel(g->nv, mr, 0);
     int64_t G = NHWC_GROUP_BYTES / (T * C * nr * (int64_t)sizeof(float) + 1);
     G = G < 1 ? 1 : G > g->cob ? g->cob : G;
     const int64_t groups = (g->cob + G - 1) / G;
@@ -1824,7 +1859,7 @@ static void nh_geometry(nh_geom_t *g, const ispc_nhwc_layer_t *L, int64_t N, int
     g->Ho = conv_out(H, L->kh, L->sh, L->ph, L->dh);
     g->Wo = conv_out(W, L->kw, L->sw, L->pw, L->dw);
     g->T = L->kh * L->kw;
-    g->nv = L->nv; g->nr = L->nv * VW; g->mr = nh_mr(L->nv);
+    g->nv = L->nv; g->nr = L->nv * VW; g->mr = nh_mr(L->nv, g->Ho * g->Wo);
     g->cob = (L->cout + g->nr - 1) / g->nr;
     g->tiles = (g->Ho * g->Wo + g->mr - 1) / g->mr;
     g->stream = 0;

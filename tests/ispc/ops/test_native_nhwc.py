@@ -88,7 +88,8 @@ def test_random_geometry_matches_reference(n, cin, cout, kh, kw, sh, sw, ph, pw,
 
 @pytest.mark.parametrize("vectors", [1, 2, 3, 4])
 @pytest.mark.parametrize("shape", [
-    # (cin, cout, k, stride, pad, h): ResNet-like layers, a 7x7 stem, 1x1 strided, odd sizes
+    # (cin, cout, k, stride, pad, h): ResNet-like layers, a 7x7 stem, 1x1 strided, odd sizes; on
+    # AVX-512 both 4-vector tiles (7x4 on the 7x7 and 5x5 maps, 6x4 on the others)
     (64, 64, 3, 1, 1, 14), (32, 96, 1, 1, 0, 12), (48, 80, 1, 2, 0, 13), (3, 64, 7, 2, 3, 30),
     (130, 40, 3, 2, 1, 9), (24, 16, 3, 1, 1, 7)])
 def test_every_tile_on_layer_shapes(vectors, shape):
