@@ -24,8 +24,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import logging
 import tempfile
 import threading
+import warnings
 from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
@@ -55,11 +57,28 @@ def export_dense_onnx(model: nn.Module, example: torch.Tensor, path: str | Path)
     work = copy.deepcopy(model).eval()
     x = example if example.shape[0] >= 2 else example.expand(2, *example.shape[1:]).contiguous()
     path = Path(path)
-    with contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
+    with contextlib.redirect_stdout(io.StringIO()), _exporter_quiet(), torch.no_grad():
         torch.onnx.export(work, (x,), str(path), dynamo=True, input_names=["input"],
                           output_names=["output"],
                           dynamic_shapes=({0: torch.export.Dim("batch")},), external_data=False)
     return path
+
+
+@contextlib.contextmanager
+def _exporter_quiet() -> Iterator[None]:
+    """The exporter's log lines and deprecation warnings held back (e.g. "torchvision is not
+    installed. Skipping torchvision::nms" per call): every compile that considers the route
+    exports, and they are the exporter's business, not the user's. Errors still raise."""
+    log = logging.getLogger("torch.onnx")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            yield
+    finally:
+        log.setLevel(level)
 
 
 def onnx_bytes(model: nn.Module, example: torch.Tensor) -> bytes:

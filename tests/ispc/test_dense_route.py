@@ -1,6 +1,8 @@
 """ispc.dense_route: the module a dense route's graph calls, and the graph around it."""
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from torch import fx, nn
@@ -26,6 +28,18 @@ def onnx():
     torch.manual_seed(0)
     model = Net().eval()
     return model, route.onnx_bytes(model, torch.randn(2, 3, 8, 8))
+
+
+def test_the_export_prints_nothing(capfd, caplog, recwarn):
+    """Every compile that considers the route exports: the exporter's log lines and deprecation
+    warnings ("torchvision is not installed. Skipping ...") stay out of the user's stderr."""
+    pytest.importorskip("onnxscript")
+    caplog.set_level(logging.INFO)
+    data = route.onnx_bytes(Net().eval(), torch.randn(2, 3, 8, 8))
+    out, err = capfd.readouterr()
+    assert data and out == "" and err == ""
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    assert [str(w.message) for w in recwarn] == []
 
 
 @pytest.mark.parametrize("runtime", route.ROUTE_RUNTIMES)
