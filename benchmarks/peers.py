@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 import ispc
+from ispc import dense_route
 from ispc.benchmark import input_batches
 from ispc.examples.models import create_model
 from ispc.passes.channels_last import runs_channels_last
@@ -58,7 +59,8 @@ def compile_model(model: torch.nn.Module, calib: list[torch.Tensor], *, keep: fl
         return compiled, {**info, "source": f"loaded from {path}"}
     lat_rounds = args.latency_rounds if bs == 1 else max(3, args.latency_rounds // 3)
     cfg = ispc.GatingConfig(keep_ratio=keep, mode=args.mode, latency_aware=args.latency_aware,
-                            latency_batch_size=bs, latency_rounds=lat_rounds)
+                            latency_batch_size=bs, latency_rounds=lat_rounds,
+                            dense_route=route_for(args.max_isa))
     say(f"peers: {name} batch {bs} keep {keep}: compiling (latency-aware={args.latency_aware})")
     t0 = time.perf_counter()
     compiled = ispc.compile(model, calib, config=cfg, progress=True)  # bars on stderr
@@ -81,6 +83,15 @@ def compile_model(model: torch.nn.Module, calib: list[torch.Tensor], *, keep: fl
 #: the environment that limits every runtime (and ispc's kernels) to an ISA, per --max-isa
 MAX_ISA_ENV = {"avx2": {"ISPC_NATIVE_FLAGS": "-mno-avx512f", "ONEDNN_MAX_CPU_ISA": "AVX2",
                         "ATEN_CPU_CAPABILITY": "avx2"}}
+
+
+def route_for(max_isa: str | None) -> str:
+    """The dense route ispc's compiles may take: any installed runtime, or under ``--max-isa``
+    OpenVINO only (ONNX Runtime ignores the limit: a route through it would run AVX-512 kernels in
+    an emulated AVX2 figure), or none where OpenVINO is not installed."""
+    if max_isa is None:
+        return "auto"
+    return "openvino" if dense_route.installed("openvino") else "off"
 
 
 def limit_isa(max_isa: str | None, runtimes: list[str]) -> str | None:

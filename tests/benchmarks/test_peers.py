@@ -32,3 +32,14 @@ def test_max_isa_reexecutes_with_the_limit(benchmark_script, monkeypatch):
     monkeypatch.setattr(os, "execv", lambda exe, argv: calls.append((exe, argv)))
     peers.limit_isa("avx2", ["openvino"])
     assert calls and env["ONEDNN_MAX_CPU_ISA"] == "AVX2" and env["ATEN_CPU_CAPABILITY"] == "avx2"
+
+
+def test_max_isa_routes_only_through_openvino(benchmark_script, monkeypatch):
+    """Under --max-isa a dense route may not run ONNX Runtime, which ignores the limit (its
+    AVX-512 kernels would stand in an emulated AVX2 figure)."""
+    peers = benchmark_script("peers.py")
+    assert peers.route_for(None) == "auto"
+    monkeypatch.setattr(peers.dense_route, "installed", lambda r: True)
+    assert peers.route_for("avx2") == "openvino"
+    monkeypatch.setattr(peers.dense_route, "installed", lambda r: r != "openvino")
+    assert peers.route_for("avx2") == "off"
