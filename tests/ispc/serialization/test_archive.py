@@ -75,24 +75,27 @@ def test_archive_holds_json_and_weights_only(saved):
     assert all(isinstance(v, torch.Tensor) for v in weights.values())
 
 
+def _run_loaded(path, x, tmp_path, then: str) -> tuple[str, torch.Tensor]:
+    """``ispc.load(path)`` as ``m`` in a fresh process, ``m(x)`` there without autograd, then the
+    code ``then``: its stdout and ``m(x)``."""
+    torch.save(x, tmp_path / "x.pt")
+    code = ("import sys, torch, ispc\n"
+            "m = ispc.load(sys.argv[1])\n"
+            "x = torch.load(sys.argv[2], weights_only=True)\n"
+            "with torch.no_grad():\n"
+            "    torch.save(m(x), sys.argv[3])\n" + then + "\n")
+    out = subprocess.run([sys.executable, "-c", code, str(path), str(tmp_path / "x.pt"),
+                          str(tmp_path / "y.pt")], capture_output=True, text=True,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout, torch.load(tmp_path / "y.pt", weights_only=True)
+
+
 def test_load_in_fresh_process(saved, tmp_path):
     compiled, path, _ = saved
     x = torch.randn(3, 3, 16, 16)
-    torch.save(x, tmp_path / "x.pt")
-    code = (
-        "import sys, torch, ispc.serialization as s\n"
-        "m = s.load(sys.argv[1])\n"
-        "x = torch.load(sys.argv[2], weights_only=True)\n"
-        "with torch.no_grad():\n"
-        "    torch.save(m(x), sys.argv[3])\n"
-        "print(len(m.gated_modules()), m.config.mode)\n")
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    out = subprocess.run([sys.executable, "-c", code, str(path), str(tmp_path / "x.pt"),
-                          str(tmp_path / "y.pt")], capture_output=True, text=True, env=env,
-                         timeout=120)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.split() == [str(len(compiled.gated_modules())), compiled.config.mode]
-    y = torch.load(tmp_path / "y.pt", weights_only=True)
+    stdout, y = _run_loaded(path, x, tmp_path, "print(len(m.gated_modules()), m.config.mode)")
+    assert stdout.split() == [str(len(compiled.gated_modules())), compiled.config.mode]
     with torch.no_grad():
         assert rel_err(y, compiled(x)) < 1e-6
 
@@ -238,22 +241,11 @@ def test_dense_route_round_trip_in_fresh_process(routed_archive, tmp_path):
         assert zf.read("dense_route.onnx") == compiled.graph_module.dense_route.onnx
     assert manifest["dense_route"]["runtime"] == runtime
     x = torch.randn(3, 3, 16, 16)
-    torch.save(x, tmp_path / "x.pt")
-    code = (
-        "import sys, torch, ispc\n"
+    stdout, y = _run_loaded(path, x, tmp_path, (
         "from ispc.dense_route import routed\n"
-        "m = ispc.load(sys.argv[1])\n"
-        "x = torch.load(sys.argv[2], weights_only=True)\n"
-        "with torch.no_grad():\n"
-        "    torch.save(m(x), sys.argv[3])\n"
         "r = routed(m.graph_module)\n"
-        "print(r.runtime, r.__dict__['_session'] is not None or bool(r.__dict__['_requests']))\n")
-    out = subprocess.run([sys.executable, "-c", code, str(path), str(tmp_path / "x.pt"),
-                          str(tmp_path / "y.pt")], capture_output=True, text=True,
-                         env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=120)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.split() == [runtime, "True"]  # the loaded model ran the runtime
-    y = torch.load(tmp_path / "y.pt", weights_only=True)
+        "print(r.runtime, r.__dict__['_session'] is not None or bool(r.__dict__['_requests']))"))
+    assert stdout.split() == [runtime, "True"]  # the loaded model ran the runtime
     with torch.no_grad():
         assert rel_err(y, model(x)) < 1e-5
     loaded = load(path)
