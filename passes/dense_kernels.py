@@ -85,9 +85,7 @@ def dense_kernels(gm: fx.GraphModule, state: PassState) -> fx.GraphModule:
     moved = 0
     stayed: dict[str, NhwcDenseConv2d] = {}  # measured faster on oneDNN alone
     if measured:
-        pool = torch.cat(state.calibration_cache)
-        reps = -(-cfg.latency_batch_size // pool.shape[0])
-        x = pool.repeat(reps, *([1] * (pool.dim() - 1)))[:cfg.latency_batch_size]
+        x = costs.timing_input(state)
         for name, xin in costs.layer_inputs(gm, list(nodes), x).items():
             if not nhwc_serves(xin):
                 continue

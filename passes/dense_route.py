@@ -21,7 +21,7 @@ from ispc.errors import UnsupportedModelError
 from ispc.native_plan import NativePlanRunner
 
 from .base import PassState, records, register_pass
-from .kernel_costs import time_runners
+from .kernel_costs import time_runners, timing_input
 from .select_kernels import WHOLE_MODEL_BUDGET_S
 
 __all__ = ["dense_route", "ROUTE_MARGIN", "RUNTIME_TIE", "LABELS"]
@@ -43,15 +43,6 @@ RUNTIME_TIE = 0.015
 LABELS = {"onnxruntime": "ONNX Runtime", "openvino": "OpenVINO f32"}
 #: the route's output must match the user's model this closely (max |diff| / max |ref|)
 MAX_REL_ERR = 1e-4
-
-
-def _timing_input(state: PassState) -> torch.Tensor | None:
-    """The calibration inputs at ``latency_batch_size`` (as ``select_kernels`` times)."""
-    if not state.calibration_cache:
-        return None
-    pool = torch.cat(state.calibration_cache)
-    reps = -(-state.config.latency_batch_size // pool.shape[0])
-    return pool.repeat(reps, *([1] * (pool.dim() - 1)))[:state.config.latency_batch_size]
 
 
 def _unsupported(gm: fx.GraphModule, state: PassState) -> str | None:
@@ -97,7 +88,7 @@ def dense_route(gm: fx.GraphModule, state: PassState) -> fx.GraphModule:
         return gm  # auto: none installed (a named one would have raised)
     marked = [n for n in gm.graph.nodes if records(n).gate is not None and records(n).gate.gated]
     gated = [] if cfg.keeps_everything else marked  # (at keep 1.0 a gate keeps every channel)
-    x = _timing_input(state) if cfg.latency_aware else None
+    x = timing_input(state) if cfg.latency_aware else None
     if gated and x is None:
         return gm  # the gates stay unless a measurement says otherwise
     why = _unsupported(gm, state)

@@ -35,7 +35,7 @@ from .base import PassState, node_shape, replace_submodule, run_passes
 
 __all__ = ["predicted_strategy", "predicted_choice", "predicted_linear", "linear_positions",
            "candidates", "measure", "Measurement",
-           "time_candidates", "layer_inputs", "input_hw", "out_hw", "SMALL_MAP",
+           "time_candidates", "timing_input", "layer_inputs", "input_hw", "out_hw", "SMALL_MAP",
            "LARGE_LAYER_MACS", "GATHER_MIN_MAP", "CL_MIN_CHANNELS", "PREDICTED_MARGIN",
            "ORIENT_NAMES", "PRUNE_RATIO", "LAYER_BUDGET_S", "geometry", "in_program", "AS_BUILT",
            "built_runner", "time_runners", "known_hw", "UNKNOWN_HW"]
@@ -202,6 +202,17 @@ def out_hw(node: fx.Node) -> int:
     """Output positions of a layer node (unknown: :data:`UNKNOWN_HW`)."""
     tm = node.meta.get("tensor_meta")
     return int(tm.shape[-1] * tm.shape[-2]) if tm is not None else UNKNOWN_HW
+
+
+def timing_input(state: PassState) -> torch.Tensor | None:
+    """The calibration inputs repeated up to ``latency_batch_size`` (what every latency-aware
+    timing runs on), or None where no calibration input was kept."""
+    if not state.calibration_cache:
+        return None
+    bs = state.config.latency_batch_size
+    pool = torch.cat(state.calibration_cache)
+    reps = -(-bs // pool.shape[0])
+    return pool.repeat(reps, *([1] * (pool.dim() - 1)))[:bs]
 
 
 def known_hw(hw: int) -> int | None:

@@ -94,9 +94,7 @@ def select_kernels(gm: fx.GraphModule, state: PassState) -> fx.GraphModule:
             for c in layout_converters(gm):  # a layout left to measurement that was not measured
                 c.enabled = False
         return gm
-    pool = torch.cat(state.calibration_cache)
-    reps = -(-cfg.latency_batch_size // pool.shape[0])
-    x = pool.repeat(reps, *([1] * (pool.dim() - 1)))[:cfg.latency_batch_size]
+    x = costs.timing_input(state)
     inputs = costs.layer_inputs(gm, list(nodes), x)
     changed = False
     cache: dict[tuple, costs.Measurement] = {}  # one timing per layer geometry (costs.geometry)

@@ -140,3 +140,12 @@ def test_built_runner_times_the_model_as_built_and_leaves_the_graph_as_it_was():
         want, got = gm(x), runner(x)
         block.conv1 = gated
     assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+
+
+def test_timing_input_repeats_the_calibration_inputs_to_the_latency_batch():
+    from ispc.passes.base import PassState
+    a, b = torch.randn(2, 3, 4, 4), torch.randn(1, 3, 4, 4)
+    st = PassState(config=ispc.GatingConfig(latency_batch_size=5), calibration_cache=[a, b])
+    x = kernel_costs.timing_input(st)
+    torch.testing.assert_close(x, torch.cat([a, b, a, b])[:5], rtol=0, atol=0)
+    assert kernel_costs.timing_input(PassState(config=ispc.GatingConfig())) is None
