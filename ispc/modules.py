@@ -834,9 +834,9 @@ class StridedMaxPool2d(nn.MaxPool2d):
         kh, kw = _pair(self.kernel_size)
         if not (x.dim() == 4 and plain_cpu_call(x) and not (torch.is_grad_enabled() and x.requires_grad)):
             return self._act(super().forward(x))
-        ho, wo = x.shape[-2] // kh, x.shape[-1] // kw
-        if ho == 0 or wo == 0 or (self.ceil_mode and (x.shape[-2] % kh or x.shape[-1] % kw)):
+        if self.native_window(x.shape[-2], x.shape[-1]) is None:
             return self._act(super().forward(x))
+        ho, wo = x.shape[-2] // kh, x.shape[-1] // kw
         if ((kh, kw) == (2, 2) and x.dtype == torch.float32
                 and (x.is_contiguous() or _native.is_channels_last(x)) and _native.available()):
             out = _native.maxpool2x2(x, ACTIVATIONS[self.act])
@@ -849,6 +849,15 @@ class StridedMaxPool2d(nn.MaxPool2d):
         for v in views[2:]:
             torch.maximum(out, v, out=out)
         return self._act(out)
+
+    def native_window(self, h: int, w: int) -> tuple[tuple[int, int], ...] | None:
+        """(kernel, stride, padding) of the non-overlapping windows over h x w maps, or None where
+        they do not tile it as the pool needs (a map smaller than the window, ``ceil_mode`` with a
+        partial window): the module's own path."""
+        kh, kw = _pair(self.kernel_size)
+        if h < kh or w < kw or (self.ceil_mode and (h % kh or w % kw)):
+            return None
+        return (kh, kw), (kh, kw), (0, 0)
 
     def _act(self, out: Tensor) -> Tensor:
         return apply_activation(out, self.act)

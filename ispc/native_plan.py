@@ -208,17 +208,6 @@ def _trimmed(gm: fx.GraphModule, run: list[fx.Node]) -> list[fx.Node]:
     return run
 
 
-def _pool_window(mod: nn.Module, h: int, w: int) -> tuple[tuple[int, int], ...] | None:
-    """(kernel, stride, padding) of a max-pool layer's native channels-last op on h x w maps,
-    or None where the op does not take it."""
-    if type(mod) is ChannelsLastMaxPool2d:
-        return mod.native_window(h, w)
-    k = (mod.kernel_size,) * 2 if isinstance(mod.kernel_size, int) else tuple(mod.kernel_size)
-    if h < k[0] or w < k[1] or (mod.ceil_mode and (h % k[0] or w % k[1])):
-        return None  # (a partial window: the module's own path)
-    return k, k, (0, 0)  # non-overlapping windows (StridedMaxPool2d)
-
-
 def _after_global_pool(gm: fx.GraphModule, seg: list[fx.Node], i: int) -> bool:
     """Whether linear layer ``seg[i]`` reads a global average pool's output (through aliases)."""
     node = seg[i].args[0]
@@ -396,7 +385,7 @@ class _Program(nn.Module):
                 prog.add_avgpool_global(slot_of[src], out_slot, (n, c, h, w))
                 oshape = (n, c, 1, 1)
             elif type(mod) in _POOLS:
-                window = _pool_window(mod, h, w)
+                window = mod.native_window(h, w)
                 if window is None:
                     return None
                 (kh, kwd), stride, (ph, pw) = window

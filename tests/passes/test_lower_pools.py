@@ -262,3 +262,13 @@ def test_global_avg_pool_module_paths():
     xg = x.clone().requires_grad_()
     pool(xg.contiguous(memory_format=torch.channels_last)).sum().backward()
     assert torch.allclose(xg.grad, torch.full_like(x, 1 / 35))
+
+
+def test_strided_pool_native_window():
+    """The windows the pool (and a native program) take, None where the module's own path runs."""
+    pool = StridedMaxPool2d(2)
+    assert pool.native_window(7, 8) == ((2, 2), (2, 2), (0, 0))  # floor: the last row dropped
+    assert pool.native_window(1, 8) is None  # smaller than the window
+    ceil = StridedMaxPool2d((2, 3), ceil_mode=True)
+    assert ceil.native_window(4, 6) == ((2, 3), (2, 3), (0, 0))
+    assert ceil.native_window(5, 6) is None  # a partial window
