@@ -108,6 +108,7 @@ _ADAPTIVE = (torch.ops.aten.adaptive_avg_pool2d.default, torch.ops.aten._adaptiv
 
 
 def _module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
+    """The module ``node`` calls, or None (a function or method call)."""
     return gm.get_submodule(node.target) if node.op == "call_module" else None
 
 
@@ -135,8 +136,7 @@ def _tail(gm: fx.GraphModule, node: fx.Node, run: list[fx.Node]) -> bool:
     if not run or not node.args or node.args[0] is not run[-1] or node.kwargs:
         return False
     prev = run[-1]
-    prev_mod = gm.get_submodule(prev.target) if prev.op == "call_module" else None
-    mod = gm.get_submodule(node.target) if node.op == "call_module" else None
+    prev_mod, mod = _module(gm, prev), _module(gm, node)
     if type(mod) is ToMemoryFormat:  # of an (N, C, 1, 1) map, of (N, F) features: no change
         return type(prev_mod) in (GlobalAvgPool2d, nn.Linear) and len(node.args) == 1
     if _is_adaptive(gm, node):  # of a feature map, before its flatten
@@ -160,10 +160,8 @@ def _tail(gm: fx.GraphModule, node: fx.Node, run: list[fx.Node]) -> bool:
 def _is_tail(gm: fx.GraphModule, node: fx.Node) -> bool:
     """A classifier's flatten, dropout, ReLU (fused into the linear op before it) or adaptive
     pool (the identity), none an op of its own."""
-    if _is_relu(gm, node) or _is_adaptive(gm, node):
+    if _is_relu(gm, node) or _is_adaptive(gm, node) or type(_module(gm, node)) is nn.Dropout:
         return True
-    if node.op == "call_module":
-        return type(gm.get_submodule(node.target)) is nn.Dropout
     return node.op == "call_function" and node.target in _FLATTEN + _DROPOUT
 
 
@@ -195,13 +193,12 @@ def _segments(gm: fx.GraphModule, classifier: bool = True) -> list[list[fx.Node]
 def _aliases(gm: fx.GraphModule, node: fx.Node, i: int) -> bool:
     """Whether a program's ``i``-th layer ``node`` is a classifier's step that only passes its
     input on (a flatten, a dropout, a layout change of an (N, C, 1, 1) map)."""
-    return _is_tail(gm, node) or (i > 0 and type(gm.get_submodule(node.target)) is ToMemoryFormat)
+    return _is_tail(gm, node) or (i > 0 and type(_module(gm, node)) is ToMemoryFormat)
 
 
 def _trimmed(gm: fx.GraphModule, run: list[fx.Node]) -> list[fx.Node]:
     run = list(run)
-    linear = lambda: any(n.op == "call_module" and type(gm.get_submodule(n.target))  # noqa: E731
-                         is nn.Linear for n in run)
+    linear = lambda: any(type(_module(gm, n)) is nn.Linear for n in run)  # noqa: E731
     while run and (any(u not in run for n in run[:-1] for u in n.users)
                    or (_aliases(gm, run[-1], len(run) - 1) and not linear())):
         run.pop()
@@ -245,7 +242,7 @@ class _Program(nn.Module):
         super().__init__()
         self._seg = seg
         # None for a classifier's flatten and dropout (functions)
-        self._mods = [gm.get_submodule(n.target) if n.op == "call_module" else None for n in seg]
+        self._mods = [_module(gm, n) for n in seg]
         self._alias = [_aliases(gm, n, i) for i, n in enumerate(seg)]  # no op of their own
         self._states = [_state_of(m) for m in self._mods]
         #: the states no generation covers (torch's own modules: dropout, linear), read per call
