@@ -8,8 +8,8 @@ The named pipelines (that list and the others) and why they run in that order ar
 :mod:`ispc.pipeline`. Each pass is ``pass_fn(gm, state) -> GraphModule``; see
 :mod:`ispc.passes.base`.
 """
-from .base import (PASSES, Pass, PassState, apply_gate, apply_kernel, records, register_pass,
-                   run_passes)
+from .base import (PASSES, Pass, PassState, apply_gate, apply_kernel, build_passes, records,
+                   register_pass, run_passes)
 from .capture import capture, trace
 from .lift import lift
 from .fold_bn import fold_batchnorm
@@ -31,7 +31,7 @@ from .dense_route import dense_route
 
 __all__ = [
     "PASSES", "Pass", "PassState", "records", "apply_gate", "apply_kernel", "register_pass",
-    "run_passes", "capture", "trace", "lift",
+    "run_passes", "build_passes", "capture", "trace", "lift",
     "fold_batchnorm", "linear_as_conv", "flattened_map", "build_channel_graph", "channel_kind",
     "coupling_groups", "find_sites",
     "calibrate", "saliency_scale", "choose_k", "choose_threshold", "kept_counts", "rank_layers",

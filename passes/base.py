@@ -50,6 +50,9 @@ class PassState:
     capture: str | None = None
     #: the user's model as given (unwrapped; never run nor changed): what the dense route exports
     source: nn.Module | None = None
+    #: the passes still to run after the one running (written by :func:`run_passes`; None outside
+    #: a pipeline): what a whole-model timing applies to see the model as it will be built
+    pending: tuple[str, ...] | None = None
 
     @property
     def calibrated(self) -> bool:
@@ -60,15 +63,22 @@ Pass = Callable[[nn.Module, PassState], fx.GraphModule]
 
 #: name -> pass, in registration order (the default pipeline order)
 PASSES: dict[str, Pass] = {}
+#: the passes registered with ``builds=True``
+BUILDS: set[str] = set()
 
 
-def register_pass(name: str) -> Callable[[Pass], Pass]:
-    """Register a pass under ``name`` (decorator)."""
+def register_pass(name: str, *, builds: bool = False) -> Callable[[Pass], Pass]:
+    """Register a pass under ``name`` (decorator). ``builds``: the pass changes how fast the
+    model runs and decides nothing a timing should wait for (kernel swaps, fusions), so a
+    whole-model timing taken earlier in the pipeline applies it to the copy it times
+    (:func:`build_passes`)."""
 
     def deco(fn: Pass) -> Pass:
         if name in PASSES:
             raise ValueError(f"pass {name!r} is already registered")
         PASSES[name] = fn
+        if builds:
+            BUILDS.add(name)
         fn.pass_name = name  # type: ignore[attr-defined]
         return fn
 
@@ -84,7 +94,9 @@ def run_passes(module: nn.Module, state: PassState, names: Sequence[str]) -> fx.
     """
     gm = module
     done: list[str] = []
-    for name in names:
+    names = tuple(names)
+    for i, name in enumerate(names):
+        state.pending = names[i + 1:]
         try:
             gm = PASSES[name](gm, state)
         except IspcError as exc:
@@ -96,7 +108,18 @@ def run_passes(module: nn.Module, state: PassState, names: Sequence[str]) -> fx.
                             f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
                             pass_name=name, passes_before=tuple(done)) from exc
         done.append(name)
+    state.pending = None
     return gm  # type: ignore[return-value]
+
+
+def build_passes(state: PassState) -> tuple[str, ...]:
+    """The ``builds`` passes still to run in ``state``'s pipeline, in its order. Outside a pipeline
+    there is no order to follow (registration order is import order, not the pipeline's), so the
+    caller must set ``state.pending``."""
+    if state.pending is None:
+        raise ValueError("build_passes outside a pipeline: set PassState.pending to the passes "
+                         "that are still to run (e.g. the rest of ispc.pipeline.COMPILE)")
+    return tuple(n for n in state.pending if n in BUILDS)
 
 
 def apply_gate(node: fx.Node, gate: GateDecision, module: nn.Module | None = None) -> None:

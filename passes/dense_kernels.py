@@ -69,7 +69,7 @@ def _activation_after(gm: fx.GraphModule, node: fx.Node):
     return {"relu": torch.relu_, "relu6": lambda t: t.clamp_(0.0, 6.0)}.get(act)
 
 
-@register_pass("dense_kernels")
+@register_pass("dense_kernels", builds=True)
 def dense_kernels(gm: fx.GraphModule, state: PassState) -> fx.GraphModule:
     """Replace plain channels-last convolutions by :class:`NhwcDenseConv2d` where it pays."""
     cfg = state.config

@@ -107,7 +107,7 @@ def _only_user(node: fx.Node) -> fx.Node | None:
     return users[0] if len(users) == 1 and users[0].args.count(node) == 1 else None
 
 
-@register_pass("fuse_epilogues")
+@register_pass("fuse_epilogues", builds=True)
 def fuse_epilogues(gm: fx.GraphModule, state: PassState) -> fx.GraphModule:
     """Rewrite ``act(add(gated(x), r))``, ``add(gated(x), r)`` and ``act(gated(x))`` into one call
     ``gated(x, r)`` of a :class:`GatedConv2d` (or an :class:`NhwcDenseConv2d`, ungated on the

@@ -76,7 +76,7 @@ def _only_reads(gm: fx.GraphModule, user: fx.Node) -> bool:
     return user.op == "call_function" and user.target in _READERS and not user.kwargs.get("inplace")
 
 
-@register_pass("hand_sums")
+@register_pass("hand_sums", builds=True)
 def hand_sums(gm: fx.GraphModule, state: PassState) -> fx.GraphModule:
     """Link each native producer to the gated layers reading its output (see the module doc);
     idempotent: links from an earlier run are dropped first."""

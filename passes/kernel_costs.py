@@ -31,13 +31,13 @@ from ispc.ops.gated_conv import kept_all
 from ispc.records import KEY, KernelChoice
 from ispc.timing import time_interleaved
 
-from .base import PassState, node_shape, replace_submodule, run_passes
+from .base import PassState, build_passes, node_shape, replace_submodule, run_passes
 
 __all__ = ["predicted_strategy", "predicted_choice", "predicted_linear", "linear_positions",
            "candidates", "measure", "Measurement",
            "time_candidates", "timing_input", "layer_inputs", "input_hw", "out_hw", "SMALL_MAP",
            "LARGE_LAYER_MACS", "GATHER_MIN_MAP", "CL_MIN_CHANNELS", "PREDICTED_MARGIN",
-           "ORIENT_NAMES", "PRUNE_RATIO", "LAYER_BUDGET_S", "geometry", "in_program", "AS_BUILT",
+           "ORIENT_NAMES", "PRUNE_RATIO", "LAYER_BUDGET_S", "geometry", "in_program",
            "built_runner", "time_runners", "known_hw", "UNKNOWN_HW"]
 
 #: without the native kernel, maps with at most this many output positions use the gemm kernel
@@ -266,17 +266,13 @@ def in_program(kernel: native.NhwcConv | native.DepthwiseConv3x3, xin: torch.Ten
     return call
 
 
-#: the passes after kernel choice that change how fast the compiled model runs: what
-#: :func:`built_runner` applies to the copy it times
-AS_BUILT = ("dense_kernels", "fuse_epilogues", "hand_sums")
-
-
 def built_runner(gm: fx.GraphModule, state: PassState, swaps: dict[str, nn.Module] | None = None,
                  *, dense_kernels: bool = True) -> NativePlanRunner:
     """The eager backend's runner of a copy of ``gm`` (``swaps``: name -> module put in place) as
-    the compile goes on to build it: the plain convolutions ``dense_kernels`` predicts (where
-    ``dense_kernels``) on ispc's native kernels, epilogues fused, sums handed over, each run of
-    native layers one program. What whole-model checks time: the graph before these passes runs
+    the compile goes on to build it: the ``builds`` passes still pending in ``state``'s pipeline
+    applied (:func:`~ispc.passes.base.build_passes`; ``dense_kernels`` predicted, and left out
+    where not ``dense_kernels``): the plain convolutions on ispc's native kernels, epilogues
+    fused, sums handed over, each run of native layers one program. What whole-model checks time: the graph before these passes runs
     unfused epilogues and oneDNN layers that split the native programs (ResNet-50 at batch 32
     measured ~1135 ms gated that way where the compiled model runs ~600 ms, and MobileNetV2 at
     batch 32 lost every gate to it). ``gm`` is left as it was."""
@@ -289,7 +285,7 @@ def built_runner(gm: fx.GraphModule, state: PassState, swaps: dict[str, nn.Modul
     # predicted, not measured: dense_kernels' own timing would time every plain layer again
     st = dataclasses.replace(state, notes=[], progress=False,
                              config=dataclasses.replace(state.config, latency_aware=False))
-    g = run_passes(g, st, AS_BUILT if dense_kernels else AS_BUILT[1:])
+    g = run_passes(g, st, [n for n in build_passes(state) if dense_kernels or n != "dense_kernels"])
     return NativePlanRunner(g)
 
 

@@ -7,7 +7,10 @@ from torch import fx, nn
 
 import ispc
 from ispc.errors import ConfigError, PassError
-from ispc.passes import PASSES, PassState, apply_gate, apply_kernel, records, run_passes
+from ispc.passes import (PASSES, PassState, apply_gate, apply_kernel, build_passes, records,
+                         register_pass, run_passes)
+from ispc.passes import base
+from ispc.pipeline import COMPILE
 from ispc.records import GateDecision, KernelChoice
 
 
@@ -45,6 +48,39 @@ def test_through_compile_the_user_sees_the_pass(monkeypatch):
     monkeypatch.setitem(PASSES, "fold_bn", broken)
     with pytest.raises(PassError, match="'fold_bn' failed .*capture.*RuntimeError: boom"):
         ispc.compile(_net(), config=ispc.GatingConfig(mode="topk"), progress=False)
+
+
+def test_each_pass_sees_the_passes_still_to_run(monkeypatch):
+    seen = {}
+
+    def spy(name):
+        def fn(gm, state):
+            seen[name] = state.pending
+            return gm
+        return fn
+
+    for name in ("a", "b", "c"):
+        monkeypatch.setitem(PASSES, name, spy(name))
+    state = PassState(config=ispc.GatingConfig())
+    run_passes(_net(), state, ["a", "b", "c"])
+    assert seen == {"a": ("b", "c"), "b": ("c",), "c": ()}
+    assert state.pending is None  # outside a pipeline again
+
+
+def test_whole_model_timings_build_what_the_compile_goes_on_to_build(monkeypatch):
+    # after kernel choice ispc.compile goes on to swap in dense kernels, fuse and hand sums over
+    after = PassState(config=ispc.GatingConfig(), pending=COMPILE[COMPILE.index("select_kernels") + 1:])
+    assert build_passes(after) == ("dense_kernels", "fuse_epilogues", "hand_sums")
+    last = PassState(config=ispc.GatingConfig(), pending=COMPILE[COMPILE.index("dense_kernels") + 1:])
+    assert build_passes(last) == ("fuse_epilogues", "hand_sums")
+    # a pass registered as building is picked up with no list to edit
+    monkeypatch.setattr(base, "BUILDS", set(base.BUILDS))
+    monkeypatch.setattr(base, "PASSES", dict(PASSES))
+    register_pass("pack_weights", builds=True)(lambda gm, state: gm)
+    assert build_passes(PassState(config=ispc.GatingConfig(), pending=("refine", "pack_weights"))) \
+        == ("pack_weights",)
+    with pytest.raises(ValueError, match="outside a pipeline"):  # no order to follow
+        build_passes(PassState(config=ispc.GatingConfig()))
 
 
 def test_module_attributes_follow_the_records():
