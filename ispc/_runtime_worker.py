@@ -4,7 +4,8 @@ Run as a script by :func:`ispc.runtimes.time_runtimes` (``python -c`` + ``runpy`
 ``ispc`` package is not imported where the runtime does not need it): an ONNX Runtime or OpenVINO
 worker imports that runtime and NumPy only, no PyTorch, so no other thread pool is loaded beside
 theirs. The job is a JSON file; the result is a JSON file plus the first batch's output (``.npy``)
-for the parent's numerics check. Errors are results too (``status``), never a crash of the parent.
+for the parent's numerics check. ``job["route"]``: configure the runtime as ispc's dense route does
+(``ispc.dense_route``'s compile-time choice of runtime times it so). Errors are results too (``status``), never a crash of the parent.
 """
 from __future__ import annotations
 
@@ -117,6 +118,8 @@ def _prepare(job: dict, batches: list) -> tuple[Callable[[Any], Any], dict[str, 
         so.inter_op_num_threads = 1
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if job.get("route"):  # as ispc's dense route runs it (ispc.dense_route: its workers stop
+            so.add_session_config_entry("session.force_spinning_stop", "1")  # spinning per call)
         sess = ort.InferenceSession(job["artifact"], so, providers=["CPUExecutionProvider"])
         name = sess.get_inputs()[0].name
 

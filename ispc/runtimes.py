@@ -35,7 +35,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -51,7 +50,7 @@ from tabulate import tabulate
 from torch import nn
 
 from .compiled import CompiledModel
-from .dense_route import export_dense_onnx
+from .dense_route import MMAP_THRESHOLD, export_dense_onnx, run_worker, worker_env
 from .errors import ConfigError, DataError
 from .serialization import save
 from .timing import retain_freed_memory
@@ -103,10 +102,6 @@ DEPLOY_ROUTES: dict[str, str] = {
 DENSE_RUNTIMES = tuple(RUNTIMES)
 #: what ``compare(baseline=...)`` accepts
 BASELINES = ("best", *DENSE_RUNTIMES)
-#: glibc's largest M_MMAP_THRESHOLD on 64-bit (a larger value is ignored)
-_MMAP_THRESHOLD = 32 << 20
-_WORKER = Path(__file__).with_name("_runtime_worker.py")
-_BOOTSTRAP = "import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
 
 
 @dataclass(frozen=True)
@@ -227,7 +222,7 @@ def machine_info(threads: int | None = None) -> dict[str, Any]:
         "threads": threads if threads is not None else torch.get_num_threads(),
         "inter_op_threads": 1,
         "allocator": f"glibc: MALLOC_TRIM_THRESHOLD_={1 << 30}, "
-                     f"MALLOC_MMAP_THRESHOLD_={_MMAP_THRESHOLD} in every worker",
+                     f"MALLOC_MMAP_THRESHOLD_={MMAP_THRESHOLD} in every worker",
         "versions": versions,
         "runtimes": {r.name: r.setup for r in RUNTIMES.values()},
     }
@@ -242,17 +237,7 @@ def _main_path(model: nn.Module) -> str | None:
 
 
 def _child_env(threads: int, runtime: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update({
-        "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-        "MALLOC_TRIM_THRESHOLD_": str(1 << 30), "MALLOC_MMAP_THRESHOLD_": str(_MMAP_THRESHOLD),
-    })
-    if runtime not in RUNTIMES or RUNTIMES[runtime].artifact == "torch":
-        # the classes of a pickled model (and ispc) import in the worker as they do here
-        env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p and os.path.isdir(p))
-    if runtime == "inductor":
-        env["TORCHINDUCTOR_COMPILE_THREADS"] = "1"  # no pool of compile processes left idling
-    return env
+    return worker_env(threads, runtime)
 
 
 @dataclass
@@ -294,29 +279,12 @@ def _run_worker(entry: _Entry, job_dir: Path, inputs: Path, *, threads: int, war
                 calls: int, timeout_s: float, main_path: str | None, tag: str) -> dict[str, Any]:
     job = {"runtime": entry.runtime, "artifact": entry.artifact, "inputs": str(inputs),
            "threads": threads, "warmup": warmup, "calls": calls,
-           "result": str(job_dir / f"{tag}.result.json"),
-           "check_output": str(job_dir / f"{tag}.out.npy"),
            "main_path": main_path if entry.runtime in RUNTIMES
            and RUNTIMES[entry.runtime].artifact == "torch" else None}
-    job_path = job_dir / f"{tag}.job.json"
-    job_path.write_text(json.dumps(job))
-    log = job_dir / f"{tag}.log"
-    try:
-        with open(log, "w") as f:
-            proc = subprocess.run([sys.executable, "-c", _BOOTSTRAP, str(_WORKER), str(job_path)],
-                                  stdout=f, stderr=subprocess.STDOUT, timeout=timeout_s,
-                                  env=_child_env(threads, entry.runtime or ""), cwd=job_dir)
-    except subprocess.TimeoutExpired:
-        return {"status": "error", "note": f"worker ran past {timeout_s:.0f} s", "times_ms": []}
-    result_path = Path(job["result"])
-    if not result_path.exists():
-        tail = log.read_text()[-600:] if log.exists() else ""
-        return {"status": "error", "times_ms": [],
-                "note": f"worker exited with status {proc.returncode}: {tail.strip()}"}
-    result = json.loads(result_path.read_text())
-    out = Path(job["check_output"])
-    if result.get("status") == "ok" and out.exists() and entry.reference is not None:
-        result["max_rel_err"] = _rel_err(np.load(out), entry.reference)
+    result = run_worker(job, job_dir, tag, timeout_s=timeout_s)
+    out = result.pop("output", None)
+    if out is not None and entry.reference is not None:
+        result["max_rel_err"] = _rel_err(out, entry.reference)
     return result
 
 

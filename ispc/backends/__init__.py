@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from ..compiled import CompiledModel
+from ..dense_route import runner_for as _route_runner
 from ..errors import BackendUnavailableError, DataError
 from ..native_plan import runner_for as _native_runner
 from .cuda_graphs import lower as lower_cuda_graphs
@@ -47,7 +48,7 @@ class Backend:
 
 
 def _eager(compiled: CompiledModel, example: tuple | None) -> None:
-    compiled.use_runner(_native_runner(compiled))
+    compiled.use_runner(_route_runner(compiled.graph_module) or _native_runner(compiled))
 
 
 def _inductor(compiled: CompiledModel, example: tuple | None) -> None:

@@ -78,3 +78,63 @@ def test_wrap_keeps_the_input_name_and_runtime_only_switches(onnx):
 def test_unknown_runtime_refused(onnx):
     with pytest.raises(ValueError, match="unknown dense runtime"):
         route.DenseRuntimeModule(onnx[0], "tensorrt", onnx[1], (2, 3, 8, 8))
+
+
+@pytest.mark.parametrize("runtime", route.ROUTE_RUNTIMES)
+def test_route_runner_outputs_are_not_aliased(onnx, runtime):
+    """The runner calls the runtime straight; an output handed back is the caller's: the next
+    call does not overwrite it (OpenVINO reuses its request's output buffer)."""
+    if not route.installed(runtime):
+        pytest.skip(f"{runtime} not installed")
+    model, data = onnx
+    gm = route.wrap(fx.symbolic_trace(model), route.DenseRuntimeModule(model, runtime, data,
+                                                                       (2, 3, 8, 8)))
+    runner = route.runner_for(gm)
+    assert isinstance(runner, route.RouteRunner) and route.runner_for(fx.symbolic_trace(model)) is None
+    x1, x2 = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        y1 = runner(x1)
+        kept = y1.clone()
+        y2 = runner(x2)
+        assert torch.equal(y1, kept) and rel_err(y1, model(x1)) < 1e-5
+        assert rel_err(y2, model(x2)) < 1e-5 and y1.data_ptr() != y2.data_ptr()
+        y2.add_(1.0)  # writable, and the next call is not changed by it
+        assert rel_err(runner(x2), model(x2)) < 1e-5
+
+
+def test_route_runner_falls_back_to_the_graph(onnx):
+    """By keyword the runner calls the graph (which runs the runtime too); with autograd or with
+    the runtime switched off, the torch model: gradients flow as through the user's model."""
+    model, data = onnx
+    m = route.DenseRuntimeModule(model, "onnxruntime", data, (2, 3, 8, 8))
+    runner = route.runner_for(route.wrap(fx.symbolic_trace(model), m))
+    calls = []
+    model.conv.register_forward_hook(lambda *a: calls.append(1))
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    runner(x).sum().backward()
+    assert x.grad is not None and len(calls) == 1
+    with torch.no_grad():
+        y = runner(pixels=x.detach())
+        assert len(calls) == 1 and rel_err(y, model(x)) < 1e-5 and len(calls) == 2
+        with route.runtime_only(runner.graph, False):
+            runner(x.detach())
+        assert len(calls) == 3
+        runner(x.detach())  # the runtime: the torch model is not called
+        assert len(calls) == 3
+
+
+def test_time_apart_times_each_runtime_in_its_own_process(onnx):
+    """Each installed runtime timed in fresh worker processes, as the route runs it; its output
+    on the input comes back for the numerics check, a failure as a note."""
+    runtimes = [r for r in route.ROUTE_RUNTIMES if route.installed(r)]
+    if not runtimes:
+        pytest.skip("no dense runtime installed")
+    model, data = onnx
+    x = torch.randn(1, 3, 8, 8)
+    res = route.time_apart(data, runtimes, x, threads=1, rounds=2, calls=3, warmup=1)
+    assert sorted(res) == sorted(runtimes)
+    for r in runtimes:
+        assert res[r]["ms"] > 0 and res[r]["note"] == ""
+        assert rel_err(torch.from_numpy(res[r]["output"]), model(x)) < 1e-5
+    bad = route.time_apart(b"not onnx", runtimes[:1], x, threads=1, rounds=1, calls=1, warmup=0)
+    assert bad[runtimes[0]]["ms"] is None and bad[runtimes[0]]["note"].startswith("error")

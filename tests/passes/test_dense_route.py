@@ -93,12 +93,23 @@ def test_auto_without_runtimes_is_silent(monkeypatch):
 
 
 def _fake_times(monkeypatch, **ms):
+    """The model as built and each runtime timed at ``ms`` (the runtimes' outputs still come from
+    their real sessions, here, for the numerics check)."""
     def time_runners(runners, x, rounds, **kw):
         (name,) = runners
-        runners[name](x)  # each candidate still runs
+        runners[name](x)  # the model as built still runs
         return {name: ms[name]}
 
+    def time_apart(onnx, runtimes, x, **kw):
+        out = {}
+        for r in runtimes:
+            with torch.no_grad():
+                y = route.DenseRuntimeModule(nn.Identity(), r, onnx, tuple(x.shape))(x)
+            out[r] = {"ms": ms[r], "output": y.numpy(), "note": ""}
+        return out
+
     monkeypatch.setattr(route_pass, "time_runners", time_runners)
+    monkeypatch.setattr(route, "time_apart", time_apart)
 
 
 @needs_runtime
@@ -201,3 +212,49 @@ def test_paths_around_the_runtime_compute_the_same_model():
     got = compiled.measure([x], progress=False)
     assert got["dense_macs"] > 0 and got["mac_reduction"] == pytest.approx(0.0)
     assert route.routed(compiled.graph_module).use_runtime
+
+
+@pytest.mark.parametrize("times, ispc_ms, want", [
+    ({"onnxruntime": 26.0, "openvino": 27.2}, 30.0, ("onnxruntime", True)),
+    ({"onnxruntime": 26.0, "openvino": 26.3}, 30.0, ("openvino", True)),  # a near tie: OpenVINO
+    ({"onnxruntime": 27.0, "openvino": 26.0}, 30.0, ("openvino", True)),
+    ({"onnxruntime": 26.0}, 23.7, ("onnxruntime", True)),  # within ROUTE_MARGIN: the runtime
+    ({"openvino": 26.0}, 23.5, ("openvino", False)),  # ispc as built faster by more
+])
+def test_choose_from_fake_timings(times, ispc_ms, want):
+    assert route_pass.choose(times, ispc_ms) == want
+
+
+def test_gated_savings_from_the_layers_own_timings():
+    from torch import fx
+    from ispc.records import GateDecision, KernelChoice, records
+
+    g = fx.Graph()
+    nodes = [g.placeholder(f"x{i}") for i in range(4)]
+    for n, (t, bs) in zip(nodes, [({"dense": 3.0, "pix": 1.0, "co": 1.5}, 1),
+                                  ({"dense": 2.0, "pix": 2.5}, 1),  # slower gated: saves 0
+                                  ({"dense": 9.0, "pix": 1.0}, 32),  # timed at another batch
+                                  (None, 1)]):
+        records(n).gate = GateDecision(gated=True)
+        records(n).kernel = KernelChoice(strategy="pix", times_ms=t, batch_size=bs)
+    assert route_pass.gated_savings_ms(nodes, 1) == pytest.approx(2.0)
+    assert route_pass.gated_savings_ms(nodes, 32) == pytest.approx(8.0)
+
+
+@needs_runtime
+def test_clearly_faster_gated_model_is_not_exported(monkeypatch):
+    """Where the gated layers' savings put every dense runtime out of reach (DENSE_EDGE), the
+    route is not considered: no export, no runtime timed, a note with the figures."""
+    _fake_times(monkeypatch, ispc=10.0)
+    monkeypatch.setattr(route_pass, "gated_savings_ms", lambda nodes, bs: 4.0)  # 14 > 10 * 1.375
+    monkeypatch.setattr(route, "onnx_bytes", lambda *a: pytest.fail("exported"))
+    model = SmallResidualNet().eval()
+    cfg = ispc.GatingConfig(keep_ratio=0.5, mode="topk", dense_route="off")
+    gm, state = pipeline.run(model, _data(), config=cfg, pipeline=pipeline.COMPILE[:-1],
+                             progress=False)
+    assert pipeline.build_report(gm, state).summary["layers_gated"] > 0
+    state.config = cfg.replace(latency_aware=True, latency_rounds=1, dense_route="auto")
+    assert route_pass.dense_route(gm, state) is gm
+    note = next(n for n in state.notes if n.startswith("dense route"))
+    assert note.startswith("dense route: not considered, ispc as built is clearly faster (10.00 ms")
+    assert "save 4.00 ms" in note
