@@ -22,6 +22,19 @@ def _load_numpy():
     return np
 
 
+def _sessions():
+    """``ispc/_runtime_sessions.py``, loaded by path: importing it as ``ispc._runtime_sessions``
+    would import the ``ispc`` package, and torch with it."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).with_name("_runtime_sessions.py")
+    spec = importlib.util.spec_from_file_location("_ispc_runtime_sessions", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _precision_name(value: Any) -> str:
     s = str(value).lower()
     if "bf16" in s or "bfloat16" in s:
@@ -113,14 +126,8 @@ def _prepare(job: dict, batches: list) -> tuple[Callable[[Any], Any], dict[str, 
     if runtime == "onnxruntime":
         import onnxruntime as ort
 
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if job.get("route"):  # as ispc's dense route runs it (ispc.dense_route: its workers stop
-            so.add_session_config_entry("session.force_spinning_stop", "1")  # spinning per call)
-        sess = ort.InferenceSession(job["artifact"], so, providers=["CPUExecutionProvider"])
+        # as the route runs it (job["route"]), or with ONNX Runtime's default spinning
+        sess = _sessions().ort_session(job["artifact"], threads, stop_spinning=bool(job.get("route")))
         name = sess.get_inputs()[0].name
 
         def call(x):
@@ -131,14 +138,8 @@ def _prepare(job: dict, batches: list) -> tuple[Callable[[Any], Any], dict[str, 
     if runtime in ("openvino", "openvino_default"):
         import openvino as ov
 
-        core = ov.Core()
-        model = core.read_model(job["artifact"])
-        # a static shape, as OpenVINO's latency guide advises (the ONNX file has a dynamic batch)
-        model.reshape({model.inputs[0].get_any_name(): ov.PartialShape(list(batches[0].shape))})
-        config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads}
-        if runtime == "openvino":
-            config["INFERENCE_PRECISION_HINT"] = "f32"
-        compiled = core.compile_model(model, "CPU", config)
+        compiled = _sessions().ov_compiled(job["artifact"], batches[0].shape, threads,
+                                           precision="f32" if runtime == "openvino" else None)
         request = compiled.create_infer_request()
 
         def call(x):

@@ -42,6 +42,7 @@ import numpy as np
 import torch
 from torch import Tensor, fx, nn
 
+from ._runtime_sessions import ort_session, ov_compiled
 from .errors import BackendUnavailableError
 
 __all__ = ["ROUTE_RUNTIMES", "DenseRuntimeModule", "RouteRunner", "export_dense_onnx", "onnx_bytes",
@@ -255,29 +256,13 @@ class DenseRuntimeModule(nn.Module):
             return torch.from_numpy(req.get_output_tensor(0).data.copy())
 
     def _ort_session(self) -> Any:
-        import onnxruntime as ort
-
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = torch.get_num_threads()
-        so.inter_op_num_threads = 1
-        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.add_session_config_entry("session.force_spinning_stop", "1")  # (module docstring)
-        sess = ort.InferenceSession(self.onnx, so, providers=["CPUExecutionProvider"])
+        sess = ort_session(self.onnx, torch.get_num_threads(), stop_spinning=True)  # (module doc)
         self.__dict__["_session"] = sess
         return sess
 
     def _ov_request(self, shape: tuple[int, ...]) -> Any:
-        import openvino as ov
-
-        core = ov.Core()
-        model = core.read_model(self.onnx, b"")
         # a static shape per input shape, as OpenVINO's latency guide advises
-        model.reshape({model.inputs[0].get_any_name(): ov.PartialShape(list(shape))})
-        compiled = core.compile_model(model, "CPU", {
-            "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": torch.get_num_threads(),
-            "INFERENCE_PRECISION_HINT": "f32"})
-        req = compiled.create_infer_request()
+        req = ov_compiled(self.onnx, shape, torch.get_num_threads()).create_infer_request()
         self.__dict__["_requests"][shape] = req
         return req
 

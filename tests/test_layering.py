@@ -16,7 +16,7 @@ ROOTS = {"ispc": "ispc", "passes": "ispc.passes", "examples": "ispc.examples"}
 #: the layers, bottom first; a module may import its own layer and those below (a package's
 #: layer covers its submodules unless they are named)
 LAYERS = [
-    ["ispc.errors"],
+    ["ispc.errors", "ispc._runtime_sessions"],
     ["ispc.config", "ispc.data", "ispc.records", "ispc.timing", "ispc.report", "ispc.observers",
      "ispc.distributed", "ispc.datasets", "ispc.plots"],
     ["ispc.ops"],

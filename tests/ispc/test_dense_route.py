@@ -138,3 +138,25 @@ def test_time_apart_times_each_runtime_in_its_own_process(onnx):
         assert rel_err(torch.from_numpy(res[r]["output"]), model(x)) < 1e-5
     bad = route.time_apart(b"not onnx", runtimes[:1], x, threads=1, rounds=1, calls=1, warmup=0)
     assert bad[runtimes[0]]["ms"] is None and bad[runtimes[0]]["note"].startswith("error")
+
+
+@pytest.mark.parametrize("runtime", route.ROUTE_RUNTIMES)
+def test_worker_sets_up_the_runtime_without_torch(onnx, runtime, tmp_path):
+    """The timing worker sets its runtime up with the route's own code (``_runtime_sessions``,
+    loaded by path) and imports neither torch nor ispc beside it."""
+    import subprocess
+    import sys
+
+    if not route.installed(runtime):
+        pytest.skip(f"{runtime} not installed")
+    (tmp_path / "m.onnx").write_bytes(onnx[1])
+    code = (f"import runpy, sys, numpy as np; w = runpy.run_path({str(route.WORKER)!r}); "
+            f"call, info = w['_prepare']({{'runtime': {runtime!r}, 'threads': 1, 'route': True, "
+            f"'artifact': {str(tmp_path / 'm.onnx')!r}}}, [np.ones((2, 3, 8, 8), np.float32)]); "
+            "out = info['to_numpy'](call(np.ones((2, 3, 8, 8), np.float32))); "
+            "print(out.shape, 'torch' in sys.modules or 'ispc' in sys.modules)")
+    env = route.worker_env(1, runtime)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         cwd=tmp_path, timeout=120)
+    assert res.returncode == 0, res.stderr[-800:]
+    assert res.stdout.split()[-3:] == ["(2,", "4)", "False"]
