@@ -9,7 +9,10 @@ created on its first call with the torch thread count of that moment. The module
 copy of the user's model and runs it instead where the runtime cannot: under ``torch.export``,
 ``torch.compile`` or fx tracing (so saving, ONNX export and the other backends see a plain torch
 model), with autograd, on another device or dtype, at another input size than exported, and
-while :meth:`CompiledModel.measure` hooks its layers. Both compute the user's model.
+while :meth:`CompiledModel.measure` hooks its layers. Both compute the user's model. A compiled
+model's runner (:class:`RouteRunner`) calls the runtime straight. The pass times the runtimes with
+:func:`time_apart`: each in worker processes of its own (the benchmark's worker, which
+``ispc.runtimes`` runs through :func:`run_worker` too).
 
 Thread pools: ONNX Runtime's workers spin after a call by default and take the cores from the
 torch work that follows in the same process (a 0.87 ms 3x3 convolution ran 1.7-3.3 ms right after
