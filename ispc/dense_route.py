@@ -63,7 +63,7 @@ NAME = "dense_route"
 WORKER = Path(__file__).with_name("_runtime_worker.py")
 _BOOTSTRAP = ("import runpy, sys; sys.argv = sys.argv[1:]; "
               "runpy.run_path(sys.argv[0], run_name='__main__')")
-#: glibc's largest MMMAP_THRESHOLD on 64-bit (a larger value is ignored)
+#: glibc's largest M_MMAP_THRESHOLD on 64-bit (a larger value is ignored)
 MMAP_THRESHOLD = 32 << 20
 #: the runtimes that read the ONNX export (the others' workers read a pickled torch model)
 _ONNX_RUNTIMES = ("onnxruntime", "openvino", "openvino_default")
@@ -129,7 +129,7 @@ def worker_env(threads: int, runtime: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update({
         "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-        "MALLOC_TRIM_THRESHOLD_": str(1 << 30), "MALLOCMMAP_THRESHOLD_": str(MMAP_THRESHOLD),
+        "MALLOC_TRIM_THRESHOLD_": str(1 << 30), "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD),
     })
     if runtime not in _ONNX_RUNTIMES:
         env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p and os.path.isdir(p))

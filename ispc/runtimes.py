@@ -50,7 +50,7 @@ from tabulate import tabulate
 from torch import nn
 
 from .compiled import CompiledModel
-from .dense_route import MMAP_THRESHOLD, export_dense_onnx, run_worker, worker_env
+from .dense_route import MMAP_THRESHOLD, export_dense_onnx, run_worker
 from .errors import ConfigError, DataError
 from .serialization import save
 from .timing import retain_freed_memory
@@ -234,10 +234,6 @@ def _main_path(model: nn.Module) -> str | None:
         return None
     main = sys.modules.get("__main__")
     return getattr(main, "__file__", None)
-
-
-def _child_env(threads: int, runtime: str) -> dict[str, str]:
-    return worker_env(threads, runtime)
 
 
 @dataclass

@@ -19,8 +19,8 @@ def test_max_isa_environment_reaches_the_workers(benchmark_script, monkeypatch):
         monkeypatch.setenv(k, v)
     monkeypatch.setattr(os, "execv", lambda *a: pytest.fail("re-executed with the limit already set"))
     assert peers.limit_isa("avx2", ["openvino", "eager"]) is None
-    from ispc.runtimes import _child_env
-    env = _child_env(2, "openvino")
+    from ispc.dense_route import worker_env
+    env = worker_env(2, "openvino")
     assert env["ONEDNN_MAX_CPU_ISA"] == "AVX2" and env["ISPC_NATIVE_FLAGS"] == "-mno-avx512f"
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import pytest
 import torch
@@ -160,3 +161,14 @@ def test_worker_sets_up_the_runtime_without_torch(onnx, runtime, tmp_path):
                          cwd=tmp_path, timeout=120)
     assert res.returncode == 0, res.stderr[-800:]
     assert res.stdout.split()[-3:] == ["(2,", "4)", "False"]
+
+
+def test_timing_workers_keep_freed_memory_as_glibc_reads_it():
+    """The workers' allocator settings, spelled as glibc reads them (a misspelt name is silently
+    ignored and every large allocation becomes an mmap + page faults per call)."""
+    env = route.worker_env(2, "openvino")
+    assert env["MALLOC_TRIM_THRESHOLD_"] == str(1 << 30)
+    assert env["MALLOC_MMAP_THRESHOLD_"] == str(32 << 20) == str(route.MMAP_THRESHOLD)
+    assert env["OMP_NUM_THREADS"] == "2" and "PYTHONPATH" not in {
+        k for k in env if env.get(k) != os.environ.get(k)}
+    assert route.worker_env(2, "ispc")["PYTHONPATH"]  # a torch artifact imports ispc there
