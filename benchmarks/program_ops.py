@@ -105,7 +105,7 @@ def _model(args: argparse.Namespace, spec: str, saved: bool):
     calib = [torch.randn(8, 3, args.image_size, args.image_size, generator=g) for _ in range(2)]
     cfg = ispc.GatingConfig(keep_ratio=args.keep, mode="topk", latency_aware=args.latency_aware,
                             latency_batch_size=args.batch_size, latency_rounds=5,
-                            channels_last=True)
+                            channels_last=True, dense_route="off")
     return ispc.compile(model, calib, config=cfg, progress=False), f"{spec} keep {args.keep}"
 
 

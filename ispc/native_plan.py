@@ -445,7 +445,11 @@ class _Program(nn.Module):
         per_layer = _chunks([shapes[n.args[0]] for n in seg], [shapes[n] for n in seg])
         fuse = {i for i, n in enumerate(seg) if 4 * (per_layer[i] or shapes[n][0]) * math.prod(
             shapes[n][1:]) >= FUSE_BYTES} if os.environ.get("ISPC_FUSE_DW", "1") != "0" else set()
-        prog, spans = prog.emit(seg, fuse)
+        # the others on small maps fuse split by channels
+        small = int(os.environ.get("ISPC_FUSE_CH_POSITIONS", FUSE_CH_POSITIONS))
+        by_channels = {i for i, n in enumerate(seg) if i not in fuse
+                       and shapes[n][2] * shapes[n][3] <= small}
+        prog, spans = prog.emit(seg, fuse, by_channels)
         if all(self._alias[i] for i in range(spans[-1][1] + 1, len(seg))):
             spans[-1] = (spans[-1][0], len(seg) - 1)  # a layout step after the classifier
         # spans: each op's first and last layer (two for a fused expansion + depthwise)
@@ -572,10 +576,12 @@ class _Calls:
             raise AttributeError(name)
         return lambda *args: self._record(_Other(name, args))
 
-    def emit(self, seg: list[fx.Node], fuse: set[int]) -> tuple[native.OpProgram, list[tuple[int, int]]]:
-        """The program, and each op's first and last layer. A 1x1 convolution in ``fuse`` (stride
-        1, no padding, no residual, no sums handed on) whose only reader is the depthwise layer
-        after it (no residual) becomes one op with it (``add_expand_dw``)."""
+    def emit(self, seg: list[fx.Node], fuse: set[int], by_channels: frozenset[int] | set[int] = frozenset()
+             ) -> tuple[native.OpProgram, list[tuple[int, int]]]:
+        """The program, and each op's first and last layer. A 1x1 convolution in ``fuse`` or
+        ``by_channels`` (stride 1, no padding, no residual, no sums handed on) whose only reader
+        is the depthwise layer after it (no residual) becomes one op with it (``add_expand_dw``;
+        its threads split the expanded channels for those in ``by_channels`` alone)."""
         prog = native.OpProgram()
         spans: list[tuple[int, int]] = []
         calls = self.calls
@@ -583,12 +589,13 @@ class _Calls:
         while j < len(calls):
             first, i, call = calls[j]
             nxt = calls[j + 1] if j + 1 < len(calls) else None
-            if (i in fuse and nxt is not None and isinstance(call, _Conv)
+            if ((i in fuse or i in by_channels) and nxt is not None and isinstance(call, _Conv)
                     and isinstance(nxt[2], _Depthwise) and _fusable(seg, i, call, nxt[2])):
                 dw = nxt[2]
                 prog.add_expand_dw(call.layer, dw.layer, call.x, dw.out, call.shape, call.mode,
                                    call.scale, call.threshold, call.k, call.saliency, call.clamp,
-                                   dw.clamp, -1, call.sums_in, dw.sums_out, dw.sums_kind)
+                                   dw.clamp, -1, call.sums_in, dw.sums_out, dw.sums_kind,
+                                   by_channels=i in by_channels and i not in fuse)
                 spans.append((first, nxt[1]))
                 j += 2
                 continue
@@ -613,6 +620,11 @@ def _fusable(seg: list[fx.Node], i: int, conv: _Conv, dw: _Depthwise) -> bool:
 #: 56x56 stride 1, 0.86-1.0x at 28x28, 1.0x at 14x14 and 1.1-1.2x at 7x7 (each thread reads all
 #: of the expansion's weights); at batch 32 (chunks of 1-8 instances) 0.67-0.93x everywhere
 FUSE_BYTES = 512 << 10
+
+#: the expanded maps' positions (at most) whose expansion and depthwise layer, where
+#: :data:`FUSE_BYTES` does not fuse them, fuse with threads splitting the channels
+#: (``add_expand_dw(by_channels=True)``): MobileNetV2's 7x7 blocks (see docs/benchmarks.md)
+FUSE_CH_POSITIONS = 49
 
 #: bytes of the maps an op reads and writes per chunk that a chunked run aims at: at batch 32
 #: MobileNetV2's 112x112 and 56x56 layers ran 2-2.5x their batch-1 time per image, their maps

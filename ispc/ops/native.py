@@ -899,6 +899,7 @@ class _Op(ctypes.Structure):
 
 
 _OP_CONV, _OP_DW, _OP_AVGPOOL, _OP_TO_NHWC, _OP_MAXPOOL, _OP_EXPAND_DW, _OP_LINEAR, _OP_LINEAR_T = range(8)
+_OP_EXPAND_DW_CH = 8
 #: output features per block of :meth:`OpProgram.add_linear`'s packed weights (``LIN_B``)
 LINEAR_BLOCK = 64
 _LOCAL = {"x": 1, "out": 2, "res": 4}  # OP_LOCAL_*
@@ -955,18 +956,22 @@ class OpProgram:
                       mode: int = DENSE, scale: Tensor | None = None, threshold: float = 0.0,
                       k: int = 0, saliency: int = 0, clamp: tuple[float, float] = NO_CLAMP,
                       dw_clamp: tuple[float, float] = NO_CLAMP, res: int = -1, sums_in: int = -1,
-                      sums_out: int = -1, sums_kind: int = 0) -> None:
+                      sums_out: int = -1, sums_kind: int = 0, by_channels: bool = False) -> None:
         """A 1x1 convolution (``layer``: stride 1, no padding, as :meth:`add_conv` without a
         residual or output sums) and the depthwise layer ``dw`` on its output (as
         :meth:`add_depthwise`: ``res``, ``sums_out``) in one op: the expanded map stays in each
-        thread's cache, never written whole. Same results as the two ops."""
+        thread's cache, never written whole. Same results as the two ops (``sums_out`` within
+        float rounding where ``by_channels``). Threads split the output rows, or with
+        ``by_channels`` the expanded channels (for small maps: no rows computed twice, each
+        thread reads only its channels' weights)."""
         if (layer.kernel, layer.stride, layer.padding, layer.dilation) != ((1, 1), (1, 1), (0, 0), (1, 1)):
             raise ConfigError("add_expand_dw takes a 1x1 convolution of stride 1 without padding")
         if dw.channels != layer.cout:
             raise ConfigError(f"the depthwise layer has {dw.channels} channels, the 1x1 layer gives "
                               f"{layer.cout}")
         self._keep += [layer, dw, scale]
-        self._add(_OP_EXPAND_DW, x, out, shape, layer=ctypes.addressof(layer._struct),
+        self._add(_OP_EXPAND_DW_CH if by_channels else _OP_EXPAND_DW, x, out, shape,
+                  layer=ctypes.addressof(layer._struct),
                   scale=None if mode == DENSE else scale.data_ptr(), saliency=saliency, mode=mode,
                   k=k, threshold=threshold, res=res, lo=clamp[0], hi=clamp[1],
                   sums_in=sums_in if mode != DENSE else -1, sums_out=sums_out, sums_kind=sums_kind,

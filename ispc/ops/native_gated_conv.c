@@ -2078,8 +2078,8 @@ static inline vf dw_load(const float *src, int full, int nl) {
  * index is resolved at compile time. Returns the output's saliency terms (ykind >= 0) over the
  * stored positions, masked lanes zero. */
 static inline __attribute__((always_inline)) vf
-dw_tile(const float *const rows[3], int64_t W, int64_t C, int64_t c0, int full, int nl, int64_t ow0,
-        int64_t m, const int MR, const int S, int64_t p, const vf wv[9], vf bv, float *orow,
+dw_tile(const float *const rows[3], int64_t W, int64_t C, int64_t Co, int64_t c0, int full, int nl,
+        int64_t ow0, int64_t m, const int MR, const int S, int64_t p, const vf wv[9], vf bv, float *orow,
         const float *rrow, float lo, float hi, int clamp, const int checked, int ykind) {
     vf acc[DW_MR];
     #pragma GCC unroll 16
@@ -2103,8 +2103,8 @@ dw_tile(const float *const rows[3], int64_t W, int64_t C, int64_t c0, int full, 
     #pragma GCC unroll 16
     for (int i = 0; i < MR; i++) {
         if (checked && i >= m) break;
-        float *d = orow + (ow0 + i) * C + c0;
-        const float *rs = rrow ? rrow + (ow0 + i) * C + c0 : 0;
+        float *d = orow + (ow0 + i) * Co + c0;
+        const float *rs = rrow ? rrow + (ow0 + i) * Co + c0 : 0;
         vf v = acc[i];
 #if defined(__AVX512F__)
         if (full) {
@@ -2140,24 +2140,24 @@ dw_tile(const float *const rows[3], int64_t W, int64_t C, int64_t c0, int full, 
 
 /* One output row's block of VW channels, tiles of MR positions across it; stride S (1 or 2). */
 static inline __attribute__((always_inline)) vf
-dw_row(const float *const rows[3], int64_t W, int64_t Wo, int64_t C, int64_t c0, int full, int nl,
+dw_row(const float *const rows[3], int64_t W, int64_t Wo, int64_t C, int64_t Co, int64_t c0, int full, int nl,
        const int S, int64_t p, int64_t a, int64_t b, const vf wv[9], vf bv, float *orow,
        const float *rrow, float lo, float hi, int clamp, int ykind) {
     vf sq = {0};
     for (int64_t ow = 0; ow < Wo; ow += DW_MR) {
         const int64_t m = Wo - ow < DW_MR ? Wo - ow : DW_MR;
         if (ow >= a && ow + DW_MR <= b)
-            sq += dw_tile(rows, W, C, c0, full, nl, ow, DW_MR, DW_MR, S, p, wv, bv, orow, rrow, lo, hi,
-                          clamp, 0, ykind);
+            sq += dw_tile(rows, W, C, Co, c0, full, nl, ow, DW_MR, DW_MR, S, p, wv, bv, orow, rrow, lo,
+                          hi, clamp, 0, ykind);
         else
-            sq += dw_tile(rows, W, C, c0, full, nl, ow, m, DW_MR, S, p, wv, bv, orow, rrow, lo, hi,
+            sq += dw_tile(rows, W, C, Co, c0, full, nl, ow, m, DW_MR, S, p, wv, bv, orow, rrow, lo, hi,
                           clamp, 1, ykind);
     }
     return sq;
 }
 
 /* Any stride: one position at a time, every tap checked (strides other than 1 and 2). */
-static vf dw_row_any(const float *const rows[3], int64_t W, int64_t Wo, int64_t C, int64_t c0,
+static vf dw_row_any(const float *const rows[3], int64_t W, int64_t Wo, int64_t C, int64_t Co, int64_t c0,
                      int full, int nl, int64_t s, int64_t p, const vf wv[9], vf bv, float *orow,
                      const float *rrow, float lo, float hi, int clamp, int ykind) {
     vf sq = {0};
@@ -2172,8 +2172,8 @@ static vf dw_row_any(const float *const rows[3], int64_t W, int64_t Wo, int64_t 
         }
         float t[VW];
         st(t, acc);
-        float *d = orow + ow * C + c0;
-        const float *rs = rrow ? rrow + ow * C + c0 : 0;
+        float *d = orow + ow * Co + c0;
+        const float *rs = rrow ? rrow + ow * Co + c0 : 0;
         for (int l = 0; l < VW; l++) {
             float u = l < nl ? t[l] + (rs ? rs[l] : 0.0f) : 0.0f;
             t[l] = clamp && l < nl ? (u < lo ? lo : u > hi ? hi : u) : u;
@@ -2188,30 +2188,43 @@ static int64_t dw_workspace(int64_t N, int64_t C, const ispc_sums_t *sums, int64
     return sums && sums->out ? 2 * threads * N * C + 64 : 0;
 }
 
-/* One output row of the depthwise layer (all its channels) from its three input rows (NULL: in
- * the padding); a, b: its columns whose taps are all inside the row. Output sums added into yrow
- * (NULL: none). */
-static void dw_out_row(const float *const rows[3], int64_t W, int64_t Wo, int64_t C, const float *w,
-                       const float *bias, int64_t s, int64_t p, int64_t a, int64_t b, float *orow,
-                       const float *rrow, float lo, float hi, int clamp, double *yrow, int ykind) {
-    for (int64_t c0 = 0; c0 < C; c0 += VW) {
-        const int nl = C - c0 < VW ? (int)(C - c0) : VW, full = nl == VW;
+/* One output row of the depthwise layer (Cn channels) from its three input rows (NULL: in the
+ * padding) of C floats a position; a, b: its columns whose taps are all inside the row. Output,
+ * residual and weights ([9][Co]) have Co floats a position (Co = C but for the channel-split fused
+ * op, which gives one thread's channels). Output sums added into yrow (NULL: none). */
+static void dw_out_rows(const float *const rows[3], int64_t W, int64_t Wo, int64_t C, int64_t Co,
+                        int64_t Cn, const float *w, const float *bias, int64_t s, int64_t p, int64_t a,
+                        int64_t b, float *orow, const float *rrow, float lo, float hi, int clamp,
+                        double *yrow, int ykind) {
+    for (int64_t c0 = 0; c0 < Cn; c0 += VW) {
+        const int nl = Cn - c0 < VW ? (int)(Cn - c0) : VW, full = nl == VW;
         vf wv[9], bv, sq;
-        for (int t = 0; t < 9; t++) wv[t] = dw_load(w + t * C + c0, full, nl);
+        for (int t = 0; t < 9; t++) wv[t] = dw_load(w + t * Co + c0, full, nl);
         bv = dw_load(bias + c0, full, nl);
         if (s == 1 && full)
-            sq = dw_row(rows, W, Wo, C, c0, 1, VW, 1, p, a, b, wv, bv, orow, rrow, lo, hi, clamp, ykind);
+            sq = dw_row(rows, W, Wo, C, Co, c0, 1, VW, 1, p, a, b, wv, bv, orow, rrow, lo, hi, clamp,
+                        ykind);
         else if (s == 2 && full)
-            sq = dw_row(rows, W, Wo, C, c0, 1, VW, 2, p, a, b, wv, bv, orow, rrow, lo, hi, clamp, ykind);
+            sq = dw_row(rows, W, Wo, C, Co, c0, 1, VW, 2, p, a, b, wv, bv, orow, rrow, lo, hi, clamp,
+                        ykind);
         else if (s == 1)
-            sq = dw_row(rows, W, Wo, C, c0, 0, nl, 1, p, a, b, wv, bv, orow, rrow, lo, hi, clamp, ykind);
+            sq = dw_row(rows, W, Wo, C, Co, c0, 0, nl, 1, p, a, b, wv, bv, orow, rrow, lo, hi, clamp,
+                        ykind);
         else if (s == 2)
-            sq = dw_row(rows, W, Wo, C, c0, 0, nl, 2, p, a, b, wv, bv, orow, rrow, lo, hi, clamp, ykind);
+            sq = dw_row(rows, W, Wo, C, Co, c0, 0, nl, 2, p, a, b, wv, bv, orow, rrow, lo, hi, clamp,
+                        ykind);
         else
-            sq = dw_row_any(rows, W, Wo, C, c0, full, nl, s, p, wv, bv, orow, rrow, lo, hi, clamp,
+            sq = dw_row_any(rows, W, Wo, C, Co, c0, full, nl, s, p, wv, bv, orow, rrow, lo, hi, clamp,
                             ykind);
         if (yrow) add_lanes(yrow + c0, sq, nl);
     }
+}
+
+/* One output row of the depthwise layer, all C channels (see dw_out_rows). */
+static void dw_out_row(const float *const rows[3], int64_t W, int64_t Wo, int64_t C, const float *w,
+                       const float *bias, int64_t s, int64_t p, int64_t a, int64_t b, float *orow,
+                       const float *rrow, float lo, float hi, int clamp, double *yrow, int ykind) {
+    dw_out_rows(rows, W, Wo, C, C, C, w, bias, s, p, a, b, orow, rrow, lo, hi, clamp, yrow, ykind);
 }
 
 /* output columns whose taps are all inside the row: [*a, *b) */
@@ -2418,7 +2431,8 @@ int64_t ispc_nchw_to_nhwc(const float *src, int64_t N, int64_t C, int64_t HW, fl
 #define OP_EXPAND_DW 5  /* a 1x1 convolution (ispc_conv_nhwc) and the depthwise 3x3 that reads it */
 #define OP_LINEAR 6     /* a fully connected layer on (N, C) features (the classifier): linear_region */
 #define OP_LINEAR_T 7   /* the same on input-major weights, zero inputs skipped: linear_t_region */
-#define OP_LAST OP_LINEAR_T
+#define OP_EXPAND_DW_CH 8  /* OP_EXPAND_DW split between threads by channels: expand_dw_ch_region */
+#define OP_LAST OP_EXPAND_DW_CH
 
 typedef struct {
     int64_t kind, x, out, res;           /* slots; res -1: none */
@@ -2456,6 +2470,7 @@ static void op_out(const ispc_op_t *o, int64_t *hw, int64_t *c) {
         *hw = conv_out(o->H, 3, o->sh, o->ph, 1) * conv_out(o->W, 3, o->sh, o->ph, 1);
         break;
     case OP_EXPAND_DW:
+    case OP_EXPAND_DW_CH:
         *hw = conv_out(o->H, 3, o->sh, o->ph, 1) * conv_out(o->W, 3, o->sh, o->ph, 1);
         *c = o->layer->cout;
         return;
@@ -2589,6 +2604,94 @@ static void expand_dw_region(const ispc_op_t *o, const float *x, int64_t N, floa
                        o->lo2, o->hi2, clamp2, yrow ? yrow + n * E : 0, ykind);
         }
         r += e1 - oh0;
+    }
+    #pragma omp barrier
+    if (ysums) reduce_sums(ysums, omp_get_num_threads(), N, E, E, sums->out);
+}
+
+/* ---- the same fusion split by channels (small maps: MobileNetV2's 14x14 and 7x7 blocks) ---------
+ * On a small map row strips give each thread a few rows and the rows around them computed twice,
+ * and every thread reads all of the expansion's weights. Here each thread takes a run of the
+ * expansion's blocks of output channels: it computes those channels of an instance's whole
+ * expanded map into a buffer of its own (reading only their weights, no row twice), then the
+ * depthwise layer's output on the same channels. Gated expansions select first, all threads
+ * together, as expand_dw_region. Results equal the two layers' calls; the output sums equal
+ * theirs within float rounding (each channel summed over rows by one thread, not two). */
+
+typedef struct {
+    nh_plan_t P;       /* the expansion's workspace, as its own call (no output sums) */
+    int64_t per, buf, ysums;  /* blocks a thread; floats: a thread's buffer, the output sums' doubles */
+} xdc_plan_t;
+
+static void xdc_plan(xdc_plan_t *X, const ispc_op_t *o, int64_t N, const ispc_sums_t *sums,
+                     int64_t threads) {
+    nh_geom_t g;
+    nh_geometry(&g, o->layer, N, o->H, o->W);
+    const ispc_sums_t in = {sums ? sums->in : 0, 0, 0};
+    nh_plan(&X->P, &g, o->mode, o->k, in.in ? &in : 0, threads);
+    X->per = (g.cob + threads - 1) / threads;
+    X->buf = (o->H * o->W * X->per * g.nr + 15) / 16 * 16;
+    X->ysums = sums && sums->out ? (2 * threads * N * o->layer->cout + 15) / 16 * 16 : 0;
+}
+
+/* floats of workspace besides the zeros */
+static int64_t xdc_rest(const xdc_plan_t *X, int64_t threads) {
+    return (X->P.total - X->P.zeros + 15) / 16 * 16 + X->ysums + threads * X->buf + 64;
+}
+
+static void expand_dw_ch_region(const ispc_op_t *o, const float *x, int64_t N, float *out,
+                                const float *res, const ispc_sums_t *sums, const float *zeros,
+                                float *ws, int64_t threads) {
+    const ispc_nhwc_layer_t *L = o->layer;
+    xdc_plan_t X;
+    xdc_plan(&X, o, N, sums, threads);
+    const int64_t H = o->H, W = o->W, C = o->C, E = L->cout, s = o->sh, p = o->ph;
+    const int64_t Ho = conv_out(H, 3, s, p, 1), Wo = conv_out(W, 3, s, p, 1);
+    const int dense = o->mode == NHWC_DENSE;
+    const float lo = o->lo, hi = o->hi;
+    const int clamp = lo != lo ? NH_GELU : lo > -__builtin_inff() || hi < __builtin_inff();
+    const int clamp2 = o->lo2 > -__builtin_inff() || o->hi2 < __builtin_inff();
+    const int ykind = sums && sums->out ? (int)sums->out_kind : -1;
+    /* workspace: the selection's (as the expansion's call), the output sums, the buffers */
+    int32_t *ix = (int32_t *)ws;
+    int64_t *cnt = (int64_t *)(ws + (N * C + 15) / 16 * 16);
+    float *sal = (float *)(cnt + N), *tmp = sal + N * C, *part = tmp + 3 * N * C;
+    const int64_t yoff = (X.P.total - X.P.zeros + 15) / 16 * 16, t = omp_get_thread_num();
+    double *ysums = ykind >= 0 ? (double *)(ws + yoff) : 0;
+    float *buf = ws + yoff + X.ysums + t * X.buf;
+    if (!dense)
+        nh_select(x, N, H * W, C, o->scale, o->saliency, o->mode, o->threshold, o->k, ix, cnt, part,
+                  sal, tmp, sums ? sums->in : 0);
+    double *yrow = ysums ? ysums + t * N * E : 0;
+    if (yrow) memset(yrow, 0, sizeof(double) * N * E);
+    const int64_t nr = L->nv * VW, cob = (E + nr - 1) / nr, b0 = t * X.per;
+    const int64_t b1 = b0 + X.per < cob ? b0 + X.per : cob;
+    if (b0 < b1) {
+        const int64_t c0 = b0 * nr, Ec = (b1 * nr < E ? b1 * nr : E) - c0;
+        ispc_nhwc_layer_t Lc = *L;  /* this thread's channels: blocks [b0, b1) */
+        Lc.wpack = L->wpack + b0 * C * nr;
+        Lc.bias = L->bias + c0;
+        Lc.cout = Ec;
+        int64_t a, b;
+        dw_inside(W, Wo, s, p, &a, &b);
+        for (int64_t n = 0; n < N; n++) {
+            nh_geom_t g;
+            nh_geometry(&g, &Lc, 1, H, W);
+            #pragma omp parallel num_threads(1)
+            nh_conv(&g, &Lc, x + n * H * W * C, dense ? 0 : ix + n * C, dense ? 0 : cnt + n, buf, 0,
+                    lo, hi, clamp, zeros, 0, SAL_L2);
+            for (int64_t oh = 0; oh < Ho; oh++) {
+                const float *rows[3];
+                for (int q = 0; q < 3; q++) {
+                    const int64_t ih = oh * s - p + q;
+                    rows[q] = ih >= 0 && ih < H ? buf + ih * W * Ec : 0;
+                }
+                const int64_t ro = (n * Ho + oh) * Wo * E + c0;
+                dw_out_rows(rows, W, Wo, Ec, E, Ec, o->w + c0, o->bias + c0, s, p, a, b, out + ro,
+                            res ? res + ro : 0, o->lo2, o->hi2, clamp2, yrow ? yrow + n * E + c0 : 0,
+                            ykind);
+            }
+        }
     }
     #pragma omp barrier
     if (ysums) reduce_sums(ysums, omp_get_num_threads(), N, E, E, sums->out);
@@ -2831,6 +2934,9 @@ static void op_region(const ispc_op_t *o, float *const *slots, int64_t n0, int64
     case OP_EXPAND_DW:
         expand_dw_region(o, x, m, out, res, sp, zeros, ws, threads);
         break;
+    case OP_EXPAND_DW_CH:
+        expand_dw_ch_region(o, x, m, out, res, sp, zeros, ws, threads);
+        break;
     case OP_AVGPOOL:
         avgpool_region(x, m, o->H * o->W, o->C, out);
         break;
@@ -2879,6 +2985,13 @@ int64_t ispc_run_ops(const ispc_op_t *ops, int64_t n, float *const *slots, float
             xdw_plan(&X, o, m, &sums, threads);
             zmax = X.P.zeros > zmax ? X.P.zeros : zmax;
             rmax = xdw_rest(&X, threads) > rmax ? xdw_rest(&X, threads) : rmax;
+        } else if (o->kind == OP_EXPAND_DW_CH) {
+            const ispc_sums_t sums = {o->sums_in >= 0 ? ws : 0, o->sums_out >= 0 ? ws : 0,
+                                      o->sums_kind};
+            xdc_plan_t X;
+            xdc_plan(&X, o, m, &sums, threads);
+            zmax = X.P.zeros > zmax ? X.P.zeros : zmax;
+            rmax = xdc_rest(&X, threads) > rmax ? xdc_rest(&X, threads) : rmax;
         } else if (o->kind == OP_LINEAR_T && o->outs >= 1) {
             const int64_t need = linear_t_workspace(m, o->C * o->H * o->W, threads);
             rmax = need > rmax ? need : rmax;

@@ -81,6 +81,25 @@ def test_runner_equals_the_per_layer_graph(mobilenet, shape, fuse_bytes, monkeyp
     assert fused >= 10 if fuse_bytes == 0 else fused == 0  # each block's expansion and depthwise
 
 
+@pytest.mark.parametrize("shape", [(1, 3, 32, 32), (3, 3, 40, 24)])
+def test_expansions_split_by_channels_equal_the_per_layer_graph(mobilenet, shape, monkeypatch):
+    """Expansions on maps of at most FUSE_CH_POSITIONS positions that FUSE_BYTES leaves unfused
+    fuse with their depthwise layer split by channels: every block's here."""
+    monkeypatch.setattr(native_plan, "FUSE_BYTES", 1 << 40)
+    monkeypatch.setattr(native_plan, "FUSE_CH_POSITIONS", 1 << 40)
+    r = _runner(mobilenet)
+    r._programs[0]._plans.clear()
+    x = torch.randn(shape)
+    with torch.no_grad():
+        want = mobilenet.graph_module(x)
+        for _ in range(2):
+            assert torch.equal(mobilenet(x), want)
+    (_, plan), = r._programs[0]._plans.values()
+    kinds = [op.kind for op in plan.program._ops]
+    assert kinds.count(native._OP_EXPAND_DW_CH) >= 10 and native._OP_EXPAND_DW not in kinds
+    r._programs[0]._plans.clear()
+
+
 @pytest.mark.parametrize("budget", [1, 100_000])
 def test_chunked_runs_equal_the_per_layer_graph_chunk_by_chunk(mobilenet, monkeypatch, budget):
     """A batch whose maps exceed the chunk budget runs chunk by chunk (the maps between the ops

@@ -140,11 +140,14 @@ def test_to_channels_last_refuses_many_channels():
         native.OpProgram().add_to_channels_last(0, 1, (1, 64, 4, 4))
 
 
-def _expand_dw_case(n, c, e, h, w, stride, mode, seed=3, sums=True):
-    """add_expand_dw against the 1x1 layer's and the depthwise layer's own calls."""
+def _expand_dw_case(n, c, e, h, w, stride, mode, seed=3, sums=True, by_channels=False, res=False,
+                    vectors=None):
+    """add_expand_dw against the 1x1 layer's and the depthwise layer's own calls (the output sums
+    within float rounding where by_channels: each channel summed over rows by one thread)."""
     g = torch.Generator().manual_seed(seed)
     x = _nhwc(torch.randn(n, c, h, w, generator=g))
-    pw = native.NhwcConv(torch.randn(e, c, 1, 1, generator=g), torch.randn(e, generator=g))
+    pw = native.NhwcConv(torch.randn(e, c, 1, 1, generator=g), torch.randn(e, generator=g),
+                         **({} if vectors is None else {"vectors": vectors}))
     dw = native.DepthwiseConv3x3(torch.randn(e, 1, 3, 3, generator=g), torch.randn(e, generator=g),
                                  stride=stride)
     scale = torch.rand(c, generator=g) + 0.5
@@ -156,20 +159,24 @@ def _expand_dw_case(n, c, e, h, w, stride, mode, seed=3, sums=True):
     mid = pw(x, mode, scale=scale if gated else None, k=k, clamp=native.RELU6,
              x_sums=xs if gated else None)
     want_sums = torch.empty(n, e)
-    want = dw(mid, clamp=native.RELU6, out_sums=want_sums if sums else None,
+    r = _nhwc(torch.randn(n, e, *dw.out_size(h, w), generator=g)) if res else None
+    want = dw(mid, residual=r, clamp=native.RELU6, out_sums=want_sums if sums else None,
               out_sums_kind=gc.SALIENCY_L1)
     prog = native.OpProgram()
     prog.add_expand_dw(pw, dw, 0, 1, (n, c, h, w), mode, scale if gated else None, 0.0, k,
-                       gc.SALIENCY_L2, native.RELU6, native.RELU6, sums_in=3 if gated else -1,
-                       sums_out=2 if sums else -1, sums_kind=gc.SALIENCY_L1)
+                       gc.SALIENCY_L2, native.RELU6, native.RELU6, res=4 if res else -1,
+                       sums_in=3 if gated else -1, sums_out=2 if sums else -1,
+                       sums_kind=gc.SALIENCY_L1, by_channels=by_channels)
     out, got_sums = torch.empty_like(want), torch.empty(n, e)
-    slots = native.OpProgram.slot_array(4)
-    for i, t in enumerate((x, out, got_sums, xs)):
+    slots = native.OpProgram.slot_array(5)
+    for i, t in enumerate((x, out, got_sums, xs, r if res else x)):
         slots[i] = t.data_ptr()
     for _ in range(2):
         prog.run(slots)
         assert torch.equal(out, want)
-        if sums:
+        if sums and by_channels:
+            torch.testing.assert_close(got_sums, want_sums, rtol=1e-6, atol=0)
+        elif sums:
             assert torch.equal(got_sums, want_sums)
 
 
@@ -178,6 +185,23 @@ def _expand_dw_case(n, c, e, h, w, stride, mode, seed=3, sums=True):
 @pytest.mark.parametrize("shape", [(2, 8, 24, 11, 9), (3, 24, 144, 30, 28), (1, 16, 40, 1, 5)])
 def test_expand_dw_equals_its_two_layers(shape, stride, mode):
     _expand_dw_case(*shape, stride, mode)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("mode", [native.DENSE, gc.TOPK])
+@pytest.mark.parametrize("shape", [(2, 8, 24, 11, 9), (3, 24, 144, 14, 14), (1, 16, 40, 1, 5),
+                                   (1, 160, 960, 7, 7), (2, 12, 20, 6, 7)])
+def test_expand_dw_by_channels_equals_its_two_layers(shape, stride, mode):
+    """Threads split the expanded channels: blocks shared unevenly (40 channels: 3 blocks on
+    AVX2, 1 a thread that gets none on AVX-512), a partial last block (20), a residual."""
+    _expand_dw_case(*shape, stride, mode, by_channels=True)
+    _expand_dw_case(*shape, stride, mode, by_channels=True, res=True, seed=5, sums=False)
+
+
+@pytest.mark.parametrize("vectors", [1, 2, 3])
+def test_expand_dw_by_channels_any_register_tile(vectors):
+    _expand_dw_case(2, 16, 104, 9, 10, 1, gc.TOPK, by_channels=True, vectors=vectors)
+    _expand_dw_case(1, 16, 72, 9, 10, 2, native.DENSE, by_channels=True, vectors=vectors)
 
 
 def test_expand_dw_large_map_many_windows():
