@@ -60,7 +60,7 @@ def compile_model(model: torch.nn.Module, calib: list[torch.Tensor], *, keep: fl
     lat_rounds = args.latency_rounds if bs == 1 else max(3, args.latency_rounds // 3)
     cfg = ispc.GatingConfig(keep_ratio=keep, mode=args.mode, latency_aware=args.latency_aware,
                             latency_batch_size=bs, latency_rounds=lat_rounds,
-                            dense_route=route_for(args.max_isa))
+                            dense_route=args.dense_route or route_for(args.max_isa))
     say(f"peers: {name} batch {bs} keep {keep}: compiling (latency-aware={args.latency_aware})")
     t0 = time.perf_counter()
     compiled = ispc.compile(model, calib, config=cfg, progress=True)  # bars on stderr
@@ -262,6 +262,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-isa", choices=sorted(MAX_ISA_ENV),
                    help="emulate a CPU without AVX-512: limit ispc's kernels, oneDNN and ATen to "
                         "this ISA (ONNX Runtime cannot be limited and is refused)")
+    p.add_argument("--dense-route", choices=["auto", "onnxruntime", "openvino", "off"],
+                   help="GatingConfig.dense_route of ispc's compiles (default: auto, or under "
+                        "--max-isa openvino); off times the gated model itself")
     args = p.parse_args(argv)
     if not args.merge and (why := limit_isa(args.max_isa, args.runtimes)):
         p.error(why)

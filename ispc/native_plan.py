@@ -578,10 +578,11 @@ class _Calls:
 
     def emit(self, seg: list[fx.Node], fuse: set[int], by_channels: frozenset[int] | set[int] = frozenset()
              ) -> tuple[native.OpProgram, list[tuple[int, int]]]:
-        """The program, and each op's first and last layer. A 1x1 convolution in ``fuse`` or
-        ``by_channels`` (stride 1, no padding, no residual, no sums handed on) whose only reader
-        is the depthwise layer after it (no residual) becomes one op with it (``add_expand_dw``;
-        its threads split the expanded channels for those in ``by_channels`` alone)."""
+        """The program, and each op's first and last layer. A convolution in ``fuse`` (a 1x1
+        of stride 1 without padding, or one whose rows ``expand_dw_fits``; no residual, no sums
+        handed on) whose only reader is the depthwise layer after it (no residual) becomes one op
+        with it (``add_expand_dw``); a 1x1 in ``by_channels`` alone too, its threads splitting
+        the expanded channels."""
         prog = native.OpProgram()
         spans: list[tuple[int, int]] = []
         calls = self.calls
@@ -589,13 +590,15 @@ class _Calls:
         while j < len(calls):
             first, i, call = calls[j]
             nxt = calls[j + 1] if j + 1 < len(calls) else None
-            if ((i in fuse or i in by_channels) and nxt is not None and isinstance(call, _Conv)
+            split = i not in fuse and i in by_channels and isinstance(call, _Conv) and (
+                call.layer.kernel, call.layer.stride, call.layer.padding) == ((1, 1), (1, 1), (0, 0))
+            if ((i in fuse or split) and nxt is not None and isinstance(call, _Conv)
                     and isinstance(nxt[2], _Depthwise) and _fusable(seg, i, call, nxt[2])):
                 dw = nxt[2]
                 prog.add_expand_dw(call.layer, dw.layer, call.x, dw.out, call.shape, call.mode,
                                    call.scale, call.threshold, call.k, call.saliency, call.clamp,
                                    dw.clamp, -1, call.sums_in, dw.sums_out, dw.sums_kind,
-                                   by_channels=i in by_channels and i not in fuse)
+                                   by_channels=split)
                 spans.append((first, nxt[1]))
                 j += 2
                 continue
@@ -611,8 +614,9 @@ def _fusable(seg: list[fx.Node], i: int, conv: _Conv, dw: _Depthwise) -> bool:
     layer = conv.layer
     return (i + 1 < len(seg) and set(seg[i].users) == {seg[i + 1]} and dw.x == conv.out
             and dw.res == -1 and conv.res == -1 and conv.sums_out == -1
-            and (layer.kernel, layer.stride, layer.padding, layer.dilation)
-            == ((1, 1), (1, 1), (0, 0), (1, 1)) and dw.layer.channels == layer.cout)
+            and ((layer.kernel, layer.stride, layer.padding, layer.dilation)
+                 == ((1, 1), (1, 1), (0, 0), (1, 1)) or native.expand_dw_fits(layer, conv.shape[2]))
+            and dw.layer.channels == layer.cout)
 
 
 #: the expanded maps (bytes per pass) that a 1x1 expansion and its depthwise layer fuse for: per

@@ -905,6 +905,15 @@ LINEAR_BLOCK = 64
 _LOCAL = {"x": 1, "out": 2, "res": 4}  # OP_LOCAL_*
 
 
+def expand_dw_fits(layer: NhwcConv, h: int) -> bool:
+    """Whether :meth:`OpProgram.add_expand_dw` can compute ``layer``'s output rows a window at a
+    time from ``h`` input rows: top padding under one stride (only the map's first window reads
+    it) and no output row reading the bottom padding."""
+    (kh, _), (sh, _), (ph, _), (dh, _) = layer.kernel, layer.stride, layer.padding, layer.dilation
+    ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    return ho >= 1 and (ph == 0 or ph < sh) and (ho - 1) * sh - ph + (kh - 1) * dh <= h - 1
+
+
 class OpProgram:
     """Channels-last layers run in order by one C call (``ispc_run_ops``), each with exactly the
     arguments its own call passes (:meth:`NhwcConv.run`, :meth:`DepthwiseConv3x3.run`, the pools,
@@ -957,15 +966,17 @@ class OpProgram:
                       k: int = 0, saliency: int = 0, clamp: tuple[float, float] = NO_CLAMP,
                       dw_clamp: tuple[float, float] = NO_CLAMP, res: int = -1, sums_in: int = -1,
                       sums_out: int = -1, sums_kind: int = 0, by_channels: bool = False) -> None:
-        """A 1x1 convolution (``layer``: stride 1, no padding, as :meth:`add_conv` without a
-        residual or output sums) and the depthwise layer ``dw`` on its output (as
-        :meth:`add_depthwise`: ``res``, ``sums_out``) in one op: the expanded map stays in each
-        thread's cache, never written whole. Same results as the two ops (``sums_out`` within
-        float rounding where ``by_channels``). Threads split the output rows, or with
-        ``by_channels`` the expanded channels (for small maps: no rows computed twice, each
-        thread reads only its channels' weights)."""
-        if (layer.kernel, layer.stride, layer.padding, layer.dilation) != ((1, 1), (1, 1), (0, 0), (1, 1)):
-            raise ConfigError("add_expand_dw takes a 1x1 convolution of stride 1 without padding")
+        """A convolution (``layer``, as :meth:`add_conv` without a residual or output sums: a 1x1
+        expansion, or one that :func:`expand_dw_fits`, e.g. MobileNetV2's stem) and the depthwise
+        layer ``dw`` on its output (as :meth:`add_depthwise`: ``res``, ``sums_out``) in one op:
+        the expanded map stays in each thread's cache, never written whole. Same results as the
+        two ops (``sums_out`` within float rounding where ``by_channels``). Threads split the
+        output rows, or with ``by_channels`` (1x1 expansions) the expanded channels (for small
+        maps: no rows computed twice, each thread reads only its channels' weights)."""
+        one = (layer.kernel, layer.stride, layer.padding, layer.dilation) == ((1, 1), (1, 1), (0, 0), (1, 1))
+        if not (one or (not by_channels and expand_dw_fits(layer, shape[2]))):
+            raise ConfigError("add_expand_dw takes a 1x1 convolution of stride 1 without padding, or "
+                              "(not by_channels) one whose rows expand_dw_fits")
         if dw.channels != layer.cout:
             raise ConfigError(f"the depthwise layer has {dw.channels} channels, the 1x1 layer gives "
                               f"{layer.cout}")

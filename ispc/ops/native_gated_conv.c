@@ -2470,10 +2470,14 @@ static void op_out(const ispc_op_t *o, int64_t *hw, int64_t *c) {
         *hw = conv_out(o->H, 3, o->sh, o->ph, 1) * conv_out(o->W, 3, o->sh, o->ph, 1);
         break;
     case OP_EXPAND_DW:
-    case OP_EXPAND_DW_CH:
-        *hw = conv_out(o->H, 3, o->sh, o->ph, 1) * conv_out(o->W, 3, o->sh, o->ph, 1);
-        *c = o->layer->cout;
+    case OP_EXPAND_DW_CH: {  /* the depthwise layer on the first layer's output */
+        const ispc_nhwc_layer_t *L = o->layer;
+        const int64_t hx = conv_out(o->H, L->kh, L->sh, L->ph, L->dh);
+        const int64_t wx = conv_out(o->W, L->kw, L->sw, L->pw, L->dw);
+        *hw = conv_out(hx, 3, o->sh, o->ph, 1) * conv_out(wx, 3, o->sh, o->ph, 1);
+        *c = L->cout;
         return;
+    }
     case OP_AVGPOOL:
         *hw = 1;
         break;
@@ -2529,8 +2533,8 @@ static void xdw_plan(xdw_plan_t *X, const ispc_op_t *o, int64_t N, const ispc_su
     nh_geometry(&g, o->layer, N, o->H, o->W);
     const ispc_sums_t in = {sums ? sums->in : 0, 0, 0};
     nh_plan(&X->P, &g, o->mode, o->k, in.in ? &in : 0, threads);
-    xdw_window(o->W * o->layer->cout, o->sh, &X->group, &X->rows);
-    X->win = (X->rows * o->W * o->layer->cout + 15) / 16 * 16;
+    xdw_window(g.Wo * o->layer->cout, o->sh, &X->group, &X->rows);
+    X->win = (X->rows * g.Wo * o->layer->cout + 15) / 16 * 16;
     X->ysums = sums && sums->out ? (2 * threads * N * o->layer->cout + 15) / 16 * 16 : 0;
 }
 
@@ -2545,7 +2549,10 @@ static void expand_dw_region(const ispc_op_t *o, const float *x, int64_t N, floa
     const ispc_nhwc_layer_t *L = o->layer;
     xdw_plan_t X;
     xdw_plan(&X, o, N, sums, threads);
-    const int64_t H = o->H, W = o->W, C = o->C, E = L->cout, s = o->sh, p = o->ph;
+    /* the first layer's input H x W, its output (the expanded map) H x W as the depthwise
+     * layer's input: the names below are the depthwise layer's */
+    const int64_t Hi = o->H, Wi = o->W, C = o->C, E = L->cout, s = o->sh, p = o->ph;
+    const int64_t H = conv_out(Hi, L->kh, L->sh, L->ph, L->dh), W = conv_out(Wi, L->kw, L->sw, L->pw, L->dw);
     const int64_t Ho = conv_out(H, 3, s, p, 1), Wo = conv_out(W, 3, s, p, 1), rowf = W * E;
     const int dense = o->mode == NHWC_DENSE;
     const float lo = o->lo, hi = o->hi;
@@ -2561,8 +2568,8 @@ static void expand_dw_region(const ispc_op_t *o, const float *x, int64_t N, floa
     double *ysums = ykind >= 0 ? (double *)(ws + yoff) : 0;
     float *win = ws + yoff + X.ysums + omp_get_thread_num() * X.win;
     if (!dense)
-        nh_select(x, N, H * W, C, o->scale, o->saliency, o->mode, o->threshold, o->k, ix, cnt, part,
-                  sal, tmp, sums ? sums->in : 0);
+        nh_select(x, N, Hi * Wi, C, o->scale, o->saliency, o->mode, o->threshold, o->k, ix, cnt,
+                  part, sal, tmp, sums ? sums->in : 0);
     double *yrow = ysums ? ysums + (int64_t)omp_get_thread_num() * N * E : 0;
     if (yrow) memset(yrow, 0, sizeof(double) * N * E);
     int64_t a, b, r0, r1;
@@ -2584,12 +2591,19 @@ static void expand_dw_region(const ispc_op_t *o, const float *x, int64_t N, floa
             k0 = have1;
         }
         if (k0 < i1) {
+            /* the first layer's output rows [k0, i1) from the input rows they read: the top
+             * padding only at the map's top (ph < sh, and no output row reads the bottom's:
+             * add_expand_dw's check), the same values as on the whole map */
+            ispc_nhwc_layer_t Ls = *L;
+            const int64_t in0 = k0 * L->sh - L->ph, first = in0 > 0 ? in0 : 0;
+            const int64_t end = (i1 - 1) * L->sh - L->ph + (L->kh - 1) * L->dh + 1;
+            Ls.ph = in0 < 0 ? L->ph : 0;
             nh_geom_t g;
-            nh_geometry(&g, L, 1, i1 - k0, W);
-            const float *xr = x + (n * H + k0) * W * C;
+            nh_geometry(&g, &Ls, 1, end - first, Wi);
+            const float *xr = x + (n * Hi + first) * Wi * C;
             float *dst = win + (k0 - i0) * rowf;
             #pragma omp parallel num_threads(1)
-            nh_conv(&g, L, xr, dense ? 0 : ix + n * C, dense ? 0 : cnt + n, dst, 0, lo, hi, clamp,
+            nh_conv(&g, &Ls, xr, dense ? 0 : ix + n * C, dense ? 0 : cnt + n, dst, 0, lo, hi, clamp,
                     zeros, 0, SAL_L2);
         }
         have_n = n; have0 = i0; have1 = i1;

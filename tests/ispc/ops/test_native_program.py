@@ -141,12 +141,13 @@ def test_to_channels_last_refuses_many_channels():
 
 
 def _expand_dw_case(n, c, e, h, w, stride, mode, seed=3, sums=True, by_channels=False, res=False,
-                    vectors=None):
+                    vectors=None, kernel=1, first_stride=1):
     """add_expand_dw against the 1x1 layer's and the depthwise layer's own calls (the output sums
     within float rounding where by_channels: each channel summed over rows by one thread)."""
     g = torch.Generator().manual_seed(seed)
     x = _nhwc(torch.randn(n, c, h, w, generator=g))
-    pw = native.NhwcConv(torch.randn(e, c, 1, 1, generator=g), torch.randn(e, generator=g),
+    pw = native.NhwcConv(torch.randn(e, c, kernel, kernel, generator=g), torch.randn(e, generator=g),
+                         stride=first_stride, padding=kernel // 2,
                          **({} if vectors is None else {"vectors": vectors}))
     dw = native.DepthwiseConv3x3(torch.randn(e, 1, 3, 3, generator=g), torch.randn(e, generator=g),
                                  stride=stride)
@@ -159,7 +160,7 @@ def _expand_dw_case(n, c, e, h, w, stride, mode, seed=3, sums=True, by_channels=
     mid = pw(x, mode, scale=scale if gated else None, k=k, clamp=native.RELU6,
              x_sums=xs if gated else None)
     want_sums = torch.empty(n, e)
-    r = _nhwc(torch.randn(n, e, *dw.out_size(h, w), generator=g)) if res else None
+    r = _nhwc(torch.randn(n, e, *dw.out_size(*pw.out_size(h, w)), generator=g)) if res else None
     want = dw(mid, residual=r, clamp=native.RELU6, out_sums=want_sums if sums else None,
               out_sums_kind=gc.SALIENCY_L1)
     prog = native.OpProgram()
@@ -202,6 +203,27 @@ def test_expand_dw_by_channels_equals_its_two_layers(shape, stride, mode):
 def test_expand_dw_by_channels_any_register_tile(vectors):
     _expand_dw_case(2, 16, 104, 9, 10, 1, gc.TOPK, by_channels=True, vectors=vectors)
     _expand_dw_case(1, 16, 72, 9, 10, 2, native.DENSE, by_channels=True, vectors=vectors)
+
+
+@pytest.mark.parametrize("mode", [native.DENSE, gc.TOPK])
+@pytest.mark.parametrize("shape", [(1, 3, 32, 224, 224), (2, 3, 16, 20, 18), (1, 8, 24, 10, 9)])
+def test_expand_dw_strided_3x3_first_layer(shape, mode):
+    """A 3x3 stride-2 first layer (MobileNetV2's stem) computed a window of rows at a time."""
+    assert native.expand_dw_fits(native.NhwcConv(torch.randn(4, 3, 3, 3), stride=2, padding=1),
+                                 shape[3])
+    _expand_dw_case(*shape, 1, mode, kernel=3, first_stride=2)
+    _expand_dw_case(*shape, 2, mode, kernel=3, first_stride=2, res=True, seed=4)
+
+
+def test_expand_dw_fits():
+    """Rows a window at a time need top padding under one stride and none at the bottom."""
+    assert native.expand_dw_fits(native.NhwcConv(torch.randn(4, 3, 3, 3), stride=2, padding=1), 224)
+    assert not native.expand_dw_fits(native.NhwcConv(torch.randn(4, 3, 3, 3), stride=2, padding=1), 9)
+    assert not native.expand_dw_fits(native.NhwcConv(torch.randn(4, 3, 3, 3), padding=1), 16)
+    with pytest.raises(native.ConfigError, match="expand_dw_fits"):
+        native.OpProgram().add_expand_dw(native.NhwcConv(torch.randn(8, 4, 3, 3), stride=2, padding=1),
+                                         native.DepthwiseConv3x3(torch.randn(8, 1, 3, 3)), 0, 1,
+                                         (1, 4, 16, 16), by_channels=True)
 
 
 def test_expand_dw_large_map_many_windows():
