@@ -582,7 +582,8 @@ class _Calls:
         of stride 1 without padding, or one whose rows ``expand_dw_fits``; no residual, no sums
         handed on) whose only reader is the depthwise layer after it (no residual) becomes one op
         with it (``add_expand_dw``); a 1x1 in ``by_channels`` alone too, its threads splitting
-        the expanded channels."""
+        the expanded channels. A dense convolution whose only reader is a max-pool becomes one
+        op with the pool (``add_conv_maxpool``)."""
         prog = native.OpProgram()
         spans: list[tuple[int, int]] = []
         calls = self.calls
@@ -602,6 +603,14 @@ class _Calls:
                 spans.append((first, nxt[1]))
                 j += 2
                 continue
+            if (nxt is not None and isinstance(call, _Conv) and isinstance(nxt[2], _Other)
+                    and _pool_fusable(seg, i, call, nxt[2])):
+                x, out, _, kernel, stride, padding, pool_clamp = nxt[2].args
+                prog.add_conv_maxpool(call.layer, call.x, out, call.shape, kernel, stride, padding,
+                                      call.clamp, pool_clamp)
+                spans.append((first, nxt[1]))
+                j += 2
+                continue
             call.add(prog)
             spans.append((first, i))
             j += 1
@@ -617,6 +626,14 @@ def _fusable(seg: list[fx.Node], i: int, conv: _Conv, dw: _Depthwise) -> bool:
             and ((layer.kernel, layer.stride, layer.padding, layer.dilation)
                  == ((1, 1), (1, 1), (0, 0), (1, 1)) or native.expand_dw_fits(layer, conv.shape[2]))
             and dw.layer.channels == layer.cout)
+
+
+def _pool_fusable(seg: list[fx.Node], i: int, conv: _Conv, pool: _Other) -> bool:
+    """Whether layer ``i``'s dense ``add_conv`` call and layer ``i + 1``'s ``add_maxpool`` one
+    make one ``add_conv_maxpool`` (its conv map never written: ResNet's stem)."""
+    return (pool.name == "add_maxpool" and i + 1 < len(seg) and set(seg[i].users) == {seg[i + 1]}
+            and pool.args[0] == conv.out and conv.mode == native.DENSE and conv.res == -1
+            and conv.sums_out == -1 and os.environ.get("ISPC_FUSE_POOL", "1") != "0")
 
 
 #: the expanded maps (bytes per pass) that a 1x1 expansion and its depthwise layer fuse for: per

@@ -900,6 +900,7 @@ class _Op(ctypes.Structure):
 
 _OP_CONV, _OP_DW, _OP_AVGPOOL, _OP_TO_NHWC, _OP_MAXPOOL, _OP_EXPAND_DW, _OP_LINEAR, _OP_LINEAR_T = range(8)
 _OP_EXPAND_DW_CH = 8
+_OP_CONV_MAXPOOL = 9
 #: output features per block of :meth:`OpProgram.add_linear`'s packed weights (``LIN_B``)
 LINEAR_BLOCK = 64
 _LOCAL = {"x": 1, "out": 2, "res": 4}  # OP_LOCAL_*
@@ -1048,6 +1049,19 @@ class OpProgram:
         """:func:`maxpool_nhwc`."""
         self._add(_OP_MAXPOOL, x, out, shape, kh=kernel[0], kw=kernel[1], sh=stride[0],
                   sw=stride[1], ph=padding[0], pw=padding[1], lo=clamp[0], hi=clamp[1])
+
+    def add_conv_maxpool(self, layer: NhwcConv, x: int, out: int, shape, kernel: tuple[int, int],
+                         stride: tuple[int, int], padding: tuple[int, int],
+                         clamp: tuple[float, float] = NO_CLAMP,
+                         pool_clamp: tuple[float, float] = NO_CLAMP) -> None:
+        """A dense convolution (:meth:`add_conv` without a residual or sums) and the max-pool on
+        its output (:meth:`add_maxpool`'s window and ``pool_clamp``) in one op: the convolution's
+        map stays in each thread's cache, never written whole (ResNet's stem). Same results as the
+        two ops."""
+        self._keep.append(layer)
+        self._add(_OP_CONV_MAXPOOL, x, out, shape, layer=ctypes.addressof(layer._struct), mode=DENSE,
+                  lo=clamp[0], hi=clamp[1], kh=kernel[0], kw=kernel[1], sh=stride[0], sw=stride[1],
+                  ph=padding[0], pw=padding[1], lo2=pool_clamp[0], hi2=pool_clamp[1])
 
     def set_chunk(self, index: int, instances: int, local: tuple[str, ...] = ()) -> None:
         """Op ``index`` runs ``instances`` instances at a time (0: the whole batch at once); a run

@@ -2432,21 +2432,22 @@ int64_t ispc_nchw_to_nhwc(const float *src, int64_t N, int64_t C, int64_t HW, fl
 #define OP_LINEAR 6     /* a fully connected layer on (N, C) features (the classifier): linear_region */
 #define OP_LINEAR_T 7   /* the same on input-major weights, zero inputs skipped: linear_t_region */
 #define OP_EXPAND_DW_CH 8  /* OP_EXPAND_DW split between threads by channels: expand_dw_ch_region */
-#define OP_LAST OP_EXPAND_DW_CH
+#define OP_CONV_MAXPOOL 9  /* a dense convolution (ispc_conv_nhwc) and the max-pool that reads it */
+#define OP_LAST OP_CONV_MAXPOOL
 
 typedef struct {
     int64_t kind, x, out, res;           /* slots; res -1: none */
     int64_t N, H, W, C;                  /* the input map */
     const ispc_nhwc_layer_t *layer;      /* OP_CONV */
     const float *w, *bias;               /* OP_DW: packed [9][C] weights and bias */
-    int64_t kh, kw, sh, sw, ph, pw;      /* OP_DW (sh, ph), OP_MAXPOOL */
+    int64_t kh, kw, sh, sw, ph, pw;      /* OP_DW (sh, ph), OP_MAXPOOL, OP_CONV_MAXPOOL's pool */
     const float *scale;                  /* OP_CONV gated modes */
     int64_t saliency, mode, k;
     float threshold, lo, hi;
     int64_t sums_in, sums_out, sums_kind;  /* slots of (N, C) / (N, cout) sums; -1: none */
     int64_t chunk;                       /* instances per pass (0: all N at once) */
     int64_t local;                       /* OP_LOCAL_*: slots holding one chunk's maps */
-    float lo2, hi2;                      /* OP_EXPAND_DW: the depthwise layer's clamp */
+    float lo2, hi2;                      /* OP_EXPAND_DW, OP_CONV_MAXPOOL: the second layer's clamp */
     int64_t outs;                        /* OP_LINEAR: output features (w: packed, bias: padded);
                                             OP_LINEAR_T: (w: (C H W, outs), features in NCHW order) */
 } ispc_op_t;
@@ -2489,6 +2490,14 @@ static void op_out(const ispc_op_t *o, int64_t *hw, int64_t *c) {
     case OP_MAXPOOL:
         *hw = ((o->H + 2 * o->ph - o->kh) / o->sh + 1) * ((o->W + 2 * o->pw - o->kw) / o->sw + 1);
         break;
+    case OP_CONV_MAXPOOL: {
+        const ispc_nhwc_layer_t *L = o->layer;
+        const int64_t hc = conv_out(o->H, L->kh, L->sh, L->ph, L->dh);
+        const int64_t wc = conv_out(o->W, L->kw, L->sw, L->pw, L->dw);
+        *hw = ((hc + 2 * o->ph - o->kh) / o->sh + 1) * ((wc + 2 * o->pw - o->kw) / o->sw + 1);
+        *c = L->cout;
+        return;
+    }
     default:
         *hw = o->H * o->W;
     }
@@ -2918,6 +2927,130 @@ static void linear_t_region(const float *x, int64_t N, int64_t C, int64_t hw, co
     #pragma omp barrier  /* kept and the list are read until every thread is done */
 }
 
+/* ---- a dense convolution and the max-pool after it, fused (ResNet's stem) ----------------------
+ * The convolution's output (112x112x64 at batch 1 for ResNet's stem: 3.2 MB, beyond a core's L2)
+ * never goes to memory: each thread takes the pool's output rows that its own call gives the
+ * thread (thread_rows) and walks them in groups, computing the convolution rows the group reads
+ * into a window of its own (rows the previous group also read are moved, not computed again) with
+ * the convolution's kernel (nh_conv on those rows alone: the same terms in the same order as on
+ * the whole map), then the group's pooled rows from the window, the max in maxpool_region's order.
+ * Results equal the two ops'. Dense convolutions only (a gated one selects on its whole input). */
+
+/* bytes of convolution rows a thread's window aims at (with their input rows, in its L2) */
+#ifndef CONV_POOL_WINDOW_BYTES
+#define CONV_POOL_WINDOW_BYTES (256 << 10)
+#endif
+
+/* the pool's output rows per group and the window's rows, for convolution rows of rowf floats */
+static void cpool_window(const ispc_op_t *o, int64_t rowf, int64_t *group, int64_t *rows) {
+    int64_t g = ((int64_t)CONV_POOL_WINDOW_BYTES / (rowf * (int64_t)sizeof(float) + 1) - o->kh) / o->sh + 1;
+    *group = g < 1 ? 1 : g;
+    *rows = (*group - 1) * o->sh + o->kh;
+}
+
+/* floats of workspace besides the convolution's zeros: a window per thread */
+static int64_t cpool_rest(const ispc_op_t *o, int64_t threads) {
+    const ispc_nhwc_layer_t *L = o->layer;
+    const int64_t Wc = conv_out(o->W, L->kw, L->sw, L->pw, L->dw), rowf = Wc * L->cout;
+    int64_t group, rows;
+    cpool_window(o, rowf, &group, &rows);
+    return threads * ((rows * rowf + 15) / 16 * 16) + 64;
+}
+
+/* pooled row: d (Wp, C) = clamp(max over rows[0, kh) (NULL: padding) x the kw columns of each
+ * window (stride sw, padding pw) of the (Wc, C) rows) */
+static void cpool_row(const float *const *rows, int64_t kh, int64_t Wc, int64_t C, int64_t Wp,
+                      int64_t kw, int64_t sw, int64_t pw, float lo, float hi, int clamp, float *d) {
+    const int64_t CV = C / VW * VW;
+    int64_t r0 = 0;
+    while (!rows[r0]) r0++;  /* every window holds a row (padding below the kernel) */
+    for (int64_t ow = 0; ow < Wp; ow++, d += C) {
+        const int64_t iw0 = ow * sw - pw;
+        const int64_t q0 = iw0 < 0 ? 0 : iw0, q1 = iw0 + kw > Wc ? Wc : iw0 + kw;
+        const float *first = rows[r0] + q0 * C;
+        for (int64_t c = 0; c < CV; c += VW) {
+            vf m = ld(first + c);
+            for (int64_t r = r0; r < kh; r++)
+                if (rows[r])
+                    for (int64_t q = q0; q < q1; q++) m = pool_max(ld(rows[r] + q * C + c), m);
+            st(d + c, clamp ? clampv(m, lo, hi) : m);
+        }
+        for (int64_t c = CV; c < C; c++) {
+            float m = first[c];
+            for (int64_t r = r0; r < kh; r++)
+                if (rows[r])
+                    for (int64_t q = q0; q < q1; q++) m = pool_max1(rows[r][q * C + c], m);
+            d[c] = clamp && m == m ? (m < lo ? lo : m > hi ? hi : m) : m;
+        }
+    }
+}
+
+/* convolution rows [c0, c1) of one instance's x into dst (rows of Wc * cout), as nh_conv computes
+ * them on the whole map: the input rows they read, the padding above them as the geometry's */
+static void cpool_conv_rows(const ispc_nhwc_layer_t *L, const float *x, int64_t H, int64_t W,
+                            int64_t c0, int64_t c1, float lo, float hi, int clamp,
+                            const float *zeros, float *dst) {
+    nh_geom_t g;
+    nh_geometry(&g, L, 1, H, W);
+    const int64_t i0 = c0 * L->sh - L->ph, i1 = (c1 - 1) * L->sh - L->ph + (L->kh - 1) * L->dh + 1;
+    const int64_t a = i0 < 0 ? 0 : i0, b = i1 > H ? H : i1;
+    g.H = b - a;
+    g.ph = a - i0;
+    g.Ho = c1 - c0;
+    g.mr = nh_mr(g.nv, g.Ho * g.Wo);
+    g.tiles = (g.Ho * g.Wo + g.mr - 1) / g.mr;
+    #pragma omp parallel num_threads(1)
+    nh_conv(&g, L, x + a * W * L->C, 0, 0, dst, 0, lo, hi, clamp, zeros, 0, SAL_L2);
+}
+
+static void conv_pool_region(const ispc_op_t *o, const float *x, int64_t N, float *out,
+                             const float *zeros, float *ws, int64_t threads) {
+    const ispc_nhwc_layer_t *L = o->layer;
+    const int64_t H = o->H, W = o->W, C = L->cout;
+    const int64_t Hc = conv_out(H, L->kh, L->sh, L->ph, L->dh), Wc = conv_out(W, L->kw, L->sw, L->pw, L->dw);
+    const int64_t Hp = (Hc + 2 * o->ph - o->kh) / o->sh + 1, Wp = (Wc + 2 * o->pw - o->kw) / o->sw + 1;
+    const int64_t rowf = Wc * C;
+    const float lo = o->lo, hi = o->hi;
+    const int clamp = lo != lo ? NH_GELU : lo > -__builtin_inff() || hi < __builtin_inff();
+    const int clamp2 = o->lo2 > -__builtin_inff() || o->hi2 < __builtin_inff();
+    int64_t group, rows;
+    cpool_window(o, rowf, &group, &rows);
+    (void)threads;
+    float *win = ws + omp_get_thread_num() * ((rows * rowf + 15) / 16 * 16);
+    int64_t r0, r1;
+    thread_rows(N * Hp, &r0, &r1);
+    int64_t have_n = -1, have0 = 0, have1 = 0;  /* the window holds rows [have0, have1) of have_n */
+    for (int64_t r = r0; r < r1;) {
+        const int64_t n = r / Hp, oh0 = r % Hp;
+        int64_t e1 = oh0 + group;  /* the group: pooled rows [oh0, e1) of instance n */
+        e1 = e1 > Hp ? Hp : e1;
+        e1 = e1 > oh0 + (r1 - r) ? oh0 + (r1 - r) : e1;
+        int64_t i0 = oh0 * o->sh - o->ph, i1 = (e1 - 1) * o->sh - o->ph + o->kh;  /* rows read */
+        i0 = i0 < 0 ? 0 : i0;
+        i1 = i1 > Hc ? Hc : i1;
+        int64_t k0 = i0;
+        if (have_n == n && have1 > i0 && have0 <= i0) {
+            memmove(win, win + (i0 - have0) * rowf, sizeof(float) * (have1 - i0) * rowf);
+            k0 = have1;
+        }
+        if (k0 < i1)
+            cpool_conv_rows(L, x + n * H * W * o->C, H, W, k0, i1, lo, hi, clamp, zeros,
+                            win + (k0 - i0) * rowf);
+        have_n = n; have0 = i0; have1 = i1;
+        for (int64_t oh = oh0; oh < e1; oh++) {
+            const float *rp[64];
+            for (int64_t q = 0; q < o->kh; q++) {
+                const int64_t ih = oh * o->sh - o->ph + q;
+                rp[q] = ih >= 0 && ih < Hc ? win + (ih - i0) * rowf : 0;
+            }
+            cpool_row(rp, o->kh, Wc, C, Wp, o->kw, o->sw, o->pw, o->lo2, o->hi2, clamp2,
+                      out + (n * Hp + oh) * Wp * C);
+        }
+        r += e1 - oh0;
+    }
+    #pragma omp barrier
+}
+
 /* Instances [n0, n0 + m) of op o in the caller's parallel region: zeros (zero floats, at least the
  * op's), ws its workspace. Ends with a barrier. */
 static void op_region(const ispc_op_t *o, float *const *slots, int64_t n0, int64_t m,
@@ -2968,6 +3101,9 @@ static void op_region(const ispc_op_t *o, float *const *slots, int64_t n0, int64
         maxpool_region(x, m, o->H, o->W, o->C, o->kh, o->kw, o->sh, o->sw, o->ph, o->pw, o->lo, o->hi,
                        out);
         break;
+    case OP_CONV_MAXPOOL:
+        conv_pool_region(o, x, m, out, zeros, ws, threads);
+        break;
     }
 }
 
@@ -3006,10 +3142,14 @@ int64_t ispc_run_ops(const ispc_op_t *ops, int64_t n, float *const *slots, float
             xdc_plan(&X, o, m, &sums, threads);
             zmax = X.P.zeros > zmax ? X.P.zeros : zmax;
             rmax = xdc_rest(&X, threads) > rmax ? xdc_rest(&X, threads) : rmax;
+        } else if (o->kind == OP_CONV_MAXPOOL && o->mode == NHWC_DENSE && o->kh <= 64) {
+            const int64_t z = (o->layer->kw * o->layer->C + 15) / 16 * 16;  /* nh_plan's zeros */
+            zmax = z > zmax ? z : zmax;
+            rmax = cpool_rest(o, threads) > rmax ? cpool_rest(o, threads) : rmax;
         } else if (o->kind == OP_LINEAR_T && o->outs >= 1) {
             const int64_t need = linear_t_workspace(m, o->C * o->H * o->W, threads);
             rmax = need > rmax ? need : rmax;
-        } else if (o->kind < 0 || o->kind > OP_LAST || o->kind == OP_LINEAR_T || (o->kind == OP_TO_NHWC && o->C > 16)
+        } else if (o->kind < 0 || o->kind > OP_LAST || o->kind == OP_LINEAR_T || o->kind == OP_CONV_MAXPOOL || (o->kind == OP_TO_NHWC && o->C > 16)
                    || (o->kind == OP_LINEAR && (o->H != 1 || o->W != 1 || o->outs < 1))) {
             return -1;
         }

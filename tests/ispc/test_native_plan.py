@@ -475,3 +475,60 @@ def test_a_hook_registered_after_a_call_runs(with_classifier):
                 h.remove()
             assert seen == [1]
             assert _served(c, x)
+
+
+class _SmallResNetStem(torch.nn.Module):
+    """ResNet's stem in small (7x7 convolution of stride 2, BN, ReLU, 3x3 max-pool of stride 2)
+    and a residual block after it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from torch import nn
+
+        self.conv1 = nn.Conv2d(3, 16, 7, 2, 3, bias=False)
+        self.bn1, self.relu = nn.BatchNorm2d(16), nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        self.a = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(True))
+        self.b = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16))
+
+    def forward(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        return torch.relu(self.b(self.a(x)) + x)
+
+
+@pytest.mark.parametrize("keep", [0.5, 1.0])
+def test_a_resnet_stem_and_its_pool_run_as_one_op(keep, monkeypatch):
+    """The stem's convolution on the native kernel (as latency-aware compiles put ResNet-50's)
+    and the max-pool after it are one program op (its map never written whole): bit for bit the
+    per-layer graph's, and with every channel kept the original's within float rounding, at odd
+    sizes and batches; ISPC_FUSE_POOL=0 keeps them apart with the same results."""
+    from ispc.modules import NhwcDenseConv2d
+    from passes.base import replace_submodule
+
+    torch.manual_seed(6)
+    model = _SmallResNetStem().eval()
+    data = [torch.randn(2, 3, 40, 40)]
+    c = ispc.compile(model, data, config=ispc.GatingConfig(keep_ratio=keep, channels_last=True),
+                     progress=False)
+    gm = c.graph_module
+    replace_submodule(gm, "conv1", NhwcDenseConv2d(gm.get_submodule("conv1"), None))
+    r = NativePlanRunner(gm)
+    prog, = r._programs
+    for shape in [(1, 3, 40, 40), (3, 3, 37, 29), (2, 3, 9, 9)]:
+        x = torch.randn(shape)
+        outs = []
+        for fuse in ("1", "0"):
+            monkeypatch.setenv("ISPC_FUSE_POOL", fuse)
+            prog._plans.clear()
+            with torch.no_grad():
+                outs.append(r(x))
+                want = gm(x)
+            (_, plan), = prog._plans.values()
+            kinds = [op.kind for op in plan.program._ops]
+            assert (native._OP_CONV_MAXPOOL in kinds) == (fuse == "1")
+            assert (native._OP_MAXPOOL in kinds) == (fuse == "0")
+            assert torch.equal(outs[-1], want)
+        assert torch.equal(outs[0], outs[1])
+        if keep == 1.0:
+            with torch.no_grad():
+                torch.testing.assert_close(outs[0], model(x), rtol=1e-5, atol=1e-5)

@@ -5,12 +5,14 @@ import ctypes
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ispc.errors import IspcError
 from ispc.ops import gated_conv as gc
 from ispc.ops import native
+from conftest import rel_err
 
 pytestmark = pytest.mark.skipif(not native.available(),
                                 reason=f"native kernel not built here: {native.unavailable_reason()}")
@@ -259,6 +261,66 @@ def test_expand_dw_refuses_other_layers():
     with pytest.raises(native.ConfigError, match="channels"):
         native.OpProgram().add_expand_dw(native.NhwcConv(torch.randn(6, 4, 1, 1)), dw, 0, 1,
                                          (1, 4, 5, 5))
+
+
+def _conv_maxpool_case(n, c, cout, h, w, kernel, stride, pad, pool, seed=5,
+                       clamp=native.RELU, pool_clamp=native.NO_CLAMP, chunk=0):
+    """add_conv_maxpool against the convolution's and the max-pool's own calls (``pool``: kernel,
+    stride, padding), and against F.conv2d + F.max_pool2d within float rounding."""
+    g = torch.Generator().manual_seed(seed)
+    x = _nhwc(torch.randn(n, c, h, w, generator=g))
+    weight, bias = torch.randn(cout, c, kernel, kernel, generator=g), torch.randn(cout, generator=g)
+    conv = native.NhwcConv(weight, bias, stride, pad)
+    pk, ps, pp = pool
+    want = native.maxpool_nhwc(conv(x, clamp=clamp), (pk, pk), (ps, ps), (pp, pp), pool_clamp)
+    ref = F.max_pool2d(F.conv2d(x, weight, bias, stride, pad).clamp(*clamp), pk, ps, pp)
+    assert rel_err(want, ref.clamp(*pool_clamp)) < 1e-5
+    prog = native.OpProgram()
+    prog.add_conv_maxpool(conv, 0, 1, (n, c, h, w), (pk, pk), (ps, ps), (pp, pp), clamp, pool_clamp)
+    if chunk:
+        prog.set_chunk(0, chunk)
+    out = torch.empty_like(want)
+    slots = native.OpProgram.slot_array(2)
+    for i, t in enumerate((x, out)):
+        slots[i] = t.data_ptr()
+    for _ in range(2):
+        out.fill_(float("nan"))
+        prog.run(slots)
+        assert torch.equal(out, want)
+
+
+@pytest.mark.parametrize("case", [
+    (1, 3, 64, 224, 224, 7, 2, 3, (3, 2, 1)),  # ResNet's stem
+    (2, 3, 64, 37, 29, 7, 2, 3, (3, 2, 1)),   # odd sizes, a batch
+    (3, 5, 24, 20, 23, 3, 1, 1, (2, 2, 0)),   # a VGG-like pool, channels not a whole vector
+    (2, 4, 40, 17, 9, 5, 2, 2, (3, 1, 1)),    # overlapping windows, stride 1
+    (1, 3, 16, 9, 9, 7, 2, 3, (3, 2, 1)),     # a map smaller than a window of rows
+])
+def test_conv_maxpool_equals_its_two_layers(case):
+    _conv_maxpool_case(*case)
+
+
+def test_conv_maxpool_clamps_and_chunks():
+    _conv_maxpool_case(4, 3, 32, 30, 26, 7, 2, 3, (3, 2, 1), clamp=native.NO_CLAMP,
+                       pool_clamp=native.RELU6, chunk=1)
+    _conv_maxpool_case(3, 3, 32, 30, 26, 3, 2, 1, (3, 2, 1), chunk=2)
+
+
+def test_conv_maxpool_small_windows(monkeypatch):
+    """A window of a few rows: every group keeps rows of the one before (built with a small
+    CONV_POOL_WINDOW_BYTES)."""
+    try:
+        lib = native._build(("-DCONV_POOL_WINDOW_BYTES=6000",))
+    except RuntimeError as exc:
+        pytest.skip(f"cannot build the variant: {exc}")
+    monkeypatch.setattr(native, "_lib", lib)
+    _conv_maxpool_case(2, 3, 16, 41, 23, 7, 2, 3, (3, 2, 1))
+    _conv_maxpool_case(1, 4, 24, 19, 15, 3, 1, 1, (3, 1, 1))
+
+
+def test_conv_maxpool_on_the_avx2_build(avx2_native):
+    _conv_maxpool_case(1, 3, 64, 112, 96, 7, 2, 3, (3, 2, 1))
+    _conv_maxpool_case(2, 5, 24, 20, 23, 3, 1, 1, (2, 2, 0))
 
 
 def _linear_run(x: torch.Tensor, weight: torch.Tensor, bias, chunk: int = 0) -> torch.Tensor:
