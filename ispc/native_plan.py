@@ -605,7 +605,7 @@ class _Calls:
                 continue
             if (nxt is not None and isinstance(call, _Conv) and isinstance(nxt[2], _Other)
                     and _pool_fusable(seg, i, call, nxt[2])):
-                x, out, _, kernel, stride, padding, pool_clamp = nxt[2].args
+                _, out, _, kernel, stride, padding, pool_clamp = nxt[2].args
                 prog.add_conv_maxpool(call.layer, call.x, out, call.shape, kernel, stride, padding,
                                       call.clamp, pool_clamp)
                 spans.append((first, nxt[1]))
@@ -633,7 +633,7 @@ def _pool_fusable(seg: list[fx.Node], i: int, conv: _Conv, pool: _Other) -> bool
     make one ``add_conv_maxpool`` (its conv map never written: ResNet's stem)."""
     return (pool.name == "add_maxpool" and i + 1 < len(seg) and set(seg[i].users) == {seg[i + 1]}
             and pool.args[0] == conv.out and conv.mode == native.DENSE and conv.res == -1
-            and conv.sums_out == -1 and os.environ.get("ISPC_FUSE_POOL", "1") != "0")
+            and conv.sums_out == -1 and pool.args[3][0] <= native.CONV_MAXPOOL_ROWS and os.environ.get("ISPC_FUSE_POOL", "1") != "0")
 
 
 #: the expanded maps (bytes per pass) that a 1x1 expansion and its depthwise layer fuse for: per

@@ -901,6 +901,8 @@ class _Op(ctypes.Structure):
 _OP_CONV, _OP_DW, _OP_AVGPOOL, _OP_TO_NHWC, _OP_MAXPOOL, _OP_EXPAND_DW, _OP_LINEAR, _OP_LINEAR_T = range(8)
 _OP_EXPAND_DW_CH = 8
 _OP_CONV_MAXPOOL = 9
+#: the most kernel rows of a max-pool that :meth:`OpProgram.add_conv_maxpool` fuses
+CONV_MAXPOOL_ROWS = 64
 #: output features per block of :meth:`OpProgram.add_linear`'s packed weights (``LIN_B``)
 LINEAR_BLOCK = 64
 _LOCAL = {"x": 1, "out": 2, "res": 4}  # OP_LOCAL_*
@@ -1058,6 +1060,9 @@ class OpProgram:
         its output (:meth:`add_maxpool`'s window and ``pool_clamp``) in one op: the convolution's
         map stays in each thread's cache, never written whole (ResNet's stem). Same results as the
         two ops."""
+        if not 1 <= kernel[0] <= CONV_MAXPOOL_ROWS:
+            raise ConfigError(f"add_conv_maxpool takes pools of 1 to {CONV_MAXPOOL_ROWS} kernel rows, "
+                              f"got {kernel[0]}")
         self._keep.append(layer)
         self._add(_OP_CONV_MAXPOOL, x, out, shape, layer=ctypes.addressof(layer._struct), mode=DENSE,
                   lo=clamp[0], hi=clamp[1], kh=kernel[0], kw=kernel[1], sh=stride[0], sw=stride[1],

@@ -2936,6 +2936,9 @@ static void linear_t_region(const float *x, int64_t N, int64_t C, int64_t hw, co
  * the whole map), then the group's pooled rows from the window, the max in maxpool_region's order.
  * Results equal the two ops'. Dense convolutions only (a gated one selects on its whole input). */
 
+/* the most kernel rows of the pool (native.py's CONV_MAXPOOL_ROWS) */
+#define CONV_POOL_ROWS 64
+
 /* bytes of convolution rows a thread's window aims at (with their input rows, in its L2) */
 #ifndef CONV_POOL_WINDOW_BYTES
 #define CONV_POOL_WINDOW_BYTES (256 << 10)
@@ -3038,7 +3041,7 @@ static void conv_pool_region(const ispc_op_t *o, const float *x, int64_t N, floa
                             win + (k0 - i0) * rowf);
         have_n = n; have0 = i0; have1 = i1;
         for (int64_t oh = oh0; oh < e1; oh++) {
-            const float *rp[64];
+            const float *rp[CONV_POOL_ROWS];
             for (int64_t q = 0; q < o->kh; q++) {
                 const int64_t ih = oh * o->sh - o->ph + q;
                 rp[q] = ih >= 0 && ih < Hc ? win + (ih - i0) * rowf : 0;
@@ -3142,7 +3145,8 @@ int64_t ispc_run_ops(const ispc_op_t *ops, int64_t n, float *const *slots, float
             xdc_plan(&X, o, m, &sums, threads);
             zmax = X.P.zeros > zmax ? X.P.zeros : zmax;
             rmax = xdc_rest(&X, threads) > rmax ? xdc_rest(&X, threads) : rmax;
-        } else if (o->kind == OP_CONV_MAXPOOL && o->mode == NHWC_DENSE && o->kh <= 64) {
+        } else if (o->kind == OP_CONV_MAXPOOL && o->mode == NHWC_DENSE && o->kh >= 1
+                   && o->kh <= CONV_POOL_ROWS) {
             const int64_t z = (o->layer->kw * o->layer->C + 15) / 16 * 16;  /* nh_plan's zeros */
             zmax = z > zmax ? z : zmax;
             rmax = cpool_rest(o, threads) > rmax ? cpool_rest(o, threads) : rmax;

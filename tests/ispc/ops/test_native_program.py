@@ -318,6 +318,12 @@ def test_conv_maxpool_small_windows(monkeypatch):
     _conv_maxpool_case(1, 4, 24, 19, 15, 3, 1, 1, (3, 1, 1))
 
 
+def test_conv_maxpool_refuses_pools_of_too_many_rows():
+    conv = native.NhwcConv(torch.randn(4, 3, 3, 3))
+    with pytest.raises(native.ConfigError, match="kernel rows"):
+        native.OpProgram().add_conv_maxpool(conv, 0, 1, (1, 3, 80, 80), (65, 2), (1, 1), (0, 0))
+
+
 def test_conv_maxpool_on_the_avx2_build(avx2_native):
     _conv_maxpool_case(1, 3, 64, 112, 96, 7, 2, 3, (3, 2, 1))
     _conv_maxpool_case(2, 5, 24, 20, 23, 3, 1, 1, (2, 2, 0))
