@@ -113,7 +113,7 @@ def _fake_times(monkeypatch, **ms):
 
 
 @needs_runtime
-@pytest.mark.parametrize("ispc_ms, taken", [(10.0, True), (9.5, True), (9.0, False)])
+@pytest.mark.parametrize("ispc_ms, taken", [(10.0, True), (9.5, True), (9.3, False)])
 def test_latency_aware_route_against_the_gated_model_as_built(monkeypatch, ispc_ms, taken):
     """The route is taken unless the model as built beats the runtime by ROUTE_MARGIN (figures from
     the timing helper, replaced here: the rule is tested, not this machine's speed). The pass
@@ -218,8 +218,8 @@ def test_paths_around_the_runtime_compute_the_same_model():
     ({"onnxruntime": 26.0, "openvino": 27.2}, 30.0, ("onnxruntime", True)),
     ({"onnxruntime": 26.0, "openvino": 26.3}, 30.0, ("openvino", True)),  # a near tie: OpenVINO
     ({"onnxruntime": 27.0, "openvino": 26.0}, 30.0, ("openvino", True)),
-    ({"onnxruntime": 26.0}, 25.0, ("onnxruntime", True)),  # within ROUTE_MARGIN: the runtime
-    ({"openvino": 26.0}, 24.6, ("openvino", False)),  # ispc as built faster by more
+    ({"onnxruntime": 26.0}, 25.4, ("onnxruntime", True)),  # within ROUTE_MARGIN: the runtime
+    ({"openvino": 26.0}, 25.0, ("openvino", False)),  # ispc as built faster by more
 ])
 def test_choose_from_fake_timings(times, ispc_ms, want):
     assert route_pass.choose(times, ispc_ms) == want
@@ -246,7 +246,7 @@ def test_clearly_faster_gated_model_is_not_exported(monkeypatch):
     """Where the gated layers' savings put every dense runtime out of reach (DENSE_EDGE), the
     route is not considered: no export, no runtime timed, a note with the figures."""
     _fake_times(monkeypatch, ispc=10.0)
-    monkeypatch.setattr(route_pass, "gated_savings_ms", lambda nodes, bs: 4.0)  # 14 > 10 * 1.05 * 1.25
+    monkeypatch.setattr(route_pass, "gated_savings_ms", lambda nodes, bs: 4.0)  # 14 > 10 * 1.03 * 1.25
     monkeypatch.setattr(route, "onnx_bytes", lambda *a: pytest.fail("exported"))
     model = SmallResidualNet().eval()
     cfg = ispc.GatingConfig(keep_ratio=0.5, mode="topk", dense_route="off")
