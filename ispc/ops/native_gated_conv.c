@@ -2536,20 +2536,57 @@ typedef struct {
     int64_t group, rows, win, ysums;  /* floats: a thread's window, the output sums' doubles */
 } xdw_plan_t;
 
+/* Both fused expansion + depthwise ops (threads splitting rows: expand_dw_region; channels:
+ * expand_dw_ch_region) lay their workspace out alike: the expansion's selection workspace as its
+ * own call (no output sums), then the output sums' doubles (2 * threads * N * cout floats), then
+ * each thread's window or buffer. */
+static void xop_plan(nh_plan_t *P, nh_geom_t *g, int64_t *ysums, const ispc_op_t *o, int64_t N,
+                     const ispc_sums_t *sums, int64_t threads) {
+    nh_geometry(g, o->layer, N, o->H, o->W);
+    const ispc_sums_t in = {sums ? sums->in : 0, 0, 0};
+    nh_plan(P, g, o->mode, o->k, in.in ? &in : 0, threads);
+    *ysums = sums && sums->out ? (2 * threads * N * o->layer->cout + 15) / 16 * 16 : 0;
+}
+
+/* floats from the workspace's start to the output sums */
+static int64_t xop_yoff(const nh_plan_t *P) {
+    return (P->total - P->zeros + 15) / 16 * 16;
+}
+
+typedef struct {
+    int32_t *ix;     /* each instance's kept input channels (gated) */
+    int64_t *cnt;    /* and how many */
+    double *ysums;   /* the output sums, every thread's rows (0 without) */
+    double *yrow;    /* this thread's row, zeroed */
+} xop_head_t;
+
+/* the head of the workspace: the expansion's selection over the HW positions of x, made here
+ * where gated, and this thread's row of output sums (ykind < 0: none) */
+static void xop_head(xop_head_t *h, const ispc_op_t *o, const float *x, int64_t N, int64_t HW,
+                     const ispc_sums_t *sums, float *ws, const nh_plan_t *P, int ykind) {
+    const int64_t C = o->C, E = o->layer->cout;
+    h->ix = (int32_t *)ws;
+    h->cnt = (int64_t *)(ws + (N * C + 15) / 16 * 16);
+    float *sal = (float *)(h->cnt + N), *tmp = sal + N * C, *part = tmp + 3 * N * C;
+    if (o->mode != NHWC_DENSE)
+        nh_select(x, N, HW, C, o->scale, o->saliency, o->mode, o->threshold, o->k, h->ix, h->cnt,
+                  part, sal, tmp, sums ? sums->in : 0);
+    h->ysums = ykind >= 0 ? (double *)(ws + xop_yoff(P)) : 0;
+    h->yrow = h->ysums ? h->ysums + (int64_t)omp_get_thread_num() * N * E : 0;
+    if (h->yrow) memset(h->yrow, 0, sizeof(double) * N * E);
+}
+
 static void xdw_plan(xdw_plan_t *X, const ispc_op_t *o, int64_t N, const ispc_sums_t *sums,
                      int64_t threads) {
     nh_geom_t g;
-    nh_geometry(&g, o->layer, N, o->H, o->W);
-    const ispc_sums_t in = {sums ? sums->in : 0, 0, 0};
-    nh_plan(&X->P, &g, o->mode, o->k, in.in ? &in : 0, threads);
+    xop_plan(&X->P, &g, &X->ysums, o, N, sums, threads);
     xdw_window(g.Wo * o->layer->cout, o->sh, &X->group, &X->rows);
     X->win = (X->rows * g.Wo * o->layer->cout + 15) / 16 * 16;
-    X->ysums = sums && sums->out ? (2 * threads * N * o->layer->cout + 15) / 16 * 16 : 0;
 }
 
 /* floats of workspace besides the zeros */
 static int64_t xdw_rest(const xdw_plan_t *X, int64_t threads) {
-    return (X->P.total - X->P.zeros + 15) / 16 * 16 + X->ysums + threads * X->win + 64;
+    return xop_yoff(&X->P) + X->ysums + threads * X->win + 64;
 }
 
 static void expand_dw_region(const ispc_op_t *o, const float *x, int64_t N, float *out,
@@ -2569,18 +2606,12 @@ static void expand_dw_region(const ispc_op_t *o, const float *x, int64_t N, floa
     const int clamp2 = o->lo2 > -__builtin_inff() || o->hi2 < __builtin_inff();
     const int ykind = sums && sums->out ? (int)sums->out_kind : -1;
     /* workspace: the selection's (as the expansion's call), the output sums, the windows */
-    float *w = ws;
-    int32_t *ix = (int32_t *)w;
-    int64_t *cnt = (int64_t *)(w + (N * C + 15) / 16 * 16);
-    float *sal = (float *)(cnt + N), *tmp = sal + N * C, *part = tmp + 3 * N * C;
-    const int64_t yoff = (X.P.total - X.P.zeros + 15) / 16 * 16;
-    double *ysums = ykind >= 0 ? (double *)(ws + yoff) : 0;
-    float *win = ws + yoff + X.ysums + omp_get_thread_num() * X.win;
-    if (!dense)
-        nh_select(x, N, Hi * Wi, C, o->scale, o->saliency, o->mode, o->threshold, o->k, ix, cnt,
-                  part, sal, tmp, sums ? sums->in : 0);
-    double *yrow = ysums ? ysums + (int64_t)omp_get_thread_num() * N * E : 0;
-    if (yrow) memset(yrow, 0, sizeof(double) * N * E);
+    xop_head_t h;
+    xop_head(&h, o, x, N, Hi * Wi, sums, ws, &X.P, ykind);
+    int32_t *ix = h.ix;
+    int64_t *cnt = h.cnt;
+    double *ysums = h.ysums, *yrow = h.yrow;
+    float *win = ws + xop_yoff(&X.P) + X.ysums + omp_get_thread_num() * X.win;
     int64_t a, b, r0, r1;
     dw_inside(W, Wo, s, p, &a, &b);
     thread_rows(N * Ho, &r0, &r1);
@@ -2649,17 +2680,14 @@ typedef struct {
 static void xdc_plan(xdc_plan_t *X, const ispc_op_t *o, int64_t N, const ispc_sums_t *sums,
                      int64_t threads) {
     nh_geom_t g;
-    nh_geometry(&g, o->layer, N, o->H, o->W);
-    const ispc_sums_t in = {sums ? sums->in : 0, 0, 0};
-    nh_plan(&X->P, &g, o->mode, o->k, in.in ? &in : 0, threads);
+    xop_plan(&X->P, &g, &X->ysums, o, N, sums, threads);
     X->per = (g.cob + threads - 1) / threads;
     X->buf = (o->H * o->W * X->per * g.nr + 15) / 16 * 16;
-    X->ysums = sums && sums->out ? (2 * threads * N * o->layer->cout + 15) / 16 * 16 : 0;
 }
 
 /* floats of workspace besides the zeros */
 static int64_t xdc_rest(const xdc_plan_t *X, int64_t threads) {
-    return (X->P.total - X->P.zeros + 15) / 16 * 16 + X->ysums + threads * X->buf + 64;
+    return xop_yoff(&X->P) + X->ysums + threads * X->buf + 64;
 }
 
 static void expand_dw_ch_region(const ispc_op_t *o, const float *x, int64_t N, float *out,
@@ -2676,17 +2704,13 @@ static void expand_dw_ch_region(const ispc_op_t *o, const float *x, int64_t N, f
     const int clamp2 = o->lo2 > -__builtin_inff() || o->hi2 < __builtin_inff();
     const int ykind = sums && sums->out ? (int)sums->out_kind : -1;
     /* workspace: the selection's (as the expansion's call), the output sums, the buffers */
-    int32_t *ix = (int32_t *)ws;
-    int64_t *cnt = (int64_t *)(ws + (N * C + 15) / 16 * 16);
-    float *sal = (float *)(cnt + N), *tmp = sal + N * C, *part = tmp + 3 * N * C;
-    const int64_t yoff = (X.P.total - X.P.zeros + 15) / 16 * 16, t = omp_get_thread_num();
-    double *ysums = ykind >= 0 ? (double *)(ws + yoff) : 0;
-    float *buf = ws + yoff + X.ysums + t * X.buf;
-    if (!dense)
-        nh_select(x, N, H * W, C, o->scale, o->saliency, o->mode, o->threshold, o->k, ix, cnt, part,
-                  sal, tmp, sums ? sums->in : 0);
-    double *yrow = ysums ? ysums + t * N * E : 0;
-    if (yrow) memset(yrow, 0, sizeof(double) * N * E);
+    xop_head_t h;
+    xop_head(&h, o, x, N, H * W, sums, ws, &X.P, ykind);
+    int32_t *ix = h.ix;
+    int64_t *cnt = h.cnt;
+    const int64_t t = omp_get_thread_num();
+    double *ysums = h.ysums, *yrow = h.yrow;
+    float *buf = ws + xop_yoff(&X.P) + X.ysums + t * X.buf;
     const int64_t nr = L->nv * VW, cob = (E + nr - 1) / nr, b0 = t * X.per;
     const int64_t b1 = b0 + X.per < cob ? b0 + X.per : cob;
     if (b0 < b1) {

@@ -233,14 +233,19 @@ def test_expand_dw_large_map_many_windows():
     _expand_dw_case(2, 16, 96, 57, 45, 2, native.DENSE, sums=False)
 
 
-def test_expand_dw_small_windows(monkeypatch):
-    """A window of a few rows: every group keeps rows of the one before (built with a small
-    EXPAND_DW_WINDOW_BYTES)."""
+def _use_variant(monkeypatch, flag: str) -> None:
+    """Run this test on the native library built with ``flag`` (e.g. a small window macro)."""
     try:
-        lib = native._build(("-DEXPAND_DW_WINDOW_BYTES=6000",))
+        lib = native._build((flag,))
     except RuntimeError as exc:
         pytest.skip(f"cannot build the variant: {exc}")
     monkeypatch.setattr(native, "_lib", lib)
+
+
+def test_expand_dw_small_windows(monkeypatch):
+    """A window of a few rows: every group keeps rows of the one before (built with a small
+    EXPAND_DW_WINDOW_BYTES)."""
+    _use_variant(monkeypatch, "-DEXPAND_DW_WINDOW_BYTES=6000")
     for stride in (1, 2):
         _expand_dw_case(2, 8, 20, 17, 15, stride, gc.TOPK)
         _expand_dw_case(1, 8, 20, 16, 15, stride, native.DENSE)
@@ -309,11 +314,7 @@ def test_conv_maxpool_clamps_and_chunks():
 def test_conv_maxpool_small_windows(monkeypatch):
     """A window of a few rows: every group keeps rows of the one before (built with a small
     CONV_POOL_WINDOW_BYTES)."""
-    try:
-        lib = native._build(("-DCONV_POOL_WINDOW_BYTES=6000",))
-    except RuntimeError as exc:
-        pytest.skip(f"cannot build the variant: {exc}")
-    monkeypatch.setattr(native, "_lib", lib)
+    _use_variant(monkeypatch, "-DCONV_POOL_WINDOW_BYTES=6000")
     _conv_maxpool_case(2, 3, 16, 41, 23, 7, 2, 3, (3, 2, 1))
     _conv_maxpool_case(1, 4, 24, 19, 15, 3, 1, 1, (3, 1, 1))
 
