@@ -23,6 +23,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import weakref
 from pathlib import Path
 
 import torch
@@ -808,21 +809,23 @@ class DepthwiseConv3x3:
 
 # --- pooling and the input's layout on channels-last maps (the C file's last sections) ----------
 
-_POOLS_BOUND: set[int] = set()
+#: the libraries whose pooling entries are declared: weak, so a variant library built later (the
+#: tests' AVX2 and small-window builds) never inherits a collected one's mark (an id() reused)
+_POOLS_BOUND: weakref.WeakSet = weakref.WeakSet()
 
 
 def _pool_lib() -> ctypes.CDLL:
     """The library with its pooling entries' signatures declared (once per library; their own
     section, apart from the convolution entries' declarations)."""
     lib = _loaded()
-    if id(lib) not in _POOLS_BOUND:
+    if lib not in _POOLS_BOUND:
         lib.ispc_maxpool_nhwc.restype = lib.ispc_avgpool_global_nhwc.restype = _i64
         lib.ispc_maxpool_nhwc.argtypes = [_ptr] + [_i64] * 10 + [ctypes.c_float, ctypes.c_float,
                                                                  _ptr, _i64]
         lib.ispc_avgpool_global_nhwc.argtypes = [_ptr, _i64, _i64, _i64, _ptr, _i64]
         lib.ispc_nchw_to_nhwc.restype = _i64
         lib.ispc_nchw_to_nhwc.argtypes = [_ptr, _i64, _i64, _i64, _ptr, _i64]
-        _POOLS_BOUND.add(id(lib))
+        _POOLS_BOUND.add(lib)
     return lib
 
 
@@ -1115,15 +1118,15 @@ class OpProgram:
         return (_ptr * count)()
 
 
-_RUN_OPS_BOUND: set[int] = set()
+_RUN_OPS_BOUND: weakref.WeakSet = weakref.WeakSet()  # as _POOLS_BOUND
 
 
 def _run_ops_lib() -> ctypes.CDLL:
     lib = _pool_lib()
-    if id(lib) not in _RUN_OPS_BOUND:
+    if lib not in _RUN_OPS_BOUND:
         lib.ispc_run_ops.restype = _i64
         lib.ispc_run_ops.argtypes = [ctypes.POINTER(_Op), _i64, ctypes.POINTER(_ptr), _ptr, _i64, _i64]
         lib.ispc_run_ops_times.restype = None
         lib.ispc_run_ops_times.argtypes = [_ptr]
-        _RUN_OPS_BOUND.add(id(lib))
+        _RUN_OPS_BOUND.add(lib)
     return lib

@@ -468,3 +468,19 @@ def test_linear_input_major_rejects_what_it_cannot_run():
         prog.add_linear_input_major(torch.randn(6, 4), None, 0, 1, (1, 2, 2, 2))
     with pytest.raises(IspcError):
         prog.add_linear_input_major(torch.randn(6, 4), torch.randn(6), 0, 1, (1, 6, 1, 1))
+
+
+def test_entries_are_declared_on_every_library_object(monkeypatch):
+    """A library object made after another was collected may get its id() (the tests' AVX2 and
+    small-window builds did): its entries must still be declared (a float argument to an
+    undeclared entry is a ctypes error). Simulated: every object gets the same id()."""
+    import ctypes
+
+    path = native._loaded()._name
+    monkeypatch.setattr(native, "id", lambda obj: 1, raising=False)
+    x = torch.randn(1, 4, 9, 9).contiguous(memory_format=torch.channels_last)
+    for _ in range(2):
+        monkeypatch.setattr(native, "_lib", ctypes.CDLL(path))  # a fresh, undeclared object
+        assert torch.equal(native.maxpool_nhwc(x, (3, 3), (2, 2), (1, 1)),
+                           torch.nn.functional.max_pool2d(x, 3, 2, 1))
+        assert native._run_ops_lib().ispc_run_ops.argtypes is not None
