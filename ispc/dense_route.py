@@ -50,7 +50,7 @@ from .errors import BackendUnavailableError
 
 __all__ = ["ROUTE_RUNTIMES", "DenseRuntimeModule", "RouteRunner", "export_dense_onnx", "onnx_bytes",
            "installed", "require_runtime", "routed", "wrap", "runtime_only", "runner_for",
-           "worker_env", "run_worker", "time_apart"]
+           "worker_env", "run_worker", "time_apart", "rel_err"]
 
 #: the dense runtimes a route may use, in the order an untimed route prefers them (OpenVINO needs
 #: no thread-pool setting in a torch process; the two ran within ~3% of each other here)
@@ -103,6 +103,15 @@ def onnx_bytes(model: nn.Module, example: torch.Tensor) -> bytes:
     """:func:`export_dense_onnx` into memory."""
     with tempfile.TemporaryDirectory() as tmp:
         return export_dense_onnx(model, example, Path(tmp) / "model.onnx").read_bytes()
+
+
+def rel_err(a: Any, b: Any) -> float:
+    """``max |a - b| / max |b|`` in float64 (``inf`` where the shapes differ): how the route and
+    the benchmark check a runtime's output against the model's (arrays or CPU tensors)."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape:
+        return float("inf")
+    return float(np.abs(a - b).max() / max(float(np.abs(b).max()), 1e-12))
 
 
 def installed(runtime: str) -> bool:

@@ -50,7 +50,7 @@ from tabulate import tabulate
 from torch import nn
 
 from .compiled import CompiledModel
-from .dense_route import MMAP_THRESHOLD, export_dense_onnx, run_worker
+from .dense_route import MMAP_THRESHOLD, export_dense_onnx, rel_err, run_worker
 from .errors import ConfigError, DataError
 from .serialization import save
 from .timing import retain_freed_memory
@@ -264,13 +264,6 @@ def _first_output(out: Any) -> torch.Tensor:
     return out
 
 
-def _rel_err(a: np.ndarray, b: np.ndarray) -> float:
-    if a.shape != b.shape:
-        return float("inf")
-    denom = max(float(np.abs(b).max()), 1e-12)
-    return float(np.abs(a.astype(np.float64) - b).max() / denom)
-
-
 def _run_worker(entry: _Entry, job_dir: Path, inputs: Path, *, threads: int, warmup: int,
                 calls: int, timeout_s: float, main_path: str | None, tag: str) -> dict[str, Any]:
     job = {"runtime": entry.runtime, "artifact": entry.artifact, "inputs": str(inputs),
@@ -280,7 +273,7 @@ def _run_worker(entry: _Entry, job_dir: Path, inputs: Path, *, threads: int, war
     result = run_worker(job, job_dir, tag, timeout_s=timeout_s)
     out = result.pop("output", None)
     if out is not None and entry.reference is not None:
-        result["max_rel_err"] = _rel_err(out, entry.reference)
+        result["max_rel_err"] = rel_err(out, entry.reference)
     return result
 
 
@@ -310,7 +303,7 @@ def _time_in_process(model: nn.Module, batches: Sequence[torch.Tensor], *, threa
     return {"status": "ok", "times_ms": times, "prepare_s": prepare, "precision": "float32",
             "cpu_share": share,
             "version": f"torch {torch.__version__}",
-            "max_rel_err": _rel_err(out, reference) if reference is not None else None}
+            "max_rel_err": rel_err(out, reference) if reference is not None else None}
 
 
 def _compiled_entries(compiled: CompiledModel | Mapping[str, CompiledModel] | None

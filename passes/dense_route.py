@@ -80,12 +80,6 @@ def _not_considered(gm: fx.GraphModule, state: PassState, why: str) -> fx.GraphM
     return gm
 
 
-def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    if a.shape != b.shape:
-        return float("inf")
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
-
-
 def choose(times_ms: dict[str, float], ispc_ms: float) -> tuple[str, bool]:
     """The runtime the route takes from its timings (ms; ``times_ms`` not empty): the fastest,
     OpenVINO where ONNX Runtime is not faster by :data:`RUNTIME_TIE`; and whether the route is
@@ -176,7 +170,7 @@ def dense_route(gm: fx.GraphModule, state: PassState) -> fx.GraphModule:
             times[r] = res["ms"]
     cands = []
     for r, out in outputs.items():
-        err = _rel_err(out, ref)
+        err = route.rel_err(out, ref)
         if err <= MAX_REL_ERR:
             cands.append(r)
         else:

@@ -172,3 +172,11 @@ def test_timing_workers_keep_freed_memory_as_glibc_reads_it():
     assert env["OMP_NUM_THREADS"] == "2" and "PYTHONPATH" not in {
         k for k in env if env.get(k) != os.environ.get(k)}
     assert route.worker_env(2, "ispc")["PYTHONPATH"]  # a torch artifact imports ispc there
+
+
+def test_rel_err_of_arrays_and_tensors():
+    """One check for the route and the benchmark: max |a - b| / max |b|, inf on a shape mismatch."""
+    b = torch.tensor([[1.0, -4.0]])
+    assert route.rel_err(torch.tensor([[1.0, -3.0]]), b) == pytest.approx(0.25)
+    assert route.rel_err(b.numpy(), b) == 0.0
+    assert route.rel_err(torch.zeros(2), b) == float("inf")
