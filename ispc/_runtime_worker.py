@@ -5,7 +5,8 @@ Run as a script by :func:`ispc.runtimes.time_runtimes` (``python -c`` + ``runpy`
 worker imports that runtime and NumPy only, no PyTorch, so no other thread pool is loaded beside
 theirs. The job is a JSON file; the result is a JSON file plus the first batch's output (``.npy``)
 for the parent's numerics check. ``job["route"]``: configure the runtime as ispc's dense route does
-(``ispc.dense_route``'s compile-time choice of runtime times it so). Errors are results too (``status``), never a crash of the parent.
+(``ispc.dense_route``'s compile-time choice of runtime times it so). Errors are results too
+(``status``), never a crash of the parent.
 """
 from __future__ import annotations
 

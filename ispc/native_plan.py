@@ -576,7 +576,8 @@ class _Calls:
             raise AttributeError(name)
         return lambda *args: self._record(_Other(name, args))
 
-    def emit(self, seg: list[fx.Node], fuse: set[int], by_channels: frozenset[int] | set[int] = frozenset()
+    def emit(self, seg: list[fx.Node], fuse: set[int],
+             by_channels: frozenset[int] | set[int] = frozenset()
              ) -> tuple[native.OpProgram, list[tuple[int, int]]]:
         """The program, and each op's first and last layer. A convolution in ``fuse`` (a 1x1
         of stride 1 without padding, or one whose rows ``expand_dw_fits``; no residual, no sums
@@ -591,8 +592,8 @@ class _Calls:
         while j < len(calls):
             first, i, call = calls[j]
             nxt = calls[j + 1] if j + 1 < len(calls) else None
-            split = i not in fuse and i in by_channels and isinstance(call, _Conv) and (
-                call.layer.kernel, call.layer.stride, call.layer.padding) == ((1, 1), (1, 1), (0, 0))
+            split = (i not in fuse and i in by_channels and isinstance(call, _Conv)
+                     and native.pointwise(call.layer))
             if ((i in fuse or split) and nxt is not None and isinstance(call, _Conv)
                     and isinstance(nxt[2], _Depthwise) and _fusable(seg, i, call, nxt[2])):
                 dw = nxt[2]
@@ -623,8 +624,7 @@ def _fusable(seg: list[fx.Node], i: int, conv: _Conv, dw: _Depthwise) -> bool:
     layer = conv.layer
     return (i + 1 < len(seg) and set(seg[i].users) == {seg[i + 1]} and dw.x == conv.out
             and dw.res == -1 and conv.res == -1 and conv.sums_out == -1
-            and ((layer.kernel, layer.stride, layer.padding, layer.dilation)
-                 == ((1, 1), (1, 1), (0, 0), (1, 1)) or native.expand_dw_fits(layer, conv.shape[2]))
+            and (native.pointwise(layer) or native.expand_dw_fits(layer, conv.shape[2]))
             and dw.layer.channels == layer.cout)
 
 
@@ -633,7 +633,8 @@ def _pool_fusable(seg: list[fx.Node], i: int, conv: _Conv, pool: _Other) -> bool
     make one ``add_conv_maxpool`` (its conv map never written: ResNet's stem)."""
     return (pool.name == "add_maxpool" and i + 1 < len(seg) and set(seg[i].users) == {seg[i + 1]}
             and pool.args[0] == conv.out and conv.mode == native.DENSE and conv.res == -1
-            and conv.sums_out == -1 and pool.args[3][0] <= native.CONV_MAXPOOL_ROWS and os.environ.get("ISPC_FUSE_POOL", "1") != "0")
+            and conv.sums_out == -1 and pool.args[3][0] <= native.CONV_MAXPOOL_ROWS
+            and os.environ.get("ISPC_FUSE_POOL", "1") != "0")
 
 
 #: the expanded maps (bytes per pass) that a 1x1 expansion and its depthwise layer fuse for: per

@@ -272,10 +272,11 @@ def built_runner(gm: fx.GraphModule, state: PassState, swaps: dict[str, nn.Modul
     the compile goes on to build it: the ``builds`` passes still pending in ``state``'s pipeline
     applied (:func:`~ispc.passes.base.build_passes`; ``dense_kernels`` predicted, and left out
     where not ``dense_kernels``): the plain convolutions on ispc's native kernels, epilogues
-    fused, sums handed over, each run of native layers one program. What whole-model checks time: the graph before these passes runs
-    unfused epilogues and oneDNN layers that split the native programs (ResNet-50 at batch 32
-    measured ~1135 ms gated that way where the compiled model runs ~600 ms, and MobileNetV2 at
-    batch 32 lost every gate to it). ``gm`` is left as it was."""
+    fused, sums handed over, each run of native layers one program. What whole-model checks
+    time: the graph before these passes runs unfused epilogues and oneDNN layers that split the
+    native programs (ResNet-50 at batch 32 measured ~1135 ms gated that way where the compiled
+    model runs ~600 ms, and MobileNetV2 at batch 32 lost every gate to it). ``gm`` is left as it
+    was."""
     g = copy.deepcopy(gm)
     for node in g.graph.nodes:  # the copy's nodes share their records with gm's: its own
         if KEY in node.meta:

@@ -35,7 +35,7 @@ __all__ = ["ORIENT_PIX", "ORIENT_CO", "ORIENT_FULL", "ORIENT_CL", "available", "
            "pack_weight", "is_channels_last", "select", "gather", "epilogue", "maxpool2x2",
            "NativeLayer", "orientation_for", "supports", "NO_CLAMP", "RELU", "RELU6", "GELU",
            "DENSE", "NhwcConv", "pack_weight_nhwc", "DepthwiseConv3x3", "maxpool_nhwc",
-           "avgpool_global_nhwc", "to_channels_last", "OpProgram"]
+           "avgpool_global_nhwc", "to_channels_last", "OpProgram", "pointwise", "expand_dw_fits"]
 
 ORIENT_PIX = 0  #: vector lanes over output pixels (large feature maps)
 ORIENT_CO = 1   #: vector lanes over output channels (small feature maps)
@@ -911,6 +911,12 @@ LINEAR_BLOCK = 64
 _LOCAL = {"x": 1, "out": 2, "res": 4}  # OP_LOCAL_*
 
 
+def pointwise(layer: NhwcConv) -> bool:
+    """Whether ``layer`` is a plain 1x1 convolution (stride 1, no padding, no dilation): what
+    :meth:`OpProgram.add_expand_dw` takes as an expansion on any map."""
+    return (layer.kernel, layer.stride, layer.padding, layer.dilation) == ((1, 1), (1, 1), (0, 0), (1, 1))
+
+
 def expand_dw_fits(layer: NhwcConv, h: int) -> bool:
     """Whether :meth:`OpProgram.add_expand_dw` can compute ``layer``'s output rows a window at a
     time from ``h`` input rows: top padding under one stride (only the map's first window reads
@@ -979,8 +985,7 @@ class OpProgram:
         two ops (``sums_out`` within float rounding where ``by_channels``). Threads split the
         output rows, or with ``by_channels`` (1x1 expansions) the expanded channels (for small
         maps: no rows computed twice, each thread reads only its channels' weights)."""
-        one = (layer.kernel, layer.stride, layer.padding, layer.dilation) == ((1, 1), (1, 1), (0, 0), (1, 1))
-        if not (one or (not by_channels and expand_dw_fits(layer, shape[2]))):
+        if not (pointwise(layer) or (not by_channels and expand_dw_fits(layer, shape[2]))):
             raise ConfigError("add_expand_dw takes a 1x1 convolution of stride 1 without padding, or "
                               "(not by_channels) one whose rows expand_dw_fits")
         if dw.channels != layer.cout:
