@@ -108,6 +108,32 @@ def test_topk_selection_in_the_kernel_with_ties_among_silent_channels():
                 assert rel_err(_run(*a, orient), _ref(*a)) <= 1e-5, (k, sal, orient)
 
 
+def _topk_rule(s: list[float], k: int) -> list[int]:
+    """The selection's order: the k largest, NaN as +inf, -0 equal to +0, ties in channel order."""
+    key = [float("inf") if v != v else v for v in s]
+    return sorted(sorted(range(len(s)), key=lambda c: (-key[c], c))[:k])
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_topk_selection_orders_nan_zeros_infinities_and_ties_as_documented(channels_last):
+    # 1x1 maps and L1 saliency: each channel's saliency is |x| * scale, exactly; negative scales
+    # give negative saliencies and -0, x = NaN / inf give NaN / inf, values from a small set tie
+    g = torch.Generator().manual_seed(11)
+    pool = torch.tensor([0.0, 1.0, 2.0, 0.5, float("inf"), float("nan")])
+    for c in (1, 2, 5, 16, 33, 64, 257, 2048):
+        x = pool[torch.randint(0, len(pool), (4, c, 1, 1), generator=g)]
+        scale = pool[torch.randint(0, 4, (c,), generator=g)] * torch.where(
+            torch.rand(c, generator=g) < 0.3, -1.0, 1.0)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        sal = (x.abs()[:, :, 0, 0] * scale).tolist()
+        for k in sorted({0, 1, c // 3, c // 2, c - 1, c}):
+            idx, counts = native.select(x, scale, gc.TOPK, 0.0, k, gc.SALIENCY_L1)
+            for n in range(4):
+                got = idx[n, :counts[n]].tolist()
+                assert got == _topk_rule(sal[n], k), (c, k, n)
+
+
 def test_large_batch_runs_in_chunks_of_instances():
     # 128 of 256 channels, 3x3, 14x14: ~230k floats of packed panels per instance, so the channel-
     # lane kernel packs and computes these 12 instances in two chunks
