@@ -1573,9 +1573,10 @@ static int64_t nh_pf_min(void) {
         }                                                                                       \
     }
 
-/* the tile over segments s < nseg: acc[i][j] = sum over s, l < L of ptab[s][i][c] * w[s][c][j],
- * c = ix[l] (indirect: kept channels by index) or l (direct), weights prefetched D channels
- * ahead (0: not); the result through the epilogue */
+/* the tile over segments s < nseg: acc[i][j] = sum over s, l < L of ptab[s][i][c] * w[s][cw][j],
+ * c = ix[l] (IND 1, 2: kept channels by index) or l (IND 0: direct), cw = c, or l where the kept
+ * rows were copied contiguously (IND 2, NH_COMPACT_TILES), weights prefetched D channels ahead
+ * (0: not); the result through the epilogue */
 #define NHWC_KERNEL(NAME, MR, NV, IND)                                                          \
 static void NAME(const float *const *ptab, const float *const *wseg, int64_t nseg, int64_t L,   \
                  const int32_t *ix, int64_t D, const nh_epi_t *e) {                             \
@@ -1588,8 +1589,8 @@ static void NAME(const float *const *ptab, const float *const *wseg, int64_t nse
         const float *ws = wseg[s];                                                              \
         if (D <= 0) {                                                                           \
             for (int64_t l = 0; l < L; l++) {                                                   \
-                const int64_t c = IND ? ix[l] : l;                                              \
-                NH_STEP(MR, NV, c, ws + c * (NV * VW), (const float *)0)                        \
+                const int64_t c = IND ? ix[l] : l, cw = IND == 2 ? l : c;                       \
+                NH_STEP(MR, NV, c, ws + cw * (NV * VW), (const float *)0)                       \
             }                                                                                   \
             continue;                                                                           \
         }                                                                                       \
@@ -1598,13 +1599,13 @@ static void NAME(const float *const *ptab, const float *const *wseg, int64_t nse
         const int64_t l1 = L > D ? L - D : 0;                                                   \
         int64_t l = 0;                                                                          \
         for (; l < l1; l++) {                                                                   \
-            const int64_t c = IND ? ix[l] : l, cp = IND ? ix[l + D] : l + D;                    \
-            NH_STEP(MR, NV, c, ws + c * (NV * VW), ws + cp * (NV * VW))                         \
+            const int64_t c = IND ? ix[l] : l, cp = IND == 1 ? ix[l + D] : l + D;               \
+            NH_STEP(MR, NV, c, ws + (IND == 2 ? l : c) * (NV * VW), ws + cp * (NV * VW))        \
         }                                                                                       \
         for (; l < L; l++) {                                                                    \
             const int64_t c = IND ? ix[l] : l, j = l + D - L < L ? l + D - L : L - 1;           \
-            const int64_t cp = IND ? ix[j] : j;                                                 \
-            NH_STEP(MR, NV, c, ws + c * (NV * VW), wn + cp * (NV * VW))                         \
+            const int64_t cp = IND == 1 ? ix[j] : j;                                            \
+            NH_STEP(MR, NV, c, ws + (IND == 2 ? l : c) * (NV * VW), wn + cp * (NV * VW))        \
         }                                                                                       \
     }                                                                                           \
     NH_EPILOGUE(MR, NV, acc, e)                                                                 \
@@ -1615,32 +1616,44 @@ typedef void (*nh_kernel_t)(const float *const *, const float *const *, int64_t,
 #if defined(__AVX512F__)
 NHWC_KERNEL(nh_i4, NH_MR4, 4, 1)
 NHWC_KERNEL(nh_d4, NH_MR4, 4, 0)
+NHWC_KERNEL(nh_c4, NH_MR4, 4, 2)
 #if NH_MR4S > 0
 NHWC_KERNEL(nh_i4s, NH_MR4S, 4, 1)
 NHWC_KERNEL(nh_d4s, NH_MR4S, 4, 0)
+NHWC_KERNEL(nh_c4s, NH_MR4S, 4, 2)
 #endif
 #endif
 NHWC_KERNEL(nh_i3, NH_MR3, 3, 1)
 NHWC_KERNEL(nh_d3, NH_MR3, 3, 0)
+NHWC_KERNEL(nh_c3, NH_MR3, 3, 2)
 NHWC_KERNEL(nh_i2, NH_MR2, 2, 1)
 NHWC_KERNEL(nh_d2, NH_MR2, 2, 0)
+NHWC_KERNEL(nh_c2, NH_MR2, 2, 2)
 NHWC_KERNEL(nh_i1, NH_MR1, 1, 1)
 NHWC_KERNEL(nh_d1, NH_MR1, 1, 0)
+NHWC_KERNEL(nh_c1, NH_MR1, 1, 2)
 
-static nh_kernel_t nh_kernel(int64_t nv, int64_t mr, int indirect) {
+/* the tile of nv vectors and mr positions; ind: 0 direct, 1 indirect, 2 compacted weights */
+static nh_kernel_t nh_kernel(int64_t nv, int64_t mr, int ind) {
+    static const nh_kernel_t k3[3] = {nh_d3, nh_i3, nh_c3}, k2[3] = {nh_d2, nh_i2, nh_c2},
+                             k1[3] = {nh_d1, nh_i1, nh_c1};
     switch (nv) {
 #if defined(__AVX512F__)
+    case 4: {
+        static const nh_kernel_t k4[3] = {nh_d4, nh_i4, nh_c4};
 #if NH_MR4S > 0
-    case 4: return mr == NH_MR4S ? (indirect ? nh_i4s : nh_d4s) : indirect ? nh_i4 : nh_d4;
-#else
-    case 4: (void)mr; return indirect ? nh_i4 : nh_d4;
+        static const nh_kernel_t k4s[3] = {nh_d4s, nh_i4s, nh_c4s};
+        if (mr == NH_MR4S) return k4s[ind];
 #endif
+        (void)mr;
+        return k4[ind];
+    }
 #else
     (void)mr;
 #endif
-    case 3: return indirect ? nh_i3 : nh_d3;
-    case 2: return indirect ? nh_i2 : nh_d2;
-    default: return indirect ? nh_i1 : nh_d1;
+    case 3: return k3[ind];
+    case 2: return k2[ind];
+    default: return k1[ind];
     }
 }
 
@@ -1783,6 +1796,53 @@ static inline void nh_sfence(void) {
 #define NHWC_GROUP_BYTES (512 << 10)
 #endif
 
+/* Gated layers whose (group, instance) runs at least NH_COMPACT_TILES tiles copy the group's
+ * kept weight rows, [block][tap][K][nr], into a buffer of the thread's before its first tile, so
+ * that every tile then reads them in order (the hardware prefetchers follow; the indirect walk
+ * over scattered rows ran ~1.45x a dense layer of the kept channels at 7x7-14x14). 0: never. */
+#ifndef NH_COMPACT_TILES
+#define NH_COMPACT_TILES 2
+#endif
+/* the copy's software prefetch: rows ahead, and its locality hint (1: into L2) */
+#ifndef NH_CPF
+#define NH_CPF 32
+#endif
+#ifndef NH_CPF_LOC
+#define NH_CPF_LOC 1
+#endif
+
+/* this thread's compaction buffer, grown on demand (OpenMP's threads persist; never freed) */
+static __thread float *nh_cbuf;
+static __thread int64_t nh_cbuf_floats;
+
+static float *nh_compact_buf(int64_t floats) {
+    if (floats > nh_cbuf_floats) {
+        free(nh_cbuf);
+        const size_t bytes = (size_t)((floats + 15) / 16 * 16) * sizeof(float);
+        nh_cbuf = (float *)aligned_alloc(64, bytes);
+        nh_cbuf_floats = nh_cbuf ? floats : 0;
+    }
+    return nh_cbuf;  /* NULL: no memory, the tiles walk by index */
+}
+
+/* blocks [cb0, cb1) of the packed weights, their kept rows ix[0..K) of every tap, into dst */
+static void nh_compact(const float *wpack, int64_t cb0, int64_t cb1, int64_t T, int64_t C,
+                       int64_t nr, const int32_t *ix, int64_t K, float *dst) {
+    for (int64_t cb = cb0; cb < cb1; cb++)
+        for (int64_t t = 0; t < T; t++) {
+            const float *src = wpack + (cb * T + t) * C * nr;
+            for (int64_t l = 0; l < K; l++, dst += nr) {
+                const float *a = src + ix[l] * nr;
+                if (NH_CPF > 0) {
+                    const float *pf = src + ix[l + NH_CPF < K ? l + NH_CPF : K - 1] * nr;
+                    for (int64_t j = 0; j < nr; j += 16)
+                        __builtin_prefetch(pf + j, 0, NH_CPF_LOC);
+                }
+                for (int64_t j = 0; j < nr; j += VW) st(dst + j, ld(a + j));
+            }
+        }
+}
+
 /* The convolution of instances [0, N) (x, out, res already offset to the first), inside a
  * parallel region: ix (N x C int32) each instance's kept channels, counts (N,) how many (NULL:
  * all, dense). zeros: kw * C zero floats. Threads split (group of output-channel blocks, instance,
@@ -1799,7 +1859,8 @@ static void nh_conv(const nh_geom_t *g, const ispc_nhwc_layer_t *L, const float 
         memset(yrow, 0, sizeof(double) * g->N * cs);
     }
     const int64_t HWC = g->H * g->W * C;
-    const nh_kernel_t kind = nh_kernel(g->nv, mr, 1), kdir = nh_kernel(g->nv, mr, 0);
+    const nh_kernel_t kind = nh_kernel(g->nv, mr, 1), kdir = nh_kernel(g->nv, mr, 0),
+                      kcmp = nh_kernel(g->nv, mr, 2);
     int64_t G = NHWC_GROUP_BYTES / (T * C * nr * (int64_t)sizeof(float) + 1);
     G = G < 1 ? 1 : G > g->cob ? g->cob : G;
     const int64_t groups = (g->cob + G - 1) / G;
@@ -1807,6 +1868,9 @@ static void nh_conv(const nh_geom_t *g, const ispc_nhwc_layer_t *L, const float 
     const int64_t wbytes = T * C * nr * (int64_t)sizeof(float);  /* a block's */
     const int64_t pfd = wbytes >= nh_pf_min() ? NH_PF : 0;
     const int64_t pfg = wbytes * g->cob >= NH_PF_GATED_BYTES ? pfd : 0;
+    float *cbuf = counts && NH_COMPACT_TILES > 0 && g->tiles >= NH_COMPACT_TILES
+                  ? nh_compact_buf(G * T * C * nr) : 0;
+    int64_t ccg = -1, cn = -1;  /* the (group, instance) whose rows cbuf holds */
     const float *ptab[T * NH_MAXMR];
     const float *wseg[T];
     int64_t woff[T];
@@ -1857,9 +1921,20 @@ static void nh_conv(const nh_geom_t *g, const ispc_nhwc_layer_t *L, const float 
                         }
                     }
                     const int64_t cb1 = (cg + 1) * G < g->cob ? (cg + 1) * G : g->cob;
+                    const int cmp = cbuf && !dense && K > 0;
+                    if (cmp && (cg != ccg || n != cn)) {
+                        nh_compact(L->wpack, cg * G, cb1, T, C, nr, ix + n * C, K, cbuf);
+                        ccg = cg;
+                        cn = n;
+                    }
                     for (int64_t cb = cg * G; cb < cb1; cb++) {
                         const float *wb = L->wpack + cb * T * C * nr;
-                        for (int64_t s = 0; s < nseg; s++) wseg[s] = wb + woff[s];
+                        if (cmp) {  /* woff[s] = t * C * nr: tap t's rows at t * K * nr */
+                            wb = cbuf + (cb - cg * G) * T * K * nr;
+                            for (int64_t s = 0; s < nseg; s++) wseg[s] = wb + woff[s] / C * K;
+                        } else {
+                            for (int64_t s = 0; s < nseg; s++) wseg[s] = wb + woff[s];
+                        }
                         const int64_t o = (n * HoWo + p0) * g->cout + cb * nr;
                         const int64_t lanes = g->cout - cb * nr < nr ? g->cout - cb * nr : nr;
                         const nh_epi_t e = {out + o, res ? res + o : 0, L->bias + cb * nr, g->cout,
@@ -1868,6 +1943,8 @@ static void nh_conv(const nh_geom_t *g, const ispc_nhwc_layer_t *L, const float 
                                             g->stream};
                         if (dense)
                             kdir(ptab, wseg, K ? nseg : 0, len, 0, pfd, &e);
+                        else if (cmp)
+                            kcmp(ptab, wseg, nseg, len, ix + n * C, pfd, &e);
                         else
                             kind(ptab, wseg, K ? nseg : 0, len, ix + n * C, pfg, &e);
                     }
