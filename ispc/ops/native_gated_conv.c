@@ -1472,6 +1472,10 @@ typedef struct {
     float lo, hi;
     double *yrow;
     int stream;  /* whole tiles' vectors stored past the caches (aligned: see nh_stream) */
+    /* IND 2 tiles: rows pfr[0..pfn) (nr floats each, another group's) prefetched into L2, one
+     * every pfe steps (see NH_NPF) */
+    const float *const *pfr;
+    int64_t pfn, pfe;
 } nh_epi_t;
 
 /* a whole output vector to dst, aligned to its size, with a non-temporal store where the build
@@ -1559,6 +1563,19 @@ static int64_t nh_pf_min(void) {
 #define NH_PF_GATED_BYTES (1536 << 10)
 #endif
 
+/* While a thread's tiles walk a group's compacted rows, they prefetch the kept rows of the
+ * (group, instance) it runs next into L2, spread over the steps (NH_NPF 0: not), where the
+ * layer's weights reach NH_NPF_BYTES (smaller ones stay in L2 from call to call). */
+#ifndef NH_NPF
+#define NH_NPF 1
+#endif
+#ifndef NH_NPF_LOC
+#define NH_NPF_LOC 1
+#endif
+#ifndef NH_NPF_BYTES
+#define NH_NPF_BYTES NH_PF_GATED_BYTES
+#endif
+
 /* one kept channel c of a tile: NV weight vectors at wc, MR broadcasts p[i][c], MR * NV FMAs;
  * pf (NULL: none): the weights to prefetch, NV * VW floats */
 #define NH_STEP(MR, NV, c, wc, pf)                                                              \
@@ -1581,6 +1598,8 @@ static int64_t nh_pf_min(void) {
 static void NAME(const float *const *ptab, const float *const *wseg, int64_t nseg, int64_t L,   \
                  const int32_t *ix, int64_t D, const nh_epi_t *e) {                             \
     vf acc[MR][NV];                                                                             \
+    int64_t pc = 0, pi = 0;                                                                     \
+    (void)pc; (void)pi;                                                                         \
     for (int i = 0; i < MR; i++)                                                                \
         for (int j = 0; j < NV; j++) acc[i][j] = (vf){0};                                       \
     for (int64_t s = 0; s < nseg; s++) {                                                        \
@@ -1591,6 +1610,12 @@ static void NAME(const float *const *ptab, const float *const *wseg, int64_t nse
             for (int64_t l = 0; l < L; l++) {                                                   \
                 const int64_t c = IND ? ix[l] : l, cw = IND == 2 ? l : c;                       \
                 NH_STEP(MR, NV, c, ws + cw * (NV * VW), (const float *)0)                       \
+                if (IND == 2 && pi < e->pfn && ++pc == e->pfe) {                                \
+                    const char *q = (const char *)e->pfr[pi++];                                 \
+                    pc = 0;                                                                     \
+                    for (int j = 0; j < NV * VW * 4; j += 64)                                   \
+                        __builtin_prefetch(q + j, 0, NH_NPF_LOC);                               \
+                }                                                                               \
             }                                                                                   \
             continue;                                                                           \
         }                                                                                       \
@@ -1825,6 +1850,18 @@ static float *nh_compact_buf(int64_t floats) {
     return nh_cbuf;  /* NULL: no memory, the tiles walk by index */
 }
 
+static __thread const float **nh_pbuf;  /* the rows to prefetch (NH_NPF), the same way */
+static __thread int64_t nh_pbuf_n;
+
+static const float **nh_prefetch_buf(int64_t n) {
+    if (n > nh_pbuf_n) {
+        free(nh_pbuf);
+        nh_pbuf = (const float **)malloc(sizeof(const float *) * (size_t)n);
+        nh_pbuf_n = nh_pbuf ? n : 0;
+    }
+    return nh_pbuf;
+}
+
 /* blocks [cb0, cb1) of the packed weights, their kept rows ix[0..K) of every tap, into dst */
 static void nh_compact(const float *wpack, int64_t cb0, int64_t cb1, int64_t T, int64_t C,
                        int64_t nr, const int32_t *ix, int64_t K, float *dst) {
@@ -1874,10 +1911,17 @@ static void nh_conv(const nh_geom_t *g, const ispc_nhwc_layer_t *L, const float 
     const float *ptab[T * NH_MAXMR];
     const float *wseg[T];
     int64_t woff[T];
-    #pragma omp for collapse(3) schedule(static) nowait
-    for (int64_t cg = 0; cg < groups; cg++)
-            for (int64_t n = 0; n < g->N; n++)
-                for (int64_t tl = 0; tl < g->tiles; tl++) {
+    /* the items (group, instance, tile) split as OpenMP's static schedule does: this thread's
+     * run [i0, i1), so that a pair's tiles know the pair it runs next (NH_NPF) */
+    const int64_t nth = omp_get_num_threads(), tid = omp_get_thread_num();
+    const int64_t items = groups * g->N * g->tiles, iq = items / nth, ir = items % nth;
+    const int64_t i0 = tid * iq + (tid < ir ? tid : ir), i1 = i0 + iq + (tid < ir);
+    const float **prow = cbuf && NH_NPF && wbytes * g->cob >= NH_NPF_BYTES
+                         ? nh_prefetch_buf(G * T * C) : 0;
+    int64_t pn = 0, pt = 1, pk = 0;  /* rows in prow, this pair's tiles here, tiles done */
+    for (int64_t it = i0; it < i1; it++) {
+                    const int64_t cg = it / (g->N * g->tiles), n = it / g->tiles % g->N;
+                    const int64_t tl = it % g->tiles;
                     const int64_t K = counts ? counts[n] : C;
                     const int dense = K == C;
                     const float *xn = x + n * HWC;
@@ -1926,6 +1970,22 @@ static void nh_conv(const nh_geom_t *g, const ispc_nhwc_layer_t *L, const float 
                         nh_compact(L->wpack, cg * G, cb1, T, C, nr, ix + n * C, K, cbuf);
                         ccg = cg;
                         cn = n;
+                        const int64_t pair = it / g->tiles, next = (pair + 1) * g->tiles;
+                        pt = (next < i1 ? next : i1) - it;
+                        pk = 0;
+                        pn = 0;
+                        if (prow && next < i1) {  /* the next pair's kept rows, if gated */
+                            const int64_t cg2 = next / (g->N * g->tiles), n2 = next / g->tiles % g->N;
+                            const int64_t K2 = counts[n2];
+                            const int64_t c2 = (cg2 + 1) * G < g->cob ? (cg2 + 1) * G : g->cob;
+                            if (K2 > 0 && K2 < C)
+                                for (int64_t cb = cg2 * G; cb < c2; cb++)
+                                    for (int64_t t = 0; t < T; t++) {
+                                        const float *src = L->wpack + (cb * T + t) * C * nr;
+                                        for (int64_t l = 0; l < K2; l++)
+                                            prow[pn++] = src + ix[n2 * C + l] * nr;
+                                    }
+                        }
                     }
                     for (int64_t cb = cg * G; cb < cb1; cb++) {
                         const float *wb = L->wpack + cb * T * C * nr;
@@ -1937,18 +1997,27 @@ static void nh_conv(const nh_geom_t *g, const ispc_nhwc_layer_t *L, const float 
                         }
                         const int64_t o = (n * HoWo + p0) * g->cout + cb * nr;
                         const int64_t lanes = g->cout - cb * nr < nr ? g->cout - cb * nr : nr;
-                        const nh_epi_t e = {out + o, res ? res + o : 0, L->bias + cb * nr, g->cout,
-                                            (int)(HoWo - p0 < mr ? HoWo - p0 : mr), (int)lanes, clamp,
-                                            ykind, lo, hi, yrow ? yrow + n * cs + cb * nr : 0,
-                                            g->stream};
+                        nh_epi_t e = {out + o, res ? res + o : 0, L->bias + cb * nr, g->cout,
+                                      (int)(HoWo - p0 < mr ? HoWo - p0 : mr), (int)lanes, clamp,
+                                      ykind, lo, hi, yrow ? yrow + n * cs + cb * nr : 0,
+                                      g->stream, 0, 0, 1};
+                        if (cmp && pn > 0) {  /* this tile's share of the rows, over its steps */
+                            const int64_t nb = cb1 - cg * G, q = pk * nb + (cb - cg * G);
+                            const int64_t r0 = pn * q / (pt * nb), r1 = pn * (q + 1) / (pt * nb);
+                            const int64_t steps = nseg * len;
+                            e.pfr = prow + r0;
+                            e.pfn = r1 - r0;
+                            e.pfe = e.pfn > 0 && steps > e.pfn ? steps / e.pfn : 1;
+                        }
                         if (dense)
                             kdir(ptab, wseg, K ? nseg : 0, len, 0, pfd, &e);
                         else if (cmp)
-                            kcmp(ptab, wseg, nseg, len, ix + n * C, pfd, &e);
+                            kcmp(ptab, wseg, nseg, len, ix + n * C, 0, &e);
                         else
                             kind(ptab, wseg, K ? nseg : 0, len, ix + n * C, pfg, &e);
                     }
-                }
+                    pk++;
+    }
     if (g->stream) nh_sfence();  /* the streamed lines visible to every thread after the barrier */
     #pragma omp barrier
 }
