@@ -127,6 +127,27 @@ def test_weights_past_the_prefetch_thresholds(shape):
         _check(layer(_nhwc(x), mode, scale=scale, k=k, clamp=native.RELU), want, (mode, k))
 
 
+@pytest.mark.parametrize("shape", [(2048, 512, 1, 1, 0, 7), (512, 512, 3, 1, 1, 7),
+                                   (1024, 2048, 1, 2, 0, 14), (1024, 256, 1, 1, 0, 14)])
+def test_resnet50_deep_layers_compacted_and_prefetching(shape):
+    # ResNet-50's layer4 and layer3 shapes, where each thread's tiles walk a compacted copy of
+    # the kept weight rows and prefetch the next group's: top-k, threshold, and every channel
+    # kept (equal to the dense mode's output), instances keeping different counts
+    cin, cout, ks, s, p, h = shape
+    g = torch.Generator().manual_seed(cout + ks)
+    x = torch.randn(3, cin, h, h, generator=g).relu() * (torch.rand(3, cin, 1, 1, generator=g) + .1)
+    wt, b = torch.randn(cout, cin, ks, ks, generator=g) / (cin * ks * ks) ** 0.5, torch.randn(cout, generator=g)
+    scale = torch.rand(cin, generator=g) + 0.5
+    thr = threshold_between(gc.channel_saliency(x, scale), 0.5)
+    layer = native.NhwcConv(wt, b, s, p, 1, out_hw=((h + 2 * p - ks) // s + 1) ** 2)
+    xs = _nhwc(x)
+    for mode, t, k in [(gc.TOPK, 0.0, cin // 2), (gc.THRESHOLD, thr, 0)]:
+        want = _reference(x, wt, b, s, p, 1, mode, scale, t, k, gc.SALIENCY_L2, None, native.RELU)
+        _check(layer(xs, mode, scale=scale, threshold=t, k=k, clamp=native.RELU), want, (shape, mode))
+    dense = layer(xs, native.DENSE, clamp=native.RELU)
+    assert torch.equal(layer(xs, gc.TOPK, scale=scale, k=cin, clamp=native.RELU), dense)
+
+
 def test_dense_equals_conv2d_and_gated_with_every_channel_kept():
     g = torch.Generator().manual_seed(1)
     x, w, b = torch.randn(3, 20, 11, 11, generator=g), torch.randn(30, 20, 3, 3, generator=g), \
@@ -436,13 +457,18 @@ def _forced_build(flags: tuple[str, ...]):
 
 @pytest.mark.parametrize("isa", [(), ("-mno-avx512f",)], ids=["native", "avx2"])
 @pytest.mark.parametrize("path", [("-DNH_STREAM_BYTES=1",), ("-DNH_GATHER_POSITIONS=1",),
-                                  ("-DNH_GATHER_POSITIONS=1", "-DNH_GATHER_TAPS=1")],
-                         ids=["streaming-stores", "gathered", "gathered-1x1"])
+                                  ("-DNH_GATHER_POSITIONS=1", "-DNH_GATHER_TAPS=1"),
+                                  ("-DNH_COMPACT_TILES=0", "-DNH_NPF=0"),
+                                  ("-DNH_COMPACT_TILES=1", "-DNH_NPF_BYTES=0", "-DNHWC_GROUP_BYTES=1")],
+                         ids=["streaming-stores", "gathered", "gathered-1x1", "indirect",
+                              "compacted-prefetching"])
 def test_forced_paths_equal_the_default_build_bit_for_bit(monkeypatch, isa, path):
     # paths the default build takes only on some layers (streaming stores from 16 MB of output;
-    # gathered kept channels and weights on maps of 28x28 and up), forced on small ones: the
-    # same values as the default build's, bit for bit, and the reference; instances keeping
-    # some, all and none
+    # gathered kept channels and weights on maps of 28x28 and up; the indirect walk over the
+    # packed weights where the compaction is off; the next group's rows prefetched on layers
+    # past 1.5 MB, here on every layer, one block a group so that threads run several), forced
+    # on small ones: the same values as the default build's, bit for bit, and the reference;
+    # instances keeping some, all and none
     if isa and platform.machine() not in ("x86_64", "AMD64"):
         pytest.skip("x86 ISA variants")
     base, forced = _forced_build(isa), _forced_build(isa + path)
