@@ -130,9 +130,9 @@ def test_weights_past_the_prefetch_thresholds(shape):
 @pytest.mark.parametrize("shape", [(2048, 512, 1, 1, 0, 7), (512, 512, 3, 1, 1, 7),
                                    (1024, 2048, 1, 2, 0, 14), (1024, 256, 1, 1, 0, 14)])
 def test_resnet50_deep_layers_compacted_and_prefetching(shape):
-    # ResNet-50's layer4 and layer3 shapes, where each thread's tiles walk a compacted copy of
-    # the kept weight rows and prefetch the next group's: top-k, threshold, and every channel
-    # kept (equal to the dense mode's output), instances keeping different counts
+    # ResNet-50's layer4 and layer3 shapes, where at batch 1 each thread's tiles walk a
+    # compacted copy of the kept weight rows and prefetch the next group's (a batch of 3 walks
+    # by index): top-k, threshold, and every channel kept (equal to the dense mode's output)
     cin, cout, ks, s, p, h = shape
     g = torch.Generator().manual_seed(cout + ks)
     x = torch.randn(3, cin, h, h, generator=g).relu() * (torch.rand(3, cin, 1, 1, generator=g) + .1)
@@ -140,12 +140,14 @@ def test_resnet50_deep_layers_compacted_and_prefetching(shape):
     scale = torch.rand(cin, generator=g) + 0.5
     thr = threshold_between(gc.channel_saliency(x, scale), 0.5)
     layer = native.NhwcConv(wt, b, s, p, 1, out_hw=((h + 2 * p - ks) // s + 1) ** 2)
-    xs = _nhwc(x)
-    for mode, t, k in [(gc.TOPK, 0.0, cin // 2), (gc.THRESHOLD, thr, 0)]:
-        want = _reference(x, wt, b, s, p, 1, mode, scale, t, k, gc.SALIENCY_L2, None, native.RELU)
-        _check(layer(xs, mode, scale=scale, threshold=t, k=k, clamp=native.RELU), want, (shape, mode))
-    dense = layer(xs, native.DENSE, clamp=native.RELU)
-    assert torch.equal(layer(xs, gc.TOPK, scale=scale, k=cin, clamp=native.RELU), dense)
+    for xb in (x[:1], x):
+        xs = _nhwc(xb)
+        for mode, t, k in [(gc.TOPK, 0.0, cin // 2), (gc.THRESHOLD, thr, 0)]:
+            want = _reference(xb, wt, b, s, p, 1, mode, scale, t, k, gc.SALIENCY_L2, None, native.RELU)
+            out = layer(xs, mode, scale=scale, threshold=t, k=k, clamp=native.RELU)
+            _check(out, want, (shape, mode, len(xb)))
+        dense = layer(xs, native.DENSE, clamp=native.RELU)
+        assert torch.equal(layer(xs, gc.TOPK, scale=scale, k=cin, clamp=native.RELU), dense)
 
 
 def test_dense_equals_conv2d_and_gated_with_every_channel_kept():
@@ -459,7 +461,8 @@ def _forced_build(flags: tuple[str, ...]):
 @pytest.mark.parametrize("path", [("-DNH_STREAM_BYTES=1",), ("-DNH_GATHER_POSITIONS=1",),
                                   ("-DNH_GATHER_POSITIONS=1", "-DNH_GATHER_TAPS=1"),
                                   ("-DNH_COMPACT_TILES=0", "-DNH_NPF=0"),
-                                  ("-DNH_COMPACT_TILES=1", "-DNH_NPF_BYTES=0", "-DNHWC_GROUP_BYTES=1")],
+                                  ("-DNH_COMPACT_TILES=1", "-DNH_COMPACT_MAX_N=64", "-DNH_NPF_BYTES=0",
+                                   "-DNHWC_GROUP_BYTES=1")],
                          ids=["streaming-stores", "gathered", "gathered-1x1", "indirect",
                               "compacted-prefetching"])
 def test_forced_paths_equal_the_default_build_bit_for_bit(monkeypatch, isa, path):
