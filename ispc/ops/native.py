@@ -84,7 +84,7 @@ class _NhwcLayer(ctypes.Structure):
     """``ispc_nhwc_layer_t``: a channels-last layer's fixed arguments, passed by pointer."""
 
     _fields_ = [("wpack", _ptr), ("bias", _ptr)] + [(f, _i64) for f in (
-        "C", "cout", "kh", "kw", "sh", "sw", "ph", "pw", "dh", "dw", "nv")]
+        "C", "cout", "kh", "kw", "sh", "sw", "ph", "pw", "dh", "dw", "nv")] + [("wino", _ptr)]
 
 
 class _Sums(ctypes.Structure):
@@ -588,6 +588,36 @@ def pack_weight_nhwc(weight: Tensor, vectors: int) -> Tensor:
     return dst
 
 
+# F(2x2, 3x3)'s weight transform G (4 x 3): U = G g G^T per output and input channel
+_WINO_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
+
+
+def winograd_fits(kernel: tuple[int, int], stride: tuple[int, int],
+                  dilation: tuple[int, int]) -> bool:
+    """Whether ``ispc_conv_nhwc`` can run a layer by Winograd F(2x2, 3x3): 3x3, stride 1, no
+    dilation (any padding)."""
+    return tuple(kernel) == (3, 3) and tuple(stride) == (1, 1) and tuple(dilation) == (1, 1)
+
+
+def winograd_chosen(cin: int, cout: int, out_hw: int | None) -> bool:
+    """Whether a fitting layer runs by Winograd: on the output maps it mostly sees, Winograd's
+    16 / 36 of the multiplications outweigh its transforms and its U (16 / 9 the weights' bytes,
+    read per tile group); see docs/benchmarks.md for the per-layer figures behind the rule."""
+    return out_hw is not None and out_hw >= WINO_MIN_POSITIONS
+
+
+# output positions from which a fitting layer runs by Winograd (14x14 and up)
+WINO_MIN_POSITIONS = 196
+
+
+def pack_weight_winograd(weight: Tensor, vectors: int) -> Tensor:
+    """A 3x3 layer's Winograd weights U = G g G^T (computed in float64, rounded once), packed as
+    :func:`pack_weight_nhwc` packs 16 taps: ``[Cout block][16][C][block]``."""
+    g = torch.tensor(_WINO_G, dtype=torch.float64)
+    u = (g @ weight.detach().to("cpu", torch.float64) @ g.T).to(torch.float32)  # (Cout, C, 4, 4)
+    return pack_weight_nhwc(u, vectors)
+
+
 def _loaded() -> ctypes.CDLL:
     lib = _load()
     if lib is None:
@@ -605,12 +635,15 @@ class NhwcConv:
     ``gated_conv.TOPK`` / ``gated_conv.THRESHOLD`` select each instance's channels first (the
     operator's semantics, :func:`ispc.ops.gated_conv.channel_mask`) and compute on those alone.
     ``out_hw``, the output positions it will mostly see, helps choose the register tile
-    (``vectors``: output-channel vectors per tile, to force one).
+    (``vectors``: output-channel vectors per tile, to force one) and whether a 3x3 stride-1
+    layer runs by Winograd F(2x2, 3x3) (``winograd``: True or False to force it; True on a layer
+    that does not fit is an error).
     It holds copies: prepare it again after changing the weights.
     """
 
     def __init__(self, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0, dilation=1,
-                 out_hw: int | None = None, vectors: int | None = None) -> None:
+                 out_hw: int | None = None, vectors: int | None = None,
+                 winograd: bool | None = None) -> None:
         lib = _loaded()
         if weight.dim() != 4 or weight.dtype != torch.float32:
             raise ConfigError(f"weight must be a float32 (Cout, C, kh, kw) tensor, got {weight.dtype} "
@@ -630,20 +663,38 @@ class NhwcConv:
             if not 0 <= vectors <= top:
                 raise ConfigError(f"vectors must be in [0, {top}] on this build, got {vectors}")
             self.vectors = vectors or top
+        fits = winograd_fits(self.kernel, self.stride, self.dilation)
+        if winograd and not fits:
+            raise ConfigError(f"winograd=True needs a 3x3 stride-1 undilated layer, got kernel "
+                              f"{self.kernel}, stride {self.stride}, dilation {self.dilation}; "
+                              f"pass winograd=None or False")
+        self.winograd = fits and (winograd_chosen(self.cin, self.cout, out_hw) if winograd is None
+                                  else bool(winograd))
         self.packed = pack_weight_nhwc(weight, self.vectors)
         self.bias = (torch.zeros(self.cout) if bias is None
                      else bias.detach().to("cpu", torch.float32).contiguous().clone())
         self._bind()
 
     def _bind(self) -> None:
+        # U is derived from the weights: rebuilt here (also after unpickling), never stored
+        self._wino = (pack_weight_winograd(self.weight(), self.vectors)
+                      if getattr(self, "winograd", False) else None)
         self._struct = _NhwcLayer(self.packed.data_ptr(), self.bias.data_ptr(), self.cin, self.cout,
                                   *self.kernel, *self.stride, *self.padding, *self.dilation,
-                                  self.vectors)
+                                  self.vectors, None if self._wino is None else self._wino.data_ptr())
         self._ref = ctypes.byref(self._struct)
         self._shapes: dict[tuple[int, int, int], tuple[int, int, int, int]] = {}
 
+    def weight(self) -> Tensor:
+        """The (Cout, C, kh, kw) float32 weights, unpacked from the panels."""
+        kh, kw = self.kernel
+        t, nr = kh * kw, int(_loaded().ispc_nhwc_packed_size(1, 1, 1, self.vectors))
+        w = self.packed.view(-1, t, self.cin, nr).permute(0, 3, 2, 1).reshape(-1, self.cin, t)
+        return w[:self.cout].reshape(self.cout, self.cin, kh, kw).contiguous()
+
     def __getstate__(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k not in ("_struct", "_ref", "_shapes")}
+        return {k: v for k, v in self.__dict__.items()
+                if k not in ("_struct", "_ref", "_shapes", "_wino")}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)

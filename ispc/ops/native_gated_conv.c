@@ -1728,6 +1728,7 @@ void ispc_pack_weight_nhwc(const float *w, int64_t cout, int64_t C, int64_t T, i
 typedef struct {
     const float *wpack, *bias;
     int64_t C, cout, kh, kw, sh, sw, ph, pw, dh, dw, nv;
+    const float *wino;  /* 3x3 stride 1: Winograd F(2x2, 3x3) weights (nh_wino); NULL: direct */
 } ispc_nhwc_layer_t;
 
 /* saliency blocks of positions: float sums per block, added into doubles in block order (the same
@@ -1782,6 +1783,7 @@ select:;
 typedef struct {
     int64_t N, H, W, C, Ho, Wo, cout, kh, kw, sh, sw, ph, pw, dh, dw, T, nv, nr, mr, cob, tiles;
     int stream;  /* whole tiles' outputs with non-temporal stores (nh_stream) */
+    int wino;    /* computed by nh_wino (the layer has its weights, the window fits) */
 } nh_geom_t;
 
 /* a call's output size (bytes) from which its whole tiles are stored past the caches
@@ -2039,6 +2041,8 @@ static void nh_geometry(nh_geom_t *g, const ispc_nhwc_layer_t *L, int64_t N, int
     g->cob = (L->cout + g->nr - 1) / g->nr;
     g->tiles = (g->Ho * g->Wo + g->mr - 1) / g->mr;
     g->stream = 0;
+    g->wino = L->wino && L->kh == 3 && L->kw == 3 && L->sh == 1 && L->sw == 1 && L->dh == 1
+              && L->dw == 1 && g->Ho > 0 && g->Wo > 0;
 }
 
 /* instances' input bytes per chunk: saliency, selection and convolution run chunk by chunk, so
@@ -2087,8 +2091,10 @@ static void nh_gather(const nh_geom_t *g, const ispc_nhwc_layer_t *L, const floa
 
 /* The workspace's parts (floats), shared by ispc_conv_nhwc and its size query. */
 typedef struct {
-    int64_t zeros, gather, sums, chunk, select, total;
+    int64_t zeros, gather, sums, chunk, select, wino, total;
 } nh_plan_t;
+
+static int64_t wino_thread_floats(const nh_geom_t *g);
 
 static void nh_plan(nh_plan_t *P, const nh_geom_t *g, int64_t mode, int64_t k,
                     const ispc_sums_t *sums, int64_t threads) {
@@ -2105,8 +2111,9 @@ static void nh_plan(nh_plan_t *P, const nh_geom_t *g, int64_t mode, int64_t k,
     P->select = mode == NHWC_DENSE ? 0 : (N * C + 15) / 16 * 16 + 2 * N + N * C + 3 * N * C
                                            + (sums && sums->in ? 0 : N * nb * C);
     /* gathered: an instance's map and the packed weights, each at most whole */
-    P->gather = nh_gathers(g, mode) ? (HW * C + 15) / 16 * 16 + g->cob * g->T * C * g->nr : 0;
-    P->total = P->zeros + P->gather + P->sums + P->select + 64;
+    P->gather = nh_gathers(g, mode) && !g->wino ? (HW * C + 15) / 16 * 16 + g->cob * g->T * C * g->nr : 0;
+    P->wino = g->wino ? threads * wino_thread_floats(g) : 0;  /* each thread's V, M and zeros */
+    P->total = P->zeros + P->gather + P->sums + P->select + P->wino + 64;
 }
 
 /* Workspace (floats) of ispc_conv_nhwc for a batch of N on H x W inputs. */
@@ -2117,6 +2124,194 @@ int64_t ispc_conv_nhwc_workspace(const ispc_nhwc_layer_t *L, int64_t N, int64_t 
     nh_plan_t P;
     nh_plan(&P, &g, mode, k, sums, threads);
     return P.total;
+}
+
+/* ---- Winograd F(2x2, 3x3) for 3x3 stride-1 layers ---------------------------------------------
+ * The same sum as nh_conv in 16 / 36 of its multiplications: per 2x2 output block (a tile) the
+ * 4x4 input patch d goes to V = B^T d B, the layer's weights were made U = G g G^T once
+ * (native.py, in float64), and the block is A^T M A with M[t] = sum over kept c of V[t][c] U[t][c]
+ * for each of the 16 points t: 16 GEMMs, each run by the register-tile kernels (one segment,
+ * positions = tiles, the kept channels by index as in nh_conv), into a scratch M; the layer's
+ * epilogue (bias, residual, clamp, output sums) comes with the output transform. U is packed
+ * [cout block][16][C][nr] (ispc_pack_weight_nhwc with T = 16). Threads split (group of
+ * output-channel blocks, instance, group of tiles): a group's U stays in L2 across its tiles, a
+ * tile group's V and M together fit in WINO_TILE_FLOATS; each item transforms its own input. */
+#ifndef WINO_TILE_FLOATS
+#define WINO_TILE_FLOATS (256 << 10)
+#endif
+#ifndef WINO_GROUP_BYTES
+#define WINO_GROUP_BYTES (512 << 10)
+#endif
+
+/* floats between two points' planes of V or M past their tiles: planes a multiple of 4 KiB apart
+ * would put a tile's 16 vectors into one L1 set */
+#define WINO_SKEW 32
+
+typedef struct {
+    int64_t TH, TW, tiles, G, cgroups, tgmax;  /* tile rows and columns, blocks per group, ... */
+} wino_dims_t;
+
+static void wino_dims(wino_dims_t *d, const nh_geom_t *g) {
+    d->TH = (g->Ho + 1) / 2;
+    d->TW = (g->Wo + 1) / 2;
+    d->tiles = d->TH * d->TW;
+    int64_t G = WINO_GROUP_BYTES / (16 * g->C * g->nr * (int64_t)sizeof(float) + 1);
+    G = G < 1 ? 1 : G > g->cob ? g->cob : G;
+    d->cgroups = (g->cob + G - 1) / G;
+    d->G = (g->cob + d->cgroups - 1) / d->cgroups;
+    int64_t tg = WINO_TILE_FLOATS / (16 * (g->C + d->G * g->nr));
+    tg = tg / g->mr * g->mr;
+    tg = tg < g->mr ? g->mr : tg;
+    d->tgmax = tg > d->tiles ? d->tiles : tg;
+}
+
+/* a thread's scratch: V (16 x tgmax x C), M (16 x tgmax x G nr), a vector of zeros */
+static int64_t wino_thread_floats(const nh_geom_t *g) {
+    wino_dims_t d;
+    wino_dims(&d, g);
+    return 16 * (d.tgmax * ((g->C + 15) / 16 * 16 + d.G * g->nr) + 2 * WINO_SKEW) + NH_MAXNV * VW
+           + 32;
+}
+
+/* V[t][i][c] = (B^T d B)[t] of tiles [t0, t0 + nt) of instance x at V + t * vt + i * vs */
+static void wino_input(const nh_geom_t *g, const wino_dims_t *d, const float *x, int64_t t0,
+                       int64_t nt, float *V, int64_t vs, int64_t vt) {
+    const int64_t C = g->C, H = g->H, W = g->W;
+    for (int64_t i = 0; i < nt; i++) {
+        const int64_t th = (t0 + i) / d->TW, tw = (t0 + i) % d->TW;
+        const int64_t ih0 = 2 * th - g->ph, iw0 = 2 * tw - g->pw;
+        const float *row[4][4];
+        for (int r = 0; r < 4; r++)
+            for (int q = 0; q < 4; q++) {
+                const int64_t ih = ih0 + r, iw = iw0 + q;
+                row[r][q] = ih >= 0 && ih < H && iw >= 0 && iw < W ? x + (ih * W + iw) * C : 0;
+            }
+        float *v = V + i * vs;
+        int64_t c = 0;
+        for (; c + VW <= C; c += VW) {
+            vf p[4][4], u[4][4];
+            for (int r = 0; r < 4; r++)
+                for (int q = 0; q < 4; q++) p[r][q] = row[r][q] ? ld(row[r][q] + c) : (vf){0};
+            for (int q = 0; q < 4; q++) {  /* B^T d: rows */
+                u[0][q] = p[0][q] - p[2][q];
+                u[1][q] = p[1][q] + p[2][q];
+                u[2][q] = p[2][q] - p[1][q];
+                u[3][q] = p[1][q] - p[3][q];
+            }
+            for (int r = 0; r < 4; r++) {  /* (B^T d) B: columns */
+                st(v + (r * 4 + 0) * vt + c, u[r][0] - u[r][2]);
+                st(v + (r * 4 + 1) * vt + c, u[r][1] + u[r][2]);
+                st(v + (r * 4 + 2) * vt + c, u[r][2] - u[r][1]);
+                st(v + (r * 4 + 3) * vt + c, u[r][1] - u[r][3]);
+            }
+        }
+        for (; c < C; c++) {
+            float p[4][4], u[4][4];
+            for (int r = 0; r < 4; r++)
+                for (int q = 0; q < 4; q++) p[r][q] = row[r][q] ? row[r][q][c] : 0.0f;
+            for (int q = 0; q < 4; q++) {
+                u[0][q] = p[0][q] - p[2][q];
+                u[1][q] = p[1][q] + p[2][q];
+                u[2][q] = p[2][q] - p[1][q];
+                u[3][q] = p[1][q] - p[3][q];
+            }
+            for (int r = 0; r < 4; r++) {
+                v[(r * 4 + 0) * vt + c] = u[r][0] - u[r][2];
+                v[(r * 4 + 1) * vt + c] = u[r][1] + u[r][2];
+                v[(r * 4 + 2) * vt + c] = u[r][2] - u[r][1];
+                v[(r * 4 + 3) * vt + c] = u[r][1] - u[r][3];
+            }
+        }
+    }
+}
+
+/* Instances [0, N) (x, out, res at the first), inside a parallel region, as nh_conv (ix, counts:
+ * NULL dense); scratch: each thread's wino_thread_floats. Ends with a barrier. */
+static void nh_wino(const nh_geom_t *g, const ispc_nhwc_layer_t *L, const float *x, const int32_t *ix,
+                    const int64_t *counts, float *out, const float *res, float lo, float hi,
+                    int clamp, double *ysums, int ykind, float *scratch) {
+    wino_dims_t d;
+    wino_dims(&d, g);
+    const int64_t C = g->C, nr = g->nr, mr = g->mr, HoWo = g->Ho * g->Wo, cs = g->cob * nr;
+    const int64_t nth = omp_get_num_threads(), th = omp_get_thread_num();
+    double *yrow = 0;
+    if (ysums) {
+        yrow = ysums + th * g->N * cs;
+        memset(yrow, 0, sizeof(double) * g->N * cs);
+    }
+    /* tile groups: at least tgmax-sized, and as many items as make the threads' shares even */
+    int64_t tgroups = (d.tiles + d.tgmax - 1) / d.tgmax;
+    while ((d.cgroups * g->N * tgroups) % nth && tgroups < d.tiles) tgroups++;
+    const int64_t TG = (d.tiles + tgroups - 1) / tgroups;
+    tgroups = (d.tiles + TG - 1) / TG;
+    const int64_t vs = (C + 15) / 16 * 16;  /* a V row's floats (aligned rows) */
+    float *base = scratch + th * wino_thread_floats(g);
+    base = (float *)(((uintptr_t)base + 63) & ~(uintptr_t)63);
+    float *V = base, *M = V + 16 * (d.tgmax * vs + WINO_SKEW);
+    float *zb = M + 16 * (d.tgmax * d.G * nr + WINO_SKEW);
+    memset(zb, 0, sizeof(float) * NH_MAXNV * VW);
+    const nh_kernel_t kind = nh_kernel(g->nv, mr, 1), kdir = nh_kernel(g->nv, mr, 0);
+    const int64_t HWC = g->H * g->W * C;
+    #pragma omp for collapse(3) schedule(static) nowait
+    for (int64_t cg = 0; cg < d.cgroups; cg++)
+        for (int64_t n = 0; n < g->N; n++)
+            for (int64_t tg = 0; tg < tgroups; tg++) {
+                const int64_t K = counts ? counts[n] : C, t0 = tg * TG;
+                const int64_t nt = t0 + TG < d.tiles ? TG : d.tiles - t0;
+                const int64_t cb0 = cg * d.G, cb1 = cb0 + d.G < g->cob ? cb0 + d.G : g->cob;
+                const int64_t ms = (cb1 - cb0) * nr;  /* an M row's floats */
+                const int64_t vt = nt * vs + WINO_SKEW, mt = nt * ms + WINO_SKEW;  /* a plane's */
+                wino_input(g, &d, x + n * HWC, t0, nt, V, vs, vt);
+                for (int64_t t = 0; t < 16; t++)
+                    for (int64_t cb = cb0; cb < cb1; cb++) {
+                        const float *wseg[1] = {L->wino + (cb * 16 + t) * C * nr};
+                        for (int64_t i0 = 0; i0 < nt; i0 += mr) {
+                            const float *ptab[NH_MAXMR];
+                            for (int64_t i = 0; i < mr; i++)
+                                ptab[i] = V + t * vt + (i0 + i < nt ? i0 + i : i0) * vs;
+                            const nh_epi_t e = {M + t * mt + i0 * ms + (cb - cb0) * nr, 0, zb, ms,
+                                                (int)(nt - i0 < mr ? nt - i0 : mr), (int)nr, 0, 0,
+                                                0.0f, 0.0f, 0, 0};
+                            if (K == C)
+                                kdir(ptab, wseg, 1, C, 0, 0, &e);
+                            else
+                                kind(ptab, wseg, K ? 1 : 0, K, ix + n * C, 0, &e);
+                        }
+                    }
+                /* Y = A^T M A per tile, through the layer's epilogue */
+                float *on = out + n * HoWo * g->cout;
+                const float *rn = res ? res + n * HoWo * g->cout : 0;
+                for (int64_t c = cb0 * nr; c < cb1 * nr && c < g->cout; c += VW) {
+                    const int nl = g->cout - c < VW ? (int)(g->cout - c) : VW;
+                    const float *mc = M + (c - cb0 * nr);
+                    vf sq = {0};
+                    for (int64_t i = 0; i < nt; i++) {
+                        const int64_t th_ = (t0 + i) / d.TW, tw = (t0 + i) % d.TW;
+                        vf m[4][4], u[2][4];
+                        for (int r = 0; r < 4; r++)
+                            for (int q = 0; q < 4; q++) m[r][q] = ld(mc + (r * 4 + q) * mt + i * ms);
+                        for (int q = 0; q < 4; q++) {
+                            u[0][q] = m[0][q] + m[1][q] + m[2][q];
+                            u[1][q] = m[1][q] - m[2][q] - m[3][q];
+                        }
+                        for (int r = 0; r < 2; r++) {
+                            const int64_t oh = 2 * th_ + r;
+                            if (oh >= g->Ho) break;
+                            const vf y[2] = {u[r][0] + u[r][1] + u[r][2], u[r][1] - u[r][2] - u[r][3]};
+                            for (int s = 0; s < 2; s++) {
+                                const int64_t ow = 2 * tw + s;
+                                if (ow >= g->Wo) break;
+                                const int64_t o = (oh * g->Wo + ow) * g->cout + c;
+                                const vf v = nh_store(on + o, y[s], L->bias + c, rn ? rn + o : 0, nl,
+                                                      lo, hi, clamp);
+                                if (yrow) sq += sum_term(v, ykind);
+                            }
+                        }
+                    }
+                    if (yrow) add_lanes(yrow + n * cs + c, sq, nl);
+                }
+            }
+    #pragma omp barrier
 }
 
 /* ispc_conv_nhwc's work inside a parallel region (ispc_run_ops runs it in its own): g with its
@@ -2150,7 +2345,12 @@ static void nh_region(const nh_geom_t *gp, const nh_plan_t *P, const ispc_nhwc_l
         if (!dense)
             nh_select(xc, m, HW, C, scale, saliency, mode, threshold, k, ix, cnt, part, s, tmp,
                       xsums ? xsums + n0 * C : 0);
-        if (P->gather) {  /* instance by instance, see NH_GATHER_POSITIONS */
+        if (g.wino) {
+            nh_wino(&gc, L, xc, dense ? 0 : ix, dense ? 0 : cnt, oc, rc, lo, hi, clamp, ysums, ykind,
+                    w + P->select);
+            if (ysums)
+                reduce_sums(ysums, omp_get_num_threads(), m, L->cout, cs, sums->out + n0 * L->cout);
+        } else if (P->gather) {  /* instance by instance, see NH_GATHER_POSITIONS */
             for (int64_t i = 0; i < m; i++) {
                 const int64_t K = cnt[i];
                 nh_geom_t gi = g;
