@@ -2137,7 +2137,7 @@ int64_t ispc_conv_nhwc_workspace(const ispc_nhwc_layer_t *L, int64_t N, int64_t 
  * output-channel blocks, instance, group of tiles): a group's U stays in L2 across its tiles, a
  * tile group's V and M together fit in WINO_TILE_FLOATS; each item transforms its own input. */
 #ifndef WINO_TILE_FLOATS
-#define WINO_TILE_FLOATS (256 << 10)
+#define WINO_TILE_FLOATS (64 << 10)
 #endif
 #ifndef WINO_GROUP_BYTES
 #define WINO_GROUP_BYTES (512 << 10)
@@ -2232,7 +2232,7 @@ static void nh_wino(const nh_geom_t *g, const ispc_nhwc_layer_t *L, const float 
                     int clamp, double *ysums, int ykind, float *scratch) {
     wino_dims_t d;
     wino_dims(&d, g);
-    const int64_t C = g->C, nr = g->nr, mr = g->mr, HoWo = g->Ho * g->Wo, cs = g->cob * nr;
+    const int64_t C = g->C, nr = g->nr, HoWo = g->Ho * g->Wo, cs = g->cob * nr;
     const int64_t nth = omp_get_num_threads(), th = omp_get_thread_num();
     double *yrow = 0;
     if (ysums) {
@@ -2242,7 +2242,9 @@ static void nh_wino(const nh_geom_t *g, const ispc_nhwc_layer_t *L, const float 
     /* tile groups: at least tgmax-sized, and as many items as make the threads' shares even */
     int64_t tgroups = (d.tiles + d.tgmax - 1) / d.tgmax;
     while ((d.cgroups * g->N * tgroups) % nth && tgroups < d.tiles) tgroups++;
-    const int64_t TG = (d.tiles + tgroups - 1) / tgroups;
+    /* whole register tiles a group (the last excepted); one group: the tile that fits it best */
+    const int64_t mr = tgroups == 1 ? nh_mr(g->nv, d.tiles) : g->mr;
+    const int64_t TG = ((d.tiles + tgroups - 1) / tgroups + mr - 1) / mr * mr;
     tgroups = (d.tiles + TG - 1) / TG;
     const int64_t vs = (C + 15) / 16 * 16;  /* a V row's floats (aligned rows) */
     float *base = scratch + th * wino_thread_floats(g);

@@ -1,0 +1,229 @@
+"""Winograd F(2x2, 3x3) in ``native.NhwcConv`` (3x3 stride-1 layers) equals the masked-dense
+reference: dense and gated, both modes, every register tile, odd sizes, padding 0 and 1, fused
+epilogues, output sums, batches, chunks, large C, programs, pickles and the AVX2 build."""
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import rel_err, threshold_between
+from ispc.errors import ConfigError
+from ispc.ops import gated_conv as gc
+from ispc.ops import native
+
+pytestmark = pytest.mark.skipif(not native.available(),
+                                reason=f"native kernel not built here: {native.unavailable_reason()}")
+
+CLAMPS = [native.NO_CLAMP, native.RELU, native.RELU6]
+
+
+def _nhwc(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+def _masked(x, scale, mode, thr, k, sal):
+    if mode == native.DENSE:
+        return x
+    m = gc.channel_mask(x, scale, mode, thr, k, sal)
+    return torch.where(m[:, :, None, None], x, torch.zeros((), dtype=x.dtype))
+
+
+def _reference(x, w, b, pad, mode, scale, thr, k, sal, res=None, clamp=native.NO_CLAMP):
+    """conv2d (float64) of x with each instance's dropped channels zeroed, + residual, clamped."""
+    out = F.conv2d(_masked(x, scale, mode, thr, k, sal).double(), w.double(), b.double(), 1, pad)
+    if res is not None:
+        out = out + res.double()
+    return (out.clamp(*clamp) if clamp != native.NO_CLAMP else out).float()
+
+
+def _layer(cin, cout, g, scale_w=True):
+    w = torch.randn(cout, cin, 3, 3, generator=g)
+    return (w / (9 * cin) ** 0.5 if scale_w else w), torch.randn(cout, generator=g)
+
+
+def _max_vectors() -> int:
+    return int(native._lib.ispc_nhwc_max_vectors())
+
+
+@settings(max_examples=50, deadline=None)
+@given(n=st.integers(1, 3), cin=st.integers(1, 40), cout=st.integers(1, 70), h=st.integers(1, 13),
+       w=st.integers(1, 13), pad=st.integers(0, 1), mode=st.sampled_from([native.DENSE, gc.TOPK,
+                                                                           gc.THRESHOLD]),
+       keep=st.floats(0.0, 1.0), sal=st.sampled_from([gc.SALIENCY_L2, gc.SALIENCY_L1]),
+       residual=st.booleans(), clamp=st.sampled_from(CLAMPS), vectors=st.integers(0, 4),
+       seed=st.integers(0, 2**16))
+def test_random_sizes_match_reference(n, cin, cout, h, w, pad, mode, keep, sal, residual, clamp,
+                                      vectors, seed):
+    if min(h, w) + 2 * pad < 3:
+        return  # no output position
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, cin, h, w, generator=g) * (torch.rand(1, cin, 1, 1, generator=g) + 0.1)
+    wt, b = _layer(cin, cout, g)
+    scale = torch.rand(cin, generator=g) + 0.5
+    thr, k = 0.0, int(round(keep * cin))
+    if mode == gc.THRESHOLD:
+        thr = threshold_between(gc.channel_saliency(x, scale, sal), keep)
+    layer = native.NhwcConv(wt, b, 1, pad, vectors=min(vectors, _max_vectors()), winograd=True)
+    assert layer.winograd
+    ho, wo = h + 2 * pad - 2, w + 2 * pad - 2
+    res = _nhwc(torch.randn(n, cout, ho, wo, generator=g)) if residual else None
+    ref = _reference(x, wt, b, pad, mode, scale, thr, k, sal, res, clamp)
+    counts = torch.empty(n, dtype=torch.int64)
+    out = layer(_nhwc(x), mode, scale=scale, threshold=thr, k=k, saliency=sal, residual=res,
+                clamp=clamp, counts=counts)
+    assert out.shape == ref.shape and out.is_contiguous(memory_format=torch.channels_last)
+    assert rel_err(out, ref) <= 1e-5, (mode, k, thr, layer.vectors)
+    if mode != native.DENSE:
+        assert torch.equal(counts, gc.channel_mask(x, scale, mode, thr, k, sal).sum(1))
+
+
+@pytest.mark.parametrize("vectors", [1, 2, 3, 4])
+@pytest.mark.parametrize("shape", [(64, 64, 56), (128, 128, 28), (96, 80, 15), (256, 256, 14),
+                                   (512, 512, 7)])
+def test_resnet_shapes_every_tile(vectors, shape):
+    # ResNet's stride-1 3x3 layers (and odd ones), where groups of tiles and of output blocks split
+    if vectors > _max_vectors():
+        pytest.skip(f"this build's widest tile has {_max_vectors()} vectors")
+    cin, cout, h = shape
+    g = torch.Generator().manual_seed(cin + h)
+    x = torch.randn(2, cin, h, h, generator=g).relu() * (torch.rand(2, cin, 1, 1, generator=g) + .1)
+    wt, b = _layer(cin, cout, g)
+    scale = torch.rand(cin, generator=g) + 0.5
+    layer = native.NhwcConv(wt, b, 1, 1, vectors=vectors, winograd=True)
+    r = _nhwc(torch.randn(2, cout, h, h, generator=g))
+    for mode, k in [(native.DENSE, 0), (gc.TOPK, cin // 2), (gc.TOPK, cin - 1)]:
+        for res, clamp in [(None, native.NO_CLAMP), (r, native.RELU)]:
+            want = _reference(x, wt, b, 1, mode, scale, 0.0, k, gc.SALIENCY_L2, res, clamp)
+            out = layer(_nhwc(x), mode, scale=scale, k=k, residual=res, clamp=clamp)
+            assert rel_err(out, want) <= 1e-5, (mode, k, clamp)
+
+
+def test_large_channels_unscaled_weights_within_the_contract():
+    # C = 512: 4608 products a sum with weights of unit variance, the transforms' rounding added
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 512, 14, 14, generator=g)
+    wt, b = _layer(512, 512, g, scale_w=False)
+    layer = native.NhwcConv(wt, b, 1, 1, winograd=True)
+    scale = torch.rand(512, generator=g) + 0.5
+    thr = threshold_between(gc.channel_saliency(x, scale, gc.SALIENCY_L2), 0.5)
+    for mode, k in [(native.DENSE, 0), (gc.TOPK, 256), (gc.THRESHOLD, 0)]:
+        want = _reference(x, wt, b, 1, mode, scale, thr, k, gc.SALIENCY_L2)
+        out = layer(_nhwc(x), mode, scale=scale, threshold=thr, k=k)
+        assert rel_err(out, want) <= 1e-5, mode
+
+
+def test_every_channel_kept_equals_dense_and_the_direct_kernel():
+    g = torch.Generator().manual_seed(4)
+    x = _nhwc(torch.randn(3, 48, 17, 16, generator=g))
+    wt, b = _layer(48, 40, g)
+    wino = native.NhwcConv(wt, b, 1, 1, winograd=True)
+    direct = native.NhwcConv(wt, b, 1, 1, winograd=False)
+    dense = wino(x)
+    assert torch.equal(wino(x, gc.TOPK, scale=torch.ones(48), k=48), dense)
+    assert rel_err(dense, direct(x)) <= 1e-5
+    assert rel_err(dense, F.conv2d(x, wt, b, 1, 1)) <= 1e-5
+
+
+def test_nan_in_a_dropped_channel_does_not_reach_the_output():
+    # threshold mode drops a channel whose saliency is NaN; the transform reads it, the sums not
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 16, 9, 9, generator=g).abs() + 0.1
+    x[1, 3, 4, 4] = float("nan")
+    wt, b = _layer(16, 24, g)
+    layer = native.NhwcConv(wt, b, 1, 1, winograd=True)
+    scale = torch.ones(16)
+    thr = threshold_between(gc.channel_saliency(x[:1], scale, gc.SALIENCY_L2), 0.5)
+    want = _reference(x, wt, b, 1, gc.THRESHOLD, scale, thr, 0, gc.SALIENCY_L2)
+    out = layer(_nhwc(x), gc.THRESHOLD, scale=scale, threshold=thr)
+    assert not want.isnan().any() and not out.isnan().any() and rel_err(out, want) <= 1e-5
+
+
+def test_output_sums_and_sums_handed_in():
+    g = torch.Generator().manual_seed(6)
+    x = _nhwc(torch.randn(3, 32, 14, 14, generator=g).relu())
+    wt, b = _layer(32, 48, g)
+    layer = native.NhwcConv(wt, b, 1, 1, winograd=True)
+    scale = torch.rand(32, generator=g) + 0.5
+    for kind in (gc.SALIENCY_L2, gc.SALIENCY_L1):
+        for mode, k in [(native.DENSE, 0), (gc.TOPK, 12)]:
+            sums = torch.full((3, 48), float("nan"))
+            y = layer(x, mode, scale=scale, k=k, clamp=native.RELU6, out_sums=sums,
+                      out_sums_kind=kind)
+            want = (y * y if kind == gc.SALIENCY_L2 else y.abs()).double().sum((2, 3)).float()
+            assert rel_err(sums, want) <= 1e-5, (kind, mode)
+        xs = (x * x if kind == gc.SALIENCY_L2 else x.abs()).double().sum((2, 3)).float()
+        plain = layer(x, gc.TOPK, scale=scale, k=12, saliency=kind)
+        assert torch.equal(layer(x, gc.TOPK, scale=scale, k=12, saliency=kind, x_sums=xs), plain)
+
+
+def test_chunks_groups_and_threads_do_not_change_results(monkeypatch):
+    g = torch.Generator().manual_seed(7)
+    x = _nhwc(torch.randn(3, 40, 12, 11, generator=g))
+    wt, b = _layer(40, 70, g)
+    scale = torch.rand(40, generator=g) + 0.5
+    want = [native.NhwcConv(wt, b, 1, 1, winograd=True)(x, m, scale=scale, k=k)
+            for m, k in [(native.DENSE, 0), (gc.TOPK, 20)]]
+    small = native._build(("-DNHWC_CHUNK_BYTES=1", "-DWINO_TILE_FLOATS=1", "-DWINO_GROUP_BYTES=1"))
+    monkeypatch.setattr(native, "_lib", small)
+    layer = native.NhwcConv(wt, b, 1, 1, winograd=True)
+    for (m, k), w0 in zip([(native.DENSE, 0), (gc.TOPK, 20)], want):
+        out = layer(x, m, scale=scale, k=k)
+        assert rel_err(out, w0) <= 1e-6
+        assert rel_err(out, _reference(x, wt, b, 1, m, scale, 0.0, k, gc.SALIENCY_L2)) <= 1e-5
+
+
+def test_program_runs_the_winograd_layer():
+    g = torch.Generator().manual_seed(8)
+    n, h, w = 2, 14, 14
+    x = _nhwc(torch.randn(n, 32, h, w, generator=g).relu())
+    wt, b = _layer(32, 32, g)
+    layer = native.NhwcConv(wt, b, 1, 1, out_hw=h * w)
+    assert layer.winograd  # chosen from 14x14 outputs up
+    scale = torch.rand(32, generator=g) + 0.5
+    want = layer(x, gc.TOPK, scale=scale, k=16, residual=x, clamp=native.RELU)
+    prog = native.OpProgram()
+    prog.add_conv(layer, 0, 1, (n, 32, h, w), gc.TOPK, scale, 0.0, 16, gc.SALIENCY_L2, res=0,
+                  clamp=native.RELU)
+    bufs = [x, torch.empty_like(want)]
+    slots = native.OpProgram.slot_array(len(bufs))
+    for i, t in enumerate(bufs):
+        slots[i] = t.data_ptr()
+    prog.run(slots)
+    assert torch.equal(bufs[1], want)
+
+
+def test_choice_refusal_and_pickles():
+    w = torch.randn(8, 8, 3, 3)
+    assert native.NhwcConv(w, None, 1, 1, out_hw=196).winograd
+    assert not native.NhwcConv(w, None, 1, 1, out_hw=49).winograd  # 7x7: weight-bound, direct
+    assert not native.NhwcConv(w, None, 1, 1).winograd
+    assert not native.NhwcConv(w, None, 2, 1, out_hw=3136).winograd
+    assert not native.NhwcConv(torch.randn(8, 8, 1, 1), out_hw=3136).winograd
+    with pytest.raises(ConfigError, match="winograd=True needs"):
+        native.NhwcConv(w, None, 2, 1, winograd=True)
+    layer = native.NhwcConv(w, torch.randn(8), 1, 0, winograd=True)
+    assert torch.equal(layer.weight(), w)
+    state = layer.__getstate__()
+    assert "_wino" not in state  # derived from the weights: rebuilt, never stored
+    x = _nhwc(torch.randn(2, 8, 9, 7))
+    back = pickle.loads(pickle.dumps(layer))
+    assert back.winograd and torch.equal(back(x), layer(x))
+
+
+def test_avx2_build_matches_reference(avx2_native):
+    g = torch.Generator().manual_seed(9)
+    for cin, cout, h, pad in [(64, 64, 14, 1), (40, 70, 9, 0), (24, 20, 7, 1)]:
+        x = torch.randn(2, cin, h, h + 1, generator=g).relu() + 0.01
+        wt, b = _layer(cin, cout, g)
+        scale = torch.rand(cin, generator=g) + 0.5
+        for vectors in range(1, _max_vectors() + 1):
+            layer = native.NhwcConv(wt, b, 1, pad, vectors=vectors, winograd=True)
+            for mode, k in [(native.DENSE, 0), (gc.TOPK, cin // 2)]:
+                want = _reference(x, wt, b, pad, mode, scale, 0.0, k, gc.SALIENCY_L2)
+                out = layer(_nhwc(x), mode, scale=scale, k=k, clamp=native.NO_CLAMP)
+                assert rel_err(out, want) <= 1e-5, (cin, vectors, mode)
