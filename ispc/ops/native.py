@@ -600,14 +600,18 @@ def winograd_fits(kernel: tuple[int, int], stride: tuple[int, int],
 
 
 def winograd_chosen(cin: int, cout: int, out_hw: int | None) -> bool:
-    """Whether a fitting layer runs by Winograd: on the output maps it mostly sees, Winograd's
-    16 / 36 of the multiplications outweigh its transforms and its U (16 / 9 the weights' bytes,
-    read per tile group); see docs/benchmarks.md for the per-layer figures behind the rule."""
-    return out_hw is not None and out_hw >= WINO_MIN_POSITIONS
+    """Whether a fitting layer runs by Winograd: on maps of 28x28 outputs and up its 16 / 36 of
+    the multiplications outweigh its transforms, where its U (16 / 9 the weights' bytes), which
+    each thread reads for every chunk of tiles, stays in L2; on smaller maps or with a larger U
+    the direct kernel wins (docs/benchmarks.md has the per-layer figures)."""
+    return (out_hw is not None and out_hw >= WINO_MIN_POSITIONS
+            and 16 * cin * cout * 4 <= WINO_MAX_U_BYTES)
 
 
-# output positions from which a fitting layer runs by Winograd (14x14 and up)
-WINO_MIN_POSITIONS = 196
+# output positions from which a fitting layer runs by Winograd (28x28 and up)
+WINO_MIN_POSITIONS = 784
+# the largest U (bytes) a layer runs by Winograd with: 128 -> 128 channels
+WINO_MAX_U_BYTES = 1 << 20
 
 
 def pack_weight_winograd(weight: Tensor, vectors: int) -> Tensor:

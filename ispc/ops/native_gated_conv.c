@@ -2133,14 +2133,13 @@ int64_t ispc_conv_nhwc_workspace(const ispc_nhwc_layer_t *L, int64_t N, int64_t 
  * for each of the 16 points t: 16 GEMMs, each run by the register-tile kernels (one segment,
  * positions = tiles, the kept channels by index as in nh_conv), into a scratch M; the layer's
  * epilogue (bias, residual, clamp, output sums) comes with the output transform. U is packed
- * [cout block][16][C][nr] (ispc_pack_weight_nhwc with T = 16). Threads split (group of
- * output-channel blocks, instance, group of tiles): a group's U stays in L2 across its tiles, a
- * tile group's V and M together fit in WINO_TILE_FLOATS; each item transforms its own input. */
+ * [cout block][16][C][nr] (ispc_pack_weight_nhwc with T = 16). Each thread takes the run of
+ * (instance, tile) that nh_conv's split of positions would give it, in chunks whose V and M
+ * (all output channels) fit WINO_TILE_FLOATS, and reads all of U per chunk: right where U is
+ * small beside the maps (28x28 and up in ResNets; native.py chooses), wrong at 14x14 and 7x7
+ * (docs/benchmarks.md). */
 #ifndef WINO_TILE_FLOATS
-#define WINO_TILE_FLOATS (64 << 10)
-#endif
-#ifndef WINO_GROUP_BYTES
-#define WINO_GROUP_BYTES (512 << 10)
+#define WINO_TILE_FLOATS (128 << 10)
 #endif
 
 /* floats between two points' planes of V or M past their tiles: planes a multiple of 4 KiB apart
@@ -2148,28 +2147,23 @@ int64_t ispc_conv_nhwc_workspace(const ispc_nhwc_layer_t *L, int64_t N, int64_t 
 #define WINO_SKEW 32
 
 typedef struct {
-    int64_t TH, TW, tiles, G, cgroups, tgmax;  /* tile rows and columns, blocks per group, ... */
+    int64_t TH, TW, tiles, tgmax;  /* tile rows and columns, tiles, tiles a chunk at most */
 } wino_dims_t;
 
 static void wino_dims(wino_dims_t *d, const nh_geom_t *g) {
     d->TH = (g->Ho + 1) / 2;
     d->TW = (g->Wo + 1) / 2;
     d->tiles = d->TH * d->TW;
-    int64_t G = WINO_GROUP_BYTES / (16 * g->C * g->nr * (int64_t)sizeof(float) + 1);
-    G = G < 1 ? 1 : G > g->cob ? g->cob : G;
-    d->cgroups = (g->cob + G - 1) / G;
-    d->G = (g->cob + d->cgroups - 1) / d->cgroups;
-    int64_t tg = WINO_TILE_FLOATS / (16 * (g->C + d->G * g->nr));
+    int64_t tg = WINO_TILE_FLOATS / (16 * ((g->C + 15) / 16 * 16 + g->cob * g->nr));
     tg = tg / g->mr * g->mr;
-    tg = tg < g->mr ? g->mr : tg;
-    d->tgmax = tg > d->tiles ? d->tiles : tg;
+    d->tgmax = tg < g->mr ? g->mr : tg;
 }
 
-/* a thread's scratch: V (16 x tgmax x C), M (16 x tgmax x G nr), a vector of zeros */
+/* a thread's scratch: V (16 x tgmax x C), M (16 x tgmax x cob nr), a vector of zeros */
 static int64_t wino_thread_floats(const nh_geom_t *g) {
     wino_dims_t d;
     wino_dims(&d, g);
-    return 16 * (d.tgmax * ((g->C + 15) / 16 * 16 + d.G * g->nr) + 2 * WINO_SKEW) + NH_MAXNV * VW
+    return 16 * (d.tgmax * ((g->C + 15) / 16 * 16 + g->cob * g->nr) + 2 * WINO_SKEW) + NH_MAXNV * VW
            + 32;
 }
 
@@ -2232,87 +2226,78 @@ static void nh_wino(const nh_geom_t *g, const ispc_nhwc_layer_t *L, const float 
                     int clamp, double *ysums, int ykind, float *scratch) {
     wino_dims_t d;
     wino_dims(&d, g);
-    const int64_t C = g->C, nr = g->nr, HoWo = g->Ho * g->Wo, cs = g->cob * nr;
+    const int64_t C = g->C, nr = g->nr, mr = g->mr, HoWo = g->Ho * g->Wo, cs = g->cob * nr;
     const int64_t nth = omp_get_num_threads(), th = omp_get_thread_num();
     double *yrow = 0;
     if (ysums) {
         yrow = ysums + th * g->N * cs;
         memset(yrow, 0, sizeof(double) * g->N * cs);
     }
-    /* tile groups: at least tgmax-sized, and as many items as make the threads' shares even */
-    int64_t tgroups = (d.tiles + d.tgmax - 1) / d.tgmax;
-    while ((d.cgroups * g->N * tgroups) % nth && tgroups < d.tiles) tgroups++;
-    /* whole register tiles a group (the last excepted); one group: the tile that fits it best */
-    const int64_t mr = tgroups == 1 ? nh_mr(g->nv, d.tiles) : g->mr;
-    const int64_t TG = ((d.tiles + tgroups - 1) / tgroups + mr - 1) / mr * mr;
-    tgroups = (d.tiles + TG - 1) / TG;
-    const int64_t vs = (C + 15) / 16 * 16;  /* a V row's floats (aligned rows) */
+    const int64_t vs = (C + 15) / 16 * 16, ms = cs;  /* a V row's and an M row's floats */
     float *base = scratch + th * wino_thread_floats(g);
     base = (float *)(((uintptr_t)base + 63) & ~(uintptr_t)63);
     float *V = base, *M = V + 16 * (d.tgmax * vs + WINO_SKEW);
-    float *zb = M + 16 * (d.tgmax * d.G * nr + WINO_SKEW);
+    float *zb = M + 16 * (d.tgmax * ms + WINO_SKEW);
     memset(zb, 0, sizeof(float) * NH_MAXNV * VW);
     const nh_kernel_t kind = nh_kernel(g->nv, mr, 1), kdir = nh_kernel(g->nv, mr, 0);
-    const int64_t HWC = g->H * g->W * C;
-    #pragma omp for collapse(3) schedule(static) nowait
-    for (int64_t cg = 0; cg < d.cgroups; cg++)
-        for (int64_t n = 0; n < g->N; n++)
-            for (int64_t tg = 0; tg < tgroups; tg++) {
-                const int64_t K = counts ? counts[n] : C, t0 = tg * TG;
-                const int64_t nt = t0 + TG < d.tiles ? TG : d.tiles - t0;
-                const int64_t cb0 = cg * d.G, cb1 = cb0 + d.G < g->cob ? cb0 + d.G : g->cob;
-                const int64_t ms = (cb1 - cb0) * nr;  /* an M row's floats */
-                const int64_t vt = nt * vs + WINO_SKEW, mt = nt * ms + WINO_SKEW;  /* a plane's */
-                wino_input(g, &d, x + n * HWC, t0, nt, V, vs, vt);
-                for (int64_t t = 0; t < 16; t++)
-                    for (int64_t cb = cb0; cb < cb1; cb++) {
-                        const float *wseg[1] = {L->wino + (cb * 16 + t) * C * nr};
-                        for (int64_t i0 = 0; i0 < nt; i0 += mr) {
-                            const float *ptab[NH_MAXMR];
-                            for (int64_t i = 0; i < mr; i++)
-                                ptab[i] = V + t * vt + (i0 + i < nt ? i0 + i : i0) * vs;
-                            const nh_epi_t e = {M + t * mt + i0 * ms + (cb - cb0) * nr, 0, zb, ms,
-                                                (int)(nt - i0 < mr ? nt - i0 : mr), (int)nr, 0, 0,
-                                                0.0f, 0.0f, 0, 0};
-                            if (K == C)
-                                kdir(ptab, wseg, 1, C, 0, 0, &e);
-                            else
-                                kind(ptab, wseg, K ? 1 : 0, K, ix + n * C, 0, &e);
-                        }
-                    }
-                /* Y = A^T M A per tile, through the layer's epilogue */
-                float *on = out + n * HoWo * g->cout;
-                const float *rn = res ? res + n * HoWo * g->cout : 0;
-                for (int64_t c = cb0 * nr; c < cb1 * nr && c < g->cout; c += VW) {
-                    const int nl = g->cout - c < VW ? (int)(g->cout - c) : VW;
-                    const float *mc = M + (c - cb0 * nr);
-                    vf sq = {0};
-                    for (int64_t i = 0; i < nt; i++) {
-                        const int64_t th_ = (t0 + i) / d.TW, tw = (t0 + i) % d.TW;
-                        vf m[4][4], u[2][4];
-                        for (int r = 0; r < 4; r++)
-                            for (int q = 0; q < 4; q++) m[r][q] = ld(mc + (r * 4 + q) * mt + i * ms);
-                        for (int q = 0; q < 4; q++) {
-                            u[0][q] = m[0][q] + m[1][q] + m[2][q];
-                            u[1][q] = m[1][q] - m[2][q] - m[3][q];
-                        }
-                        for (int r = 0; r < 2; r++) {
-                            const int64_t oh = 2 * th_ + r;
-                            if (oh >= g->Ho) break;
-                            const vf y[2] = {u[r][0] + u[r][1] + u[r][2], u[r][1] - u[r][2] - u[r][3]};
-                            for (int s = 0; s < 2; s++) {
-                                const int64_t ow = 2 * tw + s;
-                                if (ow >= g->Wo) break;
-                                const int64_t o = (oh * g->Wo + ow) * g->cout + c;
-                                const vf v = nh_store(on + o, y[s], L->bias + c, rn ? rn + o : 0, nl,
-                                                      lo, hi, clamp);
-                                if (yrow) sq += sum_term(v, ykind);
-                            }
-                        }
-                    }
-                    if (yrow) add_lanes(yrow + n * cs + c, sq, nl);
+    const int64_t HWC = g->H * g->W * C, total = g->N * d.tiles;
+    /* this thread's run of (instance, tile), in chunks of at most tgmax tiles of one instance:
+     * the positions nh_conv's split gives it, so that the layers before and after find their
+     * parts of the maps in this core's caches */
+    const int64_t a = total * th / nth, b = total * (th + 1) / nth;
+    for (int64_t pos = a; pos < b;) {
+        const int64_t n = pos / d.tiles, t0 = pos % d.tiles;
+        int64_t nt = d.tiles - t0 < b - pos ? d.tiles - t0 : b - pos;
+        nt = nt < d.tgmax ? nt : d.tgmax;
+        pos += nt;
+        const int64_t K = counts ? counts[n] : C;
+        const int64_t vt = nt * vs + WINO_SKEW, mt = nt * ms + WINO_SKEW;  /* a plane's floats */
+        wino_input(g, &d, x + n * HWC, t0, nt, V, vs, vt);
+        for (int64_t t = 0; t < 16; t++)
+            for (int64_t cb = 0; cb < g->cob; cb++) {
+                const float *wseg[1] = {L->wino + (cb * 16 + t) * C * nr};
+                for (int64_t i0 = 0; i0 < nt; i0 += mr) {
+                    const float *ptab[NH_MAXMR];
+                    for (int64_t i = 0; i < mr; i++)
+                        ptab[i] = V + t * vt + (i0 + i < nt ? i0 + i : i0) * vs;
+                    const nh_epi_t e = {M + t * mt + i0 * ms + cb * nr, 0, zb, ms,
+                                        (int)(nt - i0 < mr ? nt - i0 : mr), (int)nr, 0, 0, 0.0f,
+                                        0.0f, 0, 0};
+                    if (K == C)
+                        kdir(ptab, wseg, 1, C, 0, 0, &e);
+                    else
+                        kind(ptab, wseg, K ? 1 : 0, K, ix + n * C, 0, &e);
                 }
             }
+        /* Y = A^T M A per tile, through the layer's epilogue */
+        float *on = out + n * HoWo * g->cout;
+        const float *rn = res ? res + n * HoWo * g->cout : 0;
+        for (int64_t c = 0; c < g->cout; c += VW) {
+            const int nl = g->cout - c < VW ? (int)(g->cout - c) : VW;
+            vf sq = {0};
+            for (int64_t i = 0; i < nt; i++) {
+                const int64_t tr = (t0 + i) / d.TW, tc = (t0 + i) % d.TW;
+                const float *mc = M + i * ms + c;
+                vf m[4][4], u[2][4];
+                for (int r = 0; r < 4; r++)
+                    for (int q = 0; q < 4; q++) m[r][q] = ld(mc + (r * 4 + q) * mt);
+                for (int q = 0; q < 4; q++) {
+                    u[0][q] = m[0][q] + m[1][q] + m[2][q];
+                    u[1][q] = m[1][q] - m[2][q] - m[3][q];
+                }
+                for (int r = 0; r < 2 && 2 * tr + r < g->Ho; r++) {
+                    const vf y[2] = {u[r][0] + u[r][1] + u[r][2], u[r][1] - u[r][2] - u[r][3]};
+                    for (int s = 0; s < 2 && 2 * tc + s < g->Wo; s++) {
+                        const int64_t o = ((2 * tr + r) * g->Wo + 2 * tc + s) * g->cout + c;
+                        const vf v = nh_store(on + o, y[s], L->bias + c, rn ? rn + o : 0, nl, lo, hi,
+                                              clamp);
+                        if (yrow) sq += sum_term(v, ykind);
+                    }
+                }
+            }
+            if (yrow) add_lanes(yrow + n * cs + c, sq, nl);
+        }
+    }
     #pragma omp barrier
 }
 

@@ -168,7 +168,7 @@ def test_chunks_groups_and_threads_do_not_change_results(monkeypatch):
     scale = torch.rand(40, generator=g) + 0.5
     want = [native.NhwcConv(wt, b, 1, 1, winograd=True)(x, m, scale=scale, k=k)
             for m, k in [(native.DENSE, 0), (gc.TOPK, 20)]]
-    small = native._build(("-DNHWC_CHUNK_BYTES=1", "-DWINO_TILE_FLOATS=1", "-DWINO_GROUP_BYTES=1"))
+    small = native._build(("-DNHWC_CHUNK_BYTES=1", "-DWINO_TILE_FLOATS=1"))
     monkeypatch.setattr(native, "_lib", small)
     layer = native.NhwcConv(wt, b, 1, 1, winograd=True)
     for (m, k), w0 in zip([(native.DENSE, 0), (gc.TOPK, 20)], want):
@@ -179,11 +179,11 @@ def test_chunks_groups_and_threads_do_not_change_results(monkeypatch):
 
 def test_program_runs_the_winograd_layer():
     g = torch.Generator().manual_seed(8)
-    n, h, w = 2, 14, 14
+    n, h, w = 2, 28, 28
     x = _nhwc(torch.randn(n, 32, h, w, generator=g).relu())
     wt, b = _layer(32, 32, g)
     layer = native.NhwcConv(wt, b, 1, 1, out_hw=h * w)
-    assert layer.winograd  # chosen from 14x14 outputs up
+    assert layer.winograd  # chosen from 28x28 outputs up
     scale = torch.rand(32, generator=g) + 0.5
     want = layer(x, gc.TOPK, scale=scale, k=16, residual=x, clamp=native.RELU)
     prog = native.OpProgram()
@@ -199,9 +199,11 @@ def test_program_runs_the_winograd_layer():
 
 def test_choice_refusal_and_pickles():
     w = torch.randn(8, 8, 3, 3)
-    assert native.NhwcConv(w, None, 1, 1, out_hw=196).winograd
+    assert native.NhwcConv(w, None, 1, 1, out_hw=784).winograd
+    assert not native.NhwcConv(w, None, 1, 1, out_hw=196).winograd  # 14x14: U read per chunk
     assert not native.NhwcConv(w, None, 1, 1, out_hw=49).winograd  # 7x7: weight-bound, direct
     assert not native.NhwcConv(w, None, 1, 1).winograd
+    assert not native.NhwcConv(torch.randn(256, 256, 3, 3), None, 1, 1, out_hw=3136).winograd  # 4 MB U
     assert not native.NhwcConv(w, None, 2, 1, out_hw=3136).winograd
     assert not native.NhwcConv(torch.randn(8, 8, 1, 1), out_hw=3136).winograd
     with pytest.raises(ConfigError, match="winograd=True needs"):
