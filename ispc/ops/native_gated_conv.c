@@ -2094,7 +2094,7 @@ typedef struct {
     int64_t zeros, gather, sums, chunk, select, wino, total;
 } nh_plan_t;
 
-static int64_t wino_thread_floats(const nh_geom_t *g);
+static int64_t wino_thread_floats(const nh_geom_t *g, int64_t threads);
 
 static void nh_plan(nh_plan_t *P, const nh_geom_t *g, int64_t mode, int64_t k,
                     const ispc_sums_t *sums, int64_t threads) {
@@ -2112,7 +2112,7 @@ static void nh_plan(nh_plan_t *P, const nh_geom_t *g, int64_t mode, int64_t k,
                                            + (sums && sums->in ? 0 : N * nb * C);
     /* gathered: an instance's map and the packed weights, each at most whole */
     P->gather = nh_gathers(g, mode) && !g->wino ? (HW * C + 15) / 16 * 16 + g->cob * g->T * C * g->nr : 0;
-    P->wino = g->wino ? threads * wino_thread_floats(g) : 0;  /* each thread's V, M and zeros */
+    P->wino = g->wino ? threads * wino_thread_floats(g, threads) : 0;  /* each thread's V, M and zeros */
     P->total = P->zeros + P->gather + P->sums + P->select + P->wino + 64;
 }
 
@@ -2136,8 +2136,9 @@ int64_t ispc_conv_nhwc_workspace(const ispc_nhwc_layer_t *L, int64_t N, int64_t 
  * [cout block][16][C][nr] (ispc_pack_weight_nhwc with T = 16). Each thread takes the run of
  * (instance, tile) that nh_conv's split of positions would give it, in chunks whose V and M
  * (all output channels) fit WINO_TILE_FLOATS, and reads all of U per chunk: right where U is
- * small beside the maps (28x28 and up in ResNets; native.py chooses), wrong at 14x14 and 7x7
- * (docs/benchmarks.md). */
+ * small beside the maps (28x28 and up in ResNets; native.py chooses). A larger U splits the
+ * output channels between the threads instead (WINO_COUT_SPLIT_BYTES): it loses less there, but
+ * at 14x14 and 7x7 still does not beat the direct kernel on gated calls (docs/benchmarks.md). */
 #ifndef WINO_TILE_FLOATS
 #define WINO_TILE_FLOATS (128 << 10)
 #endif
@@ -2146,24 +2147,39 @@ int64_t ispc_conv_nhwc_workspace(const ispc_nhwc_layer_t *L, int64_t N, int64_t 
  * would put a tile's 16 vectors into one L1 set */
 #define WINO_SKEW 32
 
+/* U bytes above which the threads split the output channels instead of the positions: each
+ * reads its own blocks' U once per chunk of tiles, every thread transforms every chunk's input */
+#ifndef WINO_COUT_SPLIT_BYTES
+#define WINO_COUT_SPLIT_BYTES (1 << 20)
+#endif
+#ifndef WINO_SPLIT_FLOATS  /* a chunk's V and M when the output channels are split */
+#define WINO_SPLIT_FLOATS (320 << 10)
+#endif
+
 typedef struct {
     int64_t TH, TW, tiles, tgmax;  /* tile rows and columns, tiles, tiles a chunk at most */
+    int64_t split, ownb;           /* output channels split; a thread's blocks at most */
 } wino_dims_t;
 
-static void wino_dims(wino_dims_t *d, const nh_geom_t *g) {
+static void wino_dims(wino_dims_t *d, const nh_geom_t *g, int64_t threads) {
     d->TH = (g->Ho + 1) / 2;
     d->TW = (g->Wo + 1) / 2;
     d->tiles = d->TH * d->TW;
-    int64_t tg = WINO_TILE_FLOATS / (16 * ((g->C + 15) / 16 * 16 + g->cob * g->nr));
-    tg = tg / g->mr * g->mr;
-    d->tgmax = tg < g->mr ? g->mr : tg;
+    d->split = threads > 1 && g->cob > 1
+               && 16 * g->C * g->cout * (int64_t)sizeof(float) > WINO_COUT_SPLIT_BYTES;
+    d->ownb = d->split ? (g->cob + threads - 1) / threads : g->cob;
+    int64_t tg = (d->split ? WINO_SPLIT_FLOATS : WINO_TILE_FLOATS)
+                 / (16 * ((g->C + 15) / 16 * 16 + d->ownb * g->nr));
+    if (tg < d->tiles) tg = tg / g->mr * g->mr;
+    tg = tg < g->mr ? g->mr : tg;
+    d->tgmax = tg < d->tiles ? tg : d->tiles;
 }
 
-/* a thread's scratch: V (16 x tgmax x C), M (16 x tgmax x cob nr), a vector of zeros */
-static int64_t wino_thread_floats(const nh_geom_t *g) {
+/* a thread's scratch: V (16 x tgmax x C), M (16 x tgmax x ownb nr), a vector of zeros */
+static int64_t wino_thread_floats(const nh_geom_t *g, int64_t threads) {
     wino_dims_t d;
-    wino_dims(&d, g);
-    return 16 * (d.tgmax * ((g->C + 15) / 16 * 16 + g->cob * g->nr) + 2 * WINO_SKEW) + NH_MAXNV * VW
+    wino_dims(&d, g, threads);
+    return 16 * (d.tgmax * ((g->C + 15) / 16 * 16 + d.ownb * g->nr) + 2 * WINO_SKEW) + NH_MAXNV * VW
            + 32;
 }
 
@@ -2224,43 +2240,46 @@ static void wino_input(const nh_geom_t *g, const wino_dims_t *d, const float *x,
 static void nh_wino(const nh_geom_t *g, const ispc_nhwc_layer_t *L, const float *x, const int32_t *ix,
                     const int64_t *counts, float *out, const float *res, float lo, float hi,
                     int clamp, double *ysums, int ykind, float *scratch) {
-    wino_dims_t d;
-    wino_dims(&d, g);
-    const int64_t C = g->C, nr = g->nr, mr = g->mr, HoWo = g->Ho * g->Wo, cs = g->cob * nr;
     const int64_t nth = omp_get_num_threads(), th = omp_get_thread_num();
+    wino_dims_t d;
+    wino_dims(&d, g, nth);
+    const int64_t C = g->C, nr = g->nr, HoWo = g->Ho * g->Wo, cs = g->cob * nr;
     double *yrow = 0;
     if (ysums) {
         yrow = ysums + th * g->N * cs;
         memset(yrow, 0, sizeof(double) * g->N * cs);
     }
-    const int64_t vs = (C + 15) / 16 * 16, ms = cs;  /* a V row's and an M row's floats */
-    float *base = scratch + th * wino_thread_floats(g);
+    /* this thread's output blocks [cb0, cb1) (split: its share; else all of them) */
+    const int64_t cb0 = d.split ? g->cob * th / nth : 0, cb1 = d.split ? g->cob * (th + 1) / nth : g->cob;
+    const int64_t vs = (C + 15) / 16 * 16, ms = d.ownb * nr;  /* a V row's and an M row's floats */
+    float *base = scratch + th * wino_thread_floats(g, nth);
     base = (float *)(((uintptr_t)base + 63) & ~(uintptr_t)63);
     float *V = base, *M = V + 16 * (d.tgmax * vs + WINO_SKEW);
     float *zb = M + 16 * (d.tgmax * ms + WINO_SKEW);
     memset(zb, 0, sizeof(float) * NH_MAXNV * VW);
-    const nh_kernel_t kind = nh_kernel(g->nv, mr, 1), kdir = nh_kernel(g->nv, mr, 0);
     const int64_t HWC = g->H * g->W * C, total = g->N * d.tiles;
-    /* this thread's run of (instance, tile), in chunks of at most tgmax tiles of one instance:
-     * the positions nh_conv's split gives it, so that the layers before and after find their
-     * parts of the maps in this core's caches */
-    const int64_t a = total * th / nth, b = total * (th + 1) / nth;
-    for (int64_t pos = a; pos < b;) {
+    /* this thread's run of (instance, tile) (split: all of them), in chunks of at most tgmax
+     * tiles of one instance: the positions nh_conv's split gives it, so that the layers before
+     * and after find their parts of the maps in this core's caches */
+    const int64_t a = d.split ? 0 : total * th / nth, b = d.split ? total : total * (th + 1) / nth;
+    for (int64_t pos = a; pos < b && cb0 < cb1;) {
         const int64_t n = pos / d.tiles, t0 = pos % d.tiles;
         int64_t nt = d.tiles - t0 < b - pos ? d.tiles - t0 : b - pos;
         nt = nt < d.tgmax ? nt : d.tgmax;
         pos += nt;
+        const int64_t mr = nt == d.tiles ? nh_mr(g->nv, nt) : g->mr;  /* a whole map: its best */
+        const nh_kernel_t kind = nh_kernel(g->nv, mr, 1), kdir = nh_kernel(g->nv, mr, 0);
         const int64_t K = counts ? counts[n] : C;
         const int64_t vt = nt * vs + WINO_SKEW, mt = nt * ms + WINO_SKEW;  /* a plane's floats */
         wino_input(g, &d, x + n * HWC, t0, nt, V, vs, vt);
         for (int64_t t = 0; t < 16; t++)
-            for (int64_t cb = 0; cb < g->cob; cb++) {
+            for (int64_t cb = cb0; cb < cb1; cb++) {
                 const float *wseg[1] = {L->wino + (cb * 16 + t) * C * nr};
                 for (int64_t i0 = 0; i0 < nt; i0 += mr) {
                     const float *ptab[NH_MAXMR];
                     for (int64_t i = 0; i < mr; i++)
                         ptab[i] = V + t * vt + (i0 + i < nt ? i0 + i : i0) * vs;
-                    const nh_epi_t e = {M + t * mt + i0 * ms + cb * nr, 0, zb, ms,
+                    const nh_epi_t e = {M + t * mt + i0 * ms + (cb - cb0) * nr, 0, zb, ms,
                                         (int)(nt - i0 < mr ? nt - i0 : mr), (int)nr, 0, 0, 0.0f,
                                         0.0f, 0, 0};
                     if (K == C)
@@ -2272,12 +2291,12 @@ static void nh_wino(const nh_geom_t *g, const ispc_nhwc_layer_t *L, const float 
         /* Y = A^T M A per tile, through the layer's epilogue */
         float *on = out + n * HoWo * g->cout;
         const float *rn = res ? res + n * HoWo * g->cout : 0;
-        for (int64_t c = 0; c < g->cout; c += VW) {
+        for (int64_t c = cb0 * nr; c < cb1 * nr && c < g->cout; c += VW) {
             const int nl = g->cout - c < VW ? (int)(g->cout - c) : VW;
             vf sq = {0};
             for (int64_t i = 0; i < nt; i++) {
                 const int64_t tr = (t0 + i) / d.TW, tc = (t0 + i) % d.TW;
-                const float *mc = M + i * ms + c;
+                const float *mc = M + i * ms + (c - cb0 * nr);
                 vf m[4][4], u[2][4];
                 for (int r = 0; r < 4; r++)
                     for (int q = 0; q < 4; q++) m[r][q] = ld(mc + (r * 4 + q) * mt);

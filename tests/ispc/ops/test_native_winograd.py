@@ -161,20 +161,26 @@ def test_output_sums_and_sums_handed_in():
         assert torch.equal(layer(x, gc.TOPK, scale=scale, k=12, saliency=kind, x_sums=xs), plain)
 
 
-def test_chunks_groups_and_threads_do_not_change_results(monkeypatch):
+@pytest.mark.parametrize("flags", [("-DNHWC_CHUNK_BYTES=1", "-DWINO_TILE_FLOATS=1"),
+                                   ("-DWINO_COUT_SPLIT_BYTES=1", "-DWINO_SPLIT_FLOATS=1")])
+def test_chunks_and_splits_do_not_change_results(monkeypatch, flags):
+    # chunks of one register tile; the threads splitting the output channels (each its share of
+    # the blocks, the output sums of its own channels) instead of the positions
     g = torch.Generator().manual_seed(7)
     x = _nhwc(torch.randn(3, 40, 12, 11, generator=g))
     wt, b = _layer(40, 70, g)
     scale = torch.rand(40, generator=g) + 0.5
-    want = [native.NhwcConv(wt, b, 1, 1, winograd=True)(x, m, scale=scale, k=k)
-            for m, k in [(native.DENSE, 0), (gc.TOPK, 20)]]
-    small = native._build(("-DNHWC_CHUNK_BYTES=1", "-DWINO_TILE_FLOATS=1"))
-    monkeypatch.setattr(native, "_lib", small)
-    layer = native.NhwcConv(wt, b, 1, 1, winograd=True)
-    for (m, k), w0 in zip([(native.DENSE, 0), (gc.TOPK, 20)], want):
-        out = layer(x, m, scale=scale, k=k)
-        assert rel_err(out, w0) <= 1e-6
-        assert rel_err(out, _reference(x, wt, b, 1, m, scale, 0.0, k, gc.SALIENCY_L2)) <= 1e-5
+    cases = [(native.DENSE, 0), (gc.TOPK, 20)]
+    want = [native.NhwcConv(wt, b, 1, 1, winograd=True)(x, m, scale=scale, k=k) for m, k in cases]
+    monkeypatch.setattr(native, "_lib", native._build(flags))
+    layer = native.NhwcConv(wt, b, 1, 1, vectors=1, winograd=True)  # 70 channels: 5 or 9 blocks
+    for (m, k), w0 in zip(cases, want):
+        sums = torch.empty(3, 70)
+        out = layer(x, m, scale=scale, k=k, clamp=native.RELU, out_sums=sums)
+        assert rel_err(out, w0.clamp_min(0)) <= 1e-6
+        assert rel_err(out, _reference(x, wt, b, 1, m, scale, 0.0, k, gc.SALIENCY_L2,
+                                       clamp=native.RELU)) <= 1e-5
+        assert rel_err(sums, (out * out).double().sum((2, 3)).float()) <= 1e-5
 
 
 def test_program_runs_the_winograd_layer():
@@ -218,8 +224,9 @@ def test_choice_refusal_and_pickles():
 
 
 def test_avx2_build_matches_reference(avx2_native):
+    # the last layer's U (1.5 MB) splits the output channels between the threads
     g = torch.Generator().manual_seed(9)
-    for cin, cout, h, pad in [(64, 64, 14, 1), (40, 70, 9, 0), (24, 20, 7, 1)]:
+    for cin, cout, h, pad in [(64, 64, 14, 1), (40, 70, 9, 0), (24, 20, 7, 1), (256, 96, 9, 1)]:
         x = torch.randn(2, cin, h, h + 1, generator=g).relu() + 0.01
         wt, b = _layer(cin, cout, g)
         scale = torch.rand(cin, generator=g) + 0.5
