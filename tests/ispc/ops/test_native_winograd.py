@@ -204,21 +204,23 @@ def test_program_runs_the_winograd_layer():
 
 
 def test_choice_refusal_and_pickles():
-    w = torch.randn(8, 8, 3, 3)
+    w = torch.randn(32, 32, 3, 3)
     assert native.NhwcConv(w, None, 1, 1, out_hw=784).winograd
     assert not native.NhwcConv(w, None, 1, 1, out_hw=196).winograd  # 14x14: U read per chunk
     assert not native.NhwcConv(w, None, 1, 1, out_hw=49).winograd  # 7x7: weight-bound, direct
     assert not native.NhwcConv(w, None, 1, 1).winograd
+    assert native.NhwcConv(torch.randn(64, 32, 3, 3), None, 1, 1, out_hw=3136).winograd
+    assert not native.NhwcConv(torch.randn(64, 3, 3, 3), None, 1, 1, out_hw=50176).winograd  # a stem
     assert not native.NhwcConv(torch.randn(256, 256, 3, 3), None, 1, 1, out_hw=3136).winograd  # 4 MB U
     assert not native.NhwcConv(w, None, 2, 1, out_hw=3136).winograd
     assert not native.NhwcConv(torch.randn(8, 8, 1, 1), out_hw=3136).winograd
     with pytest.raises(ConfigError, match="winograd=True needs"):
         native.NhwcConv(w, None, 2, 1, winograd=True)
-    layer = native.NhwcConv(w, torch.randn(8), 1, 0, winograd=True)
+    layer = native.NhwcConv(w, torch.randn(32), 1, 0, winograd=True)
     assert torch.equal(layer.weight(), w)
     state = layer.__getstate__()
     assert "_wino" not in state  # derived from the weights: rebuilt, never stored
-    x = _nhwc(torch.randn(2, 8, 9, 7))
+    x = _nhwc(torch.randn(2, 32, 9, 7))
     back = pickle.loads(pickle.dumps(layer))
     assert back.winograd and torch.equal(back(x), layer(x))
 
