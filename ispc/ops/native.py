@@ -599,15 +599,6 @@ def winograd_fits(kernel: tuple[int, int], stride: tuple[int, int],
     return tuple(kernel) == (3, 3) and tuple(stride) == (1, 1) and tuple(dilation) == (1, 1)
 
 
-def winograd_chosen(cin: int, cout: int, out_hw: int | None) -> bool:
-    """Whether a fitting layer runs by Winograd: on maps of 28x28 outputs and up with 32 input
-    channels or more its 16 / 36 of the multiplications outweigh its transforms, where its U (16 / 9 the weights' bytes), which
-    each thread reads for every chunk of tiles, stays in L2; on smaller maps or with a larger U
-    the direct kernel wins (docs/benchmarks.md has the per-layer figures)."""
-    return (out_hw is not None and out_hw >= WINO_MIN_POSITIONS and cin >= WINO_MIN_CHANNELS
-            and 16 * cin * cout * 4 <= WINO_MAX_U_BYTES)
-
-
 # output positions from which a fitting layer runs by Winograd (28x28 and up)
 WINO_MIN_POSITIONS = 784
 # the largest U (bytes) a layer runs by Winograd with: 128 -> 128 channels
@@ -615,6 +606,15 @@ WINO_MAX_U_BYTES = 1 << 20
 # the fewest input channels: with few, the transforms outweigh the GEMMs (VGG's 3 -> 64 stem
 # layer in situ 1.54 -> 3.65 ms)
 WINO_MIN_CHANNELS = 32
+
+
+def winograd_chosen(cin: int, cout: int, out_hw: int | None) -> bool:
+    """Whether a fitting layer runs by Winograd: on maps of 28x28 outputs and up with 32 input
+    channels or more its 16 / 36 of the multiplications outweigh its transforms while its U
+    (16 / 9 the weights' bytes), which each thread reads for every chunk of tiles, stays in L2;
+    on smaller maps or with a larger U the direct kernel wins (docs/benchmarks.md)."""
+    return (out_hw is not None and out_hw >= WINO_MIN_POSITIONS and cin >= WINO_MIN_CHANNELS
+            and 16 * cin * cout * 4 <= WINO_MAX_U_BYTES)
 
 
 def pack_weight_winograd(weight: Tensor, vectors: int) -> Tensor:

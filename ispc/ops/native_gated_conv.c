@@ -1928,103 +1928,103 @@ static void nh_conv(const nh_geom_t *g, const ispc_nhwc_layer_t *L, const float 
                          ? nh_prefetch_buf(G * T * C) : 0;
     int64_t pn = 0, pt = 1, pk = 0;  /* rows in prow, this pair's tiles here, tiles done */
     for (int64_t it = i0; it < i1; it++) {
-                    const int64_t cg = it / (g->N * g->tiles), n = it / g->tiles % g->N;
-                    const int64_t tl = it % g->tiles;
-                    const int64_t K = counts ? counts[n] : C;
-                    const int dense = K == C;
-                    const float *xn = x + n * HWC;
-                    const int64_t p0 = tl * mr;
-                    int64_t ih0[NH_MAXMR], iw0[NH_MAXMR];
-                    int cols_inside = 1;
-                    int64_t oh = p0 / g->Wo, ow = p0 % g->Wo;  /* one division a tile */
-                    for (int64_t i = 0; i < mr; i++, ow++) {
-                        if (ow == g->Wo) { oh++; ow = 0; }
-                        if (p0 + i >= HoWo) { ih0[i] = -1 << 30; iw0[i] = 0; continue; }  /* past the end */
-                        ih0[i] = oh * g->sh - g->ph;
-                        iw0[i] = ow * g->sw - g->pw;
-                        cols_inside &= iw0[i] >= 0 && iw0[i] + (g->kw - 1) * g->dw < g->W;
-                    }
-                    /* the segments: position pointers and each one's weight offset in a block */
-                    int64_t nseg = 0, len;
-                    if (dense && cols_inside && g->dw == 1) {  /* one run of kw * C per tap row */
-                        len = g->kw * C;
-                        for (int64_t r = 0; r < g->kh; r++) {
-                            int any = 0;
-                            for (int64_t i = 0; i < mr; i++) {
-                                const int64_t ih = ih0[i] + r * g->dh;
-                                const int in = ih >= 0 && ih < g->H;
-                                ptab[nseg * mr + i] = in ? xn + (ih * g->W + iw0[i]) * C : zeros;
-                                any |= in;
-                            }
-                            if (any) woff[nseg++] = r * g->kw * C * nr;
-                        }
-                    } else {  /* one segment per tap */
-                        len = K;
+        const int64_t cg = it / (g->N * g->tiles), n = it / g->tiles % g->N;
+        const int64_t tl = it % g->tiles;
+        const int64_t K = counts ? counts[n] : C;
+        const int dense = K == C;
+        const float *xn = x + n * HWC;
+        const int64_t p0 = tl * mr;
+        int64_t ih0[NH_MAXMR], iw0[NH_MAXMR];
+        int cols_inside = 1;
+        int64_t oh = p0 / g->Wo, ow = p0 % g->Wo;  /* one division a tile */
+        for (int64_t i = 0; i < mr; i++, ow++) {
+            if (ow == g->Wo) { oh++; ow = 0; }
+            if (p0 + i >= HoWo) { ih0[i] = -1 << 30; iw0[i] = 0; continue; }  /* past the end */
+            ih0[i] = oh * g->sh - g->ph;
+            iw0[i] = ow * g->sw - g->pw;
+            cols_inside &= iw0[i] >= 0 && iw0[i] + (g->kw - 1) * g->dw < g->W;
+        }
+        /* the segments: position pointers and each one's weight offset in a block */
+        int64_t nseg = 0, len;
+        if (dense && cols_inside && g->dw == 1) {  /* one run of kw * C per tap row */
+            len = g->kw * C;
+            for (int64_t r = 0; r < g->kh; r++) {
+                int any = 0;
+                for (int64_t i = 0; i < mr; i++) {
+                    const int64_t ih = ih0[i] + r * g->dh;
+                    const int in = ih >= 0 && ih < g->H;
+                    ptab[nseg * mr + i] = in ? xn + (ih * g->W + iw0[i]) * C : zeros;
+                    any |= in;
+                }
+                if (any) woff[nseg++] = r * g->kw * C * nr;
+            }
+        } else {  /* one segment per tap */
+            len = K;
+            for (int64_t t = 0; t < T; t++) {
+                const int64_t r = t / g->kw, q = t % g->kw;
+                int any = 0;
+                for (int64_t i = 0; i < mr; i++) {
+                    const int64_t ih = ih0[i] + r * g->dh, iw = iw0[i] + q * g->dw;
+                    const int in = ih >= 0 && ih < g->H && iw >= 0 && iw < g->W;
+                    ptab[nseg * mr + i] = in ? xn + (ih * g->W + iw) * C : zeros;
+                    any |= in;
+                }
+                if (any) woff[nseg++] = t * C * nr;
+            }
+        }
+        const int64_t cb1 = (cg + 1) * G < g->cob ? (cg + 1) * G : g->cob;
+        const int cmp = cbuf && !dense && K > 0;
+        if (cmp && (cg != ccg || n != cn)) {
+            nh_compact(L->wpack, cg * G, cb1, T, C, nr, ix + n * C, K, cbuf);
+            ccg = cg;
+            cn = n;
+            const int64_t pair = it / g->tiles, next = (pair + 1) * g->tiles;
+            pt = (next < i1 ? next : i1) - it;
+            pk = 0;
+            pn = 0;
+            if (prow && next < i1) {  /* the next pair's kept rows, if gated */
+                const int64_t cg2 = next / (g->N * g->tiles), n2 = next / g->tiles % g->N;
+                const int64_t K2 = counts[n2];
+                const int64_t c2 = (cg2 + 1) * G < g->cob ? (cg2 + 1) * G : g->cob;
+                if (K2 > 0 && K2 < C)
+                    for (int64_t cb = cg2 * G; cb < c2; cb++)
                         for (int64_t t = 0; t < T; t++) {
-                            const int64_t r = t / g->kw, q = t % g->kw;
-                            int any = 0;
-                            for (int64_t i = 0; i < mr; i++) {
-                                const int64_t ih = ih0[i] + r * g->dh, iw = iw0[i] + q * g->dw;
-                                const int in = ih >= 0 && ih < g->H && iw >= 0 && iw < g->W;
-                                ptab[nseg * mr + i] = in ? xn + (ih * g->W + iw) * C : zeros;
-                                any |= in;
-                            }
-                            if (any) woff[nseg++] = t * C * nr;
+                            const float *src = L->wpack + (cb * T + t) * C * nr;
+                            for (int64_t l = 0; l < K2; l++)
+                                prow[pn++] = src + ix[n2 * C + l] * nr;
                         }
-                    }
-                    const int64_t cb1 = (cg + 1) * G < g->cob ? (cg + 1) * G : g->cob;
-                    const int cmp = cbuf && !dense && K > 0;
-                    if (cmp && (cg != ccg || n != cn)) {
-                        nh_compact(L->wpack, cg * G, cb1, T, C, nr, ix + n * C, K, cbuf);
-                        ccg = cg;
-                        cn = n;
-                        const int64_t pair = it / g->tiles, next = (pair + 1) * g->tiles;
-                        pt = (next < i1 ? next : i1) - it;
-                        pk = 0;
-                        pn = 0;
-                        if (prow && next < i1) {  /* the next pair's kept rows, if gated */
-                            const int64_t cg2 = next / (g->N * g->tiles), n2 = next / g->tiles % g->N;
-                            const int64_t K2 = counts[n2];
-                            const int64_t c2 = (cg2 + 1) * G < g->cob ? (cg2 + 1) * G : g->cob;
-                            if (K2 > 0 && K2 < C)
-                                for (int64_t cb = cg2 * G; cb < c2; cb++)
-                                    for (int64_t t = 0; t < T; t++) {
-                                        const float *src = L->wpack + (cb * T + t) * C * nr;
-                                        for (int64_t l = 0; l < K2; l++)
-                                            prow[pn++] = src + ix[n2 * C + l] * nr;
-                                    }
-                        }
-                    }
-                    for (int64_t cb = cg * G; cb < cb1; cb++) {
-                        const float *wb = L->wpack + cb * T * C * nr;
-                        if (cmp) {  /* woff[s] = t * C * nr: tap t's rows at t * K * nr */
-                            wb = cbuf + (cb - cg * G) * T * K * nr;
-                            for (int64_t s = 0; s < nseg; s++) wseg[s] = wb + woff[s] / C * K;
-                        } else {
-                            for (int64_t s = 0; s < nseg; s++) wseg[s] = wb + woff[s];
-                        }
-                        const int64_t o = (n * HoWo + p0) * g->cout + cb * nr;
-                        const int64_t lanes = g->cout - cb * nr < nr ? g->cout - cb * nr : nr;
-                        nh_epi_t e = {out + o, res ? res + o : 0, L->bias + cb * nr, g->cout,
-                                      (int)(HoWo - p0 < mr ? HoWo - p0 : mr), (int)lanes, clamp,
-                                      ykind, lo, hi, yrow ? yrow + n * cs + cb * nr : 0,
-                                      g->stream, 0, 0, 1};
-                        if (cmp && pn > 0) {  /* this tile's share of the rows, over its steps */
-                            const int64_t nb = cb1 - cg * G, q = pk * nb + (cb - cg * G);
-                            const int64_t r0 = pn * q / (pt * nb), r1 = pn * (q + 1) / (pt * nb);
-                            const int64_t steps = nseg * len;
-                            e.pfr = prow + r0;
-                            e.pfn = r1 - r0;
-                            e.pfe = e.pfn > 0 && steps > e.pfn ? steps / e.pfn : 1;
-                        }
-                        if (dense)
-                            kdir(ptab, wseg, K ? nseg : 0, len, 0, pfd, &e);
-                        else if (cmp)
-                            kcmp(ptab, wseg, nseg, len, ix + n * C, 0, &e);
-                        else
-                            kind(ptab, wseg, K ? nseg : 0, len, ix + n * C, pfg, &e);
-                    }
-                    pk++;
+            }
+        }
+        for (int64_t cb = cg * G; cb < cb1; cb++) {
+            const float *wb = L->wpack + cb * T * C * nr;
+            if (cmp) {  /* woff[s] = t * C * nr: tap t's rows at t * K * nr */
+                wb = cbuf + (cb - cg * G) * T * K * nr;
+                for (int64_t s = 0; s < nseg; s++) wseg[s] = wb + woff[s] / C * K;
+            } else {
+                for (int64_t s = 0; s < nseg; s++) wseg[s] = wb + woff[s];
+            }
+            const int64_t o = (n * HoWo + p0) * g->cout + cb * nr;
+            const int64_t lanes = g->cout - cb * nr < nr ? g->cout - cb * nr : nr;
+            nh_epi_t e = {out + o, res ? res + o : 0, L->bias + cb * nr, g->cout,
+                          (int)(HoWo - p0 < mr ? HoWo - p0 : mr), (int)lanes, clamp,
+                          ykind, lo, hi, yrow ? yrow + n * cs + cb * nr : 0,
+                          g->stream, 0, 0, 1};
+            if (cmp && pn > 0) {  /* this tile's share of the rows, over its steps */
+                const int64_t nb = cb1 - cg * G, q = pk * nb + (cb - cg * G);
+                const int64_t r0 = pn * q / (pt * nb), r1 = pn * (q + 1) / (pt * nb);
+                const int64_t steps = nseg * len;
+                e.pfr = prow + r0;
+                e.pfn = r1 - r0;
+                e.pfe = e.pfn > 0 && steps > e.pfn ? steps / e.pfn : 1;
+            }
+            if (dense)
+                kdir(ptab, wseg, K ? nseg : 0, len, 0, pfd, &e);
+            else if (cmp)
+                kcmp(ptab, wseg, nseg, len, ix + n * C, 0, &e);
+            else
+                kind(ptab, wseg, K ? nseg : 0, len, ix + n * C, pfg, &e);
+        }
+        pk++;
     }
     if (g->stream) nh_sfence();  /* the streamed lines visible to every thread after the barrier */
     #pragma omp barrier
@@ -2111,8 +2111,10 @@ static void nh_plan(nh_plan_t *P, const nh_geom_t *g, int64_t mode, int64_t k,
     P->select = mode == NHWC_DENSE ? 0 : (N * C + 15) / 16 * 16 + 2 * N + N * C + 3 * N * C
                                            + (sums && sums->in ? 0 : N * nb * C);
     /* gathered: an instance's map and the packed weights, each at most whole */
-    P->gather = nh_gathers(g, mode) && !g->wino ? (HW * C + 15) / 16 * 16 + g->cob * g->T * C * g->nr : 0;
-    P->wino = g->wino ? threads * wino_thread_floats(g, threads) : 0;  /* each thread's V, M and zeros */
+    P->gather = nh_gathers(g, mode) && !g->wino
+                ? (HW * C + 15) / 16 * 16 + g->cob * g->T * C * g->nr : 0;
+    /* Winograd: each thread's V, M and zeros */
+    P->wino = g->wino ? threads * wino_thread_floats(g, threads) : 0;
     P->total = P->zeros + P->gather + P->sums + P->select + P->wino + 64;
 }
 
@@ -2392,7 +2394,8 @@ static void nh_region(const nh_geom_t *gp, const nh_plan_t *P, const ispc_nhwc_l
 
 /* The layer on x (N, H, W, C) float32 channels-last: out (N, Ho, Wo, cout) = clamp(conv(x masked
  * to each instance's kept channels) + bias + res, lo, hi), res (NULL: none) of the output's shape;
- * lo = hi = NaN: the exact GELU instead of the clamp (NH_GELU). mode: MODE_TOPK (k channels), MODE_THRESHOLD (saliency >= threshold) or NHWC_DENSE (all).
+ * lo = hi = NaN: the exact GELU instead of the clamp (NH_GELU). mode: MODE_TOPK (k channels),
+ * MODE_THRESHOLD (saliency >= threshold) or NHWC_DENSE (all).
  * counts (N,) receives each instance's kept count (NULL: not wanted); sums (NULL: none) the
  * input's saliency sums and/or where the output's go. Returns 0, or the workspace (floats) it
  * needs when ws_floats is smaller (nothing computed). */
@@ -3542,7 +3545,8 @@ int64_t ispc_run_ops(const ispc_op_t *ops, int64_t n, float *const *slots, float
         } else if (o->kind == OP_LINEAR_T && o->outs >= 1) {
             const int64_t need = linear_t_workspace(m, o->C * o->H * o->W, threads);
             rmax = need > rmax ? need : rmax;
-        } else if (o->kind < 0 || o->kind > OP_LAST || o->kind == OP_LINEAR_T || o->kind == OP_CONV_MAXPOOL || (o->kind == OP_TO_NHWC && o->C > 16)
+        } else if (o->kind < 0 || o->kind > OP_LAST || o->kind == OP_LINEAR_T
+                   || o->kind == OP_CONV_MAXPOOL || (o->kind == OP_TO_NHWC && o->C > 16)
                    || (o->kind == OP_LINEAR && (o->H != 1 || o->W != 1 || o->outs < 1))) {
             return -1;
         }
