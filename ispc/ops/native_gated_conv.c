@@ -2185,10 +2185,13 @@ static int64_t wino_thread_floats(const nh_geom_t *g, int64_t threads) {
            + 32;
 }
 
-/* V[t][i][c] = (B^T d B)[t] of tiles [t0, t0 + nt) of instance x at V + t * vt + i * vs */
-static void wino_input(const nh_geom_t *g, const wino_dims_t *d, const float *x, int64_t t0,
-                       int64_t nt, float *V, int64_t vs, int64_t vt) {
+/* V[t][i][c] = (B^T d B)[t] of tiles [t0, t0 + nt) of instance x at V + t * vt + i * vs; returns
+ * whether some value of V is not finite (an inf or NaN in the input, or an overflow) */
+static int wino_input(const nh_geom_t *g, const wino_dims_t *d, const float *x, int64_t t0,
+                      int64_t nt, float *V, int64_t vs, int64_t vt) {
     const int64_t C = g->C, H = g->H, W = g->W;
+    vf bad = {0};  /* stays 0 unless a stored value is inf or NaN (0 * either is NaN) */
+    float bads = 0.0f;
     for (int64_t i = 0; i < nt; i++) {
         const int64_t th = (t0 + i) / d->TW, tw = (t0 + i) % d->TW;
         const int64_t ih0 = 2 * th - g->ph, iw0 = 2 * tw - g->pw;
@@ -2211,10 +2214,12 @@ static void wino_input(const nh_geom_t *g, const wino_dims_t *d, const float *x,
                 u[3][q] = p[1][q] - p[3][q];
             }
             for (int r = 0; r < 4; r++) {  /* (B^T d) B: columns */
-                st(v + (r * 4 + 0) * vt + c, u[r][0] - u[r][2]);
-                st(v + (r * 4 + 1) * vt + c, u[r][1] + u[r][2]);
-                st(v + (r * 4 + 2) * vt + c, u[r][2] - u[r][1]);
-                st(v + (r * 4 + 3) * vt + c, u[r][1] - u[r][3]);
+                const vf o[4] = {u[r][0] - u[r][2], u[r][1] + u[r][2], u[r][2] - u[r][1],
+                                 u[r][1] - u[r][3]};
+                for (int q = 0; q < 4; q++) {
+                    st(v + (r * 4 + q) * vt + c, o[q]);
+                    bad += o[q] * 0.0f;
+                }
             }
         }
         for (; c < C; c++) {
@@ -2228,13 +2233,38 @@ static void wino_input(const nh_geom_t *g, const wino_dims_t *d, const float *x,
                 u[3][q] = p[1][q] - p[3][q];
             }
             for (int r = 0; r < 4; r++) {
-                v[(r * 4 + 0) * vt + c] = u[r][0] - u[r][2];
-                v[(r * 4 + 1) * vt + c] = u[r][1] + u[r][2];
-                v[(r * 4 + 2) * vt + c] = u[r][2] - u[r][1];
-                v[(r * 4 + 3) * vt + c] = u[r][1] - u[r][3];
+                const float o[4] = {u[r][0] - u[r][2], u[r][1] + u[r][2], u[r][2] - u[r][1],
+                                    u[r][1] - u[r][3]};
+                for (int q = 0; q < 4; q++) {
+                    v[(r * 4 + q) * vt + c] = o[q];
+                    bads += o[q] * 0.0f;
+                }
             }
         }
     }
+    for (int j = 0; j < VW; j++) bads += bad[j];
+    return bads != 0.0f;
+}
+
+/* The output vector of channels [c, c + VW) (block cb) at (oh, ow) of instance x, summed directly
+ * over the kept channels and taps: nh_wino's path for a chunk whose transformed input is not
+ * finite, where the transforms' subtractions would turn an inf into NaN in outputs whose direct
+ * sum is inf (the reference's) */
+static vf wino_direct(const nh_geom_t *g, const ispc_nhwc_layer_t *L, const float *x,
+                      const int32_t *ix, int64_t K, int64_t oh, int64_t ow, int64_t c) {
+    const int64_t C = g->C, nr = g->nr, cb = c / nr;
+    vf y = {0};
+    for (int64_t t = 0; t < 9; t++) {
+        const int64_t ih = oh - g->ph + t / 3, iw = ow - g->pw + t % 3;
+        if (ih < 0 || ih >= g->H || iw < 0 || iw >= g->W) continue;
+        const float *xp = x + (ih * g->W + iw) * C;
+        const float *wt = L->wpack + (cb * 9 + t) * C * nr + (c - cb * nr);
+        for (int64_t l = 0; l < K; l++) {
+            const int64_t ch = ix ? ix[l] : l;
+            y += xp[ch] * ld(wt + ch * nr);
+        }
+    }
+    return y;
 }
 
 /* Instances [0, N) (x, out, res at the first), inside a parallel region, as nh_conv (ix, counts:
@@ -2273,8 +2303,8 @@ static void nh_wino(const nh_geom_t *g, const ispc_nhwc_layer_t *L, const float 
         const nh_kernel_t kind = nh_kernel(g->nv, mr, 1), kdir = nh_kernel(g->nv, mr, 0);
         const int64_t K = counts ? counts[n] : C;
         const int64_t vt = nt * vs + WINO_SKEW, mt = nt * ms + WINO_SKEW;  /* a plane's floats */
-        wino_input(g, &d, x + n * HWC, t0, nt, V, vs, vt);
-        for (int64_t t = 0; t < 16; t++)
+        const int direct = wino_input(g, &d, x + n * HWC, t0, nt, V, vs, vt);
+        for (int64_t t = 0; t < (direct ? 0 : 16); t++)
             for (int64_t cb = cb0; cb < cb1; cb++) {
                 const float *wseg[1] = {L->wino + (cb * 16 + t) * C * nr};
                 for (int64_t i0 = 0; i0 < nt; i0 += mr) {
@@ -2310,7 +2340,10 @@ static void nh_wino(const nh_geom_t *g, const ispc_nhwc_layer_t *L, const float 
                     const vf y[2] = {u[r][0] + u[r][1] + u[r][2], u[r][1] - u[r][2] - u[r][3]};
                     for (int s = 0; s < 2 && 2 * tc + s < g->Wo; s++) {
                         const int64_t o = ((2 * tr + r) * g->Wo + 2 * tc + s) * g->cout + c;
-                        const vf v = nh_store(on + o, y[s], L->bias + c, rn ? rn + o : 0, nl, lo, hi,
+                        const vf ys = direct ? wino_direct(g, L, x + n * HWC, ix ? ix + n * C : 0,
+                                                           K, 2 * tr + r, 2 * tc + s, c)
+                                             : y[s];
+                        const vf v = nh_store(on + o, ys, L->bias + c, rn ? rn + o : 0, nl, lo, hi,
                                               clamp);
                         if (yrow) sq += sum_term(v, ykind);
                     }

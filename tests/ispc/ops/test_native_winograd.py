@@ -143,6 +143,29 @@ def test_nan_in_a_dropped_channel_does_not_reach_the_output():
     assert not want.isnan().any() and not out.isnan().any() and rel_err(out, want) <= 1e-5
 
 
+@pytest.mark.parametrize("value", [float("inf"), -float("inf"), float("nan")])
+@pytest.mark.parametrize("mode", [native.DENSE, gc.TOPK])
+def test_non_finite_input_in_a_kept_channel_gives_the_reference_non_finite_outputs(value, mode):
+    # the transforms subtract: an inf would become NaN in outputs whose direct sum is inf, so
+    # a chunk whose transformed input is not finite is summed directly (top-k keeps the channel:
+    # its saliency is inf or NaN, the highest)
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(2, 32, 28, 29, generator=g)
+    x[0, 3, 10, 10] = value
+    x[1, 5, 0, 28] = value
+    wt, b = _layer(32, 40, g)
+    scale = torch.ones(32)
+    layer = native.NhwcConv(wt, b, 1, 1, winograd=True)
+    out = layer(_nhwc(x), mode, scale=scale, k=16, residual=_nhwc(torch.ones(2, 40, 28, 29)),
+                clamp=native.RELU)
+    want = _reference(x, wt, b, 1, mode, scale, 0.0, 16, gc.SALIENCY_L2,
+                      res=torch.ones(2, 40, 28, 29), clamp=native.RELU)
+    assert not want.isfinite().all()
+    assert torch.equal(out.isnan(), want.isnan()) and torch.equal(out.isinf(), want.isinf())
+    fin = want.isfinite()
+    assert rel_err(out[fin], want[fin]) <= 1e-5
+
+
 def test_output_sums_and_sums_handed_in():
     g = torch.Generator().manual_seed(6)
     x = _nhwc(torch.randn(3, 32, 14, 14, generator=g).relu())
