@@ -1342,6 +1342,11 @@ static int nh_mr(int64_t nv, int64_t howo) {
  * one pass over its output instead of two. */
 #define NH_GELU 2
 
+/* an epilogue's clamp code for (lo, hi): NH_GELU (both NaN), 1 (a finite bound), 0 (none) */
+static inline int nh_clamp_code(float lo, float hi) {
+    return lo != lo ? NH_GELU : lo > -__builtin_inff() || hi < __builtin_inff();
+}
+
 /* exp(x) for x <= 0, flushed to exp(-87) below -87 (the GELU's use: exp(-z * z)) */
 static inline vf nh_exp_neg(vf x) {
     const vf floor = (vf){0} - 87.0f;
@@ -2365,7 +2370,7 @@ static void nh_region(const nh_geom_t *gp, const nh_plan_t *P, const ispc_nhwc_l
     const nh_geom_t g = *gp;
     const int64_t N = g.N, H = g.H, W = g.W;
     const int64_t C = L->C, HW = H * W, out_n = g.Ho * g.Wo * L->cout, cs = g.cob * g.nr;
-    const int clamp = lo != lo ? NH_GELU : lo > -__builtin_inff() || hi < __builtin_inff();
+    const int clamp = nh_clamp_code(lo, hi);
     float *xg = w, *wg = xg + (HW * C + 15) / 16 * 16;  /* P->gather: nh_gather's */
     w += P->gather;
     double *ysums = P->sums ? (double *)w : 0;
@@ -2959,13 +2964,22 @@ typedef struct {
     int64_t *cnt;    /* and how many */
     double *ysums;   /* the output sums, every thread's rows (0 without) */
     double *yrow;    /* this thread's row, zeroed */
+    int dense;       /* the expansion keeps every channel */
+    int clamp;       /* the expansion's clamp code (nh_clamp_code) */
+    int clamp2;      /* whether the depthwise layer clamps */
+    int ykind;       /* the output sums' kind (-1: none) */
 } xop_head_t;
 
 /* the head of the workspace: the expansion's selection over the HW positions of x, made here
- * where gated, and this thread's row of output sums (ykind < 0: none) */
+ * where gated, and this thread's row of output sums; and the op's flags */
 static void xop_head(xop_head_t *h, const ispc_op_t *o, const float *x, int64_t N, int64_t HW,
-                     const ispc_sums_t *sums, float *ws, const nh_plan_t *P, int ykind) {
+                     const ispc_sums_t *sums, float *ws, const nh_plan_t *P) {
     const int64_t C = o->C, E = o->layer->cout;
+    const int ykind = sums && sums->out ? (int)sums->out_kind : -1;
+    h->dense = o->mode == NHWC_DENSE;
+    h->clamp = nh_clamp_code(o->lo, o->hi);
+    h->clamp2 = o->lo2 > -__builtin_inff() || o->hi2 < __builtin_inff();
+    h->ykind = ykind;
     h->ix = (int32_t *)ws;
     h->cnt = (int64_t *)(ws + (N * C + 15) / 16 * 16);
     float *sal = (float *)(h->cnt + N), *tmp = sal + N * C, *part = tmp + 3 * N * C;
@@ -2975,6 +2989,12 @@ static void xop_head(xop_head_t *h, const ispc_op_t *o, const float *x, int64_t 
     h->ysums = ykind >= 0 ? (double *)(ws + xop_yoff(P)) : 0;
     h->yrow = h->ysums ? h->ysums + (int64_t)omp_get_thread_num() * N * E : 0;
     if (h->yrow) memset(h->yrow, 0, sizeof(double) * N * E);
+}
+
+/* the end of either op: every thread's rows written, the output sums reduced */
+static void xop_tail(const xop_head_t *h, int64_t N, int64_t E, const ispc_sums_t *sums) {
+    #pragma omp barrier
+    if (h->ysums) reduce_sums(h->ysums, omp_get_num_threads(), N, E, E, sums->out);
 }
 
 static void xdw_plan(xdw_plan_t *X, const ispc_op_t *o, int64_t N, const ispc_sums_t *sums,
@@ -3001,17 +3021,9 @@ static void expand_dw_region(const ispc_op_t *o, const float *x, int64_t N, floa
     const int64_t Hi = o->H, Wi = o->W, C = o->C, E = L->cout, s = o->sh, p = o->ph;
     const int64_t H = conv_out(Hi, L->kh, L->sh, L->ph, L->dh), W = conv_out(Wi, L->kw, L->sw, L->pw, L->dw);
     const int64_t Ho = conv_out(H, 3, s, p, 1), Wo = conv_out(W, 3, s, p, 1), rowf = W * E;
-    const int dense = o->mode == NHWC_DENSE;
-    const float lo = o->lo, hi = o->hi;
-    const int clamp = lo != lo ? NH_GELU : lo > -__builtin_inff() || hi < __builtin_inff();
-    const int clamp2 = o->lo2 > -__builtin_inff() || o->hi2 < __builtin_inff();
-    const int ykind = sums && sums->out ? (int)sums->out_kind : -1;
     /* workspace: the selection's (as the expansion's call), the output sums, the windows */
     xop_head_t h;
-    xop_head(&h, o, x, N, Hi * Wi, sums, ws, &X.P, ykind);
-    int32_t *ix = h.ix;
-    int64_t *cnt = h.cnt;
-    double *ysums = h.ysums, *yrow = h.yrow;
+    xop_head(&h, o, x, N, Hi * Wi, sums, ws, &X.P);
     float *win = ws + xop_yoff(&X.P) + X.ysums + omp_get_thread_num() * X.win;
     int64_t a, b, r0, r1;
     dw_inside(W, Wo, s, p, &a, &b);
@@ -3044,8 +3056,8 @@ static void expand_dw_region(const ispc_op_t *o, const float *x, int64_t N, floa
             const float *xr = x + (n * Hi + first) * Wi * C;
             float *dst = win + (k0 - i0) * rowf;
             #pragma omp parallel num_threads(1)
-            nh_conv(&g, &Ls, xr, dense ? 0 : ix + n * C, dense ? 0 : cnt + n, dst, 0, lo, hi, clamp,
-                    zeros, 0, SAL_L2);
+            nh_conv(&g, &Ls, xr, h.dense ? 0 : h.ix + n * C, h.dense ? 0 : h.cnt + n, dst, 0, o->lo,
+                    o->hi, h.clamp, zeros, 0, SAL_L2);
         }
         have_n = n; have0 = i0; have1 = i1;
         for (int64_t oh = oh0; oh < e1; oh++) {
@@ -3056,12 +3068,11 @@ static void expand_dw_region(const ispc_op_t *o, const float *x, int64_t N, floa
             }
             const int64_t ro = (n * Ho + oh) * Wo * E;
             dw_out_row(rows, W, Wo, E, o->w, o->bias, s, p, a, b, out + ro, res ? res + ro : 0,
-                       o->lo2, o->hi2, clamp2, yrow ? yrow + n * E : 0, ykind);
+                       o->lo2, o->hi2, h.clamp2, h.yrow ? h.yrow + n * E : 0, h.ykind);
         }
         r += e1 - oh0;
     }
-    #pragma omp barrier
-    if (ysums) reduce_sums(ysums, omp_get_num_threads(), N, E, E, sums->out);
+    xop_tail(&h, N, E, sums);
 }
 
 /* ---- the same fusion split by channels (small maps: MobileNetV2's 14x14 and 7x7 blocks) ---------
@@ -3099,18 +3110,10 @@ static void expand_dw_ch_region(const ispc_op_t *o, const float *x, int64_t N, f
     xdc_plan(&X, o, N, sums, threads);
     const int64_t H = o->H, W = o->W, C = o->C, E = L->cout, s = o->sh, p = o->ph;
     const int64_t Ho = conv_out(H, 3, s, p, 1), Wo = conv_out(W, 3, s, p, 1);
-    const int dense = o->mode == NHWC_DENSE;
-    const float lo = o->lo, hi = o->hi;
-    const int clamp = lo != lo ? NH_GELU : lo > -__builtin_inff() || hi < __builtin_inff();
-    const int clamp2 = o->lo2 > -__builtin_inff() || o->hi2 < __builtin_inff();
-    const int ykind = sums && sums->out ? (int)sums->out_kind : -1;
     /* workspace: the selection's (as the expansion's call), the output sums, the buffers */
     xop_head_t h;
-    xop_head(&h, o, x, N, H * W, sums, ws, &X.P, ykind);
-    int32_t *ix = h.ix;
-    int64_t *cnt = h.cnt;
+    xop_head(&h, o, x, N, H * W, sums, ws, &X.P);
     const int64_t t = omp_get_thread_num();
-    double *ysums = h.ysums, *yrow = h.yrow;
     float *buf = ws + xop_yoff(&X.P) + X.ysums + t * X.buf;
     const int64_t nr = L->nv * VW, cob = (E + nr - 1) / nr, b0 = t * X.per;
     const int64_t b1 = b0 + X.per < cob ? b0 + X.per : cob;
@@ -3126,8 +3129,8 @@ static void expand_dw_ch_region(const ispc_op_t *o, const float *x, int64_t N, f
             nh_geom_t g;
             nh_geometry(&g, &Lc, 1, H, W);
             #pragma omp parallel num_threads(1)
-            nh_conv(&g, &Lc, x + n * H * W * C, dense ? 0 : ix + n * C, dense ? 0 : cnt + n, buf, 0,
-                    lo, hi, clamp, zeros, 0, SAL_L2);
+            nh_conv(&g, &Lc, x + n * H * W * C, h.dense ? 0 : h.ix + n * C, h.dense ? 0 : h.cnt + n,
+                    buf, 0, o->lo, o->hi, h.clamp, zeros, 0, SAL_L2);
             for (int64_t oh = 0; oh < Ho; oh++) {
                 const float *rows[3];
                 for (int q = 0; q < 3; q++) {
@@ -3136,13 +3139,12 @@ static void expand_dw_ch_region(const ispc_op_t *o, const float *x, int64_t N, f
                 }
                 const int64_t ro = (n * Ho + oh) * Wo * E + c0;
                 dw_out_rows(rows, W, Wo, Ec, E, Ec, o->w + c0, o->bias + c0, s, p, a, b, out + ro,
-                            res ? res + ro : 0, o->lo2, o->hi2, clamp2, yrow ? yrow + n * E + c0 : 0,
-                            ykind);
+                            res ? res + ro : 0, o->lo2, o->hi2, h.clamp2,
+                            h.yrow ? h.yrow + n * E + c0 : 0, h.ykind);
             }
         }
     }
-    #pragma omp barrier
-    if (ysums) reduce_sums(ysums, omp_get_num_threads(), N, E, E, sums->out);
+    xop_tail(&h, N, E, sums);
 }
 
 /* ---- a fully connected layer: the classifier after the global average pool ----------------------
@@ -3439,7 +3441,7 @@ static void conv_pool_region(const ispc_op_t *o, const float *x, int64_t N, floa
     const int64_t Hp = (Hc + 2 * o->ph - o->kh) / o->sh + 1, Wp = (Wc + 2 * o->pw - o->kw) / o->sw + 1;
     const int64_t rowf = Wc * C;
     const float lo = o->lo, hi = o->hi;
-    const int clamp = lo != lo ? NH_GELU : lo > -__builtin_inff() || hi < __builtin_inff();
+    const int clamp = nh_clamp_code(lo, hi);
     const int clamp2 = o->lo2 > -__builtin_inff() || o->hi2 < __builtin_inff();
     int64_t group, rows;
     cpool_window(o, rowf, &group, &rows);
