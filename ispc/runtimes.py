@@ -198,6 +198,20 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
+def _caches() -> dict[str, str]:
+    """Cache sizes of CPU 0 as sysfs writes them ("L1d": "32K", "L2": "1024K", "L3": "32768K"):
+    kernels block for L2, so a figure is read beside them."""
+    out = {}
+    for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+        try:
+            level, kind, size = ((index / f).read_text().strip() for f in ("level", "type", "size"))
+        except OSError:
+            continue
+        if kind != "Instruction":
+            out[f"L{level}" + ("d" if kind == "Data" else "")] = size
+    return out
+
+
 def machine_info(threads: int | None = None) -> dict[str, Any]:
     """The machine and software a measurement ran on, for the JSON record."""
     flags = _cpu_flags()
@@ -214,7 +228,7 @@ def machine_info(threads: int | None = None) -> dict[str, Any]:
     versions["python"] = platform.python_version()
     return {
         "cpu": _cpu_model(), "machine": platform.machine(), "os": platform.platform(),
-        "logical_cpus": os.cpu_count(),
+        "logical_cpus": os.cpu_count(), "caches": _caches(),
         "isa": {"avx2": "avx2" in flags, "avx512f": "avx512f" in flags,
                 "avx512_bf16": "avx512_bf16" in flags,
                 "amx": bool({"amx_tile", "amx_bf16"} & flags),

@@ -35,7 +35,8 @@ __all__ = ["ORIENT_PIX", "ORIENT_CO", "ORIENT_FULL", "ORIENT_CL", "available", "
            "pack_weight", "is_channels_last", "select", "gather", "epilogue", "maxpool2x2",
            "NativeLayer", "orientation_for", "supports", "NO_CLAMP", "RELU", "RELU6", "GELU",
            "DENSE", "NhwcConv", "pack_weight_nhwc", "DepthwiseConv3x3", "maxpool_nhwc",
-           "avgpool_global_nhwc", "to_channels_last", "OpProgram", "pointwise", "expand_dw_fits"]
+           "avgpool_global_nhwc", "to_channels_last", "OpProgram", "pointwise", "expand_dw_fits",
+           "cache_bytes"]
 
 ORIENT_PIX = 0  #: vector lanes over output pixels (large feature maps)
 ORIENT_CO = 1   #: vector lanes over output channels (small feature maps)
@@ -153,6 +154,8 @@ def _build(extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL:
             if os.path.exists(tmp):
                 os.unlink(tmp)
     lib = ctypes.CDLL(str(out))
+    lib.ispc_cache_bytes.restype = _i64
+    lib.ispc_cache_bytes.argtypes = [ctypes.c_int]
     lib.ispc_block_rows.restype = lib.ispc_block_lanes.restype = ctypes.c_int
     lib.ispc_block_rows.argtypes = lib.ispc_block_lanes.argtypes = [ctypes.c_int]
     lib.ispc_workspace.restype = _i64
@@ -225,6 +228,14 @@ def unavailable_reason() -> str | None:
     """Why :func:`available` is False (None when it is True)."""
     _load()
     return _error
+
+
+def cache_bytes() -> dict[str, int]:
+    """The L1 data cache's and L2's sizes per core (bytes) that the kernels block for, as read
+    from the system at load (``NH_L2_BYTES`` in ``ISPC_NATIVE_FLAGS`` fixes L2): benchmarks record
+    them beside the CPU model, since blocking differs between a 1 MiB and a 2 MiB L2."""
+    lib = _loaded()
+    return {"l1d": int(lib.ispc_cache_bytes(1)), "l2": int(lib.ispc_cache_bytes(2))}
 
 
 def supports(stride: tuple[int, int]) -> bool:

@@ -1549,13 +1549,26 @@ static inline void nt_st(float *dst, vf v) {
 /* the L1 data cache's bytes (32 KiB where unknown): a block that fits is not prefetched (the
  * ResNet stem's 37.6 KB block on a 48 KiB L1 ran 3-5% faster without) */
 static int64_t nh_l1_bytes = 32 << 10;
+/* a core's L2 bytes (2 MiB where unknown; NH_L2_BYTES fixes it): the blocking and prefetch
+ * thresholds that keep a working set in L2 derive from it, so that a 1 MiB L2 (AMD Zen 4) gets
+ * blocks of its own size, not those of a 2 MiB one (Intel Sapphire Rapids) */
+static int64_t nh_l2_bytes = 2 << 20;
 
-__attribute__((constructor)) static void nh_read_l1(void) {  /* once, at load: no races */
+__attribute__((constructor)) static void nh_read_caches(void) {  /* once, at load: no races */
 #ifdef _SC_LEVEL1_DCACHE_SIZE
     const long v = sysconf(_SC_LEVEL1_DCACHE_SIZE);
     if (v >= (16 << 10) && v <= (1 << 20)) nh_l1_bytes = v;
 #endif
+#ifdef NH_L2_BYTES
+    nh_l2_bytes = NH_L2_BYTES;
+#elif defined(_SC_LEVEL2_CACHE_SIZE)
+    const long l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
+    if (l2 >= (128 << 10) && l2 <= (64 << 20)) nh_l2_bytes = l2;
+#endif
 }
+
+/* the L1 data cache's and L2's bytes as the kernels use them (level 1 or 2; -1 otherwise) */
+int64_t ispc_cache_bytes(int level) { return level == 1 ? nh_l1_bytes : level == 2 ? nh_l2_bytes : -1; }
 
 static int64_t nh_pf_min(void) {
 #ifdef NH_PF_MIN_BYTES

@@ -256,6 +256,18 @@ def test_disabled_by_environment_falls_back_to_pytorch_kernels(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
 
 
+def test_cache_sizes_are_this_cpus():
+    """The kernels block for the L2 the system reports (1 MiB on AMD Zen 4, 2 MiB on Intel
+    Sapphire Rapids), not for a fixed one."""
+    sizes = native.cache_bytes()
+    got = subprocess.run(["getconf", "LEVEL2_CACHE_SIZE"], capture_output=True, text=True)
+    l2 = int(got.stdout.strip() or 0) if got.returncode == 0 else 0  # glibc's sysconf, as in C
+    if "NH_L2_BYTES" in os.environ.get("ISPC_NATIVE_FLAGS", ""):
+        pytest.skip("ISPC_NATIVE_FLAGS fixes the L2 size")
+    assert sizes["l2"] == (l2 if (128 << 10) <= l2 <= (64 << 20) else 2 << 20)
+    assert (16 << 10) <= sizes["l1d"] <= (1 << 20)
+
+
 def test_strides_beyond_the_phase_limit_are_refused():
     assert native.supports((8, 8)) and not native.supports((9, 8))
     with pytest.raises(ValueError, match="phases"):
