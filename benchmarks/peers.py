@@ -204,9 +204,12 @@ def summary_lines(timings: list[RuntimeTiming], compiles: list[dict], machine: d
                      + " (the memory system is this machine's).")
     for c in compare(timings, baseline=baseline):
         over = ", ".join(f"{k} {x:.2f}x" for k, x in c.over.items())
+        paired = (f"; paired by round {c.paired_speedup:.2f}x ({c.paired_range[0]:.2f}-"
+                  f"{c.paired_range[1]:.2f}x)" if c.paired_speedup is not None else "")
         lines.append(f"  {c.model} b{c.batch_size} {c.ispc}: {c.ispc_ms:.2f} ms; vs "
-                     f"{c.baseline} {c.speedup:.2f}x (theoretical {c.theoretical_speedup:.2f}x, "
-                     f"realized/theoretical {c.efficiency:.2f}); over each: {over}"
+                     f"{c.baseline} {c.speedup:.2f}x{paired} (theoretical "
+                     f"{c.theoretical_speedup:.2f}x, realized/theoretical {c.efficiency:.2f}); "
+                     f"over each: {over}"
                      if c.speedup is not None else f"  {c.model} b{c.batch_size} {c.ispc}: "
                      f"{c.ispc_ms:.2f} ms; no {baseline} baseline measured")
     for c in compiles:

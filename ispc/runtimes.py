@@ -537,6 +537,12 @@ class Comparison:
     theoretical_speedup: float | None
     efficiency: float | None  #: speedup / theoretical (realized / theoretical against baseline)
     over: dict[str, float]  #: runtime -> its median / ispc's median, every runtime measured
+    #: the median over rounds of (baseline's round median / ispc's round median), the baseline
+    #: ("best") being the fastest float32 dense runtime of each round: rounds run every entry once,
+    #: close in time, so a round that the machine slowed for everyone cancels out (None: the
+    #: entries' rounds do not pair up)
+    paired_speedup: float | None = None
+    paired_range: tuple[float, float] | None = None  #: the lowest and highest round's ratio
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -548,6 +554,15 @@ def best_dense(timings: Iterable[RuntimeTiming], model: str, batch_size: int
     dense = [t for t in timings if t.kind == "dense" and t.available and t.float32
              and t.model == model and t.batch_size == batch_size]
     return min(dense, key=lambda t: t.median_ms) if dense else None
+
+
+def _paired(t: RuntimeTiming, bases: Sequence[RuntimeTiming]) -> list[float]:
+    """Per round, the fastest of ``bases``' round medians over ``t``'s ([] where any entry's
+    rounds are missing or of another count)."""
+    n = len(t.round_medians_ms)
+    if n == 0 or not bases or any(len(b.round_medians_ms) != n for b in bases):
+        return []
+    return [min(b.round_medians_ms[r] for b in bases) / t.round_medians_ms[r] for r in range(n)]
 
 
 def compare(timings: Sequence[RuntimeTiming], *, baseline: str = "best") -> list[Comparison]:
@@ -565,13 +580,17 @@ def compare(timings: Sequence[RuntimeTiming], *, baseline: str = "best") -> list
                 else next((d for d in peers if d.runtime == baseline), None))
         speedup = base.median_ms / t.median_ms if base is not None else None
         theo = t.theoretical_speedup
+        paired = _paired(t, [d for d in peers if d.float32] if baseline == "best"
+                         else [base] if base is not None else [])
         out.append(Comparison(
             model=t.model, batch_size=t.batch_size, ispc=t.runtime, ispc_ms=t.median_ms,
             baseline=base.runtime if base is not None else None,
             baseline_ms=base.median_ms if base is not None else None, speedup=speedup,
             theoretical_speedup=theo,
             efficiency=speedup / theo if speedup is not None and theo else None,
-            over={d.runtime: d.median_ms / t.median_ms for d in peers}))
+            over={d.runtime: d.median_ms / t.median_ms for d in peers},
+            paired_speedup=statistics.median(paired) if paired else None,
+            paired_range=(min(paired), max(paired)) if paired else None))
     return out
 
 
@@ -650,9 +669,11 @@ def speedup_lines(timings: Sequence[RuntimeTiming], *, baseline: str = "best") -
         each = ", ".join(f"{labels[r]} {v:.2f}x" for r, v in c.over.items())
         theo = (f"; MACs {c.theoretical_speedup:.2f}x fewer (theoretical), realized/theoretical "
                 f"{c.efficiency:.2f}" if c.theoretical_speedup else "")
+        paired = (f"; paired by round {c.paired_speedup:.2f}x ({c.paired_range[0]:.2f}-"
+                  f"{c.paired_range[1]:.2f}x)" if c.paired_speedup is not None else "")
         lines.append(f"{c.ispc}, {c.model} batch {c.batch_size}: {c.ispc_ms:.2f} ms, "
                      f"{c.speedup:.2f}x over the {which} ({labels[c.baseline]} "
-                     f"{c.baseline_ms:.2f} ms){theo}; over each: {each}")
+                     f"{c.baseline_ms:.2f} ms){paired}{theo}; over each: {each}")
         best = best_dense(timings, c.model, c.batch_size)
         if best is not None and best.median_ms <= c.ispc_ms:
             # never slower than the best dense runtime: where ispc is not faster, say which is

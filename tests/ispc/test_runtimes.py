@@ -118,6 +118,27 @@ def test_compare_uses_the_fastest_float32_dense_runtime(measured):
         rt.compare(timings, baseline="fastest")
 
 
+def test_paired_speedup_divides_round_by_round():
+    """A round the machine slowed for every entry cancels out of the paired ratio; the median of
+    all calls does not."""
+    def rec(name, rounds, kind="dense", precision="float32"):
+        return rt.RuntimeTiming(runtime=name, label=name, model="m", batch_size=1, kind=kind,
+                                available=True, precision=precision,
+                                times_ms=tuple(rounds), round_medians_ms=tuple(rounds))
+
+    timings = [rec("onnxruntime", [10.0, 20.0, 10.0]), rec("openvino", [9.0, 30.0, 12.0]),
+               rec("openvino_default", [1.0, 1.0, 1.0], precision="bfloat16"),
+               rec("ispc", [5.0, 10.0, 5.0], kind="ispc")]
+    (c,) = rt.compare(timings)
+    # rounds: min(10, 9) / 5, min(20, 30) / 10, min(10, 12) / 5 (bf16 never the baseline)
+    assert c.paired_speedup == pytest.approx(2.0) and c.paired_range == pytest.approx((1.8, 2.0))
+    (ort,) = rt.compare(timings, baseline="onnxruntime")
+    assert ort.paired_speedup == pytest.approx(2.0) and ort.paired_range == pytest.approx((2.0, 2.0))
+    short = [*timings[:3], rec("ispc", [5.0, 10.0], kind="ispc")]  # rounds do not pair up
+    assert rt.compare(short)[0].paired_speedup is None
+    assert "paired by round 2.00x (1.80-2.00x)" in rt.speedup_lines(timings)[0]
+
+
 def test_a_bf16_runtime_is_never_the_baseline():
     def rec(name, ms, precision, kind="dense"):
         return rt.RuntimeTiming(runtime=name, label=name, model="m", batch_size=1, kind=kind,
