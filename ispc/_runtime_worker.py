@@ -4,9 +4,14 @@ Run as a script by :func:`ispc.runtimes.time_runtimes` (``python -c`` + ``runpy`
 ``ispc`` package is not imported where the runtime does not need it): an ONNX Runtime or OpenVINO
 worker imports that runtime and NumPy only, no PyTorch, so no other thread pool is loaded beside
 theirs. The job is a JSON file; the result is a JSON file plus the first batch's output (``.npy``)
-for the parent's numerics check. ``job["route"]``: configure the runtime as ispc's dense route does
-(``ispc.dense_route``'s compile-time choice of runtime times it so). Errors are results too
-(``status``), never a crash of the parent.
+for the parent's numerics check. ``job["route"]``: configure the runtime as ispc's dense route does.
+Runtime ``"route"``: ``job["route_runtime"]`` run as a routed compiled model runs it, through
+``ispc.dense_route``'s module and runner in a torch process; ``"ispc_built"``: a compiled model
+pickled by the compile (``torch.save``) with the eager backend's runner (the dense route's
+compile-time timing of its candidates).
+``job["serve"]``: prepare, answer one line, then time blocks of calls on request (:func:`serve`),
+so that the parent can interleave several workers' blocks. Errors are results too (``status``),
+never a crash of the parent.
 """
 from __future__ import annotations
 
@@ -81,12 +86,30 @@ def _prepare(job: dict, batches: list) -> tuple[Callable[[Any], Any], dict[str, 
     """A one-argument call for the job's runtime, and facts about it (version, precision)."""
     runtime = job["runtime"]
     threads = job["threads"]
-    if runtime in ("eager", "eager_nhwc", "inductor", "ispc"):
+    if runtime in ("eager", "eager_nhwc", "inductor", "ispc", "ispc_built", "route"):
         import torch
 
         torch.set_num_threads(threads)
         info = {"version": torch.__version__, "precision": "float32"}
-        if runtime == "ispc":
+        if runtime == "route":  # the runtime behind the route's module and runner, as a user calls it
+            from torch import nn
+
+            from ispc.dense_route import DenseRuntimeModule, RouteRunner
+
+            with open(job["artifact"], "rb") as f:
+                onnx = f.read()
+            module = DenseRuntimeModule(nn.Identity(), job["route_runtime"], onnx,
+                                        tuple(batches[0].shape))
+            model = RouteRunner(None, module)  # (the runtime computes every call here)
+            info["version"] = f"{job['route_runtime']} via ispc's dense route"
+        elif runtime == "ispc_built":  # a compile's model as built, pickled by that compile
+            import ispc
+            from ispc.backends import BACKENDS
+
+            model = torch.load(job["artifact"], weights_only=False)  # written by our parent
+            BACKENDS["eager"].attach(model, None)  # its runner, as ispc.compile attaches it
+            info["version"] = f"ispc {ispc.__version__}, torch {torch.__version__}"
+        elif runtime == "ispc":
             import ispc
 
             model = ispc.load(job["artifact"])
@@ -94,7 +117,7 @@ def _prepare(job: dict, batches: list) -> tuple[Callable[[Any], Any], dict[str, 
             param = next(model.parameters(), None)
             if param is not None:
                 info["precision"] = _precision_name(param.dtype)
-        else:
+        if runtime not in ("ispc", "ispc_built", "route"):
             model = _torch_model(job, channels_last=runtime == "eager_nhwc")
             param = next(model.parameters(), None)
             if param is not None:
@@ -153,39 +176,54 @@ def _prepare(job: dict, batches: list) -> tuple[Callable[[Any], Any], dict[str, 
     raise ValueError(f"unknown runtime {runtime!r}")
 
 
+def _start(job: dict, result: dict[str, Any]) -> tuple[Any, list, Callable | None, Callable]:
+    """Load the inputs, prepare the runtime, make its first call: (numpy, batches, call,
+    to_numpy); ``call`` None where the runtime is not installed (``result`` says so)."""
+    np = _load_numpy()
+    pool = np.load(job["inputs"])
+    batches = [np.ascontiguousarray(pool[i]) for i in range(pool.shape[0])]
+    t0 = time.perf_counter()
+    try:
+        call, info = _prepare(job, batches)
+    except ImportError as exc:
+        result.update(status="unavailable", note=f"not installed here ({exc})")
+        return np, batches, None, lambda out: out
+    to_numpy = info.pop("to_numpy")
+    call(batches[0])  # the first call: inductor compiles, OpenVINO/ORT allocate
+    result["prepare_s"] = time.perf_counter() - t0
+    result.update(info)
+    return np, batches, call, to_numpy
+
+
+def _timed(call: Callable, batches: list, warmup: int, calls: int, threads: int
+           ) -> tuple[list[float], float]:
+    """``warmup`` untimed calls, then ``calls`` timed ones (ms), cycling the batches; and the CPU
+    time this process got per thread while timed: well below what the runtime gets alone (a
+    round's share far from the others') means something else took the cores."""
+    n = len(batches)
+    for i in range(warmup):
+        call(batches[i % n])
+    times = []
+    perf = time.perf_counter
+    cpu0, wall0 = time.process_time(), perf()
+    for i in range(calls):
+        x = batches[i % n]
+        t = perf()
+        call(x)
+        times.append((perf() - t) * 1e3)
+    return times, (time.process_time() - cpu0) / max(perf() - wall0, 1e-9) / threads
+
+
 def run(job: dict) -> dict[str, Any]:
     """Prepare, warm up, time; the result dict (also written to ``job['result']``)."""
-    np = _load_numpy()
     result: dict[str, Any] = {"runtime": job["runtime"], "status": "ok", "times_ms": [],
                               "note": ""}
     try:
-        pool = np.load(job["inputs"])
-        batches = [np.ascontiguousarray(pool[i]) for i in range(pool.shape[0])]
-        t0 = time.perf_counter()
-        try:
-            call, info = _prepare(job, batches)
-        except ImportError as exc:
-            result.update(status="unavailable", note=f"not installed here ({exc})")
+        np, batches, call, to_numpy = _start(job, result)
+        if call is None:
             return result
-        to_numpy = info.pop("to_numpy")
-        call(batches[0])  # the first call: inductor compiles, OpenVINO/ORT allocate
-        result["prepare_s"] = time.perf_counter() - t0
-        result.update(info)
-        n = len(batches)
-        for i in range(job["warmup"]):
-            call(batches[i % n])
-        times = []
-        perf = time.perf_counter
-        cpu0, wall0 = time.process_time(), perf()
-        for i in range(job["calls"]):
-            x = batches[i % n]
-            t = perf()
-            call(x)
-            times.append((perf() - t) * 1e3)
-        # CPU time this process got per thread while timed: well below what the runtime gets
-        # alone (a round's share far from the others') means something else took the cores
-        result["cpu_share"] = (time.process_time() - cpu0) / max(perf() - wall0, 1e-9) / job["threads"]
-        result["times_ms"] = times
+        result["times_ms"], result["cpu_share"] = _timed(call, batches, job["warmup"],
+                                                         job["calls"], job["threads"])
         np.save(job["check_output"], np.asarray(to_numpy(call(batches[0])), dtype=np.float32))
     except Exception as exc:  # reported to the parent, which records it and goes on
         result.update(status="error", note=f"{type(exc).__name__}: {exc}",
@@ -193,9 +231,54 @@ def run(job: dict) -> dict[str, Any]:
     return result
 
 
+def serve(job: dict, commands: Any, replies: Any) -> None:
+    """Prepare, save the first batch's output, time one call (``probe_ms``) and answer with the
+    result line; then, per command line ``{"warmup": w, "calls": n}``, time a block of calls and
+    answer ``{"status", "times_ms", "cpu_share"}``, until ``{"quit": true}`` or end of input.
+    Between blocks the process waits on its input (idle: no thread of its own runs)."""
+    def reply(obj: dict[str, Any]) -> None:
+        replies.write(json.dumps(obj) + "\n")
+        replies.flush()
+
+    result: dict[str, Any] = {"runtime": job["runtime"], "status": "ok", "note": ""}
+    try:
+        np, batches, call, to_numpy = _start(job, result)
+        if call is not None:
+            np.save(job["check_output"], np.asarray(to_numpy(call(batches[0])), dtype=np.float32))
+            t = time.perf_counter()
+            call(batches[0])
+            result["probe_ms"] = (time.perf_counter() - t) * 1e3
+    except Exception as exc:
+        result.update(status="error", note=f"{type(exc).__name__}: {exc}",
+                      traceback=traceback.format_exc(limit=8))
+    reply(result)
+    if result["status"] != "ok":
+        return
+    for line in commands:
+        cmd = json.loads(line)
+        if cmd.get("quit"):
+            return
+        try:
+            times, share = _timed(call, batches, int(cmd["warmup"]), int(cmd["calls"]),
+                                  job["threads"])
+            reply({"status": "ok", "times_ms": times, "cpu_share": share})
+        except Exception as exc:
+            reply({"status": "error", "note": f"{type(exc).__name__}: {exc}"})
+            return
+
+
 def main(argv: list[str]) -> int:
     with open(argv[1]) as f:
         job = json.load(f)
+    if job.get("serve"):
+        # replies on a copy of stdout; whatever a library prints goes to stderr (the log)
+        import os
+
+        replies = os.fdopen(os.dup(1), "w")
+        os.dup2(2, 1)
+        sys.stdout = sys.stderr
+        serve(job, sys.stdin, replies)
+        return 0
     result = run(job)
     with open(job["result"], "w") as f:
         json.dump(result, f)

@@ -10,9 +10,9 @@ copy of the user's model and runs it instead where the runtime cannot: under ``t
 ``torch.compile`` or fx tracing (so saving, ONNX export and the other backends see a plain torch
 model), with autograd, on another device or dtype, at another input size than exported, and
 while :meth:`CompiledModel.measure` hooks its layers. Both compute the user's model. A compiled
-model's runner (:class:`RouteRunner`) calls the runtime straight. The pass times the runtimes with
-:func:`time_apart`: each in worker processes of its own (the benchmark's worker, which
-``ispc.runtimes`` runs through :func:`run_worker` too).
+model's runner (:class:`RouteRunner`) calls the runtime straight. The pass times its candidates
+with :func:`time_interleaved`: each in a worker process of its own (the benchmark's worker, which
+``ispc.runtimes`` runs through :func:`run_worker` too), all alive at once and timed in turn.
 
 Thread pools: ONNX Runtime's workers spin after a call by default and take the cores from the
 torch work that follows in the same process (a 0.87 ms 3x3 convolution ran 1.7-3.3 ms right after
@@ -35,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import warnings
 from collections.abc import Iterator
 from importlib import metadata
@@ -50,7 +51,7 @@ from .errors import BackendUnavailableError
 
 __all__ = ["ROUTE_RUNTIMES", "DenseRuntimeModule", "RouteRunner", "export_dense_onnx", "onnx_bytes",
            "installed", "require_runtime", "routed", "wrap", "runtime_only", "runner_for",
-           "worker_env", "run_worker", "time_apart", "rel_err"]
+           "worker_env", "run_worker", "time_interleaved", "block_calls", "rel_err"]
 
 #: the dense runtimes a route may use, in the order an untimed route prefers them (OpenVINO needs
 #: no thread-pool setting in a torch process; the two ran within ~3% of each other here)
@@ -65,6 +66,12 @@ _BOOTSTRAP = ("import runpy, sys; sys.argv = sys.argv[1:]; "
               "runpy.run_path(sys.argv[0], run_name='__main__')")
 #: glibc's largest M_MMAP_THRESHOLD on 64-bit (a larger value is ignored)
 MMAP_THRESHOLD = 32 << 20
+#: the pause after each block of timed calls of interleaved workers (time_interleaved): a thread
+#: pool that spins after its last call (libgomp under ispc's kernels and torch, OpenVINO's)
+#: otherwise takes a core from the next worker's block. Without it, on MobileNetV2 at batch 1
+#: (2-core AMD EPYC), ONNX Runtime and OpenVINO timed beside ispc's model read 6.0-6.8 ms, with
+#: 30 ms 4.4 ms, as in processes timed one after another (docs/dense_route.md)
+SETTLE_S = 0.05
 #: the runtimes that read the ONNX export (the others' workers read a pickled torch model)
 _ONNX_RUNTIMES = ("onnxruntime", "openvino", "openvino_default")
 
@@ -174,34 +181,116 @@ def run_worker(job: dict[str, Any], job_dir: Path, tag: str, *, timeout_s: float
     return result
 
 
-def time_apart(onnx: bytes, runtimes: list[str], x: Tensor, *, threads: int, rounds: int,
-               calls: int, warmup: int, timeout_s: float = 600.0) -> dict[str, dict[str, Any]]:
-    """Each runtime as the route runs it, timed on ``x`` in fresh processes of its own (no torch
-    beside it), ``rounds`` of them rotated: runtime -> ``{"ms": median over every call,
-    "output": its output on x, "note": why not}`` (``ms`` None where a worker failed). Timed in
-    the compiling process, the two runtimes' order on ResNet-50 differed from their order in
-    processes of their own (docs/dense_route.md)."""
-    out: dict[str, dict[str, Any]] = {r: {"times": [], "output": None, "note": ""}
-                                      for r in runtimes}
+class _Server:
+    """One worker process in serve mode (``_runtime_worker.serve``): it prepares its runtime, then
+    times a block of calls each time it is asked, idle in between."""
+
+    def __init__(self, job: dict[str, Any], job_dir: Path, tag: str) -> None:
+        self.tag = tag
+        self.job = {**job, "serve": True, "check_output": str(job_dir / f"{tag}.out.npy")}
+        job_path = job_dir / f"{tag}.job.json"
+        job_path.write_text(json.dumps(self.job))
+        self.log_path = job_dir / f"{tag}.log"
+        with open(self.log_path, "w") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", _BOOTSTRAP, str(WORKER), str(job_path)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True,
+                env=worker_env(job["threads"], job["runtime"]), cwd=job_dir)
+
+    def reply(self, timeout_s: float) -> dict[str, Any]:
+        """The worker's next answer; an error dict where it exits or does not answer in time."""
+        import select
+
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout_s)
+        line = self.proc.stdout.readline() if ready else ""
+        if line:
+            return json.loads(line)
+        if not ready:
+            self.close()
+            return {"status": "error", "note": f"worker ran past {timeout_s:.0f} s"}
+        self.proc.wait()
+        tail = self.log_path.read_text()[-600:] if self.log_path.exists() else ""
+        return {"status": "error",
+                "note": f"worker exited with status {self.proc.returncode}: {tail.strip()}"}
+
+    def ask(self, command: dict[str, Any], timeout_s: float) -> dict[str, Any]:
+        try:
+            self.proc.stdin.write(json.dumps(command) + "\n")
+            self.proc.stdin.flush()
+        except OSError:
+            pass  # (it exited: reply() says how)
+        return self.reply(timeout_s)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.write(json.dumps({"quit": True}) + "\n")
+                self.proc.stdin.close()
+                self.proc.wait(timeout=10)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait()
+
+
+def block_calls(probe_ms: float, block_s: float, *, lo: int = 2, hi: int = 30) -> int:
+    """Timed calls per block: about ``block_s`` of calls of ``probe_ms``, within [lo, hi]."""
+    return max(lo, min(hi, int(block_s * 1e3 / max(probe_ms, 1e-3))))
+
+
+def time_interleaved(jobs: dict[str, dict[str, Any]], inputs: Tensor, *, threads: int, rounds: int,
+                     warmup: int, block_s: float, max_calls: int = 30, settle_s: float = SETTLE_S,
+                     timeout_s: float = 600.0) -> dict[str, dict[str, Any]]:
+    """Each candidate (name -> a ``_runtime_worker`` job, less inputs and threads) in a fresh
+    worker process of its own, all alive at once and timed in turn: per round, each (order
+    rotated) runs ``warmup`` untimed calls and a block of timed ones (:func:`block_calls` of the
+    slowest candidate's probe call, the same count for all) while the others wait idle, and
+    ``settle_s`` passes before the next block (:data:`SETTLE_S`). A busy
+    spell of the machine then falls on neighbouring blocks of every candidate alike, and the
+    rounds pair up: name -> ``{"rounds_ms": [block medians], "ms": median over every call,
+    "output": its output on the first input, "note": why not}`` (``ms`` None and no rounds where
+    its worker failed). ``inputs``: the batches the calls cycle through, stacked (N x batch)."""
+    out: dict[str, dict[str, Any]] = {k: {"rounds_ms": [], "times": [], "output": None,
+                                          "note": "", "probe_ms": None} for k in jobs}
     with tempfile.TemporaryDirectory(prefix="ispc-route-") as tmp:
         work = Path(tmp)
-        (work / "model.onnx").write_bytes(onnx)
-        np.save(work / "inputs.npy", x.detach().float().contiguous().numpy()[None])
-        for k in range(rounds):
-            order = runtimes[k % len(runtimes):] + runtimes[:k % len(runtimes)]
-            for r in order:
-                job = {"runtime": r, "artifact": str(work / "model.onnx"), "route": True,
-                       "inputs": str(work / "inputs.npy"), "threads": threads,
-                       "warmup": warmup, "calls": calls}
-                res = run_worker(job, work, f"{r}_{k}", timeout_s=timeout_s)
+        np.save(work / "inputs.npy", inputs.detach().float().contiguous().numpy())
+        servers: dict[str, _Server] = {}
+        try:
+            for name, job in jobs.items():  # all start together; nothing is timed until all are up
+                servers[name] = _Server({**job, "inputs": str(work / "inputs.npy"),
+                                         "threads": threads}, work, f"w{len(servers)}")
+            for name, srv in list(servers.items()):
+                res = srv.reply(timeout_s)
                 if res.get("status") != "ok":
-                    out[r]["note"] = f"{res.get('status')}: {res.get('note')}"
+                    out[name]["note"] = f"{res.get('status')}: {res.get('note')}"
+                    srv.close()
+                    del servers[name]
                     continue
-                out[r]["times"] += res["times_ms"]
-                if out[r]["output"] is None:
-                    out[r]["output"] = res.get("output")
-    return {r: {"ms": statistics.median(v["times"]) if v["times"] and not v["note"] else None,
-                "output": v["output"], "note": v["note"]} for r, v in out.items()}
+                out[name]["probe_ms"] = res.get("probe_ms")
+                path = Path(srv.job["check_output"])
+                out[name]["output"] = np.load(path) if path.exists() else None
+            probes = [out[k]["probe_ms"] or 0.0 for k in servers]
+            calls = block_calls(max(probes, default=1.0), block_s, hi=max_calls)
+            names = list(servers)
+            for k in range(rounds):
+                order = names[k % len(names):] + names[:k % len(names)] if names else []
+                for name in order:
+                    if name not in servers:
+                        continue
+                    res = servers[name].ask({"warmup": warmup, "calls": calls}, timeout_s)
+                    if res.get("status") != "ok" or not res.get("times_ms"):
+                        out[name]["note"] = f"{res.get('status')}: {res.get('note')}"
+                        servers.pop(name).close()
+                        continue
+                    out[name]["rounds_ms"].append(statistics.median(res["times_ms"]))
+                    out[name]["times"] += res["times_ms"]
+                    time.sleep(settle_s)
+        finally:
+            for srv in servers.values():
+                srv.close()
+    return {k: {"rounds_ms": v["rounds_ms"] if not v["note"] else [],
+                "ms": statistics.median(v["times"]) if v["times"] and not v["note"] else None,
+                "output": v["output"], "note": v["note"]} for k, v in out.items()}
 
 
 class DenseRuntimeModule(nn.Module):

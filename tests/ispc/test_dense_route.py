@@ -1,6 +1,7 @@
 """ispc.dense_route: the module a dense route's graph calls, and the graph around it."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 
@@ -124,21 +125,59 @@ def test_route_runner_falls_back_to_the_graph(onnx):
         assert len(calls) == 3
 
 
-def test_time_apart_times_each_runtime_in_its_own_process(onnx):
-    """Each installed runtime timed in fresh worker processes, as the route runs it; its output
-    on the input comes back for the numerics check, a failure as a note."""
+def test_time_interleaved_times_each_candidate_in_its_own_worker(onnx, tmp_path):
+    """Each candidate in a worker process of its own, all timed in the same rounds (one block
+    median per round); its output on the first input comes back for the numerics check, a
+    failure as a note without rounds."""
     runtimes = [r for r in route.ROUTE_RUNTIMES if route.installed(r)]
     if not runtimes:
         pytest.skip("no dense runtime installed")
     model, data = onnx
-    x = torch.randn(1, 3, 8, 8)
-    res = route.time_apart(data, runtimes, x, threads=1, rounds=2, calls=3, warmup=1)
-    assert sorted(res) == sorted(runtimes)
+    (tmp_path / "m.onnx").write_bytes(data)
+    (tmp_path / "bad.onnx").write_bytes(b"not onnx")
+    jobs = {r: {"runtime": "route", "route_runtime": r, "artifact": str(tmp_path / "m.onnx")}
+            for r in runtimes}
+    jobs["bad"] = {"runtime": "route", "route_runtime": runtimes[0],
+                   "artifact": str(tmp_path / "bad.onnx")}
+    x = torch.randn(3, 1, 3, 8, 8)  # three inputs of batch 1
+    res = route.time_interleaved(jobs, x, threads=1, rounds=3, warmup=1, block_s=0.002,
+                                 settle_s=0.0)
+    assert sorted(res) == sorted(jobs)
     for r in runtimes:
-        assert res[r]["ms"] > 0 and res[r]["note"] == ""
-        assert rel_err(torch.from_numpy(res[r]["output"]), model(x)) < 1e-5
-    bad = route.time_apart(b"not onnx", runtimes[:1], x, threads=1, rounds=1, calls=1, warmup=0)
-    assert bad[runtimes[0]]["ms"] is None and bad[runtimes[0]]["note"].startswith("error")
+        assert res[r]["ms"] > 0 and res[r]["note"] == "" and len(res[r]["rounds_ms"]) == 3
+        assert rel_err(torch.from_numpy(res[r]["output"]), model(x[0])) < 1e-5
+    assert res["bad"]["ms"] is None and res["bad"]["rounds_ms"] == []
+    assert res["bad"]["note"].startswith("error")
+
+
+def test_block_calls():
+    assert route.block_calls(4.0, 0.12) == 30 and route.block_calls(40.0, 0.12) == 3
+    assert route.block_calls(1000.0, 1.0, hi=3) == 2 and route.block_calls(0.01, 1.0) == 30
+
+
+def test_worker_serves_blocks_until_told_to_quit(onnx, tmp_path):
+    """Serve mode: one answer after preparing (with a probe call), one per block asked for,
+    and the process ends on quit; what a library prints does not reach the replies."""
+    import io
+    import runpy
+
+    import numpy as np
+
+    runtime = next((r for r in route.ROUTE_RUNTIMES if route.installed(r)), None)
+    if runtime is None:
+        pytest.skip("no dense runtime installed")
+    (tmp_path / "m.onnx").write_bytes(onnx[1])
+    np.save(tmp_path / "in.npy", np.ones((2, 1, 3, 8, 8), np.float32))
+    w = runpy.run_path(str(route.WORKER))
+    job = {"runtime": runtime, "route": True, "artifact": str(tmp_path / "m.onnx"), "threads": 1,
+           "inputs": str(tmp_path / "in.npy"), "check_output": str(tmp_path / "out.npy")}
+    replies = io.StringIO()
+    w["serve"](job, iter(['{"warmup": 1, "calls": 4}\n', '{"warmup": 0, "calls": 2}\n',
+                          '{"quit": true}\n', '{"warmup": 0, "calls": 9}\n']), replies)
+    lines = [json.loads(line) for line in replies.getvalue().splitlines()]
+    assert lines[0]["status"] == "ok" and lines[0]["probe_ms"] > 0
+    assert [len(line["times_ms"]) for line in lines[1:]] == [4, 2]
+    assert np.load(tmp_path / "out.npy").shape == (1, 4)
 
 
 @pytest.mark.parametrize("runtime", route.ROUTE_RUNTIMES)
