@@ -5,10 +5,10 @@ Run as a script by :func:`ispc.runtimes.time_runtimes` (``python -c`` + ``runpy`
 worker imports that runtime and NumPy only, no PyTorch, so no other thread pool is loaded beside
 theirs. The job is a JSON file; the result is a JSON file plus the first batch's output (``.npy``)
 for the parent's numerics check. ``job["route"]``: configure the runtime as ispc's dense route does.
-Runtime ``"route"``: ``job["route_runtime"]`` run as a routed compiled model runs it, through
-``ispc.dense_route``'s module and runner in a torch process; ``"ispc_built"``: a compiled model
-pickled by the compile (``torch.save``) with the eager backend's runner (the dense route's
-compile-time timing of its candidates).
+Runtime ``"route"``: ``job["route_runtime"]`` run as a routed compiled model runs it (a
+``CompiledModel`` around ``ispc.dense_route``'s module, its ``RouteRunner``) in a torch process;
+``"ispc_built"``: a compiled model pickled by the compile (``torch.save``) with the eager
+backend's runner (the dense route's compile-time timing of its candidates).
 ``job["serve"]``: prepare, answer one line, then time blocks of calls on request (:func:`serve`),
 so that the parent can interleave several workers' blocks. Errors are results too (``status``),
 never a crash of the parent.
@@ -92,15 +92,22 @@ def _prepare(job: dict, batches: list) -> tuple[Callable[[Any], Any], dict[str, 
         torch.set_num_threads(threads)
         info = {"version": torch.__version__, "precision": "float32"}
         if runtime == "route":  # the runtime behind the route's module and runner, as a user calls it
-            from torch import nn
+            from torch import fx, nn
 
-            from ispc.dense_route import DenseRuntimeModule, RouteRunner
+            from ispc.backends import BACKENDS
+            from ispc.compiled import CompiledModel
+            from ispc.config import GatingConfig
+            from ispc.dense_route import DenseRuntimeModule, wrap
+            from ispc.report import Report
 
             with open(job["artifact"], "rb") as f:
                 onnx = f.read()
             module = DenseRuntimeModule(nn.Identity(), job["route_runtime"], onnx,
                                         tuple(batches[0].shape))
-            model = RouteRunner(None, module)  # (the runtime computes every call here)
+            # a routed compiled model, called as a user calls one (CompiledModel -> RouteRunner)
+            model = CompiledModel(wrap(fx.symbolic_trace(nn.Identity()), module), Report(),
+                                  GatingConfig(), backend="eager")
+            BACKENDS["eager"].attach(model, None)
             info["version"] = f"{job['route_runtime']} via ispc's dense route"
         elif runtime == "ispc_built":  # a compile's model as built, pickled by that compile
             import ispc
