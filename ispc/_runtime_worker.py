@@ -239,8 +239,8 @@ def run(job: dict) -> dict[str, Any]:
 
 
 def serve(job: dict, commands: Any, replies: Any) -> None:
-    """Prepare, save the first batch's output, time one call (``probe_ms``) and answer with the
-    result line; then, per command line ``{"warmup": w, "calls": n}``, time a block of calls and
+    """Prepare, save the first batch's output from a second call, timed (``probe_ms``), and
+    answer with the result line; then, per command line ``{"warmup": w, "calls": n}``, time a block of calls and
     answer ``{"status", "times_ms", "cpu_share"}``, until ``{"quit": true}`` or end of input.
     Between blocks the process waits on its input (idle: no thread of its own runs)."""
     def reply(obj: dict[str, Any]) -> None:
@@ -250,11 +250,11 @@ def serve(job: dict, commands: Any, replies: Any) -> None:
     result: dict[str, Any] = {"runtime": job["runtime"], "status": "ok", "note": ""}
     try:
         np, batches, call, to_numpy = _start(job, result)
-        if call is not None:
-            np.save(job["check_output"], np.asarray(to_numpy(call(batches[0])), dtype=np.float32))
+        if call is not None:  # the second call: its output checked, its time the probe
             t = time.perf_counter()
-            call(batches[0])
+            out = call(batches[0])
             result["probe_ms"] = (time.perf_counter() - t) * 1e3
+            np.save(job["check_output"], np.asarray(to_numpy(out), dtype=np.float32))
     except Exception as exc:
         result.update(status="error", note=f"{type(exc).__name__}: {exc}",
                       traceback=traceback.format_exc(limit=8))
