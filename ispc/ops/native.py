@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import functools
 import math
 import mmap
 import os
@@ -614,6 +615,22 @@ def winograd_fits(kernel: tuple[int, int], stride: tuple[int, int],
 WINO_MIN_POSITIONS = 784
 # the largest U (bytes) a layer runs by Winograd with: 128 -> 128 channels
 WINO_MAX_U_BYTES = 1 << 20
+# the same two where AVX-512 runs on 256-bit datapaths (AMD Zen 4): there the direct kernel's
+# FMAs take twice the cycles, and Winograd wins down to 14x14 maps with U up to 256 -> 256
+# channels (split between the threads, each reading its half of U once per call)
+WINO_HALF_WIDTH_MIN_POSITIONS = 196
+WINO_HALF_WIDTH_MAX_U_BYTES = 4 << 20
+
+
+@functools.lru_cache(maxsize=1)
+def avx512_half_width() -> bool:
+    """Whether this CPU runs AVX-512 on 256-bit datapaths: an AMD CPU with AVX-512 (Zen 4)."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            text = fh.read(1 << 16)
+    except OSError:
+        return False
+    return "AuthenticAMD" in text and " avx512f" in text
 # the fewest input channels: with few, the transforms outweigh the GEMMs (VGG's 3 -> 64 stem
 # layer in situ 1.54 -> 3.65 ms)
 WINO_MIN_CHANNELS = 32
@@ -623,9 +640,13 @@ def winograd_chosen(cin: int, cout: int, out_hw: int | None) -> bool:
     """Whether a fitting layer runs by Winograd: on maps of 28x28 outputs and up with 32 input
     channels or more its 16 / 36 of the multiplications outweigh its transforms while its U
     (16 / 9 the weights' bytes), which each thread reads for every chunk of tiles, stays in L2;
-    on smaller maps or with a larger U the direct kernel wins (docs/benchmarks.md)."""
-    return (out_hw is not None and out_hw >= WINO_MIN_POSITIONS and cin >= WINO_MIN_CHANNELS
-            and 16 * cin * cout * 4 <= WINO_MAX_U_BYTES)
+    on smaller maps or with a larger U the direct kernel wins (docs/benchmarks.md), except where
+    AVX-512 runs on 256-bit datapaths (:func:`avx512_half_width`: 14x14 and up, U to 4 MiB)."""
+    half = avx512_half_width()
+    min_positions = WINO_HALF_WIDTH_MIN_POSITIONS if half else WINO_MIN_POSITIONS
+    max_u = WINO_HALF_WIDTH_MAX_U_BYTES if half else WINO_MAX_U_BYTES
+    return (out_hw is not None and out_hw >= min_positions and cin >= WINO_MIN_CHANNELS
+            and 16 * cin * cout * 4 <= max_u)
 
 
 def pack_weight_winograd(weight: Tensor, vectors: int) -> Tensor:

@@ -1577,9 +1577,14 @@ static int64_t nh_pf_min(void) {
     return nh_l1_bytes;
 #endif
 }
-#ifndef NH_PF_GATED_BYTES
-#define NH_PF_GATED_BYTES (1536 << 10)
+/* NH_PF_GATED_BYTES: three quarters of L2 (1.5 MiB on a 2 MiB L2); -D fixes it */
+static int64_t nh_pf_gated(void) {
+#ifdef NH_PF_GATED_BYTES
+    return NH_PF_GATED_BYTES;
+#else
+    return nh_l2_bytes / 4 * 3;
 #endif
+}
 
 /* While a thread's tiles walk a group's compacted rows, they prefetch the kept rows of the
  * (group, instance) it runs next into L2, spread over the steps (NH_NPF 0: not), where the
@@ -1590,9 +1595,13 @@ static int64_t nh_pf_min(void) {
 #ifndef NH_NPF_LOC
 #define NH_NPF_LOC 1
 #endif
-#ifndef NH_NPF_BYTES
-#define NH_NPF_BYTES NH_PF_GATED_BYTES
+static int64_t nh_npf_bytes(void) {  /* NH_NPF_BYTES: nh_pf_gated where not fixed */
+#ifdef NH_NPF_BYTES
+    return NH_NPF_BYTES;
+#else
+    return nh_pf_gated();
 #endif
+}
 
 /* one kept channel c of a tile: NV weight vectors at wc, MR broadcasts p[i][c], MR * NV FMAs;
  * pf (NULL: none): the weights to prefetch, NV * VW floats */
@@ -1836,10 +1845,16 @@ static inline void nh_sfence(void) {
 /* weights (bytes) of the blocks of output channels one tile runs through in a row: each tile
  * writes all of a group's channels of its positions at once (one pass over the output rows where
  * a group per block wrote each row in several strided passes: 1x1 64->256 at 56x56, its output
- * beyond L2, 1.6x faster), the group's weights staying in L2 across tiles */
-#ifndef NHWC_GROUP_BYTES
-#define NHWC_GROUP_BYTES (512 << 10)
+ * beyond L2, 1.6x faster), the group's weights staying in L2 across tiles: a quarter of L2
+ * (512 KiB on a 2 MiB L2; on a 1 MiB L2 256 KiB measured the same as 512 KiB, ResNet-50 batch 1,
+ * AMD EPYC Zen 4); -DNHWC_GROUP_BYTES fixes it */
+static int64_t nh_group_bytes(void) {
+#ifdef NHWC_GROUP_BYTES
+    return NHWC_GROUP_BYTES;
+#else
+    return nh_l2_bytes / 4;
 #endif
+}
 
 /* Gated layers whose (group, instance) runs at least NH_COMPACT_TILES tiles copy the group's
  * kept weight rows, [block][tap][K][nr], into a buffer of the thread's before its first tile, so
@@ -1923,13 +1938,13 @@ static void nh_conv(const nh_geom_t *g, const ispc_nhwc_layer_t *L, const float 
     const int64_t HWC = g->H * g->W * C;
     const nh_kernel_t kind = nh_kernel(g->nv, mr, 1), kdir = nh_kernel(g->nv, mr, 0),
                       kcmp = nh_kernel(g->nv, mr, 2);
-    int64_t G = NHWC_GROUP_BYTES / (T * C * nr * (int64_t)sizeof(float) + 1);
+    int64_t G = nh_group_bytes() / (T * C * nr * (int64_t)sizeof(float) + 1);
     G = G < 1 ? 1 : G > g->cob ? g->cob : G;
     const int64_t groups = (g->cob + G - 1) / G;
     G = (g->cob + groups - 1) / groups;  /* groups of (nearly) equal size */
     const int64_t wbytes = T * C * nr * (int64_t)sizeof(float);  /* a block's */
     const int64_t pfd = wbytes >= nh_pf_min() ? NH_PF : 0;
-    const int64_t pfg = wbytes * g->cob >= NH_PF_GATED_BYTES ? pfd : 0;
+    const int64_t pfg = wbytes * g->cob >= nh_pf_gated() ? pfd : 0;
     float *cbuf = counts && NH_COMPACT_TILES > 0 && g->tiles >= NH_COMPACT_TILES
                   && g->N <= NH_COMPACT_MAX_N
                   ? nh_compact_buf(G * T * C * nr) : 0;
@@ -1942,7 +1957,7 @@ static void nh_conv(const nh_geom_t *g, const ispc_nhwc_layer_t *L, const float 
     const int64_t nth = omp_get_num_threads(), tid = omp_get_thread_num();
     const int64_t items = groups * g->N * g->tiles, iq = items / nth, ir = items % nth;
     const int64_t i0 = tid * iq + (tid < ir ? tid : ir), i1 = i0 + iq + (tid < ir);
-    const float **prow = cbuf && NH_NPF && wbytes * g->cob >= NH_NPF_BYTES
+    const float **prow = cbuf && NH_NPF && wbytes * g->cob >= nh_npf_bytes()
                          ? nh_prefetch_buf(G * T * C) : 0;
     int64_t pn = 0, pt = 1, pk = 0;  /* rows in prow, this pair's tiles here, tiles done */
     for (int64_t it = i0; it < i1; it++) {
@@ -2064,10 +2079,15 @@ static void nh_geometry(nh_geom_t *g, const ispc_nhwc_layer_t *L, int64_t N, int
 }
 
 /* instances' input bytes per chunk: saliency, selection and convolution run chunk by chunk, so
- * that the convolution reads the input the saliency pass just brought into cache */
-#ifndef NHWC_CHUNK_BYTES
-#define NHWC_CHUNK_BYTES (1 << 20)
+ * that the convolution reads the input the saliency pass just brought into cache: half of L2
+ * (1 MiB on a 2 MiB L2); -DNHWC_CHUNK_BYTES fixes it */
+static int64_t nh_chunk_bytes(void) {
+#ifdef NHWC_CHUNK_BYTES
+    return NHWC_CHUNK_BYTES;
+#else
+    return nh_l2_bytes / 2;
 #endif
+}
 
 /* Gated layers with at least this many output positions per instance (28x28 and up) and at
  * least NH_GATHER_TAPS taps run each instance that keeps some but not all channels as a dense
@@ -2123,7 +2143,7 @@ static void nh_plan(nh_plan_t *P, const nh_geom_t *g, int64_t mode, int64_t k,
     /* instances per chunk: the selection's input budget (none with the input's sums given) */
     int64_t m = N;
     if (mode != NHWC_DENSE && !(sums && sums->in) && HW * C > 0)
-        m = NHWC_CHUNK_BYTES / (HW * C * (int64_t)sizeof(float));
+        m = nh_chunk_bytes() / (HW * C * (int64_t)sizeof(float));
     P->chunk = m < 1 ? 1 : m > N ? N : m;
     /* gated: int32 indices, counts, saliencies, scratch (floats and int64), block sums */
     P->select = mode == NHWC_DENSE ? 0 : (N * C + 15) / 16 * 16 + 2 * N + N * C + 3 * N * C
@@ -2159,9 +2179,13 @@ int64_t ispc_conv_nhwc_workspace(const ispc_nhwc_layer_t *L, int64_t N, int64_t 
  * small beside the maps (28x28 and up in ResNets; native.py chooses). A larger U splits the
  * output channels between the threads instead (WINO_COUT_SPLIT_BYTES): it loses less there, but
  * at 14x14 and 7x7 still does not beat the direct kernel on gated calls (docs/benchmarks.md). */
-#ifndef WINO_TILE_FLOATS
-#define WINO_TILE_FLOATS (128 << 10)
+static int64_t wino_tile_floats(void) {  /* a quarter of L2 (128 Ki floats on a 2 MiB L2) */
+#ifdef WINO_TILE_FLOATS
+    return WINO_TILE_FLOATS;
+#else
+    return nh_l2_bytes / 4 / (int64_t)sizeof(float);
 #endif
+}
 
 /* floats between two points' planes of V or M past their tiles: planes a multiple of 4 KiB apart
  * would put a tile's 16 vectors into one L1 set */
@@ -2169,11 +2193,25 @@ int64_t ispc_conv_nhwc_workspace(const ispc_nhwc_layer_t *L, int64_t N, int64_t 
 
 /* U bytes above which the threads split the output channels instead of the positions: each
  * reads its own blocks' U once per chunk of tiles, every thread transforms every chunk's input */
-#ifndef WINO_COUT_SPLIT_BYTES
-#define WINO_COUT_SPLIT_BYTES (1 << 20)
+static int64_t wino_cout_split_bytes(void) {  /* half of L2 (1 MiB on a 2 MiB L2) */
+#ifdef WINO_COUT_SPLIT_BYTES
+    return WINO_COUT_SPLIT_BYTES;
+#else
+    return nh_l2_bytes / 2;
 #endif
-#ifndef WINO_SPLIT_FLOATS  /* a chunk's V and M when the output channels are split */
-#define WINO_SPLIT_FLOATS (320 << 10)
+}
+/* a chunk's V and M when the output channels are split: five eighths of L2 (320 Ki floats on a
+ * 2 MiB L2) */
+static int64_t wino_split_floats(void) {
+#ifdef WINO_SPLIT_FLOATS
+    return WINO_SPLIT_FLOATS;
+#else
+    return nh_l2_bytes / 8 * 5 / (int64_t)sizeof(float);
+#endif
+}
+
+#ifndef NH_WPF
+#define NH_WPF 1
 #endif
 
 typedef struct {
@@ -2186,9 +2224,9 @@ static void wino_dims(wino_dims_t *d, const nh_geom_t *g, int64_t threads) {
     d->TW = (g->Wo + 1) / 2;
     d->tiles = d->TH * d->TW;
     d->split = threads > 1 && g->cob > 1
-               && 16 * g->C * g->cout * (int64_t)sizeof(float) > WINO_COUT_SPLIT_BYTES;
+               && 16 * g->C * g->cout * (int64_t)sizeof(float) > wino_cout_split_bytes();
     d->ownb = d->split ? (g->cob + threads - 1) / threads : g->cob;
-    int64_t tg = (d->split ? WINO_SPLIT_FLOATS : WINO_TILE_FLOATS)
+    int64_t tg = (d->split ? wino_split_floats() : wino_tile_floats())
                  / (16 * ((g->C + 15) / 16 * 16 + d->ownb * g->nr));
     if (tg < d->tiles) tg = tg / g->mr * g->mr;
     tg = tg < g->mr ? g->mr : tg;
@@ -2308,6 +2346,11 @@ static void nh_wino(const nh_geom_t *g, const ispc_nhwc_layer_t *L, const float 
     float *zb = M + 16 * (d.tgmax * ms + WINO_SKEW);
     memset(zb, 0, sizeof(float) * NH_MAXNV * VW);
     const int64_t HWC = g->H * g->W * C, total = g->N * d.tiles;
+    /* gated, a U beyond L2 (threads splitting its blocks): its kept rows, scattered, come from
+     * memory on the first tiles of each (point, block); prefetched NH_PF channels ahead as
+     * nh_conv's indirect walk does (NH_WPF 0: not) */
+    const int64_t wpf = NH_WPF && d.split && 16 * C * g->cout * (int64_t)sizeof(float) >= nh_pf_gated()
+                        ? NH_PF : 0;
     /* this thread's run of (instance, tile) (split: all of them), in chunks of at most tgmax
      * tiles of one instance: the positions nh_conv's split gives it, so that the layers before
      * and after find their parts of the maps in this core's caches */
@@ -2335,7 +2378,7 @@ static void nh_wino(const nh_geom_t *g, const ispc_nhwc_layer_t *L, const float 
                     if (K == C)
                         kdir(ptab, wseg, 1, C, 0, 0, &e);
                     else
-                        kind(ptab, wseg, K ? 1 : 0, K, ix + n * C, 0, &e);
+                        kind(ptab, wseg, K ? 1 : 0, K, ix + n * C, wpf, &e);
                 }
             }
         /* Y = A^T M A per tile, through the layer's epilogue */

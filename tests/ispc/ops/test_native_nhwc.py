@@ -4,6 +4,7 @@ epilogues, batches whose instances keep different channel counts, and the AVX2 b
 from __future__ import annotations
 
 import copy
+import ctypes
 import math
 import pickle
 import platform
@@ -502,3 +503,45 @@ def test_forced_paths_equal_the_default_build_bit_for_bit(monkeypatch, isa, path
                 what = (isa, path, cin, cout, ks, vectors, mode, k)
                 _check(outs[1], want, what)
                 assert torch.equal(outs[0], outs[1]) and torch.equal(sums[0], sums[1]), what
+
+
+def test_cache_bytes_read_at_load():
+    c = native.cache_bytes()
+    assert c["l1d"] >= 16 << 10 and c["l2"] >= 128 << 10
+
+
+def test_small_l2_build_crosses_the_cache_derived_thresholds(monkeypatch):
+    # a build that takes L2 as 256 KiB (-DNH_L2_BYTES): the output-channel groups (a quarter of
+    # L2), the gated prefetches and next-group prefetches (three quarters), the selection chunks
+    # (half) and Winograd's chunks and output-channel split all cross into their small-L2 values
+    # on layers that stay on the other side with the default build: the same values as the
+    # default build's (the blocking changes no sum's order) and the reference
+    base = native._lib
+    small = _forced_build(("-DNH_L2_BYTES=262144",))
+    small.ispc_cache_bytes.restype = ctypes.c_int64
+    assert small.ispc_cache_bytes(2) == 262144
+    g = torch.Generator().manual_seed(21)
+    for cin, cout, ks, s, p, h, wino in [(320, 256, 1, 1, 0, 9, False), (256, 128, 3, 1, 1, 7, False),
+                                         (96, 80, 3, 1, 1, 10, True), (320, 64, 1, 1, 0, 6, False),
+                                         (64, 96, 3, 2, 1, 11, False)]:
+        x = torch.randn(3, cin, h, h, generator=g).relu() * (torch.rand(3, cin, 1, 1, generator=g) + .1)
+        w = torch.randn(cout, cin, ks, ks, generator=g) / (cin * ks * ks) ** 0.5
+        b, scale = torch.randn(cout, generator=g), torch.rand(cin, generator=g) + 0.5
+        thr = threshold_between(gc.channel_saliency(x, scale), 0.5)
+        for xb in (x[:1], x):
+            for mode, t, k in [(native.DENSE, 0.0, 0), (gc.TOPK, 0.0, 3), (gc.TOPK, 0.0, cin // 2),
+                               (gc.THRESHOLD, thr, 0)]:
+                ref = _reference(xb, w, b, s, p, 1, mode, scale, t, k, gc.SALIENCY_L2)
+                r = _nhwc(torch.randn(ref.shape, generator=g))
+                outs = []
+                for lib in (base, small):
+                    monkeypatch.setattr(native, "_lib", lib)
+                    layer = native.NhwcConv(w, b, s, p, 1, out_hw=ref.shape[2] * ref.shape[3],
+                                            winograd=wino)
+                    sums = torch.empty(len(xb), cout)
+                    outs.append((layer(_nhwc(xb), mode, scale=scale, threshold=t, k=k, residual=r,
+                                       clamp=native.RELU, out_sums=sums), sums))
+                what = (cin, cout, ks, len(xb), mode, k)
+                _check(outs[1][0], (ref + r).clamp(*native.RELU), what)
+                assert rel_err(outs[1][0], outs[0][0]) <= 1e-6, what
+                assert rel_err(outs[1][1], outs[0][1]) <= 1e-6, what

@@ -226,7 +226,8 @@ def test_program_runs_the_winograd_layer():
     assert torch.equal(bufs[1], want)
 
 
-def test_choice_refusal_and_pickles():
+def test_choice_refusal_and_pickles(monkeypatch):
+    monkeypatch.setattr(native, "avx512_half_width", lambda: False)  # full-width limits
     w = torch.randn(32, 32, 3, 3)
     assert native.NhwcConv(w, None, 1, 1, out_hw=784).winograd
     assert not native.NhwcConv(w, None, 1, 1, out_hw=196).winograd  # 14x14: U read per chunk
@@ -261,3 +262,44 @@ def test_avx2_build_matches_reference(avx2_native):
                 want = _reference(x, wt, b, pad, mode, scale, 0.0, k, gc.SALIENCY_L2)
                 out = layer(_nhwc(x), mode, scale=scale, k=k, clamp=native.NO_CLAMP)
                 assert rel_err(out, want) <= 1e-5, (cin, vectors, mode)
+
+
+def test_half_width_avx512_chooses_14x14_and_u_to_4_mb(monkeypatch):
+    # where AVX-512 runs on 256-bit datapaths (AMD Zen 4) Winograd runs down to 14x14 maps and
+    # up to 256 -> 256 channels (U 4 MB); 7x7 maps and larger U stay direct
+    assert isinstance(native.avx512_half_width(), bool)  # this CPU's, from /proc/cpuinfo
+    monkeypatch.setattr(native, "avx512_half_width", lambda: True)
+    assert native.winograd_chosen(256, 256, 196) and native.winograd_chosen(32, 32, 196)
+    assert native.winograd_chosen(256, 256, 3136)
+    assert not native.winograd_chosen(256, 257, 196)  # U past 4 MB
+    assert not native.winograd_chosen(512, 512, 196)
+    assert not native.winograd_chosen(256, 256, 195) and not native.winograd_chosen(256, 256, 49)
+    assert not native.winograd_chosen(16, 256, 196)  # too few input channels
+    assert native.NhwcConv(torch.randn(256, 256, 3, 3), None, 1, 1, out_hw=196).winograd
+    monkeypatch.setattr(native, "avx512_half_width", lambda: False)
+    assert not native.NhwcConv(torch.randn(256, 256, 3, 3), None, 1, 1, out_hw=196).winograd
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_split_u_past_l2_prefetched_gated_matches_reference(n):
+    # ResNet's 256 -> 256 layer at 14x14 (U 4 MB: the threads split its blocks, and a gated call
+    # prefetches its kept rows), kept counts below and above the prefetch distance, both modes,
+    # residual and output sums; every channel kept equals the dense mode
+    g = torch.Generator().manual_seed(12 + n)
+    x = _nhwc(torch.randn(n, 256, 14, 14, generator=g).relu()
+              * (torch.rand(n, 256, 1, 1, generator=g) + 0.1))
+    wt, b = _layer(256, 256, g)
+    scale = torch.rand(256, generator=g) + 0.5
+    res = _nhwc(torch.randn(n, 256, 14, 14, generator=g))
+    layer = native.NhwcConv(wt, b, 1, 1, out_hw=196, winograd=True)
+    thr = threshold_between(gc.channel_saliency(x, scale), 0.5)
+    for mode, t, k in [(gc.TOPK, 0.0, 1), (gc.TOPK, 0.0, 7), (gc.TOPK, 0.0, 9), (gc.TOPK, 0.0, 128),
+                       (gc.THRESHOLD, thr, 0)]:
+        sums = torch.empty(n, 256)
+        out = layer(x, mode, scale=scale, threshold=t, k=k, residual=res, clamp=native.RELU,
+                    out_sums=sums)
+        want = _reference(x, wt, b, 1, mode, scale, t, k, gc.SALIENCY_L2, res, native.RELU)
+        assert rel_err(out, want) <= 1e-5, (mode, k)
+        assert rel_err(sums, (out * out).double().sum((2, 3)).float()) <= 1e-5
+    dense = layer(x, native.DENSE, residual=res, clamp=native.RELU)
+    assert torch.equal(layer(x, gc.TOPK, scale=scale, k=256, residual=res, clamp=native.RELU), dense)
