@@ -20,6 +20,7 @@ import math
 import mmap
 import os
 import platform
+import re
 import shutil
 import subprocess
 import tempfile
@@ -623,14 +624,18 @@ WINO_HALF_WIDTH_MAX_U_BYTES = 4 << 20
 
 
 @functools.lru_cache(maxsize=1)
+@functools.cache
 def avx512_half_width() -> bool:
-    """Whether this CPU runs AVX-512 on 256-bit datapaths: an AMD CPU with AVX-512 (Zen 4)."""
+    """Whether this CPU runs AVX-512 on 256-bit datapaths: AMD family 25 (Zen 4) with AVX-512.
+    Zen 5 (family 26) executes 512-bit operations at full width and keeps the common limits."""
     try:
         with open("/proc/cpuinfo") as fh:
             text = fh.read(1 << 16)
     except OSError:
         return False
-    return "AuthenticAMD" in text and " avx512f" in text
+    family = re.search(r"^cpu family\s*:\s*(\d+)", text, re.MULTILINE)
+    return ("AuthenticAMD" in text and " avx512f" in text and family is not None
+            and int(family.group(1)) == 25)
 # the fewest input channels: with few, the transforms outweigh the GEMMs (VGG's 3 -> 64 stem
 # layer in situ 1.54 -> 3.65 ms)
 WINO_MIN_CHANNELS = 32

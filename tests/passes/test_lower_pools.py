@@ -3,6 +3,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from conftest import rel_err
+
 import ispc
 from ispc.records import records
 from ispc.benchmark import dense_baseline
@@ -197,7 +199,10 @@ def test_the_stem_relu_moves_into_the_channels_last_pool(tmp_path):
     loaded = ispc.load(tmp_path / "m.ispc")
     assert [m.act for m in loaded.graph_module.modules() if isinstance(m, ChannelsLastMaxPool2d)] == ["relu"]
     with torch.no_grad():
-        assert torch.equal(loaded(x), got)
+        # the archive's graph is re-traced by torch.export (nn.Flatten becomes aten.flatten), and
+        # the loaded model's native program may then take the classifier in another order of
+        # summation: equal to the compiled model's output within float32 rounding, not bitwise
+        assert rel_err(loaded(x), got) <= 1e-6
     full = ispc.compile(model, data, progress=False,
                         config=ispc.GatingConfig(keep_ratio=1.0, channels_last=True))
     with torch.no_grad():
