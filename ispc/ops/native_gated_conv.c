@@ -1925,6 +1925,34 @@ static void nh_compact(const float *wpack, int64_t cb0, int64_t cb1, int64_t T, 
  * all, dense). zeros: kw * C zero floats. Threads split (group of output-channel blocks, instance,
  * tile) in that order: a group's weights stay in cache across its tiles, each tile writes the
  * group's channels of its positions at once. Ends with a barrier. */
+/* Thread tid's run [i0, i1) of nth of the items (group, instance, tile), per items of each of
+ * groups groups of G blocks of output channels (the last has the rest of cob): runs of nearly
+ * equal blocks x tiles, not of equal items. A split by items gave a thread twice its partner's
+ * work where a small layer's last group is short (MobileNetV2's 960 -> 160 at 7x7, batch 1: cob
+ * 3 in groups of 2 and 1, 7 tiles each: 14 block-tiles against 7). */
+static void nh_split(int64_t groups, int64_t G, int64_t cob, int64_t per, int64_t nth, int64_t tid,
+                     int64_t *i0, int64_t *i1) {
+    const int64_t total = cob * per, last = cob - (groups - 1) * G;  /* blocks x items */
+    int64_t at[2];
+    for (int e = 0; e < 2; e++) {
+        /* the first item whose work before it reaches the thread's share, rounded to the nearer
+         * item boundary */
+        const int64_t want = (tid + e) * total / nth;
+        const int64_t full = (groups - 1) * G * per;  /* the work of every group but the last */
+        int64_t it;
+        if (want <= full) {
+            const int64_t q = want / G, r = want % G;  /* items of G blocks */
+            it = q + (2 * r >= G && q < (groups - 1) * per);
+        } else {
+            const int64_t q = (want - full) / last, r = (want - full) % last;
+            it = (groups - 1) * per + q + (2 * r >= last);
+        }
+        at[e] = it > groups * per ? groups * per : it;
+    }
+    *i0 = at[0];
+    *i1 = tid + 1 == nth ? groups * per : at[1];
+}
+
 static void nh_conv(const nh_geom_t *g, const ispc_nhwc_layer_t *L, const float *x, const int32_t *ix,
                     const int64_t *counts, float *out, const float *res, float lo, float hi,
                     int clamp, const float *zeros, double *ysums, int ykind) {
@@ -1952,11 +1980,11 @@ static void nh_conv(const nh_geom_t *g, const ispc_nhwc_layer_t *L, const float 
     const float *ptab[T * NH_MAXMR];
     const float *wseg[T];
     int64_t woff[T];
-    /* the items (group, instance, tile) split as OpenMP's static schedule does: this thread's
-     * run [i0, i1), so that a pair's tiles know the pair it runs next (NH_NPF) */
+    /* the items (group, instance, tile) split into one run [i0, i1) per thread, so that a pair's
+     * tiles know the pair it runs next (NH_NPF); weighed by their group's blocks (nh_split) */
     const int64_t nth = omp_get_num_threads(), tid = omp_get_thread_num();
-    const int64_t items = groups * g->N * g->tiles, iq = items / nth, ir = items % nth;
-    const int64_t i0 = tid * iq + (tid < ir ? tid : ir), i1 = i0 + iq + (tid < ir);
+    int64_t i0, i1;
+    nh_split(groups, G, g->cob, g->N * g->tiles, nth, tid, &i0, &i1);
     const float **prow = cbuf && NH_NPF && wbytes * g->cob >= nh_npf_bytes()
                          ? nh_prefetch_buf(G * T * C) : 0;
     int64_t pn = 0, pt = 1, pk = 0;  /* rows in prow, this pair's tiles here, tiles done */

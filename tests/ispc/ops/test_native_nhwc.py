@@ -545,3 +545,31 @@ def test_small_l2_build_crosses_the_cache_derived_thresholds(monkeypatch):
                 _check(outs[1][0], (ref + r).clamp(*native.RELU), what)
                 assert rel_err(outs[1][0], outs[0][0]) <= 1e-6, what
                 assert rel_err(outs[1][1], outs[0][1]) <= 1e-6, what
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("n", [1, 2])
+@pytest.mark.parametrize("shape", [
+    # (cin, cout, h): blocks of output channels in groups of unequal size (nh_split weighs the
+    # threads' runs by blocks): MobileNetV2's 960 -> 160 at 7x7 (3 blocks of 4 vectors in groups
+    # of 2 and 1 on AVX-512), 600 -> 300 (5 blocks: 3 and 2), an odd map and channel count
+    (960, 160, 7), (600, 300, 7), (961, 150, 5)])
+def test_unequal_groups_split_between_threads(threads, n, shape):
+    cin, cout, h = shape
+    g = torch.Generator().manual_seed(cin + cout + n)
+    x = torch.randn(n, cin, h, h, generator=g).relu() * (torch.rand(1, cin, 1, 1, generator=g) + .1)
+    wt, b = torch.randn(cout, cin, 1, 1, generator=g), torch.randn(cout, generator=g)
+    scale = torch.rand(cin, generator=g) + 0.5
+    res = _nhwc(torch.randn(n, cout, h, h, generator=g))
+    layer = native.NhwcConv(wt, b, (1, 1), (0, 0), (1, 1), vectors=_max_vectors())
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for mode, k in ((native.DENSE, 0), (gc.TOPK, cin // 2), (gc.TOPK, 1)):
+            ref = _reference(x, wt, b, (1, 1), (0, 0), (1, 1), mode, scale, 0.0, k, gc.SALIENCY_L2,
+                             res, native.RELU6)
+            out = layer(_nhwc(x), mode, scale=scale, k=k, saliency=gc.SALIENCY_L2, residual=res,
+                        clamp=native.RELU6)
+            _check(out, ref, (mode, k, threads))
+    finally:
+        torch.set_num_threads(before)
