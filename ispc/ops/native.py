@@ -38,7 +38,7 @@ __all__ = ["ORIENT_PIX", "ORIENT_CO", "ORIENT_FULL", "ORIENT_CL", "available", "
            "NativeLayer", "orientation_for", "supports", "NO_CLAMP", "RELU", "RELU6", "GELU",
            "DENSE", "NhwcConv", "pack_weight_nhwc", "DepthwiseConv3x3", "maxpool_nhwc",
            "avgpool_global_nhwc", "to_channels_last", "OpProgram", "pointwise", "expand_dw_fits",
-           "cache_bytes"]
+           "cache_bytes", "avx512_half_width", "winograd_chosen", "winograd_fits"]
 
 ORIENT_PIX = 0  #: vector lanes over output pixels (large feature maps)
 ORIENT_CO = 1   #: vector lanes over output channels (small feature maps)
@@ -623,7 +623,6 @@ WINO_HALF_WIDTH_MIN_POSITIONS = 196
 WINO_HALF_WIDTH_MAX_U_BYTES = 4 << 20
 
 
-@functools.lru_cache(maxsize=1)
 @functools.cache
 def avx512_half_width() -> bool:
     """Whether this CPU runs AVX-512 on 256-bit datapaths: AMD family 25 (Zen 4) with AVX-512.
