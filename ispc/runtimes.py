@@ -52,6 +52,7 @@ from torch import nn
 from .compiled import CompiledModel
 from .dense_route import MMAP_THRESHOLD, export_dense_onnx, rel_err, run_worker
 from .errors import ConfigError, DataError
+from .ops import native
 from .serialization import save
 from .timing import retain_freed_memory
 
@@ -179,23 +180,11 @@ def runtime_available(name: str) -> tuple[bool, str]:
 
 
 def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return native.cpuinfo_field("model name") or platform.processor() or platform.machine()
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
+def _cpu_flags() -> frozenset[str]:
+    return native.cpu_flags()
 
 
 def _caches() -> dict[str, str]:

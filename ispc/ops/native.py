@@ -20,7 +20,6 @@ import math
 import mmap
 import os
 import platform
-import re
 import shutil
 import subprocess
 import tempfile
@@ -38,7 +37,8 @@ __all__ = ["ORIENT_PIX", "ORIENT_CO", "ORIENT_FULL", "ORIENT_CL", "available", "
            "NativeLayer", "orientation_for", "supports", "NO_CLAMP", "RELU", "RELU6", "GELU",
            "DENSE", "NhwcConv", "pack_weight_nhwc", "DepthwiseConv3x3", "maxpool_nhwc",
            "avgpool_global_nhwc", "to_channels_last", "OpProgram", "pointwise", "expand_dw_fits",
-           "cache_bytes", "avx512_half_width", "winograd_chosen", "winograd_fits"]
+           "cache_bytes", "avx512_half_width", "winograd_chosen", "winograd_fits", "cpuinfo",
+           "cpuinfo_field", "cpu_flags", "vector_floats", "narrow_fmas"]
 
 ORIENT_PIX = 0  #: vector lanes over output pixels (large feature maps)
 ORIENT_CO = 1   #: vector lanes over output channels (small feature maps)
@@ -118,14 +118,35 @@ def _cache_dir() -> Path:
     return Path(root) / "native"
 
 
-def _cpu_features() -> str:
+@functools.cache
+def cpuinfo() -> str:
+    """``/proc/cpuinfo``'s text, read once per process ("" where there is none): the build's
+    cache key, :func:`avx512_half_width` and the benchmarks' machine records all read it here."""
     try:
         with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith(("flags", "Features")):
-                    return line
+            return fh.read()
     except OSError:
-        pass
+        return ""
+
+
+def cpuinfo_field(*names: str) -> str | None:
+    """The value of the first ``/proc/cpuinfo`` line whose key is one of ``names`` (None: none)."""
+    for line in cpuinfo().splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() in names:
+            return value.strip()
+    return None
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (x86 ``flags``, Arm ``Features``); empty where unknown."""
+    return frozenset((cpuinfo_field("flags", "Features") or "").split())
+
+
+def _cpu_features() -> str:
+    for line in cpuinfo().splitlines(keepends=True):
+        if line.startswith(("flags", "Features")):
+            return line
     return platform.processor()
 
 
@@ -190,6 +211,8 @@ def _build(extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL:
     lib.ispc_nhwc_vectors.restype = lib.ispc_nhwc_packed_size.restype = _i64
     lib.ispc_nhwc_max_vectors.restype = _i64
     lib.ispc_nhwc_max_vectors.argtypes = []
+    lib.ispc_vector_floats.restype = _i64
+    lib.ispc_vector_floats.argtypes = []
     lib.ispc_nhwc_vectors.argtypes = [_i64, _i64]
     lib.ispc_nhwc_packed_size.argtypes = [_i64, _i64, _i64, _i64]
     lib.ispc_pack_weight_nhwc.restype = None
@@ -616,9 +639,10 @@ def winograd_fits(kernel: tuple[int, int], stride: tuple[int, int],
 WINO_MIN_POSITIONS = 784
 # the largest U (bytes) a layer runs by Winograd with: 128 -> 128 channels
 WINO_MAX_U_BYTES = 1 << 20
-# the same two where AVX-512 runs on 256-bit datapaths (AMD Zen 4): there the direct kernel's
-# FMAs take twice the cycles, and Winograd wins down to 14x14 maps with U up to 256 -> 256
-# channels (split between the threads, each reading its half of U once per call)
+# the same two where the kernels' FMAs are 256 bits wide (an AVX2 build, or AVX-512 on 256-bit
+# datapaths, AMD Zen 4): there the direct kernel's FMAs take twice the cycles, and Winograd wins
+# down to 14x14 maps with U up to 256 -> 256 channels (split between the threads, each reading
+# its half of U once per call)
 WINO_HALF_WIDTH_MIN_POSITIONS = 196
 WINO_HALF_WIDTH_MAX_U_BYTES = 4 << 20
 
@@ -627,14 +651,24 @@ WINO_HALF_WIDTH_MAX_U_BYTES = 4 << 20
 def avx512_half_width() -> bool:
     """Whether this CPU runs AVX-512 on 256-bit datapaths: AMD family 25 (Zen 4) with AVX-512.
     Zen 5 (family 26) executes 512-bit operations at full width and keeps the common limits."""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            text = fh.read(1 << 16)
-    except OSError:
-        return False
-    family = re.search(r"^cpu family\s*:\s*(\d+)", text, re.MULTILINE)
-    return ("AuthenticAMD" in text and " avx512f" in text and family is not None
-            and int(family.group(1)) == 25)
+    family = cpuinfo_field("cpu family")
+    return (cpuinfo_field("vendor_id") == "AuthenticAMD" and "avx512f" in cpu_flags()
+            and family is not None and family.isdigit() and int(family) == 25)
+
+
+def vector_floats() -> int:
+    """Floats per vector register of the loaded build: 16 (AVX-512), 8 (AVX2, or the generic
+    vectors elsewhere)."""
+    return int(_loaded().ispc_vector_floats())
+
+
+def narrow_fmas() -> bool:
+    """Whether the loaded build's FMAs process 256 bits or fewer at a time: built without
+    AVX-512 (an AVX2-only CPU, or ``-mno-avx512f``), or AVX-512 on 256-bit datapaths
+    (:func:`avx512_half_width`). Decides the Winograd limits (:func:`winograd_chosen`)."""
+    return avx512_half_width() or vector_floats() < 16
+
+
 # the fewest input channels: with few, the transforms outweigh the GEMMs (VGG's 3 -> 64 stem
 # layer in situ 1.54 -> 3.65 ms)
 WINO_MIN_CHANNELS = 32
@@ -645,8 +679,8 @@ def winograd_chosen(cin: int, cout: int, out_hw: int | None) -> bool:
     channels or more its 16 / 36 of the multiplications outweigh its transforms while its U
     (16 / 9 the weights' bytes), which each thread reads for every chunk of tiles, stays in L2;
     on smaller maps or with a larger U the direct kernel wins (docs/benchmarks.md), except where
-    AVX-512 runs on 256-bit datapaths (:func:`avx512_half_width`: 14x14 and up, U to 4 MiB)."""
-    half = avx512_half_width()
+    the FMAs are 256 bits wide (:func:`narrow_fmas`: 14x14 and up, U to 4 MiB)."""
+    half = narrow_fmas()
     min_positions = WINO_HALF_WIDTH_MIN_POSITIONS if half else WINO_MIN_POSITIONS
     max_u = WINO_HALF_WIDTH_MAX_U_BYTES if half else WINO_MAX_U_BYTES
     return (out_hw is not None and out_hw >= min_positions and cin >= WINO_MIN_CHANNELS

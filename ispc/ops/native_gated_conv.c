@@ -1292,7 +1292,8 @@ int64_t ispc_maxpool2x2_nhwc(const float *src, int64_t N, int64_t H, int64_t W, 
 /* register tiles (MR positions x NV vectors); the layer's NV picks its MR. Throughput of each,
  * inner loop from L1, one core (GFLOP/s, 2-core Xeon): AVX-512 7x4 186, 8x3 189, 14x2 179,
  * 14x1 136; AVX2 (-mno-avx512f) 4x3 117, 6x2 113, 12x1 88. On whole layers (ResNet, VGG,
- * MobileNetV2, batch 1) 7x4 leads on AVX-512, 8x3 trails it by ~15%; on AVX2 6x2 and 4x3 tie.
+ * MobileNetV2, batch 1) 7x4 leads on AVX-512, 8x3 trails it by ~15%; on AVX2 6x2 and 4x3 tied on
+ * the Xeon, on AMD Zen 4 4x3 ran at 0.72-0.85 of 6x2 (ispc_nhwc_vectors' rates).
  * 7x4 needs 33 registers (28 accumulators, 4 weights, a broadcast): GCC keeps one accumulator on
  * the stack, a store and a reload every step; 6x4 (NH_MR4S, 29 registers) is faster wherever its
  * last tile wastes little (nh_mr), 7x4 where positions come in sevens (7x7 maps). */
@@ -1715,8 +1716,9 @@ static nh_kernel_t nh_kernel(int64_t nv, int64_t mr, int ind) {
 int64_t ispc_nhwc_vectors(int64_t cout, int64_t howo) {
 #if defined(__AVX512F__)  /* ResNet/VGG/MobileNetV2 layers, per tile (benchmarks/layers.py A/B) */
     static const double rate[5] = {0, 0.72, 0.95, 0.85, 1.0};
-#else
-    static const double rate[4] = {0, 0.7, 1.0, 0.97};
+#else  /* 4x3 streams 1.5x 6x2's weight bytes per FMA: where weights come from L2 (gated 1x1
+        * layers, 7x7 maps) it ran at ~0.72 of 6x2, on small MobileNetV2 layers at ~0.85 */
+    static const double rate[4] = {0, 0.7, 1.0, 0.78};
 #endif
     int64_t best = 1;
     double best_cost = 1e300;
@@ -1735,6 +1737,10 @@ int64_t ispc_nhwc_vectors(int64_t cout, int64_t howo) {
 
 /* the widest tile's vectors on this build */
 int64_t ispc_nhwc_max_vectors(void) { return NH_MAXNV; }
+
+/* floats per vector register on this build (16: AVX-512, 8: AVX2 and the generic vectors): its
+ * FMAs' width, which decides where Winograd pays (native.winograd_chosen) */
+int64_t ispc_vector_floats(void) { return VW; }
 
 /* Weights (Cout, C, kh, kw) -> [ceil(Cout / NR)][kh * kw][C][NR], NR = nv * VW, zero past Cout. */
 int64_t ispc_nhwc_packed_size(int64_t cout, int64_t C, int64_t T, int64_t nv) {

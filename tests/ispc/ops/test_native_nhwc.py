@@ -367,13 +367,33 @@ def test_tile_choice_prefers_less_waste():
     lib = native._lib
     top = lib.ispc_nhwc_max_vectors()
     lanes = 16 if top == 4 else 8
-    # output channels that fill whole blocks of the widest tile take it
-    assert lib.ispc_nhwc_vectors(top * lanes * 4, 56 * 56) == top
+    if top == 4:  # AVX-512: output channels that fill whole blocks of the widest tile take it
+        assert lib.ispc_nhwc_vectors(top * lanes * 4, 56 * 56) == top
+    else:  # AVX2: 4x3 only where 6x2 would waste a third of its lanes
+        assert lib.ispc_nhwc_vectors(96, 56 * 56) == 2 and lib.ispc_nhwc_vectors(24, 56 * 56) == 3
     # a layer narrower than one vector's lanes takes one vector
     assert lib.ispc_nhwc_vectors(3, 0) == 1
     for cout in (16, 24, 96, 160, 320):
         nv = lib.ispc_nhwc_vectors(cout, 0)
         assert 1 <= nv <= top and math.ceil(cout / (nv * lanes)) * nv * lanes < 2 * cout
+
+
+def test_avx2_tiles_stream_fewer_weight_bytes(avx2_native):
+    # 4x3 reads 1.5x the weight bytes per FMA of 6x2: ResNet-50's layer4 (2048 outputs on 7x7
+    # maps) and 96-channel MobileNetV2 layers take 6x2, 24 channels (6x2 wastes 8 lanes) 4x3
+    lib = avx2_native
+    assert lib.ispc_nhwc_vectors(2048, 49) == 2 and lib.ispc_nhwc_vectors(512, 49) == 2
+    assert lib.ispc_nhwc_vectors(96, 196) == 2 and lib.ispc_nhwc_vectors(24, 3136) == 3
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(1, 512, 7, 7, generator=g).relu() * (torch.rand(1, 512, 1, 1, generator=g) + .1)
+    w, b = torch.randn(2048, 512, 1, 1, generator=g) * 0.05, torch.randn(2048, generator=g)
+    scale = torch.rand(512, generator=g) + 0.5
+    layer = native.NhwcConv(w, b, 1, 0, 1, out_hw=49)
+    assert layer.vectors == 2
+    for mode, k in [(native.DENSE, 0), (gc.TOPK, 256), (gc.TOPK, 3)]:
+        want = _reference(x, w, b, 1, 0, 1, mode, scale, 0.0, k, gc.SALIENCY_L2)
+        out = layer(_nhwc(x), mode, scale=scale, k=k, clamp=native.NO_CLAMP)
+        _check(out, want, (mode, k))
 
 
 def _sums(t: torch.Tensor, kind: int) -> torch.Tensor:

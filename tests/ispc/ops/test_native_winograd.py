@@ -227,7 +227,7 @@ def test_program_runs_the_winograd_layer():
 
 
 def test_choice_refusal_and_pickles(monkeypatch):
-    monkeypatch.setattr(native, "avx512_half_width", lambda: False)  # full-width limits
+    monkeypatch.setattr(native, "narrow_fmas", lambda: False)  # full-width limits
     w = torch.randn(32, 32, 3, 3)
     assert native.NhwcConv(w, None, 1, 1, out_hw=784).winograd
     assert not native.NhwcConv(w, None, 1, 1, out_hw=196).winograd  # 14x14: U read per chunk
@@ -277,7 +277,29 @@ def test_half_width_avx512_chooses_14x14_and_u_to_4_mb(monkeypatch):
     assert not native.winograd_chosen(16, 256, 196)  # too few input channels
     assert native.NhwcConv(torch.randn(256, 256, 3, 3), None, 1, 1, out_hw=196).winograd
     monkeypatch.setattr(native, "avx512_half_width", lambda: False)
+    monkeypatch.setattr(native, "vector_floats", lambda: 16)  # a full-width AVX-512 build
     assert not native.NhwcConv(torch.randn(256, 256, 3, 3), None, 1, 1, out_hw=196).winograd
+
+
+def test_avx2_build_takes_the_narrow_limits_on_any_cpu(avx2_native, monkeypatch):
+    # an AVX2 build's FMAs are 256 bits wide whatever the CPU (a Zen 2/3 has no avx512f to key
+    # on): Winograd from 14x14 maps with U to 4 MB, 7x7 maps and larger U direct; the chosen
+    # layer, dense and gated, equals the reference
+    monkeypatch.setattr(native, "avx512_half_width", lambda: False)
+    assert native.vector_floats() == 8 and native.narrow_fmas()
+    assert native.winograd_chosen(256, 256, 196) and native.winograd_chosen(64, 64, 3136)
+    assert not native.winograd_chosen(256, 256, 49) and not native.winograd_chosen(512, 512, 196)
+    g = torch.Generator().manual_seed(21)
+    x = torch.randn(1, 256, 14, 14, generator=g).relu() * (torch.rand(1, 256, 1, 1, generator=g) + 0.1)
+    wt, b = _layer(256, 256, g)
+    scale = torch.rand(256, generator=g) + 0.5
+    layer = native.NhwcConv(wt, b, 1, 1, out_hw=196)
+    assert layer.winograd and not native.NhwcConv(wt, b, 1, 1, out_hw=49).winograd
+    thr = threshold_between(gc.channel_saliency(x, scale), 0.5)
+    for mode, t, k in [(native.DENSE, 0.0, 0), (gc.TOPK, 0.0, 128), (gc.THRESHOLD, thr, 0)]:
+        want = _reference(x, wt, b, 1, mode, scale, t, k, gc.SALIENCY_L2)
+        out = layer(_nhwc(x), mode, scale=scale, threshold=t, k=k, clamp=native.NO_CLAMP)
+        assert rel_err(out, want) <= 1e-5, mode
 
 
 @pytest.mark.parametrize("n", [1, 2])
