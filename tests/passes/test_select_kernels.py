@@ -517,3 +517,25 @@ def test_channels_last_models_run_the_nhwc_kernel_exactly_and_keep_it_through_sa
             n: (m.strategy, m.out_hw) for n, m in gated.items()}
         with torch.no_grad():
             assert rel_err(loaded(x), want) <= 1e-5
+
+
+@pytest.mark.parametrize("factor, keeps_nhwc", [(1.10, True), (1.25, False)])
+def test_gather_must_beat_the_program_kernel_by_the_program_margin(monkeypatch, factor, keeps_nhwc):
+    """On channels-last maps ``gather`` runs outside the runner's program (splitting it): a few
+    percent measured in its favour leave the layer on ``nhwc``, more than PROGRAM_MARGIN do not."""
+    from ispc.passes.kernel_costs import PROGRAM_MARGIN
+
+    if not native.available():
+        pytest.skip(f"native kernel not built here: {native.unavailable_reason()}")
+    assert 1.10 < 1.0 + PROGRAM_MARGIN < 1.25
+
+    def fake_time(fns, rounds, *, cuda=False, **kw):
+        if "gated" in fns:  # the whole-model check: gated wins, in either layout
+            return {k: 0.5 if k.startswith("gated") else 1.0 for k in fns}
+        return {k: 1.0 if k == "dense" else 0.5 / factor if k == "gather" else 0.5 for k in fns}
+
+    monkeypatch.setattr(kernel_costs, "time_candidates", fake_time)
+    cfg = ispc.GatingConfig(latency_aware=True, min_gain=0.0, latency_rounds=3, channels_last=True)
+    c = ispc.compile(resnet20().eval(), _data(), progress=False, config=cfg)
+    kernels = {c.report.layer(name).cpu_kernel for name in c.gated_modules()}
+    assert kernels == ({"nhwc"} if keeps_nhwc else {"gather"})
