@@ -26,8 +26,27 @@ import torch
 
 import ispc
 from ispc.examples.models import create_model
+from ispc.passes.base import PASSES
 from ispc.runtimes import machine_info
 from ispc.timing import retain_freed_memory
+
+
+def _time_passes() -> dict[str, float]:
+    """Each registered pass wrapped to add its seconds to the dict returned."""
+    spent: dict[str, float] = {}
+
+    def timed(name, fn):
+        def run(gm, state):
+            t0 = time.perf_counter()
+            try:
+                return fn(gm, state)
+            finally:
+                spent[name] = spent.get(name, 0.0) + time.perf_counter() - t0
+        return run
+
+    for name, fn in list(PASSES.items()):
+        PASSES[name] = timed(name, fn)
+    return spent
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,10 +63,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="run under cProfile and print the N functions with most cumulative time")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--pass-times", action="store_true", help="print the seconds each pass took")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     retain_freed_memory()
+    spent = _time_passes() if args.pass_times else {}
     rows = []
     for name in args.models:
         torch.manual_seed(0)
@@ -73,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{gated} layers gated")
         for note in compiled.report.notes:
             print(f"  note: {note}")
+        if spent:
+            print("  passes: " + ", ".join(f"{k} {v:.1f} s" for k, v in spent.items() if v >= 0.1))
+            spent.clear()
         if prof:
             out = io.StringIO()
             pstats.Stats(prof, stream=out).sort_stats("cumulative").print_stats(args.profile)

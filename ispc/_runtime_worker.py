@@ -154,6 +154,11 @@ def _prepare(job: dict, batches: list) -> tuple[Callable[[Any], Any], dict[str, 
 
         info["to_numpy"] = to_numpy
         return call, info
+    if job.get("with_torch"):  # a diagnostic: the same call in a process that runs torch too
+        import torch
+
+        torch.set_num_threads(threads)
+        [torch.from_numpy(b).clone() for b in batches]
     if runtime == "onnxruntime":
         import onnxruntime as ort
 
@@ -196,7 +201,9 @@ def _start(job: dict, result: dict[str, Any]) -> tuple[Any, list, Callable | Non
         result.update(status="unavailable", note=f"not installed here ({exc})")
         return np, batches, None, lambda out: out
     to_numpy = info.pop("to_numpy")
-    call(batches[0])  # the first call: inductor compiles, OpenVINO/ORT allocate
+    t1 = time.perf_counter()
+    result["first"] = call(batches[0])  # the first call: inductor compiles, OpenVINO/ORT allocate
+    result["first_ms"] = (time.perf_counter() - t1) * 1e3
     result["prepare_s"] = time.perf_counter() - t0
     result.update(info)
     return np, batches, call, to_numpy
@@ -227,6 +234,7 @@ def run(job: dict) -> dict[str, Any]:
                               "note": ""}
     try:
         np, batches, call, to_numpy = _start(job, result)
+        result.pop("first", None)
         if call is None:
             return result
         result["times_ms"], result["cpu_share"] = _timed(call, batches, job["warmup"],
@@ -239,9 +247,9 @@ def run(job: dict) -> dict[str, Any]:
 
 
 def serve(job: dict, commands: Any, replies: Any) -> None:
-    """Prepare, save the first batch's output from a second call, timed (``probe_ms``), and
-    answer with the result line; then, per command line ``{"warmup": w, "calls": n}``, time a block of calls and
-    answer ``{"status", "times_ms", "cpu_share"}``, until ``{"quit": true}`` or end of input.
+    """Prepare, save the first batch's output from a second call, timed (``probe_ms``; with
+    ``job["probe"]`` False the first call's output and time), and answer with the result line;
+    then, per command line ``{"warmup": w, "calls": n}``, time a block of calls and answer ``{"status", "times_ms", "cpu_share"}``, until ``{"quit": true}`` or end of input.
     Between blocks the process waits on its input (idle: no thread of its own runs)."""
     def reply(obj: dict[str, Any]) -> None:
         replies.write(json.dumps(obj) + "\n")
@@ -250,10 +258,14 @@ def serve(job: dict, commands: Any, replies: Any) -> None:
     result: dict[str, Any] = {"runtime": job["runtime"], "status": "ok", "note": ""}
     try:
         np, batches, call, to_numpy = _start(job, result)
-        if call is not None:  # the second call: its output checked, its time the probe
-            t = time.perf_counter()
+        out = result.pop("first", None)
+        if call is not None and job.get("probe", True):  # the second call: checked, its time
+            t = time.perf_counter()                       # the probe
             out = call(batches[0])
             result["probe_ms"] = (time.perf_counter() - t) * 1e3
+        elif call is not None:  # a long call: the first one is probe enough
+            result["probe_ms"] = result["first_ms"]
+        if call is not None:
             np.save(job["check_output"], np.asarray(to_numpy(out), dtype=np.float32))
     except Exception as exc:
         result.update(status="error", note=f"{type(exc).__name__}: {exc}",

@@ -37,7 +37,7 @@ import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -238,19 +238,28 @@ def block_calls(probe_ms: float, block_s: float, *, lo: int = 2, hi: int = 30) -
 
 
 def time_interleaved(jobs: dict[str, dict[str, Any]], inputs: Tensor, *, threads: int, rounds: int,
-                     warmup: int, block_s: float, max_calls: int = 30, settle_s: float = SETTLE_S,
-                     timeout_s: float = 600.0) -> dict[str, dict[str, Any]]:
+                     warmup: int, block_s: float, max_calls: int = 30, min_calls: int = 2,
+                     settle_s: float = SETTLE_S, probe: bool = True,
+                     timeout_s: float = 600.0, max_rounds: int | None = None,
+                     extend: Callable[[dict[str, dict[str, list[float]]]], bool] | None = None,
+                     on_round: Callable[[], None] | None = None) -> dict[str, dict[str, Any]]:
     """Each candidate (name -> a ``_runtime_worker`` job, less inputs and threads) in a fresh
     worker process of its own, all alive at once and timed in turn: per round, each (order
     rotated) runs ``warmup`` untimed calls and a block of timed ones (:func:`block_calls` of the
-    slowest candidate's probe call, the same count for all) while the others wait idle, and
+    slowest candidate's probe call within [``min_calls``, ``max_calls``], the same count for all)
+    while the others wait idle, and
     ``settle_s`` passes before the next block (:data:`SETTLE_S`). A busy
     spell of the machine then falls on neighbouring blocks of every candidate alike, and the
-    rounds pair up: name -> ``{"rounds_ms": [block medians], "ms": median over every call,
-    "output": its output on the first input, "note": why not}`` (``ms`` None and no rounds where
-    its worker failed). ``inputs``: the batches the calls cycle through, stacked (N x batch)."""
-    out: dict[str, dict[str, Any]] = {k: {"rounds_ms": [], "times": [], "output": None,
-                                          "note": "", "probe_ms": None} for k in jobs}
+    rounds pair up: name -> ``{"rounds_ms": [block medians], "shares": [each block's CPU share
+    per thread], "ms": median over every call, "output": its output on the first input, "note":
+    why not}`` (``ms`` None and no rounds where its worker failed). ``inputs``: the batches the
+    calls cycle through, stacked (N x batch); ``probe`` False: the first call sizes the blocks
+    (no second call: long calls at larger batches). After ``rounds``, one more round at a time
+    up to ``max_rounds`` while ``extend`` (given name -> ``{"rounds_ms", "shares"}`` so far) says so;
+    ``on_round`` is called after each round (a progress bar)."""
+    out: dict[str, dict[str, Any]] = {k: {"rounds_ms": [], "shares": [], "times": [],
+                                          "output": None, "note": "", "probe_ms": None}
+                                      for k in jobs}
     with tempfile.TemporaryDirectory(prefix="ispc-route-") as tmp:
         work = Path(tmp)
         np.save(work / "inputs.npy", inputs.detach().float().contiguous().numpy())
@@ -258,7 +267,8 @@ def time_interleaved(jobs: dict[str, dict[str, Any]], inputs: Tensor, *, threads
         try:
             for name, job in jobs.items():  # all start together; nothing is timed until all are up
                 servers[name] = _Server({**job, "inputs": str(work / "inputs.npy"),
-                                         "threads": threads}, work, f"w{len(servers)}")
+                                         "threads": threads, "probe": probe}, work,
+                                        f"w{len(servers)}")
             for name, srv in list(servers.items()):
                 res = srv.reply(timeout_s)
                 if res.get("status") != "ok":
@@ -270,10 +280,18 @@ def time_interleaved(jobs: dict[str, dict[str, Any]], inputs: Tensor, *, threads
                 path = Path(srv.job["check_output"])
                 out[name]["output"] = np.load(path) if path.exists() else None
             probes = [out[k]["probe_ms"] or 0.0 for k in servers]
-            calls = block_calls(max(probes, default=1.0), block_s, hi=max_calls)
+            calls = block_calls(max(probes, default=1.0), block_s, lo=min_calls, hi=max_calls)
             names = list(servers)
-            for k in range(rounds):
-                order = names[k % len(names):] + names[:k % len(names)] if names else []
+            def more(k: int) -> bool:
+                if not servers or k >= max(rounds, max_rounds or 0):
+                    return False
+                return k < rounds or (extend is not None and extend(
+                    {n: {"rounds_ms": out[n]["rounds_ms"], "shares": out[n]["shares"]}
+                     for n in servers}))
+
+            k = 0
+            while more(k):
+                order = names[k % len(names):] + names[:k % len(names)]
                 for name in order:
                     if name not in servers:
                         continue
@@ -283,12 +301,17 @@ def time_interleaved(jobs: dict[str, dict[str, Any]], inputs: Tensor, *, threads
                         servers.pop(name).close()
                         continue
                     out[name]["rounds_ms"].append(statistics.median(res["times_ms"]))
+                    out[name]["shares"].append(float(res.get("cpu_share", 0.0)))
                     out[name]["times"] += res["times_ms"]
                     time.sleep(settle_s)
+                k += 1
+                if on_round is not None:
+                    on_round()
         finally:
             for srv in servers.values():
                 srv.close()
     return {k: {"rounds_ms": v["rounds_ms"] if not v["note"] else [],
+                "shares": v["shares"] if not v["note"] else [],
                 "ms": statistics.median(v["times"]) if v["times"] and not v["note"] else None,
                 "output": v["output"], "note": v["note"]} for k, v in out.items()}
 
@@ -315,12 +338,15 @@ class DenseRuntimeModule(nn.Module):
 
     def _reset(self) -> None:
         self.__dict__["_session"] = None  # ONNX Runtime: one session, any batch size
-        self.__dict__["_requests"] = {}  # OpenVINO: input shape -> infer request (static shapes)
+        self.__dict__["_binding"] = None  # its IOBinding (one call at a time: _lock)
+        self.__dict__["_outputs"] = {}  # ONNX Runtime: input shape -> (output shape, dtype)
+        self.__dict__["_requests"] = {}  # OpenVINO: input shape -> (request, its output tensor)
         self.__dict__["_lock"] = threading.Lock()
 
     def __getstate__(self) -> dict[str, Any]:  # copies and pickles hold no session
         state = {k: v for k, v in self.__dict__.items()
-                 if k not in ("_session", "_requests", "_lock", "as_built")}
+                 if k not in ("_session", "_binding", "_outputs", "_requests", "_lock",
+                              "as_built")}
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -347,25 +373,55 @@ class DenseRuntimeModule(nn.Module):
             x.requires_grad or any(p.requires_grad for p in self.model.parameters())))
 
     def _run(self, x: Tensor) -> Tensor:
-        a = (x.detach() if x.requires_grad else x).contiguous().numpy()
+        """The runtime on ``x`` with nothing allocated but the output: the input handed over in
+        place, the output written into torch memory (docs/dense_route.md, "session 11")."""
+        a = (x.detach() if x.requires_grad else x).contiguous()
         if self.runtime == "onnxruntime":
-            sess = self.__dict__["_session"] or self._ort_session()
-            return torch.from_numpy(sess.run(None, {"input": a})[0])
+            return self._ort_run(a)
         with self.__dict__["_lock"]:
-            req = self.__dict__["_requests"].get(a.shape) or self._ov_request(a.shape)
-            req.infer({0: a}, share_inputs=True)
-            return torch.from_numpy(req.get_output_tensor(0).data.copy())
+            req, out, tensor = self.__dict__["_requests"].get(a.shape) or self._ov_request(a.shape)
+            req.set_input_tensor(tensor(a.numpy(), shared_memory=True))
+            req.start_async()
+            req.wait()
+            return out.clone()  # (the next call overwrites ``out``)
+
+    def _ort_run(self, a: Tensor) -> Tensor:
+        sess = self.__dict__["_session"] or self._ort_session()
+        known = self.__dict__["_outputs"].get(a.shape)
+        lock = self.__dict__["_lock"]
+        if known is None or not lock.acquire(blocking=False):  # first of a shape, or concurrent
+            res = sess.run(None, {"input": a.numpy()})[0]
+            self.__dict__["_outputs"][a.shape] = (res.shape, res.dtype)
+            return torch.from_numpy(res)
+        try:
+            shape, dtype = known
+            io = self.__dict__["_binding"]
+            io.bind_input("input", "cpu", 0, np.float32, a.shape, a.data_ptr())
+            out = torch.from_numpy(np.empty(shape, dtype))
+            io.bind_output("output", "cpu", 0, dtype, shape, out.data_ptr())
+            sess.run_with_iobinding(io)
+            return out
+        finally:
+            lock.release()
 
     def _ort_session(self) -> Any:
         sess = ort_session(self.onnx, torch.get_num_threads(), stop_spinning=True)  # (module doc)
+        self.__dict__["_binding"] = sess.io_binding()
         self.__dict__["_session"] = sess
         return sess
 
-    def _ov_request(self, shape: tuple[int, ...]) -> Any:
-        # a static shape per input shape, as OpenVINO's latency guide advises
+    def _ov_request(self, shape: tuple[int, ...]) -> tuple[Any, Tensor, Any]:
+        """A request for a static ``shape`` (OpenVINO's latency guide), its output bound to a
+        torch tensor, and the class of the shared-memory input tensors."""
+        import openvino as ov
+
         req = ov_compiled(self.onnx, shape, torch.get_num_threads()).create_infer_request()
-        self.__dict__["_requests"][shape] = req
-        return req
+        spec = req.get_output_tensor(0)
+        out = np.empty(tuple(spec.shape), spec.data.dtype)
+        req.set_output_tensor(ov.Tensor(out, shared_memory=True))
+        slot = (req, torch.from_numpy(out), ov.Tensor)
+        self.__dict__["_requests"][shape] = slot
+        return slot
 
 
 class RouteRunner:

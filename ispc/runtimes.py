@@ -54,7 +54,7 @@ from .dense_route import MMAP_THRESHOLD, export_dense_onnx, rel_err, run_worker
 from .errors import ConfigError, DataError
 from .ops import native
 from .serialization import save
-from .timing import retain_freed_memory
+from .timing import Paired, paired, retain_freed_memory
 
 __all__ = ["Runtime", "RUNTIMES", "DENSE_RUNTIMES", "BASELINES", "RuntimeTiming", "Comparison",
            "time_runtimes", "export_dense_onnx", "runtime_available", "machine_info", "compare",
@@ -545,13 +545,14 @@ def best_dense(timings: Iterable[RuntimeTiming], model: str, batch_size: int
     return min(dense, key=lambda t: t.median_ms) if dense else None
 
 
-def _paired(t: RuntimeTiming, bases: Sequence[RuntimeTiming]) -> list[float]:
-    """Per round, the fastest of ``bases``' round medians over ``t``'s ([] where any entry's
-    rounds are missing or of another count)."""
+def _paired(t: RuntimeTiming, bases: Sequence[RuntimeTiming]) -> Paired:
+    """Per round, the fastest of ``bases``' round medians against ``t``'s (no ratio where any
+    entry's rounds are missing or of another count)."""
     n = len(t.round_medians_ms)
     if n == 0 or not bases or any(len(b.round_medians_ms) != n for b in bases):
-        return []
-    return [min(b.round_medians_ms[r] for b in bases) / t.round_medians_ms[r] for r in range(n)]
+        return paired((), ())
+    return paired([min(b.round_medians_ms[r] for b in bases) for r in range(n)],
+                  t.round_medians_ms)
 
 
 def compare(timings: Sequence[RuntimeTiming], *, baseline: str = "best") -> list[Comparison]:
@@ -569,7 +570,7 @@ def compare(timings: Sequence[RuntimeTiming], *, baseline: str = "best") -> list
                 else next((d for d in peers if d.runtime == baseline), None))
         speedup = base.median_ms / t.median_ms if base is not None else None
         theo = t.theoretical_speedup
-        paired = _paired(t, [d for d in peers if d.float32] if baseline == "best"
+        pairs = _paired(t, [d for d in peers if d.float32] if baseline == "best"
                          else [base] if base is not None else [])
         out.append(Comparison(
             model=t.model, batch_size=t.batch_size, ispc=t.runtime, ispc_ms=t.median_ms,
@@ -578,8 +579,8 @@ def compare(timings: Sequence[RuntimeTiming], *, baseline: str = "best") -> list
             theoretical_speedup=theo,
             efficiency=speedup / theo if speedup is not None and theo else None,
             over={d.runtime: d.median_ms / t.median_ms for d in peers},
-            paired_speedup=statistics.median(paired) if paired else None,
-            paired_range=(min(paired), max(paired)) if paired else None))
+            paired_speedup=pairs.median,
+            paired_range=(pairs.low, pairs.high) if pairs.rounds else None))
     return out
 
 
@@ -658,11 +659,11 @@ def speedup_lines(timings: Sequence[RuntimeTiming], *, baseline: str = "best") -
         each = ", ".join(f"{labels[r]} {v:.2f}x" for r, v in c.over.items())
         theo = (f"; MACs {c.theoretical_speedup:.2f}x fewer (theoretical), realized/theoretical "
                 f"{c.efficiency:.2f}" if c.theoretical_speedup else "")
-        paired = (f"; paired by round {c.paired_speedup:.2f}x ({c.paired_range[0]:.2f}-"
-                  f"{c.paired_range[1]:.2f}x)" if c.paired_speedup is not None else "")
+        by_round = (f"; paired by round {c.paired_speedup:.2f}x ({c.paired_range[0]:.2f}-"
+                    f"{c.paired_range[1]:.2f}x)" if c.paired_speedup is not None else "")
         lines.append(f"{c.ispc}, {c.model} batch {c.batch_size}: {c.ispc_ms:.2f} ms, "
                      f"{c.speedup:.2f}x over the {which} ({labels[c.baseline]} "
-                     f"{c.baseline_ms:.2f} ms){paired}{theo}; over each: {each}")
+                     f"{c.baseline_ms:.2f} ms){by_round}{theo}; over each: {each}")
         best = best_dense(timings, c.model, c.batch_size)
         if best is not None and best.median_ms <= c.ispc_ms:
             # never slower than the best dense runtime: where ispc is not faster, say which is

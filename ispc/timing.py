@@ -12,13 +12,14 @@ import ctypes.util
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from tqdm.auto import tqdm
 
-__all__ = ["Timing", "time_interleaved", "retain_freed_memory", "default_progress"]
+__all__ = ["Timing", "Paired", "paired", "time_interleaved", "retain_freed_memory",
+           "default_progress"]
 
 
 def default_progress() -> bool:
@@ -67,6 +68,49 @@ class Timing:
     @property
     def p75(self) -> float:
         return statistics.quantiles(self.times_ms, n=4)[2] if len(self.times_ms) > 1 else self.median
+
+
+@dataclass(frozen=True)
+class Paired:
+    """``a`` against ``b`` timed in the same rounds: the per-round ratios ``a / b``. A busy spell
+    of the machine falls on both in a round and cancels out of the ratio."""
+
+    ratios: tuple[float, ...]
+
+    @property
+    def rounds(self) -> int:
+        return len(self.ratios)
+
+    @property
+    def median(self) -> float | None:
+        """The median ratio (None: no round pairs up)."""
+        return statistics.median(self.ratios) if self.ratios else None
+
+    @property
+    def faster_in(self) -> int:
+        """The rounds ``a`` was faster in."""
+        return sum(r < 1.0 for r in self.ratios)
+
+    @property
+    def low(self) -> float | None:
+        return min(self.ratios) if self.ratios else None
+
+    @property
+    def high(self) -> float | None:
+        return max(self.ratios) if self.ratios else None
+
+    def beats(self, margin: float) -> bool:
+        """Whether ``a`` is faster by more than ``margin`` (median ratio) and in most rounds."""
+        return bool(self.ratios) and self.median < 1.0 - margin and 2 * self.faster_in > self.rounds
+
+
+def paired(a: Sequence[float], b: Sequence[float]) -> Paired:
+    """``a`` against ``b``, per-round figures (block medians) of the same rounds; no ratio where
+    the two do not pair up (another count of rounds) or ``b`` is not positive. The one pairing
+    rule of the route's decision and the benchmark's reports."""
+    if len(a) != len(b):
+        return Paired(())
+    return Paired(tuple(x / y for x, y in zip(a, b) if y > 0))
 
 
 def time_interleaved(candidates: dict[str, Callable[[], Any]], *, warmup: int = 5, rounds: int = 30,

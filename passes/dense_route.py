@@ -22,18 +22,21 @@ from typing import Any
 
 import torch
 from torch import fx
+from tqdm.auto import tqdm
 
 from ispc import dense_route as route
 from ispc.compiled import CompiledModel
 from ispc.errors import UnsupportedModelError
 from ispc.native_plan import NativePlanRunner
 from ispc.report import Report
+from ispc.timing import paired
 
 from .base import PassState, records, register_pass
 from .kernel_costs import time_runners, timing_input
 
-__all__ = ["dense_route", "choose", "paired", "time_candidates", "gated_savings_ms", "ROUTE_MARGIN",
-           "RUNTIME_TIE", "DENSE_EDGE", "ROUNDS", "BLOCK_S", "LABELS"]
+__all__ = ["dense_route", "choose", "settled", "quiet_rounds", "time_candidates",
+           "gated_savings_ms", "ROUTE_MARGIN", "RUNTIME_TIE", "DENSE_EDGE", "ROUNDS", "BLOCK_S",
+           "SETTLED", "QUIET_SHARE", "LABELS"]
 
 #: the route is taken unless the model as built runs faster than the best runtime by more than
 #: this fraction (the median of the per-round ratios) and in most rounds: ties go to the dense
@@ -50,8 +53,17 @@ RUNTIME_TIE = 0.01
 #: slower than the model as built by more than this (times 1 + ROUTE_MARGIN), no dense runtime can
 #: win and the route is not considered (no export, no runtime timed)
 DENSE_EDGE = 1.25
-#: rounds in which the candidates are timed (time_candidates), at batch 1 and at larger batches
-ROUNDS = (9, 3)
+#: rounds in which the candidates are timed (time_candidates), at batch 1 and at larger batches:
+#: at least the first, at most the second while the decision is not settled (:func:`settled`)
+#: or rounds were busy (:func:`quiet_rounds`)
+ROUNDS = ((9, 21), (2, 3))
+#: a comparison is settled once its median per-round ratio lies this far from its threshold
+#: (RUNTIME_TIE, ROUTE_MARGIN): closer, another round is timed (up to ROUNDS' maximum)
+SETTLED = 0.02
+#: a round is busy where a candidate's block got less CPU per thread than this fraction of its
+#: median block's: something else held a core, which slows the runtimes' spinning pools more
+#: than ispc's kernels; busy rounds are left out of the decision (all candidates alike)
+QUIET_SHARE = 0.8
 #: about this long a block of timed calls per candidate and round (s), at batch 1 and larger
 BLOCK_S = (0.12, 1.0)
 #: the runtimes' names for people
@@ -82,20 +94,10 @@ def _not_considered(gm: fx.GraphModule, state: PassState, why: str) -> fx.GraphM
     return gm
 
 
-def paired(a: list[float], b: list[float]) -> tuple[float, int, int]:
-    """``a`` against ``b``, timed in the same rounds (block medians, ms): the median of the
-    per-round ratios a/b, the rounds ``a`` was faster in, and the rounds compared."""
-    ratios = [x / y for x, y in zip(a, b) if y > 0]
-    if not ratios:
-        return 1.0, 0, 0
-    return statistics.median(ratios), sum(r < 1.0 for r in ratios), len(ratios)
-
-
 def _beats(a: list[float], b: list[float], margin: float) -> bool:
     """Whether ``a`` is faster than ``b`` by more than ``margin`` (median per-round ratio) and
     in most rounds."""
-    ratio, wins, n = paired(a, b)
-    return n > 0 and ratio < 1.0 - margin and 2 * wins > n
+    return paired(a, b).beats(margin)
 
 
 def choose(rounds_ms: dict[str, list[float]], ispc: str | None = "ispc") -> tuple[str, bool]:
@@ -114,15 +116,57 @@ def choose(rounds_ms: dict[str, list[float]], ispc: str | None = "ispc") -> tupl
     return best, take
 
 
+def settled(rounds_ms: dict[str, list[float]], ispc: str | None = "ispc") -> bool:
+    """Whether :func:`choose`'s comparisons on these rounds are out of the noise: each other
+    runtime against the chosen one, and ``ispc`` against it, have a median per-round ratio at
+    least :data:`SETTLED` from the threshold that decides (1 - margin)."""
+    best, _ = choose(rounds_ms, ispc)
+    checks = [(r, RUNTIME_TIE) for r in route.ROUTE_RUNTIMES if r in rounds_ms and r != best]
+    if ispc is not None and ispc in rounds_ms:
+        checks.append((ispc, ROUTE_MARGIN))
+    for name, margin in checks:
+        p = paired(rounds_ms[name], rounds_ms[best])
+        if p.rounds and abs(p.median - (1.0 - margin)) < SETTLED:
+            return False
+    return True
+
+
+def quiet_rounds(shares: dict[str, list[float]]) -> list[int]:
+    """The rounds in which no candidate's block got less CPU than :data:`QUIET_SHARE` of its
+    median block's (``shares``: name -> CPU share per thread of each round's block)."""
+    n = min((len(v) for v in shares.values()), default=0)
+    med = {k: statistics.median(v[:n]) for k, v in shares.items() if n}
+    return [i for i in range(n) if all(v[i] >= QUIET_SHARE * med[k] for k, v in shares.items())]
+
+
+def _quiet(rounds_ms: dict[str, list[float]], shares: dict[str, list[float]]
+           ) -> dict[str, list[float]]:
+    """``rounds_ms`` in the quiet rounds only (all of them where fewer than 3 are quiet)."""
+    keep = quiet_rounds(shares)
+    if len(keep) < min(3, min((len(v) for v in rounds_ms.values()), default=0)):
+        return rounds_ms
+    return {k: [v[i] for i in keep] for k, v in rounds_ms.items()}
+
+
 def time_candidates(gm: fx.GraphModule, state: PassState, onnx: bytes, runtimes: list[str],
                     x: torch.Tensor) -> dict[str, dict[str, Any]]:
     """The model as built (``"ispc"``) and each runtime behind the route, timed as a user runs
     them, alike: each in a fresh worker process of its own (the model as built pickled, with the
     eager backend's runner attached there; each runtime through the route's module and runner in
-    a torch process), interleaved in rounds (:func:`ispc.dense_route.time_interleaved`). The
-    model as built is left out, with a note, where it does not pickle."""
+    a torch process), interleaved in rounds (:func:`ispc.dense_route.time_interleaved`): the
+    first of :data:`ROUNDS`, then more while the quiet rounds are fewer or the decision is not
+    :func:`settled`. The model as built is left out, with a note, where it does not pickle."""
     bs = x.shape[0]
     one = bs == 1
+    least, most = ROUNDS[0 if one else 1]
+
+    def extend(sofar: dict[str, dict[str, list[float]]]) -> bool:
+        rounds_ms = {k: v["rounds_ms"] for k, v in sofar.items()}
+        quiet = quiet_rounds({k: v["shares"] for k, v in sofar.items()})
+        if len(quiet) < least:
+            return True
+        return not settled({k: [v[i] for i in quiet] for k, v in rounds_ms.items()})
+
     with tempfile.TemporaryDirectory(prefix="ispc-candidates-") as tmp:
         work = Path(tmp)
         (work / "model.onnx").write_bytes(onnx)
@@ -136,11 +180,16 @@ def time_candidates(gm: fx.GraphModule, state: PassState, onnx: bytes, runtimes:
                                f"could not be pickled ({type(exc).__name__})")
         for r in runtimes:
             jobs[r] = {"runtime": "route", "route_runtime": r, "artifact": str(work / "model.onnx")}
-        # no warm-up call per block at larger batches: a call of ~1 s warms itself, and ResNet-50's
-        # keep-1.0 compile at batch 32 spent 150 s
-        return route.time_interleaved(jobs, x[None], threads=torch.get_num_threads(),
-                                      rounds=ROUNDS[0 if one else 1], warmup=2 if one else 0,
-                                      block_s=BLOCK_S[0 if one else 1], max_calls=30 if one else 3)
+        with tqdm(total=most, desc="ispc: timing the dense route", unit="round",
+                  disable=not state.progress, leave=False) as bar:
+            # at larger batches no warm-up call and blocks of one call where a call takes about
+            # BLOCK_S: ResNet-50's keep-1.0 compile at batch 32 spent 150 s, 30 s of it here
+            return route.time_interleaved(jobs, x[None], threads=torch.get_num_threads(),
+                                          rounds=least, max_rounds=most, extend=extend,
+                                          on_round=bar.update, warmup=2 if one else 0,
+                                          block_s=BLOCK_S[0 if one else 1],
+                                          min_calls=2 if one else 1, max_calls=30 if one else 3,
+                                          probe=one)
 
 
 def _paired_figures(rounds_ms: dict[str, list[float]], best: str) -> str:
@@ -149,9 +198,10 @@ def _paired_figures(rounds_ms: dict[str, list[float]], best: str) -> str:
     parts = []
     for k in rounds_ms:
         if k != best:
-            ratio, wins, n = paired(rounds_ms[k], rounds_ms[best])
-            parts.append(f"{'ispc as built' if k == 'ispc' else LABELS[k]} x{ratio:.3f}, faster "
-                         f"in {wins} of {n}")
+            p = paired(rounds_ms[k], rounds_ms[best])
+            if p.rounds:
+                parts.append(f"{'ispc as built' if k == 'ispc' else LABELS[k]} x{p.median:.3f}, "
+                             f"faster in {p.faster_in} of {p.rounds}")
     return f"; per round against {LABELS[best]}: {'; '.join(parts)}" if parts else ""
 
 
@@ -251,7 +301,9 @@ def dense_route(gm: fx.GraphModule, state: PassState) -> fx.GraphModule:
             state.notes.append(f"dense route: ispc as built left out: its worker failed "
                                f"({ispc_res.get('note')})")
         names = cands + (["ispc"] if ispc_res.get("ms") is not None else [])
-        rounds_ms = {k: timed[k]["rounds_ms"] for k in names}
+        timed_rounds = {k: timed[k]["rounds_ms"] for k in names}
+        rounds_ms = _quiet(timed_rounds, {k: timed[k]["shares"] for k in names})
+        busy = len(next(iter(timed_rounds.values()))) - len(next(iter(rounds_ms.values())))
         times = {k: timed[k]["ms"] for k in names}
         best, take = choose(rounds_ms)
         if gated and "ispc" not in times:
@@ -260,7 +312,8 @@ def dense_route(gm: fx.GraphModule, state: PassState) -> fx.GraphModule:
                    + (f"{times['ispc']:.2f} ms" if "ispc" in times else "untimed")
                    + f" at batch {bs}"
                    + "".join(f", {LABELS[r]} {times[r]:.2f} ms" for r in cands if r != best)
-                   + _paired_figures(rounds_ms, best))
+                   + _paired_figures(rounds_ms, best)
+                   + (f" ({busy} busy round(s) left out)" if busy else ""))
         times = {**({"ispc": times["ispc"]} if "ispc" in times else {}),
                  **{r: times[r] for r in cands}}
     if not take:

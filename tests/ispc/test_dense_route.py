@@ -63,6 +63,45 @@ def test_module_runs_the_runtime_at_any_batch(onnx, runtime):
         assert sess.get_session_options().intra_op_num_threads == torch.get_num_threads()
 
 
+@pytest.mark.parametrize("runtime", route.ROUTE_RUNTIMES)
+def test_the_call_writes_into_torch_memory_and_hands_back_its_own_output(onnx, runtime):
+    """The hot path (ONNX Runtime's IOBinding after a shape's first call, OpenVINO's request
+    with a shared input and a bound output): outputs are the model's, each call's output is its
+    own (the next call does not overwrite it), the input is not written, and threads calling at
+    once each get their own result."""
+    import threading
+
+    if not route.installed(runtime):
+        pytest.skip(f"{runtime} not installed")
+    model, data = onnx
+    m = route.DenseRuntimeModule(model, runtime, data, (2, 3, 8, 8))
+    xs = [torch.randn(3, 3, 8, 8) for _ in range(4)]
+    before = [x.clone() for x in xs]
+    with torch.no_grad():
+        refs = [model(x) for x in xs]
+        outs = [m(x) for x in xs] + [m(xs[0])]
+        assert all(rel_err(o, r) < 1e-5 for o, r in zip(outs, refs + refs[:1]))
+        assert all(torch.equal(x, b) for x, b in zip(xs, before))
+        assert len({o.data_ptr() for o in outs}) == len(outs)
+        if runtime == "onnxruntime":
+            assert m.__dict__["_outputs"][(3, 3, 8, 8)][0] == (3, 4)
+        got: dict[int, torch.Tensor] = {}
+
+        def work(i):
+            with torch.no_grad():
+                for _ in range(20):
+                    got[i] = m(xs[i])
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert all(rel_err(got[i], refs[i]) < 1e-5 for i in range(4))
+        view = torch.randn(3, 8, 8, 3).permute(0, 3, 1, 2)  # not contiguous: made so first
+        assert rel_err(m(view), model(view)) < 1e-5
+
+
 def test_wrap_keeps_the_input_name_and_runtime_only_switches(onnx):
     model, data = onnx
     m = route.DenseRuntimeModule(model, "onnxruntime", data, (2, 3, 8, 8))
@@ -148,6 +187,35 @@ def test_time_interleaved_times_each_candidate_in_its_own_worker(onnx, tmp_path)
         assert rel_err(torch.from_numpy(res[r]["output"]), model(x[0])) < 1e-5
     assert res["bad"]["ms"] is None and res["bad"]["rounds_ms"] == []
     assert res["bad"]["note"].startswith("error")
+    assert all(len(res[r]["shares"]) == 3 and min(res[r]["shares"]) >= 0 for r in runtimes)
+
+
+def test_time_interleaved_adds_rounds_while_asked(onnx, tmp_path):
+    """After ``rounds``, one round at a time while ``extend`` (shown every round so far) says
+    so, up to ``max_rounds``; ``on_round`` after each."""
+    if not route.installed("openvino"):
+        pytest.skip("openvino not installed")
+    model, data = onnx
+    (tmp_path / "m.onnx").write_bytes(data)
+    jobs = {"a": {"runtime": "route", "route_runtime": "openvino",
+                  "artifact": str(tmp_path / "m.onnx")}}
+    seen, ticks = [], []
+
+    def extend(sofar):
+        seen.append(len(sofar["a"]["rounds_ms"]))
+        assert len(sofar["a"]["shares"]) == seen[-1]
+        return seen[-1] < 4
+
+    x = torch.randn(1, 1, 3, 8, 8)
+    res = route.time_interleaved(jobs, x, threads=1, rounds=2, warmup=0, block_s=0.002,
+                                 settle_s=0.0, max_rounds=6, extend=extend,
+                                 on_round=lambda: ticks.append(1))
+    assert len(res["a"]["rounds_ms"]) == 4 and seen == [2, 3, 4] and len(ticks) == 4
+    capped = route.time_interleaved(jobs, x, threads=1, rounds=2, warmup=0, block_s=0.002,
+                                    settle_s=0.0, max_rounds=3, extend=lambda s: True,
+                                    probe=False)  # (the first call's output is checked)
+    assert len(capped["a"]["rounds_ms"]) == 3
+    assert rel_err(torch.from_numpy(capped["a"]["output"]), model(x[0])) < 1e-5
 
 
 def test_block_calls():

@@ -106,12 +106,13 @@ def _fake_times(monkeypatch, **ms):
 
     def time_candidates(gm, state, onnx, runtimes, x):
         asked.append(["ispc", *runtimes])
-        out = {"ispc": {"rounds_ms": [ms["ispc"]] * 5, "ms": ms["ispc"], "output": None,
-                        "note": ""}}
+        out = {"ispc": {"rounds_ms": [ms["ispc"]] * 5, "shares": [1.0] * 5, "ms": ms["ispc"],
+                        "output": None, "note": ""}}
         for r in runtimes:
             with torch.no_grad():
                 y = route.DenseRuntimeModule(nn.Identity(), r, onnx, tuple(x.shape))(x)
-            out[r] = {"rounds_ms": [ms[r]] * 5, "ms": ms[r], "output": y.numpy(), "note": ""}
+            out[r] = {"rounds_ms": [ms[r]] * 5, "shares": [1.0] * 5, "ms": ms[r],
+                      "output": y.numpy(), "note": ""}
         return out
 
     monkeypatch.setattr(route_pass, "time_runners", time_runners)
@@ -245,9 +246,21 @@ def test_choose_from_paired_rounds(rounds, want):
     assert route_pass.choose(rounds) == want
 
 
-def test_paired_ratios():
-    assert route_pass.paired([2.0, 3.0, 6.0], [4.0, 3.0, 3.0]) == (1.0, 1, 3)
-    assert route_pass.paired([], []) == (1.0, 0, 0)
+@pytest.mark.parametrize("rounds, want", [
+    ({"openvino": [26.0] * 9, "onnxruntime": [27.3] * 9, "ispc": [30.0] * 9}, True),
+    ({"openvino": [26.0] * 9, "onnxruntime": [26.1] * 9, "ispc": [30.0] * 9}, False),  # a tie
+    ({"openvino": [26.0] * 9, "onnxruntime": [25.5] * 9}, True),  # ORT 1.9% faster: OpenVINO x1.020, 3% from the tie
+    ({"openvino": [26.0] * 9, "ispc": [25.5] * 9}, False),  # ispc 1.9% faster: near 2%
+    ({"openvino": [26.0] * 9, "ispc": [24.0] * 9}, True),  # ispc 7.7% faster
+])
+def test_settled_asks_for_rounds_near_a_threshold(rounds, want):
+    assert route_pass.settled(rounds) is want
+
+
+def test_quiet_rounds_leave_out_a_busy_block():
+    shares = {"ispc": [0.95, 0.97, 0.5, 0.96, 0.94], "openvino": [0.9, 0.92, 0.91, 0.6, 0.9]}
+    assert route_pass.quiet_rounds(shares) == [0, 1, 4]
+    assert route_pass.quiet_rounds({"a": [], "b": []}) == []
 
 
 @needs_runtime
@@ -263,9 +276,10 @@ def test_candidates_timed_alike_in_workers():
     onnx = route.onnx_bytes(model, torch.randn(2, 3, 16, 16))
     res = route_pass.time_candidates(gm, state, onnx, INSTALLED, x)
     assert sorted(res) == sorted(["ispc", *INSTALLED])
-    n = route_pass.ROUNDS[0]
+    least, most = route_pass.ROUNDS[0]
     for name, r in res.items():
-        assert r["note"] == "" and r["ms"] > 0 and len(r["rounds_ms"]) == n, (name, r["note"])
+        assert r["note"] == "" and r["ms"] > 0, (name, r["note"])
+        assert least <= len(r["rounds_ms"]) == len(res["ispc"]["rounds_ms"]) <= most
     with torch.no_grad():
         for r in INSTALLED:
             assert rel_err(torch.from_numpy(res[r]["output"]), model(x)) < 1e-5
