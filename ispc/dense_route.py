@@ -381,8 +381,9 @@ class DenseRuntimeModule(nn.Module):
         with self.__dict__["_lock"]:
             req, out, tensor = self.__dict__["_requests"].get(a.shape) or self._ov_request(a.shape)
             req.set_input_tensor(tensor(a.numpy(), shared_memory=True))
-            req.start_async()
-            req.wait()
+            # synchronous: the request computes in this thread (start_async + wait hands it to
+            # OpenVINO's own and back: MobileNetV2 5-7% slower, docs/dense_route.md)
+            req.infer(share_outputs=True)
             return out.clone()  # (the next call overwrites ``out``)
 
     def _ort_run(self, a: Tensor) -> Tensor:
