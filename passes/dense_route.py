@@ -180,13 +180,19 @@ def time_candidates(gm: fx.GraphModule, state: PassState, onnx: bytes, runtimes:
                                f"could not be pickled ({type(exc).__name__})")
         for r in runtimes:
             jobs[r] = {"runtime": "route", "route_runtime": r, "artifact": str(work / "model.onnx")}
-        with tqdm(total=most, desc="ispc: timing the dense route", unit="round",
+        with tqdm(total=least, desc="ispc: timing the dense route", unit="round",
                   disable=not state.progress, leave=False) as bar:
+
+            def tick() -> None:  # a round beyond the least: the bar grows with it
+                if bar.n >= bar.total:
+                    bar.total = bar.n + 1
+                bar.update()
+
             # at larger batches no warm-up call and blocks of one call where a call takes about
             # BLOCK_S: ResNet-50's keep-1.0 compile at batch 32 spent 150 s, 30 s of it here
             return route.time_interleaved(jobs, x[None], threads=torch.get_num_threads(),
                                           rounds=least, max_rounds=most, extend=extend,
-                                          on_round=bar.update, warmup=2 if one else 0,
+                                          on_round=tick, warmup=2 if one else 0,
                                           block_s=BLOCK_S[0 if one else 1],
                                           min_calls=2 if one else 1, max_calls=30 if one else 3,
                                           probe=one)
