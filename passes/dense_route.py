@@ -36,7 +36,7 @@ from .kernel_costs import time_runners, timing_input
 
 __all__ = ["dense_route", "choose", "settled", "quiet_rounds", "time_candidates",
            "gated_savings_ms", "ROUTE_MARGIN", "RUNTIME_TIE", "DENSE_EDGE", "ROUNDS", "BLOCK_S",
-           "SETTLED", "QUIET_SHARE", "LABELS"]
+           "SETTLED", "QUIET_SHARE", "SLOW_SPELL", "LABELS"]
 
 #: the route is taken unless the model as built runs faster than the best runtime by more than
 #: this fraction (the median of the per-round ratios) and in most rounds: ties go to the dense
@@ -64,6 +64,9 @@ SETTLED = 0.02
 #: median block's: something else held a core, which slows the runtimes' spinning pools more
 #: than ispc's kernels; busy rounds are left out of the decision (all candidates alike)
 QUIET_SHARE = 0.8
+#: a round is slow where the model as built read more than this times its time in the compiling
+#: process just before (quiet_rounds)
+SLOW_SPELL = 1.1
 #: about this long a block of timed calls per candidate and round (s), at batch 1 and larger
 BLOCK_S = (0.12, 1.0)
 #: the runtimes' names for people
@@ -131,38 +134,47 @@ def settled(rounds_ms: dict[str, list[float]], ispc: str | None = "ispc") -> boo
     return True
 
 
-def quiet_rounds(shares: dict[str, list[float]]) -> list[int]:
+def quiet_rounds(shares: dict[str, list[float]], rounds_ms: dict[str, list[float]] | None = None,
+                 ref_ms: float | None = None) -> list[int]:
     """The rounds in which no candidate's block got less CPU than :data:`QUIET_SHARE` of its
-    median block's (``shares``: name -> CPU share per thread of each round's block)."""
+    median block's (``shares``: name -> CPU share per thread of each round's block) and, given
+    ``ref_ms`` (the model as built, timed in the compiling process just before), its worker's
+    block (``rounds_ms["ispc"]``) read at most :data:`SLOW_SPELL` times that: a slow spell of
+    this VM slows the runtimes' pools more than ispc's kernels (MobileNetV2: ONNX Runtime and
+    OpenVINO 6.3-7.0 ms, ispc 5.5 against 4.8 in the compiling process), and CPU shares do not
+    show it."""
     n = min((len(v) for v in shares.values()), default=0)
     med = {k: statistics.median(v[:n]) for k, v in shares.items() if n}
-    return [i for i in range(n) if all(v[i] >= QUIET_SHARE * med[k] for k, v in shares.items())]
+    slow = (rounds_ms or {}).get("ispc") if ref_ms else None
+    return [i for i in range(n) if all(v[i] >= QUIET_SHARE * med[k] for k, v in shares.items())
+            and (slow is None or i >= len(slow) or slow[i] <= SLOW_SPELL * ref_ms)]
 
 
-def _quiet(rounds_ms: dict[str, list[float]], shares: dict[str, list[float]]
-           ) -> dict[str, list[float]]:
+def _quiet(rounds_ms: dict[str, list[float]], shares: dict[str, list[float]],
+           ref_ms: float | None = None) -> dict[str, list[float]]:
     """``rounds_ms`` in the quiet rounds only (all of them where fewer than 3 are quiet)."""
-    keep = quiet_rounds(shares)
+    keep = quiet_rounds(shares, rounds_ms, ref_ms)
     if len(keep) < min(3, min((len(v) for v in rounds_ms.values()), default=0)):
         return rounds_ms
     return {k: [v[i] for i in keep] for k, v in rounds_ms.items()}
 
 
 def time_candidates(gm: fx.GraphModule, state: PassState, onnx: bytes, runtimes: list[str],
-                    x: torch.Tensor) -> dict[str, dict[str, Any]]:
+                    x: torch.Tensor, ref_ms: float | None = None) -> dict[str, dict[str, Any]]:
     """The model as built (``"ispc"``) and each runtime behind the route, timed as a user runs
     them, alike: each in a fresh worker process of its own (the model as built pickled, with the
     eager backend's runner attached there; each runtime through the route's module and runner in
     a torch process), interleaved in rounds (:func:`ispc.dense_route.time_interleaved`): the
     first of :data:`ROUNDS`, then more while the quiet rounds are fewer or the decision is not
-    :func:`settled`. The model as built is left out, with a note, where it does not pickle."""
+    :func:`settled` (``ref_ms``: the model as built in this process, :func:`quiet_rounds`). The
+    model as built is left out, with a note, where it does not pickle."""
     bs = x.shape[0]
     one = bs == 1
     least, most = ROUNDS[0 if one else 1]
 
     def extend(sofar: dict[str, dict[str, list[float]]]) -> bool:
         rounds_ms = {k: v["rounds_ms"] for k, v in sofar.items()}
-        quiet = quiet_rounds({k: v["shares"] for k, v in sofar.items()})
+        quiet = quiet_rounds({k: v["shares"] for k, v in sofar.items()}, rounds_ms, ref_ms)
         if len(quiet) < least:
             return True
         return not settled({k: [v[i] for i in quiet] for k, v in rounds_ms.items()})
@@ -247,8 +259,9 @@ def dense_route(gm: fx.GraphModule, state: PassState) -> fx.GraphModule:
     if why is not None:
         return _not_considered(gm, state, why)
     bs = cfg.latency_batch_size
+    ref_ms = None  # the model as built here: a slow spell shows against it (quiet_rounds)
     if gated:  # a clear win needs no export and no worker (3 rounds here are enough to see it)
-        ispc_ms = time_runners({"ispc": NativePlanRunner(gm)}, x, 3)["ispc"]
+        ispc_ms = ref_ms = time_runners({"ispc": NativePlanRunner(gm)}, x, 3)["ispc"]
         saved = gated_savings_ms(gated, bs)
         if saved and ispc_ms + saved > ispc_ms * (1.0 + ROUTE_MARGIN) * DENSE_EDGE:
             state.notes.append(
@@ -273,7 +286,9 @@ def dense_route(gm: fx.GraphModule, state: PassState) -> fx.GraphModule:
             for r in runtimes:
                 outputs[r] = route.DenseRuntimeModule(source, r, onnx, tuple(probe.shape))(probe)
     else:  # the model as built and each runtime, alike, in workers of their own (time_candidates)
-        timed = time_candidates(gm, state, onnx, runtimes, x)
+        if ref_ms is None and bs == 1:  # (at larger batches too few rounds to leave any out)
+            ref_ms = time_runners({"ispc": NativePlanRunner(gm)}, x, 3)["ispc"]
+        timed = time_candidates(gm, state, onnx, runtimes, x, ref_ms)
         for name, res in timed.items():
             if name != "ispc" and (res["ms"] is None or res["output"] is None):
                 state.notes.append(f"dense route: {LABELS[name]} left out: its worker failed "
@@ -308,7 +323,7 @@ def dense_route(gm: fx.GraphModule, state: PassState) -> fx.GraphModule:
                                f"({ispc_res.get('note')})")
         names = cands + (["ispc"] if ispc_res.get("ms") is not None else [])
         timed_rounds = {k: timed[k]["rounds_ms"] for k in names}
-        rounds_ms = _quiet(timed_rounds, {k: timed[k]["shares"] for k in names})
+        rounds_ms = _quiet(timed_rounds, {k: timed[k]["shares"] for k in names}, ref_ms)
         busy = len(next(iter(timed_rounds.values()))) - len(next(iter(rounds_ms.values())))
         times = {k: timed[k]["ms"] for k in names}
         best, take = choose(rounds_ms)
@@ -319,7 +334,7 @@ def dense_route(gm: fx.GraphModule, state: PassState) -> fx.GraphModule:
                    + f" at batch {bs}"
                    + "".join(f", {LABELS[r]} {times[r]:.2f} ms" for r in cands if r != best)
                    + _paired_figures(rounds_ms, best)
-                   + (f" ({busy} busy round(s) left out)" if busy else ""))
+                   + (f" ({busy} busy or slow round(s) left out)" if busy else ""))
         times = {**({"ispc": times["ispc"]} if "ispc" in times else {}),
                  **{r: times[r] for r in cands}}
     if not take:

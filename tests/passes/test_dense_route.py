@@ -104,7 +104,7 @@ def _fake_times(monkeypatch, **ms):
         runners[name](x)  # the model as built still runs
         return {name: ms[name]}
 
-    def time_candidates(gm, state, onnx, runtimes, x):
+    def time_candidates(gm, state, onnx, runtimes, x, ref_ms=None):
         asked.append(["ispc", *runtimes])
         out = {"ispc": {"rounds_ms": [ms["ispc"]] * 5, "shares": [1.0] * 5, "ms": ms["ispc"],
                         "output": None, "note": ""}}
@@ -261,6 +261,11 @@ def test_quiet_rounds_leave_out_a_busy_block():
     shares = {"ispc": [0.95, 0.97, 0.5, 0.96, 0.94], "openvino": [0.9, 0.92, 0.91, 0.6, 0.9]}
     assert route_pass.quiet_rounds(shares) == [0, 1, 4]
     assert route_pass.quiet_rounds({"a": [], "b": []}) == []
+    # a slow spell: the model as built's worker far above its time in the compiling process
+    rounds = {"ispc": [4.8, 5.5, 4.9, 5.6, 4.7], "openvino": [4.0, 6.3, 4.1, 6.4, 4.0]}
+    ones = {k: [1.0] * 5 for k in rounds}
+    assert route_pass.quiet_rounds(ones, rounds, 4.8) == [0, 2, 4]
+    assert route_pass.quiet_rounds(ones, rounds) == [0, 1, 2, 3, 4]
 
 
 @needs_runtime
