@@ -123,6 +123,8 @@ def settled(rounds_ms: dict[str, list[float]], ispc: str | None = "ispc") -> boo
     """Whether :func:`choose`'s comparisons on these rounds are out of the noise: each other
     runtime against the chosen one, and ``ispc`` against it, have a median per-round ratio at
     least :data:`SETTLED` from the threshold that decides (1 - margin)."""
+    if not any(r in rounds_ms for r in route.ROUTE_RUNTIMES):
+        return True  # (no runtime left to compare with)
     best, _ = choose(rounds_ms, ispc)
     checks = [(r, RUNTIME_TIE) for r in route.ROUTE_RUNTIMES if r in rounds_ms and r != best]
     if ispc is not None and ispc in rounds_ms:

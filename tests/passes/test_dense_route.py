@@ -252,6 +252,7 @@ def test_choose_from_paired_rounds(rounds, want):
     ({"openvino": [26.0] * 9, "onnxruntime": [25.5] * 9}, True),  # ORT 1.9% faster: OpenVINO x1.020, 3% from the tie
     ({"openvino": [26.0] * 9, "ispc": [25.5] * 9}, False),  # ispc 1.9% faster: near 2%
     ({"openvino": [26.0] * 9, "ispc": [24.0] * 9}, True),  # ispc 7.7% faster
+    ({"ispc": [24.0] * 9}, True),  # every runtime's worker failed: nothing to decide
 ])
 def test_settled_asks_for_rounds_near_a_threshold(rounds, want):
     assert route_pass.settled(rounds) is want
