@@ -249,7 +249,8 @@ def run(job: dict) -> dict[str, Any]:
 def serve(job: dict, commands: Any, replies: Any) -> None:
     """Prepare, save the first batch's output from a second call, timed (``probe_ms``; with
     ``job["probe"]`` False the first call's output and time), and answer with the result line;
-    then, per command line ``{"warmup": w, "calls": n}``, time a block of calls and answer ``{"status", "times_ms", "cpu_share"}``, until ``{"quit": true}`` or end of input.
+    then, per command line ``{"warmup": w, "calls": n}``, time a block of calls and answer
+    ``{"status", "times_ms", "cpu_share"}``, until ``{"quit": true}`` or end of input.
     Between blocks the process waits on its input (idle: no thread of its own runs)."""
     def reply(obj: dict[str, Any]) -> None:
         replies.write(json.dumps(obj) + "\n")

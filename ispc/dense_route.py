@@ -255,8 +255,8 @@ def time_interleaved(jobs: dict[str, dict[str, Any]], inputs: Tensor, *, threads
     why not}`` (``ms`` None and no rounds where its worker failed). ``inputs``: the batches the
     calls cycle through, stacked (N x batch); ``probe`` False: the first call sizes the blocks
     (no second call: long calls at larger batches). After ``rounds``, one more round at a time
-    up to ``max_rounds`` while ``extend`` (given name -> ``{"rounds_ms", "shares"}`` so far) says so;
-    ``on_round`` is called after each round (a progress bar)."""
+    up to ``max_rounds`` while ``extend`` (given name -> ``{"rounds_ms", "shares"}`` so far)
+    says so; ``on_round`` is called after each round (a progress bar)."""
     out: dict[str, dict[str, Any]] = {k: {"rounds_ms": [], "shares": [], "times": [],
                                           "output": None, "note": "", "probe_ms": None}
                                       for k in jobs}
@@ -340,7 +340,8 @@ class DenseRuntimeModule(nn.Module):
         self.__dict__["_session"] = None  # ONNX Runtime: one session, any batch size
         self.__dict__["_binding"] = None  # its IOBinding (one call at a time: _lock)
         self.__dict__["_outputs"] = {}  # ONNX Runtime: input shape -> (output shape, dtype)
-        self.__dict__["_requests"] = {}  # OpenVINO: input shape -> (request, its output tensor)
+        # OpenVINO: input shape -> (request, its bound output, the shared input tensor class)
+        self.__dict__["_requests"] = {}
         self.__dict__["_lock"] = threading.Lock()
 
     def __getstate__(self) -> dict[str, Any]:  # copies and pickles hold no session
