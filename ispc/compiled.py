@@ -23,11 +23,18 @@ class CompiledModel(nn.Module):
 
     ``graph_module`` is the rewritten :class:`torch.fx.GraphModule`; ``report`` the analysis that
     produced it; ``config`` the :class:`GatingConfig`; ``backend`` how ``forward`` runs it.
+
+    An inference model: its parameters are frozen (``requires_grad=False``), so that a plain
+    ``fast(x)`` runs the native kernels and the dense route as under ``torch.no_grad()`` (with
+    parameters that need gradients every call would take PyTorch's per-layer ops, ~3x slower). An
+    input that requires grad still runs PyTorch's ops, and gradients reach it;
+    ``fast.graph_module.requires_grad_(True)`` gives the parameters gradients again.
     """
 
     def __init__(self, graph_module: fx.GraphModule, report: Report, config: GatingConfig,
                  backend: str = "eager") -> None:
         super().__init__()
+        graph_module.requires_grad_(False)
         self.graph_module = graph_module
         self.report = report
         self.config = config

@@ -98,9 +98,29 @@ def test_user_model_is_never_modified():
     ispc.inspect(model, _data(32, batches=1), progress=False)
     assert model.training and all(m.training for m in model.modules())
     assert dict(model.named_modules()) == modules
+    assert all(p.requires_grad for p in model.parameters())  # the compiled copy's are frozen
     after = model.state_dict()
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_plain_call_runs_as_under_no_grad():
+    """The compiled model is frozen: ``fast(x)`` with grad mode on takes the fast path (the
+    README's call), and an input that requires grad still gets its gradient."""
+    model = _randomize_bn(M.resnet20(num_classes=10))
+    fast = ispc.compile(model, _data(32, batches=1), progress=False,
+                        config=ispc.GatingConfig(keep_ratio=0.5))
+    assert not any(p.requires_grad for p in fast.parameters())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want = fast(x)
+    out = fast(x)
+    assert not out.requires_grad and torch.equal(out, want)
+    xg = x.clone().requires_grad_()
+    out = fast(xg)
+    assert rel_err(out.detach(), want) <= 1e-4
+    out.sum().backward()
+    assert xg.grad is not None and xg.grad.abs().sum() > 0
 
 
 def test_train_mode_model_compiles_as_its_eval_self():

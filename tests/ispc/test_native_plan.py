@@ -175,10 +175,15 @@ def test_calls_it_cannot_serve_run_the_graph(mobilenet):
             assert torch.equal(mobilenet(x), want) and seen == [1]
         finally:
             h.remove()
-    # autograd: the parameters need gradients, so the per-layer path (PyTorch ops) runs
-    out = mobilenet(x)
+    # autograd: an input that needs gradients runs the per-layer path (PyTorch ops), and they reach it
+    xg = x.clone().requires_grad_()
+    out = mobilenet(xg)
     assert out.requires_grad
     assert (out - want).abs().max() < 1e-4
+    out.sum().backward()
+    assert xg.grad is not None and xg.grad.abs().sum() > 0
+    # a plain call, grad mode on: the parameters are frozen, so the program runs as under no_grad
+    assert torch.equal(mobilenet(x), want)
 
 
 def test_copies_and_pickles_run_their_own_graph(mobilenet):
