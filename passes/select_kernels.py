@@ -29,8 +29,8 @@ from . import kernel_costs as costs
 from .base import PassState, apply_kernel, records, register_pass, replace_submodule
 from .channels_last import layout_converters, runs_channels_last
 
-__all__ = ["select_kernels", "LAYOUT_MARGIN", "LAYOUT_PROBE_RATIO", "CUDA_NOTE", "DENSE_ROUTE_NOTE",
-           "WHOLE_MODEL_BUDGET_S"]
+__all__ = ["select_kernels", "LAYOUT_MARGIN", "LAYOUT_PROBE_RATIO", "PROGRAM_WHOLE_MARGIN", "CUDA_NOTE",
+           "DENSE_ROUTE_NOTE", "WHOLE_MODEL_BUDGET_S"]
 
 #: with the layout left to measurement (``GatingConfig.channels_last=None``), channels-last is kept
 #: only where the layers reading channels-last maps measured faster in sum than on NCHW maps and
@@ -45,6 +45,13 @@ LAYOUT_MARGIN = 0.01
 #: MobileNetV2 at batch 32 ran 1.4-2x slower on NCHW maps, and timing each of their layers on
 #: them was half of a 94 s compile that kept channels-last
 LAYOUT_PROBE_RATIO = 1.2
+
+#: on channels-last maps the gated layers whose measured kernel leaves the runner's native program
+#: (``gather``, ``native``: not ``nhwc``) keep it only where the whole model measured faster with
+#: them than with those layers back on the predicted ``nhwc`` kernel by more than this fraction:
+#: the per-layer timing cannot see the program split (the layers around run one by one), and a
+#: slow spell of the machine during one layer's timing can still beat costs.PROGRAM_MARGIN
+PROGRAM_WHOLE_MARGIN = 0.03
 
 #: said when a model is gated on a GPU without latency-aware selection
 CUDA_NOTE = ("ispc: gated layers on CUDA run a Triton kernel that has not been timed on a GPU yet "
@@ -243,7 +250,9 @@ def _whole_model_check(gm: fx.GraphModule, state: PassState, x: torch.Tensor,
     on their predicted kernel) is timed too, and kept where it saves ``min_gain`` of those layers'
     dense times: per-layer timings at large batches are short runs that a busy spell of a shared
     machine can tip (ResNet-50 at batch 32 came back with 35 to 52 of its 52 layers gated from one
-    compile to the next).
+    compile to the next). Likewise the graph with every gated layer whose measured kernel leaves
+    the native program back on the predicted ``nhwc`` kernel, kept unless the measured kernels are
+    faster by :data:`PROGRAM_WHOLE_MARGIN` (the program split costs the layers around them too).
 
     With the layout left to measurement (``GatingConfig.channels_last=None``) both are timed in
     both layouts (the gated graph on NCHW maps with the kernels measured for NCHW inputs,
@@ -268,12 +277,20 @@ def _whole_model_check(gm: fx.GraphModule, state: PassState, x: torch.Tensor,
              for n, m in current.items()}
     configs = {"gated": (current, nhwc)}
     regated: dict[str, nn.Module] = {}  # the layers left dense, gated on their predicted kernel
+    program: dict[str, nn.Module] = {}  # the gated layers off the native program, back on nhwc
     if nhwc and not x.is_cuda:
         regated = {n: _predicted_copy(originals[n], nodes[n], channels_last=True)
                    for n, m in current.items() if not isinstance(m, GatedConv2d)
                    and type(originals[n]) is GatedConv2d and gates[n] is not None}
-    if regated:
-        configs["gated_all"] = ({**current, **regated}, nhwc)
+        for n, m in current.items():
+            if type(m) is GatedConv2d and m.strategy != "nhwc":
+                alt = _predicted_copy(m, nodes[n], channels_last=True)
+                if alt.strategy == "nhwc":
+                    program[n] = alt
+    if program:
+        configs["gated_program"] = ({**current, **program}, nhwc)
+    if regated:  # on top of the program configuration: the one kept unless clearly slower
+        configs["gated_all"] = ({**current, **program, **regated}, nhwc)
     if free and nhwc and nchw:
         configs["gated_nchw"] = ({**current, **{n: m for n, (m, _) in nchw.items()}}, False)
     configs["dense"] = (dense, nhwc and not free)
@@ -300,8 +317,10 @@ def _whole_model_check(gm: fx.GraphModule, state: PassState, x: torch.Tensor,
     # gated again only where the whole model saves what min_gain asks of those layers alone
     need = cfg.min_gain * sum((records(nodes[n]).kernel.times_ms or {}).get("dense", 0.0)
                               for n in regated if records(nodes[n]).kernel is not None)
-    gated_cl = ("gated_all" if "gated_all" in times and times["gated_all"] < times["gated"] - need
-                else "gated")
+    base = ("gated_program" if "gated_program" in times and not
+            times["gated"] < times["gated_program"] * (1.0 - PROGRAM_WHOLE_MARGIN) else "gated")
+    gated_cl = ("gated_all" if "gated_all" in times and (base != "gated" or not program)
+                and times["gated_all"] < times[base] - need else base)
     best = _faster_layout(times, "gated_nchw", gated_cl) if "gated_nchw" in configs else gated_cl
     best_dense = _faster_layout(times, "dense", "dense_nhwc")
     t_gated, t_dense = times[best], times[best_dense]
@@ -309,7 +328,7 @@ def _whole_model_check(gm: fx.GraphModule, state: PassState, x: torch.Tensor,
     if free:
         layout = " (" + ", ".join(
             f"{'gated' if k.startswith('gated') else 'dense'}"
-            f"{' (every layer)' if k == 'gated_all' else ''} "
+            f"{' (every layer)' if k == 'gated_all' else ' (nhwc)' if k == 'gated_program' else ''} "
             f"{'channels-last' if configs[k][1] else 'NCHW'} {times[k]:.2f} ms"
             for k in configs) + ")"
     if t_gated < t_dense:
@@ -317,16 +336,25 @@ def _whole_model_check(gm: fx.GraphModule, state: PassState, x: torch.Tensor,
         if best == "gated_nchw":
             for name, (_, m) in nchw.items():
                 _record_nchw(nodes[name], m, cfg, gates[name])
-        if best == "gated_all":
-            for name, m in regated.items():
+        whole = {**(program if best in ("gated_program", "gated_all") else {}),
+                 **(regated if best == "gated_all" else {})}
+        if whole:
+            for name, m in whole.items():
                 rec = records(nodes[name])
-                rec.gate = gates[name]
+                if name in regated:
+                    rec.gate = gates[name]
                 rec.kernel = dataclasses.replace(
                     costs.predicted_choice(m, nodes[name], channels_last=True),
                     cost_model="measured_whole_model", batch_size=cfg.latency_batch_size,
                     input_layout="channels_last")
         gm.recompile()
         kept = f"; gated, {'channels-last' if configs[best][1] else 'NCHW'}" if free else ""
+        if program:
+            off = ", ".join(sorted({current[n].strategy for n in program}))
+            back = best in ("gated_program", "gated_all")
+            kept += (f"; the {len(program)} layer(s) measured on kernels off the native program "
+                     f"({off}) {'run nhwc' if back else 'stay on them'} (on nhwc "
+                     f"{times['gated_program']:.2f} ms, on {off} {times['gated']:.2f} ms)")
         if regated:
             kept += (f"; the {len(regated)} layer(s) per-layer timing left dense "
                      f"{'gated too' if best == 'gated_all' else 'stay dense'} (every layer gated "
