@@ -60,7 +60,8 @@ PREDICTED_MARGIN = 0.03
 #: ``gather`` outside it splits the program, so that the layers around it run one by one: it must
 #: measure faster by more than this fraction (ResNet-50's four 128 -> 512 1x1 layers took
 #: ``gather`` on one AVX2 compile by a noisy few percent: five programs, 27.7 ms, against 25.6-26.5
-#: with them on ``nhwc`` in one program, docs/benchmarks.md)
+#: with them on ``nhwc`` in one program, docs/benchmarks.md). Kept beside the whole-model check
+#: (``select_kernels.PROGRAM_WHOLE_MARGIN``), which takes or leaves all such layers at once
 PROGRAM_MARGIN = 0.15
 #: measured selection stops timing a kernel whose fastest call is slower than this many times the
 #: leader's median after two timed rounds (``ispc.timing.time_interleaved(prune_ratio=...)``): far
