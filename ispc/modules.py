@@ -223,8 +223,11 @@ class GatedConv2d(Watched):
         self._native = (_native.NativeLayer(self.weight, self.bias, self.stride, self.padding,
                                             self.dilation, self.orient)
                         if self.strategy == "native" else None)
+        # a top-k layer's kept channels: its reduction, which helps choose the register tile
+        kept = self.k if self.mode == "topk" and 0 < self.k < self.in_channels else None
         self._nhwc = (_native.NhwcConv(self.weight.detach(), self.bias.detach(), self.stride,
-                                       self.padding, self.dilation, out_hw=self.out_hw)
+                                       self.padding, self.dilation, out_hw=self.out_hw,
+                                       reduction=kept)
                       if self.strategy == "nhwc" and self.weight.dtype == torch.float32 else None)
 
     def sliced(self, *, out_keep: Tensor | None = None, in_keep: Tensor | None = None) -> "GatedConv2d":

@@ -449,7 +449,8 @@ class _Program(nn.Module):
         small = int(os.environ.get("ISPC_FUSE_CH_POSITIONS", FUSE_CH_POSITIONS))
         by_channels = {i for i, n in enumerate(seg) if i not in fuse
                        and shapes[n][2] * shapes[n][3] <= small}
-        prog, spans = prog.emit(seg, fuse, by_channels)
+        calls = prog
+        prog, spans = calls.emit(seg, fuse, by_channels)
         if all(self._alias[i] for i in range(spans[-1][1] + 1, len(seg))):
             spans[-1] = (spans[-1][0], len(seg) - 1)  # a layout step after the classifier
         # spans: each op's first and last layer (two for a fused expansion + depthwise)
@@ -459,12 +460,15 @@ class _Program(nn.Module):
         # a map made and read inside one chunked run holds one chunk (its buffer stays in cache)
         # the maps the ops write (a fused op's expanded map is never written)
         made = {seg[b]: j for j, (_, b) in enumerate(spans) if b < len(seg) - 1}
+        for j in calls.pairs:  # a pair's first map: written where the pair does not fuse
+            made[seg[spans[j][0]]] = j
         used = {node: op_of[last_use[node]] for node in made}
         local = {node for node, j in made.items() if chunks[j] and runs[used[node]][0] == runs[j][0]}
         for j, (a, b) in enumerate(spans):
             node = seg[b]
             names = [k for k, v in (("x", seg[a].args[0]), ("out", node),
-                                    ("res", node.args[1] if len(node.args) > 1 else None))
+                                    ("res", node.args[1] if len(node.args) > 1 else None),
+                                    ("x2", node.args[0] if j in calls.pairs else None))
                      if v in local]
             prog.set_chunk(j, chunks[j], tuple(names))
         # buffers: the last op's output is the caller's fresh tensor; every other map shares a
@@ -561,6 +565,7 @@ class _Calls:
     def __init__(self) -> None:
         self.node = self.first = -1  # the layers [first, node] of the calls being recorded
         self.calls: list[tuple[int, int, _Conv | _Depthwise | _Other]] = []
+        self.pairs: set[int] = set()  # the ops emit made of two summed convolutions
 
     def _record(self, call: _Conv | _Depthwise | _Other) -> None:
         self.calls.append((self.first, self.node, call))
@@ -584,7 +589,9 @@ class _Calls:
         handed on) whose only reader is the depthwise layer after it (no residual) becomes one op
         with it (``add_expand_dw``); a 1x1 in ``by_channels`` alone too, its threads splitting
         the expanded channels. A dense convolution whose only reader is a max-pool becomes one
-        op with the pool (``add_conv_maxpool``)."""
+        op with the pool (``add_conv_maxpool``). A 1x1 convolution whose only reader is the next
+        one, as its residual (a ResNet block's last 1x1 and its downsample), becomes one op with
+        it (``add_conv_pair``; ``pairs`` holds those ops)."""
         prog = native.OpProgram()
         spans: list[tuple[int, int]] = []
         calls = self.calls
@@ -592,6 +599,18 @@ class _Calls:
         while j < len(calls):
             first, i, call = calls[j]
             nxt = calls[j + 1] if j + 1 < len(calls) else None
+            if (nxt is not None and isinstance(call, _Conv) and isinstance(nxt[2], _Conv)
+                    and _pair_fusable(seg, i, call, nxt[2])):
+                b = nxt[2]
+                prog.add_conv_pair(call.layer, b.layer, call.x, b.x, call.out, b.out, call.shape,
+                                   b.shape, call.mode, call.scale, call.threshold, call.k,
+                                   call.saliency, call.sums_in, b.mode, b.scale, b.threshold, b.k,
+                                   b.saliency, b.sums_in, clamp=b.clamp, sums_out=b.sums_out,
+                                   sums_kind=b.sums_kind)
+                self.pairs.add(len(spans))
+                spans.append((first, nxt[1]))
+                j += 2
+                continue
             split = (i not in fuse and i in by_channels and isinstance(call, _Conv)
                      and native.pointwise(call.layer))
             if ((i in fuse or split) and nxt is not None and isinstance(call, _Conv)
@@ -626,6 +645,18 @@ def _fusable(seg: list[fx.Node], i: int, conv: _Conv, dw: _Depthwise) -> bool:
             and dw.res == -1 and conv.res == -1 and conv.sums_out == -1
             and (native.pointwise(layer) or native.expand_dw_fits(layer, conv.shape[2]))
             and dw.layer.channels == layer.cout)
+
+
+def _pair_fusable(seg: list[fx.Node], i: int, a: _Conv, b: _Conv) -> bool:
+    """Whether layer ``i``'s ``add_conv`` call and layer ``i + 1``'s make one ``add_conv_pair``:
+    two 1x1 layers without padding, the first's map read only by the second, as its residual
+    alone, the first with no clamp and no sums handed on."""
+    def plain(layer: native.NhwcConv) -> bool:
+        return layer.kernel == (1, 1) and layer.padding == (0, 0) and layer.dilation == (1, 1)
+    return (i + 1 < len(seg) and set(seg[i].users) == {seg[i + 1]} and b.res == a.out
+            and b.x != a.out and a.res == -1 and a.sums_out == -1 and a.clamp == native.NO_CLAMP
+            and plain(a.layer) and plain(b.layer) and a.layer.cout == b.layer.cout
+            and os.environ.get("ISPC_FUSE_PAIR", "1") != "0")
 
 
 def _pool_fusable(seg: list[fx.Node], i: int, conv: _Conv, pool: _Other) -> bool:

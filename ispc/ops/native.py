@@ -214,6 +214,8 @@ def _build(extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL:
     lib.ispc_vector_floats.restype = _i64
     lib.ispc_vector_floats.argtypes = []
     lib.ispc_nhwc_vectors.argtypes = [_i64, _i64]
+    lib.ispc_nhwc_vectors_for.restype = _i64
+    lib.ispc_nhwc_vectors_for.argtypes = [_i64, _i64, _i64]
     lib.ispc_nhwc_packed_size.argtypes = [_i64, _i64, _i64, _i64]
     lib.ispc_pack_weight_nhwc.restype = None
     lib.ispc_pack_weight_nhwc.argtypes = [_ptr, _i64, _i64, _i64, _i64, _ptr]
@@ -714,13 +716,14 @@ class NhwcConv:
     ``out_hw``, the output positions it will mostly see, helps choose the register tile
     (``vectors``: output-channel vectors per tile, to force one) and whether a 3x3 stride-1
     layer runs by Winograd F(2x2, 3x3) (``winograd``: True or False to force it; True on a layer
-    that does not fit is an error).
+    that does not fit is an error). ``reduction``, the input channels it will mostly keep (a
+    gated layer's k), helps choose the tile too: short reductions favour other tiles.
     It holds copies: prepare it again after changing the weights.
     """
 
     def __init__(self, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0, dilation=1,
                  out_hw: int | None = None, vectors: int | None = None,
-                 winograd: bool | None = None) -> None:
+                 winograd: bool | None = None, reduction: int | None = None) -> None:
         lib = _loaded()
         if weight.dim() != 4 or weight.dtype != torch.float32:
             raise ConfigError(f"weight must be a float32 (Cout, C, kh, kw) tensor, got {weight.dtype} "
@@ -734,7 +737,8 @@ class NhwcConv:
                               f"{self.stride}, padding {self.padding}, dilation {self.dilation}")
         if bias is not None and bias.numel() != self.cout:
             raise ConfigError(f"bias has {bias.numel()} entries for {self.cout} output channels")
-        self.vectors = int(lib.ispc_nhwc_vectors(self.cout, int(out_hw or 0)))
+        self.vectors = int(lib.ispc_nhwc_vectors_for(self.cout, int(out_hw or 0),
+                                                     int(reduction or 0) * kh * kw))
         if vectors is not None:  # a given register tile (tests, A/B); 0: this build's widest
             top = int(lib.ispc_nhwc_max_vectors())
             if not 0 <= vectors <= top:
@@ -1026,17 +1030,21 @@ class _Op(ctypes.Structure):
                    ("threshold", ctypes.c_float), ("lo", ctypes.c_float), ("hi", ctypes.c_float),
                    ("sums_in", _i64), ("sums_out", _i64), ("sums_kind", _i64), ("chunk", _i64),
                    ("local", _i64), ("lo2", ctypes.c_float), ("hi2", ctypes.c_float),
-                   ("outs", _i64)])
+                   ("outs", _i64), ("layer2", _ptr)]
+                + [(f, _i64) for f in ("x2", "H2", "W2", "C2")]
+                + [("scale2", _ptr), ("saliency2", _i64), ("mode2", _i64), ("k2", _i64),
+                   ("threshold2", ctypes.c_float), ("sums_in2", _i64)])
 
 
 _OP_CONV, _OP_DW, _OP_AVGPOOL, _OP_TO_NHWC, _OP_MAXPOOL, _OP_EXPAND_DW, _OP_LINEAR, _OP_LINEAR_T = range(8)
 _OP_EXPAND_DW_CH = 8
 _OP_CONV_MAXPOOL = 9
+_OP_CONV_PAIR = 10
 #: the most kernel rows of a max-pool that :meth:`OpProgram.add_conv_maxpool` fuses
 CONV_MAXPOOL_ROWS = 64
 #: output features per block of :meth:`OpProgram.add_linear`'s packed weights (``LIN_B``)
 LINEAR_BLOCK = 64
-_LOCAL = {"x": 1, "out": 2, "res": 4}  # OP_LOCAL_*
+_LOCAL = {"x": 1, "out": 2, "res": 4, "x2": 8}  # OP_LOCAL_*
 
 
 def pointwise(layer: NhwcConv) -> bool:
@@ -1203,6 +1211,36 @@ class OpProgram:
         self._add(_OP_CONV_MAXPOOL, x, out, shape, layer=ctypes.addressof(layer._struct), mode=DENSE,
                   lo=clamp[0], hi=clamp[1], kh=kernel[0], kw=kernel[1], sh=stride[0], sw=stride[1],
                   ph=padding[0], pw=padding[1], lo2=pool_clamp[0], hi2=pool_clamp[1])
+
+    def add_conv_pair(self, first: NhwcConv, second: NhwcConv, x: int, x2: int, mid: int,
+                      out: int, shape, shape2, mode: int, scale: Tensor | None, threshold: float,
+                      k: int, saliency: int, sums_in: int, mode2: int, scale2: Tensor | None,
+                      threshold2: float, k2: int, saliency2: int, sums_in2: int,
+                      clamp: tuple[float, float] = NO_CLAMP, sums_out: int = -1,
+                      sums_kind: int = 0) -> None:
+        """Two convolutions summed: ``first`` on slot ``x``'s map of ``shape`` into slot ``mid``
+        (no clamp, no output sums), then ``second`` on slot ``x2``'s of ``shape2`` with ``mid`` as
+        its residual (``clamp``, ``sums_out``) into slot ``out``; each with its own gate (the
+        arguments of :meth:`add_conv`, ``...2`` the second's). The same results as the two
+        :meth:`add_conv` calls. Where both are 1x1 layers without padding of the same output map
+        and register tile, at batch 1, whose weights fit the kernel's budget (``PAIR_BYTES``),
+        each tile of the first stays in cache as the second's residual and ``mid`` is never
+        written (a ResNet block's last 1x1 and its downsample); otherwise the two run in turn."""
+        if first.cout != second.cout:
+            raise ConfigError(f"add_conv_pair takes layers of equal outputs, got {first.cout} and "
+                              f"{second.cout}")
+        if first.out_size(*shape[2:]) != second.out_size(*shape2[2:]) or shape[0] != shape2[0]:
+            raise ConfigError("add_conv_pair's layers must make maps of the same shape")
+        n2, c2, h2, w2 = shape2
+        self._keep += [first, second, scale, scale2]
+        self._add(_OP_CONV_PAIR, x, out, shape, layer=ctypes.addressof(first._struct),
+                  scale=None if mode == DENSE else scale.data_ptr(), saliency=saliency, mode=mode,
+                  k=k, threshold=threshold, res=mid, lo=clamp[0], hi=clamp[1],
+                  sums_in=sums_in if mode != DENSE else -1, sums_out=sums_out, sums_kind=sums_kind,
+                  layer2=ctypes.addressof(second._struct), x2=x2, H2=h2, W2=w2, C2=c2,
+                  scale2=None if mode2 == DENSE else scale2.data_ptr(), saliency2=saliency2,
+                  mode2=mode2, k2=k2, threshold2=threshold2,
+                  sums_in2=sums_in2 if mode2 != DENSE else -1)
 
     def set_chunk(self, index: int, instances: int, local: tuple[str, ...] = ()) -> None:
         """Op ``index`` runs ``instances`` instances at a time (0: the whole batch at once); a run

@@ -1742,6 +1742,38 @@ int64_t ispc_nhwc_max_vectors(void) { return NH_MAXNV; }
  * FMAs' width, which decides where Winograd pays (native.winograd_chosen) */
 int64_t ispc_vector_floats(void) { return VW; }
 
+/* ispc_nhwc_vectors for a layer whose reduction per output (kept channels x taps, 0: unknown) is
+ * short: on AVX-512, where ispc_nhwc_vectors picks 6x4/7x4, a reduction r of at most
+ * NH_SHORT_REDUCTION weighs the 8x3 tile as 1 + NH_SHORT_GAIN / r times as fast. A tile's
+ * epilogue and setup are a fixed cost beside its r steps (about a third of a 1x1 tile's time at
+ * r = 32), which fewer, larger tiles pay less often: at half their channels 8x3 measured 0.91x
+ * 6x4's time on 64->256 at 56x56 (r = 32, 12% more lanes), 0.93x on 128->512 at 28x28 (r = 64),
+ * 0.98-1.03x on 256->1024 at 14x14 (r = 128) (AMD Zen 4; docs/benchmarks.md). */
+#ifndef NH_SHORT_REDUCTION
+#define NH_SHORT_REDUCTION 128
+#endif
+#ifndef NH_SHORT_GAIN
+#define NH_SHORT_GAIN 10.0
+#endif
+int64_t ispc_nhwc_vectors_for(int64_t cout, int64_t howo, int64_t reduction) {
+    const int64_t nv = ispc_nhwc_vectors(cout, howo);
+#if defined(__AVX512F__)
+    if (nv == 4 && reduction > 0 && reduction <= NH_SHORT_REDUCTION) {  /* 6x4/7x4 or 8x3 */
+        const int64_t mr4 = nh_mr(4, howo);
+        double pos4 = howo > 0 ? (double)((howo + mr4 - 1) / mr4 * mr4) : 1.0;
+        if (mr4 != NH_MR4) pos4 /= NH_MR4S_GAIN;
+        const double pos3 = howo > 0 ? (double)((howo + NH_MR3 - 1) / NH_MR3 * NH_MR3) : 1.0;
+        const double cost4 = (double)((cout + 4 * VW - 1) / (4 * VW) * 4 * VW) * pos4;
+        const double cost3 = (double)((cout + 3 * VW - 1) / (3 * VW) * 3 * VW) * pos3
+                             / (1.0 + NH_SHORT_GAIN / (double)reduction);
+        return cost3 < cost4 * 0.999 ? 3 : 4;
+    }
+#else
+    (void)reduction;
+#endif
+    return nv;
+}
+
 /* Weights (Cout, C, kh, kw) -> [ceil(Cout / NR)][kh * kw][C][NR], NR = nv * VW, zero past Cout. */
 int64_t ispc_nhwc_packed_size(int64_t cout, int64_t C, int64_t T, int64_t nv) {
     const int64_t nr = nv * VW;
@@ -2929,7 +2961,8 @@ int64_t ispc_nchw_to_nhwc(const float *src, int64_t N, int64_t C, int64_t HW, fl
 #define OP_LINEAR_T 7   /* the same on input-major weights, zero inputs skipped: linear_t_region */
 #define OP_EXPAND_DW_CH 8  /* OP_EXPAND_DW split between threads by channels: expand_dw_ch_region */
 #define OP_CONV_MAXPOOL 9  /* a dense convolution (ispc_conv_nhwc) and the max-pool that reads it */
-#define OP_LAST OP_CONV_MAXPOOL
+#define OP_CONV_PAIR 10    /* two 1x1 convolutions summed, the first's map unwritten: pair_region */
+#define OP_LAST OP_CONV_PAIR
 
 typedef struct {
     int64_t kind, x, out, res;           /* slots; res -1: none */
@@ -2946,6 +2979,14 @@ typedef struct {
     float lo2, hi2;                      /* OP_EXPAND_DW, OP_CONV_MAXPOOL: the second layer's clamp */
     int64_t outs;                        /* OP_LINEAR: output features (w: packed, bias: padded);
                                             OP_LINEAR_T: (w: (C H W, outs), features in NCHW order) */
+    /* OP_CONV_PAIR: the second layer (layer, x, scale, ... and sums_in are the first's; lo, hi,
+       sums_out, sums_kind the second's; res the first's map) */
+    const ispc_nhwc_layer_t *layer2;
+    int64_t x2, H2, W2, C2;              /* its input map: slot and size */
+    const float *scale2;
+    int64_t saliency2, mode2, k2;
+    float threshold2;
+    int64_t sums_in2;
 } ispc_op_t;
 
 /* an op's x, out or res slot holds one chunk's instances only (a map made and used inside one
@@ -2953,11 +2994,13 @@ typedef struct {
 #define OP_LOCAL_X 1
 #define OP_LOCAL_OUT 2
 #define OP_LOCAL_RES 4
+#define OP_LOCAL_X2 8
 
 /* the op's output map per instance: positions and channels */
 static void op_out(const ispc_op_t *o, int64_t *hw, int64_t *c) {
     switch (o->kind) {
-    case OP_CONV: {
+    case OP_CONV:
+    case OP_CONV_PAIR: {  /* the pair's: its first layer's (the second's is the same) */
         const ispc_nhwc_layer_t *L = o->layer;
         *hw = conv_out(o->H, L->kh, L->sh, L->ph, L->dh) * conv_out(o->W, L->kw, L->sw, L->pw, L->dw);
         *c = L->cout;
@@ -3571,6 +3614,197 @@ static void conv_pool_region(const ispc_op_t *o, const float *x, int64_t N, floa
     #pragma omp barrier
 }
 
+/* ---- two 1x1 convolutions summed (a ResNet block's last 1x1 and its downsample) ----------------
+ * OP_CONV_PAIR: layer A (o->layer on x, no clamp) into the res slot, then layer B (o->layer2 on
+ * x2) with A's map as its residual, B's clamp and output sums. A's map is read by nothing else.
+ * Run apart, A writes its whole map (3.2 MB at 56x56 x 256 channels) and B reads it back beside
+ * its own output; fused, each tile runs A's blocks into a tile of the thread's (in L1), then B's
+ * blocks with that tile as their residual: the same sums in the same order, so the same values
+ * as the two ops, and A's map is never written. Each layer selects its own input's channels.
+ * Fused (pair_fits): 1x1 layers without padding on the same output map and register tile, one
+ * instance per pass (their kept weights compacted per group of blocks), both weights within
+ * pair_bytes; otherwise the two convolutions run one after the other through the res slot. */
+
+/* both layers' packed weights (bytes) up to which they fuse: what a gated walk keeps in L2
+ * without prefetching (nh_pf_gated); -DPAIR_BYTES fixes it (0: never fused) */
+static int64_t pair_bytes(void) {
+#ifdef PAIR_BYTES
+    return PAIR_BYTES;
+#else
+    return nh_pf_gated();
+#endif
+}
+
+static int pair_fits(const nh_geom_t *ga, const nh_geom_t *gb) {
+    const nh_geom_t *gs[2] = {ga, gb};
+    for (int i = 0; i < 2; i++) {
+        const nh_geom_t *g = gs[i];
+        if (g->kh != 1 || g->kw != 1 || g->ph != 0 || g->pw != 0 || g->wino || g->N != 1) return 0;
+    }
+    return ga->Ho == gb->Ho && ga->Wo == gb->Wo && ga->cout == gb->cout && ga->nv == gb->nv
+           && ga->mr == gb->mr && NH_COMPACT_TILES > 0 && ga->tiles >= NH_COMPACT_TILES
+           && (ga->C + gb->C) * ga->cob * ga->nr * (int64_t)sizeof(float) <= pair_bytes();
+}
+
+/* blocks of output channels per group: both layers' weights of a group within nh_group_bytes */
+static int64_t pair_group(const nh_geom_t *ga, const nh_geom_t *gb) {
+    int64_t G = nh_group_bytes() / ((ga->C + gb->C) * gb->nr * (int64_t)sizeof(float) + 1);
+    G = G < 1 ? 1 : G > gb->cob ? gb->cob : G;
+    const int64_t groups = (gb->cob + G - 1) / G;
+    return (gb->cob + groups - 1) / groups;  /* groups of (nearly) equal size */
+}
+
+/* a thread's floats of the fused walk: the group's compacted rows of both layers, A's tile */
+static int64_t pair_thread_floats(const nh_geom_t *ga, const nh_geom_t *gb) {
+    const int64_t rows = pair_group(ga, gb) * (ga->C + gb->C) * gb->nr;
+    return (rows + 15) / 16 * 16 + (gb->mr * gb->cob * gb->nr + 15) / 16 * 16;
+}
+
+/* the position pointers of a 1x1 layer without padding for the tile at p0 (zeros past the end) */
+static void pair_ptab(const nh_geom_t *g, const float *xn, int64_t p0, const float *zeros,
+                      const float **ptab) {
+    int64_t oh = p0 / g->Wo, ow = p0 % g->Wo;
+    for (int64_t i = 0; i < g->mr; i++, ow++) {
+        if (ow == g->Wo) { oh++; ow = 0; }
+        ptab[i] = p0 + i < g->Ho * g->Wo ? xn + (oh * g->sh * g->W + ow * g->sw) * g->C : zeros;
+    }
+}
+
+/* The fused walk of one instance inside a parallel region: ixa / ka and ixb / kb each layer's
+ * kept channels (k == C: dense). Threads split (group, tile) as nh_conv splits (group, instance,
+ * tile); per group both layers' kept rows are compacted into the thread's buffer (tw). Ends with
+ * a barrier. */
+static void pair_conv(const nh_geom_t *ga, const ispc_nhwc_layer_t *La, const float *xa,
+                      const int32_t *ixa, int64_t ka, const nh_geom_t *gb,
+                      const ispc_nhwc_layer_t *Lb, const float *xb, const int32_t *ixb, int64_t kb,
+                      float *out, float lo, float hi, int stream, const float *zeros,
+                      double *ysums, int ykind, float *tw) {
+    const int64_t mr = gb->mr, nr = gb->nr, cout = gb->cout, HoWo = gb->Ho * gb->Wo;
+    const int64_t cs = gb->cob * nr, G = pair_group(ga, gb);
+    const int clamp = nh_clamp_code(lo, hi);
+    const int64_t tid = omp_get_thread_num(), nth = omp_get_num_threads();
+    double *yrow = 0;
+    if (ysums) {
+        yrow = ysums + tid * cs;
+        memset(yrow, 0, sizeof(double) * cs);
+    }
+    float *ca = tw + tid * pair_thread_floats(ga, gb), *cbw = ca + G * ka * nr;
+    float *tile = ca + (G * (ga->C + gb->C) * nr + 15) / 16 * 16;
+    const int densea = ka == ga->C, denseb = kb == gb->C;
+    const nh_kernel_t kera = nh_kernel(gb->nv, mr, densea ? 0 : 2);
+    const nh_kernel_t kerb = nh_kernel(gb->nv, mr, denseb ? 0 : 2);
+    /* the dense walk's prefetch, as nh_conv's */
+    const int64_t pfa = densea && ga->C * nr * (int64_t)sizeof(float) >= nh_pf_min() ? NH_PF : 0;
+    const int64_t pfb = denseb && gb->C * nr * (int64_t)sizeof(float) >= nh_pf_min() ? NH_PF : 0;
+    const int64_t groups = (gb->cob + G - 1) / G;
+    int64_t i0, i1, ccg = -1;
+    nh_split(groups, G, gb->cob, gb->tiles, nth, tid, &i0, &i1);
+    const float *pa[NH_MAXMR], *pb[NH_MAXMR], *wsg[1];
+    for (int64_t it = i0; it < i1; it++) {
+        const int64_t cg = it / gb->tiles, p0 = it % gb->tiles * mr;
+        const int64_t cb0 = cg * G, cb1 = (cg + 1) * G < gb->cob ? (cg + 1) * G : gb->cob;
+        if (cg != ccg) {
+            if (!densea && ka > 0) nh_compact(La->wpack, cb0, cb1, 1, ga->C, nr, ixa, ka, ca);
+            if (!denseb && kb > 0) nh_compact(Lb->wpack, cb0, cb1, 1, gb->C, nr, ixb, kb, cbw);
+            ccg = cg;
+        }
+        pair_ptab(ga, xa, p0, zeros, pa);
+        pair_ptab(gb, xb, p0, zeros, pb);
+        const int npos = (int)(HoWo - p0 < mr ? HoWo - p0 : mr);
+        for (int64_t cb = cb0; cb < cb1; cb++) {  /* A: its bias, no clamp, into the tile */
+            const int lanes = (int)(cout - cb * nr < nr ? cout - cb * nr : nr);
+            wsg[0] = densea ? La->wpack + cb * ga->C * nr : ca + (cb - cb0) * ka * nr;
+            nh_epi_t e = {tile + cb * nr, 0, La->bias + cb * nr, cout, npos, lanes, 0, ykind,
+                          0.0f, 0.0f, 0, 0, 0, 0, 1};
+            kera(pa, wsg, ka ? 1 : 0, ka, ixa, pfa, &e);
+        }
+        for (int64_t cb = cb0; cb < cb1; cb++) {  /* B, the tile its residual */
+            const int lanes = (int)(cout - cb * nr < nr ? cout - cb * nr : nr);
+            wsg[0] = denseb ? Lb->wpack + cb * gb->C * nr : cbw + (cb - cb0) * kb * nr;
+            nh_epi_t e = {out + p0 * cout + cb * nr, tile + cb * nr, Lb->bias + cb * nr, cout, npos,
+                          lanes, clamp, ykind, lo, hi, yrow ? yrow + cb * nr : 0, stream, 0, 0, 1};
+            kerb(pb, wsg, kb ? 1 : 0, kb, ixb, pfb, &e);
+        }
+    }
+    if (stream) nh_sfence();
+    #pragma omp barrier
+}
+
+/* the op's layers (A: o->layer on x; B: o->layer2 on x2), geometries and workspace plans; sa,
+ * sb: the sums each layer reads (A none out), NULL where none */
+static void pair_plan(const ispc_op_t *o, int64_t m, const ispc_sums_t *sa, const ispc_sums_t *sb,
+                      int64_t threads, nh_geom_t *ga, nh_plan_t *Pa, nh_geom_t *gb, nh_plan_t *Pb) {
+    nh_geometry(ga, o->layer, m, o->H, o->W);
+    nh_plan(Pa, ga, o->mode, o->k, sa, threads);
+    nh_geometry(gb, o->layer2, m, o->H2, o->W2);
+    nh_plan(Pb, gb, o->mode2, o->k2, sb, threads);
+}
+
+/* workspace floats past the zeros: the larger of the two convolutions' and the fused run's (B's
+ * workspace, A's selection, the threads' buffers) */
+static int64_t pair_rest(const ispc_op_t *o, int64_t m, const ispc_sums_t *sa,
+                         const ispc_sums_t *sb, int64_t threads) {
+    nh_geom_t ga, gb;
+    nh_plan_t Pa, Pb;
+    pair_plan(o, m, sa, sb, threads, &ga, &Pa, &gb, &Pb);
+    const int64_t a = Pa.total - Pa.zeros, b = Pb.total - Pb.zeros;
+    int64_t need = a > b ? a : b;
+    if (pair_fits(&ga, &gb)) {
+        const int64_t fused = b + Pa.select + threads * pair_thread_floats(&ga, &gb);
+        need = fused > need ? fused : need;
+    }
+    return need;
+}
+
+/* the zero floats the op reads (its two layers' past-the-end positions) */
+static int64_t pair_zeros(const ispc_op_t *o) {
+    const int64_t c = o->C > o->C2 ? o->C : o->C2;
+    return (c + 15) / 16 * 16;
+}
+
+/* instances of op o (x, x2, out, mid the res slot, at the first): see OP_CONV_PAIR. Inside the
+ * caller's parallel region; ends with a barrier. */
+static void pair_region(const ispc_op_t *o, const float *x, const float *x2, int64_t m, float *out,
+                        float *mid, const ispc_sums_t *sa, const ispc_sums_t *sb,
+                        const float *zeros, float *ws, int64_t threads) {
+    nh_geom_t ga, gb;
+    nh_plan_t Pa, Pb;
+    pair_plan(o, m, sa, sb, threads, &ga, &Pa, &gb, &Pb);
+    const ispc_nhwc_layer_t *La = o->layer, *Lb = o->layer2;
+    ga.stream = nh_stream(&ga, mid, 0);
+    gb.stream = nh_stream(&gb, out, mid);
+    if (!pair_fits(&ga, &gb)) {  /* the two convolutions, A's map through the res slot */
+        nh_region(&ga, &Pa, La, x, o->scale, o->saliency, o->mode, o->threshold, o->k, 0, mid, 0,
+                  -__builtin_inff(), __builtin_inff(), sa, zeros, ws);
+        nh_region(&gb, &Pb, Lb, x2, o->scale2, o->saliency2, o->mode2, o->threshold2, o->k2, 0, out,
+                  mid, o->lo, o->hi, sb, zeros, ws);
+        return;
+    }
+    float *w = ws + Pb.gather;  /* B's workspace as nh_region lays it out, then A's selection */
+    double *ysums = Pb.sums ? (double *)w : 0;
+    w += Pb.sums;
+    float *wa = w + Pb.select, *tw = wa + Pa.select;
+    int32_t *ixb = (int32_t *)w, *ixa = (int32_t *)wa;
+    int64_t ka = ga.C, kb = gb.C;
+    if (o->mode != NHWC_DENSE) {
+        int64_t *cnt = (int64_t *)(wa + (ga.C + 15) / 16 * 16);
+        float *s = (float *)(cnt + 1), *tmp = s + ga.C;
+        nh_select(x, 1, ga.H * ga.W, ga.C, o->scale, o->saliency, o->mode, o->threshold, o->k, ixa,
+                  cnt, tmp + 3 * ga.C, s, tmp, sa ? sa->in : 0);
+        ka = cnt[0];
+    }
+    if (o->mode2 != NHWC_DENSE) {
+        int64_t *cnt = (int64_t *)(w + (gb.C + 15) / 16 * 16);
+        float *s = (float *)(cnt + 1), *tmp = s + gb.C;
+        nh_select(x2, 1, gb.H * gb.W, gb.C, o->scale2, o->saliency2, o->mode2, o->threshold2, o->k2,
+                  ixb, cnt, tmp + 3 * gb.C, s, tmp, sb ? sb->in : 0);
+        kb = cnt[0];
+    }
+    pair_conv(&ga, La, x, ixa, ka, &gb, Lb, x2, ixb, kb, out, o->lo, o->hi, gb.stream, zeros,
+              ysums, sb ? (int)sb->out_kind : SAL_L2, tw);
+    if (ysums) reduce_sums(ysums, omp_get_num_threads(), 1, gb.cout, gb.cob * gb.nr, sb->out);
+}
+
 /* Instances [n0, n0 + m) of op o in the caller's parallel region: zeros (zero floats, at least the
  * op's), ws its workspace. Ends with a barrier. */
 static void op_region(const ispc_op_t *o, float *const *slots, int64_t n0, int64_t m,
@@ -3624,6 +3858,15 @@ static void op_region(const ispc_op_t *o, float *const *slots, int64_t n0, int64
     case OP_CONV_MAXPOOL:
         conv_pool_region(o, x, m, out, zeros, ws, threads);
         break;
+    case OP_CONV_PAIR: {
+        const float *x2 = slots[o->x2] + (o->local & OP_LOCAL_X2 ? 0 : n0 * o->H2 * o->W2 * o->C2);
+        const ispc_sums_t sa = {sums.in, 0, 0};
+        const ispc_sums_t sb = {o->sums_in2 >= 0 ? slots[o->sums_in2] + n0 * o->C2 : 0, sums.out,
+                                o->sums_kind};
+        pair_region(o, x, x2, m, out, (float *)res, o->sums_in >= 0 ? &sa : 0,
+                    o->sums_in2 >= 0 || o->sums_out >= 0 ? &sb : 0, zeros, ws, threads);
+        break;
+    }
     }
 }
 
@@ -3667,11 +3910,20 @@ int64_t ispc_run_ops(const ispc_op_t *ops, int64_t n, float *const *slots, float
             const int64_t z = (o->layer->kw * o->layer->C + 15) / 16 * 16;  /* nh_plan's zeros */
             zmax = z > zmax ? z : zmax;
             rmax = cpool_rest(o, threads) > rmax ? cpool_rest(o, threads) : rmax;
+        } else if (o->kind == OP_CONV_PAIR && o->res >= 0 && o->layer2) {
+            const ispc_sums_t sa = {ws, 0, 0};
+            const ispc_sums_t sb = {o->sums_in2 >= 0 ? ws : 0, o->sums_out >= 0 ? ws : 0,
+                                    o->sums_kind};
+            const int64_t need = pair_rest(o, m, o->sums_in >= 0 ? &sa : 0,
+                                           o->sums_in2 >= 0 || o->sums_out >= 0 ? &sb : 0, threads);
+            zmax = pair_zeros(o) > zmax ? pair_zeros(o) : zmax;
+            rmax = need > rmax ? need : rmax;
         } else if (o->kind == OP_LINEAR_T && o->outs >= 1) {
             const int64_t need = linear_t_workspace(m, o->C * o->H * o->W, threads);
             rmax = need > rmax ? need : rmax;
         } else if (o->kind < 0 || o->kind > OP_LAST || o->kind == OP_LINEAR_T
-                   || o->kind == OP_CONV_MAXPOOL || (o->kind == OP_TO_NHWC && o->C > 16)
+                   || o->kind == OP_CONV_MAXPOOL || o->kind == OP_CONV_PAIR
+                   || (o->kind == OP_TO_NHWC && o->C > 16)
                    || (o->kind == OP_LINEAR && (o->H != 1 || o->W != 1 || o->outs < 1))) {
             return -1;
         }

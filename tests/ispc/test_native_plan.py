@@ -534,6 +534,59 @@ def test_a_resnet_stem_and_its_pool_run_as_one_op(keep, monkeypatch):
             assert (native._OP_MAXPOOL in kinds) == (fuse == "0")
             assert torch.equal(outs[-1], want)
         assert torch.equal(outs[0], outs[1])
-        if keep == 1.0:
+
+
+class _Bottleneck(torch.nn.Module):
+    """A ResNet-50 block with a downsample: conv3's map is read only by the add with it."""
+
+    def __init__(self, cin=16, width=8, cout=32, stride=1):
+        super().__init__()
+        nn_ = torch.nn
+        self.conv1 = nn_.Conv2d(cin, width, 1, bias=False)
+        self.bn1 = nn_.BatchNorm2d(width)
+        self.conv2 = nn_.Conv2d(width, width, 3, stride, 1, bias=False)
+        self.bn2 = nn_.BatchNorm2d(width)
+        self.conv3 = nn_.Conv2d(width, cout, 1, bias=False)
+        self.bn3 = nn_.BatchNorm2d(cout)
+        self.downsample = nn_.Sequential(nn_.Conv2d(cin, cout, 1, stride, bias=False),
+                                         nn_.BatchNorm2d(cout))
+        self.tail = nn_.Conv2d(cout, cout, 1)
+
+    def forward(self, x):
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = torch.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        out = torch.relu(out + self.downsample(x))
+        return self.tail(out)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_a_block_s_last_1x1_and_its_downsample_run_as_one_op(stride, monkeypatch):
+    """conv3 and the downsample (the add fused into one of them) are one program op, bit for bit
+    the per-layer graph's and ISPC_FUSE_PAIR=0's, at a batch of one (fused) and of three (the two
+    in turn)."""
+    torch.manual_seed(7)
+    model = _Bottleneck(stride=stride).eval()
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    data = [torch.randn(4, 16, 20, 20) for _ in range(2)]
+    c = ispc.compile(model, data, config=ispc.GatingConfig(keep_ratio=0.5, channels_last=True,
+                                                           latency_aware=False), progress=False)
+    r = _runner(c)
+    prog, = r._programs
+    for shape in [(1, 16, 20, 20), (3, 16, 14, 18)]:
+        x = torch.randn(shape)
+        outs = []
+        for fuse in ("1", "0"):
+            monkeypatch.setenv("ISPC_FUSE_PAIR", fuse)
+            prog._plans.clear()
             with torch.no_grad():
-                torch.testing.assert_close(outs[0], model(x), rtol=1e-5, atol=1e-5)
+                outs.append(c(x))
+                want = c.graph_module(x)
+            (_, plan), = prog._plans.values()
+            kinds = [op.kind for op in plan.program._ops]
+            assert (native._OP_CONV_PAIR in kinds) == (fuse == "1")
+            assert torch.equal(outs[-1], want)
+        assert torch.equal(outs[0], outs[1])

@@ -1,0 +1,62 @@
+"""The register tile NhwcConv chooses for a short reduction (``reduction``: a top-k layer's kept
+channels), and that gated layers on it still compute the masked-dense reference."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ispc.modules import GatedConv2d
+from ispc.ops import gated_conv as gc
+from ispc.ops import native
+from conftest import rel_err
+
+pytestmark = pytest.mark.skipif(not native.available(),
+                                reason=f"native kernel not built here: {native.unavailable_reason()}")
+
+
+def _check(layer: native.NhwcConv, w, b, cin, k, h, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(1, cin, h, h, generator=g)
+         * (torch.rand(1, cin, 1, 1, generator=g) + 0.1)).contiguous(memory_format=torch.channels_last)
+    scale = torch.rand(cin, generator=g) + 0.5
+    res = torch.randn(1, w.shape[0], h, h, generator=g).contiguous(memory_format=torch.channels_last)
+    got = layer(x, gc.TOPK, scale=scale, k=k, residual=res, clamp=native.RELU)
+    ref = (gc.gated_conv2d_reference(x, w, b, scale, 1, 1, 0, 0, 1, 1, gc.TOPK, 0.0, k) + res).relu()
+    assert rel_err(got, ref) < 1e-5
+
+
+@pytest.mark.parametrize("cin,cout,h,eight_by_three", [
+    (64, 256, 56, True), (128, 512, 28, True),  # ResNet-50's layer1 and layer2 1x1 layers
+    (64, 64, 28, False), (24, 144, 14, False), (64, 256, 28, False)])
+def test_short_reductions_choose_a_tile_and_compute_the_reference(cin, cout, h, eight_by_three):
+    g = torch.Generator().manual_seed(1)
+    w, b = torch.randn(cout, cin, 1, 1, generator=g), torch.randn(cout, generator=g)
+    k = cin // 2
+    layer = native.NhwcConv(w, b, out_hw=h * h, reduction=k)
+    lib = native._loaded()
+    assert 1 <= layer.vectors <= lib.ispc_nhwc_max_vectors()
+    if lib.ispc_nhwc_max_vectors() == 4 and eight_by_three:  # AVX-512: 8x3 where it pays
+        assert layer.vectors == 3
+    assert native.NhwcConv(w, b, out_hw=h * h, reduction=1000).vectors \
+        == lib.ispc_nhwc_vectors(cout, h * h)  # a long one: the usual choice
+    _check(layer, w, b, cin, k, h)
+
+
+def test_short_reductions_on_the_avx2_build(avx2_native):
+    """AVX2 keeps its usual tiles."""
+    g = torch.Generator().manual_seed(2)
+    w, b = torch.randn(256, 64, 1, 1, generator=g), torch.randn(256, generator=g)
+    layer = native.NhwcConv(w, b, out_hw=28 * 28, reduction=32)
+    assert layer.vectors == avx2_native.ispc_nhwc_vectors(256, 28 * 28)
+    _check(layer, w, b, 64, 32, 28)
+
+
+def test_a_top_k_layer_hands_its_k_as_the_reduction():
+    g = torch.Generator().manual_seed(3)
+    w, b = torch.randn(256, 64, 1, 1, generator=g), torch.randn(256, generator=g)
+    kw = dict(stride=(1, 1), padding=(0, 0), dilation=(1, 1), mode="topk", threshold=0.0)
+    for k, reduction in ((32, 32), (64, None)):  # every channel kept: no hint
+        mod = GatedConv2d(w, b, k=k, **kw)
+        mod.set_strategy("nhwc", out_hw=28 * 28)
+        want = native.NhwcConv(w, b, out_hw=28 * 28, reduction=reduction).vectors
+        assert mod._nhwc.vectors == want
