@@ -183,10 +183,6 @@ def _cpu_model() -> str:
     return native.cpuinfo_field("model name") or platform.processor() or platform.machine()
 
 
-def _cpu_flags() -> frozenset[str]:
-    return native.cpu_flags()
-
-
 def _caches() -> dict[str, str]:
     """Cache sizes of CPU 0 as sysfs writes them ("L1d": "32K", "L2": "1024K", "L3": "32768K"):
     kernels block for L2, so a figure is read beside them."""
@@ -203,7 +199,7 @@ def _caches() -> dict[str, str]:
 
 def machine_info(threads: int | None = None) -> dict[str, Any]:
     """The machine and software a measurement ran on, for the JSON record."""
-    flags = _cpu_flags()
+    flags = native.cpu_flags()
     versions = {}
     for dist in ("torch", "onnx", "onnxscript", "onnxruntime", "openvino", "numpy"):
         try:
