@@ -38,7 +38,8 @@ __all__ = ["predicted_strategy", "predicted_choice", "predicted_linear", "linear
            "time_candidates", "timing_input", "layer_inputs", "input_hw", "out_hw", "SMALL_MAP",
            "LARGE_LAYER_MACS", "GATHER_MIN_MAP", "CL_MIN_CHANNELS", "PREDICTED_MARGIN",
            "ORIENT_NAMES", "PRUNE_RATIO", "PROGRAM_MARGIN", "LAYER_BUDGET_S", "geometry", "in_program",
-           "built_runner", "time_runners", "known_hw", "UNKNOWN_HW"]
+           "built_runner", "time_runners", "known_hw", "UNKNOWN_HW", "keeps_every_channel",
+           "left_dense"]
 
 #: without the native kernel, maps with at most this many output positions use the gemm kernel
 SMALL_MAP = 14 * 14
@@ -361,6 +362,24 @@ def geometry(mod: GatedConv2d, xin: torch.Tensor) -> tuple:
             xin.device)
 
 
+def keeps_every_channel(mod: GatedConv2d) -> bool:
+    """A top-k gate that keeps all its input channels (``keep_ratio=1.0``) skips no MACs: its
+    selection is pure cost, so the layer is left dense without timing it."""
+    return mod.mode == "topk" and mod.k >= mod.in_channels
+
+
+def left_dense(mod: GatedConv2d, xin: torch.Tensor, node: fx.Node) -> nn.Module:
+    """The layer as it runs when left dense, on its input ``xin``."""
+    plain = dense_conv(mod, tuple(xin.shape[-2:]))
+    if (type(plain) is nn.Conv2d and nhwc_serves(xin) and native.available()
+            and NhwcDenseConv2d.fits(plain)):
+        # on channels-last maps the runner runs the native layers as one program: left dense,
+        # the layer runs there too (NhwcDenseConv2d), not as a oneDNN call that would split the
+        # program and have its neighbours run one by one
+        plain = NhwcDenseConv2d(plain, known_hw(out_hw(node)))
+    return plain
+
+
 def measure(mod: GatedConv2d, xin: torch.Tensor, node: fx.Node, cfg: GatingConfig,
             cache: dict[tuple, Measurement] | None = None) -> Measurement:
     """Time ``mod``'s kernels and its dense convolution on its input ``xin`` (``mod`` is left on
@@ -369,14 +388,8 @@ def measure(mod: GatedConv2d, xin: torch.Tensor, node: fx.Node, cfg: GatingConfi
     takes that measurement (with its own dense layer) without timing."""
     key = geometry(mod, xin) if cache is not None else None
     o_hw, i_hw = out_hw(node), input_hw(node)
-    plain = dense_conv(mod, tuple(xin.shape[-2:]))  # what the layer would be, left dense
-    in_runner = (type(plain) is nn.Conv2d and nhwc_serves(xin) and native.available()
-                 and NhwcDenseConv2d.fits(plain))
-    if in_runner:
-        # on channels-last maps the runner runs the native layers as one program: left dense,
-        # the layer runs there too (NhwcDenseConv2d), not as a oneDNN call that would split the
-        # program and have its neighbours run one by one
-        plain = NhwcDenseConv2d(plain, known_hw(o_hw))
+    plain = left_dense(mod, xin, node)
+    in_runner = isinstance(plain, NhwcDenseConv2d)
     if key is not None and key in cache:
         return replace(cache[key], plain=plain)
     a = mod._args

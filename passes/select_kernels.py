@@ -30,7 +30,7 @@ from .base import PassState, apply_kernel, records, register_pass, replace_submo
 from .channels_last import layout_converters, runs_channels_last
 
 __all__ = ["select_kernels", "LAYOUT_MARGIN", "LAYOUT_PROBE_RATIO", "PROGRAM_WHOLE_MARGIN", "CUDA_NOTE",
-           "DENSE_ROUTE_NOTE", "WHOLE_MODEL_BUDGET_S"]
+           "DENSE_ROUTE_NOTE", "WHOLE_MODEL_BUDGET_S", "KEEPS_EVERY_CHANNEL"]
 
 #: with the layout left to measurement (``GatingConfig.channels_last=None``), channels-last is kept
 #: only where the layers reading channels-last maps measured faster in sum than on NCHW maps and
@@ -60,6 +60,9 @@ CUDA_NOTE = ("ispc: gated layers on CUDA run a Triton kernel that has not been t
              "speed pass GatingConfig(latency_aware=True), which keeps only layers that pay on "
              "this GPU")
 
+
+#: why a layer whose top-k gate keeps all its channels is left dense untimed
+KEEPS_EVERY_CHANNEL = "its top-k gate keeps every input channel (k = channels): no MACs to skip"
 
 #: seconds of calls after which the whole-model check stops timing (past its fifth round)
 WHOLE_MODEL_BUDGET_S = 20.0
@@ -114,6 +117,13 @@ def select_kernels(gm: fx.GraphModule, state: PassState) -> fx.GraphModule:
 
     def choose(name: str, xin: torch.Tensor) -> None:
         nonlocal changed
+        mod = gm.get_submodule(name)
+        if costs.keeps_every_channel(mod):
+            replace_submodule(gm, name, costs.left_dense(mod, xin, nodes[name]))
+            records(nodes[name]).gate = records(nodes[name]).gate.ungated(KEEPS_EVERY_CHANNEL)
+            changed = True
+            bar.update()
+            return
         changed |= _apply(gm, nodes[name], costs.measure(gm.get_submodule(name), xin, nodes[name], cfg,
                                                          cache), cfg)
         bar.update()

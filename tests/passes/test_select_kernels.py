@@ -11,7 +11,8 @@ from ispc.examples.models import resnet20
 from ispc.ops import native
 from ispc.passes import kernel_costs, layout_converters
 from ispc.passes.kernel_costs import CL_MIN_CHANNELS, ORIENT_NAMES
-from ispc.passes.select_kernels import DENSE_ROUTE_NOTE, LAYOUT_MARGIN, LAYOUT_PROBE_RATIO
+from ispc.passes.select_kernels import (DENSE_ROUTE_NOTE, KEEPS_EVERY_CHANNEL, LAYOUT_MARGIN,
+                                        LAYOUT_PROBE_RATIO)
 from ispc.records import records
 
 
@@ -405,6 +406,34 @@ def test_a_model_left_all_dense_runs_in_the_faster_layout(monkeypatch, nhwc_ms, 
     layout = "channels-last" if channels_last else "NCHW"
     assert any(n.startswith("whole-model check") and "no layer gated" in n
                and n.endswith(f"; {layout}. {DENSE_ROUTE_NOTE}") for n in c.report.notes)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert rel_err(c(x), model(x)) <= 1e-4
+
+
+def test_gates_that_keep_every_channel_are_left_dense_untimed(monkeypatch):
+    # keep_ratio=1.0, top-k: no layer can skip a MAC, so no layer's kernels are timed (a ResNet-50
+    # compile for batch 32 spent ~30 s on them) and every layer is left dense with the reason
+    timed = []
+    real = kernel_costs.time_candidates
+
+    def spy(fns, rounds, **kw):
+        timed.append(set(fns))
+        return real(fns, 1, **kw)
+
+    monkeypatch.setattr(kernel_costs, "time_candidates", spy)
+    model = resnet20().eval()
+    c = ispc.compile(model, _data(), progress=False,
+                     config=ispc.GatingConfig(keep_ratio=1.0, mode="topk", latency_aware=True,
+                                              latency_rounds=3, dense_route="off"))
+    assert not c.gated_modules()
+    reasons = {records(n).gate.reason for n in c.graph_module.graph.nodes
+               if records(n).gate is not None and records(n).gate.cv is not None}
+    assert reasons == {KEEPS_EVERY_CHANNEL}
+    # the per-layer timings put "dense" beside the layer's kernels; only the dense model's layout
+    # check (and the passes before, which time ungated layers) ran
+    assert {"dense", "dense_nhwc"} in timed
+    assert not any("dense" in labels and labels != {"dense", "dense_nhwc"} for labels in timed), timed
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert rel_err(c(x), model(x)) <= 1e-4
