@@ -343,10 +343,12 @@ class DenseRuntimeModule(nn.Module):
         # OpenVINO: input shape -> (request, its bound output, the shared input tensor class)
         self.__dict__["_requests"] = {}
         self.__dict__["_lock"] = threading.Lock()
+        #: read per call in grad mode (walking model.parameters() costs ~1 us per layer)
+        self.__dict__["_params"] = list(self.model.parameters())
 
     def __getstate__(self) -> dict[str, Any]:  # copies and pickles hold no session
         state = {k: v for k, v in self.__dict__.items()
-                 if k not in ("_session", "_binding", "_outputs", "_requests", "_lock",
+                 if k not in ("_session", "_binding", "_outputs", "_requests", "_lock", "_params",
                               "as_built")}
         return state
 
@@ -371,7 +373,7 @@ class DenseRuntimeModule(nn.Module):
         if torch.compiler.is_compiling() or torch.jit.is_tracing():
             return False
         return not (torch.is_grad_enabled() and (
-            x.requires_grad or any(p.requires_grad for p in self.model.parameters())))
+            x.requires_grad or any(p.requires_grad for p in self.__dict__["_params"])))
 
     def _run(self, x: Tensor) -> Tensor:
         """The runtime on ``x`` with nothing allocated but the output: the input handed over in

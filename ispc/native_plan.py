@@ -752,6 +752,8 @@ class NativePlanRunner:
         self.gm = gm
         self.classifier = classifier
         self._code = gm.code
+        #: read per call in grad mode: walking gm.parameters() took ~170 us on MobileNetV2
+        self._params = list(gm.parameters())
         segs = _segments(gm, classifier)
         self._programs = [_Program(gm, seg) for seg in segs]
         self._mods = [m for p in self._programs for m in p._mods if m is not None]
@@ -807,7 +809,7 @@ class NativePlanRunner:
                 or _nn_module._global_forward_hooks or _nn_module._global_forward_pre_hooks
                 or _nn_module._global_forward_hooks_always_called):
             return False
-        if torch.is_grad_enabled() and any(p.requires_grad for p in self.gm.parameters()):
+        if torch.is_grad_enabled() and any(p.requires_grad for p in self._params):
             return False
         if any(m._forward_hooks or m._forward_pre_hooks for m in self._foreign):
             return False

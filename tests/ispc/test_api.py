@@ -121,6 +121,11 @@ def test_plain_call_runs_as_under_no_grad():
     assert rel_err(out.detach(), want) <= 1e-4
     out.sum().backward()
     assert xg.grad is not None and xg.grad.abs().sum() > 0
+    fast.graph_module.requires_grad_(True)  # the docstring's way back to gradients: seen per call
+    out = fast(x)
+    assert out.requires_grad and rel_err(out.detach(), want) <= 1e-4
+    out.sum().backward()
+    assert any(p.grad is not None for p in fast.parameters())
 
 
 def test_train_mode_model_compiles_as_its_eval_self():

@@ -162,6 +162,11 @@ def test_route_runner_falls_back_to_the_graph(onnx):
         assert len(calls) == 3
         runner(x.detach())  # the runtime: the torch model is not called
         assert len(calls) == 3
+    assert runner(x.detach()).requires_grad and len(calls) == 4  # grad mode, parameters need it
+    model.requires_grad_(False)  # frozen (as compile leaves them): the runtime, seen per call
+    assert not runner(x.detach()).requires_grad and len(calls) == 4
+    model.requires_grad_(True)
+    assert runner(x.detach()).requires_grad and len(calls) == 5
 
 
 def test_time_interleaved_times_each_candidate_in_its_own_worker(onnx, tmp_path):
