@@ -86,8 +86,9 @@ def main(argv: list[str] | None = None) -> int:
               f"(x{h['slowdown']:.3f}); min {h['min_ms']:.3f}, median/min x{h['spread']:.3f}"
               + (f"; per round over ispc x{pair.median:.3f}" if pair else ""), flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps({"command": " ".join(sys.argv), "reference": reference,
-                                               "rows": rows, "rounds_ms": rounds}, indent=1))
+        record = {"command": " ".join(sys.argv), "reference": reference, "rows": rows,
+                  "rounds_ms": rounds}
+        Path(args.json).write_text(json.dumps(record, indent=1))
     return 0
 
 
