@@ -59,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--json")
     args = p.parse_args(argv)
+    if args.reference not in (None, "ispc", *args.runtimes):
+        p.error(f"--reference must be ispc or one of --runtimes, got {args.reference!r}")
     torch.set_num_threads(args.threads)
     size = args.image_size
     torch.manual_seed(0)
