@@ -2299,55 +2299,63 @@ static void wino_dims(wino_dims_t *d, const nh_geom_t *g, int64_t threads) {
     d->tgmax = tg < d->tiles ? tg : d->tiles;
 }
 
-/* a thread's scratch: V (16 x tgmax x C), M (16 x tgmax x ownb nr), a vector of zeros */
+/* a thread's scratch: V (16 x tgmax x C), M (16 x tgmax x ownb nr), a chunk's output sums
+ * (ownb nr + VW), an input row of zeros */
 static int64_t wino_thread_floats(const nh_geom_t *g, int64_t threads) {
     wino_dims_t d;
     wino_dims(&d, g, threads);
-    return 16 * (d.tgmax * ((g->C + 15) / 16 * 16 + d.ownb * g->nr) + 2 * WINO_SKEW) + NH_MAXNV * VW
-           + 32;
+    return 16 * (d.tgmax * ((g->C + 15) / 16 * 16 + d.ownb * g->nr) + 2 * WINO_SKEW)
+           + d.ownb * g->nr + VW + (g->C + 15) / 16 * 16 + 32;
 }
 
 /* V[t][i][c] = (B^T d B)[t] of tiles [t0, t0 + nt) of instance x at V + t * vt + i * vs; returns
  * whether some value of V is not finite (an inf or NaN in the input, or an overflow) */
 static int wino_input(const nh_geom_t *g, const wino_dims_t *d, const float *x, int64_t t0,
-                      int64_t nt, float *V, int64_t vs, int64_t vt) {
+                      int64_t nt, float *V, int64_t vs, int64_t vt, const float *zr) {
     const int64_t C = g->C, H = g->H, W = g->W;
     vf bad = {0};  /* stays 0 unless a stored value is inf or NaN (0 * either is NaN) */
     float bads = 0.0f;
     for (int64_t i = 0; i < nt; i++) {
         const int64_t th = (t0 + i) / d->TW, tw = (t0 + i) % d->TW;
         const int64_t ih0 = 2 * th - g->ph, iw0 = 2 * tw - g->pw;
-        const float *row[4][4];
+        const float *row[4][4];  /* the patch's positions, zr (C zeros) in the padding */
         for (int r = 0; r < 4; r++)
             for (int q = 0; q < 4; q++) {
                 const int64_t ih = ih0 + r, iw = iw0 + q;
-                row[r][q] = ih >= 0 && ih < H && iw >= 0 && iw < W ? x + (ih * W + iw) * C : 0;
+                row[r][q] = ih >= 0 && ih < H && iw >= 0 && iw < W ? x + (ih * W + iw) * C : zr;
             }
         float *v = V + i * vs;
         int64_t c = 0;
         for (; c + VW <= C; c += VW) {
-            vf p[4][4], u[4][4];
-            for (int r = 0; r < 4; r++)
-                for (int q = 0; q < 4; q++) p[r][q] = row[r][q] ? ld(row[r][q] + c) : (vf){0};
-            for (int q = 0; q < 4; q++) {  /* B^T d: rows */
-                u[0][q] = p[0][q] - p[2][q];
-                u[1][q] = p[1][q] + p[2][q];
-                u[2][q] = p[2][q] - p[1][q];
-                u[3][q] = p[1][q] - p[3][q];
+            /* V = B^T (d B): each input row's d B, then the rows combined, in an order that
+             * keeps at most three rows' four vectors live (16 registers on AVX2) */
+            vf w0[4], w1[4], w2[4], w3[4], o, sum;
+#define WINO_ROW(r, w)                                                                          \
+            {                                                                                   \
+                const vf a0 = ld(row[r][0] + c), a1 = ld(row[r][1] + c), a2 = ld(row[r][2] + c), \
+                         a3 = ld(row[r][3] + c);                                                \
+                w[0] = a0 - a2; w[1] = a1 + a2; w[2] = a2 - a1; w[3] = a1 - a3;                 \
             }
-            for (int r = 0; r < 4; r++) {  /* (B^T d) B: columns */
-                const vf o[4] = {u[r][0] - u[r][2], u[r][1] + u[r][2], u[r][2] - u[r][1],
-                                 u[r][1] - u[r][3]};
-                for (int q = 0; q < 4; q++) {
-                    st(v + (r * 4 + q) * vt + c, o[q]);
-                    bad += o[q] * 0.0f;
-                }
-            }
+            WINO_ROW(1, w1)
+            WINO_ROW(2, w2)
+            o = w1[0] + w2[0]; st(v + 4 * vt + c, o); sum = o;
+            for (int j = 1; j < 4; j++) { o = w1[j] + w2[j]; st(v + (4 + j) * vt + c, o); sum += o; }
+            for (int j = 0; j < 4; j++) { o = w2[j] - w1[j]; st(v + (8 + j) * vt + c, o); sum += o; }
+            WINO_ROW(0, w0)
+            for (int j = 0; j < 4; j++) { o = w0[j] - w2[j]; st(v + j * vt + c, o); sum += o; }
+            WINO_ROW(3, w3)
+            for (int j = 0; j < 4; j++) { o = w1[j] - w3[j]; st(v + (12 + j) * vt + c, o); sum += o; }
+#undef WINO_ROW
+            /* the 16 values' sum is not finite if one of them is not (or, harmlessly, if the
+             * sum overflows: the chunk then takes the exact direct path); one add a step on
+             * bad's chain (a multiply-add per value made the chain 16 deep: the transform's
+             * bound with 8-float vectors) */
+            bad += sum * 0.0f;
         }
         for (; c < C; c++) {
             float p[4][4], u[4][4];
             for (int r = 0; r < 4; r++)
-                for (int q = 0; q < 4; q++) p[r][q] = row[r][q] ? row[r][q][c] : 0.0f;
+                for (int q = 0; q < 4; q++) p[r][q] = row[r][q][c];
             for (int q = 0; q < 4; q++) {
                 u[0][q] = p[0][q] - p[2][q];
                 u[1][q] = p[1][q] + p[2][q];
@@ -2368,10 +2376,144 @@ static int wino_input(const nh_geom_t *g, const wino_dims_t *d, const float *x, 
     return bads != 0.0f;
 }
 
+/* The Winograd GEMMs' second tile of 2 vectors on 16 registers (AVX2): 5 tiles a group beside
+ * NH_MR2's 6, for chunks whose tile counts come in fives and sevens (a 14x14 map's 49 tiles: 6s
+ * computed 54), at WINO_MR2S_RATE of 6x2's speed a tile. 0: none. */
+#if !defined(__AVX512F__)
+#ifndef WINO_MR2S
+#define WINO_MR2S 5
+#endif
+#else
+#undef WINO_MR2S
+#define WINO_MR2S 0
+#endif
+#ifndef WINO_MR2S_RATE
+#define WINO_MR2S_RATE 0.97
+#endif
+
+/* the tile (its positions, mr) for n tiles of a GEMM of nv vectors: the fewest computed tiles
+ * weighed by the tile's speed; returns that weighed count */
+static double wino_rows(int64_t nv, int64_t n, int64_t *mr) {
+    int64_t cand[2] = {nh_mr(nv, 0), 0};
+    double rate[2] = {1.0, 0.0};
+#if defined(__AVX512F__) && NH_MR4S > 0
+    if (nv == 4) { cand[0] = NH_MR4; cand[1] = NH_MR4S; rate[1] = NH_MR4S_GAIN; }
+#endif
+#if WINO_MR2S > 0
+    if (nv == 2) { cand[1] = WINO_MR2S; rate[1] = WINO_MR2S_RATE; }
+#endif
+    double best = 1e300;
+    for (int k = 0; k < 2; k++) {
+        if (cand[k] <= 0) continue;
+        const double cost = (double)((n + cand[k] - 1) / cand[k] * cand[k]) / rate[k];
+        if (cost < best * 0.999) { best = cost; *mr = cand[k]; }
+    }
+    return best;
+}
+
+/* the next chunk's tiles of a run of R tiles (of one instance) and its tile (mr): whole chunks
+ * of tgmax (a multiple of the layer's tile), and the last two split where they compute the
+ * fewest tiles (ResNet's 14x14 maps: 49 tiles as 25 + 24, not 24 + 24 + 1) */
+static int64_t wino_chunk(const nh_geom_t *g, const wino_dims_t *d, int64_t R, int64_t *mr) {
+    if (R <= d->tgmax) {
+        wino_rows(g->nv, R, mr);
+        return R;
+    }
+    if (R > 2 * d->tgmax) {
+        *mr = g->mr;
+        return d->tgmax;
+    }
+    int64_t best = d->tgmax, m = g->mr;
+    double cost = 1e300;
+    for (int64_t nt = d->tgmax; nt >= R - d->tgmax; nt--) {
+        int64_t m1, m2;
+        const double c = wino_rows(g->nv, nt, &m1) + wino_rows(g->nv, R - nt, &m2);
+        if (c < cost * 0.999) { cost = c; best = nt; m = m1; }
+    }
+    *mr = m;
+    return best;
+}
+
+/* One of nh_wino's 16 GEMMs for one output block, all of a chunk's tiles: M[i][0..NV VW) = sum
+ * over l < K of V[i][c] U[c][0..NV VW), c = ix[l] (IND 1) or l (IND 0); V's tile i at V + i * vs,
+ * U's row c at U + c * NV VW, M's tile i at M + i * ms. The tiles' groups of MR in one call, M
+ * stored plainly (no epilogue): against a register-tile call per group, the calls' setup and
+ * epilogue were a fifth of a short reduction's (32 kept channels, 8-float vectors). Gated with a
+ * U beyond L2 (D > 0): the first group prefetches U's kept rows D channels ahead. */
+#define WINO_GEMM(NAME, MR, NV, IND)                                                            \
+static void NAME(const float *V, int64_t vs, int64_t nt, const float *U, int64_t K,             \
+                 const int32_t *ix, float *M, int64_t ms, int64_t D) {                          \
+    for (int64_t i0 = 0; i0 < nt; i0 += MR) {                                                   \
+        const int64_t np = nt - i0 < MR ? nt - i0 : MR;                                         \
+        const float *p[MR];                                                                     \
+        for (int i = 0; i < MR; i++) p[i] = V + (i0 + (i < np ? i : 0)) * vs;                   \
+        vf acc[MR][NV];                                                                         \
+        for (int i = 0; i < MR; i++)                                                            \
+            for (int j = 0; j < NV; j++) acc[i][j] = (vf){0};                                   \
+        const int64_t lp = IND && i0 == 0 && D > 0 ? (K > D ? K - D : 0) : 0;                   \
+        int64_t l = 0;                                                                          \
+        for (; l < lp; l++) {                                                                   \
+            const int64_t c = ix[l];                                                            \
+            for (int j = 0; j < NV * VW * 4; j += 64)                                           \
+                __builtin_prefetch((const char *)(U + ix[l + D] * (NV * VW)) + j, 0, NH_PF_LOC); \
+            NH_STEP(MR, NV, c, U + c * (NV * VW), (const float *)0)                             \
+        }                                                                                       \
+        for (; l < K; l++) {                                                                    \
+            const int64_t c = IND ? ix[l] : l;                                                  \
+            NH_STEP(MR, NV, c, U + c * (NV * VW), (const float *)0)                             \
+        }                                                                                       \
+        for (int i = 0; i < MR; i++)                                                            \
+            if (i < np)                                                                         \
+                for (int j = 0; j < NV; j++) st(M + (i0 + i) * ms + j * VW, acc[i][j]);         \
+    }                                                                                           \
+}
+
+typedef void (*wino_gemm_t)(const float *, int64_t, int64_t, const float *, int64_t,
+                            const int32_t *, float *, int64_t, int64_t);
+#if defined(__AVX512F__)
+WINO_GEMM(wino_g4d, NH_MR4, 4, 0)
+WINO_GEMM(wino_g4i, NH_MR4, 4, 1)
+#if NH_MR4S > 0
+WINO_GEMM(wino_g4sd, NH_MR4S, 4, 0)
+WINO_GEMM(wino_g4si, NH_MR4S, 4, 1)
+#endif
+#endif
+WINO_GEMM(wino_g3d, NH_MR3, 3, 0)
+WINO_GEMM(wino_g3i, NH_MR3, 3, 1)
+WINO_GEMM(wino_g2d, NH_MR2, 2, 0)
+WINO_GEMM(wino_g2i, NH_MR2, 2, 1)
+#if WINO_MR2S > 0
+WINO_GEMM(wino_g2sd, WINO_MR2S, 2, 0)
+WINO_GEMM(wino_g2si, WINO_MR2S, 2, 1)
+#endif
+WINO_GEMM(wino_g1d, NH_MR1, 1, 0)
+WINO_GEMM(wino_g1i, NH_MR1, 1, 1)
+
+/* the GEMM of nv vectors and mr positions (nh_kernel's tiles); ind: kept channels by index */
+static wino_gemm_t wino_gemm(int64_t nv, int64_t mr, int ind) {
+    switch (nv) {
+#if defined(__AVX512F__)
+    case 4:
+#if NH_MR4S > 0
+        if (mr == NH_MR4S) return ind ? wino_g4si : wino_g4sd;
+#endif
+        (void)mr;
+        return ind ? wino_g4i : wino_g4d;
+#else
+    (void)mr;
+#endif
+    case 3: return ind ? wino_g3i : wino_g3d;
+    case 2:
+#if WINO_MR2S > 0
+        if (mr == WINO_MR2S) return ind ? wino_g2si : wino_g2sd;
+#endif
+        return ind ? wino_g2i : wino_g2d;
+    default: return ind ? wino_g1i : wino_g1d;
+    }
+}
+
 /* The output vector of channels [c, c + VW) (block cb) at (oh, ow) of instance x, summed directly
- * over the kept channels and taps: nh_wino's path for a chunk whose transformed input is not
- * finite, where the transforms' subtractions would turn an inf into NaN in outputs whose direct
- * sum is inf (the reference's) */
+ * over the kept channels and taps */
 static vf wino_direct(const nh_geom_t *g, const ispc_nhwc_layer_t *L, const float *x,
                       const int32_t *ix, int64_t K, int64_t oh, int64_t ow, int64_t c) {
     const int64_t C = g->C, nr = g->nr, cb = c / nr;
@@ -2387,6 +2529,77 @@ static vf wino_direct(const nh_geom_t *g, const ispc_nhwc_layer_t *L, const floa
         }
     }
     return y;
+}
+
+/* nh_wino's path for a chunk (tiles [t0, t0 + nt) of instance x) whose transformed input is not
+ * finite, where the transforms' subtractions would turn an inf into NaN in outputs whose direct
+ * sum is inf (the reference's): channels [c0, c1) of its outputs summed directly, through the
+ * layer's epilogue, their output sums (sq: NULL none) added into sq[c - c0]. M is not read. */
+static void wino_direct_chunk(const nh_geom_t *g, const wino_dims_t *d, const ispc_nhwc_layer_t *L,
+                              const float *x, const int32_t *ix, int64_t K, int64_t t0, int64_t nt,
+                              int64_t c0, int64_t c1, float *on, const float *rn, float lo,
+                              float hi, int clamp, float *sq, int ykind) {
+    for (int64_t i = 0; i < nt; i++) {
+        const int64_t tr = (t0 + i) / d->TW, tc = (t0 + i) % d->TW;
+        for (int64_t oh = 2 * tr; oh < 2 * tr + 2 && oh < g->Ho; oh++)
+            for (int64_t ow = 2 * tc; ow < 2 * tc + 2 && ow < g->Wo; ow++)
+                for (int64_t c = c0; c < c1; c += VW) {
+                    const int nl = c1 - c < VW ? (int)(c1 - c) : VW;
+                    const int64_t o = (oh * g->Wo + ow) * g->cout + c;
+                    const vf v = nh_store(on + o, wino_direct(g, L, x, ix, K, oh, ow, c),
+                                          L->bias + c, rn ? rn + o : 0, nl, lo, hi, clamp);
+                    if (sq) st(sq + (c - c0), ld(sq + (c - c0)) + sum_term(v, ykind));
+                }
+    }
+}
+
+/* vectors per 64-byte line: the output transform's channels per walk over a chunk's tiles */
+#define WINO_LINE_VECTORS (64 / (VW * (int)sizeof(float)) > 1 ? 64 / (VW * (int)sizeof(float)) : 1)
+
+/* Y = A^T M A for tiles [t0, t0 + nt) (tile i's point t at M + t * mt + i * ms, channel c at
+ * c - m0), channels [c0, c1), through the layer's epilogue; output sums (sq: NULL none) added into
+ * sq[c - c0]. A line of channels at a time over the tiles, its vectors one after the other: each
+ * 64-byte line of M is read whole at once (with 8-float vectors a vector-at-a-time walk read
+ * each line twice, the second time from L2; tile-outer walks measured slower at 28x28). */
+static void wino_output(const nh_geom_t *g, const wino_dims_t *d, const ispc_nhwc_layer_t *L,
+                        const float *M, int64_t ms, int64_t mt, int64_t m0, int64_t t0, int64_t nt,
+                        int64_t c0, int64_t c1, float *on, const float *rn, float lo, float hi,
+                        int clamp, float *sq, int ykind) {
+    const int64_t Ho = g->Ho, Wo = g->Wo, cout = g->cout;
+    for (int64_t cl = c0; cl < c1; cl += WINO_LINE_VECTORS * VW) {
+        vf s[WINO_LINE_VECTORS];
+        for (int h = 0; h < WINO_LINE_VECTORS; h++) s[h] = (vf){0};
+        for (int64_t i = 0; i < nt; i++) {
+            const int64_t tr = (t0 + i) / d->TW, tc = (t0 + i) % d->TW;
+            const int rows = 2 * tr + 1 < Ho ? 2 : 1, cols = 2 * tc + 1 < Wo ? 2 : 1;
+            const int64_t o0 = (2 * tr * Wo + 2 * tc) * cout;
+            for (int h = 0; h < WINO_LINE_VECTORS; h++) {
+                const int64_t c = cl + h * VW;
+                if (c >= c1) break;
+                const int nl = c1 - c < VW ? (int)(c1 - c) : VW;
+                const float *mc = M + i * ms + (c - m0);
+                vf u[2][4];
+                for (int q = 0; q < 4; q++) {  /* A^T M: a column of 4 points at a time */
+                    const vf m0q = ld(mc + q * mt), m1q = ld(mc + (4 + q) * mt),
+                             m2q = ld(mc + (8 + q) * mt), m3q = ld(mc + (12 + q) * mt);
+                    u[0][q] = m0q + m1q + m2q;
+                    u[1][q] = m1q - m2q - m3q;
+                }
+                for (int r = 0; r < rows; r++) {
+                    const vf y[2] = {u[r][0] + u[r][1] + u[r][2], u[r][1] - u[r][2] - u[r][3]};
+                    for (int q = 0; q < cols; q++) {
+                        const int64_t o = o0 + (r * Wo + q) * cout + c;
+                        const vf v = nh_store(on + o, y[q], L->bias + c, rn ? rn + o : 0, nl, lo,
+                                              hi, clamp);
+                        if (sq) s[h] += sum_term(v, ykind);
+                    }
+                }
+            }
+        }
+        if (sq)
+            for (int h = 0; h < WINO_LINE_VECTORS && cl + h * VW < c1; h++)
+                st(sq + (cl + h * VW - c0), ld(sq + (cl + h * VW - c0)) + s[h]);
+    }
 }
 
 /* Instances [0, N) (x, out, res at the first), inside a parallel region, as nh_conv (ix, counts:
@@ -2409,8 +2622,10 @@ static void nh_wino(const nh_geom_t *g, const ispc_nhwc_layer_t *L, const float 
     float *base = scratch + th * wino_thread_floats(g, nth);
     base = (float *)(((uintptr_t)base + 63) & ~(uintptr_t)63);
     float *V = base, *M = V + 16 * (d.tgmax * vs + WINO_SKEW);
-    float *zb = M + 16 * (d.tgmax * ms + WINO_SKEW);
-    memset(zb, 0, sizeof(float) * NH_MAXNV * VW);
+    float *sq = M + 16 * (d.tgmax * ms + WINO_SKEW);  /* a chunk's output sums */
+    float *zr = sq + ms + VW;  /* an input row of zeros: the padding */
+    memset(zr, 0, sizeof(float) * vs);
+    if (!ysums) sq = 0;
     const int64_t HWC = g->H * g->W * C, total = g->N * d.tiles;
     /* gated, a U beyond L2 (threads splitting its blocks): its kept rows, scattered, come from
      * memory on the first tiles of each (point, block); prefetched NH_PF channels ahead as
@@ -2423,61 +2638,30 @@ static void nh_wino(const nh_geom_t *g, const ispc_nhwc_layer_t *L, const float 
     const int64_t a = d.split ? 0 : total * th / nth, b = d.split ? total : total * (th + 1) / nth;
     for (int64_t pos = a; pos < b && cb0 < cb1;) {
         const int64_t n = pos / d.tiles, t0 = pos % d.tiles;
-        int64_t nt = d.tiles - t0 < b - pos ? d.tiles - t0 : b - pos;
-        nt = nt < d.tgmax ? nt : d.tgmax;
+        int64_t mr;
+        const int64_t nt = wino_chunk(g, &d, d.tiles - t0 < b - pos ? d.tiles - t0 : b - pos, &mr);
         pos += nt;
-        const int64_t mr = nt == d.tiles ? nh_mr(g->nv, nt) : g->mr;  /* a whole map: its best */
-        const nh_kernel_t kind = nh_kernel(g->nv, mr, 1), kdir = nh_kernel(g->nv, mr, 0);
         const int64_t K = counts ? counts[n] : C;
         const int64_t vt = nt * vs + WINO_SKEW, mt = nt * ms + WINO_SKEW;  /* a plane's floats */
-        const int direct = wino_input(g, &d, x + n * HWC, t0, nt, V, vs, vt);
+        const int direct = wino_input(g, &d, x + n * HWC, t0, nt, V, vs, vt, zr);
+        const wino_gemm_t gm = wino_gemm(g->nv, mr, K != C);
         for (int64_t t = 0; t < (direct ? 0 : 16); t++)
-            for (int64_t cb = cb0; cb < cb1; cb++) {
-                const float *wseg[1] = {L->wino + (cb * 16 + t) * C * nr};
-                for (int64_t i0 = 0; i0 < nt; i0 += mr) {
-                    const float *ptab[NH_MAXMR];
-                    for (int64_t i = 0; i < mr; i++)
-                        ptab[i] = V + t * vt + (i0 + i < nt ? i0 + i : i0) * vs;
-                    const nh_epi_t e = {M + t * mt + i0 * ms + (cb - cb0) * nr, 0, zb, ms,
-                                        (int)(nt - i0 < mr ? nt - i0 : mr), (int)nr, 0, 0, 0.0f,
-                                        0.0f, 0, 0};
-                    if (K == C)
-                        kdir(ptab, wseg, 1, C, 0, 0, &e);
-                    else
-                        kind(ptab, wseg, K ? 1 : 0, K, ix + n * C, wpf, &e);
-                }
-            }
-        /* Y = A^T M A per tile, through the layer's epilogue */
+            for (int64_t cb = cb0; cb < cb1; cb++)
+                gm(V + t * vt, vs, nt, L->wino + (cb * 16 + t) * C * nr, K, ix ? ix + n * C : 0,
+                   M + t * mt + (cb - cb0) * nr, ms, wpf);
         float *on = out + n * HoWo * g->cout;
         const float *rn = res ? res + n * HoWo * g->cout : 0;
-        for (int64_t c = cb0 * nr; c < cb1 * nr && c < g->cout; c += VW) {
-            const int nl = g->cout - c < VW ? (int)(g->cout - c) : VW;
-            vf sq = {0};
-            for (int64_t i = 0; i < nt; i++) {
-                const int64_t tr = (t0 + i) / d.TW, tc = (t0 + i) % d.TW;
-                const float *mc = M + i * ms + (c - cb0 * nr);
-                vf m[4][4], u[2][4];
-                for (int r = 0; r < 4; r++)
-                    for (int q = 0; q < 4; q++) m[r][q] = ld(mc + (r * 4 + q) * mt);
-                for (int q = 0; q < 4; q++) {
-                    u[0][q] = m[0][q] + m[1][q] + m[2][q];
-                    u[1][q] = m[1][q] - m[2][q] - m[3][q];
-                }
-                for (int r = 0; r < 2 && 2 * tr + r < g->Ho; r++) {
-                    const vf y[2] = {u[r][0] + u[r][1] + u[r][2], u[r][1] - u[r][2] - u[r][3]};
-                    for (int s = 0; s < 2 && 2 * tc + s < g->Wo; s++) {
-                        const int64_t o = ((2 * tr + r) * g->Wo + 2 * tc + s) * g->cout + c;
-                        const vf ys = direct ? wino_direct(g, L, x + n * HWC, ix ? ix + n * C : 0,
-                                                           K, 2 * tr + r, 2 * tc + s, c)
-                                             : y[s];
-                        const vf v = nh_store(on + o, ys, L->bias + c, rn ? rn + o : 0, nl, lo, hi,
-                                              clamp);
-                        if (yrow) sq += sum_term(v, ykind);
-                    }
-                }
-            }
-            if (yrow) add_lanes(yrow + n * cs + c, sq, nl);
-        }
+        const int64_t c0 = cb0 * nr, c1 = cb1 * nr < g->cout ? cb1 * nr : g->cout;
+        if (sq) memset(sq, 0, sizeof(float) * (c1 - c0 + VW));
+        if (direct)
+            wino_direct_chunk(g, &d, L, x + n * HWC, ix ? ix + n * C : 0, K, t0, nt, c0, c1, on, rn,
+                              lo, hi, clamp, sq, ykind);
+        else
+            wino_output(g, &d, L, M, ms, mt, cb0 * nr, t0, nt, c0, c1, on, rn, lo, hi, clamp, sq,
+                        ykind);
+        if (sq)
+            for (int64_t c = c0; c < c1; c += VW)
+                add_lanes(yrow + n * cs + c, ld(sq + (c - c0)), c1 - c < VW ? (int)(c1 - c) : VW);
     }
     #pragma omp barrier
 }

@@ -325,3 +325,73 @@ def test_split_u_past_l2_prefetched_gated_matches_reference(n):
         assert rel_err(sums, (out * out).double().sum((2, 3)).float()) <= 1e-5
     dense = layer(x, native.DENSE, residual=res, clamp=native.RELU)
     assert torch.equal(layer(x, gc.TOPK, scale=scale, k=256, residual=res, clamp=native.RELU), dense)
+
+
+def _poison_workspace():
+    # every float of this thread's scratch (V, M, the sums' buffer) NaN: a value read from a part
+    # of it that the call did not fill would reach the output as NaN
+    ws = getattr(native._local, "ws", None)
+    if ws is not None:
+        ws.fill_(float("nan"))
+
+
+@pytest.mark.parametrize("build", ["default", "avx2"])
+@pytest.mark.parametrize("shape", [(32, 40, 28, 29), (256, 256, 14, 14)])
+@pytest.mark.parametrize("mode", [native.DENSE, gc.TOPK, gc.THRESHOLD])
+def test_non_finite_chunks_read_no_unfilled_scratch(request, build, shape, mode):
+    # nh_wino's non-finite path (a chunk summed directly, its GEMMs skipped) through an output
+    # transform that never reads the chunk's M, nor the scratch's stale values: the workspace
+    # poisoned with NaN gives the reference's values, inf where it has inf, NaN only where it has
+    # NaN, and the output sums of the values stored (C = 256 at 14x14: the threads split U's
+    # blocks, its 49 tiles in chunks of two tiles' sizes; threshold mode drops a NaN channel)
+    if build == "avx2":
+        request.getfixturevalue("avx2_native")
+    cin, cout, h, w = shape
+    g = torch.Generator().manual_seed(cin + h)
+    x = torch.randn(2, cin, h, w, generator=g).abs() + 0.1
+    x[0, 3, h // 2, w // 3] = float("inf")  # a kept channel's (the highest saliency)
+    x[1, 5, 0, w - 1] = -float("inf") if mode != gc.THRESHOLD else float("nan")
+    wt, b = _layer(cin, cout, g)
+    scale = torch.ones(cin)
+    layer = native.NhwcConv(wt, b, 1, 1, out_hw=h * w, winograd=True)
+    thr = threshold_between(gc.channel_saliency(x[:1], scale, gc.SALIENCY_L2), 0.5)
+    res = _nhwc(torch.randn(2, cout, h, w, generator=g))
+    kw = dict(scale=scale, threshold=thr, k=cin // 2, residual=res, clamp=native.RELU)
+    layer(_nhwc(x), mode, **kw)  # the workspace at this call's size
+    _poison_workspace()
+    sums = torch.empty(2, cout)
+    out = layer(_nhwc(x), mode, out_sums=sums, **kw)
+    want = _reference(x, wt, b, 1, mode, scale, thr, cin // 2, gc.SALIENCY_L2, res, native.RELU)
+    assert not want.isfinite().all()
+    assert torch.equal(out.isnan(), want.isnan()) and torch.equal(out.isinf(), want.isinf())
+    fin = want.isfinite()
+    assert rel_err(out[fin], want[fin]) <= 1e-5
+    want_sums = (out * out).double().sum((2, 3)).float()
+    assert torch.equal(sums.isfinite(), want_sums.isfinite())
+    ok = want_sums.isfinite()
+    assert rel_err(sums[ok], want_sums[ok]) <= 1e-5
+
+
+@pytest.mark.parametrize("flags", [(), ("-DWINO_TILE_FLOATS=8192",), ("-DWINO_SPLIT_FLOATS=8192",
+                                                                         "-DWINO_COUT_SPLIT_BYTES=1")])
+def test_avx2_chunks_of_either_tile_match_reference(monkeypatch, flags):
+    # the AVX2 build's Winograd GEMMs in groups of 6 or 5 tiles, each chunk the tile that
+    # computes the fewest (the last two chunks of a run split to suit them): maps from 3 to 49
+    # tiles a thread, small chunks and split blocks, dense and gated, over a poisoned workspace
+    try:
+        lib = native._build(("-mno-avx512f", *flags))
+    except RuntimeError as exc:
+        pytest.skip(f"cannot build the AVX2 variant: {exc}")
+    monkeypatch.setattr(native, "_lib", lib)
+    g = torch.Generator().manual_seed(len(flags) + 31)
+    for cin, cout, h in [(48, 32, 5), (40, 16, 11), (64, 48, 14), (32, 40, 19), (48, 16, 27)]:
+        x = torch.randn(1, cin, h, h + 1, generator=g).relu() + 0.01
+        wt, b = _layer(cin, cout, g)
+        scale = torch.rand(cin, generator=g) + 0.5
+        layer = native.NhwcConv(wt, b, 1, 1, vectors=2, winograd=True)
+        for mode, k in [(native.DENSE, 0), (gc.TOPK, cin // 2)]:
+            layer(_nhwc(x), mode, scale=scale, k=k)
+            _poison_workspace()
+            out = layer(_nhwc(x), mode, scale=scale, k=k)
+            want = _reference(x, wt, b, 1, mode, scale, 0.0, k, gc.SALIENCY_L2)
+            assert rel_err(out, want) <= 1e-5, (cin, h, mode, flags)
