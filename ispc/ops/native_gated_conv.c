@@ -2347,9 +2347,8 @@ static int wino_input(const nh_geom_t *g, const wino_dims_t *d, const float *x, 
             for (int j = 0; j < 4; j++) { o = w1[j] - w3[j]; st(v + (12 + j) * vt + c, o); sum += o; }
 #undef WINO_ROW
             /* the 16 values' sum is not finite if one of them is not (or, harmlessly, if the
-             * sum overflows: the chunk then takes the exact direct path); one add a step on
-             * bad's chain (a multiply-add per value made the chain 16 deep: the transform's
-             * bound with 8-float vectors) */
+             * sum overflows: the chunk then takes the exact direct path): one add a step on
+             * bad's chain, not one per value */
             bad += sum * 0.0f;
         }
         for (; c < C; c++) {
@@ -2437,9 +2436,8 @@ static int64_t wino_chunk(const nh_geom_t *g, const wino_dims_t *d, int64_t R, i
 /* One of nh_wino's 16 GEMMs for one output block, all of a chunk's tiles: M[i][0..NV VW) = sum
  * over l < K of V[i][c] U[c][0..NV VW), c = ix[l] (IND 1) or l (IND 0); V's tile i at V + i * vs,
  * U's row c at U + c * NV VW, M's tile i at M + i * ms. The tiles' groups of MR in one call, M
- * stored plainly (no epilogue): against a register-tile call per group, the calls' setup and
- * epilogue were a fifth of a short reduction's (32 kept channels, 8-float vectors). Gated with a
- * U beyond L2 (D > 0): the first group prefetches U's kept rows D channels ahead. */
+ * stored plainly: no call, setup and epilogue (a zero bias) per group as with nh_kernel's tiles.
+ * Gated with a U beyond L2 (D > 0): the first group prefetches U's kept rows D channels ahead. */
 #define WINO_GEMM(NAME, MR, NV, IND)                                                            \
 static void NAME(const float *V, int64_t vs, int64_t nt, const float *U, int64_t K,             \
                  const int32_t *ix, float *M, int64_t ms, int64_t D) {                          \
@@ -2559,8 +2557,8 @@ static void wino_direct_chunk(const nh_geom_t *g, const wino_dims_t *d, const is
 /* Y = A^T M A for tiles [t0, t0 + nt) (tile i's point t at M + t * mt + i * ms, channel c at
  * c - m0), channels [c0, c1), through the layer's epilogue; output sums (sq: NULL none) added into
  * sq[c - c0]. A line of channels at a time over the tiles, its vectors one after the other: each
- * 64-byte line of M is read whole at once (with 8-float vectors a vector-at-a-time walk read
- * each line twice, the second time from L2; tile-outer walks measured slower at 28x28). */
+ * 64-byte line of M is read whole at once (a vector at a time, 8-float vectors read each line
+ * twice, the second time from L2; docs/benchmarks.md has the walks tried). */
 static void wino_output(const nh_geom_t *g, const wino_dims_t *d, const ispc_nhwc_layer_t *L,
                         const float *M, int64_t ms, int64_t mt, int64_t m0, int64_t t0, int64_t nt,
                         int64_t c0, int64_t c1, float *on, const float *rn, float lo, float hi,
