@@ -1497,36 +1497,62 @@ static inline void nt_st(float *dst, vf v) {
 #endif
 }
 
-/* the finished accumulators through the epilogue into the output */
+/* The finished accumulators through the epilogue into the output. The whole tile's path is
+ * unrolled with the epilogue's fields in locals, and the partial tile's reads a copy of the
+ * accumulators: an accumulator indexed at run time kept the whole tile in memory (zeroed, spilled
+ * and reloaded around the reduction: ~100 of the ~220 cycles a 1x1 tile spent beside its FMAs). */
+#ifndef NH_EPI_REGS  /* 0: the former loops (A/B) */
+#define NH_EPI_REGS 1
+#endif
+#if NH_EPI_REGS
+#define NH_UNROLL _Pragma("GCC unroll 16")
+#else
+#define NH_UNROLL
+#endif
 #define NH_EPILOGUE(MR, NV, acc, e)                                                              \
     if ((e)->npos == MR && (e)->lanes == NV * VW) { /* whole tile: plain stores */               \
+        const float *const res_ = (e)->res;                                                      \
+        float *const out_ = (e)->out;                                                            \
+        const int64_t os_ = (e)->ostride;                                                        \
+        const int clamp_ = (e)->clamp, ykind_ = (e)->ykind, stream_ = (e)->stream;               \
+        const float lo_ = (e)->lo, hi_ = (e)->hi;                                                \
+        double *const yrow_ = (e)->yrow;                                                         \
         vf bv[NV], sq[NV];                                                                       \
+        NH_UNROLL                                                                                \
         for (int j = 0; j < NV; j++) {                                                           \
             bv[j] = ld((e)->bias + j * VW);                                                      \
             sq[j] = (vf){0};                                                                     \
         }                                                                                        \
+        NH_UNROLL                                                                                \
         for (int i = 0; i < MR; i++) {                                                           \
             vf v[NV];                                                                            \
+            NH_UNROLL                                                                            \
             for (int j = 0; j < NV; j++) {                                                       \
                 v[j] = acc[i][j] + bv[j];                                                        \
-                if ((e)->res) v[j] += ld((e)->res + i * (e)->ostride + j * VW);                  \
-                v[j] = (e)->clamp ? nh_act(v[j], (e)->clamp, (e)->lo, (e)->hi) : v[j];           \
-                if ((e)->yrow) sq[j] += sum_term(v[j], (e)->ykind);                              \
+                if (res_) v[j] += ld(res_ + i * os_ + j * VW);                                   \
+                v[j] = clamp_ ? nh_act(v[j], clamp_, lo_, hi_) : v[j];                           \
+                if (yrow_) sq[j] += sum_term(v[j], ykind_);                                      \
             }                                                                                    \
             /* a position's vectors stored back to back: whole lines for the streaming stores */ \
-            float *d = (e)->out + i * (e)->ostride;                                              \
+            float *d = out_ + i * os_;                                                           \
+            NH_UNROLL                                                                            \
             for (int j = 0; j < NV; j++)                                                         \
-                if ((e)->stream) nt_st(d + j * VW, v[j]); else st(d + j * VW, v[j]);             \
+                if (stream_) nt_st(d + j * VW, v[j]); else st(d + j * VW, v[j]);                 \
         }                                                                                        \
-        if ((e)->yrow)                                                                           \
-            for (int j = 0; j < NV; j++) add_lanes((e)->yrow + j * VW, sq[j], VW);               \
+        if (yrow_)                                                                               \
+            for (int j = 0; j < NV; j++) add_lanes(yrow_ + j * VW, sq[j], VW);                   \
     } else {                                                                                     \
+        vf a_[MR][NV];                                                                           \
+        NH_UNROLL                                                                                \
+        for (int i = 0; i < MR; i++)                                                             \
+            NH_UNROLL                                                                            \
+            for (int j = 0; j < NV; j++) a_[i][j] = acc[i][j];                                   \
         for (int j = 0; j < NV && j * VW < (e)->lanes; j++) {                                    \
             const int nl = (e)->lanes - j * VW < VW ? (e)->lanes - j * VW : VW;                  \
             vf sq = {0};                                                                         \
             for (int i = 0; i < MR && i < (e)->npos; i++) {                                      \
                 const int64_t o = i * (e)->ostride + j * VW;                                     \
-                const vf v = nh_store((e)->out + o, acc[i][j], (e)->bias + j * VW,               \
+                const vf v = nh_store((e)->out + o, a_[i][j], (e)->bias + j * VW,                \
                                       (e)->res ? (e)->res + o : 0, nl, (e)->lo, (e)->hi,         \
                                       (e)->clamp);                                               \
                 if ((e)->yrow) sq += sum_term(v, (e)->ykind);                                    \
@@ -1609,11 +1635,14 @@ static int64_t nh_npf_bytes(void) {  /* NH_NPF_BYTES: nh_pf_gated where not fixe
 #define NH_STEP(MR, NV, c, wc, pf)                                                              \
     {                                                                                           \
         vf w[NV];                                                                               \
+        NH_UNROLL                                                                               \
         for (int j = 0; j < NV; j++) w[j] = ld((wc) + j * VW);                                  \
         for (int j = 0; j < (pf ? NV * VW * 4 : 0); j += 64)                                    \
             __builtin_prefetch((const char *)(pf) + j, 0, NH_PF_LOC);                      \
+        NH_UNROLL                                                                               \
         for (int i = 0; i < MR; i++) {                                                          \
             const float b = p[i][c];                                                            \
+            NH_UNROLL                                                                           \
             for (int j = 0; j < NV; j++) acc[i][j] += b * w[j];                                 \
         }                                                                                       \
     }
@@ -1628,10 +1657,13 @@ static void NAME(const float *const *ptab, const float *const *wseg, int64_t nse
     vf acc[MR][NV];                                                                             \
     int64_t pc = 0, pi = 0;                                                                     \
     (void)pc; (void)pi;                                                                         \
+    NH_UNROLL                                                                                   \
     for (int i = 0; i < MR; i++)                                                                \
+        NH_UNROLL                                                                               \
         for (int j = 0; j < NV; j++) acc[i][j] = (vf){0};                                       \
     for (int64_t s = 0; s < nseg; s++) {                                                        \
         const float *p[MR];                                                                     \
+        NH_UNROLL                                                                               \
         for (int i = 0; i < MR; i++) p[i] = ptab[s * MR + i];                                   \
         const float *ws = wseg[s];                                                              \
         if (D <= 0) {                                                                           \
