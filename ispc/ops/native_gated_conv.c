@@ -1337,6 +1337,10 @@ static int nh_mr(int64_t nv, int64_t howo) {
     return nv == 4 ? NH_MR4 : nv == 3 ? NH_MR3 : nv == 2 ? NH_MR2 : nv == 1 ? NH_MR1 : 0;
 }
 
+#ifndef NH_EXP_OLDCLAMP
+#define NH_EXP_OLDCLAMP 0
+#endif
+
 /* The NHWC epilogue's activation: clamp code 1 is [lo, hi] (ReLU, ReLU6); NH_GELU, chosen by
  * lo = hi = NaN (native.GELU), is the exact GELU 0.5 v (1 + erf(v / sqrt 2)) with PyTorch's CPU erf
  * (Abramowitz-Stegun 7.1.26, |error| < 1.5e-7) and a Cephes exp: ConvNeXt's pwconv1 -> GELU in
@@ -1386,8 +1390,22 @@ static inline vf nh_gelu(vf v) {
     return (v * 0.5f) * (erf + 1.0f);
 }
 
+/* clampv's values bit for bit (NaN and -0 included: vmaxps(l, v) is v < l ? l : v) in two
+ * instructions instead of four */
+static inline vf nh_clampv(vf v, float lo, float hi) {
+#if defined(__AVX512F__) && !NH_EXP_OLDCLAMP
+    const __m512 l = _mm512_set1_ps(lo), h = _mm512_set1_ps(hi);
+    return (vf)_mm512_min_ps(h, _mm512_max_ps(l, (__m512)v));
+#elif defined(__AVX__) && !NH_EXP_OLDCLAMP
+    const __m256 l = _mm256_set1_ps(lo), h = _mm256_set1_ps(hi);
+    return (vf)_mm256_min_ps(h, _mm256_max_ps(l, (__m256)v));
+#else
+    return clampv(v, lo, hi);
+#endif
+}
+
 static inline vf nh_act(vf v, int code, float lo, float hi) {
-    return code == NH_GELU ? nh_gelu(v) : clampv(v, lo, hi);
+    return code == NH_GELU ? nh_gelu(v) : nh_clampv(v, lo, hi);
 }
 
 /* lanes [0, n) of v (+ bias, residual, activation) to dst: the epilogue of one output vector */
@@ -1776,13 +1794,13 @@ int64_t ispc_vector_floats(void) { return VW; }
 
 /* ispc_nhwc_vectors for a layer whose reduction per output (kept channels x taps, 0: unknown) is
  * short: on AVX-512, where ispc_nhwc_vectors picks 6x4/7x4, a reduction r of at most
- * NH_SHORT_REDUCTION weighs the 8x3 tile as 1 + NH_SHORT_GAIN / r times as fast. A tile's
- * epilogue and setup are a fixed cost beside its r steps (about a third of a 1x1 tile's time at
- * r = 32), which fewer, larger tiles pay less often: at half their channels 8x3 measured 0.91x
- * 6x4's time on 64->256 at 56x56 (r = 32, 12% more lanes), 0.93x on 128->512 at 28x28 (r = 64),
- * 0.98-1.03x on 256->1024 at 14x14 (r = 128) (AMD Zen 4; docs/benchmarks.md). */
+ * NH_SHORT_REDUCTION weighs the 8x3 tile as 1 + NH_SHORT_GAIN / r times as fast (fewer tiles, so
+ * less of a tile's fixed cost). Off (0) since the tiles keep their accumulators in registers: the
+ * fixed cost fell from ~310 to ~130-270 cycles a tile and block, and 6x4/7x4 then ran 0.87-0.96x
+ * 8x3's time on ResNet-50's 1x1 layers at r = 32-256 (gated, residual, ReLU, output sums; AMD
+ * Zen 4; docs/benchmarks.md). */
 #ifndef NH_SHORT_REDUCTION
-#define NH_SHORT_REDUCTION 128
+#define NH_SHORT_REDUCTION 0
 #endif
 #ifndef NH_SHORT_GAIN
 #define NH_SHORT_GAIN 10.0

@@ -25,21 +25,22 @@ def _check(layer: native.NhwcConv, w, b, cin, k, h, seed=0):
     assert rel_err(got, ref) < 1e-5
 
 
-@pytest.mark.parametrize("cin,cout,h,eight_by_three", [
-    (64, 256, 56, True), (128, 512, 28, True),  # ResNet-50's layer1 and layer2 1x1 layers
-    (64, 64, 28, False), (24, 144, 14, False), (64, 256, 28, False)])
-def test_short_reductions_choose_a_tile_and_compute_the_reference(cin, cout, h, eight_by_three):
+@pytest.mark.parametrize("cin,cout,h", [
+    (64, 256, 56), (128, 512, 28),  # ResNet-50's layer1 and layer2 1x1 layers
+    (64, 64, 28), (24, 144, 14), (64, 256, 28)])
+def test_short_reductions_choose_a_tile_and_compute_the_reference(cin, cout, h):
     g = torch.Generator().manual_seed(1)
     w, b = torch.randn(cout, cin, 1, 1, generator=g), torch.randn(cout, generator=g)
     k = cin // 2
     layer = native.NhwcConv(w, b, out_hw=h * h, reduction=k)
     lib = native._loaded()
     assert 1 <= layer.vectors <= lib.ispc_nhwc_max_vectors()
-    if lib.ispc_nhwc_max_vectors() == 4 and eight_by_three:  # AVX-512: 8x3 where it pays
-        assert layer.vectors == 3
+    assert layer.vectors == lib.ispc_nhwc_vectors(cout, h * h)  # the short rule is off by default
     assert native.NhwcConv(w, b, out_hw=h * h, reduction=1000).vectors \
         == lib.ispc_nhwc_vectors(cout, h * h)  # a long one: the usual choice
     _check(layer, w, b, cin, k, h)
+    for nv in range(1, lib.ispc_nhwc_max_vectors() + 1):  # every tile on the short reduction
+        _check(native.NhwcConv(w, b, out_hw=h * h, vectors=nv), w, b, cin, k, h, seed=nv)
 
 
 def test_short_reductions_on_the_avx2_build(avx2_native):
