@@ -223,7 +223,8 @@ class GatedConv2d(Watched):
         self._native = (_native.NativeLayer(self.weight, self.bias, self.stride, self.padding,
                                             self.dilation, self.orient)
                         if self.strategy == "native" else None)
-        # a top-k layer's kept channels: its reduction, which helps choose the register tile
+        # a top-k layer's kept channels: its reduction (weighed in the register tile's choice by
+        # builds with NH_SHORT_REDUCTION)
         kept = self.k if self.mode == "topk" and 0 < self.k < self.in_channels else None
         self._nhwc = (_native.NhwcConv(self.weight.detach(), self.bias.detach(), self.stride,
                                        self.padding, self.dilation, out_hw=self.out_hw,

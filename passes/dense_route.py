@@ -97,25 +97,19 @@ def _not_considered(gm: fx.GraphModule, state: PassState, why: str) -> fx.GraphM
     return gm
 
 
-def _beats(a: list[float], b: list[float], margin: float) -> bool:
-    """Whether ``a`` is faster than ``b`` by more than ``margin`` (median per-round ratio) and
-    in most rounds."""
-    return paired(a, b).beats(margin)
-
-
 def choose(rounds_ms: dict[str, list[float]], ispc: str | None = "ispc") -> tuple[str, bool]:
     """The runtime the route takes from per-round timings (block medians, ms, the same rounds
     for every name; at least one runtime), and whether the route is taken. Runtimes in
     :data:`ROUTE_RUNTIMES` order (OpenVINO first): a later one replaces the choice only where it
-    :func:`_beats` it by :data:`RUNTIME_TIE`. The route is taken unless ``ispc`` (the model as
+    beats it by :data:`RUNTIME_TIE` (:meth:`ispc.timing.Paired.beats`). The route is taken unless ``ispc`` (the model as
     built; None: not timed) beats the chosen runtime by :data:`ROUTE_MARGIN`."""
     names = [r for r in route.ROUTE_RUNTIMES if r in rounds_ms]
     best = names[0]
     for r in names[1:]:
-        if _beats(rounds_ms[r], rounds_ms[best], RUNTIME_TIE):
+        if paired(rounds_ms[r], rounds_ms[best]).beats(RUNTIME_TIE):
             best = r
-    take = ispc is None or ispc not in rounds_ms or not _beats(rounds_ms[ispc], rounds_ms[best],
-                                                                ROUTE_MARGIN)
+    take = (ispc is None or ispc not in rounds_ms
+            or not paired(rounds_ms[ispc], rounds_ms[best]).beats(ROUTE_MARGIN))
     return best, take
 
 

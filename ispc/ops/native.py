@@ -717,7 +717,8 @@ class NhwcConv:
     (``vectors``: output-channel vectors per tile, to force one) and whether a 3x3 stride-1
     layer runs by Winograd F(2x2, 3x3) (``winograd``: True or False to force it; True on a layer
     that does not fit is an error). ``reduction``, the input channels it will mostly keep (a
-    gated layer's k), helps choose the tile too: short reductions favour other tiles.
+    gated layer's k), is weighed in that choice only by builds with ``-DNH_SHORT_REDUCTION=r``
+    (off by default: with the accumulators in registers the usual tiles won on short reductions).
     It holds copies: prepare it again after changing the weights.
     """
 
