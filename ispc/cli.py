@@ -28,13 +28,13 @@ from .benchmark import (benchmark, benchmark_runtimes, dense_baseline, input_bat
                         layer_breakdown, layer_table, results_table, retain_freed_memory)
 from .config import GatingConfig
 from .datasets import iter_batches, load_images, load_labeled_images
-from .errors import IspcError, UnsupportedModelError
+from .errors import ConfigError, IspcError, UnsupportedModelError
 from .examples.models import MODELS
 from .passes.channels_last import runs_channels_last
 from .plots import save_plots
 from .runtimes import (BASELINES, DENSE_RUNTIMES, compare, machine_info, resolve_runtimes,
                        runtimes_table, speedup_lines)
-from .serialization import save
+from .serialization import load, save
 from .tune import TARGETS, top1, tune
 
 __all__ = ["main", "load_model", "build_parser", "add_config_args", "config_from_args",
@@ -119,6 +119,11 @@ def load_model(spec: str, *, checkpoint: str | None = None, num_classes: int | N
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
     if ":" not in spec:
+        if spec not in MODELS and (spec.endswith(".ispc") or Path(spec).is_file()):
+            raise UnsupportedModelError(
+                f"{spec!r} is a file, not a model: MODEL is path/to/file.py:factory, "
+                "package.module:factory or a bundled model name; to time a saved compiled model, "
+                f"ispc bench MODEL --saved {spec} (MODEL: the model it was compiled from)")
         if spec not in MODELS:
             raise UnsupportedModelError(
                 f"unknown model {spec!r}: give path/to/file.py:factory, package.module:factory or one "
@@ -181,6 +186,7 @@ def add_config_args(p: argparse.ArgumentParser, *, defaults: dict[str, Any] | No
     one place they are written. ``skip``: fields the command sets itself."""
     hints = typing.get_type_hints(GatingConfig)
     group = p.add_argument_group("gating options (ispc.GatingConfig)")
+    given: dict[str, Any] = {}  # dest -> its default as parsed (what ``_gating_set`` compares)
     for f in dataclasses.fields(GatingConfig):
         if not f.metadata.get("cli", True) or f.name in skip:
             continue
@@ -200,6 +206,14 @@ def add_config_args(p: argparse.ArgumentParser, *, defaults: dict[str, Any] | No
             group.add_argument(flag, type={"int": int, "float": float, "str": str}[kind],
                                choices=f.metadata.get("choices"), default=default,
                                help=f"{text} (default: {default})")
+        given[f.name] = p.get_default(f.name)
+    p.set_defaults(_config_defaults=given)
+
+
+def _gating_set(args: argparse.Namespace) -> list[str]:
+    """The gating options given other values than their defaults (as ``--keep-ratio``)."""
+    defaults = getattr(args, "_config_defaults", {})
+    return ["--" + d.replace("_", "-") for d, v in defaults.items() if getattr(args, d) != v]
 
 
 def config_from_args(args: argparse.Namespace, **overrides: Any) -> GatingConfig:
@@ -322,6 +336,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "and, with --runtimes, the dense model in every installed runtime")
     _add_model_args(p)
     _add_data_args(p, required=False)
+    p.add_argument("--saved", metavar="FILE",
+                   help="time this compiled model (ispc compile --out, ispc.save) instead of "
+                        "compiling MODEL; MODEL (with --checkpoint) names its dense original, "
+                        "the baseline, and gating options do not apply")
     p.add_argument("--input-size", type=int, default=224, help="random input size if no --data")
     p.add_argument("--input-pool", type=int, default=4, metavar="N",
                    help="without --data: distinct random batches each model cycles through per "
@@ -429,6 +447,31 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_saved(args: argparse.Namespace, model: nn.Module, example: torch.Tensor):
+    """``--saved``: the archive, checked against its dense original ``model`` on ``example``."""
+    if _gating_set(args):
+        raise ConfigError(f"{', '.join(_gating_set(args))}: gating options do not apply to a saved "
+                         f"model (--saved {args.saved}, compiled with its own); drop them, or "
+                         "drop --saved to compile MODEL with them")
+    if not Path(args.saved).is_file():
+        raise ConfigError(f"--saved {args.saved!r} does not exist; write one with "
+                         f"ispc compile {args.model} --data DATA --out {args.saved}")
+    compiled = load(args.saved)
+    with torch.no_grad():
+        try:
+            got = compiled(example)
+        except Exception as exc:  # noqa: BLE001 -- a saved model of another input: one line
+            raise ConfigError(f"--saved {args.saved} cannot run a {tuple(example.shape)} input "
+                             f"({_first_line(exc)}); time it on the inputs it was compiled "
+                             "for (--input-size or --data)") from None
+        want = model(example)
+    shapes = [tuple(t.shape) for t in (got, want) if isinstance(t, torch.Tensor)]
+    if len(shapes) == 2 and shapes[0] != shapes[1]:
+        raise ConfigError(f"--saved {args.saved} returns {shapes[0]} where {args.model} returns "
+                         f"{shapes[1]}: name the model it was compiled from as MODEL")
+    return compiled
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     cfg = config_from_args(args, latency_batch_size=min(args.batch_sizes))
     if args.retain_memory:  # before compiling: latency-aware selection times kernels too
@@ -444,7 +487,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         shape = (3, args.input_size, args.input_size)
         batches = [torch.randn(16, *shape, generator=g) for _ in range(4)]
     names = _runtime_names(args)
-    compiled = ispc_compile(model, batches, config=cfg)
+    compiled = (_load_saved(args, model, batches[0][:1]) if args.saved
+                else ispc_compile(model, batches, config=cfg))
     results = benchmark(model, compiled, shape, batch_sizes=tuple(args.batch_sizes),
                         rounds=args.rounds, warmup=args.warmup, name=args.model,
                         retain_memory=args.retain_memory, inputs=x, input_pool=args.input_pool)

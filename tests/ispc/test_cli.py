@@ -166,6 +166,59 @@ def test_compile_writes_a_loadable_file(files, capsys):
     assert loaded.report.summary["keep_ratio"] == 0.5
 
 
+def test_bench_saved_times_the_archive_without_compiling(files, capsys, monkeypatch):
+    """--saved: the compiled model as saved (its own gates and kernels), against MODEL dense."""
+    import ispc.cli as cli
+
+    out = files / "net.ispc"
+    assert main(["compile", f"{files}/net.py:make", "--data", str(files / "data.pt"),
+                 "--keep-ratio", "0.5", "--mode", "topk", "--out", str(out)]) == 0
+    capsys.readouterr()
+
+    def no_compile(*a, **k):
+        raise AssertionError("bench --saved compiled the model")
+
+    monkeypatch.setattr(cli, "ispc_compile", no_compile)
+    out_json = files / "bench.json"
+    assert main(["bench", f"{files}/net.py:make", "--saved", str(out), "--input-size", "16",
+                 "--batch-sizes", "1", "--rounds", "3", "--warmup", "1", "--json",
+                 str(out_json)]) == 0
+    (row,) = json.loads(out_json.read_text())["results"]
+    assert row["gated_ms"] > 0 and row["theoretical_speedup"] > 1.2  # half the channels kept
+
+
+@pytest.mark.parametrize("extra,msg", [
+    (["--keep-ratio", "0.3"], "--keep-ratio: gating options do not apply to a saved model"),
+    (["--saved", "{files}/missing.ispc"], "does not exist; write one with ispc compile"),
+    (["--saved", "{files}/data.pt"], "is not an ispc archive"),
+])
+def test_bench_saved_mistakes_are_one_line_errors(files, capsys, extra, msg):
+    out = files / "net.ispc"
+    assert main(["compile", f"{files}/net.py:make", "--data", str(files / "data.pt"),
+                 "--out", str(out)]) == 0
+    capsys.readouterr()
+    argv = ["bench", f"{files}/net.py:make", "--input-size", "16", *[a.format(files=files) for a in extra]]
+    if "--saved" not in argv:
+        argv += ["--saved", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert msg in err and "Traceback" not in err and len(err.splitlines()) == 1
+
+
+def test_bench_saved_of_another_model_and_an_archive_as_model_are_refused(files, capsys):
+    (files / "net.py").write_text(MODEL_FILE + "\ndef other():\n    return nn.Sequential("
+                                  "nn.Conv2d(3, 4, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten())\n")
+    out = files / "net.ispc"
+    assert main(["compile", f"{files}/net.py:make", "--data", str(files / "data.pt"),
+                 "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["bench", f"{files}/net.py:other", "--saved", str(out), "--input-size", "16"]) == 2
+    assert "returns (1, 8) where" in capsys.readouterr().err
+    assert main(["bench", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "is a file, not a model" in err and f"--saved {out}" in err
+
+
 def test_channels_last_flag_sets_the_layout(files):
     import ispc
     from ispc.passes.channels_last import runs_channels_last
