@@ -154,6 +154,7 @@ class GatedConv2d(Watched):
 
     #: class defaults for instances pickled before these existed
     out_hw: int | None = None
+    winograd: bool | None = None
     _nhwc = None
     #: saliency sums handed in from the native layer that writes this layer's input, and out to
     #: the gated layers that read its output (``passes/hand_sums.py``; None: none)
@@ -196,16 +197,21 @@ class GatedConv2d(Watched):
         #: output positions per instance the layer mostly sees (the ``nhwc`` kernel's register
         #: tile is chosen for it; None: unknown)
         self.out_hw: int | None = None
+        #: the ``nhwc`` kernel of a 3x3 stride-1 layer by Winograd (True) or direct (False), as
+        #: select_kernels timed them; None: ``native.winograd_chosen``'s rule
+        self.winograd: bool | None = None
         self._native = None
         self._nhwc = None
 
     def set_strategy(self, strategy: str, orient: int | None = None, *,
-                     out_hw: int | None = None) -> None:
+                     out_hw: int | None = None, winograd: bool | None = None) -> None:
         """Choose the eager CPU kernel (see :mod:`ispc.ops.cpu_kernels`); prepares its weights
         (packed here, once: never per call).
 
         ``orient`` picks the native kernel's orientation (:mod:`ispc.ops.native`; default: pixels);
-        ``out_hw`` (output positions per instance) the ``nhwc`` kernel's register tile.
+        ``out_hw`` (output positions per instance) the ``nhwc`` kernel's register tile;
+        ``winograd`` forces the ``nhwc`` kernel's algorithm on a layer that fits Winograd
+        (None: the rule; ignored where it does not fit).
         """
         if strategy not in _cpu.STRATEGIES:
             raise ValueError(f"unknown strategy {strategy!r}; one of {_cpu.STRATEGIES}")
@@ -216,6 +222,7 @@ class GatedConv2d(Watched):
         self.orient = _native.ORIENT_PIX if orient is None else int(orient)
         if out_hw is not None:
             self.out_hw = int(out_hw)
+        self.winograd = None if winograd is None else bool(winograd)
         self._prepare()
 
     def _prepare(self) -> None:
@@ -226,9 +233,10 @@ class GatedConv2d(Watched):
         # a top-k layer's kept channels: its reduction (weighed in the register tile's choice by
         # builds with NH_SHORT_REDUCTION)
         kept = self.k if self.mode == "topk" and 0 < self.k < self.in_channels else None
+        fits = _native.winograd_fits(tuple(self.weight.shape[-2:]), self.stride, self.dilation)
         self._nhwc = (_native.NhwcConv(self.weight.detach(), self.bias.detach(), self.stride,
                                        self.padding, self.dilation, out_hw=self.out_hw,
-                                       reduction=kept)
+                                       reduction=kept, winograd=self.winograd if fits else None)
                       if self.strategy == "nhwc" and self.weight.dtype == torch.float32 else None)
 
     def sliced(self, *, out_keep: Tensor | None = None, in_keep: Tensor | None = None) -> "GatedConv2d":
@@ -241,7 +249,7 @@ class GatedConv2d(Watched):
         new.in_index = index
         new.residual_add, new.act = self.residual_add, self.act
         new.ispc_full_channels = full_channels(self)
-        new.set_strategy(self.strategy, self.orient, out_hw=self.out_hw)
+        new.set_strategy(self.strategy, self.orient, out_hw=self.out_hw, winograd=self.winograd)
         return new
 
     @property
@@ -464,9 +472,11 @@ class GatedLinear(GatedConv2d):
     def out_features(self) -> int:
         return self.out_channels
 
-    def set_strategy(self, strategy: str, orient: int | None = None) -> None:
+    def set_strategy(self, strategy: str, orient: int | None = None, *,
+                     winograd: bool | None = None) -> None:
         """Choose the eager CPU kernel (:data:`ispc.ops.linear_kernels.STRATEGIES`; a convolution's
-        ``gather``/``grouped`` run as ``gemm``); prepares its weights."""
+        ``gather``/``grouped`` run as ``gemm``); prepares its weights. ``winograd``: as
+        :meth:`GatedConv2d.set_strategy` takes it, and moot here (no 3x3 taps)."""
         if strategy in ("gather", "grouped"):
             strategy = "gemm"
         if strategy not in _lk.STRATEGIES:

@@ -104,11 +104,16 @@ class KernelChoice:
     batch_size: int | None = None  #: measured at this batch size
     input_layout: str | None = None  #: ``channels_last`` when timed on a channels-last input
     runs_on: str | None = None  #: ``cuda``: timed on the GPU (the strategy is the CPU's)
+    #: ``nhwc`` on a 3x3 stride-1 layer: Winograd (True) or direct (False), both timed; None:
+    #: ``ispc.ops.native.winograd_chosen``'s rule decides where the model runs
+    winograd: bool | None = None
 
     @property
     def label(self) -> str:
-        """``strategy`` or ``strategy:orient``, as the report prints it."""
-        return self.strategy + (f":{self.orient}" if self.orient else "")
+        """``strategy``, ``strategy:orient`` or ``strategy:winograd``/``:direct`` (timed), as the
+        report prints it."""
+        algo = "" if self.winograd is None else (":winograd" if self.winograd else ":direct")
+        return self.strategy + (f":{self.orient}" if self.orient else "") + algo
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

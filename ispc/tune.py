@@ -765,6 +765,7 @@ class _Search:
             points: list[tuple[float, float]] = []
             t_dense = None
             strategy = (lay.module.strategy, lay.module.orient)
+            algorithm = lay.module.winograd
             for frac in TIMED_FRACTIONS:
                 if self.static:
                     k = kept_count(frac, lay.channels)
@@ -786,7 +787,7 @@ class _Search:
                     times = m.times
                 t_dense = times["dense"] if t_dense is None else min(t_dense, times["dense"])
             self.set_layer(lay, None)
-            lay.module.set_strategy(*strategy)
+            lay.module.set_strategy(*strategy, winograd=algorithm)
             points.sort()
             xs = np.array([p[0] for p in points])
             ys = np.array([p[1] for p in points])

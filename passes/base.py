@@ -139,7 +139,8 @@ def apply_kernel(node: fx.Node, choice: KernelChoice, module: nn.Module | None =
     elif isinstance(module, GatedConv2d):
         shape = node_shape(node)  # output positions: the nhwc kernel's register tile
         hw = shape[-1] * shape[-2] if shape is not None and len(shape) == 4 else None
-        module.set_strategy(choice.strategy, ORIENTATIONS.get(choice.orient), out_hw=hw)
+        module.set_strategy(choice.strategy, ORIENTATIONS.get(choice.orient), out_hw=hw,
+                            winograd=choice.winograd)
 
 
 def module_call_counts(gm: fx.GraphModule) -> dict[str, int]:

@@ -249,7 +249,7 @@ def _scale_and_residual(gm: fx.GraphModule, node: fx.Node, mod: GatedLinear) -> 
     mod.weight = nn.Parameter(mod.weight.detach() * g[:, None, None, None],
                               requires_grad=mod.weight.requires_grad)
     mod.bias = nn.Parameter(mod.bias.detach() * g, requires_grad=mod.bias.requires_grad)
-    mod.set_strategy(mod.strategy, mod.orient)
+    mod.set_strategy(mod.strategy, mod.orient, winograd=mod.winograd)  # repacked, same kernel
     tail.replace_all_uses_with(tail.args[0] if tail.args[1] is gamma_node else tail.args[1])
     gm.graph.erase_node(tail)
     if not gamma_node.users:

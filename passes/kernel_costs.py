@@ -39,7 +39,7 @@ __all__ = ["predicted_strategy", "predicted_choice", "predicted_linear", "linear
            "LARGE_LAYER_MACS", "GATHER_MIN_MAP", "CL_MIN_CHANNELS", "PREDICTED_MARGIN",
            "ORIENT_NAMES", "PRUNE_RATIO", "PROGRAM_MARGIN", "LAYER_BUDGET_S", "geometry", "in_program",
            "built_runner", "time_runners", "known_hw", "UNKNOWN_HW", "keeps_every_channel",
-           "left_dense"]
+           "left_dense", "winograd_alternative", "WINOGRAD_LABELS"]
 
 #: without the native kernel, maps with at most this many output positions use the gemm kernel
 SMALL_MAP = 14 * 14
@@ -196,6 +196,18 @@ def candidates(mod: GatedConv2d, input_hw: tuple[int, int] | None = None, *,
     return out
 
 
+#: the label of the ``nhwc`` kernel by the algorithm the rule did not choose (measure times both)
+WINOGRAD_LABELS = {True: "nhwc:winograd", False: "nhwc:direct"}
+
+
+def winograd_alternative(kernel: native.NhwcConv) -> bool:
+    """Whether a gated layer's ``nhwc`` kernel runs by Winograd or directly as timed: a 3x3
+    stride-1 layer with at least ``native.WINO_MIN_CHANNELS`` input channels (with fewer the
+    transforms always lost: VGG's 3 -> 64 stem 1.54 -> 3.65 ms)."""
+    return (native.winograd_fits(kernel.kernel, kernel.stride, kernel.dilation)
+            and kernel.cin >= native.WINO_MIN_CHANNELS)
+
+
 def input_hw(node: fx.Node) -> tuple[int, int] | None:
     """The spatial size of the map a layer node reads (None: unknown, or not a map)."""
     shape = node_shape(node.args[0]) if node.args else None
@@ -335,6 +347,9 @@ class Measurement:
     plain: nn.Module  #: the layer left dense
     channels_last: bool  #: the input layout it was timed on
     cuda: bool
+    #: ``best`` is ``nhwc`` on a layer that fits Winograd: by Winograd (True) or direct (False),
+    #: both timed; None: not timed (the rule decides)
+    winograd: bool | None = None
 
     def choice(self, cfg: GatingConfig) -> KernelChoice:
         """The kernel record of this measurement."""
@@ -343,7 +358,7 @@ class Measurement:
             cost_model="measured", times_ms={k: round(v, 4) for k, v in self.times.items()},
             batch_size=cfg.latency_batch_size,
             input_layout="channels_last" if self.channels_last else None,
-            runs_on="cuda" if self.cuda else None)
+            runs_on="cuda" if self.cuda else None, winograd=self.winograd)
 
     def reason(self, cfg: GatingConfig) -> str:
         """Why the layer is left dense, when it is."""
@@ -394,6 +409,7 @@ def measure(mod: GatedConv2d, xin: torch.Tensor, node: fx.Node, cfg: GatingConfi
         return replace(cache[key], plain=plain)
     a = mod._args
     fns = {"dense": in_program(plain.prepared, xin) if in_runner else lambda: plain(xin)}
+    algos: dict[str, bool] = {}  # nhwc labels of a layer that fits Winograd -> by Winograd
     if xin.is_cuda:
         # on a GPU the layer runs the operator's CUDA kernel (Triton) whatever the CPU
         # strategy: time that against the dense convolution; the CPU choice stays predicted
@@ -412,11 +428,21 @@ def measure(mod: GatedConv2d, xin: torch.Tensor, node: fx.Node, cfg: GatingConfi
                 s, xin, mod.weight, wt, mod.bias, mod.scale, a[6], a[7], a[8], a[9]))
     else:
         kernels = candidates(mod, tuple(xin.shape[-2:]), channels_last=nhwc_serves(xin))
-        for label, (strat, orient) in kernels.items():
+        for label, (strat, orient) in list(kernels.items()):
             mod.set_strategy(strat, orient, out_hw=known_hw(o_hw))
             if strat == "nhwc" and isinstance(mod.prepared, native.NhwcConv) and nhwc_serves(xin):
                 # as the runner calls it: inside a program, into a buffer it keeps
                 fns[label] = in_program(mod.prepared, xin, a[6], mod.scale, a[7], a[8], a[9])
+                rule = mod.prepared.winograd
+                if label == "nhwc" and winograd_alternative(mod.prepared):
+                    # the rule's algorithm (label "nhwc") and the other one, timed alike: the
+                    # rule's limits were measured on two CPUs, and the crossing moves with the
+                    # FMA width and caches (docs/benchmarks.md)
+                    alt = WINOGRAD_LABELS[not rule]
+                    algos.update({label: rule, alt: not rule})
+                    mod.set_strategy(strat, orient, out_hw=known_hw(o_hw), winograd=not rule)
+                    kernels[alt] = (strat, orient)
+                    fns[alt] = in_program(mod.prepared, xin, a[6], mod.scale, a[7], a[8], a[9])
                 continue
             fns[label] = (lambda s=strat, wt=mod.prepared: run_strategy(
                 s, xin, mod.weight, wt, mod.bias, mod.scale, mod.stride, mod.padding, mod.dilation,
@@ -438,7 +464,7 @@ def measure(mod: GatedConv2d, xin: torch.Tensor, node: fx.Node, cfg: GatingConfi
     if label is not None and times[label] <= times[best] * (1.0 + margin):
         best = label
     m = Measurement(kernels[best], times[best] <= times["dense"] * (1.0 - cfg.min_gain), times,
-                    plain, native.is_channels_last(xin), xin.is_cuda)
+                    plain, native.is_channels_last(xin), xin.is_cuda, algos.get(best))
     if key is not None:
         cache[key] = m
     return m

@@ -106,6 +106,8 @@ def _kernel_table(compiled: CompiledModel) -> dict[str, dict[str, Any]]:
         table[name] = {"strategy": strategy, "orient": int(orient)}
         if m.out_hw is not None:  # the nhwc kernel's register tile is chosen for it
             table[name]["out_hw"] = int(m.out_hw)
+        if choice is not None and choice.winograd is not None:  # timed at compile: kept
+            table[name]["winograd"] = bool(choice.winograd)
     return table
 
 
@@ -141,11 +143,15 @@ def _restore_kernels(gm: fx.GraphModule, modules: dict[str, Any]) -> None:
             raise ArchiveError(f"bad output size {out_hw!r} for {name!r} in the archive")
         if orient is not None and not isinstance(orient, int):
             raise ArchiveError(f"bad kernel orientation {orient!r} for {name!r} in the archive")
+        winograd = info.get("winograd")
+        if winograd is not None and not isinstance(winograd, bool):
+            raise ArchiveError(f"bad Winograd flag {winograd!r} for {name!r} in the archive")
         known = STRATEGIES + linear_kernels.STRATEGIES
         if strategy not in known or (orient is not None and orient not in names):
             raise ArchiveError(f"bad kernel strategy for {name!r}: {strategy!r}, orientation {orient!r}")
         choice = KernelChoice(strategy=strategy, cost_model="archive",
-                              orient=names.get(orient) if strategy == "native" else None)
+                              orient=names.get(orient) if strategy == "native" else None,
+                              winograd=winograd if strategy == "nhwc" else None)
         try:
             if out_hw is not None:
                 m.out_hw = out_hw

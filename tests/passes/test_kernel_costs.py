@@ -150,3 +150,49 @@ def test_timing_input_repeats_the_calibration_inputs_to_the_latency_batch():
     x = kernel_costs.timing_input(st)
     torch.testing.assert_close(x, torch.cat([a, b, a, b])[:5], rtol=0, atol=0)
     assert kernel_costs.timing_input(PassState(config=ispc.GatingConfig())) is None
+
+
+@pytest.mark.skipif(not native.available(), reason="the native kernel is not built here")
+@pytest.mark.parametrize("fastest", ["nhwc", "nhwc:winograd"])
+def test_3x3_layers_time_the_nhwc_kernel_by_winograd_and_directly(monkeypatch, fastest):
+    """A 3x3 stride-1 layer's nhwc kernel is timed by the rule's algorithm ("nhwc"; here direct:
+    the node has no shape, so no output size) and by the other one; the record and the module
+    follow the timing, and both compute the layer."""
+    monkeypatch.setattr(kernel_costs, "time_candidates",
+                        lambda fns, rounds, **kw: {k: 0.5 if k == fastest else 1.0 for k in fns})
+    g = torch.Generator().manual_seed(0)
+    mod = GatedConv2d(torch.randn(48, 32, 3, 3, generator=g), torch.randn(48, generator=g),
+                      stride=(1, 1), padding=(1, 1), dilation=(1, 1), mode="topk", threshold=0.0,
+                      k=16)
+    graph = torch.fx.Graph()
+    node = graph.call_module("conv", (graph.placeholder("x"),))
+    cfg = ispc.GatingConfig(latency_aware=True, latency_rounds=1)
+    xin = torch.randn(2, 32, 12, 12, generator=g).contiguous(memory_format=torch.channels_last)
+    m = kernel_costs.measure(mod, xin, node, cfg)
+    assert set(m.times) == {"dense", "nhwc", "nhwc:winograd", "gather"}
+    choice = m.choice(cfg)
+    assert choice.strategy == "nhwc" and choice.winograd is (fastest == "nhwc:winograd")
+    assert choice.label == ("nhwc:winograd" if choice.winograd else "nhwc:direct")
+    ispc.passes.apply_kernel(node, choice, mod)
+    assert mod.prepared.winograd is choice.winograd
+    direct = GatedConv2d(mod.weight, mod.bias, stride=(1, 1), padding=(1, 1), dilation=(1, 1),
+                         mode="topk", threshold=0.0, k=16)
+    direct.set_strategy("nhwc", winograd=False)
+    with torch.no_grad():
+        assert torch.allclose(mod(xin), direct(xin), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(not native.available(), reason="the native kernel is not built here")
+def test_layers_that_do_not_fit_winograd_time_one_nhwc_kernel(monkeypatch):
+    monkeypatch.setattr(kernel_costs, "time_candidates",
+                        lambda fns, rounds, **kw: {k: 1.0 for k in fns})
+    graph = torch.fx.Graph()
+    node = graph.call_module("conv", (graph.placeholder("x"),))
+    cfg = ispc.GatingConfig(latency_aware=True, latency_rounds=1)
+    xin = torch.randn(2, 32, 12, 12).contiguous(memory_format=torch.channels_last)
+    for shape, stride in (((48, 32, 1, 1), 1), ((48, 32, 3, 3), 2), ((48, 8, 3, 3), 1)):
+        mod = GatedConv2d(torch.randn(*shape), None, stride=(stride, stride), padding=(1, 1),
+                          dilation=(1, 1), mode="topk", threshold=0.0, k=4)
+        x = xin[:, :shape[1]].contiguous(memory_format=torch.channels_last)
+        m = kernel_costs.measure(mod, x, node, cfg)
+        assert not any(k.startswith("nhwc:") for k in m.times) and m.winograd is None

@@ -261,3 +261,36 @@ def test_dense_route_load_without_its_runtime(routed_archive, monkeypatch):
     with pytest.raises(ispc.IspcError, match=f"pip install {runtime}") as err:
         load(path)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.skipif(not ispc.ops.native.available(), reason="the native kernel is not built here")
+def test_timed_winograd_choice_survives_the_round_trip(tmp_path):
+    """A gated 3x3 layer whose nhwc algorithm was timed (KernelChoice.winograd) runs it again
+    after loading, whatever the rule would pick there."""
+    from ispc.passes import apply_kernel, records
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 48, 3, padding=1),
+                          nn.ReLU(), nn.Conv2d(48, 16, 3, padding=1), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten()).eval()
+    x = torch.randn(4, 3, 16, 16)
+    compiled = ispc.compile(model, [x], config=ispc.GatingConfig(keep_ratio=0.5, mode="topk",
+                                                                 channels_last=True), progress=False)
+    nodes = {n.target: n for n in compiled.graph_module.graph.nodes if n.op == "call_module"}
+    forced = {}
+    for name, m in compiled.gated_modules().items():
+        if m.strategy == "nhwc" and m.in_channels >= 32:
+            choice = records(nodes[name]).kernel
+            flip = not m.prepared.winograd
+            apply_kernel(nodes[name], type(choice)(strategy="nhwc", cost_model="measured",
+                                                   winograd=flip), m)
+            forced[name] = flip
+    assert forced, "a gated 3x3 layer runs the nhwc kernel"
+    save(compiled, tmp_path / "m.ispc")
+    loaded = load(tmp_path / "m.ispc")
+    for name, flip in forced.items():
+        m = loaded.gated_modules()[name]
+        assert m.prepared.winograd is flip and records(
+            next(n for n in loaded.graph_module.graph.nodes if n.target == name)).kernel.winograd is flip
+    with torch.no_grad():
+        assert rel_err(loaded(x), compiled(x)) < 1e-5
