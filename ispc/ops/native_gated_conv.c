@@ -1460,6 +1460,18 @@ static inline vf sum_term(vf v, int kind) {
 
 /* row[0..n) += lanes [0, n) of v, in doubles */
 static inline void add_lanes(double *row, vf v, int n) {
+#if !defined(__AVX512F__) && defined(__AVX__)
+    /* two halves converted in registers: the vector-extension form went through the stack (stores
+     * of 64 bits, a load of 256: a store-forwarding stall each call) */
+    if (n >= VW) {
+        const __m256 x = (__m256)v;
+        const __m256d lo = _mm256_cvtps_pd(_mm256_castps256_ps128(x)),
+                      hi = _mm256_cvtps_pd(_mm256_extractf128_ps(x, 1));
+        _mm256_storeu_pd(row, _mm256_add_pd(_mm256_loadu_pd(row), lo));
+        _mm256_storeu_pd(row + 4, _mm256_add_pd(_mm256_loadu_pd(row + 4), hi));
+        return;
+    }
+#endif
     if (n >= VW) {
         vd a;
         memcpy(&a, row, sizeof a);
@@ -2948,6 +2960,122 @@ static int64_t dw_workspace(int64_t N, int64_t C, const ispc_sums_t *sums, int64
     return sums && sums->out ? 2 * threads * N * C + 64 : 0;
 }
 
+/* ---- AVX2 (16 registers): depthwise tiles with the weights one kernel row at a time ----------
+ * dw_tile keeps all nine weights in registers beside its accumulators: on 16 registers that leaves
+ * DW_MR 4 and, with the bias, the clamp and the output sums, GCC spilled the weights inside the
+ * tile's loop. Here a tile loads each kernel row's three weights as it reaches that row (from L1:
+ * 3 loads per row of MR positions), so DW2_MR accumulators + 3 weights + the input vector + the sums
+ * fit; the same FMAs in the same order as dw_tile (outputs bit for bit those of the old tile). */
+#if !defined(__AVX512F__)
+#ifndef DW2_MR
+#define DW2_MR 7   /* MobileNet's widths at 224x224 (112, 56, 28, 14, 7) are multiples of 7 */
+#endif
+#ifndef DW_AVX2_ROWS  /* 0: dw_tile's nine weights in registers (A/B) */
+#define DW_AVX2_ROWS 1
+#endif
+
+static inline __attribute__((always_inline)) vf
+dw2_tile(const float *const rows[3], int64_t W, int64_t C, int64_t Co, int64_t c0, int64_t ow0, int64_t m,
+         const int MR, const int S, int64_t p, const float *w, vf bv, float *orow, const float *rrow,
+         float lo, float hi, int clamp, const int checked, int ykind) {
+    vf acc[DW2_MR];
+    #pragma GCC unroll 16
+    for (int i = 0; i < MR; i++) acc[i] = bv;
+    #pragma GCC unroll 3
+    for (int r = 0; r < 3; r++) {
+        if (!rows[r]) continue;
+        const float *src = rows[r] + c0;
+        const vf w0 = ld(w + (3 * r) * Co), w1 = ld(w + (3 * r + 1) * Co), w2 = ld(w + (3 * r + 2) * Co);
+        #pragma GCC unroll 40
+        for (int j = 0; j < (MR - 1) * S + 3; j++) {
+            const int64_t iw = ow0 * S - p + j;
+            if (checked && (iw < 0 || iw >= W)) continue;
+            const vf v = ld(src + iw * C);
+            #pragma GCC unroll 16
+            for (int i = 0; i < MR; i++) {
+                const int q = j - i * S;
+                if (q == 0) acc[i] += v * w0;
+                else if (q == 1) acc[i] += v * w1;
+                else if (q == 2) acc[i] += v * w2;
+            }
+        }
+    }
+    vf sq = {0};
+    #pragma GCC unroll 16
+    for (int i = 0; i < MR; i++) {
+        if (checked && i >= m) break;
+        float *d = orow + (ow0 + i) * Co + c0;
+        vf v = acc[i];
+        if (rrow) v += ld(rrow + (ow0 + i) * Co + c0);
+        v = clamp ? clampv(v, lo, hi) : v;
+        st(d, v);
+        if (ykind >= 0) sq += sum_term(v, ykind);
+    }
+    return sq;
+}
+
+/* Positions [o0, o1) of one output row, one vector of channels c0 (w, bv: its weights [9][Co] and
+ * bias), in tiles of DW2_MR. */
+static inline __attribute__((always_inline)) vf
+dw2_row(const float *const rows[3], int64_t W, int64_t o0, int64_t o1, int64_t C, int64_t Co, int64_t c0,
+        const int S, int64_t p, int64_t a, int64_t b, const float *w, vf bv, float *orow, const float *rrow,
+        float lo, float hi, int clamp, int ykind) {
+    vf sq = {0};
+    for (int64_t ow = o0; ow < o1; ow += DW2_MR) {
+        const int64_t m = o1 - ow < DW2_MR ? o1 - ow : DW2_MR;
+        if (m == DW2_MR && ow >= a && ow + DW2_MR <= b)
+            sq += dw2_tile(rows, W, C, Co, c0, ow, DW2_MR, DW2_MR, S, p, w, bv, orow, rrow, lo, hi, clamp,
+                           0, ykind);
+        else
+            sq += dw2_tile(rows, W, C, Co, c0, ow, m, DW2_MR, S, p, w, bv, orow, rrow, lo, hi, clamp, 1,
+                           ykind);
+    }
+    return sq;
+}
+
+#ifndef DW2_L1_SHARE  /* the share of L1 a segment's input rows may take */
+#define DW2_L1_SHARE 0.6
+#endif
+#ifndef DW2_L2_SHARE  /* maps (W x W x C) up to this share of L2 take dw2_out_rows; on larger ones,
+                        * whose rows stream from L3, its segments measured slower than dw_row */
+#define DW2_L2_SHARE 0.5
+#endif
+
+/* The whole vectors of channels of one output row (see dw_out_rows), stride S: the row in segments
+ * of positions whose three input rows fit in L1, every vector of channels over a segment before
+ * the next. With 8-float vectors a 64-byte line holds two vectors of a position: walking the whole
+ * row a vector of channels at a time fetched each line from L2 once per vector. Returns how many
+ * channels it did (the whole vectors; none on maps past DW2_L2_SHARE of L2, the square W x W
+ * assumed); sums in yrow as dw_out_rows'. */
+static int64_t dw2_out_rows(const float *const rows[3], int64_t W, int64_t Wo, int64_t C, int64_t Co,
+                            int64_t Cn, const float *w, const float *bias, const int S, int64_t p,
+                            int64_t a, int64_t b, float *orow, const float *rrow, float lo, float hi,
+                            int clamp, double *yrow, int ykind) {
+    const int64_t nv = Cn / VW;
+    if (nv == 0 || W * W * C * (int64_t)sizeof(float) > DW2_L2_SHARE * nh_l2_bytes) return 0;
+    int64_t seg = ((int64_t)(DW2_L1_SHARE * nh_l1_bytes) / (3 * C * (int64_t)sizeof(float)) - 2) / S;
+    seg = seg < DW2_MR ? DW2_MR : seg / DW2_MR * DW2_MR;
+    vf sqv[nv];
+    memset(sqv, 0, sizeof sqv);
+    for (int64_t o0 = 0; o0 < Wo; o0 += seg) {
+        const int64_t o1 = Wo - o0 < seg ? Wo : o0 + seg;
+        for (int64_t v = 0; v < nv; v++) {
+            const int64_t c0 = v * VW;
+            const vf bv = ld(bias + c0);
+            if (S == 1)
+                sqv[v] += dw2_row(rows, W, o0, o1, C, Co, c0, 1, p, a, b, w + c0, bv, orow, rrow, lo, hi,
+                                  clamp, ykind);
+            else
+                sqv[v] += dw2_row(rows, W, o0, o1, C, Co, c0, 2, p, a, b, w + c0, bv, orow, rrow, lo, hi,
+                                  clamp, ykind);
+        }
+    }
+    if (yrow)
+        for (int64_t v = 0; v < nv; v++) add_lanes(yrow + v * VW, sqv[v], VW);
+    return nv * VW;
+}
+#endif
+
 /* One output row of the depthwise layer (Cn channels) from its three input rows (NULL: in the
  * padding) of C floats a position; a, b: its columns whose taps are all inside the row. Output,
  * residual and weights ([9][Co]) have Co floats a position (Co = C but for the channel-split fused
@@ -2956,7 +3084,13 @@ static void dw_out_rows(const float *const rows[3], int64_t W, int64_t Wo, int64
                         int64_t Cn, const float *w, const float *bias, int64_t s, int64_t p, int64_t a,
                         int64_t b, float *orow, const float *rrow, float lo, float hi, int clamp,
                         double *yrow, int ykind) {
-    for (int64_t c0 = 0; c0 < Cn; c0 += VW) {
+    int64_t cdone = 0;
+#if !defined(__AVX512F__) && DW_AVX2_ROWS
+    if (s == 1 || s == 2)
+        cdone = dw2_out_rows(rows, W, Wo, C, Co, Cn, w, bias, (int)s, p, a, b, orow, rrow, lo, hi, clamp,
+                             yrow, ykind);
+#endif
+    for (int64_t c0 = cdone; c0 < Cn; c0 += VW) {
         const int nl = Cn - c0 < VW ? (int)(Cn - c0) : VW, full = nl == VW;
         vf wv[9], bv, sq;
         for (int t = 0; t < 9; t++) wv[t] = dw_load(w + t * Co + c0, full, nl);

@@ -325,6 +325,35 @@ def test_depthwise_tiles_across_wide_rows(stride, pad):
         assert rel_err(sums, _sums(ref, gc.SALIENCY_L2)) <= 1e-5
 
 
+@pytest.mark.parametrize("stride,pad", [(1, 1), (2, 1), (1, 0), (2, 0)])
+def test_depthwise_avx2_row_segments(stride, pad, monkeypatch):
+    # the AVX2 build's depthwise tiles that load each kernel row's weights as they reach it, over
+    # segments of a row (dw2_out_rows, maps up to half of L2): rows of one and of several segments,
+    # partial last tiles, a partial channel block after the whole ones, a map past the limit (the
+    # old tiles), the residual, the clamp, both saliency sums; the old tiles' values bit for bit
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("x86 ISA variants")
+    new, old = _forced_build(("-mno-avx512f",)), _forced_build(("-mno-avx512f", "-DDW_AVX2_ROWS=0"))
+    g = torch.Generator().manual_seed(21 + 2 * stride + pad)
+    for c, h, w in [(384, 14, 14), (960, 7, 7), (48, 4, 45), (8, 5, 70), (13, 6, 16), (144, 56, 56)]:
+        x, wt, b = torch.randn(1, c, h, w, generator=g), torch.randn(c, 1, 3, 3, generator=g), \
+            torch.randn(c, generator=g)
+        ref = F.conv2d(x, wt, b, stride, pad, groups=c)
+        res = _nhwc(torch.randn(ref.shape, generator=g))
+        ref = (ref + res).clamp(*native.RELU6)
+        layer = native.DepthwiseConv3x3(wt, b, stride, pad)
+        for kind in (gc.SALIENCY_L2, gc.SALIENCY_L1):
+            outs = []
+            for lib in (new, old):
+                monkeypatch.setattr(native, "_lib", lib)
+                sums = torch.empty(1, c)
+                outs.append(layer(_nhwc(x), residual=res, clamp=native.RELU6, out_sums=sums,
+                                  out_sums_kind=kind))
+                assert rel_err(sums, _sums(ref, kind)) <= 1e-5, (c, h, w, kind)
+            _check(outs[0], ref, (c, h, w, stride, pad))
+            assert torch.equal(outs[0], outs[1]), (c, h, w, stride, pad)
+
+
 def test_depthwise_refuses_what_it_does_not_compute():
     with pytest.raises(ConfigError, match=r"\(C, 1, 3, 3\)"):
         native.DepthwiseConv3x3(torch.randn(8, 2, 3, 3))
