@@ -3007,7 +3007,7 @@ dw2_tile(const float *const rows[3], int64_t W, int64_t C, int64_t Co, int64_t c
         float *d = orow + (ow0 + i) * Co + c0;
         vf v = acc[i];
         if (rrow) v += ld(rrow + (ow0 + i) * Co + c0);
-        v = clamp ? clampv(v, lo, hi) : v;
+        v = clamp ? nh_clampv(v, lo, hi) : v;  /* clampv's values in two instructions */
         st(d, v);
         if (ykind >= 0) sq += sum_term(v, ykind);
     }
