@@ -3043,10 +3043,10 @@ dw2_row(const float *const rows[3], int64_t W, int64_t o0, int64_t o1, int64_t C
 
 /* The whole vectors of channels of one output row (see dw_out_rows), stride S: the row in segments
  * of positions whose three input rows fit in L1, every vector of channels over a segment before
- * the next. With 8-float vectors a 64-byte line holds two vectors of a position: walking the whole
- * row a vector of channels at a time fetched each line from L2 once per vector. Returns how many
- * channels it did (the whole vectors; none on maps past DW2_L2_SHARE of L2, the square W x W
- * assumed); sums in yrow as dw_out_rows'. */
+ * the next (an 8-float vector is half a line: a segment's lines serve all its vectors from L1).
+ * Faster on maps held in L2 (MobileNet's 14x14 and 7x7); on wide rows the old walk is, hence
+ * DW2_L2_SHARE. Returns how many channels it did (the whole vectors; none on maps past it, the
+ * square W x W assumed); sums in yrow as dw_out_rows' (within float rounding: summed per segment). */
 static int64_t dw2_out_rows(const float *const rows[3], int64_t W, int64_t Wo, int64_t C, int64_t Co,
                             int64_t Cn, const float *w, const float *bias, const int S, int64_t p,
                             int64_t a, int64_t b, float *orow, const float *rrow, float lo, float hi,
