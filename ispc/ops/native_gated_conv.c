@@ -1864,12 +1864,25 @@ typedef struct {
 
 /* Saliency and selection of instances [0, N) of x (N, HW, C), inside a parallel region (its
  * worksharing loops end with barriers): ix (N x C int32) ascending kept channels, counts (N,).
- * part: N * ceil(HW / NH_SAL_BLOCK) * C floats; s: N * C floats; tmp: N * C floats + N * C int64. */
+ * part: N * ceil(HW / NH_SAL_BLOCK) * C floats; s: N * C floats; tmp: N * C floats + N * C int64.
+ * priv (one instance, its sums given): each thread selects alone into buffers of its own (the
+ * same values as the shared path), no barrier: see nh_sel_private. */
 static void nh_select(const float *x, int64_t N, int64_t HW, int64_t C, const float *scale,
                       int64_t saliency, int64_t mode, float threshold, int64_t k, int32_t *ix,
-                      int64_t *counts, float *part, float *s, float *tmp, const float *xsums) {
+                      int64_t *counts, float *part, float *s, float *tmp, const float *xsums,
+                      int priv) {
     const int64_t nb = (HW + NH_SAL_BLOCK - 1) / NH_SAL_BLOCK;
     const double hw = HW > 0 ? (double)HW : 1.0;
+    if (priv) {
+        int64_t *idx = (int64_t *)(tmp + C);
+        for (int64_t c = 0; c < C; c++) {
+            const double a = (double)xsums[c];
+            s[c] = (float)(saliency == SAL_L2 ? __builtin_sqrt(a / hw) : a / hw) * scale[c];
+        }
+        counts[0] = select_row(s, C, (int)mode, threshold, k, idx, tmp);
+        for (int64_t j = 0; j < counts[0]; j++) ix[j] = (int32_t)idx[j];
+        return;
+    }
     if (xsums) {  /* the input's sums from the layer that wrote it: no pass over x */
         #pragma omp for schedule(static)
         for (int64_t nc = 0; nc < N * C; nc++) {
@@ -2255,10 +2268,27 @@ static void nh_gather(const nh_geom_t *g, const ispc_nhwc_layer_t *L, const floa
         }
 }
 
-/* The workspace's parts (floats), shared by ispc_conv_nhwc and its size query. */
+/* The workspace's parts (floats), shared by ispc_conv_nhwc and its size query; priv: a thread's
+ * floats of selection where each thread selects alone (nh_sel_private), 0 where they share it. */
 typedef struct {
-    int64_t zeros, gather, sums, chunk, select, wino, total;
+    int64_t zeros, gather, sums, chunk, select, wino, total, priv;
 } nh_plan_t;
+
+/* Whether a gated layer's selection runs in every thread alone, redundantly (one instance whose
+ * saliency sums its producer wrote: C values to scale and a top-k over them, ~1-3 us): the shared
+ * selection's two worksharing loops (the second a top-k on one thread while the others wait)
+ * cost two barriers a gated layer; -DNH_PRIVATE_SELECT=0 restores them */
+#ifndef NH_PRIVATE_SELECT
+#define NH_PRIVATE_SELECT 1
+#endif
+static int nh_sel_private(int64_t N, int64_t mode, const ispc_sums_t *sums) {
+    return NH_PRIVATE_SELECT && mode != NHWC_DENSE && N == 1 && sums && sums->in;
+}
+
+/* a thread's selection floats (one instance): ix, the count, saliencies, scratch */
+static int64_t nh_sel_thread_floats(int64_t C) {
+    return ((C + 15) / 16 * 16 + 2 + C + 3 * C + 15) / 16 * 16;
+}
 
 static int64_t wino_thread_floats(const nh_geom_t *g, int64_t threads);
 
@@ -2274,8 +2304,10 @@ static void nh_plan(nh_plan_t *P, const nh_geom_t *g, int64_t mode, int64_t k,
         m = nh_chunk_bytes() / (HW * C * (int64_t)sizeof(float));
     P->chunk = m < 1 ? 1 : m > N ? N : m;
     /* gated: int32 indices, counts, saliencies, scratch (floats and int64), block sums */
-    P->select = mode == NHWC_DENSE ? 0 : (N * C + 15) / 16 * 16 + 2 * N + N * C + 3 * N * C
-                                           + (sums && sums->in ? 0 : N * nb * C);
+    P->priv = nh_sel_private(N, mode, sums) ? nh_sel_thread_floats(C) : 0;
+    P->select = mode == NHWC_DENSE ? 0 : P->priv ? threads * P->priv
+                : (N * C + 15) / 16 * 16 + 2 * N + N * C + 3 * N * C
+                  + (sums && sums->in ? 0 : N * nb * C);
     /* gathered: an instance's map and the packed weights, each at most whole */
     P->gather = nh_gathers(g, mode) && !g->wino
                 ? (HW * C + 15) / 16 * 16 + g->cob * g->T * C * g->nr : 0;
@@ -2743,8 +2775,9 @@ static void nh_region(const nh_geom_t *gp, const nh_plan_t *P, const ispc_nhwc_l
     const int ykind = sums ? (int)sums->out_kind : SAL_L2;
     w += P->sums;
     const float *xsums = sums ? sums->in : 0;
-    int32_t *ix = (int32_t *)w;
-    int64_t *cnt = (int64_t *)(w + (N * C + 15) / 16 * 16);
+    float *wsel = w + omp_get_thread_num() * P->priv;  /* this thread's where it selects alone */
+    int32_t *ix = (int32_t *)wsel;
+    int64_t *cnt = (int64_t *)(wsel + (N * C + 15) / 16 * 16);
     float *s = (float *)(cnt + N), *tmp = s + N * C, *part = tmp + 3 * N * C;
     const int dense = mode == NHWC_DENSE;
     for (int64_t n0 = 0; n0 < N; n0 += P->chunk) {
@@ -2756,7 +2789,7 @@ static void nh_region(const nh_geom_t *gp, const nh_plan_t *P, const ispc_nhwc_l
         gc.N = m;
         if (!dense)
             nh_select(xc, m, HW, C, scale, saliency, mode, threshold, k, ix, cnt, part, s, tmp,
-                      xsums ? xsums + n0 * C : 0);
+                      xsums ? xsums + n0 * C : 0, P->priv != 0);
         if (g.wino) {
             nh_wino(&gc, L, xc, dense ? 0 : ix, dense ? 0 : cnt, oc, rc, lo, hi, clamp, ysums, ykind,
                     w + P->select);
@@ -3479,12 +3512,13 @@ static void xop_head(xop_head_t *h, const ispc_op_t *o, const float *x, int64_t 
     h->clamp = nh_clamp_code(o->lo, o->hi);
     h->clamp2 = o->lo2 > -__builtin_inff() || o->hi2 < __builtin_inff();
     h->ykind = ykind;
-    h->ix = (int32_t *)ws;
-    h->cnt = (int64_t *)(ws + (N * C + 15) / 16 * 16);
+    float *wsel = ws + omp_get_thread_num() * P->priv;  /* this thread's where it selects alone */
+    h->ix = (int32_t *)wsel;
+    h->cnt = (int64_t *)(wsel + (N * C + 15) / 16 * 16);
     float *sal = (float *)(h->cnt + N), *tmp = sal + N * C, *part = tmp + 3 * N * C;
     if (o->mode != NHWC_DENSE)
         nh_select(x, N, HW, C, o->scale, o->saliency, o->mode, o->threshold, o->k, h->ix, h->cnt,
-                  part, sal, tmp, sums ? sums->in : 0);
+                  part, sal, tmp, sums ? sums->in : 0, P->priv != 0);
     h->ysums = ykind >= 0 ? (double *)(ws + xop_yoff(P)) : 0;
     h->yrow = h->ysums ? h->ysums + (int64_t)omp_get_thread_num() * N * E : 0;
     if (h->yrow) memset(h->yrow, 0, sizeof(double) * N * E);
@@ -4156,14 +4190,14 @@ static void pair_region(const ispc_op_t *o, const float *x, const float *x2, int
         int64_t *cnt = (int64_t *)(wa + (ga.C + 15) / 16 * 16);
         float *s = (float *)(cnt + 1), *tmp = s + ga.C;
         nh_select(x, 1, ga.H * ga.W, ga.C, o->scale, o->saliency, o->mode, o->threshold, o->k, ixa,
-                  cnt, tmp + 3 * ga.C, s, tmp, sa ? sa->in : 0);
+                  cnt, tmp + 3 * ga.C, s, tmp, sa ? sa->in : 0, 0);
         ka = cnt[0];
     }
     if (o->mode2 != NHWC_DENSE) {
         int64_t *cnt = (int64_t *)(w + (gb.C + 15) / 16 * 16);
         float *s = (float *)(cnt + 1), *tmp = s + gb.C;
         nh_select(x2, 1, gb.H * gb.W, gb.C, o->scale2, o->saliency2, o->mode2, o->threshold2, o->k2,
-                  ixb, cnt, tmp + 3 * gb.C, s, tmp, sb ? sb->in : 0);
+                  ixb, cnt, tmp + 3 * gb.C, s, tmp, sb ? sb->in : 0, 0);
         kb = cnt[0];
     }
     pair_conv(&ga, La, x, ixa, ka, &gb, Lb, x2, ixb, kb, out, o->lo, o->hi, gb.stream, zeros,
