@@ -93,7 +93,8 @@ class _NhwcLayer(ctypes.Structure):
 class _Sums(ctypes.Structure):
     """``ispc_sums_t``: saliency sums handed between channels-last layers."""
 
-    _fields_ = [("inp", _ptr), ("out", _ptr), ("out_kind", _i64)]
+    _fields_ = [("inp", _ptr), ("out", _ptr), ("out_kind", _i64),
+                ("hand_out", _ptr), ("hand_in", _ptr), ("hand_cs", _i64)]  # hand-offs: C's own
 
 
 def _sums(x_sums: Tensor | None, out_sums: Tensor | None, kind: int):

@@ -1449,6 +1449,12 @@ typedef struct {
     const float *in;   /* (N, C) of x for the layer's saliency code; NULL: computed from x */
     float *out;        /* (N, cout) of the output; NULL: none */
     int64_t out_kind;  /* SAL_L2 or SAL_L1 */
+    /* a program's hand-off (ispc_run_ops, one instance): hand_out, the threads' rows of output
+     * sums left there unreduced (out not written); hand_in, the previous op's such rows (rows of
+     * hand_cs doubles, one a thread), reduced by the selection in place of in. NULL: none */
+    double *hand_out;
+    const double *hand_in;
+    int64_t hand_cs;
 } ispc_sums_t;
 
 typedef double vd __attribute__((vector_size(VW * 8)));
@@ -1870,13 +1876,21 @@ typedef struct {
 static void nh_select(const float *x, int64_t N, int64_t HW, int64_t C, const float *scale,
                       int64_t saliency, int64_t mode, float threshold, int64_t k, int32_t *ix,
                       int64_t *counts, float *part, float *s, float *tmp, const float *xsums,
-                      int priv) {
+                      int priv, const double *hin, int64_t hcs) {
     const int64_t nb = (HW + NH_SAL_BLOCK - 1) / NH_SAL_BLOCK;
     const double hw = HW > 0 ? (double)HW : 1.0;
     if (priv) {
         int64_t *idx = (int64_t *)(tmp + C);
+        const int64_t T = omp_get_num_threads();
         for (int64_t c = 0; c < C; c++) {
-            const double a = (double)xsums[c];
+            double a;
+            if (hin) {  /* the producer's rows, reduced as reduce_sums does (thread order, float) */
+                double r = 0.0;
+                for (int64_t t = 0; t < T; t++) r += hin[t * hcs + c];
+                a = (double)(float)r;
+            } else {
+                a = (double)xsums[c];
+            }
             s[c] = (float)(saliency == SAL_L2 ? __builtin_sqrt(a / hw) : a / hw) * scale[c];
         }
         counts[0] = select_row(s, C, (int)mode, threshold, k, idx, tmp);
@@ -2771,7 +2785,8 @@ static void nh_region(const nh_geom_t *gp, const nh_plan_t *P, const ispc_nhwc_l
     const int clamp = nh_clamp_code(lo, hi);
     float *xg = w, *wg = xg + (HW * C + 15) / 16 * 16;  /* P->gather: nh_gather's */
     w += P->gather;
-    double *ysums = P->sums ? (double *)w : 0;
+    double *const hout = sums ? sums->hand_out : 0;  /* rows left unreduced for the next op */
+    double *ysums = hout ? hout : P->sums ? (double *)w : 0;
     const int ykind = sums ? (int)sums->out_kind : SAL_L2;
     w += P->sums;
     const float *xsums = sums ? sums->in : 0;
@@ -2789,11 +2804,12 @@ static void nh_region(const nh_geom_t *gp, const nh_plan_t *P, const ispc_nhwc_l
         gc.N = m;
         if (!dense)
             nh_select(xc, m, HW, C, scale, saliency, mode, threshold, k, ix, cnt, part, s, tmp,
-                      xsums ? xsums + n0 * C : 0, P->priv != 0);
+                      xsums ? xsums + n0 * C : 0, P->priv != 0, sums ? sums->hand_in : 0,
+                      sums ? sums->hand_cs : 0);
         if (g.wino) {
             nh_wino(&gc, L, xc, dense ? 0 : ix, dense ? 0 : cnt, oc, rc, lo, hi, clamp, ysums, ykind,
                     w + P->select);
-            if (ysums)
+            if (ysums && !hout)
                 reduce_sums(ysums, omp_get_num_threads(), m, L->cout, cs, sums->out + n0 * L->cout);
         } else if (P->gather) {  /* instance by instance, see NH_GATHER_POSITIONS */
             for (int64_t i = 0; i < m; i++) {
@@ -2813,14 +2829,14 @@ static void nh_region(const nh_geom_t *gp, const nh_plan_t *P, const ispc_nhwc_l
                     Lk.C = gi.C = K;
                     nh_conv(&gi, &Lk, xg, 0, 0, oi, ri, lo, hi, clamp, zeros, ysums, ykind);
                 }
-                if (ysums)
+                if (ysums && !hout)
                     reduce_sums(ysums, omp_get_num_threads(), 1, L->cout, cs,
                                 sums->out + (n0 + i) * L->cout);
             }
         } else {
             nh_conv(&gc, L, xc, dense ? 0 : ix, dense ? 0 : cnt, oc, rc, lo, hi, clamp, zeros,
                     ysums, ykind);
-            if (ysums)
+            if (ysums && !hout)
                 reduce_sums(ysums, omp_get_num_threads(), m, L->cout, cs, sums->out + n0 * L->cout);
         }
         #pragma omp single nowait
@@ -3179,7 +3195,8 @@ static void dw_region(const float *x, int64_t N, int64_t H, int64_t W, int64_t C
     const int64_t Ho = conv_out(H, 3, s, p, 1), Wo = conv_out(W, 3, s, p, 1);
     const int clamp = lo > -__builtin_inff() || hi < __builtin_inff();
     const int ykind = sums && sums->out ? (int)sums->out_kind : -1;
-    double *ysums = ykind >= 0 ? (double *)ws : 0;
+    double *const hout = ykind >= 0 ? sums->hand_out : 0;  /* rows left for the next op */
+    double *ysums = hout ? hout : ykind >= 0 ? (double *)ws : 0;
     int64_t a, b, r0, r1;
     dw_inside(W, Wo, s, p, &a, &b);
     double *yrow = ysums ? ysums + (int64_t)omp_get_thread_num() * N * C : 0;
@@ -3196,7 +3213,7 @@ static void dw_region(const float *x, int64_t N, int64_t H, int64_t W, int64_t C
                    res ? res + r * Wo * C : 0, lo, hi, clamp, yrow ? yrow + n * C : 0, ykind);
     }
     #pragma omp barrier
-    if (ysums) reduce_sums(ysums, omp_get_num_threads(), N, C, C, sums->out);
+    if (ysums && !hout) reduce_sums(ysums, omp_get_num_threads(), N, C, C, sums->out);
 }
 
 /* The depthwise layer on x (N, H, W, C) channels-last -> out (N, Ho, Wo, C); res (NULL: none) of
@@ -3500,6 +3517,7 @@ typedef struct {
     int clamp;       /* the expansion's clamp code (nh_clamp_code) */
     int clamp2;      /* whether the depthwise layer clamps */
     int ykind;       /* the output sums' kind (-1: none) */
+    int hand;        /* the rows are left unreduced for the next op (ispc_sums_t.hand_out) */
 } xop_head_t;
 
 /* the head of the workspace: the expansion's selection over the HW positions of x, made here
@@ -3518,8 +3536,10 @@ static void xop_head(xop_head_t *h, const ispc_op_t *o, const float *x, int64_t 
     float *sal = (float *)(h->cnt + N), *tmp = sal + N * C, *part = tmp + 3 * N * C;
     if (o->mode != NHWC_DENSE)
         nh_select(x, N, HW, C, o->scale, o->saliency, o->mode, o->threshold, o->k, h->ix, h->cnt,
-                  part, sal, tmp, sums ? sums->in : 0, P->priv != 0);
-    h->ysums = ykind >= 0 ? (double *)(ws + xop_yoff(P)) : 0;
+                  part, sal, tmp, sums ? sums->in : 0, P->priv != 0, sums ? sums->hand_in : 0,
+                  sums ? sums->hand_cs : 0);
+    h->hand = ykind >= 0 && sums->hand_out;
+    h->ysums = h->hand ? sums->hand_out : ykind >= 0 ? (double *)(ws + xop_yoff(P)) : 0;
     h->yrow = h->ysums ? h->ysums + (int64_t)omp_get_thread_num() * N * E : 0;
     if (h->yrow) memset(h->yrow, 0, sizeof(double) * N * E);
 }
@@ -3527,7 +3547,7 @@ static void xop_head(xop_head_t *h, const ispc_op_t *o, const float *x, int64_t 
 /* the end of either op: every thread's rows written, the output sums reduced */
 static void xop_tail(const xop_head_t *h, int64_t N, int64_t E, const ispc_sums_t *sums) {
     #pragma omp barrier
-    if (h->ysums) reduce_sums(h->ysums, omp_get_num_threads(), N, E, E, sums->out);
+    if (h->ysums && !h->hand) reduce_sums(h->ysums, omp_get_num_threads(), N, E, E, sums->out);
 }
 
 static void xdw_plan(xdw_plan_t *X, const ispc_op_t *o, int64_t N, const ispc_sums_t *sums,
@@ -4190,14 +4210,14 @@ static void pair_region(const ispc_op_t *o, const float *x, const float *x2, int
         int64_t *cnt = (int64_t *)(wa + (ga.C + 15) / 16 * 16);
         float *s = (float *)(cnt + 1), *tmp = s + ga.C;
         nh_select(x, 1, ga.H * ga.W, ga.C, o->scale, o->saliency, o->mode, o->threshold, o->k, ixa,
-                  cnt, tmp + 3 * ga.C, s, tmp, sa ? sa->in : 0, 0);
+                  cnt, tmp + 3 * ga.C, s, tmp, sa ? sa->in : 0, 0, 0, 0);
         ka = cnt[0];
     }
     if (o->mode2 != NHWC_DENSE) {
         int64_t *cnt = (int64_t *)(w + (gb.C + 15) / 16 * 16);
         float *s = (float *)(cnt + 1), *tmp = s + gb.C;
         nh_select(x2, 1, gb.H * gb.W, gb.C, o->scale2, o->saliency2, o->mode2, o->threshold2, o->k2,
-                  ixb, cnt, tmp + 3 * gb.C, s, tmp, sb ? sb->in : 0, 0);
+                  ixb, cnt, tmp + 3 * gb.C, s, tmp, sb ? sb->in : 0, 0, 0, 0);
         kb = cnt[0];
     }
     pair_conv(&ga, La, x, ixa, ka, &gb, Lb, x2, ixb, kb, out, o->lo, o->hi, gb.stream, zeros,
@@ -4206,9 +4226,11 @@ static void pair_region(const ispc_op_t *o, const float *x, const float *x2, int
 }
 
 /* Instances [n0, n0 + m) of op o in the caller's parallel region: zeros (zero floats, at least the
- * op's), ws its workspace. Ends with a barrier. */
+ * op's), ws its workspace; hout, hin, hcs: its output sums' hand-off to the next op and its input
+ * sums' from the previous one (ispc_sums_t; NULL: none). Ends with a barrier. */
 static void op_region(const ispc_op_t *o, float *const *slots, int64_t n0, int64_t m,
-                      const float *zeros, float *ws, int64_t threads) {
+                      const float *zeros, float *ws, int64_t threads, double *hout,
+                      const double *hin, int64_t hcs) {
     int64_t ohw, oc;
     op_out(o, &ohw, &oc);
     const int64_t xn = o->H * o->W * o->C, on = ohw * oc;
@@ -4216,7 +4238,8 @@ static void op_region(const ispc_op_t *o, float *const *slots, int64_t n0, int64
     const float *res = o->res >= 0 ? slots[o->res] + (o->local & OP_LOCAL_RES ? 0 : n0 * on) : 0;
     float *out = slots[o->out] + (o->local & OP_LOCAL_OUT ? 0 : n0 * on);
     const ispc_sums_t sums = {o->sums_in >= 0 ? slots[o->sums_in] + n0 * o->C : 0,
-                              o->sums_out >= 0 ? slots[o->sums_out] + n0 * oc : 0, o->sums_kind};
+                              o->sums_out >= 0 ? slots[o->sums_out] + n0 * oc : 0, o->sums_kind,
+                              hout, hin, hcs};
     const ispc_sums_t *sp = o->sums_in >= 0 || o->sums_out >= 0 ? &sums : 0;
     switch (o->kind) {
     case OP_CONV: {
@@ -4268,6 +4291,35 @@ static void op_region(const ispc_op_t *o, float *const *slots, int64_t n0, int64
         break;
     }
     }
+}
+
+/* Whether op k takes its input's saliency sums from op k - 1 as the threads' unreduced rows (a
+ * hand-off: op k - 1 skips its reduction and the barrier after it, op k's selection, run in every
+ * thread alone (nh_sel_private), reduces them in reduce_sums' order: the same values): one
+ * instance, op k - 1's sums read by op k alone. *cs: op k - 1's row of sums (doubles). */
+#ifndef NH_HANDOFF
+#define NH_HANDOFF 1
+#endif
+static int hand_off(const ispc_op_t *ops, int64_t n, int64_t k, int64_t *cs) {
+    if (!NH_HANDOFF || !NH_PRIVATE_SELECT || k < 1) return 0;
+    const ispc_op_t *p = &ops[k - 1], *q = &ops[k];
+    const int64_t S = p->sums_out;
+    if (S < 0 || q->sums_in != S || p->N != 1 || q->N != 1 || q->mode == NHWC_DENSE) return 0;
+    if (!(p->kind == OP_CONV || p->kind == OP_DW || p->kind == OP_EXPAND_DW
+          || p->kind == OP_EXPAND_DW_CH) || (!p->layer && p->kind != OP_DW))
+        return 0;
+    if (!(q->kind == OP_CONV || q->kind == OP_EXPAND_DW || q->kind == OP_EXPAND_DW_CH)) return 0;
+    for (int64_t i = 0; i < n; i++)
+        if (i != k && (ops[i].sums_in == S || (ops[i].kind == OP_CONV_PAIR && ops[i].sums_in2 == S)))
+            return 0;
+    if (p->kind == OP_CONV) {
+        nh_geom_t g;
+        nh_geometry(&g, p->layer, 1, p->H, p->W);
+        *cs = g.cob * g.nr;
+    } else {
+        *cs = p->kind == OP_DW ? p->C : p->layer->cout;
+    }
+    return 1;
 }
 
 /* Runs ops[0, n) on slots; returns 0, or (nothing run) the workspace (floats) they need when
@@ -4328,8 +4380,24 @@ int64_t ispc_run_ops(const ispc_op_t *ops, int64_t n, float *const *slots, float
             return -1;
         }
     }
-    if (zmax + rmax > ws_floats) return zmax + rmax;
+    /* the hand-offs' two buffers (an op writes one while the next reads the other), past the rest */
+    int64_t *hcs = calloc(n > 0 ? (size_t)n : 1, sizeof(int64_t)), hmax = 0;
+    if (!hcs) return -2;
+    for (int64_t k = 1; k < n; k++) {
+        int64_t cs = 0;
+        if (hand_off(ops, n, k, &cs)) {
+            hcs[k] = cs;
+            hmax = 2 * threads * cs > hmax ? 2 * threads * cs : hmax;
+        }
+    }
+    hmax = (hmax + 15) / 16 * 16;
+    const int64_t hoff = (zmax + rmax + 15) / 16 * 16;
+    if (hoff + 2 * hmax > ws_floats) {
+        free(hcs);
+        return hoff + 2 * hmax;
+    }
     memset(ws, 0, sizeof(float) * zmax);
+    double *hbuf[2] = {(double *)(ws + hoff), (double *)(ws + hoff + hmax)};
     double *times = op_times;
     #pragma omp parallel num_threads(threads)
     {
@@ -4342,7 +4410,9 @@ int64_t ispc_run_ops(const ispc_op_t *ops, int64_t n, float *const *slots, float
             const int64_t m = c > 0 && c < N ? c : N;
             for (int64_t n0 = 0; n0 < N; n0 += m)
                 for (int64_t k = i; k < j; k++) {
-                    op_region(&ops[k], slots, n0, n0 + m < N ? m : N - n0, ws, ws + zmax, threads);
+                    op_region(&ops[k], slots, n0, n0 + m < N ? m : N - n0, ws, ws + zmax, threads,
+                              k + 1 < n && hcs[k + 1] ? hbuf[k & 1] : 0,
+                              hcs[k] ? hbuf[(k - 1) & 1] : 0, hcs[k]);
                     if (times) {
                         #pragma omp master
                         {
@@ -4355,5 +4425,6 @@ int64_t ispc_run_ops(const ispc_op_t *ops, int64_t n, float *const *slots, float
             i = j;
         }
     }
+    free(hcs);
     return 0;
 }
