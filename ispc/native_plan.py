@@ -477,13 +477,21 @@ class _Program(nn.Module):
         slots = native.OpProgram.slot_array(n_slots)
         life = {node: (j, used[node]) if node in local else (runs[j][0], runs[used[node]][1])
                 for node, j in made.items()}
+        over = self._overwrites(calls.pairs, spans, made, local, life)
         free: list[Tensor] = []
         buffers: list[Tensor] = []
         live: dict[fx.Node, Tensor] = {}
         for t in range(len(spans)):
             for done in [m for m in live if life[m][1] < t]:
                 free.append(live.pop(done))
-            for node in [m for m, j in made.items() if life[m][0] == t]:
+            born = [m for m, j in made.items() if life[m][0] == t]
+            for node in [m for m in born if m not in over] + [m for m in born if m in over]:
+                if node in over:  # the buffer of the map it overwrites
+                    other = over[node]
+                    if other in made and life[other][1] == t:  # a residual read last here
+                        live[node] = live.pop(other)
+                    slots[slot_of[node]] = slots[slot_of[other]]  # else a pair's first map
+                    continue
                 need = sizes[slot_of[node]]
                 if node in local:
                     need = need // shapes[node][0] * chunks[made[node]]
@@ -503,6 +511,40 @@ class _Program(nn.Module):
         if any(type(m) is nn.Linear for m in self._mods):
             out_shape = out_shape[:2]
         return _Plan(prog, slots, out_shape, slot_of[seg[-1]], buffers, spans)
+
+    def _overwrites(self, pairs: set[int], spans: list[tuple[int, int]], made: dict[fx.Node, int],
+                    local: set[fx.Node], life: dict[fx.Node, tuple[int, int]]
+                    ) -> dict[fx.Node, fx.Node]:
+        """The maps written into the buffer of another map of their shape: a convolution's output
+        into its residual's where that is the residual's last read (the epilogue reads each
+        element's residual before it stores the element, in the same thread), and a pair's first
+        map into the pair's output (the second layer reads it as its residual alone; fused, it is
+        never written). One buffer fewer per ResNet stage, and the block's output written into
+        lines the call has just read instead of lines that come from DRAM."""
+        over: dict[fx.Node, fx.Node] = {}
+        if not _inplace():
+            return over
+        for j, (a, b) in enumerate(spans):
+            node = self._seg[b]
+            if node not in made:
+                continue
+            if j in pairs:  # (a chunk's buffers both, or the batch's both)
+                first = self._seg[a]
+                if first in made and (first in local) == (node in local):
+                    over[first] = node
+                continue
+            res = node.args[1] if len(node.args) > 1 else None
+            mod = self._mods[b]
+            if (a == b and res in made and (res in local) == (node in local)
+                    and res is not node.args[0] and getattr(mod, "groups", 1) == 1
+                    and type(mod) in (GatedConv2d, NhwcDenseConv2d)
+                    and life[res][1] == j == life[node][0]):
+                over[node] = res
+        return over
+
+
+def _inplace() -> bool:
+    return os.environ.get("ISPC_INPLACE", "1") != "0"
 
 
 class _Recorded:

@@ -590,3 +590,36 @@ def test_a_block_s_last_1x1_and_its_downsample_run_as_one_op(stride, monkeypatch
             assert (native._OP_CONV_PAIR in kinds) == (fuse == "1")
             assert torch.equal(outs[-1], want)
         assert torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("budget", [1 << 40, 1, 100_000])
+def test_block_outputs_written_over_their_residual_equal_the_graph(monkeypatch, budget):
+    """A block's last convolution writes its output into its residual's buffer where the residual
+    is read last there, and a pair's first map shares the pair's output buffer: bit for bit the
+    per-layer graph's and ISPC_INPLACE=0's, with fewer buffers; chunked runs too."""
+    monkeypatch.setenv("ISPC_CHUNK_BYTES", str(budget))
+    torch.manual_seed(3)
+    nets = [features_only(_compile(resnet20(num_classes=10).eval())), _pair_net()]
+    for c, shape in zip(nets, [(3, 3, 32, 32), (1, 16, 20, 20)]):
+        prog = _runner(c)._programs[0]
+        x = torch.randn(shape)
+        outs, nbuf = [], []
+        for inplace in ("1", "0"):
+            monkeypatch.setenv("ISPC_INPLACE", inplace)
+            prog._plans.clear()
+            with torch.no_grad():
+                outs.append(c(x))
+                assert torch.equal(c(x), outs[-1])  # the plan's buffers reused
+                want = c.graph_module(x)
+            (_, plan), = prog._plans.values()
+            nbuf.append(sum(b.numel() for b in plan.buffers))
+            assert torch.equal(outs[-1], want)
+        assert nbuf[0] < nbuf[1]
+
+
+def _pair_net():
+    torch.manual_seed(7)
+    model = torch.nn.Sequential(_Bottleneck(), _Bottleneck(cin=32, cout=32)).eval()
+    data = [torch.randn(4, 16, 20, 20) for _ in range(2)]
+    return ispc.compile(model, data, config=ispc.GatingConfig(
+        keep_ratio=0.5, channels_last=True, latency_aware=False), progress=False)
