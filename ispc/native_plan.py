@@ -507,6 +507,12 @@ class _Program(nn.Module):
             buf = torch.empty(max(sizes[s], 1), dtype=torch.float32)
             buffers.append(buf)
             slots[s] = buf.data_ptr()
+        huge = native.empty_on_huge_pages([b.numel() for b in buffers])
+        if huge is not None:  # the same buffers, on 2 MiB pages
+            moved = {b.data_ptr(): h.data_ptr() for b, h in zip(buffers, huge)}
+            for i in range(n_slots):
+                slots[i] = moved.get(slots[i], slots[i])
+            buffers = huge
         out_shape = shapes[seg[-1]]
         if any(type(m) is nn.Linear for m in self._mods):
             out_shape = out_shape[:2]
@@ -799,6 +805,9 @@ class NativePlanRunner:
         segs = _segments(gm, classifier)
         self._programs = [_Program(gm, seg) for seg in segs]
         self._mods = [m for p in self._programs for m in p._mods if m is not None]
+        native.move_to_huge_pages([k for m in self._mods for k in (
+            getattr(m, "_nhwc", None) if type(m) is GatedConv2d else getattr(m, "prepared", None)
+            if type(m) is NhwcDenseConv2d else None,) if isinstance(k, native.NhwcConv)])
         #: torch's own layers (no generation: their hooks are looked up per call)
         self._foreign = [m for m in self._mods if not isinstance(m, Watched)]
         self._hookless = -1  # the generation at which no layer had a hook

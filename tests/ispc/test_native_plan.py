@@ -623,3 +623,24 @@ def _pair_net():
     data = [torch.randn(4, 16, 20, 20) for _ in range(2)]
     return ispc.compile(model, data, config=ispc.GatingConfig(
         keep_ratio=0.5, channels_last=True, latency_aware=False), progress=False)
+
+
+def test_packed_weights_on_huge_pages_run_pickle_and_copy_as_before(monkeypatch):
+    """The runner moves its layers' packed weights into one map of 2 MiB pages (where the kernel
+    offers them): the same outputs as the graph and as a model left on the heap, each layer pickled
+    at its own size, copies and loaded models that run the same."""
+    monkeypatch.setattr(native, "_huge_pages_offered", lambda: True)
+    torch.manual_seed(5)
+    c = features_only(_compile(resnet20(num_classes=10).eval()))
+    layers = [m._nhwc for m in c.modules() if isinstance(getattr(m, "_nhwc", None), native.NhwcConv)]
+    assert layers and all(getattr(k, "_huge", False) for k in layers)
+    assert native.move_to_huge_pages(layers) == 0  # already there
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        got = c(x)
+        assert torch.equal(got, c.graph_module(x))
+        for k in layers:
+            assert k.packed.untyped_storage().nbytes() == k.packed.numel() * 4
+            again = pickle.loads(pickle.dumps(k))
+            assert torch.equal(again.packed, k.packed) and not getattr(again, "_huge", False)
+        assert torch.equal(copy.deepcopy(c)(x), got)
