@@ -490,9 +490,6 @@ def _huge_pages_offered() -> bool:
     return "[always]" in mode or "[madvise]" in mode
 
 
-_HUGE_PAGE = 2 << 20
-
-
 def move_to_huge_pages(layers: list[NhwcConv]) -> int:
     """Moves the layers' packed weights (and Winograd panels) that are not there yet into one
     memory map of 2 MiB pages (transparent huge pages on request), each layer's struct pointed at
