@@ -549,6 +549,13 @@ class _Program(nn.Module):
         return over
 
 
+def _nhwc_kernel(m: nn.Module) -> native.NhwcConv | None:
+    """The channels-last kernel a program's layer runs (its weights go on 2 MiB pages), or None."""
+    k = (getattr(m, "_nhwc", None) if type(m) is GatedConv2d
+         else getattr(m, "prepared", None) if type(m) is NhwcDenseConv2d else None)
+    return k if isinstance(k, native.NhwcConv) else None
+
+
 def _inplace() -> bool:
     return os.environ.get("ISPC_INPLACE", "1") != "0"
 
@@ -805,9 +812,7 @@ class NativePlanRunner:
         segs = _segments(gm, classifier)
         self._programs = [_Program(gm, seg) for seg in segs]
         self._mods = [m for p in self._programs for m in p._mods if m is not None]
-        native.move_to_huge_pages([k for m in self._mods for k in (
-            getattr(m, "_nhwc", None) if type(m) is GatedConv2d else getattr(m, "prepared", None)
-            if type(m) is NhwcDenseConv2d else None,) if isinstance(k, native.NhwcConv)])
+        native.move_to_huge_pages([k for k in map(_nhwc_kernel, self._mods) if k is not None])
         #: torch's own layers (no generation: their hooks are looked up per call)
         self._foreign = [m for m in self._mods if not isinstance(m, Watched)]
         self._hookless = -1  # the generation at which no layer had a hook
