@@ -1492,15 +1492,20 @@ static inline void add_lanes(double *row, vf v, int n) {
 
 /* out[n][c] = sum over threads of part[t][n][c] (rows of stride cs), in thread order: the same
  * sums for a given thread count. Inside a parallel region; ends with a barrier. */
+/* one sum over the threads' rows (stride apart), in thread order, rounded to float: what
+ * reduce_sums writes and what a hand-off's reader (nh_select) reduces, the same values */
+static inline float sum_rows(const double *p, int64_t threads, int64_t stride) {
+    double a = 0.0;
+    for (int64_t t = 0; t < threads; t++) a += p[t * stride];
+    return (float)a;
+}
+
 static void reduce_sums(const double *part, int64_t threads, int64_t N, int64_t C, int64_t cs,
                         float *out) {
     #pragma omp for collapse(2) schedule(static)
     for (int64_t n = 0; n < N; n++)
-        for (int64_t c = 0; c < C; c++) {
-            double a = 0.0;
-            for (int64_t t = 0; t < threads; t++) a += part[(t * N + n) * cs + c];
-            out[n * C + c] = (float)a;
-        }
+        for (int64_t c = 0; c < C; c++)
+            out[n * C + c] = sum_rows(part + n * cs + c, threads, N * cs);
 }
 
 /* A tile's epilogue: positions' outputs out + i * ostride (npos of them valid), lanes [0, lanes)
@@ -1883,14 +1888,8 @@ static void nh_select(const float *x, int64_t N, int64_t HW, int64_t C, const fl
         int64_t *idx = (int64_t *)(tmp + C);
         const int64_t T = omp_get_num_threads();
         for (int64_t c = 0; c < C; c++) {
-            double a;
-            if (hin) {  /* the producer's rows, reduced as reduce_sums does (thread order, float) */
-                double r = 0.0;
-                for (int64_t t = 0; t < T; t++) r += hin[t * hcs + c];
-                a = (double)(float)r;
-            } else {
-                a = (double)xsums[c];
-            }
+            /* the producer's rows reduced as reduce_sums would have (sum_rows), or its sums */
+            const double a = hin ? (double)sum_rows(hin + c, T, hcs) : (double)xsums[c];
             s[c] = (float)(saliency == SAL_L2 ? __builtin_sqrt(a / hw) : a / hw) * scale[c];
         }
         counts[0] = select_row(s, C, (int)mode, threshold, k, idx, tmp);
