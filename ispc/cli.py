@@ -449,8 +449,8 @@ def _cmd_compile(args: argparse.Namespace) -> int:
 
 def _load_saved(args: argparse.Namespace, model: nn.Module, example: torch.Tensor):
     """``--saved``: the archive, checked against its dense original ``model`` on ``example``."""
-    if _gating_set(args):
-        raise ConfigError(f"{', '.join(_gating_set(args))}: gating options do not apply to a saved "
+    if given := _gating_set(args):
+        raise ConfigError(f"{', '.join(given)}: gating options do not apply to a saved "
                          f"model (--saved {args.saved}, compiled with its own); drop them, or "
                          "drop --saved to compile MODEL with them")
     if not Path(args.saved).is_file():

@@ -433,8 +433,8 @@ def measure(mod: GatedConv2d, xin: torch.Tensor, node: fx.Node, cfg: GatingConfi
             if strat == "nhwc" and isinstance(mod.prepared, native.NhwcConv) and nhwc_serves(xin):
                 # as the runner calls it: inside a program, into a buffer it keeps
                 fns[label] = in_program(mod.prepared, xin, a[6], mod.scale, a[7], a[8], a[9])
-                rule = mod.prepared.winograd
                 if label == "nhwc" and winograd_alternative(mod.prepared):
+                    rule = mod.prepared.winograd
                     # the rule's algorithm (label "nhwc") and the other one, timed alike: the
                     # rule's limits were measured on two CPUs, and the crossing moves with the
                     # FMA width and caches (docs/benchmarks.md)
