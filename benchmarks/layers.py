@@ -90,6 +90,10 @@ class Layer:
                 self.act, self.residual)
 
 
+#: names layers.py took before it took peers.py's
+MODEL_ALIASES = {"mobilenetv2": "mobilenet_v2", "vgg16_bn": "vgg16"}
+
+
 def model_layers(names: list[str]) -> list[Layer]:
     """The convolutions of the named models, deduplicated by shape and epilogue, in model order."""
     import operator
@@ -101,9 +105,12 @@ def model_layers(names: list[str]) -> list[Layer]:
     from ispc.examples.models import mobilenet_v2, resnet18, resnet50, vgg16
 
     makers = {"resnet18": resnet18, "resnet50": resnet50, "vgg16": vgg16,
-              "mobilenetv2": mobilenet_v2}
+              "mobilenet_v2": mobilenet_v2}
     found: dict[tuple, Layer] = {}
     for name in names:
+        name = MODEL_ALIASES.get(name, name)
+        if name not in makers:
+            raise SystemExit(f"layers.py: unknown model {name!r}; choose from {', '.join(makers)}")
         model = makers[name]().eval()
         gm = fx.symbolic_trace(model)
         ShapeProp(gm).propagate(torch.randn(1, 3, 224, 224))
@@ -428,7 +435,8 @@ def stats(times: list[float]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default="resnet18,resnet50,vgg16,mobilenetv2")
+    p.add_argument("--models", default="resnet18,resnet50,vgg16,mobilenet_v2",
+                   help="comma-separated, the names benchmarks/peers.py takes")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 32])
     p.add_argument("--keep", type=float, default=0.5, help="kept fraction of input channels (top-k)")
     p.add_argument("--threads", type=int, default=2)

@@ -414,10 +414,16 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model(args: argparse.Namespace) -> nn.Module:
+    """MODEL built with the options every model-taking command shares, read in one place so that
+    each command honours all of them."""
+    return load_model(args.model, checkpoint=args.checkpoint, num_classes=args.num_classes,
+                      model_args=parse_model_args(args.model_arg))
+
+
 def _cmd_inspect(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
-    model = load_model(args.model, checkpoint=args.checkpoint, num_classes=args.num_classes,
-                       model_args=parse_model_args(args.model_arg))
+    model = _model(args)
     _, batches = _calibration(args)
     report = inspect(model, batches, config=cfg)
     text = {"table": report.to_table, "json": report.to_json, "markdown": report.to_markdown}[args.format]()
@@ -437,8 +443,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 def _cmd_compile(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
-    model = load_model(args.model, checkpoint=args.checkpoint, num_classes=args.num_classes,
-                       model_args=parse_model_args(args.model_arg))
+    model = _model(args)
     _, batches = _calibration(args)
     compiled = ispc_compile(model, batches, config=cfg, backend=args.backend)
     save(compiled, args.out)
@@ -476,8 +481,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     cfg = config_from_args(args, latency_batch_size=min(args.batch_sizes))
     if args.retain_memory:  # before compiling: latency-aware selection times kernels too
         retain_freed_memory()
-    model = load_model(args.model, checkpoint=args.checkpoint, num_classes=args.num_classes,
-                       model_args=parse_model_args(args.model_arg))
+    model = _model(args)
     x = None
     if args.data:  # calibrated and timed on the user's images: their sparsity is what counts
         x, batches = _calibration(args)
@@ -520,7 +524,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 def _cmd_tune(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
-    model = load_model(args.model, checkpoint=args.checkpoint, num_classes=args.num_classes)
+    model = _model(args)
     _, batches = _calibration(args)
     mean = tuple(args.mean) if args.mean else (IMAGENET_MEAN if args.normalize == "imagenet" else None)
     std = tuple(args.std) if args.std else (IMAGENET_STD if args.normalize == "imagenet" else None)

@@ -361,6 +361,21 @@ def test_factory_and_option_errors_are_one_line(tmp_path, capsys, extra, msg):
     assert msg in err and "Traceback" not in err and len(err.splitlines()) == 1, err
 
 
+@pytest.mark.parametrize("command,extra", [
+    ("inspect", []), ("compile", ["--out", "{tmp}/m.ispc"]), ("bench", []),
+    ("tune", ["--val-data", "{tmp}/val.pt", "--max-drop", "1", "--out", "{tmp}/t.ispc"]),
+])
+def test_every_model_command_passes_the_factory_options(tmp_path, capsys, command, extra):
+    (tmp_path / "fac.py").write_text(FACTORY_FILE)
+    torch.save(torch.randn(8, 3, 8, 8), tmp_path / "data.pt")
+    torch.save((torch.randn(8, 3, 8, 8), torch.zeros(8, dtype=torch.long)), tmp_path / "val.pt")
+    argv = [command, f"{tmp_path}/fac.py:make", "--data", str(tmp_path / "data.pt"),
+            "--model-arg", "width=0", *[a.format(tmp=tmp_path) for a in extra]]
+    assert main(argv) == 2  # the factory saw width=0 (its own error), whatever the command
+    err = capsys.readouterr().err.strip()
+    assert "width must be positive" in err and len(err.splitlines()) == 1, err
+
+
 @pytest.mark.parametrize("shape,msg", [((8, 3, 16), "(8, 3, 16)"),
                                        ((8, 5, 16, 16), "expects N x 3 x H x W")])
 def test_calibration_data_the_model_cannot_take_is_one_line(tmp_path, capfd, shape, msg):
