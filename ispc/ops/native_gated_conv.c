@@ -2079,6 +2079,34 @@ static void nh_split(int64_t groups, int64_t G, int64_t cob, int64_t per, int64_
     *i1 = tid + 1 == nth ? groups * per : at[1];
 }
 
+/* Calls that copy their kept rows (batch 1, gated) on several threads (not an op's window on
+ * one) group blocks by the copy's bytes, up to NH_CGROUP_L2 of L2 (0: by the layer's whole rows,
+ * nh_group_bytes, as every other call): fewer groups leave more of a call split by positions, so
+ * that each thread reads its own part of the input map from its L2 once per group instead of the
+ * whole map from L3 (each thread then copies every group's rows, the layer's kept weights twice a
+ * call: fewer bytes than the map's passes). */
+#ifndef NH_CGROUP_L2
+#define NH_CGROUP_L2 0.5
+#endif
+static int64_t nh_kmax(int64_t N, const int64_t *counts) {  /* the most rows an instance keeps */
+    int64_t k = 0;
+    for (int64_t n = 0; n < N; n++) k = counts[n] > k ? counts[n] : k;
+    return k;
+}
+
+static int64_t nh_group_blocks(const nh_geom_t *g, const int64_t *counts) {
+    const int64_t T = g->T, C = g->C, nr = g->nr;
+    int64_t rows = C, budget = nh_group_bytes();
+    if (NH_CGROUP_L2 > 0 && counts && NH_COMPACT_TILES > 0 && g->tiles >= NH_COMPACT_TILES
+        && g->N <= NH_COMPACT_MAX_N && omp_get_num_threads() > 1) {
+        rows = nh_kmax(g->N, counts);
+        budget = (int64_t)(NH_CGROUP_L2 * nh_l2_bytes);
+        budget = budget > nh_group_bytes() ? budget : nh_group_bytes();
+    }
+    const int64_t G = budget / (T * rows * nr * (int64_t)sizeof(float) + 1);
+    return G < 1 ? 1 : G > g->cob ? g->cob : G;
+}
+
 static void nh_conv(const nh_geom_t *g, const ispc_nhwc_layer_t *L, const float *x, const int32_t *ix,
                     const int64_t *counts, float *out, const float *res, float lo, float hi,
                     int clamp, const float *zeros, double *ysums, int ykind) {
@@ -2092,8 +2120,7 @@ static void nh_conv(const nh_geom_t *g, const ispc_nhwc_layer_t *L, const float 
     const int64_t HWC = g->H * g->W * C;
     const nh_kernel_t kind = nh_kernel(g->nv, mr, 1), kdir = nh_kernel(g->nv, mr, 0),
                       kcmp = nh_kernel(g->nv, mr, 2);
-    int64_t G = nh_group_bytes() / (T * C * nr * (int64_t)sizeof(float) + 1);
-    G = G < 1 ? 1 : G > g->cob ? g->cob : G;
+    int64_t G = nh_group_blocks(g, counts);
     const int64_t groups = (g->cob + G - 1) / G;
     G = (g->cob + groups - 1) / groups;  /* groups of (nearly) equal size */
     const int64_t wbytes = T * C * nr * (int64_t)sizeof(float);  /* a block's */
@@ -2101,7 +2128,7 @@ static void nh_conv(const nh_geom_t *g, const ispc_nhwc_layer_t *L, const float 
     const int64_t pfg = wbytes * g->cob >= nh_pf_gated() ? pfd : 0;
     float *cbuf = counts && NH_COMPACT_TILES > 0 && g->tiles >= NH_COMPACT_TILES
                   && g->N <= NH_COMPACT_MAX_N
-                  ? nh_compact_buf(G * T * C * nr) : 0;
+                  ? nh_compact_buf(G * T * nh_kmax(g->N, counts) * nr) : 0;
     int64_t ccg = -1, cn = -1;  /* the (group, instance) whose rows cbuf holds */
     const float *ptab[T * NH_MAXMR];
     const float *wseg[T];
@@ -2112,7 +2139,7 @@ static void nh_conv(const nh_geom_t *g, const ispc_nhwc_layer_t *L, const float 
     int64_t i0, i1;
     nh_split(groups, G, g->cob, g->N * g->tiles, nth, tid, &i0, &i1);
     const float **prow = cbuf && NH_NPF && wbytes * g->cob >= nh_npf_bytes()
-                         ? nh_prefetch_buf(G * T * C) : 0;
+                         ? nh_prefetch_buf(G * T * nh_kmax(g->N, counts)) : 0;
     int64_t pn = 0, pt = 1, pk = 0;  /* rows in prow, this pair's tiles here, tiles done */
     for (int64_t it = i0; it < i1; it++) {
         const int64_t cg = it / (g->N * g->tiles), n = it / g->tiles % g->N;
