@@ -4100,9 +4100,31 @@ static int64_t pair_group(const nh_geom_t *ga, const nh_geom_t *gb) {
     return (gb->cob + groups - 1) / groups;  /* groups of (nearly) equal size */
 }
 
+/* the groups a thread's buffer holds the rows of: every block where gated walks group by their
+ * kept rows (NH_CGROUP_L2; a fused pair's rows fit pair_bytes) */
+static int64_t pair_buf_group(const nh_geom_t *ga, const nh_geom_t *gb) {
+    return NH_CGROUP_L2 > 0 ? gb->cob : pair_group(ga, gb);
+}
+
+/* the fused walk's blocks a group: by the kept rows (ka + kb) against NH_CGROUP_L2 of L2 where a
+ * layer is gated and threads share the walk, as nh_group_blocks; otherwise pair_group */
+#ifndef NH_CGROUP_PAIR
+#define NH_CGROUP_PAIR 1  /* 0: the fused pair's groups by pair_group alone */
+#endif
+static int64_t pair_group_kept(const nh_geom_t *ga, const nh_geom_t *gb, int64_t ka, int64_t kb) {
+    if (NH_CGROUP_L2 <= 0 || !NH_CGROUP_PAIR || (ka == ga->C && kb == gb->C) || omp_get_num_threads() < 2)
+        return pair_group(ga, gb);
+    int64_t budget = (int64_t)(NH_CGROUP_L2 * nh_l2_bytes);
+    budget = budget > nh_group_bytes() ? budget : nh_group_bytes();
+    int64_t G = budget / ((ka + kb) * gb->nr * (int64_t)sizeof(float) + 1);
+    G = G < 1 ? 1 : G > gb->cob ? gb->cob : G;
+    const int64_t groups = (gb->cob + G - 1) / G;
+    return (gb->cob + groups - 1) / groups;
+}
+
 /* a thread's floats of the fused walk: the group's compacted rows of both layers, A's tile */
 static int64_t pair_thread_floats(const nh_geom_t *ga, const nh_geom_t *gb) {
-    const int64_t rows = pair_group(ga, gb) * (ga->C + gb->C) * gb->nr;
+    const int64_t rows = pair_buf_group(ga, gb) * (ga->C + gb->C) * gb->nr;
     return (rows + 15) / 16 * 16 + (gb->mr * gb->cob * gb->nr + 15) / 16 * 16;
 }
 
@@ -4126,7 +4148,7 @@ static void pair_conv(const nh_geom_t *ga, const ispc_nhwc_layer_t *La, const fl
                       float *out, float lo, float hi, int stream, const float *zeros,
                       double *ysums, int ykind, float *tw) {
     const int64_t mr = gb->mr, nr = gb->nr, cout = gb->cout, HoWo = gb->Ho * gb->Wo;
-    const int64_t cs = gb->cob * nr, G = pair_group(ga, gb);
+    const int64_t cs = gb->cob * nr, G = pair_group_kept(ga, gb, ka, kb);
     const int clamp = nh_clamp_code(lo, hi);
     const int64_t tid = omp_get_thread_num(), nth = omp_get_num_threads();
     double *yrow = 0;
@@ -4135,7 +4157,7 @@ static void pair_conv(const nh_geom_t *ga, const ispc_nhwc_layer_t *La, const fl
         memset(yrow, 0, sizeof(double) * cs);
     }
     float *ca = tw + tid * pair_thread_floats(ga, gb), *cbw = ca + G * ka * nr;
-    float *tile = ca + (G * (ga->C + gb->C) * nr + 15) / 16 * 16;
+    float *tile = ca + (pair_buf_group(ga, gb) * (ga->C + gb->C) * nr + 15) / 16 * 16;
     const int densea = ka == ga->C, denseb = kb == gb->C;
     const nh_kernel_t kera = nh_kernel(gb->nv, mr, densea ? 0 : 2);
     const nh_kernel_t kerb = nh_kernel(gb->nv, mr, denseb ? 0 : 2);
