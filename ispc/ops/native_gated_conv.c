@@ -1759,6 +1759,61 @@ NHWC_KERNEL(nh_i1, NH_MR1, 1, 1)
 NHWC_KERNEL(nh_d1, NH_MR1, 1, 0)
 NHWC_KERNEL(nh_c1, NH_MR1, 1, 2)
 
+/* AVX2 only: 1x1 stride-1 unpadded layers of short reductions (at most NH_PW_SHORT kept or
+ * dense channels; MobileNetV2's expansions keep 8-12), the 6x2 tile's positions whole. The tile's
+ * K inputs are gathered once into xg (contiguous), then every block of the group runs its K steps
+ * from xg and its contiguous weight rows (compacted or dense) in this one call: no call through a
+ * pointer, no position pointers or kept-channel index per step and block. The FMAs and the
+ * epilogue are nh_c2's / nh_d2's in the same order: the same values. 0: off (A/B). */
+#if !defined(__AVX512F__)
+#ifndef NH_PW_SHORT
+#define NH_PW_SHORT 16
+#endif
+#if NH_PW_SHORT > 0
+static inline __attribute__((always_inline)) void
+nh_pw_body(const float *x, int64_t C, const int32_t *ix, const int64_t K, const float *w,
+           int64_t wstride, int64_t nb, int64_t nr, int64_t rem, nh_epi_t e) {
+    float xg[NH_MR2 * NH_PW_SHORT];
+    for (int i = 0; i < NH_MR2; i++)
+        for (int64_t l = 0; l < K; l++) xg[i * NH_PW_SHORT + l] = x[i * C + (ix ? ix[l] : l)];
+    for (int64_t b = 0; b < nb; b++, w += wstride, rem -= nr) {
+        vf acc[NH_MR2][2];
+        NH_UNROLL
+        for (int i = 0; i < NH_MR2; i++) acc[i][0] = acc[i][1] = (vf){0};
+        for (int64_t l = 0; l < K; l++) {
+            const vf w0 = ld(w + l * nr), w1 = ld(w + l * nr + VW);
+            NH_UNROLL
+            for (int i = 0; i < NH_MR2; i++) {
+                const float v = xg[i * NH_PW_SHORT + l];
+                acc[i][0] += v * w0;
+                acc[i][1] += v * w1;
+            }
+        }
+        e.lanes = (int)(rem < nr ? rem : nr);
+        nh_epi_t *const ep = &e;
+        NH_EPILOGUE(NH_MR2, 2, acc, ep)
+        e.out += nr;
+        if (e.res) e.res += nr;
+        e.bias += nr;
+        if (e.yrow) e.yrow += nr;
+    }
+}
+
+/* nh_pw_body with MobileNetV2's reductions (8, 12, 16) as constants: steps unrolled */
+static void nh_pw_tile(const float *x, int64_t C, const int32_t *ix, int64_t K, const float *w,
+                       int64_t wstride, int64_t nb, int64_t nr, int64_t rem, nh_epi_t e) {
+    switch (K) {
+    case 8: nh_pw_body(x, C, ix, 8, w, wstride, nb, nr, rem, e); break;
+    case 12: nh_pw_body(x, C, ix, 12, w, wstride, nb, nr, rem, e); break;
+    case 16: nh_pw_body(x, C, ix, 16, w, wstride, nb, nr, rem, e); break;
+    default: nh_pw_body(x, C, ix, K, w, wstride, nb, nr, rem, e);
+    }
+}
+#endif
+#else
+#define NH_PW_SHORT 0
+#endif
+
 /* the tile of nv vectors and mr positions; ind: 0 direct, 1 indirect, 2 compacted weights */
 static nh_kernel_t nh_kernel(int64_t nv, int64_t mr, int ind) {
     static const nh_kernel_t k3[3] = {nh_d3, nh_i3, nh_c3}, k2[3] = {nh_d2, nh_i2, nh_c2},
@@ -2107,6 +2162,98 @@ static int64_t nh_group_blocks(const nh_geom_t *g, const int64_t *counts) {
     return G < 1 ? 1 : G > g->cob ? g->cob : G;
 }
 
+
+/* AVX2 only, weights stationary: 1x1 stride-1 unpadded layers at batch 1 whose reduction is at
+ * most NH_WS_K kept (or dense) channels, no output sums, no streaming stores. A thread's positions
+ * go in chunks of NH_WS_CHUNK: their K inputs gathered once (xg), then for each output vector (8
+ * channels) its K weight vectors are loaded into registers once and the chunk's positions stream
+ * past them, 6 at a time (6 accumulators, each position's K FMAs in the kept order, then the
+ * epilogue: the tiles' values bit for bit). Off (0) by default: alone it measured 0.93-1.04x the
+ * usual tiles' time, nh_pw_tile 0.77-0.90x (docs/benchmarks.md); -DNH_WS_K=8 or 12 for A/Bs. */
+#if !defined(__AVX512F__)
+#ifndef NH_WS_K
+#define NH_WS_K 0
+#endif
+#define NH_WS_CHUNK 48
+#if NH_WS_K > 0
+static inline __attribute__((always_inline)) void
+nh_ws_body(const float *xg, int64_t np, const int64_t K, const float *w, int64_t wrow,
+           float *out, int64_t ostride, const float *bias, const float *res, int nl, float lo,
+           float hi, int clamp) {
+    vf wv[NH_WS_K];
+    NH_UNROLL
+    for (int l = 0; l < K; l++) wv[l] = ld(w + l * wrow);
+    const vf bv = ld(bias);
+    for (int64_t p = 0; p < np; p += 6) {
+        vf acc[6];
+        NH_UNROLL
+        for (int i = 0; i < 6; i++) acc[i] = (vf){0};
+        NH_UNROLL
+        for (int l = 0; l < K; l++)
+            NH_UNROLL
+            for (int i = 0; i < 6; i++) acc[i] += xg[(p + i) * NH_WS_K + l] * wv[l];
+        const int m = np - p < 6 ? (int)(np - p) : 6;
+        for (int i = 0; i < m; i++) {
+            float *d = out + (p + i) * ostride;
+            if (nl == VW) {
+                vf v = acc[i] + bv;
+                if (res) v += ld(res + (p + i) * ostride);
+                st(d, clamp ? nh_act(v, clamp, lo, hi) : v);
+            } else {
+                nh_store(d, acc[i], bias, res ? res + (p + i) * ostride : 0, nl, lo, hi, clamp);
+            }
+        }
+    }
+}
+
+/* positions [q0, q1) of instance 0 (x, out, res at position 0) */
+static void nh_ws(const nh_geom_t *g, const ispc_nhwc_layer_t *L, const float *x, const int32_t *ix,
+                  int64_t K, float *out, const float *res, float lo, float hi, int clamp,
+                  int64_t q0, int64_t q1) {
+    const int64_t C = g->C, nr = g->nr, cout = g->cout, nvec = (cout + VW - 1) / VW;
+    float xg[(NH_WS_CHUNK + 6) * NH_WS_K] __attribute__((aligned(32)));
+    memset(xg + NH_WS_CHUNK * NH_WS_K, 0, sizeof(float) * 6 * NH_WS_K);
+    for (int64_t q = q0; q < q1; q += NH_WS_CHUNK) {
+        const int64_t np = q1 - q < NH_WS_CHUNK ? q1 - q : NH_WS_CHUNK;
+        for (int64_t p = 0; p < np; p++)
+            for (int64_t l = 0; l < K; l++) xg[p * NH_WS_K + l] = x[(q + p) * C + (ix ? ix[l] : l)];
+        for (int64_t p = np; p < (np + 5) / 6 * 6; p++)
+            for (int64_t l = 0; l < K; l++) xg[p * NH_WS_K + l] = 0.0f;
+        for (int64_t v = 0; v < nvec; v++) {
+            const int64_t cb = v * VW / nr, off = v * VW % nr;
+            const float *w = L->wpack + cb * C * nr + off;  /* kept row l at + ix[l] * nr */
+            const int64_t wrow = ix ? 0 : nr;
+            const int nl = cout - v * VW < VW ? (int)(cout - v * VW) : VW;
+            float *o = out + q * cout + v * VW;
+            const float *r = res ? res + q * cout + v * VW : 0;
+            if (ix) {  /* kept rows by index: gathered into a contiguous copy (K vectors) */
+                float wk[NH_WS_K * VW] __attribute__((aligned(32)));
+                for (int64_t l = 0; l < K; l++) st(wk + l * VW, ld(w + ix[l] * nr));
+                w = wk;
+                switch (K) {
+                case 8: nh_ws_body(xg, np, 8, w, VW, o, cout, L->bias + v * VW, r, nl, lo, hi, clamp); break;
+#if NH_WS_K >= 12
+                case 12: nh_ws_body(xg, np, 12, w, VW, o, cout, L->bias + v * VW, r, nl, lo, hi, clamp); break;
+#endif
+                default: nh_ws_body(xg, np, K, w, VW, o, cout, L->bias + v * VW, r, nl, lo, hi, clamp);
+                }
+            } else {
+                switch (K) {
+                case 8: nh_ws_body(xg, np, 8, w, wrow, o, cout, L->bias + v * VW, r, nl, lo, hi, clamp); break;
+#if NH_WS_K >= 12
+                case 12: nh_ws_body(xg, np, 12, w, wrow, o, cout, L->bias + v * VW, r, nl, lo, hi, clamp); break;
+#endif
+                default: nh_ws_body(xg, np, K, w, wrow, o, cout, L->bias + v * VW, r, nl, lo, hi, clamp);
+                }
+            }
+        }
+    }
+}
+#endif
+#else
+#define NH_WS_K 0
+#endif
+
 static void nh_conv(const nh_geom_t *g, const ispc_nhwc_layer_t *L, const float *x, const int32_t *ix,
                     const int64_t *counts, float *out, const float *res, float lo, float hi,
                     int clamp, const float *zeros, double *ysums, int ykind) {
@@ -2138,9 +2285,24 @@ static void nh_conv(const nh_geom_t *g, const ispc_nhwc_layer_t *L, const float 
     const int64_t nth = omp_get_num_threads(), tid = omp_get_thread_num();
     int64_t i0, i1;
     nh_split(groups, G, g->cob, g->N * g->tiles, nth, tid, &i0, &i1);
+#if NH_WS_K > 0
+    if (g->N == 1 && T == 1 && g->sh == 1 && g->sw == 1 && g->ph == 0 && g->pw == 0 && !yrow
+        && !g->stream && (counts ? counts[0] : C) <= NH_WS_K && (counts ? counts[0] : C) > 0
+        && groups == 1) {
+        const int64_t q1 = i1 * mr < HoWo ? i1 * mr : HoWo;
+        if (i0 * mr < q1)
+            nh_ws(g, L, x, counts ? ix : 0, counts ? counts[0] : C, out, res, lo, hi, clamp, i0 * mr, q1);
+        #pragma omp barrier
+        return;
+    }
+#endif
     const float **prow = cbuf && NH_NPF && wbytes * g->cob >= nh_npf_bytes()
                          ? nh_prefetch_buf(G * T * nh_kmax(g->N, counts)) : 0;
     int64_t pn = 0, pt = 1, pk = 0;  /* rows in prow, this pair's tiles here, tiles done */
+#if NH_PW_SHORT > 0
+    const int pw1 = T == 1 && g->sh == 1 && g->sw == 1 && g->ph == 0 && g->pw == 0 && g->nv == 2
+                    && mr == NH_MR2;  /* nh_pw_tile's layers */
+#endif
     for (int64_t it = i0; it < i1; it++) {
         const int64_t cg = it / (g->N * g->tiles), n = it / g->tiles % g->N;
         const int64_t tl = it % g->tiles;
@@ -2209,6 +2371,19 @@ static void nh_conv(const nh_geom_t *g, const ispc_nhwc_layer_t *L, const float 
                         }
             }
         }
+#if NH_PW_SHORT > 0
+        if (pw1 && p0 + mr <= HoWo && K > 0 && K <= NH_PW_SHORT && (dense || cmp) && pn == 0) {
+            const int64_t o = (n * HoWo + p0) * g->cout + cg * G * nr;
+            nh_epi_t e = {out + o, res ? res + o : 0, L->bias + cg * G * nr, g->cout, (int)mr,
+                          (int)nr, clamp, ykind, lo, hi, yrow ? yrow + n * cs + cg * G * nr : 0,
+                          g->stream, 0, 0, 1};
+            nh_pw_tile(xn + p0 * C, C, dense ? 0 : ix + n * C, K,
+                       cmp ? cbuf : L->wpack + cg * G * C * nr, (cmp ? K : C) * nr, cb1 - cg * G,
+                       nr, g->cout - cg * G * nr, e);
+            pk++;
+            continue;
+        }
+#endif
         for (int64_t cb = cg * G; cb < cb1; cb++) {
             const float *wb = L->wpack + cb * T * C * nr;
             if (cmp) {  /* woff[s] = t * C * nr: tap t's rows at t * K * nr */

@@ -61,3 +61,57 @@ def test_a_top_k_layer_hands_its_k_as_the_reduction():
         mod.set_strategy("nhwc", out_hw=28 * 28)
         want = native.NhwcConv(w, b, out_hw=28 * 28, reduction=reduction).vectors
         assert mod._nhwc.vectors == want
+
+
+@pytest.mark.parametrize("flags", [("-DNH_PW_SHORT=16",), ("-DNH_WS_K=8",), ("-DNH_WS_K=12",)],
+                         ids=["tiles", "stationary8", "stationary12"])
+def test_avx2_short_pointwise_kernels(flags, monkeypatch):
+    # the AVX2 build's 1x1 kernels for short reductions: nh_pw_tile (on by default) and the
+    # weights-stationary nh_ws (off); gated and dense, partial channel vectors and blocks, partial last
+    # tiles and chunks, the residual, the clamp, with and without output sums, batch 1 and 2, 1 and
+    # 2 threads; against the reference, and bit for bit the build without them
+    import platform
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("x86 ISA variants")
+    try:
+        new = native._build(("-mno-avx512f", *flags))
+        old = native._build(("-mno-avx512f", "-DNH_PW_SHORT=0", "-DNH_WS_K=0"))
+    except RuntimeError as exc:
+        pytest.skip(f"cannot build the AVX2 variants: {exc}")
+    g = torch.Generator().manual_seed(5)
+    threads = torch.get_num_threads()
+    try:
+        for cin, cout, k, h, w_, n in [(16, 96, 8, 12, 12, 1), (24, 144, 12, 7, 8, 1),
+                                       (16, 40, 16, 6, 5, 1), (12, 24, 12, 5, 6, 1),
+                                       (32, 96, 16, 9, 4, 1), (40, 64, 20, 6, 6, 1),
+                                       (8, 20, 5, 11, 13, 1), (6, 36, 6, 10, 11, 1),
+                                       (16, 96, 8, 6, 6, 2)]:
+            x = (torch.randn(n, cin, h, w_, generator=g) * (torch.rand(1, cin, 1, 1, generator=g) + .1)
+                 ).contiguous(memory_format=torch.channels_last)
+            w, b = torch.randn(cout, cin, 1, 1, generator=g), torch.randn(cout, generator=g)
+            scale = torch.rand(cin, generator=g) + 0.5
+            res = torch.randn(n, cout, h, w_, generator=g).contiguous(memory_format=torch.channels_last)
+            for mode, kk in ((gc.TOPK, k), (native.DENSE, 0)):
+                if mode == native.DENSE:
+                    ref = torch.nn.functional.conv2d(x, w, b)
+                else:
+                    ref = gc.gated_conv2d_reference(x, w, b, scale, 1, 1, 0, 0, 1, 1, gc.TOPK, 0.0, kk)
+                ref = (ref + res).clamp(*native.RELU6)
+                for nth in (1, 2):
+                    torch.set_num_threads(nth)
+                    for kind in (None, gc.SALIENCY_L2, gc.SALIENCY_L1):
+                        outs, sums = [], []
+                        for lib in (new, old):
+                            monkeypatch.setattr(native, "_lib", lib)
+                            layer = native.NhwcConv(w, b, vectors=2)
+                            s = None if kind is None else torch.empty(n, cout)
+                            outs.append(layer(x, mode, scale=scale, k=kk, residual=res,
+                                              clamp=native.RELU6, out_sums=s, out_sums_kind=kind or 0))
+                            sums.append(s)
+                        case = (cin, cout, k, h, w_, n, mode, nth, kind)
+                        assert rel_err(outs[0], ref) < 1e-5, case
+                        assert torch.equal(outs[0], outs[1]), case
+                        if kind is not None:
+                            assert torch.equal(sums[0], sums[1]), case
+    finally:
+        torch.set_num_threads(threads)
