@@ -2162,7 +2162,6 @@ static int64_t nh_group_blocks(const nh_geom_t *g, const int64_t *counts) {
     return G < 1 ? 1 : G > g->cob ? g->cob : G;
 }
 
-
 /* AVX2 only, weights stationary: 1x1 stride-1 unpadded layers at batch 1 whose reduction is at
  * most NH_WS_K kept (or dense) channels, no output sums, no streaming stores. A thread's positions
  * go in chunks of NH_WS_CHUNK: their K inputs gathered once (xg), then for each output vector (8
