@@ -79,8 +79,14 @@ def _state_of(mod: nn.Module | None) -> Callable[[], tuple]:
     if type(mod) is nn.Dropout:
         return partial(attrgetter("training", "p"), mod)
     if type(mod) is nn.Linear:  # the program may hold a packed copy: a changed weight, a new plan
+        params = mod._parameters  # read per call after the program ran, its caches cold: a dict
+        # lookup, not nn.Module.__getattr__ (a parametrized weight: not there, read as before)
+
         def linear() -> tuple:
-            w, b = mod.weight, mod.bias  # in place (a version) or a new tensor under .data
+            w, b = params.get("weight"), params.get("bias")
+            if w is None or "bias" not in params:
+                w, b = mod.weight, mod.bias
+            # in place (a version) or a new tensor under .data
             # ids first: a new tensor differs there, before tuples compare tensors (ambiguous);
             # the tensors kept last hold the ids
             return (id(w), w._version, w.data_ptr(), id(b),
@@ -277,8 +283,9 @@ class _Program(nn.Module):
         if out is None:
             # a large fresh map is a memory map of its own, page-faulted on every call: kept
             # across calls where it never reaches the caller
-            out = torch.empty(plan.out_shape, dtype=torch.float32, memory_format=torch.channels_last
-                              if len(plan.out_shape) == 4 else torch.contiguous_format)
+            out = (torch.empty(plan.out_shape, dtype=torch.float32) if len(plan.out_shape) != 4
+                   else torch.empty(plan.out_shape, dtype=torch.float32,
+                                    memory_format=torch.channels_last))
             if self.keep_output:
                 plan.out = out
         slots = plan.slots
@@ -851,7 +858,10 @@ class NativePlanRunner:
         if self._fast is not None and self._eligible() and self._lock.acquire(blocking=False):
             try:
                 if self._direct is not None and len(args) == 1 and not kwargs:
-                    return self._direct(args[0])
+                    # its forward itself: no hook can be on the program (it is the runner's own
+                    # module, and _eligible found no global one), and after the program's last call
+                    # every Python line runs on cold caches (~1-3 us each)
+                    return self._direct.forward(args[0])
                 return self._fast(*args, **kwargs)
             finally:
                 self._lock.release()
