@@ -3,7 +3,8 @@
 The default build against the same source compiled with other ``-D`` settings (``SELECT_CHUNK_BYTES``, ``STREAM_BYTES``, ...).
 
 Every variant is loaded at once and swapped in per call, and the candidates run interleaved
-(``ispc.benchmark.time_interleaved``), so a noisy machine shifts them all alike. Per layer (ResNet
+(``ispc.benchmark.time_interleaved``, in a fresh random order each round), so a noisy machine
+shifts them all alike. Per layer (ResNet
 and VGG shapes, half the input channels kept by top-k, every orientation) or per whole model
 (compiled once, latency-aware at the batch size, with the default build; dense beside it)::
 
@@ -90,7 +91,7 @@ def layer_rows(libs, *, batch_size: int, rounds: int, convs=CONVS) -> list[dict]
                 outs = [_with(lib, run) for lib in libs.values()]
                 cands = _candidates(libs, run)
                 cands["dense"] = lambda: F.conv2d(x, w, b, s, k // 2)
-                t = time_interleaved(cands, rounds=rounds, warmup=2, progress=False)
+                t = time_interleaved(cands, rounds=rounds, warmup=2, progress=False, shuffle=0)
                 rows.append({"layer": f"{cin}->{cout} {k}x{k}/{s} {hw}x{hw}", "orient": oname,
                              **{f"{n}_ms": r.median for n, r in t.items()},
                              "identical": all(torch.equal(outs[0], o) for o in outs[1:])})
@@ -115,7 +116,7 @@ def model_rows(libs, models: list[str], *, batch_size: int, rounds: int, size: i
             outs = [_with(lib, lambda: compiled(x)) for lib in libs.values()]
             cands = _candidates(libs, lambda: compiled(x))
             cands["dense"] = lambda: dense(x)
-            t = time_interleaved(cands, rounds=rounds, warmup=1, progress=False)
+            t = time_interleaved(cands, rounds=rounds, warmup=1, progress=False, shuffle=0)
         rows.append({"model": name, **{f"{n}_ms": r.median for n, r in t.items()},
                      "identical": all(torch.equal(outs[0], o) for o in outs[1:])})
         print(_row_text(rows[-1], libs), flush=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import random
 import statistics
 import sys
 import time
@@ -117,14 +118,17 @@ def time_interleaved(candidates: dict[str, Callable[[], Any]], *, warmup: int = 
                      progress: bool = True, desc: str = "ispc: timing",
                      prune_ratio: float | None = None, keep: Iterable[str] = (),
                      min_samples: int = 2, budget_s: float | None = None,
-                     min_rounds: int = 5) -> dict[str, Timing]:
+                     min_rounds: int = 5, shuffle: int | None = None) -> dict[str, Timing]:
     """Time each zero-argument callable ``rounds`` times, interleaved, after ``warmup`` calls each.
 
     ``prune_ratio``: once every candidate has ``min_samples`` times, stop timing a candidate (not
     in ``keep``) whose fastest call is slower than ``prune_ratio`` times the leader's median: it
     cannot win, and timing it again only costs (its Timing keeps the calls it had).
     ``budget_s``: stop after ``min_rounds`` rounds once the timed calls took this long in all
-    (long calls vary less relative to their length: fewer of them tell as much)."""
+    (long calls vary less relative to their length: fewer of them tell as much).
+    ``shuffle``: a seed; each round then runs the candidates in a fresh random order instead of
+    rotating one order, whose every candidate always follows the same one (a build A/B'd beside a
+    dense model that evicts the caches reads slower than an identical copy placed elsewhere)."""
     names = list(candidates)
     for name in names:
         for _ in range(warmup):
@@ -132,8 +136,10 @@ def time_interleaved(candidates: dict[str, Callable[[], Any]], *, warmup: int = 
     out = {name: Timing(name) for name in names}
     active, kept = list(names), set(keep)
     spent = 0.0
+    rng = random.Random(shuffle)
     for r in tqdm(range(rounds), desc=desc, disable=not progress, leave=False):
-        order = active[r % len(active):] + active[:r % len(active)]
+        order = (rng.sample(active, len(active)) if shuffle is not None
+                 else active[r % len(active):] + active[:r % len(active)])
         for name in order:
             t0 = time.perf_counter()
             candidates[name]()
