@@ -11,6 +11,7 @@ import dataclasses
 import importlib
 import importlib.util
 import json
+import pickle
 import sys
 import traceback
 import typing
@@ -146,15 +147,42 @@ def load_model(spec: str, *, checkpoint: str | None = None, num_classes: int | N
         raise UnsupportedModelError(f"{spec!r} returned a {type(model).__name__}, not an nn.Module "
                                     "(or a torch.export ExportedProgram)")
     if checkpoint:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-            state = state["model"]
         try:
-            model.load_state_dict(state)
-        except RuntimeError as exc:
-            raise UnsupportedModelError(f"checkpoint {checkpoint!r} does not fit {spec!r}: "
-                                        f"{str(exc).splitlines()[0]}") from None
+            model.load_state_dict(_state_dict(checkpoint))
+        except RuntimeError as exc:  # torch's first line names no key: say which ones, on one line
+            lines = [ln.strip().rstrip(".") for ln in str(exc).splitlines() if ln.strip()]
+            detail = "; ".join(lines[1:] or lines)
+            detail = detail if len(detail) <= 300 else detail[:297] + "..."
+            raise UnsupportedModelError(f"checkpoint {checkpoint!r} does not fit {spec!r}: {detail}; "
+                                        "give the factory the arguments it was trained with "
+                                        "(--num-classes, --model-arg)") from None
     return model.eval()
+
+
+def _state_dict(checkpoint: str) -> dict[str, Any]:
+    """``--checkpoint``'s state dict (``{"model": state_dict}`` too), or a one-line error that says
+    what the file holds instead and how to save one."""
+    fix = "save one with torch.save(model.state_dict(), path)"
+    if not Path(checkpoint).is_file():
+        raise UnsupportedModelError(f"checkpoint {checkpoint!r} does not exist")
+    try:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "Unsupported global" not in str(exc):  # a file torch.save did not write
+            raise UnsupportedModelError(f"checkpoint {checkpoint!r} is not a file torch.load reads; "
+                                        f"{fix}") from None
+        raise UnsupportedModelError(  # torch.save(model): classes a weights-only load never runs
+            f"checkpoint {checkpoint!r} holds pickled Python objects (a whole model?), which ispc "
+            f"does not load (weights_only=True); {fix}") from None
+    except Exception as exc:  # noqa: BLE001 -- not a file torch.save wrote: one line
+        raise UnsupportedModelError(f"checkpoint {checkpoint!r} is not a file torch.load reads "
+                                    f"({_first_line(exc)}); {fix}") from None
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    if not isinstance(state, dict):
+        raise UnsupportedModelError(f"checkpoint {checkpoint!r} holds a {type(state).__name__}, "
+                                    f"not a state dict; {fix}")
+    return state
 
 
 def _load_data(args: argparse.Namespace) -> torch.Tensor:
@@ -254,7 +282,8 @@ def _add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
                    help="folder of images (recursive), .tar/.tar.gz of images, or .pt N x C x H x W tensor")
     p.add_argument("--image-size", type=int, help="resize shorter side and center-crop to this size")
     p.add_argument("--normalize", choices=["imagenet", "none"], default="imagenet",
-                   help="per-channel normalization of decoded images (default: imagenet)")
+                   help="per-channel normalization of the images, .pt tensors included "
+                        "(default: imagenet; none: data already normalized)")
     p.add_argument("--mean", type=float, nargs=3, help="custom normalization mean")
     p.add_argument("--std", type=float, nargs=3, help="custom normalization std")
     p.add_argument("--batch-size", type=int, default=32, help="calibration batch size")

@@ -115,7 +115,7 @@ def fuse_epilogues(gm: fx.GraphModule, state: PassState) -> fx.GraphModule:
     if not state.config.fuse_epilogues:
         return gm
     calls = module_call_counts(gm)
-    fused = 0
+    fused = dense = 0  # dense: of the fused, the ungated layers (the note counts them apart)
     for node in list(gm.graph.nodes):
         if node.op != "call_module" or calls.get(node.target) != 1:
             continue
@@ -148,12 +148,15 @@ def fuse_epilogues(gm: fx.GraphModule, state: PassState) -> fx.GraphModule:
             gm.graph.erase_node(n)
         mod.residual_add, mod.act = residual is not None, act
         fused += 1
+        dense += isinstance(mod, NhwcDenseConv2d)
     moved = _acts_into_pools(gm, calls)
     if fused or moved:
         gm.graph.lint()
         gm.recompile()
     if fused:
-        state.notes.append(f"fused the residual add and/or activation after {fused} gated "
+        which = " and ".join(part for n, part in ((fused - dense, f"{fused - dense} gated"),
+                                                  (dense, f"{dense} dense native")) if n)
+        state.notes.append(f"fused the residual add and/or activation after {which} "
                            "layer(s) into their epilogues (fuse_epilogues)")
     if moved:
         state.notes.append(f"moved {moved} activation(s) after the max-pool that "

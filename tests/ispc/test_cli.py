@@ -62,6 +62,38 @@ def test_user_mistakes_are_one_line_errors(files, capsys, argv, msg):
     assert msg in err and "Traceback" not in err and len(err.splitlines()) == 1
 
 
+@pytest.mark.parametrize("content,msg", [
+    (None, "does not exist"),
+    ("text", "is not a file torch.load reads"),
+    ("model", "holds pickled Python objects"),
+    ("tensor", "holds a Tensor, not a state dict"),
+    ("wrong", "Missing key(s) in state_dict"),
+])
+def test_checkpoint_mistakes_are_one_line_errors(files, capsys, content, msg):
+    """A checkpoint that is not a state dict of the model (a pickled whole model, another file, a
+    tensor) ended in a traceback; a mismatched one named no key."""
+    ckpt = files / "ckpt.pt"
+    if content == "text":
+        ckpt.write_text("not a checkpoint")
+    elif content == "model":  # torch.save(model): a class a weights-only load refuses
+        torch.save(nn.Sequential(nn.Conv2d(3, 16, 3)), ckpt)
+    elif content == "tensor":
+        torch.save(torch.zeros(3), ckpt)
+    elif content == "wrong":
+        torch.save({"0.weight": torch.zeros(1)}, ckpt)
+    assert main(["inspect", f"{files}/net.py:make", "--data", str(files / "data.pt"),
+                 "--checkpoint", str(ckpt)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert msg in err and "Traceback" not in err and len(err.splitlines()) == 1, err
+
+
+def test_data_with_other_channels_than_the_normalization_says_how_to_fix(files, capsys):
+    torch.save(torch.randn(8, 1, 16, 16), files / "gray.pt")
+    assert main(["inspect", f"{files}/net.py:make", "--data", str(files / "gray.pt")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "1 channel(s)" in err and "--normalize none" in err and len(err.splitlines()) == 1
+
+
 def test_debug_shows_traceback(files, capsys):
     assert main(["--debug", "inspect", "nosuchmodel", "--data", "x.pt"]) == 2
     assert "Traceback" in capsys.readouterr().err

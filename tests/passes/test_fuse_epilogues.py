@@ -350,3 +350,14 @@ def test_activation_of_reads_relu6_as_hardtanh_in_either_form():
     for fn in (torch.ops.aten.hardtanh.default, torch.ops.aten.hardtanh_.default):
         assert activation_of(None, g.call_function(fn, (x, 0.0, 6.0))) == "relu6"
         assert activation_of(None, g.call_function(fn, (x, -1.0, 1.0))) is None
+
+
+@pytest.mark.skipif(not native.available(), reason="the native kernels need a C compiler")
+def test_the_note_counts_dense_native_layers_apart_from_gated_ones():
+    """A model with no layer gated but its dense layers on ispc's kernels, epilogues fused: the
+    note said "after N gated layer(s)" with none gated."""
+    cfg = ispc.GatingConfig(exclude=("*",), channels_last=True, dense_route="off")
+    fast = ispc.compile(resnet20().eval(), _data(), config=cfg)
+    assert fast.report.summary["layers_gated"] == 0
+    note = next(n for n in fast.report.notes if n.startswith("fused the residual"))
+    assert "gated" not in note.split(" into ")[0] and "dense native layer(s)" in note, note
