@@ -207,7 +207,7 @@ def _normalize(x: torch.Tensor, mean: Sequence[float] | None, std: Sequence[floa
     c = x.shape[1]
     for what, v in (("mean", mean), ("std", std)):
         if v is not None and len(v) != c:
-            raise ConfigError(f"{what} has {len(v)} values but the images have {c} channel(s); give "
+            raise ConfigError(f"{what} has {len(v)} values but the images have {c} channels; give "
                               "one per channel (command line: --mean/--std, or --normalize none "
                               "for data already normalized)")
     if std is not None and any(not (s > 0 and math.isfinite(s)) for s in std):

@@ -76,7 +76,7 @@ def test_checkpoint_mistakes_are_one_line_errors(files, capsys, content, msg):
     if content == "text":
         ckpt.write_text("not a checkpoint")
     elif content == "model":  # torch.save(model): a class a weights-only load refuses
-        torch.save(nn.Sequential(nn.Conv2d(3, 16, 3)), ckpt)
+        torch.save(torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3)), ckpt)
     elif content == "tensor":
         torch.save(torch.zeros(3), ckpt)
     elif content == "wrong":
@@ -91,7 +91,7 @@ def test_data_with_other_channels_than_the_normalization_says_how_to_fix(files, 
     torch.save(torch.randn(8, 1, 16, 16), files / "gray.pt")
     assert main(["inspect", f"{files}/net.py:make", "--data", str(files / "gray.pt")]) == 2
     err = capsys.readouterr().err.strip()
-    assert "1 channel(s)" in err and "--normalize none" in err and len(err.splitlines()) == 1
+    assert "1 channels" in err and "--normalize none" in err and len(err.splitlines()) == 1
 
 
 def test_debug_shows_traceback(files, capsys):
