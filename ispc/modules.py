@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .errors import DataError
 from .ops import cpu_kernels as _cpu
 from .ops import gated_conv as _gc
 from .ops import linear_kernels as _lk
@@ -301,6 +302,10 @@ class GatedConv2d(Watched):
                 # PyTorch's new tensors for the add and ReLU6 (batch 1, 2-core Xeon)
                 return self._epilogue_in_place(out, residual)
             return self._epilogue(out, residual)
+        if x.dim() != 4:  # each instance picks its own channels: a batch axis is needed
+            raise DataError(f"a gated convolution got a {x.dim()}-D input of shape "
+                            f"{tuple(x.shape)}; pass a batch, N x C x H x W (one image: "
+                            f"x.unsqueeze(0))")
         layer, scale = self._native, self.scale
         nh = self._nhwc
         if (nh is not None and scale.dtype == torch.float32 and _cpu.nhwc_serves(x)

@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ispc.errors import DataError
 from ispc.modules import GatedConv2d
 from ispc.ops import native
 
@@ -41,6 +42,13 @@ def test_a_layer_that_drops_channels_stays_one_opaque_op():
     assert torch.allclose(layer(x), layer.reference(x), atol=1e-5)
     layer.k = 8  # passes may change k or the threshold after construction: the check follows them
     assert torch.equal(layer(x), F.conv2d(x, layer.weight, layer.bias, 1, 1))
+
+
+@pytest.mark.parametrize("shape", [(8, 5, 5), (2, 8, 5, 5, 1)])
+def test_an_unbatched_or_5d_input_is_a_one_line_data_error(shape):
+    layer = _layer("topk", 0.0, 4)
+    with pytest.raises(DataError, match=r"pass a batch, N x C x H x W \(one image: x.unsqueeze\(0\)\)"):
+        layer(torch.randn(*shape))
 
 
 @pytest.mark.skipif(not native.available(), reason="the native kernel is not built here")
