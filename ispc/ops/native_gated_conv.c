@@ -2221,29 +2221,22 @@ static void nh_ws(const nh_geom_t *g, const ispc_nhwc_layer_t *L, const float *x
         for (int64_t v = 0; v < nvec; v++) {
             const int64_t cb = v * VW / nr, off = v * VW % nr;
             const float *w = L->wpack + cb * C * nr + off;  /* kept row l at + ix[l] * nr */
-            const int64_t wrow = ix ? 0 : nr;
+            int64_t wrow = nr;
             const int nl = cout - v * VW < VW ? (int)(cout - v * VW) : VW;
             float *o = out + q * cout + v * VW;
             const float *r = res ? res + q * cout + v * VW : 0;
+            float wk[NH_WS_K * VW] __attribute__((aligned(32)));
             if (ix) {  /* kept rows by index: gathered into a contiguous copy (K vectors) */
-                float wk[NH_WS_K * VW] __attribute__((aligned(32)));
                 for (int64_t l = 0; l < K; l++) st(wk + l * VW, ld(w + ix[l] * nr));
                 w = wk;
-                switch (K) {
-                case 8: nh_ws_body(xg, np, 8, w, VW, o, cout, L->bias + v * VW, r, nl, lo, hi, clamp); break;
+                wrow = VW;
+            }
+            switch (K) {
+            case 8: nh_ws_body(xg, np, 8, w, wrow, o, cout, L->bias + v * VW, r, nl, lo, hi, clamp); break;
 #if NH_WS_K >= 12
-                case 12: nh_ws_body(xg, np, 12, w, VW, o, cout, L->bias + v * VW, r, nl, lo, hi, clamp); break;
+            case 12: nh_ws_body(xg, np, 12, w, wrow, o, cout, L->bias + v * VW, r, nl, lo, hi, clamp); break;
 #endif
-                default: nh_ws_body(xg, np, K, w, VW, o, cout, L->bias + v * VW, r, nl, lo, hi, clamp);
-                }
-            } else {
-                switch (K) {
-                case 8: nh_ws_body(xg, np, 8, w, wrow, o, cout, L->bias + v * VW, r, nl, lo, hi, clamp); break;
-#if NH_WS_K >= 12
-                case 12: nh_ws_body(xg, np, 12, w, wrow, o, cout, L->bias + v * VW, r, nl, lo, hi, clamp); break;
-#endif
-                default: nh_ws_body(xg, np, K, w, wrow, o, cout, L->bias + v * VW, r, nl, lo, hi, clamp);
-                }
+            default: nh_ws_body(xg, np, K, w, wrow, o, cout, L->bias + v * VW, r, nl, lo, hi, clamp);
             }
         }
     }
