@@ -2149,17 +2149,29 @@ static int64_t nh_kmax(int64_t N, const int64_t *counts) {  /* the most rows an 
     return k;
 }
 
+/* a group's bytes where a walk groups its blocks by the rows it keeps (never below nh_group_bytes) */
+static int64_t nh_kept_budget(void) {
+    const int64_t budget = (int64_t)(NH_CGROUP_L2 * nh_l2_bytes);
+    return budget > nh_group_bytes() ? budget : nh_group_bytes();
+}
+
+/* blocks a group: as many of block_bytes as budget holds (1 to cob), evened out so that the
+ * groups are of (nearly) equal size */
+static int64_t nh_equal_groups(int64_t budget, int64_t block_bytes, int64_t cob) {
+    int64_t G = budget / (block_bytes + 1);
+    G = G < 1 ? 1 : G > cob ? cob : G;
+    const int64_t groups = (cob + G - 1) / G;
+    return (cob + groups - 1) / groups;
+}
+
 static int64_t nh_group_blocks(const nh_geom_t *g, const int64_t *counts) {
-    const int64_t T = g->T, C = g->C, nr = g->nr;
-    int64_t rows = C, budget = nh_group_bytes();
+    int64_t rows = g->C, budget = nh_group_bytes();
     if (NH_CGROUP_L2 > 0 && counts && NH_COMPACT_TILES > 0 && g->tiles >= NH_COMPACT_TILES
         && g->N <= NH_COMPACT_MAX_N && omp_get_num_threads() > 1) {
         rows = nh_kmax(g->N, counts);
-        budget = (int64_t)(NH_CGROUP_L2 * nh_l2_bytes);
-        budget = budget > nh_group_bytes() ? budget : nh_group_bytes();
+        budget = nh_kept_budget();
     }
-    const int64_t G = budget / (T * rows * nr * (int64_t)sizeof(float) + 1);
-    return G < 1 ? 1 : G > g->cob ? g->cob : G;
+    return nh_equal_groups(budget, g->T * rows * g->nr * (int64_t)sizeof(float), g->cob);
 }
 
 /* AVX2 only, weights stationary: 1x1 stride-1 unpadded layers at batch 1 whose reduction is at
@@ -2259,9 +2271,7 @@ static void nh_conv(const nh_geom_t *g, const ispc_nhwc_layer_t *L, const float 
     const int64_t HWC = g->H * g->W * C;
     const nh_kernel_t kind = nh_kernel(g->nv, mr, 1), kdir = nh_kernel(g->nv, mr, 0),
                       kcmp = nh_kernel(g->nv, mr, 2);
-    int64_t G = nh_group_blocks(g, counts);
-    const int64_t groups = (g->cob + G - 1) / G;
-    G = (g->cob + groups - 1) / groups;  /* groups of (nearly) equal size */
+    const int64_t G = nh_group_blocks(g, counts), groups = (g->cob + G - 1) / G;
     const int64_t wbytes = T * C * nr * (int64_t)sizeof(float);  /* a block's */
     const int64_t pfd = wbytes >= nh_pf_min() ? NH_PF : 0;
     const int64_t pfg = wbytes * g->cob >= nh_pf_gated() ? pfd : 0;
@@ -4261,10 +4271,8 @@ static int pair_fits(const nh_geom_t *ga, const nh_geom_t *gb) {
 
 /* blocks of output channels per group: both layers' weights of a group within nh_group_bytes */
 static int64_t pair_group(const nh_geom_t *ga, const nh_geom_t *gb) {
-    int64_t G = nh_group_bytes() / ((ga->C + gb->C) * gb->nr * (int64_t)sizeof(float) + 1);
-    G = G < 1 ? 1 : G > gb->cob ? gb->cob : G;
-    const int64_t groups = (gb->cob + G - 1) / G;
-    return (gb->cob + groups - 1) / groups;  /* groups of (nearly) equal size */
+    return nh_equal_groups(nh_group_bytes(), (ga->C + gb->C) * gb->nr * (int64_t)sizeof(float),
+                           gb->cob);
 }
 
 /* the groups a thread's buffer holds the rows of: every block where gated walks group by their
@@ -4281,12 +4289,7 @@ static int64_t pair_buf_group(const nh_geom_t *ga, const nh_geom_t *gb) {
 static int64_t pair_group_kept(const nh_geom_t *ga, const nh_geom_t *gb, int64_t ka, int64_t kb) {
     if (NH_CGROUP_L2 <= 0 || !NH_CGROUP_PAIR || (ka == ga->C && kb == gb->C) || omp_get_num_threads() < 2)
         return pair_group(ga, gb);
-    int64_t budget = (int64_t)(NH_CGROUP_L2 * nh_l2_bytes);
-    budget = budget > nh_group_bytes() ? budget : nh_group_bytes();
-    int64_t G = budget / ((ka + kb) * gb->nr * (int64_t)sizeof(float) + 1);
-    G = G < 1 ? 1 : G > gb->cob ? gb->cob : G;
-    const int64_t groups = (gb->cob + G - 1) / G;
-    return (gb->cob + groups - 1) / groups;
+    return nh_equal_groups(nh_kept_budget(), (ka + kb) * gb->nr * (int64_t)sizeof(float), gb->cob);
 }
 
 /* a thread's floats of the fused walk: the group's compacted rows of both layers, A's tile */
