@@ -500,32 +500,26 @@ def move_to_huge_pages(layers: list[NhwcConv]) -> int:
     1.3% of the call, 2-core Zen 4). One map for all: 2 MiB pages per layer would leave a part
     page per layer. The map lives as long as any tensor in it; the heap copies are freed and
     the heap trimmed."""
-    if not _huge_pages_offered():
-        return 0
     todo = [(layer, name) for layer in layers for name in ("packed", "_wino")
             if getattr(layer, name, None) is not None and not getattr(layer, "_huge", False)]
-    if not todo:
+    olds = [getattr(layer, name) for layer, name in todo]
+    news = empty_on_huge_pages([old.numel() for old in olds])
+    if news is None:
         return 0
-    sizes = [-(-getattr(layer, name).numel() // 16) * 16 for layer, name in todo]  # 64-byte runs
-    total = sum(sizes) * 4
-    try:
-        buf = mmap.mmap(-1, total + _HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        buf.madvise(mmap.MADV_HUGEPAGE)
-    except (OSError, ValueError):
-        return 0
-    at = -torch.frombuffer(buf, dtype=torch.uint8, count=1).data_ptr() % _HUGE_PAGE
-    for (layer, name), n in zip(todo, sizes):
-        old = getattr(layer, name)
-        new = torch.frombuffer(buf, dtype=torch.float32, count=old.numel(), offset=at)
+    for (layer, name), old, new in zip(todo, olds, news):
         new.copy_(old.reshape(-1))
         setattr(layer, name, new.view(old.shape))
-        at += n * 4
     for layer in {id(layer): layer for layer, _ in todo}.values():
         layer._huge = True
         layer._struct.wpack = layer.packed.data_ptr()  # in place: plans hold the struct's address
         layer._struct.wino = None if layer._wino is None else layer._wino.data_ptr()
     _trim_heap()
-    return total
+    return 4 * sum(_floats_on_huge_pages(old.numel()) for old in olds)
+
+
+def _floats_on_huge_pages(n: int) -> int:
+    """The floats a buffer of ``n`` takes in :func:`empty_on_huge_pages`' map: 64-byte runs."""
+    return -(-max(n, 1) // 16) * 16
 
 
 def empty_on_huge_pages(sizes: list[int]) -> list[Tensor] | None:
@@ -533,7 +527,7 @@ def empty_on_huge_pages(sizes: list[int]) -> list[Tensor] | None:
     (a program's maps: written and read every call); None where the kernel offers none."""
     if not sizes or not _huge_pages_offered():
         return None
-    runs = [-(-max(n, 1) // 16) * 16 for n in sizes]
+    runs = [_floats_on_huge_pages(n) for n in sizes]
     try:
         buf = mmap.mmap(-1, 4 * sum(runs) + _HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         buf.madvise(mmap.MADV_HUGEPAGE)
