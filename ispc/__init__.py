@@ -13,8 +13,8 @@ from . import backends, export, serialization
 from .api import BACKENDS, compile, inspect
 from .compiled import CompiledModel
 from .config import GatingConfig
-from .errors import (BackendUnavailableError, ConfigError, DataError, IspcError, PassError,
-                     TraceError, UnsupportedModelError)
+from .errors import (BackendUnavailableError, ConfigError, DataError, IspcError, OptionError,
+                     PassError, TraceError, UnsupportedModelError)
 from .baselines import static_prune
 from .export import export_program
 from .feature_decay import FeatureDecay
@@ -29,7 +29,7 @@ __version__ = "0.14.0"
 __all__ = [
     "compile", "inspect", "static_prune", "FeatureDecay", "GateMasks", "GatingConfig", "Report",
     "LayerReport", "CompiledModel", "GatedConv2d", "LinearConv2d",
-    "IspcError", "ConfigError", "DataError", "TraceError", "UnsupportedModelError", "PassError",
+    "IspcError", "ConfigError", "OptionError", "DataError", "TraceError", "UnsupportedModelError", "PassError",
     "BackendUnavailableError", "ArchiveError", "BACKENDS", "ops", "backends", "export",
     "serialization", "export_program", "save", "load", "tune", "TuneReport", "__version__",
 ]

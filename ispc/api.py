@@ -9,12 +9,13 @@ from torch import nn
 from . import pipeline
 from .backends import BACKENDS, get_backend
 from .compiled import CompiledModel
-from .config import GatingConfig
+from .config import GatingConfig, checked_options
 from .report import Report
 
 __all__ = ["compile", "inspect", "BACKENDS"]
 
 
+@checked_options
 def inspect(model: nn.Module, calibration_data: Any = None, *, config: GatingConfig | None = None,
             progress: bool | None = None) -> Report:
     """Analyse ``model`` (trace, fold BN, find sites, calibrate, rank) without rewriting it."""
@@ -23,6 +24,7 @@ def inspect(model: nn.Module, calibration_data: Any = None, *, config: GatingCon
     return pipeline.build_report(gm, state)
 
 
+@checked_options
 def compile(model: nn.Module, calibration_data: Any = None, *, config: GatingConfig | None = None,
             backend: str = "eager", progress: bool | None = None) -> CompiledModel:
     """Compile ``model`` into a gated model that skips each input's negligible channels.

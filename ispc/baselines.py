@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from .compiled import CompiledModel
-from .config import GatingConfig
+from .config import GatingConfig, checked_options
 from .errors import ConfigError, DataError
 from .observers import SaliencyStats
 from .passes import records, resolve_padding, run_passes
@@ -153,6 +153,7 @@ def kept_count(fraction: float, channels: int) -> int:
     return int(min(channels, max(1, math.floor(fraction * channels + 0.5))))
 
 
+@checked_options
 def static_prune(model: nn.Module, calibration_data: Any, *,
                  keep_fractions: dict[str, float] | None = None, config: GatingConfig | None = None,
                  match_mac_reduction: float | None = None,

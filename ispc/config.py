@@ -6,15 +6,19 @@ validated on construction: a wrong value fails where it was written, not deep in
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import fnmatch
+import functools
+import inspect
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, TypeVar
 
-from .errors import ConfigError
+from .errors import ConfigError, OptionError
 
-__all__ = ["GatingConfig", "MODES", "SALIENCIES", "ALLOCATIONS", "CAPTURES", "DENSE_ROUTES"]
+__all__ = ["GatingConfig", "MODES", "SALIENCIES", "ALLOCATIONS", "CAPTURES", "DENSE_ROUTES",
+           "checked_options"]
 
 MODES = ("threshold", "topk")
 SALIENCIES = ("l2", "l1", "weighted_l2")
@@ -284,10 +288,7 @@ class GatingConfig:
 
     def replace(self, **changes: Any) -> "GatingConfig":
         """A copy with ``changes`` applied (validated like a new config)."""
-        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
-        if unknown:
-            raise ConfigError(f"GatingConfig has no option(s) {sorted(unknown)}; "
-                              f"valid: {[f.name for f in dataclasses.fields(self)]}")
+        _check_names("GatingConfig.replace()", changes, _FIELDS)
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
@@ -298,3 +299,65 @@ class GatingConfig:
         d["exclude"] = list(self.exclude)
         d["layer_keep_ratios"] = dict(self.layer_keep_ratios)
         return d
+
+
+_FIELDS = tuple(f.name for f in dataclasses.fields(GatingConfig))
+
+
+def _unknown(owner: str, name: str, valid: tuple[str, ...]) -> OptionError:
+    close = difflib.get_close_matches(name, valid, n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]}=...?" if close else f"its options: {', '.join(valid)}"
+    return OptionError(f"{owner} has no option {name!r}; {hint}")
+
+
+def _check_names(owner: str, given: Mapping[str, Any], valid: tuple[str, ...]) -> None:
+    for name in given:
+        if name not in valid:
+            raise _unknown(owner, name, valid)
+
+
+def _gating_config_init(init: Callable[..., None]) -> Callable[..., None]:
+    """The dataclass ``__init__`` with Python's TypeErrors for a misspelt keyword or a positional
+    option turned into a one-line :class:`OptionError` that names the fix."""
+
+    @functools.wraps(init)
+    def __init__(self: GatingConfig, *args: Any, **options: Any) -> None:
+        if args:
+            raise OptionError(f"GatingConfig takes keyword options only, e.g. "
+                              f"GatingConfig(keep_ratio={args[0]!r}); got {len(args)} by position")
+        _check_names("GatingConfig", options, _FIELDS)
+        init(self, **options)
+
+    return __init__
+
+
+GatingConfig.__init__ = _gating_config_init(GatingConfig.__init__)  # type: ignore[method-assign]
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def checked_options(fn: _F) -> _F:
+    """``fn`` (an entry point taking ``config=``) with an unknown keyword, or more positional
+    arguments than it takes, raised as a one-line :class:`OptionError` that names the fix: a
+    :class:`GatingConfig` option given to ``fn`` itself is shown going into ``config=``."""
+    params = inspect.signature(fn).parameters.values()
+    named = tuple(p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+    positional = tuple(p.name for p in params if p.kind is p.POSITIONAL_OR_KEYWORD)
+    owner = f"ispc.{fn.__name__}()"
+
+    @functools.wraps(fn)
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        if len(args) > len(positional):
+            raise OptionError(f"{owner} takes {len(positional)} arguments by position "
+                              f"({', '.join(positional)}), got {len(args)}; pass the rest by "
+                              f"keyword, e.g. config=ispc.GatingConfig(keep_ratio=0.5)")
+        for name in kwargs:
+            if name in named:
+                continue
+            if name in _FIELDS:
+                raise OptionError(f"{owner} has no option {name!r}: it is a GatingConfig option; "
+                                  f"pass config=ispc.GatingConfig({name}=...)")
+            raise _unknown(owner, name, named)
+        return fn(*args, **kwargs)
+
+    return checked  # type: ignore[return-value]

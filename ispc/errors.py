@@ -9,6 +9,7 @@ from __future__ import annotations
 __all__ = [
     "IspcError",
     "ConfigError",
+    "OptionError",
     "DataError",
     "TraceError",
     "UnsupportedModelError",
@@ -24,6 +25,12 @@ class IspcError(Exception):
 
 class ConfigError(IspcError, ValueError):
     """An invalid configuration value (wrong range, NaN, unknown option)."""
+
+
+class OptionError(ConfigError, TypeError):
+    """An option a config or an entry point does not have (a misspelt keyword, a config option
+    passed to ``compile`` itself), or options given by position where only keywords are taken.
+    A ``TypeError`` too, as Python raises for an unexpected keyword."""
 
 
 class DataError(IspcError, ValueError):

@@ -56,7 +56,7 @@ from tqdm.auto import tqdm
 from .backends import get_backend
 from .baselines import StaticConv2d, kept_count, static_channels, static_prune
 from .compiled import CompiledModel
-from .config import GatingConfig
+from .config import GatingConfig, checked_options
 from .data import as_input
 from .errors import ConfigError, DataError
 from .modules import GatedConv2d, dense_conv
@@ -1136,6 +1136,7 @@ class _Search:
         return model
 
 
+@checked_options
 def tune(model: nn.Module, calibration_data: Any, *, evaluate: Callable[[nn.Module], float],
          max_drop: float, relative: bool = False, target: str = "latency",
          config: GatingConfig | None = None, time_budget_s: float | None = None, seed: int = 0,

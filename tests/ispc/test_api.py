@@ -263,3 +263,19 @@ def test_integer_parameters_are_refused():
     model.fc.weight = nn.Parameter(model.fc.weight.data.to(torch.int32), requires_grad=False)
     with pytest.raises(ispc.UnsupportedModelError, match="floating-point"):
         ispc.compile(model, _data(32))
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda m: ispc.compile(m, None, keep_ratio=0.5),
+     r"^ispc.compile\(\) has no option 'keep_ratio': it is a GatingConfig option; "
+     r"pass config=ispc.GatingConfig\(keep_ratio=\.\.\.\)$"),
+    (lambda m: ispc.compile(m, None, ispc.GatingConfig()),
+     r"^ispc.compile\(\) takes 2 arguments by position \(model, calibration_data\), got 3; "),
+    (lambda m: ispc.inspect(m, None, confg=None), r"^ispc.inspect\(\) has no option 'confg'; did you mean config="),
+    (lambda m: ispc.static_prune(m, None, keep_fraction={}), r"did you mean keep_fractions="),
+    (lambda m: ispc.tune(m, None, evaluate=len, max_drop=0.1, budget=3), r"did you mean time_budget_s="),
+])
+def test_entry_points_name_a_misplaced_or_misspelt_option(call, message):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3))
+    with pytest.raises(ispc.OptionError, match=message):
+        call(model)

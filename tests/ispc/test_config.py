@@ -37,7 +37,7 @@ def test_invalid_values_raise_config_error(bad):
 def test_replace_validates_and_rejects_unknown():
     cfg = GatingConfig().replace(keep_ratio=0.25, mode="topk")
     assert cfg.keep_ratio == 0.25 and cfg.mode == "topk"
-    with pytest.raises(ispc.ConfigError, match="keep_ration"):
+    with pytest.raises(ispc.OptionError, match="keep_ration.*did you mean keep_ratio="):
         GatingConfig().replace(keep_ration=0.3)
     with pytest.raises(ispc.ConfigError):
         GatingConfig().replace(keep_ratio=2.0)
@@ -74,3 +74,25 @@ def test_layer_keep_ratios_invalid(bad, msg):
     with pytest.raises(ispc.ConfigError, match=msg) as info:
         GatingConfig(layer_keep_ratios=bad)
     assert "layer_keep_ratios" in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: GatingConfig(keep_ratoi=0.5), r"^GatingConfig has no option 'keep_ratoi'; did you mean keep_ratio=\.\.\.\?$"),
+    (lambda: GatingConfig(xyz=1), r"^GatingConfig has no option 'xyz'; its options: keep_ratio, mode, "),
+    (lambda: GatingConfig(0.5), r"^GatingConfig takes keyword options only, e.g. GatingConfig\(keep_ratio=0.5\)"),
+])
+def test_unknown_or_positional_options_are_one_line_option_errors(call, message):
+    with pytest.raises(ispc.OptionError, match=message) as info:
+        call()
+    # a TypeError as Python's own, and a ConfigError / IspcError as every config mistake
+    assert isinstance(info.value, TypeError) and isinstance(info.value, ispc.ConfigError)
+    assert "\n" not in str(info.value)
+
+
+def test_checked_init_keeps_signature_copy_and_pickle():
+    import copy
+    import inspect
+    import pickle
+    assert list(inspect.signature(GatingConfig).parameters)[:2] == ["keep_ratio", "mode"]
+    cfg = GatingConfig(keep_ratio=0.3, mode="topk")
+    assert pickle.loads(pickle.dumps(cfg)) == cfg == copy.deepcopy(cfg)
