@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import statistics
 import sys
 
 import torch
@@ -123,12 +125,38 @@ def model_rows(libs, models: list[str], *, batch_size: int, rounds: int, size: i
     return rows
 
 
+def saved_rows(libs, archives: list[str], *, rounds: int, size: int) -> list[dict]:
+    """Per saved archive (``ispc.save``, e.g. ``peers.py --compiled-dir``'s, compiled with the
+    default build): dense (the archive's model with every gate open is not at hand, so dense is
+    the archive's own call under the default build again, an A/A control) and each build."""
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for path in archives:
+        compiled = ispc.load(path)
+        base = os.path.basename(path)
+        batch = int(base.split("-b")[-1].split("-")[0]) if "-b" in base else 1
+        x = torch.randn(batch, 3, size, size, generator=g)
+        with torch.no_grad():
+            outs = [_with(lib, lambda: compiled(x)) for lib in libs.values()]
+            cands = _candidates(libs, lambda: compiled(x))
+            cands["dense"] = lambda: compiled(x)
+            t = time_interleaved(cands, rounds=rounds, warmup=1, progress=False, shuffle=0)
+        rows.append({"model": path, **{f"{n}_ms": r.median for n, r in t.items()},
+                     **{f"{n}_paired": statistics.median(a / b for a, b in zip(
+                         r.times_ms, t["default"].times_ms)) for n, r in t.items()},
+                     "identical": all(torch.equal(outs[0], o) for o in outs[1:])})
+        print(_row_text(rows[-1], libs), flush=True)
+    return rows
+
+
 def _row_text(row: dict, libs) -> str:
     base = row["default_ms"]
     parts = [f"dense {row['dense_ms']:.3f} ms", f"default {base:.3f} ms "
              f"({row['dense_ms'] / base:.2f}x of dense)"]
     parts += [f"{v} {row[f'{v}_ms']:.3f} ms (default is {row[f'{v}_ms'] / base:.3f}x as fast)"
               for v in libs if v != "default"]
+    parts += [f"{v} paired {row[f'{v}_paired']:.3f}" for v in [*libs, "dense"]
+              if v != "default" and f"{v}_paired" in row]
     head = row.get("model") or f"{row['layer']} {row['orient']}"
     return f"{head}: " + ", ".join(parts) + ("" if row["identical"] else "  [outputs differ]")
 
@@ -139,6 +167,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="extra compiler flags of one variant (repeatable; write --variant=-D...)")
     p.add_argument("--models", nargs="+", default=None,
                    help="time whole models instead of single layers")
+    p.add_argument("--saved", nargs="+", default=None,
+                   help="time saved archives (ispc.save) instead; 'dense' is then the default "
+                        "build again (an A/A control); the batch is read from '-bN-' in the name")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--image-size", type=int, default=224, help="model inputs (with --models)")
@@ -151,7 +182,9 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     retain_freed_memory()
     libs = load_variants(args.variant)
-    if args.models:
+    if args.saved:
+        rows = saved_rows(libs, args.saved, rounds=args.rounds, size=args.image_size)
+    elif args.models:
         rows = model_rows(libs, args.models, batch_size=args.batch_size, rounds=args.rounds,
                           size=args.image_size)
     else:

@@ -1814,6 +1814,95 @@ static void nh_pw_tile(const float *x, int64_t C, const int32_t *ix, int64_t K, 
 #define NH_PW_SHORT 0
 #endif
 
+/* AVX2 only: the last, partial tile of a (group, instance) on the 6x2 tile (49 positions of a 7x7
+ * map are 8 tiles and 1 position; 196 of 14x14, 32 and 4), as a tile of its r positions over NB
+ * blocks of output channels at once (r x 2 x NB <= 12 accumulators; the weights as the FMAs'
+ * memory operands): the 6x2 kernel ran it as 6 positions (5 of 6 wasted at 7x7, a tenth of
+ * ResNet-50's layer4), and a 1x2 tile alone would wait on its 2 FMA chains. Per position and lane
+ * the sums are nh_c2's / nh_d2's / nh_i2's in the same order, the epilogue theirs: the same values.
+ * Blocks past nb (the group's last batch) repeat block 0's weights and are not stored. 0: off. */
+#if !defined(__AVX512F__)
+#ifndef NH_TAIL
+#define NH_TAIL 1
+#endif
+#else
+#undef NH_TAIL
+#define NH_TAIL 0
+#endif
+#if NH_TAIL
+/* ptab rows are NH_MR2 apart (nh_conv's tile); e: block 0's epilogue, rem: lanes from block 0 on */
+#define NHWC_TAIL(NAME, MR, NB, IND)                                                            \
+static void NAME(const float *const *ptab, const float *const *wseg, int64_t nseg, int64_t L,   \
+                 const int32_t *ix, int64_t bstride, int64_t nb, int64_t rem, const nh_epi_t *e0) { \
+    vf acc[NB][MR][2];                                                                          \
+    int64_t boff[NB];                                                                           \
+    int64_t pc = 0, pi = 0;                                                                     \
+    (void)pc; (void)pi;                                                                         \
+    NH_UNROLL                                                                                   \
+    for (int b = 0; b < NB; b++) {                                                              \
+        boff[b] = b < nb ? b * bstride : 0;                                                     \
+        NH_UNROLL                                                                               \
+        for (int i = 0; i < MR; i++) acc[b][i][0] = acc[b][i][1] = (vf){0};                     \
+    }                                                                                           \
+    for (int64_t s = 0; s < nseg; s++) {                                                        \
+        const float *p[MR];                                                                     \
+        NH_UNROLL                                                                               \
+        for (int i = 0; i < MR; i++) p[i] = ptab[s * NH_MR2 + i];                               \
+        const float *ws = wseg[s];                                                              \
+        for (int64_t l = 0; l < L; l++) {                                                       \
+            const int64_t c = IND ? ix[l] : l, cw = IND == 2 ? l : c;                           \
+            const float *wc = ws + cw * (2 * VW);                                               \
+            float bc[MR];                                                                       \
+            NH_UNROLL                                                                           \
+            for (int i = 0; i < MR; i++) bc[i] = p[i][c];                                       \
+            NH_UNROLL                                                                           \
+            for (int b = 0; b < NB; b++) {                                                      \
+                const vf w0 = ld(wc + boff[b]), w1 = ld(wc + boff[b] + VW);                     \
+                NH_UNROLL                                                                       \
+                for (int i = 0; i < MR; i++) {                                                  \
+                    acc[b][i][0] += bc[i] * w0;                                                 \
+                    acc[b][i][1] += bc[i] * w1;                                                 \
+                }                                                                               \
+            }                                                                                   \
+            if (IND == 2 && pi < e0->pfn && ++pc == e0->pfe) {                                  \
+                const char *q = (const char *)e0->pfr[pi++];                                    \
+                pc = 0;                                                                         \
+                for (int j = 0; j < 2 * VW * 4; j += 64) __builtin_prefetch(q + j, 0, NH_NPF_LOC); \
+            }                                                                                   \
+        }                                                                                       \
+    }                                                                                           \
+    for (int b = 0; b < NB && b < nb; b++) {                                                    \
+        const int64_t o = b * 2 * VW;                                                           \
+        nh_epi_t eb = *e0;                                                                      \
+        eb.out += o;                                                                            \
+        if (eb.res) eb.res += o;                                                                \
+        eb.bias += o;                                                                           \
+        if (eb.yrow) eb.yrow += o;                                                              \
+        eb.lanes = (int)(rem - o < 2 * VW ? rem - o : 2 * VW);                                  \
+        nh_epi_t *const e = &eb;                                                                \
+        NH_EPILOGUE(MR, 2, acc[b], e)                                                           \
+    }                                                                                           \
+}
+
+typedef void (*nh_tail_t)(const float *const *, const float *const *, int64_t, int64_t,
+                          const int32_t *, int64_t, int64_t, int64_t, const nh_epi_t *);
+NHWC_TAIL(nh_t1d, 1, 6, 0) NHWC_TAIL(nh_t1i, 1, 6, 1) NHWC_TAIL(nh_t1c, 1, 6, 2)
+NHWC_TAIL(nh_t2d, 2, 3, 0) NHWC_TAIL(nh_t2i, 2, 3, 1) NHWC_TAIL(nh_t2c, 2, 3, 2)
+NHWC_TAIL(nh_t3d, 3, 2, 0) NHWC_TAIL(nh_t3i, 3, 2, 1) NHWC_TAIL(nh_t3c, 3, 2, 2)
+NHWC_TAIL(nh_t4d, 4, 1, 0) NHWC_TAIL(nh_t4i, 4, 1, 1) NHWC_TAIL(nh_t4c, 4, 1, 2)
+NHWC_TAIL(nh_t5d, 5, 1, 0) NHWC_TAIL(nh_t5i, 5, 1, 1) NHWC_TAIL(nh_t5c, 5, 1, 2)
+
+/* the tail kernel of r positions (1 to NH_MR2 - 1; ind as nh_kernel's) and its blocks a call */
+static nh_tail_t nh_tail(int64_t r, int ind, int64_t *nbk) {
+    static const nh_tail_t t[5][3] = {{nh_t1d, nh_t1i, nh_t1c}, {nh_t2d, nh_t2i, nh_t2c},
+                                      {nh_t3d, nh_t3i, nh_t3c}, {nh_t4d, nh_t4i, nh_t4c},
+                                      {nh_t5d, nh_t5i, nh_t5c}};
+    static const int64_t blocks[5] = {6, 3, 2, 1, 1};
+    *nbk = blocks[r - 1];
+    return t[r - 1][ind];
+}
+#endif
+
 /* the tile of nv vectors and mr positions; ind: 0 direct, 1 indirect, 2 compacted weights */
 static nh_kernel_t nh_kernel(int64_t nv, int64_t mr, int ind) {
     static const nh_kernel_t k3[3] = {nh_d3, nh_i3, nh_c3}, k2[3] = {nh_d2, nh_i2, nh_c2},
@@ -2382,6 +2471,35 @@ static void nh_conv(const nh_geom_t *g, const ispc_nhwc_layer_t *L, const float 
             nh_pw_tile(xn + p0 * C, C, dense ? 0 : ix + n * C, K,
                        cmp ? cbuf : L->wpack + cg * G * C * nr, (cmp ? K : C) * nr, cb1 - cg * G,
                        nr, g->cout - cg * G * nr, e);
+            pk++;
+            continue;
+        }
+#endif
+#if NH_TAIL
+        if (g->nv == 2 && mr == NH_MR2 && HoWo - p0 < mr) {  /* the partial last tile: nh_tail */
+            int64_t nbk;
+            const int ind = dense ? 0 : cmp ? 2 : 1;
+            const nh_tail_t tk = nh_tail(HoWo - p0, ind, &nbk);
+            const int64_t nb = cb1 - cg * G, bstride = T * (cmp ? K : C) * nr;
+            for (int64_t cb = cg * G; cb < cb1; cb += nbk) {
+                const float *wb = cmp ? cbuf + (cb - cg * G) * T * K * nr : L->wpack + cb * T * C * nr;
+                for (int64_t s = 0; s < nseg; s++) wseg[s] = wb + (cmp ? woff[s] / C * K : woff[s]);
+                const int64_t o = (n * HoWo + p0) * g->cout + cb * nr;
+                nh_epi_t e = {out + o, res ? res + o : 0, L->bias + cb * nr, g->cout,
+                              (int)(HoWo - p0), (int)nr, clamp, ykind, lo, hi,
+                              yrow ? yrow + n * cs + cb * nr : 0, g->stream, 0, 0, 1};
+                const int64_t nbb = cb1 - cb < nbk ? cb1 - cb : nbk;
+                if (cmp && pn > 0) {  /* this tile's share of the rows, over its steps */
+                    const int64_t q = pk * nb + (cb - cg * G);
+                    const int64_t r0 = pn * q / (pt * nb), r1 = pn * (q + nbb) / (pt * nb);
+                    const int64_t steps = nseg * len;
+                    e.pfr = prow + r0;
+                    e.pfn = r1 - r0;
+                    e.pfe = e.pfn > 0 && steps > e.pfn ? steps / e.pfn : 1;
+                }
+                tk(ptab, wseg, K ? nseg : 0, len, dense ? 0 : ix + n * C,
+                   bstride, nbb, g->cout - cb * nr, &e);
+            }
             pk++;
             continue;
         }

@@ -115,3 +115,61 @@ def test_avx2_short_pointwise_kernels(flags, monkeypatch):
                             assert torch.equal(sums[0], sums[1]), case
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("case", [
+    # cin, cout, kernel, stride, h, w, keep, batch: 7x7 outputs (one position left: r = 1), a
+    # strided 1x1 (ResNet-50's downsample, small), a padded 3x3, 14x14 (r = 4), r = 2, 3, 5,
+    # partial channel vectors and blocks, groups of blocks (large layers), batch 2 (by index)
+    (64, 96, 1, 1, 7, 7, 32, 1), (96, 160, 1, 2, 14, 14, 48, 1), (48, 72, 3, 1, 7, 7, 24, 1),
+    (40, 56, 1, 1, 14, 14, 20, 1), (32, 48, 1, 1, 2, 4, 16, 1), (32, 40, 3, 1, 3, 3, 16, 1),
+    (24, 100, 1, 1, 1, 11, 12, 1), (1024, 1024, 1, 1, 7, 7, 512, 1), (64, 96, 1, 1, 7, 7, 32, 2),
+    (512, 256, 3, 1, 7, 7, 256, 1)], ids=str)
+def test_avx2_tail_tiles(case, monkeypatch):
+    # the AVX2 build's partial last tiles (nh_tail, on by default): gated (compacted and by index)
+    # and dense, the residual, the clamp, with and without output sums, 1 and 2 threads; against
+    # the reference, and bit for bit the build without them (-DNH_TAIL=0)
+    import platform
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("x86 ISA variants")
+    try:
+        new = native._build(("-mno-avx512f",))
+        old = native._build(("-mno-avx512f", "-DNH_TAIL=0"))
+    except RuntimeError as exc:
+        pytest.skip(f"cannot build the AVX2 variants: {exc}")
+    cin, cout, ks, st, h, w_, k, n = case
+    g = torch.Generator().manual_seed(7)
+    threads = torch.get_num_threads()
+    pad = ks // 2
+    ho, wo = (h + 2 * pad - ks) // st + 1, (w_ + 2 * pad - ks) // st + 1
+    x = (torch.randn(n, cin, h, w_, generator=g) * (torch.rand(1, cin, 1, 1, generator=g) + .1)
+         ).contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(cout, cin, ks, ks, generator=g), torch.randn(cout, generator=g)
+    scale = torch.rand(cin, generator=g) + 0.5
+    res = torch.randn(n, cout, ho, wo, generator=g).contiguous(memory_format=torch.channels_last)
+    try:
+        for mode in (gc.TOPK, native.DENSE):
+            if mode == native.DENSE:
+                ref = torch.nn.functional.conv2d(x, w, b, st, pad)
+            else:
+                ref = gc.gated_conv2d_reference(x, w, b, scale, st, st, pad, pad, 1, 1, gc.TOPK, 0.0, k)
+            ref = (ref + res).relu()
+            for nth in (1, 2):
+                torch.set_num_threads(nth)
+                for kind in (None, gc.SALIENCY_L2):
+                    outs, sums = [], []
+                    for lib in (new, old):
+                        monkeypatch.setattr(native, "_lib", lib)
+                        layer = native.NhwcConv(w, b, stride=st, padding=pad, vectors=2, winograd=False)
+                        s = None if kind is None else torch.empty(n, cout)
+                        outs.append(layer(x, mode, scale=scale, k=k if mode == gc.TOPK else 0,
+                                          residual=res, clamp=native.RELU, out_sums=s,
+                                          out_sums_kind=kind or 0))
+                        sums.append(s)
+                    where = (mode, nth, kind)
+                    assert rel_err(outs[0], ref) < 1e-5, where
+                    assert torch.equal(outs[0], outs[1]), where
+                    if kind is not None:
+                        assert torch.equal(sums[0], sums[1]), where
+    finally:
+        torch.set_num_threads(threads)
