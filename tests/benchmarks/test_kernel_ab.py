@@ -37,3 +37,25 @@ def test_channel_lane_rows_may_differ(benchmark_script):
     assert libs["-DCO_MR=14"].ispc_block_rows(native.ORIENT_CO) == 14
     rows = mod.layer_rows(libs, batch_size=2, rounds=1, convs=[(24, 40, 1, 1, 7), (16, 16, 3, 1, 9)])
     assert len(rows) == 5 and all(r["identical"] and r["-DCO_MR=14_ms"] > 0 for r in rows)
+
+
+def test_saved_archives(tmp_path, benchmark_script):
+    """--saved: an archive (its batch from '-bN-' in the name) under each build, with paired
+    ratios; 'dense' is the default build again."""
+    import torch
+
+    import ispc
+    from ispc.examples.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("resnet18").eval()
+    calib = [torch.randn(4, 3, 32, 32) for _ in range(2)]
+    cfg = ispc.GatingConfig(keep_ratio=0.5, mode="topk", latency_aware=False)
+    path = ispc.save(ispc.compile(model, calib, config=cfg, progress=False),
+                     tmp_path / "resnet18-b2-k0.5.ispc")
+    mod = benchmark_script("kernel_ab.py")
+    out = tmp_path / "ab.json"
+    assert mod.main(["--variant=-DSTREAM_BYTES=1", "--saved", str(path), "--image-size", "32",
+                     "--rounds", "2", "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["results"]
+    assert row["identical"] and row["-DSTREAM_BYTES=1_paired"] > 0 and row["dense_paired"] > 0
