@@ -15,7 +15,12 @@ from .modules import GatedConv2d, GatedLinear, full_channels
 from .report import Report
 from .timing import default_progress
 
-__all__ = ["CompiledModel"]
+__all__ = ["CompiledModel", "DECLINED"]
+
+_is_compiling = torch.compiler.is_compiling  # read per call: a global, not torch's attributes
+
+#: a runner's ``serve`` answer where the compiled model's full call path must run
+DECLINED = object()
 
 
 class CompiledModel(nn.Module):
@@ -40,11 +45,24 @@ class CompiledModel(nn.Module):
         self.config = config
         self.backend = backend
         self.__dict__["_runner"] = None  # a backend's compiled callable; not a registered submodule
+        self.__dict__["_serve"] = None  # its short path, where it has one
 
     def use_runner(self, runner: Any) -> None:
         """Run ``forward`` through ``runner`` (a backend's compiled callable over
         ``graph_module``; None: the graph module itself). Not a registered submodule."""
         self.__dict__["_runner"] = runner
+        self.__dict__["_serve"] = getattr(runner, "serve", None)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        # a runner's short path (NativePlanRunner.serve) where nothing changed since its last call;
+        # otherwise nn.Module.__call__ (hooks, tracing) as for any module
+        if len(args) == 1 and not kwargs and not _is_compiling():
+            serve = self.__dict__.get("_serve")
+            if serve is not None:
+                out = serve(self, args[0])
+                if out is not DECLINED:
+                    return out
+        return super().__call__(*args, **kwargs)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Called as the original model is: its input positionally or by its keyword

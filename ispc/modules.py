@@ -105,6 +105,10 @@ class _Generation:
     value = 0
 
 
+#: the counter itself (its ``value``), for callers that read it without a function call
+Generation = _Generation
+
+
 def state_generation() -> int:
     """The current state generation: unchanged since a reading, no :class:`Watched` module has
     had an attribute, buffer or hook set, nor been moved or cast, in between."""

@@ -38,14 +38,22 @@ import torch.utils._pytree as pytree
 from torch import Tensor, fx, nn
 from torch.nn.modules import module as _nn_module
 
-from .compiled import CompiledModel
+from .compiled import DECLINED, CompiledModel
 from .modules import (ACTIVATIONS, MODE_CODES, SALIENCY_CODES, ChannelsLastMaxPool2d, GatedConv2d,
                        GlobalAvgPool2d, NhwcDenseConv2d, StridedMaxPool2d, ToMemoryFormat,
-                       Watched, plain_cpu_call, state_generation)
+                       Watched, Generation, plain_cpu_call, state_generation)
 from .ops import gated_conv as _gc
 from .ops import native
 
 __all__ = ["NativePlanRunner", "runner_for"]
+
+# read per call by NativePlanRunner.serve: module globals, not attribute chains through torch
+_tracing_state = torch._C._get_tracing_state
+_profiler_enabled = torch.autograd._profiler_enabled
+_grad_enabled = torch.is_grad_enabled
+_threads = torch.get_num_threads
+_F32 = torch.float32
+_native_local = native._local
 
 _LAYERS = (ToMemoryFormat, GatedConv2d, NhwcDenseConv2d, GlobalAvgPool2d, ChannelsLastMaxPool2d,
            StridedMaxPool2d)
@@ -238,6 +246,11 @@ class _Plan:
         self.program, self.slots, self.spans = program, slots, spans  # spans: each op's layers
         self.out_shape, self.out_slot, self.buffers = out_shape, out_slot, buffers
         self.out: Tensor | None = None  # the output map, where it is kept across calls
+        #: a fresh output tensor (channels-last where it is a 4-D map)
+        self.empty = (partial(torch.empty, out_shape, dtype=torch.float32) if len(out_shape) != 4
+                      else partial(torch.empty, out_shape, dtype=torch.float32,
+                                   memory_format=torch.channels_last))
+        self.entry = program.entry()  # the C call's function, ops and count (serve calls it)
 
 
 class _Program(nn.Module):
@@ -254,6 +267,10 @@ class _Program(nn.Module):
         #: the states no generation covers (torch's own modules: dropout, linear), read per call
         self._foreign = [f for m, f in zip(self._mods, self._states)
                          if not isinstance(m, Watched) and f is not tuple]
+        #: (shape, strides, generation, foreign states, plan) of the last planned input (kept
+        #: while _plans is not cleared)
+        self._last: tuple | None = None
+        self._served = False  # whether a runner serves calls through it (sets _last)
         self._src = seg[0].args[0]
         self.__dict__["_gm"] = gm
         #: the linear layers run on input-major weights, zero inputs skipped: all but those right
@@ -308,10 +325,12 @@ class _Program(nn.Module):
         seen = (gen, [f() for f in self._foreign])
         known = self._plans.get(shape)
         if known is not None and self._seen.get(shape) == seen:
+            self._remember(x, seen, known[1])
             return known[1]
         key = (shape, *[f() for f in self._states])
         if known is not None and known[0] == key:
             self._seen[shape] = seen
+            self._remember(x, seen, known[1])
             return known[1]
         plan = self._build(shape)
         # a build may make a linear input-major (its weight a new view): the states after it
@@ -322,7 +341,15 @@ class _Program(nn.Module):
             self._seen.clear()
         self._plans[shape] = (key, plan)
         self._seen[shape] = seen
+        self._remember(x, seen, plan)
         return plan
+
+    def _remember(self, x: Tensor, seen: tuple[int, list], plan: _Plan | None) -> None:
+        """Keep ``plan`` as the one :meth:`NativePlanRunner.serve` checks first: for inputs of
+        ``x``'s shape and strides (its layout checks passed), while the generation and the
+        foreign states are ``seen``'s."""
+        if self._served:
+            self._last = None if plan is None else (tuple(x.shape), x.stride(), *seen, plan)
 
     def _build(self, xshape: tuple[int, ...]) -> _Plan | None:
         """The program for inputs of ``xshape``; None where some layer would not take its native
@@ -849,7 +876,9 @@ class NativePlanRunner:
             if ([n.op for n in nodes] == ["placeholder", "call_module", "output"]
                     and nodes[1].args == (nodes[0],) and _plain_io(self._fast, nodes[1])):
                 self._direct = self._fast.get_submodule(nodes[1].target)
+                self._direct._served = True
         self._lock = threading.Lock()
+        self._gm_vars = vars(gm)  # its code read per call without the property's Python
 
     def __reduce__(self):  # copies and pickles: a runner of the copied graph module
         return (type(self), (self.gm, self.classifier))
@@ -866,6 +895,54 @@ class NativePlanRunner:
             finally:
                 self._lock.release()
         return self.gm(*args, **kwargs)
+
+    def serve(self, owner: nn.Module, x: Any) -> Any:
+        """``owner(x)`` for the compiled model ``owner`` whose runner this is (its
+        ``nn.Module.__call__``, ``forward`` and this runner's call in one), where the graph is one
+        program and nothing has changed since its last call: no hooks (``owner``'s, global, the
+        layers'), no grad, tracing or profiler, ``x`` of the last call's dtype, device, shape and
+        strides, the same generation and foreign states; else :data:`~ispc.compiled.DECLINED`
+        (the caller then takes the full path, which re-checks everything). The caller has checked
+        ``torch.compiler.is_compiling()``. After a program has run every object and line a call
+        touches is a cache miss, so this is one function that reads few of them."""
+        prog = self._direct
+        if (prog is None or type(x) is not Tensor or owner._compiled_call_impl is not None
+                or owner._forward_hooks or owner._forward_pre_hooks or owner._backward_hooks
+                or owner._backward_pre_hooks or _nn_module._global_forward_hooks
+                or _nn_module._global_forward_pre_hooks or _nn_module._global_backward_hooks
+                or _nn_module._global_backward_pre_hooks
+                or _nn_module._global_forward_hooks_always_called
+                or _tracing_state() is not None or _profiler_enabled()
+                or self._gm_vars.get("_code") is not self._code):
+            return DECLINED
+        last, gen = prog._last, Generation.value
+        if (last is None or not prog._plans or gen != last[2] or gen != self._hookless
+                or x.requires_grad or x.dtype is not _F32 or not x.is_cpu or x.shape != last[0]
+                or x.stride() != last[1]
+                or (_grad_enabled() and any(p.requires_grad for p in self._params))):
+            return DECLINED
+        for m in self._foreign:
+            if m._forward_hooks or m._forward_pre_hooks:
+                return DECLINED
+        if [f() for f in prog._foreign] != last[3] or not self._lock.acquire(False):
+            return DECLINED
+        try:
+            plan = last[4]
+            out = plan.out
+            if out is None:
+                out = plan.empty()
+                if prog.keep_output:
+                    plan.out = out
+            slots = plan.slots
+            slots[0] = x.data_ptr()
+            slots[plan.out_slot] = out.data_ptr()
+            fn, ops, count = plan.entry
+            ws = getattr(_native_local, "ws_args", None) or native.workspace_args()
+            if fn(ops, count, slots, ws[0], ws[1], _threads()):
+                plan.program.run(slots)  # a workspace to grow (or a refusal to raise)
+            return out
+        finally:
+            self._lock.release()
 
     def _eligible(self) -> bool:
         """Whether the per-layer path of every layer in a program would take its native kernel

@@ -26,6 +26,7 @@ import tempfile
 import threading
 import weakref
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -471,7 +472,17 @@ def _workspace(floats: int) -> Tensor:
             buf.madvise(mmap.MADV_HUGEPAGE)
         ws = _local.ws = torch.frombuffer(buf, dtype=torch.float32)
         _local.buf = buf  # the tensor borrows the mapping: keep it alive as long as the tensor
+        _local.ws_args = (ws.data_ptr(), ws.numel())
     return ws
+
+
+def workspace_args() -> tuple[int, int]:
+    """This thread's workspace (:func:`_workspace`) as an entry's last arguments: pointer, floats."""
+    args = getattr(_local, "ws_args", None)
+    if args is None:
+        _workspace(0)
+        args = _local.ws_args
+    return args
 
 
 _HUGE_PAGE = 2 << 20
@@ -1362,6 +1373,15 @@ class OpProgram:
                 lib.ispc_run_ops_times(None)
         if need:
             raise ConfigError(f"ispc_run_ops refused the program (code {need}): an unknown op")
+
+    def entry(self) -> tuple[Any, Any, int]:
+        """``(fn, ops, count)``: :meth:`run` without its Python, for callers that make the call
+        themselves: ``fn(ops, count, slots, *workspace_args(), torch.get_num_threads())``; a
+        positive return asks for that many floats of workspace (``_workspace``) and the call
+        again, a negative one is a refusal."""
+        if self._array is None:
+            self._array = (_Op * len(self._ops))(*self._ops)
+        return _run_ops_lib().ispc_run_ops, self._array, len(self._ops)
 
     @staticmethod
     def slot_array(count: int):

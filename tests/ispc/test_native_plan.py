@@ -644,3 +644,116 @@ def test_packed_weights_on_huge_pages_run_pickle_and_copy_as_before(monkeypatch)
             again = pickle.loads(pickle.dumps(k))
             assert torch.equal(again.packed, k.packed) and not getattr(again, "_huge", False)
         assert torch.equal(copy.deepcopy(c)(x), got)
+
+
+
+@pytest.fixture()
+def one_program(with_classifier):
+    """A compiled model whose graph is one program (a layout change and two dense convolutions):
+    its runner serves calls through the short path."""
+    from torch import fx, nn
+
+    from ispc.compiled import CompiledModel
+    from ispc.modules import NhwcDenseConv2d, ToMemoryFormat
+
+    torch.manual_seed(0)
+    root = nn.Module()
+    root.cl, root.a, root.b = ToMemoryFormat(True), *(NhwcDenseConv2d(nn.Conv2d(3, 3, 3, padding=1))
+                                                      for _ in range(2))
+    g = fx.Graph()
+    g.output(g.call_module("b", (g.call_module("a", (g.call_module("cl", (g.placeholder("x"),)),)),)))
+    c = CompiledModel(fx.GraphModule(root, g), with_classifier.report, with_classifier.config)
+    c.use_runner(NativePlanRunner(c.graph_module))
+    assert _runner(c)._direct is not None
+    return c
+
+
+def _declines(c, x) -> bool:
+    """Whether the compiled model's short path (``NativePlanRunner.serve``) turns ``c(x)`` down."""
+    from ispc.compiled import DECLINED
+
+    return _runner(c).serve(c, x) is DECLINED
+
+
+def test_repeated_calls_take_the_short_path_and_its_answer_is_the_program_s(one_program):
+    c = one_program
+    x = torch.randn(2, 3, 6, 5)
+    with torch.no_grad():
+        want = c.graph_module(x)
+        c(x)
+        assert not _declines(c, x)
+        got = _runner(c).serve(c, x)
+        assert torch.equal(got, want) and got.is_contiguous(memory_format=torch.channels_last)
+        assert got is not c(x)  # a fresh output every call: it reaches the caller
+        assert not _declines(c, x.clone())  # another tensor of the same layout
+
+
+def test_the_short_path_declines_every_call_the_full_path_serves_otherwise(one_program):
+    """Another shape, strides, dtype, an input needing grad, parameters needing grad in grad
+    mode, hooks (the model's own, global, a layer's), a moved generation, cleared plans, a held
+    lock, the profiler: each declines, and the call then answers as before."""
+    from torch import nn
+
+    c = one_program
+    r = _runner(c)
+    x = torch.randn(2, 3, 6, 5)
+    conv = c.graph_module.get_submodule("a")
+    with torch.no_grad():
+        want = c.graph_module(x)
+        c(x)
+        assert not _declines(c, x)
+        assert _declines(c, torch.randn(1, 3, 6, 5))
+        assert _declines(c, x.contiguous(memory_format=torch.channels_last))
+        assert _declines(c, torch.randn(2, 3, 6, 10)[..., ::2])
+        assert _declines(c, x.double())
+        seen = []
+        for register in (c.register_forward_hook, c.register_forward_pre_hook,
+                         nn.modules.module.register_module_forward_hook,
+                         conv.register_forward_hook):
+            h = register(lambda *a: seen.append(1))
+            try:
+                c(x)
+                assert _declines(c, x)
+                assert torch.equal(c(x), want)
+            finally:
+                h.remove()
+        assert len(seen) >= 8
+        c(x)
+        assert not _declines(c, x)
+        conv.act = conv.act  # the generation moves
+        assert _declines(c, x)
+        c(x)
+        assert not _declines(c, x)
+        r._programs[0]._plans.clear()
+        assert _declines(c, x)
+        c(x)
+        assert r._lock.acquire(blocking=False)
+        try:
+            assert _declines(c, x)
+        finally:
+            r._lock.release()
+        with torch.autograd.profiler.profile():
+            assert _declines(c, x)
+    xg = x.clone().requires_grad_(True)
+    assert _declines(c, xg) and c(xg).requires_grad
+    c.graph_module.requires_grad_(True)
+    try:
+        assert _declines(c, x)
+        assert c(x).requires_grad
+    finally:
+        c.graph_module.requires_grad_(False)
+    with torch.no_grad():
+        c(x)
+        assert not _declines(c, x)
+        assert torch.equal(c(x), want)
+
+
+def test_compiled_and_traced_calls_take_the_full_path(one_program):
+    c = one_program
+    x = torch.randn(2, 3, 6, 5)
+    with torch.no_grad():
+        want = c.graph_module(x)
+        c(x)
+        assert torch.equal(torch.compile(c, backend="eager")(x), want)
+        traced = torch.jit.trace(c, x, check_trace=False)
+        assert torch.equal(traced(x), want)
