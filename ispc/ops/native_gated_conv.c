@@ -1927,6 +1927,186 @@ static nh_kernel_t nh_kernel(int64_t nv, int64_t mr, int ind) {
     }
 }
 
+/* ---- partial last blocks (AVX-512): a block whose kept lanes end short of its nv * 16 (the
+ * last of a layer whose cout is not a multiple: MobileNetV2's 24-channel projections on the
+ * 32-lane tile, 144 = 4 x 32 + 16, 160 = 2 x 64 + 32) runs a tile of NZ whole vectors and, where
+ * NH, one 8-float (256-bit) vector, on the same packed weights (PNV vectors a row). On 256-bit
+ * datapaths (AMD Zen 4) a 512-bit FMA is two 256-bit ones: 24 lanes as 16 + 8 skip a quarter of
+ * a 32-lane tile's FMAs. The lanes computed are the full tile's in the same order: the same
+ * values bit for bit. NH_PART 0: the full tiles (A/B). */
+#if defined(__AVX512F__)
+#ifndef NH_PART
+#define NH_PART 1
+#endif
+#else
+#undef NH_PART
+#define NH_PART 0
+#endif
+#if NH_PART
+typedef float vh __attribute__((vector_size(32)));  /* 8 floats: a ymm register */
+typedef double vd8 __attribute__((vector_size(64)));
+static inline vh ldh(const float *p) { vh v; memcpy(&v, p, sizeof v); return v; }
+static inline vf nh_zext(vh v) { return (vf)_mm512_zextps256_ps512((__m256)v); }
+static inline vh nh_lo(vf v) { return (vh)_mm512_castps512_ps256((__m512)v); }
+
+/* NH_STEP for the partial tile: NZ whole vectors and NH (0 or 1) half vectors of a PNV-vector row */
+#define NH_PSTEP(MR, PNV, NZ, NH, c, wc, pf)                                                    \
+    {                                                                                           \
+        vf w[NZ];                                                                               \
+        vh wh = {0};                                                                            \
+        NH_UNROLL                                                                               \
+        for (int j = 0; j < NZ; j++) w[j] = ld((wc) + j * VW);                                  \
+        if (NH) wh = ldh((wc) + NZ * VW);                                                       \
+        for (int j = 0; j < (pf ? PNV * VW * 4 : 0); j += 64)                                   \
+            __builtin_prefetch((const char *)(pf) + j, 0, NH_PF_LOC);                           \
+        NH_UNROLL                                                                               \
+        for (int i = 0; i < MR; i++) {                                                          \
+            const float b = p[i][c];                                                            \
+            NH_UNROLL                                                                           \
+            for (int j = 0; j < NZ; j++) acc[i][j] += b * w[j];                                 \
+            if (NH) acch[i] += b * wh;                                                          \
+        }                                                                                       \
+    }
+
+/* the epilogue: a whole tile of NZ * 16 + 8 lanes here (the half vector's bias and residual
+ * read 8 floats), anything else through NH_EPILOGUE on the accumulators widened */
+#define NH_PART_EPILOGUE(MR, NZ, NH, acc, acch, e)                                              \
+    if (NH && (e)->npos == MR && (e)->lanes == NZ * VW + 8 && !(e)->stream) {                   \
+        const float *const res_ = (e)->res;                                                     \
+        float *const out_ = (e)->out;                                                           \
+        const int64_t os_ = (e)->ostride;                                                       \
+        const int clamp_ = (e)->clamp, ykind_ = (e)->ykind;                                     \
+        const float lo_ = (e)->lo, hi_ = (e)->hi;                                               \
+        double *const yrow_ = (e)->yrow;                                                        \
+        vf bv[NZ + 1], sq[NZ + 1];                                                              \
+        NH_UNROLL                                                                               \
+        for (int j = 0; j < NZ; j++) bv[j] = ld((e)->bias + j * VW);                            \
+        bv[NZ] = nh_zext(ldh((e)->bias + NZ * VW));                                             \
+        NH_UNROLL                                                                               \
+        for (int j = 0; j <= NZ; j++) sq[j] = (vf){0};                                          \
+        NH_UNROLL                                                                               \
+        for (int i = 0; i < MR; i++) {                                                          \
+            vf v[NZ + 1];                                                                       \
+            NH_UNROLL                                                                           \
+            for (int j = 0; j <= NZ; j++) {                                                     \
+                v[j] = (j < NZ ? acc[i][j < NZ ? j : 0] : nh_zext(acch[i])) + bv[j];            \
+                if (res_) v[j] += j < NZ ? ld(res_ + i * os_ + j * VW)                          \
+                                         : nh_zext(ldh(res_ + i * os_ + NZ * VW));              \
+                v[j] = clamp_ ? nh_act(v[j], clamp_, lo_, hi_) : v[j];                          \
+                if (yrow_) sq[j] += sum_term(v[j], ykind_);                                     \
+            }                                                                                   \
+            float *d = out_ + i * os_;                                                          \
+            NH_UNROLL                                                                           \
+            for (int j = 0; j < NZ; j++) st(d + j * VW, v[j]);                                  \
+            vh h = nh_lo(v[NZ]);                                                                \
+            memcpy(d + NZ * VW, &h, sizeof h);                                                  \
+        }                                                                                       \
+        if (yrow_) {                                                                            \
+            for (int j = 0; j < NZ; j++) add_lanes(yrow_ + j * VW, sq[j], VW);                  \
+            vd8 a;                                                                              \
+            memcpy(&a, yrow_ + NZ * VW, sizeof a);                                              \
+            a += __builtin_convertvector(nh_lo(sq[NZ]), vd8);                                   \
+            memcpy(yrow_ + NZ * VW, &a, sizeof a);                                              \
+        }                                                                                       \
+    } else {                                                                                    \
+        vf w_[MR][NZ + NH];                                                                     \
+        NH_UNROLL                                                                               \
+        for (int i = 0; i < MR; i++) {                                                          \
+            NH_UNROLL                                                                           \
+            for (int j = 0; j < NZ; j++) w_[i][j] = acc[i][j];                                  \
+            if (NH) w_[i][NZ + NH - 1] = nh_zext(acch[i]);                                      \
+        }                                                                                       \
+        NH_EPILOGUE(MR, NZ + NH, w_, e)                                                         \
+    }
+
+/* NHWC_KERNEL's walk (the same segments, indices and prefetches) on the partial tile */
+#define NHWC_PART_KERNEL(NAME, MR, PNV, NZ, NH, IND)                                            \
+static void NAME(const float *const *ptab, const float *const *wseg, int64_t nseg, int64_t L,   \
+                 const int32_t *ix, int64_t D, const nh_epi_t *e) {                             \
+    vf acc[MR][NZ];                                                                             \
+    vh acch[MR];                                                                                \
+    int64_t pc = 0, pi = 0;                                                                     \
+    (void)pc; (void)pi; (void)acch;                                                             \
+    NH_UNROLL                                                                                   \
+    for (int i = 0; i < MR; i++) {                                                              \
+        NH_UNROLL                                                                               \
+        for (int j = 0; j < NZ; j++) acc[i][j] = (vf){0};                                       \
+        acch[i] = (vh){0};                                                                      \
+    }                                                                                           \
+    for (int64_t s = 0; s < nseg; s++) {                                                        \
+        const float *p[MR];                                                                     \
+        NH_UNROLL                                                                               \
+        for (int i = 0; i < MR; i++) p[i] = ptab[s * MR + i];                                   \
+        const float *ws = wseg[s];                                                              \
+        if (D <= 0) {                                                                           \
+            for (int64_t l = 0; l < L; l++) {                                                   \
+                const int64_t c = IND ? ix[l] : l, cw = IND == 2 ? l : c;                       \
+                NH_PSTEP(MR, PNV, NZ, NH, c, ws + cw * (PNV * VW), (const float *)0)            \
+                if (IND == 2 && pi < e->pfn && ++pc == e->pfe) {                                \
+                    const char *q = (const char *)e->pfr[pi++];                                 \
+                    pc = 0;                                                                     \
+                    for (int j = 0; j < PNV * VW * 4; j += 64)                                  \
+                        __builtin_prefetch(q + j, 0, NH_NPF_LOC);                               \
+                }                                                                               \
+            }                                                                                   \
+            continue;                                                                           \
+        }                                                                                       \
+        const float *wn = s + 1 < nseg ? wseg[s + 1] : ws;                                      \
+        const int64_t l1 = L > D ? L - D : 0;                                                   \
+        int64_t l = 0;                                                                          \
+        for (; l < l1; l++) {                                                                   \
+            const int64_t c = IND ? ix[l] : l, cp = IND == 1 ? ix[l + D] : l + D;               \
+            NH_PSTEP(MR, PNV, NZ, NH, c, ws + (IND == 2 ? l : c) * (PNV * VW),                  \
+                     ws + cp * (PNV * VW))                                                      \
+        }                                                                                       \
+        for (; l < L; l++) {                                                                    \
+            const int64_t c = IND ? ix[l] : l, j = l + D - L < L ? l + D - L : L - 1;           \
+            const int64_t cp = IND == 1 ? ix[j] : j;                                            \
+            NH_PSTEP(MR, PNV, NZ, NH, c, ws + (IND == 2 ? l : c) * (PNV * VW),                  \
+                     wn + cp * (PNV * VW))                                                      \
+        }                                                                                       \
+    }                                                                                           \
+    NH_PART_EPILOGUE(MR, NZ, NH, acc, acch, e)                                                  \
+}
+
+/* 2-vector blocks (14 positions): 16 + 8 lanes, 16 lanes; 4-vector blocks: 32 lanes */
+NHWC_PART_KERNEL(nh_d2h, NH_MR2, 2, 1, 1, 0)
+NHWC_PART_KERNEL(nh_i2h, NH_MR2, 2, 1, 1, 1)
+NHWC_PART_KERNEL(nh_c2h, NH_MR2, 2, 1, 1, 2)
+NHWC_PART_KERNEL(nh_d2q, NH_MR2, 2, 1, 0, 0)
+NHWC_PART_KERNEL(nh_i2q, NH_MR2, 2, 1, 0, 1)
+NHWC_PART_KERNEL(nh_c2q, NH_MR2, 2, 1, 0, 2)
+NHWC_PART_KERNEL(nh_d4q, NH_MR4, 4, 2, 0, 0)
+NHWC_PART_KERNEL(nh_i4q, NH_MR4, 4, 2, 0, 1)
+NHWC_PART_KERNEL(nh_c4q, NH_MR4, 4, 2, 0, 2)
+#if NH_MR4S > 0
+NHWC_PART_KERNEL(nh_d4sq, NH_MR4S, 4, 2, 0, 0)
+NHWC_PART_KERNEL(nh_i4sq, NH_MR4S, 4, 2, 0, 1)
+NHWC_PART_KERNEL(nh_c4sq, NH_MR4S, 4, 2, 0, 2)
+#endif
+#endif
+
+/* the partial tile for a block of nv vectors and mr positions whose kept lanes are lanes (< nv *
+ * 16); ind as nh_kernel. NULL: none (the full tile) */
+static nh_kernel_t nh_part_kernel(int64_t nv, int64_t mr, int64_t lanes, int ind) {
+#if NH_PART
+    static const nh_kernel_t h2[3] = {nh_d2h, nh_i2h, nh_c2h}, q2[3] = {nh_d2q, nh_i2q, nh_c2q},
+                             q4[3] = {nh_d4q, nh_i4q, nh_c4q};
+    if (nv == 2 && mr == NH_MR2 && lanes > 0)
+        return lanes <= VW ? q2[ind] : lanes <= VW + 8 ? h2[ind] : 0;
+    if (nv == 4 && lanes > 0 && lanes <= 2 * VW) {
+        if (mr == NH_MR4) return q4[ind];
+#if NH_MR4S > 0
+        static const nh_kernel_t q4s[3] = {nh_d4sq, nh_i4sq, nh_c4sq};
+        if (mr == NH_MR4S) return q4s[ind];
+#endif
+    }
+#else
+    (void)nv; (void)mr; (void)lanes; (void)ind;
+#endif
+    return 0;
+}
+
 /* The vectors per output-channel block a layer of cout output channels on maps of howo output
  * positions (0: unknown) packs its weights for: the tile with the least computed-but-unused work
  * (lanes past cout, positions past howo), weighed by each tile's measured speed. */
@@ -2360,6 +2540,11 @@ static void nh_conv(const nh_geom_t *g, const ispc_nhwc_layer_t *L, const float 
     const int64_t HWC = g->H * g->W * C;
     const nh_kernel_t kind = nh_kernel(g->nv, mr, 1), kdir = nh_kernel(g->nv, mr, 0),
                       kcmp = nh_kernel(g->nv, mr, 2);
+    /* the last block's partial tile, where its lanes end short (nh_part_kernel) */
+    const int64_t plast = g->cout - (g->cob - 1) * nr;
+    const nh_kernel_t pind = nh_part_kernel(g->nv, mr, plast, 1),
+                      pdir = nh_part_kernel(g->nv, mr, plast, 0),
+                      pcmp = nh_part_kernel(g->nv, mr, plast, 2);
     const int64_t G = nh_group_blocks(g, counts), groups = (g->cob + G - 1) / G;
     const int64_t wbytes = T * C * nr * (int64_t)sizeof(float);  /* a block's */
     const int64_t pfd = wbytes >= nh_pf_min() ? NH_PF : 0;
@@ -2526,12 +2711,13 @@ static void nh_conv(const nh_geom_t *g, const ispc_nhwc_layer_t *L, const float 
                 e.pfn = r1 - r0;
                 e.pfe = e.pfn > 0 && steps > e.pfn ? steps / e.pfn : 1;
             }
+            const int part = lanes < nr && pdir;
             if (dense)
-                kdir(ptab, wseg, K ? nseg : 0, len, 0, pfd, &e);
+                (part ? pdir : kdir)(ptab, wseg, K ? nseg : 0, len, 0, pfd, &e);
             else if (cmp)
-                kcmp(ptab, wseg, nseg, len, ix + n * C, 0, &e);
+                (part ? pcmp : kcmp)(ptab, wseg, nseg, len, ix + n * C, 0, &e);
             else
-                kind(ptab, wseg, K ? nseg : 0, len, ix + n * C, pfg, &e);
+                (part ? pind : kind)(ptab, wseg, K ? nseg : 0, len, ix + n * C, pfg, &e);
         }
         pk++;
     }

@@ -173,3 +173,63 @@ def test_avx2_tail_tiles(case, monkeypatch):
                         assert torch.equal(sums[0], sums[1]), where
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("flags", [(), ("-DNH_STREAM_BYTES=1",)], ids=["default", "streamed"])
+def test_partial_last_blocks(flags, monkeypatch):
+    # the AVX-512 build's partial tiles for a last block whose lanes end short (nh_part_kernel:
+    # 16 + 8 or 16 lanes of a 2-vector block, 32 of a 4-vector one): dense, gated (compacted and
+    # indexed weights), 1x1 and a padded strided 3x3, partial position tiles, residual, clamp, output
+    # sums, batch 1 and 2, 1 and 2 threads; against the reference, and bit for bit the full tiles
+    import platform
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("x86 ISA variants")
+    try:
+        new = native._build(flags)
+        old = native._build((*flags, "-DNH_PART=0"))
+    except RuntimeError as exc:
+        pytest.skip(f"cannot build the variants: {exc}")
+    if new.ispc_vector_floats() != 16:
+        pytest.skip("the partial tiles are the AVX-512 build's")
+    g = torch.Generator().manual_seed(7)
+    threads = torch.get_num_threads()
+    try:
+        for cin, cout, nv, k, kh, stride, h, w_, n in [
+                (96, 24, 2, 48, 1, 1, 14, 14, 1), (144, 24, 2, 72, 1, 1, 9, 11, 1),
+                (24, 144, 2, 12, 1, 1, 8, 7, 1), (16, 20, 2, 8, 1, 1, 6, 5, 2),
+                (16, 8, 2, 8, 1, 1, 7, 6, 1), (96, 160, 4, 48, 1, 1, 7, 7, 1),
+                (96, 160, 4, 48, 1, 1, 6, 6, 1), (64, 40, 4, 32, 1, 1, 7, 7, 1),
+                (3, 24, 2, 2, 3, 2, 17, 15, 1), (12, 152, 4, 6, 3, 1, 9, 8, 2)]:
+            x = (torch.randn(n, cin, h, w_, generator=g) * (torch.rand(1, cin, 1, 1, generator=g) + .1)
+                 ).contiguous(memory_format=torch.channels_last)
+            w, b = torch.randn(cout, cin, kh, kh, generator=g), torch.randn(cout, generator=g)
+            scale = torch.rand(cin, generator=g) + 0.5
+            pad = kh // 2
+            ho, wo = (h + 2 * pad - kh) // stride + 1, (w_ + 2 * pad - kh) // stride + 1
+            res = torch.randn(n, cout, ho, wo, generator=g).contiguous(memory_format=torch.channels_last)
+            for mode, kk in ((gc.TOPK, k), (native.DENSE, 0)):
+                if mode == native.DENSE:
+                    ref = torch.nn.functional.conv2d(x, w, b, stride, pad)
+                else:
+                    ref = gc.gated_conv2d_reference(x, w, b, scale, stride, stride, pad, pad, 1, 1,
+                                                    gc.TOPK, 0.0, kk)
+                ref = (ref + res).clamp(*native.RELU6)
+                for nth in (1, 2):
+                    torch.set_num_threads(nth)
+                    for kind in (None, gc.SALIENCY_L2, gc.SALIENCY_L1):
+                        outs, sums = [], []
+                        for lib in (new, old):
+                            monkeypatch.setattr(native, "_lib", lib)
+                            layer = native.NhwcConv(w, b, stride=stride, padding=pad,
+                                                    out_hw=ho * wo, vectors=nv)
+                            s = None if kind is None else torch.empty(n, cout)
+                            outs.append(layer(x, mode, scale=scale, k=kk, residual=res,
+                                              clamp=native.RELU6, out_sums=s, out_sums_kind=kind or 0))
+                            sums.append(s)
+                        case = (cin, cout, nv, k, kh, h, w_, n, mode, nth, kind)
+                        assert rel_err(outs[0], ref) < 1e-5, case
+                        assert torch.equal(outs[0], outs[1]), case
+                        if kind is not None:
+                            assert torch.equal(sums[0], sums[1]), case
+    finally:
+        torch.set_num_threads(threads)
