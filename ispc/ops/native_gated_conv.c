@@ -2016,7 +2016,7 @@ static inline vh nh_lo(vf v) { return (vh)_mm512_castps512_ps256((__m512)v); }
             for (int j = 0; j < NZ; j++) w_[i][j] = acc[i][j];                                  \
             if (NH) w_[i][NZ + NH - 1] = nh_zext(acch[i]);                                      \
         }                                                                                       \
-        NH_EPILOGUE(MR, NZ + NH, w_, e)                                                         \
+        NH_EPILOGUE(MR, (NZ + NH), w_, e)                                                       \
     }
 
 /* NHWC_KERNEL's walk (the same segments, indices and prefetches) on the partial tile */
@@ -2084,6 +2084,103 @@ NHWC_PART_KERNEL(nh_d4sq, NH_MR4S, 4, 2, 0, 0)
 NHWC_PART_KERNEL(nh_i4sq, NH_MR4S, 4, 2, 0, 1)
 NHWC_PART_KERNEL(nh_c4sq, NH_MR4S, 4, 2, 0, 2)
 #endif
+#endif
+
+/* AVX-512: 1x1 stride-1 unpadded layers of short reductions (at most NH_PW512 kept or dense
+ * channels: MobileNetV2's 112x112 and 56x56 expansions, 16 and 24 channels, 8 and 12 kept) on the
+ * 14x2 tile, positions whole: the AVX2 build's nh_pw_tile. The tile's K inputs are gathered once
+ * into a contiguous array (read in place where dense), so one base register serves the
+ * broadcasts where the 14 position pointers spilled, then every block of the group runs its K
+ * steps in this one call, the last one on its partial tile (NH_PART). The FMAs and epilogues are
+ * the tiles' in the same order: the same values. Off (0) by default: alone it ran 0.98-1.08x the
+ * usual tiles' time on Zen 4 (docs/benchmarks.md); -DNH_PW512=24 for A/Bs. */
+#if NH_PART
+#ifndef NH_PW512
+#define NH_PW512 0
+#endif
+#else
+#undef NH_PW512
+#define NH_PW512 0
+#endif
+#if NH_PW512 > 0
+#ifndef NH_PW512_UNROLL  /* the steps' unrolling: whole, the code outgrew L1i (A/B) */
+#define NH_PW512_UNROLL _Pragma("GCC unroll 2")
+#endif
+/* one block: NZ whole and NH half vectors of rows of nr floats */
+#define NH_PW_BLOCK(NAME, NZ, NH)                                                               \
+static inline __attribute__((always_inline)) void                                               \
+NAME(const float *xg, const int64_t XS, const int64_t K, const float *w, int64_t nr,            \
+     const nh_epi_t *e) {                                                                       \
+    vf acc[NH_MR2][NZ];                                                                         \
+    vh acch[NH_MR2];                                                                            \
+    (void)acch;                                                                                 \
+    NH_UNROLL                                                                                   \
+    for (int i = 0; i < NH_MR2; i++) {                                                          \
+        NH_UNROLL                                                                               \
+        for (int j = 0; j < NZ; j++) acc[i][j] = (vf){0};                                       \
+        acch[i] = (vh){0};                                                                      \
+    }                                                                                           \
+    NH_PW512_UNROLL                                                                             \
+    for (int64_t l = 0; l < K; l++) {                                                           \
+        vf wv[NZ];                                                                              \
+        vh wh = {0};                                                                            \
+        NH_UNROLL                                                                               \
+        for (int j = 0; j < NZ; j++) wv[j] = ld(w + l * nr + j * VW);                           \
+        if (NH) wh = ldh(w + l * nr + NZ * VW);                                                 \
+        NH_UNROLL                                                                               \
+        for (int i = 0; i < NH_MR2; i++) {                                                      \
+            const float v = xg[i * XS + l];                                                     \
+            NH_UNROLL                                                                           \
+            for (int j = 0; j < NZ; j++) acc[i][j] += v * wv[j];                                \
+            if (NH) acch[i] += v * wh;                                                          \
+        }                                                                                       \
+    }                                                                                           \
+    NH_PART_EPILOGUE(NH_MR2, NZ, NH, acc, acch, e)                                              \
+}
+NH_PW_BLOCK(nh_pw_blk2, 2, 0)
+NH_PW_BLOCK(nh_pw_blk1h, 1, 1)
+NH_PW_BLOCK(nh_pw_blk1, 1, 0)
+
+/* the inputs read from xs, XS floats a position: x itself where dense and C == XS (positions
+ * contiguous), else the gathered copy */
+static inline __attribute__((always_inline)) void
+nh_pw512_body(const float *x, int64_t C, const int32_t *ix, const int64_t K, const int64_t XS,
+              const float *w, int64_t wstride, int64_t nb, int64_t nr, int64_t rem, nh_epi_t e) {
+    float xg[NH_MR2 * NH_PW512];
+    const float *xs = x;
+    if (ix || C != XS) {
+        for (int i = 0; i < NH_MR2; i++)
+            for (int64_t l = 0; l < K; l++) xg[i * XS + l] = x[i * C + (ix ? ix[l] : l)];
+        xs = xg;
+    }
+    for (int64_t b = 0; b < nb; b++, w += wstride, rem -= nr) {
+        e.lanes = (int)(rem < nr ? rem : nr);
+        if (e.lanes > VW + 8)
+            nh_pw_blk2(xs, XS, K, w, nr, &e);
+        else if (e.lanes > VW)
+            nh_pw_blk1h(xs, XS, K, w, nr, &e);
+        else
+            nh_pw_blk1(xs, XS, K, w, nr, &e);
+        e.out += nr;
+        if (e.res) e.res += nr;
+        e.bias += nr;
+        if (e.yrow) e.yrow += nr;
+    }
+}
+
+/* nh_pw512_body with MobileNetV2's reductions (8, 12, 16, 24) as constants: steps unrolled */
+static void nh_pw512_tile(const float *x, int64_t C, const int32_t *ix, int64_t K, const float *w,
+                          int64_t wstride, int64_t nb, int64_t nr, int64_t rem, nh_epi_t e) {
+    if (!ix && K == 16) {  /* MobileNetV2's dense 16- and 24-channel inputs, read in place */
+        nh_pw512_body(x, C, ix, 16, 16, w, wstride, nb, nr, rem, e);
+        return;
+    }
+    if (!ix && K == 24) {
+        nh_pw512_body(x, C, ix, 24, 24, w, wstride, nb, nr, rem, e);
+        return;
+    }
+    nh_pw512_body(x, C, ix, K, NH_PW512, w, wstride, nb, nr, rem, e);
+}
 #endif
 
 /* the partial tile for a block of nv vectors and mr positions whose kept lanes are lanes (< nv *
@@ -2579,6 +2676,10 @@ static void nh_conv(const nh_geom_t *g, const ispc_nhwc_layer_t *L, const float 
     const int pw1 = T == 1 && g->sh == 1 && g->sw == 1 && g->ph == 0 && g->pw == 0 && g->nv == 2
                     && mr == NH_MR2;  /* nh_pw_tile's layers */
 #endif
+#if NH_PW512 > 0
+    const int pw512 = T == 1 && g->sh == 1 && g->sw == 1 && g->ph == 0 && g->pw == 0 && g->nv == 2
+                      && mr == NH_MR2;  /* nh_pw512_tile's layers */
+#endif
     for (int64_t it = i0; it < i1; it++) {
         const int64_t cg = it / (g->N * g->tiles), n = it / g->tiles % g->N;
         const int64_t tl = it % g->tiles;
@@ -2647,6 +2748,19 @@ static void nh_conv(const nh_geom_t *g, const ispc_nhwc_layer_t *L, const float 
                         }
             }
         }
+#if NH_PW512 > 0
+        if (pw512 && p0 + mr <= HoWo && K > 0 && K <= NH_PW512 && (dense || cmp) && pn == 0) {
+            const int64_t o = (n * HoWo + p0) * g->cout + cg * G * nr;
+            nh_epi_t e = {out + o, res ? res + o : 0, L->bias + cg * G * nr, g->cout, (int)mr,
+                          (int)nr, clamp, ykind, lo, hi, yrow ? yrow + n * cs + cg * G * nr : 0,
+                          g->stream, 0, 0, 1};
+            nh_pw512_tile(xn + p0 * C, C, dense ? 0 : ix + n * C, K,
+                          cmp ? cbuf : L->wpack + cg * G * C * nr, (cmp ? K : C) * nr,
+                          cb1 - cg * G, nr, g->cout - cg * G * nr, e);
+            pk++;
+            continue;
+        }
+#endif
 #if NH_PW_SHORT > 0
         if (pw1 && p0 + mr <= HoWo && K > 0 && K <= NH_PW_SHORT && (dense || cmp) && pn == 0) {
             const int64_t o = (n * HoWo + p0) * g->cout + cg * G * nr;

@@ -175,12 +175,14 @@ def test_avx2_tail_tiles(case, monkeypatch):
         torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("flags", [(), ("-DNH_STREAM_BYTES=1",)], ids=["default", "streamed"])
+@pytest.mark.parametrize("flags", [(), ("-DNH_STREAM_BYTES=1",), ("-DNH_PW512=24",)],
+                         ids=["default", "streamed", "short-tile"])
 def test_partial_last_blocks(flags, monkeypatch):
     # the AVX-512 build's partial tiles for a last block whose lanes end short (nh_part_kernel:
-    # 16 + 8 or 16 lanes of a 2-vector block, 32 of a 4-vector one): dense, gated (compacted and
-    # indexed weights), 1x1 and a padded strided 3x3, partial position tiles, residual, clamp, output
-    # sums, batch 1 and 2, 1 and 2 threads; against the reference, and bit for bit the full tiles
+    # 16 + 8 or 16 lanes of a 2-vector block, 32 of a 4-vector one) and its 1x1 tile for short
+    # reductions (nh_pw512_tile, K <= 24, off by default): dense, gated (compacted and indexed weights), 1x1 and a
+    # padded strided 3x3, partial position tiles, residual, clamp, output sums, batch 1 and 2, 1
+    # and 2 threads; against the reference, and bit for bit the full tiles
     import platform
     if platform.machine() not in ("x86_64", "AMD64"):
         pytest.skip("x86 ISA variants")
@@ -199,7 +201,9 @@ def test_partial_last_blocks(flags, monkeypatch):
                 (24, 144, 2, 12, 1, 1, 8, 7, 1), (16, 20, 2, 8, 1, 1, 6, 5, 2),
                 (16, 8, 2, 8, 1, 1, 7, 6, 1), (96, 160, 4, 48, 1, 1, 7, 7, 1),
                 (96, 160, 4, 48, 1, 1, 6, 6, 1), (64, 40, 4, 32, 1, 1, 7, 7, 1),
-                (3, 24, 2, 2, 3, 2, 17, 15, 1), (12, 152, 4, 6, 3, 1, 9, 8, 2)]:
+                (3, 24, 2, 2, 3, 2, 17, 15, 1), (12, 152, 4, 6, 3, 1, 9, 8, 2),
+                (16, 96, 2, 8, 1, 1, 12, 12, 1), (24, 144, 2, 12, 1, 1, 14, 14, 1),
+                (20, 56, 2, 10, 1, 1, 7, 9, 1), (24, 72, 2, 24, 1, 1, 6, 7, 2)]:
             x = (torch.randn(n, cin, h, w_, generator=g) * (torch.rand(1, cin, 1, 1, generator=g) + .1)
                  ).contiguous(memory_format=torch.channels_last)
             w, b = torch.randn(cout, cin, kh, kh, generator=g), torch.randn(cout, generator=g)
