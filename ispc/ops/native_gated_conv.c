@@ -2168,7 +2168,7 @@ nh_pw512_body(const float *x, int64_t C, const int32_t *ix, const int64_t K, con
     }
 }
 
-/* nh_pw512_body with MobileNetV2's reductions (8, 12, 16, 24) as constants: steps unrolled */
+/* nh_pw512_body; dense 16- and 24-channel inputs (MobileNetV2's) read in place, a constant stride */
 static void nh_pw512_tile(const float *x, int64_t C, const int32_t *ix, int64_t K, const float *w,
                           int64_t wstride, int64_t nb, int64_t nr, int64_t rem, nh_epi_t e) {
     if (!ix && K == 16) {  /* MobileNetV2's dense 16- and 24-channel inputs, read in place */
