@@ -1692,16 +1692,11 @@ static int64_t nh_npf_bytes(void) {  /* NH_NPF_BYTES: nh_pf_gated where not fixe
  * c = ix[l] (IND 1, 2: kept channels by index) or l (IND 0: direct), cw = c, or l where the kept
  * rows were copied contiguously (IND 2, NH_COMPACT_TILES), weights prefetched D channels ahead
  * (0: not); the result through the epilogue */
-#define NHWC_KERNEL(NAME, MR, NV, IND)                                                          \
-static void NAME(const float *const *ptab, const float *const *wseg, int64_t nseg, int64_t L,   \
-                 const int32_t *ix, int64_t D, const nh_epi_t *e) {                             \
-    vf acc[MR][NV];                                                                             \
-    int64_t pc = 0, pi = 0;                                                                     \
-    (void)pc; (void)pi;                                                                         \
-    NH_UNROLL                                                                                   \
-    for (int i = 0; i < MR; i++)                                                                \
-        NH_UNROLL                                                                               \
-        for (int j = 0; j < NV; j++) acc[i][j] = (vf){0};                                       \
+/* A tile's walk over its segments of positions and its L channels (kept, by index or all:
+   IND), one STEP(..., c, the channel's weight row of RW floats, the row to prefetch) each:
+   the weights D channels ahead prefetched, or with IND 2 the next group's rows (e->pfr). Shared
+   by the whole tiles (NH_STEP) and the partial ones (NH_PSTEP). */
+#define NH_SEGMENTS(MR, IND, RW, STEP, ...)                                                     \
     for (int64_t s = 0; s < nseg; s++) {                                                        \
         const float *p[MR];                                                                     \
         NH_UNROLL                                                                               \
@@ -1710,11 +1705,11 @@ static void NAME(const float *const *ptab, const float *const *wseg, int64_t nse
         if (D <= 0) {                                                                           \
             for (int64_t l = 0; l < L; l++) {                                                   \
                 const int64_t c = IND ? ix[l] : l, cw = IND == 2 ? l : c;                       \
-                NH_STEP(MR, NV, c, ws + cw * (NV * VW), (const float *)0)                       \
+                STEP(__VA_ARGS__, c, ws + cw * (RW), (const float *)0)                          \
                 if (IND == 2 && pi < e->pfn && ++pc == e->pfe) {                                \
                     const char *q = (const char *)e->pfr[pi++];                                 \
                     pc = 0;                                                                     \
-                    for (int j = 0; j < NV * VW * 4; j += 64)                                   \
+                    for (int j = 0; j < (RW) * 4; j += 64)                                      \
                         __builtin_prefetch(q + j, 0, NH_NPF_LOC);                               \
                 }                                                                               \
             }                                                                                   \
@@ -1726,14 +1721,26 @@ static void NAME(const float *const *ptab, const float *const *wseg, int64_t nse
         int64_t l = 0;                                                                          \
         for (; l < l1; l++) {                                                                   \
             const int64_t c = IND ? ix[l] : l, cp = IND == 1 ? ix[l + D] : l + D;               \
-            NH_STEP(MR, NV, c, ws + (IND == 2 ? l : c) * (NV * VW), ws + cp * (NV * VW))        \
+            STEP(__VA_ARGS__, c, ws + (IND == 2 ? l : c) * (RW), ws + cp * (RW))                \
         }                                                                                       \
         for (; l < L; l++) {                                                                    \
             const int64_t c = IND ? ix[l] : l, j = l + D - L < L ? l + D - L : L - 1;           \
             const int64_t cp = IND == 1 ? ix[j] : j;                                            \
-            NH_STEP(MR, NV, c, ws + (IND == 2 ? l : c) * (NV * VW), wn + cp * (NV * VW))        \
+            STEP(__VA_ARGS__, c, ws + (IND == 2 ? l : c) * (RW), wn + cp * (RW))                \
         }                                                                                       \
-    }                                                                                           \
+    }
+
+#define NHWC_KERNEL(NAME, MR, NV, IND)                                                          \
+static void NAME(const float *const *ptab, const float *const *wseg, int64_t nseg, int64_t L,   \
+                 const int32_t *ix, int64_t D, const nh_epi_t *e) {                             \
+    vf acc[MR][NV];                                                                             \
+    int64_t pc = 0, pi = 0;                                                                     \
+    (void)pc; (void)pi;                                                                         \
+    NH_UNROLL                                                                                   \
+    for (int i = 0; i < MR; i++)                                                                \
+        NH_UNROLL                                                                               \
+        for (int j = 0; j < NV; j++) acc[i][j] = (vf){0};                                       \
+    NH_SEGMENTS(MR, IND, NV * VW, NH_STEP, MR, NV)                                              \
     NH_EPILOGUE(MR, NV, acc, e)                                                                 \
 }
 
@@ -2033,39 +2040,7 @@ static void NAME(const float *const *ptab, const float *const *wseg, int64_t nse
         for (int j = 0; j < NZ; j++) acc[i][j] = (vf){0};                                       \
         acch[i] = (vh){0};                                                                      \
     }                                                                                           \
-    for (int64_t s = 0; s < nseg; s++) {                                                        \
-        const float *p[MR];                                                                     \
-        NH_UNROLL                                                                               \
-        for (int i = 0; i < MR; i++) p[i] = ptab[s * MR + i];                                   \
-        const float *ws = wseg[s];                                                              \
-        if (D <= 0) {                                                                           \
-            for (int64_t l = 0; l < L; l++) {                                                   \
-                const int64_t c = IND ? ix[l] : l, cw = IND == 2 ? l : c;                       \
-                NH_PSTEP(MR, PNV, NZ, NH, c, ws + cw * (PNV * VW), (const float *)0)            \
-                if (IND == 2 && pi < e->pfn && ++pc == e->pfe) {                                \
-                    const char *q = (const char *)e->pfr[pi++];                                 \
-                    pc = 0;                                                                     \
-                    for (int j = 0; j < PNV * VW * 4; j += 64)                                  \
-                        __builtin_prefetch(q + j, 0, NH_NPF_LOC);                               \
-                }                                                                               \
-            }                                                                                   \
-            continue;                                                                           \
-        }                                                                                       \
-        const float *wn = s + 1 < nseg ? wseg[s + 1] : ws;                                      \
-        const int64_t l1 = L > D ? L - D : 0;                                                   \
-        int64_t l = 0;                                                                          \
-        for (; l < l1; l++) {                                                                   \
-            const int64_t c = IND ? ix[l] : l, cp = IND == 1 ? ix[l + D] : l + D;               \
-            NH_PSTEP(MR, PNV, NZ, NH, c, ws + (IND == 2 ? l : c) * (PNV * VW),                  \
-                     ws + cp * (PNV * VW))                                                      \
-        }                                                                                       \
-        for (; l < L; l++) {                                                                    \
-            const int64_t c = IND ? ix[l] : l, j = l + D - L < L ? l + D - L : L - 1;           \
-            const int64_t cp = IND == 1 ? ix[j] : j;                                            \
-            NH_PSTEP(MR, PNV, NZ, NH, c, ws + (IND == 2 ? l : c) * (PNV * VW),                  \
-                     wn + cp * (PNV * VW))                                                      \
-        }                                                                                       \
-    }                                                                                           \
+    NH_SEGMENTS(MR, IND, PNV * VW, NH_PSTEP, MR, PNV, NZ, NH)                                   \
     NH_PART_EPILOGUE(MR, NZ, NH, acc, acch, e)                                                  \
 }
 
