@@ -71,6 +71,10 @@ class CompiledModel(nn.Module):
         runner = self.__dict__["_runner"]
         if kwargs:
             kwargs = self._keywords(kwargs)
+        for a in (*args, *kwargs.values()):
+            if isinstance(a, Tensor) and a.layout is not torch.strided:
+                raise DataError(f"the compiled model takes dense (strided) tensors, got one of layout "
+                                f"{a.layout} and shape {tuple(a.shape)}; pass x.to_dense()")
         return (self.graph_module if runner is None else runner)(*args, **kwargs)
 
     def _keywords(self, kwargs: dict[str, Any]) -> dict[str, Any]:

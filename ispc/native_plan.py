@@ -53,6 +53,7 @@ _profiler_enabled = torch.autograd._profiler_enabled
 _grad_enabled = torch.is_grad_enabled
 _threads = torch.get_num_threads
 _F32 = torch.float32
+_STRIDED = torch.strided
 _native_local = native._local
 
 _LAYERS = (ToMemoryFormat, GatedConv2d, NhwcDenseConv2d, GlobalAvgPool2d, ChannelsLastMaxPool2d,
@@ -917,7 +918,8 @@ class NativePlanRunner:
             return DECLINED
         last, gen = prog._last, Generation.value
         if (last is None or not prog._plans or gen != last[2] or gen != self._hookless
-                or x.requires_grad or x.dtype is not _F32 or not x.is_cpu or x.shape != last[0]
+                or x.requires_grad or x.dtype is not _F32 or x.layout is not _STRIDED
+                or not x.is_cpu or x.shape != last[0]
                 or x.stride() != last[1]
                 or (_grad_enabled() and any(p.requires_grad for p in self._params))):
             return DECLINED

@@ -757,3 +757,20 @@ def test_compiled_and_traced_calls_take_the_full_path(one_program):
         assert torch.equal(torch.compile(c, backend="eager")(x), want)
         traced = torch.jit.trace(c, x, check_trace=False)
         assert torch.equal(traced(x), want)
+
+
+def test_a_tensor_that_is_not_strided_is_a_one_line_data_error(one_program):
+    # sparse and mkldnn tensors have no strides or no data pointer for the native program: the
+    # short path declines them and the call says what to pass instead
+    import ispc
+
+    c = one_program
+    x = torch.randn(2, 3, 6, 5)
+    with torch.no_grad():
+        want = c(x)
+        c(x)
+        for other in (x.to_sparse(), x.to_mkldnn()):
+            assert _declines(c, other)
+            with pytest.raises(ispc.DataError, match=r"dense \(strided\) tensors.*pass x.to_dense\(\)$"):
+                c(other)
+        assert torch.equal(c(x), want)
