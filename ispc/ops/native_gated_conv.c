@@ -1525,6 +1525,15 @@ typedef struct {
     int64_t pfn, pfe;
 } nh_epi_t;
 
+/* the epilogue of the block o lanes on: its outputs, residual, bias and output sums */
+static inline __attribute__((always_inline)) void
+nh_epi_shift(nh_epi_t *e, int64_t o) {
+    e->out += o;
+    if (e->res) e->res += o;
+    e->bias += o;
+    if (e->yrow) e->yrow += o;
+}
+
 /* a whole output vector to dst, aligned to its size, with a non-temporal store where the build
  * has one: no read of the line before it is written (write-allocate), and the caches kept for
  * what is read again */
@@ -1799,10 +1808,7 @@ nh_pw_body(const float *x, int64_t C, const int32_t *ix, const int64_t K, const 
         e.lanes = (int)(rem < nr ? rem : nr);
         nh_epi_t *const ep = &e;
         NH_EPILOGUE(NH_MR2, 2, acc, ep)
-        e.out += nr;
-        if (e.res) e.res += nr;
-        e.bias += nr;
-        if (e.yrow) e.yrow += nr;
+        nh_epi_shift(&e, nr);
     }
 }
 
@@ -1881,10 +1887,7 @@ static void NAME(const float *const *ptab, const float *const *wseg, int64_t nse
     for (int b = 0; b < NB && b < nb; b++) {                                                    \
         const int64_t o = b * 2 * VW;                                                           \
         nh_epi_t eb = *e0;                                                                      \
-        eb.out += o;                                                                            \
-        if (eb.res) eb.res += o;                                                                \
-        eb.bias += o;                                                                           \
-        if (eb.yrow) eb.yrow += o;                                                              \
+        nh_epi_shift(&eb, o);                                                                   \
         eb.lanes = (int)(rem - o < 2 * VW ? rem - o : 2 * VW);                                  \
         nh_epi_t *const e = &eb;                                                                \
         NH_EPILOGUE(MR, 2, acc[b], e)                                                           \
@@ -2136,10 +2139,7 @@ nh_pw512_body(const float *x, int64_t C, const int32_t *ix, const int64_t K, con
             nh_pw_blk1h(xs, XS, K, w, nr, &e);
         else
             nh_pw_blk1(xs, XS, K, w, nr, &e);
-        e.out += nr;
-        if (e.res) e.res += nr;
-        e.bias += nr;
-        if (e.yrow) e.yrow += nr;
+        nh_epi_shift(&e, nr);
     }
 }
 
