@@ -114,14 +114,7 @@ def model_rows(libs, models: list[str], *, batch_size: int, rounds: int, size: i
         compiled = ispc.compile(model, calib, config=cfg, progress=False)
         x = torch.randn(batch_size, 3, size, size, generator=g)
         dense = dense_baseline(model, x[:1])
-        with torch.no_grad():
-            outs = [_with(lib, lambda: compiled(x)) for lib in libs.values()]
-            cands = _candidates(libs, lambda: compiled(x))
-            cands["dense"] = lambda: dense(x)
-            t = time_interleaved(cands, rounds=rounds, warmup=1, progress=False, shuffle=0)
-        rows.append({"model": name, **{f"{n}_ms": r.median for n, r in t.items()},
-                     "identical": all(torch.equal(outs[0], o) for o in outs[1:])})
-        print(_row_text(rows[-1], libs), flush=True)
+        rows.append(_call_row(libs, name, lambda: compiled(x), lambda: dense(x), rounds=rounds))
     return rows
 
 
@@ -136,17 +129,27 @@ def saved_rows(libs, archives: list[str], *, rounds: int, size: int) -> list[dic
         base = os.path.basename(path)
         batch = int(base.split("-b")[-1].split("-")[0]) if "-b" in base else 1
         x = torch.randn(batch, 3, size, size, generator=g)
-        with torch.no_grad():
-            outs = [_with(lib, lambda: compiled(x)) for lib in libs.values()]
-            cands = _candidates(libs, lambda: compiled(x))
-            cands["dense"] = lambda: compiled(x)
-            t = time_interleaved(cands, rounds=rounds, warmup=1, progress=False, shuffle=0)
-        rows.append({"model": path, **{f"{n}_ms": r.median for n, r in t.items()},
-                     **{f"{n}_paired": statistics.median(a / b for a, b in zip(
-                         r.times_ms, t["default"].times_ms)) for n, r in t.items()},
-                     "identical": all(torch.equal(outs[0], o) for o in outs[1:])})
-        print(_row_text(rows[-1], libs), flush=True)
+        rows.append(_call_row(libs, path, lambda: compiled(x), lambda: compiled(x), rounds=rounds,
+                              paired=True))
     return rows
+
+
+def _call_row(libs, label: str, call, dense, *, rounds: int, paired: bool = False) -> dict:
+    """``call`` under each build and ``dense``, interleaved in a shuffled order: the medians (and
+    with ``paired`` each one's per-round ratio to the default build), and whether the builds'
+    outputs are identical. Printed as it is measured."""
+    with torch.no_grad():
+        outs = [_with(lib, call) for lib in libs.values()]
+        cands = _candidates(libs, call)
+        cands["dense"] = dense
+        t = time_interleaved(cands, rounds=rounds, warmup=1, progress=False, shuffle=0)
+    row = {"model": label, **{f"{n}_ms": r.median for n, r in t.items()}}
+    if paired:
+        row.update({f"{n}_paired": statistics.median(a / b for a, b in zip(
+            r.times_ms, t["default"].times_ms)) for n, r in t.items()})
+    row["identical"] = all(torch.equal(outs[0], o) for o in outs[1:])
+    print(_row_text(row, libs), flush=True)
+    return row
 
 
 def _row_text(row: dict, libs) -> str:
