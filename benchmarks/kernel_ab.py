@@ -6,7 +6,8 @@ Every variant is loaded at once and swapped in per call, and the candidates run 
 (``ispc.benchmark.time_interleaved``, in a fresh random order each round), so a noisy machine
 shifts them all alike. Per layer (ResNet
 and VGG shapes, half the input channels kept by top-k, every orientation) or per whole model
-(compiled once, latency-aware at the batch size, with the default build; dense beside it)::
+(compiled once, latency-aware at the batch size, with the default build, then loaded once per
+build: a native program binds the library it first ran under; dense beside it)::
 
     python benchmarks/kernel_ab.py --variant=-DSTREAM_BYTES=0 --batch-size 32 --threads 2
     python benchmarks/kernel_ab.py --variant=-DSELECT_CHUNK_BYTES=1099511627776LL \\
@@ -23,6 +24,7 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 
 import torch
 import torch.nn.functional as F
@@ -102,7 +104,8 @@ def layer_rows(libs, *, batch_size: int, rounds: int, convs=CONVS) -> list[dict]
 
 
 def model_rows(libs, models: list[str], *, batch_size: int, rounds: int, size: int) -> list[dict]:
-    """Per model: dense and the gated model under each build (compiled once, default build)."""
+    """Per model: dense and the gated model under each build (compiled once with the default
+    build, saved, and loaded once per build: _loaded_per_build)."""
     g = torch.Generator().manual_seed(0)
     calib = [torch.randn(8, 3, size, size, generator=g) for _ in range(4)]
     rows = []
@@ -114,8 +117,23 @@ def model_rows(libs, models: list[str], *, batch_size: int, rounds: int, size: i
         compiled = ispc.compile(model, calib, config=cfg, progress=False)
         x = torch.randn(batch_size, 3, size, size, generator=g)
         dense = dense_baseline(model, x[:1])
-        rows.append(_call_row(libs, name, lambda: compiled(x), lambda: dense(x), rounds=rounds))
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, f"{name}.ispc")
+            ispc.save(compiled, path)
+            calls = _loaded_per_build(libs, path, x)
+        rows.append(_call_row(libs, name, calls, lambda: dense(x), rounds=rounds))
     return rows
+
+
+def _loaded_per_build(libs, path: str, x) -> dict:
+    """A call of the archive at ``path`` per build, each loaded and first called under its build:
+    a native program binds its library's entry when it plans its first input, so one compiled
+    model swapped between builds would run the build it first ran under every time."""
+    calls = {}
+    for name, lib in libs.items():
+        compiled = _with(lib, lambda: ispc.load(path))
+        calls[name] = lambda c=compiled: c(x)
+    return calls
 
 
 def saved_rows(libs, archives: list[str], *, rounds: int, size: int) -> list[dict]:
@@ -125,22 +143,21 @@ def saved_rows(libs, archives: list[str], *, rounds: int, size: int) -> list[dic
     g = torch.Generator().manual_seed(0)
     rows = []
     for path in archives:
-        compiled = ispc.load(path)
         base = os.path.basename(path)
         batch = int(base.split("-b")[-1].split("-")[0]) if "-b" in base else 1
         x = torch.randn(batch, 3, size, size, generator=g)
-        rows.append(_call_row(libs, path, lambda: compiled(x), lambda: compiled(x), rounds=rounds,
-                              paired=True))
+        calls = _loaded_per_build(libs, path, x)
+        rows.append(_call_row(libs, path, calls, calls["default"], rounds=rounds, paired=True))
     return rows
 
 
-def _call_row(libs, label: str, call, dense, *, rounds: int, paired: bool = False) -> dict:
-    """``call`` under each build and ``dense``, interleaved in a shuffled order: the medians (and
-    with ``paired`` each one's per-round ratio to the default build), and whether the builds'
-    outputs are identical. Printed as it is measured."""
+def _call_row(libs, label: str, calls: dict, dense, *, rounds: int, paired: bool = False) -> dict:
+    """Each build's call (``calls``, by build) under its build and ``dense``, interleaved in a
+    shuffled order: the medians (and with ``paired`` each one's per-round ratio to the default
+    build), and whether the builds' outputs are identical. Printed as it is measured."""
     with torch.no_grad():
-        outs = [_with(lib, call) for lib in libs.values()]
-        cands = _candidates(libs, call)
+        outs = [_with(lib, calls[n]) for n, lib in libs.items()]
+        cands = {n: (lambda lib=lib, f=calls[n]: _with(lib, f)) for n, lib in libs.items()}
         cands["dense"] = dense
         t = time_interleaved(cands, rounds=rounds, warmup=1, progress=False, shuffle=0)
     row = {"model": label, **{f"{n}_ms": r.median for n, r in t.items()}}

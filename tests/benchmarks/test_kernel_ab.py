@@ -59,3 +59,29 @@ def test_saved_archives(tmp_path, benchmark_script):
                      "--rounds", "2", "--json", str(out)]) == 0
     (row,) = json.loads(out.read_text())["results"]
     assert row["identical"] and row["-DSTREAM_BYTES=1_paired"] > 0 and row["dense_paired"] > 0
+
+
+def test_saved_archives_run_each_build(tmp_path, benchmark_script, monkeypatch):
+    """A native program binds its library when it plans its first input: each build's call is an
+    archive loaded and first called under that build, so the variants do not all run the default."""
+    import torch
+
+    import ispc
+    from ispc.examples.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("resnet18").eval()
+    calib = [torch.randn(2, 3, 32, 32) for _ in range(2)]
+    cfg = ispc.GatingConfig(keep_ratio=0.5, mode="topk", latency_aware=False)
+    path = ispc.save(ispc.compile(model, calib, config=cfg, progress=False),
+                     tmp_path / "resnet18-b1-k0.5.ispc")
+    mod = benchmark_script("kernel_ab.py")
+    libs = mod.load_variants(["-DSTREAM_BYTES=1"])
+    bound = []
+    run_ops_lib = native._run_ops_lib
+    monkeypatch.setattr(native, "_run_ops_lib", lambda: bound.append(native._lib) or run_ops_lib())
+    calls = mod._loaded_per_build(libs, str(path), torch.randn(1, 3, 32, 32))
+    for name, lib in libs.items():
+        bound.clear()
+        mod._with(lib, calls[name])
+        assert bound and all(b is lib for b in bound), name
