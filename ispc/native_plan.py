@@ -252,6 +252,7 @@ class _Plan:
                       else partial(torch.empty, out_shape, dtype=torch.float32,
                                    memory_format=torch.channels_last))
         self.entry = program.entry()  # the C call's function, ops and count (serve calls it)
+        self.lib = native._lib  # the library ``entry`` is bound to: serve declines once it changes
 
 
 class _Program(nn.Module):
@@ -350,6 +351,8 @@ class _Program(nn.Module):
         ``x``'s shape and strides (its layout checks passed), while the generation and the
         foreign states are ``seen``'s."""
         if self._served:
+            if plan is not None and plan.lib is not native._lib:  # A/Bs swap builds per call
+                plan.entry, plan.lib = plan.program.entry(), native._lib
             self._last = None if plan is None else (tuple(x.shape), x.stride(), *seen, plan)
 
     def _build(self, xshape: tuple[int, ...]) -> _Plan | None:
@@ -902,8 +905,9 @@ class NativePlanRunner:
         ``nn.Module.__call__``, ``forward`` and this runner's call in one), where the graph is one
         program and nothing has changed since its last call: no hooks (``owner``'s, global, the
         layers'), no grad, tracing or profiler, ``x`` of the last call's dtype, device, shape and
-        strides, the same generation and foreign states; else :data:`~ispc.compiled.DECLINED`
-        (the caller then takes the full path, which re-checks everything). The caller has checked
+        strides, the same generation, foreign states and native library; else
+        :data:`~ispc.compiled.DECLINED` (the caller then takes the full path, which re-checks
+        everything and rebinds the program to a swapped library). The caller has checked
         ``torch.compiler.is_compiling()``. After a program has run every object and line a call
         touches is a cache miss, so this is one function that reads few of them."""
         prog = self._direct
@@ -926,7 +930,8 @@ class NativePlanRunner:
         for m in self._foreign:
             if m._forward_hooks or m._forward_pre_hooks:
                 return DECLINED
-        if [f() for f in prog._foreign] != last[3] or not self._lock.acquire(False):
+        if ([f() for f in prog._foreign] != last[3] or last[4].lib is not native._lib
+                or not self._lock.acquire(False)):
             return DECLINED
         try:
             plan = last[4]

@@ -748,6 +748,26 @@ def test_the_short_path_declines_every_call_the_full_path_serves_otherwise(one_p
         assert torch.equal(c(x), want)
 
 
+def test_a_swapped_native_library_is_the_one_the_short_path_calls(one_program, monkeypatch):
+    # benchmarks swap builds per call (kernel_ab.py, layers.py): the short path's bound entry
+    # must follow, or every build but the first call's would silently run the first
+    import ctypes
+
+    c = one_program
+    x = torch.randn(2, 3, 6, 5)
+    with torch.no_grad():
+        want = c(x)
+        c(x)
+        assert not _declines(c, x)
+        other = ctypes.CDLL(native._loaded()._name)  # the same code, another library object
+        monkeypatch.setattr(native, "_lib", other)
+        assert _declines(c, x)
+        assert torch.equal(c(x), want)  # the full path rebinds the plan to ``other``
+        assert not _declines(c, x)
+        assert _runner(c)._programs[0]._last[4].entry[0] is other.ispc_run_ops
+        assert torch.equal(c(x), want)
+
+
 def test_compiled_and_traced_calls_take_the_full_path(one_program):
     c = one_program
     x = torch.randn(2, 3, 6, 5)
