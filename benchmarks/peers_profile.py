@@ -24,6 +24,17 @@ Method (both sides measure wall-clock time on the calling thread, per node, insi
 
     python benchmarks/peers_profile.py --models resnet18 resnet50 mobilenet_v2 \\
         --compiled-dir /tmp/peers-cache --onnx-dir /tmp/peers-cache --json profile.json
+
+``--runtime openvino``: OpenVINO's per-node profile (f32, LATENCY hint, the same threads, static
+batch 1, compiled with ``PERF_COUNT``; each executed node's ``real_time`` per call, medians over
+the runs) beside ispc's native program op by op in situ (``program_ops.op_rows`` on the archive,
+as deployed: the program's own per-op timer), one table row per ispc op with the OpenVINO nodes of
+the same layers summed (OpenVINO's node names are the ONNX export's, whose Conv nodes read the
+torch module's ``<module>.weight``; fused Clamp/Add nodes do not run), then per block (e.g.
+``features.5``). Name the archive's keep ratio with ``--keep-ratio`` (1.0: the dense program)::
+
+    python benchmarks/peers_profile.py --runtime openvino --models mobilenet_v2 --keep-ratio 1.0 \\
+        --compiled-dir D --onnx-dir D --rounds 3 --runs 200 --json ov-layers.json
 """
 from __future__ import annotations
 
@@ -174,6 +185,70 @@ def worker_ispc(args: argparse.Namespace) -> dict:
                                       for j in range(len(ops))]})
     return {"runtime": "ispc", "version": ispc.__version__, "wall_ms": wall,
             "unprofiled_ms": unprofiled, "records": records, "runs": per_run}
+
+
+def worker_ov(args: argparse.Namespace) -> dict:
+    """OpenVINO f32 as ``benchmarks/peers.py`` runs it (``ispc._runtime_sessions.ov_compiled``'s
+    settings), then again compiled with ``PERF_COUNT``: per call, every executed node's real time
+    (ms), type and primitive. Neither ispc nor torch is imported here: as in peers.py's workers,
+    OpenVINO runs alone in its process."""
+    import numpy as np
+    import openvino as ov
+
+    def compiled_model(**extra):
+        core = ov.Core()
+        read = core.read_model(args.onnx)
+        read.reshape({read.inputs[0].get_any_name(): ov.PartialShape([1, 3, args.size,
+                                                                      args.size])})
+        return core.compile_model(read, "CPU", {
+            "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": args.threads,
+            "INFERENCE_PRECISION_HINT": "f32", **extra})
+
+    g = np.random.default_rng(1)
+    xs = [g.standard_normal((1, 3, args.size, args.size), dtype=np.float32) for _ in range(4)]
+
+    def timed(req, profile: bool) -> tuple[list[float], list[dict]]:
+        wall, runs = [], []
+        for i in range(args.warmup + args.runs):
+            t = time.perf_counter()
+            req.infer({0: xs[i % 4]})
+            wall.append((time.perf_counter() - t) * 1e3)
+            if profile and i >= args.warmup:
+                runs.append({q.node_name: [q.real_time.total_seconds() * 1e3, q.node_type,
+                                           q.exec_type]
+                             for q in req.get_profiling_info()
+                             if q.status == q.Status.EXECUTED})
+        return wall[args.warmup:], runs
+
+    plain = compiled_model()
+    unprofiled, _ = timed(plain.create_infer_request(), False)
+    del plain
+    gc.collect()
+    wall, runs = timed(compiled_model(PERF_COUNT="YES").create_infer_request(), True)
+    return {"runtime": "openvino", "version": ov.get_version(), "wall_ms": wall,
+            "unprofiled_ms": unprofiled, "runs": runs}
+
+
+def worker_ispc_ops(args: argparse.Namespace) -> dict:
+    """ispc's archive as deployed, each op of its native program timed in situ
+    (``program_ops.op_rows``: medians over the runs of this process)."""
+    import torch
+
+    import ispc
+    from ispc.benchmark import retain_freed_memory
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from program_ops import op_rows
+
+    torch.set_num_threads(args.threads)
+    retain_freed_memory()
+    model = ispc.load(args.archive)
+    x = torch.randn(1, 3, args.size, args.size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        for _ in range(args.warmup):
+            model(x)
+    rows, totals = op_rows(model, x, runs=args.runs)
+    return {"runtime": "ispc", "version": ispc.__version__, "rows": rows, **totals}
 
 
 # --- categories ---------------------------------------------------------------------------------
@@ -361,6 +436,131 @@ def analyse_ispc(results: list[dict]) -> dict:
                             for rec, t in zip(records, per_node)]}
 
 
+def ov_layer_names(onnx_path: str) -> dict[str, str]:
+    """ONNX node and output names -> the torch module whose weight the node reads (Conv, Gemm,
+    MatMul): OpenVINO names its nodes by either."""
+    import onnx
+
+    model = onnx.load(onnx_path, load_external_data=False)
+    inits = {i.name for i in model.graph.initializer}
+    names = {}
+    for n in model.graph.node:
+        weight = next((i for i in n.input[1:] if i in inits and i.endswith(".weight")), None)
+        if n.op_type in ("Conv", "Gemm", "MatMul") and weight:
+            names[n.name] = weight.removesuffix(".weight")
+            for o in n.output:
+                names[o] = names[n.name]
+    return names
+
+
+OV_POOL = {"ReduceMean", "Pooling", "AvgPool", "MaxPool", "AdaptivePooling"}
+OV_LAYOUT = {"Reorder", "Transpose", "Reshape", "Convert"}
+
+
+def ov_key(name: str, node_type: str, layers: dict[str, str]) -> str:
+    """The layer an OpenVINO node belongs to: its module, or "pool" / "layout" / "other"."""
+    if name in layers:
+        return layers[name]
+    if node_type in OV_POOL:
+        return "pool"
+    if node_type in OV_LAYOUT:
+        return "layout"
+    return "other"
+
+
+def block_of(layer: str) -> str:
+    """``features.5.conv.0.0`` -> ``features.5``, ``classifier.1`` -> ``classifier.1``: the
+    module path up to and with its first index."""
+    parts = layer.split(".")
+    for i, p in enumerate(parts):
+        if p.isdigit():
+            return ".".join(parts[:i + 1])
+    return layer
+
+
+def ispc_keys(row: dict) -> list[str]:
+    """The OpenVINO keys an ispc op row covers: its layers, and "pool" / "layout" where it pools
+    or changes the layout."""
+    keys = []
+    for layer, mod in zip(row["layers"].split("+"), row["modules"].split("+")):
+        if mod == "ToMemoryFormat":
+            keys.append("layout")
+        elif "Pool" in mod or "pool" in layer:
+            keys.append("pool")
+        else:
+            keys.append(layer)
+    return keys
+
+
+def analyse_ov_vs_ops(ov_results: list[dict], ops_results: list[dict], onnx_path: str) -> dict:
+    """One row per ispc op (medians over the processes of each op's in-situ median) beside the
+    OpenVINO nodes of the same layers (the sum of each node's median over all profiled calls);
+    then per block; OpenVINO nodes no op covers are listed."""
+    layers = ov_layer_names(onnx_path)
+    modules = set(layers.values())
+    runs = [r for res in ov_results for r in res["runs"]]
+    per_node: dict[str, list[float]] = {}
+    meta: dict[str, tuple[str, str, str]] = {}
+    for r in runs:
+        for name, (ms, node_type, exec_type) in r.items():
+            per_node.setdefault(name, []).append(ms)
+            meta.setdefault(name, (ov_key(name, node_type, layers), node_type, exec_type))
+    ov_by_key: dict[str, float] = {}
+    ov_nodes: dict[str, list[str]] = {}
+    for name, times in per_node.items():
+        key = meta[name][0]
+        ov_by_key[key] = ov_by_key.get(key, 0.0) + med(times)
+        ov_nodes.setdefault(key, []).append(f"{meta[name][1]}:{meta[name][2]}")
+    n_ops = len(ops_results[0]["rows"])
+    rows, covered = [], set()
+    for j in range(n_ops):
+        row = ops_results[0]["rows"][j]
+        keys = ispc_keys(row)
+        covered.update(keys)
+        ov_ms = sum(ov_by_key.get(k, 0.0) for k in dict.fromkeys(keys))
+        ispc_ms = med([res["rows"][j]["ms"] for res in ops_results])
+        rows.append({"op": row["layers"], "ispc_ms": ispc_ms, "openvino_ms": ov_ms,
+                     "openvino_nodes": [n for k in dict.fromkeys(keys) for n in ov_nodes.get(k, [])],
+                     "block": block_of(next((k for k in keys if k in modules), keys[0]))})
+    blocks: dict[str, dict[str, float]] = {}
+    for r in rows:
+        b = blocks.setdefault(r["block"], {"ispc_ms": 0.0, "openvino_ms": 0.0})
+        b["ispc_ms"] += r["ispc_ms"]
+        b["openvino_ms"] += r["openvino_ms"]
+    uncovered = {k: v for k, v in ov_by_key.items() if k not in covered}
+    ov_wall = [w for res in ov_results for w in res["wall_ms"]]
+    return {"ops": rows, "blocks": blocks, "openvino_uncovered_ms": uncovered,
+            "openvino": {"whole_ms": med(ov_wall), "nodes_sum_ms": sum(ov_by_key.values()),
+                         "unprofiled_ms": med([w for res in ov_results
+                                               for w in res["unprofiled_ms"]]),
+                         "version": ov_results[0]["version"]},
+            "ispc": {"whole_ms": med([res["whole_ms"] for res in ops_results]),
+                     "ops_sum_ms": sum(r["ispc_ms"] for r in rows)}}
+
+
+def ov_table(name: str, res: dict) -> str:
+    from tabulate import tabulate
+
+    def line(label, i, o):
+        return [label, f"{o:.3f}", f"{i:.3f}", f"{i - o:+.3f}", f"{i / o:.2f}" if o else ""]
+
+    rows = [line(r["op"], r["ispc_ms"], r["openvino_ms"]) for r in res["ops"]]
+    blocks = [line(b, v["ispc_ms"], v["openvino_ms"]) for b, v in res["blocks"].items()]
+    o, i = res["openvino"], res["ispc"]
+    blocks.append(line("nodes / ops summed", i["ops_sum_ms"], o["nodes_sum_ms"]))
+    blocks.append(line("whole (OpenVINO profiled; ispc in situ)", i["whole_ms"], o["whole_ms"]))
+    blocks.append(["whole (OpenVINO unprofiled, same process)", f"{o['unprofiled_ms']:.3f}", "",
+                   "", ""])
+    head = ["ispc op (its layers)", "OpenVINO ms", "ispc ms", "ispc - OV", "ispc / OV"]
+    out = (f"{name}, batch 1, OpenVINO {o['version']} per node against ispc's ops in situ:\n"
+           + tabulate(rows, headers=head, tablefmt="github") + "\n\nper block:\n"
+           + tabulate(blocks, headers=["block"] + head[1:], tablefmt="github"))
+    if res["openvino_uncovered_ms"]:
+        out += ("\n(OpenVINO nodes no ispc op covers, ms: "
+                + ", ".join(f"{k} {v:.3f}" for k, v in res["openvino_uncovered_ms"].items()) + ")")
+    return out
+
+
 # --- driver -------------------------------------------------------------------------------------
 
 def say(msg: str) -> None:
@@ -390,7 +590,7 @@ def ensure_artifacts(name: str, args: argparse.Namespace) -> tuple[str, str]:
     if not archive.exists():
         say(f"profile: {name}: compiling ispc (keep {args.keep_ratio}, latency-aware, batch 1)")
         cfg = ispc.GatingConfig(keep_ratio=args.keep_ratio, mode="topk", latency_aware=True,
-                                latency_batch_size=1, latency_rounds=15)
+                                latency_batch_size=1, latency_rounds=15, dense_route="off")
         archive.parent.mkdir(parents=True, exist_ok=True)
         ispc.save(ispc.compile(model, calib, config=cfg), archive)
     return str(onnx_path), str(archive)
@@ -455,25 +655,39 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--top-layers", type=int, default=12)
     p.add_argument("--json")
-    p.add_argument("--worker", choices=["ort", "ispc"], help=argparse.SUPPRESS)
+    p.add_argument("--runtime", choices=["onnxruntime", "openvino"], default="onnxruntime",
+                   help="onnxruntime: categories and conv layers against ispc's graph nodes; "
+                        "openvino: per node against ispc's native program op by op")
+    p.add_argument("--worker", choices=["ort", "ispc", "ov", "ispc_ops"], help=argparse.SUPPRESS)
     p.add_argument("--onnx", help=argparse.SUPPRESS)
     p.add_argument("--archive", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
-        res = worker_ort(args) if args.worker == "ort" else worker_ispc(args)
+        res = {"ort": worker_ort, "ispc": worker_ispc, "ov": worker_ov,
+               "ispc_ops": worker_ispc_ops}[args.worker](args)
         Path(args.out).write_text(json.dumps(res))
         return 0
     report = {"config": vars(args), "models": {}}
     with tempfile.TemporaryDirectory(prefix="ispc-profile-") as tmp:
         for name in args.models:
             onnx_path, archive = ensure_artifacts(name, args)
-            got = {"ort": [], "ispc": []}
+            kinds = ("ort", "ispc") if args.runtime == "onnxruntime" else ("ov", "ispc_ops")
+            got = {k: [] for k in kinds}
             for r in range(args.rounds):
-                for kind in (("ort", "ispc") if r % 2 == 0 else ("ispc", "ort")):
+                for kind in (kinds if r % 2 == 0 else kinds[::-1]):
                     say(f"profile: {name}: {kind} round {r + 1}/{args.rounds}")
                     got[kind].append(run_worker(kind, args, onnx_path, archive,
                                                 Path(tmp) / f"{name}-{kind}-{r}.json"))
+            if args.runtime == "openvino":
+                if not got["ispc_ops"][0]["rows"]:
+                    raise SystemExit(f"{archive}: no native program ran (a dense route?)")
+                res = analyse_ov_vs_ops(got["ov"], got["ispc_ops"], onnx_path)
+                report["models"][name] = res
+                print(ov_table(name, res) + "\n")
+                if args.json:
+                    Path(args.json).write_text(json.dumps(report, indent=1))
+                continue
             isp = analyse_ispc(got["ispc"])
             ort = analyse_ort(got["ort"], onnx_path, set(isp["gated"]))
             report["models"][name] = {"onnxruntime": ort, "ispc": isp,
