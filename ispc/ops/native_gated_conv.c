@@ -3766,6 +3766,151 @@ static void dw_out_row(const float *const rows[3], int64_t W, int64_t Wo, int64_
     dw_out_rows(rows, W, Wo, C, C, C, w, bias, s, p, a, b, orow, rrow, lo, hi, clamp, yrow, ykind);
 }
 
+/* ---- the depthwise layer on several output rows at once (AVX-512) ------------------------------
+ * dw_out_rows reads each input row once per output row that needs it: three times at stride 1,
+ * from L2 (a fused op's window, a map's rows), where those loads and not the FMAs bound the
+ * 112x112 and 56x56 layers. Here DWR_ROWS consecutive output rows run in one pass over the
+ * (DWR_ROWS - 1) S + 3 input rows they read, each input vector loaded once for every accumulator
+ * of every row whose window holds it. Each output sums its terms in dw_tile's order (kernel rows,
+ * then taps, then the bias first), the epilogue and the output sums are dw_tile's / dw_out_rows':
+ * the same values bit for bit. 1: off (A/B). */
+#ifndef DWR_ROWS
+#if defined(__AVX512F__)
+#define DWR_ROWS 4
+#else
+#define DWR_ROWS 1
+#endif
+#endif
+#ifndef DWR_MR
+#define DWR_MR 4   /* positions a tile: DWR_ROWS x DWR_MR accumulators + 9 weights of 32 registers */
+#endif
+#if DW_MR % DWR_MR
+#error "DWR_MR must divide DW_MR (the output sums add DW_MR positions at a time, as dw_row)"
+#endif
+
+#if defined(__AVX512F__) && DWR_ROWS > 1
+/* Positions [ow0, ow0 + m) of output rows o < RO, channels c0.. (full, or the first nl): rows[i]
+ * the input rows (NULL: padding), orow / rrow each output row's output and residual (NULL: none);
+ * the output sums' terms of row o added in order into pend[o] (dwr_row adds those of DW_MR
+ * positions into the row's sum at a time, as dw_row adds dw_tile's). */
+static inline __attribute__((always_inline)) void
+dwr_tile(const float *const *rows, int64_t W, int64_t C, int64_t Co, int64_t c0, int full, int nl,
+         int64_t ow0, int64_t m, const int MR, const int S, const int RO, int64_t p, const vf wv[9],
+         vf bv, float *const *orow, const float *const *rrow, float lo, float hi, int clamp,
+         const int checked, int ykind, vf *pend) {
+    vf acc[DWR_ROWS][DWR_MR];
+    #pragma GCC unroll 16
+    for (int o = 0; o < RO; o++)
+        #pragma GCC unroll 16
+        for (int i = 0; i < MR; i++) acc[o][i] = bv;
+    #pragma GCC unroll 16
+    for (int r = 0; r < (RO - 1) * S + 3; r++) {
+        if (!rows[r]) continue;
+        const float *src = rows[r] + c0;
+        #pragma GCC unroll 40
+        for (int j = 0; j < (MR - 1) * S + 3; j++) {
+            const int64_t iw = ow0 * S - p + j;
+            if (checked && (iw < 0 || iw >= W)) continue;
+            const vf v = dw_load(src + iw * C, full, nl);
+            #pragma GCC unroll 16
+            for (int o = 0; o < RO; o++) {
+                const int k = r - o * S;  /* the kernel row of output row o that reads input row r */
+                if (k < 0 || k >= 3) continue;
+                #pragma GCC unroll 16
+                for (int i = 0; i < MR; i++) {
+                    const int q = j - i * S;
+                    if (q >= 0 && q < 3) acc[o][i] += v * wv[k * 3 + q];
+                }
+            }
+        }
+    }
+    #pragma GCC unroll 16
+    for (int o = 0; o < RO; o++) {
+        vf so = pend[o];
+        #pragma GCC unroll 16
+        for (int i = 0; i < MR; i++) {
+            if (checked && i >= m) break;
+            float *d = orow[o] + (ow0 + i) * Co + c0;
+            const float *rs = rrow[o] ? rrow[o] + (ow0 + i) * Co + c0 : 0;
+            vf v = acc[o][i];
+            if (full) {
+                if (rs) v += ld(rs);
+                v = clamp ? clampv(v, lo, hi) : v;
+                st(d, v);
+            } else {
+                const __mmask16 mk = (__mmask16)((1u << nl) - 1u);
+                if (rs) v += (vf)_mm512_maskz_loadu_ps(mk, rs);
+                v = (vf)_mm512_maskz_mov_ps(mk, (__m512)(clamp ? clampv(v, lo, hi) : v));
+                _mm512_mask_storeu_ps(d, mk, (__m512)v);
+            }
+            if (ykind >= 0) so += sum_term(v, ykind);
+        }
+        pend[o] = so;
+    }
+}
+
+static inline __attribute__((always_inline)) void
+dwr_row(const float *const *rows, int64_t W, int64_t Wo, int64_t C, int64_t Co, int64_t c0, int full,
+        int nl, const int S, const int RO, int64_t p, int64_t a, int64_t b, const vf wv[9], vf bv,
+        float *const *orow, const float *const *rrow, float lo, float hi, int clamp, int ykind,
+        vf *sq) {
+    vf pend[DWR_ROWS];
+    for (int64_t ow = 0; ow < Wo; ow += DWR_MR) {
+        const int64_t m = Wo - ow < DWR_MR ? Wo - ow : DWR_MR;
+        if (ow % DW_MR == 0)
+            for (int o = 0; o < RO; o++) pend[o] = (vf){0};
+        if (ow >= a && ow + DWR_MR <= b)
+            dwr_tile(rows, W, C, Co, c0, full, nl, ow, DWR_MR, DWR_MR, S, RO, p, wv, bv, orow, rrow,
+                     lo, hi, clamp, 0, ykind, pend);
+        else
+            dwr_tile(rows, W, C, Co, c0, full, nl, ow, m, DWR_MR, S, RO, p, wv, bv, orow, rrow, lo, hi,
+                     clamp, 1, ykind, pend);
+        if ((ow + DWR_MR) % DW_MR == 0 || ow + DWR_MR >= Wo)  /* dw_row's tile of DW_MR ends */
+            for (int o = 0; o < RO; o++) sq[o] += pend[o];
+    }
+}
+
+/* RO output rows of all C channels (dw_out_row's arguments per row; s 1 or 2): rows holds the
+ * (RO - 1) s + 3 input rows they read, orow / rrow their outputs and residuals */
+static inline __attribute__((always_inline)) void
+dwr_rows(const float *const *rows, const int RO, int64_t W, int64_t Wo, int64_t C, const float *w,
+         const float *bias, int64_t s, int64_t p, int64_t a, int64_t b, float *const *orow,
+         const float *const *rrow, float lo, float hi, int clamp, double *yrow, int ykind) {
+    for (int64_t c0 = 0; c0 < C; c0 += VW) {
+        const int nl = C - c0 < VW ? (int)(C - c0) : VW, full = nl == VW;
+        vf wv[9], bv, sq[DWR_ROWS];
+        for (int t = 0; t < 9; t++) wv[t] = dw_load(w + t * C + c0, full, nl);
+        bv = dw_load(bias + c0, full, nl);
+        for (int o = 0; o < RO; o++) sq[o] = (vf){0};
+        if (s == 1 && full)
+            dwr_row(rows, W, Wo, C, C, c0, 1, VW, 1, RO, p, a, b, wv, bv, orow, rrow, lo, hi, clamp,
+                    ykind, sq);
+        else if (s == 2 && full)
+            dwr_row(rows, W, Wo, C, C, c0, 1, VW, 2, RO, p, a, b, wv, bv, orow, rrow, lo, hi, clamp,
+                    ykind, sq);
+        else if (s == 1)
+            dwr_row(rows, W, Wo, C, C, c0, 0, nl, 1, RO, p, a, b, wv, bv, orow, rrow, lo, hi, clamp,
+                    ykind, sq);
+        else
+            dwr_row(rows, W, Wo, C, C, c0, 0, nl, 2, RO, p, a, b, wv, bv, orow, rrow, lo, hi, clamp,
+                    ykind, sq);
+        if (yrow)
+            for (int o = 0; o < RO; o++) add_lanes(yrow + c0, sq[o], nl);
+    }
+}
+
+/* ro (DWR_ROWS, or 2 <= DWR_ROWS) output rows: dwr_rows */
+static void dwr_out_rows(const float *const *rows, int ro, int64_t W, int64_t Wo, int64_t C,
+                         const float *w, const float *bias, int64_t s, int64_t p, int64_t a, int64_t b,
+                         float *const *orow, const float *const *rrow, float lo, float hi, int clamp,
+                         double *yrow, int ykind) {
+    if (ro == DWR_ROWS)
+        dwr_rows(rows, DWR_ROWS, W, Wo, C, w, bias, s, p, a, b, orow, rrow, lo, hi, clamp, yrow, ykind);
+    else
+        dwr_rows(rows, 2, W, Wo, C, w, bias, s, p, a, b, orow, rrow, lo, hi, clamp, yrow, ykind);
+}
+#endif
+
 /* output columns whose taps are all inside the row: [*a, *b) */
 static void dw_inside(int64_t W, int64_t Wo, int64_t s, int64_t p, int64_t *a, int64_t *b) {
     int64_t x = (p + s - 1) / s, y = W - 3 + p >= 0 ? (W - 3 + p) / s + 1 : 0;
@@ -3800,6 +3945,27 @@ static void dw_region(const float *x, int64_t N, int64_t H, int64_t W, int64_t C
     thread_rows(N * Ho, &r0, &r1);
     for (int64_t r = r0; r < r1; r++) {
         const int64_t n = r / Ho, oh = r % Ho;
+#if defined(__AVX512F__) && DWR_ROWS > 1
+        /* rows of one instance several at a time on shared input rows (dwr_out_rows) */
+        const int64_t left = (r1 - r < Ho - oh ? r1 - r : Ho - oh);
+        const int nr = left >= DWR_ROWS ? DWR_ROWS : left >= 2 ? 2 : 1;
+        if ((s == 1 || s == 2) && nr > 1) {
+            const float *rows[(DWR_ROWS - 1) * 2 + 3], *rr[DWR_ROWS];
+            float *orr[DWR_ROWS];
+            for (int64_t q = 0; q < (nr - 1) * s + 3; q++) {
+                const int64_t ih = oh * s - p + q;
+                rows[q] = ih >= 0 && ih < H ? x + (n * H + ih) * W * C : 0;
+            }
+            for (int q = 0; q < nr; q++) {
+                orr[q] = out + (r + q) * Wo * C;
+                rr[q] = res ? res + (r + q) * Wo * C : 0;
+            }
+            dwr_out_rows(rows, nr, W, Wo, C, w, bias, s, p, a, b, orr, rr, lo, hi, clamp,
+                         yrow ? yrow + n * C : 0, ykind);
+            r += nr - 1;
+            continue;
+        }
+#endif
         const float *rows[3];
         for (int q = 0; q < 3; q++) {
             const int64_t ih = oh * s - p + q;
@@ -4210,6 +4376,26 @@ static void expand_dw_region(const ispc_op_t *o, const float *x, int64_t N, floa
         }
         have_n = n; have0 = i0; have1 = i1;
         for (int64_t oh = oh0; oh < e1; oh++) {
+#if defined(__AVX512F__) && DWR_ROWS > 1
+            const int nr = oh + DWR_ROWS <= e1 ? DWR_ROWS : oh + 2 <= e1 ? 2 : 1;
+            if ((s == 1 || s == 2) && nr > 1) {  /* nr rows on shared input rows */
+                const float *rows[(DWR_ROWS - 1) * 2 + 3], *rr[DWR_ROWS];
+                float *orr[DWR_ROWS];
+                for (int64_t q = 0; q < (nr - 1) * s + 3; q++) {
+                    const int64_t ih = oh * s - p + q;
+                    rows[q] = ih >= 0 && ih < H ? win + (ih - i0) * rowf : 0;
+                }
+                for (int q = 0; q < nr; q++) {
+                    const int64_t off = (n * Ho + oh + q) * Wo * E;
+                    orr[q] = out + off;
+                    rr[q] = res ? res + off : 0;
+                }
+                dwr_out_rows(rows, nr, W, Wo, E, o->w, o->bias, s, p, a, b, orr, rr, o->lo2, o->hi2,
+                             h.clamp2, h.yrow ? h.yrow + n * E : 0, h.ykind);
+                oh += nr - 1;
+                continue;
+            }
+#endif
             const float *rows[3];
             for (int q = 0; q < 3; q++) {
                 const int64_t ih = oh * s - p + q;
