@@ -9,7 +9,13 @@ over rounds. Prints a table (the fastest float32 dense runtime in bold) and writ
 
     python benchmarks/peers.py --models resnet18 --batch-sizes 1 --json peers-r18-b1.json
     python benchmarks/peers.py --merge peers-*.json        # one table from several runs
+    python benchmarks/peers.py --interleave --no-in-process  # live workers, blocks in turn
     python benchmarks/peers.py --max-isa avx2 --runtimes openvino   # an AVX2-only CPU, emulated
+
+``--interleave`` starts every runtime's worker (and each compiled model's) once, warms them up,
+then times short blocks of calls in turn, round by round: this VM's slow spells (seconds to
+minutes, 20-50% slower) then fall on every runtime's neighbouring blocks instead of on one
+runtime's process; paired ratios are per round of blocks. The JSON and table name the method.
 
 ``--max-isa avx2`` emulates an AVX2-only CPU on an AVX-512 one: ispc's kernels are built with
 ``-mno-avx512f``, oneDNN (in PyTorch and OpenVINO) is limited by ``ONEDNN_MAX_CPU_ISA=AVX2`` and
@@ -37,8 +43,9 @@ from ispc import dense_route
 from ispc.benchmark import input_batches
 from ispc.examples.models import create_model
 from ispc.passes.channels_last import runs_channels_last
-from ispc.runtimes import (BASELINES, DENSE_RUNTIMES, RuntimeTiming, compare, export_dense_onnx,
-                           machine_info, runtimes_json, runtimes_table, time_runtimes)
+from ispc.runtimes import (BASELINES, DENSE_RUNTIMES, METHODS, RuntimeTiming, compare,
+                           export_dense_onnx, machine_info, runtimes_json, runtimes_table,
+                           time_runtimes)
 
 
 def say(msg: str) -> None:
@@ -147,19 +154,38 @@ def run(args: argparse.Namespace, scratch: str) -> tuple[list[RuntimeTiming], li
                 continue
             batches = input_batches(bs, input_shape=(3, size, size), pool=args.input_pool,
                                     seed=args.seed + 1)
-            calls = args.calls if bs == 1 else args.batched_calls
-            warmup = args.warmup if bs == 1 else max(1, args.warmup // 3)
+            rounds, calls, warmup = timing_plan(args, bs)
             say(f"peers: {name} batch {bs}: timing {len(args.runtimes)} runtimes and "
-                f"{len(compiled)} ispc models, {args.rounds} rounds of {calls} calls")
+                f"{len(compiled)} ispc models, {rounds} rounds of {calls} calls"
+                + (" (interleaved blocks)" if args.interleave else " (a process each)"))
             res = time_runtimes(model, compiled, batches, runtimes=args.runtimes,
-                                threads=threads, rounds=args.rounds, calls=calls, warmup=warmup,
+                                threads=threads, rounds=rounds, calls=calls, warmup=warmup,
                                 in_process=args.in_process, name=name,
-                                onnx_path=onnx_path, workdir=(workdir / f"b{bs}") if workdir else None)
+                                onnx_path=onnx_path, workdir=(workdir / f"b{bs}") if workdir else None,
+                                interleave=args.interleave,
+                                settle_s=args.settle_ms / 1e3 if args.settle_ms is not None else None,
+                                shuffle=args.shuffle)
             timings += res
             say(runtimes_table(res, baseline=args.baseline, tablefmt="simple"))
             if args.json:  # after every model and batch: a run cut short keeps what it measured
                 write_json(args, timings, compiles, threads)
     return timings, compiles, _machine(args, threads)
+
+
+def timing_plan(args: argparse.Namespace, bs: int) -> tuple[int, int, int]:
+    """(rounds, timed calls, untimed calls) per process, or with ``--interleave`` per block, at
+    batch size ``bs``: the options where given, else each method's defaults (interleaved: 12
+    rounds of 15 calls after 5 untimed at batch 1, as a process's warm-up: after its idle wait a
+    worker's first 4-7 calls ran 3-7% slow with 2; 6 rounds of 3 after 1 at larger batches)."""
+    one = bs == 1
+    if args.interleave:
+        rounds = args.rounds or (12 if one else 6)
+        calls = args.block_calls if one else args.batched_block_calls
+        warmup = args.block_warmup if args.block_warmup is not None else (5 if one else 1)
+        return rounds, calls, warmup
+    rounds = args.rounds or 3
+    return (rounds, args.calls if one else args.batched_calls,
+            args.warmup if one else max(1, args.warmup // 3))
 
 
 def _machine(args: argparse.Namespace, threads: int) -> dict:
@@ -172,9 +198,11 @@ def _machine(args: argparse.Namespace, threads: int) -> dict:
 def write_json(args: argparse.Namespace, timings: list[RuntimeTiming], compiles: list[dict],
                threads: int) -> None:
     config = {k: v for k, v in vars(args).items() if k != "merge"}
+    method = "interleaved" if args.interleave else "processes"
     Path(args.json).write_text(runtimes_json(timings, baseline=args.baseline,
                                              machine=_machine(args, threads),
                                              command=" ".join(sys.argv), config=config,
+                                             method=method, method_note=METHODS[method],
                                              compiles=compiles))
 
 
@@ -197,6 +225,9 @@ def summary_lines(timings: list[RuntimeTiming], compiles: list[dict], machine: d
                  f"{v.get('torch')}, onnxruntime {v.get('onnxruntime')}, openvino "
                  f"{v.get('openvino')}, ispc {v.get('ispc')}. Medians of every timed call over all "
                  f"rounds (ms); ** = fastest float32 dense runtime; baseline: {baseline}.")
+    for method in sorted({t.method for t in timings}):
+        lines.append(f"Timed by {method}: {METHODS.get(method, method)}"
+                     + _plan(next(t for t in timings if t.method == method)) + ".")
     if machine.get("max_isa"):
         limit = machine["max_isa"]
         lines.append(f"Emulated {limit['isa']}-only CPU on this one: "
@@ -206,6 +237,9 @@ def summary_lines(timings: list[RuntimeTiming], compiles: list[dict], machine: d
         over = ", ".join(f"{k} {x:.2f}x" for k, x in c.over.items())
         paired = (f"; paired by round {c.paired_speedup:.2f}x ({c.paired_range[0]:.2f}-"
                   f"{c.paired_range[1]:.2f}x)" if c.paired_speedup is not None else "")
+        if c.paired_baseline_speedup is not None and c.baseline is not None:
+            paired += (f", against {c.baseline} alone {c.paired_baseline_speedup:.2f}x "
+                       f"({c.paired_baseline_range[0]:.2f}-{c.paired_baseline_range[1]:.2f}x)")
         lines.append(f"  {c.model} b{c.batch_size} {c.ispc}: {c.ispc_ms:.2f} ms; vs "
                      f"{c.baseline} {c.speedup:.2f}x{paired} (theoretical "
                      f"{c.theoretical_speedup:.2f}x, realized/theoretical {c.efficiency:.2f}); "
@@ -218,6 +252,14 @@ def summary_lines(timings: list[RuntimeTiming], compiles: list[dict], machine: d
                          f"{c['compile_s']:.1f} s, {c.get('layers_gated')} layers gated, maps "
                          f"{'channels-last' if c.get('channels_last') else 'NCHW'}")
     for t in timings:
+        if t.available and len(t.round_medians_ms) > 1:
+            r = t.round_medians_ms
+            lo, hi = t.iqr_ms
+            lines.append(f"  spread: {t.model} b{t.batch_size} {t.label} ({t.method}): "
+                         f"{len(r)} {'block' if t.method == 'interleaved' else 'round'} medians "
+                         f"{min(r):.2f}-{max(r):.2f} ms (max/min {max(r) / min(r):.3f}), IQR of "
+                         f"every call {lo:.2f}-{hi:.2f}")
+    for t in timings:
         if t.note:
             lines.append(f"  note: {t.model} b{t.batch_size} {t.label}: {t.note}")
         shares = [x for x in t.cpu_share if x > 0]
@@ -227,6 +269,16 @@ def summary_lines(timings: list[RuntimeTiming], compiles: list[dict], machine: d
                          f"{', '.join(f'{x:.1f}' for x in t.round_medians_ms)} ms): something "
                          "else probably ran during the low rounds")
     return lines
+
+
+def _plan(t: RuntimeTiming) -> str:
+    """``, 12 rounds of 15 calls ...`` for an interleaved record (its ``extra``), else ``""``."""
+    x = t.extra
+    if t.method != "interleaved" or "blocks" not in x:
+        return ""
+    return (f" ({x['blocks']} rounds, {x.get('order', 'rotated')}; per block "
+            f"{x.get('block_warmup')} untimed and {x['block_calls']} timed calls, then "
+            f"{x.get('settle_s', 0) * 1e3:.0f} ms idle)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -242,14 +294,32 @@ def main(argv: list[str] | None = None) -> int:
                    help="latency-aware timing rounds at batch 1 (a third, at least 3, at batch > 1)")
     p.add_argument("--runtimes", nargs="+", default=list(DENSE_RUNTIMES), choices=DENSE_RUNTIMES)
     p.add_argument("--baseline", choices=BASELINES, default="best")
-    p.add_argument("--rounds", type=int, default=3, help="processes per runtime, order rotated")
+    p.add_argument("--rounds", type=int,
+                   help="processes per runtime, order rotated (default 3); with --interleave "
+                        "blocks per runtime (default 12 at batch 1, 6 at larger batches)")
     p.add_argument("--calls", type=int, default=30, help="timed calls per process at batch 1")
     p.add_argument("--batched-calls", type=int, default=5, help="timed calls per process, batch > 1")
     p.add_argument("--warmup", type=int, default=5, help="untimed calls per process (a third at > 1)")
     p.add_argument("--input-pool", type=int, default=4, help="distinct batches cycled")
-    p.add_argument("--in-process", action=argparse.BooleanOptionalAction, default=True,
+    p.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=False,
+                   help="one worker per runtime and ispc model, all started and warmed up first, "
+                        "then timed in short blocks in turn, round by round (a slow spell of the "
+                        "machine falls on every runtime's blocks alike); off: a fresh process per "
+                        "runtime and round")
+    p.add_argument("--block-calls", type=int, default=15,
+                   help="--interleave: timed calls per block at batch 1")
+    p.add_argument("--batched-block-calls", type=int, default=3,
+                   help="--interleave: timed calls per block at batch > 1")
+    p.add_argument("--block-warmup", type=int,
+                   help="--interleave: untimed calls before each block (default 5, 1 at batch > 1)")
+    p.add_argument("--settle-ms", type=float,
+                   help="--interleave: pause after each block, for its thread pool to stop "
+                        "spinning (default ispc.runtimes.INTERLEAVE_SETTLE_S, 100 ms)")
+    p.add_argument("--shuffle", type=int, metavar="SEED",
+                   help="--interleave: shuffle each round's order with this seed (default: rotate)")
+    p.add_argument("--in-process", action=argparse.BooleanOptionalAction,
                    help="also time each compiled model in the compiling process (does the saved "
-                        "model keep its speed in a fresh one?)")
+                        "model keep its speed in a fresh one?); default on, off with --interleave")
     p.add_argument("--threads", type=int)
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--seed", type=int, default=0)
@@ -271,6 +341,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if not args.merge and (why := limit_isa(args.max_isa, args.runtimes)):
         p.error(why)
+    if args.in_process is None:
+        args.in_process = not args.interleave
+    elif args.in_process and args.interleave:
+        p.error("--in-process times the compiled model in the compiling process, not in a worker "
+                "that --interleave can time in blocks: leave one out")
     if args.compile_only and not args.compiled_dir:
         p.error("--compile-only needs --compiled-dir (where the compiled models go)")
     if args.merge:

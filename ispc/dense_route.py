@@ -30,6 +30,7 @@ import io
 import json
 import logging
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -242,7 +243,8 @@ def time_interleaved(jobs: dict[str, dict[str, Any]], inputs: Tensor, *, threads
                      settle_s: float = SETTLE_S, probe: bool = True,
                      timeout_s: float = 600.0, max_rounds: int | None = None,
                      extend: Callable[[dict[str, dict[str, list[float]]]], bool] | None = None,
-                     on_round: Callable[[], None] | None = None) -> dict[str, dict[str, Any]]:
+                     on_round: Callable[[], None] | None = None, shuffle: int | None = None,
+                     workdir: str | Path | None = None) -> dict[str, dict[str, Any]]:
     """Each candidate (name -> a ``_runtime_worker`` job, less inputs and threads) in a fresh
     worker process of its own, all alive at once and timed in turn: per round, each (order
     rotated) runs ``warmup`` untimed calls and a block of timed ones (:func:`block_calls` of the
@@ -256,12 +258,21 @@ def time_interleaved(jobs: dict[str, dict[str, Any]], inputs: Tensor, *, threads
     calls cycle through, stacked (N x batch); ``probe`` False: the first call sizes the blocks
     (no second call: long calls at larger batches). After ``rounds``, one more round at a time
     up to ``max_rounds`` while ``extend`` (given name -> ``{"rounds_ms", "shares"}`` so far)
-    says so; ``on_round`` is called after each round (a progress bar)."""
+    says so; ``on_round`` is called after each round (a progress bar). ``shuffle``: a seed, each
+    round's order shuffled with it instead of rotated. Also per name: ``blocks_ms`` (each block's
+    calls), ``info`` (the worker's first answer: version, precision, ``prepare_s``, ``probe_ms``),
+    ``calls`` (timed calls per block). ``workdir``: the workers' files and logs (default: a
+    temporary folder)."""
     out: dict[str, dict[str, Any]] = {k: {"rounds_ms": [], "shares": [], "times": [],
-                                          "output": None, "note": "", "probe_ms": None}
+                                          "blocks_ms": [], "info": {}, "output": None, "note": "",
+                                          "probe_ms": None}
                                       for k in jobs}
-    with tempfile.TemporaryDirectory(prefix="ispc-route-") as tmp:
-        work = Path(tmp)
+    rng = random.Random(shuffle) if shuffle is not None else None
+    calls = 0
+    with contextlib.ExitStack() as stack:
+        work = Path(workdir) if workdir is not None else Path(
+            stack.enter_context(tempfile.TemporaryDirectory(prefix="ispc-route-")))
+        work.mkdir(parents=True, exist_ok=True)
         np.save(work / "inputs.npy", inputs.detach().float().contiguous().numpy())
         servers: dict[str, _Server] = {}
         try:
@@ -277,6 +288,7 @@ def time_interleaved(jobs: dict[str, dict[str, Any]], inputs: Tensor, *, threads
                     del servers[name]
                     continue
                 out[name]["probe_ms"] = res.get("probe_ms")
+                out[name]["info"] = {k: v for k, v in res.items() if k not in ("status", "note")}
                 path = Path(srv.job["check_output"])
                 out[name]["output"] = np.load(path) if path.exists() else None
             probes = [out[k]["probe_ms"] or 0.0 for k in servers]
@@ -291,18 +303,24 @@ def time_interleaved(jobs: dict[str, dict[str, Any]], inputs: Tensor, *, threads
 
             k = 0
             while more(k):
-                order = names[k % len(names):] + names[:k % len(names)]
+                if rng is not None:
+                    order = list(names)
+                    rng.shuffle(order)
+                else:
+                    order = names[k % len(names):] + names[:k % len(names)]
                 for name in order:
                     if name not in servers:
                         continue
                     res = servers[name].ask({"warmup": warmup, "calls": calls}, timeout_s)
                     if res.get("status") != "ok" or not res.get("times_ms"):
-                        out[name]["note"] = f"{res.get('status')}: {res.get('note')}"
+                        out[name]["note"] = (f"{res.get('status')} in round {k + 1}: "
+                                             f"{res.get('note')}")
                         servers.pop(name).close()
                         continue
                     out[name]["rounds_ms"].append(statistics.median(res["times_ms"]))
                     out[name]["shares"].append(float(res.get("cpu_share", 0.0)))
                     out[name]["times"] += res["times_ms"]
+                    out[name]["blocks_ms"].append(list(res["times_ms"]))
                     time.sleep(settle_s)
                 k += 1
                 if on_round is not None:
@@ -313,7 +331,8 @@ def time_interleaved(jobs: dict[str, dict[str, Any]], inputs: Tensor, *, threads
     return {k: {"rounds_ms": v["rounds_ms"] if not v["note"] else [],
                 "shares": v["shares"] if not v["note"] else [],
                 "ms": statistics.median(v["times"]) if v["times"] and not v["note"] else None,
-                "output": v["output"], "note": v["note"]} for k, v in out.items()}
+                "blocks_ms": v["blocks_ms"] if not v["note"] else [], "info": v["info"],
+                "calls": calls, "output": v["output"], "note": v["note"]} for k, v in out.items()}
 
 
 class DenseRuntimeModule(nn.Module):

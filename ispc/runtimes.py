@@ -16,6 +16,9 @@ How it measures (each point is what a fair comparison needs):
 - ``rounds`` rounds of one process per runtime, the order rotated each round, so a slow spell of the
   machine hits every runtime; in each process ``warmup`` untimed calls, then ``calls`` timed ones
   cycling through the same distinct batches; medians and quartiles per process and over all rounds;
+- or (``interleave=True``) one worker per runtime, alive for the whole run, and ``rounds`` rounds
+  of short blocks of calls in turn, idle in between: a slow spell then falls on every runtime's
+  neighbouring blocks, where it fell on one runtime's process;
 - each worker's output on the first batch is compared with the model's own (``max_rel_err``), so a
   runtime that computes something else (bf16) shows it;
 - ONNX Runtime and OpenVINO read the user's original model exported once to ONNX (dynamic batch;
@@ -30,6 +33,7 @@ fastest float32 dense runtime of the same model and batch size).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import json
 import os
@@ -59,7 +63,7 @@ from .timing import Paired, paired, retain_freed_memory
 __all__ = ["Runtime", "RUNTIMES", "DENSE_RUNTIMES", "BASELINES", "RuntimeTiming", "Comparison",
            "time_runtimes", "export_dense_onnx", "runtime_available", "machine_info", "compare",
            "best_dense", "runtimes_table", "runtimes_json", "speedup_lines", "resolve_runtimes",
-           "DEPLOY_ROUTES"]
+           "DEPLOY_ROUTES", "METHODS", "INTERLEAVE_SETTLE_S"]
 
 
 @dataclass(frozen=True)
@@ -103,6 +107,14 @@ DEPLOY_ROUTES: dict[str, str] = {
 DENSE_RUNTIMES = tuple(RUNTIMES)
 #: what ``compare(baseline=...)`` accepts
 BASELINES = ("best", *DENSE_RUNTIMES)
+#: the pause after each interleaved block (time_runtimes(interleave=True)): the benchmark's ONNX
+#: Runtime keeps its default spinning, and its pool burned ~40 core-ms over the 100 ms after a
+#: block (MobileNetV2, 2 threads; OpenVINO's nothing measurable, ispc's libgomp ~7 core-ms within
+#: 10 ms); the 2 untimed calls of a block absorb what is left (docs/benchmarks.md)
+INTERLEAVE_SETTLE_S = 0.1
+#: how time_runtimes times (RuntimeTiming.method), for people
+METHODS = {"processes": "a fresh process per runtime and round, rounds rotated",
+           "interleaved": "one live worker per runtime, short blocks of calls in turn, rotated"}
 
 
 @dataclass(frozen=True)
@@ -130,6 +142,10 @@ class RuntimeTiming:
     theoretical_speedup: float | None = None  #: ispc: dense MACs / executed MACs, timed batches
     mac_reduction: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    #: how it was timed (:data:`METHODS`): "processes", a fresh process per runtime and round
+    #: (records without the field were), or "interleaved", one live worker per runtime timed in
+    #: short blocks in turn (a round: one block of each; ``round_*`` fields are then per block)
+    method: str = "processes"
 
     @property
     def median_ms(self) -> float | None:
@@ -327,7 +343,9 @@ def time_runtimes(model: nn.Module, compiled: CompiledModel | Mapping[str, Compi
                   threads: int | None = None, rounds: int = 3, calls: int = 30, warmup: int = 5,
                   in_process: bool = False, name: str | None = None,
                   onnx_path: str | Path | None = None, workdir: str | Path | None = None,
-                  timeout_s: float = 600.0, progress: bool = True) -> list[RuntimeTiming]:
+                  timeout_s: float = 600.0, progress: bool = True, interleave: bool = False,
+                  settle_s: float | None = None, shuffle: int | None = None
+                  ) -> list[RuntimeTiming]:
     """Time the dense ``model`` in each runtime and each compiled ispc model, every one in fresh
     processes of its own, rotated over ``rounds`` (see the module docstring).
 
@@ -340,6 +358,14 @@ def time_runtimes(model: nn.Module, compiled: CompiledModel | Mapping[str, Compi
     ``runtimes``: names from :data:`RUNTIMES` (default: all); one that is not installed comes back
     with ``available=False`` and a note. ``onnx_path``: an export of ``model`` to reuse
     (:func:`export_dense_onnx`; made here otherwise). Returns one record per runtime and ispc model.
+
+    ``interleave=True``: one worker per runtime and ispc model, all started and warmed up first,
+    then ``rounds`` rounds in which each (order rotated, or shuffled with the seed ``shuffle``)
+    runs ``warmup`` untimed and ``calls`` timed calls while the others wait idle, with
+    ``settle_s`` (default :data:`INTERLEAVE_SETTLE_S`) after each block for the last one's
+    thread pool to stop spinning (:func:`ispc.dense_route.time_interleaved`). Blocks seconds apart
+    pair up where processes minutes apart did not (a slow spell of the machine falls on one
+    runtime's process); records say ``method="interleaved"``. No ``in_process`` entries then.
     """
     if not batches or not all(isinstance(b, torch.Tensor) for b in batches):
         raise DataError("batches must be a non-empty list of input tensors (see "
@@ -357,6 +383,9 @@ def time_runtimes(model: nn.Module, compiled: CompiledModel | Mapping[str, Compi
     if any(not t.is_cpu for t in itertools.chain(model.parameters(), model.buffers())):
         raise DataError("ispc.runtimes times CPU runtimes: move the model to the CPU first "
                         "(model.cpu())")
+    if interleave and in_process:
+        raise ConfigError("in_process=True times the compiled model in this process, which is "
+                          "not a worker that interleave can time in blocks: pass one or the other")
     threads = threads or torch.get_num_threads()
     ispc_models = _compiled_entries(compiled)
     label = name or type(model).__name__
@@ -419,6 +448,15 @@ def time_runtimes(model: nn.Module, compiled: CompiledModel | Mapping[str, Compi
         for e in entries:
             if not e.available:
                 _say(progress, f"ispc.runtimes: {e.label}: skipped ({e.note})")
+        if interleave:
+            extra = _time_blocks(runnable, batches, work, threads=threads, rounds=rounds,
+                                 calls=calls, warmup=warmup, settle_s=settle_s, shuffle=shuffle,
+                                 timeout_s=timeout_s, main_path=main_path, progress=progress,
+                                 label=label)
+            return [dataclasses.replace(_finish(e, label, batch_size), method="interleaved",
+                                        prepare_s=tuple(extra[e.name].pop("prepare_s", ())),
+                                        extra=extra[e.name])
+                    if e.name in extra else _finish(e, label, batch_size) for e in entries]
         for r in range(rounds):
             k = r % max(len(runnable), 1)
             order = runnable[k:] + runnable[:k]
@@ -442,6 +480,60 @@ def time_runtimes(model: nn.Module, compiled: CompiledModel | Mapping[str, Compi
                     _say(progress, f"ispc.runtimes: {label} batch {batch_size} round {r + 1}/"
                                    f"{rounds}: {e.label}: {res.get('status')}: {res.get('note')}")
         return [_finish(e, label, batch_size) for e in entries]
+
+
+def _time_blocks(runnable: list[_Entry], batches: Sequence[torch.Tensor], work: Path, *,
+                 threads: int, rounds: int, calls: int, warmup: int, settle_s: float | None,
+                 shuffle: int | None, timeout_s: float, main_path: str | None, progress: bool,
+                 label: str) -> dict[str, dict[str, Any]]:
+    """time_runtimes' interleaved method: every runnable entry's worker alive at once, timed in
+    blocks (:func:`ispc.dense_route.time_interleaved`); each block goes into ``e.rounds`` as a
+    process's result would. Returns name -> the record's ``extra`` (with ``prepare_s``)."""
+    from . import dense_route as route
+
+    jobs = {e.name: {"runtime": e.runtime, "artifact": e.artifact,
+                     "main_path": main_path if e.runtime in RUNTIMES
+                     and RUNTIMES[e.runtime].artifact == "torch" else None} for e in runnable}
+    settle = INTERLEAVE_SETTLE_S if settle_s is None else settle_s
+    done = [0]
+
+    def tick() -> None:
+        done[0] += 1
+        _say(progress, f"ispc.runtimes: {label} batch {batches[0].shape[0]}: interleaved round "
+                       f"{done[0]}/{rounds}")
+
+    res = route.time_interleaved(jobs, torch.stack(list(batches)), threads=threads, rounds=rounds,
+                                 warmup=warmup, block_s=0.0, min_calls=calls, max_calls=calls,
+                                 settle_s=settle, probe=batches[0].shape[0] == 1,
+                                 timeout_s=timeout_s, shuffle=shuffle,
+                                 workdir=work / "interleaved", on_round=tick)
+    extra: dict[str, dict[str, Any]] = {}
+    for e in runnable:
+        r = res[e.name]
+        if r["note"] or not r["blocks_ms"]:
+            e.available, e.note = False, f"its worker failed ({r['note'] or 'no block timed'})"
+            _say(progress, f"ispc.runtimes: {label}: {e.label}: {e.note}")
+            extra[e.name] = {"prepare_s": []}
+            continue
+        info = r["info"]
+        err = (rel_err(r["output"], e.reference)
+               if r["output"] is not None and e.reference is not None else None)
+        for i, (times, share) in enumerate(zip(r["blocks_ms"], r["shares"])):
+            e.rounds.append({"status": "ok", "times_ms": times, "cpu_share": share,
+                             "precision": info.get("precision", ""),
+                             "version": info.get("version", ""), "max_rel_err": err})
+        t = [x for b in r["blocks_ms"] for x in b]
+        lo, hi = _quartiles(t)
+        _say(progress, f"ispc.runtimes: {label} batch {batches[0].shape[0]}: {e.label} "
+                       f"{statistics.median(t):.2f} ms (IQR {lo:.2f}-{hi:.2f}; block medians "
+                       f"{min(r['rounds_ms']):.2f}-{max(r['rounds_ms']):.2f}; prepared in "
+                       f"{info.get('prepare_s', 0.0):.1f} s)")
+        extra[e.name] = {"blocks": len(r["blocks_ms"]), "block_calls": r["calls"],
+                         "block_warmup": warmup, "settle_s": settle,
+                         "order": "rotated" if shuffle is None else f"shuffled (seed {shuffle})",
+                         "probe_ms": info.get("probe_ms"),
+                         "prepare_s": [float(info.get("prepare_s", 0.0))]}
+    return extra
 
 
 def _eval_copy(model: nn.Module) -> nn.Module:
@@ -528,6 +620,12 @@ class Comparison:
     #: entries' rounds do not pair up)
     paired_speedup: float | None = None
     paired_range: tuple[float, float] | None = None  #: the lowest and highest round's ratio
+    #: the median over rounds of the baseline runtime's round median (that one runtime, not the
+    #: fastest of each round) over ispc's: where two dense runtimes tie, the fastest of each
+    #: round is the lower of two noisy figures and reads ispc a few percent slow (MobileNetV2
+    #: keep 1.0, interleaved blocks: 0.958 against 0.982)
+    paired_baseline_speedup: float | None = None
+    paired_baseline_range: tuple[float, float] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -568,6 +666,7 @@ def compare(timings: Sequence[RuntimeTiming], *, baseline: str = "best") -> list
         theo = t.theoretical_speedup
         pairs = _paired(t, [d for d in peers if d.float32] if baseline == "best"
                          else [base] if base is not None else [])
+        alone = _paired(t, [base] if base is not None else [])
         out.append(Comparison(
             model=t.model, batch_size=t.batch_size, ispc=t.runtime, ispc_ms=t.median_ms,
             baseline=base.runtime if base is not None else None,
@@ -576,7 +675,9 @@ def compare(timings: Sequence[RuntimeTiming], *, baseline: str = "best") -> list
             efficiency=speedup / theo if speedup is not None and theo else None,
             over={d.runtime: d.median_ms / t.median_ms for d in peers},
             paired_speedup=pairs.median,
-            paired_range=(pairs.low, pairs.high) if pairs.rounds else None))
+            paired_range=(pairs.low, pairs.high) if pairs.rounds else None,
+            paired_baseline_speedup=alone.median,
+            paired_baseline_range=(alone.low, alone.high) if alone.rounds else None))
     return out
 
 
@@ -601,10 +702,15 @@ def runtimes_table(timings: Sequence[RuntimeTiming], *, baseline: str = "best",
     for t in timings:
         if (t.model, t.batch_size) not in keys:
             keys.append((t.model, t.batch_size))
+    # the method column where any record was timed otherwise than the processes of old records
+    methods = any(t.method != "processes" for t in timings)
     rows = []
     for model, bs in keys:
         best = best_dense(timings, model, bs)
         row = [model, bs]
+        if methods:
+            row.append("/".join(sorted({t.method for t in timings
+                                        if t.model == model and t.batch_size == bs})))
         for c in cols:
             t = next((x for x in timings if x.runtime == c and x.model == model
                       and x.batch_size == bs), None)
@@ -625,7 +731,7 @@ def runtimes_table(timings: Sequence[RuntimeTiming], *, baseline: str = "best",
                         f"{comp.efficiency:.2f}" if comp.efficiency is not None else "-"]
         rows.append(row)
     base_name = "best" if baseline == "best" else RUNTIMES[baseline].label
-    headers = ["model", "batch"] + [labels[c] for c in cols]
+    headers = ["model", "batch"] + (["method"] if methods else []) + [labels[c] for c in cols]
     for c in ispc_cols:
         headers += [f"{labels[c]} vs {base_name}", f"{labels[c]} real./theor."]
     return tabulate(rows, headers=headers, tablefmt=tablefmt, disable_numparse=True)
