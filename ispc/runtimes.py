@@ -54,7 +54,8 @@ from tabulate import tabulate
 from torch import nn
 
 from .compiled import CompiledModel
-from .dense_route import MMAP_THRESHOLD, export_dense_onnx, rel_err, run_worker
+from .dense_route import (MMAP_THRESHOLD, export_dense_onnx, rel_err, run_worker,
+                          time_interleaved)
 from .errors import ConfigError, DataError
 from .ops import native
 from .serialization import save
@@ -489,8 +490,6 @@ def _time_blocks(runnable: list[_Entry], batches: Sequence[torch.Tensor], work: 
     """time_runtimes' interleaved method: every runnable entry's worker alive at once, timed in
     blocks (:func:`ispc.dense_route.time_interleaved`); each block goes into ``e.rounds`` as a
     process's result would. Returns name -> the record's ``extra`` (with ``prepare_s``)."""
-    from . import dense_route as route
-
     jobs = {e.name: {"runtime": e.runtime, "artifact": e.artifact,
                      "main_path": main_path if e.runtime in RUNTIMES
                      and RUNTIMES[e.runtime].artifact == "torch" else None} for e in runnable}
@@ -502,11 +501,11 @@ def _time_blocks(runnable: list[_Entry], batches: Sequence[torch.Tensor], work: 
         _say(progress, f"ispc.runtimes: {label} batch {batches[0].shape[0]}: interleaved round "
                        f"{done[0]}/{rounds}")
 
-    res = route.time_interleaved(jobs, torch.stack(list(batches)), threads=threads, rounds=rounds,
-                                 warmup=warmup, block_s=0.0, min_calls=calls, max_calls=calls,
-                                 settle_s=settle, probe=batches[0].shape[0] == 1,
-                                 timeout_s=timeout_s, shuffle=shuffle,
-                                 workdir=work / "interleaved", on_round=tick)
+    res = time_interleaved(jobs, torch.stack(list(batches)), threads=threads, rounds=rounds,
+                           warmup=warmup, block_s=0.0, min_calls=calls, max_calls=calls,
+                           settle_s=settle, probe=batches[0].shape[0] == 1,
+                           timeout_s=timeout_s, shuffle=shuffle,
+                           workdir=work / "interleaved", on_round=tick)
     extra: dict[str, dict[str, Any]] = {}
     for e in runnable:
         r = res[e.name]
