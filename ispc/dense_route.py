@@ -149,7 +149,11 @@ def worker_env(threads: int, runtime: str) -> dict[str, str]:
         "MALLOC_TRIM_THRESHOLD_": str(1 << 30), "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD),
     })
     if runtime not in _ONNX_RUNTIMES:
-        env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p and os.path.isdir(p))
+        # this process's ispc first: a namespace folder named ispc on the path (a test tree's
+        # tests/ispc) must not shadow an editable install's package in the worker
+        here = str(Path(__file__).resolve().parent.parent)
+        env["PYTHONPATH"] = os.pathsep.join(
+            [here] + [p for p in sys.path if p and os.path.isdir(p) and p != here])
     if runtime == "inductor":
         env["TORCHINDUCTOR_COMPILE_THREADS"] = "1"  # no pool of compile processes left idling
     return env

@@ -123,7 +123,7 @@ def interleaved():
                             progress=False)
     batches = input_batches(1, input_shape=SHAPE, pool=2)
     timings = rt.time_runtimes(model, {"ispc 0.5": compiled}, batches,
-                               runtimes=["onnxruntime", "openvino"], rounds=3, calls=4, warmup=1,
+                               runtimes=["onnxruntime", "eager"], rounds=3, calls=4, warmup=1,
                                threads=1, name="tiny", progress=False, interleave=True,
                                settle_s=0.0)
     return model, compiled, timings
@@ -131,7 +131,7 @@ def interleaved():
 
 def test_interleaved_records_blocks_and_pairs_them(interleaved):
     _, _, timings = interleaved
-    assert [t.runtime for t in timings] == ["onnxruntime", "openvino", "ispc 0.5"]
+    assert [t.runtime for t in timings] == ["onnxruntime", "eager", "ispc 0.5"]
     for t in timings:
         assert t.available, t.note
         assert t.method == "interleaved" and len(t.round_medians_ms) == 3
@@ -172,7 +172,7 @@ def test_a_worker_killed_mid_run_is_recorded_with_a_clear_note(monkeypatch):
     monkeypatch.setattr(route._Server, "ask", killing_ask)
     model = tiny_model()
     timings = rt.time_runtimes(model, None, input_batches(1, input_shape=SHAPE, pool=1),
-                               runtimes=["onnxruntime", "openvino"], rounds=3, calls=2,
+                               runtimes=["onnxruntime", "eager"], rounds=3, calls=2,
                                warmup=0, threads=1, progress=False, interleave=True, settle_s=0.0)
     dead, alive = timings
     assert not dead.available and dead.method == "interleaved"

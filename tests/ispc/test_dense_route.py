@@ -4,12 +4,16 @@ from __future__ import annotations
 import json
 import logging
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from torch import fx, nn
 
 from conftest import rel_err
+import ispc
 from ispc import dense_route as route
 
 pytestmark = pytest.mark.dense_runtimes
@@ -257,8 +261,6 @@ def test_worker_serves_blocks_until_told_to_quit(onnx, tmp_path):
 def test_worker_sets_up_the_runtime_without_torch(onnx, runtime, tmp_path):
     """The timing worker sets its runtime up with the route's own code (``_runtime_sessions``,
     loaded by path) and imports neither torch nor ispc beside it."""
-    import subprocess
-    import sys
 
     if not route.installed(runtime):
         pytest.skip(f"{runtime} not installed")
@@ -284,6 +286,19 @@ def test_timing_workers_keep_freed_memory_as_glibc_reads_it():
     assert env["OMP_NUM_THREADS"] == "2" and "PYTHONPATH" not in {
         k for k in env if env.get(k) != os.environ.get(k)}
     assert route.worker_env(2, "ispc")["PYTHONPATH"]  # a torch artifact imports ispc there
+
+
+def test_a_worker_imports_this_ispc_not_a_folder_named_ispc(tmp_path, monkeypatch):
+    """An editable install's package is found by a finder that runs after the path's: a folder
+    named ispc on the path (pytest puts tests/, holding tests/ispc, there) would otherwise import
+    in the worker as an empty namespace package."""
+    (tmp_path / "ispc").mkdir()
+    root = str(Path(ispc.__file__).resolve().parent.parent)
+    monkeypatch.setattr(sys, "path", [str(tmp_path)] + [p for p in sys.path if p not in ("", root)])
+    env = route.worker_env(1, "ispc")
+    res = subprocess.run([sys.executable, "-c", "import ispc; print(hasattr(ispc, 'load'))"],
+                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert res.returncode == 0 and res.stdout.split() == ["True"], res.stderr[-800:]
 
 
 def test_rel_err_of_arrays_and_tensors():
