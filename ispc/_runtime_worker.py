@@ -103,7 +103,8 @@ def _prepare(job: dict, batches: list) -> tuple[Callable[[Any], Any], dict[str, 
             with open(job["artifact"], "rb") as f:
                 onnx = f.read()
             module = DenseRuntimeModule(nn.Identity(), job["route_runtime"], onnx,
-                                        tuple(batches[0].shape))
+                                        tuple(batches[0].shape),
+                                        spinning=bool(job.get("spinning", True)))
             # a routed compiled model, called as a user calls one (CompiledModel -> RouteRunner)
             model = CompiledModel(wrap(fx.symbolic_trace(nn.Identity()), module), Report(),
                                   GatingConfig(), backend="eager")

@@ -171,6 +171,11 @@ class GatingConfig:
             Runtime and OpenVINO (float32), whichever are installed. ``"onnxruntime"`` or
             ``"openvino"``: the same rule with that runtime only (an error where it is not
             installed). ``"off"``: never. CPU, float32 models with one tensor input and output.
+        route_spinning: the route's ONNX Runtime workers keep spinning after a call (ONNX
+            Runtime's own default, what a user deploying it gets: calls back to back run fastest).
+            ``False`` stops them when a call returns, for a process that runs other torch work
+            right after each call (the spinning workers take cores from it); it costs the route
+            2-20% of its speed on small models, machine-dependent (docs/dense_route.md).
     """
 
     # ``metadata["help"]`` is the one-line help the command line shows (``ispc.cli`` builds its
@@ -228,6 +233,8 @@ class GatingConfig:
     dense_route: str = field(default="auto", metadata={
         "help": "run the dense model in the fastest installed dense runtime where no gate pays",
         "choices": DENSE_ROUTES})
+    route_spinning: bool = field(default=True, metadata={
+        "help": "the dense route's ONNX Runtime workers spin between calls (its default)"})
 
     def __post_init__(self) -> None:
         _check_number("keep_ratio", self.keep_ratio, lo=0.0, hi=1.0, lo_open=True)
@@ -265,6 +272,9 @@ class GatingConfig:
                               f"with latency_aware), got {self.channels_last!r}")
         _check_choice("capture", self.capture, CAPTURES)
         _check_choice("dense_route", self.dense_route, DENSE_ROUTES)
+        if not isinstance(self.route_spinning, bool):
+            raise ConfigError("GatingConfig.route_spinning must be True or False, "
+                              f"got {self.route_spinning!r}")
         object.__setattr__(self, "layer_keep_ratios", _layer_keep_ratios(self.layer_keep_ratios))
         if not isinstance(self.leaf_modules, tuple) or not all(
                 isinstance(t, type) for t in self.leaf_modules):

@@ -17,9 +17,11 @@ with :func:`time_interleaved`: each in a worker process of its own (the benchmar
 Thread pools: ONNX Runtime's workers spin after a call by default and take the cores from the
 torch work that follows in the same process (a 0.87 ms 3x3 convolution ran 1.7-3.3 ms right after
 a call); without spinning (``session.intra_op.allow_spinning=0``) ONNX Runtime itself loses up to
-~40% on small models (MobileNetV2 3.0 -> 4.2 ms). The session keeps spinning within a call and
-stops it when the call returns (``session.force_spinning_stop=1``): MobileNetV2 3.07 ms, the
-convolution after it 0.95 ms (docs/dense_route.md). OpenVINO's pool does not slow torch work
+~40% on small models (MobileNetV2 3.0 -> 4.2 ms). ``spinning=False`` keeps spinning within a call
+and stops it when the call returns (``session.force_spinning_stop=1``): the convolution after it
+ran 0.95 ms, at a cost that depends on the machine (MobileNetV2 3.07 ms on a Zen 4 EPYC, 2%; 15-45%
+on a Zen 3 one). The default keeps ONNX Runtime's own spinning, as a user deploying it gets it
+(``GatingConfig.route_spinning``; docs/dense_route.md). OpenVINO's pool does not slow torch work
 after a call and needs no setting.
 """
 from __future__ import annotations
@@ -343,10 +345,11 @@ class DenseRuntimeModule(nn.Module):
     """The user's dense model in ``runtime`` (``"onnxruntime"``/``"openvino"``), float32, from
     ``onnx`` (its bytes, dynamic batch, the other input dimensions ``input_shape[1:]``); ``model``
     (an eval copy of the user's model) runs where the runtime cannot (module docstring).
-    ``decision``: what the compile measured (for the report and the archive)."""
+    ``decision``: what the compile measured (for the report and the archive); ``spinning``:
+    ONNX Runtime's workers spin between calls (module docstring)."""
 
     def __init__(self, model: nn.Module, runtime: str, onnx: bytes, input_shape: tuple[int, ...],
-                 decision: dict[str, Any] | None = None) -> None:
+                 decision: dict[str, Any] | None = None, *, spinning: bool = True) -> None:
         super().__init__()
         if runtime not in PACKAGES:
             raise ValueError(f"unknown dense runtime {runtime!r}; one of {', '.join(PACKAGES)}")
@@ -355,6 +358,7 @@ class DenseRuntimeModule(nn.Module):
         self.onnx = bytes(onnx)
         self.input_shape = tuple(int(d) for d in input_shape)
         self.decision = dict(decision or {})
+        self.spinning = bool(spinning)
         #: False: run ``model`` (set while measure() hooks its layers)
         self.use_runtime = True
         self._reset()
@@ -376,6 +380,7 @@ class DenseRuntimeModule(nn.Module):
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        state.setdefault("spinning", False)  # archives from before 0.17.0 stopped it
         super().__setstate__(state)
         self._reset()
 
@@ -432,7 +437,7 @@ class DenseRuntimeModule(nn.Module):
             lock.release()
 
     def _ort_session(self) -> Any:
-        sess = ort_session(self.onnx, torch.get_num_threads(), stop_spinning=True)  # (module doc)
+        sess = ort_session(self.onnx, torch.get_num_threads(), stop_spinning=not self.spinning)
         self.__dict__["_binding"] = sess.io_binding()
         self.__dict__["_session"] = sess
         return sess

@@ -187,7 +187,8 @@ def time_candidates(gm: fx.GraphModule, state: PassState, onnx: bytes, runtimes:
             state.notes.append(f"dense route: ispc as built not timed beside the runtimes: it "
                                f"could not be pickled ({type(exc).__name__})")
         for r in runtimes:
-            jobs[r] = {"runtime": "route", "route_runtime": r, "artifact": str(work / "model.onnx")}
+            jobs[r] = {"runtime": "route", "route_runtime": r, "artifact": str(work / "model.onnx"),
+                       "spinning": state.config.route_spinning}
         with tqdm(total=least, desc="ispc: timing the dense route", unit="round",
                   disable=not state.progress, leave=False) as bar:
 
@@ -280,7 +281,8 @@ def dense_route(gm: fx.GraphModule, state: PassState) -> fx.GraphModule:
     if x is None:  # untimed: each runtime's output here
         with torch.no_grad():
             for r in runtimes:
-                outputs[r] = route.DenseRuntimeModule(source, r, onnx, tuple(probe.shape))(probe)
+                outputs[r] = route.DenseRuntimeModule(source, r, onnx, tuple(probe.shape),
+                                                      spinning=cfg.route_spinning)(probe)
     else:  # the model as built and each runtime, alike, in workers of their own (time_candidates)
         if ref_ms is None and bs == 1:  # (at larger batches too few rounds to leave any out)
             ref_ms = time_runners({"ispc": NativePlanRunner(gm)}, x, 3)["ispc"]
@@ -344,7 +346,7 @@ def dense_route(gm: fx.GraphModule, state: PassState) -> fx.GraphModule:
     chosen = route.DenseRuntimeModule(source, best, onnx, tuple(probe.shape), decision={
         "runtime": best, "reason": reason, "batch_size": bs if times else None,
         "times_ms": dict(times) if times else None,
-        "rounds_ms": dict(rounds_ms) if rounds_ms else None})
+        "rounds_ms": dict(rounds_ms) if rounds_ms else None}, spinning=cfg.route_spinning)
     as_built = fx.Graph()  # its nodes and their records, for the report; not its modules
     as_built.graph_copy(gm.graph, {})
     chosen.__dict__["as_built"] = as_built

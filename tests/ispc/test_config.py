@@ -13,6 +13,7 @@ from ispc.config import GatingConfig
 def test_defaults_and_frozen():
     cfg = GatingConfig()
     assert cfg.keep_ratio == 0.5 and cfg.mode == "threshold" and cfg.saliency == "l2"
+    assert cfg.route_spinning is True
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.keep_ratio = 0.3  # type: ignore[misc]
     with pytest.raises(TypeError):
@@ -26,6 +27,7 @@ def test_defaults_and_frozen():
     dict(min_cv=-1.0), dict(gate_fraction=1.1), dict(min_channels=0), dict(min_channels=2.5),
     dict(channel_multiple=0), dict(include="layer1.*"), dict(exclude=["a"]),
     dict(max_calibration_samples=0), dict(calibration_rounds=-1), dict(leaf_modules=(1,)),
+    dict(route_spinning="yes"),
 ])
 def test_invalid_values_raise_config_error(bad):
     with pytest.raises(ispc.ConfigError) as info:

@@ -48,6 +48,29 @@ def test_the_export_prints_nothing(capfd, caplog, recwarn):
     assert [str(w.message) for w in recwarn] == []
 
 
+@pytest.mark.parametrize("spinning", [True, False])
+def test_onnx_runtime_spins_between_calls_unless_told_not_to(onnx, spinning):
+    """ONNX Runtime's own default (spinning) unless ``spinning=False``, which stops its workers
+    when a call returns; an archive from before the option stopped them and still does."""
+    if not route.installed("onnxruntime"):
+        pytest.skip("onnxruntime not installed")
+    model, data = onnx
+    m = route.DenseRuntimeModule(model, "onnxruntime", data, (2, 3, 8, 8), spinning=spinning)
+    with torch.no_grad():
+        m(torch.randn(1, 3, 8, 8))
+    opts = m.__dict__["_session"].get_session_options()
+    if spinning:
+        with pytest.raises(Exception, match="force_spinning_stop"):  # unset: the default
+            opts.get_session_config_entry("session.force_spinning_stop")
+    else:
+        assert opts.get_session_config_entry("session.force_spinning_stop") == "1"
+    old = m.__getstate__()
+    del old["spinning"]
+    m2 = route.DenseRuntimeModule.__new__(route.DenseRuntimeModule)
+    m2.__setstate__(old)
+    assert m2.spinning is False
+
+
 @pytest.mark.parametrize("runtime", route.ROUTE_RUNTIMES)
 def test_module_runs_the_runtime_at_any_batch(onnx, runtime):
     if not route.installed(runtime):

@@ -47,6 +47,9 @@ def test_keep_1_runs_the_dense_model_in_the_runtime(runtime):
             x = torch.randn(n, 3, 16, 16)
             assert rel_err(compiled(x), model(x)) < 1e-5
     assert m.__dict__["_session"] is not None or m.__dict__["_requests"]  # the runtime ran
+    assert m.spinning is True
+    _, stopped = _compile(keep_ratio=1.0, dense_route=runtime, route_spinning=False)
+    assert route.routed(stopped.graph_module).spinning is False
     s = compiled.report.summary
     assert s["dense_route"]["runtime"] == runtime and s["layers_gated"] == 0
     assert s["dense_route"]["reason"] == "keep 1.0: no layer gated"
