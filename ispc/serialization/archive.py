@@ -182,7 +182,11 @@ def _rewrap(gm: fx.GraphModule, info: Any, onnx: bytes, path: str | Path) -> fx.
         raise ArchiveError(f"bad dense route entry in {path}: {info!r}")
     require_runtime(runtime, f"{path} runs its dense model in {runtime} (its compile's dense "
                     "route); loading it")
-    return wrap(gm, DenseRuntimeModule(gm, runtime, onnx, tuple(shape), info.get("decision")))
+    spinning = info.get("spinning", False)  # archives from before 0.17.0 stopped it
+    if not isinstance(spinning, bool):
+        raise ArchiveError(f"bad dense route entry in {path}: {info!r}")
+    return wrap(gm, DenseRuntimeModule(gm, runtime, onnx, tuple(shape), info.get("decision"),
+                                       spinning=spinning))
 
 
 def _config_from_dict(d: dict[str, Any]) -> tuple[GatingConfig, list[str]]:
@@ -222,7 +226,8 @@ def save(compiled: CompiledModel, path: str | Path, example_inputs: Any = None) 
     route = routed(gm)
     if route is not None:  # the program is its torch model; the runtime's model rides beside
         manifest["dense_route"] = {"runtime": route.runtime, "input_shape": list(route.input_shape),
-                                   "decision": route.decision, "file": _ROUTE}
+                                   "decision": route.decision, "spinning": route.spinning,
+                                   "file": _ROUTE}
     buf = io.BytesIO()
     torch.save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, buf)
     path = Path(path)

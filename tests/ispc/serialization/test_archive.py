@@ -250,6 +250,45 @@ def test_dense_route_round_trip_in_fresh_process(routed_archive, tmp_path):
         assert rel_err(y, model(x)) < 1e-5
     loaded = load(path)
     assert loaded.report.summary["dense_route"] == compiled.report.summary["dense_route"]
+    assert manifest["dense_route"]["spinning"] is True
+    assert dense_route_of(loaded).spinning is True
+
+
+@pytest.mark.dense_runtimes
+def test_dense_route_spinning_round_trip_and_old_archives(routed_archive, tmp_path):
+    """The route's spinning setting is saved; an archive from before it (no entry) loads with
+    the workers stopped after each call, as it was compiled."""
+    _, compiled, path, _ = routed_archive
+    for entry, want in ((False, False), (None, False), (True, True)):
+        old = tmp_path / f"{entry}.ispc"
+        with zipfile.ZipFile(path) as zf, zipfile.ZipFile(old, "w") as out:
+            for item in zf.infolist():
+                data = zf.read(item)
+                if item.filename == "manifest.json":
+                    manifest = json.loads(data)
+                    manifest["dense_route"].pop("spinning")
+                    if entry is not None:
+                        manifest["dense_route"]["spinning"] = entry
+                    data = json.dumps(manifest).encode()
+                out.writestr(item, data)
+        assert dense_route_of(load(old)).spinning is want
+    bad = tmp_path / "bad.ispc"
+    with zipfile.ZipFile(path) as zf, zipfile.ZipFile(bad, "w") as out:
+        for item in zf.infolist():
+            data = zf.read(item)
+            if item.filename == "manifest.json":
+                manifest = json.loads(data)
+                manifest["dense_route"]["spinning"] = "yes"
+                data = json.dumps(manifest).encode()
+            out.writestr(item, data)
+    with pytest.raises(ispc.IspcError, match="bad dense route entry"):
+        load(bad)
+
+
+def dense_route_of(compiled):
+    from ispc.dense_route import routed
+
+    return routed(compiled.graph_module)
 
 
 @pytest.mark.dense_runtimes
