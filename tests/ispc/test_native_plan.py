@@ -776,7 +776,9 @@ def test_compiled_and_traced_calls_take_the_full_path(one_program):
         c(x)
         assert torch.equal(torch.compile(c, backend="eager")(x), want)
         traced = torch.jit.trace(c, x, check_trace=False)
-        assert torch.equal(traced(x), want)
+        # a trace records the modules' torch computation (oneDNN's convolution), not the native
+        # kernel's: the same sums in another order (bit-identical on AVX-512 Zen 4, not on AVX2)
+        torch.testing.assert_close(traced(x), want, rtol=1e-5, atol=1e-6)
 
 
 def test_a_tensor_that_is_not_strided_is_a_one_line_data_error(one_program):
