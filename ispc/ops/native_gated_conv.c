@@ -3605,6 +3605,32 @@ static int64_t dw_workspace(int64_t N, int64_t C, const ispc_sums_t *sums, int64
     return sums && sums->out ? 2 * threads * N * C + 64 : 0;
 }
 
+/* ---- the depthwise layer on several output rows at once (AVX-512) ------------------------------
+ * dw_out_rows reads each input row once per output row that needs it: three times at stride 1,
+ * from L2 (a fused op's window, a map's rows), where those loads and not the FMAs bound the
+ * 112x112 and 56x56 layers. Here DWR_ROWS consecutive output rows run in one pass over the
+ * (DWR_ROWS - 1) S + 3 input rows they read, each input vector loaded once for every accumulator
+ * of every row whose window holds it. Each output sums its terms in dw_tile's order (kernel rows,
+ * then taps, then the bias first), the epilogue and the output sums are dw_tile's / dw_out_rows':
+ * the same values bit for bit. 1: off (A/B). AVX2 builds: dwr2_whole, below. */
+#ifndef DWR_ROWS
+#if defined(__AVX512F__)
+#define DWR_ROWS 4
+#else
+#define DWR_ROWS 4  /* AVX2: dwr2_whole; 4 x 2 measured ahead of 3 x 4 and 2 x 4 (docs/benchmarks.md) */
+#endif
+#endif
+#ifndef DWR_MR
+#if defined(__AVX512F__)
+#define DWR_MR 4   /* positions a tile: DWR_ROWS x DWR_MR accumulators + 9 weights of 32 registers */
+#else
+#define DWR_MR 2   /* of 16: DWR_ROWS x DWR_MR + 3 weights + the input vector */
+#endif
+#endif
+#if DW_MR % DWR_MR
+#error "DWR_MR must divide DW_MR (the output sums add DW_MR positions at a time, as dw_row)"
+#endif
+
 /* ---- AVX2 (16 registers): depthwise tiles with the weights one kernel row at a time ----------
  * dw_tile keeps all nine weights in registers beside its accumulators: on 16 registers that leaves
  * DW_MR 4 and, with the bias, the clamp and the output sums, GCC spilled the weights inside the
@@ -3692,7 +3718,7 @@ dw2_row(const float *const rows[3], int64_t W, int64_t o0, int64_t o1, int64_t C
  * Faster on maps held in L2 (MobileNet's 14x14 and 7x7); on wide rows the old walk is, hence
  * DW2_L2_SHARE. Returns how many channels it did (the whole vectors; none on maps past it, the
  * square W x W assumed); sums in yrow as dw_out_rows' (within float rounding: summed per segment). */
-static int64_t dw2_out_rows(const float *const rows[3], int64_t W, int64_t Wo, int64_t C, int64_t Co,
+static __attribute__((unused)) int64_t dw2_out_rows(const float *const rows[3], int64_t W, int64_t Wo, int64_t C, int64_t Co,
                             int64_t Cn, const float *w, const float *bias, const int S, int64_t p,
                             int64_t a, int64_t b, float *orow, const float *rrow, float lo, float hi,
                             int clamp, double *yrow, int ykind) {
@@ -3725,17 +3751,46 @@ static int64_t dw2_out_rows(const float *const rows[3], int64_t W, int64_t Wo, i
  * padding) of C floats a position; a, b: its columns whose taps are all inside the row. Output,
  * residual and weights ([9][Co]) have Co floats a position (Co = C but for the channel-split fused
  * op, which gives one thread's channels). Output sums added into yrow (NULL: none). */
+#if !defined(__AVX512F__) && DWR_ROWS > 1
+static int64_t dwr2_whole(const float *const *rows, int ro, int64_t W, int64_t Wo, int64_t C,
+                          int64_t Co, int64_t Cn, const float *w, const float *bias, int64_t s, int64_t p,
+                          int64_t a, int64_t b, float *const *orow, const float *const *rrow, float lo,
+                          float hi, int clamp, double *yrow, int ykind);
+#endif
+
+/* channels [cfrom, Cn) of dw_out_rows: one vector of channels at a time, dw_row */
+static void dw_rows_from(const float *const rows[3], int64_t W, int64_t Wo, int64_t C, int64_t Co,
+                         int64_t Cn, int64_t cfrom, const float *w, const float *bias, int64_t s,
+                         int64_t p, int64_t a, int64_t b, float *orow, const float *rrow, float lo,
+                         float hi, int clamp, double *yrow, int ykind);
+
 static void dw_out_rows(const float *const rows[3], int64_t W, int64_t Wo, int64_t C, int64_t Co,
                         int64_t Cn, const float *w, const float *bias, int64_t s, int64_t p, int64_t a,
                         int64_t b, float *orow, const float *rrow, float lo, float hi, int clamp,
                         double *yrow, int ykind) {
     int64_t cdone = 0;
-#if !defined(__AVX512F__) && DW_AVX2_ROWS
+#if !defined(__AVX512F__) && DWR_ROWS > 1
+    /* the multi-row kernel on one row: the same sums' grouping as its rows (dwr2_whole) */
+    if (s == 1 || s == 2) {
+        float *orr[1] = {orow};
+        const float *rr[1] = {rrow};
+        cdone = dwr2_whole(rows, 1, W, Wo, C, Co, Cn, w, bias, s, p, a, b, orr, rr, lo, hi, clamp, yrow,
+                           ykind);
+    }
+#elif !defined(__AVX512F__) && DW_AVX2_ROWS
     if (s == 1 || s == 2)
         cdone = dw2_out_rows(rows, W, Wo, C, Co, Cn, w, bias, (int)s, p, a, b, orow, rrow, lo, hi, clamp,
                              yrow, ykind);
 #endif
-    for (int64_t c0 = cdone; c0 < Cn; c0 += VW) {
+    dw_rows_from(rows, W, Wo, C, Co, Cn, cdone, w, bias, s, p, a, b, orow, rrow, lo, hi, clamp, yrow,
+                 ykind);
+}
+
+static void dw_rows_from(const float *const rows[3], int64_t W, int64_t Wo, int64_t C, int64_t Co,
+                         int64_t Cn, int64_t cfrom, const float *w, const float *bias, int64_t s,
+                         int64_t p, int64_t a, int64_t b, float *orow, const float *rrow, float lo,
+                         float hi, int clamp, double *yrow, int ykind) {
+    for (int64_t c0 = cfrom; c0 < Cn; c0 += VW) {
         const int nl = Cn - c0 < VW ? (int)(Cn - c0) : VW, full = nl == VW;
         vf wv[9], bv, sq;
         for (int t = 0; t < 9; t++) wv[t] = dw_load(w + t * Co + c0, full, nl);
@@ -3765,28 +3820,6 @@ static void dw_out_row(const float *const rows[3], int64_t W, int64_t Wo, int64_
                        const float *rrow, float lo, float hi, int clamp, double *yrow, int ykind) {
     dw_out_rows(rows, W, Wo, C, C, C, w, bias, s, p, a, b, orow, rrow, lo, hi, clamp, yrow, ykind);
 }
-
-/* ---- the depthwise layer on several output rows at once (AVX-512) ------------------------------
- * dw_out_rows reads each input row once per output row that needs it: three times at stride 1,
- * from L2 (a fused op's window, a map's rows), where those loads and not the FMAs bound the
- * 112x112 and 56x56 layers. Here DWR_ROWS consecutive output rows run in one pass over the
- * (DWR_ROWS - 1) S + 3 input rows they read, each input vector loaded once for every accumulator
- * of every row whose window holds it. Each output sums its terms in dw_tile's order (kernel rows,
- * then taps, then the bias first), the epilogue and the output sums are dw_tile's / dw_out_rows':
- * the same values bit for bit. 1: off (A/B). */
-#ifndef DWR_ROWS
-#if defined(__AVX512F__)
-#define DWR_ROWS 4
-#else
-#define DWR_ROWS 1
-#endif
-#endif
-#ifndef DWR_MR
-#define DWR_MR 4   /* positions a tile: DWR_ROWS x DWR_MR accumulators + 9 weights of 32 registers */
-#endif
-#if DW_MR % DWR_MR
-#error "DWR_MR must divide DW_MR (the output sums add DW_MR positions at a time, as dw_row)"
-#endif
 
 #if defined(__AVX512F__) && DWR_ROWS > 1
 /* Positions [ow0, ow0 + m) of output rows o < RO, channels c0.. (full, or the first nl): rows[i]
@@ -3911,6 +3944,197 @@ static void dwr_out_rows(const float *const *rows, int ro, int64_t W, int64_t Wo
 }
 #endif
 
+/* ---- the depthwise layer on several output rows at once (AVX2) ---------------------------------
+ * dwr_rows' pass on 16 registers: RO output rows x DWR_MR positions of accumulators, and per kernel
+ * row its three weights (dw2_tile's), each row's input row for that kernel row read from L1 (a
+ * tile's (RO - 1) S + 3 input rows are 1-2 KB): each input row comes from L2 once per RO output
+ * rows, not once per row. Whole rows, a vector of channels at a time (-DDWR2_SEG=1: in segments of
+ * positions whose input rows fit in L1, as dw2_out_rows; slower on MobileNetV2, A/B). Each output sums its terms in dw_tile's order and the output sums add DW_MR positions a
+ * time as dw_row: outputs and sums bit for bit dw_row's (-DDWR_ROWS=1 runs dw2_out_rows / dw_row;
+ * its sums on maps in L2 differ in rounding). -DDWR2_WMEM=1: input rows outer, each input vector
+ * loaded once and the weights memory operands of the FMAs (A/B, slower). */
+#if !defined(__AVX512F__) && DWR_ROWS > 1
+#ifndef DWR2_WMEM
+#define DWR2_WMEM 0
+#endif
+#ifndef DWR2_SEG  /* 1: segments (slower on MobileNetV2, Zen 3: whole rows) */
+#define DWR2_SEG 0
+#endif
+#ifndef DWR2_L1_SHARE  /* the share of L1 a segment's input rows may take */
+#define DWR2_L1_SHARE 0.6
+#endif
+
+/* Positions [ow0, ow0 + m) of output rows o < RO, VW channels c0.. (w: their weights, [9][Co]):
+ * rows[i] the input rows (NULL: padding), orow / rrow each row's output and residual (NULL: none);
+ * row o's output sums' terms added in order into pend[o] */
+static inline __attribute__((always_inline)) void
+dwr2_tile(const float *const *rows, int64_t W, int64_t C, int64_t Co, int64_t c0, int64_t ow0, int64_t m,
+          const int MR, const int S, const int RO, int64_t p, const float *w, vf bv, float *const *orow,
+          const float *const *rrow, float lo, float hi, int clamp, const int checked, int ykind,
+          vf *pend) {
+    vf acc[DWR_ROWS][DWR_MR];
+    #pragma GCC unroll 16
+    for (int o = 0; o < RO; o++)
+        #pragma GCC unroll 16
+        for (int i = 0; i < MR; i++) acc[o][i] = bv;
+#if DWR2_WMEM
+    #pragma GCC unroll 16
+    for (int r = 0; r < (RO - 1) * S + 3; r++) {
+        if (!rows[r]) continue;
+        const float *src = rows[r] + c0;
+        #pragma GCC unroll 40
+        for (int j = 0; j < (MR - 1) * S + 3; j++) {
+            const int64_t iw = ow0 * S - p + j;
+            if (checked && (iw < 0 || iw >= W)) continue;
+            const vf v = ld(src + iw * C);
+            #pragma GCC unroll 16
+            for (int o = 0; o < RO; o++) {
+                const int k = r - o * S;
+                if (k < 0 || k >= 3) continue;
+                #pragma GCC unroll 16
+                for (int i = 0; i < MR; i++) {
+                    const int q = j - i * S;
+                    if (q >= 0 && q < 3) acc[o][i] += v * ld(w + (k * 3 + q) * Co);
+                }
+            }
+        }
+    }
+#else
+    #pragma GCC unroll 3
+    for (int k = 0; k < 3; k++) {
+        const vf w0 = ld(w + (3 * k) * Co), w1 = ld(w + (3 * k + 1) * Co), w2 = ld(w + (3 * k + 2) * Co);
+        #pragma GCC unroll 16
+        for (int o = 0; o < RO; o++) {
+            if (!rows[o * S + k]) continue;
+            const float *src = rows[o * S + k] + c0;
+            #pragma GCC unroll 40
+            for (int j = 0; j < (MR - 1) * S + 3; j++) {
+                const int64_t iw = ow0 * S - p + j;
+                if (checked && (iw < 0 || iw >= W)) continue;
+                const vf v = ld(src + iw * C);
+                #pragma GCC unroll 16
+                for (int i = 0; i < MR; i++) {
+                    const int q = j - i * S;
+                    if (q == 0) acc[o][i] += v * w0;
+                    else if (q == 1) acc[o][i] += v * w1;
+                    else if (q == 2) acc[o][i] += v * w2;
+                }
+            }
+        }
+    }
+#endif
+    #pragma GCC unroll 16
+    for (int o = 0; o < RO; o++) {
+        vf so = pend[o];
+        #pragma GCC unroll 16
+        for (int i = 0; i < MR; i++) {
+            if (checked && i >= m) break;
+            float *d = orow[o] + (ow0 + i) * Co + c0;
+            vf v = acc[o][i];
+            if (rrow[o]) v += ld(rrow[o] + (ow0 + i) * Co + c0);
+            v = clamp ? nh_clampv(v, lo, hi) : v;
+            st(d, v);
+            if (ykind >= 0) so += sum_term(v, ykind);
+        }
+        pend[o] = so;
+    }
+}
+
+/* Positions [o0, o1) (o0 a multiple of DW_MR, o1 one or Wo) of RO rows, one vector of channels;
+ * row o's output sums added into sq[o] DW_MR positions at a time (dw_row's grouping) */
+static inline __attribute__((always_inline)) void
+dwr2_seg(const float *const *rows, int64_t W, int64_t o0, int64_t o1, int64_t C, int64_t Co, int64_t c0,
+         const int S, const int RO, int64_t p, int64_t a, int64_t b, const float *w, vf bv,
+         float *const *orow, const float *const *rrow, float lo, float hi, int clamp, int ykind,
+         vf *sq) {
+    vf pend[DWR_ROWS] = {{0}};
+    for (int64_t ow = o0; ow < o1; ow += DWR_MR) {
+        const int64_t m = o1 - ow < DWR_MR ? o1 - ow : DWR_MR;
+        if (ow % DW_MR == 0)
+            for (int o = 0; o < RO; o++) pend[o] = (vf){0};
+        if (m == DWR_MR && ow >= a && ow + DWR_MR <= b)
+            dwr2_tile(rows, W, C, Co, c0, ow, DWR_MR, DWR_MR, S, RO, p, w, bv, orow, rrow, lo, hi, clamp,
+                      0, ykind, pend);
+        else
+            dwr2_tile(rows, W, C, Co, c0, ow, m, DWR_MR, S, RO, p, w, bv, orow, rrow, lo, hi, clamp, 1,
+                      ykind, pend);
+        if ((ow + DWR_MR) % DW_MR == 0 || ow + DWR_MR >= o1)  /* dw_row's tile of DW_MR ends */
+            for (int o = 0; o < RO; o++) sq[o] += pend[o];
+    }
+}
+
+/* ro (1, 2 or DWR_ROWS) output rows, the whole vectors of Cn channels (input rows of C floats a
+ * position; outputs, residuals and weights of Co: see dw_out_rows), strides 1 and 2: rows holds
+ * the (ro - 1) s + 3 input rows they read. Returns how many channels it did (the rest:
+ * dw_rows_from). */
+static int64_t dwr2_whole(const float *const *rows, int ro, int64_t W, int64_t Wo, int64_t C,
+                          int64_t Co, int64_t Cn, const float *w, const float *bias, int64_t s, int64_t p,
+                          int64_t a, int64_t b, float *const *orow, const float *const *rrow, float lo,
+                          float hi, int clamp, double *yrow, int ykind) {
+    const int64_t nv = Cn / VW;
+    if (nv == 0) return 0;
+    int64_t seg = Wo;
+#if DWR2_SEG
+    seg = ((int64_t)(DWR2_L1_SHARE * nh_l1_bytes) / (((ro - 1) * s + 3) * C * (int64_t)sizeof(float)) - 2) / s;
+    seg = seg < DW_MR ? DW_MR : seg / DW_MR * DW_MR;
+#endif
+    vf sq[DWR_ROWS * nv];
+    memset(sq, 0, sizeof sq);
+    for (int64_t o0 = 0; o0 < Wo; o0 += seg) {
+        const int64_t o1 = Wo - o0 < seg ? Wo : o0 + seg;
+        for (int64_t v = 0; v < nv; v++) {
+            const int64_t c0 = v * VW;
+            const vf bv = ld(bias + c0);
+            vf *sv = sq + v * DWR_ROWS;
+            if (ro == DWR_ROWS && s == 1)
+                dwr2_seg(rows, W, o0, o1, C, Co, c0, 1, DWR_ROWS, p, a, b, w + c0, bv, orow, rrow, lo, hi,
+                         clamp, ykind, sv);
+            else if (ro == DWR_ROWS)
+                dwr2_seg(rows, W, o0, o1, C, Co, c0, 2, DWR_ROWS, p, a, b, w + c0, bv, orow, rrow, lo, hi,
+                         clamp, ykind, sv);
+            else if (ro == 2 && s == 1)
+                dwr2_seg(rows, W, o0, o1, C, Co, c0, 1, 2, p, a, b, w + c0, bv, orow, rrow, lo, hi, clamp,
+                         ykind, sv);
+            else if (ro == 2)
+                dwr2_seg(rows, W, o0, o1, C, Co, c0, 2, 2, p, a, b, w + c0, bv, orow, rrow, lo, hi, clamp,
+                         ykind, sv);
+            else if (s == 1)
+                dwr2_seg(rows, W, o0, o1, C, Co, c0, 1, 1, p, a, b, w + c0, bv, orow, rrow, lo, hi, clamp,
+                         ykind, sv);
+            else
+                dwr2_seg(rows, W, o0, o1, C, Co, c0, 2, 1, p, a, b, w + c0, bv, orow, rrow, lo, hi, clamp,
+                         ykind, sv);
+        }
+    }
+    if (yrow)
+        for (int64_t v = 0; v < nv; v++)
+            for (int o = 0; o < ro; o++) add_lanes(yrow + v * VW, sq[v * DWR_ROWS + o], VW);
+    return nv * VW;
+}
+
+/* ro (DWR_ROWS or 2) output rows of Cn channels (dw_out_rows' arguments): dwr2_whole, the
+ * channels past the last whole vector one row at a time */
+static void dwr2_out_rows(const float *const *rows, int ro, int64_t W, int64_t Wo, int64_t C, int64_t Co,
+                          int64_t Cn, const float *w, const float *bias, int64_t s, int64_t p, int64_t a,
+                          int64_t b, float *const *orow, const float *const *rrow, float lo, float hi,
+                          int clamp, double *yrow, int ykind) {
+    const int64_t done = dwr2_whole(rows, ro, W, Wo, C, Co, Cn, w, bias, s, p, a, b, orow, rrow, lo, hi,
+                                    clamp, yrow, ykind);
+    if (done < Cn)
+        for (int o = 0; o < ro; o++)
+            dw_rows_from(rows + o * s, W, Wo, C, Co, Cn, done, w, bias, s, p, a, b, orow[o], rrow[o], lo,
+                         hi, clamp, yrow, ykind);
+}
+
+/* all C channels (dwr_out_rows of AVX-512 builds) */
+static void dwr_out_rows(const float *const *rows, int ro, int64_t W, int64_t Wo, int64_t C,
+                         const float *w, const float *bias, int64_t s, int64_t p, int64_t a, int64_t b,
+                         float *const *orow, const float *const *rrow, float lo, float hi, int clamp,
+                         double *yrow, int ykind) {
+    dwr2_out_rows(rows, ro, W, Wo, C, C, C, w, bias, s, p, a, b, orow, rrow, lo, hi, clamp, yrow, ykind);
+}
+#endif
+
 /* output columns whose taps are all inside the row: [*a, *b) */
 static void dw_inside(int64_t W, int64_t Wo, int64_t s, int64_t p, int64_t *a, int64_t *b) {
     int64_t x = (p + s - 1) / s, y = W - 3 + p >= 0 ? (W - 3 + p) / s + 1 : 0;
@@ -3945,7 +4169,7 @@ static void dw_region(const float *x, int64_t N, int64_t H, int64_t W, int64_t C
     thread_rows(N * Ho, &r0, &r1);
     for (int64_t r = r0; r < r1; r++) {
         const int64_t n = r / Ho, oh = r % Ho;
-#if defined(__AVX512F__) && DWR_ROWS > 1
+#if DWR_ROWS > 1
         /* rows of one instance several at a time on shared input rows (dwr_out_rows) */
         const int64_t left = (r1 - r < Ho - oh ? r1 - r : Ho - oh);
         const int nr = left >= DWR_ROWS ? DWR_ROWS : left >= 2 ? 2 : 1;
@@ -4376,7 +4600,7 @@ static void expand_dw_region(const ispc_op_t *o, const float *x, int64_t N, floa
         }
         have_n = n; have0 = i0; have1 = i1;
         for (int64_t oh = oh0; oh < e1; oh++) {
-#if defined(__AVX512F__) && DWR_ROWS > 1
+#if DWR_ROWS > 1
             const int nr = oh + DWR_ROWS <= e1 ? DWR_ROWS : oh + 2 <= e1 ? 2 : 1;
             if ((s == 1 || s == 2) && nr > 1) {  /* nr rows on shared input rows */
                 const float *rows[(DWR_ROWS - 1) * 2 + 3], *rr[DWR_ROWS];
@@ -4467,6 +4691,27 @@ static void expand_dw_ch_region(const ispc_op_t *o, const float *x, int64_t N, f
             nh_conv(&g, &Lc, x + n * H * W * C, h.dense ? 0 : h.ix + n * C, h.dense ? 0 : h.cnt + n,
                     buf, 0, o->lo, o->hi, h.clamp, zeros, 0, SAL_L2);
             for (int64_t oh = 0; oh < Ho; oh++) {
+#if !defined(__AVX512F__) && DWR_ROWS > 1
+                const int nr = oh + DWR_ROWS <= Ho ? DWR_ROWS : oh + 2 <= Ho ? 2 : 1;
+                if ((s == 1 || s == 2) && nr > 1) {  /* nr rows on shared input rows */
+                    const float *rows[(DWR_ROWS - 1) * 2 + 3], *rr[DWR_ROWS];
+                    float *orr[DWR_ROWS];
+                    for (int64_t q = 0; q < (nr - 1) * s + 3; q++) {
+                        const int64_t ih = oh * s - p + q;
+                        rows[q] = ih >= 0 && ih < H ? buf + ih * W * Ec : 0;
+                    }
+                    for (int q = 0; q < nr; q++) {
+                        const int64_t off = (n * Ho + oh + q) * Wo * E + c0;
+                        orr[q] = out + off;
+                        rr[q] = res ? res + off : 0;
+                    }
+                    dwr2_out_rows(rows, nr, W, Wo, Ec, E, Ec, o->w + c0, o->bias + c0, s, p, a, b, orr,
+                                  rr, o->lo2, o->hi2, h.clamp2, h.yrow ? h.yrow + n * E + c0 : 0,
+                                  h.ykind);
+                    oh += nr - 1;
+                    continue;
+                }
+#endif
                 const float *rows[3];
                 for (int q = 0; q < 3; q++) {
                     const int64_t ih = oh * s - p + q;

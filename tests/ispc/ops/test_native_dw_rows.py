@@ -1,6 +1,7 @@
-"""The fused expansion + depthwise op's depthwise rows several at a time (dwr_out_rows, AVX-512
-builds): against the masked-dense reference, and bit for bit (outputs and output sums) the build
-that runs them one row at a time (-DDWR_ROWS=1)."""
+"""The fused expansion + depthwise op's depthwise rows several at a time (dwr_out_rows; on AVX2
+builds dwr2_whole, also in the channel-split op): against the masked-dense reference, and bit for
+bit (outputs and output sums) the build that runs them one row at a time with dw_row
+(-DDWR_ROWS=1 -DDW_AVX2_ROWS=0: AVX2 builds' dw2_out_rows sums maps in L2 in another order)."""
 from __future__ import annotations
 
 import platform
@@ -30,7 +31,11 @@ def _builds(*flag_sets):
         pytest.skip(f"cannot build the variants: {exc}")
 
 
-def _run(lib, monkeypatch, pw, dw, x, mode, scale, k, xs, res, sums_kind):
+# the reference build: one row at a time, dw_row (the same output sums' grouping on either ISA)
+OLD = ("-DDWR_ROWS=1", "-DDW_AVX2_ROWS=0")
+
+
+def _run(lib, monkeypatch, pw, dw, x, mode, scale, k, xs, res, sums_kind, by_channels=False):
     """The fused op on ``lib``: its output and output sums (None without)."""
     monkeypatch.setattr(native, "_lib", lib)
     n, c, h, w = x.shape
@@ -40,7 +45,8 @@ def _run(lib, monkeypatch, pw, dw, x, mode, scale, k, xs, res, sums_kind):
                        0.0, k, gc.SALIENCY_L2, native.RELU6, native.RELU6,
                        res=4 if res is not None else -1,
                        sums_in=3 if mode != native.DENSE else -1,
-                       sums_out=2 if sums_kind is not None else -1, sums_kind=sums_kind or 0)
+                       sums_out=2 if sums_kind is not None else -1, sums_kind=sums_kind or 0,
+                       by_channels=by_channels)
     out, sums = _nhwc(torch.empty(n, dw.channels, ho, wo)), torch.empty(n, dw.channels)
     slots = native.OpProgram.slot_array(5)
     for i, t in enumerate((x, out, sums, xs, x if res is None else res)):
@@ -49,19 +55,21 @@ def _run(lib, monkeypatch, pw, dw, x, mode, scale, k, xs, res, sums_kind):
     return out, (sums if sums_kind is not None else None)
 
 
-# (n, c, e, h, w, first kernel, first stride, depthwise stride): MobileNetV2's stem (3x3 stride 2)
-# and 1x1 expansions at both strides; 20 and 40 channels: a partial last vector of channels; odd
-# heights: groups of rows that end in 2 or 1 rows
-SHAPES = [(1, 3, 32, 40, 36, 3, 2, 1), (2, 16, 96, 23, 30, 1, 1, 2), (1, 24, 144, 21, 17, 1, 1, 1),
-          (2, 8, 20, 19, 11, 1, 1, 1), (1, 8, 40, 26, 9, 1, 1, 2)]
+# (n, c, e, h, w, first kernel, first stride, depthwise stride, by channels): MobileNetV2's stem
+# (3x3 stride 2) and 1x1 expansions at both strides; 20 and 40 channels: a partial last vector of
+# channels (of 16 and of 8 lanes); odd widths and heights: tiles cut short, groups of rows that end
+# in 2 or 1 rows; 96 channels at width 30: rows in several segments (dwr2_whole); by channels: the
+# channel-split op (1x1 only; AVX2 builds run its rows several at a time)
+SHAPES = [(1, 3, 32, 40, 36, 3, 2, 1, False), (2, 16, 96, 23, 30, 1, 1, 2, False),
+          (1, 24, 144, 21, 17, 1, 1, 1, False), (2, 8, 20, 19, 11, 1, 1, 1, False),
+          (1, 8, 40, 26, 9, 1, 1, 2, False), (1, 16, 96, 13, 13, 1, 1, 1, True),
+          (2, 8, 44, 9, 7, 1, 1, 2, True), (1, 24, 144, 14, 14, 1, 1, 1, True)]
 
 
 @pytest.mark.parametrize("shape", SHAPES)
 def test_fused_depthwise_rows_equal_one_row_at_a_time(shape, monkeypatch):
-    n, c, e, h, w, kh, s1, s2 = shape
-    new, old = _builds((), ("-DDWR_ROWS=1",))
-    if new.ispc_nhwc_max_vectors() < 4:
-        pytest.skip("AVX-512 builds only (dwr_out_rows)")
+    n, c, e, h, w, kh, s1, s2, by_channels = shape
+    new, old = _builds((), OLD)
     g = torch.Generator().manual_seed(sum(shape))
     x = _nhwc(torch.randn(n, c, h, w, generator=g) * (torch.rand(1, c, 1, 1, generator=g) + 0.1))
     wp, bp = torch.randn(e, c, kh, kh, generator=g) * 0.3, torch.randn(e, generator=g)
@@ -90,7 +98,7 @@ def test_fused_depthwise_rows_equal_one_row_at_a_time(shape, monkeypatch):
                             pw = native.NhwcConv(wp, bp, stride=s1, padding=kh // 2)
                             dw = native.DepthwiseConv3x3(wd, bd, stride=s2)
                             outs.append(_run(lib, monkeypatch, pw, dw, x, mode, scale, k, xs, r,
-                                             kind))
+                                             kind, by_channels))
                         case = (shape, mode, r is not None, nth, kind)
                         assert rel_err(outs[0][0], ref) < 1e-5, case
                         assert torch.equal(outs[0][0], outs[1][0]), case
@@ -103,14 +111,14 @@ def test_fused_depthwise_rows_equal_one_row_at_a_time(shape, monkeypatch):
 
 
 @pytest.mark.parametrize("shape", [(1, 384, 14, 14, 1), (2, 576, 14, 14, 2), (2, 40, 13, 9, 1),
-                                   (1, 20, 11, 12, 2), (3, 32, 7, 7, 1)])
+                                   (1, 20, 11, 12, 2), (3, 32, 7, 7, 1), (1, 96, 57, 31, 2),
+                                   (1, 32, 112, 112, 1)])
 def test_depthwise_layer_rows_equal_one_row_at_a_time(shape, monkeypatch):
     """The depthwise layer's own call (dw_region): rows of an instance several at a time, the
-    thread's share ending mid-instance, partial channel vectors, a residual, output sums."""
+    thread's share ending mid-instance, partial channel vectors, odd widths, a residual, output
+    sums; MobileNetV2's 112x112 layer (maps past L2: no segments on the old AVX2 path)."""
     n, c, h, w, s = shape
-    new, old = _builds((), ("-DDWR_ROWS=1",))
-    if new.ispc_nhwc_max_vectors() < 4:
-        pytest.skip("AVX-512 builds only (dwr_out_rows)")
+    new, old = _builds((), OLD)
     g = torch.Generator().manual_seed(sum(shape))
     x = _nhwc(torch.randn(n, c, h, w, generator=g))
     wd, bd = torch.randn(c, 1, 3, 3, generator=g), torch.randn(c, generator=g)
