@@ -545,7 +545,8 @@ class _Program(nn.Module):
             buf = torch.empty(max(sizes[s], 1), dtype=torch.float32)
             buffers.append(buf)
             slots[s] = buf.data_ptr()
-        huge = native.empty_on_huge_pages([b.numel() for b in buffers])
+        huge = (native.empty_on_huge_pages([b.numel() for b in buffers])
+                if xshape[0] <= _huge_maps_max_batch() else None)
         if huge is not None:  # the same buffers, on 2 MiB pages
             moved = {b.data_ptr(): h.data_ptr() for b, h in zip(buffers, huge)}
             for i in range(n_slots):
@@ -592,6 +593,19 @@ def _nhwc_kernel(m: nn.Module) -> native.NhwcConv | None:
     k = (getattr(m, "_nhwc", None) if type(m) is GatedConv2d
          else getattr(m, "prepared", None) if type(m) is NhwcDenseConv2d else None)
     return k if isinstance(k, native.NhwcConv) else None
+
+
+#: the largest batch whose plans put their maps on 2 MiB pages (``ISPC_HUGE_MAPS_MAX_BATCH``
+#: overrides): at batch 32 the maps are streamed, few TLB misses to save, and on a 512 KiB-L2 Zen 3
+#: ResNet-50 ran slower with them there (docs/benchmarks.md, seventeenth session)
+HUGE_MAPS_MAX_BATCH = 1
+
+
+def _huge_maps_max_batch() -> int:
+    try:
+        return int(os.environ.get("ISPC_HUGE_MAPS_MAX_BATCH", "") or HUGE_MAPS_MAX_BATCH)
+    except ValueError:
+        return HUGE_MAPS_MAX_BATCH
 
 
 def _inplace() -> bool:

@@ -647,6 +647,32 @@ def test_packed_weights_on_huge_pages_run_pickle_and_copy_as_before(monkeypatch)
 
 
 
+@pytest.mark.parametrize("env", [None, "64"])
+def test_maps_on_huge_pages_at_batch_one_only_by_default(monkeypatch, env):
+    """A plan puts its maps on 2 MiB pages at batch 1 (where huge pages are offered); at larger
+    batches only with ISPC_HUGE_MAPS_MAX_BATCH raised. The same outputs either way."""
+    monkeypatch.setattr(native, "_huge_pages_offered", lambda: True)
+    if env is None:
+        monkeypatch.delenv("ISPC_HUGE_MAPS_MAX_BATCH", raising=False)
+    else:
+        monkeypatch.setenv("ISPC_HUGE_MAPS_MAX_BATCH", env)
+    made = []
+    real = native.empty_on_huge_pages
+    monkeypatch.setattr(native, "empty_on_huge_pages", lambda sizes: made.append(sizes) or real(sizes))
+    torch.manual_seed(5)
+    c = features_only(_compile(resnet20(num_classes=10).eval()))
+    prog = _runner(c)._programs[0]
+    for n in (1, 3):
+        prog._plans.clear()
+        made.clear()
+        x = torch.randn(n, 3, 32, 32)
+        with torch.no_grad():
+            got = c(x)
+            assert torch.equal(got, c.graph_module(x))
+            assert torch.equal(c(x), got)  # the plan's buffers reused
+        assert bool(made) == (n == 1 or env is not None)
+
+
 @pytest.fixture()
 def one_program(with_classifier):
     """A compiled model whose graph is one program (a layout change and two dense convolutions):
