@@ -24,7 +24,7 @@ from .tune import TuneReport, tune
 from .modules import GatedConv2d, LinearConv2d
 from .report import LayerReport, Report
 
-__version__ = "0.16.0"
+__version__ = "0.17.0"
 
 __all__ = [
     "compile", "inspect", "static_prune", "FeatureDecay", "GateMasks", "GatingConfig", "Report",
