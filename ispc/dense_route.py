@@ -75,6 +75,8 @@ MMAP_THRESHOLD = 32 << 20
 #: (2-core AMD EPYC), ONNX Runtime and OpenVINO timed beside ispc's model read 6.0-6.8 ms, with
 #: 30 ms 4.4 ms, as in processes timed one after another (docs/dense_route.md)
 SETTLE_S = 0.05
+#: a worker job's entries that are file paths (made absolute before the worker starts)
+_PATH_KEYS = ("artifact", "inputs", "main_path")
 #: the runtimes that read the ONNX export (the others' workers read a pickled torch model)
 _ONNX_RUNTIMES = ("onnxruntime", "openvino", "openvino_default")
 
@@ -161,10 +163,18 @@ def worker_env(threads: int, runtime: str) -> dict[str, str]:
     return env
 
 
+def _absolute(job: dict[str, Any]) -> dict[str, Any]:
+    """``job`` with its file paths absolute: the worker runs in its job folder, where a path
+    relative to the caller's directory (``peers.py --compiled-dir runs/c``) names nothing."""
+    return {k: str(Path(v).resolve()) if k in _PATH_KEYS and isinstance(v, (str, Path)) else v
+            for k, v in job.items()}
+
+
 def run_worker(job: dict[str, Any], job_dir: Path, tag: str, *, timeout_s: float) -> dict[str, Any]:
     """Run ``job`` (see ``_runtime_worker``) in a fresh process; its result dict (errors, a
     timeout and a crash come back as ``status`` "error" with a note, never raised)."""
-    job = {**job, "result": str(job_dir / f"{tag}.result.json"),
+    job_dir = Path(job_dir).resolve()
+    job = {**_absolute(job), "result": str(job_dir / f"{tag}.result.json"),
            "check_output": str(job_dir / f"{tag}.out.npy")}
     job_path = job_dir / f"{tag}.job.json"
     job_path.write_text(json.dumps(job))
@@ -194,7 +204,9 @@ class _Server:
 
     def __init__(self, job: dict[str, Any], job_dir: Path, tag: str) -> None:
         self.tag = tag
-        self.job = {**job, "serve": True, "check_output": str(job_dir / f"{tag}.out.npy")}
+        job_dir = Path(job_dir).resolve()
+        self.job = {**_absolute(job), "serve": True,
+                    "check_output": str(job_dir / f"{tag}.out.npy")}
         job_path = job_dir / f"{tag}.job.json"
         job_path.write_text(json.dumps(self.job))
         self.log_path = job_dir / f"{tag}.log"

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import fx, nn
@@ -222,6 +223,27 @@ def test_time_interleaved_times_each_candidate_in_its_own_worker(onnx, tmp_path)
     assert all(len(res[r]["shares"]) == 3 and min(res[r]["shares"]) >= 0 for r in runtimes)
 
 
+def test_workers_read_paths_relative_to_the_callers_directory(onnx, tmp_path, monkeypatch):
+    """A worker runs in its job folder: a relative artifact path (``peers.py --compiled-dir
+    runs/c``) is the caller's, in a fresh worker and in a served one alike."""
+    if not route.installed("onnxruntime"):
+        pytest.skip("onnxruntime not installed")
+    model, data = onnx
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "m.onnx").write_bytes(data)
+    monkeypatch.chdir(tmp_path)
+    job = {"runtime": "onnxruntime", "artifact": "runs/m.onnx", "threads": 1}
+    x = torch.randn(2, 1, 3, 8, 8)
+    res = route.time_interleaved({"ort": job}, x, threads=1, rounds=1, warmup=0, block_s=0.0,
+                                 settle_s=0.0)
+    assert res["ort"]["note"] == "" and res["ort"]["ms"] > 0
+    assert rel_err(torch.from_numpy(res["ort"]["output"]), model(x[0])) < 1e-5
+    np.save("inputs.npy", x.numpy())
+    one = route.run_worker({**job, "inputs": "inputs.npy", "calls": 2, "warmup": 0},
+                           Path("."), "w", timeout_s=120)
+    assert one["status"] == "ok", one.get("note")
+
+
 def test_time_interleaved_adds_rounds_while_asked(onnx, tmp_path):
     """After ``rounds``, one round at a time while ``extend`` (shown every round so far) says
     so, up to ``max_rounds``; ``on_round`` after each."""
@@ -260,8 +282,6 @@ def test_worker_serves_blocks_until_told_to_quit(onnx, tmp_path):
     and the process ends on quit; what a library prints does not reach the replies."""
     import io
     import runpy
-
-    import numpy as np
 
     runtime = next((r for r in route.ROUTE_RUNTIMES if route.installed(r)), None)
     if runtime is None:
