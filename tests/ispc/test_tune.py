@@ -104,7 +104,11 @@ def test_the_result_reproduces_through_compile_and_save_load(setup, mode, tmp_pa
     assert again.report.summary["mac_reduction"] == pytest.approx(fast.report.summary["mac_reduction"])
     for row in fast.report.layers:
         other = again.report.layer(row.name)
-        assert (other.gated, other.threshold, other.k) == (row.gated, row.threshold, row.k)
+        # thresholds to rounding: calibration sums in float32 on another kernel path may differ
+        # by an ulp (AVX2 Zen 3)
+        assert (other.gated, other.k) == (row.gated, row.k)
+        assert other.threshold == (None if row.threshold is None
+                                   else pytest.approx(row.threshold, rel=1e-6))
     path = ispc.save(fast, tmp_path / "tuned.ispc")
     loaded = ispc.load(path)
     assert loaded.config == fast.config and loaded.config.layer_keep_ratios == fast.config.layer_keep_ratios
