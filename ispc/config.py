@@ -174,8 +174,8 @@ class GatingConfig:
         route_spinning: the route's ONNX Runtime workers keep spinning after a call (ONNX
             Runtime's own default, what a user deploying it gets: calls back to back run fastest).
             ``False`` stops them when a call returns, for a process that runs other torch work
-            right after each call (the spinning workers take cores from it); it costs the route
-            2-20% of its speed on small models, machine-dependent (docs/dense_route.md).
+            right after each call (the spinning workers take cores from it); it slows the route
+            on small models by a machine-dependent amount (docs/dense_route.md).
     """
 
     # ``metadata["help"]`` is the one-line help the command line shows (``ispc.cli`` builds its
