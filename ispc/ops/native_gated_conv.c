@@ -3948,21 +3948,12 @@ static void dwr_out_rows(const float *const *rows, int ro, int64_t W, int64_t Wo
  * dwr_rows' pass on 16 registers: RO output rows x DWR_MR positions of accumulators, and per kernel
  * row its three weights (dw2_tile's), each row's input row for that kernel row read from L1 (a
  * tile's (RO - 1) S + 3 input rows are 1-2 KB): each input row comes from L2 once per RO output
- * rows, not once per row. Whole rows, a vector of channels at a time (-DDWR2_SEG=1: in segments of
- * positions whose input rows fit in L1, as dw2_out_rows; slower on MobileNetV2, A/B). Each output sums its terms in dw_tile's order and the output sums add DW_MR positions a
- * time as dw_row: outputs and sums bit for bit dw_row's (-DDWR_ROWS=1 runs dw2_out_rows / dw_row;
- * its sums on maps in L2 differ in rounding). -DDWR2_WMEM=1: input rows outer, each input vector
- * loaded once and the weights memory operands of the FMAs (A/B, slower). */
+ * rows, not once per row. Whole rows, a vector of channels at a time (segments of positions whose
+ * input rows fit in L1, as dw2_out_rows, and the weights as memory operands of the FMAs were both
+ * slower on MobileNetV2: docs/benchmarks.md). Each output sums its terms in dw_tile's order and the
+ * output sums add DW_MR positions a time as dw_row: outputs and sums bit for bit dw_row's
+ * (-DDWR_ROWS=1 runs dw2_out_rows / dw_row; its sums on maps in L2 differ in rounding). */
 #if !defined(__AVX512F__) && DWR_ROWS > 1
-#ifndef DWR2_WMEM
-#define DWR2_WMEM 0
-#endif
-#ifndef DWR2_SEG  /* 1: segments (slower on MobileNetV2, Zen 3: whole rows) */
-#define DWR2_SEG 0
-#endif
-#ifndef DWR2_L1_SHARE  /* the share of L1 a segment's input rows may take */
-#define DWR2_L1_SHARE 0.6
-#endif
 
 /* Positions [ow0, ow0 + m) of output rows o < RO, VW channels c0.. (w: their weights, [9][Co]):
  * rows[i] the input rows (NULL: padding), orow / rrow each row's output and residual (NULL: none);
@@ -3977,29 +3968,6 @@ dwr2_tile(const float *const *rows, int64_t W, int64_t C, int64_t Co, int64_t c0
     for (int o = 0; o < RO; o++)
         #pragma GCC unroll 16
         for (int i = 0; i < MR; i++) acc[o][i] = bv;
-#if DWR2_WMEM
-    #pragma GCC unroll 16
-    for (int r = 0; r < (RO - 1) * S + 3; r++) {
-        if (!rows[r]) continue;
-        const float *src = rows[r] + c0;
-        #pragma GCC unroll 40
-        for (int j = 0; j < (MR - 1) * S + 3; j++) {
-            const int64_t iw = ow0 * S - p + j;
-            if (checked && (iw < 0 || iw >= W)) continue;
-            const vf v = ld(src + iw * C);
-            #pragma GCC unroll 16
-            for (int o = 0; o < RO; o++) {
-                const int k = r - o * S;
-                if (k < 0 || k >= 3) continue;
-                #pragma GCC unroll 16
-                for (int i = 0; i < MR; i++) {
-                    const int q = j - i * S;
-                    if (q >= 0 && q < 3) acc[o][i] += v * ld(w + (k * 3 + q) * Co);
-                }
-            }
-        }
-    }
-#else
     #pragma GCC unroll 3
     for (int k = 0; k < 3; k++) {
         const vf w0 = ld(w + (3 * k) * Co), w1 = ld(w + (3 * k + 1) * Co), w2 = ld(w + (3 * k + 2) * Co);
@@ -4022,7 +3990,6 @@ dwr2_tile(const float *const *rows, int64_t W, int64_t C, int64_t Co, int64_t c0
             }
         }
     }
-#endif
     #pragma GCC unroll 16
     for (int o = 0; o < RO; o++) {
         vf so = pend[o];
@@ -4073,38 +4040,30 @@ static int64_t dwr2_whole(const float *const *rows, int ro, int64_t W, int64_t W
                           float hi, int clamp, double *yrow, int ykind) {
     const int64_t nv = Cn / VW;
     if (nv == 0) return 0;
-    int64_t seg = Wo;
-#if DWR2_SEG
-    seg = ((int64_t)(DWR2_L1_SHARE * nh_l1_bytes) / (((ro - 1) * s + 3) * C * (int64_t)sizeof(float)) - 2) / s;
-    seg = seg < DW_MR ? DW_MR : seg / DW_MR * DW_MR;
-#endif
     vf sq[DWR_ROWS * nv];
     memset(sq, 0, sizeof sq);
-    for (int64_t o0 = 0; o0 < Wo; o0 += seg) {
-        const int64_t o1 = Wo - o0 < seg ? Wo : o0 + seg;
-        for (int64_t v = 0; v < nv; v++) {
-            const int64_t c0 = v * VW;
-            const vf bv = ld(bias + c0);
-            vf *sv = sq + v * DWR_ROWS;
-            if (ro == DWR_ROWS && s == 1)
-                dwr2_seg(rows, W, o0, o1, C, Co, c0, 1, DWR_ROWS, p, a, b, w + c0, bv, orow, rrow, lo, hi,
-                         clamp, ykind, sv);
-            else if (ro == DWR_ROWS)
-                dwr2_seg(rows, W, o0, o1, C, Co, c0, 2, DWR_ROWS, p, a, b, w + c0, bv, orow, rrow, lo, hi,
-                         clamp, ykind, sv);
-            else if (ro == 2 && s == 1)
-                dwr2_seg(rows, W, o0, o1, C, Co, c0, 1, 2, p, a, b, w + c0, bv, orow, rrow, lo, hi, clamp,
-                         ykind, sv);
-            else if (ro == 2)
-                dwr2_seg(rows, W, o0, o1, C, Co, c0, 2, 2, p, a, b, w + c0, bv, orow, rrow, lo, hi, clamp,
-                         ykind, sv);
-            else if (s == 1)
-                dwr2_seg(rows, W, o0, o1, C, Co, c0, 1, 1, p, a, b, w + c0, bv, orow, rrow, lo, hi, clamp,
-                         ykind, sv);
-            else
-                dwr2_seg(rows, W, o0, o1, C, Co, c0, 2, 1, p, a, b, w + c0, bv, orow, rrow, lo, hi, clamp,
-                         ykind, sv);
-        }
+    for (int64_t v = 0; v < nv; v++) {
+        const int64_t c0 = v * VW;
+        const vf bv = ld(bias + c0);
+        vf *sv = sq + v * DWR_ROWS;
+        if (ro == DWR_ROWS && s == 1)
+            dwr2_seg(rows, W, 0, Wo, C, Co, c0, 1, DWR_ROWS, p, a, b, w + c0, bv, orow, rrow, lo, hi,
+                     clamp, ykind, sv);
+        else if (ro == DWR_ROWS)
+            dwr2_seg(rows, W, 0, Wo, C, Co, c0, 2, DWR_ROWS, p, a, b, w + c0, bv, orow, rrow, lo, hi,
+                     clamp, ykind, sv);
+        else if (ro == 2 && s == 1)
+            dwr2_seg(rows, W, 0, Wo, C, Co, c0, 1, 2, p, a, b, w + c0, bv, orow, rrow, lo, hi, clamp,
+                     ykind, sv);
+        else if (ro == 2)
+            dwr2_seg(rows, W, 0, Wo, C, Co, c0, 2, 2, p, a, b, w + c0, bv, orow, rrow, lo, hi, clamp,
+                     ykind, sv);
+        else if (s == 1)
+            dwr2_seg(rows, W, 0, Wo, C, Co, c0, 1, 1, p, a, b, w + c0, bv, orow, rrow, lo, hi, clamp,
+                     ykind, sv);
+        else
+            dwr2_seg(rows, W, 0, Wo, C, Co, c0, 2, 1, p, a, b, w + c0, bv, orow, rrow, lo, hi, clamp,
+                     ykind, sv);
     }
     if (yrow)
         for (int64_t v = 0; v < nv; v++)
